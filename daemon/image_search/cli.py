@@ -1,0 +1,147 @@
+"""Command line: ``image-search index|search|serve`` and the original tool's flags.
+
+    image-search index  --config C [--no-cleanup]
+    image-search search --config C [--no-cleanup] FILE...
+    image-search serve  --config C [--no-cleanup] [--poll]
+    image-search --env C [--process-only | --search FILE] [--no-cleanup]   (the original interface;
+                 with neither flag: an interactive prompt that keeps the model loaded)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import structlog
+
+from .config import Config, ConfigError, load_config
+from .embed import DimensionError, ModelLoadError
+from .indexer import IndexSummary, Indexer
+from .logs import configure_logging
+from .preprocess import PreprocessError
+from .runtime import Runtime, ShutdownRequested, open_runtime, raise_on_signals
+from .search import search_image
+from .store import StoreError
+
+log = structlog.get_logger("image_search")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser, *, required_config: bool) -> None:
+    parser.add_argument("--config", "--env", dest="config", type=Path, required=required_config, metavar="PATH",
+                        help="JSON config file (--env is the original tool's name for it)")
+    parser.add_argument("--no-cleanup", action="store_true",
+                        help="keep the table's rows at exit (default: emptied, unless cleanup-on-exit is false)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="image-search", description="Image similarity search with a CLIP-family "
+                                     "model and PostgreSQL + pgvector.")
+    _common(parser, required_config=False)
+    legacy = parser.add_mutually_exclusive_group()
+    legacy.add_argument("--process-only", action="store_true", help="index the source folder, then exit")
+    legacy.add_argument("--search", type=Path, metavar="FILE", help="index incrementally, search with FILE, exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    index = commands.add_parser("index", help="index the source folder once")
+    _common(index, required_config=True)
+    search = commands.add_parser("search", help="index incrementally, then search with each FILE")
+    _common(search, required_config=True)
+    search.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
+    _common(serve, required_config=True)
+    serve.add_argument("--poll", action="store_true",
+                       help="poll the folders instead of inotify (for NFS/SMB mounts)")
+    return parser
+
+
+def print_summary(summary: IndexSummary) -> None:
+    print(f"indexed: {summary.embedded} embedded, {summary.relinked} relinked without model work, "
+          f"{summary.unchanged} unchanged, {summary.duplicates} duplicates, {summary.removed} removed, "
+          f"{len(summary.skipped)} skipped")
+    for path, reason in summary.skipped:
+        print(f"  skipped {path}: {reason}")
+
+
+def run_searches(rt: Runtime, files: list[Path]) -> int:
+    """Search with each file; print each result folder. Returns the exit code (1 if any file failed)."""
+    status = EXIT_OK
+    for query in files:
+        try:
+            result = search_image(query, cfg=rt.cfg, embedder=rt.embedder, store=rt.store)
+        except PreprocessError as exc:
+            log.error("query_failed", path=str(exc.path), reason=exc.reason)
+            print(f"failed {exc.path}: {exc.reason}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        print(result.bundle)
+    return status
+
+
+def interactive(rt: Runtime, indexer: Indexer) -> int:
+    """The original tool's prompt: the model stays loaded between searches."""
+    print("Enter the path of a query image ('reindex' rescans the source folder; empty line or 'quit' ends).")
+    while True:
+        try:
+            line = input("query> ").strip()
+        except EOFError:
+            print()
+            return EXIT_OK
+        if line in ("", "quit", "exit", "q"):
+            return EXIT_OK
+        if line == "reindex":
+            print_summary(indexer.index_folder())
+            continue
+        run_searches(rt, [Path(line).expanduser()])
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    cleanup = cfg.cleanup_on_exit and not args.no_cleanup
+    if args.command == "serve":
+        from .service import serve
+
+        return serve(cfg, cleanup=cleanup, poll=args.poll)
+    raise_on_signals()
+    with open_runtime(cfg, cleanup=cleanup) as rt:
+        indexer = Indexer(cfg, rt.embedder, rt.store)
+        try:
+            summary = indexer.index_folder()
+            print_summary(summary)
+            if args.command == "index" or args.process_only:
+                return EXIT_OK
+            files = args.files if args.command == "search" else ([args.search] if args.search else None)
+            if files is not None:
+                return run_searches(rt, files)
+            return interactive(rt, indexer)
+        finally:
+            indexer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is None:
+        parser.error("--config PATH (or --env PATH) is required")
+    configure_logging(args.log_level)
+    try:
+        cfg = load_config(args.config)
+        return _run(args, cfg)
+    except ConfigError as exc:
+        log.error("config_error", reason=str(exc))
+        return EXIT_USAGE
+    except (ModelLoadError, DimensionError, StoreError) as exc:
+        log.error("startup_failed", reason=str(exc))
+        return EXIT_FAILED
+    except ShutdownRequested as exc:
+        log.info("stopped", signal=str(exc))
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Configuration: one frozen dataclass read from a JSON file, overridable from the environment.
+
+The JSON keys are those of the original tool (``source-directory``, ``postgres-host``...), plus
+what the service needs. ``IMAGE_SEARCH_<KEY>`` (upper case, ``-`` as ``_``) overrides any key, so
+systemd can pass secrets through an EnvironmentFile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "IMAGE_SEARCH_"
+REDACTED = "***"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(Exception):
+    """A configuration problem the user must fix; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Config:
+    source_directory: Path = Path("images")
+    processed_directory: Path = Path("processed")
+    output_directory: Path = Path("output")
+    inbox_directory: Path = Path("inbox")
+    state_directory: Path = Path("state")
+    device: str = "auto"
+    model_name: str = "jinaai/jina-clip-v2"
+    dimension: int = 1024
+    resize_width: int = 1024
+    resize_height: int = 1024
+    postgres_host: str = ""
+    postgres_port: int = 5432
+    postgres_user: str = "postgres"
+    postgres_password: str = ""
+    postgres_database: str = "postgres"
+    top_k: int = 10
+    batch_size: int = 16
+    cleanup_on_exit: bool = True
+    # Decompression-bomb guard: images above this many pixels are refused (Pillow only warns).
+    max_image_pixels: int = 178_956_970
+    # Service: seconds a file's size and mtime must stay unchanged before it is read.
+    settle_seconds: float = 1.0
+    # Service: seconds between light rescans of the watched folders; 0 disables them.
+    rescan_interval: float = 0.0
+    # Search: HNSW candidate list size; tables below exact-search-below rows are scanned exactly.
+    ef_search: int = 100
+    exact_search_below: int = 10_000
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.postgres_host
+
+    def to_json_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """The effective configuration under its JSON key names, password redacted by default."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Path):
+                value = str(value)
+            if redact and field.name == "postgres_password" and value:
+                value = REDACTED
+            out[_json_key(field.name)] = value
+        return out
+
+    def __repr__(self) -> str:  # never let the password reach a log line through repr()
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_json_dict().items())
+        return f"Config({fields})"
+
+
+def _json_key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+_FIELDS = {_json_key(f.name): f for f in dataclasses.fields(Config)}
+_DEFAULTS = Config()
+
+
+def _field_type(name: str) -> type:
+    return type(getattr(_DEFAULTS, name))
+
+
+def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
+    """Check (JSON) or parse (environment strings) one value against its field's type."""
+    field = _FIELDS[key]
+    want = _field_type(field.name)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if want is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return Path(value).expanduser() if issubclass(want, Path) else value
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"config key 'device' must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    positive = ("dimension", "resize-width", "resize-height", "top-k", "batch-size", "max-image-pixels",
+                "ef-search")
+    for key in positive:
+        if getattr(cfg, _FIELDS[key].name) <= 0:
+            raise ConfigError(f"config key '{key}' must be a positive integer")
+    if not 0 < cfg.postgres_port < 65536:
+        raise ConfigError("config key 'postgres-port' must be a TCP port (1-65535)")
+    if cfg.settle_seconds < 0 or cfg.rescan_interval < 0:
+        raise ConfigError("config keys 'settle-seconds' and 'rescan-interval' must not be negative")
+    if not cfg.model_name.strip():
+        raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the JSON file at ``path`` (optional), apply ``IMAGE_SEARCH_*`` overrides, validate.
+
+    Relative paths in the file are resolved against the file's folder, so a config works from any
+    working directory; relative paths from the environment are resolved against the working directory.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of keys, not {type(raw).__name__}")
+        for key, value in raw.items():
+            if key not in _FIELDS:
+                raise ConfigError(
+                    f"config file {path}: unknown key '{key}'. Remove it or fix its spelling; "
+                    f"known keys: {', '.join(sorted(_FIELDS))}"
+                )
+            values[key] = _coerce(key, value, from_env=False)
+        base = path.resolve().parent
+    for key, value in values.items():
+        if isinstance(value, Path) and not value.is_absolute():
+            values[key] = base / value
+    for key in _FIELDS:
+        env_name = ENV_PREFIX + key.replace("-", "_").upper()
+        if env_name in environ:
+            value = _coerce(key, environ[env_name], from_env=True)
+            values[key] = value.resolve() if isinstance(value, Path) else value
+    for key, field in _FIELDS.items():
+        if key not in values and _field_type(field.name) is Path:
+            values[key] = (base / getattr(_DEFAULTS, field.name))
+    cfg = Config(**{_FIELDS[k].name: v for k, v in values.items()})
+    _validate(cfg)
+    return cfg
+
+
+def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
+    """Create the folders the run writes to; a folder that cannot be created is a ConfigError."""
+    keys = ["source-directory", "processed-directory", "output-directory", "state-directory"]
+    if with_inbox:
+        keys.append("inbox-directory")
+    for key in keys:
+        folder: Path = getattr(cfg, _FIELDS[key].name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"config key '{key}': cannot create {folder} ({exc.strerror}). "
+                "Point it at a writable folder or create it with the right owner."
+            ) from None
+        if not os.access(folder, os.W_OK | os.X_OK) and key != "source-directory":
+            raise ConfigError(f"config key '{key}': {folder} is not writable by this user")

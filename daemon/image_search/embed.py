@@ -1,0 +1,160 @@
+"""Embedding: one model loaded once through transformers, images in, L2-normalised float32 vectors out.
+
+Two families are supported through the same ``from_pretrained`` path:
+- jina-clip-v2 (remote code): ``encode_image`` with Matryoshka ``truncate_dim``;
+- stock transformers CLIP and SigLIP: the model's image processor, then ``get_image_features``.
+Text embedding (the next capability) fits beside ``embed_images``: both towers are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from PIL import Image
+
+log = structlog.get_logger(__name__)
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message says which model and what to do."""
+
+
+class DimensionError(Exception):
+    """The configured ``dimension`` is one the model cannot produce."""
+
+
+def choose_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU falls back to the CPU with a warning."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        log.warning("cuda_unavailable", detail="device 'cuda' was requested but no CUDA GPU is usable; using the CPU")
+    return torch.device("cpu")
+
+
+def _is_local(model_name: str) -> bool:
+    return Path(model_name).expanduser().is_dir()
+
+
+def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
+    if _is_local(model_name):
+        return ModelLoadError(
+            f"model directory '{model_name}' cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Check that it holds a complete transformers checkpoint (config.json, weights, preprocessor_config.json)."
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return ModelLoadError(
+        f"model '{model_name}' is not in the local Hugging Face cache and could not be downloaded"
+        + (" (HF_HUB_OFFLINE is set)" if offline else " (no network, or the id is misspelt)")
+        + ". Check the name in config key 'model-name', download it once on a machine with network access "
+        "(huggingface-cli download " + model_name + ") and copy the cache (HF_HOME), or point 'model-name' at a local directory."
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str  # "jina" or "clip" (stock transformers CLIP/SigLIP)
+    native_dimension: int
+    matryoshka_dimensions: tuple[int, ...]
+
+
+class Embedder:
+    """A model kept in memory on one device. Use ``Embedder.load``; then ``embed_images`` any number of times."""
+
+    def __init__(self, model: Any, processor: Any, info: ModelInfo, device: torch.device, dtype: torch.dtype,
+                 dimension: int) -> None:
+        self._model = model
+        self._processor = processor
+        self.info = info
+        self.device = device
+        self.dtype = dtype
+        self.dimension = dimension
+
+    @classmethod
+    def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None) -> Embedder:
+        """Load ``model_name`` (hub id or local directory) once; check it can produce ``dimension``."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # their warnings about unused weights are noise in our journal
+        torch_device = choose_device(device)
+        dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+        source = str(Path(model_name).expanduser()) if _is_local(model_name) else model_name
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+            model = AutoModel.from_pretrained(source, trust_remote_code=True, torch_dtype=dtype)
+        except (OSError, ValueError, ImportError) as exc:
+            raise _load_error(model_name, exc) from None
+        model = model.to(torch_device).eval()
+        processor = None
+        if hasattr(model, "encode_image"):
+            family = "jina"
+            matryoshka = tuple(int(d) for d in (getattr(config, "matryoshka_dimensions", None) or ()))
+        elif hasattr(model, "get_image_features"):
+            family = "clip"
+            matryoshka = ()
+            try:
+                processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
+            except (OSError, ValueError) as exc:
+                raise _load_error(model_name, exc) from None
+        else:
+            raise ModelLoadError(
+                f"model '{model_name}' ({type(model).__name__}) has neither encode_image (jina-clip) nor "
+                "get_image_features (CLIP, SigLIP): it is not an image-text embedding model"
+            )
+        info = ModelInfo(model_name, family, 0, matryoshka)
+        embedder = cls(model, processor, info, torch_device, dtype, dimension=0)
+        # One tiny forward pass tells the true output size (and warms the model up).
+        native = embedder._forward([Image.new("RGB", (8, 8), (127, 127, 127))], truncate=None).shape[1]
+        embedder.info = ModelInfo(model_name, family, native, matryoshka)
+        embedder.dimension = check_dimension(embedder.info, dimension if dimension is not None else native)
+        log.info("model_loaded", model=model_name, family=family, device=str(torch_device),
+                 dtype=str(dtype).removeprefix("torch."), dimension=embedder.dimension, native_dimension=native)
+        return embedder
+
+    def _forward(self, images: Sequence[Image.Image], truncate: int | None) -> np.ndarray:
+        with torch.inference_mode():
+            if self.info.family == "jina":
+                out = self._model.encode_image(list(images), batch_size=max(1, len(images)),
+                                               truncate_dim=truncate, convert_to_numpy=False,
+                                               convert_to_tensor=True, normalize_embeddings=False)
+                features = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+            else:
+                pixels = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
+                features = self._model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+                if truncate is not None:
+                    features = features[:, :truncate]
+            features = features.float()
+            features = torch.nn.functional.normalize(features, dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed RGB images in one batch: an (n, dimension) float32 array of unit vectors."""
+        if not images:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        truncate = None if self.dimension == self.info.native_dimension else self.dimension
+        return self._forward(images, truncate)
+
+
+def check_dimension(info: ModelInfo, dimension: int) -> int:
+    """The configured dimension if the model can produce it, else a DimensionError naming the fix."""
+    if dimension == info.native_dimension:
+        return dimension
+    if info.family == "jina" and dimension < info.native_dimension and (
+        not info.matryoshka_dimensions or dimension in info.matryoshka_dimensions
+    ):
+        return dimension
+    allowed = sorted({*info.matryoshka_dimensions, info.native_dimension}) if info.family == "jina" else [info.native_dimension]
+    raise DimensionError(
+        f"config key 'dimension' is {dimension}, but model '{info.name}' produces "
+        f"{' or '.join(str(a) for a in allowed)}-dimensional embeddings. Set 'dimension' to "
+        f"{info.native_dimension if len(allowed) == 1 else 'one of ' + ', '.join(str(a) for a in allowed)}."
+    )

@@ -1,0 +1,211 @@
+"""Incremental indexing: bring the table in line with a set of source files, doing as little as possible.
+
+Per file, cheapest check first: a stored row with the same path, size, mtime and model means
+nothing to do; otherwise decode and hash, and a stored row with the same hash and model needs
+only its path updated (a rename, a touch, a copy) - no model work. Only new content is embedded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from tqdm import tqdm
+
+from .config import Config
+from .discover import discover_images
+from .embed import Embedder
+from .preprocess import PreparedImage, PreprocessError, preprocess_image, processed_path_for, save_processed
+from .store import EmbeddingRow, EmbeddingStore, SourceRecord
+
+log = structlog.get_logger(__name__)
+
+DECODE_THREADS = max(2, min(8, (os.cpu_count() or 2)))
+
+
+@dataclass
+class IndexSummary:
+    seen: int = 0
+    embedded: int = 0
+    unchanged: int = 0
+    relinked: int = 0  # same content already stored: path or metadata updated, no model work
+    duplicates: int = 0  # same content as another source that still exists: stored once
+    removed: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def merge(self, other: IndexSummary) -> None:
+        self.seen += other.seen
+        self.embedded += other.embedded
+        self.unchanged += other.unchanged
+        self.relinked += other.relinked
+        self.duplicates += other.duplicates
+        self.removed += other.removed
+        self.skipped.extend(other.skipped)
+
+    def as_log_fields(self) -> dict[str, int]:
+        return {"seen": self.seen, "embedded": self.embedded, "unchanged": self.unchanged,
+                "relinked": self.relinked, "duplicates": self.duplicates, "removed": self.removed,
+                "skipped": len(self.skipped)}
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: str) -> bool:
+    return (record is not None and record.source_size == st.st_size and record.source_mtime_ns == st.st_mtime_ns
+            and record.model_name == model_name)
+
+
+class Indexer:
+    """Indexes source files of one config into one store with one embedder."""
+
+    def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore,
+                 executor: Executor | None = None) -> None:
+        self.cfg = cfg
+        self.embedder = embedder
+        self.store = store
+        self._executor = executor or ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+        self._owns_executor = executor is None
+
+    def close(self) -> None:
+        if self._owns_executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, path: Path) -> PreparedImage:
+        return preprocess_image(path, max_size=(self.cfg.resize_width, self.cfg.resize_height),
+                                max_pixels=self.cfg.max_image_pixels)
+
+    def index_paths(self, paths: Iterable[Path], *, known: dict[str, SourceRecord] | None = None,
+                    progress: Callable[[int], None] | None = None) -> IndexSummary:
+        """Index ``paths`` (files under ``source-directory``) in batches; return what happened."""
+        summary = IndexSummary()
+        known = self.store.sources() if known is None else known
+        batch: list[_Candidate] = []
+        for path in paths:
+            summary.seen += 1
+            st = _stat(path)
+            if st is None:
+                summary.skipped.append((path, "file disappeared before it could be read"))
+                log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
+                if progress:
+                    progress(1)
+                continue
+            if _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
+                summary.unchanged += 1
+                if progress:
+                    progress(1)
+                continue
+            batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
+            if len(batch) >= self.cfg.batch_size:
+                summary.merge(self._index_batch(batch, known))
+                if progress:
+                    progress(len(batch))
+                batch = []
+        if batch:
+            summary.merge(self._index_batch(batch, known))
+            if progress:
+                progress(len(batch))
+        return summary
+
+    def _index_batch(self, batch: Sequence[_Candidate], known: dict[str, SourceRecord]) -> IndexSummary:
+        summary = IndexSummary()
+        prepared: list[tuple[_Candidate, PreparedImage]] = []
+        outcomes = self._executor.map(self._prepare_or_error, [c.path for c in batch])
+        for candidate, outcome in zip(batch, outcomes):
+            if isinstance(outcome, PreprocessError):
+                summary.skipped.append((candidate.path, outcome.reason))
+                log.warning("image_skipped", path=str(candidate.path), reason=outcome.reason)
+            else:
+                prepared.append((candidate, outcome))
+        if not prepared:
+            return summary
+
+        model = self.embedder.info.name
+        stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
+        to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
+        claimed: set[str] = set()  # hashes taken by an earlier file of this batch
+        for candidate, image in prepared:
+            processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
+            save_processed(image, processed)
+            owner = stored.get(image.file_hash)
+            if image.file_hash in claimed or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
+                                                and Path(owner[0]).is_file()):
+                summary.duplicates += 1
+                log.info("image_duplicate", path=str(candidate.path), file_hash=image.file_hash,
+                         same_as=owner[0] if owner else None)
+                continue
+            claimed.add(image.file_hash)
+            if owner is not None and owner[1] == model:
+                self.store.update_source(image.file_hash, file_path=str(candidate.path), file_name=candidate.path.name,
+                                         processed_path=str(processed), source_size=candidate.size,
+                                         source_mtime_ns=candidate.mtime_ns)
+                summary.relinked += 1
+                continue
+            to_embed.append((candidate, image, processed))
+        if to_embed:
+            started = time.monotonic()
+            vectors = self.embedder.embed_images([image.image for _, image, _ in to_embed])
+            rows = [
+                EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
+                             processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
+                             model_name=model, embedding=vector)
+                for (c, image, processed), vector in zip(to_embed, vectors)
+            ]
+            self.store.upsert(rows)
+            summary.embedded += len(rows)
+            log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
+        return summary
+
+    def _prepare_or_error(self, path: Path) -> PreparedImage | PreprocessError:
+        try:
+            return self.prepare(path)
+        except PreprocessError as exc:
+            return exc
+        except Exception as exc:  # a decoder bug on one odd file must not stop the run
+            log.exception("preprocess_crashed", path=str(path))
+            return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+
+    def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
+        """Index everything under ``source-directory`` and drop rows whose source is gone."""
+        started = time.monotonic()
+        root = self.cfg.source_directory
+        paths = discover_images(root)
+        known = self.store.sources()
+        summary = IndexSummary()
+        gone = [p for p in known if not Path(p).exists() or not _inside(Path(p), root)]
+        if gone:
+            summary.removed = self.store.delete_paths(gone)
+            for p in gone:
+                known.pop(p, None)
+            log.info("rows_removed", count=summary.removed, reason="source file is gone")
+        show = sys.stderr.isatty() if show_progress is None else show_progress
+        with tqdm(total=len(paths), desc="indexing", unit="img", disable=not show, file=sys.stderr) as bar:
+            summary.merge(self.index_paths(paths, known=known, progress=bar.update))
+        log.info("index_complete", duration_ms=round((time.monotonic() - started) * 1000),
+                 **summary.as_log_fields())
+        return summary
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,197 @@
+"""Preprocessing: decode any supported image safely, normalise it, and give it an identity.
+
+Pure functions apart from ``save_processed``. Normalising means: EXIF orientation applied, any
+mode converted to 8-bit RGB (transparency composited onto white), resized to fit the configured
+box keeping the aspect ratio and never upscaling, encoded as a JPEG whose MD5 is the ``file_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .discover import SUPPORTED_FORMATS
+
+JPEG_QUALITY = 95
+PROCESSED_SUFFIX = ".jpg"
+# Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
+PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+# Register every plugin so the formats we name can be opened; only those formats are ever tried.
+Image.init()
+# Truncation is how an unfinished write shows: never decode a partial file as if it were whole.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our own pixel limit (checked from the header, before decoding) is the guard; Pillow's softer
+# warning between its limit and twice it would only be noise next to it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class PreprocessError(Exception):
+    """A file that cannot be used, with the specific reason (shown to the user with the path)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """A normalised image in memory: the RGB pixels for the model and the JPEG bytes that identify it."""
+
+    image: Image.Image = field(repr=False)
+    jpeg_bytes: bytes = field(repr=False)
+    file_hash: str
+    width: int
+    height: int
+    source_width: int
+    source_height: int
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block must not cost the picture
+        return 1
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # convert("RGB") clips these to two levels: scale the real range to 8 bits first.
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        elif mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
+    if has_alpha:
+        # RGBA -> RGB would keep the hidden colour of transparent pixels; composite instead.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The size of ``size`` scaled to fit inside ``box``, aspect kept, never enlarged."""
+    w, h = size
+    scale = min(box[0] / w, box[1] / h, 1.0)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) -> PreparedImage:
+    """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise PreprocessError(path, "file disappeared before it could be read") from None
+    except OSError as exc:
+        raise PreprocessError(path, f"cannot read file ({exc.strerror})") from None
+    if size == 0:
+        raise PreprocessError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path, formats=SUPPORTED_FORMATS) as im:
+            src_w, src_h = im.size
+            if src_w * src_h > max_pixels:
+                raise PreprocessError(
+                    path,
+                    f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
+                    f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
+                )
+            orientation = _orientation(im)
+            box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
+            if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
+                # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
+                im.draft("RGB", _fit((src_w, src_h), box))
+            im.load()
+            # exif_transpose reads orientation from im.getexif(); it survives draft().
+            oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
+            rgb = _to_rgb(oriented)
+            target = _fit(rgb.size, max_size)
+            if target != rgb.size:
+                rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            elif rgb is im:
+                rgb = rgb.copy()  # detach from the file being closed
+    except PreprocessError:
+        raise
+    except FileNotFoundError:
+        raise PreprocessError(path, "file disappeared before it could be read") from None
+    except UnidentifiedImageError:
+        raise PreprocessError(
+            path, "not a supported image (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise PreprocessError(path, f"image too large, refused as a possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+            raise PreprocessError(path, f"truncated or incomplete image ({text})") from None
+        raise PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})") from None
+
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    data = buffer.getvalue()
+    return PreparedImage(
+        image=rgb,
+        jpeg_bytes=data,
+        file_hash=md5_hex(data),
+        width=rgb.width,
+        height=rgb.height,
+        source_width=src_w,
+        source_height=src_h,
+    )
+
+
+def processed_path_for(source: Path, source_root: Path, processed_root: Path) -> Path:
+    """Where the processed JPEG of ``source`` lives: the same sub-folders, the full source name plus ``.jpg``.
+
+    Keeping the source's own extension in the name (``apple.png.jpg``, ``apple.webp.jpg``) is what
+    lets two sources that differ only in extension both survive.
+    """
+    relative = Path(source).relative_to(source_root)
+    return Path(processed_root) / relative.parent / (relative.name + PROCESSED_SUFFIX)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_processed(prepared: PreparedImage, path: Path) -> None:
+    """Store the processed JPEG unless an identical one is already there."""
+    try:
+        if path.stat().st_size == len(prepared.jpeg_bytes) and md5_hex(path.read_bytes()) == prepared.file_hash:
+            return
+    except OSError:
+        pass
+    write_atomically(path, prepared.jpeg_bytes)

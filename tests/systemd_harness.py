@@ -1,0 +1,504 @@
+"""Boot a real systemd as PID 1 of a private, isolated namespace, for tests.
+
+This is a test helper, not a test module. It is used by tests/test_systemd_real.py.
+
+Why the isolation matters: a systemd booted as ``unshare --pid --fork --mount-proc systemd``
+without further isolation empties the host's /tmp (systemd-tmpfiles), writes into the host's
+/run/systemd, starts gettys on the console and ignores SIGTERM (it is PID 1 of its namespace).
+See /work/shared/notes/real-systemd.md.
+
+What this module does:
+
+* The launcher is started in its own session (stdin from /dev/null, output to a log file) and
+  runs ``unshare --pid --fork --mount --uts --cgroup --mount-proc <inner script>``.
+  Before ``unshare`` runs, the launcher moves itself into freshly created child cgroups (one per
+  cgroup hierarchy), so that the cgroup namespace, and everything systemd creates in it, lives
+  under a subtree this module owns and removes at teardown. (It also keeps systemd from setting
+  the host's cgroup v1 ``release_agent``, which the kernel refuses inside a cgroup namespace.)
+* The inner script (PID 1 of the new namespaces) makes every mount private, mounts fresh tmpfs
+  on /tmp, /var/tmp, /run, /var/lib/systemd, /var/log/journal (if present) and
+  /etc/systemd/system, remounts the cgroup hierarchies (so they show the namespace's subtree),
+  masks the units that would touch the host (gettys, logind, tmpfiles, udev, sysctl,
+  modules-load, binfmt, random-seed, sysusers, utmp, timesyncd, fsck, swap, ...), links
+  default.target to multi-user.target and then REFUSES TO BOOT (exit 3 with a message) unless
+  /tmp is a fresh, empty tmpfs in which a marker file created in the host's /tmp is not
+  visible. Only then does it ``exec`` systemd (with ``container=`` set, so systemd also skips
+  what it skips in containers).
+* Teardown: SIGKILL to the namespace's PID 1 (which ends every process of the PID namespace),
+  then the launcher, then any process left in the cgroup subtree, then the subtree itself.
+
+Use::
+
+    with booted_systemd(workdir) as sd:
+        sd.wait_running()
+        sd.install_unit("x.service", text)
+        sd.systemctl("start", "x.service", check=True)
+        print(sd.journalctl("-u", "x.service").stdout)
+
+``workdir`` must be outside /tmp, /var/tmp and /run: those are fresh tmpfs inside the namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYSTEMD_CANDIDATES = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+REQUIRED_TOOLS = ("unshare", "nsenter", "mount", "systemctl", "journalctl")
+# Paths that are replaced by an empty tmpfs inside the namespace: a work tree under them
+# would be invisible to the booted systemd and its services.
+HIDDEN_PREFIXES = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+
+# Units masked (linked to /dev/null) inside the namespace, because they would touch the host
+# (its /tmp, /dev, kernel settings, clock, consoles, users, disks) or are useless here.
+MASKED_UNITS = (
+    # consoles: a getty on the console disturbs the calling terminal
+    "getty@.service",
+    "serial-getty@.service",
+    "console-getty.service",
+    "container-getty@.service",
+    "getty-static.service",
+    "getty.target",
+    "systemd-ask-password-wall.path",
+    "systemd-ask-password-console.path",
+    "systemd-logind.service",
+    "systemd-user-sessions.service",
+    # tmpfiles: "D /tmp" in tmp.conf empties /tmp
+    "systemd-tmpfiles-setup.service",
+    "systemd-tmpfiles-setup-dev.service",
+    "systemd-tmpfiles-clean.service",
+    "systemd-tmpfiles-clean.timer",
+    # devices, kernel, clock, file systems: all shared with the host
+    "systemd-udevd.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-hwdb-update.service",
+    "kmod-static-nodes.service",
+    "systemd-sysctl.service",
+    "systemd-modules-load.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "systemd-timesyncd.service",
+    "systemd-time-wait-sync.service",
+    "systemd-remount-fs.service",
+    "systemd-fsck-root.service",
+    "systemd-fsck@.service",
+    "systemd-repart.service",
+    "systemd-pcrphase.service",
+    "systemd-pcrphase-sysinit.service",
+    "systemd-pcrphase-initrd.service",
+    "swap.target",
+    "cryptsetup.target",
+    "veritysetup.target",
+    "integritysetup.target",
+    "remote-cryptsetup.target",
+    "remote-veritysetup.target",
+    "sys-kernel-config.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    # state in /etc, /var: users, machine id, seeds, utmp/wtmp, caches
+    "systemd-sysusers.service",
+    "systemd-firstboot.service",
+    "systemd-machine-id-commit.service",
+    "systemd-random-seed.service",
+    "systemd-update-done.service",
+    "systemd-journal-catalog-update.service",
+    "ldconfig.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-journald-audit.socket",
+    # not needed: systemctl talks to PID 1 over /run/systemd/private
+    "dbus.service",
+    "dbus.socket",
+)
+
+INNER_SCRIPT = r"""#!/bin/bash
+# PID 1 of a new PID + mount + UTS + cgroup namespace (started by tests/systemd_harness.py).
+# Sets up isolation, checks that it took, then execs systemd. Refuses to boot otherwise.
+set -euo pipefail
+refuse() { echo "systemd_harness inner: REFUSING TO BOOT: $*" >&2; exit 3; }
+
+[ "$$" -eq 1 ] || refuse "not PID 1 of a new PID namespace (pid $$)"
+[ "$(readlink /proc/self/ns/mnt)" != "$HARNESS_HOST_MNT_NS" ] || refuse "not in a new mount namespace"
+[ "$(readlink /proc/self/ns/cgroup)" != "$HARNESS_HOST_CGROUP_NS" ] || refuse "not in a new cgroup namespace"
+
+# Nothing mounted here may propagate to the host.
+mount --make-rprivate /
+
+# -n: do not record the mounts in /run/mount/utab (the host's /run until it is replaced).
+mount -n -t tmpfs -o mode=755,nosuid,nodev harness-run /run
+mount -n -t tmpfs -o mode=1777,nosuid,nodev harness-tmp /tmp
+mount -n -t tmpfs -o mode=1777,nosuid,nodev harness-vartmp /var/tmp
+mount -n -t tmpfs -o mode=755,nosuid,nodev harness-varlibsystemd /var/lib/systemd
+if [ -d /var/log/journal ]; then
+    mount -n -t tmpfs -o mode=2755,nosuid,nodev harness-journal /var/log/journal
+fi
+mount -n -t tmpfs -o mode=755 harness-etc-systemd /etc/systemd/system
+
+# Remount the cgroup hierarchies so they show this cgroup namespace's root (a subtree owned by
+# the harness), not the host's whole tree. The old mount must go first: the kernel refuses
+# (EBUSY) the same hierarchy on top of itself at the same mount point.
+while read -r _src mnt fstype opts _rest; do
+    case "$fstype" in
+        cgroup|cgroup2) umount -n "$mnt" || umount -n -l "$mnt" ;;
+    esac
+    case "$fstype" in
+        cgroup2) mount -n -t cgroup2 -o nosuid,nodev,noexec harness-cgroup2 "$mnt" ;;
+        cgroup)
+            sub=$(echo "$opts" | tr ',' '\n' | grep -Ev '^(rw|ro|nosuid|nodev|noexec|relatime|noatime|nodiratime|strictatime)$' | paste -sd, -)
+            mount -n -t cgroup -o "nosuid,nodev,noexec,$sub" harness-cgroup "$mnt" ;;
+    esac
+done < <(awk '$3 == "cgroup" || $3 == "cgroup2"' /proc/self/mounts)
+
+# The isolation took: /tmp is a tmpfs mounted here, empty, and the marker the harness put into
+# the host's /tmp is not visible.
+[ "$(stat -f -c %T /tmp)" = tmpfs ] || refuse "/tmp is not a tmpfs"
+[ -z "$(ls -A /tmp)" ] || refuse "/tmp is not empty"
+[ ! -e "$HARNESS_HOST_TMP_MARKER" ] || refuse "host /tmp marker visible: /tmp is the host's /tmp"
+[ "$(stat -f -c %T /run)" = tmpfs ] && [ -z "$(ls -A /run)" ] || refuse "/run is not a fresh tmpfs"
+[ -z "$(ls -A /etc/systemd/system)" ] || refuse "/etc/systemd/system is not a fresh tmpfs"
+
+for unit in $HARNESS_MASKED_UNITS; do
+    ln -s /dev/null "/etc/systemd/system/$unit"
+done
+ln -s /lib/systemd/system/multi-user.target /etc/systemd/system/default.target
+hostname systemd-harness
+
+echo "systemd_harness inner: isolation checked, starting $HARNESS_SYSTEMD" >&2
+exec env -i container=systemd-harness "$HARNESS_SYSTEMD" --system --log-target=journal-or-kmsg
+"""
+
+
+class SystemdUnavailable(RuntimeError):
+    """Raised by check_prerequisites() when this machine cannot run the harness."""
+
+
+def find_systemd() -> str | None:
+    for path in SYSTEMD_CANDIDATES:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def check_prerequisites() -> None:
+    """Raise SystemdUnavailable with a reason when the harness cannot run here."""
+    if os.geteuid() != 0:
+        raise SystemdUnavailable("needs root (unshare/mount/nsenter of a PID namespace)")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise SystemdUnavailable(f"missing tools: {', '.join(missing)}")
+    if find_systemd() is None:
+        raise SystemdUnavailable(f"no systemd binary at {' or '.join(SYSTEMD_CANDIDATES)}")
+    if not Path("/proc/self/ns/cgroup").exists():
+        raise SystemdUnavailable("kernel without cgroup namespaces")
+
+
+# --- cgroups -----------------------------------------------------------------------------
+
+
+def _cgroup_mounts() -> list[tuple[str, str, set[str]]]:
+    """(mount point, fstype, super options) of the cgroup hierarchies, from mountinfo."""
+    result = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        fstype = rfields[0]
+        if fstype not in ("cgroup", "cgroup2"):
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        root = fields[3]
+        if root != "/":  # already a namespaced or bind-mounted view: cannot map paths
+            continue
+        result.append((mount_point, fstype, set(rfields[2].split(","))))
+    return result
+
+
+def _own_cgroup_dirs() -> list[Path]:
+    """For every mounted hierarchy, the directory of this process's cgroup in it."""
+    mounts = _cgroup_mounts()
+    dirs = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _hid, controllers, path = line.split(":", 2)
+        for mount_point, fstype, opts in mounts:
+            if controllers == "" and fstype == "cgroup2":
+                pass
+            elif fstype == "cgroup" and controllers and set(controllers.split(",")) <= opts:
+                if controllers == "cpuset":
+                    # cgroup v1 cpuset children start with no cpus/mems (cannot hold
+                    # processes), and systemd does not use cpuset on v1: leave it alone.
+                    break
+            else:
+                continue
+            dirs.append(Path(mount_point + path.rstrip("/")))
+            break
+    return dirs
+
+
+def _create_cgroups(name: str) -> list[Path]:
+    created = []
+    for parent in _own_cgroup_dirs():
+        child = parent / name
+        try:
+            child.mkdir()
+        except OSError as exc:
+            _remove_cgroups(created)
+            raise RuntimeError(f"cannot create cgroup {child}: {exc}") from exc
+        created.append(child)
+    return created
+
+
+def _cgroup_pids(root: Path) -> set[int]:
+    pids: set[int] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        if "cgroup.procs" in files:
+            with contextlib.suppress(OSError):
+                text = Path(dirpath, "cgroup.procs").read_text()
+                pids.update(int(p) for p in text.split())
+    return pids
+
+
+def _remove_cgroups(dirs: list[Path], timeout: float = 10.0) -> list[str]:
+    """Kill what is left in the subtrees, then remove them bottom-up. Returns problems."""
+    problems = []
+    deadline = time.monotonic() + timeout
+    for root in dirs:
+        while True:
+            if not root.exists():
+                break
+            kill_file = root / "cgroup.kill"  # cgroup v2, kernel >= 5.14
+            if kill_file.exists():
+                with contextlib.suppress(OSError):
+                    kill_file.write_text("1")
+            for pid in _cgroup_pids(root):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda t: -len(t[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+            if not root.exists():
+                break
+            if time.monotonic() > deadline:
+                problems.append(f"could not remove cgroup {root} (pids {_cgroup_pids(root)})")
+                break
+            time.sleep(0.1)
+    return problems
+
+
+# --- the handle --------------------------------------------------------------------------
+
+
+@dataclass
+class Handle:
+    """A booted, isolated systemd. Commands run inside via nsenter."""
+
+    pid: int  # host PID of the namespace's PID 1 (systemd)
+    launcher: subprocess.Popen
+    workdir: Path
+    log_path: Path
+    host_tmp_marker: Path
+    cgroups: list[Path] = field(default_factory=list)
+
+    def run(
+        self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the namespaces (mount, PID, UTS, cgroup) of the booted systemd."""
+        if not self.alive():
+            raise RuntimeError(f"the isolated systemd is gone; launcher log:\n{self.log_text()}")
+        cmd = ["nsenter", "-t", str(self.pid), "-m", "-p", "-u", "-C", "--", *args]
+        return subprocess.run(
+            cmd,
+            check=check,
+            timeout=timeout,
+            input=input,
+            text=True,
+            capture_output=True,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def systemctl(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("systemctl", "--no-pager", "--no-ask-password", *args, **kwargs)
+
+    def journalctl(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("journalctl", "--no-pager", *args, **kwargs)
+
+    def alive(self) -> bool:
+        try:
+            return Path(f"/proc/{self.pid}/comm").read_text().strip() == "systemd"
+        except OSError:
+            return False
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_running(self, timeout: float = 60) -> str:
+        """Wait until `systemctl is-system-running` says running (or degraded: then raise
+        with the failed units, since a degraded boot means the masking list is incomplete)."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"the isolated systemd died; launcher log:\n{self.log_text()}")
+            state = self.systemctl("is-system-running").stdout.strip()
+            if state == "running":
+                return state
+            if state == "degraded":
+                failed = self.systemctl("list-units", "--failed", "--plain").stdout
+                raise RuntimeError(f"isolated systemd is degraded; failed units:\n{failed}")
+            time.sleep(0.25)
+        raise TimeoutError(f"isolated systemd not running after {timeout}s (state {state!r})")
+
+    def install_unit(self, name: str, text: str) -> None:
+        """Write a unit into the namespace's /etc/systemd/system (a tmpfs) and daemon-reload."""
+        target = Path(f"/proc/{self.pid}/root/etc/systemd/system") / name
+        target.write_text(text)
+        self.systemctl("daemon-reload", check=True)
+
+    def kill(self) -> list[str]:
+        """SIGKILL PID 1 of the namespace (ends all its processes), the launcher, and anything
+        left in the cgroup subtree; remove the subtree and the marker. Idempotent."""
+        problems = []
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        try:
+            self.launcher.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.launcher.kill()
+            try:
+                self.launcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                problems.append(f"launcher {self.launcher.pid} did not exit")
+        problems += _remove_cgroups(self.cgroups)
+        self.cgroups = []
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{self.pid}").exists():
+            problems.append(f"systemd pid {self.pid} still exists")
+        return problems
+
+
+def _find_child(parent: int) -> int | None:
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+@contextlib.contextmanager
+def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
+    """Boot an isolated systemd; yield a Handle; always SIGKILL it at the end.
+
+    ``workdir`` (created if needed) holds the inner script and the launcher log; it must not be
+    under /tmp, /var/tmp or /run (those are fresh tmpfs inside the namespace). Call
+    ``handle.wait_running()`` before starting units.
+    """
+    check_prerequisites()
+    workdir = Path(workdir).resolve()
+    if any(workdir == Path(p) or Path(p) in workdir.parents for p in HIDDEN_PREFIXES):
+        raise ValueError(f"{workdir} is hidden inside the namespace; use a path outside /tmp")
+    workdir.mkdir(parents=True, exist_ok=True)
+    systemd = find_systemd()
+    assert systemd is not None
+
+    token = uuid.uuid4().hex[:12]
+    script = workdir / "systemd-harness-inner.sh"
+    script.write_text(INNER_SCRIPT)
+    script.chmod(0o755)
+    log_path = workdir / "systemd-harness-launcher.log"
+    # A marker in the host's /tmp: the inner script refuses to boot if it can see it.
+    marker = Path("/tmp") / f".systemd-harness-marker-{token}"
+    marker.write_text("host /tmp; must not be visible inside the isolated systemd\n")
+
+    cgroups: list[Path] = []
+    launcher: subprocess.Popen | None = None
+    handle: Handle | None = None
+    try:
+        cgroups = _create_cgroups(f"systemd-harness-{token}")
+        procs_files = [str(c / "cgroup.procs") for c in cgroups]
+
+        def enter_cgroups() -> None:  # runs in the child between fork and exec
+            for procs in procs_files:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HARNESS_HOST_MNT_NS": os.readlink("/proc/self/ns/mnt"),
+            "HARNESS_HOST_CGROUP_NS": os.readlink("/proc/self/ns/cgroup"),
+            "HARNESS_HOST_TMP_MARKER": str(marker),
+            "HARNESS_MASKED_UNITS": " ".join(MASKED_UNITS),
+            "HARNESS_SYSTEMD": systemd,
+        }
+        with open(log_path, "wb") as log:
+            launcher = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--mount", "--uts", "--cgroup",
+                 "--propagation", "private", "--mount-proc", "/bin/bash", str(script)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # detached, like `setsid -f`
+                env=env,
+                preexec_fn=enter_cgroups,
+                cwd="/",
+            )
+        deadline = time.monotonic() + boot_timeout
+        pid = None
+        while time.monotonic() < deadline:
+            if launcher.poll() is not None:
+                raise RuntimeError(
+                    f"isolated systemd did not start (launcher exit {launcher.returncode}):\n"
+                    + log_path.read_text(errors="replace")
+                )
+            child = _find_child(launcher.pid)
+            if child is not None:
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        pid = child
+                        break
+            time.sleep(0.05)
+        if pid is None:
+            raise TimeoutError(
+                f"systemd did not appear within {boot_timeout}s:\n" + log_path.read_text()
+            )
+        handle = Handle(pid, launcher, workdir, log_path, marker, cgroups)
+        yield handle
+    finally:
+        problems: list[str] = []
+        if handle is not None:
+            problems = handle.kill()
+        else:
+            if launcher is not None:
+                child = _find_child(launcher.pid)
+                if child is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    launcher.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    launcher.wait(timeout=10)
+            problems = _remove_cgroups(cgroups)
+        marker_survived = marker.exists()
+        with contextlib.suppress(OSError):
+            marker.unlink()
+        if not marker_survived:
+            problems.append(f"the host /tmp marker {marker} vanished: host /tmp was touched!")
+        if problems:
+            raise RuntimeError("isolated systemd teardown: " + "; ".join(problems))
