@@ -46,11 +46,16 @@ def _claim_folder_name(output_dir: Path, stamp: str) -> Path:
 
 
 def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit], cfg: Config,
-                        *, now: datetime | None = None) -> Path:
-    """Write the bundle for one query; return its folder. Built under a hidden temp name, then renamed."""
+                        *, now: datetime | None = None, move_query: bool = False) -> Path:
+    """Write the bundle for one query; return its folder. Built under a hidden temp name, then renamed.
+
+    With ``move_query`` the query file itself moves into the bundle as ``<query>.query.<ext>`` (the
+    service's inbox empties itself); if the bundle cannot be completed it is moved back.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = query_path.stem or query_path.name
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-result-"))
+    moved_query: Path | None = None
     try:
         with open(tmp / f"{stem}.json", "w", encoding="utf-8") as fh:
             json.dump(cfg.to_json_dict(redact=True), fh, indent=2, ensure_ascii=False)
@@ -64,6 +69,9 @@ def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit],
                 shutil.copyfile(best, tmp / f"{stem}.jpg")
             except OSError as exc:
                 log.warning("best_match_image_missing", path=str(best), reason=exc.strerror or str(exc))
+        if move_query:
+            moved_query = tmp / f"{stem}.query{query_path.suffix}"
+            shutil.move(query_path, moved_query)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         while True:
@@ -76,5 +84,7 @@ def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit],
             os.rename(tmp, final)
             return final
     except BaseException:
+        if moved_query is not None and moved_query.exists():
+            shutil.move(moved_query, query_path)  # never lose what the user dropped
         shutil.rmtree(tmp, ignore_errors=True)
         raise

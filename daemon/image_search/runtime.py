@@ -33,6 +33,15 @@ class Runtime:
     embedder: Embedder
     database: Database
     store: EmbeddingStore
+    cleanup: bool  # empty the table at exit; a service exiting for a restart turns it off
+
+    def reconnect(self) -> None:
+        """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
+        try:
+            self.store.close()
+        except Exception:  # already broken: that is why we are here
+            pass
+        self.store = self.database.open_store(dimension=self.embedder.dimension, model_name=self.cfg.model_name)
 
 
 @contextmanager
@@ -47,10 +56,12 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         store = database.open_store(dimension=embedder.dimension, model_name=cfg.model_name)
         log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
                  duration_ms=round((time.monotonic() - started) * 1000))
+        rt = Runtime(cfg, embedder, database, store, cleanup)
         try:
-            yield Runtime(cfg, embedder, database, store)
+            yield rt
         finally:
-            if cleanup:
+            store = rt.store
+            if rt.cleanup:
                 try:
                     store.clear()
                     log.info("table_emptied", reason="cleanup-on-exit (keep the index with --no-cleanup "

@@ -26,14 +26,14 @@ class SearchResult:
 
 
 def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                 now: datetime | None = None) -> SearchResult:
+                 now: datetime | None = None, move_query: bool = False) -> SearchResult:
     """Search with one image file and write its result bundle. Raises PreprocessError for a bad file."""
     started = time.monotonic()
     prepared = preprocess_image(query_path, max_size=(cfg.resize_width, cfg.resize_height),
                                 max_pixels=cfg.max_image_pixels)
     vector = embedder.embed_images([prepared.image])[0]
     hits = store.search(vector, cfg.top_k)
-    bundle = write_result_bundle(cfg.output_directory, query_path, hits, cfg, now=now)
+    bundle = write_result_bundle(cfg.output_directory, query_path, hits, cfg, now=now, move_query=move_query)
     fields = {"query": str(query_path), "result": str(bundle), "hits": len(hits),
               "duration_ms": round((time.monotonic() - started) * 1000)}
     if hits:

@@ -82,6 +82,10 @@ class StoreError(Exception):
     """A database problem the user must fix (unreachable, wrong schema, missing extension)."""
 
 
+class DatabaseUnavailable(StoreError):
+    """The database could not be reached or the connection broke: worth retrying later."""
+
+
 @dataclass(frozen=True)
 class EmbeddingRow:
     file_path: str
@@ -157,7 +161,7 @@ def _connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
             f"database '{cfg.postgres_database}'"
         )
         reason = " ".join(str(exc).split())
-        raise StoreError(f"cannot connect to {where}: {reason}. Check the postgres-* config keys.") from None
+        raise DatabaseUnavailable(f"cannot connect to {where}: {reason}. Check the postgres-* config keys.") from None
 
 
 class EmbeddingStore:
@@ -178,8 +182,9 @@ class EmbeddingStore:
         try:
             with self._conn, self._conn.cursor() as cur:
                 yield cur
-        except psycopg2.OperationalError as exc:
-            raise StoreError(f"database error: {' '.join(str(exc).split())}") from exc
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            # The connection is gone (server restarted, network): the caller may reconnect and retry.
+            raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
 
     def _ensure_schema(self) -> None:
         with self._conn, self._conn.cursor() as cur:

@@ -1,0 +1,179 @@
+"""Watching: the watchdog handler only notices; readiness is decided here, apart, with an injected clock.
+
+watchdog 7 with inotify, as checked: a file moved in from an unwatched folder yields only a created
+event; temp-file-then-rename yields closed on the temp name, then moved to the final name; an
+exception in a handler kills the observer thread silently; a deleted watched folder kills its
+emitter for good; inotify overflow is dropped silently. Hence: the handler enqueues plain
+``Change`` records and never raises, and the service loop checks ``observer_problem`` every pass.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What happened at a path, reduced to what the service acts on."""
+
+    folder: str  # "images" or "inbox"
+    kind: str  # "touched" (created/modified/closed), "closed" (closed after writing), "deleted", "moved"
+    path: Path
+    is_directory: bool = False
+    dest: Path | None = None
+
+
+class FolderHandler(FileSystemEventHandler):
+    """Turns watchdog events into ``Change`` records on a queue; never raises (that would kill the observer)."""
+
+    def __init__(self, folder: str, changes: queue.SimpleQueue[Change]) -> None:
+        self.folder = folder
+        self.changes = changes
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if isinstance(event, (FileOpenedEvent, FileClosedNoWriteEvent)):
+                return  # reads, including our own, change nothing
+            path = Path(os.fsdecode(event.src_path))
+            if isinstance(event, (FileMovedEvent, DirMovedEvent)):
+                dest = Path(os.fsdecode(event.dest_path))
+                self.changes.put(Change(self.folder, "moved", path, event.is_directory, dest))
+            elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+                self.changes.put(Change(self.folder, "deleted", path, event.is_directory))
+            elif isinstance(event, FileClosedEvent):
+                self.changes.put(Change(self.folder, "closed", path))
+            else:
+                self.changes.put(Change(self.folder, "touched", path, event.is_directory))
+        except Exception:  # pragma: no cover - last line of defence for the observer thread
+            log.exception("watch_handler_failed")
+
+
+class WatchError(Exception):
+    """The folders cannot be watched; the message says why and what to do."""
+
+
+def start_observer(folders: dict[str, tuple[Path, bool]], changes: queue.SimpleQueue[Change], *,
+                   poll: bool) -> BaseObserver:
+    """Watch each ``name -> (folder, recursive)``; PollingObserver for network filesystems."""
+    observer: BaseObserver = PollingObserver(timeout=2.0) if poll else Observer()
+    try:
+        for name, (folder, recursive) in folders.items():
+            observer.schedule(FolderHandler(name, changes), str(folder), recursive=recursive)
+        observer.start()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise WatchError(
+                "the inotify watch limit is reached (ENOSPC). Raise it, e.g. "
+                "`sysctl fs.inotify.max_user_watches=524288` (persist it in /etc/sysctl.d/), or run with --poll"
+            ) from None
+        if exc.errno == errno.EMFILE:
+            raise WatchError("too many inotify instances (EMFILE): raise fs.inotify.max_user_instances") from None
+        raise WatchError(f"cannot watch the folders: {exc}") from None
+    return observer
+
+
+def observer_problem(observer: BaseObserver, folders: dict[str, tuple[Path, bool]]) -> str | None:
+    """Why the watching is no longer trustworthy, or None when it is."""
+    for name, (folder, _) in folders.items():
+        if not folder.is_dir():
+            return f"the watched {name} folder {folder} is gone"
+    if not observer.is_alive():
+        return "the watch observer thread died"
+    emitters = list(observer.emitters)
+    if len(emitters) < len(folders) or not all(e.is_alive() for e in emitters):
+        return "a folder's watch emitter died"
+    return None
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    due: float
+    closed: bool
+
+
+class ReadinessTracker:
+    """Paths waiting until they are complete: size and mtime unchanged for ``settle`` seconds, or a
+    close-after-write event followed by a short ``closed_grace`` with no change.
+
+    Entries are kept in due order (a refreshed entry moves to the end), so ``pop_ready`` only looks
+    at the front and costs nothing while files are still arriving.
+    """
+
+    def __init__(self, settle: float, *, clock: Callable[[], float], closed_grace: float = 0.05) -> None:
+        self.settle = settle
+        self.closed_grace = min(closed_grace, settle)
+        self.clock = clock
+        self._pending: dict[Path, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._pending
+
+    def note(self, path: Path, *, closed: bool = False) -> None:
+        """A path was created, written or closed: (re)start its wait."""
+        try:
+            st = path.stat()
+        except OSError:
+            self._pending.pop(path, None)
+            return
+        wait = self.closed_grace if closed else self.settle
+        self._pending.pop(path, None)
+        self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
+
+    def forget(self, path: Path) -> None:
+        self._pending.pop(path, None)
+
+    def forget_under(self, folder: Path) -> None:
+        for path in [p for p in self._pending if p.is_relative_to(folder)]:
+            del self._pending[path]
+
+    def next_due(self) -> float | None:
+        return next(iter(self._pending.values())).due if self._pending else None
+
+    def pop_ready(self, limit: int) -> list[Path]:
+        """Up to ``limit`` paths that are complete now; changed ones wait again, vanished ones are dropped."""
+        now = self.clock()
+        ready: list[Path] = []
+        for path in list(self._pending):
+            if len(ready) >= limit:
+                break
+            entry = self._pending[path]
+            if entry.due > now:
+                break
+            del self._pending[path]
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
+                ready.append(path)
+            else:  # still being written: wait a full settle period again
+                self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
+        return ready
