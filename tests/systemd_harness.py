@@ -369,6 +369,34 @@ class Handle:
         target.write_text(text)
         self.systemctl("daemon-reload", check=True)
 
+    def add_user(self, name: str) -> tuple[int, int]:
+        """Create a system user and group that exist only inside the namespace.
+
+        Copies of /etc/passwd and /etc/group with the new entries are written to the
+        namespace's /run (a tmpfs) and bind-mounted over /etc/passwd and /etc/group in the
+        namespace's mount namespace; the host's files are not touched. Services started after
+        this call (their mount namespaces are copies of PID 1's) can use ``User=name``.
+        Returns (uid, gid).
+        """
+        root = Path(f"/proc/{self.pid}/root")
+        passwd = (root / "etc/passwd").read_text()
+        group = (root / "etc/group").read_text()
+        used_uids = {int(line.split(":")[2]) for line in passwd.splitlines() if line.count(":") >= 6}
+        used_gids = {int(line.split(":")[2]) for line in group.splitlines() if line.count(":") >= 3}
+        if any(line.split(":")[0] == name for line in passwd.splitlines()):
+            raise ValueError(f"user {name} already exists")
+        uid = next(i for i in range(61000, 62000) if i not in used_uids and i not in used_gids)
+        harness_run = root / "run/systemd-harness"
+        harness_run.mkdir(exist_ok=True)
+        (harness_run / "passwd").write_text(
+            passwd.rstrip("\n") + f"\n{name}:x:{uid}:{uid}:{name} (test):/nonexistent:/usr/sbin/nologin\n"
+        )
+        (harness_run / "group").write_text(group.rstrip("\n") + f"\n{name}:x:{uid}:\n")
+        for f in ("passwd", "group"):
+            (harness_run / f).chmod(0o644)
+            self.run("mount", "-n", "--bind", f"/run/systemd-harness/{f}", f"/etc/{f}", check=True)
+        return uid, uid
+
     def kill(self) -> list[str]:
         """SIGKILL PID 1 of the namespace (ends all its processes), the launcher, and anything
         left in the cgroup subtree; remove the subtree and the marker. Idempotent."""

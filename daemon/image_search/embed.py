@@ -77,6 +77,7 @@ class Embedder:
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
+        self.max_batch = 64  # lowered for good after a CUDA out-of-memory error
 
     @classmethod
     def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None) -> Embedder:
@@ -128,20 +129,106 @@ class Embedder:
                                                convert_to_tensor=True, normalize_embeddings=False)
                 features = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
             else:
-                pixels = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
-                features = self._model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+                features = self._model.get_image_features(pixel_values=self._pixels(images))
                 if truncate is not None:
                     features = features[:, :truncate]
             features = features.float()
             features = torch.nn.functional.normalize(features, dim=-1)
             return features.cpu().numpy().astype(np.float32, copy=False)
 
+    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's input tensor. Resizing and cropping stay uint8 on the CPU; the uint8 batch goes to
+        the device (pinned, asynchronously, on CUDA) and is rescaled and normalised there."""
+        geometry = _clip_geometry(self._processor)
+        if geometry is None:  # a processor we do not mirror: let it do everything
+            pixels = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
+            return pixels.to(self.device, self.dtype)
+        batch = torch.from_numpy(np.stack([_resize_and_crop(im, geometry) for im in images])).permute(0, 3, 1, 2)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        mean = torch.tensor(geometry.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(geometry.std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((batch.to(torch.float32) * geometry.rescale - mean) / std).to(self.dtype)
+
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed RGB images in one batch: an (n, dimension) float32 array of unit vectors."""
+        """Embed RGB images: an (n, dimension) float32 array of unit vectors.
+
+        On a CUDA out-of-memory error the batch is split and the smaller size is kept for later
+        batches, instead of dying.
+        """
         if not images:
             return np.zeros((0, self.dimension), dtype=np.float32)
         truncate = None if self.dimension == self.info.native_dimension else self.dimension
-        return self._forward(images, truncate)
+        out: list[np.ndarray] = []
+        start = 0
+        while start < len(images):
+            chunk = images[start:start + self.max_batch]
+            try:
+                out.append(self._forward(chunk, truncate))
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.max_batch = max(1, (len(chunk) + 1) // 2)
+                log.warning("gpu_out_of_memory", action="smaller batches", batch_size=self.max_batch)
+                continue
+            start += len(chunk)
+        return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    shortest_edge: int | None  # resize the short side to this (CLIP), or
+    size: tuple[int, int] | None  # resize to exactly (width, height) (SigLIP)
+    crop: tuple[int, int] | None  # centre crop (width, height)
+    resample: int
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _clip_geometry(processor: Any) -> _Geometry | None:
+    """What a CLIP/SigLIP image processor does, read from its settings; None if it does something else."""
+    size = getattr(processor, "size", None) or {}
+    if getattr(processor, "do_resize", True) is False or not getattr(processor, "do_normalize", True):
+        return None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return None
+    if "shortest_edge" in size:
+        shortest, exact = int(size["shortest_edge"]), None
+    elif "height" in size and "width" in size:
+        shortest, exact = None, (int(size["width"]), int(size["height"]))
+    else:
+        return None
+    return _Geometry(
+        shortest_edge=shortest, size=exact,
+        crop=(int(crop["width"]), int(crop["height"])) if crop else None,
+        resample=int(getattr(processor, "resample", Image.Resampling.BICUBIC)),
+        rescale=float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0,
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),  # type: ignore[arg-type]
+    )
+
+
+def _resize_and_crop(image: Image.Image, g: _Geometry) -> np.ndarray:
+    """Resize and crop as transformers' CLIP/SigLIP processors do, staying in uint8."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    w, h = image.size
+    if g.shortest_edge is not None:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = g.shortest_edge, int(g.shortest_edge * long / short)
+        target = (new_short, new_long) if w <= h else (new_long, new_short)
+    else:
+        assert g.size is not None
+        target = g.size
+    if target != image.size:
+        image = image.resize(target, resample=g.resample)
+    if g.crop is not None:
+        cw, ch = g.crop
+        left, top = (image.width - cw) // 2, (image.height - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
+    return np.asarray(image, dtype=np.uint8)
 
 
 def check_dimension(info: ModelInfo, dimension: int) -> int:
