@@ -91,15 +91,16 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
     """Check (JSON) or parse (environment strings) one value against its field's type."""
     field = _FIELDS[key]
     want = _field_type(field.name)
+    shown = REDACTED if key == "postgres-password" else repr(value)  # the password never reaches an error
     if want is bool:
         if isinstance(value, bool):
             return value
         if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be true or false, got {shown}")
     if want is int:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
         if isinstance(value, int):
             return value
         if from_env and isinstance(value, str):
@@ -107,7 +108,7 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
     if want is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -116,9 +117,9 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a number, got {shown}")
     if not isinstance(value, str):
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a string, got {shown}")
     return Path(value).expanduser() if issubclass(want, Path) else value
 
 
@@ -176,7 +177,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             value = _coerce(key, environ[env_name], from_env=True)
             values[key] = value.resolve() if isinstance(value, Path) else value
     for key, field in _FIELDS.items():
-        if key not in values and _field_type(field.name) is Path:
+        if key not in values and issubclass(_field_type(field.name), Path):  # PosixPath, not Path itself
             values[key] = (base / getattr(_DEFAULTS, field.name))
     cfg = Config(**{_FIELDS[k].name: v for k, v in values.items()})
     _validate(cfg)

@@ -73,7 +73,7 @@ def _orientation(im: Image.Image) -> int:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
     mode = im.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in im.info:  # an RGB PNG may carry a tRNS colour key
         return im
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # convert("RGB") clips these to two levels: scale the real range to 8 bits first.
@@ -143,7 +143,13 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
             path, "not a supported image (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)"
         ) from None
     except Image.DecompressionBombError as exc:
-        raise PreprocessError(path, f"image too large, refused as a possible decompression bomb ({exc})") from None
+        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
+        raise PreprocessError(
+            path,
+            f"image too large, refused as a possible decompression bomb ({exc}); the limit is "
+            f"{min(max_pixels, PILLOW_HARD_PIXEL_LIMIT):,} pixels (config key 'max-image-pixels', "
+            f"which cannot raise it above {PILLOW_HARD_PIXEL_LIMIT:,})",
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
         if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:

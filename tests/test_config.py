@@ -1,0 +1,513 @@
+"""Configuration through real files: defaults, the original keys, paths, environment overrides, errors, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from image_search.config import Config, ConfigError, ensure_directories, load_config
+
+ORIGINAL_KEYS = {
+    "source-directory": "photos",
+    "processed-directory": "work/processed",
+    "output-directory": "results",
+    "device": "cpu",
+    "model-name": "openai/clip-vit-base-patch32",
+    "dimension": 512,
+    "resize-width": 640,
+    "resize-height": 480,
+    "postgres-host": "db.example.com",
+    "postgres-port": 15432,
+    "postgres-user": "indexer",
+    "postgres-password": "hunter2-Secret!",
+    "postgres-database": "images",
+}
+
+SERVICE_KEYS = {
+    "inbox-directory": "drop",
+    "state-directory": "var/state",
+    "top-k": 25,
+    "batch-size": 4,
+    "cleanup-on-exit": False,
+    "max-image-pixels": 50_000_000,
+    "settle-seconds": 2.5,
+    "rescan-interval": 60,
+    "ef-search": 200,
+    "exact-search-below": 500,
+}
+
+
+def write(folder: Path, data: object, name: str = "config.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def error_for(folder: Path, data: object, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(folder, data), environ={} if environ is None else environ)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defaults and the original keys
+# --------------------------------------------------------------------------------------------------
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={})
+    assert cfg.device == "auto"
+    assert cfg.top_k == 10
+    assert cfg.cleanup_on_exit is True
+    assert cfg.postgres_host == "" and cfg.embedded_database is True
+    assert cfg.postgres_port == 5432
+    assert cfg.postgres_password == ""
+    assert cfg.dimension > 0 and cfg.resize_width > 0 and cfg.resize_height > 0 and cfg.batch_size > 0
+    assert cfg.model_name
+    # default folders are absolute, under the working directory
+    for attr, name in (("source_directory", "images"), ("processed_directory", "processed"),
+                       ("output_directory", "output"), ("inbox_directory", "inbox"), ("state_directory", "state")):
+        value = getattr(cfg, attr)
+        assert isinstance(value, Path) and value.is_absolute()
+        assert value == tmp_path / name
+
+
+def test_empty_json_object_gives_defaults_with_folders_next_to_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "etc", {})
+    cfg = load_config(path, environ={})
+    assert cfg.top_k == 10 and cfg.device == "auto"
+    assert cfg.source_directory == tmp_path / "etc" / "images"
+    assert cfg.state_directory == tmp_path / "etc" / "state"
+
+
+def test_every_original_key_is_accepted_with_its_original_name(tmp_path):
+    folder = tmp_path / "conf"
+    cfg = load_config(write(folder, ORIGINAL_KEYS), environ={})
+    assert cfg.source_directory == folder / "photos"
+    assert cfg.processed_directory == folder / "work" / "processed"
+    assert cfg.output_directory == folder / "results"
+    assert cfg.device == "cpu"
+    assert cfg.model_name == "openai/clip-vit-base-patch32"
+    assert (cfg.dimension, cfg.resize_width, cfg.resize_height) == (512, 640, 480)
+    assert (cfg.postgres_host, cfg.postgres_port) == ("db.example.com", 15432)
+    assert (cfg.postgres_user, cfg.postgres_password, cfg.postgres_database) == ("indexer", "hunter2-Secret!", "images")
+    assert cfg.embedded_database is False
+
+
+def test_every_service_key_is_accepted(tmp_path):
+    folder = tmp_path / "conf"
+    cfg = load_config(write(folder, {**ORIGINAL_KEYS, **SERVICE_KEYS}), environ={})
+    assert cfg.inbox_directory == folder / "drop"
+    assert cfg.state_directory == folder / "var" / "state"
+    assert (cfg.top_k, cfg.batch_size, cfg.cleanup_on_exit) == (25, 4, False)
+    assert cfg.max_image_pixels == 50_000_000
+    assert cfg.settle_seconds == 2.5
+    assert cfg.rescan_interval == 60.0 and isinstance(cfg.rescan_interval, float)
+    assert (cfg.ef_search, cfg.exact_search_below) == (200, 500)
+
+
+def test_to_json_dict_uses_the_json_key_names_and_round_trips(tmp_path):
+    folder = tmp_path / "conf"
+    cfg = load_config(write(folder, {**ORIGINAL_KEYS, **SERVICE_KEYS}), environ={})
+    full = cfg.to_json_dict(redact=False)
+    assert set(ORIGINAL_KEYS) | set(SERVICE_KEYS) <= set(full)
+    json.dumps(full)  # serialisable: paths are strings
+    again = load_config(write(tmp_path / "other", full), environ={})
+    assert again == cfg
+
+
+def test_shipped_example_config_loads():
+    example = Path(__file__).resolve().parents[1] / "config.example.json"
+    cfg = load_config(example, environ={})
+    assert cfg.embedded_database
+    assert cfg.source_directory.name == "images"
+    assert cfg.inbox_directory.name == "inbox"
+    assert cfg.output_directory.name == "output"
+    assert cfg.processed_directory.name == "processed"
+
+
+def test_env_flag_is_an_alias_of_config():
+    """`image-search --env C` (the original tool's flag) names the same JSON file as --config."""
+    from image_search.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--env", "c.json"]).config == Path("c.json")
+    assert parser.parse_args(["--config", "c.json"]).config == Path("c.json")
+    assert parser.parse_args(["--env", "c.json", "--process-only"]).process_only is True
+    assert parser.parse_args(["index", "--env", "c.json"]).config == Path("c.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+
+
+def test_relative_paths_are_resolved_against_the_config_files_folder_not_the_cwd(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    folder = tmp_path / "deploy" / "conf"
+    cfg = load_config(write(folder, {"source-directory": "../pictures", "processed-directory": "cache/processed",
+                                     "output-directory": "./out"}), environ={})
+    assert cfg.source_directory.resolve() == (tmp_path / "deploy" / "pictures").resolve()
+    assert cfg.processed_directory == folder / "cache" / "processed"
+    assert cfg.output_directory.resolve() == (folder / "out").resolve()
+    assert cfg.inbox_directory == folder / "inbox"  # a default folder also lives next to the file
+
+
+def test_config_file_given_by_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "conf", {"source-directory": "pics"})
+    cfg = load_config(Path("conf/config.json"), environ={})
+    assert cfg.source_directory.is_absolute()
+    assert cfg.source_directory == tmp_path / "conf" / "pics"
+
+
+def test_absolute_paths_are_kept(tmp_path):
+    target = tmp_path / "abs" / "images"
+    cfg = load_config(write(tmp_path / "conf", {"source-directory": str(target)}), environ={})
+    assert cfg.source_directory == target
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(write(tmp_path / "conf", {"source-directory": "~/Pictures"}), environ={})
+    assert cfg.source_directory == tmp_path / "home" / "Pictures"
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def test_environment_overrides_any_key(tmp_path):
+    path = write(tmp_path / "conf", ORIGINAL_KEYS)
+    environ = {
+        "IMAGE_SEARCH_POSTGRES_PASSWORD": "from-env-secret",
+        "IMAGE_SEARCH_POSTGRES_HOST": "pg.internal",
+        "IMAGE_SEARCH_POSTGRES_PORT": "6543",
+        "IMAGE_SEARCH_DEVICE": "cuda",
+        "IMAGE_SEARCH_MODEL_NAME": "google/siglip-base-patch16-224",
+        "IMAGE_SEARCH_TOP_K": "3",
+        "IMAGE_SEARCH_SETTLE_SECONDS": "0.25",
+        "IMAGE_SEARCH_EXACT_SEARCH_BELOW": "7",
+    }
+    cfg = load_config(path, environ=environ)
+    assert cfg.postgres_password == "from-env-secret"
+    assert cfg.postgres_host == "pg.internal"
+    assert cfg.postgres_port == 6543
+    assert cfg.device == "cuda"
+    assert cfg.model_name == "google/siglip-base-patch16-224"
+    assert cfg.top_k == 3
+    assert cfg.settle_seconds == 0.25
+    assert cfg.exact_search_below == 7
+    assert cfg.postgres_user == "indexer"  # untouched keys keep the file's value
+
+
+def test_environment_works_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={"IMAGE_SEARCH_DIMENSION": "768", "IMAGE_SEARCH_POSTGRES_USER": "svc"})
+    assert (cfg.dimension, cfg.postgres_user) == (768, "svc")
+
+
+def test_every_key_has_an_environment_variable(tmp_path):
+    """IMAGE_SEARCH_<KEY>, upper case, '-' as '_', for every key the file accepts."""
+    full = load_config(write(tmp_path / "a", {**ORIGINAL_KEYS, **SERVICE_KEYS}), environ={}).to_json_dict(redact=False)
+    environ = {"IMAGE_SEARCH_" + key.upper().replace("-", "_"): str(value).lower() if isinstance(value, bool)
+               else str(value) for key, value in full.items()}
+    from_env = load_config(None, environ=environ)
+    assert from_env == load_config(write(tmp_path / "b", full), environ={})
+
+
+def test_environment_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "conf", {"source-directory": "in-file"})
+    cfg = load_config(path, environ={"IMAGE_SEARCH_SOURCE_DIRECTORY": "from-env",
+                                     "IMAGE_SEARCH_OUTPUT_DIRECTORY": str(tmp_path / "abs-out")})
+    assert cfg.source_directory == tmp_path / "from-env"
+    assert cfg.output_directory == tmp_path / "abs-out"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("true", True), ("True", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True),
+    ("false", False), ("False", False), ("0", False), ("no", False), ("off", False), ("OFF", False),
+])
+def test_booleans_from_environment_strings(tmp_path, text, expected):
+    path = write(tmp_path / "conf", {"cleanup-on-exit": not expected})
+    assert load_config(path, environ={"IMAGE_SEARCH_CLEANUP_ON_EXIT": text}).cleanup_on_exit is expected
+
+
+@pytest.mark.parametrize(("variable", "text", "attr", "expected"), [
+    ("IMAGE_SEARCH_TOP_K", "42", "top_k", 42),
+    ("IMAGE_SEARCH_TOP_K", " 42 ", "top_k", 42),
+    ("IMAGE_SEARCH_BATCH_SIZE", "1", "batch_size", 1),
+    ("IMAGE_SEARCH_MAX_IMAGE_PIXELS", "1000000", "max_image_pixels", 1_000_000),
+    ("IMAGE_SEARCH_RESCAN_INTERVAL", "30", "rescan_interval", 30.0),
+    ("IMAGE_SEARCH_SETTLE_SECONDS", "1.5", "settle_seconds", 1.5),
+])
+def test_numbers_from_environment_strings(tmp_path, monkeypatch, variable, text, attr, expected):
+    monkeypatch.chdir(tmp_path)
+    value = getattr(load_config(None, environ={variable: text}), attr)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("variable", "text", "key"), [
+    ("IMAGE_SEARCH_TOP_K", "ten", "top-k"),
+    ("IMAGE_SEARCH_TOP_K", "1.5", "top-k"),
+    ("IMAGE_SEARCH_TOP_K", "", "top-k"),
+    ("IMAGE_SEARCH_CLEANUP_ON_EXIT", "maybe", "cleanup-on-exit"),
+    ("IMAGE_SEARCH_CLEANUP_ON_EXIT", "", "cleanup-on-exit"),
+    ("IMAGE_SEARCH_SETTLE_SECONDS", "soon", "settle-seconds"),
+    ("IMAGE_SEARCH_POSTGRES_PORT", "postgres", "postgres-port"),
+])
+def test_bad_environment_values_name_the_key(tmp_path, monkeypatch, variable, text, key):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={variable: text})
+    assert f"'{key}'" in str(info.value)
+
+
+def test_unrelated_environment_variables_are_ignored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={"PATH": "/usr/bin", "IMAGE_SEARCHX": "1", "HOME": "/root"})
+    assert cfg.top_k == 10
+
+
+def test_process_environment_is_used_when_no_mapping_is_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMAGE_SEARCH_TOP_K", "17")
+    assert load_config(None).top_k == 17
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors that name the key and the fix
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    message = error_for(tmp_path, {**ORIGINAL_KEYS, "sorce-directory": "typo"})
+    assert "'sorce-directory'" in message
+    assert "unknown key" in message
+    assert "source-directory" in message  # the fix: the known keys are listed
+
+
+def test_underscore_spelling_is_an_unknown_key(tmp_path):
+    assert "'top_k'" in error_for(tmp_path, {"top_k": 5})
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("top-k", "10"),
+    ("top-k", 2.5),
+    ("top-k", True),
+    ("dimension", None),
+    ("postgres-port", "5432"),
+    ("resize-width", [1024]),
+    ("cleanup-on-exit", "false"),
+    ("cleanup-on-exit", 0),
+    ("settle-seconds", "1"),
+    ("settle-seconds", False),
+    ("source-directory", 5),
+    ("source-directory", None),
+    ("device", 1),
+    ("model-name", {"name": "clip"}),
+    ("postgres-host", 127001),
+])
+def test_wrong_type_is_an_error_naming_the_key(tmp_path, key, value):
+    assert f"'{key}'" in error_for(tmp_path, {key: value})
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "mps", "", "cuda:0"])
+def test_bad_device_is_an_error_naming_the_key_and_the_choices(tmp_path, device):
+    message = error_for(tmp_path, {"device": device})
+    assert "'device'" in message
+    assert "auto" in message and "cuda" in message and "cpu" in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
+def test_each_valid_device(tmp_path, device):
+    assert load_config(write(tmp_path, {"device": device}), environ={}).device == device
+
+
+def test_bad_device_from_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'device'"):
+        load_config(None, environ={"IMAGE_SEARCH_DEVICE": "tpu"})
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("dimension", 0), ("dimension", -1), ("resize-width", 0), ("resize-height", -5), ("top-k", 0),
+    ("batch-size", 0), ("max-image-pixels", 0), ("ef-search", 0),
+    ("postgres-port", 0), ("postgres-port", 65536), ("settle-seconds", -1), ("rescan-interval", -0.5),
+])
+def test_out_of_range_values_name_the_key(tmp_path, key, value):
+    assert f"'{key}'" in error_for(tmp_path, {key: value})
+
+
+def test_empty_model_name_is_an_error(tmp_path):
+    assert "'model-name'" in error_for(tmp_path, {"model-name": "   "})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.json", environ={})
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"top-k": 5,,}')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize("data", [[1, 2], "text", 5, None])
+def test_json_that_is_not_an_object(tmp_path, data):
+    assert "JSON object" in error_for(tmp_path, data)
+
+
+def test_config_path_that_is_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path, environ={})
+
+
+# --------------------------------------------------------------------------------------------------
+# The password never leaks
+# --------------------------------------------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55word-xyz"
+
+
+def test_password_is_redacted_in_to_json_dict_repr_and_str(tmp_path):
+    cfg = load_config(write(tmp_path, {**ORIGINAL_KEYS, "postgres-password": SECRET}), environ={})
+    assert cfg.postgres_password == SECRET  # usable for connecting
+    shown = cfg.to_json_dict()
+    assert shown["postgres-password"] == "***"
+    assert SECRET not in json.dumps(shown)
+    assert cfg.to_json_dict(redact=False)["postgres-password"] == SECRET
+    for text in (repr(cfg), str(cfg), f"{cfg}", f"{cfg!r}", "%s" % (cfg,), str([cfg]), str({"cfg": cfg})):
+        assert SECRET not in text
+    assert "postgres-password" in repr(cfg)  # still shown as present, just redacted
+
+
+def test_password_from_environment_is_redacted_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={"IMAGE_SEARCH_POSTGRES_PASSWORD": SECRET})
+    assert cfg.postgres_password == SECRET
+    assert SECRET not in repr(cfg) and SECRET not in str(cfg)
+    assert SECRET not in json.dumps(cfg.to_json_dict())
+
+
+@pytest.mark.parametrize("value", [123456789, ["s3cr3t"], {"pw": "s3cr3t"}, True])
+def test_password_of_the_wrong_type_is_not_echoed_in_the_error(tmp_path, value):
+    message = error_for(tmp_path, {"postgres-password": value})
+    assert "'postgres-password'" in message
+    assert str(value) not in message and repr(value) not in message
+    assert "s3cr3t" not in message and "123456789" not in message
+
+
+def test_password_does_not_leak_through_another_keys_error(tmp_path):
+    message = error_for(tmp_path, {"postgres-password": SECRET, "device": "gpu"})
+    assert SECRET not in message
+
+
+def test_empty_password_is_valid(tmp_path):
+    cfg = load_config(write(tmp_path, {**ORIGINAL_KEYS, "postgres-password": ""}), environ={})
+    assert cfg.postgres_password == ""
+    assert cfg.to_json_dict()["postgres-password"] == ""
+
+
+def test_empty_password_from_environment_overrides_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, {**ORIGINAL_KEYS}), environ={"IMAGE_SEARCH_POSTGRES_PASSWORD": ""})
+    assert cfg.postgres_password == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# postgres-host: a host name or a Unix-socket directory
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["/var/run/postgresql", "/tmp", "localhost", "127.0.0.1", "db.example.com", "::1"])
+def test_postgres_host_accepts_a_host_name_or_a_socket_directory(tmp_path, host):
+    cfg = load_config(write(tmp_path, {"postgres-host": host}), environ={})
+    assert cfg.postgres_host == host  # kept verbatim (a string for libpq, not resolved like a folder)
+    assert isinstance(cfg.postgres_host, str)
+    assert cfg.embedded_database is False
+
+
+def test_postgres_host_socket_directory_from_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={"IMAGE_SEARCH_POSTGRES_HOST": "/run/postgresql"})
+    assert cfg.postgres_host == "/run/postgresql" and not cfg.embedded_database
+
+
+def test_empty_postgres_host_means_the_embedded_database(tmp_path):
+    assert load_config(write(tmp_path, {"postgres-host": ""}), environ={}).embedded_database is True
+
+
+# --------------------------------------------------------------------------------------------------
+# ensure_directories
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ensure_directories_creates_the_folders_a_run_writes_to(tmp_path):
+    base = tmp_path / "tree"
+    cfg = load_config(write(tmp_path, {"source-directory": "tree/src", "processed-directory": "tree/a/b/processed",
+                                       "output-directory": "tree/out", "state-directory": "tree/state",
+                                       "inbox-directory": "tree/inbox"}), environ={})
+    ensure_directories(cfg)
+    for sub in ("src", "a/b/processed", "out", "state"):
+        assert (base / sub).is_dir()
+    assert not (base / "inbox").exists()
+    ensure_directories(cfg, with_inbox=True)
+    assert (base / "inbox").is_dir()
+    ensure_directories(cfg, with_inbox=True)  # idempotent
+
+
+@pytest.mark.parametrize("key", ["source-directory", "processed-directory", "output-directory", "state-directory",
+                                 "inbox-directory"])
+def test_ensure_directories_error_for_an_uncreatable_folder_names_the_key(tmp_path, key):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data = {"source-directory": "src", "processed-directory": "processed", "output-directory": "out",
+            "state-directory": "state", "inbox-directory": "inbox"}
+    data[key] = str(blocker / "sub")
+    cfg = load_config(write(tmp_path, data), environ={})
+    with pytest.raises(ConfigError) as info:
+        ensure_directories(cfg, with_inbox=True)
+    message = str(info.value)
+    assert f"'{key}'" in message
+    assert str(blocker / "sub") in message
+
+
+def test_ensure_directories_error_when_the_path_is_a_file(tmp_path):
+    blocker = tmp_path / "output-is-a-file"
+    blocker.write_text("x")
+    cfg = load_config(write(tmp_path, {"output-directory": str(blocker)}), environ={})
+    with pytest.raises(ConfigError, match="'output-directory'"):
+        ensure_directories(cfg)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_ensure_directories_error_for_a_read_only_folder_names_the_key(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        cfg = load_config(write(tmp_path / "conf", {"processed-directory": str(locked / "processed")}), environ={})
+        with pytest.raises(ConfigError, match="'processed-directory'"):
+            ensure_directories(cfg)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_config_is_immutable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, environ={})
+    with pytest.raises(AttributeError):
+        cfg.top_k = 99  # type: ignore[misc]
+    assert isinstance(cfg, Config)
