@@ -72,6 +72,9 @@ def run_searches(rt: Runtime, files: list[Path]) -> int:
     status = EXIT_OK
     for query in files:
         try:
+            # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
+            if not query.exists() or query.is_dir():
+                raise PreprocessError(query, "is a folder, not an image file" if query.is_dir() else "no such file")
             result = search_image(query, cfg=rt.cfg, embedder=rt.embedder, store=rt.store)
         except PreprocessError as exc:
             log.error("query_failed", path=str(exc.path), reason=exc.reason)

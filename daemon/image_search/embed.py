@@ -43,11 +43,22 @@ def _is_local(model_name: str) -> bool:
     return Path(model_name).expanduser().is_dir()
 
 
+def _looks_like_path(model_name: str) -> bool:
+    return model_name.startswith(("/", "./", "../", "~")) or model_name.count("/") > 1 or "\\" in model_name
+
+
 def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
     if _is_local(model_name):
         return ModelLoadError(
             f"model directory '{model_name}' cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             "Check that it holds a complete transformers checkpoint (config.json, weights, preprocessor_config.json)."
+        )
+    if _looks_like_path(model_name):  # a hub id is "name" or "org/name"; advice about the hub cache would mislead
+        return ModelLoadError(
+            f"model directory '{model_name}' "
+            + ("is a file, not a directory" if Path(model_name).expanduser().exists() else "does not exist")
+            + ". Check config key 'model-name': give an existing "
+            "local model directory or a Hugging Face model id (org/name)."
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     return ModelLoadError(

