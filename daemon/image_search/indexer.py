@@ -38,6 +38,7 @@ class IndexSummary:
     duplicates: int = 0  # same content as another source that still exists: stored once
     removed: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    deferred: list[Path] = field(default_factory=list)  # still being written: not read, try again later
 
     def merge(self, other: IndexSummary) -> None:
         self.seen += other.seen
@@ -47,6 +48,7 @@ class IndexSummary:
         self.duplicates += other.duplicates
         self.removed += other.removed
         self.skipped.extend(other.skipped)
+        self.deferred.extend(other.deferred)
 
     def as_log_fields(self) -> dict[str, int]:
         return {"seen": self.seen, "embedded": self.embedded, "unchanged": self.unchanged,
@@ -77,8 +79,11 @@ class Indexer:
     """Indexes source files of one config into one store with one embedder."""
 
     def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 defer: Callable[[Path, PreprocessError], bool] | None = None) -> None:
         self.cfg = cfg
+        # The service's test for "this file is still being written": such a file is deferred, not skipped.
+        self.defer = defer
         self.embedder = embedder
         self.store = store
         self._executor = executor or ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
@@ -129,7 +134,9 @@ class Indexer:
         prepared: list[tuple[_Candidate, PreparedImage]] = []
         outcomes = self._executor.map(self._prepare_or_error, [c.path for c in batch])
         for candidate, outcome in zip(batch, outcomes):
-            if isinstance(outcome, PreprocessError):
+            if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
+                summary.deferred.append(candidate.path)
+            elif isinstance(outcome, PreprocessError):
                 summary.skipped.append((candidate.path, outcome.reason))
                 log.warning("image_skipped", path=str(candidate.path), reason=outcome.reason)
             else:

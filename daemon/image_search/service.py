@@ -37,6 +37,12 @@ FAILED_FOLDER = "failed"
 EXIT_OK = 0
 EXIT_RESTART = 1  # non-zero: systemd's Restart=on-failure starts us again and we reconcile
 STATUS_EVERY_S = 2.0
+# A truncated or empty file modified less than this long ago (at least; 10 settle periods if longer) is
+# taken as still being written: it waits again instead of being skipped or failed. Stability alone is
+# not proof of completeness: a slow writer can pause longer than settle-seconds between chunks, and a
+# writer that reopens the file for each chunk sends a close event after every one.
+INCOMPLETE_GRACE_S = 30.0
+_INCOMPLETE_REASONS = ("truncated or incomplete image", "empty file")
 MAX_BACKOFF_S = 30.0
 
 
@@ -84,7 +90,8 @@ class Service:
         self.changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
         self.images = ReadinessTracker(self.cfg.settle_seconds, clock=clock)
         self.queries = ReadinessTracker(self.cfg.settle_seconds, clock=clock)
-        self.indexer = Indexer(self.cfg, rt.embedder, rt.store)
+        self.indexer = Indexer(self.cfg, rt.embedder, rt.store, defer=self._still_arriving)
+        self.incomplete_grace = max(INCOMPLETE_GRACE_S, 10 * self.cfg.settle_seconds)
         self.counters = Counters()
         self.folders = {
             "images": (self.cfg.source_directory, True),
@@ -93,6 +100,7 @@ class Service:
         self._db_retry_at = 0.0
         self._db_backoff = 1.0
         self._needs_rescan = False  # a change could not be applied during an outage
+        self._fatal: str | None = None  # set when only a restart can help
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -120,6 +128,10 @@ class Service:
         if self.cfg.rescan_interval > 0:
             next_rescan = self.clock() + self.cfg.rescan_interval
         while not self.stop.is_set():
+            if self._fatal is not None:
+                log.error("service_failed", reason=self._fatal, action="exiting so systemd restarts the service")
+                self.rt.cleanup = False
+                return EXIT_RESTART
             now = self.clock()
             if now >= next_status or (ping_every and now >= next_ping):
                 problem = observer_problem(observer, self.folders)  # type: ignore[arg-type]
@@ -180,7 +192,9 @@ class Service:
             self.indexer.store = self.rt.store
             log.info("database_reconnected")
         except DatabaseUnavailable:
-            pass
+            if self.cfg.embedded_database:
+                # Our own server died: only a restart brings it back (systemd does that, we reconcile).
+                self._fatal = "the embedded PostgreSQL is gone"
 
     def status_text(self) -> str:
         c = self.counters
@@ -357,6 +371,9 @@ class Service:
         try:
             search_image(path, cfg=self.cfg, embedder=self.rt.embedder, store=self.rt.store, move_query=True)
         except PreprocessError as exc:
+            if self._still_arriving(path, exc):
+                self.queries.note(path)
+                return
             self._fail_query(path, exc.reason)
             return
         except DatabaseUnavailable:
@@ -367,6 +384,19 @@ class Service:
             self._fail_query(path, f"unexpected error: {type(exc).__name__}: {exc}")
             return
         self.counters.searches += 1
+
+    def _still_arriving(self, path: Path, exc: PreprocessError) -> bool:
+        """A truncated or empty file that was written to recently: a slow writer is not done yet."""
+        if not exc.reason.startswith(_INCOMPLETE_REASONS):
+            return False
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return False
+        if age >= self.incomplete_grace:
+            return False
+        log.debug("file_incomplete", path=str(path), reason=exc.reason, modified_s_ago=round(age, 3))
+        return True
 
     def _fail_query(self, path: Path, reason: str) -> None:
         """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why."""
@@ -396,6 +426,8 @@ class Service:
             for path in ready:
                 self.images.note(path)  # pending, not lost
             raise
+        for path in summary.deferred:
+            self.images.note(path)  # still being written: wait for it again
         self.counters.indexed += summary.embedded + summary.relinked
         self.counters.skipped += len(summary.skipped)
         if summary.embedded or summary.relinked:

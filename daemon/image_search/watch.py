@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 from watchdog.events import (
     DirDeletedEvent,
+    DirModifiedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileClosedNoWriteEvent,
@@ -57,6 +58,11 @@ class FolderHandler(FileSystemEventHandler):
         try:
             if isinstance(event, (FileOpenedEvent, FileClosedNoWriteEvent)):
                 return  # reads, including our own, change nothing
+            if isinstance(event, DirModifiedEvent):
+                # Sent for the parent of every file created, deleted or moved: the file's own event
+                # carries the news. Acting on it would rescan (and restart the wait of) a whole
+                # folder once per file copied into it.
+                return
             path = Path(os.fsdecode(event.src_path))
             if isinstance(event, (FileMovedEvent, DirMovedEvent)):
                 dest = Path(os.fsdecode(event.dest_path))
@@ -120,54 +126,67 @@ class ReadinessTracker:
     """Paths waiting until they are complete: size and mtime unchanged for ``settle`` seconds, or a
     close-after-write event followed by a short ``closed_grace`` with no change.
 
-    Entries are kept in due order (a refreshed entry moves to the end), so ``pop_ready`` only looks
-    at the front and costs nothing while files are still arriving.
+    Entries live in two queues, one per wait length (settle, closed grace), each kept in due order
+    (a refreshed entry moves to the end of its queue), so ``pop_ready`` only looks at the fronts and
+    costs nothing while files are still arriving. One queue would not do: a closed file noted after
+    a settling one is due first and must not wait behind it.
     """
 
     def __init__(self, settle: float, *, clock: Callable[[], float], closed_grace: float = 0.05) -> None:
         self.settle = settle
         self.closed_grace = min(closed_grace, settle)
         self.clock = clock
-        self._pending: dict[Path, _Pending] = {}
+        self._settling: dict[Path, _Pending] = {}
+        self._closed: dict[Path, _Pending] = {}
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._settling) + len(self._closed)
 
     def __contains__(self, path: Path) -> bool:
-        return path in self._pending
+        return path in self._settling or path in self._closed
+
+    def _drop(self, path: Path) -> None:
+        self._settling.pop(path, None)
+        self._closed.pop(path, None)
 
     def note(self, path: Path, *, closed: bool = False) -> None:
         """A path was created, written or closed: (re)start its wait."""
+        self._drop(path)
         try:
             st = path.stat()
         except OSError:
-            self._pending.pop(path, None)
             return
         wait = self.closed_grace if closed else self.settle
-        self._pending.pop(path, None)
-        self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
+        target = self._closed if closed else self._settling
+        target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
 
     def forget(self, path: Path) -> None:
-        self._pending.pop(path, None)
+        self._drop(path)
 
     def forget_under(self, folder: Path) -> None:
-        for path in [p for p in self._pending if p.is_relative_to(folder)]:
-            del self._pending[path]
+        for queue_ in (self._settling, self._closed):
+            for path in [p for p in queue_ if p.is_relative_to(folder)]:
+                del queue_[path]
+
+    def _front(self) -> tuple[Path, _Pending] | None:
+        """The entry due first: the earlier of the two queue fronts."""
+        fronts = [next(iter(q.items())) for q in (self._closed, self._settling) if q]
+        return min(fronts, key=lambda item: item[1].due) if fronts else None
 
     def next_due(self) -> float | None:
-        return next(iter(self._pending.values())).due if self._pending else None
+        front = self._front()
+        return front[1].due if front else None
 
     def pop_ready(self, limit: int) -> list[Path]:
         """Up to ``limit`` paths that are complete now; changed ones wait again, vanished ones are dropped."""
         now = self.clock()
         ready: list[Path] = []
-        for path in list(self._pending):
-            if len(ready) >= limit:
+        while len(ready) < limit:
+            front = self._front()
+            if front is None or front[1].due > now:
                 break
-            entry = self._pending[path]
-            if entry.due > now:
-                break
-            del self._pending[path]
+            path, entry = front
+            self._drop(path)
             try:
                 st = path.stat()
             except OSError:
@@ -175,5 +194,5 @@ class ReadinessTracker:
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)
             else:  # still being written: wait a full settle period again
-                self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
+                self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
         return ready

@@ -1,0 +1,252 @@
+"""Watching, apart from the service: readiness with an injected clock (no sleeps), and the watchdog
+handler on a real inotify ``Observer`` over a temp folder."""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from image_search.watch import Change, FolderHandler, ReadinessTracker, start_observer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def _file(path: Path, data: bytes = b"x" * 100) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# --- ReadinessTracker ---------------------------------------------------------------------------------
+
+
+def test_file_is_ready_only_after_settle_when_unchanged(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(2.0, clock=clock)
+    a = _file(tmp_path / "a.png")
+    tracker.note(a)
+    assert a in tracker and len(tracker) == 1
+    assert tracker.next_due() == pytest.approx(clock.now + 2.0)
+    clock.advance(1.99)
+    assert tracker.pop_ready(limit=10) == []
+    assert a in tracker  # not ready yet is not dropped
+    clock.advance(0.02)
+    assert tracker.pop_ready(limit=10) == [a]
+    assert len(tracker) == 0 and tracker.next_due() is None
+
+
+def test_growing_file_waits_a_full_settle_again(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    a = _file(tmp_path / "a.png")
+    tracker.note(a)
+    clock.advance(1.5)
+    with open(a, "ab") as fh:  # grew after the tracker looked: still being written
+        fh.write(b"more")
+    assert tracker.pop_ready(limit=10) == []
+    assert a in tracker
+    assert tracker.next_due() == pytest.approx(clock.now + 1.0)
+    clock.advance(0.9)
+    assert tracker.pop_ready(limit=10) == []
+    clock.advance(0.2)
+    assert tracker.pop_ready(limit=10) == [a]
+
+
+def test_renoting_restarts_the_wait(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    a = _file(tmp_path / "a.png")
+    tracker.note(a)
+    clock.advance(0.8)
+    tracker.note(a)  # another modified event
+    clock.advance(0.8)
+    assert tracker.pop_ready(limit=10) == []
+    clock.advance(0.3)
+    assert tracker.pop_ready(limit=10) == [a]
+
+
+def test_closed_event_shortens_the_wait(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(5.0, clock=clock, closed_grace=0.05)
+    a = _file(tmp_path / "a.png")
+    b = _file(tmp_path / "b.png")
+    tracker.note(a)
+    tracker.note(b, closed=True)  # noted after a, but due long before it: must not wait behind a
+    assert tracker.next_due() == pytest.approx(clock.now + 0.05)
+    clock.advance(0.06)
+    assert tracker.pop_ready(limit=10) == [b]
+    assert a in tracker
+    clock.advance(5.0)
+    assert tracker.pop_ready(limit=10) == [a]
+
+
+def test_closed_grace_never_exceeds_settle(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(0.0, clock=clock, closed_grace=0.05)
+    a = _file(tmp_path / "a.png")
+    tracker.note(a, closed=True)
+    assert tracker.pop_ready(limit=10) == [a]
+
+
+def test_vanished_files_are_dropped(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    a = _file(tmp_path / "a.png")
+    b = _file(tmp_path / "b.png")
+    tracker.note(a)
+    tracker.note(b)
+    a.unlink()
+    clock.advance(2.0)
+    assert tracker.pop_ready(limit=10) == [b]
+    assert len(tracker) == 0
+    tracker.note(tmp_path / "never-existed.png")
+    assert len(tracker) == 0
+
+
+def test_forget_and_forget_under(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    (tmp_path / "sub").mkdir()
+    a = _file(tmp_path / "a.png")
+    b = _file(tmp_path / "sub" / "b.png")
+    c = _file(tmp_path / "sub" / "c.png")
+    for p in (a, b, c):
+        tracker.note(p)
+    tracker.forget(a)
+    assert a not in tracker and len(tracker) == 2
+    tracker.forget_under(tmp_path / "sub")
+    assert len(tracker) == 0
+
+
+def test_pop_ready_honours_limit_in_due_order(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    paths = []
+    for i in range(5):
+        paths.append(_file(tmp_path / f"{i}.png"))
+        tracker.note(paths[-1])
+        clock.advance(0.01)
+    clock.advance(1.0)
+    assert tracker.pop_ready(limit=2) == paths[:2]
+    assert tracker.pop_ready(limit=2) == paths[2:4]
+    assert tracker.pop_ready(limit=2) == paths[4:]
+    assert tracker.pop_ready(limit=2) == []
+
+
+def test_refreshed_entry_moves_behind_and_does_not_block_others(tmp_path: Path, clock: FakeClock) -> None:
+    tracker = ReadinessTracker(1.0, clock=clock)
+    a = _file(tmp_path / "a.png")
+    b = _file(tmp_path / "b.png")
+    tracker.note(a)  # due at 1.0
+    clock.advance(0.5)
+    tracker.note(b)  # due at 1.5
+    clock.advance(0.3)
+    tracker.note(a)  # refreshed: now due at 1.8, after b
+    clock.advance(0.75)
+    assert tracker.pop_ready(limit=10) == [b]
+    assert tracker.next_due() == pytest.approx(clock.now + 0.25)
+    clock.advance(0.3)
+    assert tracker.pop_ready(limit=10) == [a]
+
+
+# --- FolderHandler on a real Observer -----------------------------------------------------------------
+
+
+def _collect(changes: queue.SimpleQueue[Change], until, timeout: float = 10.0) -> list[Change]:
+    """Everything on the queue until ``until(seen)`` holds (or the deadline passes)."""
+    seen: list[Change] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            seen.append(changes.get(timeout=0.05))
+        except queue.Empty:
+            pass
+        if until(seen):
+            # let stragglers of the same operation arrive
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                try:
+                    seen.append(changes.get(timeout=0.05))
+                except queue.Empty:
+                    pass
+            return seen
+    raise AssertionError(f"condition not met within {timeout}s; saw {seen}")
+
+
+def test_folder_handler_create_temp_rename_and_delete(tmp_path: Path) -> None:
+    watched = tmp_path / "images"
+    watched.mkdir()
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({"images": (watched, True)}, changes, poll=False)
+    try:
+        # a plain create-and-write
+        a = watched / "a.png"
+        a.write_bytes(b"data")
+        got = _collect(changes, lambda s: any(c.kind == "closed" and c.path == a for c in s))
+        assert all(c.folder == "images" for c in got)
+        assert any(c.kind in ("touched",) and c.path == a and not c.is_directory for c in got)
+        assert not any(c.kind in ("deleted", "moved") for c in got)
+
+        # a temp name, then a rename to the final name: closed on the temp, then moved to the final name
+        tmp = watched / ".b.png.part"
+        final = watched / "b.png"
+        with open(tmp, "wb") as fh:
+            fh.write(b"more data")
+        os.rename(tmp, final)
+        got = _collect(changes, lambda s: any(c.kind == "moved" for c in s))
+        closed = [i for i, c in enumerate(got) if c.kind == "closed" and c.path == tmp]
+        moved = [i for i, c in enumerate(got) if c.kind == "moved"]
+        assert closed and moved and closed[0] < moved[0], got
+        assert got[moved[0]] == Change("images", "moved", tmp, False, final)
+
+        # a delete
+        final.unlink()
+        got = _collect(changes, lambda s: any(c.kind == "deleted" for c in s))
+        assert Change("images", "deleted", final, False) in got
+
+        # a folder created inside (recursive watch): noticed as a directory change
+        sub = watched / "sub"
+        sub.mkdir()
+        got = _collect(changes, lambda s: any(c.path == sub for c in s))
+        assert any(c.path == sub and c.is_directory and c.kind == "touched" for c in got)
+        (sub / "c.png").write_bytes(b"c")
+        got = _collect(changes, lambda s: any(c.kind == "closed" and c.path == sub / "c.png" for c in s))
+        # the parent folder's "modified" event is not passed on: it would rescan sub/ once per file
+        assert not [c for c in got if c.is_directory], got
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
+def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
+    watched = tmp_path / "inbox"
+    watched.mkdir()
+    a = _file(watched / "a.png")
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({"inbox": (watched, False)}, changes, poll=False)
+    try:
+        time.sleep(0.1)  # let the watch settle before the read (not a wait for a condition)
+        assert a.read_bytes()
+        marker = watched / "marker.png"
+        marker.write_bytes(b"m")
+        got = _collect(changes, lambda s: any(c.path == marker and c.kind == "closed" for c in s))
+        assert not [c for c in got if c.path == a], got  # opening and reading a changes nothing
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
+def test_handler_never_raises_on_odd_events() -> None:
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    handler = FolderHandler("images", changes)
+    handler.on_any_event(object())  # type: ignore[arg-type]  # must be swallowed, never kill the observer
+    assert changes.empty()
