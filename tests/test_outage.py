@@ -1,0 +1,79 @@
+"""A database outage does not kill the service: it logs, retries with backoff, keeps files pending, and
+catches up when the database returns. The "external" PostgreSQL here is a second real server (pgserver)
+reached through its Unix-socket directory as ``postgres-host``, stopped and started under the service."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from conftest import write_config
+from test_service import ServiceProc, find_bundle, save_picture, wait_for
+
+
+@pytest.fixture
+def external_server(tmp_path_factory: pytest.TempPathFactory):
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("ext") / "pg", cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+def _rows(server) -> set[str] | None:
+    info = server.get_postmaster_info()
+    try:
+        conn = psycopg2.connect(host=str(info.socket_dir), port=info.port or 5432, user="postgres", dbname="postgres",
+                                connect_timeout=3)
+    except psycopg2.OperationalError:
+        return None
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('image_embeddings') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return set()
+            cur.execute("SELECT file_name FROM image_embeddings")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def test_service_survives_a_database_outage_and_catches_up(tmp_path: Path, tiny_model_dir: Path,
+                                                           external_server) -> None:
+    import pgserver
+
+    info = external_server.get_postmaster_info()
+    config = write_config(tmp_path, tiny_model_dir, postgres_host=str(info.socket_dir),
+                          postgres_port=info.port or 5432, postgres_password="s3cret-outage")
+    save_picture(tmp_path / "images" / "before.png", seed=1)
+    service = ServiceProc(tmp_path, config, "--no-cleanup")
+    try:
+        service.wait_ready()
+        wait_for(lambda: _rows(external_server) == {"before.png"}, "the first row", proc=service)
+
+        # The database goes away under the running service.
+        pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=external_server.pgdata, user=external_server.system_user)
+        mark = service.mark()
+        save_picture(tmp_path / "images" / "during.png", seed=2)
+        shutil.copy(tmp_path / "images" / "before.png", tmp_path / "inbox" / "q.png")
+        service.wait_event("database_unavailable", since=mark)
+        assert service.popen.poll() is None, "the service died with its database"
+        assert (tmp_path / "inbox" / "q.png").exists(), "the query must stay pending, not fail"
+        assert not (tmp_path / "inbox" / "failed").exists()
+
+        # It comes back: the pending image is indexed and the pending query answered, without a restart.
+        external_server.ensure_postgres_running()
+        wait_for(lambda: _rows(external_server) == {"before.png", "during.png"}, "the row written after the outage",
+                 timeout=60, proc=service)
+        bundle = wait_for(lambda: find_bundle(tmp_path / "output", "q.png"), "the query answered", timeout=60,
+                          proc=service)
+        assert (bundle / "q.jsonl").read_text().splitlines()[0].find('"before.png"') > 0
+        assert service.events_since(mark, "database_reconnected")
+        assert "s3cret-outage" not in service.log_text()
+        assert service.signal(signal.SIGTERM) == 0
+    finally:
+        service.close()
