@@ -8,6 +8,7 @@ large ingest jumps the backlog), then indexes at most one batch of images before
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import queue
 import shutil
@@ -29,7 +30,7 @@ from .preprocess import PreprocessError, processed_path_for, write_atomically
 from .runtime import Runtime, open_runtime
 from .search import search_image
 from .store import DatabaseUnavailable
-from .watch import Change, ReadinessTracker, WatchError, observer_problem, start_observer
+from .watch import Change, ReadinessTracker, WatchdogWarnings, WatchError, observer_problem, start_observer
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +111,8 @@ class Service:
         except WatchError as exc:
             log.error("watch_failed", reason=str(exc))
             return EXIT_RESTART
+        watchdog_warnings = WatchdogWarnings(self.changes)
+        logging.getLogger("watchdog").addHandler(watchdog_warnings)
         try:
             # Watching starts before the reconciliation scan, so nothing that lands meanwhile is missed.
             self.reconcile()
@@ -118,6 +121,7 @@ class Service:
                      pending_images=len(self.images), pending_queries=len(self.queries))
             return self._loop(observer)
         finally:
+            logging.getLogger("watchdog").removeHandler(watchdog_warnings)
             observer.stop()
             observer.join(timeout=5)
             self.indexer.close()
@@ -213,7 +217,10 @@ class Service:
 
     def _apply(self, change: Change) -> None:
         try:
-            if change.folder == "inbox":
+            if change.folder == "watch":
+                log.warning("watch_events_lost", reason=change.detail, action="rescanning the folders")
+                self._needs_rescan = True
+            elif change.folder == "inbox":
                 self._apply_inbox(change)
             else:
                 self._apply_images(change)
@@ -324,13 +331,14 @@ class Service:
     def reconcile(self) -> None:
         """Startup: drop rows whose source is gone, queue what the table lacks, queue waiting queries."""
         self.rescan()
-        for path in sorted(self.cfg.inbox_directory.iterdir()):
-            if path.is_file() and self._is_query_candidate(path):
-                self.queries.note(path)
 
     def rescan(self) -> None:
-        """Compare the folder with the table by size and mtime alone; queue differences, drop the gone."""
+        """Compare the folder with the table by size and mtime alone; queue differences, drop the gone;
+        queue every query waiting in the inbox."""
         started = self.clock()
+        for path in sorted(self.cfg.inbox_directory.iterdir()):
+            if path.is_file() and self._is_query_candidate(path) and path not in self.queries:
+                self.queries.note(path)
         root = self.cfg.source_directory
         known = self.rt.store.sources()
         on_disk = discover_images(root)

@@ -10,6 +10,7 @@ emitter for good; inotify overflow is dropped silently. Hence: the handler enque
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import queue
 from collections.abc import Callable
@@ -40,11 +41,27 @@ log = structlog.get_logger(__name__)
 class Change:
     """What happened at a path, reduced to what the service acts on."""
 
-    folder: str  # "images" or "inbox"
-    kind: str  # "touched" (created/modified/closed), "closed" (closed after writing), "deleted", "moved"
+    folder: str  # "images", "inbox", or "watch" for a problem of the watching itself
+    kind: str  # "touched" (created/modified), "closed" (closed after writing), "deleted", "moved", "lost"
     path: Path
     is_directory: bool = False
     dest: Path | None = None
+    detail: str = ""
+
+
+class WatchdogWarnings(logging.Handler):
+    """watchdog reports lost events (inotify queue overflow) and failed re-watches only as stdlib
+    warnings on its own logger: turn each into a ``lost`` Change, so the service logs it and rescans."""
+
+    def __init__(self, changes: queue.SimpleQueue[Change]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.changes = changes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.changes.put(Change("watch", "lost", Path(), detail=record.getMessage()))
+        except Exception:  # pragma: no cover - never raise into watchdog's threads
+            pass
 
 
 class FolderHandler(FileSystemEventHandler):

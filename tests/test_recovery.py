@@ -1,18 +1,25 @@
-"""A database outage does not kill the service: it logs, retries with backoff, keeps files pending, and
-catches up when the database returns. The "external" PostgreSQL here is a second real server (pgserver)
-reached through its Unix-socket directory as ``postgres-host``, stopped and started under the service."""
+"""Lost events are not lost work, and a database outage does not kill the service.
+
+- Outage: the "external" PostgreSQL is a second real server (pgserver) reached through its Unix-socket
+  directory as ``postgres-host``, stopped and started under the running service.
+- Lost events: a real inotify queue overflow. The service is started while the kernel's
+  ``max_queued_events`` is tiny (it applies to inotify instances created meanwhile), then frozen with
+  SIGSTOP while hundreds of files land, so the kernel must drop events.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import psycopg2
 import pytest
 
 from conftest import write_config
-from test_service import ServiceProc, find_bundle, save_picture, wait_for
+from test_service import ServiceProc, find_bundle, live_rows, save_picture, wait_for
 
 
 @pytest.fixture
@@ -74,6 +81,39 @@ def test_service_survives_a_database_outage_and_catches_up(tmp_path: Path, tiny_
         assert (bundle / "q.jsonl").read_text().splitlines()[0].find('"before.png"') > 0
         assert service.events_since(mark, "database_reconnected")
         assert "s3cret-outage" not in service.log_text()
+        assert service.signal(signal.SIGTERM) == 0
+    finally:
+        service.close()
+
+
+MAX_QUEUED_EVENTS = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def test_inotify_overflow_is_logged_and_rescanned(tmp_path: Path, tiny_model_dir: Path) -> None:
+    if not os.access(MAX_QUEUED_EVENTS, os.W_OK):
+        pytest.skip("needs root to shrink fs.inotify.max_queued_events for the service's watch")
+    config = write_config(tmp_path, tiny_model_dir)
+    original = MAX_QUEUED_EVENTS.read_text().strip()
+    service = None
+    try:
+        MAX_QUEUED_EVENTS.write_text("16")
+        service = ServiceProc(tmp_path, config, "--no-cleanup")
+        service.wait_ready()
+    finally:
+        MAX_QUEUED_EVENTS.write_text(original)  # only the service's own watch keeps the tiny queue
+    try:
+        mark = service.mark()
+        os.kill(service.popen.pid, signal.SIGSTOP)  # nobody reads the queue: the kernel must overflow it
+        try:
+            names = {f"burst-{i:03d}.png" for i in range(120)}
+            for i, name in enumerate(sorted(names)):
+                save_picture(tmp_path / "images" / name, seed=1000 + i, size=(40, 30))
+        finally:
+            os.kill(service.popen.pid, signal.SIGCONT)
+        lost = service.wait_event("watch_events_lost", since=mark)
+        assert "overflow" in lost["reason"].lower()
+        wait_for(lambda: set(live_rows(tmp_path / "state")) == {str(tmp_path / "images" / n) for n in names},
+                 "every file of the burst indexed after the rescan", timeout=120, proc=service)
         assert service.signal(signal.SIGTERM) == 0
     finally:
         service.close()
