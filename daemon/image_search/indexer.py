@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,41 +99,57 @@ class Indexer:
 
     def index_paths(self, paths: Iterable[Path], *, known: dict[str, SourceRecord] | None = None,
                     progress: Callable[[int], None] | None = None) -> IndexSummary:
-        """Index ``paths`` (files under ``source-directory``) in batches; return what happened."""
+        """Index ``paths`` (files under ``source-directory``) in batches; return what happened.
+
+        Pipelined: the next batch is decoded in the thread pool while the current one is embedded and
+        written, and no more than those two batches are ever held in memory.
+        """
         summary = IndexSummary()
         known = self.store.sources() if known is None else known
+        in_flight: tuple[list[_Candidate], list[Future[PreparedImage | PreprocessError]]] | None = None
+        for batch in self._changed_batches(paths, known, summary, progress):
+            decoding = [self._executor.submit(self._prepare_or_error, c.path) for c in batch]
+            if in_flight is not None:
+                summary.merge(self._finish_batch(*in_flight))
+                if progress:
+                    progress(len(in_flight[0]))
+            in_flight = (batch, decoding)
+        if in_flight is not None:
+            summary.merge(self._finish_batch(*in_flight))
+            if progress:
+                progress(len(in_flight[0]))
+        return summary
+
+    def _changed_batches(self, paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
+                         progress: Callable[[int], None] | None) -> Iterator[list[_Candidate]]:
+        """Batches of the files that need reading; unchanged (same size, mtime, model) and vanished ones are
+        counted in ``summary`` and never opened."""
         batch: list[_Candidate] = []
         for path in paths:
             summary.seen += 1
             st = _stat(path)
-            if st is None:
-                summary.skipped.append((path, "file disappeared before it could be read"))
-                log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
-                if progress:
-                    progress(1)
-                continue
-            if _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
-                summary.unchanged += 1
+            if st is None or _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
+                if st is None:
+                    summary.skipped.append((path, "file disappeared before it could be read"))
+                    log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
+                else:
+                    summary.unchanged += 1
                 if progress:
                     progress(1)
                 continue
             batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
             if len(batch) >= self.cfg.batch_size:
-                summary.merge(self._index_batch(batch, known))
-                if progress:
-                    progress(len(batch))
+                yield batch
                 batch = []
         if batch:
-            summary.merge(self._index_batch(batch, known))
-            if progress:
-                progress(len(batch))
-        return summary
+            yield batch
 
-    def _index_batch(self, batch: Sequence[_Candidate], known: dict[str, SourceRecord]) -> IndexSummary:
+    def _finish_batch(self, batch: Sequence[_Candidate],
+                      decoding: Sequence[Future[PreparedImage | PreprocessError]]) -> IndexSummary:
         summary = IndexSummary()
         prepared: list[tuple[_Candidate, PreparedImage]] = []
-        outcomes = self._executor.map(self._prepare_or_error, [c.path for c in batch])
-        for candidate, outcome in zip(batch, outcomes):
+        for candidate, future in zip(batch, decoding):
+            outcome = future.result()
             if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
                 summary.deferred.append(candidate.path)
             elif isinstance(outcome, PreprocessError):

@@ -35,6 +35,17 @@ def hit_record(hit: Hit) -> dict[str, object]:
     }
 
 
+def _move_out(source: Path, target: Path) -> None:
+    """Move a file, by hard link and unlink where possible: a rename out of a watched folder makes
+    watchdog hold back every later event of that folder for half a second, waiting for a pair."""
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or no hard links there
+        shutil.move(source, target)
+        return
+    os.unlink(source)
+
+
 def _claim_folder_name(output_dir: Path, stamp: str) -> Path:
     """The first of ``stamp``, ``stamp-2``, ``stamp-3``... that does not exist yet."""
     candidate = output_dir / stamp
@@ -71,7 +82,7 @@ def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit],
                 log.warning("best_match_image_missing", path=str(best), reason=exc.strerror or str(exc))
         if move_query:
             moved_query = tmp / f"{stem}.query{query_path.suffix}"
-            shutil.move(query_path, moved_query)
+            _move_out(query_path, moved_query)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         while True:

@@ -240,7 +240,8 @@ class Service:
         if change.kind == "moved":
             self.queries.forget(change.path)
         if not change.is_directory and self._is_query_candidate(path):
-            self.queries.note(path, closed=change.kind == "closed")
+            # A rename into place is how careful writers finish a file: as good as a close.
+            self.queries.note(path, closed=change.kind in ("closed", "moved"))
 
     def _is_image(self, path: Path) -> bool:
         root = self.cfg.source_directory
@@ -292,7 +293,7 @@ class Service:
             return  # still settling; it will be indexed (or relinked by hash) when ready
         file_hash = self.rt.store.hash_for_path(str(src))
         if file_hash is None:
-            self.images.note(dest)  # not indexed yet (a temp name, or still pending)
+            self.images.note(dest, closed=True)  # not indexed yet (a temp name renamed into place)
             return
         self._relink(src, dest, file_hash)
 

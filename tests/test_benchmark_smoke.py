@@ -1,0 +1,48 @@
+"""Smoke test of the benchmark: ``run.py --quick`` runs end to end and writes a complete, sane report.
+
+No timing is asserted (shared, noisy machines): only that every key is there and is a positive,
+finite number (memory growth may be negative: finite is enough), and that the chart is a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from run import REPORT_KEYS  # noqa: E402
+
+MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
+
+
+def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
+    report_path, chart_path = tmp_path / "report.json", tmp_path / "chart.png"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--quick", "--json", str(report_path), "--chart", str(chart_path),
+         "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["quick"] is True
+    for key in REPORT_KEYS:
+        assert key in report, key
+        value = report[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+        if key not in MAY_BE_ZERO_OR_NEGATIVE:
+            assert value > 0, (key, value)
+    assert 0 < report["recall_at_10"] <= 1
+    assert report["search_uses_index"] == 1  # the index path, not an exact scan, was measured
+    assert report["search_full_scan_matches_exact"] == 1  # the baseline's answers are the exact ones
+    assert report["rescan_reindexed"] == 0
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"]
+    with Image.open(chart_path) as im:
+        assert im.format == "PNG" and im.size[0] > 500

@@ -1,0 +1,84 @@
+"""The pipelined, batched ingest gives exactly what the simple one-image-at-a-time path gives:
+the same rows, the same vectors, the same rankings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_DIMENSION, write_config
+from image_search.config import load_config
+from image_search.embed import Embedder
+from image_search.indexer import Indexer
+from image_search.preprocess import preprocess_image, processed_path_for, save_processed
+from image_search.store import Database, EmbeddingRow
+
+
+def _photo(path: Path, seed: int, size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    base = np.stack([(x * (seed % 7 + 1)) % 256, (y * 3 + seed) % 256, (x + y) % 256], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noisy).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    root = tmp_path_factory.mktemp("ingest")
+    config = write_config(root, tiny_model_dir, batch_size=4, resize_width=320, resize_height=240)
+    for i in range(23):  # several batches and a partial last one; large JPEGs take the draft path
+        size = (1600, 1200) if i % 3 == 0 else (500 + 7 * i, 380)
+        _photo(root / "images" / f"sub{i % 2}" / f"p{i:02d}.jpg", seed=i, size=size)
+    cfg = load_config(config)
+    database = Database(cfg)
+    embedder = Embedder.load(cfg.model_name, device="cpu", dimension=TINY_DIMENSION)
+    yield cfg, database, embedder
+    database.close()
+
+
+def _rows(store) -> dict[str, tuple[str, np.ndarray]]:
+    with store._conn, store._conn.cursor() as cur:
+        cur.execute("SELECT file_path, file_hash, embedding FROM image_embeddings")
+        return {p: (h, np.asarray(e.to_numpy() if hasattr(e, "to_numpy") else e)) for p, h, e in cur.fetchall()}
+
+
+def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
+    cfg, database, embedder = tree
+    store = database.open_store(dimension=TINY_DIMENSION, model_name=cfg.model_name)
+    try:
+        store.clear()
+        indexer = Indexer(cfg, embedder, store)
+        try:
+            summary = indexer.index_folder(show_progress=False)
+        finally:
+            indexer.close()
+        assert summary.embedded == 23 and not summary.skipped
+        fast = _rows(store)
+        query = embedder.embed_images([preprocess_image(cfg.source_directory / "sub1" / "p07.jpg",
+                                                        max_size=(320, 240), max_pixels=cfg.max_image_pixels).image])[0]
+        fast_ranking = [(h.file_path, round(h.similarity, 5)) for h in store.search(query, 23)]
+
+        # The simple path: one file at a time, full pipeline, one forward pass and one write each.
+        store.clear()
+        for path in sorted(cfg.source_directory.rglob("*.jpg")):
+            prepared = preprocess_image(path, max_size=(320, 240), max_pixels=cfg.max_image_pixels)
+            processed = processed_path_for(path, cfg.source_directory, cfg.processed_directory)
+            save_processed(prepared, processed)
+            st = path.stat()
+            store.upsert([EmbeddingRow(str(path), path.name, prepared.file_hash, str(processed), st.st_size,
+                                       st.st_mtime_ns, cfg.model_name, embedder.embed_images([prepared.image])[0])])
+        simple = _rows(store)
+        simple_ranking = [(h.file_path, round(h.similarity, 5)) for h in store.search(query, 23)]
+    finally:
+        store.close()
+
+    assert fast.keys() == simple.keys()
+    for path, (file_hash, vector) in fast.items():
+        assert simple[path][0] == file_hash, path
+        np.testing.assert_allclose(vector, simple[path][1], atol=1e-5, err_msg=path)
+    assert fast_ranking == simple_ranking
+    assert fast_ranking[0][0].endswith("p07.jpg")
