@@ -131,7 +131,10 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
             rgb = _to_rgb(oriented)
             target = _fit(rgb.size, max_size)
             if target != rgb.size:
-                rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
+                # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in
+                # pixel peeping; the model sees a 224-512 px version of this anyway.
+                rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
             elif rgb is im:
                 rgb = rgb.copy()  # detach from the file being closed
     except PreprocessError:
