@@ -41,8 +41,26 @@ CREATE TABLE IF NOT EXISTS image_embeddings (
     embedding vector({dimension}) NOT NULL
 );
 CREATE INDEX IF NOT EXISTS image_embeddings_file_path_idx ON image_embeddings (file_path);
-CREATE INDEX IF NOT EXISTS image_embeddings_embedding_hnsw_idx
-    ON image_embeddings USING hnsw (embedding vector_ip_ops);
+"""
+# The HNSW index holds half-precision copies of the vectors (an expression index on halfvec): a third
+# of the size of a full-precision one, faster to build and to search, and the same recall@10 on
+# 1024-d embeddings (measured, see the README). Stored vectors and reported similarities stay float32.
+HNSW_INDEX = "image_embeddings_embedding_halfvec_hnsw_idx"
+
+
+def hnsw_index_ddl(dimension: int) -> str:
+    return (f"CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON image_embeddings "
+            f"USING hnsw ((embedding::halfvec({int(dimension)})) halfvec_ip_ops)")
+
+
+def _indexed_search_sql(dimension: int) -> str:
+    """Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity."""
+    return f"""
+SELECT * FROM (
+    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+    FROM image_embeddings ORDER BY embedding::halfvec({int(dimension)}) <#> %(q)s::halfvec({int(dimension)})
+    LIMIT %(k)s
+) AS candidates ORDER BY similarity DESC
 """
 _TABLE_DIMENSION = """
 SELECT a.atttypmod FROM pg_attribute a
@@ -72,7 +90,8 @@ _DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\
 _COUNT = "SELECT count(*) FROM image_embeddings"
 _COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) AS bounded"
 _CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
-_SEARCH = """
+# Full precision, no index usable: the exact answer, for small tables.
+_SEARCH_EXACT = """
 SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
 FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
 """
@@ -232,6 +251,7 @@ class EmbeddingStore:
                     f"service at another database, or drop the table yourself (DROP TABLE {TABLE}) to re-index."
                 )
             cur.execute(_SCHEMA.format(dimension=int(self.dimension)))
+            cur.execute(hnsw_index_ddl(self.dimension))
 
     def close(self) -> None:
         self._conn.close()
@@ -305,6 +325,13 @@ class EmbeddingStore:
             cur.execute(_BY_HASHES, (hashes,))
             return {h: (p, m) for h, p, m in cur.fetchall()}
 
+    def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
+        """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""
+        with self._cursor() as cur:
+            cur.execute("EXPLAIN " + _indexed_search_sql(self.dimension),
+                        {"q": np.asarray(query, dtype=np.float32).reshape(-1), "k": k})
+            return "\n".join(row[0] for row in cur.fetchall())
+
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         """The ``k`` stored images most similar to the unit vector ``query``, best first.
 
@@ -314,12 +341,11 @@ class EmbeddingStore:
         vector = np.asarray(query, dtype=np.float32).reshape(-1)
         with self._cursor() as cur:
             cur.execute(_COUNT_UP_TO, (self.exact_search_below,))
-            exact = cur.fetchone()[0] < self.exact_search_below
-            if exact:
-                cur.execute("SET LOCAL enable_indexscan = off")
+            if cur.fetchone()[0] < self.exact_search_below:
+                cur.execute(_SEARCH_EXACT, {"q": vector, "k": k})
             else:
                 cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(self.ef_search, k)),))
-            cur.execute(_SEARCH, {"q": vector, "k": k})
+                cur.execute(_indexed_search_sql(self.dimension), {"q": vector, "k": k})
             rows = cur.fetchall()
         return [
             Hit(rank=i, similarity=float(sim), file_name=name, file_path=path, processed_path=processed,

@@ -341,8 +341,6 @@ def bench_ingest(work: Path, model_dir: Path, camera: list[Path]) -> dict[str, f
 
 _COPY = ("COPY image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
          "source_mtime_ns, model_name, embedding) FROM STDIN WITH (FORMAT binary)")
-_HNSW_INDEX = "image_embeddings_embedding_hnsw_idx"
-_HNSW_DDL = f"CREATE INDEX {_HNSW_INDEX} ON image_embeddings USING hnsw (embedding vector_ip_ops)"
 
 
 def _binary_copy_chunk(vectors: np.ndarray, start: int) -> bytes:
@@ -387,7 +385,7 @@ def bench_search(work: Path, sizes: dict[str, int], quick: bool) -> dict[str, fl
     import psycopg2
 
     from image_search.config import load_config
-    from image_search.store import Database, EmbeddingStore
+    from image_search.store import HNSW_INDEX, Database, EmbeddingStore, hnsw_index_ddl
 
     n, nq = sizes["vectors"], sizes["queries"]
     root = fresh_dir(work / "search")
@@ -405,7 +403,7 @@ def bench_search(work: Path, sizes: dict[str, int], quick: bool) -> dict[str, fl
         database.open_store(dimension=1024, model_name="bench-vectors").close()
         conn = psycopg2.connect(uri)
         with conn, conn.cursor() as cur:
-            cur.execute(f"DROP INDEX IF EXISTS {_HNSW_INDEX}")
+            cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
         started = time.perf_counter()
         chunk = 10_000
         for start in range(0, n, chunk):
@@ -418,7 +416,7 @@ def bench_search(work: Path, sizes: dict[str, int], quick: bool) -> dict[str, fl
         with conn, conn.cursor() as cur:
             cur.execute("SET maintenance_work_mem = '2GB'")
             cur.execute("SET max_parallel_maintenance_workers = 1")
-            cur.execute(_HNSW_DDL)
+            cur.execute(hnsw_index_ddl(1024))
             cur.execute("ANALYZE image_embeddings")
         out["search_index_build_s"] = time.perf_counter() - started
         say(f"search: HNSW built in {out['search_index_build_s']:.1f} s")
@@ -428,11 +426,7 @@ def bench_search(work: Path, sizes: dict[str, int], quick: bool) -> dict[str, fl
         conn_store = psycopg2.connect(uri)
         store = EmbeddingStore(conn_store, dimension=1024, model_name="bench-vectors", ef_search=cfg.ef_search,
                                exact_search_below=min(cfg.exact_search_below, max(1, n // 2)))
-        with conn_store, conn_store.cursor() as cur:
-            cur.execute("EXPLAIN SELECT 1 FROM image_embeddings ORDER BY embedding <#> %s LIMIT 10",
-                        (queries[0],))
-            plan = " ".join(r[0] for r in cur.fetchall())
-        out["search_uses_index"] = 1.0 if _HNSW_INDEX in plan else 0.0
+        out["search_uses_index"] = 1.0 if HNSW_INDEX in store.indexed_search_plan(queries[0], 10) else 0.0
         for q in queries[: min(10, nq)]:
             store.search(q, 10)  # warm-up: index pages into shared buffers
         latencies: list[float] = []
