@@ -96,7 +96,10 @@ class Embedder:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 
+        from huggingface_hub.utils import logging as hub_logging
+
         hf_logging.set_verbosity_error()  # their warnings about unused weights are noise in our journal
+        hub_logging.set_verbosity_error()  # one line per download retry, too; a failure ends in our own line
         torch_device = choose_device(device)
         dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
         source = str(Path(model_name).expanduser()) if _is_local(model_name) else model_name
