@@ -39,6 +39,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
+    """A distinct picture per seed: blocks of random colours (not noise, so JPEG keeps it recognisable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    im = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format=fmt)
+    return path
+
+
 def write_config(root: Path, model_dir: Path | None = None, **overrides: object) -> Path:
     """A config for a tree under ``root`` (images/, inbox/, output/, processed/, state/); keys as in JSON."""
     for name in ("images", "inbox", "output", "processed", "state"):

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import psycopg2
 import pytest
-from PIL import Image
 
-from conftest import TINY_DIMENSION, save_tiny_clip, write_config
+from conftest import TINY_DIMENSION, save_picture, save_tiny_clip, write_config
 
 from image_search.config import load_config
 from image_search.output import write_result_bundle
@@ -105,16 +103,6 @@ def table_rows(config_path: Path) -> list[dict[str, object]] | None:
             conn.close()
     finally:
         database.close()
-
-
-def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
-    """A distinct picture per seed: blocks of random colours (not noise, so JPEG keeps it recognisable)."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    im = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format=fmt)
-    return path
 
 
 def bundle_files(bundle: Path) -> set[str]:

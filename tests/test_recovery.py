@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import psycopg2
 import pytest
 
-from conftest import write_config
-from test_service import ServiceProc, find_bundle, live_rows, save_picture, wait_for
+from conftest import save_picture, write_config
+from test_service import ServiceProc, find_bundle, live_rows, wait_for
 
 
 @pytest.fixture

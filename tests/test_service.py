@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import psycopg2
 import pytest
-from PIL import Image
 
-from conftest import write_config
+from conftest import save_picture, write_config
 
 from image_search.config import load_config
 from image_search.preprocess import preprocess_image
@@ -49,16 +48,6 @@ TOP_K = 3
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
-    """A distinct picture per seed: blocks of random colours."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    im = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format=fmt)
-    return path
 
 
 def picture_bytes(tmp: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str = "PNG") -> bytes:

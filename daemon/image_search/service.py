@@ -102,6 +102,8 @@ class Service:
         self._db_backoff = 1.0
         self._needs_rescan = False  # a change could not be applied during an outage
         self._fatal: str | None = None  # set when only a restart can help
+        self._startup_backlog = 0  # files queued by the startup reconciliation not yet indexed
+        self._held_queries: list[Path] = []  # queries found at startup, answered after that backlog
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -118,7 +120,7 @@ class Service:
             self.reconcile()
             self.notifier.ready(self.status_text())
             log.info("service_ready", source=str(self.cfg.source_directory), inbox=str(self.cfg.inbox_directory),
-                     pending_images=len(self.images), pending_queries=len(self.queries))
+                     pending_images=len(self.images), pending_queries=len(self._held_queries))
             return self._loop(observer)
         finally:
             logging.getLogger("watchdog").removeHandler(watchdog_warnings)
@@ -161,6 +163,9 @@ class Service:
                 if self._needs_rescan:
                     self._needs_rescan = False
                     self.rescan()
+                    for path in self._waiting_queries():  # lost events may have hidden queries too
+                        self.queries.note(path)
+                self._release_held_queries()
                 if self._answer_queries() or self._index_one_batch():
                     self._db_backoff = 1.0
                     continue
@@ -330,16 +335,26 @@ class Service:
     # --- doing ---------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """Startup: drop rows whose source is gone, queue what the table lacks, queue waiting queries."""
-        self.rescan()
+        """Startup: drop rows whose source is gone, queue what the table lacks; queries already waiting
+        are held until that backlog is indexed, so their answers see the whole folder (queries dropped
+        later still jump the queue)."""
+        self._startup_backlog = self.rescan()
+        self._held_queries = self._waiting_queries()
 
-    def rescan(self) -> None:
-        """Compare the folder with the table by size and mtime alone; queue differences, drop the gone;
-        queue every query waiting in the inbox."""
-        started = self.clock()
-        for path in sorted(self.cfg.inbox_directory.iterdir()):
-            if path.is_file() and self._is_query_candidate(path) and path not in self.queries:
+    def _waiting_queries(self) -> list[Path]:
+        return [p for p in sorted(self.cfg.inbox_directory.iterdir())
+                if p.is_file() and self._is_query_candidate(p) and p not in self.queries]
+
+    def _release_held_queries(self) -> None:
+        if self._held_queries and self._startup_backlog <= 0:
+            for path in self._held_queries:
                 self.queries.note(path)
+            self._held_queries = []
+
+    def rescan(self) -> int:
+        """Compare the folder with the table by size and mtime alone; queue differences, drop the gone.
+        Returns how many files were queued."""
+        started = self.clock()
         root = self.cfg.source_directory
         known = self.rt.store.sources()
         on_disk = discover_images(root)
@@ -365,6 +380,7 @@ class Service:
                 queued += 1
         log.info("rescan_complete", files=len(on_disk), queued=queued, removed=len(gone),
                  duration_ms=round((self.clock() - started) * 1000))
+        return queued
 
     def _answer_queries(self) -> bool:
         ready = self.queries.pop_ready(limit=4)
@@ -428,7 +444,10 @@ class Service:
     def _index_one_batch(self) -> bool:
         ready = self.images.pop_ready(limit=self.cfg.batch_size)
         if not ready:
+            if not len(self.images):
+                self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
             return False
+        self._startup_backlog -= len(ready)
         try:
             summary = self.indexer.index_paths(ready)
         except DatabaseUnavailable:
