@@ -24,6 +24,15 @@ What this module does:
   /tmp is a fresh, empty tmpfs in which a marker file created in the host's /tmp is not
   visible. Only then does it ``exec`` systemd (with ``container=`` set, so systemd also skips
   what it skips in containers).
+* Exposed paths (``expose=``): directories the caller needs inside the namespace that lie under
+  a prefix replaced by a fresh tmpfs (/tmp, /var/tmp, /run), e.g. a checkout and its virtual
+  environment cloned under /tmp. BEFORE the tmpfs mounts, the inner script bind-mounts each
+  onto an empty stash directory under ``workdir`` (inside the private mount namespace only);
+  then it mounts the tmpfs and runs the isolation checks unchanged (empty /tmp, host marker not
+  visible); only AFTER the checks does it create each original path inside the fresh tmpfs and
+  bind-mount the stash back onto it, read-only. Nothing is written to the host's /tmp (the
+  ``mkdir -p`` happens in the namespace's tmpfs) and no mount reaches the host (all of it
+  happens after ``mount --make-rprivate /``).
 * Teardown: SIGKILL to the namespace's PID 1 (which ends every process of the PID namespace),
   then the launcher, then any process left in the cgroup subtree, then the subtree itself.
 
@@ -47,7 +56,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +65,11 @@ REQUIRED_TOOLS = ("unshare", "nsenter", "mount", "systemctl", "journalctl")
 # Paths that are replaced by an empty tmpfs inside the namespace: a work tree under them
 # would be invisible to the booted systemd and its services.
 HIDDEN_PREFIXES = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+# The prefixes the inner script replaces with a fresh tmpfs: paths under them can be exposed
+# (bind-mounted back at their original place after the isolation checks). /dev/shm is the
+# host's inside the namespace (hidden only from services with PrivateDevices=), so a path there
+# needs no exposing, and nothing may be created there.
+REPLACED_PREFIXES = ("/tmp", "/var/tmp", "/run")
 
 # Units masked (linked to /dev/null) inside the namespace, because they would touch the host
 # (its /tmp, /dev, kernel settings, clock, consoles, users, disks) or are useless here.
@@ -137,6 +151,23 @@ refuse() { echo "systemd_harness inner: REFUSING TO BOOT: $*" >&2; exit 3; }
 # Nothing mounted here may propagate to the host.
 mount --make-rprivate /
 
+# Exposed paths, step 1 of 2: before the tmpfs mounts hide them, bind-mount each exposed path
+# (a directory under /tmp, /var/tmp or /run) onto its empty stash directory under the
+# harness's workdir. These mounts exist only in this (private) mount namespace.
+expose_n=${HARNESS_EXPOSE_N:-0}
+for ((i = 0; i < expose_n; i++)); do
+    p_var=HARNESS_EXPOSE_PATH_$i; s_var=HARNESS_EXPOSE_STASH_$i
+    orig=${!p_var}; stash=${!s_var}
+    case "$orig" in
+        /tmp/?*|/var/tmp/?*|/run/?*) ;;
+        *) refuse "exposed path $orig is not under /tmp, /var/tmp or /run" ;;
+    esac
+    [ -d "$orig" ] && [ ! -L "$orig" ] || refuse "exposed path $orig is not a directory"
+    [ -d "$stash" ] && [ ! -L "$stash" ] && [ -z "$(ls -A "$stash")" ] \
+        || refuse "stash $stash is not an empty directory"
+    mount -n --bind "$orig" "$stash"
+done
+
 # -n: do not record the mounts in /run/mount/utab (the host's /run until it is replaced).
 mount -n -t tmpfs -o mode=755,nosuid,nodev harness-run /run
 mount -n -t tmpfs -o mode=1777,nosuid,nodev harness-tmp /tmp
@@ -170,6 +201,28 @@ done < <(awk '$3 == "cgroup" || $3 == "cgroup2"' /proc/self/mounts)
 [ "$(stat -f -c %T /run)" = tmpfs ] && [ -z "$(ls -A /run)" ] || refuse "/run is not a fresh tmpfs"
 [ -z "$(ls -A /etc/systemd/system)" ] || refuse "/etc/systemd/system is not a fresh tmpfs"
 
+# Exposed paths, step 2 of 2 (only now that the isolation is checked): recreate each original
+# path inside the fresh tmpfs and bind-mount its stash back onto it, read-only. The stash
+# mount is dropped again (the bind onto the original path keeps its own reference).
+for ((i = 0; i < expose_n; i++)); do
+    p_var=HARNESS_EXPOSE_PATH_$i; s_var=HARNESS_EXPOSE_STASH_$i
+    orig=${!p_var}; stash=${!s_var}
+    case "$orig" in
+        /var/tmp/?*) top=/var/tmp ;;
+        /tmp/?*) top=/tmp ;;
+        /run/?*) top=/run ;;
+        *) refuse "exposed path $orig is not under /tmp, /var/tmp or /run" ;;
+    esac
+    [ "$(stat -f -c %T "$top")" = tmpfs ] || refuse "$top is not the fresh tmpfs"
+    (umask 022 && mkdir -p -- "$orig")
+    [ "$(stat -f -c %T "$orig")" = tmpfs ] && [ -z "$(ls -A "$orig")" ] \
+        || refuse "$orig is not a new empty directory in the fresh tmpfs"
+    mount -n --bind "$stash" "$orig"
+    mount -n -o remount,bind,ro "$orig"
+    umount -n "$stash"
+    echo "systemd_harness inner: exposed $orig (read-only)" >&2
+done
+
 for unit in $HARNESS_MASKED_UNITS; do
     ln -s /dev/null "/etc/systemd/system/$unit"
 done
@@ -183,6 +236,41 @@ exec env -i container=systemd-harness "$HARNESS_SYSTEMD" --system --log-target=j
 
 class SystemdUnavailable(RuntimeError):
     """Raised by check_prerequisites() when this machine cannot run the harness."""
+
+
+def _under(path: Path, prefix: Path) -> bool:
+    return path == prefix or prefix in path.parents
+
+
+def outermost(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Resolved (realpath) directories, without those inside another one of the list; sorted."""
+    resolved = sorted({Path(os.path.realpath(p)) for p in paths})
+    result: list[Path] = []
+    for path in resolved:
+        if not any(_under(path, kept) for kept in result):
+            result.append(path)
+    return result
+
+
+def paths_to_expose(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The subset of ``paths`` (resolved, outermost only) that the tmpfs mounts inside the
+    namespace would hide, i.e. that ``booted_systemd(expose=...)`` has to bind back."""
+    result = []
+    for path in outermost(paths):
+        if any(_under(path, Path(prefix)) for prefix in REPLACED_PREFIXES):
+            if str(path) in REPLACED_PREFIXES:
+                raise ValueError(f"cannot expose {path} itself: that would undo the isolation")
+            if "\n" in str(path) or not path.is_dir():
+                raise ValueError(f"cannot expose {path}: not a directory (or odd name)")
+            result.append(path)
+    return result
+
+
+def is_hidden(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` (resolved) is under a prefix that is not the host's inside the
+    namespace or inside a hardened service (/tmp, /var/tmp, /run, /dev/shm)."""
+    resolved = Path(os.path.realpath(path))
+    return any(_under(resolved, Path(prefix)) for prefix in HIDDEN_PREFIXES)
 
 
 def find_systemd() -> str | None:
@@ -310,6 +398,7 @@ class Handle:
     log_path: Path
     host_tmp_marker: Path
     cgroups: list[Path] = field(default_factory=list)
+    exposed: list[Path] = field(default_factory=list)  # bound back read-only inside
 
     def run(
         self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None
@@ -431,17 +520,23 @@ def _find_child(parent: int) -> int | None:
 
 
 @contextlib.contextmanager
-def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
+def booted_systemd(
+    workdir: Path, boot_timeout: float = 30, expose: Iterable[str | os.PathLike[str]] = ()
+) -> Iterator[Handle]:
     """Boot an isolated systemd; yield a Handle; always SIGKILL it at the end.
 
-    ``workdir`` (created if needed) holds the inner script and the launcher log; it must not be
-    under /tmp, /var/tmp or /run (those are fresh tmpfs inside the namespace). Call
-    ``handle.wait_running()`` before starting units.
+    ``workdir`` (created if needed) holds the inner script, the launcher log and the stash
+    directories of exposed paths; it must not be under /tmp, /var/tmp or /run (those are fresh
+    tmpfs inside the namespace). ``expose``: directories that must stay visible inside the
+    namespace at their original paths (e.g. the checkout and its virtual environment); those
+    under /tmp, /var/tmp or /run are bind-mounted back, read-only, after the isolation checks
+    (the others are visible anyway). Call ``handle.wait_running()`` before starting units.
     """
     check_prerequisites()
     workdir = Path(workdir).resolve()
-    if any(workdir == Path(p) or Path(p) in workdir.parents for p in HIDDEN_PREFIXES):
+    if is_hidden(workdir):
         raise ValueError(f"{workdir} is hidden inside the namespace; use a path outside /tmp")
+    exposed = paths_to_expose(expose)
     workdir.mkdir(parents=True, exist_ok=True)
     systemd = find_systemd()
     assert systemd is not None
@@ -451,6 +546,11 @@ def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
     script.write_text(INNER_SCRIPT)
     script.chmod(0o755)
     log_path = workdir / "systemd-harness-launcher.log"
+    # Empty mount points for the exposed paths (bind-mounted inside the namespace only).
+    stashes = [workdir / "stash" / str(i) for i in range(len(exposed))]
+    for stash in stashes:
+        stash.mkdir(parents=True)
+        stash.chmod(0o700)
     # A marker in the host's /tmp: the inner script refuses to boot if it can see it.
     marker = Path("/tmp") / f".systemd-harness-marker-{token}"
     marker.write_text("host /tmp; must not be visible inside the isolated systemd\n")
@@ -474,7 +574,11 @@ def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
             "HARNESS_HOST_TMP_MARKER": str(marker),
             "HARNESS_MASKED_UNITS": " ".join(MASKED_UNITS),
             "HARNESS_SYSTEMD": systemd,
+            "HARNESS_EXPOSE_N": str(len(exposed)),
         }
+        for i, (path, stash) in enumerate(zip(exposed, stashes, strict=True)):
+            env[f"HARNESS_EXPOSE_PATH_{i}"] = str(path)
+            env[f"HARNESS_EXPOSE_STASH_{i}"] = str(stash)
         with open(log_path, "wb") as log:
             launcher = subprocess.Popen(
                 ["unshare", "--pid", "--fork", "--mount", "--uts", "--cgroup",
@@ -506,7 +610,7 @@ def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
             raise TimeoutError(
                 f"systemd did not appear within {boot_timeout}s:\n" + log_path.read_text()
             )
-        handle = Handle(pid, launcher, workdir, log_path, marker, cgroups)
+        handle = Handle(pid, launcher, workdir, log_path, marker, cgroups, exposed)
         yield handle
     finally:
         problems: list[str] = []
@@ -528,5 +632,16 @@ def booted_systemd(workdir: Path, boot_timeout: float = 30) -> Iterator[Handle]:
             marker.unlink()
         if not marker_survived:
             problems.append(f"the host /tmp marker {marker} vanished: host /tmp was touched!")
+        # The stash mounts existed only in the (now gone) namespace: on the host the stash
+        # directories are empty. rmdir, never rmtree: a non-empty one is reported, not emptied.
+        for stash in stashes:
+            try:
+                stash.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"stash {stash} not removed ({exc}); check the host's mounts")
+        with contextlib.suppress(OSError):
+            (workdir / "stash").rmdir()
         if problems:
             raise RuntimeError("isolated systemd teardown: " + "; ".join(problems))

@@ -5,10 +5,16 @@ IMAGE_SEARCH_REQUIRE_SYSTEMD=1 is set (as .ci/run does): then that is a failure.
 
 Work trees live under <repo>/.pytest-systemd-tmp/ (git-ignored), not under /tmp: inside the
 namespace /tmp is a fresh, empty tmpfs, so pytest's tmp_path would be invisible to the units.
+When the checkout itself is under such a prefix (CI may clone into /tmp), they live under
+/var/cache/image-search-tests/ instead (not ~/.cache: ProtectHome= of the hardened unit would
+hide it), removed at teardown; and the checkout, the virtual environment and the interpreter
+are exposed inside the namespace (bind-mounted back read-only by the harness, after its
+isolation checks) and inside the test units (BindReadOnlyPaths=, past PrivateTmp=/ProtectHome=).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,11 +32,47 @@ import systemd_harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPO / "systemd" / "image-search.service"
-SYSTEMD_TMP_ROOT = REPO / ".pytest-systemd-tmp"
+# Outside the prefixes that are fresh tmpfs inside the namespace (see the module docstring).
+FALLBACK_TMP_ROOT = Path("/var/cache/image-search-tests")
+SYSTEMD_TMP_ROOT = (
+    FALLBACK_TMP_ROOT if systemd_harness.is_hidden(REPO) else REPO / ".pytest-systemd-tmp"
+)
 REQUIRE = os.environ.get("IMAGE_SEARCH_REQUIRE_SYSTEMD") == "1"
 VENV_BIN = Path(sys.executable).parent
 # Home-like prefixes hidden by ProtectHome=.
 HOME_PREFIXES = (Path("/root"), Path("/home"), Path("/run/user"))
+# Prefixes replaced by PrivateTmp=.
+PRIVATE_TMP_PREFIXES = (Path("/tmp"), Path("/var/tmp"))
+
+
+def needed_paths() -> list[Path]:
+    """Directories the units and probes need (resolved, outermost only): the checkout (the
+    editable install points into it), the virtual environment and the interpreter, also where
+    the venv's python symlink really points."""
+    return systemd_harness.outermost(
+        [
+            REPO,
+            sys.prefix,
+            sys.base_prefix,
+            Path(sys.executable).parent,
+            Path(os.path.realpath(sys.executable)).parent,
+            Path(os.path.realpath(VENV_BIN / "python")).parent,
+        ]
+    )
+
+
+def _under_any(path: Path, prefixes) -> bool:
+    return any(path == p or p in path.parents for p in prefixes)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points (in this process's mount namespace) at or below ``path``."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = Path(line.split()[4].replace("\\040", " "))
+        if _under_any(mount_point, (path,)):
+            found.append(str(mount_point))
+    return found
 
 
 def _require_systemd() -> None:
@@ -44,20 +86,31 @@ def _require_systemd() -> None:
 
 @pytest.fixture
 def systemd_workdir(request):
-    """A fresh directory under <repo>/.pytest-systemd-tmp/, removed afterwards."""
-    SYSTEMD_TMP_ROOT.mkdir(exist_ok=True)
+    """A fresh directory under SYSTEMD_TMP_ROOT (outside /tmp, /var/tmp, /run), removed
+    afterwards (and SYSTEMD_TMP_ROOT too when it is the /var/cache fallback and empty)."""
+    SYSTEMD_TMP_ROOT.mkdir(parents=True, exist_ok=True)
+    SYSTEMD_TMP_ROOT.chmod(0o755)  # the units' user must be able to reach the trees
     path = SYSTEMD_TMP_ROOT / f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     path.chmod(0o755)
     yield path
+    mounts = _mounts_under(path)
+    # The harness's bind mounts live only in its namespace; if one ever showed up here,
+    # rmtree would delete the bound directory's contents (the checkout): refuse instead.
+    assert not mounts, f"mounts under {path} on the host, not removing it: {mounts}"
     shutil.rmtree(path, ignore_errors=True)
+    if SYSTEMD_TMP_ROOT == FALLBACK_TMP_ROOT:
+        with contextlib.suppress(OSError):
+            SYSTEMD_TMP_ROOT.rmdir()
 
 
 @pytest.fixture
 def isolated_systemd(systemd_workdir, request):
     """A booted, isolated systemd (Handle). SIGKILLed at the end whatever happens."""
     _require_systemd()
-    with systemd_harness.booted_systemd(systemd_workdir / "harness") as handle:
+    with systemd_harness.booted_systemd(
+        systemd_workdir / "harness", expose=needed_paths()
+    ) as handle:
         # Belt and braces: the context manager kills it too; kill() is idempotent.
         request.addfinalizer(handle.kill)
         handle.wait_running(timeout=60)
@@ -198,6 +251,8 @@ def derive_test_unit(
     If the Python installation lives under a home-like path (e.g. pyenv in /root, mode 0700),
     ProtectHome=yes would hide it: ProtectHome=tmpfs plus BindReadOnlyPaths= of just that
     installation keeps the rest of /root and /home hidden while the interpreter stays usable.
+    Likewise a checkout / venv under /tmp or /var/tmp (PrivateTmp=yes gives the service its
+    own) gets a BindReadOnlyPaths= of just that directory.
     """
     env = {
         "HF_HOME": str(tree / "cache" / "huggingface"),
@@ -206,8 +261,8 @@ def derive_test_unit(
         "TRANSFORMERS_OFFLINE": "1",
         **(extra_env or {}),
     }
-    base_prefix = Path(os.path.realpath(sys.base_prefix))
-    under_home = any(p == base_prefix or p in base_prefix.parents for p in HOME_PREFIXES)
+    home_binds = [p for p in needed_paths() if _under_any(p, HOME_PREFIXES)]
+    tmp_binds = [p for p in needed_paths() if _under_any(p, PRIVATE_TMP_PREFIXES)]
     out = []
     for raw in UNIT_FILE.read_text().splitlines():
         line = raw.strip()
@@ -227,8 +282,10 @@ def derive_test_unit(
             raw = f"Restart={restart}"
         elif key == "TimeoutStartSec":
             raw = f"TimeoutStartSec={timeout_start}"
-        elif key == "ProtectHome" and under_home:
-            raw = f"ProtectHome=tmpfs\nBindReadOnlyPaths={base_prefix}"
+        elif key == "ProtectHome":
+            if home_binds:
+                raw = "ProtectHome=tmpfs"
+            raw += "".join(f"\nBindReadOnlyPaths={p}" for p in home_binds + tmp_binds)
         elif line == "[Service]":
             raw = "[Service]\n" + "\n".join(f'Environment="{k}={v}"' for k, v in env.items())
         out.append(raw)
