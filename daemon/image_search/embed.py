@@ -88,7 +88,7 @@ class Embedder:
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
-        self.max_batch = 64  # lowered for good after a CUDA out-of-memory error
+        self.max_batch = 64  # images per forward pass: sized to free GPU memory at load, lowered after an OOM
 
     @classmethod
     def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None) -> Embedder:
@@ -129,6 +129,8 @@ class Embedder:
         embedder = cls(model, processor, info, torch_device, dtype, dimension=0)
         # One tiny forward pass tells the true output size (and warms the model up).
         native = embedder._forward([Image.new("RGB", (8, 8), (127, 127, 127))], truncate=None).shape[1]
+        if torch_device.type == "cuda":
+            embedder.max_batch = embedder._batch_that_fits()
         embedder.info = ModelInfo(model_name, family, native, matryoshka)
         embedder.dimension = check_dimension(embedder.info, dimension if dimension is not None else native)
         log.info("model_loaded", model=model_name, family=family, device=str(torch_device),
@@ -149,6 +151,24 @@ class Embedder:
             features = features.float()
             features = torch.nn.functional.normalize(features, dim=-1)
             return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def _batch_that_fits(self, probe: int = 4, ceiling: int = 256) -> int:
+        """CUDA only: measure what one image of a forward pass costs and size batches to about 70% of
+        the free memory (the out-of-memory backoff in ``embed_images`` remains the safety net)."""
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            self._forward([Image.new("RGB", (512, 512), (127, 127, 127))] * probe, truncate=None)
+            per_image = max(1, (torch.cuda.max_memory_allocated() - before) // probe)
+            free, _ = torch.cuda.mem_get_info()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            log.warning("gpu_batch_probe_failed", reason=str(exc), batch_size=self.max_batch)
+            return self.max_batch
+        fits = int(max(1, min(ceiling, 0.7 * free // per_image)))
+        log.info("gpu_batch_size", batch_size=fits, per_image_mb=round(per_image / 2**20, 1),
+                 free_mb=round(free / 2**20))
+        return fits
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's input tensor. Resizing and cropping stay uint8 on the CPU; the uint8 batch goes to
