@@ -137,9 +137,8 @@ def _diagnostics(sd, unit: str) -> str:
     return f"--- systemctl status\n{status.stdout}{status.stderr}\n--- journal\n{journal.stdout}"
 
 
-# A Type=notify service: READY=1 and STATUS= over $NOTIFY_SOCKET after a delay, a warning line
-# with the <4> syslog prefix, an info line, watchdog pings, a last line on SIGTERM.
-NOTIFY_SCRIPT = r'''
+# What both stand-in services start with: sd_notify over $NOTIFY_SOCKET and a SIGTERM flag.
+NOTIFY_PRELUDE = r'''
 import os, signal, socket, sys, time
 
 def notify(message):
@@ -154,7 +153,11 @@ def on_term(signum, frame):
     global stopping
     stopping = True
 signal.signal(signal.SIGTERM, on_term)
+'''
 
+# A Type=notify service: READY=1 and STATUS= over $NOTIFY_SOCKET after a delay, a warning line
+# with the <4> syslog prefix, an info line, watchdog pings, a last line on SIGTERM.
+NOTIFY_SCRIPT = NOTIFY_PRELUDE + r'''
 print("smoke: starting, pid %d" % os.getpid(), flush=True)
 time.sleep(float(os.environ.get("SMOKE_READY_DELAY", "1.5")))
 print("<4>smoke: this is a warning line", flush=True)
@@ -309,22 +312,8 @@ def chown_tree(path: Path, uid: int, gid: int) -> None:
 # A stand-in for the daemon under the hardened production unit: proves the hardening lets
 # CPython, PyTorch and the embedded PostgreSQL (pgserver, with pgvector) work as the
 # image-search user, with the data tree writable and READY/STATUS/WATCHDOG going through.
-HARDENED_PROBE = r'''
-import os, signal, socket, sys, time
+HARDENED_PROBE = NOTIFY_PRELUDE + r'''
 from pathlib import Path
-
-def notify(message):
-    addr = os.environ["NOTIFY_SOCKET"]
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message.encode(), addr)
-
-stopping = False
-def on_term(signum, frame):
-    global stopping
-    stopping = True
-signal.signal(signal.SIGTERM, on_term)
 
 tree = Path(sys.argv[1])
 import torch
