@@ -57,6 +57,15 @@ class IndexSummary:
 
 
 @dataclass(frozen=True)
+class FolderState:
+    """The source folder against the table, from stat data alone."""
+
+    files: int  # image files on disk
+    changed: list[Path]  # new, modified, or embedded by another model: to (re)index
+    removed: list[str]  # rows dropped because their source is gone
+
+
+@dataclass(frozen=True)
 class _Candidate:
     path: Path
     size: int
@@ -97,27 +106,29 @@ class Indexer:
         return preprocess_image(path, max_size=(self.cfg.resize_width, self.cfg.resize_height),
                                 max_pixels=self.cfg.max_image_pixels)
 
-    def index_paths(self, paths: Iterable[Path], *, known: dict[str, SourceRecord] | None = None,
-                    progress: Callable[[int], None] | None = None) -> IndexSummary:
+    def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
         """Index ``paths`` (files under ``source-directory``) in batches; return what happened.
 
         Pipelined: the next batch is decoded in the thread pool while the current one is embedded and
         written, and no more than those two batches are ever held in memory.
         """
+        paths = list(paths)
+        known = self.store.sources(str(p) for p in paths)  # only these rows, never the whole table
         summary = IndexSummary()
-        known = self.store.sources() if known is None else known
         in_flight: tuple[list[_Candidate], list[Future[PreparedImage | PreprocessError]]] | None = None
+
+        def finish(batch: list[_Candidate], decoding: list[Future[PreparedImage | PreprocessError]]) -> None:
+            summary.merge(self._finish_batch(batch, decoding))
+            if progress:
+                progress(len(batch))
+
         for batch in self._changed_batches(paths, known, summary, progress):
             decoding = [self._executor.submit(self._prepare_or_error, c.path) for c in batch]
             if in_flight is not None:
-                summary.merge(self._finish_batch(*in_flight))
-                if progress:
-                    progress(len(in_flight[0]))
+                finish(*in_flight)
             in_flight = (batch, decoding)
         if in_flight is not None:
-            summary.merge(self._finish_batch(*in_flight))
-            if progress:
-                progress(len(in_flight[0]))
+            finish(*in_flight)
         return summary
 
     def _changed_batches(self, paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
@@ -128,19 +139,19 @@ class Indexer:
         for path in paths:
             summary.seen += 1
             st = _stat(path)
-            if st is None or _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
-                if st is None:
-                    summary.skipped.append((path, "file disappeared before it could be read"))
-                    log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
-                else:
-                    summary.unchanged += 1
-                if progress:
-                    progress(1)
+            if st is not None and not _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
+                batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
+                if len(batch) >= self.cfg.batch_size:
+                    yield batch
+                    batch = []
                 continue
-            batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
-            if len(batch) >= self.cfg.batch_size:
-                yield batch
-                batch = []
+            if st is None:
+                summary.skipped.append((path, "file disappeared before it could be read"))
+                log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
+            else:
+                summary.unchanged += 1
+            if progress:
+                progress(1)
         if batch:
             yield batch
 
@@ -201,26 +212,47 @@ class Indexer:
             return self.prepare(path)
         except PreprocessError as exc:
             return exc
-        except Exception as exc:  # a decoder bug on one odd file must not stop the run
-            log.exception("preprocess_crashed", path=str(path))
+        except Exception as exc:  # a decoder bug on one odd file must not stop the run (logged as a skip)
             return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+
+    def remove_processed(self, source: Path) -> None:
+        """Delete the processed copy of a source that is gone (derived data: a leftover costs only disk)."""
+        try:
+            processed_path_for(source, self.cfg.source_directory, self.cfg.processed_directory).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+
+    def compare_folder(self) -> FolderState:
+        """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
+        copies) of sources that are gone, and list the files whose size, mtime or model differ from their
+        row. No decoding, no model work."""
+        root = self.cfg.source_directory
+        known = self.store.sources()
+        gone = [p for p in known if not Path(p).is_file() or not _inside(Path(p), root)]
+        if gone:
+            self.store.delete_paths(gone)
+            for source in gone:
+                self.remove_processed(Path(source))
+            log.info("rows_removed", count=len(gone), reason="source file is gone")
+        on_disk = discover_images(root)
+        model = self.embedder.info.name
+        changed = []
+        for path in on_disk:
+            st = _stat(path)
+            if st is None or not _is_unchanged(known.get(str(path)), st, model):
+                changed.append(path)  # a file that vanished meanwhile is reported by index_paths
+        return FolderState(files=len(on_disk), changed=changed, removed=gone)
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""
         started = time.monotonic()
-        root = self.cfg.source_directory
-        paths = discover_images(root)
-        known = self.store.sources()
-        summary = IndexSummary()
-        gone = [p for p in known if not Path(p).exists() or not _inside(Path(p), root)]
-        if gone:
-            summary.removed = self.store.delete_paths(gone)
-            for p in gone:
-                known.pop(p, None)
-            log.info("rows_removed", count=summary.removed, reason="source file is gone")
+        state = self.compare_folder()
+        unchanged = state.files - len(state.changed)
+        summary = IndexSummary(seen=unchanged, unchanged=unchanged, removed=len(state.removed))
         show = sys.stderr.isatty() if show_progress is None else show_progress
-        with tqdm(total=len(paths), desc="indexing", unit="img", disable=not show, file=sys.stderr) as bar:
-            summary.merge(self.index_paths(paths, known=known, progress=bar.update))
+        with tqdm(total=state.files, initial=unchanged, desc="indexing", unit="img", disable=not show,
+                  file=sys.stderr) as bar:
+            summary.merge(self.index_paths(state.changed, progress=bar.update))
         log.info("index_complete", duration_ms=round((time.monotonic() - started) * 1000),
                  **summary.as_log_fields())
         return summary

@@ -280,16 +280,10 @@ class Service:
             self.images.forget(path)
             removed = [str(path)] if self.rt.store.delete_paths([str(path)]) else []
         for source in removed:
-            self._remove_processed(Path(source))
+            self.indexer.remove_processed(Path(source))
         if removed:
             self.counters.removed += len(removed)
             log.info("rows_removed", path=str(path), count=len(removed), reason="source deleted or moved out")
-
-    def _remove_processed(self, source: Path) -> None:
-        try:
-            processed_path_for(source, self.cfg.source_directory, self.cfg.processed_directory).unlink(missing_ok=True)
-        except (OSError, ValueError):
-            pass  # derived data; a leftover costs disk, not correctness
 
     def _file_moved(self, src: Path, dest: Path) -> None:
         """A rename inside the folder: the embedding follows the file, no model work."""
@@ -355,30 +349,14 @@ class Service:
         """Compare the folder with the table by size and mtime alone; queue differences, drop the gone.
         Returns how many files were queued."""
         started = self.clock()
-        root = self.cfg.source_directory
-        known = self.rt.store.sources()
-        on_disk = discover_images(root)
-        gone = [p for p in known if not Path(p).is_file() or not Path(p).is_relative_to(root)]
-        if gone:
-            self.rt.store.delete_paths(gone)
-            for source in gone:
-                self._remove_processed(Path(source))
-            self.counters.removed += len(gone)
+        state = self.indexer.compare_folder()
+        self.counters.removed += len(state.removed)
         queued = 0
-        model = self.rt.embedder.info.name
-        for path in on_disk:
-            record = known.get(str(path))
-            if record is not None and record.model_name == model:
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if (st.st_size, st.st_mtime_ns) == (record.source_size, record.source_mtime_ns):
-                    continue
+        for path in state.changed:
             if path not in self.images:
                 self.images.note(path)
                 queued += 1
-        log.info("rescan_complete", files=len(on_disk), queued=queued, removed=len(gone),
+        log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
                  duration_ms=round((self.clock() - started) * 1000))
         return queued
 

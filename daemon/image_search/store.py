@@ -83,6 +83,7 @@ WHERE file_hash = %s
 # A source whose content changed leaves a row under its old hash: drop it with the new row's write.
 _DELETE_STALE = "DELETE FROM image_embeddings WHERE file_path = ANY(%s) AND NOT (file_hash = ANY(%s))"
 _SOURCES = "SELECT file_path, source_size, source_mtime_ns, file_hash, model_name FROM image_embeddings"
+_SOURCES_AT = _SOURCES + " WHERE file_path = ANY(%s)"
 _BY_HASHES = "SELECT file_hash, file_path, model_name FROM image_embeddings WHERE file_hash = ANY(%s)"
 _BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
 _DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
@@ -304,10 +305,13 @@ class EmbeddingStore:
             cur.execute(_COUNT)
             return int(cur.fetchone()[0])
 
-    def sources(self) -> dict[str, SourceRecord]:
-        """Every stored source by path: what a rescan compares the folder against."""
+    def sources(self, paths: Iterable[str] | None = None) -> dict[str, SourceRecord]:
+        """Stored sources by path: every one (what a rescan compares the folder against), or those at ``paths``."""
         with self._cursor() as cur:
-            cur.execute(_SOURCES)
+            if paths is None:
+                cur.execute(_SOURCES)
+            else:
+                cur.execute(_SOURCES_AT, (list(paths),))
             return {row[0]: SourceRecord(*row) for row in cur.fetchall()}
 
     def hash_for_path(self, file_path: str) -> str | None:
