@@ -48,7 +48,7 @@ def _rows(store) -> dict[str, tuple[str, np.ndarray]]:
 
 def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
     cfg, database, embedder = tree
-    store = database.open_store(dimension=TINY_DIMENSION, model_name=cfg.model_name)
+    store = database.open_store(dimension=TINY_DIMENSION)
     try:
         store.clear()
         indexer = Indexer(cfg, embedder, store)

@@ -49,7 +49,7 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 @pytest.fixture
 def store(database: Database) -> Iterator[EmbeddingStore]:
-    s = database.open_store(dimension=DIM, model_name=MODEL)
+    s = database.open_store(dimension=DIM)
     s.clear()
     try:
         yield s
@@ -157,7 +157,7 @@ def test_clear_empties_and_restarts_ids(store: EmbeddingStore, database: Databas
 def test_other_dimension_is_an_error_and_drops_nothing(store: EmbeddingStore, database: Database) -> None:
     store.upsert([row("/img/keep.png", "hk", basis(0))])
     with pytest.raises(StoreError) as info:
-        database.open_store(dimension=DIM * 2, model_name=MODEL)
+        database.open_store(dimension=DIM * 2)
     message = str(info.value)
     assert "'dimension'" in message and str(DIM) in message and str(DIM * 2) in message
     assert "Nothing was dropped" in message
@@ -188,7 +188,7 @@ def test_exact_and_hnsw_search_agree(store: EmbeddingStore, database: Database,
     # index, so price sequential scans out for a second store's connection (libpq's PGOPTIONS):
     # with exact_search_below low, its searches really go through the HNSW index.
     monkeypatch.setenv("PGOPTIONS", "-c enable_seqscan=off")
-    hnsw_store = database.open_store(dimension=DIM, model_name=MODEL)
+    hnsw_store = database.open_store(dimension=DIM)
     monkeypatch.delenv("PGOPTIONS")
     try:
         assert HNSW_INDEX in hnsw_store.indexed_search_plan(queries[0], k)

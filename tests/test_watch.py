@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from image_search.watch import Change, FolderHandler, ReadinessTracker, start_observer
+from image_search.watch import Change, ChangeKind, Folder, FolderHandler, ReadinessTracker, WatchedFolder, start_observer
 
 
 class FakeClock:
@@ -186,15 +186,15 @@ def test_folder_handler_create_temp_rename_and_delete(tmp_path: Path) -> None:
     watched = tmp_path / "images"
     watched.mkdir()
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    observer = start_observer({"images": (watched, True)}, changes, poll=False)
+    observer = start_observer({Folder.IMAGES: WatchedFolder(watched, True)}, changes, poll=False)
     try:
         # a plain create-and-write
         a = watched / "a.png"
         a.write_bytes(b"data")
-        got = _collect(changes, lambda s: any(c.kind == "closed" and c.path == a for c in s))
-        assert all(c.folder == "images" for c in got)
-        assert any(c.kind in ("touched",) and c.path == a and not c.is_directory for c in got)
-        assert not any(c.kind in ("deleted", "moved") for c in got)
+        got = _collect(changes, lambda s: any(c.kind is ChangeKind.CLOSED and c.path == a for c in s))
+        assert all(c.folder is Folder.IMAGES for c in got)
+        assert any(c.kind is ChangeKind.TOUCHED and c.path == a and not c.is_directory for c in got)
+        assert not any(c.kind in (ChangeKind.DELETED, ChangeKind.MOVED) for c in got)
 
         # a temp name, then a rename to the final name: closed on the temp, then moved to the final name
         tmp = watched / ".b.png.part"
@@ -202,24 +202,24 @@ def test_folder_handler_create_temp_rename_and_delete(tmp_path: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(b"more data")
         os.rename(tmp, final)
-        got = _collect(changes, lambda s: any(c.kind == "moved" for c in s))
-        closed = [i for i, c in enumerate(got) if c.kind == "closed" and c.path == tmp]
-        moved = [i for i, c in enumerate(got) if c.kind == "moved"]
+        got = _collect(changes, lambda s: any(c.kind is ChangeKind.MOVED for c in s))
+        closed = [i for i, c in enumerate(got) if c.kind is ChangeKind.CLOSED and c.path == tmp]
+        moved = [i for i, c in enumerate(got) if c.kind is ChangeKind.MOVED]
         assert closed and moved and closed[0] < moved[0], got
-        assert got[moved[0]] == Change("images", "moved", tmp, False, final)
+        assert got[moved[0]] == Change(Folder.IMAGES, ChangeKind.MOVED, tmp, False, final)
 
         # a delete
         final.unlink()
-        got = _collect(changes, lambda s: any(c.kind == "deleted" for c in s))
-        assert Change("images", "deleted", final, False) in got
+        got = _collect(changes, lambda s: any(c.kind is ChangeKind.DELETED for c in s))
+        assert Change(Folder.IMAGES, ChangeKind.DELETED, final, False) in got
 
         # a folder created inside (recursive watch): noticed as a directory change
         sub = watched / "sub"
         sub.mkdir()
         got = _collect(changes, lambda s: any(c.path == sub for c in s))
-        assert any(c.path == sub and c.is_directory and c.kind == "touched" for c in got)
+        assert any(c.path == sub and c.is_directory and c.kind is ChangeKind.TOUCHED for c in got)
         (sub / "c.png").write_bytes(b"c")
-        got = _collect(changes, lambda s: any(c.kind == "closed" and c.path == sub / "c.png" for c in s))
+        got = _collect(changes, lambda s: any(c.kind is ChangeKind.CLOSED and c.path == sub / "c.png" for c in s))
         # the parent folder's "modified" event is not passed on: it would rescan sub/ once per file
         assert not [c for c in got if c.is_directory], got
     finally:
@@ -232,13 +232,13 @@ def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
     watched.mkdir()
     a = _file(watched / "a.png")
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    observer = start_observer({"inbox": (watched, False)}, changes, poll=False)
+    observer = start_observer({Folder.INBOX: WatchedFolder(watched, False)}, changes, poll=False)
     try:
         time.sleep(0.1)  # let the watch settle before the read (not a wait for a condition)
         assert a.read_bytes()
         marker = watched / "marker.png"
         marker.write_bytes(b"m")
-        got = _collect(changes, lambda s: any(c.path == marker and c.kind == "closed" for c in s))
+        got = _collect(changes, lambda s: any(c.path == marker and c.kind is ChangeKind.CLOSED for c in s))
         assert not [c for c in got if c.path == a], got  # opening and reading a changes nothing
     finally:
         observer.stop()
@@ -247,6 +247,6 @@ def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
 
 def test_handler_never_raises_on_odd_events() -> None:
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    handler = FolderHandler("images", changes)
+    handler = FolderHandler(Folder.IMAGES, changes)
     handler.on_any_event(object())  # type: ignore[arg-type]  # must be swallowed, never kill the observer
     assert changes.empty()

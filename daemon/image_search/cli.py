@@ -16,19 +16,15 @@ from pathlib import Path
 import structlog
 
 from .config import Config, ConfigError, load_config
-from .embed import DimensionError, ModelLoadError
+from .errors import DimensionError, ModelLoadError
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .preprocess import PreprocessError
-from .runtime import Runtime, ShutdownRequested, open_runtime, raise_on_signals
+from .runtime import ExitCode, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .search import search_image
 from .store import StoreError
 
 log = structlog.get_logger("image_search")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _common(parser: argparse.ArgumentParser, *, required_config: bool) -> None:
@@ -67,25 +63,31 @@ def print_summary(summary: IndexSummary) -> None:
         print(f"  skipped {path}: {reason}")
 
 
-def run_searches(rt: Runtime, files: list[Path]) -> int:
-    """Search with each file; print each result folder. Returns the exit code (1 if any file failed)."""
-    status = EXIT_OK
+def _query_failed(path: Path, reason: str) -> None:
+    log.error("query_failed", path=str(path), reason=reason)
+    print(f"failed {path}: {reason}", file=sys.stderr)
+
+
+def run_searches(rt: Runtime, files: list[Path]) -> ExitCode:
+    """Search with each file; print each result folder. Returns the exit code (FAILED if any file failed)."""
+    status = ExitCode.OK
     for query in files:
+        # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
+        if query.is_dir() or not query.exists():
+            _query_failed(query, "is a folder, not an image file" if query.is_dir() else "no such file")
+            status = ExitCode.FAILED
+            continue
         try:
-            # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
-            if not query.exists() or query.is_dir():
-                raise PreprocessError(query, "is a folder, not an image file" if query.is_dir() else "no such file")
-            result = search_image(query, cfg=rt.cfg, embedder=rt.embedder, store=rt.store)
+            result = search_image(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store)
         except PreprocessError as exc:
-            log.error("query_failed", path=str(exc.path), reason=exc.reason)
-            print(f"failed {exc.path}: {exc.reason}", file=sys.stderr)
-            status = EXIT_FAILED
+            _query_failed(exc.path, exc.reason)
+            status = ExitCode.FAILED
             continue
         print(result.bundle)
     return status
 
 
-def interactive(rt: Runtime, indexer: Indexer) -> int:
+def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
     """The original tool's prompt: the model stays loaded between searches."""
     print("Enter the path of a query image ('reindex' rescans the source folder; empty line or 'quit' ends).")
     while True:
@@ -93,13 +95,17 @@ def interactive(rt: Runtime, indexer: Indexer) -> int:
             line = input("query> ").strip()
         except EOFError:
             print()
-            return EXIT_OK
+            return ExitCode.OK
         if line in ("", "quit", "exit", "q"):
-            return EXIT_OK
+            return ExitCode.OK
         if line == "reindex":
             print_summary(indexer.index_folder())
             continue
         run_searches(rt, [Path(line).expanduser()])
+
+
+def _raise_shutdown(signum: int) -> None:
+    raise ShutdownRequested(signum)
 
 
 def _run(args: argparse.Namespace, cfg: Config) -> int:
@@ -108,14 +114,14 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         from .service import serve
 
         return serve(cfg, cleanup=cleanup, poll=args.poll)
-    raise_on_signals()
+    install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
-        indexer = Indexer(cfg, rt.embedder, rt.store)
+        indexer = Indexer(cfg, rt.model(), rt.store)
         try:
             summary = indexer.index_folder()
             print_summary(summary)
             if args.command == "index" or args.process_only:
-                return EXIT_OK
+                return ExitCode.OK
             files = args.files if args.command == "search" else ([args.search] if args.search else None)
             if files is not None:
                 return run_searches(rt, files)
@@ -135,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, cfg)
     except ConfigError as exc:
         log.error("config_error", reason=str(exc))
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except (ModelLoadError, DimensionError, StoreError) as exc:
         log.error("startup_failed", reason=str(exc))
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except ShutdownRequested as exc:
         log.info("stopped", signal=str(exc))
         return 128 + exc.signum

@@ -19,15 +19,9 @@ import structlog
 import torch
 from PIL import Image
 
+from .errors import DimensionError, ModelLoadError
+
 log = structlog.get_logger(__name__)
-
-
-class ModelLoadError(Exception):
-    """The model cannot be loaded; the message says which model and what to do."""
-
-
-class DimensionError(Exception):
-    """The configured ``dimension`` is one the model cannot produce."""
 
 
 def choose_device(requested: str) -> torch.device:

@@ -14,15 +14,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from tqdm import tqdm
 
 from .config import Config
-from .discover import discover_images
-from .embed import Embedder
-from .preprocess import PreparedImage, PreprocessError, preprocess_image, processed_path_for, save_processed
+from .preprocess import PreparedImage, PreprocessError, preprocess_for, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
+from .sync import compare_folder, is_unchanged, stat_or_none
+
+if TYPE_CHECKING:  # torch is imported only where a model is loaded
+    from .embed import Embedder
 
 log = structlog.get_logger(__name__)
 
@@ -57,31 +60,10 @@ class IndexSummary:
 
 
 @dataclass(frozen=True)
-class FolderState:
-    """The source folder against the table, from stat data alone."""
-
-    files: int  # image files on disk
-    changed: list[Path]  # new, modified, or embedded by another model: to (re)index
-    removed: list[str]  # rows dropped because their source is gone
-
-
-@dataclass(frozen=True)
 class _Candidate:
     path: Path
     size: int
     mtime_ns: int
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:
-        return None
-
-
-def _is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: str) -> bool:
-    return (record is not None and record.source_size == st.st_size and record.source_mtime_ns == st.st_mtime_ns
-            and record.model_name == model_name)
 
 
 class Indexer:
@@ -101,10 +83,6 @@ class Indexer:
     def close(self) -> None:
         if self._owns_executor:
             self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def prepare(self, path: Path) -> PreparedImage:
-        return preprocess_image(path, max_size=(self.cfg.resize_width, self.cfg.resize_height),
-                                max_pixels=self.cfg.max_image_pixels)
 
     def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
         """Index ``paths`` (files under ``source-directory``) in batches; return what happened.
@@ -138,8 +116,8 @@ class Indexer:
         batch: list[_Candidate] = []
         for path in paths:
             summary.seen += 1
-            st = _stat(path)
-            if st is not None and not _is_unchanged(known.get(str(path)), st, self.embedder.info.name):
+            st = stat_or_none(path)
+            if st is not None and not is_unchanged(known.get(str(path)), st, self.cfg.model_name):
                 batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
                 if len(batch) >= self.cfg.batch_size:
                     yield batch
@@ -171,7 +149,7 @@ class Indexer:
         if not prepared:
             return summary
 
-        model = self.embedder.info.name
+        model = self.cfg.model_name
         stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
         to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
         claimed: set[str] = set()  # hashes taken by an earlier file of this batch
@@ -209,44 +187,16 @@ class Indexer:
 
     def _prepare_or_error(self, path: Path) -> PreparedImage | PreprocessError:
         try:
-            return self.prepare(path)
+            return preprocess_for(path, self.cfg)
         except PreprocessError as exc:
             return exc
         except Exception as exc:  # a decoder bug on one odd file must not stop the run (logged as a skip)
             return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
 
-    def remove_processed(self, source: Path) -> None:
-        """Delete the processed copy of a source that is gone (derived data: a leftover costs only disk)."""
-        try:
-            processed_path_for(source, self.cfg.source_directory, self.cfg.processed_directory).unlink(missing_ok=True)
-        except (OSError, ValueError):
-            pass
-
-    def compare_folder(self) -> FolderState:
-        """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
-        copies) of sources that are gone, and list the files whose size, mtime or model differ from their
-        row. No decoding, no model work."""
-        root = self.cfg.source_directory
-        known = self.store.sources()
-        gone = [p for p in known if not Path(p).is_file() or not _inside(Path(p), root)]
-        if gone:
-            self.store.delete_paths(gone)
-            for source in gone:
-                self.remove_processed(Path(source))
-            log.info("rows_removed", count=len(gone), reason="source file is gone")
-        on_disk = discover_images(root)
-        model = self.embedder.info.name
-        changed = []
-        for path in on_disk:
-            st = _stat(path)
-            if st is None or not _is_unchanged(known.get(str(path)), st, model):
-                changed.append(path)  # a file that vanished meanwhile is reported by index_paths
-        return FolderState(files=len(on_disk), changed=changed, removed=gone)
-
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""
         started = time.monotonic()
-        state = self.compare_folder()
+        state = compare_folder(self.cfg, self.store)
         unchanged = state.files - len(state.changed)
         summary = IndexSummary(seen=unchanged, unchanged=unchanged, removed=len(state.removed))
         show = sys.stderr.isatty() if show_progress is None else show_progress
@@ -257,10 +207,3 @@ class Indexer:
                  **summary.as_log_fields())
         return summary
 
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True

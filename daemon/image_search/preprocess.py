@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .config import Config
 from .discover import SUPPORTED_FORMATS
 
 JPEG_QUALITY = 95
@@ -44,6 +45,11 @@ class PreprocessError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class IncompleteFile(PreprocessError):
+    """Empty or truncated: what a file that is still being written looks like. Whether it is still
+    arriving or really broken is the caller's decision (by the file's age): see ``inbox``/``service``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +116,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
     except OSError as exc:
         raise PreprocessError(path, f"cannot read file ({exc.strerror})") from None
     if size == 0:
-        raise PreprocessError(path, "empty file (0 bytes)")
+        raise IncompleteFile(path, "empty file (0 bytes)")
     try:
         with Image.open(path, formats=SUPPORTED_FORMATS) as im:
             src_w, src_h = im.size
@@ -156,7 +162,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
         if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
-            raise PreprocessError(path, f"truncated or incomplete image ({text})") from None
+            raise IncompleteFile(path, f"truncated or incomplete image ({text})") from None
         raise PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})") from None
 
     buffer = io.BytesIO()
@@ -171,6 +177,11 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
         source_width=src_w,
         source_height=src_h,
     )
+
+
+def preprocess_for(path: Path, cfg: Config) -> PreparedImage:
+    """``preprocess_image`` with the configured box and pixel limit: how every caller prepares a file."""
+    return preprocess_image(path, max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels)
 
 
 def processed_path_for(source: Path, source_root: Path, processed_root: Path) -> Path:

@@ -1,22 +1,37 @@
-"""Runtime: the loaded model, the open store and the exit-time cleanup, shared by every command."""
+"""Runtime: the model, the open store and the exit-time cleanup, shared by every command.
+
+The model loads in a background thread (importing torch and transformers takes seconds) while the
+database starts and the folder is compared with the table; whoever first needs the model waits for it.
+``open_runtime`` alone decides whether the table is emptied at exit.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from enum import IntEnum
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
 from .config import Config, ensure_directories
-from .embed import Embedder
 from .store import Database, EmbeddingStore
 
+if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
+    from .embed import Embedder
+
 log = structlog.get_logger(__name__)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # also "restart me": systemd's Restart=on-failure starts the service again and it reconciles
+    USAGE = 2
 
 
 class ShutdownRequested(BaseException):
@@ -27,58 +42,103 @@ class ShutdownRequested(BaseException):
         self.signum = signum
 
 
-@dataclass
-class Runtime:
-    cfg: Config
-    embedder: Embedder
-    database: Database
-    store: EmbeddingStore
-    cleanup: bool  # empty the table at exit; a service exiting for a restart turns it off
+class RestartRequested(Exception):
+    """Only a restart can help (the watch was lost, the embedded database died): the process exits
+    non-zero and the table is kept, so the restarted service finds the index and reconciles."""
 
-    def reconnect(self) -> None:
-        """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
+
+def install_stop_handlers(on_first: Callable[[int], None]) -> None:
+    """SIGTERM and SIGINT call ``on_first(signum)`` (set a flag, or raise to unwind); a second one
+    exits at once."""
+    def handler(signum: int, _: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
+        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
+        on_first(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class ModelLoading:
+    """``Embedder.load`` in a daemon thread; ``result`` waits for it and re-raises its error."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._embedder: Embedder | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, args=(cfg,), name="model-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, cfg: Config) -> None:
         try:
-            self.store.close()
-        except Exception:  # already broken: that is why we are here
-            pass
-        self.store = self.database.open_store(dimension=self.embedder.dimension, model_name=self.cfg.model_name)
+            from .embed import Embedder
+
+            self._embedder = Embedder.load(cfg.model_name, device=cfg.device, dimension=cfg.dimension)
+        except BaseException as exc:  # handed to the thread that waits for the model
+            self._error = exc
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    def result(self) -> Embedder:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._embedder is not None
+        return self._embedder
+
+
+class Runtime:
+    """The configuration, the open store and the model (loading in the background) of one run."""
+
+    def __init__(self, cfg: Config, store: EmbeddingStore, load_model: Callable[[], Embedder]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._load_model = load_model
+
+    def model(self) -> Embedder:
+        """The loaded model: waits for it the first time (raising its load error). The model has then
+        confirmed 'dimension', so the table can be created."""
+        embedder = self._load_model()
+        if not self.store.has_table:
+            self.store.create_table()
+        return embedder
 
 
 @contextmanager
 def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Iterator[Runtime]:
-    """Load the model, start or reach the database, open the store; on exit empty the table if
-    ``cleanup`` (the original tool's behaviour), close the store and stop an embedded server."""
+    """Start loading the model, start or reach the database, open the store. At exit, close the store
+    and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
+    but only after a run that had its model (a start-up error never costs the index) and never when
+    the block raised ``RestartRequested``."""
     ensure_directories(cfg, with_inbox=with_inbox)
     started = time.monotonic()
-    embedder = Embedder.load(cfg.model_name, device=cfg.device, dimension=cfg.dimension)
+    loading = ModelLoading(cfg)
     database = Database(cfg)
     try:
-        store = database.open_store(dimension=embedder.dimension, model_name=cfg.model_name)
+        # The table is created once the model has confirmed the dimension; until then it is only read.
+        store = database.open_store(dimension=cfg.dimension, create_table=False)
         log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
                  duration_ms=round((time.monotonic() - started) * 1000))
-        rt = Runtime(cfg, embedder, database, store, cleanup)
+
+        restarting = False
         try:
-            yield rt
+            yield Runtime(cfg, store, loading.result)
+        except RestartRequested:
+            restarting = True
+            raise
         finally:
-            store = rt.store
-            if rt.cleanup:
-                try:
-                    store.clear()
-                    log.info("table_emptied", reason="cleanup-on-exit (keep the index with --no-cleanup "
-                                                     "or \"cleanup-on-exit\": false)")
-                except Exception as exc:  # a dead database must not hide the original error
-                    log.error("cleanup_failed", reason=str(exc))
+            if cleanup and loading.loaded and not restarting:
+                _empty_table(store)
             store.close()
     finally:
         database.close()
 
 
-def raise_on_signals() -> None:
-    """One-shot commands: SIGTERM and SIGINT unwind through the cleanup; a second one exits at once."""
-    def handler(signum: int, _: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
-        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
-        raise ShutdownRequested(signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+def _empty_table(store: EmbeddingStore) -> None:
+    try:
+        store.clear()
+        log.info("table_emptied", reason="cleanup-on-exit (keep the index with --no-cleanup "
+                                         "or \"cleanup-on-exit\": false)")
+    except Exception as exc:  # a dead database must not hide the original error
+        log.error("cleanup_failed", reason=str(exc))

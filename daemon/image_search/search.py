@@ -6,14 +6,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from .config import Config
-from .embed import Embedder
 from .output import write_result_bundle
-from .preprocess import preprocess_image
+from .preprocess import preprocess_for
 from .store import EmbeddingStore, Hit
+
+if TYPE_CHECKING:  # torch is imported only where a model is loaded
+    from .embed import Embedder
 
 log = structlog.get_logger(__name__)
 
@@ -29,8 +32,7 @@ def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: Em
                  now: datetime | None = None, move_query: bool = False) -> SearchResult:
     """Search with one image file and write its result bundle. Raises PreprocessError for a bad file."""
     started = time.monotonic()
-    prepared = preprocess_image(query_path, max_size=(cfg.resize_width, cfg.resize_height),
-                                max_pixels=cfg.max_image_pixels)
+    prepared = preprocess_for(query_path, cfg)
     vector = embedder.embed_images([prepared.image])[0]
     hits = store.search(vector, cfg.top_k)
     bundle = write_result_bundle(cfg.output_directory, query_path, hits, cfg, now=now, move_query=move_query)

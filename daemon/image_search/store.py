@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,6 @@ from pgvector.psycopg2 import register_vector
 from .config import Config
 
 log = structlog.get_logger(__name__)
-
-TABLE = "image_embeddings"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS image_embeddings (
@@ -208,16 +206,21 @@ def _connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
 
 
 class EmbeddingStore:
-    """The ``image_embeddings`` table for one model and dimension."""
+    """The ``image_embeddings`` table for one dimension. It owns its connection: after the database
+    went away, ``reconnect`` replaces it in place, so every holder of the store keeps working."""
 
-    def __init__(self, conn: psycopg2.extensions.connection, *, dimension: int, model_name: str,
+    def __init__(self, connect: Callable[[], psycopg2.extensions.connection], *, dimension: int,
                  ef_search: int = 100, exact_search_below: int = 10_000) -> None:
-        self._conn = conn
+        self._connect = connect
         self.dimension = dimension
-        self.model_name = model_name
         self.ef_search = ef_search
         self.exact_search_below = exact_search_below
-        self._ensure_schema()
+        self._conn = connect()
+        try:
+            self.has_table = self._prepare()
+        except BaseException:
+            self._conn.close()
+            raise
 
     @contextmanager
     def _cursor(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -229,7 +232,11 @@ class EmbeddingStore:
             # The connection is gone (server restarted, network): the caller may reconnect and retry.
             raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
 
-    def _ensure_schema(self) -> None:
+    def _prepare(self) -> bool:
+        """Make sure pgvector is there and an existing table has our dimension; True if the table exists.
+
+        The table itself is created by ``create_table`` once the model has confirmed the dimension, so
+        a wrong 'dimension' never leaves an empty table of that size behind."""
         with self._conn, self._conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
             if cur.fetchone() is None:
@@ -245,14 +252,29 @@ class EmbeddingStore:
         with self._conn, self._conn.cursor() as cur:
             cur.execute(_TABLE_DIMENSION)
             found = cur.fetchone()
-            if found is not None and found[0] != self.dimension:
-                raise StoreError(
-                    f"table {TABLE} holds {found[0]}-dimensional embeddings but config key 'dimension' is "
-                    f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found[0]}, or point the "
-                    f"service at another database, or drop the table yourself (DROP TABLE {TABLE}) to re-index."
-                )
+        if found is not None and found[0] != self.dimension:
+            raise StoreError(
+                f"table image_embeddings holds {found[0]}-dimensional embeddings but config key 'dimension' is "
+                f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found[0]}, or point the "
+                "service at another database, or drop the table yourself (DROP TABLE image_embeddings) to re-index."
+            )
+        return found is not None
+
+    def create_table(self) -> None:
+        """Create the table and its indexes if missing (idempotent)."""
+        with self._cursor() as cur:
             cur.execute(_SCHEMA.format(dimension=int(self.dimension)))
             cur.execute(hnsw_index_ddl(self.dimension))
+        self.has_table = True
+
+    def reconnect(self) -> None:
+        """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
+        try:
+            self._conn.close()
+        except Exception:  # already broken: that is why we are here
+            pass
+        self._conn = self._connect()
+        register_vector(self._conn)
 
     def close(self) -> None:
         self._conn.close()
@@ -295,18 +317,24 @@ class EmbeddingStore:
             return [row[0] for row in cur.fetchall()]
 
     def clear(self) -> None:
+        if not self.has_table:
+            return
         with self._cursor() as cur:
             cur.execute(_CLEAR)
 
     # --- reading -------------------------------------------------------------------------------
 
     def count(self) -> int:
+        if not self.has_table:
+            return 0
         with self._cursor() as cur:
             cur.execute(_COUNT)
             return int(cur.fetchone()[0])
 
     def sources(self, paths: Iterable[str] | None = None) -> dict[str, SourceRecord]:
         """Stored sources by path: every one (what a rescan compares the folder against), or those at ``paths``."""
+        if not self.has_table:
+            return {}
         with self._cursor() as cur:
             if paths is None:
                 cur.execute(_SOURCES)
@@ -365,14 +393,19 @@ class Database:
         self._cfg = cfg
         self.embedded = EmbeddedPostgres(cfg.state_directory / "pgdata") if cfg.embedded_database else None
 
-    def open_store(self, *, dimension: int, model_name: str) -> EmbeddingStore:
-        conn = _connect(self._cfg, self.embedded.uri if self.embedded else None)
-        try:
-            return EmbeddingStore(conn, dimension=dimension, model_name=model_name,
-                                  ef_search=self._cfg.ef_search, exact_search_below=self._cfg.exact_search_below)
-        except BaseException:
-            conn.close()
-            raise
+    def open_store(self, *, dimension: int, create_table: bool = True) -> EmbeddingStore:
+        """The store, its table created unless ``create_table`` is false (a start-up that reads the table
+        while the model that confirms ``dimension`` is still loading)."""
+        uri = self.embedded.uri if self.embedded else None
+        store = EmbeddingStore(lambda: _connect(self._cfg, uri), dimension=dimension, ef_search=self._cfg.ef_search,
+                               exact_search_below=self._cfg.exact_search_below)
+        if create_table:
+            try:
+                store.create_table()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
     def close(self) -> None:
         if self.embedded is not None:

@@ -13,8 +13,10 @@ import errno
 import logging
 import os
 import queue
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 
 import structlog
@@ -34,19 +36,48 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from .preprocess import IncompleteFile, PreprocessError
+
 log = structlog.get_logger(__name__)
+
+
+class Folder(IntEnum):
+    """Where a change happened."""
+
+    IMAGES = 1  # source-directory, watched recursively
+    INBOX = 2  # inbox-directory, its top level only
+    WATCHING = 3  # the watching itself (lost events): no path of its own
+
+
+class ChangeKind(IntEnum):
+    TOUCHED = 1  # created or modified
+    CLOSED = 2  # closed after writing: the writer is probably done
+    DELETED = 3
+    MOVED = 4  # ``dest`` holds the new path
+    LOST = 5  # events were dropped (inbox overflow, failed re-watch): only a rescan can tell what happened
 
 
 @dataclass(frozen=True)
 class Change:
     """What happened at a path, reduced to what the service acts on."""
 
-    folder: str  # "images", "inbox", or "watch" for a problem of the watching itself
-    kind: str  # "touched" (created/modified), "closed" (closed after writing), "deleted", "moved", "lost"
+    folder: Folder
+    kind: ChangeKind
     path: Path
     is_directory: bool = False
     dest: Path | None = None
     detail: str = ""
+
+    @property
+    def final_path(self) -> Path:
+        """Where the file is now: the destination of a move, else the path itself."""
+        return self.dest if self.kind is ChangeKind.MOVED and self.dest is not None else self.path
+
+
+@dataclass(frozen=True)
+class WatchedFolder:
+    path: Path
+    recursive: bool
 
 
 class WatchdogWarnings(logging.Handler):
@@ -59,7 +90,7 @@ class WatchdogWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.changes.put(Change("watch", "lost", Path(), detail=record.getMessage()))
+            self.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail=record.getMessage()))
         except Exception:  # pragma: no cover - never raise into watchdog's threads
             pass
 
@@ -67,7 +98,7 @@ class WatchdogWarnings(logging.Handler):
 class FolderHandler(FileSystemEventHandler):
     """Turns watchdog events into ``Change`` records on a queue; never raises (that would kill the observer)."""
 
-    def __init__(self, folder: str, changes: queue.SimpleQueue[Change]) -> None:
+    def __init__(self, folder: Folder, changes: queue.SimpleQueue[Change]) -> None:
         self.folder = folder
         self.changes = changes
 
@@ -83,13 +114,13 @@ class FolderHandler(FileSystemEventHandler):
             path = Path(os.fsdecode(event.src_path))
             if isinstance(event, (FileMovedEvent, DirMovedEvent)):
                 dest = Path(os.fsdecode(event.dest_path))
-                self.changes.put(Change(self.folder, "moved", path, event.is_directory, dest))
+                self.changes.put(Change(self.folder, ChangeKind.MOVED, path, event.is_directory, dest))
             elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
-                self.changes.put(Change(self.folder, "deleted", path, event.is_directory))
+                self.changes.put(Change(self.folder, ChangeKind.DELETED, path, event.is_directory))
             elif isinstance(event, FileClosedEvent):
-                self.changes.put(Change(self.folder, "closed", path))
+                self.changes.put(Change(self.folder, ChangeKind.CLOSED, path))
             else:
-                self.changes.put(Change(self.folder, "touched", path, event.is_directory))
+                self.changes.put(Change(self.folder, ChangeKind.TOUCHED, path, event.is_directory))
         except Exception:  # pragma: no cover - last line of defence for the observer thread
             log.exception("watch_handler_failed")
 
@@ -98,13 +129,13 @@ class WatchError(Exception):
     """The folders cannot be watched; the message says why and what to do."""
 
 
-def start_observer(folders: dict[str, tuple[Path, bool]], changes: queue.SimpleQueue[Change], *,
+def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.SimpleQueue[Change], *,
                    poll: bool) -> BaseObserver:
-    """Watch each ``name -> (folder, recursive)``; PollingObserver for network filesystems."""
+    """Watch each folder; PollingObserver for network filesystems."""
     observer: BaseObserver = PollingObserver(timeout=2.0) if poll else Observer()
     try:
-        for name, (folder, recursive) in folders.items():
-            observer.schedule(FolderHandler(name, changes), str(folder), recursive=recursive)
+        for name, folder in folders.items():
+            observer.schedule(FolderHandler(name, changes), str(folder.path), recursive=folder.recursive)
         observer.start()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -118,11 +149,11 @@ def start_observer(folders: dict[str, tuple[Path, bool]], changes: queue.SimpleQ
     return observer
 
 
-def observer_problem(observer: BaseObserver, folders: dict[str, tuple[Path, bool]]) -> str | None:
+def observer_problem(observer: BaseObserver, folders: Mapping[Folder, WatchedFolder]) -> str | None:
     """Why the watching is no longer trustworthy, or None when it is."""
-    for name, (folder, _) in folders.items():
-        if not folder.is_dir():
-            return f"the watched {name} folder {folder} is gone"
+    for name, folder in folders.items():
+        if not folder.path.is_dir():
+            return f"the watched {name.name.lower()} folder {folder.path} is gone"
     if not observer.is_alive():
         return "the watch observer thread died"
     emitters = list(observer.emitters)
@@ -213,3 +244,21 @@ class ReadinessTracker:
             else:  # still being written: wait a full settle period again
                 self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
         return ready
+
+
+def still_being_written(path: Path, error: PreprocessError, grace_s: float, *,
+                        wall_clock: Callable[[], float] = time.time) -> bool:
+    """True for an empty or truncated file modified less than ``grace_s`` ago: a slow writer that is not
+    done yet, to wait for again rather than reject. Stability alone is not proof of completeness: a
+    writer can pause longer than settle-seconds between chunks, and one that reopens the file for each
+    chunk sends a close event after every one."""
+    if not isinstance(error, IncompleteFile):
+        return False
+    try:
+        age = wall_clock() - path.stat().st_mtime
+    except OSError:
+        return False
+    if age >= grace_s:
+        return False
+    log.debug("file_incomplete", path=str(path), reason=error.reason, modified_s_ago=round(age, 3))
+    return True

@@ -297,7 +297,7 @@ def bench_ingest(work: Path, model_dir: Path, camera: list[Path]) -> dict[str, f
     embedder = Embedder.load(str(model_dir), device="cpu", dimension=TINY_DIMENSION)
     database = Database(cfg)
     try:
-        store = database.open_store(dimension=embedder.dimension, model_name=cfg.model_name)
+        store = database.open_store(dimension=embedder.dimension)
         assert database.embedded is not None
 
         say(f"ingest: baseline (one at a time) over {len(sources)} camera JPEGs")
@@ -400,7 +400,7 @@ def bench_search(work: Path, sizes: dict[str, int], quick: bool) -> dict[str, fl
         uri = database.embedded.uri
         # The store creates the table and its HNSW index; loading goes faster with the index dropped and
         # rebuilt afterwards (same name and definition as the store's schema).
-        database.open_store(dimension=1024, model_name="bench-vectors").close()
+        database.open_store(dimension=1024).close()
         conn = psycopg2.connect(uri)
         with conn, conn.cursor() as cur:
             cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")

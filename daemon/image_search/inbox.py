@@ -1,0 +1,122 @@
+"""The query inbox: a file dropped into ``inbox/`` is a question; its answer is a result folder.
+
+A query waits until it is complete (``ReadinessTracker``), is answered (the result bundle is written
+and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.error.txt`` saying why.
+Queries already waiting at start-up are held until the start-up backlog is indexed, so their answers
+see the whole folder; queries dropped later jump the ingest queue. Nothing dropped here is deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .discover import IMAGE_EXTENSIONS, is_ignored_name
+from .preprocess import PreprocessError, write_atomically
+from .runtime import Runtime
+from .search import search_image
+from .store import DatabaseUnavailable
+from .watch import Change, ChangeKind, ReadinessTracker, still_being_written
+
+log = structlog.get_logger(__name__)
+
+FAILED_FOLDER = "failed"
+ANSWERS_PER_PASS = 4  # then the loop looks at its other work again
+
+
+class QueryInbox:
+    """The queries of one inbox folder, from noticed to answered or failed."""
+
+    def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float) -> None:
+        self.rt = rt
+        self.folder = rt.cfg.inbox_directory
+        self.pending = ReadinessTracker(rt.cfg.settle_seconds, clock=clock)
+        self.incomplete_grace = incomplete_grace
+        self.answered = 0
+        self.failed = 0
+        self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
+
+    def _is_query_candidate(self, path: Path) -> bool:
+        return path.parent == self.folder and not is_ignored_name(path.name)
+
+    def waiting(self) -> list[Path]:
+        """Query files in the folder now that are not queued yet (lost events can hide some)."""
+        return [p for p in sorted(self.folder.iterdir())
+                if p.is_file() and self._is_query_candidate(p) and p not in self.pending]
+
+    def hold_waiting(self) -> int:
+        """Start-up: hold the queries already there until ``release_held``. Returns how many."""
+        self._held = self.waiting()
+        return len(self._held)
+
+    def release_held(self) -> None:
+        for path in self._held:
+            self.pending.note(path)
+        self._held = []
+
+    def queue_waiting(self) -> None:
+        """After lost events: queue what is in the folder (held start-up queries stay held)."""
+        for path in self.waiting():
+            if path not in self._held:
+                self.pending.note(path)
+
+    def apply(self, change: Change) -> None:
+        if change.kind is ChangeKind.DELETED:
+            self.pending.forget(change.path)
+            return
+        if change.kind is ChangeKind.MOVED:
+            self.pending.forget(change.path)
+        path = change.final_path
+        if not change.is_directory and self._is_query_candidate(path):
+            # A rename into place is how careful writers finish a file: as good as a close.
+            self.pending.note(path, closed=change.kind in (ChangeKind.CLOSED, ChangeKind.MOVED))
+
+    def answer_ready(self) -> bool:
+        """Answer the queries that are complete now (a few per call). True if there were any."""
+        ready = self.pending.pop_ready(limit=ANSWERS_PER_PASS)
+        for path in ready:
+            self.answer(path)
+        return bool(ready)
+
+    def answer(self, path: Path) -> None:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            self.fail(path, f"not a supported query type '{path.suffix or path.name}': drop a JPEG, PNG, "
+                            "WebP, GIF, BMP or TIFF image")
+            return
+        try:
+            search_image(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True)
+        except PreprocessError as exc:
+            if still_being_written(path, exc, self.incomplete_grace):
+                self.pending.note(path)
+                return
+            self.fail(path, exc.reason)
+            return
+        except DatabaseUnavailable:
+            self.pending.note(path)  # answered once the database is back
+            raise
+        except Exception as exc:  # one odd query must not stop the service
+            log.error("query_crashed", path=str(path), error=f"{type(exc).__name__}: {exc}")
+            self.fail(path, f"unexpected error: {type(exc).__name__}: {exc}")
+            return
+        self.answered += 1
+
+    def fail(self, path: Path, reason: str) -> None:
+        """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why."""
+        self.failed += 1
+        failed = self.folder / FAILED_FOLDER
+        failed.mkdir(exist_ok=True)
+        target = failed / path.name
+        n = 2
+        while target.exists() or target.with_name(target.name + ".error.txt").exists():
+            target = failed / f"{path.stem}-{n}{path.suffix}"
+            n += 1
+        try:
+            shutil.move(path, target)
+        except FileNotFoundError:
+            log.warning("query_vanished", path=str(path))
+            return
+        write_atomically(target.with_name(target.name + ".error.txt"), f"{path.name}: {reason}\n".encode())
+        log.warning("query_failed", path=str(path), moved_to=str(target), reason=reason)

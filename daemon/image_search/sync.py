@@ -1,0 +1,177 @@
+"""Folder sync: keep the table and ``processed/`` in line with ``source-directory``, with no model work.
+
+What a deleted file, a rename, a folder moved in or out, or a change made while nothing was running
+means for the rows is decided here, for the CLI and the service alike. Files whose content may be new
+are only listed (``compare_folder``) or handed to a ``ReadinessTracker`` (``FolderSync.apply``): the
+indexer does the reading and the model work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from .config import Config
+from .discover import discover_images, is_image_candidate
+from .preprocess import processed_path_for
+from .store import EmbeddingStore, SourceRecord
+from .watch import Change, ChangeKind, ReadinessTracker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """The source folder against the table, from stat data alone."""
+
+    files: int  # image files on disk
+    changed: list[Path]  # new, modified, or embedded by another model: to (re)index
+    removed: list[str]  # rows dropped because their source is gone
+
+
+def stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: str) -> bool:
+    """Same size, mtime and model as the stored row: nothing to read."""
+    return (record is not None and record.source_size == st.st_size and record.source_mtime_ns == st.st_mtime_ns
+            and record.model_name == model_name)
+
+
+def remove_processed(cfg: Config, source: Path) -> None:
+    """Delete the processed copy of a source that is gone (derived data: a leftover costs only disk)."""
+    try:
+        processed_path_for(source, cfg.source_directory, cfg.processed_directory).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
+    """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
+    copies) of sources that are gone, and list the files whose size, mtime or model differ from their
+    row. No decoding, no model work, so it can run while the model is still loading."""
+    root = cfg.source_directory
+    known = store.sources()
+    gone = [p for p in known if not Path(p).is_file() or not Path(p).is_relative_to(root)]
+    if gone:
+        store.delete_paths(gone)
+        for source in gone:
+            remove_processed(cfg, Path(source))
+        log.info("rows_removed", count=len(gone), reason="source file is gone")
+    on_disk = discover_images(root)
+    changed = []
+    for path in on_disk:
+        st = stat_or_none(path)
+        if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
+            changed.append(path)  # a file that vanished meanwhile is reported by the indexer
+    return FolderState(files=len(on_disk), changed=changed, removed=gone)
+
+
+class FolderSync:
+    """Applies what the watcher saw in ``source-directory``: rows follow deletions and renames at once;
+    new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
+
+    def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.pending = pending
+        self.removed = 0  # rows dropped so far (deleted or moved-out sources)
+
+    def _is_image(self, path: Path) -> bool:
+        return is_image_candidate(path, self.cfg.source_directory)
+
+    def rescan(self) -> int:
+        """``compare_folder``, with every changed file queued for reading. Returns how many were queued."""
+        started = time.monotonic()
+        state = compare_folder(self.cfg, self.store)
+        self.removed += len(state.removed)
+        queued = 0
+        for path in state.changed:
+            if path not in self.pending:
+                self.pending.note(path)
+                queued += 1
+        log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
+                 duration_ms=round((time.monotonic() - started) * 1000))
+        return queued
+
+    def apply(self, change: Change) -> None:
+        root = self.cfg.source_directory
+        if change.kind is ChangeKind.DELETED:
+            self._source_gone(change.path, change.is_directory)
+        elif change.kind is ChangeKind.MOVED and change.dest is not None:
+            dest_inside = change.dest.is_relative_to(root)
+            if change.is_directory:
+                self._folder_moved(change.path, change.dest if dest_inside else None)
+            elif dest_inside and self._is_image(change.dest):
+                self._file_moved(change.path, change.dest)
+            else:
+                self._source_gone(change.path, False)
+        elif change.is_directory:
+            if change.kind is ChangeKind.TOUCHED and change.path.is_dir() and change.path != root:
+                # A folder moved or copied in: its files may have produced no events of their own.
+                for path in discover_images(change.path):
+                    self.pending.note(path)
+        elif self._is_image(change.path):
+            self.pending.note(change.path, closed=change.kind is ChangeKind.CLOSED)
+
+    def _source_gone(self, path: Path, is_directory: bool) -> None:
+        if is_directory:
+            self.pending.forget_under(path)
+            removed = self.store.delete_under(str(path))
+        else:
+            self.pending.forget(path)
+            removed = [str(path)] if self.store.delete_paths([str(path)]) else []
+        for source in removed:
+            remove_processed(self.cfg, Path(source))
+        if removed:
+            self.removed += len(removed)
+            log.info("rows_removed", path=str(path), count=len(removed), reason="source deleted or moved out")
+
+    def _file_moved(self, src: Path, dest: Path) -> None:
+        """A rename inside the folder: the embedding follows the file, no model work."""
+        self.pending.forget(src)
+        if dest in self.pending:
+            return  # still settling; it will be indexed (or relinked by hash) when ready
+        file_hash = self.store.hash_for_path(str(src))
+        if file_hash is None:
+            self.pending.note(dest, closed=True)  # not indexed yet (a temp name renamed into place)
+            return
+        self._relink(src, dest, file_hash)
+
+    def _relink(self, src: Path, dest: Path, file_hash: str) -> None:
+        root, processed_root = self.cfg.source_directory, self.cfg.processed_directory
+        old_processed = processed_path_for(src, root, processed_root)
+        new_processed = processed_path_for(dest, root, processed_root)
+        try:
+            st = dest.stat()
+            new_processed.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old_processed, new_processed)
+        except FileNotFoundError:
+            self.pending.note(dest)  # the processed copy is missing: index it properly
+            return
+        self.store.update_source(file_hash, file_path=str(dest), file_name=dest.name,
+                                 processed_path=str(new_processed), source_size=st.st_size,
+                                 source_mtime_ns=st.st_mtime_ns)
+        log.info("image_renamed", path=str(dest), previous=str(src), file_hash=file_hash)
+
+    def _folder_moved(self, src: Path, dest: Path | None) -> None:
+        if dest is None:
+            self._source_gone(src, True)
+            return
+        self.pending.forget_under(src)
+        moved = {p: r for p, r in self.store.sources().items() if Path(p).is_relative_to(src)}
+        for old, record in moved.items():
+            new = dest / Path(old).relative_to(src)
+            if new.is_file():
+                self._relink(Path(old), new, record.file_hash)
+        for path in discover_images(dest):
+            if str(src / path.relative_to(dest)) not in moved:
+                self.pending.note(path)
