@@ -1,0 +1,414 @@
+"""The service loop in-process: a real ``Service`` over the real embedded PostgreSQL and the tiny model,
+driven by ``Change`` records (what the watcher would report) and real files, on a fake clock.
+
+No watcher thread and no subprocess: each story puts changes on the queue, moves the clock and runs
+``Service.step`` until the loop has nothing left to do, then looks at the rows, the processed copies,
+the result folders and the inbox. Stories that need the process boundary (signals, sd_notify over a
+real socket, kill -9, inotify overflow) stay in test_service.py and test_recovery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from structlog.testing import capture_logs
+
+from conftest import TINY_DIMENSION, save_picture, write_config
+
+from image_search.config import Config, load_config
+from image_search.notify import Notifier
+from image_search.preprocess import preprocess_for
+from image_search.runtime import RestartRequested, Runtime
+from image_search.service import Service, StopFlag
+from image_search.store import Database
+from image_search.watch import Change, ChangeKind, Folder
+
+TOP_K = 3
+SETTLE = 0.3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class RecordingNotifier(Notifier):
+    """sd_notify as a list: what the service would have told systemd, in order."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(environ={})
+        self.output = output
+        self.sent: list[tuple[str, ...]] = []
+        self.bundles_at_ready: list[str] | None = None
+
+    def send(self, *fields: str) -> bool:
+        if "READY=1" in fields:
+            self.bundles_at_ready = sorted(p.name for p in self.output.iterdir() if not p.name.startswith("."))
+        self.sent.append(fields)
+        return True
+
+
+@dataclass
+class Story:
+    """One service over its own folders and database, and the handles a test drives it with."""
+
+    cfg: Config
+    database: Database
+    service: Service
+    changes: queue.SimpleQueue[Change]
+    clock: FakeClock
+    notifier: RecordingNotifier
+
+    @property
+    def images(self) -> Path:
+        return self.cfg.source_directory
+
+    @property
+    def inbox(self) -> Path:
+        return self.cfg.inbox_directory
+
+    def notice(self, folder: Folder, kind: ChangeKind, path: Path, *, dest: Path | None = None,
+               is_directory: bool = False) -> None:
+        self.changes.put(Change(folder, kind, path, is_directory, dest))
+
+    def run_until_idle(self, passes: int = 50) -> None:
+        """Step the loop, moving the clock past every settle period, until a pass finds nothing to do."""
+        for _ in range(passes):
+            self.clock.advance(SETTLE + 0.01)
+            worked = False
+            while self.service.step():
+                worked = True
+            if not worked and not len(self.service.images) and not len(self.service.inbox.pending):
+                return
+        raise AssertionError("the service loop did not become idle")
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        assert self.database.embedded is not None
+        with psycopg2.connect(self.database.embedded.uri) as conn, conn.cursor() as cur:
+            cur.execute("SELECT id, file_path, file_name, file_hash, processed_path FROM image_embeddings")
+            names = [d.name for d in cur.description]
+            rows = {r[1]: dict(zip(names, r)) for r in cur.fetchall()}
+        conn.close()
+        return rows
+
+    def bundle(self, query_name: str) -> Path:
+        stem, ext = os.path.splitext(query_name)
+        found = [b for b in self.cfg.output_directory.iterdir() if (b / f"{stem}.query{ext}").is_file()]
+        assert len(found) == 1, (query_name, list(self.cfg.output_directory.iterdir()))
+        return found[0]
+
+    def ask(self, name: str, source: Path) -> list[str]:
+        """Drop a copy of ``source`` into the inbox as ``name``; the ranked file paths of its answer."""
+        shutil.copyfile(source, self.inbox / name)
+        self.notice(Folder.INBOX, ChangeKind.CLOSED, self.inbox / name)
+        self.run_until_idle()
+        stem = Path(name).stem
+        lines = (self.bundle(name) / f"{stem}.jsonl").read_text().splitlines()
+        return [json.loads(line)["file_path"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir: Path):
+    from image_search.embed import Embedder
+
+    return Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+
+
+@pytest.fixture
+def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[Any]:
+    made: list[Story] = []
+
+    def make(files: dict[str, int] | None = None, *, start: bool = True, **overrides: object) -> Story:
+        root = tmp_path / f"tree{len(made)}"
+        cfg = load_config(write_config(root, tiny_model_dir, top_k=TOP_K, settle_seconds=SETTLE, **overrides))
+        for name, seed in (files or {}).items():
+            save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
+        database = Database(cfg)
+        store = database.open_store(dimension=cfg.dimension, create_table=False)
+        rt = Runtime(cfg, store, lambda: embedder)
+        changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        clock = FakeClock()
+        notifier = RecordingNotifier(cfg.output_directory)
+        service = Service(rt, changes=changes, stop=StopFlag(), notifier=notifier, clock=clock)
+        story = Story(cfg, database, service, changes, clock, notifier)
+        made.append(story)
+        if start:
+            service.start()
+            story.run_until_idle()
+        return story
+
+    yield make
+    for story in made:
+        story.service.close()
+        story.service.rt.store.close()
+        story.database.close()
+
+
+def expected_hash(path: Path, cfg: Config) -> str:
+    return preprocess_for(path, cfg).file_hash
+
+
+# --- start-up -------------------------------------------------------------------------------------
+
+
+def test_startup_indexes_the_folder_and_answers_a_waiting_query_only_after_ready(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2, "sub/c.png": 3}, start=False)
+    shutil.copyfile(story.images / "a.png", story.inbox / "waiting.png")
+    story.service.start()
+    assert story.notifier.bundles_at_ready == []  # nothing answered before READY=1
+    assert any(f[0] == "READY=1" and f[1].startswith("STATUS=") for f in story.notifier.sent)
+    story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(story.images / n) for n in ("a.png", "b.png", "sub/c.png")}
+    assert rows[str(story.images / "sub/c.png")]["file_hash"] == expected_hash(story.images / "sub/c.png", story.cfg)
+    ranking = [json.loads(line)["file_path"]
+               for line in (story.bundle("waiting.png") / "waiting.jsonl").read_text().splitlines()]
+    assert ranking[0] == str(story.images / "a.png")
+    assert list(story.inbox.iterdir()) == []
+
+
+def test_held_startup_query_waits_for_the_whole_backlog(story_factory) -> None:
+    """batch-size 2 and five images: the held query is answered after all five are indexed, so it can
+    rank the last of them first."""
+    files = {f"p{i}.png": 10 + i for i in range(5)}
+    story = story_factory(files, start=False, batch_size=2)
+    shutil.copyfile(story.images / "p4.png", story.inbox / "held.png")
+    story.service.start()
+    story.run_until_idle()
+    ranking = [json.loads(line)["file_path"]
+               for line in (story.bundle("held.png") / "held.jsonl").read_text().splitlines()]
+    assert ranking[0] == str(story.images / "p4.png")
+
+
+# --- images/ ----------------------------------------------------------------------------------------
+
+
+def test_new_file_becomes_a_row_after_it_settles_and_an_exact_copy_ranks_first(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    new = save_picture(story.images / "new.png", seed=41, size=(120, 90))
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, new)
+    story.service.step()
+    assert str(new) not in story.rows()  # not complete until it has been still for settle-seconds
+    story.run_until_idle()
+    row = story.rows()[str(new)]
+    assert row["file_hash"] == expected_hash(new, story.cfg) and Path(row["processed_path"]).is_file()
+    assert story.ask("q.png", new)[0] == str(new)
+    bundle = story.bundle("q.png")
+    assert {"q.json", "q.jsonl", "q.jpg", "q.query.png"} <= {p.name for p in bundle.iterdir()}
+    assert (bundle / "q.query.png").read_bytes() == new.read_bytes()
+
+
+def test_deleted_file_and_deleted_folder_lose_rows_and_processed_copies(story_factory) -> None:
+    story = story_factory({"gone.png": 1, "keep.png": 2, "album/x.png": 3, "album/y.png": 4})
+    rows = story.rows()
+    processed = {p: Path(r["processed_path"]) for p, r in rows.items()}
+    (story.images / "gone.png").unlink()
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "gone.png")
+    shutil.rmtree(story.images / "album")
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "album", is_directory=True)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "keep.png")}
+    for path in ("gone.png", "album/x.png", "album/y.png"):
+        assert not processed[str(story.images / path)].exists()
+    assert sum(e["count"] for e in logs if e["event"] == "rows_removed") == 3
+    assert story.service.sync.removed == 3
+    assert "3 removed" in story.service.status_text()
+
+
+def test_rename_moves_the_row_and_processed_copy_without_model_work(story_factory) -> None:
+    story = story_factory({"old-name.png": 7, "other.png": 8})
+    before = story.rows()[str(story.images / "old-name.png")]
+    os.rename(story.images / "old-name.png", story.images / "new-name.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "old-name.png", dest=story.images / "new-name.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    after = story.rows()[str(story.images / "new-name.png")]
+    assert (after["id"], after["file_hash"], after["file_name"]) == (before["id"], before["file_hash"], "new-name.png")
+    assert Path(after["processed_path"]).is_file() and not Path(before["processed_path"]).exists()
+    assert str(story.images / "old-name.png") not in story.rows()
+    assert [e["event"] for e in logs if e["event"] in ("image_renamed", "images_indexed")] == ["image_renamed"]
+
+
+def test_folder_moved_inside_keeps_rows_and_moved_out_drops_them(story_factory) -> None:
+    story = story_factory({"album/x.png": 4, "album/y.png": 5})
+    before = story.rows()
+    os.rename(story.images / "album", story.images / "trip")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "album", dest=story.images / "trip", is_directory=True)
+    story.run_until_idle()
+    rows = story.rows()
+    for name in ("x.png", "y.png"):
+        old, new = before[str(story.images / "album" / name)], rows[str(story.images / "trip" / name)]
+        assert (new["id"], new["file_hash"]) == (old["id"], old["file_hash"])
+        assert Path(new["processed_path"]).is_file()
+    assert story.service.indexed == 2  # the start-up's two, nothing re-embedded
+    outside = story.cfg.source_directory.parent / "elsewhere"
+    os.rename(story.images / "trip", outside)
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "trip", dest=outside, is_directory=True)
+    story.run_until_idle()
+    assert story.rows() == {}
+
+
+def test_folder_copied_in_is_walked(story_factory, tmp_path) -> None:
+    story = story_factory({})
+    staging = tmp_path / "staging"
+    for i in range(3):
+        save_picture(staging / f"s{i}.png", seed=60 + i)
+    shutil.copytree(staging, story.images / "import")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "import", is_directory=True)
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "import" / f"s{i}.png") for i in range(3)}
+
+
+def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    bad = story.images / "bad.png"
+    bad.write_text("this is not a picture\n")
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, bad)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    about_bad = [e for e in logs if e.get("path") == str(bad)]
+    assert len(about_bad) == 1 and about_bad[0]["log_level"] == "warning"
+    assert "not a supported image" in about_bad[0]["reason"]
+    assert str(bad) not in story.rows() and story.service.skipped == 1
+    assert story.ask("after.png", story.images / "a.png")[0] == str(story.images / "a.png")
+
+
+def test_half_written_image_waits_and_is_indexed_once_complete(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1})
+    data = save_picture(tmp_path / "slow.png", seed=77, size=(400, 300)).read_bytes()
+    target = story.images / "slow.png"
+    target.write_bytes(data[: len(data) // 2])  # the writer paused longer than settle-seconds
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, target)
+    with capture_logs() as logs:
+        for _ in range(3):  # settle passes go by: truncated but recent, so deferred, not skipped
+            story.clock.advance(SETTLE + 0.01)
+            while story.service.step():
+                pass
+        assert str(target) not in story.rows() and target in story.service.images
+        with open(target, "ab") as fh:
+            fh.write(data[len(data) // 2:])
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, target)
+        story.run_until_idle()
+    assert story.rows()[str(target)]["file_hash"] == expected_hash(target, story.cfg)
+    assert not [e for e in logs if e["event"] == "image_skipped"]
+    assert sum(e.get("embedded", 0) for e in logs if e["event"] == "images_indexed") == 1
+
+
+def test_rescan_interval_finds_what_no_event_reported(story_factory) -> None:
+    story = story_factory({"a.png": 1}, rescan_interval=60.0)
+    quiet = save_picture(story.images / "quiet.png", seed=90)  # no Change: the event was never seen
+    story.run_until_idle()
+    assert str(quiet) not in story.rows()
+    story.clock.advance(60)
+    story.run_until_idle()
+    assert str(quiet) in story.rows()
+
+
+def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    save_picture(story.images / "unseen.png", seed=91)
+    shutil.copyfile(story.images / "a.png", story.inbox / "unseen-q.png")
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert any(e["event"] == "watch_events_lost" for e in logs)
+    assert str(story.images / "unseen.png") in story.rows()
+    assert story.bundle("unseen-q.png").is_dir()
+
+
+# --- inbox/ -----------------------------------------------------------------------------------------
+
+
+def test_bad_queries_move_to_failed_with_a_reason_and_the_next_is_answered(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    failed = story.inbox / "failed"
+    (story.inbox / "notes.txt").write_text("not a picture\n")
+    (story.inbox / "broken.png").write_text("not a png either\n")
+    (failed).mkdir()
+    (failed / "broken.png").write_text("an earlier failure, kept\n")
+    for name in ("notes.txt", "broken.png"):
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / name)
+    story.run_until_idle()
+    assert (failed / "notes.txt").read_text() == "not a picture\n"  # nothing the user dropped is deleted
+    assert "not a supported query type" in (failed / "notes.txt.error.txt").read_text()
+    assert (failed / "broken.png").read_text() == "an earlier failure, kept\n"  # never overwritten
+    assert (failed / "broken-2.png").read_text() == "not a png either\n"
+    assert "not a supported image" in (failed / "broken-2.png.error.txt").read_text()
+    assert story.service.inbox.failed == 2
+    assert story.ask("good.png", story.images / "b.png")[0] == str(story.images / "b.png")
+    assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
+
+
+def test_half_written_query_is_answered_not_failed(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1})
+    data = save_picture(tmp_path / "q.png", seed=1, size=(400, 300)).read_bytes()
+    query = story.inbox / "slow-q.png"
+    query.write_bytes(data[:100])
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+    for _ in range(3):
+        story.clock.advance(SETTLE + 0.01)
+        while story.service.step():
+            pass
+    assert query.exists() and not (story.inbox / "failed").exists()
+    query.write_bytes(data)
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+    story.run_until_idle()
+    assert (story.bundle("slow-q.png") / "slow-q.query.png").read_bytes() == data
+
+
+def test_a_query_jumps_the_ingest_queue(story_factory) -> None:
+    story = story_factory({"a.png": 1}, batch_size=2)
+    for i in range(6):
+        save_picture(story.images / f"n{i}.png", seed=30 + i)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
+    shutil.copyfile(story.images / "a.png", story.inbox / "urgent.png")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "urgent.png")
+    assert not story.service.step()  # noticed now, complete once the clock has moved on
+    story.clock.advance(SETTLE + 0.01)
+    assert story.service.step()  # one pass: the query, not a batch of images
+    assert story.bundle("urgent.png").is_dir()
+    assert story.service.indexed == 1  # only the start-up's image so far
+
+
+# --- the database and the watch -------------------------------------------------------------------
+
+
+def test_external_database_outage_keeps_work_pending_then_catches_up(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    assert story.database.embedded is not None
+    with psycopg2.connect(story.database.embedded.uri) as admin, admin.cursor() as cur:
+        # The service's connection breaks under it (a server restart, a network cut).
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    admin.close()
+    save_picture(story.images / "during.png", seed=5)
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / "during.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert any(e["event"] == "database_unavailable" for e in logs)
+    assert any(e["event"] == "database_reconnected" for e in logs)
+    assert str(story.images / "during.png") in story.rows()
+
+
+def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
+    story = story_factory({"a.png": 1}, start=False)
+    story.service.watch_problem = lambda: "the watched images folder is gone"
+    with capture_logs() as logs, pytest.raises(RestartRequested):
+        story.service.run()
+    assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == ["the watched images folder is gone"]
