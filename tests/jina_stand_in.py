@@ -10,12 +10,29 @@ EVA-like tower of such attention blocks), and an ``encode_image`` that must neve
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 REMOTE_MODULE = "transformers_modules.jinaai.jina-clip-implementation.stand_in.eva_model"
+
+# jina-clip-v2's preprocessor_config.json as published (huggingface.co/jinaai/jina-clip-v2, main).
+JINA_CLIP_V2_PREPROCESSOR_CONFIG = {
+    "auto_map": {
+        "AutoImageProcessor": "jinaai/jina-clip-implementation--processing_clip.JinaCLIPImageProcessor",
+        "AutoProcessor": "jinaai/jina-clip-implementation--processing_clip.JinaCLIPProcessor",
+    },
+    "fill_color": 0,
+    "image_processor_type": "JinaCLIPImageProcessor",
+    "interpolation": "bicubic",
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "processor_class": "JinaCLIPProcessor",
+    "resize_mode": "shortest",
+    "size": 512,
+    "std": [0.26862954, 0.26130258, 0.27577711],
+}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -137,3 +154,28 @@ class JinaCLIPModel(nn.Module):
 
     def encode_image(self, *args: object, **kwargs: object) -> torch.Tensor:
         raise AssertionError("encode_image preprocesses image by image: the embedder must not call it")
+
+
+def jina_stand_in_processor(config: dict) -> Any:
+    """jina's JinaCLIPImageProcessor as its remote code builds it (a transformers BaseImageProcessor
+    whose transform is open_clip's eval ``image_transform``), from the same configuration values:
+    for resize_mode "shortest" and a square size that is torchvision's Resize(size) on the short
+    side, CenterCrop(size), RGB, ToTensor, Normalize(mean, std)."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+    from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+    class JinaCLIPImageProcessor(BaseImageProcessor):
+        model_input_names = ["pixel_values"]
+
+        def __init__(self, size: int, mean, std, resize_mode: str, interpolation: str, fill_color: int, **kwargs):
+            super().__init__(**kwargs)
+            assert resize_mode == "shortest"
+            mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+            self.transform = Compose([Resize(size, interpolation=mode), CenterCrop(size),
+                                      lambda im: im.convert("RGB"), ToTensor(), Normalize(mean=mean, std=std)])
+
+        def preprocess(self, images, **kwargs) -> BatchFeature:
+            return BatchFeature(data={"pixel_values": torch.stack([self.transform(im) for im in images])})
+
+    settings = {k: v for k, v in config.items() if k not in ("auto_map", "image_processor_type", "processor_class")}
+    return JinaCLIPImageProcessor(**settings)

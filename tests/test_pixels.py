@@ -22,23 +22,7 @@ from image_search.pixels import (
     load_pixel_spec,
     to_model_pixels,
 )
-
-# jina-clip-v2's preprocessor_config.json as published (huggingface.co/jinaai/jina-clip-v2, main).
-JINA_CLIP_V2_PREPROCESSOR_CONFIG = {
-    "auto_map": {
-        "AutoImageProcessor": "jinaai/jina-clip-implementation--processing_clip.JinaCLIPImageProcessor",
-        "AutoProcessor": "jinaai/jina-clip-implementation--processing_clip.JinaCLIPProcessor",
-    },
-    "fill_color": 0,
-    "image_processor_type": "JinaCLIPImageProcessor",
-    "interpolation": "bicubic",
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "processor_class": "JinaCLIPProcessor",
-    "resize_mode": "shortest",
-    "size": 512,
-    "std": [0.26862954, 0.26130258, 0.27577711],
-}
-
+from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_processor
 
 def pictures(sizes: list[tuple[int, int]], seed: int = 1) -> list[Image.Image]:
     """Random RGB pictures of the given (width, height)."""
@@ -68,32 +52,6 @@ def test_spec_read_from_a_saved_processor_reproduces_it(processor_name: str, tmp
         ours = to_model_pixels(image, spec)
         assert ours.dtype == np.uint8 and (ours.shape[1], ours.shape[0]) == spec.output_size
         np.testing.assert_allclose(normalised(ours, spec), reference, atol=1e-5)
-
-
-def jina_stand_in_processor(config: dict):
-    """jina's JinaCLIPImageProcessor as its remote code builds it (a transformers BaseImageProcessor
-    whose transform is open_clip's eval ``image_transform``), from the same configuration values:
-    for resize_mode "shortest" and a square size that is torchvision's Resize(size) on the short
-    side, CenterCrop(size), RGB, ToTensor, Normalize(mean, std)."""
-    import torch
-    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
-    from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-
-    class JinaCLIPImageProcessor(BaseImageProcessor):
-        model_input_names = ["pixel_values"]
-
-        def __init__(self, size: int, mean, std, resize_mode: str, interpolation: str, fill_color: int, **kwargs):
-            super().__init__(**kwargs)
-            assert resize_mode == "shortest"
-            mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
-            self.transform = Compose([Resize(size, interpolation=mode), CenterCrop(size),
-                                      lambda im: im.convert("RGB"), ToTensor(), Normalize(mean=mean, std=std)])
-
-        def preprocess(self, images, **kwargs) -> BatchFeature:
-            return BatchFeature(data={"pixel_values": torch.stack([self.transform(im) for im in images])})
-
-    settings = {k: v for k, v in config.items() if k not in ("auto_map", "image_processor_type", "processor_class")}
-    return JinaCLIPImageProcessor(**settings)
 
 
 def test_jina_clip_v2_spec_equals_its_processor() -> None:
