@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ from image_search.embed import (
     choose_dtype,
 )
 from image_search.pixels import PixelSpec, to_model_pixels
-from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, JinaCLIPModel, jina_stand_in_processor
+from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
 
 
 def _pictures() -> list[Image.Image]:
@@ -129,7 +134,7 @@ def test_jina_pixels_on_the_device_equal_its_processor() -> None:
 def test_jina_goes_through_get_image_features_then_truncates_then_normalises() -> None:
     config = {**JINA_CLIP_V2_PREPROCESSOR_CONFIG, "size": 32}  # the stand-in tower's input size
     spec = PixelSpec.from_processor_config(config)
-    model = JinaCLIPModel(image_size=32, dim=32).eval()  # its encode_image raises
+    model = jina_stand_in_model(image_size=32)  # its encode_image raises
     info = ModelInfo("jina stand-in", "jina", 32, (8, 16, 32))
     jina = Embedder(model, info, torch.device("cpu"), torch.float32, check_dimension(info, 16), pixel_spec=spec)
     images = _pictures()
@@ -140,6 +145,48 @@ def test_jina_goes_through_get_image_features_then_truncates_then_normalises() -
     expected = torch.nn.functional.normalize(full[:, :16], dim=-1).numpy()  # truncate first, then normalise
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     assert not np.allclose(vectors, torch.nn.functional.normalize(full, dim=-1)[:, :16].numpy(), atol=1e-3)
+
+
+def test_a_jina_checkpoint_loads_through_the_fast_path_with_sdpa_attention(tmp_path: Path) -> None:
+    """Embedder.load on a jina-style remote-code checkpoint: family jina, EVA attention patched, pixels
+    from jina's preprocessor config, vectors from get_image_features (its encode_image raises). In a
+    subprocess, so the remote code is cached under tmp_path and not in the user's HF_MODULES_CACHE."""
+    model_dir = save_jina_stand_in(tmp_path / "jina_stand_in_checkpoint")
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from PIL import Image
+        from structlog.testing import capture_logs
+        from image_search.embed import Embedder
+        from image_search.pixels import to_model_pixels
+        with capture_logs() as logs:
+            jina = Embedder.load({str(model_dir)!r}, device="cpu", dimension=16)
+        pictures = [Image.new("RGB", (90, 60), (200, 10, 10)), Image.new("RGB", (33, 70), (10, 200, 10))]
+        vectors = jina.embed_images(pictures)
+        again = jina.embed_pixels(np.stack([to_model_pixels(p, jina.pixel_spec) for p in pictures]))
+        attention = [m for m in jina._model.modules() if type(m).__name__ == "Attention"]
+        print(json.dumps({{
+            "family": jina.info.family, "native": jina.info.native_dimension,
+            "matryoshka": list(jina.info.matryoshka_dimensions), "dimension": jina.dimension,
+            "input": list(jina.pixel_spec.output_size), "shape": list(vectors.shape),
+            "norms": np.linalg.norm(vectors, axis=1).round(5).tolist(), "same": bool(np.allclose(vectors, again, atol=1e-6)),
+            "attention_modules": sorted({{type(m).__module__.rsplit(".", 1)[-1] for m in attention}}),
+            "patched": [m.forward.__func__.__name__ for m in attention],
+            "events": [e["event"] for e in logs if e["event"] in ("eva_attention_patched", "model_loaded")],
+            "feature_calls": jina._model.image_feature_calls,
+        }}))
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["family"] == "jina" and report["native"] == 32 and report["matryoshka"] == [8, 16, 32]
+    assert report["dimension"] == 16 and report["input"] == [32, 32] and report["shape"] == [2, 16]
+    assert report["norms"] == [1.0, 1.0] and report["same"]
+    assert report["attention_modules"] == ["eva_model"] and report["patched"] == ["_sdpa_forward"] * 2
+    assert report["events"] == ["eva_attention_patched", "model_loaded"]
+    assert report["feature_calls"] >= 3  # the size probe at load, then the two embeddings
 
 
 def test_dtype_is_float32_on_cpu_and_bfloat16_for_jina_on_ampere_and_later(monkeypatch) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 
 from image_search import eva_attention
 from image_search.eva_attention import is_eva_attention, patch_eva_attention
-from jina_stand_in import Attention, JinaCLIPModel, Rope
+from jina_remote_code.eva_model import Attention, Rope
+from jina_stand_in import jina_stand_in_model
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def test_biases_and_masks_keep_the_remote_codes_own_path(monkeypatch) -> None:
 
 
 def test_a_whole_tower_is_patched_with_one_log_line_and_only_without_xformers(monkeypatch) -> None:
-    model = JinaCLIPModel().eval()
+    model = jina_stand_in_model()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         naive = model.get_image_features(pixel_values=pixels)
@@ -77,7 +78,7 @@ def test_a_whole_tower_is_patched_with_one_log_line_and_only_without_xformers(mo
         torch.testing.assert_close(model.get_image_features(pixel_values=pixels), naive, atol=1e-5, rtol=1e-5)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # xformers "installed"
-    assert patch_eva_attention(JinaCLIPModel()) == 0
+    assert patch_eva_attention(jina_stand_in_model()) == 0
 
 
 def test_only_the_remote_eva_attention_class_is_recognised() -> None:
