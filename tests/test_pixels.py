@@ -73,6 +73,13 @@ def test_jina_clip_v2_spec_equals_its_processor() -> None:
     assert differs_with_floor >= 2  # the test pictures do exercise the rounding
 
 
+def test_spec_crosses_to_worker_processes_intact() -> None:
+    import pickle
+
+    spec = PixelSpec.from_processor_config(JINA_CLIP_V2_PREPROCESSOR_CONFIG)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+
+
 def test_spec_needs_exactly_one_resize_and_a_crop_that_fits() -> None:
     with pytest.raises(ValueError):
         PixelSpec(None, None, None, CropRounding.FLOOR, Image.Resampling.BICUBIC, 1 / 255, (0, 0, 0), (1, 1, 1))
