@@ -217,7 +217,12 @@ class Embedder:
         """One forward pass: (n, dimension) float32 unit vectors, on the device.
 
         Truncation comes before normalisation, as jina's encode_image does (Matryoshka prefixes are
-        what was trained to stand alone)."""
+        what was trained to stand alone).
+
+        Not compiled (torch.compile): it would need a config key (compiling a large tower adds tens of
+        seconds or more to start-up, and config.py is not this module's), and jina's EVA forward_features
+        rebinds ``self.rope.forward`` to a new partial on every call, a module mutation inside forward
+        that dynamo must break or recompile on; compiling each EVA block instead is the likely way. Unmeasured."""
         features = self._model.get_image_features(pixel_values=pixel_values)
         if self._truncate is not None:
             features = features[:, :self._truncate]
