@@ -3,7 +3,8 @@
 jina-clip-implementation's ``eva_model.Attention`` (the EVA02 tower of jina-clip-v1/v2) has two
 paths: xformers' ``memory_efficient_attention`` when xformers is installed and enabled, otherwise a
 naive ``softmax(q k^T * scale) v`` that materialises an N x N matrix per head (1297 x 1297 at 512 px,
-16 heads, 24 layers). Without xformers, ``patch_eva_attention`` gives each such module a forward
+16 heads, 24 layers). Where xformers is not used (not installed, or disabled: jina's loader turns
+``xattn`` off without CUDA or without xformers), ``patch_eva_attention`` gives each such module a forward
 that is the remote code's own step for step (q/k/v projections with their biases, rotary embedding
 of all tokens but the class token, inner layer norm, output projection, dropouts) with only the
 attention product replaced by ``scaled_dot_product_attention``, which picks a flash or
@@ -15,7 +16,6 @@ and by the attributes its forward reads, so a differently shaped class is left a
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from typing import Any
 
@@ -41,10 +41,6 @@ def is_eva_attention(module: nn.Module) -> bool:
         return False
     projections = ("q_proj", "k_proj", "v_proj") if getattr(module, "subln", False) else ("qkv",)
     return all(hasattr(module, name) for name in _ATTRIBUTES + projections)
-
-
-def xformers_available() -> bool:
-    return importlib.util.find_spec("xformers") is not None
 
 
 def _sdpa_forward(self: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None,
@@ -77,16 +73,14 @@ def _sdpa_forward(self: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor |
 
 
 def patch_eva_attention(model: nn.Module) -> int:
-    """Route every EVA attention module of ``model`` through SDPA when xformers is not installed.
+    """Route every EVA attention module of ``model`` that does not use xformers through SDPA.
 
-    Returns how many modules were patched (0 with xformers, or for a model without such modules).
-    Patching twice is harmless: a patched module keeps its original forward once.
+    Returns how many modules were patched (0 where xformers is used, or for a model without such
+    modules). Patching twice is harmless: a patched module keeps its original forward once.
     """
-    if xformers_available():
-        return 0
     patched = 0
     for module in model.modules():
-        if not is_eva_attention(module):
+        if not is_eva_attention(module) or module.xattn:  # xformers' kernel is already a fused one
             continue
         if not hasattr(module, _ORIGINAL_FORWARD):
             # Stored on the instance's __dict__ (a bound method is neither a Module nor a Parameter).
@@ -96,5 +90,5 @@ def patch_eva_attention(model: nn.Module) -> int:
     if patched:
         first: Any = next(m for m in model.modules() if is_eva_attention(m))
         log.info("eva_attention_patched", modules=patched, attention="torch scaled_dot_product_attention",
-                 replaces=f"{type(first).__module__}.{EVA_ATTENTION_CLASS} naive softmax (xformers not installed)")
+                 replaces=f"{type(first).__module__}.{EVA_ATTENTION_CLASS} naive softmax (xformers not used)")
     return patched
