@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +16,17 @@ from PIL import Image
 
 from conftest import TINY_DIMENSION, save_tiny_clip
 from image_search.embed import (
+    DEFAULT_MAX_BATCH,
     DimensionError,
     Embedder,
     ModelInfo,
     ModelLoadError,
-    _clip_geometry,
-    _resize_and_crop,
+    _ModelInput,
     check_dimension,
+    choose_dtype,
 )
+from image_search.pixels import PixelSpec, to_model_pixels
+from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
 
 
 def _pictures() -> list[Image.Image]:
@@ -32,28 +40,15 @@ def embedder(tiny_model_dir: Path) -> Embedder:
     return Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
 
 
-def test_fast_pixel_path_equals_the_models_own_processor(embedder: Embedder) -> None:
+def test_fast_pixel_path_equals_the_models_own_processor(embedder: Embedder, tiny_model_dir: Path) -> None:
+    from transformers import CLIPImageProcessor
+
+    assert embedder.pixel_spec is not None and embedder._processor is None  # the fast path, no processor loaded
     images = _pictures()
-    reference = embedder._processor(images=images, return_tensors="pt")["pixel_values"]
-    fast = embedder._pixels(images)
+    reference = CLIPImageProcessor.from_pretrained(tiny_model_dir)(images=images, return_tensors="pt")["pixel_values"]
+    fast = embedder._input.from_images(images)
     assert fast.shape == reference.shape
-    assert torch.allclose(fast, reference, atol=1e-5)
-
-
-@pytest.mark.parametrize("processor_name", ["CLIPImageProcessor", "SiglipImageProcessor"])
-def test_resize_and_crop_mirror_stock_processors(processor_name: str) -> None:
-    import transformers
-
-    processor = getattr(transformers, processor_name)()  # stock settings: CLIP 224 crop, SigLIP 224 square
-    geometry = _clip_geometry(processor)
-    assert geometry is not None
-    mean = np.array(geometry.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.array(geometry.std, dtype=np.float32).reshape(3, 1, 1)
-    for image in _pictures():
-        reference = processor(images=[image], return_tensors="np")["pixel_values"][0]
-        ours = (_resize_and_crop(image, geometry).transpose(2, 0, 1).astype(np.float32) * geometry.rescale - mean) / std
-        assert ours.shape == reference.shape
-        np.testing.assert_allclose(ours, reference, atol=1e-4)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
 
 
 def test_embeddings_are_unit_float32_and_deterministic(embedder: Embedder) -> None:
@@ -66,23 +61,142 @@ def test_embeddings_are_unit_float32_and_deterministic(embedder: Embedder) -> No
     assert embedder.embed_images([]).shape == (0, TINY_DIMENSION)
 
 
+def test_embed_pixels_takes_model_sized_uint8_in_passes_of_max_batch(embedder: Embedder, monkeypatch) -> None:
+    images = _pictures()
+    assert embedder.pixel_spec is not None
+    batch = np.stack([to_model_pixels(im, embedder.pixel_spec) for im in images])
+    expected = embedder.embed_images(images)
+    passes: list[int] = []
+    real_forward = embedder._forward
+
+    def counting_forward(pixel_values: torch.Tensor) -> torch.Tensor:
+        passes.append(len(pixel_values))
+        return real_forward(pixel_values)
+
+    monkeypatch.setattr(embedder, "_forward", counting_forward)
+    monkeypatch.setattr(embedder, "max_batch", 4)
+    np.testing.assert_allclose(embedder.embed_pixels(batch), expected, atol=1e-5)
+    assert passes == [4, 2]  # the forward pass size is max_batch, not the caller's batch
+    assert embedder.embed_pixels(batch[:0]).shape == (0, TINY_DIMENSION)
+    with pytest.raises(ValueError, match="uint8"):
+        embedder.embed_pixels(batch.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(n, 32, 32, 3\)"):
+        embedder.embed_pixels(batch[:, :16])
+
+
 def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(embedder: Embedder, monkeypatch) -> None:
     images = _pictures()
     expected = embedder.embed_images(images)
     real_forward = embedder._forward
     seen: list[int] = []
 
-    def forward_that_fits_two(batch, truncate):  # a GPU that holds two images at a time
-        seen.append(len(batch))
-        if len(batch) > 2:
+    def forward_that_fits_two(pixel_values: torch.Tensor) -> torch.Tensor:  # a GPU that holds two images at a time
+        seen.append(len(pixel_values))
+        if len(pixel_values) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(batch, truncate)
+        return real_forward(pixel_values)
 
     monkeypatch.setattr(embedder, "_forward", forward_that_fits_two)
     monkeypatch.setattr(embedder, "max_batch", 64)
     np.testing.assert_allclose(embedder.embed_images(images), expected, atol=1e-5)
     assert embedder.max_batch == 2
     assert seen[0] == len(images) and max(seen[-3:]) <= 2
+
+
+def test_a_processor_not_mirrored_is_used_as_it_is(tmp_path: Path) -> None:
+    from transformers import ViTImageProcessor
+
+    model_dir = save_tiny_clip(tmp_path / "vit-processor")
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(model_dir)  # replaces the CLIP processor's preprocessor_config.json
+    fallback = Embedder.load(str(model_dir), device="cpu")
+    assert fallback.pixel_spec is None and fallback.max_batch == DEFAULT_MAX_BATCH
+    images = _pictures()
+    with torch.inference_mode():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        expected = torch.nn.functional.normalize(fallback._model.get_image_features(pixel_values=pixels), dim=-1)
+    np.testing.assert_allclose(fallback.embed_images(images), expected.numpy(), atol=1e-5)
+    with pytest.raises(RuntimeError, match="embed_images"):
+        fallback.embed_pixels(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+
+
+def test_jina_pixels_on_the_device_equal_its_processor() -> None:
+    spec = PixelSpec.from_processor_config(JINA_CLIP_V2_PREPROCESSOR_CONFIG)
+    model_input = _ModelInput.build(torch.device("cpu"), torch.float32, spec, None)
+    images = [Image.fromarray(a) for a in np.random.default_rng(5).integers(0, 256, (3, 515, 600, 3), dtype=np.uint8)]
+    images.append(Image.new("RGB", (700, 1400), (200, 30, 90)))
+    reference = jina_stand_in_processor(JINA_CLIP_V2_PREPROCESSOR_CONFIG)(images)["pixel_values"]
+    ours = model_input.from_images(images)
+    assert ours.shape == reference.shape == (4, 3, 512, 512)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_jina_goes_through_get_image_features_then_truncates_then_normalises() -> None:
+    config = {**JINA_CLIP_V2_PREPROCESSOR_CONFIG, "size": 32}  # the stand-in tower's input size
+    spec = PixelSpec.from_processor_config(config)
+    model = jina_stand_in_model(image_size=32)  # its encode_image raises
+    info = ModelInfo("jina stand-in", "jina", 32, (8, 16, 32))
+    jina = Embedder(model, info, torch.device("cpu"), torch.float32, check_dimension(info, 16), pixel_spec=spec)
+    images = _pictures()
+    vectors = jina.embed_images(images)
+    assert vectors.shape == (len(images), 16) and model.image_feature_calls == 1
+    with torch.inference_mode():
+        full = model.get_image_features(pixel_values=jina_stand_in_processor(config)(images)["pixel_values"])
+    expected = torch.nn.functional.normalize(full[:, :16], dim=-1).numpy()  # truncate first, then normalise
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    assert not np.allclose(vectors, torch.nn.functional.normalize(full, dim=-1)[:, :16].numpy(), atol=1e-3)
+
+
+def test_a_jina_checkpoint_loads_through_the_fast_path_with_sdpa_attention(tmp_path: Path) -> None:
+    """Embedder.load on a jina-style remote-code checkpoint: family jina, EVA attention patched, pixels
+    from jina's preprocessor config, vectors from get_image_features (its encode_image raises). In a
+    subprocess, so the remote code is cached under tmp_path and not in the user's HF_MODULES_CACHE."""
+    model_dir = save_jina_stand_in(tmp_path / "jina_stand_in_checkpoint")
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from PIL import Image
+        from structlog.testing import capture_logs
+        from image_search.embed import Embedder
+        from image_search.pixels import to_model_pixels
+        with capture_logs() as logs:
+            jina = Embedder.load({str(model_dir)!r}, device="cpu", dimension=16)
+        pictures = [Image.new("RGB", (90, 60), (200, 10, 10)), Image.new("RGB", (33, 70), (10, 200, 10))]
+        vectors = jina.embed_images(pictures)
+        again = jina.embed_pixels(np.stack([to_model_pixels(p, jina.pixel_spec) for p in pictures]))
+        attention = [m for m in jina._model.modules() if type(m).__name__ == "Attention"]
+        print(json.dumps({{
+            "family": jina.info.family, "native": jina.info.native_dimension,
+            "matryoshka": list(jina.info.matryoshka_dimensions), "dimension": jina.dimension,
+            "input": list(jina.pixel_spec.output_size), "shape": list(vectors.shape),
+            "norms": np.linalg.norm(vectors, axis=1).round(5).tolist(), "same": bool(np.allclose(vectors, again, atol=1e-6)),
+            "attention_modules": sorted({{type(m).__module__.rsplit(".", 1)[-1] for m in attention}}),
+            "patched": [m.forward.__func__.__name__ for m in attention],
+            "events": [e["event"] for e in logs if e["event"] in ("eva_attention_patched", "model_loaded")],
+            "feature_calls": jina._model.image_feature_calls,
+        }}))
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["family"] == "jina" and report["native"] == 32 and report["matryoshka"] == [8, 16, 32]
+    assert report["dimension"] == 16 and report["input"] == [32, 32] and report["shape"] == [2, 16]
+    assert report["norms"] == [1.0, 1.0] and report["same"]
+    assert report["attention_modules"] == ["eva_model"] and report["patched"] == ["_sdpa_forward"] * 2
+    assert report["events"] == ["eva_attention_patched", "model_loaded"]
+    assert report["feature_calls"] >= 3  # the size probe at load, then the two embeddings
+
+
+def test_dtype_is_float32_on_cpu_and_bfloat16_for_jina_on_ampere_and_later(monkeypatch) -> None:
+    assert choose_dtype(torch.device("cpu"), "jina") == torch.float32
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_dtype(cuda, "jina") == torch.bfloat16
+    assert choose_dtype(cuda, "clip") == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert choose_dtype(cuda, "jina") == torch.float16
 
 
 def test_configured_dimension_must_be_one_the_model_produces(tiny_model_dir: Path) -> None:
@@ -107,8 +221,16 @@ def test_a_model_that_cannot_be_found_is_one_clear_error(tmp_path: Path) -> None
         Embedder.load(str(broken), device="cpu")
 
 
+def test_a_model_without_its_preprocessor_config_is_one_clear_error(tmp_path: Path) -> None:
+    model_dir = save_tiny_clip(tmp_path / "no-processor")
+    (model_dir / "preprocessor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no-processor.*preprocessor_config.json"):
+        Embedder.load(str(model_dir), device="cpu")
+
+
 def test_cuda_request_without_a_gpu_falls_back_to_cpu(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     model = save_tiny_clip(tmp_path / "m")
     assert Embedder.load(str(model), device="cuda").device.type == "cpu"
+

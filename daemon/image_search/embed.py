@@ -1,15 +1,22 @@
 """Embedding: one model loaded once through transformers, images in, L2-normalised float32 vectors out.
 
-Two families are supported through the same ``from_pretrained`` path:
-- jina-clip-v2 (remote code): ``encode_image`` with Matryoshka ``truncate_dim``;
-- stock transformers CLIP and SigLIP: the model's image processor, then ``get_image_features``.
+Two families are supported through the same ``from_pretrained`` path and the same fast path:
+- jina-clip-v2 (remote code, ``JinaCLIPModel``): ``get_image_features``, then the Matryoshka
+  truncation, then L2 normalisation (what its ``encode_image`` does, without its per-image PIL loop);
+- stock transformers CLIP and SigLIP: ``get_image_features``, then L2 normalisation.
+
+The fast path: the model's processor is read from its ``preprocessor_config.json`` (``pixels.py``),
+pictures are resized and cropped to the model's size in uint8 (by ``embed_images`` here, or by worker
+processes that call ``to_model_pixels``), and ``embed_pixels`` uploads the uint8 batch and does the
+rescale and normalisation on the device. A processor that ``pixels.py`` does not mirror is used as
+it is (slower, same results).
 Text embedding (the next capability) fits beside ``embed_images``: both towers are loaded.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,13 @@ import torch
 from PIL import Image
 
 from .errors import DimensionError, ModelLoadError
+from .eva_attention import patch_eva_attention
+from .pixels import PixelSpec, PixelSpecError, load_pixel_spec, to_model_pixels
 
 log = structlog.get_logger(__name__)
+
+# Images per forward pass on the CPU, and on CUDA until the probe at load has measured free memory.
+DEFAULT_MAX_BATCH = 64
 
 
 def choose_device(requested: str) -> torch.device:
@@ -72,17 +84,21 @@ class ModelInfo:
 
 
 class Embedder:
-    """A model kept in memory on one device. Use ``Embedder.load``; then ``embed_images`` any number of times."""
+    """A model kept in memory on one device. Use ``Embedder.load``; then ``embed_images`` or
+    ``embed_pixels`` any number of times."""
 
-    def __init__(self, model: Any, processor: Any, info: ModelInfo, device: torch.device, dtype: torch.dtype,
-                 dimension: int) -> None:
+    def __init__(self, model: Any, info: ModelInfo, device: torch.device, dtype: torch.dtype, dimension: int, *,
+                 pixel_spec: PixelSpec | None, processor: Any = None, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._model = model
-        self._processor = processor
+        self._processor = processor  # the model's own image processor: only where pixel_spec is None
+        self._input = _ModelInput.build(device, dtype, pixel_spec, processor)
+        self.pixel_spec = pixel_spec
         self.info = info
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
-        self.max_batch = 64  # images per forward pass: sized to free GPU memory at load, lowered after an OOM
+        self.max_batch = max_batch  # images per forward pass: sized to free GPU memory at load, lowered after an OOM
+        self._truncate = None if dimension == info.native_dimension else dimension
 
     @classmethod
     def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None) -> Embedder:
@@ -95,168 +111,205 @@ class Embedder:
         hf_logging.set_verbosity_error()  # their warnings about unused weights are noise in our journal
         hub_logging.set_verbosity_error()  # one line per download retry, too; a failure ends in our own line
         torch_device = choose_device(device)
-        dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
         source = str(Path(model_name).expanduser()) if _is_local(model_name) else model_name
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+            dtype = choose_dtype(torch_device, "jina" if _is_jina_config(config) else "clip")
             model = AutoModel.from_pretrained(source, trust_remote_code=True, torch_dtype=dtype)
         except (OSError, ValueError, ImportError) as exc:
             raise _load_error(model_name, exc) from None
         model = model.to(torch_device).eval()
-        processor = None
-        if hasattr(model, "encode_image"):
+        if not hasattr(model, "get_image_features"):
+            raise ModelLoadError(
+                f"model '{model_name}' ({type(model).__name__}) has no get_image_features (as CLIP, SigLIP and "
+                "jina-clip have): it is not an image-text embedding model"
+            )
+        if hasattr(model, "encode_image"):  # jina-clip; its encode_image (a per-image PIL loop) is never used
             family = "jina"
             matryoshka = tuple(int(d) for d in (getattr(config, "matryoshka_dimensions", None) or ()))
-        elif hasattr(model, "get_image_features"):
+        else:
             family = "clip"
             matryoshka = ()
+        patch_eva_attention(model)  # jina-clip's EVA tower without xformers; other models have no such module
+        processor = None
+        try:
+            spec: PixelSpec | None = load_pixel_spec(source)
+        except PixelSpecError as exc:
+            spec = None
+            log.warning("pixel_fast_path_unavailable", model=model_name, reason=str(exc),
+                        detail="using the model's own image processor, on the main thread")
             try:
                 processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
-            except (OSError, ValueError) as exc:
-                raise _load_error(model_name, exc) from None
-        else:
-            raise ModelLoadError(
-                f"model '{model_name}' ({type(model).__name__}) has neither encode_image (jina-clip) nor "
-                "get_image_features (CLIP, SigLIP): it is not an image-text embedding model"
-            )
-        info = ModelInfo(model_name, family, 0, matryoshka)
-        embedder = cls(model, processor, info, torch_device, dtype, dimension=0)
+            except (OSError, ValueError, ImportError) as load_exc:
+                raise _load_error(model_name, load_exc) from None
+        model_input = _ModelInput.build(torch_device, dtype, spec, processor)
         # One tiny forward pass tells the true output size (and warms the model up).
-        native = embedder._forward([Image.new("RGB", (8, 8), (127, 127, 127))], truncate=None).shape[1]
-        if torch_device.type == "cuda":
-            embedder.max_batch = embedder._batch_that_fits()
-        embedder.info = ModelInfo(model_name, family, native, matryoshka)
-        embedder.dimension = check_dimension(embedder.info, dimension if dimension is not None else native)
+        with torch.inference_mode():
+            native = int(model.get_image_features(pixel_values=model_input.probe(1)).shape[1])
+        max_batch = _batch_that_fits(model, model_input) if torch_device.type == "cuda" else DEFAULT_MAX_BATCH
+        info = ModelInfo(model_name, family, native, matryoshka)
+        checked = check_dimension(info, dimension if dimension is not None else native)
+        embedder = cls(model, info, torch_device, dtype, checked, pixel_spec=spec, processor=processor,
+                       max_batch=max_batch)
         log.info("model_loaded", model=model_name, family=family, device=str(torch_device),
-                 dtype=str(dtype).removeprefix("torch."), dimension=embedder.dimension, native_dimension=native)
+                 dtype=str(dtype).removeprefix("torch."), dimension=checked, native_dimension=native,
+                 pixels="fast" if spec is not None else "model processor",
+                 model_input=None if spec is None else f"{spec.output_size[0]}x{spec.output_size[1]}")
         return embedder
 
-    def _forward(self, images: Sequence[Image.Image], truncate: int | None) -> np.ndarray:
-        with torch.inference_mode():
-            if self.info.family == "jina":
-                out = self._model.encode_image(list(images), batch_size=max(1, len(images)),
-                                               truncate_dim=truncate, convert_to_numpy=False,
-                                               convert_to_tensor=True, normalize_embeddings=False)
-                features = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
-            else:
-                features = self._model.get_image_features(pixel_values=self._pixels(images))
-                if truncate is not None:
-                    features = features[:, :truncate]
-            features = features.float()
-            features = torch.nn.functional.normalize(features, dim=-1)
-            return features.cpu().numpy().astype(np.float32, copy=False)
-
-    def _batch_that_fits(self, probe: int = 4, ceiling: int = 256) -> int:
-        """CUDA only: measure what one image of a forward pass costs and size batches to about 70% of
-        the free memory (the out-of-memory backoff in ``embed_images`` remains the safety net)."""
-        try:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            self._forward([Image.new("RGB", (512, 512), (127, 127, 127))] * probe, truncate=None)
-            per_image = max(1, (torch.cuda.max_memory_allocated() - before) // probe)
-            free, _ = torch.cuda.mem_get_info()
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            log.warning("gpu_batch_probe_failed", reason=str(exc), batch_size=self.max_batch)
-            return self.max_batch
-        fits = int(max(1, min(ceiling, 0.7 * free // per_image)))
-        log.info("gpu_batch_size", batch_size=fits, per_image_mb=round(per_image / 2**20, 1),
-                 free_mb=round(free / 2**20))
-        return fits
-
-    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The model's input tensor. Resizing and cropping stay uint8 on the CPU; the uint8 batch goes to
-        the device (pinned, asynchronously, on CUDA) and is rescaled and normalised there."""
-        geometry = _clip_geometry(self._processor)
-        if geometry is None:  # a processor we do not mirror: let it do everything
-            pixels = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
-            return pixels.to(self.device, self.dtype)
-        batch = torch.from_numpy(np.stack([_resize_and_crop(im, geometry) for im in images])).permute(0, 3, 1, 2)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        mean = torch.tensor(geometry.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(geometry.std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((batch.to(torch.float32) * geometry.rescale - mean) / std).to(self.dtype)
-
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed RGB images: an (n, dimension) float32 array of unit vectors.
-
-        On a CUDA out-of-memory error the batch is split and the smaller size is kept for later
-        batches, instead of dying.
-        """
+        """Embed RGB images: an (n, dimension) float32 array of unit vectors."""
         if not images:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        truncate = None if self.dimension == self.info.native_dimension else self.dimension
-        out: list[np.ndarray] = []
+        if self.pixel_spec is not None:
+            spec = self.pixel_spec
+            return self.embed_pixels(np.stack([to_model_pixels(image, spec) for image in images]))
+        return self._in_passes(len(images), lambda start, stop: self._input.from_images(images[start:stop]))
+
+    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """Embed pictures already at the model's size (``pixels.to_model_pixels``): an (n, height, width, 3)
+        uint8 array in, an (n, dimension) float32 array of unit vectors out.
+
+        Forward passes hold up to ``max_batch`` pictures, whatever ``n`` is. On a CUDA out-of-memory
+        error the pass is split and the smaller size is kept for later passes, instead of dying.
+        """
+        if self.pixel_spec is None:
+            raise RuntimeError(f"model '{self.info.name}' has an image processor pixels.py does not mirror: "
+                               "use embed_images")
+        width, height = self.pixel_spec.output_size
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
+            raise ValueError(f"embed_pixels takes (n, {height}, {width}, 3) uint8 pictures, "
+                             f"not {batch.dtype} {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        batch = np.ascontiguousarray(batch)
+        return self._in_passes(len(batch), lambda start, stop: self._input.from_pixels(batch[start:stop]))
+
+    def _in_passes(self, count: int, model_input: Callable[[int, int], torch.Tensor]) -> np.ndarray:
+        """Unit vectors for items [0, count): forward passes of at most ``max_batch`` items, whose input
+        ``model_input(start, stop)`` builds on the device. The vectors stay on the device until the
+        last pass, so uploads, passes and the single download queue up without waiting on each other."""
+        outputs: list[torch.Tensor] = []
         start = 0
-        while start < len(images):
-            chunk = images[start:start + self.max_batch]
-            try:
-                out.append(self._forward(chunk, truncate))
-            except torch.cuda.OutOfMemoryError:
-                if self.max_batch == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.max_batch = max(1, (len(chunk) + 1) // 2)
-                log.warning("gpu_out_of_memory", action="smaller batches", batch_size=self.max_batch)
-                continue
-            start += len(chunk)
-        return np.concatenate(out)
+        with torch.inference_mode():
+            while start < count:
+                stop = min(count, start + self.max_batch)
+                try:
+                    outputs.append(self._forward(model_input(start, stop)))
+                except torch.cuda.OutOfMemoryError:
+                    if self.max_batch == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    self.max_batch = max(1, (stop - start + 1) // 2)
+                    log.warning("gpu_out_of_memory", action="smaller batches", batch_size=self.max_batch)
+                    continue
+                start = stop
+            return torch.cat(outputs).cpu().numpy()
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One forward pass: (n, dimension) float32 unit vectors, on the device.
+
+        Truncation comes before normalisation, as jina's encode_image does (Matryoshka prefixes are
+        what was trained to stand alone).
+
+        Not compiled (torch.compile): it would need a config key (compiling a large tower adds tens of
+        seconds or more to start-up, and config.py is not this module's), and jina's EVA forward_features
+        rebinds ``self.rope.forward`` to a new partial on every call, a module mutation inside forward
+        that dynamo must break or recompile on; compiling each EVA block instead is the likely way. Unmeasured."""
+        features = self._model.get_image_features(pixel_values=pixel_values)
+        if self._truncate is not None:
+            features = features[:, :self._truncate]
+        return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    shortest_edge: int | None  # resize the short side to this (CLIP), or
-    size: tuple[int, int] | None  # resize to exactly (width, height) (SigLIP)
-    crop: tuple[int, int] | None  # centre crop (width, height)
-    resample: int
-    rescale: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+def _is_jina_config(config: Any) -> bool:
+    return str(getattr(config, "model_type", "")).startswith("jina_clip")
 
 
-def _clip_geometry(processor: Any) -> _Geometry | None:
-    """What a CLIP/SigLIP image processor does, read from its settings; None if it does something else."""
-    size = getattr(processor, "size", None) or {}
-    if getattr(processor, "do_resize", True) is False or not getattr(processor, "do_normalize", True):
-        return None
-    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
-        return None
-    if "shortest_edge" in size:
-        shortest, exact = int(size["shortest_edge"]), None
-    elif "height" in size and "width" in size:
-        shortest, exact = None, (int(size["width"]), int(size["height"]))
-    else:
-        return None
-    return _Geometry(
-        shortest_edge=shortest, size=exact,
-        crop=(int(crop["width"]), int(crop["height"])) if crop else None,
-        resample=int(getattr(processor, "resample", Image.Resampling.BICUBIC)),
-        rescale=float(getattr(processor, "rescale_factor", 1 / 255)) if getattr(processor, "do_rescale", True) else 1.0,
-        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),  # type: ignore[arg-type]
-    )
+def choose_dtype(device: torch.device, family: str) -> torch.dtype:
+    """float32 on the CPU. On CUDA: bfloat16 for jina-clip where the GPU computes it natively, else float16.
+
+    Why bfloat16 for jina-clip-v2: jina trained it in bfloat16 and publishes its weights in bfloat16;
+    its own loader (JinaCLIPPreTrainedModel.from_pretrained) defaults to torch_dtype="auto", i.e. runs
+    it in bfloat16. float16 would be a conversion jina never validated: 3 more mantissa bits, but a
+    range that ends at 65504, where an EVA tower's activations are not known to stay. On Ampere and
+    later (compute capability 8+) bfloat16 and float16 run at the same tensor-core rate, so the
+    choice costs no speed there; before Ampere bfloat16 is emulated and float16 is the fast type.
+    (Chosen from these facts, not measured: no GPU was lent when this was written.)
+    CLIP and SigLIP stay in float16, as before: OpenAI's CLIP was trained with float16 mixed precision.
+    """
+    if device.type != "cuda":
+        return torch.float32
+    if family == "jina" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
 
 
-def _resize_and_crop(image: Image.Image, g: _Geometry) -> np.ndarray:
-    """Resize and crop as transformers' CLIP/SigLIP processors do, staying in uint8."""
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    w, h = image.size
-    if g.shortest_edge is not None:
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = g.shortest_edge, int(g.shortest_edge * long / short)
-        target = (new_short, new_long) if w <= h else (new_long, new_short)
-    else:
-        assert g.size is not None
-        target = g.size
-    if target != image.size:
-        image = image.resize(target, resample=g.resample)
-    if g.crop is not None:
-        cw, ch = g.crop
-        left, top = (image.width - cw) // 2, (image.height - ch) // 2
-        image = image.crop((left, top, left + cw, top + ch))
-    return np.asarray(image, dtype=np.uint8)
+@dataclass(frozen=True, eq=False)
+class _ModelInput:
+    """How pictures become the model's ``pixel_values`` on the device."""
+
+    device: torch.device
+    dtype: torch.dtype
+    spec: PixelSpec | None
+    processor: Any  # used only where spec is None
+    mean: torch.Tensor | None  # (1, 3, 1, 1) float32 on the device, with spec
+    std: torch.Tensor | None
+
+    @classmethod
+    def build(cls, device: torch.device, dtype: torch.dtype, spec: PixelSpec | None, processor: Any) -> _ModelInput:
+        if spec is None and processor is None:
+            raise ValueError("the model's input needs a PixelSpec or the model's own image processor")
+        if spec is None:
+            return cls(device, dtype, None, processor, None, None)
+        mean = torch.tensor(spec.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+        return cls(device, dtype, spec, processor, mean, std)
+
+    def from_pixels(self, batch: np.ndarray) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> normalised (n, 3, H, W) in the model's dtype. The uint8 batch (a quarter
+        of the float bytes) is what crosses to the GPU, from pinned memory, without blocking; rescale
+        and normalisation run there, in float32 as the processors compute them."""
+        assert self.spec is not None and self.mean is not None and self.std is not None
+        uint8 = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            uint8 = uint8.pin_memory().to(self.device, non_blocking=True)
+        pixels = uint8.permute(0, 3, 1, 2).to(torch.float32)
+        return ((pixels * self.spec.rescale - self.mean) / self.std).to(self.dtype).contiguous()
+
+    def from_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if self.spec is not None:
+            spec = self.spec
+            return self.from_pixels(np.stack([to_model_pixels(image, spec) for image in images]))
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def probe(self, count: int) -> torch.Tensor:
+        """``count`` mid-grey pictures as model input (for the output size and the memory probe)."""
+        if self.spec is not None:
+            width, height = self.spec.output_size
+            return self.from_pixels(np.full((count, height, width, 3), 127, dtype=np.uint8))
+        return self.from_images([Image.new("RGB", (512, 512), (127, 127, 127))] * count)
+
+
+def _batch_that_fits(model: Any, model_input: _ModelInput, probe: int = 4, ceiling: int = 256) -> int:
+    """CUDA only: measure what one image of a forward pass costs and size passes to about 70% of the
+    free memory (the out-of-memory backoff in ``Embedder._in_passes`` remains the safety net)."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=model_input.probe(probe))
+        torch.cuda.synchronize()
+        per_image = max(1, (torch.cuda.max_memory_allocated() - before) // probe)
+        free, _ = torch.cuda.mem_get_info()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        log.warning("gpu_batch_probe_failed", reason=str(exc), batch_size=DEFAULT_MAX_BATCH)
+        return DEFAULT_MAX_BATCH
+    fits = int(max(1, min(ceiling, 0.7 * free // per_image)))
+    log.info("gpu_batch_size", batch_size=fits, per_image_mb=round(per_image / 2**20, 1), free_mb=round(free / 2**20))
+    return fits
 
 
 def check_dimension(info: ModelInfo, dimension: int) -> int:
