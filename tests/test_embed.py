@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIMENSION, save_tiny_clip
+from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from image_search.embed import (
     DimensionError,
     Embedder,

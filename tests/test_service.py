@@ -6,25 +6,16 @@ carries most stories (indexing, queries, deletes, renames, bad files, slow write
 the very end SIGTERM with the default cleanup), and one lifecycle story carries the restarts
 (--no-cleanup SIGTERM, offline changes, kill -9).
 
-Rows are read while the service runs through a plain psycopg2 connection to the socket named in the
-pgdata's ``postmaster.pid``, not through ``image_search.store.Database``: a ``Database`` in the test
-process would register the test's pid as a pgserver handle, and while it is listed the service's own
-shutdown does not stop the embedded server (and the test's cached server handle goes stale across
-service restarts). When no service runs, rows are read through ``Database`` like the CLI tests do.
+Rows are read with tests.support.db: while the service runs through the socket named in the pgdata's
+``postmaster.pid`` (``live_rows``), when no service runs through ``Database`` (``stopped_server_rows``);
+that module says why.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,18 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg2
 import pytest
-
-from conftest import save_picture, write_config
 
 from image_search.config import load_config
 from image_search.preprocess import preprocess_image
-from image_search.store import Database
+from tests.support.db import live_rows, postgres_running, rows_by_path, stop_leftover_postgres, stopped_server_rows
+from tests.support.env import child_env
+from tests.support.files import find_bundle, inbox_files, read_jsonl, save_picture, write_config
+from tests.support.notify import NotifyListener
+from tests.support.service import ServiceProcess
+from tests.support.waiting import DEFAULT_TIMEOUT_S, wait_for
 
-CLI = Path(sys.executable).parent / "image-search"
-TIMEOUT = 30.0
-START_TIMEOUT = 90.0
 TOP_K = 3
 
 
@@ -54,239 +44,15 @@ def picture_bytes(tmp: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: s
     return save_picture(tmp / f"_bytes_{seed}.{fmt.lower()}", seed, size, fmt).read_bytes()
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT, proc: ServiceProc | None = None) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` (and the log) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.popen.poll() is not None:
-            raise AssertionError(f"service exited (rc={proc.popen.returncode}) while waiting for {what}\n{proc.log_text()}")
-        if time.monotonic() > deadline:
-            tail = proc.log_text()[-6000:] if proc is not None else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
-        time.sleep(0.05)
-
-
-_FIELD = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""")
-
-
-def parse_line(line: str) -> dict[str, Any]:
-    """One structlog key=value line (values rendered with repr) as a dict."""
-    out: dict[str, Any] = {}
-    for key, raw in _FIELD.findall(line):
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
-def pg_connect(state_dir: Path) -> psycopg2.extensions.connection | None:
-    """A connection to the running embedded server of ``state_dir`` (None when it is not running)."""
-    pid_file = state_dir / "pgdata" / "postmaster.pid"
-    try:
-        lines = pid_file.read_text().splitlines()
-        pid, port, socket_dir = int(lines[0]), lines[3].strip(), lines[4].strip()
-    except (OSError, IndexError, ValueError):
-        return None
-    if not _alive(pid):
-        return None
-    try:
-        return psycopg2.connect(host=socket_dir, port=port, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError:
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_ROWS_SQL = ("SELECT id, file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name "
-             "FROM image_embeddings ORDER BY file_path, id")
-
-
-def _rows_from(conn: psycopg2.extensions.connection) -> dict[str, dict[str, Any]]:
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('image_embeddings') IS NOT NULL")
-        if not cur.fetchone()[0]:
-            return {}
-        cur.execute(_ROWS_SQL)
-        names = [d.name for d in cur.description]
-        return {row[1]: dict(zip(names, row)) for row in cur.fetchall()}
-
-
-def live_rows(state_dir: Path) -> dict[str, dict[str, Any]]:
-    """file_path -> row, read from the embedded server the running service uses."""
-    conn = wait_for(lambda: pg_connect(state_dir), "a connection to the embedded PostgreSQL")
-    try:
-        return _rows_from(conn)
-    finally:
-        conn.close()
-
-
-def stopped_rows(config_path: Path) -> dict[str, dict[str, Any]]:
-    """file_path -> row, with no service running: starts the embedded server for the read, stops it after."""
-    database = Database(load_config(config_path))
-    try:
-        assert database.embedded is not None
-        conn = psycopg2.connect(database.embedded.uri)
-        try:
-            return _rows_from(conn)
-        finally:
-            conn.close()
-    finally:
-        database.close()
-
-
-def postgres_running(state_dir: Path) -> bool:
-    conn = pg_connect(state_dir)
-    if conn is None:
-        return False
-    conn.close()
-    return True
-
-
-def stop_leftover_postgres(state_dir: Path) -> None:
-    """Teardown only: never leave a server running behind the tests."""
-    pid_file = state_dir / "pgdata" / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().splitlines()[0])
-    except (OSError, IndexError, ValueError):
-        return
-    if _alive(pid):
-        os.kill(pid, signal.SIGINT)  # fast shutdown
-        deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
 def expected_hash(path: Path, cfg_path: Path) -> str:
     cfg = load_config(cfg_path)
     return preprocess_image(path, max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels).file_hash
 
 
-def find_bundle(output: Path, query_name: str) -> Path | None:
-    """The result folder holding ``<stem>.query.<ext>`` for the query ``query_name``."""
-    stem, ext = os.path.splitext(query_name)
-    for bundle in output.iterdir() if output.is_dir() else ():
-        if bundle.is_dir() and not bundle.name.startswith(".") and (bundle / f"{stem}.query{ext}").is_file():
-            return bundle
-    return None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def inbox_files(inbox: Path) -> list[str]:
-    return sorted(p.name for p in inbox.iterdir() if p.is_file())
-
-
-def service_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IMAGE_SEARCH_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                                                              "JOURNAL_STREAM")}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.update(extra)
-    return env
-
-
-class ServiceProc:
-    """``image-search serve`` in its own session; stderr (the structlog lines) goes to a file."""
-
-    def __init__(self, root: Path, config: Path, *flags: str, env: dict[str, str] | None = None, tag: str = "") -> None:
-        self.root = root
-        self.log_path = root / f"service{tag}.log"
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen([str(CLI), "serve", "--config", str(config), *flags], cwd=root,
-                                      env=env or service_env(), stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        parsed = [parse_line(line) for line in self.log_text().splitlines() if "event=" in line]
-        return [e for e in parsed if name is None or e.get("event") == name]
-
-    def mark(self) -> int:
-        """A position in the log: events after it are what an action caused."""
-        return len(self.events())
-
-    def events_since(self, mark: int, name: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events()[mark:] if name is None or e.get("event") == name]
-
-    def wait_event(self, name: str, *, since: int = 0, timeout: float = TIMEOUT,
-                   where: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
-        return wait_for(lambda: next((e for e in self.events_since(since, name) if where(e)), None),
-                        f"log event {name}", timeout, proc=self)
-
-    def wait_ready(self) -> None:
-        self.wait_event("service_ready", timeout=START_TIMEOUT)
-
-    def signal(self, signum: int, timeout: float = 60) -> int:
-        self.popen.send_signal(signum)
-        return self.popen.wait(timeout=timeout)
-
-    def kill9(self) -> None:
-        os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def close(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(timeout=10)
-        self._log.close()
-
-
-class NotifyListener:
-    """A bound unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path, output: Path) -> None:
-        self.path = path
-        self.output = output
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self.bundles_at_ready: list[str] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            text = data.decode()
-            if "READY=1" in text.splitlines() and self.bundles_at_ready is None:
-                # what the service had produced when it said it was ready
-                self.bundles_at_ready = [p.name for p in self.output.iterdir() if not p.name.startswith(".")]
-            self.messages.append((time.monotonic(), text))
-
-    def with_field(self, line: str) -> list[tuple[float, str]]:
-        return [(t, m) for t, m in self.messages if line in m.splitlines()]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
+def start_service(root: Path, config: Path, *flags: str, env: dict[str, str] | None = None,
+                  tag: str = "") -> ServiceProcess:
+    """The service of the tree ``root``, logging to ``root/service<tag>.log``."""
+    return ServiceProcess(config, *flags, log_path=root / f"service{tag}.log", env=env)
 
 
 # --- the module's running service ---------------------------------------------------------------------
@@ -300,7 +66,7 @@ INITIAL = {"a.png": 1, "b.jpg": 2, "sub/c.png": 3, "album/x.png": 4, "album/y.pn
 class Running:
     root: Path
     config: Path
-    proc: ServiceProc
+    proc: ServiceProcess
     notify: NotifyListener
     started: float
     notes: dict[str, Any] = field(default_factory=dict)
@@ -325,10 +91,10 @@ class Running:
         return live_rows(self.state)
 
     def wait_rows(self, predicate: Callable[[dict[str, dict[str, Any]]], bool], what: str,
-                  timeout: float = TIMEOUT) -> dict[str, dict[str, Any]]:
+                  timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, dict[str, Any]]:
         return wait_for(lambda: (lambda r: r if predicate(r) else None)(self.rows()), what, timeout, proc=self.proc)
 
-    def ask(self, name: str, source: Path, timeout: float = TIMEOUT) -> Path:
+    def ask(self, name: str, source: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
         """Drop a copy of ``source`` into the inbox as ``name``; return its result folder."""
         shutil.copyfile(source, self.inbox / name)
         return wait_for(lambda: find_bundle(self.output, name), f"the result bundle of {name}", timeout, proc=self.proc)
@@ -343,9 +109,9 @@ def running(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     # A query already waiting when the service starts: it must be answered only after READY=1.
     shutil.copyfile(root / "images" / "a.png", root / "inbox" / "waiting.png")
     notify = NotifyListener(root / "notify.sock", root / "output")
-    env = service_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000")
+    env = child_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="1000000")
     started = time.monotonic()
-    proc = ServiceProc(root, config, env=env)  # default cleanup: the last test checks the table is emptied
+    proc = start_service(root, config, env=env)  # default cleanup: the last test checks the table is emptied
     r = Running(root, config, proc, notify, started)
     try:
         proc.wait_ready()
@@ -546,7 +312,7 @@ def test_sigterm_exits_0_sends_stopping_and_empties_the_table(running: Running) 
     assert {"service_stopping", "table_emptied", "service_stopped"} <= set(events)
     assert "Traceback" not in r.proc.log_text()
     assert not postgres_running(r.state), "the embedded PostgreSQL was left running"
-    assert stopped_rows(r.config) == {}
+    assert rows_by_path(stopped_server_rows(r.config)) == {}
 
 
 # --- restarts: --no-cleanup, offline changes, kill -9 -------------------------------------------------
@@ -558,10 +324,10 @@ def test_restart_reconciles_offline_changes_and_survives_kill_9(tmp_path: Path, 
     images, inbox, output, state = (root / n for n in ("images", "inbox", "output", "state"))
     for i, name in enumerate(("keep.png", "drop.png", "other.png")):
         save_picture(images / name, seed=200 + i)
-    procs: list[ServiceProc] = []
+    procs: list[ServiceProcess] = []
     try:
         # 1. index, then SIGTERM with --no-cleanup: exit 0, rows kept
-        p1 = ServiceProc(root, config, "--no-cleanup", tag="-1")
+        p1 = start_service(root, config, "--no-cleanup", tag="-1")
         procs.append(p1)
         p1.wait_ready()
         first = wait_for(lambda: (lambda rows: rows if len(rows) == 3 else None)(live_rows(state)), "3 rows", proc=p1)
@@ -572,7 +338,7 @@ def test_restart_reconciles_offline_changes_and_survives_kill_9(tmp_path: Path, 
         save_picture(images / "added.png", seed=300)
         (images / "drop.png").unlink()
         shutil.copyfile(images / "keep.png", inbox / "offline-q.png")
-        p2 = ServiceProc(root, config, "--no-cleanup", tag="-2")
+        p2 = start_service(root, config, "--no-cleanup", tag="-2")
         procs.append(p2)
         p2.wait_ready()
         assert p2.events("store_ready")[0]["rows"] == 3  # the previous run's rows were kept
@@ -592,7 +358,7 @@ def test_restart_reconciles_offline_changes_and_survives_kill_9(tmp_path: Path, 
         p2.kill9()
         save_picture(images / "while-dead.png", seed=400)
         shutil.copyfile(images / "other.png", inbox / "dead-q.png")
-        p3 = ServiceProc(root, config, "--no-cleanup", tag="-3")
+        p3 = start_service(root, config, "--no-cleanup", tag="-3")
         procs.append(p3)
         p3.wait_ready()
         want |= {str(images / "while-dead.png")}
@@ -607,7 +373,7 @@ def test_restart_reconciles_offline_changes_and_survives_kill_9(tmp_path: Path, 
         for p in procs:
             assert "Traceback" not in p.log_text(), p.log_text()
         assert not postgres_running(state), "the embedded PostgreSQL was left running after the restart's SIGTERM"
-        assert set(stopped_rows(config)) == want  # --no-cleanup: rows kept
+        assert set(rows_by_path(stopped_server_rows(config))) == want  # --no-cleanup: rows kept
     finally:
         for p in procs:
             p.close()

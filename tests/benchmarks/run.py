@@ -49,10 +49,11 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageChops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import save_tiny_clip, write_config  # noqa: E402
+from tests.support.files import write_config  # noqa: E402
+from tests.support.model import save_tiny_clip  # noqa: E402
 
 GEN_VERSION = 1  # bump when the generators change: the cache folder name follows it
 CAMERA_SIZE = (4000, 3000)
