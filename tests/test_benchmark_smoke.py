@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark: ``run.py --quick`` runs end to end and writes a complete, sane report.
+"""Smoke test of the benchmark: ``python -m tests.benchmarks.run --quick`` runs end to end and writes
+a complete, sane report.
 
 No timing is asserted (shared, noisy machines): only that every key is there and is a positive,
 finite number (memory growth may be negative: finite is enough), and that the chart is a PNG.
@@ -14,10 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from tests.benchmarks.run import REPORT_KEYS
 
-from run import REPORT_KEYS  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
 
@@ -25,9 +25,9 @@ MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
 def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     report_path, chart_path = tmp_path / "report.json", tmp_path / "chart.png"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--quick", "--json", str(report_path), "--chart", str(chart_path),
-         "--work-dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "tests.benchmarks.run", "--quick", "--json", str(report_path), "--chart",
+         str(chart_path), "--work-dir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(report_path.read_text())

@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import psycopg2
 import pytest
-
-from conftest import TINY_DIMENSION, save_picture, save_tiny_clip, write_config
 
 from image_search.config import load_config
 from image_search.output import write_result_bundle
-from image_search.store import Database, Hit
+from image_search.store import Hit
+from tests.support.db import stopped_server_rows
+from tests.support.env import child_env
+from tests.support.files import read_jsonl, save_picture, write_config
+from tests.support.model import TINY_DIMENSION, save_tiny_clip
 
 CLI = Path(sys.executable).parent / "image-search"
 PASSWORD = "pw-Sekrit-7731"
@@ -42,23 +43,15 @@ SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model wo
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGE_SEARCH_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.pop("JOURNAL_STREAM", None)
-    return env
-
-
 def run_cli(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLI), *map(str, args)], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+    return subprocess.run([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def run_parallel(commands: dict[str, tuple[list[object], Path]], timeout: float = 180) -> dict[str, subprocess.CompletedProcess[str]]:
     """Independent CLI runs at once (each is mostly a torch import): name -> (args, cwd)."""
     procs = {
-        name: (subprocess.Popen([str(CLI), *map(str, args)], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+        name: (subprocess.Popen([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True), args)
         for name, (args, cwd) in commands.items()
     }
@@ -81,36 +74,19 @@ def assert_no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stdout, proc.stdout
 
 
+# What the CLI stories compare between runs: ids and timestamps show whether a row was rewritten.
+CLI_ROW_COLUMNS = ("id", "created_at", "updated_at", "file_path", "file_name", "file_hash", "processed_path",
+                   "source_size", "source_mtime_ns", "model_name", "vector_dims(embedding)")
+
+
 def table_rows(config_path: Path) -> list[dict[str, object]] | None:
     """Every row of image_embeddings (sorted by path), read through the same embedded server the CLI
     uses; None when the table does not exist. Must not run while a CLI process holds the server."""
-    cfg = load_config(config_path)
-    database = Database(cfg)
-    try:
-        assert database.embedded is not None
-        conn = psycopg2.connect(database.embedded.uri)
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute("SELECT to_regclass('image_embeddings') IS NOT NULL")
-                if not cur.fetchone()[0]:
-                    return None
-                cur.execute("SELECT id, created_at, updated_at, file_path, file_name, file_hash, processed_path, "
-                            "source_size, source_mtime_ns, model_name, vector_dims(embedding) "
-                            "FROM image_embeddings ORDER BY file_path, id")
-                names = [d.name for d in cur.description]
-                return [dict(zip(names, row)) for row in cur.fetchall()]
-        finally:
-            conn.close()
-    finally:
-        database.close()
+    return stopped_server_rows(config_path, CLI_ROW_COLUMNS)
 
 
 def bundle_files(bundle: Path) -> set[str]:
     return {p.name for p in bundle.iterdir()}
-
-
-def read_jsonl(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def all_output_text(root: Path) -> str:
@@ -135,7 +111,7 @@ class Story:
 
 def _interactive_sigterm(story: Story, query: Path) -> None:
     """``image-search --env C`` with stdin a pipe kept open: one search at the prompt, then SIGTERM."""
-    proc = subprocess.Popen([str(CLI), "--env", str(story.config)], cwd=story.root, env=cli_env(),
+    proc = subprocess.Popen([str(CLI), "--env", str(story.config)], cwd=story.root, env=child_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chunks: dict[str, bytearray] = {"out": bytearray(), "err": bytearray()}
 

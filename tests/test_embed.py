@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_DIMENSION, save_tiny_clip
+from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from image_search.embed import (
     DEFAULT_MAX_BATCH,
     DimensionError,
@@ -26,7 +26,7 @@ from image_search.embed import (
     choose_dtype,
 )
 from image_search.pixels import PixelSpec, to_model_pixels
-from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
+from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
 
 
 def _pictures() -> list[Image.Image]:

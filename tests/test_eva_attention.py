@@ -9,8 +9,8 @@ from torch import nn
 
 from image_search import eva_attention
 from image_search.eva_attention import is_eva_attention, patch_eva_attention
-from jina_remote_code.eva_model import Attention, Rope
-from jina_stand_in import jina_stand_in_model
+from tests.support.jina_remote_code.eva_model import Attention, Rope
+from tests.support.jina import jina_stand_in_model
 
 
 def count_sdpa_calls(monkeypatch) -> list[int]:

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_DIMENSION, write_config
 from image_search.config import load_config
 from image_search.embed import Embedder
 from image_search.indexer import Indexer
 from image_search.preprocess import preprocess_image, processed_path_for, save_processed
 from image_search.store import Database, EmbeddingRow
+from tests.support.db import database_rows
+from tests.support.files import write_config
+from tests.support.model import TINY_DIMENSION
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int]) -> None:
@@ -40,10 +42,10 @@ def tree(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     database.close()
 
 
-def _rows(store) -> dict[str, tuple[str, np.ndarray]]:
-    with store._conn, store._conn.cursor() as cur:
-        cur.execute("SELECT file_path, file_hash, embedding FROM image_embeddings")
-        return {p: (h, np.asarray(e.to_numpy() if hasattr(e, "to_numpy") else e)) for p, h, e in cur.fetchall()}
+def _rows(database: Database) -> dict[str, tuple[str, np.ndarray]]:
+    """file_path -> (file_hash, embedding), read on a connection of our own (the store's has committed)."""
+    rows = database_rows(database, ("file_path", "file_hash", "embedding::real[] AS embedding")) or []
+    return {r["file_path"]: (r["file_hash"], np.asarray(r["embedding"], dtype=np.float32)) for r in rows}
 
 
 def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
@@ -57,7 +59,7 @@ def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
         finally:
             indexer.close()
         assert summary.embedded == 23 and not summary.skipped
-        fast = _rows(store)
+        fast = _rows(database)
         query = embedder.embed_images([preprocess_image(cfg.source_directory / "sub1" / "p07.jpg",
                                                         max_size=(320, 240), max_pixels=cfg.max_image_pixels).image])[0]
         fast_ranking = [(h.file_path, round(h.similarity, 5)) for h in store.search(query, 23)]
@@ -71,7 +73,7 @@ def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
             st = path.stat()
             store.upsert([EmbeddingRow(str(path), path.name, prepared.file_hash, str(processed), st.st_size,
                                        st.st_mtime_ns, cfg.model_name, embedder.embed_images([prepared.image])[0])])
-        simple = _rows(store)
+        simple = _rows(database)
         simple_ranking = [(h.file_path, round(h.similarity, 5)) for h in store.search(query, 23)]
     finally:
         store.close()

@@ -22,7 +22,7 @@ from image_search.pixels import (
     load_pixel_spec,
     to_model_pixels,
 )
-from jina_stand_in import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_processor
+from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_processor
 
 def pictures(sizes: list[tuple[int, int]], seed: int = 1) -> list[Image.Image]:
     """Random RGB pictures of the given (width, height)."""

@@ -14,11 +14,12 @@ import shutil
 import signal
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from conftest import save_picture, write_config
-from test_service import ServiceProc, find_bundle, live_rows, wait_for
+from tests.support.db import live_rows, running_server_rows
+from tests.support.files import find_bundle, save_picture, write_config
+from tests.support.service import ServiceProcess
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -30,22 +31,10 @@ def external_server(tmp_path_factory: pytest.TempPathFactory):
     server.cleanup()
 
 
-def _rows(server) -> set[str] | None:
-    info = server.get_postmaster_info()
-    try:
-        conn = psycopg2.connect(host=str(info.socket_dir), port=info.port or 5432, user="postgres", dbname="postgres",
-                                connect_timeout=3)
-    except psycopg2.OperationalError:
-        return None
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('image_embeddings') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                return set()
-            cur.execute("SELECT file_name FROM image_embeddings")
-            return {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
+def _file_names(server) -> set[str] | None:
+    """The file names in the external server's table; None while it is down."""
+    rows = running_server_rows(Path(server.pgdata))
+    return None if rows is None else {row["file_name"] for row in rows}
 
 
 def test_service_survives_a_database_outage_and_catches_up(tmp_path: Path, tiny_model_dir: Path,
@@ -56,10 +45,10 @@ def test_service_survives_a_database_outage_and_catches_up(tmp_path: Path, tiny_
     config = write_config(tmp_path, tiny_model_dir, postgres_host=str(info.socket_dir),
                           postgres_port=info.port or 5432, postgres_password="s3cret-outage")
     save_picture(tmp_path / "images" / "before.png", seed=1)
-    service = ServiceProc(tmp_path, config, "--no-cleanup")
+    service = ServiceProcess(config, "--no-cleanup", log_path=tmp_path / "service.log")
     try:
         service.wait_ready()
-        wait_for(lambda: _rows(external_server) == {"before.png"}, "the first row", proc=service)
+        wait_for(lambda: _file_names(external_server) == {"before.png"}, "the first row", proc=service)
 
         # The database goes away under the running service.
         pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=external_server.pgdata, user=external_server.system_user)
@@ -67,13 +56,13 @@ def test_service_survives_a_database_outage_and_catches_up(tmp_path: Path, tiny_
         save_picture(tmp_path / "images" / "during.png", seed=2)
         shutil.copy(tmp_path / "images" / "before.png", tmp_path / "inbox" / "q.png")
         service.wait_event("database_unavailable", since=mark)
-        assert service.popen.poll() is None, "the service died with its database"
+        assert service.exit_code() is None, "the service died with its database"
         assert (tmp_path / "inbox" / "q.png").exists(), "the query must stay pending, not fail"
         assert not (tmp_path / "inbox" / "failed").exists()
 
         # It comes back: the pending image is indexed and the pending query answered, without a restart.
         external_server.ensure_postgres_running()
-        wait_for(lambda: _rows(external_server) == {"before.png", "during.png"}, "the row written after the outage",
+        wait_for(lambda: _file_names(external_server) == {"before.png", "during.png"}, "the row written after the outage",
                  timeout=60, proc=service)
         bundle = wait_for(lambda: find_bundle(tmp_path / "output", "q.png"), "the query answered", timeout=60,
                           proc=service)
@@ -96,7 +85,7 @@ def test_inotify_overflow_is_logged_and_rescanned(tmp_path: Path, tiny_model_dir
     service = None
     try:
         MAX_QUEUED_EVENTS.write_text("16")
-        service = ServiceProc(tmp_path, config, "--no-cleanup")
+        service = ServiceProcess(config, "--no-cleanup", log_path=tmp_path / "service.log")
         service.wait_ready()
     finally:
         MAX_QUEUED_EVENTS.write_text(original)  # only the service's own watch keeps the tiny queue

@@ -22,7 +22,10 @@ import psycopg2
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import TINY_DIMENSION, save_picture, write_config
+from tests.support.clock import FakeClock
+from tests.support.db import Row, database_rows, rows_by_path
+from tests.support.files import save_picture, write_config
+from tests.support.model import TINY_DIMENSION
 
 from image_search.config import Config, load_config
 from image_search.notify import Notifier
@@ -34,17 +37,6 @@ from image_search.watch import Change, ChangeKind, Folder
 
 TOP_K = 3
 SETTLE = 0.3
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class RecordingNotifier(Notifier):
@@ -97,14 +89,8 @@ class Story:
                 return
         raise AssertionError("the service loop did not become idle")
 
-    def rows(self) -> dict[str, dict[str, Any]]:
-        assert self.database.embedded is not None
-        with psycopg2.connect(self.database.embedded.uri) as conn, conn.cursor() as cur:
-            cur.execute("SELECT id, file_path, file_name, file_hash, processed_path FROM image_embeddings")
-            names = [d.name for d in cur.description]
-            rows = {r[1]: dict(zip(names, r)) for r in cur.fetchall()}
-        conn.close()
-        return rows
+    def rows(self) -> dict[str, Row]:
+        return rows_by_path(database_rows(self.database))
 
     def bundle(self, query_name: str) -> Path:
         stem, ext = os.path.splitext(query_name)

@@ -9,7 +9,7 @@ import numpy as np
 import psycopg2
 import pytest
 
-from conftest import write_config
+from tests.support.files import write_config
 
 from image_search.config import load_config
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError

@@ -1,4 +1,4 @@
-"""Tests against a real systemd, booted isolated by tests/systemd_harness.py.
+"""Tests against a real systemd, booted isolated by tests/support/systemd_harness.py.
 
 Skipped when not root or when unshare/nsenter/systemd are missing, unless
 IMAGE_SEARCH_REQUIRE_SYSTEMD=1 is set (as .ci/run does): then that is a failure.
@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import systemd_harness  # noqa: E402
+from tests.support import systemd_harness
+from tests.support.files import write_config
+from tests.support.waiting import poll_until
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPO / "systemd" / "image-search.service"
@@ -117,15 +118,6 @@ def isolated_systemd(systemd_workdir, request):
         yield handle
 
 
-def _wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 def _show(sd, unit: str, *props: str) -> dict[str, str]:
     out = sd.systemctl("show", unit, *(f"-p{p}" for p in props), check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -211,7 +203,7 @@ def test_isolated_systemd_runs_a_notify_unit(isolated_systemd, systemd_workdir):
     def warnings():
         return sd.journalctl("-u", "smoke.service", "-p", "warning", "-o", "cat").stdout
 
-    assert "smoke: this is a warning line" in _wait_for(
+    assert "smoke: this is a warning line" in poll_until(
         lambda: "warning line" in warnings() and warnings(), 10
     )
     assert "info line" not in warnings()
@@ -221,7 +213,7 @@ def test_isolated_systemd_runs_a_notify_unit(isolated_systemd, systemd_workdir):
     assert stop.returncode == 0, stop.stderr
     props = _show(sd, "smoke.service", "ActiveState", "Result", "ExecMainStatus")
     assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, props
-    assert "got SIGTERM, exiting cleanly" in _wait_for(
+    assert "got SIGTERM, exiting cleanly" in poll_until(
         lambda: (j := sd.journalctl("-u", "smoke.service", "-o", "cat").stdout)
         and "got SIGTERM" in j
         and j,
@@ -377,7 +369,7 @@ def test_hardened_unit_runs_torch_and_embedded_postgres(isolated_systemd, system
     assert props == {"ActiveState": "inactive", "Result": "success"}, _diagnostics(
         sd, "image-search.service"
     )
-    assert "probe: stopped postgres, exiting" in _wait_for(
+    assert "probe: stopped postgres, exiting" in poll_until(
         lambda: (j := sd.journalctl("-u", "image-search.service", "-o", "cat").stdout)
         and "stopped postgres" in j
         and j,
@@ -413,10 +405,8 @@ def test_image_search_under_systemd(request, systemd_workdir):
     if not ok:
         last = why.strip().splitlines()[-1] if why.strip() else "no output"
         pytest.skip(f"service not implemented yet ({last})")
-    # From tests/conftest.py: the fixture is looked up only once the service exists;
-    # write_config is a plain helper there.
+    # The fixture (tests/conftest.py) is looked up only once the service exists.
     tiny_model_dir = request.getfixturevalue("tiny_model_dir")
-    from conftest import write_config
 
     sd = request.getfixturevalue("isolated_systemd")
     tree = make_tree(systemd_workdir)
@@ -445,7 +435,7 @@ def test_image_search_under_systemd(request, systemd_workdir):
         shutil.copy(png, dest)
         os.chown(dest, uid, gid)
     # Give the watcher a chance to index the image before the query arrives.
-    _wait_for(lambda: _show(sd, "image-search.service", "StatusText")["StatusText"] != ready_status, 30)
+    poll_until(lambda: _show(sd, "image-search.service", "StatusText")["StatusText"] != ready_status, 30)
     query = tree / "inbox" / "sample.png"
     shutil.copy(png, query)
     os.chown(query, uid, gid)
@@ -453,7 +443,7 @@ def test_image_search_under_systemd(request, systemd_workdir):
     def result_files():
         return [p for p in (tree / "output").rglob("*.jsonl") if p.stat().st_size > 0]
 
-    results = _wait_for(result_files, 180, interval=0.5)
+    results = poll_until(result_files, 180, interval=0.5)
     assert results, "no .jsonl result in output/\n" + _diagnostics(sd, "image-search.service")
     for line in results[0].read_text().splitlines():
         if line.strip():

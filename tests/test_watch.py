@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clock import FakeClock
 from image_search.watch import Change, ChangeKind, Folder, FolderHandler, ReadinessTracker, WatchedFolder, start_observer
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chart of a benchmark report: ingest (ours vs baseline, images/s) and search (p50, index vs full scan).
 
-    uv run python tests/benchmarks/chart.py REPORT.json OUT.png
+    uv run python -m tests.benchmarks.chart REPORT.json OUT.png
 
 Drawn with Pillow's ImageDraw only (no matplotlib). The search panel uses a logarithmic axis: the
 index and the full scan differ by orders of magnitude.

@@ -1,6 +1,6 @@
 """Stand-ins for jina-clip (jinaai/jina-clip-v2 and its remote code, jinaai/jina-clip-implementation),
 for tests without a download: its published preprocessor configuration, its image processor rebuilt
-from that configuration, and a tiny model saved as a remote-code checkpoint (tests/jina_remote_code/)."""
+from that configuration, and a tiny model saved as a remote-code checkpoint (tests/support/jina_remote_code/)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from jina_remote_code.configuration_clip import JinaCLIPConfig
-from jina_remote_code.modeling_clip import JinaCLIPModel
+from tests.support.jina_remote_code.configuration_clip import JinaCLIPConfig
+from tests.support.jina_remote_code.modeling_clip import JinaCLIPModel
 
 REMOTE_CODE = Path(__file__).resolve().parent / "jina_remote_code"
 REMOTE_CODE_FILES = ("configuration_clip.py", "modeling_clip.py", "eva_model.py")

@@ -1,0 +1,138 @@
+"""Ingest: camera-size JPEGs end to end, ``Indexer.index_folder`` against the original tool's path.
+
+N camera-size (4000x3000, q90, photo-like) JPEGs go through ``Indexer.index_folder`` and through a
+one-at-a-time baseline written here that reproduces the original tool (full decode without draft,
+convert, LANCZOS resize, save, md5, one forward pass per image, one autocommitted INSERT per image);
+same embedded PostgreSQL, same tiny CLIP on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from pathlib import Path
+
+from PIL import Image
+
+# The same box fit as our path, so that both paths make processed copies of the same size.
+from image_search.preprocess import _fit as fit_inside
+from tests.benchmarks.common import Bench, Metric, Report, Section, fresh_dir, link_or_copy, say, warm_page_cache
+from tests.benchmarks.photos import ensure_jpegs
+from tests.support.files import write_config
+from tests.support.model import TINY_DIMENSION
+
+CAMERA_SIZE = (4000, 3000)
+
+_BASELINE_INSERT = """
+INSERT INTO image_embeddings
+    (file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (file_hash) DO NOTHING
+"""
+
+
+def baseline_ingest(paths: list[Path], *, cfg, embedder, uri: str) -> int:
+    """The original tool, one image at a time: full decode (no draft), convert, resize, save, md5,
+    one forward pass, one INSERT committed on its own. Returns the rows inserted."""
+    import psycopg2
+    from pgvector.psycopg2 import register_vector
+
+    box = (cfg.resize_width, cfg.resize_height)
+    conn = psycopg2.connect(uri)
+    conn.autocommit = True
+    register_vector(conn)
+    inserted = 0
+    try:
+        with conn.cursor() as cur:
+            for path in paths:
+                st = path.stat()
+                with Image.open(path) as im:
+                    rgb = im.convert("RGB")  # decodes the full 4000x3000
+                rgb = rgb.resize(fit_inside(rgb.size, box), Image.Resampling.LANCZOS)
+                buffer = io.BytesIO()
+                rgb.save(buffer, format="JPEG", quality=95)
+                data = buffer.getvalue()
+                file_hash = hashlib.md5(data).hexdigest()
+                processed = cfg.processed_directory / (path.name + ".jpg")
+                processed.write_bytes(data)
+                vector = embedder.embed_images([rgb])[0]
+                cur.execute(_BASELINE_INSERT, (str(path), path.name, file_hash, str(processed), st.st_size,
+                                               st.st_mtime_ns, embedder.info.name, vector))
+                inserted += cur.rowcount
+    finally:
+        conn.close()
+    return inserted
+
+
+def measure_ingest(work: Path, model_dir: Path, camera: list[Path]) -> Report:
+    from image_search.config import load_config
+    from image_search.embed import Embedder
+    from image_search.indexer import Indexer
+    from image_search.store import Database
+
+    root = fresh_dir(work / "ingest")
+    cfg = load_config(write_config(root, model_dir, resize_width=1024, resize_height=1024, batch_size=16,
+                                   settle_seconds=1.0))
+    for p in camera:
+        link_or_copy(p, cfg.source_directory / p.name)
+    sources = sorted(cfg.source_directory.iterdir())
+    embedder = Embedder.load(str(model_dir), device="cpu", dimension=TINY_DIMENSION)
+    database = Database(cfg)
+    try:
+        store = database.open_store(dimension=embedder.dimension)
+        assert database.embedded is not None
+
+        say(f"ingest: baseline (one at a time) over {len(sources)} camera JPEGs")
+        warm_page_cache(sources)
+        started = time.perf_counter()
+        inserted = baseline_ingest(sources, cfg=cfg, embedder=embedder, uri=database.embedded.uri)
+        baseline_s = time.perf_counter() - started
+        if inserted != len(sources):
+            raise RuntimeError(f"baseline inserted {inserted} rows for {len(sources)} images")
+
+        store.clear()
+        fresh_dir(cfg.processed_directory)
+        say("ingest: ours (Indexer.index_folder)")
+        warm_page_cache(sources)
+        indexer = Indexer(cfg, embedder, store)
+        try:
+            started = time.perf_counter()
+            summary = indexer.index_folder(show_progress=False)
+            ours_s = time.perf_counter() - started
+        finally:
+            indexer.close()
+        if summary.embedded != len(sources) or store.count() != len(sources):
+            raise RuntimeError(f"index_folder embedded {summary.embedded} of {len(sources)} images")
+        store.close()
+    finally:
+        database.close()
+    n = len(sources)
+    return {
+        "ingest_images": n,
+        "ingest_s": ours_s,
+        "ingest_baseline_s": baseline_s,
+        "ingest_images_per_s": n / ours_s,
+        "ingest_baseline_images_per_s": n / baseline_s,
+        "ingest_speedup": baseline_s / ours_s,
+    }
+
+
+
+def run(bench: Bench) -> Report:
+    camera = ensure_jpegs(bench.cache / "camera", "cam", int(bench.sizes["camera"]), CAMERA_SIZE, seed=1, bases=4)
+    return measure_ingest(bench.work, bench.model_dir, camera)
+
+
+SECTION = Section(
+    name="ingest",
+    run=run,
+    full_sizes={"camera": 300},
+    quick_sizes={"camera": 12},
+    metrics=(
+        Metric("ingest ours", "ingest_images_per_s", "{:.1f} img/s"),
+        Metric("ingest baseline", "ingest_baseline_images_per_s", "{:.1f} img/s"),
+        Metric("ingest speedup", "ingest_speedup", "{:.2f}x", ">= 4", lambda v, r: v >= 4),
+    ),
+    report_keys=("ingest_images_per_s", "ingest_baseline_images_per_s", "ingest_speedup"),
+)

@@ -1,0 +1,166 @@
+"""Reading ``image_embeddings`` rows in tests, from a running or a stopped embedded PostgreSQL.
+
+- While a service runs, rows are read through a plain psycopg2 connection to the socket named in
+  the pgdata's ``postmaster.pid`` (``live_rows``, ``running_server_rows``), not through
+  ``image_search.store.Database``: a ``Database`` in the test process would register the test's pid
+  as a pgserver handle, and while it is listed the service's own shutdown does not stop the
+  embedded server (and the test's cached server handle goes stale across service restarts).
+- With no service running, rows are read through a ``Database`` (``stopped_server_rows``), which
+  starts the embedded server for the read and stops it after; ``database_rows`` reads through a
+  ``Database`` the test already holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from image_search.config import load_config
+from image_search.store import Database
+from tests.support.waiting import wait_for
+
+Row = dict[str, Any]
+ROW_COLUMNS: tuple[str, ...] = ("id", "file_path", "file_name", "file_hash", "processed_path", "source_size",
+                                "source_mtime_ns", "model_name")
+
+
+def read_rows(conn: psycopg2.extensions.connection, columns: Sequence[str] = ROW_COLUMNS) -> list[Row] | None:
+    """Every row of image_embeddings, ordered by file_path and id, as column -> value; None when the
+    table does not exist. ``columns`` are SQL expressions (``"vector_dims(embedding)"`` is fine)."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('image_embeddings') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return None
+        cur.execute(f"SELECT {', '.join(columns)} FROM image_embeddings ORDER BY file_path, id")
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def rows_by_path(rows: list[Row] | None) -> dict[str, Row]:
+    """file_path -> row; a missing table reads as no rows."""
+    return {row["file_path"]: row for row in rows or ()}
+
+
+# --- a server some other process runs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """What a running server wrote into its pgdata's postmaster.pid."""
+
+    pid: int
+    port: str
+    socket_dir: str
+
+    @classmethod
+    def of(cls, pgdata: Path) -> Postmaster | None:
+        """The server running on ``pgdata``; None when there is none (no pid file, or its pid is gone)."""
+        try:
+            lines = (pgdata / "postmaster.pid").read_text().splitlines()
+            postmaster = cls(int(lines[0]), lines[3].strip(), lines[4].strip())
+        except (OSError, IndexError, ValueError):
+            return None
+        return postmaster if _alive(postmaster.pid) else None
+
+    def connect(self) -> psycopg2.extensions.connection | None:
+        """A connection over its Unix socket; None when it does not answer (starting, stopping)."""
+        try:
+            return psycopg2.connect(host=self.socket_dir, port=self.port, user="postgres", dbname="postgres",
+                                    connect_timeout=5)
+        except psycopg2.OperationalError:
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def service_pgdata(state_dir: Path) -> Path:
+    """Where the service keeps its embedded server's data, under its state directory."""
+    return state_dir / "pgdata"
+
+
+def connect_running(pgdata: Path) -> psycopg2.extensions.connection | None:
+    postmaster = Postmaster.of(pgdata)
+    return postmaster.connect() if postmaster is not None else None
+
+
+def running_server_rows(pgdata: Path) -> list[Row] | None:
+    """The rows of the server running on ``pgdata`` (a missing table reads as no rows); None when no
+    server runs there or it does not answer."""
+    conn = connect_running(pgdata)
+    if conn is None:
+        return None
+    try:
+        return read_rows(conn) or []
+    finally:
+        conn.close()
+
+
+def live_rows(state_dir: Path) -> dict[str, Row]:
+    """file_path -> row, read from the embedded server the running service of ``state_dir`` uses
+    (waiting until it answers)."""
+    conn = wait_for(lambda: connect_running(service_pgdata(state_dir)), "a connection to the embedded PostgreSQL")
+    try:
+        return rows_by_path(read_rows(conn))
+    finally:
+        conn.close()
+
+
+def postgres_running(state_dir: Path) -> bool:
+    conn = connect_running(service_pgdata(state_dir))
+    if conn is None:
+        return False
+    conn.close()
+    return True
+
+
+def stop_leftover_postgres(state_dir: Path) -> None:
+    """Teardown only: never leave a server running behind the tests."""
+    # Only the pid line: a server killed while starting may not have written the others.
+    try:
+        pid = int((service_pgdata(state_dir) / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, IndexError, ValueError):
+        return
+    if _alive(pid):
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+# --- a server this process starts ---------------------------------------------------------------
+
+
+def database_rows(database: Database, columns: Sequence[str] = ROW_COLUMNS) -> list[Row] | None:
+    """The rows, read through the embedded server of a ``Database`` this process holds open."""
+    assert database.embedded is not None
+    conn = psycopg2.connect(database.embedded.uri)
+    try:
+        return read_rows(conn, columns)
+    finally:
+        conn.close()
+
+
+def stopped_server_rows(config_path: Path, columns: Sequence[str] = ROW_COLUMNS) -> list[Row] | None:
+    """The rows with no service running: starts the embedded server for the read, stops it after.
+    None when the table does not exist."""
+    database = Database(load_config(config_path))
+    try:
+        return database_rows(database, columns)
+    finally:
+        database.close()

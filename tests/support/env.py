@@ -1,0 +1,29 @@
+"""The environment of the test (or benchmark) process and of the ``image-search`` processes it starts."""
+
+from __future__ import annotations
+
+import os
+
+# The tiny model is on disk: never reach for the Hugging Face hub.
+OFFLINE_HUB = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Set by systemd for the unit that runs us (e.g. CI under systemd): a child must not inherit them,
+# or it would notify (or log to the journal) on our behalf.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+# The service's own configuration variables: a developer's shell must not change what a test runs.
+CONFIG_VARIABLE_PREFIX = "IMAGE_SEARCH_"
+
+
+def use_offline_hub() -> None:
+    """Make this process offline for the model hub (before transformers is imported)."""
+    os.environ.update(OFFLINE_HUB)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for an ``image-search`` child: ours, offline, without systemd's per-unit
+    variables and without IMAGE_SEARCH_* settings; then ``extra``."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(CONFIG_VARIABLE_PREFIX) and key not in SYSTEMD_VARIABLES}
+    env.update(OFFLINE_HUB)
+    env.update(extra)
+    return env

@@ -1,0 +1,68 @@
+"""Files the tests make and read: pictures, config files, result bundles, the inbox."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tests.support.model import TINY_DIMENSION
+
+TREE_FOLDERS = ("images", "inbox", "output", "processed", "state")
+
+
+def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: str | None = None) -> Path:
+    """A distinct picture per seed: blocks of random colours (not noise, so JPEG keeps it recognisable)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    im = Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format=fmt)
+    return path
+
+
+def write_config(root: Path, model_dir: Path | None = None, **overrides: object) -> Path:
+    """A config for a tree under ``root`` (images/, inbox/, output/, processed/, state/); keys as in JSON."""
+    for name in TREE_FOLDERS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, object] = {
+        "source-directory": str(root / "images"),
+        "inbox-directory": str(root / "inbox"),
+        "output-directory": str(root / "output"),
+        "processed-directory": str(root / "processed"),
+        "state-directory": str(root / "state"),
+        "device": "cpu",
+        "dimension": TINY_DIMENSION,
+        "resize-width": 256,
+        "resize-height": 256,
+        "batch-size": 8,
+        "settle-seconds": 0.3,
+    }
+    if model_dir is not None:
+        cfg["model-name"] = str(model_dir)
+    cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    path = root / "config.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def find_bundle(output: Path, query_name: str) -> Path | None:
+    """The result folder holding ``<stem>.query.<ext>`` for the query ``query_name``."""
+    stem, ext = os.path.splitext(query_name)
+    for bundle in output.iterdir() if output.is_dir() else ():
+        if bundle.is_dir() and not bundle.name.startswith(".") and (bundle / f"{stem}.query{ext}").is_file():
+            return bundle
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def inbox_files(inbox: Path) -> list[str]:
+    """The names of the files waiting in ``inbox`` (not inbox/failed/)."""
+    return sorted(p.name for p in inbox.iterdir() if p.is_file())
