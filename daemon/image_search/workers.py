@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -442,9 +443,10 @@ class PreprocessPool:
             except OSError:
                 pass
             worker.conn.close()  # a worker busy on a file sees its send fail and leaves
+        deadline = time.monotonic() + _CLOSE_GRACE_SECONDS  # one grace period for all, not one each
         for worker in workers:
             try:
-                worker.process.wait(timeout=_CLOSE_GRACE_SECONDS)
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()
