@@ -26,14 +26,14 @@ import pytest
 from PIL import Image
 
 from conftest import save_picture
-from image_search.preprocess import PreprocessError, preprocess_image
+from image_search.preprocess import PreprocessError, md5_hex, preprocess_image, save_processed
 from image_search.workers import (
     PoolError,
     PreprocessedFile,
     PreprocessPool,
+    PreprocessSettings,
     normalised_pixels,
     preprocess_file,
-    PreprocessSettings,
 )
 
 BOX = (128, 128)
@@ -229,6 +229,15 @@ def test_normalised_pixels_rebuild_the_exact_image_the_embedder_gets_today(good_
         rebuilt = Image.fromarray(outcome.pixels)
         assert rebuilt.mode == "RGB" and rebuilt.size == prepared.image.size
         assert rebuilt.tobytes() == prepared.image.tobytes()
+
+
+def test_a_pool_result_is_saved_like_a_prepared_image(tmp_path, good_files):
+    with pool() as workers:
+        [outcome] = workers.submit(good_files[:1]).results()
+    processed = tmp_path / "processed" / "large.jpg.jpg"
+    save_processed(outcome, processed)
+    assert processed.read_bytes() == outcome.jpeg_bytes
+    assert md5_hex(processed.read_bytes()) == outcome.file_hash
 
 
 def test_every_rejection_reason_comes_back_word_for_word(bad_files, good_files):

@@ -87,6 +87,8 @@ class PreprocessedFile:
 
     ``jpeg_bytes``, ``file_hash`` and the sizes are exactly those of ``preprocess_image``; ``pixels`` is
     ``model_input(image)`` on the normalised RGB image, or None when the pool has no ``model_input``.
+    The fields keep PreparedImage's names on purpose, so code that reads those (``save_processed``, the
+    indexer's batch logic) takes either.
     """
 
     path: Path
