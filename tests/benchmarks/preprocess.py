@@ -28,8 +28,10 @@ can judge how quiet the machine was.
 
 Because a busy machine can hide scaling entirely (with a load of 4 on 2 cores, "all cores" is about
 one core's worth), the CPU time each configuration spends per image is reported too: the parent's
-process time plus every worker's user+system time, read from /proc. It does not depend on what else
-runs. ``preprocess_scaling_cpu_bound`` = cores x (one-core CPU per image) / (pool CPU per image) is what
+process time plus every worker's time on a CPU, from /proc/<pid>/schedstat. It does not depend on what
+else runs. The same file splits each worker's wall time into running, waiting for a CPU held by another
+process (the machine's load), and idle (waiting for work: the pool's own loss); near-zero idle means
+the pool keeps every core it gets busy. ``preprocess_scaling_cpu_bound`` = cores x (one-core CPU per image) / (pool CPU per image) is what
 the pool would reach on that many free cores if nothing but CPU limited it (no memory-bandwidth or
 clock-speed effects); it shows whether the pool wastes work (contention, pickling), while
 ``preprocess_scaling`` is the measured, wall-clock figure. It is computed for the pool only: threads
@@ -124,28 +126,44 @@ class Measurement:
     images_per_s: float  # wall clock
     cpu_ms_per_image: float  # this process and its workers, all cores together
     parent_cpu_ms_per_image: float  # this process alone: for a pool, the serial part (dispatch, unpickling)
+    # Of the measured tasks' wall time (the main thread in-process, every worker for a pool): the share spent
+    # running, waiting for a core that another process held, and idle (for a worker: waiting for work).
+    running_fraction: float | None = None
+    waiting_for_cpu_fraction: float | None = None
+    idle_fraction: float | None = None
 
 
-_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds_of(pids: Sequence[int]) -> float:
-    """User+system CPU time of live processes (our workers), from /proc/<pid>/stat."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return total / _CLOCK_TICKS_PER_S
+def _schedstat(path: str) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of one task, from /proc/.../schedstat."""
+    on_cpu, waiting, _ = Path(path).read_text().split()
+    return int(on_cpu), int(waiting)
 
 
 def _measure(work: Callable[[], int], worker_pids: Sequence[int] = ()) -> Measurement:
-    wall, parent_cpu, workers_cpu = time.perf_counter(), time.process_time(), _cpu_seconds_of(worker_pids)
+    """Run ``work`` (which returns how many images it did) and account for its wall and CPU time.
+
+    The tasks followed are the pool's workers, or this thread when there are none (in-process runs).
+    """
+    tasks = [f"/proc/{pid}/schedstat" for pid in worker_pids] or ["/proc/thread-self/schedstat"]
+    before = [_schedstat(task) for task in tasks]
+    wall, parent_cpu = time.perf_counter(), time.process_time()
+    workers_cpu_before = sum(on_cpu for on_cpu, _ in before) if worker_pids else 0
     done = work()
     wall = time.perf_counter() - wall
     parent_cpu = time.process_time() - parent_cpu
-    workers_cpu = _cpu_seconds_of(worker_pids) - workers_cpu
-    return Measurement(images_per_s=done / wall, cpu_ms_per_image=1000 * (parent_cpu + workers_cpu) / done,
-                       parent_cpu_ms_per_image=1000 * parent_cpu / done)
+    after = [_schedstat(task) for task in tasks]
+    running = sum(a[0] - b[0] for a, b in zip(after, before)) / 1e9
+    waiting = sum(a[1] - b[1] for a, b in zip(after, before)) / 1e9
+    workers_cpu = (sum(on_cpu for on_cpu, _ in after) - workers_cpu_before) / 1e9 if worker_pids else 0.0
+    task_time = wall * len(tasks)
+    return Measurement(
+        images_per_s=done / wall,
+        cpu_ms_per_image=1000 * (parent_cpu + workers_cpu) / done,
+        parent_cpu_ms_per_image=1000 * parent_cpu / done,
+        running_fraction=running / task_time,
+        waiting_for_cpu_fraction=waiting / task_time,
+        idle_fraction=max(0.0, 1 - (running + waiting) / task_time),
+    )
 
 
 def in_process(paths: Sequence[Path]) -> int:
@@ -199,11 +217,17 @@ def run(*, images: int = 40, rounds: int = 3, batch_size: int = 16, work_dir: Pa
             for name, measure in measures.items():
                 samples[name].append(measure())
             say(f"  round {round_number}: " + ", ".join(
-                f"{n} {v[-1].images_per_s:.1f} img/s ({v[-1].cpu_ms_per_image:.0f} ms CPU/img)" for n, v in samples.items()))
+                f"{n} {v[-1].images_per_s:.1f} img/s ({v[-1].cpu_ms_per_image:.0f} ms CPU/img)" for n, v in samples.items())
+                + f"; all-cores workers waited for a CPU {samples['all_cores'][-1].waiting_for_cpu_fraction:.0%}"
+                f" of the time, idle {samples['all_cores'][-1].idle_fraction:.0%}")
     load_after = os.getloadavg()
     best = {name: max(m.images_per_s for m in values) for name, values in samples.items()}
-    # CPU per image hardly depends on the load; the median round is the honest single value.
-    cpu = {name: float(np.median([m.cpu_ms_per_image for m in values])) for name, values in samples.items()}
+
+    def median(name: str, attribute: str) -> float:
+        # Per-image CPU and the time fractions hardly depend on the load: the median round is the honest value.
+        return round(float(np.median([getattr(m, attribute) for m in samples[name]])), 3)
+
+    cpu = {name: median(name, "cpu_ms_per_image") for name in samples}
     return {
         "preprocess_img_s_one_core": round(best["one_core"], 2),
         "preprocess_img_s_all_cores": round(best["all_cores"], 2),
@@ -217,8 +241,13 @@ def run(*, images: int = 40, rounds: int = 3, batch_size: int = 16, work_dir: Pa
         "preprocess_cpu_ms_per_image": {name: round(v, 1) for name, v in cpu.items()},
         "preprocess_scaling_cpu_bound": round(cores * cpu["one_core"] / cpu["all_cores"], 3),
         # The pool's serial part: its parent alone caps the pool at 1000 / this many images/s.
-        "preprocess_parent_cpu_ms_per_image_all_cores": round(
-            float(np.median([m.parent_cpu_ms_per_image for m in samples["all_cores"]])), 2),
+        "preprocess_parent_cpu_ms_per_image_all_cores": median("all_cores", "parent_cpu_ms_per_image"),
+        # How the workers of the all-cores pool spent the run: idle is the pool's own loss (starved of work);
+        # waiting for a CPU is what other processes on the machine took.
+        "preprocess_workers_running_fraction": median("all_cores", "running_fraction"),
+        "preprocess_workers_waiting_for_cpu_fraction": median("all_cores", "waiting_for_cpu_fraction"),
+        "preprocess_workers_idle_fraction": median("all_cores", "idle_fraction"),
+        "preprocess_one_core_waiting_for_cpu_fraction": median("one_core", "waiting_for_cpu_fraction"),
         "preprocess_rounds_img_s": {name: [round(m.images_per_s, 2) for m in values] for name, values in samples.items()},
         "preprocess_images": images,
         "preprocess_image_size": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
