@@ -311,6 +311,7 @@ def test_a_crashing_worker_costs_only_the_file_it_died_on(tmp_path, good_files, 
         before = set(workers.worker_pids())
         outcomes = workers.submit(paths).results()
         assert workers.crashes == 1
+        workers.wait_ready()  # the replacement may still be starting when the batch is done
         after = set(workers.worker_pids())
         # The pool is whole again: still two workers, one of them new.
         assert len(after) == 2 and len(after - before) == 1
@@ -346,6 +347,7 @@ def test_a_worker_killed_while_idle_is_replaced_and_no_file_is_blamed(good_files
         deadline = time.monotonic() + 30  # only how long we wait before calling it a failure
         while victim in workers.worker_pids() and time.monotonic() < deadline:
             time.sleep(0.02)
+        workers.wait_ready()  # the replacement is started after the dead one is removed
         assert victim not in workers.worker_pids() and len(workers.worker_pids()) == 2
         outcomes = workers.submit(good_files).results()
         assert workers.crashes == 0
