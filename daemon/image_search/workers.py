@@ -489,11 +489,12 @@ class PreprocessPool:
             task = self._queue.popleft()
             if task.handle.done():  # its batch was failed (pool closing): drop
                 continue
-            worker.tasks.append(task)
             try:
                 worker.conn.send(task.path)
-            except OSError:
-                return  # the worker is dead: its EOF comes through wait() and requeues/blames there
+            except OSError:  # the worker died idle: this file never reached it, so it is not to blame
+                self._queue.appendleft(task)
+                return  # its EOF comes through wait(), and a replacement is started there
+            worker.tasks.append(task)
 
     def _receive(self, worker: _Worker) -> None:
         try:
