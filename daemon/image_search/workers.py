@@ -1,0 +1,567 @@
+"""Preprocessing in worker processes: decode, orient, fit, encode and hash on every core.
+
+Why processes: Pillow releases the GIL in much of its C work, but not all of it, and the Python around
+it holds it; decode threads contend (issue 8: ``preprocess_image`` tops out near 80 images/s on 16
+threads). Processes share nothing, so they scale with cores.
+
+Why plain ``python -c`` children rather than a ``multiprocessing`` context: both 'spawn' and
+'forkserver' re-import the parent's ``__main__`` in every worker. For ``image-search serve`` that is
+the console script, which imports ``image_search.cli`` -> ``embed`` -> torch: measured here, 3 s to
+start each worker and about 600 MB more resident memory (much of it shared libraries), for a process
+that only needs Pillow and numpy. A worker here starts from a bare interpreter with the parent's
+``sys.path``, imports this module (preprocess, discover, numpy, Pillow: never torch) and talks to the
+parent over one ``multiprocessing`` connection (a socket pair carrying pickles; the JPEG bytes and the
+pixel array travel as flat buffers, a copy or two of at most a few MB per file).
+
+Each worker holds at most ``_TASKS_PER_WORKER`` files at a time and does them in order, so when one
+dies (segfault in a codec, ``os._exit``, the kernel's OOM killer) the file it died on is known
+exactly: that file, and only that one, comes back as ``PreprocessError(path, "decoder crashed (...)")``,
+its queued successor is handed to another worker and a fresh worker takes the dead one's place.
+
+Workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C and systemd's stop signal reach every process of
+the group; whether a batch is finished or dropped is the parent's decision. A worker exits when the
+parent says so (``close()``) or when its connection closes, which includes the parent dying, so no
+worker outlives its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Pipe, wait
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import PreprocessError, preprocess_image
+
+# The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
+# a top-level, picklable callable, since it is sent to every worker.
+ModelInput = Callable[[Image.Image], np.ndarray]
+
+# Files handed to one worker before it has answered: two, so the next file is already waiting when a
+# worker finishes (no idle gap while the parent's dispatcher thread waits for the GIL), and few, so a
+# crash re-queues at most one innocent file.
+_TASKS_PER_WORKER = 2
+# A worker that dies before it is ready is restarted (a stray signal while it imports); this many such
+# deaths in a row mean the environment is broken, and the pool says so instead of blaming files.
+_START_ATTEMPTS = 3
+# How long close() lets workers finish their current file before killing them (their results are
+# discarded anyway, and workers write nothing, so a kill is always safe).
+_CLOSE_GRACE_SECONDS = 2.0
+# Each worker is one core: libraries that spawn a thread per core would oversubscribe N workers.
+_ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# Signals are ignored before anything else, so that a Ctrl-C while a worker is still importing costs nothing.
+_WORKER_BOOTSTRAP = (
+    "import signal\n"
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "import json, sys\n"
+    "sys.path[:] = json.loads(sys.argv[2])\n"
+    "from image_search.workers import _worker_main\n"
+    "_worker_main(int(sys.argv[1]))\n"
+)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """What every worker needs to turn a path into a result (sent once, when the worker starts)."""
+
+    max_size: tuple[int, int]
+    max_pixels: int
+    model_input: ModelInput | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PreprocessedFile:
+    """A normalised file, ready for the store and the model; picklable, no PIL object inside.
+
+    ``jpeg_bytes``, ``file_hash`` and the sizes are exactly those of ``preprocess_image``; ``pixels`` is
+    ``model_input(image)`` on the normalised RGB image, or None when the pool has no ``model_input``.
+    The fields keep PreparedImage's names on purpose, so code that reads those (``save_processed``, the
+    indexer's batch logic) takes either.
+    """
+
+    path: Path
+    jpeg_bytes: bytes = field(repr=False)
+    file_hash: str
+    width: int
+    height: int
+    source_width: int
+    source_height: int
+    pixels: np.ndarray | None = field(default=None, repr=False)
+
+
+Outcome = PreprocessedFile | PreprocessError
+
+
+class PoolError(RuntimeError):
+    """The pool cannot deliver: closed, or its workers cannot start (an environment problem, not a file's)."""
+
+
+def normalised_pixels(image: Image.Image) -> np.ndarray:
+    """A ``model_input`` that returns the normalised RGB image itself, (H, W, 3) uint8.
+
+    For a model whose own processor still wants the full image: ``Image.fromarray(pixels)`` gives back
+    exactly the pixels ``preprocess_image`` produced (not a JPEG round trip of them).
+    """
+    return np.asarray(image, dtype=np.uint8)
+
+
+def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFile:
+    """One worker job, also usable in-process: ``preprocess_image`` plus the model's input.
+
+    Raises PreprocessError exactly as ``preprocess_image`` does.
+    """
+    prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels)
+    pixels = settings.model_input(prepared.image) if settings.model_input is not None else None
+    return PreprocessedFile(
+        path=Path(path),
+        jpeg_bytes=prepared.jpeg_bytes,
+        file_hash=prepared.file_hash,
+        width=prepared.width,
+        height=prepared.height,
+        source_width=prepared.source_width,
+        source_height=prepared.source_height,
+        pixels=pixels,
+    )
+
+
+def default_worker_count() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Messages between the parent and a worker. Only these small records, paths, and PreprocessedFile cross.
+
+
+@dataclass(frozen=True)
+class _Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class _StartFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """A PreprocessError's reason (the exception itself does not unpickle: its args are one message)."""
+
+    reason: str
+
+
+def _worker_main(fd: int) -> None:
+    """A worker's whole life: settings, then one path at a time until told to stop or the parent is gone.
+
+    Started by ``_WORKER_BOOTSTRAP``, which has already set SIGINT and SIGTERM to be ignored.
+    """
+    conn = Connection(fd)
+    try:
+        try:
+            settings = conn.recv()
+            if not isinstance(settings, PreprocessSettings):
+                raise TypeError(f"expected PreprocessSettings, got {type(settings).__name__}")
+        except (EOFError, OSError):
+            raise
+        except Exception as exc:  # e.g. a model_input this interpreter cannot import: say so, then leave
+            conn.send(_StartFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(_Ready(os.getpid()))
+    except (EOFError, OSError):  # closed while this worker was still starting
+        return
+    while True:
+        try:
+            path = conn.recv()
+        except (EOFError, OSError):  # the parent closed the pool or died
+            return
+        if path is None:
+            return
+        outcome: PreprocessedFile | _Rejected
+        try:
+            outcome = preprocess_file(path, settings)
+        except PreprocessError as exc:
+            outcome = _Rejected(exc.reason)
+        except Exception as exc:  # a decoder bug on one odd file costs that file (as in the thread path)
+            outcome = _Rejected(f"unexpected decoder error ({type(exc).__name__}: {exc})")
+        try:
+            conn.send(outcome)
+        except OSError:  # the parent is gone: nobody wants the result
+            return
+
+
+# ---------------------------------------------------------------------------------------------------
+# The parent's side.
+
+
+class BatchHandle:
+    """One submitted batch: its outcomes, in the order of its paths, once every file is done."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
+        self._outcomes: list[Outcome | None] = [None] * len(self.paths)
+        self._remaining = len(self.paths)
+        self._error: PoolError | None = None
+        self._finished = threading.Event()
+        if not self.paths:
+            self._finished.set()
+
+    def done(self) -> bool:
+        """True when every outcome is in (or the pool failed): ``results()`` will not block."""
+        return self._finished.is_set()
+
+    def results(self, timeout: float | None = None) -> list[Outcome]:
+        """Block until the batch is done; one PreprocessedFile or PreprocessError per path, in input order.
+
+        Raises PoolError if the pool was closed before the batch finished or its workers cannot start,
+        and TimeoutError if ``timeout`` seconds pass first.
+        """
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"batch of {len(self.paths)} files not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return list(self._outcomes)  # type: ignore[arg-type]  # all filled once finished without error
+
+    # Called by the pool, under its lock.
+    def _deliver(self, index: int, outcome: Outcome) -> bool:
+        self._outcomes[index] = outcome
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._finished.set()
+            return True
+        return False
+
+    def _fail(self, error: PoolError) -> None:
+        if not self._finished.is_set():
+            self._error = error
+            self._finished.set()
+
+
+@dataclass(frozen=True)
+class _Task:
+    handle: BatchHandle
+    index: int
+
+    @property
+    def path(self) -> Path:
+        return self.handle.paths[self.index]
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    ready: bool = False
+    tasks: deque[_Task] = field(default_factory=deque)  # sent, not answered; the worker does them in order
+
+
+def _exit_description(returncode: int | None) -> str:
+    if returncode is None:
+        return "worker process stopped answering"
+    if returncode < 0:
+        try:
+            return f"worker process killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"worker process killed by signal {-returncode}"
+    return f"worker process exited with status {returncode}"
+
+
+class PreprocessPool:
+    """``preprocess_image`` (plus an optional ``model_input``) on a pool of worker processes.
+
+    Use as a context manager, or call ``close()``. ``submit(paths)`` returns a BatchHandle at once and
+    blocks only while ``max_batches_in_flight`` batches are still being processed, which bounds memory
+    for a pipelined caller::
+
+        with PreprocessPool(max_size=(1024, 1024), max_pixels=limit) as pool:
+            ahead = pool.submit(first_batch)
+            for batch in later_batches:
+                current, ahead = ahead, pool.submit(batch)   # the workers decode the next batch...
+                use(current.results())                       # ...while this one is embedded and stored
+            use(ahead.results())
+
+    ``workers=0`` runs everything in the calling thread inside ``submit`` (for debugging); the default is
+    one worker process per available core.
+    """
+
+    def __init__(self, *, max_size: tuple[int, int], max_pixels: int, model_input: ModelInput | None = None,
+                 workers: int | None = None, max_batches_in_flight: int = 2) -> None:
+        if max_batches_in_flight < 1:
+            raise ValueError("max_batches_in_flight must be at least 1")
+        self.settings = PreprocessSettings(max_size=tuple(max_size), max_pixels=max_pixels,  # type: ignore[arg-type]
+                                           model_input=model_input)
+        self.worker_count = default_worker_count() if workers is None else max(0, workers)
+        self.max_batches_in_flight = max_batches_in_flight
+        self.crashes = 0  # worker processes lost to a file (each cost exactly that file)
+        self._failed_starts_in_a_row = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a batch finished, or the pool closed/failed
+        self._queue: deque[_Task] = deque()
+        self._unfinished: list[BatchHandle] = []
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._error: PoolError | None = None
+        self._dispatcher: threading.Thread | None = None
+        if self.worker_count == 0:
+            return
+        # Pickled once, here: an unpicklable model_input (a lambda, a local function) fails now, in the
+        # caller, before any process exists.
+        self._settings_message = bytes(ForkingPickler.dumps(self.settings))
+        # The workers import what the parent imports: same sys.path ('' is the parent's cwd, as multiprocessing does).
+        self._sys_path_json = json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path])
+        # The dispatcher sleeps in wait() on the workers' connections; submit() and close() wake it here.
+        self._wake_reader, self._wake_writer = os.pipe()
+        os.set_blocking(self._wake_writer, False)
+        try:
+            for _ in range(self.worker_count):
+                self._workers.append(self._start_worker())
+        except BaseException:
+            self._stop_workers(list(self._workers))
+            os.close(self._wake_reader)
+            os.close(self._wake_writer)
+            raise
+        self._dispatcher = threading.Thread(target=self._dispatch_forever, name="preprocess-pool", daemon=True)
+        self._dispatcher.start()
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def submit(self, paths: Sequence[Path]) -> BatchHandle:
+        """Queue ``paths`` for preprocessing; return its handle at once.
+
+        Blocks while ``max_batches_in_flight`` earlier batches are still being processed (never on the
+        caller collecting results, so a single-threaded pipeline cannot deadlock itself).
+        """
+        handle = BatchHandle(paths)
+        if self.worker_count == 0:
+            if self._closed:
+                raise PoolError("the preprocessing pool is closed")
+            for index, path in enumerate(handle.paths):
+                handle._deliver(index, self._run_in_process(path))
+            return handle
+        with self._changed:
+            while not self._closed and self._error is None and len(self._unfinished) >= self.max_batches_in_flight:
+                self._changed.wait()
+            if self._closed:
+                raise PoolError("the preprocessing pool is closed")
+            if self._error is not None:
+                raise self._error
+            if handle.done():
+                return handle
+            self._unfinished.append(handle)
+            self._queue.extend(_Task(handle, i) for i in range(len(handle.paths)))
+            self._wake_locked()  # under the lock: close() closes the wake pipe under it too
+        return handle
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every worker has started (imports done, settings read); for a fail-fast start-up
+        and for timing. Raises PoolError if they cannot start or the pool is closed, TimeoutError on timeout."""
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: self._closed or self._error is not None
+                or (len(self._workers) == self.worker_count and all(w.ready for w in self._workers)), timeout
+            ):
+                raise TimeoutError(f"preprocessing workers not ready after {timeout} s")
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise PoolError("the preprocessing pool is closed")
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the current workers (for tests and diagnostics)."""
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    def close(self) -> None:
+        """Stop the workers and wait for them; unfinished batches fail with PoolError. Idempotent."""
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._fail_unfinished_locked(PoolError("the preprocessing pool was closed before this batch finished"))
+            if self._dispatcher is None:
+                return
+            self._wake_locked()
+        self._dispatcher.join()
+        self._stop_workers(self._workers)  # the dispatcher is gone: nothing else touches the workers now
+        self._workers = []
+        with self._lock:
+            os.close(self._wake_reader)
+            os.close(self._wake_writer)
+
+    def __enter__(self) -> PreprocessPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- in-process mode ------------------------------------------------------------------------------
+
+    def _run_in_process(self, path: Path) -> Outcome:
+        try:
+            return preprocess_file(path, self.settings)
+        except PreprocessError as exc:
+            return exc
+        except Exception as exc:  # same wording as a worker's
+            return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+
+    # -- workers --------------------------------------------------------------------------------------
+
+    def _start_worker(self) -> _Worker:
+        parent_end, child_end = Pipe(duplex=True)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), self._sys_path_json],
+                pass_fds=(child_end.fileno(),),  # close_fds (the default) keeps every other worker's socket out
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # never mix into a CLI's stdout; stderr stays for real tracebacks
+                env={**os.environ, **_ONE_THREAD_ENV},
+            )
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()  # only the worker holds it now, so its death reads as EOF here
+        # Fits the socket buffer or is read at once by the worker's first recv(): no deadlock while it starts.
+        parent_end.send_bytes(self._settings_message)
+        return _Worker(process=process, conn=parent_end)
+
+    def _stop_workers(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+            worker.conn.close()  # a worker busy on a file sees its send fail and leaves
+        deadline = time.monotonic() + _CLOSE_GRACE_SECONDS  # one grace period for all, not one each
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+    def _wake_locked(self) -> None:
+        try:
+            os.write(self._wake_writer, b"\0")
+        except BlockingIOError:  # already full of wake-ups: the dispatcher will look anyway
+            pass
+
+    # -- the dispatcher thread ------------------------------------------------------------------------
+
+    def _dispatch_forever(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or self._error is not None:
+                        return
+                    for worker in self._workers:
+                        self._feed_locked(worker)
+                    readable = {w.conn: w for w in self._workers}
+                ready = wait([*readable, self._wake_reader])
+                for item in ready:
+                    if item == self._wake_reader:
+                        os.read(self._wake_reader, 4096)
+                    else:
+                        self._receive(readable[item])  # type: ignore[index]
+        except BaseException as exc:  # a bug here, or no process left to start, must not leave callers blocked
+            with self._changed:
+                self._break_locked(PoolError(f"the preprocessing pool failed ({type(exc).__name__}: {exc})"))
+            raise
+
+    def _feed_locked(self, worker: _Worker) -> None:
+        while worker.ready and self._queue and len(worker.tasks) < _TASKS_PER_WORKER:
+            task = self._queue.popleft()
+            if task.handle.done():  # its batch was failed (pool closing): drop
+                continue
+            try:
+                worker.conn.send(task.path)
+            except OSError:  # the worker died idle: this file never reached it, so it is not to blame
+                self._queue.appendleft(task)
+                return  # its EOF comes through wait(), and a replacement is started there
+            worker.tasks.append(task)
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            self._replace_dead(worker)
+            return
+        with self._changed:
+            if isinstance(message, _Ready):
+                worker.ready = True
+                self._failed_starts_in_a_row = 0
+                self._changed.notify_all()
+            elif isinstance(message, _StartFailed):
+                self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
+            else:
+                task = worker.tasks.popleft()
+                outcome: Outcome = (PreprocessError(task.path, message.reason) if isinstance(message, _Rejected)
+                                    else message)
+                self._deliver_locked(task, outcome)
+
+    def _replace_dead(self, worker: _Worker) -> None:
+        worker.conn.close()
+        try:
+            returncode: int | None = worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # EOF without exit: it is of no use any more either way
+            worker.process.kill()
+            worker.process.wait()
+            returncode = None
+        description = _exit_description(returncode)
+        with self._changed:
+            self._workers.remove(worker)
+            if not worker.ready:
+                # It died before it could take a file: no file is to blame. Once is a stray signal or a
+                # transient failure; every time means a broken environment, which the caller must hear of.
+                self._failed_starts_in_a_row += 1
+                if self._failed_starts_in_a_row >= _START_ATTEMPTS:
+                    self._break_locked(PoolError(f"preprocessing workers could not start ({description}, "
+                                                 f"{_START_ATTEMPTS} times in a row)"))
+                    return
+            if worker.tasks:
+                self.crashes += 1
+                culprit = worker.tasks.popleft()  # it does its files in order: the first unanswered one
+                self._deliver_locked(culprit, PreprocessError(culprit.path, f"decoder crashed ({description})"))
+                self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
+                worker.tasks.clear()
+            if self._closed or self._error is not None:
+                return
+        replacement = self._start_worker()
+        with self._lock:
+            self._workers.append(replacement)
+
+    def _deliver_locked(self, task: _Task, outcome: Outcome) -> None:
+        if task.handle.done():  # failed meanwhile (pool closed): the outcome has no taker
+            return
+        if task.handle._deliver(task.index, outcome):
+            self._unfinished.remove(task.handle)
+            self._changed.notify_all()
+
+    def _break_locked(self, error: PoolError) -> None:
+        """The pool cannot go on: fail what is pending and every later submit with ``error``."""
+        if self._error is None and not self._closed:
+            self._error = error
+        self._fail_unfinished_locked(error)
+
+    def _fail_unfinished_locked(self, error: PoolError) -> None:
+        for handle in self._unfinished:
+            handle._fail(error)
+        self._unfinished.clear()
+        self._queue.clear()
+        self._changed.notify_all()
