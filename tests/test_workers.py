@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import save_picture
-from image_search.preprocess import PreprocessError, md5_hex, preprocess_image, save_processed
+from tests.support.files import save_picture
+from image_search.preprocess import IncompleteFile, PreprocessError, md5_hex, preprocess_image, save_processed
 from image_search.workers import (
     PoolError,
     PreprocessedFile,
@@ -249,6 +249,8 @@ def test_every_rejection_reason_comes_back_word_for_word(bad_files, good_files):
     for word, path in bad_files.items():
         refused = outcomes[paths.index(path)]
         assert isinstance(refused, PreprocessError) and word in refused.reason, (word, refused)
+        # The kind survives the process boundary: the service waits for an incomplete file, fails the rest.
+        assert isinstance(refused, IncompleteFile) == (word in ("empty", "truncated")), (word, type(refused))
     assert isinstance(outcomes[0], PreprocessedFile) and isinstance(outcomes[-1], PreprocessedFile)
 
 
@@ -447,8 +449,8 @@ def test_workers_never_import_torch_even_when_the_parent_main_module_does(tmp_pa
     script.write_text(textwrap.dedent(f"""
         import sys
         import torch  # as image_search.cli -> embed does at import
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_workers import loaded_modules
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from tests.test_workers import loaded_modules
         from image_search.workers import PreprocessPool
         with PreprocessPool(max_size=(64, 64), max_pixels=10**8, model_input=loaded_modules, workers=1) as pool:
             [outcome] = pool.submit([{str(good_files[0])!r}]).results()

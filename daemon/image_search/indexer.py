@@ -3,15 +3,18 @@
 Per file, cheapest check first: a stored row with the same path, size, mtime and model means
 nothing to do; otherwise decode and hash, and a stored row with the same hash and model needs
 only its path updated (a rename, a touch, a copy) - no model work. Only new content is embedded.
+
+Decoding, orienting, fitting, JPEG encoding, hashing and the model's own resize and crop run in
+worker processes (``workers.PreprocessPool``), so this thread only stacks the uint8 pixels, runs the
+model and writes rows; the next batch is prepared while the current one is embedded.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,16 +23,19 @@ import structlog
 from tqdm import tqdm
 
 from .config import Config
-from .preprocess import PreparedImage, PreprocessError, preprocess_for, processed_path_for, save_processed
+import numpy as np
+from PIL import Image
+
+from .pixels import to_model_pixels
+from .preprocess import PreprocessError, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
+from .workers import BatchHandle, ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
 
 log = structlog.get_logger(__name__)
-
-DECODE_THREADS = max(2, min(8, (os.cpu_count() or 2)))
 
 
 @dataclass
@@ -69,20 +75,23 @@ class _Candidate:
 class Indexer:
     """Indexes source files of one config into one store with one embedder."""
 
-    def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                 executor: Executor | None = None,
+    def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore, *, workers: int | None = None,
                  defer: Callable[[Path, PreprocessError], bool] | None = None) -> None:
         self.cfg = cfg
         # The service's test for "this file is still being written": such a file is deferred, not skipped.
         self.defer = defer
         self.embedder = embedder
         self.store = store
-        self._executor = executor or ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
-        self._owns_executor = executor is None
+        # Images read and embedded together: on CUDA as many as a forward pass holds (measured at load),
+        # so the GPU is fed full passes; on the CPU batch-size, so a query never waits behind a long pass.
+        # batch-size stays the size of one database transaction either way.
+        self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
+                                else cfg.batch_size)
+        self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
+                                    model_input=model_input_for(embedder), workers=workers)
 
     def close(self) -> None:
-        if self._owns_executor:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()
 
     def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
         """Index ``paths`` (files under ``source-directory``) in batches; return what happened.
@@ -93,18 +102,18 @@ class Indexer:
         paths = list(paths)
         known = self.store.sources(str(p) for p in paths)  # only these rows, never the whole table
         summary = IndexSummary()
-        in_flight: tuple[list[_Candidate], list[Future[PreparedImage | PreprocessError]]] | None = None
+        in_flight: tuple[list[_Candidate], BatchHandle] | None = None
 
-        def finish(batch: list[_Candidate], decoding: list[Future[PreparedImage | PreprocessError]]) -> None:
-            summary.merge(self._finish_batch(batch, decoding))
+        def finish(batch: list[_Candidate], preparing: BatchHandle) -> None:
+            summary.merge(self._finish_batch(batch, preparing.results()))
             if progress:
                 progress(len(batch))
 
         for batch in self._changed_batches(paths, known, summary, progress):
-            decoding = [self._executor.submit(self._prepare_or_error, c.path) for c in batch]
+            preparing = self._pool.submit([c.path for c in batch])
             if in_flight is not None:
                 finish(*in_flight)
-            in_flight = (batch, decoding)
+            in_flight = (batch, preparing)
         if in_flight is not None:
             finish(*in_flight)
         return summary
@@ -119,7 +128,7 @@ class Indexer:
             st = stat_or_none(path)
             if st is not None and not is_unchanged(known.get(str(path)), st, self.cfg.model_name):
                 batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
-                if len(batch) >= self.cfg.batch_size:
+                if len(batch) >= self.read_batch_size:
                     yield batch
                     batch = []
                 continue
@@ -134,11 +143,10 @@ class Indexer:
             yield batch
 
     def _finish_batch(self, batch: Sequence[_Candidate],
-                      decoding: Sequence[Future[PreparedImage | PreprocessError]]) -> IndexSummary:
+                      outcomes: Sequence[PreprocessedFile | PreprocessError]) -> IndexSummary:
         summary = IndexSummary()
-        prepared: list[tuple[_Candidate, PreparedImage]] = []
-        for candidate, future in zip(batch, decoding):
-            outcome = future.result()
+        prepared: list[tuple[_Candidate, PreprocessedFile]] = []
+        for candidate, outcome in zip(batch, outcomes):
             if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
                 summary.deferred.append(candidate.path)
             elif isinstance(outcome, PreprocessError):
@@ -151,7 +159,7 @@ class Indexer:
 
         model = self.cfg.model_name
         stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
-        to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
+        to_embed: list[tuple[_Candidate, PreprocessedFile, Path]] = []
         claimed: set[str] = set()  # hashes taken by an earlier file of this batch
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
@@ -173,25 +181,23 @@ class Indexer:
             to_embed.append((candidate, image, processed))
         if to_embed:
             started = time.monotonic()
-            vectors = self.embedder.embed_images([image.image for _, image, _ in to_embed])
+            vectors = self._embed([image.pixels for _, image, _ in to_embed])
             rows = [
                 EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
                              processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
                              model_name=model, embedding=vector)
                 for (c, image, processed), vector in zip(to_embed, vectors)
             ]
-            self.store.upsert(rows)
+            for start in range(0, len(rows), self.cfg.batch_size):
+                self.store.upsert(rows[start:start + self.cfg.batch_size])
             summary.embedded += len(rows)
             log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
         return summary
 
-    def _prepare_or_error(self, path: Path) -> PreparedImage | PreprocessError:
-        try:
-            return preprocess_for(path, self.cfg)
-        except PreprocessError as exc:
-            return exc
-        except Exception as exc:  # a decoder bug on one odd file must not stop the run (logged as a skip)
-            return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+    def _embed(self, pixels: list[np.ndarray | None]) -> np.ndarray:
+        if self.embedder.pixel_spec is not None:  # the workers made the model's input: stack, upload, run
+            return self.embedder.embed_pixels(np.stack(pixels))  # type: ignore[arg-type]
+        return self.embedder.embed_images([Image.fromarray(p) for p in pixels])  # type: ignore[arg-type]
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""
@@ -207,3 +213,10 @@ class Indexer:
                  **summary.as_log_fields())
         return summary
 
+
+def model_input_for(embedder: Embedder) -> ModelInput:
+    """What the workers hand the model: its own input at its size when ``pixels.py`` mirrors its
+    processor, else the normalised picture for the model's processor."""
+    if embedder.pixel_spec is not None:
+        return partial(to_model_pixels, spec=embedder.pixel_spec)
+    return normalised_pixels

@@ -229,7 +229,7 @@ class Service:
 
     def _index_one_batch(self) -> bool:
         assert self._indexer is not None, "start() builds the indexer"
-        ready = self.images.pop_ready(limit=self.cfg.batch_size)
+        ready = self.images.pop_ready(limit=self._indexer.read_batch_size)
         if not ready:
             if not len(self.images):
                 self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import PreprocessError, preprocess_image
+from .preprocess import IncompleteFile, PreprocessError, preprocess_image
 
 # The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
 # a top-level, picklable callable, since it is sent to every worker.
@@ -162,9 +162,14 @@ class _StartFailed:
 
 @dataclass(frozen=True)
 class _Rejected:
-    """A PreprocessError's reason (the exception itself does not unpickle: its args are one message)."""
+    """A PreprocessError's reason and kind (the exception itself does not unpickle: its args are one
+    message); ``incomplete`` keeps an ``IncompleteFile`` one, which the service waits for instead of failing."""
 
     reason: str
+    incomplete: bool = False
+
+    def error(self, path: Path) -> PreprocessError:
+        return (IncompleteFile if self.incomplete else PreprocessError)(path, self.reason)
 
 
 def _worker_main(fd: int) -> None:
@@ -197,7 +202,7 @@ def _worker_main(fd: int) -> None:
         try:
             outcome = preprocess_file(path, settings)
         except PreprocessError as exc:
-            outcome = _Rejected(exc.reason)
+            outcome = _Rejected(exc.reason, incomplete=isinstance(exc, IncompleteFile))
         except Exception as exc:  # a decoder bug on one odd file costs that file (as in the thread path)
             outcome = _Rejected(f"unexpected decoder error ({type(exc).__name__}: {exc})")
         try:
@@ -511,8 +516,7 @@ class PreprocessPool:
                 self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
             else:
                 task = worker.tasks.popleft()
-                outcome: Outcome = (PreprocessError(task.path, message.reason) if isinstance(message, _Rejected)
-                                    else message)
+                outcome: Outcome = message.error(task.path) if isinstance(message, _Rejected) else message
                 self._deliver_locked(task, outcome)
 
     def _replace_dead(self, worker: _Worker) -> None:

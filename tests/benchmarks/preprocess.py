@@ -68,8 +68,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "daemon") not in sys.path:  # runnable from a checkout without an installed package too
-    sys.path.insert(1, str(REPO / "daemon"))
 
 from image_search.preprocess import PreprocessError, preprocess_image  # noqa: E402
 from image_search.workers import PreprocessPool, default_worker_count  # noqa: E402
