@@ -3,7 +3,8 @@
 Two families are supported through the same ``from_pretrained`` path:
 - jina-clip-v2 (remote code): ``encode_image`` with Matryoshka ``truncate_dim``;
 - stock transformers CLIP and SigLIP: the model's image processor, then ``get_image_features``.
-Text embedding (the next capability) fits beside ``embed_images``: both towers are loaded.
+Text queries go through the same model's text tower (``embed_texts``): jina-clip-v2's ``encode_text``
+with its ``retrieval.query`` task; CLIP/SigLIP: the model's tokenizer, then ``get_text_features``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Embedder:
             )
         info = ModelInfo(model_name, family, 0, matryoshka)
         embedder = cls(model, processor, info, torch_device, dtype, dimension=0)
+        embedder._text_side = _load_text_side(model, family, source, model_name)
         # One tiny forward pass tells the true output size (and warms the model up).
         native = embedder._forward([Image.new("RGB", (8, 8), (127, 127, 127))], truncate=None).shape[1]
         if torch_device.type == "cuda":
@@ -209,6 +211,54 @@ class Embedder:
             start += len(chunk)
         return np.concatenate(out)
 
+    # --- text queries ------------------------------------------------------------------------------
+
+    _text_side: _TextSide | None = None  # set by ``load``; None only for an Embedder built by hand
+
+    @property
+    def text_token_limit(self) -> int:
+        """The most tokens of one query the text tower reads; longer queries are truncated to it."""
+        return self._require_text_side().max_tokens
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed text queries: an (n, dimension) float32 array of unit vectors, comparable with the
+        image vectors. A query longer than the model reads is truncated, with one warning line.
+
+        Raises NoTextTower when this model cannot read text at all.
+        """
+        side = self._require_text_side()
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        for text in texts:
+            count = len(side.tokenizer(side.instruction + text, add_special_tokens=True, truncation=False)["input_ids"])
+            if count > side.max_tokens:
+                log.warning("text_query_truncated", tokens=count, limit=side.max_tokens,
+                            detail=f"the model reads at most {side.max_tokens} tokens; the rest of the query is ignored",
+                            query=_shorten(text, 80))
+        with torch.inference_mode():
+            if self.info.family == "jina":
+                # Jina adds the task's instruction itself; its own default would cut at 512 tokens silently.
+                out = self._model.encode_text(list(texts), task=JINA_QUERY_TASK, batch_size=max(1, len(texts)),
+                                              truncate_dim=self.dimension, convert_to_numpy=False,
+                                              convert_to_tensor=True, normalize_embeddings=False,
+                                              max_length=side.max_tokens)
+                features = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+            else:
+                tokens = side.tokenizer(list(texts), padding=side.padding, truncation=True,
+                                        max_length=side.max_tokens, return_tensors="pt")
+                features = self._model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()
+                                                            if k in ("input_ids", "attention_mask")})
+            # Matryoshka: the leading `dimension` components, re-normalised (a no-op slice at full size).
+            features = torch.nn.functional.normalize(features.float()[:, :self.dimension], dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def _require_text_side(self) -> _TextSide:
+        side = self._text_side
+        if side is None or side.tokenizer is None:
+            raise NoTextTower(side.unavailable if side is not None and side.unavailable
+                              else f"model '{self.info.name}' was loaded without its text side")
+        return side
+
 
 @dataclass(frozen=True)
 class _Geometry:
@@ -279,3 +329,75 @@ def check_dimension(info: ModelInfo, dimension: int) -> int:
         f"{' or '.join(str(a) for a in allowed)}-dimensional embeddings. Set 'dimension' to "
         f"{info.native_dimension if len(allowed) == 1 else 'one of ' + ', '.join(str(a) for a in allowed)}."
     )
+
+
+# --- text queries: module-level helpers ------------------------------------------------------------
+
+JINA_QUERY_TASK = "retrieval.query"  # jina-clip-v2's task for a search query (its LoRA/instruction choice)
+# Used only when a tokenizer states no usable limit (transformers' "no limit" is a huge sentinel).
+_FALLBACK_TOKEN_LIMIT = 512
+
+
+class NoTextTower(Exception):
+    """The loaded model cannot embed text (no text tower, or no tokenizer): text queries are impossible."""
+
+
+@dataclass(frozen=True)
+class _TextSide:
+    """What reading text needs: the tokenizer (None when text is impossible, ``unavailable`` says why),
+    the most tokens the tower reads, how to pad, and the instruction jina prepends to a query."""
+
+    tokenizer: Any | None
+    max_tokens: int
+    padding: bool | str
+    instruction: str
+    unavailable: str | None
+
+
+def _shorten(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _token_limit(tokenizer: Any, config: Any) -> int:
+    """The smaller of the tokenizer's stated limit and the text tower's position table."""
+    limits = [int(n) for n in (getattr(tokenizer, "model_max_length", None),
+                               getattr(getattr(config, "text_config", None), "max_position_embeddings", None))
+              if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else _FALLBACK_TOKEN_LIMIT
+
+
+def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _TextSide:
+    """Load the tokenizer with the model. A model that cannot read text still serves image queries:
+    the reason is kept and raised as NoTextTower by the first text query (and logged once now)."""
+    from transformers import AutoTokenizer
+
+    def unavailable(reason: str) -> _TextSide:
+        log.warning("text_queries_unavailable", model=model_name, reason=reason)
+        return _TextSide(None, 0, False, "", reason)
+
+    if family == "jina":
+        if not hasattr(model, "encode_text") or not hasattr(model, "get_tokenizer"):
+            return unavailable(f"model '{model_name}' ({type(model).__name__}) has no text tower (no encode_text): "
+                               "it cannot answer text queries")
+        try:
+            tokenizer = model.get_tokenizer()
+        except (OSError, ValueError, ImportError) as exc:
+            return unavailable(f"the tokenizer of model '{model_name}' cannot be loaded "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        get_instruction = getattr(getattr(model, "text_model", None), "get_instruction_from_task", None)
+        instruction = (get_instruction(JINA_QUERY_TASK) or "") if callable(get_instruction) else ""
+        return _TextSide(tokenizer, _token_limit(tokenizer, model.config), True, instruction, None)
+    if not hasattr(model, "get_text_features"):
+        return unavailable(f"model '{model_name}' ({type(model).__name__}) has no text tower "
+                           "(no get_text_features): it cannot answer text queries")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        # TypeError: transformers' way of saying a slow tokenizer's files (vocab.json...) are missing.
+        return unavailable(f"model '{model_name}' has no usable tokenizer, so it cannot read text queries "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a model "
+                           "directory needs its tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+    # SigLIP was trained on text padded to its full length; CLIP pads to the longest query.
+    padding: bool | str = "max_length" if getattr(model.config, "model_type", "") == "siglip" else True
+    return _TextSide(tokenizer, _token_limit(tokenizer, model.config), padding, "", None)
