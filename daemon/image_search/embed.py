@@ -372,6 +372,10 @@ def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _T
     the reason is kept and raised as NoTextTower by the first text query (and logged once now)."""
     from transformers import AutoTokenizer
 
+    # A query is a few tokens: Rust-side parallel tokenising gains nothing, and once used it prints a
+    # raw "process just got forked" notice to stderr at every later fork (the embedded PostgreSQL).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
     def unavailable(reason: str) -> _TextSide:
         log.warning("text_queries_unavailable", model=model_name, reason=reason)
         return _TextSide(None, 0, False, "", reason)

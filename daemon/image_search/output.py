@@ -125,7 +125,10 @@ def _sheet_query_picture(query: ImageQuery, cfg: Config) -> Image.Image | None:
 def _sheet_heading(query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config) -> str:
     what = f"“{' '.join(query.text.split())}”" if isinstance(query, TextQuery) else query.path.name
     found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
-    return f"{found} for {what} · model {cfg.model_name}"
+    model = cfg.model_name
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        model = Path(model).name  # a local model directory: its name says enough on a picture
+    return f"{found} for {what} · model {model}"
 
 
 def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config,
