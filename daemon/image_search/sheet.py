@@ -107,6 +107,7 @@ _RANK = _Style(16, BOLD, INK)
 _HEADING = _Style(18, BOLD, INK)
 _NOTE = _Style(16, REGULAR, MUTED)
 _QUERY_TEXT_SIZES = (30, 26, 22, 19, 16, 14)  # the largest that fits the query cell is used
+_MOST_QUERY_CHARACTERS_SHOWN = 600  # more than a 256 px cell holds even at 14 px (about 450)
 
 
 def _runs(text: str, style: _Style) -> list[tuple[str, ImageFont.FreeTypeFont]]:
@@ -146,24 +147,38 @@ def _fit_line(text: str, style: _Style, width: float, *, keep_end: int = 0) -> s
     return head + "…" + tail if head else _fit_line(tail, style, width) if tail else "…"
 
 
+@functools.lru_cache(maxsize=16384)
+def _advance(char: str, size: int, weight: int) -> float:
+    """How far one character moves the pen, in the font that draws it."""
+    ((_, font),) = _runs(char, _Style(size, weight, INK))
+    return font.getlength(char)
+
+
 def _wrap(text: str, style: _Style, width: float) -> list[str]:
     """Greedy wrapping that breaks at spaces where it can and anywhere in a word that has none
-    (Japanese and Chinese are written without spaces)."""
+    (Japanese and Chinese are written without spaces). Widths add up per character (kerning is
+    ignored: a few pixels, so callers leave a small margin); linear in the length of the text."""
     lines: list[str] = []
     for paragraph in text.splitlines() or [""]:
-        line = ""
-        for char in paragraph:
-            if _width(line + char, style) <= width or not line:
-                line += char
-                continue
-            space = line.rfind(" ")
-            if space > 0 and not char.isspace():
-                lines.append(line[:space])
-                line = line[space + 1:] + char
-            else:
-                lines.append(line.rstrip())
-                line = "" if char.isspace() else char
-        lines.append(line.rstrip())
+        start, used, space = 0, 0.0, -1  # the current line: where it begins, its width, its last space
+        for i, char in enumerate(paragraph):
+            advance = _advance(char, style.size, style.weight)
+            if used + advance > width and i > start:
+                if char == " ":  # the line ends here; the space itself is dropped
+                    lines.append(paragraph[start:i].rstrip())
+                    start, used, space = i + 1, 0.0, -1
+                    continue
+                if space > start:  # break at the last space
+                    lines.append(paragraph[start:space].rstrip())
+                    start = space + 1
+                else:  # no space to break at: break inside the word
+                    lines.append(paragraph[start:i])
+                    start = i
+                used, space = sum(_advance(c, style.size, style.weight) for c in paragraph[start:i]), -1
+            if char == " ":
+                space = i
+            used += advance
+        lines.append(paragraph[start:].rstrip())
     return lines
 
 
@@ -171,17 +186,20 @@ def _text_block(text: str, box: tuple[int, int]) -> Image.Image:
     """The query's words, as large as fits the box (30 px down to 14 px; beyond that, cut with …)."""
     block = Image.new("RGB", box, CELL)
     draw = ImageDraw.Draw(block)
+    # The cell shows a few hundred characters at most: wrapping a 64 KiB query whole would cost seconds.
+    text = text[:_MOST_QUERY_CHARACTERS_SHOWN]
     for size in _QUERY_TEXT_SIZES:
         style = _Style(size, REGULAR, INK)
         line_height = round(size * 1.35)
-        lines = _wrap(text, style, box[0])
+        lines = _wrap(text, style, box[0] - 4)
         if len(lines) * line_height <= box[1] or size == _QUERY_TEXT_SIZES[-1]:
             break
     fits = box[1] // line_height
-    if len(lines) > fits:
-        lines = lines[:fits]
-        lines[-1] = _fit_line(lines[-1] + " …", style, box[0] - _width("…", style)) + (
-            "" if lines[-1].endswith("…") else "…")
+    if len(lines) > fits:  # even the smallest size is too big: show the start, and say there is more
+        last = lines[fits - 1]
+        while last and _width(last + "…", style) > box[0]:
+            last = last[:-1]
+        lines = lines[: fits - 1] + [last + "…"]
     top = (box[1] - len(lines) * line_height) // 2
     for i, line in enumerate(lines):
         _draw(draw, ((box[0] - _width(line, style)) / 2, top + i * line_height), line, style)
