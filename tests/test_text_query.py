@@ -146,3 +146,52 @@ def test_a_model_with_no_text_tower_is_a_typed_error(embedder: Embedder, monkeyp
     monkeypatch.setattr(embedder, "_text_side", side)
     with pytest.raises(NoTextTower, match="'org/image-only'.*has no text tower"):
         embedder.embed_texts(["a red bicycle"])
+
+
+class _JinaLike:
+    """The surface of jina-clip-v2's remote code that text queries use (its real signature:
+    ``encode_text(sentences, task=None, batch_size=32, ..., normalize_embeddings=True,
+    truncate_dim=None, **tokenizer_kwargs)``), returning fixed, deliberately unnormalised vectors."""
+
+    NATIVE = 64
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.config = type("Config", (), {"text_config": None})()
+        self.text_model = type("TextModel", (), {"get_instruction_from_task": staticmethod(
+            lambda task: "Represent the query for retrieving evidence documents: " if task == "retrieval.query" else None)})()
+        self.calls: list[dict] = []
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def encode_text(self, sentences, task=None, batch_size=32, convert_to_numpy=True, convert_to_tensor=False,
+                    normalize_embeddings=True, truncate_dim=None, **tokenizer_kwargs):
+        import torch
+
+        self.calls.append({"task": task, "truncate_dim": truncate_dim, "normalize": normalize_embeddings,
+                           "tensor": convert_to_tensor, **tokenizer_kwargs})
+        rows = [np.arange(1, self.NATIVE + 1, dtype=np.float32) * (len(s) + 1) for s in sentences]
+        out = torch.from_numpy(np.stack(rows))
+        return out[:, :truncate_dim] if truncate_dim else out
+
+
+def test_jina_queries_use_the_retrieval_query_task_and_the_matryoshka_prefix(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from image_search import embed as embed_module
+    from image_search.embed import ModelInfo
+
+    model = _JinaLike(AutoTokenizer.from_pretrained(tiny_model_dir))
+    embedder = Embedder(model, None, ModelInfo("jinaai/jina-clip-v2", "jina", 64, (16, 32, 64)), torch.device("cpu"),
+                        torch.float32, dimension=16)
+    embedder._text_side = embed_module._load_text_side(model, "jina", "unused", "jinaai/jina-clip-v2")
+    vectors = embedder.embed_texts(["a red bicycle", "赤い自転車"])
+    (call,) = model.calls
+    assert call["task"] == "retrieval.query" and call["truncate_dim"] == 16 and call["normalize"] is False
+    assert call["max_length"] == embedder.text_token_limit and call["tensor"] is True
+    expected = np.arange(1, 17, dtype=np.float32)
+    np.testing.assert_allclose(vectors, np.stack([expected / np.linalg.norm(expected)] * 2), atol=1e-6)
+    # the instruction jina prepends counts towards the limit: a query that fits alone may not with it
+    assert embedder._text_side.instruction.startswith("Represent the query")
