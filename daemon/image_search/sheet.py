@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +224,13 @@ def _thumbnail(path: Path) -> Image.Image | None:
         return None  # gone, unreadable or not an image: the cell says so
 
 
+@functools.cache
+def _decoders() -> ThreadPoolExecutor:
+    # Reading the hits' JPEGs is most of a sheet's cost (entropy decoding is paid in full even at 1/4
+    # scale); Pillow decodes without the GIL, so a few threads cut it by up to their number of cores.
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="sheet-decode")
+
+
 def _fitted(picture: Image.Image) -> Image.Image:
     picture = picture.convert("RGB") if picture.mode != "RGB" else picture
     if picture.width <= THUMB and picture.height <= THUMB:
@@ -282,8 +291,8 @@ def render_contact_sheet(hits: Sequence[Hit], *, query_name: str, query_picture:
     else:
         query_cell = _Cell(_placeholder("the query picture cannot be shown"), "Query", query_name, accent=True)
     cells = [query_cell]
-    for hit in hits:
-        picture = _thumbnail(Path(hit.processed_path))
+    pictures = list(_decoders().map(_thumbnail, [Path(hit.processed_path) for hit in hits]))
+    for hit, picture in zip(hits, pictures, strict=True):
         cells.append(_Cell(picture if picture is not None else _placeholder("processed image missing"),
                            f"#{hit.rank} · similarity {hit.similarity:.4f}", hit.file_name))
     if not hits:
