@@ -195,3 +195,17 @@ def test_jina_queries_use_the_retrieval_query_task_and_the_matryoshka_prefix(tin
     np.testing.assert_allclose(vectors, np.stack([expected / np.linalg.norm(expected)] * 2), atol=1e-6)
     # the instruction jina prepends counts towards the limit: a query that fits alone may not with it
     assert embedder._text_side.instruction.startswith("Represent the query")
+
+
+def test_the_offline_advice_for_jina_clip_v2_names_all_four_hub_repositories(tmp_path: Path, monkeypatch) -> None:
+    from image_search.embed import JINA_CLIP_V2_HUB_REPOS, ModelLoadError
+
+    # HF_HUB_OFFLINE=1 (conftest) and an empty cache. HF_HOME is read when huggingface_hub is first
+    # imported: if an earlier test imported it, this relies on the machine not caching jina-clip-v2.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError) as refused:
+        Embedder.load("jinaai/jina-clip-v2", device="cpu")
+    message = str(refused.value)
+    assert "HF_HUB_OFFLINE" in message
+    assert "huggingface-cli download " + " ".join(JINA_CLIP_V2_HUB_REPOS) in message
+    assert len(JINA_CLIP_V2_HUB_REPOS) == 4 and "\n" not in message

@@ -66,7 +66,8 @@ def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
         f"model '{model_name}' is not in the local Hugging Face cache and could not be downloaded"
         + (" (HF_HUB_OFFLINE is set)" if offline else " (no network, or the id is misspelt)")
         + ". Check the name in config key 'model-name', download it once on a machine with network access "
-        "(huggingface-cli download " + model_name + ") and copy the cache (HF_HOME), or point 'model-name' at a local directory."
+        "(huggingface-cli download " + " ".join(_hub_repos_to_download(model_name)) + ") and copy the cache "
+        "(HF_HOME), or point 'model-name' at a local directory."
     )
 
 
@@ -405,3 +406,14 @@ def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _T
     # SigLIP was trained on text padded to its full length; CLIP pads to the longest query.
     padding: bool | str = "max_length" if getattr(model.config, "model_type", "") == "siglip" else True
     return _TextSide(tokenizer, _token_limit(tokenizer, model.config), padding, "", None)
+
+
+# jina-clip-v2 pulls code and configuration from three more repositories while loading: an offline
+# machine needs all four in its cache.
+JINA_CLIP_V2_HUB_REPOS = ("jinaai/jina-clip-v2", "jinaai/jina-clip-implementation", "jinaai/jina-embeddings-v3",
+                          "jinaai/xlm-roberta-flash-implementation")
+
+
+def _hub_repos_to_download(model_name: str) -> tuple[str, ...]:
+    """What ``huggingface-cli download`` must fetch for ``model_name`` to load offline."""
+    return JINA_CLIP_V2_HUB_REPOS if model_name == JINA_CLIP_V2_HUB_REPOS[0] else (model_name,)
