@@ -211,17 +211,16 @@ def _text_block(text: str, box: tuple[int, int]) -> Image.Image:
 def _thumbnail(path: Path) -> Image.Image | None:
     """The processed image fitted into THUMB x THUMB (aspect kept); None if it cannot be read."""
     try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                # Decode at 1/2, 1/4 or 1/8 size (most of the speed): ask for the fitted size, not the
-                # square, or a 4:3 picture would need twice the pixels to cover the square's height.
-                scale = min(THUMB / im.width, THUMB / im.height, 1.0)
-                im.draft("RGB", (max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+        with Image.open(path, formats=("JPEG",)) as im:  # processed images are always our own JPEGs
+            # Decode at 1/2, 1/4 or 1/8 size (most of the speed): ask for the fitted size, not the
+            # square, or a 4:3 picture would need twice the pixels to cover the square's height.
+            scale = min(THUMB / im.width, THUMB / im.height, 1.0)
+            im.draft("RGB", (max(1, round(im.width * scale)), max(1, round(im.height * scale))))
             im = ImageOps.exif_transpose(im.convert("RGB"))
             im.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
             return im
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None  # gone, unreadable or not an image: the cell says so
+    except (OSError, ValueError, Image.DecompressionBombError):  # UnidentifiedImageError is an OSError
+        return None  # gone, unreadable or not a JPEG: the cell says so
 
 
 @functools.cache
