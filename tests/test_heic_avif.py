@@ -147,3 +147,20 @@ def test_discovery_finds_heic_and_avif_in_any_case(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         save(quadrants(), tmp_path / name, fmt)
     assert [p.relative_to(tmp_path).as_posix() for p in discover_images(tmp_path)] == ["a.heic", "b.AVIF", "sub/c.HEIF"]
+
+
+def test_a_ten_bit_heic_comes_out_as_8_bit_rgb_with_its_full_range(tmp_path: Path) -> None:
+    """iPhones write 10-bit HEIC: its levels must be scaled to 8 bits, not clipped or cut to the low byte."""
+    import numpy as np
+    import pillow_heif
+
+    ramp = np.tile(np.linspace(0, 65535, 64), (48, 1)).astype(np.uint16)
+    pillow_heif.from_bytes(mode="RGB;16", size=(64, 48), data=np.stack([ramp] * 3, -1).tobytes()).save(
+        tmp_path / "hdr.heic", quality=-1)
+    with Image.open(tmp_path / "hdr.heic") as check:
+        assert check.info["bit_depth"] == 10
+    prepared = prep(tmp_path / "hdr.heic")
+    assert prepared.image.mode == "RGB"
+    assert_colour(prepared.image.getpixel((0, 24)), (0, 0, 0))
+    assert_colour(prepared.image.getpixel((32, 24)), (130, 130, 130))
+    assert_colour(prepared.image.getpixel((63, 24)), WHITE)
