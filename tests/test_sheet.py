@@ -244,3 +244,12 @@ def test_an_image_query_given_its_processed_pixels_is_not_decoded_again(tmp_path
 ])
 def test_text_query_stem(text: str, stem: str) -> None:
     assert text_query_stem(text) == stem
+
+
+@pytest.mark.parametrize("name", ["IMG_20240812_183012_HDR_very_long_name_indeed.heic", "a" * 250 + ".jpeg",
+                                  "夕焼けの海辺" * 20 + ".jpg", "short.jpg"])
+def test_a_long_file_name_is_shortened_in_the_middle_keeping_its_extension(name: str) -> None:
+    width = CELL_WIDTH - 2 * sheet_module.PADDING
+    caption = sheet_module._fit_line(name, sheet_module._CAPTION, width, keep_end=sheet_module._extension_length(name))
+    assert sheet_module._width(caption, sheet_module._CAPTION) <= width
+    assert caption == name or ("…" in caption and caption.endswith(name[-8:]) and caption[:4] == name[:4])

@@ -143,10 +143,16 @@ def _fit_line(text: str, style: _Style, width: float, *, keep_end: int = 0) -> s
     if _width(text, style) <= width:
         return text
     tail = text[len(text) - keep_end:] if keep_end else ""
-    head = text[: len(text) - len(tail)]
-    while head and _width(head + "…" + tail, style) > width:
-        head = head[:-1]
-    return head + "…" + tail if head else _fit_line(tail, style, width) if tail else "…"
+    room = width - _width("…" + tail, style)
+    if room <= 0:  # not even the kept end fits: shorten that instead
+        return _fit_line(tail, style, width) if tail else "…"
+    used, kept = 0.0, 0  # the longest start of the text that fits (per-character widths: linear)
+    for char in text[: len(text) - len(tail)]:
+        used += _advance(char, style.size, style.weight)
+        if used > room:
+            break
+        kept += 1
+    return text[:kept] + "…" + tail
 
 
 @functools.lru_cache(maxsize=16384)
