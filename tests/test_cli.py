@@ -272,7 +272,7 @@ def test_search_exact_copy_ranks_first_and_bundle_layout(story: Story) -> None:
     output = story.root / "output"
     assert bundle.parent == output
     assert BUNDLE_NAME.match(bundle.name), bundle.name
-    assert bundle_files(bundle) == {"q.json", "q.jpg", "q.jsonl"}
+    assert bundle_files(bundle) == {"q.json", "q.jpg", "q.jsonl", "q.sheet.jpg"}
 
     hits = read_jsonl(bundle / "q.jsonl")
     assert len(hits) == TOP_K
@@ -368,7 +368,7 @@ def test_cleanup_on_exit_false_legacy_search_and_dimension_mismatch(tmp_path: Pa
     assert_no_traceback(run)
     assert summary_counts(run.stdout)["embedded"] == 2
     bundle = Path(run.stdout.strip().splitlines()[-1])
-    assert bundle_files(bundle) == {"query.json", "query.jpg", "query.jsonl"}
+    assert bundle_files(bundle) == {"query.json", "query.jpg", "query.jsonl", "query.sheet.jpg"}
     hits = read_jsonl(bundle / "query.jsonl")
     assert [h["file_name"] for h in hits][0] == "two.jpg" and hits[0]["similarity"] >= 0.999
     assert len(hits) == 2
@@ -439,7 +439,7 @@ def test_search_on_empty_index(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert summary_counts(run.stdout)["embedded"] == 0
     bundle = Path(run.stdout.strip().splitlines()[-1])
     assert bundle.parent == tmp_path / "output"
-    assert bundle_files(bundle) == {"q.json", "q.jsonl"}
+    assert bundle_files(bundle) == {"q.json", "q.jsonl", "q.sheet.jpg"}
     assert (bundle / "q.jsonl").read_text() == ""
     assert "index holds no images" in run.stderr
 
@@ -458,7 +458,7 @@ def test_same_second_bundles_get_distinct_folders(tmp_path: Path) -> None:
     assert [f.name for f in folders] == ["20240102-030405", "20240102-030405-2", "20240102-030405-3"]
     assert sorted(p.name for p in cfg.output_directory.iterdir()) == [f.name for f in folders]  # no temp left
     for folder in folders:
-        assert bundle_files(folder) == {"query.json", "query.jpg", "query.jsonl"}
+        assert bundle_files(folder) == {"query.json", "query.jpg", "query.jsonl", "query.sheet.jpg"}
         assert (folder / "query.jpg").read_bytes() == processed.read_bytes()
         (record,) = read_jsonl(folder / "query.jsonl")
         assert set(record) == JSONL_KEYS
@@ -468,5 +468,5 @@ def test_same_second_bundles_get_distinct_folders(tmp_path: Path) -> None:
     # an empty ranking: empty jsonl, no jpg
     empty = write_result_bundle(cfg.output_directory, query, [], cfg, now=now)
     assert empty.name == "20240102-030405-4"
-    assert bundle_files(empty) == {"query.json", "query.jsonl"}
+    assert bundle_files(empty) == {"query.json", "query.jsonl", "query.sheet.jpg"}
     assert (empty / "query.jsonl").read_text() == ""

@@ -59,7 +59,7 @@ def test_extensions_are_case_insensitive(tmp_path, name):
 
 @pytest.mark.parametrize("name", [
     "notes.txt", "doc.pdf", "layers.psd", "vector.eps", "clip.mp4", "raw.cr2", "raw.nef", "README", "jpg",
-    "archive.jpg.zip", "photo.jpg.bak", "photo.jpgx", "photo.pngx", "photo.svg", "icon.ico", "image.heic",
+    "archive.jpg.zip", "photo.jpg.bak", "photo.jpgx", "photo.pngx", "photo.svg", "icon.ico", "image.jxl",
 ])
 def test_other_extensions_are_not_indexed(tmp_path, name):
     touch(tmp_path, name)

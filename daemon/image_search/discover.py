@@ -18,9 +18,26 @@ IMAGE_EXTENSIONS: dict[str, tuple[str, ...]] = {
     ".bmp": ("BMP", "DIB"),
     ".tif": ("TIFF",),
     ".tiff": ("TIFF",),
+    # What phones write today. HEIF is decoded by pillow-heif (registered in preprocess.py); AVIF by
+    # Pillow's own plugin (Pillow >= 11.2 ships libavif; pillow-heif dropped its AVIF decoder).
+    ".heic": ("HEIF",),
+    ".heif": ("HEIF",),
+    ".hif": ("HEIF",),  # Canon and Fujifilm cameras write HEIF under this name
+    ".avif": ("AVIF",),
 }
 # Every format we decode, whatever the extension says: a .png that is really a JPEG still works.
 SUPPORTED_FORMATS: tuple[str, ...] = tuple(dict.fromkeys(f for fs in IMAGE_EXTENSIONS.values() for f in fs))
+# How each format is named to people; every user-visible list of formats is built from this.
+_FORMAT_NAMES_FOR_PEOPLE: dict[str, str] = {
+    "JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "DIB": "BMP", "TIFF": "TIFF",
+    "HEIF": "HEIC/HEIF", "AVIF": "AVIF",
+}
+
+
+def supported_formats_for_people(conjunction: str = "or") -> str:
+    """``JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF``: the formats we decode, for messages."""
+    names = list(dict.fromkeys(_FORMAT_NAMES_FOR_PEOPLE[f] for f in SUPPORTED_FORMATS))
+    return ", ".join(names[:-1]) + f" {conjunction} " + names[-1]
 
 # Names that are work in progress or system clutter: ignored until renamed to a final name.
 TEMPORARY_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")

@@ -10,7 +10,8 @@ pictures are resized and cropped to the model's size in uint8 (by ``embed_images
 processes that call ``to_model_pixels``), and ``embed_pixels`` uploads the uint8 batch and does the
 rescale and normalisation on the device. A processor that ``pixels.py`` does not mirror is used as
 it is (slower, same results).
-Text embedding (the next capability) fits beside ``embed_images``: both towers are loaded.
+Text queries go through the same model's text tower (``embed_texts``): jina-clip-v2's ``encode_text``
+with its ``retrieval.query`` task; CLIP/SigLIP: the model's tokenizer, then ``get_text_features``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import structlog
 import torch
 from PIL import Image
 
-from .errors import DimensionError, ModelLoadError
+from .errors import DimensionError, ModelLoadError, NoTextTower
 from .eva_attention import patch_eva_attention
 from .pixels import PixelSpec, PixelSpecError, load_pixel_spec, to_model_pixels
 
@@ -71,7 +72,8 @@ def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
         f"model '{model_name}' is not in the local Hugging Face cache and could not be downloaded"
         + (" (HF_HUB_OFFLINE is set)" if offline else " (no network, or the id is misspelt)")
         + ". Check the name in config key 'model-name', download it once on a machine with network access "
-        "(huggingface-cli download " + model_name + ") and copy the cache (HF_HOME), or point 'model-name' at a local directory."
+        "(huggingface-cli download " + " ".join(_hub_repos_to_download(model_name)) + ") and copy the cache "
+        "(HF_HOME), or point 'model-name' at a local directory."
     )
 
 
@@ -88,8 +90,10 @@ class Embedder:
     ``embed_pixels`` any number of times."""
 
     def __init__(self, model: Any, info: ModelInfo, device: torch.device, dtype: torch.dtype, dimension: int, *,
-                 pixel_spec: PixelSpec | None, processor: Any = None, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 pixel_spec: PixelSpec | None, processor: Any = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 text_side: _TextSide | None = None) -> None:
         self._model = model
+        self._text_side = text_side  # None only for an Embedder built by hand without its tokenizer
         self._processor = processor  # the model's own image processor: only where pixel_spec is None
         self._input = _ModelInput.build(device, dtype, pixel_spec, processor)
         self.pixel_spec = pixel_spec
@@ -150,7 +154,7 @@ class Embedder:
         info = ModelInfo(model_name, family, native, matryoshka)
         checked = check_dimension(info, dimension if dimension is not None else native)
         embedder = cls(model, info, torch_device, dtype, checked, pixel_spec=spec, processor=processor,
-                       max_batch=max_batch)
+                       max_batch=max_batch, text_side=_load_text_side(model, family, source, model_name))
         log.info("model_loaded", model=model_name, family=family, device=str(torch_device),
                  dtype=str(dtype).removeprefix("torch."), dimension=checked, native_dimension=native,
                  pixels="fast" if spec is not None else "model processor",
@@ -220,6 +224,52 @@ class Embedder:
         if self._truncate is not None:
             features = features[:, :self._truncate]
         return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    # --- text queries ------------------------------------------------------------------------------
+
+    @property
+    def text_token_limit(self) -> int:
+        """The most tokens of one query the text tower reads; longer queries are truncated to it."""
+        return self._require_text_side().max_tokens
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed text queries: an (n, dimension) float32 array of unit vectors, comparable with the
+        image vectors. A query longer than the model reads is truncated, with one warning line.
+
+        Raises NoTextTower when this model cannot read text at all.
+        """
+        side = self._require_text_side()
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        for text in texts:
+            count = len(side.tokenizer(side.instruction + text, add_special_tokens=True, truncation=False)["input_ids"])
+            if count > side.max_tokens:
+                log.warning("text_query_truncated", tokens=count, limit=side.max_tokens,
+                            detail=f"the model reads at most {side.max_tokens} tokens; the rest of the query is ignored",
+                            query=_shorten(text, 80))
+        with torch.inference_mode():
+            if self.info.family == "jina":
+                # Jina adds the task's instruction itself; its own default would cut at 512 tokens silently.
+                out = self._model.encode_text(list(texts), task=JINA_QUERY_TASK, batch_size=max(1, len(texts)),
+                                              truncate_dim=self.dimension, convert_to_numpy=False,
+                                              convert_to_tensor=True, normalize_embeddings=False,
+                                              max_length=side.max_tokens)
+                features = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+            else:
+                tokens = side.tokenizer(list(texts), padding=side.padding, truncation=True,
+                                        max_length=side.max_tokens, return_tensors="pt")
+                features = self._model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()
+                                                            if k in ("input_ids", "attention_mask")})
+            # Matryoshka: the leading `dimension` components, re-normalised (a no-op slice at full size).
+            features = torch.nn.functional.normalize(features.float()[:, :self.dimension], dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def _require_text_side(self) -> _TextSide:
+        side = self._text_side
+        if side is None or side.tokenizer is None:
+            raise NoTextTower(side.unavailable if side is not None and side.unavailable
+                              else f"model '{self.info.name}' was loaded without its text side")
+        return side
 
 
 def _is_jina_config(config: Any) -> bool:
@@ -326,3 +376,86 @@ def check_dimension(info: ModelInfo, dimension: int) -> int:
         f"{' or '.join(str(a) for a in allowed)}-dimensional embeddings. Set 'dimension' to "
         f"{info.native_dimension if len(allowed) == 1 else 'one of ' + ', '.join(str(a) for a in allowed)}."
     )
+
+
+# --- text queries: module-level helpers ------------------------------------------------------------
+
+JINA_QUERY_TASK = "retrieval.query"  # jina-clip-v2's task for a search query (its LoRA/instruction choice)
+# Used only when a tokenizer states no usable limit (transformers' "no limit" is a huge sentinel).
+_FALLBACK_TOKEN_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class _TextSide:
+    """What reading text needs: the tokenizer (None when text is impossible, ``unavailable`` says why),
+    the most tokens the tower reads, how to pad, and the instruction jina prepends to a query."""
+
+    tokenizer: Any | None
+    max_tokens: int
+    padding: bool | str
+    instruction: str
+    unavailable: str | None
+
+
+def _shorten(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _token_limit(tokenizer: Any, config: Any) -> int:
+    """The smaller of the tokenizer's stated limit and the text tower's position table."""
+    limits = [int(n) for n in (getattr(tokenizer, "model_max_length", None),
+                               getattr(getattr(config, "text_config", None), "max_position_embeddings", None))
+              if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else _FALLBACK_TOKEN_LIMIT
+
+
+def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _TextSide:
+    """Load the tokenizer with the model. A model that cannot read text still serves image queries:
+    the reason is kept and raised as NoTextTower by the first text query (and logged once now)."""
+    from transformers import AutoTokenizer
+
+    # A query is a few tokens: Rust-side parallel tokenising gains nothing, and once used it prints a
+    # raw "process just got forked" notice to stderr at every later fork (the embedded PostgreSQL).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def unavailable(reason: str) -> _TextSide:
+        log.warning("text_queries_unavailable", model=model_name, reason=reason)
+        return _TextSide(None, 0, False, "", reason)
+
+    if family == "jina":
+        if not hasattr(model, "encode_text") or not hasattr(model, "get_tokenizer"):
+            return unavailable(f"model '{model_name}' ({type(model).__name__}) has no text tower (no encode_text): "
+                               "it cannot answer text queries")
+        try:
+            tokenizer = model.get_tokenizer()
+        except (OSError, ValueError, ImportError) as exc:
+            return unavailable(f"the tokenizer of model '{model_name}' cannot be loaded "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        get_instruction = getattr(getattr(model, "text_model", None), "get_instruction_from_task", None)
+        instruction = (get_instruction(JINA_QUERY_TASK) or "") if callable(get_instruction) else ""
+        return _TextSide(tokenizer, _token_limit(tokenizer, model.config), True, instruction, None)
+    if not hasattr(model, "get_text_features"):
+        return unavailable(f"model '{model_name}' ({type(model).__name__}) has no text tower "
+                           "(no get_text_features): it cannot answer text queries")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        # TypeError: transformers' way of saying a slow tokenizer's files (vocab.json...) are missing.
+        return unavailable(f"model '{model_name}' has no usable tokenizer, so it cannot read text queries "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a model "
+                           "directory needs its tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+    # SigLIP was trained on text padded to its full length; CLIP pads to the longest query.
+    padding: bool | str = "max_length" if getattr(model.config, "model_type", "") == "siglip" else True
+    return _TextSide(tokenizer, _token_limit(tokenizer, model.config), padding, "", None)
+
+
+# jina-clip-v2 pulls code and configuration from three more repositories while loading: an offline
+# machine needs all four in its cache.
+JINA_CLIP_V2_HUB_REPOS = ("jinaai/jina-clip-v2", "jinaai/jina-clip-implementation", "jinaai/jina-embeddings-v3",
+                          "jinaai/xlm-roberta-flash-implementation")
+
+
+def _hub_repos_to_download(model_name: str) -> tuple[str, ...]:
+    """What ``huggingface-cli download`` must fetch for ``model_name`` to load offline."""
+    return JINA_CLIP_V2_HUB_REPOS if model_name == JINA_CLIP_V2_HUB_REPOS[0] else (model_name,)

@@ -8,3 +8,7 @@ class ModelLoadError(Exception):
 
 class DimensionError(Exception):
     """The configured ``dimension`` is one the model cannot produce."""
+
+
+class NoTextTower(Exception):
+    """The loaded model cannot embed text (no text tower, or no tokenizer): text queries are impossible."""

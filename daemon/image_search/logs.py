@@ -4,12 +4,19 @@
   prefix, so ``journalctl -p warning`` filters work, then ``event key=value ...``;
 - a TTY: structlog's readable console renderer;
 - anything else (a pipe, a file): timestamped ``key=value`` lines.
+
+Third-party output joins the same pipeline instead of reaching stderr raw: Python warnings
+(``logging.captureWarnings``) become one ``python_warning`` line each, and records of the standard
+``logging`` module (the model's remote code logs that way) one ``library_log`` line each. Deprecation
+notices (timm's "Importing from timm.models.layers is deprecated") are for developers: priority info;
+any other warning (jina's "Flash attention ... disabling") is a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -56,6 +63,67 @@ class _JournalRenderer:
         return f"<{priority}>" + self._kv(logger, method, event)
 
 
+# warnings.formatwarning's shape: "<file>:<line>: <Category>: <message>\n[  <source line>\n]".
+_FORMATTED_WARNING = re.compile(r"^(?P<source>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$", re.S)
+# Notices addressed to whoever maintains the code, not to whoever runs the service.
+_DEVELOPER_WARNINGS = frozenset({"DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"})
+_bridge_log = structlog.get_logger("image_search.logs")
+
+
+def _method_for(levelno: int) -> str:
+    if levelno >= logging.CRITICAL:
+        return "critical"
+    if levelno >= logging.ERROR:
+        return "error"
+    if levelno >= logging.WARNING:
+        return "warning"
+    return "info" if levelno >= logging.INFO else "debug"
+
+
+class StdlibToStructlog(logging.Handler):
+    """A root ``logging`` handler that re-emits every record, and every captured Python warning, as one
+    structlog event, so that third-party output has our format and priorities."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.name == "py.warnings":
+                method, event, fields = self._warning_fields(record.getMessage())
+            else:
+                method, event = _method_for(record.levelno), "library_log"
+                fields = {"logger": record.name, "message": " ".join(record.getMessage().split())}
+                if record.exc_info and record.exc_info[1] is not None:
+                    fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            getattr(_bridge_log, method)(event, **fields)
+        except Exception:  # a logging failure must never take the program down
+            self.handleError(record)
+
+    @staticmethod
+    def _warning_fields(formatted: str) -> tuple[str, str, dict[str, Any]]:
+        match = _FORMATTED_WARNING.match(formatted)
+        if match is None:
+            return "warning", "python_warning", {"message": " ".join(formatted.split())}
+        lines = match["message"].rstrip("\n").split("\n")
+        if len(lines) > 1 and lines[-1].startswith("  "):
+            lines = lines[:-1]  # the offending source line formatwarning appends: noise in a log
+        category = match["category"]
+        return ("info" if category in _DEVELOPER_WARNINGS else "warning", "python_warning",
+                {"category": category, "message": " ".join(" ".join(lines).split()),
+                 "source": f"{match['source']}:{match['line']}"})
+
+
+def _route_stdlib_logging(level: str) -> None:
+    """Python warnings and standard-library logging records into structlog, replacing any handler
+    (and the last-resort one that prints raw lines to stderr) on the root logger."""
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, StdlibToStructlog):
+            root.removeHandler(handler)
+    root.addHandler(StdlibToStructlog())
+    # Libraries' own info and debug chatter (PIL, urllib3, fontTools...) stays out unless asked for.
+    root.setLevel(max(logging.WARNING, getattr(logging, level.upper(), logging.INFO)))
+
+
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog once for the process; return the style chosen (journal, console or plain)."""
     stream = stream or sys.stderr
@@ -84,4 +152,5 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(level)
     return style

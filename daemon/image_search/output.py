@@ -1,22 +1,35 @@
 """Output: the result bundle of one search, written so it appears complete or not at all.
 
-``output-directory/yyyymmdd-hhmmss[-N]/`` holds ``<query>.json`` (the effective config, password
-redacted), ``<query>.jpg`` (the best match's processed image) and ``<query>.jsonl`` (one line per hit).
+``output-directory/yyyymmdd-hhmmss[-N]/`` holds, for a query whose stem is ``q``:
+- ``q.json``: the effective config (password redacted); for a text query also ``query-text``;
+- ``q.jsonl``: one line per hit, best first;
+- ``q.jpg``: the best match's processed image (absent when the index is empty);
+- ``q.sheet.jpg``: the contact sheet (the query, then the hits with rank, similarity and name);
+- the query itself: ``q.query.<ext>`` for a query file moved in from the inbox; a text query always
+  has ``q.query.txt`` (moved in, or written from the words when they came from the command line).
+
+The stem of an image query or a text query file is its file name's stem. A text query typed on the
+command line or at the prompt has no file: its stem is made from its words (``text_query_stem``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import structlog
+from PIL import Image
 
 from .config import Config
+from .preprocess import PreprocessError, preprocess_image
+from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .store import Hit
 
 log = structlog.get_logger(__name__)
@@ -56,20 +69,100 @@ def _claim_folder_name(output_dir: Path, stamp: str) -> Path:
     return candidate
 
 
-def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit], cfg: Config,
+@dataclass(frozen=True)
+class ImageQuery:
+    """A query picture: its file, and (optional) its already processed pixels for the contact sheet;
+    without them the sheet decodes the file again under the usual rules."""
+
+    path: Path
+    picture: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """A query made of words: the text, and the ``.txt`` file it was read from (inbox, or a file named
+    on the command line), or None when it was typed (``--text``, the interactive prompt)."""
+
+    text: str
+    path: Path | None = None
+
+
+# Longest stem made from a typed query's words, in characters (a file name has 255 bytes; CJK
+# characters take 3 each in UTF-8, and ".sheet.jpg" must still fit).
+TEXT_STEM_CHARACTERS = 48
+TEXT_STEM_FALLBACK = "text-query"
+
+
+def text_query_stem(text: str) -> str:
+    """The stem of a typed text query's files: its letters and digits (any script), every other run of
+    characters made one ``-``, at most 48 characters; ``text-query`` if nothing is left.
+
+    ``"a red bicycle"`` -> ``a-red-bicycle``; ``"赤い自転車"`` -> ``赤い自転車``; ``"?!"`` -> ``text-query``.
+    """
+    stem = re.sub(r"[\W_]+", "-", text).strip("-")[:TEXT_STEM_CHARACTERS].rstrip("-")
+    return stem or TEXT_STEM_FALLBACK
+
+
+def _query_stem(query: ImageQuery | TextQuery) -> str:
+    if query.path is not None:
+        return query.path.stem or query.path.name
+    assert isinstance(query, TextQuery)
+    return text_query_stem(query.text)
+
+
+def _sheet_query_picture(query: ImageQuery, cfg: Config) -> Image.Image | None:
+    """The query picture for the sheet: the one given, or the file decoded small under the usual
+    format, orientation and size rules; None (a placeholder cell) if it cannot be read."""
+    if query.picture is not None:
+        return query.picture
+    try:
+        return preprocess_image(query.path, max_size=(THUMB, THUMB), max_pixels=cfg.max_image_pixels).image
+    except PreprocessError as exc:
+        log.warning("sheet_query_picture_unreadable", path=str(query.path), reason=exc.reason)
+        return None
+
+
+def _sheet_heading(query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config) -> str:
+    what = f"“{' '.join(query.text.split())}”" if isinstance(query, TextQuery) else query.path.name
+    found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
+    model = cfg.model_name
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        model = Path(model).name  # a local model directory: its name says enough on a picture
+    return f"{found} for {what} · model {model}"
+
+
+def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config,
                         *, now: datetime | None = None, move_query: bool = False) -> Path:
     """Write the bundle for one query; return its folder. Built under a hidden temp name, then renamed.
 
-    With ``move_query`` the query file itself moves into the bundle as ``<query>.query.<ext>`` (the
-    service's inbox empties itself); if the bundle cannot be completed it is moved back.
+    ``query``: an ImageQuery (a bare Path means ImageQuery(path)) or a TextQuery. With ``move_query``
+    the query file itself moves into the bundle as ``<stem>.query.<ext>`` (the service's inbox empties
+    itself); if the bundle cannot be completed it is moved back. A text query that is not moved in
+    gets its words written to ``<stem>.query.txt``, so every text bundle holds its query.
     """
+    if isinstance(query, Path):
+        query = ImageQuery(query)
+    if move_query and query.path is None:
+        raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = query_path.stem or query_path.name
+    stem = _query_stem(query)
+    text = query.text if isinstance(query, TextQuery) else None
+    # Rendered before anything moves: the sheet may need to read the query picture from its file.
+    sheet = render_contact_sheet(
+        hits,
+        query_name=query.path.name if query.path is not None else "typed text query",
+        query_picture=_sheet_query_picture(query, cfg) if isinstance(query, ImageQuery) else None,
+        query_text=text,
+        heading=_sheet_heading(query, hits, cfg),
+    )
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-result-"))
     moved_query: Path | None = None
     try:
+        effective = cfg.to_json_dict(redact=True)
+        if text is not None:
+            effective["query-text"] = text
         with open(tmp / f"{stem}.json", "w", encoding="utf-8") as fh:
-            json.dump(cfg.to_json_dict(redact=True), fh, indent=2, ensure_ascii=False)
+            json.dump(effective, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
         with open(tmp / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
             for hit in hits:
@@ -80,9 +173,13 @@ def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit],
                 shutil.copyfile(best, tmp / f"{stem}.jpg")
             except OSError as exc:
                 log.warning("best_match_image_missing", path=str(best), reason=exc.strerror or str(exc))
+        save_contact_sheet(sheet, tmp / f"{stem}.sheet.jpg")
         if move_query:
-            moved_query = tmp / f"{stem}.query{query_path.suffix}"
-            _move_out(query_path, moved_query)
+            assert query.path is not None
+            moved_query = tmp / f"{stem}.query{query.path.suffix}"
+            _move_out(query.path, moved_query)
+        elif text is not None:  # typed, or a file left where it is: the bundle still records the words
+            (tmp / f"{stem}.query.txt").write_text(text + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         while True:
@@ -96,6 +193,7 @@ def write_result_bundle(output_dir: Path, query_path: Path, hits: Sequence[Hit],
             return final
     except BaseException:
         if moved_query is not None and moved_query.exists():
-            shutil.move(moved_query, query_path)  # never lose what the user dropped
+            assert query.path is not None
+            shutil.move(moved_query, query.path)  # never lose what the user dropped
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .config import Config
-from .discover import SUPPORTED_FORMATS
+from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 
 JPEG_QUALITY = 95
 PROCESSED_SUFFIX = ".jpg"
@@ -28,6 +29,10 @@ PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # Register every plugin so the formats we name can be opened; only those formats are ever tried.
 Image.init()
+# HEIC/HEIF through libheif. libheif applies the file's rotation and mirroring while decoding and
+# pillow-heif then reports EXIF orientation 1, so the orientation rule below never turns it twice.
+# Embedded thumbnails, depth maps and auxiliary images are never used: do not even read them.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 # Truncation is how an unfinished write shows: never decode a partial file as if it were whole.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit (checked from the header, before decoding) is the guard; Pillow's softer
@@ -106,6 +111,21 @@ def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+# ISO base media file brands of HEIF-family still images (HEVC: heic..., AV1: avif, avis; generic: mif1).
+_HEIF_FAMILY_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                                 b"mif1", b"mif2", b"msf1", b"avif", b"avis"})
+
+
+def _is_heif_family(path: Path) -> bool:
+    """True when the file starts like a HEIC/HEIF/AVIF file (an ``ftyp`` box with one of their brands)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] in _HEIF_FAMILY_BRANDS
+
+
 def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) -> PreparedImage:
     """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used."""
     path = Path(path)
@@ -148,8 +168,14 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
     except FileNotFoundError:
         raise PreprocessError(path, "file disappeared before it could be read") from None
     except UnidentifiedImageError:
+        if _is_heif_family(path):
+            # libheif refuses a container it cannot parse as a whole, and a file still being written
+            # looks exactly like that: name it as truncated, so the service waits for the writer.
+            raise PreprocessError(
+                path, "truncated or incomplete image (a HEIC/HEIF/AVIF file whose container cannot be read)"
+            ) from None
         raise PreprocessError(
-            path, "not a supported image (content is not JPEG, PNG, WebP, GIF, BMP or TIFF)"
+            path, f"not a supported image (content is not {supported_formats_for_people()})"
         ) from None
     except Image.DecompressionBombError as exc:
         # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
@@ -160,8 +186,10 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
             f"which cannot raise it above {PILLOW_HARD_PIXEL_LIMIT:,})",
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc)
-        if "truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text:
+        text = str(exc).strip()
+        # libheif (HEIC) says "Unexpected end of file" where Pillow's own decoders say "truncated".
+        if ("truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text
+                or "end of file" in text.lower()):
             raise IncompleteFile(path, f"truncated or incomplete image ({text})") from None
         raise PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})") from None
 

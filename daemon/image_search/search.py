@@ -1,4 +1,5 @@
-"""Search: a query image through the same preprocessing and model as the index, top-k by cosine similarity."""
+"""Search: a query image through the same preprocessing and model as the index, or a text query
+through the model's text tower; top-k by cosine similarity."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .config import Config
-from .output import write_result_bundle
+from .output import ImageQuery, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .store import EmbeddingStore, Hit
 
@@ -23,9 +24,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class SearchResult:
-    query_path: Path
+    query_path: Path | None  # None for a typed text query
     hits: list[Hit]
     bundle: Path
+    query_text: str | None = None  # the words of a text query
 
 
 def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
@@ -35,11 +37,34 @@ def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: Em
     prepared = preprocess_for(query_path, cfg)
     vector = embedder.embed_images([prepared.image])[0]
     hits = store.search(vector, cfg.top_k)
-    bundle = write_result_bundle(cfg.output_directory, query_path, hits, cfg, now=now, move_query=move_query)
-    fields = {"query": str(query_path), "result": str(bundle), "hits": len(hits),
+    bundle = write_result_bundle(cfg.output_directory, ImageQuery(query_path, prepared.image), hits, cfg, now=now,
+                                 move_query=move_query)
+    _log_answer(hits, bundle, started, query=str(query_path))
+    return SearchResult(query_path, hits, bundle)
+
+
+def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, source_path: Path | None = None,
+                now: datetime | None = None, move_query: bool = False) -> SearchResult:
+    """Search with the words of a text query and write its result bundle.
+
+    ``source_path``: the ``.txt`` file the words were read from (``read_text_query``), moved into the
+    bundle with ``move_query``; None for typed words (``--text``, the prompt). Raises NoTextTower when
+    the model cannot read text.
+    """
+    started = time.monotonic()
+    vector = embedder.embed_texts([text])[0]
+    hits = store.search(vector, cfg.top_k)
+    bundle = write_result_bundle(cfg.output_directory, TextQuery(text, source_path), hits, cfg, now=now,
+                                 move_query=move_query)
+    _log_answer(hits, bundle, started, query=str(source_path) if source_path is not None else "typed text",
+                text=text if len(text) <= 200 else text[:199] + "…")
+    return SearchResult(source_path, hits, bundle, query_text=text)
+
+
+def _log_answer(hits: list[Hit], bundle: Path, started: float, **query: str) -> None:
+    fields = {**query, "result": str(bundle), "hits": len(hits),
               "duration_ms": round((time.monotonic() - started) * 1000)}
     if hits:
         log.info("search_answered", best=hits[0].file_path, similarity=round(hits[0].similarity, 4), **fields)
     else:
         log.warning("search_empty_index", detail="the index holds no images yet: the ranking is empty", **fields)
-    return SearchResult(query_path, hits, bundle)

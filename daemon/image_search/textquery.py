@@ -1,0 +1,76 @@
+"""Text queries from files: a UTF-8 ``.txt`` dropped into the inbox is a query made of words.
+
+``read_text_query`` gives the file's whole text, trimmed, or raises ``TextQueryError`` saying exactly
+what is wrong with it: gone, empty or only whitespace, larger than 64 KiB, not UTF-8, or not text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .preprocess import PreprocessError
+
+# Extensions (lower case) of files that are text queries rather than pictures.
+TEXT_QUERY_EXTENSIONS: tuple[str, ...] = (".txt",)
+# A query is a phrase or a paragraph; 64 KiB is far more than any model reads (CLIP: 77 tokens,
+# jina-clip-v2: 8,192) and keeps a misplaced log file from being tokenised whole.
+MAX_TEXT_QUERY_BYTES = 64 * 1024
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class TextQueryError(PreprocessError):
+    """A text query file that cannot be used, with the specific reason (``path``, ``reason``).
+
+    A PreprocessError, so code that turns a bad query file into ``inbox/failed/`` handles both kinds;
+    an empty file's reason starts with "empty file", as for a picture still being written.
+    """
+
+
+def is_text_query(path: Path) -> bool:
+    return Path(path).suffix.lower() in TEXT_QUERY_EXTENSIONS
+
+
+def read_text_query(path: Path) -> str:
+    """The whole UTF-8 text of ``path``, trimmed of surrounding whitespace; TextQueryError if unusable."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_QUERY_BYTES + 1)  # never read more than the limit and one byte
+    except FileNotFoundError:
+        raise TextQueryError(path, "file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise TextQueryError(path, "is a folder, not a text file") from None
+    except OSError as exc:
+        raise TextQueryError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise TextQueryError(path, "empty file (0 bytes): write the words to search for in it")
+    if len(data) > MAX_TEXT_QUERY_BYTES:
+        size = _size_or_none(path)
+        raise TextQueryError(
+            path,
+            f"text query too large: {f'{size:,} bytes' if size is not None else 'more than that'} is above the "
+            f"limit of {MAX_TEXT_QUERY_BYTES:,} bytes (64 KiB); a query is a few words or sentences",
+        )
+    if data.startswith(_UTF16_BOMS):
+        raise TextQueryError(path, "not UTF-8 text (it is UTF-16, as some Windows editors save): save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the query
+    except UnicodeDecodeError as exc:
+        raise TextQueryError(
+            path, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} is not valid UTF-8): "
+                  "save it as UTF-8",
+        ) from None
+    if "\x00" in text:
+        raise TextQueryError(path, "not a text file (it contains NUL bytes)")
+    query = text.strip()
+    if not query:
+        raise TextQueryError(path, f"the text query is empty: the file holds only whitespace ({len(data)} bytes)")
+    return query
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

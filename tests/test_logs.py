@@ -1,0 +1,70 @@
+"""Third-party warnings and log records come out in our log format, never as raw stderr lines.
+
+Each story runs a real Python process whose stderr is a file (as under systemd, where it is the
+journal), so that nothing pytest does to warnings can hide a raw line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# What a model load prints today: timm's deprecation on import (a real import of the real module),
+# jina's attention fallbacks (warnings.warn, as in its remote code), a remote-code logger's warning.
+PROGRAM = textwrap.dedent("""
+    import logging, warnings
+    from image_search.logs import configure_logging
+    configure_logging("info")
+    import timm.models.layers  # FutureWarning: Importing from timm.models.layers is deprecated
+    warnings.warn("Flash attention requires CUDA, disabling")
+    warnings.warn("xFormers requires CUDA, disabling")
+    logging.getLogger("transformers_modules.jinaai.jina-clip-implementation.modeling_clip").warning(
+        "Please install apex to use fused layer norm, ignoring")
+    logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR' 16 13")  # library chatter stays out
+""")
+
+
+def run(tmp_path: Path, *, journal: bool) -> list[str]:
+    err_path = tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "PYTHONWARNINGS")}
+    with open(err_path, "w") as err:
+        if journal:  # stderr "is the journal": JOURNAL_STREAM names its device and inode
+            st = os.fstat(err.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.run([sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE, stderr=err, env=env,
+                              text=True, timeout=120)
+    assert proc.returncode == 0
+    return err_path.read_text().splitlines()
+
+
+def test_plain_lines_one_per_warning_with_category_and_source(tmp_path: Path) -> None:
+    lines = run(tmp_path, journal=False)
+    assert len(lines) == 4, lines
+    assert all(line.startswith("timestamp=") and " event=" in line for line in lines), lines  # no raw line
+    timm_line, flash, xformers, apex = lines
+    assert "level='info'" in timm_line and "category='FutureWarning'" in timm_line
+    assert "Importing from timm.models.layers is deprecated" in timm_line and "layers/__init__.py:" in timm_line
+    assert "level='warning'" in flash and "'Flash attention requires CUDA, disabling'" in flash
+    assert "category='UserWarning'" in xformers and "xFormers requires CUDA, disabling" in xformers
+    assert "event='library_log'" in apex and "logger='transformers_modules.jinaai" in apex
+    assert not any("STREAM" in line for line in lines)
+
+
+def test_under_the_journal_each_line_carries_its_priority(tmp_path: Path) -> None:
+    lines = run(tmp_path, journal=True)
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("<6>event='python_warning'")  # a deprecation notice: info
+    assert all(line.startswith("<4>event=") for line in lines[1:]), lines  # real warnings: warning
+
+
+@pytest.mark.parametrize("formatted", ["no location at all", "f.py:x: Odd: text"])
+def test_a_warning_in_an_unexpected_shape_is_still_one_line(formatted: str) -> None:
+    from image_search.logs import StdlibToStructlog
+
+    method, event, fields = StdlibToStructlog._warning_fields(formatted)
+    assert (method, event) == ("warning", "python_warning") and fields["message"]

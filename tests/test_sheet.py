@@ -1,0 +1,255 @@
+"""The contact sheet and the result bundles that carry it, read back as a person would look at them.
+
+Processed images here are flat colours, so "this cell shows the best match" is a pixel check on the
+saved JPEG, and "the aspect ratio is kept" is the shape of the coloured area inside a cell.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_search import output as output_module
+from image_search import sheet as sheet_module
+from image_search.config import Config
+from image_search.output import ImageQuery, TextQuery, text_query_stem, write_result_bundle
+from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
+from image_search.store import Hit
+
+RED, GREEN, BLUE, ORANGE = (220, 30, 30), (30, 180, 60), (40, 60, 220), (250, 150, 20)
+
+
+def processed(tmp_path: Path, name: str, colour: tuple[int, int, int], size: tuple[int, int] = (400, 300)) -> Path:
+    path = tmp_path / "processed" / f"{name}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=95)
+    return path
+
+
+def hit(rank: int, name: str, path: Path, similarity: float = 0.9) -> Hit:
+    return Hit(rank, similarity - rank / 100, name, f"/photos/{name}", str(path), f"hash{rank}")
+
+
+def near(actual: tuple[int, ...], expected: tuple[int, int, int], tolerance: int = 24) -> bool:
+    return all(abs(int(a) - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+
+
+def centre(sheet: Image.Image, index: int, cells: int) -> tuple[int, ...]:
+    left, top, right, bottom = cell_box(index, cells)
+    return sheet.getpixel(((left + right) // 2, (top + bottom) // 2))
+
+
+def coloured_extent(sheet: Image.Image, index: int, cells: int, colour: tuple[int, int, int]) -> tuple[int, int]:
+    """Width and height of the area of ``colour`` inside cell ``index``'s picture square."""
+    square = np.asarray(sheet.crop(cell_box(index, cells)).convert("RGB"), dtype=np.int16)
+    mask = (np.abs(square - np.array(colour)) <= 40).all(axis=2)
+    ys, xs = np.nonzero(mask)
+    return int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def sheet_size(cells: int) -> tuple[int, int]:
+    columns = min(5, cells)
+    rows = -(-cells // columns)
+    return GAP + columns * (CELL_WIDTH + GAP), HEADING_HEIGHT + rows * (CELL_HEIGHT + GAP)
+
+
+# --- the sheet ----------------------------------------------------------------------------------------------
+
+
+def test_cells_hold_the_query_then_the_hits_in_rank_order(tmp_path: Path) -> None:
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED)), hit(2, "green.jpg", processed(tmp_path, "green", GREEN)),
+            hit(3, "blue.jpg", processed(tmp_path, "blue", BLUE))]
+    sheet = render_contact_sheet(hits, query_name="query.png", query_picture=Image.new("RGB", (300, 300), ORANGE))
+    assert sheet.size == sheet_size(4) == (1160, 380)
+    assert near(centre(sheet, 0, 4), ORANGE)
+    assert [near(centre(sheet, i, 4), c) for i, c in enumerate([RED, GREEN, BLUE], start=1)] == [True] * 3
+
+
+def test_eleven_cells_wrap_into_rows_of_five(tmp_path: Path) -> None:
+    colours = [tuple(int(v) for v in np.random.default_rng(i).integers(0, 256, 3)) for i in range(10)]
+    hits = [hit(i + 1, f"p{i}.jpg", processed(tmp_path, f"p{i}", c)) for i, c in enumerate(colours)]
+    path = tmp_path / "q.sheet.jpg"
+    sheet_module.save_contact_sheet(render_contact_sheet(hits, query_name="q.jpg", query_text="q"), path)
+    with Image.open(path) as saved:  # read back from the JPEG, as a viewer would
+        assert saved.format == "JPEG" and saved.size == sheet_size(11) == (1448, 1060)
+        saved = saved.convert("RGB")
+        for rank, colour in enumerate(colours, start=1):
+            assert near(centre(saved, rank, 11), colour), rank
+
+
+def test_aspect_ratios_are_kept(tmp_path: Path) -> None:
+    wide = processed(tmp_path, "wide", RED, size=(800, 200))
+    tall = processed(tmp_path, "tall", BLUE, size=(150, 600))
+    sheet = render_contact_sheet([hit(1, "wide.jpg", wide), hit(2, "tall.jpg", tall)], query_name="q", query_text="q")
+    width, height = coloured_extent(sheet, 1, 3, RED)
+    assert width == THUMB and abs(height - THUMB / 4) <= 2
+    width, height = coloured_extent(sheet, 2, 3, BLUE)
+    assert height == THUMB and abs(width - THUMB / 4) <= 2
+
+
+def test_a_missing_processed_image_is_a_placeholder_cell_not_a_crash(tmp_path: Path) -> None:
+    present = processed(tmp_path, "green", GREEN)
+    sheet = render_contact_sheet([hit(1, "gone.jpg", tmp_path / "processed" / "gone.jpg"), hit(2, "green.jpg", present)],
+                                 query_name="q", query_text="q")
+    left, top, _, _ = cell_box(1, 3)
+    assert sheet.getpixel((left + 5, top + 5)) == sheet_module.PLACEHOLDER  # the centre carries its words
+    assert np.asarray(sheet.crop(cell_box(1, 3)).convert("L")).min() < 160
+    assert near(centre(sheet, 2, 3), GREEN)
+
+
+def test_an_empty_index_gives_a_sheet_that_says_so(tmp_path: Path) -> None:
+    sheet = render_contact_sheet([], query_name="q.png", query_picture=Image.new("RGB", (64, 64), ORANGE))
+    assert sheet.size == sheet_size(2)
+    assert near(centre(sheet, 0, 2), ORANGE)
+    message = sheet.crop(cell_box(1, 2)).convert("L")
+    assert message.getextrema()[0] < 160  # words are drawn on the grey placeholder
+
+
+def test_japanese_korean_and_cyrillic_have_real_glyphs() -> None:
+    text = "夕焼けの海辺 赤い自転車 서울 야경 Москва café"
+    faces = sheet_module._faces()
+    assert all(any(ord(c) in face.codepoints for face in faces) for c in text if not c.isspace())
+    # Missing glyphs would all be the same box: the same characters in another order would look the same.
+    forward = np.asarray(sheet_module._text_block("赤い自転車", (THUMB, THUMB)))
+    backward = np.asarray(sheet_module._text_block("車転自い赤", (THUMB, THUMB)))
+    assert (forward < 128).any() and not np.array_equal(forward, backward)
+
+
+def test_a_long_text_query_is_wrapped_inside_its_cell() -> None:
+    block = sheet_module._text_block("a red bicycle leaning on a wall " * 40, (THUMB, THUMB))
+    ink = np.asarray(block.convert("L")) < 128
+    assert ink.any() and block.size == (THUMB, THUMB)
+
+
+# --- bundles ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cfg(tmp_path: Path) -> Config:
+    return Config(output_directory=tmp_path / "output", model_name="tiny/test-model", top_k=3)
+
+
+def only_bundle(cfg: Config) -> Path:
+    (bundle,) = [p for p in cfg.output_directory.iterdir()]
+    return bundle
+
+
+def test_an_image_query_bundle_carries_its_sheet(tmp_path: Path, cfg: Config) -> None:
+    query = processed(tmp_path, "query", ORANGE, size=(120, 90)).rename(tmp_path / "holiday.png.jpg")
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED)), hit(2, "green.jpg", processed(tmp_path, "green", GREEN))]
+    bundle = write_result_bundle(cfg.output_directory, query, hits, cfg)
+    assert sorted(p.name for p in bundle.iterdir()) == ["holiday.png.jpg", "holiday.png.json", "holiday.png.jsonl",
+                                                       "holiday.png.sheet.jpg"]
+    with Image.open(bundle / "holiday.png.sheet.jpg") as sheet:
+        sheet = sheet.convert("RGB")
+        assert sheet.size == sheet_size(3)
+        assert near(centre(sheet, 0, 3), ORANGE)  # decoded from the query file itself
+        assert near(centre(sheet, 1, 3), RED)
+    assert "query-text" not in json.loads((bundle / "holiday.png.json").read_text())
+
+
+def test_a_typed_text_query_bundle(tmp_path: Path, cfg: Config) -> None:
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("  a red bicycle!"), hits, cfg)
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "a-red-bicycle.jpg", "a-red-bicycle.json", "a-red-bicycle.jsonl", "a-red-bicycle.query.txt",
+        "a-red-bicycle.sheet.jpg"]
+    settings = json.loads((bundle / "a-red-bicycle.json").read_text(encoding="utf-8"))
+    assert settings["query-text"] == "  a red bicycle!" and settings["model-name"] == "tiny/test-model"
+    assert (bundle / "a-red-bicycle.query.txt").read_text(encoding="utf-8") == "  a red bicycle!\n"
+    assert json.loads((bundle / "a-red-bicycle.jsonl").read_text())["file_name"] == "red.jpg"
+    with Image.open(bundle / "a-red-bicycle.sheet.jpg") as sheet:
+        assert sheet.size == sheet_size(2)
+        assert near(centre(sheet.convert("RGB"), 1, 2), RED)
+
+
+def test_a_japanese_text_query_from_the_inbox_moves_in_beside_its_results(tmp_path: Path, cfg: Config) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    dropped = inbox / "自転車.txt"
+    dropped.write_text("赤い自転車\n", encoding="utf-8")
+    hits = [hit(1, "夕焼け.jpg", processed(tmp_path, "sunset", ORANGE))]
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("赤い自転車", dropped), hits, cfg, move_query=True)
+    assert not dropped.exists()
+    assert sorted(p.name for p in bundle.iterdir()) == ["自転車.jpg", "自転車.json", "自転車.jsonl", "自転車.query.txt",
+                                                       "自転車.sheet.jpg"]
+    assert (bundle / "自転車.query.txt").read_text(encoding="utf-8") == "赤い自転車\n"
+    assert json.loads((bundle / "自転車.json").read_text(encoding="utf-8"))["query-text"] == "赤い自転車"
+
+
+def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("a cat"), [], cfg)
+    assert sorted(p.name for p in bundle.iterdir()) == ["a-cat.json", "a-cat.jsonl", "a-cat.query.txt", "a-cat.sheet.jpg"]
+    with Image.open(bundle / "a-cat.sheet.jpg") as sheet:
+        assert sheet.size == sheet_size(2)
+
+
+def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path, cfg: Config, monkeypatch) -> None:
+    dropped = tmp_path / "q.txt"
+    dropped.write_text("a red bicycle", encoding="utf-8")
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
+    real_move = output_module._move_out
+    moves: list[Path] = []
+
+    def move_then_fail(source: Path, target: Path) -> None:  # the move succeeds, the next step fails
+        real_move(source, target)
+        moves.append(target)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_module, "_move_out", move_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
+    assert moves and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
+    assert list(cfg.output_directory.iterdir()) == []  # no bundle, no hidden temporary folder
+
+
+def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(tmp_path: Path, cfg: Config,
+                                                                                  monkeypatch) -> None:
+    dropped = tmp_path / "q.txt"
+    dropped.write_text("a red bicycle", encoding="utf-8")
+
+    def full_disk(sheet: Image.Image, path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_module, "save_contact_sheet", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), [], cfg, move_query=True)
+    assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
+
+
+def test_a_typed_text_query_cannot_be_moved(cfg: Config) -> None:
+    with pytest.raises(ValueError, match="typed"):
+        write_result_bundle(cfg.output_directory, TextQuery("a cat"), [], cfg, move_query=True)
+
+
+def test_an_image_query_given_its_processed_pixels_is_not_decoded_again(tmp_path: Path, cfg: Config) -> None:
+    gone = tmp_path / "already-moved.jpg"  # the file is not read: the sheet uses the pixels given
+    bundle = write_result_bundle(cfg.output_directory, ImageQuery(gone, Image.new("RGB", (50, 40), BLUE)), [], cfg)
+    with Image.open(bundle / "already-moved.sheet.jpg") as sheet:
+        assert near(centre(sheet.convert("RGB"), 0, 2), BLUE)
+
+
+@pytest.mark.parametrize(("text", "stem"), [
+    ("a red bicycle", "a-red-bicycle"),
+    ("  A Red Bicycle?! ", "A-Red-Bicycle"),
+    ("赤い自転車", "赤い自転車"),
+    ("../../etc/passwd", "etc-passwd"),
+    ("?!", "text-query"),
+    ("snake_case and/or path\\name", "snake-case-and-or-path-name"),
+    ("x" * 100, "x" * 48),
+])
+def test_text_query_stem(text: str, stem: str) -> None:
+    assert text_query_stem(text) == stem
+
+
+@pytest.mark.parametrize("name", ["IMG_20240812_183012_HDR_very_long_name_indeed.heic", "a" * 250 + ".jpeg",
+                                  "夕焼けの海辺" * 20 + ".jpg", "short.jpg"])
+def test_a_long_file_name_is_shortened_in_the_middle_keeping_its_extension(name: str) -> None:
+    width = CELL_WIDTH - 2 * sheet_module.PADDING
+    caption = sheet_module._fit_line(name, sheet_module._CAPTION, width, keep_end=sheet_module._extension_length(name))
+    assert sheet_module._width(caption, sheet_module._CAPTION) <= width
+    assert caption == name or ("…" in caption and caption.endswith(name[-8:]) and caption[:4] == name[:4])
