@@ -182,6 +182,8 @@ def story(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Sto
     s.runs["bad_query"] = run_cli("search", "--config", config, "--no-cleanup", queries / "broken.png",
                                   queries / "missing.png", queries, cwd=root)
     s.notes["bundles_after_bad_query"] = sorted(p.name for p in (root / "output").iterdir())
+    s.runs["text"] = run_cli("search", "--config", config, "--no-cleanup", "--text", "a red bicycle",
+                             "--text", "赤い自転車", "--text", "   ", cwd=root)
 
     # The original interface, default cleanup: the table is emptied at exit.
     s.runs["process_only"] = run_cli("--env", config, "--process-only", cwd=root)
@@ -325,6 +327,20 @@ def test_bad_query_file_is_a_clear_error(story: Story) -> None:
     assert f"failed {queries}: is a folder" in run.stderr
     # no bundle for a failed query: only the one good search's folder exists
     assert len(story.notes["bundles_after_bad_query"]) == 1
+
+
+def test_text_queries_each_get_a_result_folder_and_an_empty_one_fails(story: Story) -> None:
+    run = story.runs["text"]
+    assert run.returncode == 1, run.stderr  # the blank --text failed; the other two were answered
+    assert_no_traceback(run)
+    bundles = [Path(line) for line in run.stdout.splitlines() if "/output/" in line]
+    assert len(bundles) == 2, run.stdout
+    for bundle, stem, words in zip(bundles, ("a-red-bicycle", "赤い自転車"), ("a red bicycle", "赤い自転車")):
+        assert {f"{stem}.json", f"{stem}.jsonl", f"{stem}.jpg", f"{stem}.sheet.jpg", f"{stem}.query.txt"} <= {
+            p.name for p in bundle.iterdir()}
+        assert json.loads((bundle / f"{stem}.json").read_text(encoding="utf-8"))["query-text"] == words
+        assert len(read_jsonl(bundle / f"{stem}.jsonl")) == TOP_K
+    assert "failed --text: the text query is empty" in run.stderr
 
 
 def test_legacy_process_only_cleans_up_at_exit(story: Story) -> None:

@@ -324,21 +324,65 @@ def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None
 def test_bad_queries_move_to_failed_with_a_reason_and_the_next_is_answered(story_factory) -> None:
     story = story_factory({"a.png": 1, "b.png": 2})
     failed = story.inbox / "failed"
-    (story.inbox / "notes.txt").write_text("not a picture\n")
+    (story.inbox / "notes.doc").write_text("not a picture\n")
     (story.inbox / "broken.png").write_text("not a png either\n")
     (failed).mkdir()
     (failed / "broken.png").write_text("an earlier failure, kept\n")
-    for name in ("notes.txt", "broken.png"):
+    for name in ("notes.doc", "broken.png"):
         story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / name)
     story.run_until_idle()
-    assert (failed / "notes.txt").read_text() == "not a picture\n"  # nothing the user dropped is deleted
-    assert "not a supported query type" in (failed / "notes.txt.error.txt").read_text()
+    assert (failed / "notes.doc").read_text() == "not a picture\n"  # nothing the user dropped is deleted
+    reason = (failed / "notes.doc.error.txt").read_text()
+    assert "not a supported query type '.doc'" in reason and "HEIC" in reason and ".txt file of words" in reason
     assert (failed / "broken.png").read_text() == "an earlier failure, kept\n"  # never overwritten
     assert (failed / "broken-2.png").read_text() == "not a png either\n"
     assert "not a supported image" in (failed / "broken-2.png.error.txt").read_text()
     assert story.service.inbox.failed == 2
     assert story.ask("good.png", story.images / "b.png")[0] == str(story.images / "b.png")
     assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
+
+
+def test_a_text_file_is_a_query_by_its_words(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    (story.inbox / "bike.txt").write_text("  a red bicycle\n", encoding="utf-8")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "bike.txt")
+    story.run_until_idle()
+    bundle = story.bundle("bike.txt")
+    assert {"bike.json", "bike.jsonl", "bike.jpg", "bike.sheet.jpg", "bike.query.txt"} <= {p.name for p in bundle.iterdir()}
+    assert json.loads((bundle / "bike.json").read_text(encoding="utf-8"))["query-text"] == "a red bicycle"
+    assert len((bundle / "bike.jsonl").read_text().splitlines()) == 2
+    assert list(story.inbox.iterdir()) == [] and story.service.inbox.answered == 1
+
+
+def test_unusable_text_queries_fail_with_their_reason(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    bad = {"blank.txt": b"  \n\t\n", "latin1.txt": "café".encode("latin-1"), "huge.txt": b"word " * 20_000}
+    for name, data in bad.items():
+        (story.inbox / name).write_bytes(data)
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / name)
+    story.run_until_idle()
+    failed = story.inbox / "failed"
+    reasons = {name: (failed / f"{name}.error.txt").read_text(encoding="utf-8") for name in bad}
+    assert "only whitespace" in reasons["blank.txt"]
+    assert "not UTF-8" in reasons["latin1.txt"]
+    assert "too large" in reasons["huge.txt"]
+    assert all((failed / name).read_bytes() == data for name, data in bad.items())
+
+
+def test_an_empty_text_file_waits_for_its_words(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    query = story.inbox / "later.txt"
+    query.touch()  # an editor creates the file, then writes it
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+    for _ in range(3):
+        story.clock.advance(SETTLE + 0.01)
+        while story.service.step():
+            pass
+    assert query.exists() and not (story.inbox / "failed").exists()
+    query.write_text("a red bicycle", encoding="utf-8")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+    story.run_until_idle()
+    assert story.bundle("later.txt").is_dir()
 
 
 def test_half_written_query_is_answered_not_failed(story_factory, tmp_path) -> None:

@@ -167,3 +167,21 @@ def test_a_dropped_text_file_moves_into_its_bundle(tree: Tree) -> None:
         "bike.jpg", "bike.json", "bike.jsonl", "bike.query.txt", "bike.sheet.jpg"]
     assert (result.bundle / "bike.query.txt").read_text(encoding="utf-8") == "  a red bicycle\n"  # the file as dropped
     assert json.loads((result.bundle / "bike.json").read_text(encoding="utf-8"))["query-text"] == "a red bicycle"
+
+
+def test_the_prompt_takes_words_that_name_no_file(tree: Tree, monkeypatch, capsys) -> None:
+    from image_search.cli import interactive
+    from image_search.indexer import Indexer
+    from image_search.runtime import Runtime
+
+    lines = iter(["a red bicycle", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    indexer = Indexer(tree.cfg, tree.embedder, tree.store, workers=0)
+    try:
+        assert interactive(Runtime(tree.cfg, tree.store, lambda: tree.embedder), indexer) == 0
+    finally:
+        indexer.close()
+    out = capsys.readouterr().out
+    assert "no file named 'a red bicycle': searching for pictures matching these words" in out
+    bundle = Path(next(line for line in out.splitlines() if line.startswith(str(tree.cfg.output_directory))))
+    assert (bundle / "a-red-bicycle.query.txt").read_text(encoding="utf-8") == "a red bicycle\n"

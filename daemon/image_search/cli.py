@@ -1,7 +1,7 @@
 """Command line: ``image-search index|search|serve`` and the original tool's flags.
 
     image-search index  --config C [--no-cleanup]
-    image-search search --config C [--no-cleanup] FILE...
+    image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]...
     image-search serve  --config C [--no-cleanup] [--poll]
     image-search --env C [--process-only | --search FILE] [--no-cleanup]   (the original interface;
                  with neither flag: an interactive prompt that keeps the model loaded)
@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 
 from .config import Config, ConfigError, load_config
-from .errors import DimensionError, ModelLoadError
+from .errors import DimensionError, ModelLoadError, NoTextTower
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .preprocess import PreprocessError
 from .runtime import ExitCode, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
-from .search import search_image
+from .search import SearchResult, search_image, search_text
 from .store import StoreError
+from .textquery import is_text_query, read_text_query
 
 log = structlog.get_logger("image_search")
 
@@ -45,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     index = commands.add_parser("index", help="index the source folder once")
     _common(index, required_config=True)
-    search = commands.add_parser("search", help="index incrementally, then search with each FILE")
+    search = commands.add_parser("search", help="index incrementally, then search with each FILE (a picture, or "
+                                 "a .txt file of words) and each --text")
     _common(search, required_config=True)
-    search.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    search.add_argument("files", nargs="*", type=Path, metavar="FILE")
+    search.add_argument("--text", action="append", default=[], metavar="WORDS",
+                        help="search for pictures matching these words (repeatable: one result folder each)")
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
     _common(serve, required_config=True)
     serve.add_argument("--poll", action="store_true",
@@ -68,8 +73,16 @@ def _query_failed(path: Path, reason: str) -> None:
     print(f"failed {path}: {reason}", file=sys.stderr)
 
 
-def run_searches(rt: Runtime, files: list[Path]) -> ExitCode:
-    """Search with each file; print each result folder. Returns the exit code (FAILED if any file failed)."""
+def _search_file(rt: Runtime, query: Path) -> SearchResult:
+    """A picture is searched by its looks, a ``.txt`` file by its words (it stays where it is)."""
+    if is_text_query(query):
+        return search_text(read_text_query(query), cfg=rt.cfg, embedder=rt.model(), store=rt.store, source_path=query)
+    return search_image(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store)
+
+
+def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = ()) -> ExitCode:
+    """Search with each file, then each text; print each result folder. Returns the exit code (FAILED if
+    any query failed)."""
     status = ExitCode.OK
     for query in files:
         # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
@@ -78,18 +91,29 @@ def run_searches(rt: Runtime, files: list[Path]) -> ExitCode:
             status = ExitCode.FAILED
             continue
         try:
-            result = search_image(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store)
+            print(_search_file(rt, query).bundle)
         except PreprocessError as exc:
             _query_failed(exc.path, exc.reason)
             status = ExitCode.FAILED
-            continue
-        print(result.bundle)
+        except NoTextTower as exc:
+            _query_failed(query, str(exc))
+            status = ExitCode.FAILED
+    for text in texts:
+        words = text.strip()
+        try:
+            if not words:
+                raise ValueError("the text query is empty: give the words to search for")
+            print(search_text(words, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle)
+        except (ValueError, NoTextTower) as exc:
+            _query_failed(Path("--text"), str(exc))
+            status = ExitCode.FAILED
     return status
 
 
 def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
     """The original tool's prompt: the model stays loaded between searches."""
-    print("Enter the path of a query image ('reindex' rescans the source folder; empty line or 'quit' ends).")
+    print("Enter the path of a query image, or words to search for ('reindex' rescans the source folder; "
+          "empty line or 'quit' ends).")
     while True:
         try:
             line = input("query> ").strip()
@@ -101,7 +125,12 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
         if line == "reindex":
             print_summary(indexer.index_folder())
             continue
-        run_searches(rt, [Path(line).expanduser()])
+        path = Path(line).expanduser()
+        if path.exists():
+            run_searches(rt, files=[path])
+        else:
+            print(f"no file named '{line}': searching for pictures matching these words")
+            run_searches(rt, texts=[line])
 
 
 def _raise_shutdown(signum: int) -> None:
@@ -122,9 +151,10 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             print_summary(summary)
             if args.command == "index" or args.process_only:
                 return ExitCode.OK
-            files = args.files if args.command == "search" else ([args.search] if args.search else None)
-            if files is not None:
-                return run_searches(rt, files)
+            if args.command == "search":
+                return run_searches(rt, args.files, args.text)
+            if args.search:
+                return run_searches(rt, [args.search])
             return interactive(rt, indexer)
         finally:
             indexer.close()
@@ -135,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None:
         parser.error("--config PATH (or --env PATH) is required")
+    if args.command == "search" and not args.files and not args.text:
+        parser.error("search needs a FILE (a picture or a .txt file of words) or --text WORDS")
     configure_logging(args.log_level)
     try:
         cfg = load_config(args.config)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import structlog
 
-from .discover import IMAGE_EXTENSIONS, is_ignored_name
+from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
+from .errors import NoTextTower
 from .preprocess import PreprocessError, write_atomically
 from .runtime import Runtime
-from .search import search_image
+from .search import search_image, search_text
 from .store import DatabaseUnavailable
+from .textquery import is_text_query, read_text_query
 from .watch import Change, ChangeKind, ReadinessTracker, still_being_written
 
 log = structlog.get_logger(__name__)
@@ -82,12 +84,21 @@ class QueryInbox:
         return bool(ready)
 
     def answer(self, path: Path) -> None:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            self.fail(path, f"not a supported query type '{path.suffix or path.name}': drop a JPEG, PNG, "
-                            "WebP, GIF, BMP or TIFF image")
+        """A picture is searched by its looks, a ``.txt`` file by its words; anything else fails."""
+        if not is_text_query(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
+            self.fail(path, f"not a supported query type '{path.suffix or path.name}': drop a picture "
+                            f"({supported_formats_for_people()}) or a .txt file of words")
             return
+        cfg, store = self.rt.cfg, self.rt.store
         try:
-            search_image(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True)
+            if is_text_query(path):
+                search_text(read_text_query(path), cfg=cfg, embedder=self.rt.model(), store=store, source_path=path,
+                            move_query=True)
+            else:
+                search_image(path, cfg=cfg, embedder=self.rt.model(), store=store, move_query=True)
+        except NoTextTower as exc:
+            self.fail(path, str(exc))
+            return
         except PreprocessError as exc:
             if still_being_written(path, exc, self.incomplete_grace):
                 self.pending.note(path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from .config import Config
+from . import sheet
 from .inbox import QueryInbox
 from .indexer import Indexer
 from .notify import Notifier, watchdog_interval
@@ -100,6 +101,7 @@ class Service:
         self._startup_backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
         self._indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving)
+        sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
         self.notifier.ready(self.status_text())

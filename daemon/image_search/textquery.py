@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .preprocess import PreprocessError
+from .preprocess import IncompleteFile, PreprocessError
 
 # Extensions (lower case) of files that are text queries rather than pictures.
 TEXT_QUERY_EXTENSIONS: tuple[str, ...] = (".txt",)
@@ -25,6 +25,10 @@ class TextQueryError(PreprocessError):
     A PreprocessError, so code that turns a bad query file into ``inbox/failed/`` handles both kinds;
     an empty file's reason starts with "empty file", as for a picture still being written.
     """
+
+
+class EmptyTextQuery(TextQueryError, IncompleteFile):
+    """An empty query file: like a picture still being written, the service waits for it a while."""
 
 
 def is_text_query(path: Path) -> bool:
@@ -44,7 +48,7 @@ def read_text_query(path: Path) -> str:
     except OSError as exc:
         raise TextQueryError(path, f"cannot read file ({exc.strerror or exc})") from None
     if not data:
-        raise TextQueryError(path, "empty file (0 bytes): write the words to search for in it")
+        raise EmptyTextQuery(path, "empty file (0 bytes): write the words to search for in it")
     if len(data) > MAX_TEXT_QUERY_BYTES:
         size = _size_or_none(path)
         raise TextQueryError(
