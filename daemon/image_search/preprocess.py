@@ -104,7 +104,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
     """The size of ``size`` scaled to fit inside ``box``, aspect kept, never enlarged."""
     w, h = size
     scale = min(box[0] / w, box[1] / h, 1.0)
@@ -150,12 +150,12 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
             box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
             if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
                 # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
-                im.draft("RGB", _fit((src_w, src_h), box))
+                im.draft("RGB", fit_inside((src_w, src_h), box))
             im.load()
             # exif_transpose reads orientation from im.getexif(); it survives draft().
             oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
             rgb = _to_rgb(oriented)
-            target = _fit(rgb.size, max_size)
+            target = fit_inside(rgb.size, max_size)
             if target != rgb.size:
                 # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
                 # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 # The same box fit as our path, so that both paths make processed copies of the same size.
-from image_search.preprocess import _fit as fit_inside
+from image_search.preprocess import fit_inside
 from tests.benchmarks.common import Bench, Metric, Report, Section, fresh_dir, link_or_copy, say, warm_page_cache
 from tests.benchmarks.photos import ensure_jpegs
 from tests.support.files import write_config

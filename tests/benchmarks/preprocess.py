@@ -285,3 +285,29 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _section_run(bench) -> dict[str, object]:
+    return run(images=int(bench.sizes["preprocess_images"]), rounds=int(bench.sizes["preprocess_rounds"]),
+               work_dir=bench.cache)
+
+
+def _section():  # built here, not at import, so that this file also runs on its own without the package
+    from tests.benchmarks.common import Metric, Section
+
+    return Section(
+        name="preprocess",
+        run=_section_run,
+        full_sizes={"preprocess_images": 40, "preprocess_rounds": 5},
+        quick_sizes={"preprocess_images": 6, "preprocess_rounds": 1},
+        metrics=(
+            Metric("preprocess, one core", "preprocess_img_s_one_core", "{:.1f} img/s"),
+            Metric("preprocess, all cores (worker processes)", "preprocess_img_s_all_cores", "{:.1f} img/s"),
+            Metric("preprocess scaling", "preprocess_scaling", "{:.2f}x", ">= 0.8 x cores",
+                   lambda v, r: v >= float(r["preprocess_scaling_target"])),
+        ),
+        report_keys=("preprocess_img_s_one_core", "preprocess_img_s_all_cores", "preprocess_scaling"),
+    )
+
+
+SECTION = _section()

@@ -6,12 +6,16 @@ Run from the repository root. Ratios matter more than absolute times: these mach
 noisy. Each section is a module of this package that measures one thing and hands ``SECTION`` to
 this runner (see ``common.Section``):
 
+0. preprocess - decode, orient, fit, JPEG, MD5 on one core and on every core (worker processes)
+   (preprocess.py).
 1. ingest  - camera-size JPEGs end to end, ``Indexer.index_folder`` versus the original
    one-at-a-time path (ingest.py).
 2. search  - ``EmbeddingStore.search`` (HNSW) over 100,000 x 1024 vectors, recall and latency, versus
    the original full scan (search.py).
 3. service - the real ``image-search serve``: drop-to-result latency idle and under ingest, restart
    on unchanged files, memory (service.py).
+4. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
+   ``embed_pixels`` and ``index`` end to end (gpu.py).
 
 This module only parses the flags, runs the sections, prints the table and writes the JSON report
 and the chart. Generated images are cached under ``<work-dir>/cache`` (made once, reused by later
@@ -31,7 +35,7 @@ from tests.support.env import use_offline_hub
 
 use_offline_hub()  # before any section imports transformers
 
-from tests.benchmarks import ingest, search, service  # noqa: E402
+from tests.benchmarks import gpu, ingest, preprocess, search, service  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -39,10 +43,12 @@ from tests.support.model import save_tiny_clip  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 # In the order they run and print. A new section: a module with a SECTION, added here.
-SECTIONS: tuple[Section, ...] = (ingest.SECTION, search.SECTION, service.SECTION)
+SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, service.SECTION, gpu.SECTION)
+# Run only when asked for (--gpu, or --only gpu): it needs a CUDA device to mean anything.
+ON_REQUEST = {gpu.SECTION.name}
 FULL = {key: value for section in SECTIONS for key, value in section.full_sizes.items()}
 QUICK = {key: value for section in SECTIONS for key, value in section.quick_sizes.items()}
-REPORT_KEYS = tuple(key for section in SECTIONS for key in section.report_keys)
+REPORT_KEYS = tuple(key for section in SECTIONS if section.name not in ON_REQUEST for key in section.report_keys)
 
 
 def machine_info() -> dict[str, object]:
@@ -107,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch and image cache (default: bench-out/work, gitignored)")
     parser.add_argument("--only", choices=[s.name for s in SECTIONS], action="append",
                         help="run only these sections (repeatable); the report then lacks the others' keys")
+    parser.add_argument("--gpu", action="store_true",
+                        help="add the GPU section (a random-weight CLIP ViT-L/14 on CUDA; a smoke run without CUDA)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    chosen = set(args.only or [s.name for s in SECTIONS])
+    chosen = set(args.only or [s.name for s in SECTIONS if s.name not in ON_REQUEST])
+    if args.gpu:
+        chosen.add(gpu.SECTION.name)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
