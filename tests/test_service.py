@@ -83,6 +83,11 @@ def test_service_lifecycle_ready_watch_answer_watchdog_and_sigterm(tmp_path: Pat
         hits = read_jsonl(bundle / "q-b.jsonl")
         assert len(hits) == TOP_K and hits[0]["file_path"] == str(images / "b.jpg") and hits[0]["similarity"] >= 0.999
         assert (bundle / "q-b.query.jpg").read_bytes() == (images / "b.jpg").read_bytes()
+        # A text query dropped as a file: answered by its words, the file moved into its result folder.
+        (inbox / "bike.txt").write_text("a red bicycle\n", encoding="utf-8")
+        bundle = wait_for(lambda: find_bundle(output, "bike.txt"), "the result bundle of bike.txt", proc=proc)
+        assert len(read_jsonl(bundle / "bike.jsonl")) == TOP_K and (bundle / "bike.sheet.jpg").is_file()
+        assert (bundle / "bike.query.txt").read_text(encoding="utf-8") == "a red bicycle\n"
         assert inbox_files(inbox) == []
 
         first = len(notify.with_field("WATCHDOG=1"))

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from tests.support.clock import FakeClock
 from tests.support.db import Row, database_rows, rows_by_path
 from tests.support.files import save_picture, write_config
-from tests.support.model import TINY_DIMENSION
+from tests.support.model import TINY_DIMENSION, save_tiny_clip
 
 from image_search.config import Config, load_config
 from image_search.notify import Notifier
@@ -119,14 +119,15 @@ def embedder(tiny_model_dir: Path):
 def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[Any]:
     made: list[Story] = []
 
-    def make(files: dict[str, int] | None = None, *, start: bool = True, **overrides: object) -> Story:
+    def make(files: dict[str, int] | None = None, *, start: bool = True, model: Any = None,
+             **overrides: object) -> Story:
         root = tmp_path / f"tree{len(made)}"
         cfg = load_config(write_config(root, tiny_model_dir, top_k=TOP_K, settle_seconds=SETTLE, **overrides))
         for name, seed in (files or {}).items():
             save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
         database = Database(cfg)
         store = database.open_store(dimension=cfg.dimension, create_table=False)
-        rt = Runtime(cfg, store, lambda: embedder)
+        rt = Runtime(cfg, store, lambda: model or embedder)
         changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
         clock = FakeClock()
         notifier = RecordingNotifier(cfg.output_directory)
@@ -367,6 +368,20 @@ def test_unusable_text_queries_fail_with_their_reason(story_factory) -> None:
     assert "not UTF-8" in reasons["latin1.txt"]
     assert "too large" in reasons["huge.txt"]
     assert all((failed / name).read_bytes() == data for name, data in bad.items())
+
+
+def test_a_text_query_to_a_model_that_cannot_read_fails_with_the_reason(story_factory, tmp_path) -> None:
+    from image_search.embed import Embedder
+
+    blind = Embedder.load(str(save_tiny_clip(tmp_path / "no-tokenizer", with_tokenizer=False)), device="cpu",
+                          dimension=TINY_DIMENSION)
+    story = story_factory({"a.png": 1}, model=blind)
+    (story.inbox / "words.txt").write_text("a red bicycle", encoding="utf-8")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "words.txt")
+    story.run_until_idle()
+    reason = (story.inbox / "failed" / "words.txt.error.txt").read_text(encoding="utf-8")
+    assert "cannot read text queries" in reason and "tokenizer" in reason
+    assert story.ask("picture.png", story.images / "a.png")[0] == str(story.images / "a.png")  # pictures still work
 
 
 def test_an_empty_text_file_waits_for_its_words(story_factory) -> None:
