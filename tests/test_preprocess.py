@@ -23,6 +23,7 @@ from image_search.preprocess import (
     md5_hex,
     preprocess_image,
     processed_path_for,
+    thumbnail_path_for,
     save_processed,
 )
 
@@ -640,7 +641,11 @@ def test_apple_png_and_apple_webp_both_survive_save_processed(tmp_path):
     with Image.open(png_path) as a, Image.open(webp_path) as b:
         assert_colour(a.convert("RGB").getpixel((16, 16)), RED)
         assert_colour(b.convert("RGB").getpixel((16, 16)), GREEN)
-    assert sorted(p.name for p in (out / "fruit").iterdir()) == ["apple.png.jpg", "apple.webp.jpg"]
+    assert sorted(p.name for p in (out / "fruit").iterdir()) == [
+        ".apple.png.jpg.thumb.jpg", ".apple.webp.jpg.thumb.jpg", "apple.png.jpg", "apple.webp.jpg"]
+    with Image.open(thumbnail_path_for(webp_path)) as thumb:  # the contact sheet's small copy
+        assert thumb.size == (32, 32)  # never enlarged
+        assert_colour(thumb.convert("RGB").getpixel((16, 16)), GREEN)
 
 
 def test_file_hash_is_the_md5_of_the_written_processed_jpeg_and_is_deterministic(tmp_path):
@@ -685,7 +690,7 @@ def test_save_processed_is_atomic_and_skips_identical_content(tmp_path):
     target.write_bytes(b"stale")
     save_processed(prepared, target)
     assert md5_hex(target.read_bytes()) == prepared.file_hash
-    leftovers = [p.name for p in target.parent.iterdir() if p != target]
+    leftovers = [p.name for p in target.parent.iterdir() if p not in (target, thumbnail_path_for(target))]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 

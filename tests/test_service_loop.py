@@ -29,7 +29,7 @@ from tests.support.model import TINY_DIMENSION, save_tiny_clip
 
 from image_search.config import Config, load_config
 from image_search.notify import Notifier
-from image_search.preprocess import preprocess_for
+from image_search.preprocess import preprocess_for, thumbnail_path_for
 from image_search.runtime import RestartRequested, Runtime
 from image_search.service import Service, StopFlag
 from image_search.store import Database
@@ -213,6 +213,8 @@ def test_deleted_file_and_deleted_folder_lose_rows_and_processed_copies(story_fa
     assert set(story.rows()) == {str(story.images / "keep.png")}
     for path in ("gone.png", "album/x.png", "album/y.png"):
         assert not processed[str(story.images / path)].exists()
+        assert not thumbnail_path_for(processed[str(story.images / path)]).exists()
+    assert thumbnail_path_for(processed[str(story.images / "keep.png")]).is_file()
     assert sum(e["count"] for e in logs if e["event"] == "rows_removed") == 3
     assert story.service.sync.removed == 3
     assert "3 removed" in story.service.status_text()
@@ -228,6 +230,8 @@ def test_rename_moves_the_row_and_processed_copy_without_model_work(story_factor
     after = story.rows()[str(story.images / "new-name.png")]
     assert (after["id"], after["file_hash"], after["file_name"]) == (before["id"], before["file_hash"], "new-name.png")
     assert Path(after["processed_path"]).is_file() and not Path(before["processed_path"]).exists()
+    assert thumbnail_path_for(Path(after["processed_path"])).is_file()  # the sheet's small copy moved along
+    assert not thumbnail_path_for(Path(before["processed_path"])).exists()
     assert str(story.images / "old-name.png") not in story.rows()
     assert [e["event"] for e in logs if e["event"] in ("image_renamed", "images_indexed")] == ["image_renamed"]
 

@@ -17,6 +17,7 @@ from image_search import output as output_module
 from image_search import sheet as sheet_module
 from image_search.config import Config
 from image_search.output import ImageQuery, TextQuery, text_query_stem, write_result_bundle
+from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
 from image_search.store import Hit
 
@@ -67,6 +68,17 @@ def test_cells_hold_the_query_then_the_hits_in_rank_order(tmp_path: Path) -> Non
     assert sheet.size == sheet_size(4) == (1160, 380)
     assert near(centre(sheet, 0, 4), ORANGE)
     assert [near(centre(sheet, i, 4), c) for i, c in enumerate([RED, GREEN, BLUE], start=1)] == [True] * 3
+
+
+def test_a_stored_thumbnail_is_what_the_cell_shows(tmp_path: Path) -> None:
+    """The indexer stores a small copy beside each processed JPEG; the sheet reads that one (fast), and
+    the processed JPEG only where no thumbnail exists."""
+    with_thumb = processed(tmp_path, "with-thumb", RED)
+    Image.new("RGB", (64, 48), GREEN).save(thumbnail_path_for(with_thumb), format="JPEG")
+    without = processed(tmp_path, "without", BLUE)
+    sheet = render_contact_sheet([hit(1, "a.jpg", with_thumb), hit(2, "b.jpg", without)], query_name="q.png",
+                                 query_picture=Image.new("RGB", (300, 300), ORANGE))
+    assert near(centre(sheet, 1, 3), GREEN) and near(centre(sheet, 2, 3), BLUE)
 
 
 def test_eleven_cells_wrap_into_rows_of_five(tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 
 JPEG_QUALITY = 95
 PROCESSED_SUFFIX = ".jpg"
+# The contact sheet's picture size: a thumbnail this size is stored beside each processed JPEG, so a
+# sheet decodes ten small files instead of ten 1024 px ones (about 5 ms instead of 50).
+THUMBNAIL_SIZE = 256
+THUMBNAIL_QUALITY = 85
 # Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
 PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
@@ -68,6 +72,7 @@ class PreparedImage:
     height: int
     source_width: int
     source_height: int
+    thumbnail_jpeg: bytes = field(repr=False, default=b"")
 
 
 def md5_hex(data: bytes) -> str:
@@ -204,7 +209,16 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
         height=rgb.height,
         source_width=src_w,
         source_height=src_h,
+        thumbnail_jpeg=_thumbnail_jpeg(rgb),
     )
+
+
+def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
+    small = rgb.copy()
+    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    return buffer.getvalue()
 
 
 def preprocess_for(path: Path, cfg: Config) -> PreparedImage:
@@ -235,8 +249,17 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def thumbnail_path_for(processed: Path) -> Path:
+    """The contact-sheet thumbnail beside a processed JPEG: a hidden name, which no processed name (made
+    from a source name, and hidden sources are never indexed) can collide with."""
+    processed = Path(processed)
+    return processed.with_name(f".{processed.name}.thumb.jpg")
+
+
 def save_processed(prepared: PreparedImage, path: Path) -> None:
-    """Store the processed JPEG unless an identical one is already there."""
+    """Store the processed JPEG (unless an identical one is already there) and its thumbnail."""
+    if prepared.thumbnail_jpeg:
+        write_atomically(thumbnail_path_for(path), prepared.thumbnail_jpeg)
     try:
         if path.stat().st_size == len(prepared.jpeg_bytes) and md5_hex(path.read_bytes()) == prepared.file_hash:
             return

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .preprocess import THUMBNAIL_SIZE, thumbnail_path_for
 from .store import Hit
 
-THUMB = 256  # the square each picture is fitted into; 1024 px processed JPEGs decode at 1/4 scale to it
+THUMB = THUMBNAIL_SIZE  # the square each picture is fitted into (the indexer stores thumbnails of this size)
 PADDING = 12
 CAPTION_LINE = 22
 CELL_WIDTH = THUMB + 2 * PADDING
@@ -215,7 +216,11 @@ def _text_block(text: str, box: tuple[int, int]) -> Image.Image:
 
 
 def _thumbnail(path: Path) -> Image.Image | None:
-    """The processed image fitted into THUMB x THUMB (aspect kept); None if it cannot be read."""
+    """The processed image fitted into THUMB x THUMB (aspect kept), from its stored thumbnail when there
+    is one; None if it cannot be read."""
+    small = thumbnail_path_for(path)
+    if small.is_file():
+        path = small
     try:
         with Image.open(path, formats=("JPEG",)) as im:  # processed images are always our own JPEGs
             # Decode at 1/2, 1/4 or 1/8 size (most of the speed): ask for the fitted size, not the

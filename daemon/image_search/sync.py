@@ -17,7 +17,7 @@ import structlog
 
 from .config import Config
 from .discover import discover_images, is_image_candidate
-from .preprocess import processed_path_for
+from .preprocess import processed_path_for, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
 from .watch import Change, ChangeKind, ReadinessTracker
 
@@ -47,9 +47,12 @@ def is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: st
 
 
 def remove_processed(cfg: Config, source: Path) -> None:
-    """Delete the processed copy of a source that is gone (derived data: a leftover costs only disk)."""
+    """Delete the processed copy (and its thumbnail) of a source that is gone (derived data: a leftover
+    costs only disk)."""
     try:
-        processed_path_for(source, cfg.source_directory, cfg.processed_directory).unlink(missing_ok=True)
+        processed = processed_path_for(source, cfg.source_directory, cfg.processed_directory)
+        processed.unlink(missing_ok=True)
+        thumbnail_path_for(processed).unlink(missing_ok=True)
     except (OSError, ValueError):
         pass
 
@@ -157,6 +160,10 @@ class FolderSync:
         except FileNotFoundError:
             self.pending.note(dest)  # the processed copy is missing: index it properly
             return
+        try:
+            os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
+        except FileNotFoundError:
+            pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
         self.store.update_source(file_hash, file_path=str(dest), file_name=dest.name,
                                  processed_path=str(new_processed), source_size=st.st_size,
                                  source_mtime_ns=st.st_mtime_ns)

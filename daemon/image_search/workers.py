@@ -101,6 +101,7 @@ class PreprocessedFile:
     source_width: int
     source_height: int
     pixels: np.ndarray | None = field(default=None, repr=False)
+    thumbnail_jpeg: bytes = field(default=b"", repr=False)
 
 
 Outcome = PreprocessedFile | PreprocessError
@@ -135,6 +136,7 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFil
         source_width=prepared.source_width,
         source_height=prepared.source_height,
         pixels=pixels,
+        thumbnail_jpeg=prepared.thumbnail_jpeg,
     )
 
 
