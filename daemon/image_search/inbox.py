@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from .discover import IMAGE_EXTENSIONS, is_ignored_name
+from .fleet import ClaimKind
 from .preprocess import PreprocessError, write_atomically
 from .runtime import Runtime
 from .search import search_image
@@ -77,8 +78,13 @@ class QueryInbox:
     def answer_ready(self) -> bool:
         """Answer the queries that are complete now (a few per call). True if there were any."""
         ready = self.pending.pop_ready(limit=ANSWERS_PER_PASS)
-        for path in ready:
-            self.answer(path)
+        # Each query is answered by one service: one that another service holds comes back after a lease.
+        mine = self.rt.claims.take(ClaimKind.QUERY, ready, self.pending)
+        try:
+            for path in mine:
+                self.answer(path)
+        finally:
+            self.rt.claims.release(ClaimKind.QUERY, mine)
         return bool(ready)
 
     def answer(self, path: Path) -> None:
