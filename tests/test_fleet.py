@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 
 from conftest import save_picture, write_config
+from test_fleet_store import fetch_all
 from test_service import NotifyListener, ServiceProc, find_bundle, inbox_files, service_env, wait_for
 
 from image_search.config import ConfigError, load_config
@@ -45,14 +46,8 @@ def fleet_config(root: Path, model_dir: Path, server: object, **overrides: objec
 
 def query(server: object, sql: str, params: tuple = ()) -> list[tuple]:
     info = server.get_postmaster_info()
-    conn = psycopg2.connect(host=str(info.socket_dir), port=info.port or 5432, user="postgres", dbname="postgres",
-                            connect_timeout=5)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+    return fetch_all(psycopg2.connect(host=str(info.socket_dir), port=info.port or 5432, user="postgres",
+                                      dbname="postgres", connect_timeout=5), sql, params)
 
 
 def row_counts(server: object) -> tuple[int, int]:

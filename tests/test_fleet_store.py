@@ -42,14 +42,18 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
         db.close()
 
 
-def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = database.connect()
+def fetch_all(conn: psycopg2.extensions.connection, sql: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement in its own transaction on ``conn`` (closed after); its rows, if any."""
     try:
         with conn, conn.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
+    return fetch_all(database.connect(), sql, params)
 
 
 @pytest.fixture

@@ -317,6 +317,16 @@ def _transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.exte
         raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
 
 
+def _replace_connection(old: psycopg2.extensions.connection,
+                        connect: Callable[[], psycopg2.extensions.connection]) -> psycopg2.extensions.connection:
+    """Close a broken connection and open a new one (raises DatabaseUnavailable while the database is away)."""
+    try:
+        old.close()
+    except Exception:  # already broken: that is why we are here
+        pass
+    return connect()
+
+
 class FleetRegistry:
     """The members table on a connection of its own: joined and left by the main thread, renewed by
     the heartbeat thread in between (never both at once), so a long forward pass on the main thread
@@ -327,11 +337,7 @@ class FleetRegistry:
         self._conn = connect()
 
     def reconnect(self) -> None:
-        try:
-            self._conn.close()
-        except Exception:  # already broken: that is why we are here
-            pass
-        self._conn = self._connect()
+        self._conn = _replace_connection(self._conn, self._connect)
 
     def close(self) -> None:
         self._conn.close()
@@ -457,11 +463,7 @@ class EmbeddingStore:
 
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
-        try:
-            self._conn.close()
-        except Exception:  # already broken: that is why we are here
-            pass
-        self._conn = self._connect()
+        self._conn = _replace_connection(self._conn, self._connect)
         register_vector(self._conn)
 
     def close(self) -> None:
