@@ -12,18 +12,22 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 import pytest
+from structlog.testing import capture_logs
 
 from conftest import write_config
+from test_service import wait_for
 
 from image_search.config import load_config
 from image_search.fleet import ClaimKind, FleetMember, WorkClaims
 from image_search.store import (
     FORGET_AFTER_LEASES,
     Database,
+    DatabaseUnavailable,
     EmbeddingRow,
     EmbeddingStore,
     FleetMismatch,
     FleetRegistry,
+    LeaveResult,
     MemberInfo,
 )
 from image_search.watch import ReadinessTracker
@@ -274,3 +278,48 @@ def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> N
         assert raw(db, "SELECT count(*) FROM image_search_members") == [(4,)]
     finally:
         db.close()
+
+
+class FlakyRegistry:
+    """A registry whose first renewals fail as if the database had gone away."""
+
+    def __init__(self, failures: int, *, others_at_leave: int) -> None:
+        self.failures = failures
+        self.others_at_leave = others_at_leave
+        self.renewals = 0
+        self.reconnects = 0
+        self.left: list[bool] = []
+
+    def renew(self, member: MemberInfo, lease_s: float) -> int:
+        self.renewals += 1
+        if self.renewals <= self.failures:
+            raise DatabaseUnavailable("database error: server closed the connection unexpectedly")
+        return 2
+
+    def reconnect(self) -> None:
+        self.reconnects += 1
+
+    def leave(self, member_id: int, lease_s: float, *, empty_table: bool) -> LeaveResult:
+        self.left.append(empty_table)
+        return LeaveResult(self.others_at_leave, empty_table and self.others_at_leave == 0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back() -> None:
+    registry = FlakyRegistry(failures=3, others_at_leave=1)
+    member = FleetMember(registry, MemberInfo(7, "h", 1, MODEL, DIM), lease_s=0.03, live_members=1)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        member.start_heartbeat()
+        wait_for(lambda: member.live_members == 2, "the heartbeat back after three failures")
+        result = member.leave(empty_table=True)
+        assert member.leave(empty_table=True) is None  # idempotent: the second call does nothing
+    events = [e["event"] for e in logs]
+    assert events.count("fleet_heartbeat_failed") == 1
+    assert events.count("fleet_heartbeat_restored") == 1
+    assert registry.reconnects == 3  # each retry after a failure starts from a fresh connection
+    assert registry.left == [True]
+    assert result == LeaveResult(1, False)
+    kept = [e for e in logs if e["event"] == "table_kept"]
+    assert [e["members"] for e in kept] == [1] and "table_emptied" not in events

@@ -60,8 +60,11 @@ class FleetMember:
             log.warning("fleet_not_declared", members=joined.live_members,
                         reason="other services use this database; they share the work, but say so with "
                                "\"shared-index\": true")
-        member._thread.start()
+        member.start_heartbeat()
         return member
+
+    def start_heartbeat(self) -> None:
+        self._thread.start()
 
     def _beat(self) -> None:
         """Renew every lease/3 seconds until ``leave``. A failure is logged once, then retried quietly
