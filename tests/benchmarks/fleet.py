@@ -50,7 +50,7 @@ from conftest import save_picture, save_tiny_clip, write_config  # noqa: E402
 CLI = Path(sys.executable).parent / "image-search"
 FULL = {"images": 300, "image_size": (320, 240), "queries": 20, "claim_rounds": 300, "vectors": 20_000,
         "searches": 200}
-QUICK = {"images": 24, "image_size": (64, 48), "queries": 3, "claim_rounds": 30, "vectors": 1_000, "searches": 20}
+QUICK = {"images": 16, "image_size": (64, 48), "queries": 2, "claim_rounds": 20, "vectors": 500, "searches": 10}
 BATCH_SIZE = 8
 LEASE_S = 5.0
 TIMEOUT_S = 600.0
