@@ -323,3 +323,11 @@ def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back() -
     assert result == LeaveResult(1, False)
     kept = [e for e in logs if e["event"] == "table_kept"]
     assert [e["members"] for e in kept] == [1] and "table_emptied" not in events
+
+
+def test_status_text_counts_the_members() -> None:
+    member = FleetMember(FlakyRegistry(0, others_at_leave=0), MemberInfo(1, "h", 1, MODEL, DIM),  # type: ignore[arg-type]
+                         lease_s=LEASE, live_members=1)
+    assert member.status_text() == "1 member"
+    member.live_members = 3
+    assert member.status_text() == "3 members"

@@ -66,6 +66,10 @@ class FleetMember:
     def start_heartbeat(self) -> None:
         self._thread.start()
 
+    def status_text(self) -> str:
+        """For the STATUS line: how many services are attached to this database (this one included)."""
+        return f"{self.live_members} member{'s' if self.live_members != 1 else ''}"
+
     def _beat(self) -> None:
         """Renew every lease/3 seconds until ``leave``. A failure is logged once, then retried quietly
         (reconnecting) until it works again."""

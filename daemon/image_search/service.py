@@ -198,8 +198,7 @@ class Service:
                 raise RestartRequested("the embedded PostgreSQL is gone") from None
 
     def status_text(self) -> str:
-        members = self.rt.fleet.live_members if self.rt.fleet is not None else 0
-        fleet = f", {members} member{'s' if members != 1 else ''}" if self.rt.fleet is not None else ""
+        fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
         return (f"{self.indexed} indexed, {len(self.images)} queued, {self.sync.removed} removed, "
                 f"{self.inbox.answered} searches answered, {self.inbox.failed} failed queries, "
                 f"{self.skipped} skipped files{fleet}")
