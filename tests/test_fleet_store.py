@@ -331,3 +331,20 @@ def test_status_text_counts_the_members() -> None:
     assert member.status_text() == "1 member"
     member.live_members = 3
     assert member.status_text() == "3 members"
+
+
+def test_a_path_waiting_a_lease_does_not_hold_back_files_noted_after_it(tmp_path: Path) -> None:
+    now = [0.0]
+    tracker = ReadinessTracker(0.5, clock=lambda: now[0])
+    held, fresh = tmp_path / "held-by-another.png", tmp_path / "fresh.png"
+    held.write_bytes(b"a")
+    fresh.write_bytes(b"b")
+    tracker.note(held, retry_after=LEASE)
+    tracker.note(fresh)
+    now[0] = 0.6
+    assert tracker.pop_ready(10) == [fresh]
+    assert held in tracker and len(tracker) == 1
+    now[0] = LEASE + 0.1
+    assert tracker.pop_ready(10) == [held]
+    with pytest.raises(ValueError):
+        tracker.note(held, retry_after=LEASE / 2)  # one length per tracker keeps that queue in due order
