@@ -53,6 +53,13 @@ class Config:
     # Search: HNSW candidate list size; tables below exact-search-below rows are scanned exactly.
     ef_search: int = 100
     exact_search_below: int = 10_000
+    # Several services, one index: the user's statement that several services (hosts) share this
+    # database and these folders. Membership and claims run either way; this key only insists on a
+    # server they can all reach.
+    shared_index: bool = False
+    # A member whose heartbeat is older than this is taken for dead: its claims are taken over and it
+    # no longer counts when the last one decides whether cleanup-on-exit empties the table.
+    member_lease_seconds: float = 30.0
 
     @property
     def embedded_database(self) -> bool:
@@ -135,6 +142,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'postgres-port' must be a TCP port (1-65535)")
     if cfg.settle_seconds < 0 or cfg.rescan_interval < 0:
         raise ConfigError("config keys 'settle-seconds' and 'rescan-interval' must not be negative")
+    if cfg.member_lease_seconds <= 0:
+        raise ConfigError("config key 'member-lease-seconds' must be a positive number of seconds")
+    if cfg.shared_index and cfg.embedded_database:
+        raise ConfigError(
+            "config key 'shared-index' is true but 'postgres-host' is empty: the embedded PostgreSQL lives in one "
+            "machine's state-directory and cannot be shared. Run one server all services reach (docker-compose.yml "
+            "in the repository runs one) and set 'postgres-host' (and the other postgres-* keys) to it."
+        )
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
 

@@ -16,6 +16,7 @@ import structlog
 
 from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
 from .errors import NoTextTower
+from .fleet import ClaimKind
 from .preprocess import PreprocessError, write_atomically
 from .runtime import Runtime
 from .search import search_image, search_text
@@ -79,8 +80,13 @@ class QueryInbox:
     def answer_ready(self) -> bool:
         """Answer the queries that are complete now (a few per call). True if there were any."""
         ready = self.pending.pop_ready(limit=ANSWERS_PER_PASS)
-        for path in ready:
-            self.answer(path)
+        # Each query is answered by one service: one that another service holds comes back after a lease.
+        mine = self.rt.claims.take(ClaimKind.QUERY, ready, self.pending)
+        try:
+            for path in mine:
+                self.answer(path)
+        finally:
+            self.rt.claims.release(ClaimKind.QUERY, mine)
         return bool(ready)
 
     def answer(self, path: Path) -> None:

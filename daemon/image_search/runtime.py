@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .config import Config, ensure_directories
+from .fleet import FleetMember, WorkClaims
 from .store import Database, EmbeddingStore
 
 if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
@@ -91,10 +92,13 @@ class ModelLoading:
 class Runtime:
     """The configuration, the open store and the model (loading in the background) of one run."""
 
-    def __init__(self, cfg: Config, store: EmbeddingStore, load_model: Callable[[], Embedder]) -> None:
+    def __init__(self, cfg: Config, store: EmbeddingStore, load_model: Callable[[], Embedder], *,
+                 fleet: FleetMember | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self._load_model = load_model
+        self.fleet = fleet  # None: not registered (a Runtime built by hand); every claim is granted
+        self.claims = WorkClaims(store, fleet)
 
     def model(self) -> Embedder:
         """The loaded model: waits for it the first time (raising its load error). The model has then
@@ -109,36 +113,33 @@ class Runtime:
 def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Iterator[Runtime]:
     """Start loading the model, start or reach the database, open the store. At exit, close the store
     and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
-    but only after a run that had its model (a start-up error never costs the index) and never when
-    the block raised ``RestartRequested``."""
+    but only after a run that had its model (a start-up error never costs the index), never when
+    the block raised ``RestartRequested``, and never while another service sharing the database is
+    still live (the last member to leave empties it)."""
     ensure_directories(cfg, with_inbox=with_inbox)
     started = time.monotonic()
     loading = ModelLoading(cfg)
     database = Database(cfg)
     try:
-        # The table is created once the model has confirmed the dimension; until then it is only read.
-        store = database.open_store(dimension=cfg.dimension, create_table=False)
-        log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
-                 duration_ms=round((time.monotonic() - started) * 1000))
-
-        restarting = False
+        # Joining first: a service whose model differs from the running members' is told so before
+        # anything else about the table is checked. Model name and dimension come from the config.
+        member = FleetMember.join(cfg, database)
         try:
-            yield Runtime(cfg, store, loading.result)
-        except RestartRequested:
-            restarting = True
-            raise
+            # The table is created once the model has confirmed the dimension; until then it is only read.
+            store = database.open_store(dimension=cfg.dimension, create_table=False)
+            log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
+                     members=member.live_members, duration_ms=round((time.monotonic() - started) * 1000))
+
+            restarting = False
+            try:
+                yield Runtime(cfg, store, loading.result, fleet=member)
+            except RestartRequested:
+                restarting = True
+                raise
+            finally:
+                member.leave(empty_table=cleanup and loading.loaded and not restarting)
+                store.close()
         finally:
-            if cleanup and loading.loaded and not restarting:
-                _empty_table(store)
-            store.close()
+            member.leave(empty_table=False)  # a start-up that failed before the body: leave, keep the table
     finally:
         database.close()
-
-
-def _empty_table(store: EmbeddingStore) -> None:
-    try:
-        store.clear()
-        log.info("table_emptied", reason="cleanup-on-exit (keep the index with --no-cleanup "
-                                         "or \"cleanup-on-exit\": false)")
-    except Exception as exc:  # a dead database must not hide the original error
-        log.error("cleanup_failed", reason=str(exc))

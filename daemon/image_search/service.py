@@ -22,6 +22,7 @@ import structlog
 
 from .config import Config
 from . import sheet
+from .fleet import ClaimKind
 from .inbox import QueryInbox
 from .indexer import Indexer
 from .notify import Notifier, watchdog_interval
@@ -199,9 +200,10 @@ class Service:
                 raise RestartRequested("the embedded PostgreSQL is gone") from None
 
     def status_text(self) -> str:
+        fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
         return (f"{self.indexed} indexed, {len(self.images)} queued, {self.sync.removed} removed, "
                 f"{self.inbox.answered} searches answered, {self.inbox.failed} failed queries, "
-                f"{self.skipped} skipped files")
+                f"{self.skipped} skipped files{fleet}")
 
     # --- noticing ------------------------------------------------------------------------------
 
@@ -236,6 +238,8 @@ class Service:
             if not len(self.images):
                 self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
             return False
+        # Another service sharing the database may hold some: those come back after a lease.
+        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images)
         self._startup_backlog -= len(ready)
         try:
             summary = self._indexer.index_paths(ready)
@@ -243,6 +247,8 @@ class Service:
             for path in ready:
                 self.images.note(path)  # pending, not lost
             raise
+        finally:
+            self.rt.claims.release(ClaimKind.IMAGE, ready)
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked

@@ -174,10 +174,11 @@ class ReadinessTracker:
     """Paths waiting until they are complete: size and mtime unchanged for ``settle`` seconds, or a
     close-after-write event followed by a short ``closed_grace`` with no change.
 
-    Entries live in two queues, one per wait length (settle, closed grace), each kept in due order
-    (a refreshed entry moves to the end of its queue), so ``pop_ready`` only looks at the fronts and
-    costs nothing while files are still arriving. One queue would not do: a closed file noted after
-    a settling one is due first and must not wait behind it.
+    Entries live in three queues, one per wait length (settle, closed grace, and ``retry_after``: a
+    path another service holds, looked at again after a lease), each kept in due order (a refreshed
+    entry moves to the end of its queue), so ``pop_ready`` only looks at the fronts and costs nothing
+    while files are still arriving. One queue would not do: a closed file noted after a settling one
+    is due first and must not wait behind it.
     """
 
     def __init__(self, settle: float, *, clock: Callable[[], float], closed_grace: float = 0.05) -> None:
@@ -186,39 +187,51 @@ class ReadinessTracker:
         self.clock = clock
         self._settling: dict[Path, _Pending] = {}
         self._closed: dict[Path, _Pending] = {}
+        self._retrying: dict[Path, _Pending] = {}
+        self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
+
+    def _queues(self) -> tuple[dict[Path, _Pending], ...]:
+        return (self._settling, self._closed, self._retrying)
 
     def __len__(self) -> int:
-        return len(self._settling) + len(self._closed)
+        return sum(len(q) for q in self._queues())
 
     def __contains__(self, path: Path) -> bool:
-        return path in self._settling or path in self._closed
+        return any(path in q for q in self._queues())
 
     def _drop(self, path: Path) -> None:
-        self._settling.pop(path, None)
-        self._closed.pop(path, None)
+        for queue_ in self._queues():
+            queue_.pop(path, None)
 
-    def note(self, path: Path, *, closed: bool = False) -> None:
-        """A path was created, written or closed: (re)start its wait."""
+    def note(self, path: Path, *, closed: bool = False, retry_after: float | None = None) -> None:
+        """A path was created, written or closed: (re)start its wait. ``retry_after``: look at it again
+        only after that many seconds (always the same length, e.g. the fleet's lease)."""
         self._drop(path)
         try:
             st = path.stat()
         except OSError:
             return
-        wait = self.closed_grace if closed else self.settle
-        target = self._closed if closed else self._settling
+        if retry_after is not None:
+            if self._retry_wait not in (None, retry_after):
+                raise ValueError("one retry length per tracker: the retry queue must stay in due order")
+            self._retry_wait = retry_after
+            wait, target = retry_after, self._retrying
+        else:
+            wait = self.closed_grace if closed else self.settle
+            target = self._closed if closed else self._settling
         target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
 
     def forget(self, path: Path) -> None:
         self._drop(path)
 
     def forget_under(self, folder: Path) -> None:
-        for queue_ in (self._settling, self._closed):
+        for queue_ in self._queues():
             for path in [p for p in queue_ if p.is_relative_to(folder)]:
                 del queue_[path]
 
     def _front(self) -> tuple[Path, _Pending] | None:
         """The entry due first: the earlier of the two queue fronts."""
-        fronts = [next(iter(q.items())) for q in (self._closed, self._settling) if q]
+        fronts = [next(iter(q.items())) for q in (self._closed, self._settling, self._retrying) if q]
         return min(fronts, key=lambda item: item[1].due) if fronts else None
 
     def next_due(self) -> float | None:

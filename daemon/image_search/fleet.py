@@ -1,0 +1,184 @@
+"""Several services, one index: membership, heartbeat and work claims over the shared PostgreSQL.
+
+Every service registers itself as a member when it starts (``FleetMember.join``), renews a heartbeat
+from a thread of its own while it runs, and leaves at exit; the last live member to leave is the only
+one that may empty the table (cleanup-on-exit). Before a service reads a batch of images or answers a
+query it claims them (``WorkClaims.take``); what another live member holds is looked at again after a
+lease, when the other's row (or result) is there and costs nothing. A member that stops renewing (kill
+-9, host lost, network cut) is no longer live after the lease, and its claims are taken over.
+
+The SQL lives in ``store.py``; this module holds the threads, the timing and the log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+import structlog
+
+from .config import Config
+from .store import Database, DatabaseUnavailable, EmbeddingStore, FleetRegistry, LeaveResult, MemberInfo
+from .watch import ReadinessTracker
+
+log = structlog.get_logger(__name__)
+
+HEARTBEATS_PER_LEASE = 3  # a member is taken for dead only after missing about three renewals
+
+
+class FleetMember:
+    """This process as a member of the database's fleet, from ``join`` to ``leave``."""
+
+    def __init__(self, registry: FleetRegistry, member: MemberInfo, *, lease_s: float, live_members: int) -> None:
+        self.registry = registry
+        self.member = member
+        self.lease_s = lease_s
+        self.live_members = live_members  # refreshed by every heartbeat; read by the STATUS line
+        self._stop = threading.Event()
+        self._left = False
+        self._thread = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
+
+    @classmethod
+    def join(cls, cfg: Config, database: Database) -> FleetMember:
+        """Register (raising ``FleetMismatch`` if live members use another model or dimension), log the
+        fleet's size, and start the heartbeat."""
+        registry = FleetRegistry(database.connect)
+        try:
+            joined = registry.join(host=socket.gethostname(), pid=os.getpid(), model_name=cfg.model_name,
+                                   dimension=cfg.dimension, lease_s=cfg.member_lease_seconds)
+        except BaseException:
+            registry.close()
+            raise
+        member = cls(registry, joined.member, lease_s=cfg.member_lease_seconds, live_members=joined.live_members)
+        log.info("fleet_joined", members=joined.live_members, member_id=joined.member.id,
+                 shared_index=cfg.shared_index, lease_s=cfg.member_lease_seconds)
+        if joined.live_members > 1 and not cfg.shared_index:
+            log.warning("fleet_not_declared", members=joined.live_members,
+                        reason="other services use this database; they share the work, but say so with "
+                               "\"shared-index\": true")
+        member.start_heartbeat()
+        return member
+
+    def start_heartbeat(self) -> None:
+        self._thread.start()
+
+    def status_text(self) -> str:
+        """For the STATUS line: how many services are attached to this database (this one included)."""
+        return f"{self.live_members} member{'s' if self.live_members != 1 else ''}"
+
+    def _beat(self) -> None:
+        """Renew every lease/3 seconds until ``leave``. A failure is logged once, then retried quietly
+        (reconnecting) until it works again."""
+        failing = False
+        while not self._stop.wait(self.lease_s / HEARTBEATS_PER_LEASE):
+            try:
+                if failing:
+                    self.registry.reconnect()
+                self.live_members = self.registry.renew(self.member, self.lease_s)
+            except DatabaseUnavailable as exc:
+                if not failing:
+                    log.warning("fleet_heartbeat_failed", reason=str(exc),
+                                action=f"retrying; after {self.lease_s:g} s others take over this member's claims")
+                failing = True
+                continue
+            if failing:
+                log.info("fleet_heartbeat_restored", members=self.live_members)
+                failing = False
+
+    def leave(self, *, empty_table: bool) -> LeaveResult | None:
+        """Stop the heartbeat, drop this member and its claims, and empty the table if ``empty_table`` and
+        no other member is live. Idempotent; never raises (a dead database must not hide the exit's cause)."""
+        if self._left:
+            return None
+        self._left = True
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.lease_s)
+        try:
+            try:
+                result = self.registry.leave(self.member.id, self.lease_s, empty_table=empty_table)
+            except DatabaseUnavailable:
+                self.registry.reconnect()  # the heartbeat's connection may have broken meanwhile: once more
+                result = self.registry.leave(self.member.id, self.lease_s, empty_table=empty_table)
+        except Exception as exc:
+            log.error("fleet_leave_failed", reason=" ".join(str(exc).split()),
+                      consequence="the member row expires after the lease; the table was not emptied")
+            return None
+        finally:
+            self.registry.close()
+        log.info("fleet_left", members=result.live_members, member_id=self.member.id)
+        if result.emptied:
+            log.info("table_emptied", reason="cleanup-on-exit, and no other member is attached (keep the index "
+                                             "with --no-cleanup or \"cleanup-on-exit\": false)")
+        elif empty_table:
+            log.info("table_kept", members=result.live_members,
+                     reason=f"cleanup-on-exit, but {result.live_members} other member(s) still attached; "
+                            "the last one to stop empties it")
+        return result
+
+
+class ClaimKind(Enum):
+    """What a claim is for; the value prefixes the claimed path."""
+
+    IMAGE = "image"
+    QUERY = "query"
+
+
+class WorkClaims:
+    """Claims for this member's work through the store's connection (so an outage is the loop's
+    ``DatabaseUnavailable`` like any other). With no fleet member (tests that build a ``Runtime`` by
+    hand) every path is granted."""
+
+    def __init__(self, store: EmbeddingStore, member: FleetMember | None) -> None:
+        self.store = store
+        self.member = member
+        self._unreleased: list[str] = []  # releases that failed: retried with the next one
+
+    @staticmethod
+    def _item(kind: ClaimKind, path: Path) -> str:
+        return f"{kind.value}:{path}"
+
+    def take(self, kind: ClaimKind, paths: Sequence[Path], pending: ReadinessTracker) -> list[Path]:
+        """The paths of ``paths`` this member now holds, in order. Each path held by another live member
+        goes back into ``pending`` to be looked at again after a lease (by then the other has written its
+        row or moved its query away, or has died and lost its claim). During an outage every path goes
+        back into ``pending`` and ``DatabaseUnavailable`` is raised."""
+        if self.member is None or not paths:
+            return list(paths)
+        try:
+            granted = self.store.claim(self.member.member.id, (self._item(kind, p) for p in paths),
+                                       self.member.lease_s)
+        except DatabaseUnavailable:
+            for path in paths:
+                pending.note(path)
+            raise
+        mine: list[Path] = []
+        for path in paths:
+            if self._item(kind, path) not in granted:
+                pending.note(path, retry_after=self.member.lease_s)
+            elif path.exists():
+                mine.append(path)
+            else:
+                # Its holder finished and released it between our look and our claim (a query moved
+                # into its result folder): nothing left to do, and nothing to hold.
+                self._unreleased.append(self._item(kind, path))
+        return mine
+
+    def release(self, kind: ClaimKind, paths: Sequence[Path]) -> None:
+        """Give the claims back once the work is written. A failure is not the work's failure: the
+        release is retried with the next one, and leaving drops every claim anyway."""
+        if self.member is None:
+            return
+        items = self._unreleased + [self._item(kind, p) for p in paths]
+        if not items:
+            return
+        try:
+            self.store.release(self.member.member.id, items)
+            self._unreleased = []
+        except DatabaseUnavailable as exc:
+            self._unreleased = items
+            log.warning("claims_not_released", count=len(items), reason=str(exc), action="retried with the next release")

@@ -1,0 +1,350 @@
+"""Membership and claims in the store, in-process, against a real embedded PostgreSQL.
+
+Time is the database's: a member is made stale by moving its ``heartbeat_at`` back with plain SQL,
+not by sleeping, so no assertion depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+import pytest
+from structlog.testing import capture_logs
+
+from tests.support.files import write_config
+from tests.support.waiting import wait_for
+
+from image_search.config import load_config
+from image_search.fleet import ClaimKind, FleetMember, WorkClaims
+from image_search.store import (
+    FORGET_AFTER_LEASES,
+    Database,
+    DatabaseUnavailable,
+    EmbeddingRow,
+    EmbeddingStore,
+    FleetMismatch,
+    FleetRegistry,
+    LeaveResult,
+    MemberInfo,
+)
+from image_search.watch import ReadinessTracker
+
+DIM = 8
+MODEL = "test-model"
+LEASE = 30.0  # long: nothing here goes stale by itself; staleness is set by hand
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    db = Database(load_config(write_config(tmp_path_factory.mktemp("fleet-store"))))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def fetch_all(conn: psycopg2.extensions.connection, sql: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement in its own transaction on ``conn`` (closed after); its rows, if any."""
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
+    return fetch_all(database.connect(), sql, params)
+
+
+@pytest.fixture
+def registries(database: Database) -> Iterator[list[FleetRegistry]]:
+    """Fresh registries (one connection each, as each service has), over emptied fleet tables."""
+    made: list[FleetRegistry] = []
+    first = FleetRegistry(database.connect)
+    first.join(host="setup", pid=0, model_name=MODEL, dimension=DIM, lease_s=LEASE)  # creates the tables
+    raw(database, "TRUNCATE image_search_members, image_search_claims")
+    first.close()
+    try:
+        yield made
+    finally:
+        for r in made:
+            r.close()
+        raw(database, "TRUNCATE image_search_members, image_search_claims")
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[EmbeddingStore]:
+    s = database.open_store(dimension=DIM)
+    s.clear()
+    try:
+        yield s
+    finally:
+        s.clear()
+        s.close()
+
+
+def join(database: Database, made: list[FleetRegistry], *, model: str = MODEL, dim: int = DIM,
+         host: str = "host-a", pid: int = 1) -> MemberInfo:
+    registry = FleetRegistry(database.connect)
+    made.append(registry)
+    return registry.join(host=host, pid=pid, model_name=model, dimension=dim, lease_s=LEASE).member
+
+
+def make_stale(database: Database, member_id: int, leases: float = 2.0) -> None:
+    """The member stopped renewing ``leases`` leases ago (killed, host lost)."""
+    raw(database, "UPDATE image_search_members SET heartbeat_at = now() - make_interval(secs => %s) WHERE id = %s",
+        (LEASE * leases, member_id))
+
+
+def test_join_counts_live_members_and_forgets_only_the_long_dead(database: Database, registries) -> None:
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    assert [m.id for m in registries[0].live_members(LEASE)] == [a.id, b.id]
+    make_stale(database, a.id, leases=2)  # dead for a while, not long: kept (a paused process may come back)
+    make_stale(database, b.id, leases=FORGET_AFTER_LEASES + 1)  # long dead: forgotten by the next join
+    raw(database, "INSERT INTO image_search_claims (item, member_id) VALUES ('image:/x', %s), ('image:/y', %s)",
+        (a.id, b.id))
+    registry = FleetRegistry(database.connect)
+    registries.append(registry)
+    joined = registry.join(host="host-c", pid=3, model_name=MODEL, dimension=DIM, lease_s=LEASE)
+    assert joined.live_members == 1  # a is not live, b is gone
+    assert sorted(r[0] for r in raw(database, "SELECT id FROM image_search_members")) == sorted([a.id, joined.member.id])
+    assert raw(database, "SELECT item FROM image_search_claims") == [("image:/x",)]  # b's claim went with it
+
+
+@pytest.mark.parametrize(("model", "dim"), [("other-model", DIM), (MODEL, DIM * 2)], ids=["model", "dimension"])
+def test_a_live_member_with_another_model_or_dimension_refuses_the_join(database: Database, registries,
+                                                                         model: str, dim: int) -> None:
+    join(database, registries, host="gpu-1", pid=4242)
+    with pytest.raises(FleetMismatch) as info:
+        join(database, registries, model=model, dim=dim)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"'{model}' (dimension {dim})" in message  # this service's
+    assert f"'{MODEL}' (dimension {DIM}) on host gpu-1, pid 4242" in message  # the member's
+    assert "never mix" in message
+    assert len(raw(database, "SELECT id FROM image_search_members")) == 1  # not registered
+
+
+def test_a_dead_member_with_another_model_does_not_block_a_join(database: Database, registries) -> None:
+    old = join(database, registries, model="old-model")
+    make_stale(database, old.id)
+    assert join(database, registries).id != old.id
+
+
+def test_claims_one_holder_per_item_reclaim_release(database: Database, registries, store: EmbeddingStore) -> None:
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    assert store.claim(a.id, ["image:/1", "image:/2", "image:/2"], LEASE) == {"image:/1", "image:/2"}
+    assert store.claim(b.id, ["image:/2", "image:/3"], LEASE) == {"image:/3"}  # /2 is a's, a is live
+    assert store.claim(a.id, ["image:/1"], LEASE) == {"image:/1"}  # holding it already: still ours
+    assert store.claim(a.id, [], LEASE) == set()
+    store.release(a.id, ["image:/2", "image:/3"])  # /3 is b's: not a's to release
+    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {"image:/1": a.id,
+                                                                                      "image:/3": b.id}
+    assert store.claim(b.id, ["image:/2"], LEASE) == {"image:/2"}  # released: free for anyone
+
+
+def test_a_claim_whose_holder_stopped_renewing_is_taken_over(database: Database, registries,
+                                                             store: EmbeddingStore) -> None:
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    assert store.claim(a.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
+    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    registries[0].renew(a, LEASE)  # renewed: still a's
+    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    make_stale(database, a.id, leases=1.5)  # a stopped renewing a lease and a half ago
+    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
+    assert raw(database, "SELECT member_id FROM image_search_claims") == [(b.id,)]
+
+
+def test_claims_of_a_member_that_no_longer_exists_are_free(database: Database, registries,
+                                                           store: EmbeddingStore) -> None:
+    b = join(database, registries, pid=2)
+    raw(database, "INSERT INTO image_search_claims (item, member_id) VALUES ('image:/orphan', 999999)")
+    assert store.claim(b.id, ["image:/orphan"], LEASE) == {"image:/orphan"}
+
+
+def test_renew_keeps_a_member_live_and_brings_back_a_forgotten_one(database: Database, registries) -> None:
+    a = join(database, registries, pid=1)
+    make_stale(database, a.id, leases=2)
+    assert registries[0].live_members(LEASE) == []
+    assert registries[0].renew(a, LEASE) == 1
+    assert [m.id for m in registries[0].live_members(LEASE)] == [a.id]
+    raw(database, "DELETE FROM image_search_members")  # forgotten by someone's join while it was cut off
+    assert registries[0].renew(a, LEASE) == 1
+    assert raw(database, "SELECT id, host, pid, model_name, dimension FROM image_search_members") == [
+        (a.id, "host-a", 1, MODEL, DIM)]
+
+
+def _one_row(store: EmbeddingStore) -> None:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[0] = 1.0
+    store.upsert([EmbeddingRow(file_path="/img/a.png", file_name="a.png", file_hash="ha", processed_path="/p/a.jpg",
+                               source_size=1, source_mtime_ns=1, model_name=MODEL, embedding=vector)])
+
+
+def test_leave_drops_member_and_claims_and_empties_only_when_last(database: Database, registries,
+                                                                  store: EmbeddingStore) -> None:
+    _one_row(store)
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    dead = join(database, registries, pid=3)
+    make_stale(database, dead.id)  # a killed member does not keep the table
+    store.claim(a.id, ["image:/a"], LEASE)
+    store.claim(b.id, ["image:/b"], LEASE)
+
+    first = registries[0].leave(a.id, LEASE, empty_table=True)
+    assert (first.live_members, first.emptied) == (1, False)
+    assert store.count() == 1
+    assert raw(database, "SELECT item FROM image_search_claims") == [("image:/b",)]
+
+    last = registries[1].leave(b.id, LEASE, empty_table=True)
+    assert (last.live_members, last.emptied) == (0, True)
+    assert store.count() == 0
+    assert raw(database, "SELECT item FROM image_search_claims") == []
+    assert [r[0] for r in raw(database, "SELECT id FROM image_search_members")] == [dead.id]
+
+
+def test_leave_without_cleanup_keeps_the_table(database: Database, registries, store: EmbeddingStore) -> None:
+    _one_row(store)
+    a = join(database, registries)
+    assert registries[0].leave(a.id, LEASE, empty_table=False).emptied is False
+    assert store.count() == 1
+
+
+def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, registries,
+                                                            store: EmbeddingStore, tmp_path: Path) -> None:
+    """``WorkClaims.take``: granted paths come back in order; a path another live member holds waits a
+    lease in the tracker; a path gone by the time it is granted is dropped."""
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    paths = [tmp_path / f"{n}.png" for n in "abc"]
+    for p in paths:
+        p.write_bytes(b"x")
+    store.claim(a.id, [f"image:{paths[1]}"], LEASE)
+    now = [100.0]
+    tracker = ReadinessTracker(0.5, clock=lambda: now[0])
+    member = FleetMember(registries[1], b, lease_s=LEASE, live_members=2)
+    claims = WorkClaims(store, member)
+    paths[2].unlink()
+    assert claims.take(ClaimKind.IMAGE, paths, tracker) == [paths[0]]
+    assert paths[1] in tracker and tracker.next_due() == 100.0 + LEASE
+    now[0] += LEASE - 1
+    assert tracker.pop_ready(10) == []
+    now[0] += 1
+    assert tracker.pop_ready(10) == [paths[1]]
+    claims.release(ClaimKind.IMAGE, [paths[0]])
+    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {f"image:{paths[1]}": a.id}
+    # the same path as a query is another item
+    assert claims.take(ClaimKind.QUERY, [paths[1]], tracker) == [paths[1]]
+
+
+def test_work_claims_without_a_member_grant_everything(store: EmbeddingStore, tmp_path: Path) -> None:
+    tracker = ReadinessTracker(0.5, clock=lambda: 0.0)
+    paths = [tmp_path / "gone.png"]  # not even checked: no fleet, no claims
+    assert WorkClaims(store, None).take(ClaimKind.IMAGE, paths, tracker) == paths
+    assert len(tracker) == 0
+
+
+def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> None:
+    """Two services starting at once against a fresh database: the schema lock serialises the
+    CREATE ... IF NOT EXISTS statements that would otherwise collide in the catalogue."""
+    import threading
+
+    db = Database(load_config(write_config(tmp_path)))
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            registry = FleetRegistry(db.connect)
+            registry.join(host="h", pid=1, model_name=MODEL, dimension=DIM, lease_s=LEASE)
+            registry.close()
+            db.open_store(dimension=DIM).close()
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert raw(db, "SELECT count(*) FROM image_search_members") == [(4,)]
+    finally:
+        db.close()
+
+
+class FlakyRegistry:
+    """A registry whose first renewals fail as if the database had gone away."""
+
+    def __init__(self, failures: int, *, others_at_leave: int) -> None:
+        self.failures = failures
+        self.others_at_leave = others_at_leave
+        self.renewals = 0
+        self.reconnects = 0
+        self.left: list[bool] = []
+
+    def renew(self, member: MemberInfo, lease_s: float) -> int:
+        self.renewals += 1
+        if self.renewals <= self.failures:
+            raise DatabaseUnavailable("database error: server closed the connection unexpectedly")
+        return 2
+
+    def reconnect(self) -> None:
+        self.reconnects += 1
+
+    def leave(self, member_id: int, lease_s: float, *, empty_table: bool) -> LeaveResult:
+        self.left.append(empty_table)
+        return LeaveResult(self.others_at_leave, empty_table and self.others_at_leave == 0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back() -> None:
+    registry = FlakyRegistry(failures=3, others_at_leave=1)
+    member = FleetMember(registry, MemberInfo(7, "h", 1, MODEL, DIM), lease_s=0.03, live_members=1)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        member.start_heartbeat()
+        wait_for(lambda: member.live_members == 2, "the heartbeat back after three failures")
+        result = member.leave(empty_table=True)
+        assert member.leave(empty_table=True) is None  # idempotent: the second call does nothing
+    events = [e["event"] for e in logs]
+    assert events.count("fleet_heartbeat_failed") == 1
+    assert events.count("fleet_heartbeat_restored") == 1
+    assert registry.reconnects == 3  # each retry after a failure starts from a fresh connection
+    assert registry.left == [True]
+    assert result == LeaveResult(1, False)
+    kept = [e for e in logs if e["event"] == "table_kept"]
+    assert [e["members"] for e in kept] == [1] and "table_emptied" not in events
+
+
+def test_status_text_counts_the_members() -> None:
+    member = FleetMember(FlakyRegistry(0, others_at_leave=0), MemberInfo(1, "h", 1, MODEL, DIM),  # type: ignore[arg-type]
+                         lease_s=LEASE, live_members=1)
+    assert member.status_text() == "1 member"
+    member.live_members = 3
+    assert member.status_text() == "3 members"
+
+
+def test_a_path_waiting_a_lease_does_not_hold_back_files_noted_after_it(tmp_path: Path) -> None:
+    now = [0.0]
+    tracker = ReadinessTracker(0.5, clock=lambda: now[0])
+    held, fresh = tmp_path / "held-by-another.png", tmp_path / "fresh.png"
+    held.write_bytes(b"a")
+    fresh.write_bytes(b"b")
+    tracker.note(held, retry_after=LEASE)
+    tracker.note(fresh)
+    now[0] = 0.6
+    assert tracker.pop_ready(10) == [fresh]
+    assert held in tracker and len(tracker) == 1
+    now[0] = LEASE + 0.1
+    assert tracker.pop_ready(10) == [held]
+    with pytest.raises(ValueError):
+        tracker.note(held, retry_after=LEASE / 2)  # one length per tracker keeps that queue in due order
