@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support.db import empty_store
 from tests.support.files import write_config
 from tests.support.waiting import wait_for
 
@@ -78,13 +79,8 @@ def registries(database: Database) -> Iterator[list[FleetRegistry]]:
 
 @pytest.fixture
 def store(database: Database) -> Iterator[EmbeddingStore]:
-    s = database.open_store(dimension=DIM)
-    s.clear()
-    try:
+    with empty_store(database, DIM) as s:
         yield s
-    finally:
-        s.clear()
-        s.close()
 
 
 def join(database: Database, made: list[FleetRegistry], *, model: str = MODEL, dim: int = DIM,

@@ -89,6 +89,13 @@ class Story:
                 return
         raise AssertionError("the service loop did not become idle")
 
+    def let_settle_periods_pass(self, count: int) -> None:
+        """``count`` settle periods go by with nothing new: the loop looks at what is pending each time."""
+        for _ in range(count):
+            self.clock.advance(SETTLE + 0.01)
+            while self.service.step():
+                pass
+
     def rows(self) -> dict[str, Row]:
         return rows_by_path(database_rows(self.database))
 
@@ -287,10 +294,7 @@ def test_half_written_image_waits_and_is_indexed_once_complete(story_factory, tm
     target.write_bytes(data[: len(data) // 2])  # the writer paused longer than settle-seconds
     story.notice(Folder.IMAGES, ChangeKind.CLOSED, target)
     with capture_logs() as logs:
-        for _ in range(3):  # settle passes go by: truncated but recent, so deferred, not skipped
-            story.clock.advance(SETTLE + 0.01)
-            while story.service.step():
-                pass
+        story.let_settle_periods_pass(3)  # truncated but recent, so deferred, not skipped
         assert str(target) not in story.rows() and target in story.service.images
         with open(target, "ab") as fh:
             fh.write(data[len(data) // 2:])
@@ -393,10 +397,7 @@ def test_an_empty_text_file_waits_for_its_words(story_factory) -> None:
     query = story.inbox / "later.txt"
     query.touch()  # an editor creates the file, then writes it
     story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
-    for _ in range(3):
-        story.clock.advance(SETTLE + 0.01)
-        while story.service.step():
-            pass
+    story.let_settle_periods_pass(3)
     assert query.exists() and not (story.inbox / "failed").exists()
     query.write_text("a red bicycle", encoding="utf-8")
     story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
@@ -410,10 +411,7 @@ def test_half_written_query_is_answered_not_failed(story_factory, tmp_path) -> N
     query = story.inbox / "slow-q.png"
     query.write_bytes(data[:100])
     story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
-    for _ in range(3):
-        story.clock.advance(SETTLE + 0.01)
-        while story.service.step():
-            pass
+    story.let_settle_periods_pass(3)
     assert query.exists() and not (story.inbox / "failed").exists()
     query.write_bytes(data)
     story.notice(Folder.INBOX, ChangeKind.CLOSED, query)

@@ -9,6 +9,7 @@ import numpy as np
 import psycopg2
 import pytest
 
+from tests.support.db import empty_store
 from tests.support.files import write_config
 
 from image_search.config import load_config
@@ -49,13 +50,8 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 @pytest.fixture
 def store(database: Database) -> Iterator[EmbeddingStore]:
-    s = database.open_store(dimension=DIM)
-    s.clear()
-    try:
+    with empty_store(database, DIM) as s:
         yield s
-    finally:
-        s.clear()
-        s.close()
 
 
 def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import psycopg2
 import psycopg2.extensions
 
 from image_search.config import load_config
-from image_search.store import Database
+from image_search.store import Database, EmbeddingStore
 from tests.support.waiting import wait_for
 
 Row = dict[str, Any]
@@ -164,3 +165,15 @@ def stopped_server_rows(config_path: Path, columns: Sequence[str] = ROW_COLUMNS)
         return database_rows(database, columns)
     finally:
         database.close()
+
+
+@contextmanager
+def empty_store(database: Database, dimension: int) -> Iterator[EmbeddingStore]:
+    """A store on ``database`` with its table empty before and after the block (for store-level tests)."""
+    store = database.open_store(dimension=dimension)
+    store.clear()
+    try:
+        yield store
+    finally:
+        store.clear()
+        store.close()
