@@ -1,7 +1,7 @@
 """Runtime: the model, the open store and the exit-time cleanup, shared by every command.
 
 The model loads in a background thread (importing torch and transformers takes seconds) while the
-database starts and the folder is compared with the table; whoever first needs the model waits for it.
+folder is compared with the table; whoever first needs the model waits for it.
 ``open_runtime`` alone decides whether the table is emptied at exit.
 """
 
@@ -111,14 +111,13 @@ class Runtime:
 
 @contextmanager
 def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Iterator[Runtime]:
-    """Start loading the model, start or reach the database, open the store. At exit, close the store
+    """Start or reach the database, open the store, start loading the model. At exit, close the store
     and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
     but only after a run that had its model (a start-up error never costs the index), never when
     the block raised ``RestartRequested``, and never while another service sharing the database is
     still live (the last member to leave empties it)."""
     ensure_directories(cfg, with_inbox=with_inbox)
     started = time.monotonic()
-    loading = ModelLoading(cfg)
     database = Database(cfg)
     try:
         # Joining first: a service whose model differs from the running members' is told so before
@@ -127,6 +126,11 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         try:
             # The table is created once the model has confirmed the dimension; until then it is only read.
             store = database.open_store(dimension=cfg.dimension, create_table=False)
+            # The model starts loading once the database is up, not before: importing torch holds the
+            # GIL for long stretches, and starting it first slowed the database start and the rescan
+            # (2.0-2.5 s from process start to a done rescan of 2,000 unchanged files, against 1.6-1.9 s)
+            # for no earlier READY (about 12 s either way, measured here on 2 cores).
+            loading = ModelLoading(cfg)
             log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
                      members=member.live_members, duration_ms=round((time.monotonic() - started) * 1000))
 
