@@ -17,12 +17,12 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.support.db import fetch_all
 from tests.support.env import child_env
 from tests.support.files import find_bundle, inbox_files, save_picture, write_config
 from tests.support.notify import NotifyListener
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
-from tests.test_fleet_store import fetch_all
 
 from image_search.config import ConfigError, load_config
 

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psycopg2
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support.db import empty_store
+from tests.support.db import empty_store, raw
 from tests.support.files import write_config
 from tests.support.waiting import wait_for
 
@@ -45,20 +44,6 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
         yield db
     finally:
         db.close()
-
-
-def fetch_all(conn: psycopg2.extensions.connection, sql: str, params: tuple = ()) -> list[tuple]:
-    """Run one statement in its own transaction on ``conn`` (closed after); its rows, if any."""
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
-
-
-def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
-    return fetch_all(database.connect(), sql, params)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import psycopg2
 import pytest
 
-from tests.support.db import empty_store
+from tests.support.db import empty_store, raw
 from tests.support.files import write_config
 
 from image_search.config import load_config
@@ -52,16 +52,6 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 def store(database: Database) -> Iterator[EmbeddingStore]:
     with empty_store(database, DIM) as s:
         yield s
-
-
-def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(database.embedded.uri)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:

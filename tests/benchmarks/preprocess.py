@@ -283,10 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _section_run(bench) -> dict[str, object]:
     return run(images=int(bench.sizes["preprocess_images"]), rounds=int(bench.sizes["preprocess_rounds"]),
                work_dir=bench.cache)
@@ -311,3 +307,7 @@ def _section():  # built here, not at import, so that this file also runs on its
 
 
 SECTION = _section()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

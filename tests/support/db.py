@@ -177,3 +177,18 @@ def empty_store(database: Database, dimension: int) -> Iterator[EmbeddingStore]:
     finally:
         store.clear()
         store.close()
+
+
+def fetch_all(conn: psycopg2.extensions.connection, sql: str, params: tuple = ()) -> list[tuple]:
+    """Run one statement in its own transaction on ``conn`` (closed after); its rows, if any."""
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
+    """One statement on a fresh connection to ``database`` (a test's look behind the store)."""
+    return fetch_all(database.connect(), sql, params)
