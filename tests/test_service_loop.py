@@ -459,3 +459,15 @@ def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
     with capture_logs() as logs, pytest.raises(RestartRequested):
         story.service.run()
     assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == ["the watched images folder is gone"]
+
+
+def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:
+    """Torch and transformers take seconds to import: only the model-loading thread may import them, so
+    the database start and the rescan never wait for them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, image_search.cli, image_search.service, image_search.inbox, image_search.runtime; "
+            "print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
