@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from .config import Config
 from . import sheet
+from .config import Config
 from .fleet import ClaimKind
 from .inbox import QueryInbox
 from .indexer import Indexer
