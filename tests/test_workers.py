@@ -159,7 +159,7 @@ def reference(path: Path, model_input=None) -> PreprocessedFile | PreprocessErro
         return exc
     return PreprocessedFile(path=path, jpeg_bytes=prepared.jpeg_bytes, file_hash=prepared.file_hash,
                             width=prepared.width, height=prepared.height, source_width=prepared.source_width,
-                            source_height=prepared.source_height,
+                            source_height=prepared.source_height, thumbnail_jpeg=prepared.thumbnail_jpeg,
                             pixels=None if model_input is None else model_input(prepared.image))
 
 
@@ -171,6 +171,7 @@ def assert_same(actual: PreprocessedFile | PreprocessError, expected: Preprocess
     assert actual.path == expected.path
     assert actual.file_hash == expected.file_hash
     assert actual.jpeg_bytes == expected.jpeg_bytes
+    assert actual.thumbnail_jpeg == expected.thumbnail_jpeg
     assert (actual.width, actual.height, actual.source_width, actual.source_height) == (
         expected.width, expected.height, expected.source_width, expected.source_height)
     if expected.pixels is None:

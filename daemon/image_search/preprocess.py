@@ -62,17 +62,24 @@ class IncompleteFile(PreprocessError):
 
 
 @dataclass(frozen=True, eq=False)
-class PreparedImage:
-    """A normalised image in memory: the RGB pixels for the model and the JPEG bytes that identify it."""
+class ProcessedImage:
+    """What is stored for a source: the processed JPEG, whose MD5 is its identity, its sizes and the
+    contact sheet's thumbnail. Plain bytes and numbers: cheap to send between processes."""
 
-    image: Image.Image = field(repr=False)
     jpeg_bytes: bytes = field(repr=False)
     file_hash: str
     width: int
     height: int
     source_width: int
     source_height: int
-    thumbnail_jpeg: bytes = field(repr=False, default=b"")
+    thumbnail_jpeg: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage(ProcessedImage):
+    """A normalised image in memory: what is stored, plus the RGB pixels for the model."""
+
+    image: Image.Image = field(repr=False)
 
 
 def md5_hex(data: bytes) -> str:
@@ -256,13 +263,15 @@ def thumbnail_path_for(processed: Path) -> Path:
     return processed.with_name(f".{processed.name}.thumb.jpg")
 
 
-def save_processed(prepared: PreparedImage, path: Path) -> None:
-    """Store the processed JPEG (unless an identical one is already there) and its thumbnail."""
-    if prepared.thumbnail_jpeg:
-        write_atomically(thumbnail_path_for(path), prepared.thumbnail_jpeg)
+def save_processed(prepared: ProcessedImage, path: Path) -> None:
+    """Store the processed JPEG and its thumbnail, unless identical ones are already there (a relink or a
+    rescan of unchanged content writes nothing)."""
     try:
-        if path.stat().st_size == len(prepared.jpeg_bytes) and md5_hex(path.read_bytes()) == prepared.file_hash:
-            return
+        unchanged = path.stat().st_size == len(prepared.jpeg_bytes) and md5_hex(path.read_bytes()) == prepared.file_hash
     except OSError:
-        pass
-    write_atomically(path, prepared.jpeg_bytes)
+        unchanged = False
+    thumbnail = thumbnail_path_for(path)
+    if not (unchanged and thumbnail.is_file()):
+        write_atomically(thumbnail, prepared.thumbnail_jpeg)
+    if not unchanged:
+        write_atomically(path, prepared.jpeg_bytes)

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import IncompleteFile, PreprocessError, preprocess_image
+from .preprocess import IncompleteFile, PreprocessError, ProcessedImage, preprocess_image
 
 # The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
 # a top-level, picklable callable, since it is sent to every worker.
@@ -84,24 +84,15 @@ class PreprocessSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class PreprocessedFile:
+class PreprocessedFile(ProcessedImage):
     """A normalised file, ready for the store and the model; picklable, no PIL object inside.
 
-    ``jpeg_bytes``, ``file_hash`` and the sizes are exactly those of ``preprocess_image``; ``pixels`` is
-    ``model_input(image)`` on the normalised RGB image, or None when the pool has no ``model_input``.
-    The fields keep PreparedImage's names on purpose, so code that reads those (``save_processed``, the
-    indexer's batch logic) takes either.
+    The stored part is exactly ``preprocess_image``'s; ``pixels`` is ``model_input(image)`` on the
+    normalised RGB image, or None when the pool has no ``model_input``.
     """
 
     path: Path
-    jpeg_bytes: bytes = field(repr=False)
-    file_hash: str
-    width: int
-    height: int
-    source_width: int
-    source_height: int
     pixels: np.ndarray | None = field(default=None, repr=False)
-    thumbnail_jpeg: bytes = field(default=b"", repr=False)
 
 
 Outcome = PreprocessedFile | PreprocessError
@@ -127,17 +118,8 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFil
     """
     prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels)
     pixels = settings.model_input(prepared.image) if settings.model_input is not None else None
-    return PreprocessedFile(
-        path=Path(path),
-        jpeg_bytes=prepared.jpeg_bytes,
-        file_hash=prepared.file_hash,
-        width=prepared.width,
-        height=prepared.height,
-        source_width=prepared.source_width,
-        source_height=prepared.source_height,
-        pixels=pixels,
-        thumbnail_jpeg=prepared.thumbnail_jpeg,
-    )
+    stored = {f.name: getattr(prepared, f.name) for f in fields(ProcessedImage)}
+    return PreprocessedFile(path=Path(path), pixels=pixels, **stored)
 
 
 def default_worker_count() -> int:
