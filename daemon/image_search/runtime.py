@@ -123,6 +123,8 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         # Joining first: a service whose model differs from the running members' is told so before
         # anything else about the table is checked. Model name and dimension come from the config.
         member = FleetMember.join(cfg, database)
+        loading: ModelLoading | None = None
+        restarting = False
         try:
             # The table is created once the model has confirmed the dimension; until then it is only read.
             store = database.open_store(dimension=cfg.dimension, create_table=False)
@@ -133,17 +135,15 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
             loading = ModelLoading(cfg)
             log.info("store_ready", rows=store.count(), embedded_database=cfg.embedded_database,
                      members=member.live_members, duration_ms=round((time.monotonic() - started) * 1000))
-
-            restarting = False
             try:
                 yield Runtime(cfg, store, loading.result, fleet=member)
             except RestartRequested:
                 restarting = True
                 raise
             finally:
-                member.leave(empty_table=cleanup and loading.loaded and not restarting)
                 store.close()
         finally:
-            member.leave(empty_table=False)  # a start-up that failed before the body: leave, keep the table
+            # A start-up that failed (no store, no model) leaves and keeps the table.
+            member.leave(empty_table=cleanup and loading is not None and loading.loaded and not restarting)
     finally:
         database.close()
