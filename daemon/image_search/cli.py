@@ -22,9 +22,8 @@ from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .preprocess import PreprocessError
 from .runtime import ExitCode, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
-from .search import SearchResult, search_image, search_text
+from .search import search_file, search_text
 from .store import StoreError
-from .textquery import is_text_query, read_text_query
 
 log = structlog.get_logger("image_search")
 
@@ -73,13 +72,6 @@ def _query_failed(path: Path, reason: str) -> None:
     print(f"failed {path}: {reason}", file=sys.stderr)
 
 
-def _search_file(rt: Runtime, query: Path) -> SearchResult:
-    """A picture is searched by its looks, a ``.txt`` file by its words (it stays where it is)."""
-    if is_text_query(query):
-        return search_text(read_text_query(query), cfg=rt.cfg, embedder=rt.model(), store=rt.store, source_path=query)
-    return search_image(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store)
-
-
 def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = ()) -> ExitCode:
     """Search with each file, then each text; print each result folder. Returns the exit code (FAILED if
     any query failed)."""
@@ -91,7 +83,7 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
             status = ExitCode.FAILED
             continue
         try:
-            print(_search_file(rt, query).bundle)
+            print(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle)
         except PreprocessError as exc:
             _query_failed(exc.path, exc.reason)
             status = ExitCode.FAILED

@@ -19,9 +19,9 @@ from .errors import NoTextTower
 from .fleet import ClaimKind
 from .preprocess import PreprocessError, write_atomically
 from .runtime import Runtime
-from .search import search_image, search_text
+from .search import search_file
 from .store import DatabaseUnavailable
-from .textquery import is_text_query, read_text_query
+from .textquery import is_text_query
 from .watch import Change, ChangeKind, ReadinessTracker, still_being_written
 
 log = structlog.get_logger(__name__)
@@ -95,13 +95,8 @@ class QueryInbox:
             self.fail(path, f"not a supported query type '{path.suffix or path.name}': drop a picture "
                             f"({supported_formats_for_people()}) or a .txt file of words")
             return
-        cfg, store = self.rt.cfg, self.rt.store
         try:
-            if is_text_query(path):
-                search_text(read_text_query(path), cfg=cfg, embedder=self.rt.model(), store=store, source_path=path,
-                            move_query=True)
-            else:
-                search_image(path, cfg=cfg, embedder=self.rt.model(), store=store, move_query=True)
+            search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True)
         except NoTextTower as exc:
             self.fail(path, str(exc))
             return

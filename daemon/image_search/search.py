@@ -15,6 +15,7 @@ from .config import Config
 from .output import ImageQuery, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .store import EmbeddingStore, Hit
+from .textquery import is_text_query, read_text_query
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
@@ -68,3 +69,13 @@ def _log_answer(hits: list[Hit], bundle: Path, started: float, **query: str) -> 
         log.info("search_answered", best=hits[0].file_path, similarity=round(hits[0].similarity, 4), **fields)
     else:
         log.warning("search_empty_index", detail="the index holds no images yet: the ranking is empty", **fields)
+
+
+def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
+                move_query: bool = False) -> SearchResult:
+    """A query file: a picture is searched by its looks, a ``.txt`` file by its words. Raises
+    PreprocessError (or TextQueryError) for a bad file, NoTextTower for words a model cannot read."""
+    if is_text_query(path):
+        return search_text(read_text_query(path), cfg=cfg, embedder=embedder, store=store, source_path=path,
+                           move_query=move_query)
+    return search_image(path, cfg=cfg, embedder=embedder, store=store, move_query=move_query)
