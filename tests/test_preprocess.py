@@ -20,11 +20,11 @@ from PIL import Image, ImageDraw, features
 from image_search.preprocess import (
     PreparedImage,
     PreprocessError,
-    md5_hex,
     preprocess_image,
     processed_path_for,
     thumbnail_path_for,
     save_processed,
+    source_identity,
 )
 
 BOX = (256, 256)
@@ -63,7 +63,7 @@ def assert_well_formed(prepared: PreparedImage) -> None:
     """The invariants every successful result must hold."""
     assert prepared.image.mode == "RGB"
     assert prepared.image.size == (prepared.width, prepared.height)
-    assert prepared.file_hash == hashlib.md5(prepared.jpeg_bytes).hexdigest()
+    assert len(prepared.file_hash) == 32 and set(prepared.file_hash) <= set("0123456789abcdef")  # an MD5
     assert decoded(prepared).size == prepared.image.size
 
 
@@ -636,8 +636,7 @@ def test_apple_png_and_apple_webp_both_survive_save_processed(tmp_path):
     assert png_path != webp_path
     assert png_path.exists() and webp_path.exists()
     assert png.file_hash != webp.file_hash
-    assert md5_hex(png_path.read_bytes()) == png.file_hash
-    assert md5_hex(webp_path.read_bytes()) == webp.file_hash
+    assert png_path.read_bytes() == png.jpeg_bytes and webp_path.read_bytes() == webp.jpeg_bytes
     with Image.open(png_path) as a, Image.open(webp_path) as b:
         assert_colour(a.convert("RGB").getpixel((16, 16)), RED)
         assert_colour(b.convert("RGB").getpixel((16, 16)), GREEN)
@@ -648,32 +647,40 @@ def test_apple_png_and_apple_webp_both_survive_save_processed(tmp_path):
         assert_colour(thumb.convert("RGB").getpixel((16, 16)), GREEN)
 
 
-def test_file_hash_is_the_md5_of_the_written_processed_jpeg_and_is_deterministic(tmp_path):
+def test_file_hash_is_the_md5_of_the_source_bytes_and_is_deterministic(tmp_path):
     src = tmp_path / "images"
     src.mkdir()
     source = src / "photo.jpg"
     quadrant_jpeg(source, size=(640, 480), orientation=6)
     first = prep(source)
     second = prep(source)
-    assert first.file_hash == second.file_hash
+    assert first.file_hash == second.file_hash == hashlib.md5(source.read_bytes()).hexdigest()
     assert first.jpeg_bytes == second.jpeg_bytes
-    assert first.file_hash == hashlib.md5(first.jpeg_bytes).hexdigest()
     for run, out in (("run1", tmp_path / "p1"), ("run2", tmp_path / "p2")):
         target = processed_path_for(source, src, out)
         save_processed(first if run == "run1" else second, target)
-        assert hashlib.md5(target.read_bytes()).hexdigest() == first.file_hash
+        assert target.read_bytes() == first.jpeg_bytes
     # a copy of the file elsewhere, under another name, has the same identity
     copy = tmp_path / "copy-of-photo.jpeg"
     copy.write_bytes(source.read_bytes())
     assert prep(copy).file_hash == first.file_hash
 
 
-def test_file_hash_differs_for_different_pictures_and_boxes(tmp_path):
+def test_file_hash_is_the_source_s_alone_whatever_the_box_or_the_decode(tmp_path):
+    """Identity follows the file, not what one decoder and one box made of it: a GPU decode or another
+    resize-width gives other processed pixels but the same file_hash (no duplicate, no re-embedding)."""
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     two_colour((300, 200)).save(a)
     two_colour((300, 200), left=BLUE).save(b)
     assert prep(a).file_hash != prep(b).file_hash
-    assert prep(a, box=(256, 256)).file_hash != prep(a, box=(128, 128)).file_hash
+    small, large = prep(a, box=(128, 128)), prep(a, box=(256, 256))
+    assert small.jpeg_bytes != large.jpeg_bytes
+    assert small.file_hash == large.file_hash == source_identity(a.read_bytes())
+    # the same pixels in another file are another source (metadata, container and encoder all count)
+    c = tmp_path / "c.png"
+    two_colour((300, 200)).save(c, compress_level=1)
+    assert a.read_bytes() != c.read_bytes()
+    assert prep(c).file_hash != prep(a).file_hash
 
 
 def test_save_processed_is_atomic_and_skips_identical_content(tmp_path):
@@ -689,7 +696,7 @@ def test_save_processed_is_atomic_and_skips_identical_content(tmp_path):
     # different content at the same path is replaced
     target.write_bytes(b"stale")
     save_processed(prepared, target)
-    assert md5_hex(target.read_bytes()) == prepared.file_hash
+    assert target.read_bytes() == prepared.jpeg_bytes
     leftovers = [p.name for p in target.parent.iterdir() if p not in (target, thumbnail_path_for(target))]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 

