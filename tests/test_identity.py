@@ -15,7 +15,7 @@ from image_search.embed import Embedder
 from image_search.indexer import Indexer
 from image_search.store import IDENTITY, Database
 from image_search.sync import compare_folder, migrate_identities
-from tests.support.db import database_rows, raw
+from tests.support.db import database_rows, make_legacy_identity, raw
 from tests.support.files import save_picture, write_config
 from tests.support.model import TINY_DIMENSION
 
@@ -47,16 +47,6 @@ def rows(database: Database) -> dict[str, dict]:
     return {r["file_path"]: r for r in database_rows(database, COLUMNS) or []}
 
 
-def make_it_an_old_database(database: Database) -> dict[str, str]:
-    """What an earlier version left: no identity marker, each file_hash the MD5 of the processed JPEG.
-    Returns file_path -> that old hash."""
-    raw(database, "DROP TABLE image_search_meta")
-    old = {path: md5_of(row["processed_path"]) for path, row in rows(database).items()}
-    for path, file_hash in old.items():
-        raw(database, "UPDATE image_embeddings SET file_hash = %s WHERE file_path = %s", (file_hash, path))
-    return old
-
-
 def test_a_new_table_holds_source_md5s_and_is_marked_as_such(library) -> None:
     cfg, database, store, _ = library
     for path, row in rows(database).items():
@@ -68,7 +58,7 @@ def test_a_new_table_holds_source_md5s_and_is_marked_as_such(library) -> None:
 
 def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library) -> None:
     cfg, database, store, indexer = library
-    old_hashes = make_it_an_old_database(database)
+    old_hashes = make_legacy_identity(database)
     before = rows(database)
     assert store.needs_identity_migration()
     images = cfg.source_directory
@@ -105,7 +95,7 @@ def test_a_rehashed_database_relinks_a_copy_without_model_work(library) -> None:
     """After the migration the identity is the one the indexer computes: a copy of a migrated picture is
     a duplicate, a touched one is relinked; neither is embedded again."""
     cfg, database, store, indexer = library
-    make_it_an_old_database(database)
+    make_legacy_identity(database)
     compare_folder(cfg, store)
     images = cfg.source_directory
     (images / "copy-of-p3.png").write_bytes((images / "p3.png").read_bytes())
@@ -123,7 +113,7 @@ def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     """An old database could hold the same bytes twice (processed with another box before): after the
     migration they would share one identity, so one row stays."""
     cfg, database, store, _ = library
-    make_it_an_old_database(database)
+    make_legacy_identity(database)
     images = cfg.source_directory
     twin = images / "p5-twin.png"
     twin.write_bytes((images / "p5.png").read_bytes())

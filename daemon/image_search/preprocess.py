@@ -241,8 +241,9 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) 
 
 
 def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
-    small = rgb.copy()
-    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    # fit_inside, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with the same function.
+    target = fit_inside(rgb.size, (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0) if target != rgb.size else rgb
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
     return buffer.getvalue()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -192,3 +193,20 @@ def fetch_all(conn: psycopg2.extensions.connection, sql: str, params: tuple = ()
 def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
     """One statement on a fresh connection to ``database`` (a test's look behind the store)."""
     return fetch_all(database.connect(), sql, params)
+
+
+def make_legacy_identity(database: Database) -> dict[str, str]:
+    """Turn the table into what an earlier version left: no identity marker, each ``file_hash`` the MD5
+    of the row's processed JPEG. Returns file_path -> that old hash."""
+    fetch_all(database.connect(), "DROP TABLE IF EXISTS image_search_meta")
+    paths = fetch_all(database.connect(), "SELECT file_path, processed_path FROM image_embeddings")
+    old = {path: hashlib.md5(Path(processed).read_bytes()).hexdigest() for path, processed in paths}
+    conn = database.connect()
+    try:
+        with conn, conn.cursor() as cur:
+            for path, file_hash in old.items():
+                cur.execute("UPDATE image_embeddings SET file_hash = %s WHERE file_path = %s", (file_hash, path))
+    finally:
+        conn.close()
+    return old
+
