@@ -60,6 +60,9 @@ class Config:
     # A member whose heartbeat is older than this is taken for dead: its claims are taken over and it
     # no longer counts when the last one decides whether cleanup-on-exit empties the table.
     member_lease_seconds: float = 30.0
+    # With the model on CUDA: decode plain JPEGs on the GPU (nvJPEG) in batches; false keeps every
+    # decode on the CPU workers. Either way a file gets the same identity (the MD5 of its bytes).
+    gpu_jpeg_decode: bool = True
 
     @property
     def embedded_database(self) -> bool:

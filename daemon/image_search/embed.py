@@ -170,9 +170,16 @@ class Embedder:
             return self.embed_pixels(np.stack([to_model_pixels(image, spec) for image in images]))
         return self._in_passes(len(images), lambda start, stop: self._input.from_images(images[start:stop]))
 
-    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
+    def embed_pixel_rows(self, rows: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """``embed_pixels`` of pictures given one by one: (height, width, 3) uint8 arrays from the CPU
+        workers, tensors already on the device from the batched JPEG decoder, or both mixed."""
+        if all(isinstance(row, np.ndarray) for row in rows):
+            return self.embed_pixels(np.stack(rows))  # type: ignore[arg-type]
+        return self.embed_pixels(torch.stack([torch.as_tensor(row).to(self.device) for row in rows]))
+
+    def embed_pixels(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed pictures already at the model's size (``pixels.to_model_pixels``): an (n, height, width, 3)
-        uint8 array in, an (n, dimension) float32 array of unit vectors out.
+        uint8 array (or tensor, on any device) in, an (n, dimension) float32 array of unit vectors out.
 
         Forward passes hold up to ``max_batch`` pictures, whatever ``n`` is. On a CUDA out-of-memory
         error the pass is split and the smaller size is kept for later passes, instead of dying.
@@ -181,12 +188,13 @@ class Embedder:
             raise RuntimeError(f"model '{self.info.name}' has an image processor pixels.py does not mirror: "
                                "use embed_images")
         width, height = self.pixel_spec.output_size
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (height, width, 3):
+        if batch.dtype not in (np.uint8, torch.uint8) or batch.ndim != 4 or tuple(batch.shape[1:]) != (height, width, 3):
             raise ValueError(f"embed_pixels takes (n, {height}, {width}, 3) uint8 pictures, "
-                             f"not {batch.dtype} {batch.shape}")
+                             f"not {batch.dtype} {tuple(batch.shape)}")
         if len(batch) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        batch = np.ascontiguousarray(batch)
+        if isinstance(batch, np.ndarray):
+            batch = np.ascontiguousarray(batch)
         return self._in_passes(len(batch), lambda start, stop: self._input.from_pixels(batch[start:stop]))
 
     def _in_passes(self, count: int, model_input: Callable[[int, int], torch.Tensor]) -> np.ndarray:
@@ -316,14 +324,15 @@ class _ModelInput:
         std = torch.tensor(spec.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
         return cls(device, dtype, spec, processor, mean, std)
 
-    def from_pixels(self, batch: np.ndarray) -> torch.Tensor:
+    def from_pixels(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> normalised (n, 3, H, W) in the model's dtype. The uint8 batch (a quarter
         of the float bytes) is what crosses to the GPU, from pinned memory, without blocking; rescale
-        and normalisation run there, in float32 as the processors compute them."""
+        and normalisation run there, in float32 as the processors compute them. A tensor already on
+        the device (decoded there) does not move."""
         assert self.spec is not None and self.mean is not None and self.std is not None
-        uint8 = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            uint8 = uint8.pin_memory().to(self.device, non_blocking=True)
+        uint8 = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
+        if uint8.device != self.device:
+            uint8 = (uint8.pin_memory() if self.device.type == "cuda" else uint8).to(self.device, non_blocking=True)
         pixels = uint8.permute(0, 3, 1, 2).to(torch.float32)
         return ((pixels * self.spec.rescale - self.mean) / self.std).to(self.dtype).contiguous()
 

@@ -6,7 +6,9 @@ only its path updated (a rename, a touch, a copy) - no model work. Only new cont
 
 Decoding, orienting, fitting, JPEG encoding, hashing and the model's own resize and crop run in
 worker processes (``workers.PreprocessPool``), so this thread only stacks the uint8 pixels, runs the
-model and writes rows; the next batch is prepared while the current one is embedded.
+model and writes rows; the next batch is prepared while the current one is embedded. With the model
+on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``); the other
+files still take the workers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from tqdm import tqdm
@@ -30,10 +32,11 @@ from .pixels import to_model_pixels
 from .preprocess import PreprocessError, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
-from .workers import BatchHandle, ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
+from .workers import ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
+    from .gpudecode import GpuJpegReader
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +68,12 @@ class IndexSummary:
                 "skipped": len(self.skipped)}
 
 
+class PreparingBatch(Protocol):
+    """A batch handed to the reader (``workers.BatchHandle``, ``gpudecode``'s batches): its outcomes."""
+
+    def results(self) -> Sequence[PreprocessedFile | PreprocessError]: ...
+
+
 @dataclass(frozen=True)
 class _Candidate:
     path: Path
@@ -76,7 +85,11 @@ class Indexer:
     """Indexes source files of one config into one store with one embedder."""
 
     def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore, *, workers: int | None = None,
-                 defer: Callable[[Path, PreprocessError], bool] | None = None) -> None:
+                 defer: Callable[[Path, PreprocessError], bool] | None = None,
+                 jpeg_decode_device: str | None = "auto") -> None:
+        """``jpeg_decode_device``: where plain JPEGs are decoded in batches. "auto": the model's CUDA
+        device when config key 'gpu-jpeg-decode' allows, else nowhere (the CPU workers decode every
+        file); None: nowhere; "cpu" or "cuda": there (the tests run the batched path on "cpu")."""
         self.cfg = cfg
         # The service's test for "this file is still being written": such a file is deferred, not skipped.
         self.defer = defer
@@ -89,8 +102,30 @@ class Indexer:
                                 else cfg.batch_size)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
                                     model_input=model_input_for(embedder), workers=workers)
+        self._reader: PreprocessPool | GpuJpegReader = self._pool
+        device = self._jpeg_device(jpeg_decode_device)
+        if device is not None:
+            from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
+
+            assert embedder.pixel_spec is not None
+            self._reader = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
+                                           threads=self._pool.worker_count or 1) or self._pool
+
+    def _jpeg_device(self, requested: str | None) -> str | None:
+        if self.embedder.pixel_spec is None:  # the model's own processor wants PIL images on the host
+            return None
+        if requested == "auto":
+            return str(self.embedder.device) if self.embedder.device.type == "cuda" and self.cfg.gpu_jpeg_decode else None
+        return requested
+
+    @property
+    def decoded_on_device(self) -> int:
+        """Files decoded by the batched JPEG decoder so far (0 when every file took the CPU workers)."""
+        return getattr(self._reader, "decoded_on_device", 0)
 
     def close(self) -> None:
+        if self._reader is not self._pool:
+            self._reader.close()
         self._pool.close()
 
     def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
@@ -102,15 +137,15 @@ class Indexer:
         paths = list(paths)
         known = self.store.sources(str(p) for p in paths)  # only these rows, never the whole table
         summary = IndexSummary()
-        in_flight: tuple[list[_Candidate], BatchHandle] | None = None
+        in_flight: tuple[list[_Candidate], PreparingBatch] | None = None
 
-        def finish(batch: list[_Candidate], preparing: BatchHandle) -> None:
+        def finish(batch: list[_Candidate], preparing: PreparingBatch) -> None:
             summary.merge(self._finish_batch(batch, preparing.results()))
             if progress:
                 progress(len(batch))
 
         for batch in self._changed_batches(paths, known, summary, progress):
-            preparing = self._pool.submit([c.path for c in batch])
+            preparing = self._reader.submit([c.path for c in batch])
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = (batch, preparing)
@@ -194,10 +229,10 @@ class Indexer:
             log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
         return summary
 
-    def _embed(self, pixels: list[np.ndarray | None]) -> np.ndarray:
-        if self.embedder.pixel_spec is not None:  # the workers made the model's input: stack, upload, run
-            return self.embedder.embed_pixels(np.stack(pixels))  # type: ignore[arg-type]
-        return self.embedder.embed_images([Image.fromarray(p) for p in pixels])  # type: ignore[arg-type]
+    def _embed(self, pixels: list[Any]) -> np.ndarray:
+        if self.embedder.pixel_spec is not None:  # the model's input is made: stack, upload, run
+            return self.embedder.embed_pixel_rows(pixels)
+        return self.embedder.embed_images([Image.fromarray(p) for p in pixels])
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -88,11 +89,12 @@ class PreprocessedFile(ProcessedImage):
     """A normalised file, ready for the store and the model; picklable, no PIL object inside.
 
     The stored part is exactly ``preprocess_image``'s; ``pixels`` is ``model_input(image)`` on the
-    normalised RGB image, or None when the pool has no ``model_input``.
+    normalised RGB image, or None when the pool has no ``model_input``. (``gpudecode`` makes these
+    too, its ``pixels`` a tensor on the device: ``Any`` here, since this module never imports torch.)
     """
 
     path: Path
-    pixels: np.ndarray | None = field(default=None, repr=False)
+    pixels: np.ndarray | Any | None = field(default=None, repr=False)
 
 
 Outcome = PreprocessedFile | PreprocessError

@@ -1,0 +1,322 @@
+"""Batched JPEG decoding on the GPU (nvJPEG, through torchvision), for an indexer whose model runs on CUDA.
+
+Camera JPEGs are most of a photo library, and decoding them is most of the CPU's share of an ingest
+(issue 8: about 80 images/s on 16 cores, against 2,000 a second that ViT-L/14 embeds). Here threads
+read and hash a batch (file reads and MD5 release the GIL), nvJPEG decodes it in one call, and the
+orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder)
+and the model's input are all made on the device. Only the bytes to store come back to the host; the
+model's input stays there for ``Embedder.embed_pixels``.
+
+Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline or progressive, 8 bits, three
+components in YCbCr, one picture (not MPO), complete (ending in EOI), within the pixel limit. Anything
+else, and any file nvJPEG refuses, takes the CPU path (``workers.PreprocessPool``) as it is, with its
+reasons and messages. The two paths make slightly different pixels (another IDCT, another resampler:
+see the README), so the identity is taken from neither: it is the MD5 of the file's bytes on both
+(``preprocess.source_identity``), and a GPU host, a CPU host and a fallback agree on every file.
+
+The same code runs on ``device="cpu"`` (torchvision's libjpeg-turbo decoder), which is how the tests
+prove it on a machine without a GPU; the indexer uses it only on CUDA, where it is the fast path.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .pixels import PixelSpec, crop_box, resize_target
+from .preprocess import (
+    JPEG_QUALITY,
+    THUMBNAIL_QUALITY,
+    THUMBNAIL_SIZE,
+    fit_inside,
+    source_identity,
+)
+from .workers import Outcome, PreprocessedFile, PreprocessPool
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
+# what the project chose (DEVELOPERS.md) and what this module is tested against.
+warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # noqa: E402
+
+log = structlog.get_logger(__name__)
+
+# Pictures decoded at once: a 12-megapixel picture is 36 MB decoded and 144 MB as float while it is
+# resized, so a chunk bounds the device memory (about 1.2 GB decoded) whatever the read batch is.
+DECODE_CHUNK = 32
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+# Huffman-coded baseline, extended sequential, progressive: what nvJPEG decodes. The other SOF
+# markers (lossless, hierarchical, arithmetic coding) take the CPU path.
+_PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True, eq=False)
+class PlainJpeg:
+    """A file read for the batched decoder: its bytes, identity and what the decode needs to know."""
+
+    path: Path
+    data: bytearray = field(repr=False)  # writable: torch wraps it without a copy
+    file_hash: str
+    width: int
+    height: int
+    orientation: int
+
+
+def _frame_header(data: bytes | bytearray) -> tuple[int, int, int, int, int, bool] | None:
+    """(SOF marker, precision, height, width, components, Adobe RGB) from the markers before the
+    first frame header, or None when the markers do not read as a JPEG's."""
+    if data[:2] != _SOI:
+        return None
+    adobe_rgb = False
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker in _FRAME_MARKERS:
+            seg = data[i + 4:i + 10]
+            if len(seg) < 6:
+                return None
+            return (marker, seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5],
+                    adobe_rgb)
+        if marker == 0xEE and data[i + 4:i + 9] == b"Adobe" and length >= 12:
+            adobe_rgb = data[i + 15] == 0  # transform 0: the components are RGB, not YCbCr
+        if marker == 0xDA:  # a scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def read_plain_jpeg(path: Path, *, max_pixels: int) -> PlainJpeg | None:
+    """Read ``path`` and return it when the batched decoder makes of it what the CPU path would; None
+    for anything else (the CPU path then decides, with its own reasons). Never raises for a file."""
+    try:
+        with open(path, "rb") as handle:
+            data = bytearray(handle.read())
+    except OSError:
+        return None
+    if not data.endswith(_EOI):  # cut short (still being written) or trailing bytes: the CPU path knows
+        return None
+    header = _frame_header(data)
+    if header is None:
+        return None
+    marker, precision, height, width, components, adobe_rgb = header
+    if (marker not in _PLAIN_FRAMES or precision != 8 or components != 3 or adobe_rgb
+            or width * height == 0 or width * height > max_pixels):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
+            # Pillow names a JPEG with more pictures (an MPF index) MPO: one picture, chosen by the CPU path.
+            if im.format != "JPEG" or im.mode != "RGB" or im.size != (width, height):
+                return None
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # anything Pillow does not like is the CPU path's to name
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1
+    return PlainJpeg(Path(path), data, source_identity(data), width, height, orientation)
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (3, H, W) picture turned as EXIF ``orientation`` says (what Pillow's ``exif_transpose`` does)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip((-2, -1))
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, k=-1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:
+        return torch.rot90(image, k=1, dims=(-2, -1))
+    return image
+
+
+def resize(image: torch.Tensor, size: tuple[int, int], *, bilinear: bool = False) -> torch.Tensor:
+    """A (3, H, W) uint8 picture resized to ``size`` (width, height), antialiased (Pillow's filters'
+    support, as torch's ``antialias=True`` computes them), rounded back to uint8."""
+    width, height = size
+    if (image.shape[-1], image.shape[-2]) == (width, height):
+        return image
+    scaled = F.interpolate(image[None].float(), size=(height, width), mode="bilinear" if bilinear else "bicubic",
+                           antialias=True, align_corners=False)
+    return scaled[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+class BatchedJpegDecoder:
+    """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
+    model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
+
+    def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec) -> None:
+        self.device = torch.device(device)
+        self.max_size = max_size
+        self.spec = spec
+
+    def check(self) -> str | None:
+        """None when this device decodes and encodes JPEGs, else why not (one line)."""
+        probe = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 30, 30)).save(probe, format="JPEG")
+        try:
+            [picture] = self._decode([bytearray(probe.getvalue())])
+            self._encode([picture], JPEG_QUALITY)
+        except Exception as exc:  # no nvJPEG in this build, a driver without it...
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
+
+    def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
+        """One result per file, in order; None for a file the decoder refused (the CPU path takes it)."""
+        out: list[PreprocessedFile | None] = []
+        for start in range(0, len(files), DECODE_CHUNK):
+            out.extend(self._prepare_chunk(files[start:start + DECODE_CHUNK]))
+        return out
+
+    def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
+        decoded = self._decode_each([f.data for f in files])
+        fitted: list[torch.Tensor] = []
+        kept: list[int] = []
+        for index, (source, picture) in enumerate(zip(files, decoded)):
+            if picture is None or tuple(picture.shape) != (3, source.height, source.width):
+                continue
+            upright = orient(picture, source.orientation)
+            size = (upright.shape[-1], upright.shape[-2])
+            fitted.append(resize(upright, fit_inside(size, self.max_size)).contiguous())
+            kept.append(index)
+        if not fitted:
+            return [None] * len(files)
+        thumbnails = [resize(p, fit_inside((p.shape[-1], p.shape[-2]), (THUMBNAIL_SIZE, THUMBNAIL_SIZE))).contiguous()
+                      for p in fitted]
+        jpegs = self._encode(fitted, JPEG_QUALITY)
+        thumbs = self._encode(thumbnails, THUMBNAIL_QUALITY)
+        model_inputs = torch.stack([self._model_input(p) for p in fitted])
+        out: list[PreprocessedFile | None] = [None] * len(files)
+        for row, index in enumerate(kept):
+            source, picture = files[index], fitted[row]
+            out[index] = PreprocessedFile(
+                path=source.path, jpeg_bytes=jpegs[row], file_hash=source.file_hash, width=picture.shape[-1],
+                height=picture.shape[-2], source_width=source.width, source_height=source.height,
+                thumbnail_jpeg=thumbs[row], pixels=model_inputs[row])
+        return out
+
+    def _model_input(self, picture: torch.Tensor) -> torch.Tensor:
+        """The model's input from the fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``)."""
+        spec = self.spec
+        resized = resize(picture, resize_target((picture.shape[-1], picture.shape[-2]), spec),
+                         bilinear=spec.resample == Image.Resampling.BILINEAR)
+        box = crop_box((resized.shape[-1], resized.shape[-2]), spec)
+        if box is not None:
+            left, top, right, bottom = box
+            resized = resized[:, top:bottom, left:right]
+        return resized.permute(1, 2, 0)
+
+    def _decode(self, data: Sequence[bytearray]) -> list[torch.Tensor]:
+        encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
+        if self.device.type == "cuda":
+            # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's:
+            # memory freed by queued work can be overwritten before that work runs (pytorch/vision PR
+            # 9606, reproduced on H100s). Draining the caller's stream first avoids it.
+            torch.cuda.current_stream(self.device).synchronize()
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+
+    def _decode_each(self, data: Sequence[bytearray]) -> list[torch.Tensor | None]:
+        """The whole chunk in one call; when that fails (one odd file fails the call), file by file."""
+        try:
+            return list(self._decode(data))
+        except RuntimeError:
+            pass
+        out: list[torch.Tensor | None] = []
+        for one in data:
+            try:
+                out.append(self._decode([one])[0])
+            except RuntimeError:
+                out.append(None)
+        return out
+
+    def _encode(self, pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the encoder's stream, likewise (PR 8929)
+        return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
+
+
+class _GpuBatch:
+    """One submitted batch: its files are being read by threads; ``results`` decodes what is plain on the
+    device and hands the rest to the CPU workers, merging both in the order of the paths."""
+
+    def __init__(self, reader: GpuJpegReader, paths: Sequence[Path], reads: list[Future[PlainJpeg | None]]) -> None:
+        self._reader = reader
+        self.paths = tuple(Path(p) for p in paths)
+        self._reads = reads
+
+    def results(self) -> list[Outcome]:
+        plain = [read.result() for read in self._reads]
+        on_cpu = [i for i, source in enumerate(plain) if source is None]
+        # The CPU workers start on the odd files while the device decodes the plain ones.
+        cpu_batch = self._reader.pool.submit([self.paths[i] for i in on_cpu]) if on_cpu else None
+        on_device = [i for i, source in enumerate(plain) if source is not None]
+        decoded = self._reader.decoder.prepare([plain[i] for i in on_device])  # type: ignore[misc]
+        outcomes: list[Outcome | None] = [None] * len(self.paths)
+        refused = []
+        for i, result in zip(on_device, decoded):
+            if result is None:
+                refused.append(i)
+            outcomes[i] = result
+        if refused:
+            for i, outcome in zip(refused, self._reader.pool.submit([self.paths[i] for i in refused]).results()):
+                outcomes[i] = outcome
+        if cpu_batch is not None:
+            for i, outcome in zip(on_cpu, cpu_batch.results()):
+                outcomes[i] = outcome
+        self._reader.decoded_on_device += len(on_device) - len(refused)
+        return outcomes  # type: ignore[return-value]  # every index was filled
+
+
+class GpuJpegReader:
+    """The indexer's reader on a device: ``submit(paths)`` like ``PreprocessPool.submit``, plain JPEGs
+    decoded by ``decoder``, everything else by ``pool``. At most two batches' bytes are held (the one
+    being decoded and the next one being read), as with the pool."""
+
+    def __init__(self, pool: PreprocessPool, decoder: BatchedJpegDecoder, *, threads: int) -> None:
+        self.pool = pool
+        self.decoder = decoder
+        self.decoded_on_device = 0
+        self._threads = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="jpeg-read")
+        self._read: Callable[[Path], PlainJpeg | None] = (
+            lambda path: read_plain_jpeg(path, max_pixels=pool.settings.max_pixels))
+
+    def submit(self, paths: Sequence[Path]) -> _GpuBatch:
+        return _GpuBatch(self, paths, [self._threads.submit(self._read, Path(p)) for p in paths])
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+
+
+def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: PixelSpec,
+                    threads: int) -> GpuJpegReader | None:
+    """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why)."""
+    decoder = BatchedJpegDecoder(device, max_size=pool.settings.max_size, spec=spec)
+    problem = decoder.check()
+    if problem is not None:
+        log.warning("gpu_jpeg_decode_unavailable", device=str(device), reason=problem,
+                    detail="JPEGs are decoded by the CPU workers")
+        return None
+    log.info("gpu_jpeg_decode", device=str(device), chunk=DECODE_CHUNK)
+    return GpuJpegReader(pool, decoder, threads=threads)

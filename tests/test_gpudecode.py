@@ -1,0 +1,242 @@
+"""The batched JPEG decoder (gpudecode.py), run here on torchvision's CPU decoder: the same code the
+indexer runs on CUDA. Which files it takes, that it makes what the CPU path makes (orientation, size,
+the model's input), that a file it refuses costs nothing, and that the identity never depends on it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_search.config import load_config
+from image_search.embed import Embedder
+from image_search.gpudecode import BatchedJpegDecoder, open_gpu_reader, read_plain_jpeg
+from image_search.indexer import Indexer
+from image_search.pixels import PixelSpec, to_model_pixels
+from image_search.preprocess import preprocess_image, source_identity
+from image_search.store import Database
+from image_search.workers import PreprocessedFile, PreprocessPool
+from tests.support.db import database_rows
+from tests.support.files import write_config
+from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG
+from tests.support.model import TINY_DIMENSION
+
+LIMIT = 178_956_970
+BOX = (512, 512)
+CLIP_224 = PixelSpec.from_processor_config({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224},
+                                            "crop_size": {"height": 224, "width": 224}})
+JINA_512 = PixelSpec.from_processor_config(JINA_CLIP_V2_PREPROCESSOR_CONFIG)
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth structure plus mild noise, like a photograph (pure noise would make JPEG meaningless)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * (seed + 3) // 7) % 256, (y // 3 + seed * 40) % 256, ((x + 2 * y) // 9) % 256], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+def save_jpeg(path: Path, size=(900, 600), *, seed: int = 0, orientation: int = 1, **options) -> Path:
+    im = photo(size, seed)
+    exif = im.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, format="JPEG", quality=90, exif=exif, **options)
+    return path
+
+
+def decode_one(path: Path, spec: PixelSpec = CLIP_224, box=BOX) -> PreprocessedFile | None:
+    source = read_plain_jpeg(path, max_pixels=LIMIT)
+    assert source is not None, f"{path.name} should be taken by the batched decoder"
+    [result] = BatchedJpegDecoder("cpu", max_size=box, spec=spec).prepare([source])
+    return result
+
+
+def pixels_of(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+# --- which files it takes ---------------------------------------------------------------------------
+
+
+def test_plain_baseline_and_progressive_jpegs_are_taken_with_their_identity(tmp_path) -> None:
+    for name, options in (("baseline.jpg", {}), ("progressive.jpg", {"progressive": True}),
+                          ("rotated.jpg", {})):
+        path = save_jpeg(tmp_path / name, orientation=6 if name == "rotated.jpg" else 1, **options)
+        source = read_plain_jpeg(path, max_pixels=LIMIT)
+        assert source is not None, name
+        assert source.file_hash == source_identity(path.read_bytes())
+        assert (source.width, source.height) == (900, 600)
+        assert source.orientation == (6 if name == "rotated.jpg" else 1)
+
+
+def test_everything_else_is_left_to_the_cpu_path(tmp_path) -> None:
+    """Whatever the CPU path would decode differently or refuse with a reason of its own."""
+    good = save_jpeg(tmp_path / "good.jpg")
+    data = good.read_bytes()
+    cases = {
+        "truncated.jpg": data[: len(data) * 2 // 3],  # still being written: no EOI yet
+        "empty.jpg": b"",
+        "not-an-image.jpg": b"just some text, not a picture\xff\xd9",
+        "png-named-jpg.jpg": None,
+        "grey.jpg": None,
+        "cmyk.jpg": None,
+        "too-large.jpg": None,
+    }
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+    photo((40, 30)).save(tmp_path / "png-named-jpg.jpg", format="PNG")
+    photo((40, 30)).convert("L").save(tmp_path / "grey.jpg", format="JPEG")
+    Image.new("CMYK", (40, 30), (0, 200, 30, 0)).save(tmp_path / "cmyk.jpg", format="JPEG")
+    save_jpeg(tmp_path / "too-large.jpg", size=(300, 200))
+    for name in cases:
+        limit = 300 * 200 - 1 if name == "too-large.jpg" else LIMIT
+        assert read_plain_jpeg(tmp_path / name, max_pixels=limit) is None, name
+    assert read_plain_jpeg(tmp_path / "missing.jpg", max_pixels=LIMIT) is None
+
+
+def test_a_multi_picture_jpeg_is_left_to_the_cpu_path(tmp_path) -> None:
+    path = tmp_path / "stereo.jpg"
+    photo((320, 240), 1).save(path, format="MPO", save_all=True, append_images=[photo((320, 240), 2)])
+    with Image.open(path) as im:
+        assert im.format == "MPO"
+    assert read_plain_jpeg(path, max_pixels=LIMIT) is None
+
+
+# --- what it makes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_comes_out_as_on_the_cpu_path(tmp_path, orientation) -> None:
+    path = save_jpeg(tmp_path / f"o{orientation}.jpg", size=(1200, 800), orientation=orientation)
+    gpu = decode_one(path)
+    cpu = preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
+    assert gpu is not None
+    assert (gpu.width, gpu.height) == (cpu.width, cpu.height)
+    assert (gpu.source_width, gpu.source_height) == (cpu.source_width, cpu.source_height) == (1200, 800)
+    assert gpu.file_hash == cpu.file_hash
+    # Another decoder and resampler: the same picture to within JPEG noise, never a turned or mirrored one.
+    difference = np.abs(pixels_of(gpu.jpeg_bytes) - np.asarray(cpu.image, dtype=np.int16))
+    assert difference.mean() < 3.0, difference.mean()
+    model = np.abs(gpu.pixels.numpy().astype(np.int16) - to_model_pixels(cpu.image, CLIP_224).astype(np.int16))
+    assert gpu.pixels.shape == (224, 224, 3) and model.mean() < 1.5, model.mean()
+
+
+def test_the_model_input_follows_jina_clip_v2s_processor(tmp_path) -> None:
+    """jina's shortest-edge 512 bicubic resize and its half-to-even centre crop, from the same fitted picture."""
+    path = save_jpeg(tmp_path / "wide.jpg", size=(1600, 900), seed=4)
+    gpu = decode_one(path, JINA_512, box=(1024, 1024))
+    cpu = preprocess_image(path, max_size=(1024, 1024), max_pixels=LIMIT)
+    assert gpu is not None and gpu.pixels.shape == (512, 512, 3)
+    expected = to_model_pixels(cpu.image, JINA_512).astype(np.int16)
+    assert np.abs(gpu.pixels.numpy().astype(np.int16) - expected).mean() < 1.5
+
+
+def test_the_thumbnail_is_sized_as_on_the_cpu_path(tmp_path) -> None:
+    path = save_jpeg(tmp_path / "tall.jpg", size=(601, 1003), seed=2)
+    gpu = decode_one(path)
+    cpu = preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
+    assert gpu is not None
+    with Image.open(io.BytesIO(gpu.thumbnail_jpeg)) as a, Image.open(io.BytesIO(cpu.thumbnail_jpeg)) as b:
+        assert a.size == b.size and max(a.size) == 256
+
+
+def test_a_file_the_decoder_refuses_costs_only_that_file(tmp_path) -> None:
+    """A JPEG whose markers read well but whose data does not decode fails the chunk's one call; the chunk
+    is then decoded file by file and only that file comes back as None (for the CPU path)."""
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    broken = bytearray(paths[1].read_bytes())
+    start = broken.index(b"\xff\xda")  # the start of the scan
+    broken[start + 2:start + 4] = b"\x00\x02"  # a scan header too short to be one
+    paths[1].write_bytes(bytes(broken))
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    assert all(s is not None for s in sources)
+    results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).prepare(sources)
+    assert results[1] is None
+    assert results[0] is not None and results[2] is not None
+    assert [r.path for r in (results[0], results[2])] == [paths[0], paths[2]]
+
+
+def test_the_decoder_checks_its_device_before_it_is_used() -> None:
+    assert BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).check() is None
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1) is not None
+        if not torch_cuda_available():
+            # No GPU: asking for one answers "not here" (one log line), not a crash.
+            assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1) is None
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- through the indexer ------------------------------------------------------------------------------
+
+
+def mixed_folder(images: Path) -> dict[str, bool]:
+    """name -> whether it is indexed; the plain JPEGs are the ones the batched decoder takes."""
+    for i in range(5):
+        save_jpeg(images / f"plain{i}.jpg", size=(700 + 40 * i, 500), seed=i, orientation=1 + i)
+    save_jpeg(images / "progressive.jpg", size=(640, 480), seed=7, progressive=True)
+    photo((300, 200), 8).save(images / "drawing.png")
+    Image.new("CMYK", (200, 150), (0, 200, 30, 0)).save(images / "print.jpg", format="JPEG")
+    whole = save_jpeg(images / "cut.jpg", size=(600, 400), seed=9).read_bytes()
+    (images / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (images / "notes.jpg").write_bytes(b"not a picture at all")
+    return {"plain0.jpg": True, "plain1.jpg": True, "plain2.jpg": True, "plain3.jpg": True, "plain4.jpg": True,
+            "progressive.jpg": True, "drawing.png": True, "print.jpg": True, "cut.jpg": False, "notes.jpg": False}
+
+
+@pytest.fixture
+def two_trees(tmp_path: Path, tiny_model_dir: Path):
+    """The same files in two trees, each with its own embedded PostgreSQL."""
+    trees = []
+    for name in ("cpu", "batched"):
+        root = tmp_path / name
+        cfg = load_config(write_config(root, tiny_model_dir, batch_size=4, resize_width=512, resize_height=512))
+        expected = mixed_folder(cfg.source_directory)
+        trees.append((cfg, Database(cfg)))
+    embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+    yield trees, embedder, expected
+    for _, database in trees:
+        database.close()
+
+
+def test_batched_decoding_indexes_what_the_cpu_path_indexes_with_the_same_identities(two_trees) -> None:
+    (cpu_cfg, cpu_db), (gpu_cfg, gpu_db) = two_trees[0]
+    embedder, expected = two_trees[1], two_trees[2]
+    summaries, rows = [], []
+    for cfg, database, device in ((cpu_cfg, cpu_db, None), (gpu_cfg, gpu_db, "cpu")):
+        store = database.open_store(dimension=TINY_DIMENSION)
+        indexer = Indexer(cfg, embedder, store, workers=1, jpeg_decode_device=device)
+        try:
+            summaries.append((indexer.index_folder(show_progress=False), indexer.decoded_on_device))
+        finally:
+            indexer.close()
+            store.close()
+        found = database_rows(database, ("file_name", "file_hash", "embedding::real[] AS embedding")) or []
+        rows.append({r["file_name"]: r for r in found})
+    (cpu_summary, cpu_on_device), (gpu_summary, gpu_on_device) = summaries
+    assert cpu_on_device == 0 and gpu_on_device == 6  # five plain JPEGs and the progressive one
+    assert sorted(rows[0]) == sorted(rows[1]) == sorted(n for n, ok in expected.items() if ok)
+    # Refusals: the same files, the same reasons, word for word.
+    assert sorted((p.name, r) for p, r in cpu_summary.skipped) == sorted((p.name, r) for p, r in gpu_summary.skipped)
+    assert sorted(p.name for p, _ in gpu_summary.skipped) == ["cut.jpg", "notes.jpg"]
+    for name in rows[0]:
+        assert rows[0][name]["file_hash"] == rows[1][name]["file_hash"], name
+        a, b = (np.asarray(r[name]["embedding"], dtype=np.float32) for r in rows)
+        assert float(a @ b) > 0.99, name  # the same picture to the model, within decoder noise
+    # The processed copies exist on both paths, at the same sizes.
+    for name in rows[0]:
+        with Image.open(cpu_cfg.processed_directory / f"{name}.jpg") as a, \
+                Image.open(gpu_cfg.processed_directory / f"{name}.jpg") as b:
+            assert a.size == b.size, name
