@@ -84,6 +84,20 @@ def test_embed_pixels_takes_model_sized_uint8_in_passes_of_max_batch(embedder: E
         embedder.embed_pixels(batch[:, :16])
 
 
+def test_pixels_decoded_on_the_device_embed_as_host_pixels_do(embedder: Embedder) -> None:
+    """The batched JPEG decoder hands over tensors on the model's device, the CPU workers numpy arrays,
+    one batch may hold both: each gives the vector its pixels give."""
+    assert embedder.pixel_spec is not None
+    rows = [to_model_pixels(im, embedder.pixel_spec) for im in _pictures()]
+    expected = embedder.embed_pixels(np.stack(rows))
+    np.testing.assert_allclose(embedder.embed_pixels(torch.from_numpy(np.stack(rows))), expected, atol=1e-6)
+    mixed = [torch.from_numpy(r) if i % 2 else r for i, r in enumerate(rows)]
+    np.testing.assert_allclose(embedder.embed_pixel_rows(mixed), expected, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_pixel_rows(rows), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        embedder.embed_pixels(torch.from_numpy(np.stack(rows)).float())
+
+
 def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(embedder: Embedder, monkeypatch) -> None:
     images = _pictures()
     expected = embedder.embed_images(images)

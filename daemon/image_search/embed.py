@@ -330,9 +330,12 @@ class _ModelInput:
         and normalisation run there, in float32 as the processors compute them. A tensor already on
         the device (decoded there) does not move."""
         assert self.spec is not None and self.mean is not None and self.std is not None
-        uint8 = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
-        if uint8.device != self.device:
-            uint8 = (uint8.pin_memory() if self.device.type == "cuda" else uint8).to(self.device, non_blocking=True)
+        if isinstance(batch, np.ndarray):
+            uint8 = torch.from_numpy(batch)
+            if self.device.type == "cuda":
+                uint8 = uint8.pin_memory().to(self.device, non_blocking=True)
+        else:
+            uint8 = batch.to(self.device)  # no copy when it is there already ("cuda" and "cuda:0" alike)
         pixels = uint8.permute(0, 3, 1, 2).to(torch.float32)
         return ((pixels * self.spec.rescale - self.mean) / self.std).to(self.dtype).contiguous()
 
