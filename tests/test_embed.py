@@ -91,7 +91,7 @@ def test_pixels_decoded_on_the_device_embed_as_host_pixels_do(embedder: Embedder
     rows = [to_model_pixels(im, embedder.pixel_spec) for im in _pictures()]
     expected = embedder.embed_pixels(np.stack(rows))
     np.testing.assert_allclose(embedder.embed_pixels(torch.from_numpy(np.stack(rows))), expected, atol=1e-6)
-    mixed = [torch.from_numpy(r) if i % 2 else r for i, r in enumerate(rows)]
+    mixed = [torch.from_numpy(r.copy()) if i % 2 else r for i, r in enumerate(rows)]
     np.testing.assert_allclose(embedder.embed_pixel_rows(mixed), expected, atol=1e-6)
     np.testing.assert_allclose(embedder.embed_pixel_rows(rows), expected, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
