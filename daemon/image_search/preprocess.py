@@ -104,17 +104,22 @@ def source_identity_of_file(path: Path) -> str:
         return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
+def unreadable_reason(exc: OSError, expected: str) -> str:
+    """Why a file the user dropped could not be read, in their words (``expected``: what it should be)."""
+    if isinstance(exc, FileNotFoundError):
+        return "file disappeared before it could be read"
+    if isinstance(exc, IsADirectoryError):
+        return f"is a folder, not {expected}"
+    return f"cannot read file ({exc.strerror or exc})"
+
+
 def read_source(path: Path) -> bytes:
     """A source file's bytes, read once (hashed and decoded from the same bytes, never read twice), or
     PreprocessError naming why it cannot be read; an empty file is ``IncompleteFile``."""
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PreprocessError(path, "file disappeared before it could be read") from None
-    except IsADirectoryError:
-        raise PreprocessError(path, "is a directory, not an image file") from None
     except OSError as exc:
-        raise PreprocessError(path, f"cannot read file ({exc.strerror})") from None
+        raise PreprocessError(path, unreadable_reason(exc, "an image file")) from None
     if not data:
         raise IncompleteFile(path, "empty file (0 bytes)")
     return data

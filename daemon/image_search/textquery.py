@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .preprocess import IncompleteFile, PreprocessError
+from .preprocess import IncompleteFile, PreprocessError, unreadable_reason
 
 # Extensions (lower case) of files that are text queries rather than pictures.
 TEXT_QUERY_EXTENSIONS: tuple[str, ...] = (".txt",)
@@ -41,12 +41,8 @@ def read_text_query(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_TEXT_QUERY_BYTES + 1)  # never read more than the limit and one byte
-    except FileNotFoundError:
-        raise TextQueryError(path, "file disappeared before it could be read") from None
-    except IsADirectoryError:
-        raise TextQueryError(path, "is a folder, not a text file") from None
     except OSError as exc:
-        raise TextQueryError(path, f"cannot read file ({exc.strerror or exc})") from None
+        raise TextQueryError(path, unreadable_reason(exc, "a text file")) from None
     if not data:
         raise EmptyTextQuery(path, "empty file (0 bytes): write the words to search for in it")
     if len(data) > MAX_TEXT_QUERY_BYTES:
