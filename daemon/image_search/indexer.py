@@ -102,14 +102,14 @@ class Indexer:
                                 else cfg.batch_size)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
                                     model_input=model_input_for(embedder), workers=workers)
-        self._reader: PreprocessPool | GpuJpegReader = self._pool
+        self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
         device = self._jpeg_device(jpeg_decode_device)
         if device is not None:
             from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
 
             assert embedder.pixel_spec is not None
-            self._reader = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
-                                           threads=self._pool.worker_count or 1) or self._pool
+            self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
+                                        threads=self._pool.worker_count or 1)
 
     def _jpeg_device(self, requested: str | None) -> str | None:
         if self.embedder.pixel_spec is None:  # the model's own processor wants PIL images on the host
@@ -121,11 +121,11 @@ class Indexer:
     @property
     def decoded_on_device(self) -> int:
         """Files decoded by the batched JPEG decoder so far (0 when every file took the CPU workers)."""
-        return getattr(self._reader, "decoded_on_device", 0)
+        return self._gpu.decoded_on_device if self._gpu is not None else 0
 
     def close(self) -> None:
-        if self._reader is not self._pool:
-            self._reader.close()
+        if self._gpu is not None:
+            self._gpu.close()
         self._pool.close()
 
     def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
@@ -145,7 +145,7 @@ class Indexer:
                 progress(len(batch))
 
         for batch in self._changed_batches(paths, known, summary, progress):
-            preparing = self._reader.submit([c.path for c in batch])
+            preparing = (self._gpu or self._pool).submit([c.path for c in batch])
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = (batch, preparing)

@@ -67,7 +67,7 @@ def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int
     todo: list[SourceRecord] = []
     for path, record in known.items():
         st = stat_or_none(Path(path))
-        if st is not None and st.st_size == record.source_size and st.st_mtime_ns == record.source_mtime_ns:
+        if st is not None and is_unchanged(record, st, record.model_name):
             todo.append(record)
 
     def rehash(record: SourceRecord) -> tuple[str, str | None]:
@@ -88,7 +88,7 @@ def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int
     return found
 
 
-def migrate_identities(store: EmbeddingStore, *, threads: int | None = None) -> int:
+def migrate_identities(store: EmbeddingStore) -> int:
     """Once per database: give the rows of an earlier version (identity = MD5 of the processed JPEG)
     today's identity (MD5 of the source bytes) by reading each unchanged source once, with no decoding
     and no model work. Rows whose source changed or vanished keep their old hash: the rescan re-indexes
@@ -99,7 +99,7 @@ def migrate_identities(store: EmbeddingStore, *, threads: int | None = None) -> 
     known = store.sources()
     log.info("identity_migration_started", rows=len(known),
              detail="file_hash becomes the MD5 of each source file (read once, nothing is re-embedded)")
-    new_hashes = _hashes_of_unchanged_sources(known, threads=threads or default_worker_count())
+    new_hashes = _hashes_of_unchanged_sources(known, threads=default_worker_count())
     rewritten = store.migrate_identities(new_hashes)
     log.info("identity_migrated", rows=len(known), rewritten=rewritten, left_to_rescan=len(known) - len(new_hashes),
              duration_ms=round((time.monotonic() - started) * 1000))
