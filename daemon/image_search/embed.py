@@ -175,7 +175,9 @@ class Embedder:
         workers, tensors already on the device from the batched JPEG decoder, or both mixed."""
         if all(isinstance(row, np.ndarray) for row in rows):
             return self.embed_pixels(np.stack(rows))  # type: ignore[arg-type]
-        return self.embed_pixels(torch.stack([torch.as_tensor(row).to(self.device) for row in rows]))
+        # torch.tensor copies a worker's array (read-only: it came through a pipe) instead of aliasing it.
+        return self.embed_pixels(torch.stack([(row if isinstance(row, torch.Tensor) else torch.tensor(row)).to(self.device)
+                                              for row in rows]))
 
     def embed_pixels(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embed pictures already at the model's size (``pixels.to_model_pixels``): an (n, height, width, 3)
