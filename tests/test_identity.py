@@ -128,3 +128,31 @@ def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     assert hashes.count(md5_of(twin)) == 1
     assert len(hashes) == 6
     assert np.unique(hashes).size == len(hashes)
+
+
+def test_a_file_renamed_or_moved_while_nothing_watched_keeps_its_row(library) -> None:
+    """Found again by its identity (same size, then the MD5 of its bytes): the row, its embedding and its
+    processed copy follow the file, with no decoding and no model work, where the rescan used to drop
+    the row and embed the file again."""
+    cfg, database, store, indexer = library
+    before = rows(database)
+    images = cfg.source_directory
+    (images / "trip").mkdir()
+    (images / "p0.jpg").rename(images / "trip" / "beach.jpg")
+    (images / "p1.png").rename(images / "renamed.png")
+    (images / "p2.jpg").unlink()
+    save_picture(images / "new.png", seed=42, size=(120, 90))
+
+    state = compare_folder(cfg, store)
+
+    assert state.renamed == 2
+    assert state.changed == [images / "new.png"] and state.removed == [str(images / "p2.jpg")]
+    after = rows(database)
+    for old, new in (("p0.jpg", "trip/beach.jpg"), ("p1.png", "renamed.png")):
+        row, was = after[str(images / new)], before[str(images / old)]
+        assert (row["id"], row["embedding"], row["file_hash"]) == (was["id"], was["embedding"], was["file_hash"])
+        assert Path(row["processed_path"]) == cfg.processed_directory / f"{new}.jpg"
+        assert Path(row["processed_path"]).is_file() and not Path(was["processed_path"]).exists()
+    summary = indexer.index_paths(state.changed)
+    assert (summary.embedded, summary.relinked) == (1, 0)
+    assert len(rows(database)) == 6  # six indexed, one deleted, one new

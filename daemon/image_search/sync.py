@@ -30,11 +30,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class FolderState:
-    """The source folder against the table, from stat data alone."""
+    """The source folder against the table, from stat data (and the identity of renamed files)."""
 
     files: int  # image files on disk
     changed: list[Path]  # new, modified, or embedded by another model: to (re)index
     removed: list[str]  # rows dropped because their source is gone
+    renamed: int = 0  # rows that followed their file to a new path while nothing was watching
 
 
 def stat_or_none(path: Path) -> os.stat_result | None:
@@ -110,23 +111,82 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
     copies) of sources that are gone, and list the files whose size, mtime or model differ from their
     row. No decoding, no model work, so it can run while the model is still loading. A database of an
-    earlier version first gets today's identity (``migrate_identities``)."""
+    earlier version first gets today's identity (``migrate_identities``); a file renamed or moved while
+    nothing watched is recognised by its identity and its row follows it (``_follow_renames``)."""
     root = cfg.source_directory
     migrate_identities(store)
     known = store.sources()
     gone = [p for p in known if not Path(p).is_file() or not Path(p).is_relative_to(root)]
-    if gone:
-        store.delete_paths(gone)
-        for source in gone:
-            remove_processed(cfg, Path(source))
-        log.info("rows_removed", count=len(gone), reason="source file is gone")
     on_disk = discover_images(root)
     changed = []
     for path in on_disk:
         st = stat_or_none(path)
         if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
             changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-    return FolderState(files=len(on_disk), changed=changed, removed=gone)
+    followed = _follow_renames(cfg, store, {p: known[p] for p in gone}, [p for p in changed if str(p) not in known])
+    if followed:
+        gone = [p for p in gone if p not in followed.values()]
+        changed = [p for p in changed if p not in followed]
+    if gone:
+        store.delete_paths(gone)
+        for source in gone:
+            remove_processed(cfg, Path(source))
+        log.info("rows_removed", count=len(gone), reason="source file is gone")
+    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed))
+
+
+def _follow_renames(cfg: Config, store: EmbeddingStore, gone: dict[str, SourceRecord],
+                    new_files: list[Path]) -> dict[Path, str]:
+    """Rows whose source is gone, found again among ``new_files`` by identity (same size first, then the
+    MD5 of the bytes; no decoding): each is relinked to its new path with its processed copy, no model
+    work. Returns new path -> old path for every one relinked."""
+    by_size: dict[int, list[SourceRecord]] = {}
+    for record in gone.values():
+        if record.model_name == cfg.model_name:
+            by_size.setdefault(record.source_size, []).append(record)
+    sized = [(path, st) for path in new_files if (st := stat_or_none(path)) is not None and st.st_size in by_size]
+    if not sized:
+        return {}
+
+    def identity(path: Path) -> str | None:
+        try:
+            return source_identity_of_file(path)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="rename") as pool:
+        hashes = list(pool.map(identity, [path for path, _ in sized]))
+    followed: dict[Path, str] = {}
+    for (path, st), file_hash in zip(sized, hashes):
+        record = next((r for r in by_size[st.st_size] if r.file_hash == file_hash
+                       and r.file_path not in followed.values()), None)
+        if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash):
+            followed[path] = record.file_path
+    return followed
+
+
+def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str) -> bool:
+    """Point the row ``file_hash`` of ``src`` at ``dest`` (the same file under a new name), moving its
+    processed copy and thumbnail along: no decoding, no model work. False (nothing changed) when the
+    processed copy or ``dest`` is missing: the caller has ``dest`` indexed instead, which finds the row
+    by its identity."""
+    root, processed_root = cfg.source_directory, cfg.processed_directory
+    old_processed = processed_path_for(src, root, processed_root)
+    new_processed = processed_path_for(dest, root, processed_root)
+    try:
+        st = dest.stat()
+        new_processed.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(old_processed, new_processed)
+    except FileNotFoundError:
+        return False
+    try:
+        os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
+    except FileNotFoundError:
+        pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
+    store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
+                        source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
+    log.info("image_renamed", path=str(dest), previous=str(src), file_hash=file_hash)
+    return True
 
 
 class FolderSync:
@@ -153,7 +213,7 @@ class FolderSync:
                 self.pending.note(path)
                 queued += 1
         log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
-                 duration_ms=round((time.monotonic() - started) * 1000))
+                 renamed=state.renamed, duration_ms=round((time.monotonic() - started) * 1000))
         return queued
 
     def apply(self, change: Change) -> None:
@@ -195,30 +255,9 @@ class FolderSync:
         if dest in self.pending:
             return  # still settling; it will be indexed (or relinked by hash) when ready
         file_hash = self.store.hash_for_path(str(src))
-        if file_hash is None:
-            self.pending.note(dest, closed=True)  # not indexed yet (a temp name renamed into place)
-            return
-        self._relink(src, dest, file_hash)
-
-    def _relink(self, src: Path, dest: Path, file_hash: str) -> None:
-        root, processed_root = self.cfg.source_directory, self.cfg.processed_directory
-        old_processed = processed_path_for(src, root, processed_root)
-        new_processed = processed_path_for(dest, root, processed_root)
-        try:
-            st = dest.stat()
-            new_processed.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(old_processed, new_processed)
-        except FileNotFoundError:
-            self.pending.note(dest)  # the processed copy is missing: index it properly
-            return
-        try:
-            os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
-        except FileNotFoundError:
-            pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
-        self.store.update_source(file_hash, file_path=str(dest), file_name=dest.name,
-                                 processed_path=str(new_processed), source_size=st.st_size,
-                                 source_mtime_ns=st.st_mtime_ns)
-        log.info("image_renamed", path=str(dest), previous=str(src), file_hash=file_hash)
+        if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
+            # Not indexed yet (a temp name renamed into place), or its processed copy is missing.
+            self.pending.note(dest, closed=True)
 
     def _folder_moved(self, src: Path, dest: Path | None) -> None:
         if dest is None:
@@ -228,8 +267,8 @@ class FolderSync:
         moved = {p: r for p, r in self.store.sources().items() if Path(p).is_relative_to(src)}
         for old, record in moved.items():
             new = dest / Path(old).relative_to(src)
-            if new.is_file():
-                self._relink(Path(old), new, record.file_hash)
+            if new.is_file() and not relink(self.cfg, self.store, Path(old), new, record.file_hash):
+                self.pending.note(new)
         for path in discover_images(dest):
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)
