@@ -3,8 +3,10 @@ version (identity = MD5 of the processed JPEG) is migrated once, without re-embe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,34 @@ def test_a_file_renamed_or_moved_while_nothing_watched_keeps_its_row(library) ->
     summary = indexer.index_paths(state.changed)
     assert (summary.embedded, summary.relinked) == (1, 0)
     assert len(rows(database)) == 6  # six indexed, one deleted, one new
+
+
+def test_a_picture_saved_from_a_processed_copy_survives_the_migration(library) -> None:
+    """Its bytes are another row's processed JPEG, so its new identity is that row's old one: both rows
+    stay, each with the MD5 of its own source (no row is taken for a duplicate of the other)."""
+    cfg, database, store, indexer = library
+    images = cfg.source_directory
+    saved = images / "saved-from-output.jpg"
+    saved.write_bytes((cfg.processed_directory / "p3.png.jpg").read_bytes())
+    assert indexer.index_paths([saved]).embedded == 1
+    old = make_legacy_identity(database)
+    assert md5_of(saved) == old[str(images / "p3.png")]
+    before = rows(database)
+    compare_folder(cfg, store)
+    after = rows(database)
+    assert sorted(after) == sorted(before)
+    for path in after:
+        assert after[path]["file_hash"] == md5_of(path)
+        assert after[path]["id"] == before[path]["id"]
+
+
+def test_a_new_source_directory_drops_the_old_rows_without_following_them(library) -> None:
+    """Rows of another folder are not renames inside this one (the same bytes under /new are new files)."""
+    cfg, database, store, _ = library
+    moved = cfg.source_directory.parent / "library-moved"
+    shutil.copytree(cfg.source_directory, moved)
+    state = compare_folder(dataclasses.replace(cfg, source_directory=moved), store)
+    assert state.renamed == 0
+    assert len(state.removed) == 6 and len(state.changed) == 6
+    assert rows(database) == {}
+

@@ -97,11 +97,15 @@ def source_identity(data: bytes) -> str:
     return md5_hex(data)
 
 
-def source_identity_of_file(path: Path) -> str:
+def source_identity_of_file(path: Path, expected: tuple[int, int]) -> str | None:
     """``source_identity`` of the file at ``path``, streamed (the identity migration hashes whole
-    libraries without holding any file in memory). OSError if it cannot be read."""
+    libraries without holding any file in memory), or None when its (size, mtime_ns) is not
+    ``expected`` once it has been read: a file rewritten while it was hashed is not the one whose
+    identity was wanted. OSError if it cannot be read."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+        identity = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+        st = os.fstat(handle.fileno())
+    return identity if (st.st_size, st.st_mtime_ns) == tuple(expected) else None
 
 
 def unreadable_reason(exc: OSError, expected: str) -> str:

