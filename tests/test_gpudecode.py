@@ -164,10 +164,49 @@ def test_a_file_the_decoder_refuses_costs_only_that_file(tmp_path) -> None:
     assert [r.path for r in (results[0], results[2])] == [paths[0], paths[2]]
 
 
+def test_a_chunk_the_device_cannot_finish_goes_to_the_cpu_path(tmp_path, monkeypatch) -> None:
+    """Out of memory (or any kernel error) after the decode costs that chunk its GPU path, not the batch:
+    its files come back as None (the CPU workers take them), later chunks are decoded as usual."""
+    from image_search import gpudecode
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 2)
+    real_encode, calls = gpudecode.encode_jpeg, []
+
+    def encode_failing_first(pictures, quality):
+        calls.append(len(pictures))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_encode(pictures, quality=quality)
+
+    monkeypatch.setattr(gpudecode, "encode_jpeg", encode_failing_first)
+    results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).prepare(sources)
+    assert results[:2] == [None, None]
+    assert results[2] is not None and results[2].path == paths[2]
+
+
+def test_chunks_are_bounded_by_files_and_by_pixels(tmp_path, monkeypatch) -> None:
+    from image_search import gpudecode
+    from image_search.gpudecode import PlainJpeg, _chunks
+
+    def plain(megapixels: int) -> PlainJpeg:
+        return PlainJpeg(tmp_path / "x.jpg", bytearray(), "0" * 32, megapixels * 1000, 1000, 1)
+
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 3)
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK_PIXELS", 10_000_000)
+    sizes = [[len(c), sum(p.width for p in c) // 1000] for c in _chunks([plain(m) for m in (1, 1, 1, 1, 9, 2, 12, 1)])]
+    # by count (3 files), by pixels (1 + 9 fills the 10 MP; 2 more would not fit), a picture above the
+    # budget alone, and the rest
+    assert sizes == [[3, 3], [2, 10], [1, 2], [1, 12], [1, 1]]
+
+
 def test_the_decoder_checks_its_device_before_it_is_used() -> None:
     assert BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).check() is None
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
-        assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1) is not None
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1)
+        assert reader is not None
+        reader.close()
         if not torch_cuda_available():
             # No GPU: asking for one answers "not here" (one log line), not a crash.
             assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1) is None

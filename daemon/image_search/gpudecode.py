@@ -49,9 +49,11 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # noqa: E402
 
 log = structlog.get_logger(__name__)
 
-# Pictures decoded at once: a 12-megapixel picture is 36 MB decoded and 144 MB as float while it is
-# resized, so a chunk bounds the device memory (about 1.2 GB decoded) whatever the read batch is.
+# Pictures decoded at once: at most 32, and at most 400 megapixels (32 12-megapixel photos: 1.2 GB
+# decoded; a picture is resized one at a time, 4 bytes a channel while it is). A larger picture is a
+# chunk of its own. Whatever the read batch is, the device memory this takes stays bounded.
 DECODE_CHUNK = 32
+DECODE_CHUNK_PIXELS = 400_000_000
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 # Huffman-coded baseline, extended sequential, progressive: what nvJPEG decodes. The other SOF
 # markers (lossless, hierarchical, arithmetic coding) take the CPU path.
@@ -95,7 +97,7 @@ def _frame_header(data: bytes | bytearray) -> tuple[int, int, int, int, int, boo
                 return None
             return (marker, seg[0], int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5],
                     adobe_rgb)
-        if marker == 0xEE and data[i + 4:i + 9] == b"Adobe" and length >= 12:
+        if marker == 0xEE and data[i + 4:i + 9] == b"Adobe" and length >= 14 and i + 15 < len(data):
             adobe_rgb = data[i + 15] == 0  # transform 0: the components are RGB, not YCbCr
         if marker == 0xDA:  # a scan before any frame header
             return None
@@ -108,6 +110,9 @@ def read_plain_jpeg(path: Path, *, max_pixels: int) -> PlainJpeg | None:
     for anything else (the CPU path then decides, with its own reasons). Never raises for a file."""
     try:
         with open(path, "rb") as handle:
+            if handle.read(2) != _SOI:  # not a JPEG: read no further (the CPU path reads it)
+                return None
+            handle.seek(0)
             data = bytearray(handle.read())
     except OSError:
         return None
@@ -163,6 +168,21 @@ def resize(image: torch.Tensor, size: tuple[int, int], *, bilinear: bool = False
     return scaled[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _chunks(files: Sequence[PlainJpeg]) -> list[Sequence[PlainJpeg]]:
+    """``files`` in order, in chunks of at most DECODE_CHUNK files and DECODE_CHUNK_PIXELS pixels."""
+    chunks: list[Sequence[PlainJpeg]] = []
+    start, pixels = 0, 0
+    for end, source in enumerate(files):
+        size = source.width * source.height
+        if end > start and (end - start >= DECODE_CHUNK or pixels + size > DECODE_CHUNK_PIXELS):
+            chunks.append(files[start:end])
+            start, pixels = end, 0
+        pixels += size
+    if start < len(files):
+        chunks.append(files[start:])
+    return chunks
+
+
 class BatchedJpegDecoder:
     """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
     model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
@@ -184,10 +204,18 @@ class BatchedJpegDecoder:
         return None
 
     def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
-        """One result per file, in order; None for a file the decoder refused (the CPU path takes it)."""
+        """One result per file, in order; None for a file the decoder refused, or for a chunk the device
+        could not finish (out of memory, a kernel error): the CPU path takes those."""
         out: list[PreprocessedFile | None] = []
-        for start in range(0, len(files), DECODE_CHUNK):
-            out.extend(self._prepare_chunk(files[start:start + DECODE_CHUNK]))
+        for chunk in _chunks(files):
+            try:
+                out.extend(self._prepare_chunk(chunk))
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+                log.warning("gpu_jpeg_chunk_failed", files=len(chunk), reason=f"{type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}", detail="decoded by the CPU workers")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                out.extend([None] * len(chunk))
         return out
 
     def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
