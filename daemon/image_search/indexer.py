@@ -7,8 +7,9 @@ only its path updated (a rename, a touch, a copy) - no model work. Only new cont
 Decoding, orienting, fitting, JPEG encoding, hashing and the model's own resize and crop run in
 worker processes (``workers.PreprocessPool``), so this thread only stacks the uint8 pixels, runs the
 model and writes rows; the next batch is prepared while the current one is embedded. With the model
-on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``); the other
-files still take the workers.
+on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``): the next
+batch's files are read and hashed by threads while the current one is embedded, and decoded on the
+device after it (one device, one queue of work); the other files still take the workers.
 """
 
 from __future__ import annotations
