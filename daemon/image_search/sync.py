@@ -62,33 +62,35 @@ def remove_processed(cfg: Config, source: Path) -> None:
         pass
 
 
-def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], *, threads: int) -> dict[str, str]:
+def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None) -> list[str | None]:
+    """``source_identity_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core
+    (hashlib and file reads release the GIL); None for a file unreadable or changed meanwhile.
+    ``progress``: a tqdm label, shown on a terminal."""
+    def identity(item: tuple[Path, tuple[int, int]]) -> str | None:
+        try:
+            return source_identity_of_file(*item)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="identity") as pool, \
+            tqdm(total=len(files), desc=progress, unit="img", file=sys.stderr,
+                 disable=progress is None or not sys.stderr.isatty()) as bar:
+        found = []
+        for result in pool.map(identity, files):
+            found.append(result)
+            bar.update()
+        return found
+
+
+def _hashes_of_unchanged_sources(known: dict[str, SourceRecord]) -> dict[str, str]:
     """old file_hash -> source identity, for each stored source still on disk with its stored size and
     mtime (the same test that lets a rescan skip a file), before and after it is read; changed or
     unreadable ones are left out."""
-    todo: list[SourceRecord] = []
-    for path, record in known.items():
-        st = stat_or_none(Path(path))
-        if st is not None and is_unchanged(record, st, record.model_name):
-            todo.append(record)
-
-    def rehash(record: SourceRecord) -> tuple[str, str | None]:
-        try:
-            expected = (record.source_size, record.source_mtime_ns)
-            return record.file_hash, source_identity_of_file(Path(record.file_path), expected)
-        except OSError:
-            return record.file_hash, None
-
-    found: dict[str, str] = {}
-    # hashlib and file reads release the GIL: threads hash on every core.
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="identity") as pool, \
-            tqdm(total=len(todo), desc="re-hashing sources", unit="img", disable=not sys.stderr.isatty(),
-                 file=sys.stderr) as bar:
-        for old, new in pool.map(rehash, todo):
-            if new is not None:
-                found[old] = new
-            bar.update()
-    return found
+    todo = [record for path, record in known.items()
+            if (st := stat_or_none(Path(path))) is not None and is_unchanged(record, st, record.model_name)]
+    identities = _identities([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo],
+                             progress="re-hashing sources")
+    return {record.file_hash: new for record, new in zip(todo, identities) if new is not None}
 
 
 def migrate_identities(store: EmbeddingStore) -> int:
@@ -102,7 +104,7 @@ def migrate_identities(store: EmbeddingStore) -> int:
     known = store.sources()
     log.info("identity_migration_started", rows=len(known),
              detail="file_hash becomes the MD5 of each source file (read once, nothing is re-embedded)")
-    new_hashes = _hashes_of_unchanged_sources(known, threads=default_worker_count())
+    new_hashes = _hashes_of_unchanged_sources(known)
     rewritten = store.migrate_identities(new_hashes)
     log.info("identity_migrated", rows=len(known), rewritten=rewritten, left_to_rescan=len(known) - len(new_hashes),
              duration_ms=round((time.monotonic() - started) * 1000))
@@ -144,27 +146,15 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: dict[str, SourceRe
     """Rows whose source is gone, found again among ``new_files`` by identity (same size first, then the
     MD5 of the bytes; no decoding): each is relinked to its new path with its processed copy, no model
     work. Returns new path -> old path for every one relinked."""
-    by_size: dict[int, list[SourceRecord]] = {}
-    for record in gone.values():
-        if record.model_name == cfg.model_name:
-            by_size.setdefault(record.source_size, []).append(record)
-    sized = [(path, st) for path in new_files if (st := stat_or_none(path)) is not None and st.st_size in by_size]
+    by_hash = {record.file_hash: record for record in gone.values() if record.model_name == cfg.model_name}
+    sizes = {record.source_size for record in by_hash.values()}
+    sized = [(path, st) for path in new_files if (st := stat_or_none(path)) is not None and st.st_size in sizes]
     if not sized:
         return {}
-
-    def identity(candidate: tuple[Path, os.stat_result]) -> str | None:
-        path, st = candidate
-        try:
-            return source_identity_of_file(path, (st.st_size, st.st_mtime_ns))
-        except OSError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="rename") as pool:
-        hashes = list(pool.map(identity, sized))
+    identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized])
     followed: dict[Path, str] = {}
-    for (path, st), file_hash in zip(sized, hashes):
-        record = next((r for r in by_size[st.st_size] if r.file_hash == file_hash
-                       and r.file_path not in followed.values()), None)
+    for (path, st), file_hash in zip(sized, identities):
+        record = by_hash.pop(file_hash, None) if file_hash is not None else None  # each row follows one file
         if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st):
             followed[path] = record.file_path
     return followed
