@@ -88,8 +88,14 @@ class PreparedImage(ProcessedImage):
     image: Image.Image = field(repr=False)
 
 
+def _md5() -> hashlib._Hash:
+    return hashlib.md5(usedforsecurity=False)
+
+
 def md5_hex(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+    digest = _md5()
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def source_identity(data: bytes) -> str:
@@ -103,7 +109,7 @@ def source_identity_of_file(path: Path, expected: tuple[int, int]) -> str | None
     ``expected`` once it has been read: a file rewritten while it was hashed is not the one whose
     identity was wanted. OSError if it cannot be read."""
     with open(path, "rb") as handle:
-        identity = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+        identity = hashlib.file_digest(handle, _md5).hexdigest()
         st = os.fstat(handle.fileno())
     return identity if (st.st_size, st.st_mtime_ns) == tuple(expected) else None
 
