@@ -5,15 +5,26 @@ the model's input), that a file it refuses costs nothing, and that the identity 
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from image_search.config import load_config
 from image_search.embed import Embedder
-from image_search.gpudecode import BatchedJpegDecoder, open_gpu_reader, read_plain_jpeg
+from image_search.gpudecode import (
+    IN_FLIGHT_PREFIX,
+    QUARANTINE_NAME,
+    BatchedJpegDecoder,
+    DecodeQuarantine,
+    open_gpu_reader,
+    read_plain_jpeg,
+)
 from image_search.indexer import Indexer
 from image_search.pixels import PixelSpec, to_model_pixels
 from image_search.preprocess import preprocess_image, source_identity
@@ -21,9 +32,11 @@ from image_search.store import Database
 from image_search.workers import PreprocessedFile, PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
+from tests.support.gpu_crash import CRASH_MARKER
 from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG
 from tests.support.model import TINY_DIMENSION
 
+REPO = Path(__file__).resolve().parent.parent
 LIMIT = 178_956_970
 BOX = (512, 512)
 CLIP_224 = PixelSpec.from_processor_config({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224},
@@ -201,15 +214,15 @@ def test_chunks_are_bounded_by_files_and_by_pixels(tmp_path, monkeypatch) -> Non
     assert sizes == [[3, 3], [2, 10], [1, 2], [1, 12], [1, 1]]
 
 
-def test_the_decoder_checks_its_device_before_it_is_used() -> None:
+def test_the_decoder_checks_its_device_before_it_is_used(tmp_path) -> None:
     assert BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).check() is None
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
-        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1)
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=tmp_path / "state")
         assert reader is not None
         reader.close()
         if not torch_cuda_available():
             # No GPU: asking for one answers "not here" (one log line), not a crash.
-            assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1) is None
+            assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1, state_directory=tmp_path / "state") is None
 
 
 def torch_cuda_available() -> bool:
@@ -281,3 +294,99 @@ def test_batched_decoding_indexes_what_the_cpu_path_indexes_with_the_same_identi
         with Image.open(cpu_cfg.processed_directory / f"{name}.jpg") as a, \
                 Image.open(gpu_cfg.processed_directory / f"{name}.jpg") as b:
             assert a.size == b.size, name
+
+
+# --- a file that crashes the decoder -------------------------------------------------------------------
+
+
+def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_restart(tmp_path, tiny_model_dir) -> None:
+    """nvJPEG runs in the service's process: a file it faults on kills the service, and systemd restarts it.
+    The restart must not decode that file on the GPU again (a crash loop): the chunk that was in flight is
+    quarantined, and the CPU workers (separate processes) take its files from then on."""
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, batch_size=4, resize_width=512, resize_height=512))
+    paths = [save_jpeg(cfg.source_directory / f"p{i}.jpg", size=(400, 300), seed=i,
+                       **({"comment": CRASH_MARKER} if i == 2 else {})) for i in range(6)]
+    child = subprocess.run([sys.executable, "-m", "tests.support.gpu_crash", str(cfg.state_directory), *map(str, paths)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-2000:]
+    [left] = cfg.state_directory.glob(f"{IN_FLIGHT_PREFIX}.*")  # chunks of two: p2 and p3 were being decoded
+    assert [line.split("\t")[1] for line in left.read_text().splitlines()] == [str(paths[2]), str(paths[3])]
+
+    # The restart: the indexer on the same state directory.
+    database = Database(cfg)
+    embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+    try:
+        store = database.open_store(dimension=TINY_DIMENSION)
+        with capture_logs() as logs:
+            indexer = Indexer(cfg, embedder, store, workers=1, jpeg_decode_device="cpu")
+            try:
+                summary = indexer.index_folder(show_progress=False)
+                on_device = indexer.decoded_on_device
+            finally:
+                indexer.close()
+                store.close()
+        names = sorted(r["file_name"] for r in database_rows(database, ("file_name",)) or [])
+    finally:
+        database.close()
+    assert names == [p.name for p in paths] and not summary.skipped  # every file indexed, none lost
+    assert on_device == 4  # p2 and p3 went to the CPU workers
+    [crashed] = [e for e in logs if e["event"] == "gpu_jpeg_decode_crashed"]
+    assert crashed["log_level"] == "warning" and crashed["files"] == [str(paths[2]), str(paths[3])]
+    assert not list(cfg.state_directory.glob(f"{IN_FLIGHT_PREFIX}.*"))
+
+    # And at every later start, by content: a renamed copy of the file stays off the device.
+    moved = paths[2].rename(cfg.source_directory / "renamed.jpg")
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=cfg.state_directory)
+        assert reader is not None
+        outcomes = reader.submit([moved, paths[0]]).results()
+        reader.close()
+    assert all(isinstance(o, PreprocessedFile) for o in outcomes) and reader.decoded_on_device == 1
+
+
+def test_the_quarantine_keeps_what_a_dead_process_left_and_ignores_a_running_ones(tmp_path) -> None:
+    import os
+    import socket
+
+    state = tmp_path / "state"
+    state.mkdir()
+    host = socket.gethostname()
+    dead, running = "a" * 32, "b" * 32
+    # A pid no process has (above the kernel's pid_max), and this test's own parent, which runs.
+    (state / f"{IN_FLIGHT_PREFIX}.{host}.4194305").write_text(f"{dead}\t/photos/dead.jpg\n{'c' * 31}")  # cut short
+    (state / f"{IN_FLIGHT_PREFIX}.{host}.{os.getppid()}").write_text(f"{running}\t/photos/busy.jpg\n")
+    (state / f"{IN_FLIGHT_PREFIX}.other-host.4194305").write_text(f"{running}\t/photos/elsewhere.jpg\n")
+    quarantine = DecodeQuarantine(state)
+    assert dead in quarantine and running not in quarantine and len(quarantine) == 1
+    assert not quarantine.device_crashed
+    assert (state / QUARANTINE_NAME).read_text() == f"{dead}\t/photos/dead.jpg\n"
+    # The running process's file and the other host's are not this process's to take.
+    assert sorted(p.name.split(".")[1] for p in state.glob(f"{IN_FLIGHT_PREFIX}.*")) == sorted([host, "other-host"])
+    assert dead in DecodeQuarantine(state) and len(DecodeQuarantine(state)) == 1  # kept, not added twice
+
+
+def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off(tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    import socket
+
+    (state / f"{IN_FLIGHT_PREFIX}.{socket.gethostname()}.4194305").write_text("start-up-check\t\n")
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool, capture_logs() as logs:
+        assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None
+        assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None  # still off
+    reasons = [e["reason"] for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
+    assert len(reasons) == 2 and all(QUARANTINE_NAME in r for r in reasons)
+    (state / QUARANTINE_NAME).unlink()  # the documented way back
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state)
+        assert reader is not None
+        reader.close()
+
+
+def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory should be")
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool, capture_logs() as logs:
+        assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=blocker) is None
+    [event] = [e for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
+    assert "cannot be written" in event["reason"] and str(blocker) in event["reason"]

@@ -14,6 +14,11 @@ reasons and messages. The two paths make slightly different pixels (another IDCT
 see the README), so the identity is taken from neither: it is the MD5 of the file's bytes on both
 (``preprocess.source_identity``), and a GPU host, a CPU host and a fallback agree on every file.
 
+nvJPEG runs in this process, unlike the CPU workers: a file that crashes it (a driver fault, not a
+Python exception) takes the whole service down. ``DecodeQuarantine`` writes down each chunk before it is
+decoded, so the next start sends the files of the chunk that killed a process to the CPU workers, where
+a crash costs one file, instead of crashing on them again at every restart.
+
 The same code runs on ``device="cpu"`` (torchvision's libjpeg-turbo decoder), which is how the tests
 prove it on a machine without a GPU; the indexer uses it only on CUDA, where it is the fast path.
 """
@@ -21,9 +26,12 @@ prove it on a machine without a GPU; the indexer uses it only on CUDA, where it 
 from __future__ import annotations
 
 import io
+import os
+import socket
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +68,11 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
 _EXIF_ORIENTATION = 0x0112
+# In the state directory: the chunk a process is decoding (one file per process) and the files a dead
+# process was decoding. One "<md5>\t<path>" line per file; the start-up check's line has CHECK_KEY.
+IN_FLIGHT_PREFIX = "gpu-jpeg-in-flight"
+QUARANTINE_NAME = "gpu-jpeg-quarantine"
+CHECK_KEY = "start-up-check"
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,25 +196,118 @@ def _chunks(files: Sequence[PlainJpeg]) -> list[Sequence[PlainJpeg]]:
     return chunks
 
 
+class DecodeQuarantine:
+    """The JPEGs the batched decoder must not take again: those it was decoding when a process died.
+
+    Around each chunk (``in_flight``) its files are written to ``gpu-jpeg-in-flight.<host>.<pid>`` in the
+    state directory, and that file is removed when the chunk is done, whatever the outcome. One left behind
+    by a process of this host that no longer runs names the chunk that killed it: on opening, its lines
+    move to ``gpu-jpeg-quarantine``, whose files take the CPU path from then on. By MD5, so a renamed file
+    stays quarantined and a changed one (new bytes) is tried again. A process that died in the decoder's
+    start-up check turns GPU decoding off (``device_crashed``) until the quarantine file is removed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        """Raises OSError when ``directory`` cannot be written (then nothing protects a restart)."""
+        self.path = directory / QUARANTINE_NAME
+        host = socket.gethostname().replace("/", "_")
+        self._in_flight = directory / f"{IN_FLIGHT_PREFIX}.{host}.{os.getpid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._entries = _read_entries(self.path)
+        # This process's own name counts too: a restarted service can be given its dead predecessor's pid.
+        left_behind = [f for f in sorted(directory.glob(f"{IN_FLIGHT_PREFIX}.{host}.*"))
+                       if f == self._in_flight or not _process_runs(f.name.rsplit(".", 1)[-1])]
+        crashed: dict[str, str] = {}
+        for left in left_behind:
+            crashed.update(_read_entries(left))
+        new = {key: name for key, name in crashed.items() if key not in self._entries}
+        if new:  # written before the in-flight files go, so a crash in between loses nothing
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.writelines(f"{key}\t{name}\n" for key, name in new.items())
+            self._entries.update(new)
+        for left in left_behind:
+            left.unlink(missing_ok=True)
+        self._in_flight.write_text("", encoding="utf-8")  # fail now, not at the first chunk, if unwritable
+        self._in_flight.unlink()
+        if crashed:
+            log.warning("gpu_jpeg_decode_crashed", files=sorted(name for key, name in crashed.items() if key != CHECK_KEY),
+                        quarantine=str(self.path),
+                        detail="a process stopped while the GPU decoded these files; the CPU workers decode them "
+                               "from now on" if CHECK_KEY not in crashed else
+                               "a process stopped in the GPU decoder's start-up check; GPU decoding stays off "
+                               "until the quarantine file is removed")
+
+    def __contains__(self, file_hash: object) -> bool:
+        return file_hash in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def device_crashed(self) -> bool:
+        return CHECK_KEY in self._entries
+
+    @contextmanager
+    def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
+        """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file."""
+        self._in_flight.write_text("".join(f"{key}\t{name}\n" for key, name in entries), encoding="utf-8")
+        try:
+            yield
+        finally:
+            self._in_flight.unlink(missing_ok=True)
+
+
+def _read_entries(path: Path) -> dict[str, str]:
+    """key -> path from a quarantine or in-flight file; a line cut short by a crash is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return {}
+    entries = {}
+    for line in text.splitlines():
+        key, tab, name = line.partition("\t")
+        if tab and (key == CHECK_KEY or (len(key) == 32 and all(c in "0123456789abcdef" for c in key))):
+            entries[key] = name
+    return entries
+
+
+def _process_runs(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class BatchedJpegDecoder:
     """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
     model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
 
-    def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec) -> None:
+    def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec,
+                 quarantine: DecodeQuarantine | None = None) -> None:
         self.device = torch.device(device)
         self.max_size = max_size
         self.spec = spec
+        self.quarantine = quarantine
 
     def check(self) -> str | None:
         """None when this device decodes and encodes JPEGs, else why not (one line)."""
+        if self.quarantine is not None and self.quarantine.device_crashed:
+            return f"a process stopped in this check before (see {self.quarantine.path})"
         probe = io.BytesIO()
         Image.new("RGB", (16, 8), (200, 30, 30)).save(probe, format="JPEG")
         try:
-            [picture] = self._decode([bytearray(probe.getvalue())])
-            self._encode([picture], JPEG_QUALITY)
+            with self._in_flight([(CHECK_KEY, "")]):
+                [picture] = self._decode([bytearray(probe.getvalue())])
+                self._encode([picture], JPEG_QUALITY)
         except Exception as exc:  # no nvJPEG in this build, a driver without it...
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return None
+
+    def _in_flight(self, entries: Sequence[tuple[str, str]]):
+        return self.quarantine.in_flight(entries) if self.quarantine is not None else nullcontext()
 
     def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
         """One result per file, in order; None for a file the decoder refused, or for a chunk the device
@@ -209,8 +315,9 @@ class BatchedJpegDecoder:
         out: list[PreprocessedFile | None] = []
         for chunk in _chunks(files):
             try:
-                out.extend(self._prepare_chunk(chunk))
-            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+                with self._in_flight([(f.file_hash, str(f.path)) for f in chunk]):
+                    out.extend(self._prepare_chunk(chunk))
+            except (RuntimeError, OSError) as exc:  # torch.cuda.OutOfMemoryError is one; OSError: the state directory
                 log.warning("gpu_jpeg_chunk_failed", files=len(chunk), reason=f"{type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}", detail="decoded by the CPU workers")
                 if self.device.type == "cuda":
@@ -327,8 +434,13 @@ class GpuJpegReader:
         self.decoder = decoder
         self.decoded_on_device = 0
         self._threads = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="jpeg-read")
-        self._read: Callable[[Path], PlainJpeg | None] = (
-            lambda path: read_plain_jpeg(path, max_pixels=pool.settings.max_pixels))
+
+    def _read(self, path: Path) -> PlainJpeg | None:
+        source = read_plain_jpeg(path, max_pixels=self.pool.settings.max_pixels)
+        quarantine = self.decoder.quarantine
+        if source is not None and quarantine is not None and source.file_hash in quarantine:
+            return None  # it killed a process once: the CPU workers take it
+        return source
 
     def submit(self, paths: Sequence[Path]) -> _GpuBatch:
         return _GpuBatch(self, paths, [self._threads.submit(self._read, Path(p)) for p in paths])
@@ -338,13 +450,19 @@ class GpuJpegReader:
 
 
 def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: PixelSpec,
-                    threads: int) -> GpuJpegReader | None:
-    """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why)."""
-    decoder = BatchedJpegDecoder(device, max_size=pool.settings.max_size, spec=spec)
-    problem = decoder.check()
+                    threads: int, state_directory: Path) -> GpuJpegReader | None:
+    """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why).
+    Its quarantine lives in ``state_directory``; where that cannot be written, the CPU path is used."""
+    try:
+        quarantine = DecodeQuarantine(state_directory)
+    except OSError as exc:
+        problem: str | None = f"state directory {state_directory} cannot be written ({exc.strerror or exc})"
+    else:
+        decoder = BatchedJpegDecoder(device, max_size=pool.settings.max_size, spec=spec, quarantine=quarantine)
+        problem = decoder.check()
     if problem is not None:
         log.warning("gpu_jpeg_decode_unavailable", device=str(device), reason=problem,
                     detail="JPEGs are decoded by the CPU workers")
         return None
-    log.info("gpu_jpeg_decode", device=str(device), chunk=DECODE_CHUNK)
+    log.info("gpu_jpeg_decode", device=str(device), chunk=DECODE_CHUNK, quarantined=len(quarantine))
     return GpuJpegReader(pool, decoder, threads=threads)

@@ -110,7 +110,7 @@ class Indexer:
 
             assert embedder.pixel_spec is not None
             self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
-                                        threads=self._pool.worker_count or 1)
+                                        threads=self._pool.worker_count or 1, state_directory=cfg.state_directory)
 
     def _jpeg_device(self, requested: str | None) -> str | None:
         if self.embedder.pixel_spec is None:  # the model's own processor wants PIL images on the host
