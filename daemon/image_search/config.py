@@ -63,6 +63,9 @@ class Config:
     # With the model on CUDA: decode plain JPEGs on the GPU (nvJPEG) in batches; false keeps every
     # decode on the CPU workers. Either way a file gets the same identity (the MD5 of its bytes).
     gpu_jpeg_decode: bool = True
+    # Compile the vision tower's blocks with torch.compile at start (compiled.py): slower starts, for
+    # faster forward passes where the backend pays (unmeasured on a GPU here; see the README).
+    compile_model: bool = False
 
     @property
     def embedded_database(self) -> bool:

@@ -105,8 +105,10 @@ class Embedder:
         self._truncate = None if dimension == info.native_dimension else dimension
 
     @classmethod
-    def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None) -> Embedder:
-        """Load ``model_name`` (hub id or local directory) once; check it can produce ``dimension``."""
+    def load(cls, model_name: str, *, device: str = "auto", dimension: int | None = None,
+             compile_model: bool = False) -> Embedder:
+        """Load ``model_name`` (hub id or local directory) once; check it can produce ``dimension``.
+        ``compile_model``: compile the vision tower's blocks now (``compiled.py``; config key 'compile-model')."""
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -147,6 +149,8 @@ class Embedder:
             except (OSError, ValueError, ImportError) as load_exc:
                 raise _load_error(model_name, load_exc) from None
         model_input = _ModelInput.build(torch_device, dtype, spec, processor)
+        if compile_model:
+            _compile_vision_tower(model, model_input)
         # One tiny forward pass tells the true output size (and warms the model up).
         with torch.inference_mode():
             native = int(model.get_image_features(pixel_values=model_input.probe(1)).shape[1])
@@ -226,10 +230,8 @@ class Embedder:
         Truncation comes before normalisation, as jina's encode_image does (Matryoshka prefixes are
         what was trained to stand alone).
 
-        Not compiled (torch.compile): it would need a config key (compiling a large tower adds tens of
-        seconds or more to start-up, and config.py is not this module's), and jina's EVA forward_features
-        rebinds ``self.rope.forward`` to a new partial on every call, a module mutation inside forward
-        that dynamo must break or recompile on; compiling each EVA block instead is the likely way. Unmeasured."""
+        With config key 'compile-model' the vision tower's blocks run compiled (``compiled.py``); the
+        code around them, this included, stays eager."""
         features = self._model.get_image_features(pixel_values=pixel_values)
         if self._truncate is not None:
             features = features[:, :self._truncate]
@@ -354,6 +356,22 @@ class _ModelInput:
             width, height = self.spec.output_size
             return self.from_pixels(np.full((count, height, width, 3), 127, dtype=np.uint8))
         return self.from_images([Image.new("RGB", (512, 512), (127, 127, 127))] * count)
+
+
+def _compile_vision_tower(model: Any, model_input: _ModelInput) -> None:
+    from .compiled import compile_blocks, vision_blocks
+
+    blocks = vision_blocks(model)
+    if blocks is None:
+        log.warning("model_compile_skipped", reason="the model has no vision_model with repeated blocks",
+                    detail="the model runs without torch.compile")
+        return
+
+    def forward(size: int) -> None:
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=model_input.probe(size))
+
+    compile_blocks(blocks, forward)
 
 
 def _batch_that_fits(model: Any, model_input: _ModelInput, probe: int = 4, ceiling: int = 256) -> int:

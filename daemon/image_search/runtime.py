@@ -73,7 +73,8 @@ class ModelLoading:
         try:
             from .embed import Embedder
 
-            self._embedder = Embedder.load(cfg.model_name, device=cfg.device, dimension=cfg.dimension)
+            self._embedder = Embedder.load(cfg.model_name, device=cfg.device, dimension=cfg.dimension,
+                                            compile_model=cfg.compile_model)
         except BaseException as exc:  # handed to the thread that waits for the model
             self._error = exc
 

@@ -7,8 +7,11 @@ tower is built from the test stand-in's ``Attention`` (its naive forward is the 
 step) plus blocks of those sizes; ``patch_eva_attention`` then swaps the attention product exactly as
 it does in the real model. Random weights: the speed does not depend on them.
 
-Measured: images/s naive (bf16), with SDPA (bf16) and with SDPA in fp16 (jina trains in bf16; the
-question is only whether fp16 would be faster on this GPU).
+Measured: images/s naive (bf16), with SDPA (bf16), with SDPA in fp16 (jina trains in bf16; the
+question is only whether fp16 would be faster on this GPU), and with SDPA in bf16 and the blocks
+compiled as config key 'compile-model' compiles them (``compiled.compile_blocks``: its start-up cost
+too). Each is also given in achieved TFLOPS (``TowerSize.flops_per_image``), to compare with the GPU's
+dense bf16 peak (989 TFLOPS on an H100 or H200 SXM).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from image_search.compiled import compile_blocks
 from image_search.eva_attention import patch_eva_attention
 from tests.support.jina_remote_code.eva_model import Attention, Rope
 
@@ -36,6 +40,15 @@ class TowerSize:
     @property
     def tokens(self) -> int:
         return (self.image // self.patch) ** 2 + 1
+
+    @property
+    def flops_per_image(self) -> float:
+        """Floating-point operations of one forward pass (a multiply-add is two): the patch embedding,
+        and per block the q/k/v/output projections, q k^T and the product with v, the SwiGLU MLP."""
+        n, d, h = self.tokens, self.dim, self.mlp
+        patches = 2 * (n - 1) * 3 * self.patch ** 2 * d
+        block = 2 * 4 * n * d * d + 2 * 2 * n * n * d + 2 * 3 * n * d * h
+        return float(patches + self.blocks * block)
 
 
 JINA_CLIP_V2 = TowerSize(blocks=24, dim=1024, heads=16, mlp=2730, image=512, patch=14)
@@ -98,7 +111,8 @@ def _images_per_s(tower: nn.Module, pixels: torch.Tensor, rounds: int) -> float:
 
 
 def measure(device: torch.device, *, batch: int, rounds: int) -> dict[str, float]:
-    """Naive against SDPA in bf16, and SDPA in fp16, on one tower of jina-clip-v2's size (smoke size on CPU)."""
+    """Naive against SDPA in bf16, SDPA in fp16, and SDPA in bf16 compiled, on one tower of
+    jina-clip-v2's size (smoke size on the CPU)."""
     size = JINA_CLIP_V2 if device.type == "cuda" else SMOKE
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -111,8 +125,24 @@ def measure(device: torch.device, *, batch: int, rounds: int) -> dict[str, float
     fp16 = sdpa
     if device.type == "cuda":
         fp16 = _images_per_s(tower.to(torch.float16), pixels.to(torch.float16), rounds)
+        tower.to(dtype)
+
+    def forward(count: int) -> None:
+        with torch.inference_mode():
+            tower(pixels[:1].expand(count, -1, -1, -1))
+
+    started = time.perf_counter()
+    if not compile_blocks(tower.blocks, forward):
+        raise RuntimeError("compile_blocks left the stand-in tower eager (see the warning above)")
+    compile_s = time.perf_counter() - started
+    compiled = _images_per_s(tower, pixels, rounds)
     del tower, pixels
+    torch.compiler.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    tflops = size.flops_per_image / 1e12
     return {"gpu_eva_naive_img_s": naive, "gpu_eva_sdpa_img_s": sdpa, "gpu_eva_sdpa_fp16_img_s": fp16,
-            "gpu_eva_sdpa_speedup": sdpa / naive, "gpu_eva_tokens": size.tokens}
+            "gpu_eva_compiled_img_s": compiled, "gpu_eva_sdpa_speedup": sdpa / naive,
+            "gpu_eva_compile_speedup": compiled / sdpa, "gpu_eva_compile_s": compile_s,
+            "gpu_eva_sdpa_tflops": sdpa * tflops, "gpu_eva_compiled_tflops": compiled * tflops,
+            "gpu_eva_tokens": size.tokens}

@@ -14,7 +14,8 @@ Builds a random-weight CLIP ViT-L/14 at 224 px locally (transformers' ``CLIPConf
 - ``gpu_ingest_gpu_decode_img_s``: the same with the JPEGs decoded in batches by nvJPEG (gpudecode.py);
 - ``gpu_embed_efficiency``, ``gpu_ingest_efficiency``, ``gpu_ingest_gpu_decode_efficiency``: each divided
   by the forward pass alone;
-- ``gpu_eva_*``: a jina-clip-v2-sized EVA02 tower (eva.py), naive attention against SDPA, bf16 and fp16.
+- ``gpu_eva_*``: a jina-clip-v2-sized EVA02 tower (eva.py), naive attention against SDPA, bf16 and fp16,
+  and SDPA with the blocks compiled ('compile-model'); images/s and achieved TFLOPS.
 
 Targets (issue "Feed the GPU"): embed >= 0.85, ingest >= 0.5 with CPU decode on 16 cores and >= 0.7
 with GPU decode, the EVA tower >= 2x with SDPA. Without
@@ -124,7 +125,9 @@ def run(bench: Bench) -> Report:
     del pixels, on_device_batch
     tower = eva.measure(embedder.device, batch=int(bench.sizes["gpu_eva_batch"]), rounds=3)
     say(f"gpu: EVA02-L/14@512 tower naive {tower['gpu_eva_naive_img_s']:.0f}, SDPA {tower['gpu_eva_sdpa_img_s']:.0f} "
-        f"(bf16), SDPA fp16 {tower['gpu_eva_sdpa_fp16_img_s']:.0f} img/s")
+        f"(bf16, {tower['gpu_eva_sdpa_tflops']:.0f} TFLOPS), SDPA fp16 {tower['gpu_eva_sdpa_fp16_img_s']:.0f}, "
+        f"SDPA bf16 compiled {tower['gpu_eva_compiled_img_s']:.0f} img/s ({tower['gpu_eva_compiled_tflops']:.0f} "
+        f"TFLOPS; compiled in {tower['gpu_eva_compile_s']:.0f} s)")
     return {
         "gpu_device": torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke run)",
         "gpu_forward_batch": batch,
@@ -186,8 +189,12 @@ SECTION = Section(
                ">= 0.7", lambda v, r: v >= 0.7),
         Metric("GPU: jina-sized EVA tower, SDPA / naive attention", "gpu_eva_sdpa_speedup", "{:.2f}x", ">= 2",
                lambda v, r: v >= 2),
+        Metric("GPU: jina-sized EVA tower, compiled / SDPA", "gpu_eva_compile_speedup", "{:.2f}x"),
+        Metric("GPU: jina-sized EVA tower, compiled, achieved", "gpu_eva_compiled_tflops", "{:.0f} TFLOPS"),
     ),
     report_keys=("gpu_model_only_img_s", "gpu_embed_img_s", "gpu_ingest_img_s", "gpu_ingest_gpu_decode_img_s",
                  "gpu_embed_efficiency", "gpu_ingest_efficiency", "gpu_ingest_gpu_decode_efficiency",
-                 "gpu_eva_naive_img_s", "gpu_eva_sdpa_img_s", "gpu_eva_sdpa_fp16_img_s", "gpu_eva_sdpa_speedup"),
+                 "gpu_eva_naive_img_s", "gpu_eva_sdpa_img_s", "gpu_eva_sdpa_fp16_img_s", "gpu_eva_sdpa_speedup",
+                 "gpu_eva_compiled_img_s", "gpu_eva_compile_speedup", "gpu_eva_compile_s", "gpu_eva_sdpa_tflops",
+                 "gpu_eva_compiled_tflops"),
 )

@@ -7,6 +7,8 @@ tests and when transformers loads it as remote code from a saved model directory
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,13 +102,16 @@ class EVAVisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
         tokens = (image_size // patch) ** 2
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
-        rope = Rope(tokens, dim // heads)
+        rope = self.rope = Rope(tokens, dim // heads)
         self.blocks = nn.ModuleList([Attention(dim, heads, qkv_bias=True, subln=subln, rope=rope) for subln in (True, False)])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        # As the remote forward_features does at every call (patch dropout off, as in eval): a new
+        # partial each time, which a compiled block reading self.rope.forward would recompile on.
+        self.rope.forward = partial(self.rope.forward, patch_indices_keep=None)
         for block in self.blocks:
             x = x + block(x)
         return self.norm(x)[:, 0]
