@@ -383,6 +383,33 @@ def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off(tmp_path) -> None:
         reader.close()
 
 
+def test_a_device_error_quarantines_its_chunk_and_out_of_memory_does_not(tmp_path, monkeypatch) -> None:
+    """A CUDA kernel fault is a RuntimeError that leaves the device unusable: its chunk must not come back
+    to the GPU after the restart that follows. Out of memory passes: the same files fit another time."""
+    import torch
+
+    from image_search import gpudecode
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
+    real_encode, failures = gpudecode.encode_jpeg, [torch.cuda.OutOfMemoryError("CUDA out of memory."),
+                                                    RuntimeError("CUDA error: an illegal memory access was encountered")]
+
+    def encode_failing(pictures, quality):
+        if failures:
+            raise failures.pop(0)
+        return real_encode(pictures, quality=quality)
+
+    monkeypatch.setattr(gpudecode, "encode_jpeg", encode_failing)
+    quarantine = DecodeQuarantine(tmp_path / "state")
+    results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
+    assert results[0] is None and results[1] is None and results[2] is not None  # both to the CPU path
+    assert sources[0].file_hash not in quarantine  # out of memory
+    assert sources[1].file_hash in quarantine and sources[2].file_hash not in quarantine
+    assert sources[1].file_hash in DecodeQuarantine(tmp_path / "state")  # and at the next start
+
+
 def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_path) -> None:
     blocker = tmp_path / "state"
     blocker.write_text("a file where the state directory should be")

@@ -220,11 +220,7 @@ class DecodeQuarantine:
         crashed: dict[str, str] = {}
         for left in left_behind:
             crashed.update(_read_entries(left))
-        new = {key: name for key, name in crashed.items() if key not in self._entries}
-        if new:  # written before the in-flight files go, so a crash in between loses nothing
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.writelines(f"{key}\t{name}\n" for key, name in new.items())
-            self._entries.update(new)
+        self._add(crashed)  # before the in-flight files go, so a crash in between loses nothing
         for left in left_behind:
             left.unlink(missing_ok=True)
         self._in_flight.write_text("", encoding="utf-8")  # fail now, not at the first chunk, if unwritable
@@ -249,12 +245,28 @@ class DecodeQuarantine:
 
     @contextmanager
     def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
-        """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file."""
+        """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file.
+
+        An error other than out of memory (which passes) quarantines them too: a CUDA kernel fault
+        surfaces as a RuntimeError and leaves the device unusable, so the process is likely to stop
+        soon after, with the in-flight file already gone."""
         self._in_flight.write_text("".join(f"{key}\t{name}\n" for key, name in entries), encoding="utf-8")
         try:
             yield
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:
+            self._add(dict(entries))
+            raise
         finally:
             self._in_flight.unlink(missing_ok=True)
+
+    def _add(self, entries: dict[str, str]) -> None:
+        new = {key: name for key, name in entries.items() if key not in self._entries}
+        if new:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.writelines(f"{key}\t{name}\n" for key, name in new.items())
+            self._entries.update(new)
 
 
 def _read_entries(path: Path) -> dict[str, str]:
