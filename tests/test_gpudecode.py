@@ -5,7 +5,9 @@ the model's input), that a file it refuses costs nothing, and that the identity 
 from __future__ import annotations
 
 import io
+import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -345,9 +347,6 @@ def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_r
 
 
 def test_the_quarantine_keeps_what_a_dead_process_left_and_ignores_a_running_ones(tmp_path) -> None:
-    import os
-    import socket
-
     state = tmp_path / "state"
     state.mkdir()
     host = socket.gethostname()
@@ -368,8 +367,6 @@ def test_the_quarantine_keeps_what_a_dead_process_left_and_ignores_a_running_one
 def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off(tmp_path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    import socket
-
     (state / f"{IN_FLIGHT_PREFIX}.{socket.gethostname()}.4194305").write_text("start-up-check\t\n")
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool, capture_logs() as logs:
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None
