@@ -380,6 +380,25 @@ def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off(tmp_path) -> None:
         reader.close()
 
 
+def test_a_check_that_fails_with_an_error_turns_gpu_decoding_off_for_this_run_only(tmp_path, monkeypatch) -> None:
+    """A device without a JPEG codec (an error, not a crash) is no reason to keep it off after, say, a
+    driver upgrade: only a process that died in the check is remembered."""
+    from image_search import gpudecode
+
+    def no_codec(*args, **kwargs):
+        raise RuntimeError("nvjpeg is not available in this build")
+
+    state = tmp_path / "state"
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        with monkeypatch.context() as patched:
+            patched.setattr(gpudecode, "decode_jpeg", no_codec)
+            assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None
+        assert not DecodeQuarantine(state).device_crashed
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state)
+        assert reader is not None
+        reader.close()
+
+
 def test_a_device_error_quarantines_its_chunk_and_out_of_memory_does_not(tmp_path, monkeypatch) -> None:
     """A CUDA kernel fault is a RuntimeError that leaves the device unusable: its chunk must not come back
     to the GPU after the restart that follows. Out of memory passes: the same files fit another time."""

@@ -247,16 +247,17 @@ class DecodeQuarantine:
     def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
         """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file.
 
-        An error other than out of memory (which passes) quarantines them too: a CUDA kernel fault
+        An error other than out of memory (which passes) quarantines the files too: a CUDA kernel fault
         surfaces as a RuntimeError and leaves the device unusable, so the process is likely to stop
-        soon after, with the in-flight file already gone."""
+        soon after, with the in-flight file already gone. Not the start-up check's: its error only says
+        the device has no JPEG codec now (the check then turns GPU decoding off for this run alone)."""
         self._in_flight.write_text("".join(f"{key}\t{name}\n" for key, name in entries), encoding="utf-8")
         try:
             yield
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception:
-            self._add(dict(entries))
+            self._add({key: name for key, name in entries if key != CHECK_KEY})
             raise
         finally:
             self._in_flight.unlink(missing_ok=True)
