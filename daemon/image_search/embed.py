@@ -27,7 +27,7 @@ import structlog
 import torch
 from PIL import Image
 
-from .errors import DimensionError, ModelLoadError, NoTextTower
+from .errors import DimensionError, ModelLoadError, NoTextTower, describe
 from .eva_attention import patch_eva_attention
 from .pixels import PixelSpec, PixelSpecError, load_pixel_spec, to_model_pixels
 
@@ -57,7 +57,7 @@ def _looks_like_path(model_name: str) -> bool:
 def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
     if _is_local(model_name):
         return ModelLoadError(
-            f"model directory '{model_name}' cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"model directory '{model_name}' cannot be loaded ({describe(exc)}). "
             "Check that it holds a complete transformers checkpoint (config.json, weights, preprocessor_config.json)."
         )
     if _looks_like_path(model_name):  # a hub id is "name" or "org/name"; advice about the hub cache would mislead
@@ -463,7 +463,7 @@ def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _T
             tokenizer = model.get_tokenizer()
         except (OSError, ValueError, ImportError) as exc:
             return unavailable(f"the tokenizer of model '{model_name}' cannot be loaded "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+                               f"({describe(exc)})")
         get_instruction = getattr(getattr(model, "text_model", None), "get_instruction_from_task", None)
         instruction = (get_instruction(JINA_QUERY_TASK) or "") if callable(get_instruction) else ""
         return _TextSide(tokenizer, _token_limit(tokenizer, model.config), True, instruction, None)
@@ -475,7 +475,7 @@ def _load_text_side(model: Any, family: str, source: str, model_name: str) -> _T
     except (OSError, ValueError, ImportError, TypeError) as exc:
         # TypeError: transformers' way of saying a slow tokenizer's files (vocab.json...) are missing.
         return unavailable(f"model '{model_name}' has no usable tokenizer, so it cannot read text queries "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); a model "
+                           f"({describe(exc)}); a model "
                            "directory needs its tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
     # SigLIP was trained on text padded to its full length; CLIP pads to the longest query.
     padding: bool | str = "max_length" if getattr(model.config, "model_type", "") == "siglip" else True

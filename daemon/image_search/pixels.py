@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import describe
+
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # OpenAI CLIP's statistics: the defaults of CLIPImageProcessor and of jina's processor.
@@ -213,9 +215,8 @@ def preprocessor_config_path(model_name_or_dir: str) -> Path:
         try:
             return Path(hf_hub_download(model_name_or_dir, PREPROCESSOR_CONFIG))
         except Exception as exc:  # any hub failure (network, missing repo or file) is the same one line
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
             raise PixelSpecError(f"model '{model_name_or_dir}': {PREPROCESSOR_CONFIG} could not be downloaded "
-                                 f"({type(exc).__name__}: {first_line})") from None
+                                 f"({describe(exc)})") from None
     raise PixelSpecError(f"model '{model_name_or_dir}': {PREPROCESSOR_CONFIG} is not in the local Hugging Face "
                          "cache (HF_HUB_OFFLINE is set)")
 
