@@ -5,9 +5,7 @@ the model's input), that a file it refuses costs nothing, and that the identity 
 from __future__ import annotations
 
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,8 @@ from structlog.testing import capture_logs
 from image_search.config import load_config
 from image_search.embed import Embedder
 from image_search.gpudecode import (
+    CHECK_CRASHED_NAME,
+    CHECK_KEY,
     IN_FLIGHT_PREFIX,
     QUARANTINE_NAME,
     BatchedJpegDecoder,
@@ -346,37 +346,44 @@ def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_r
     assert all(isinstance(o, PreprocessedFile) for o in outcomes) and reader.decoded_on_device == 1
 
 
-def test_the_quarantine_keeps_what_a_dead_process_left_and_ignores_a_running_ones(tmp_path) -> None:
+def test_the_quarantine_takes_what_a_dead_process_left_and_leaves_a_running_ones(tmp_path) -> None:
+    """Liveness is the in-flight file's lock, which the kernel drops when its process dies: no host name or
+    pid is trusted (a container on the same volume, a reused pid)."""
     state = tmp_path / "state"
-    state.mkdir()
-    host = socket.gethostname()
     dead, running = "a" * 32, "b" * 32
-    # A pid no process has (above the kernel's pid_max), and this test's own parent, which runs.
-    (state / f"{IN_FLIGHT_PREFIX}.{host}.4194305").write_text(f"{dead}\t/photos/dead.jpg\n{'c' * 31}")  # cut short
-    (state / f"{IN_FLIGHT_PREFIX}.{host}.{os.getppid()}").write_text(f"{running}\t/photos/busy.jpg\n")
-    (state / f"{IN_FLIGHT_PREFIX}.other-host.4194305").write_text(f"{running}\t/photos/elsewhere.jpg\n")
-    quarantine = DecodeQuarantine(state)
-    assert dead in quarantine and running not in quarantine and len(quarantine) == 1
-    assert not quarantine.device_crashed
-    assert (state / QUARANTINE_NAME).read_text() == f"{dead}\t/photos/dead.jpg\n"
-    # The running process's file and the other host's are not this process's to take.
-    assert sorted(p.name.split(".")[1] for p in state.glob(f"{IN_FLIGHT_PREFIX}.*")) == sorted([host, "other-host"])
-    assert dead in DecodeQuarantine(state) and len(DecodeQuarantine(state)) == 1  # kept, not added twice
+    busy = DecodeQuarantine(state)  # another process that decodes now
+    # A dead process's file: nobody holds its lock. Its last line was cut short by the crash.
+    (state / f"{IN_FLIGHT_PREFIX}.0dead").write_text(f"{dead}\t/photos/dead.jpg\n{'c' * 31}")
+    with busy.in_flight([(running, "/photos/busy.jpg")]):
+        quarantine = DecodeQuarantine(state)
+        assert dead in quarantine and running not in quarantine and len(quarantine) == 1
+        assert (state / QUARANTINE_NAME).read_text() == f"{dead}\t/photos/dead.jpg\n"
+        assert not (state / f"{IN_FLIGHT_PREFIX}.0dead").exists()
+        assert len(list(state.glob(f"{IN_FLIGHT_PREFIX}.*"))) == 2  # the busy one's, and this one's own
+    for q in (busy, quarantine):
+        q.close()
+    assert not list(state.glob(f"{IN_FLIGHT_PREFIX}.*"))  # a process that stops cleanly leaves none
+    again = DecodeQuarantine(state)
+    assert dead in again and len(again) == 1  # kept, not added twice
+    again.close()
 
 
-def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off(tmp_path) -> None:
+def test_a_crash_in_the_start_up_check_turns_gpu_decoding_off_until_its_mark_is_deleted(tmp_path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / f"{IN_FLIGHT_PREFIX}.{socket.gethostname()}.4194305").write_text("start-up-check\t\n")
+    earlier = "d" * 32
+    (state / QUARANTINE_NAME).write_text(f"{earlier}\t/photos/crashed-once.jpg\n")
+    (state / f"{IN_FLIGHT_PREFIX}.0dead").write_text(f"{CHECK_KEY}\t\n")
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool, capture_logs() as logs:
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None  # still off
     reasons = [e["reason"] for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
-    assert len(reasons) == 2 and all(QUARANTINE_NAME in r for r in reasons)
-    (state / QUARANTINE_NAME).unlink()  # the documented way back
+    assert len(reasons) == 2 and all(CHECK_CRASHED_NAME in r for r in reasons)
+    (state / CHECK_CRASHED_NAME).unlink()  # the way back, as the warning says
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
         reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state)
         assert reader is not None
+        assert earlier in reader.decoder.quarantine  # the files quarantined before stay so
         reader.close()
 
 
@@ -393,37 +400,51 @@ def test_a_check_that_fails_with_an_error_turns_gpu_decoding_off_for_this_run_on
         with monkeypatch.context() as patched:
             patched.setattr(gpudecode, "decode_jpeg", no_codec)
             assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state) is None
-        assert not DecodeQuarantine(state).device_crashed
+        assert not (state / CHECK_CRASHED_NAME).exists()
         reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=state)
         assert reader is not None
         reader.close()
 
 
-def test_a_device_error_quarantines_its_chunk_and_out_of_memory_does_not(tmp_path, monkeypatch) -> None:
-    """A CUDA kernel fault is a RuntimeError that leaves the device unusable: its chunk must not come back
-    to the GPU after the restart that follows. Out of memory passes: the same files fit another time."""
+@pytest.mark.parametrize("stage", ["decode", "encode"])
+def test_a_chunk_that_breaks_the_device_is_quarantined_and_one_that_does_not_is_not(tmp_path, monkeypatch, stage) -> None:
+    """A CUDA kernel fault is raised as an error and is sticky (every later call fails), so the process
+    stops soon after: that chunk must not come back to the device. Out of memory, or a file nvJPEG
+    refuses, leaves the device working: those files may be tried again another time."""
     import torch
 
     from image_search import gpudecode
 
-    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    widths = (400, 420, 440)  # which file a call is about: its width, or its length in bytes
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(w, 300), seed=i) for i, w in enumerate(widths)]
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
-    real_encode, failures = gpudecode.encode_jpeg, [torch.cuda.OutOfMemoryError("CUDA out of memory."),
-                                                    RuntimeError("CUDA error: an illegal memory access was encountered")]
+    broken = {"device": False}
+    real = getattr(gpudecode, f"{stage}_jpeg")
 
-    def encode_failing(pictures, quality):
-        if failures:
-            raise failures.pop(0)
-        return real_encode(pictures, quality=quality)
+    def failing(items, **kwargs):
+        first = items[0]
+        index = ([len(s.data) for s in sources].index(len(first)) if stage == "decode"
+                 else widths.index(first.shape[-1]) if first.shape[-1] in widths else None)
+        if index == 0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        if index == 1:
+            broken["device"] = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(items, **kwargs)
 
-    monkeypatch.setattr(gpudecode, "encode_jpeg", encode_failing)
+    monkeypatch.setattr(gpudecode, f"{stage}_jpeg", failing)
+    monkeypatch.setattr(BatchedJpegDecoder, "_device_fault", lambda self: broken["device"])
     quarantine = DecodeQuarantine(tmp_path / "state")
     results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
-    assert results[0] is None and results[1] is None and results[2] is not None  # both to the CPU path
-    assert sources[0].file_hash not in quarantine  # out of memory
+    # Out of memory in the decode is a refusal of the file; after the encode, of the chunk: CPU path both.
+    assert results[0] is None and results[1] is None and results[2] is not None
+    assert sources[0].file_hash not in quarantine
     assert sources[1].file_hash in quarantine and sources[2].file_hash not in quarantine
-    assert sources[1].file_hash in DecodeQuarantine(tmp_path / "state")  # and at the next start
+    quarantine.close()
+    later = DecodeQuarantine(tmp_path / "state")
+    assert sources[1].file_hash in later and len(later) == 1  # and at the next start
+    later.close()
 
 
 def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_path) -> None:

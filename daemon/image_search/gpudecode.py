@@ -25,9 +25,10 @@ prove it on a machine without a GPU; the indexer uses it only on CUDA, where it 
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
-import socket
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import describe
 from .pixels import PixelSpec, crop_box, resize_target
 from .preprocess import (
     JPEG_QUALITY,
@@ -68,10 +70,12 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
 _EXIF_ORIENTATION = 0x0112
-# In the state directory: the chunk a process is decoding (one file per process) and the files a dead
-# process was decoding. One "<md5>\t<path>" line per file; the start-up check's line has CHECK_KEY.
+# In the state directory (DecodeQuarantine): the chunk a process is decoding (one file per process), the
+# files a dead process was decoding, and the mark of a death in the start-up check. One "<md5>\t<path>"
+# line per file; the start-up check's line has CHECK_KEY.
 IN_FLIGHT_PREFIX = "gpu-jpeg-in-flight"
 QUARANTINE_NAME = "gpu-jpeg-quarantine"
+CHECK_CRASHED_NAME = "gpu-jpeg-check-crashed"
 CHECK_KEY = "start-up-check"
 
 
@@ -199,39 +203,59 @@ def _chunks(files: Sequence[PlainJpeg]) -> list[Sequence[PlainJpeg]]:
 class DecodeQuarantine:
     """The JPEGs the batched decoder must not take again: those it was decoding when a process died.
 
-    Around each chunk (``in_flight``) its files are written to ``gpu-jpeg-in-flight.<host>.<pid>`` in the
-    state directory, and that file is removed when the chunk is done, whatever the outcome. One left behind
-    by a process of this host that no longer runs names the chunk that killed it: on opening, its lines
-    move to ``gpu-jpeg-quarantine``, whose files take the CPU path from then on. By MD5, so a renamed file
-    stays quarantined and a changed one (new bytes) is tried again. A process that died in the decoder's
-    start-up check turns GPU decoding off (``device_crashed``) until the quarantine file is removed.
+    Each process that decodes keeps one in-flight file, ``gpu-jpeg-in-flight.<random>`` in the state
+    directory, open and locked (``flock``) for as long as it runs: during a chunk it holds the chunk's
+    lines, between chunks it is empty. The kernel releases a lock when its process dies, however it dies,
+    so a file another start can lock belongs to a dead process (whatever host, container or pid it had):
+    its lines are appended to ``gpu-jpeg-quarantine`` and it is removed. Quarantined files take the CPU
+    path from then on; by MD5, so a renamed file stays quarantined and a changed one (new bytes) is tried
+    again. A process that died in the decoder's start-up check leaves ``gpu-jpeg-check-crashed`` instead,
+    which turns GPU decoding off until it is deleted (the quarantined files stay quarantined).
+
+    Lines are written without fsync: what must survive is the death of a process, not of the machine.
     """
 
     def __init__(self, directory: Path) -> None:
         """Raises OSError when ``directory`` cannot be written (then nothing protects a restart)."""
-        self.path = directory / QUARANTINE_NAME
-        host = socket.gethostname().replace("/", "_")
-        self._in_flight = directory / f"{IN_FLIGHT_PREFIX}.{host}.{os.getpid()}"
         directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / QUARANTINE_NAME
+        self.check_crashed_path = directory / CHECK_CRASHED_NAME
         self._entries = _read_entries(self.path)
-        # This process's own name counts too: a restarted service can be given its dead predecessor's pid.
-        left_behind = [f for f in sorted(directory.glob(f"{IN_FLIGHT_PREFIX}.{host}.*"))
-                       if f == self._in_flight or not _process_runs(f.name.rsplit(".", 1)[-1])]
-        crashed: dict[str, str] = {}
-        for left in left_behind:
-            crashed.update(_read_entries(left))
-        self._add(crashed)  # before the in-flight files go, so a crash in between loses nothing
-        for left in left_behind:
-            left.unlink(missing_ok=True)
-        self._in_flight.write_text("", encoding="utf-8")  # fail now, not at the first chunk, if unwritable
-        self._in_flight.unlink()
+        crashed = self._reclaim(directory)
+        self._own_path, self._own = _locked_in_flight_file(directory)
         if crashed:
-            log.warning("gpu_jpeg_decode_crashed", files=sorted(name for key, name in crashed.items() if key != CHECK_KEY),
-                        quarantine=str(self.path),
-                        detail="a process stopped while the GPU decoded these files; the CPU workers decode them "
-                               "from now on" if CHECK_KEY not in crashed else
-                               "a process stopped in the GPU decoder's start-up check; GPU decoding stays off "
-                               "until the quarantine file is removed")
+            if CHECK_KEY in crashed:
+                self.check_crashed_path.write_text(
+                    "A process stopped in the GPU JPEG decoder's start-up check. Delete this file to try GPU "
+                    "decoding again.\n", encoding="utf-8")
+            files = sorted(name for key, name in crashed.items() if key != CHECK_KEY)
+            log.warning("gpu_jpeg_decode_crashed", files=files, quarantine=str(self.path),
+                        detail="a process stopped in the GPU decoder's start-up check; GPU decoding stays off "
+                               f"until {self.check_crashed_path} is deleted" if CHECK_KEY in crashed else
+                               "a process stopped while the GPU decoded these files; the CPU workers decode them "
+                               "from now on")
+
+    def _reclaim(self, directory: Path) -> dict[str, str]:
+        """Quarantine what dead processes' in-flight files hold, then remove those files."""
+        crashed: dict[str, str] = {}
+        reclaimed: list[tuple[Path, int]] = []
+        for left in sorted(directory.glob(f"{IN_FLIGHT_PREFIX}.*")):
+            try:
+                fd = os.open(left, os.O_RDONLY)
+            except FileNotFoundError:  # another start reclaimed it
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its process runs
+                os.close(fd)
+                continue
+            crashed.update(_read_entries(left))
+            reclaimed.append((left, fd))
+        self.add({key: name for key, name in crashed.items() if key != CHECK_KEY})
+        for left, fd in reclaimed:  # only now: a crash before this line loses nothing
+            left.unlink(missing_ok=True)
+            os.close(fd)
+        return crashed
 
     def __contains__(self, file_hash: object) -> bool:
         return file_hash in self._entries
@@ -240,34 +264,45 @@ class DecodeQuarantine:
         return len(self._entries)
 
     @property
-    def device_crashed(self) -> bool:
-        return CHECK_KEY in self._entries
+    def check_crashed(self) -> bool:
+        return self.check_crashed_path.exists()
 
     @contextmanager
     def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
-        """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file.
-
-        An error other than out of memory (which passes) quarantines the files too: a CUDA kernel fault
-        surfaces as a RuntimeError and leaves the device unusable, so the process is likely to stop
-        soon after, with the in-flight file already gone. Not the start-up check's: its error only says
-        the device has no JPEG codec now (the check then turns GPU decoding off for this run alone)."""
-        self._in_flight.write_text("".join(f"{key}\t{name}\n" for key, name in entries), encoding="utf-8")
+        """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file."""
         try:
+            os.pwrite(self._own, "".join(f"{key}\t{name}\n" for key, name in entries).encode("utf-8"), 0)
             yield
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:
-            self._add({key: name for key, name in entries if key != CHECK_KEY})
-            raise
         finally:
-            self._in_flight.unlink(missing_ok=True)
+            os.ftruncate(self._own, 0)
 
-    def _add(self, entries: dict[str, str]) -> None:
+    def add(self, entries: dict[str, str]) -> None:
+        """Quarantine these files now (md5 -> path)."""
         new = {key: name for key, name in entries.items() if key not in self._entries}
         if new:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.writelines(f"{key}\t{name}\n" for key, name in new.items())
             self._entries.update(new)
+
+    def close(self) -> None:
+        self._own_path.unlink(missing_ok=True)
+        os.close(self._own)
+
+
+def _locked_in_flight_file(directory: Path) -> tuple[Path, int]:
+    """A new, empty in-flight file, locked by this process. Locked under a hidden name first, so no
+    other start can take it for a dead process's in the moment between creating and locking it."""
+    name = f"{IN_FLIGHT_PREFIX}.{uuid.uuid4().hex}"
+    hidden = directory / f".{name}"
+    fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(hidden, directory / name)
+    except OSError:
+        os.close(fd)
+        hidden.unlink(missing_ok=True)
+        raise
+    return directory / name, fd
 
 
 def _read_entries(path: Path) -> dict[str, str]:
@@ -284,16 +319,6 @@ def _read_entries(path: Path) -> dict[str, str]:
     return entries
 
 
-def _process_runs(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 class BatchedJpegDecoder:
     """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
     model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
@@ -307,8 +332,8 @@ class BatchedJpegDecoder:
 
     def check(self) -> str | None:
         """None when this device decodes and encodes JPEGs, else why not (one line)."""
-        if self.quarantine is not None and self.quarantine.device_crashed:
-            return f"a process stopped in this check before (see {self.quarantine.path})"
+        if self.quarantine is not None and self.quarantine.check_crashed:
+            return f"a process stopped in this check before (delete {self.quarantine.check_crashed_path} to try again)"
         probe = io.BytesIO()
         Image.new("RGB", (16, 8), (200, 30, 30)).save(probe, format="JPEG")
         try:
@@ -316,7 +341,7 @@ class BatchedJpegDecoder:
                 [picture] = self._decode([bytearray(probe.getvalue())])
                 self._encode([picture], JPEG_QUALITY)
         except Exception as exc:  # no nvJPEG in this build, a driver without it...
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return describe(exc)
         return None
 
     def _in_flight(self, entries: Sequence[tuple[str, str]]):
@@ -324,19 +349,44 @@ class BatchedJpegDecoder:
 
     def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
         """One result per file, in order; None for a file the decoder refused, or for a chunk the device
-        could not finish (out of memory, a kernel error): the CPU path takes those."""
+        could not finish (out of memory, a kernel error, any error): the CPU path takes those. A chunk
+        that leaves the device broken (``_device_fault``) is quarantined as well."""
         out: list[PreprocessedFile | None] = []
         for chunk in _chunks(files):
+            entries = [(f.file_hash, str(f.path)) for f in chunk]
             try:
-                with self._in_flight([(f.file_hash, str(f.path)) for f in chunk]):
-                    out.extend(self._prepare_chunk(chunk))
-            except (RuntimeError, OSError) as exc:  # torch.cuda.OutOfMemoryError is one; OSError: the state directory
-                log.warning("gpu_jpeg_chunk_failed", files=len(chunk), reason=f"{type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}", detail="decoded by the CPU workers")
-                if self.device.type == "cuda":
+                self._synchronize()  # first: a fault left by earlier work (the model's) is not this chunk's
+                with self._in_flight(entries):
+                    try:
+                        prepared = self._prepare_chunk(chunk)
+                    except Exception:
+                        # A kernel fault is raised as an error, and the process is likely to stop soon after
+                        # (every later CUDA call fails): its files must not come back to the device.
+                        if self.quarantine is not None and self._device_fault():
+                            self.quarantine.add(dict(entries))
+                        raise
+            except Exception as exc:
+                log.warning("gpu_jpeg_chunk_failed", files=len(chunk), reason=describe(exc),
+                            detail="decoded by the CPU workers")
+                if self.device.type == "cuda" and not self._device_fault():
                     torch.cuda.empty_cache()
-                out.extend([None] * len(chunk))
+                prepared = [None] * len(chunk)
+            out.extend(prepared)
         return out
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _device_fault(self) -> bool:
+        """After an error: is the device itself broken? A CUDA kernel fault (an illegal address...) is
+        sticky: every later call fails with it, a device synchronisation first. A refused file, or out of
+        memory, leaves the device working."""
+        try:
+            self._synchronize()
+        except RuntimeError:
+            return True
+        return False
 
     def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
         decoded = self._decode_each([f.data for f in files])
@@ -386,16 +436,20 @@ class BatchedJpegDecoder:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
     def _decode_each(self, data: Sequence[bytearray]) -> list[torch.Tensor | None]:
-        """The whole chunk in one call; when that fails (one odd file fails the call), file by file."""
+        """The whole chunk in one call; when that fails (one odd file fails the call), file by file.
+        An error that left the device broken is raised: it is no file's refusal."""
         try:
             return list(self._decode(data))
         except RuntimeError:
-            pass
+            if self._device_fault():
+                raise
         out: list[torch.Tensor | None] = []
         for one in data:
             try:
                 out.append(self._decode([one])[0])
             except RuntimeError:
+                if self._device_fault():
+                    raise
                 out.append(None)
         return out
 
@@ -460,22 +514,28 @@ class GpuJpegReader:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
+        if self.decoder.quarantine is not None:
+            self.decoder.quarantine.close()
 
 
 def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: PixelSpec,
                     threads: int, state_directory: Path) -> GpuJpegReader | None:
     """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why).
     Its quarantine lives in ``state_directory``; where that cannot be written, the CPU path is used."""
+    quarantine: DecodeQuarantine | None = None
     try:
         quarantine = DecodeQuarantine(state_directory)
     except OSError as exc:
-        problem: str | None = f"state directory {state_directory} cannot be written ({exc.strerror or exc})"
+        problem: str | None = (f"state directory {state_directory} cannot be written ({exc.strerror or exc}); "
+                               "nothing would keep a file that crashes the decoder from crashing it again")
     else:
         decoder = BatchedJpegDecoder(device, max_size=pool.settings.max_size, spec=spec, quarantine=quarantine)
         problem = decoder.check()
     if problem is not None:
         log.warning("gpu_jpeg_decode_unavailable", device=str(device), reason=problem,
                     detail="JPEGs are decoded by the CPU workers")
+        if quarantine is not None:
+            quarantine.close()
         return None
     log.info("gpu_jpeg_decode", device=str(device), chunk=DECODE_CHUNK, quarantined=len(quarantine))
     return GpuJpegReader(pool, decoder, threads=threads)
