@@ -72,6 +72,33 @@ def test_blocks_that_would_compile_at_every_pass_are_put_back_eager() -> None:
     assert torch.equal(blocks[0](torch.ones(1)), torch.full((1,), 5.0))  # eager again: reads the tag as it is
 
 
+def test_blocks_that_need_more_graphs_than_dynamo_keeps_are_put_back_eager() -> None:
+    """Ten blocks that each need a graph of their own (a string attribute guarded by value) pass dynamo's
+    limit of 8 compiled versions of the one code they share: past it dynamo runs them eagerly without a
+    word, and the compile would be reported as done. The start-up passes make that an error instead."""
+
+    class Tagged(nn.Module):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.tag = "+" * (index + 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * len(self.tag)
+
+    blocks = nn.ModuleList([Tagged(i) for i in range(10)])
+
+    def forward(size: int) -> None:
+        x = torch.ones(size, 3)
+        for block in blocks:
+            x = block(x)
+
+    with capture_logs() as logs:
+        assert compile_blocks(blocks, forward) is False
+    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
+    assert "fail_on_recompile_limit_hit" in event["reason"], event
+    assert all(b._compiled_call_impl is None for b in blocks)
+
+
 def test_a_model_without_repeated_vision_blocks_is_not_compiled() -> None:
     assert vision_blocks(nn.Linear(2, 2)) is None
 

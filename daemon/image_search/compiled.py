@@ -12,9 +12,10 @@ tower, which rebinds as jina's does).
 
 It costs start-up time, not the first ingest's: ``compile_blocks`` compiles at batch sizes 1 and 2
 (torch specialises size 1 and makes the batch dimension dynamic at the second size), then runs a third
-size with recompiles forbidden. Blocks that would recompile there, or that do not compile at all (no C
-compiler for the CPU backend, an operator the backend lacks), are put back as they were, with one
-warning, and the model runs eagerly.
+size with recompiles forbidden. Blocks that would recompile there, that need more graphs than dynamo
+keeps (it would run them eagerly without a word), or that do not compile at all (no C compiler for the
+CPU backend, an operator the backend lacks, a Python torch.compile does not support) are put back as
+they were, with one warning, and the model runs eagerly.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Callable
 import structlog
 import torch
 from torch import nn
+
+from .errors import describe
 
 log = structlog.get_logger(__name__)
 
@@ -47,21 +50,22 @@ def compile_blocks(blocks: nn.ModuleList, forward: Callable[[int], object]) -> b
     of the model they belong to. True when they run compiled; False (one warning, the blocks as they
     were) when the compile fails or a pass at a new batch size would compile again."""
     started = time.monotonic()
-    for block in blocks:
-        block.compile()
     try:
-        for size in WARM_UP_SIZES:
-            forward(size)
-        with torch.compiler.set_stance("fail_on_recompile"):
-            forward(PROOF_SIZE)
-    except Exception as exc:  # a backend error, a C compiler missing, a recompile at the proof size...
+        for block in blocks:
+            block.compile()  # raises on a Python torch.compile does not support yet
+        # Past dynamo's limit of compiled versions a code object runs eagerly from then on, unseen by the
+        # stance below (blocks that each need a graph of their own, say): raise that too.
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for size in WARM_UP_SIZES:
+                forward(size)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                forward(PROOF_SIZE)
+    except Exception as exc:  # a backend error, no C compiler, a recompile at the proof size...
         for block in blocks:
             # nn.Module.compile keeps the compiled call here; without it the module calls forward as before.
             block._compiled_call_impl = None
         torch.compiler.reset()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        log.warning("model_compile_failed", reason=f"{type(exc).__name__}: {first}"[:300],
-                    detail="the model runs without torch.compile")
+        log.warning("model_compile_failed", reason=describe(exc)[:300], detail="the model runs without torch.compile")
         return False
     log.info("model_compiled", blocks=len(blocks), block=type(blocks[0]).__name__,
              seconds=round(time.monotonic() - started, 1))

@@ -132,10 +132,10 @@ def measure(device: torch.device, *, batch: int, rounds: int) -> dict[str, float
             tower(pixels[:1].expand(count, -1, -1, -1))
 
     started = time.perf_counter()
-    if not compile_blocks(tower.blocks, forward):
-        raise RuntimeError("compile_blocks left the stand-in tower eager (see the warning above)")
+    # A compile that fails (its warning says why) costs only its own numbers, reported as 0.
+    compiled_ok = compile_blocks(tower.blocks, forward)
     compile_s = time.perf_counter() - started
-    compiled = _images_per_s(tower, pixels, rounds)
+    compiled = _images_per_s(tower, pixels, rounds) if compiled_ok else 0.0
     del tower, pixels
     torch.compiler.reset()
     if device.type == "cuda":
