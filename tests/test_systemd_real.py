@@ -33,6 +33,8 @@ from tests.support.waiting import poll_until
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPO / "systemd" / "image-search.service"
+# The unit's cache directory in Environment= values: the test points those paths into its tree.
+CACHE_DIRECTORY = "%C/image-search/"
 # Outside the prefixes that are fresh tmpfs inside the namespace (see the module docstring).
 FALLBACK_TMP_ROOT = Path("/var/cache/image-search-tests")
 SYSTEMD_TMP_ROOT = (
@@ -239,8 +241,9 @@ def derive_test_unit(
 
     Kept from the production unit: Type, NotifyAccess, WatchdogSec, kill settings, User/Group
     (the harness creates the user inside the namespace), and all hardening.
-    Changed: ExecStart; ReadWritePaths, WorkingDirectory, HF_HOME and the state directory
-    point into `tree`; StateDirectory=/CacheDirectory= are dropped (they would create
+    Changed: ExecStart; ReadWritePaths, WorkingDirectory, the state directory and every
+    Environment= path in the cache directory (%C/image-search/..., e.g. HF_HOME) point into
+    `tree`; StateDirectory=/CacheDirectory= are dropped (they would create
     /var/lib/image-search and /var/cache/image-search on the host's disk, shared with the
     namespace); EnvironmentFile= is dropped; Restart=no so a failure shows up at once.
     If the Python installation lives under a home-like path (e.g. pyenv in /root, mode 0700),
@@ -250,7 +253,6 @@ def derive_test_unit(
     own) gets a BindReadOnlyPaths= of just that directory.
     """
     env = {
-        "HF_HOME": str(tree / "cache" / "huggingface"),
         "IMAGE_SEARCH_STATE_DIRECTORY": str(tree / "state"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -267,6 +269,9 @@ def derive_test_unit(
             continue
         if key == "Environment" and line.split("=", 2)[1] in env:
             continue
+        if key == "Environment" and line.split("=", 2)[2].startswith(CACHE_DIRECTORY):
+            name, value = line.split("=", 2)[1:]
+            raw = f'Environment="{name}={tree / "cache" / value.removeprefix(CACHE_DIRECTORY)}"'
         if key == "ExecStart":
             raw = f"ExecStart={exec_start}"
         elif key == "ReadWritePaths":
