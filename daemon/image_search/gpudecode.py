@@ -291,7 +291,9 @@ class DecodeQuarantine:
 
 def _locked_in_flight_file(directory: Path) -> tuple[Path, int]:
     """A new, empty in-flight file, locked by this process. Locked under a hidden name first, so no
-    other start can take it for a dead process's in the moment between creating and locking it."""
+    other start can take it for a dead process's in the moment between creating and locking it. The
+    descriptor is not inheritable (os.open's default): the processes this one starts (CPU workers, the
+    embedded PostgreSQL) cannot keep the lock alive after it dies."""
     name = f"{IN_FLIGHT_PREFIX}.{uuid.uuid4().hex}"
     hidden = directory / f".{name}"
     fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
