@@ -99,6 +99,20 @@ def test_blocks_that_need_more_graphs_than_dynamo_keeps_are_put_back_eager() -> 
     assert all(b._compiled_call_impl is None for b in blocks)
 
 
+def test_a_torch_compile_that_refuses_to_start_leaves_the_blocks_eager(monkeypatch) -> None:
+    """torch.compile itself raises on a Python it does not support yet: a warning, not a failed start."""
+
+    def unsupported(self, *args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on Python 3.16+")
+
+    blocks = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+    monkeypatch.setattr(nn.Module, "compile", unsupported)
+    with capture_logs() as logs:
+        assert compile_blocks(blocks, lambda size: blocks[0](torch.ones(size, 3))) is False
+    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
+    assert event["reason"] == "RuntimeError: torch.compile is not supported on Python 3.16+"
+
+
 def test_a_model_without_repeated_vision_blocks_is_not_compiled() -> None:
     assert vision_blocks(nn.Linear(2, 2)) is None
 

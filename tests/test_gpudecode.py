@@ -5,6 +5,7 @@ the model's input), that a file it refuses costs nothing, and that the identity 
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -407,15 +408,16 @@ def test_a_check_that_fails_with_an_error_turns_gpu_decoding_off_for_this_run_on
 
 
 @pytest.mark.parametrize("stage", ["decode", "encode"])
-def test_a_chunk_that_breaks_the_device_is_quarantined_and_one_that_does_not_is_not(tmp_path, monkeypatch, stage) -> None:
+def test_a_chunk_that_breaks_the_device_is_quarantined_and_no_other_failure_is(tmp_path, monkeypatch, stage) -> None:
     """A CUDA kernel fault is raised as an error and is sticky (every later call fails), so the process
-    stops soon after: that chunk must not come back to the device. Out of memory, or a file nvJPEG
-    refuses, leaves the device working: those files may be tried again another time."""
+    stops soon after: that chunk must not come back to the device. Out of memory, a file nvJPEG refuses,
+    any other error leave the device working: those files may be tried again another time. Every failed
+    chunk goes to the CPU path, and the service goes on."""
     import torch
 
     from image_search import gpudecode
 
-    widths = (400, 420, 440)  # which file a call is about: its width, or its length in bytes
+    widths = (400, 420, 440, 460, 480)  # which file a call is about: its width, or its length in bytes
     paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(w, 300), seed=i) for i, w in enumerate(widths)]
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
@@ -429,6 +431,10 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_one_that_does_not_is_
         if index == 0:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
         if index == 1:
+            raise RuntimeError("nvjpeg: the bitstream is not supported")  # the device still works
+        if index == 2:
+            raise ValueError("a bug of ours")
+        if index == 3:
             broken["device"] = True
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(items, **kwargs)
@@ -437,14 +443,46 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_one_that_does_not_is_
     monkeypatch.setattr(BatchedJpegDecoder, "_device_fault", lambda self: broken["device"])
     quarantine = DecodeQuarantine(tmp_path / "state")
     results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
-    # Out of memory in the decode is a refusal of the file; after the encode, of the chunk: CPU path both.
-    assert results[0] is None and results[1] is None and results[2] is not None
-    assert sources[0].file_hash not in quarantine
-    assert sources[1].file_hash in quarantine and sources[2].file_hash not in quarantine
+    assert [r is None for r in results] == [True, True, True, True, False]
+    assert results[4].path == paths[4]
+    assert [s.file_hash in quarantine for s in sources] == [False, False, False, True, False]
     quarantine.close()
     later = DecodeQuarantine(tmp_path / "state")
-    assert sources[1].file_hash in later and len(later) == 1  # and at the next start
+    assert sources[3].file_hash in later and len(later) == 1  # and at the next start
     later.close()
+
+
+def test_failing_bookkeeping_costs_its_chunk_the_gpu_path_and_never_shifts_results(tmp_path, monkeypatch) -> None:
+    """The in-flight file cannot be written (disk full) for one chunk, and cannot be emptied after
+    another that decoded well: both chunks go to the CPU path, and every other file keeps its own result."""
+    from image_search import gpudecode
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400 + 20 * i, 300), seed=i) for i in range(4)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
+    quarantine = DecodeQuarantine(tmp_path / "state")
+    real_pwrite, real_ftruncate, calls = os.pwrite, os.ftruncate, {"pwrite": 0, "ftruncate": 0}
+
+    def pwrite(fd, data, offset):
+        calls["pwrite"] += 1
+        if calls["pwrite"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    def ftruncate(fd, length):
+        calls["ftruncate"] += 1
+        if calls["ftruncate"] == 2:  # after the second chunk (the first one's failed write was emptied too)
+            raise OSError(5, "Input/output error")
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(gpudecode.os, "pwrite", pwrite)
+    monkeypatch.setattr(gpudecode.os, "ftruncate", ftruncate)
+    results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
+    monkeypatch.undo()
+    assert len(results) == 4 and results[0] is None and results[1] is None
+    assert [r.path for r in results[2:]] == paths[2:]
+    assert len(quarantine) == 0
+    quarantine.close()
 
 
 def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_path) -> None:
@@ -453,4 +491,4 @@ def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_pa
     with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool, capture_logs() as logs:
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=blocker) is None
     [event] = [e for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
-    assert "cannot be written" in event["reason"] and str(blocker) in event["reason"]
+    assert "cannot hold the decoder's crash quarantine" in event["reason"] and str(blocker) in event["reason"]

@@ -224,10 +224,6 @@ class DecodeQuarantine:
         crashed = self._reclaim(directory)
         self._own_path, self._own = _locked_in_flight_file(directory)
         if crashed:
-            if CHECK_KEY in crashed:
-                self.check_crashed_path.write_text(
-                    "A process stopped in the GPU JPEG decoder's start-up check. Delete this file to try GPU "
-                    "decoding again.\n", encoding="utf-8")
             files = sorted(name for key, name in crashed.items() if key != CHECK_KEY)
             log.warning("gpu_jpeg_decode_crashed", files=files, quarantine=str(self.path),
                         detail="a process stopped in the GPU decoder's start-up check; GPU decoding stays off "
@@ -236,25 +232,35 @@ class DecodeQuarantine:
                                "from now on")
 
     def _reclaim(self, directory: Path) -> dict[str, str]:
-        """Quarantine what dead processes' in-flight files hold, then remove those files."""
+        """Quarantine what dead processes' in-flight files hold, then remove those files. A file that
+        cannot be opened or locked (another user's; a filesystem without locks) is left as it is."""
         crashed: dict[str, str] = {}
         reclaimed: list[tuple[Path, int]] = []
-        for left in sorted(directory.glob(f"{IN_FLIGHT_PREFIX}.*")):
-            try:
-                fd = os.open(left, os.O_RDONLY)
-            except FileNotFoundError:  # another start reclaimed it
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its process runs
+        try:
+            for left in sorted(directory.glob(f"{IN_FLIGHT_PREFIX}.*")):
+                try:
+                    # Read and write: where flock is emulated with fcntl locks (NFS), an exclusive lock
+                    # needs a descriptor open for writing, and reading through another would drop it.
+                    fd = os.open(left, os.O_RDWR)
+                except OSError:  # gone (another start reclaimed it), or not ours to open
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    crashed.update(_parse_entries(_read_all(fd)))
+                except OSError:  # BlockingIOError: its process runs
+                    os.close(fd)
+                    continue
+                reclaimed.append((left, fd))
+            self.add({key: name for key, name in crashed.items() if key != CHECK_KEY})
+            if CHECK_KEY in crashed:
+                self.check_crashed_path.write_text(
+                    "A process stopped in the GPU JPEG decoder's start-up check. Delete this file to try GPU "
+                    "decoding again.\n", encoding="utf-8")
+            for left, _ in reclaimed:  # only now: a crash before this line loses nothing
+                left.unlink(missing_ok=True)
+        finally:
+            for _, fd in reclaimed:
                 os.close(fd)
-                continue
-            crashed.update(_read_entries(left))
-            reclaimed.append((left, fd))
-        self.add({key: name for key, name in crashed.items() if key != CHECK_KEY})
-        for left, fd in reclaimed:  # only now: a crash before this line loses nothing
-            left.unlink(missing_ok=True)
-            os.close(fd)
         return crashed
 
     def __contains__(self, file_hash: object) -> bool:
@@ -270,8 +276,11 @@ class DecodeQuarantine:
     @contextmanager
     def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
         """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file."""
+        data = memoryview("".join(f"{key}\t{name}\n" for key, name in entries).encode("utf-8"))
         try:
-            os.pwrite(self._own, "".join(f"{key}\t{name}\n" for key, name in entries).encode("utf-8"), 0)
+            written = 0
+            while written < len(data):
+                written += os.pwrite(self._own, data[written:], written)
             yield
         finally:
             os.ftruncate(self._own, 0)
@@ -285,8 +294,11 @@ class DecodeQuarantine:
             self._entries.update(new)
 
     def close(self) -> None:
+        if self._own < 0:
+            return
         self._own_path.unlink(missing_ok=True)
         os.close(self._own)
+        self._own = -1
 
 
 def _locked_in_flight_file(directory: Path) -> tuple[Path, int]:
@@ -308,13 +320,21 @@ def _locked_in_flight_file(directory: Path) -> tuple[Path, int]:
 
 
 def _read_entries(path: Path) -> dict[str, str]:
-    """key -> path from a quarantine or in-flight file; a line cut short by a crash is skipped."""
+    """key -> path from the quarantine file (none when there is none)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        return _parse_entries(path.read_bytes())
     except FileNotFoundError:
         return {}
+
+
+def _read_all(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)  # a chunk's lines: a few kilobytes
+
+
+def _parse_entries(data: bytes) -> dict[str, str]:
+    """key -> path from "<md5 or CHECK_KEY>\t<path>" lines; a line cut short by a crash is skipped."""
     entries = {}
-    for line in text.splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         key, tab, name = line.partition("\t")
         if tab and (key == CHECK_KEY or (len(key) == 32 and all(c in "0123456789abcdef" for c in key))):
             entries[key] = name
@@ -361,6 +381,7 @@ class BatchedJpegDecoder:
                 with self._in_flight(entries):
                     try:
                         prepared = self._prepare_chunk(chunk)
+                        self._synchronize()  # a fault of this chunk's kernels surfaces while it is written down
                     except Exception:
                         # A kernel fault is raised as an error, and the process is likely to stop soon after
                         # (every later CUDA call fails): its files must not come back to the device.
@@ -528,8 +549,9 @@ def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: P
     try:
         quarantine = DecodeQuarantine(state_directory)
     except OSError as exc:
-        problem: str | None = (f"state directory {state_directory} cannot be written ({exc.strerror or exc}); "
-                               "nothing would keep a file that crashes the decoder from crashing it again")
+        problem: str | None = (f"state directory {state_directory} cannot hold the decoder's crash quarantine "
+                               f"({describe(exc)}); nothing would keep a file that crashes the decoder from "
+                               "crashing it again")
     else:
         decoder = BatchedJpegDecoder(device, max_size=pool.settings.max_size, spec=spec, quarantine=quarantine)
         problem = decoder.check()
