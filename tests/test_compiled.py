@@ -22,6 +22,16 @@ def jina_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_jina_stand_in(tmp_path_factory.mktemp("jina-stand-in"))
 
 
+def compile_fails(blocks: nn.ModuleList, forward) -> dict:
+    """compile_blocks on blocks it must put back: its warning, the blocks checked to be eager again."""
+    with capture_logs() as logs:
+        assert compile_blocks(blocks, forward) is False
+    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
+    assert event["log_level"] == "warning" and event["detail"] == "the model runs without torch.compile"
+    assert all(b._compiled_call_impl is None for b in blocks)
+    return event
+
+
 @pytest.mark.parametrize("family", ["clip", "jina"])
 def test_the_compiled_tower_embeds_as_the_eager_one_at_any_batch_size(family, tiny_model_dir, jina_dir) -> None:
     """The compile is paid at load (batch sizes 1 and 2), then passes of any size reuse it. The jina
@@ -62,12 +72,8 @@ def test_blocks_that_would_compile_at_every_pass_are_put_back_eager() -> None:
         for block in blocks:
             x = block(x)
 
-    with capture_logs() as logs:
-        assert compile_blocks(blocks, forward) is False
-    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
-    assert event["log_level"] == "warning" and "the model runs without torch.compile" in event["detail"]
-    assert "Recompil" in event["reason"] or "recompil" in event["reason"], event["reason"]
-    assert all(b._compiled_call_impl is None for b in blocks)
+    reason = compile_fails(blocks, forward)["reason"]
+    assert "Recompil" in reason or "recompil" in reason, reason
     Drifting.tag = "+++++"
     assert torch.equal(blocks[0](torch.ones(1)), torch.full((1,), 5.0))  # eager again: reads the tag as it is
 
@@ -92,11 +98,8 @@ def test_blocks_that_need_more_graphs_than_dynamo_keeps_are_put_back_eager() -> 
         for block in blocks:
             x = block(x)
 
-    with capture_logs() as logs:
-        assert compile_blocks(blocks, forward) is False
-    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
-    assert "fail_on_recompile_limit_hit" in event["reason"], event
-    assert all(b._compiled_call_impl is None for b in blocks)
+    reason = compile_fails(blocks, forward)["reason"]
+    assert "fail_on_recompile_limit_hit" in reason, reason
 
 
 def test_a_torch_compile_that_refuses_to_start_leaves_the_blocks_eager(monkeypatch) -> None:
@@ -107,10 +110,8 @@ def test_a_torch_compile_that_refuses_to_start_leaves_the_blocks_eager(monkeypat
 
     blocks = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
     monkeypatch.setattr(nn.Module, "compile", unsupported)
-    with capture_logs() as logs:
-        assert compile_blocks(blocks, lambda size: blocks[0](torch.ones(size, 3))) is False
-    [event] = [e for e in logs if e["event"] == "model_compile_failed"]
-    assert event["reason"] == "RuntimeError: torch.compile is not supported on Python 3.16+"
+    reason = compile_fails(blocks, lambda size: blocks[0](torch.ones(size, 3)))["reason"]
+    assert reason == "RuntimeError: torch.compile is not supported on Python 3.16+"
 
 
 def test_a_model_without_repeated_vision_blocks_is_not_compiled() -> None:
