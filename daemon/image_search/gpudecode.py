@@ -30,7 +30,7 @@ import io
 import os
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -246,7 +246,7 @@ class DecodeQuarantine:
                     continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    crashed.update(_parse_entries(_read_all(fd)))
+                    crashed.update(_parse_entries(os.pread(fd, os.fstat(fd).st_size, 0)))
                 except OSError:  # BlockingIOError: its process runs
                     os.close(fd)
                     continue
@@ -276,7 +276,7 @@ class DecodeQuarantine:
     @contextmanager
     def in_flight(self, entries: Sequence[tuple[str, str]]) -> Iterator[None]:
         """Written down for the next start while the block runs: (md5 or CHECK_KEY, path) per file."""
-        data = memoryview("".join(f"{key}\t{name}\n" for key, name in entries).encode("utf-8"))
+        data = memoryview(_format_entries(entries).encode("utf-8"))
         try:
             written = 0
             while written < len(data):
@@ -290,7 +290,7 @@ class DecodeQuarantine:
         new = {key: name for key, name in entries.items() if key not in self._entries}
         if new:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.writelines(f"{key}\t{name}\n" for key, name in new.items())
+                handle.write(_format_entries(new.items()))
             self._entries.update(new)
 
     def close(self) -> None:
@@ -327,8 +327,8 @@ def _read_entries(path: Path) -> dict[str, str]:
         return {}
 
 
-def _read_all(fd: int) -> bytes:
-    return os.pread(fd, os.fstat(fd).st_size, 0)  # a chunk's lines: a few kilobytes
+def _format_entries(entries: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"{key}\t{name}\n" for key, name in entries)
 
 
 def _parse_entries(data: bytes) -> dict[str, str]:
@@ -451,11 +451,10 @@ class BatchedJpegDecoder:
 
     def _decode(self, data: Sequence[bytearray]) -> list[torch.Tensor]:
         encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
-        if self.device.type == "cuda":
-            # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's:
-            # memory freed by queued work can be overwritten before that work runs (pytorch/vision PR
-            # 9606, reproduced on H100s). Draining the caller's stream first avoids it.
-            torch.cuda.current_stream(self.device).synchronize()
+        # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's: memory
+        # freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
+        # reproduced on H100s). Draining the device first avoids it.
+        self._synchronize()
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
     def _decode_each(self, data: Sequence[bytearray]) -> list[torch.Tensor | None]:
@@ -477,8 +476,7 @@ class BatchedJpegDecoder:
         return out
 
     def _encode(self, pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the encoder's stream, likewise (PR 8929)
+        self._synchronize()  # the encoder's stream, likewise (PR 8929)
         return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
 
 
