@@ -74,5 +74,18 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
+def images_per_s(count: int, work: Callable[[], object]) -> float:
+    """``count`` divided by the seconds ``work()`` takes, GPU work included (synchronised before and after)."""
+    import torch  # only the GPU sections call this
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    work()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")

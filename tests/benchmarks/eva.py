@@ -25,6 +25,7 @@ from torch import nn
 
 from image_search.compiled import compile_blocks
 from image_search.eva_attention import patch_eva_attention
+from tests.benchmarks.common import images_per_s
 from tests.support.jina_remote_code.eva_model import Attention, Rope
 
 
@@ -100,14 +101,7 @@ class Tower(nn.Module):
 def _images_per_s(tower: nn.Module, pixels: torch.Tensor, rounds: int) -> float:
     with torch.inference_mode():
         tower(pixels)  # warm-up: kernels chosen, allocator grown
-        if pixels.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(rounds):
-            tower(pixels)
-        if pixels.is_cuda:
-            torch.cuda.synchronize()
-        return rounds * len(pixels) / (time.perf_counter() - started)
+        return images_per_s(rounds * len(pixels), lambda: [tower(pixels) for _ in range(rounds)])
 
 
 def measure(device: torch.device, *, batch: int, rounds: int) -> dict[str, float]:

@@ -30,7 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.benchmarks.common import Bench, Metric, Report, Section, fresh_dir, link_or_copy, say, warm_page_cache
+from tests.benchmarks.common import (
+    Bench,
+    Metric,
+    Report,
+    Section,
+    fresh_dir,
+    images_per_s,
+    link_or_copy,
+    say,
+    warm_page_cache,
+)
 from tests.benchmarks.photos import ensure_jpegs
 from tests.support.files import write_config
 from tests.support.model import TINY_DIMENSION
@@ -56,21 +66,6 @@ def save_clip_vit_l14(directory: Path) -> Path:
     CLIPModel(config).save_pretrained(directory)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(directory)
     return directory
-
-
-def _synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _images_per_s(count: int, work) -> float:
-    _synchronize()
-    started = time.perf_counter()
-    work()
-    _synchronize()
-    return count / (time.perf_counter() - started)
 
 
 def run(bench: Bench) -> Report:
@@ -100,13 +95,13 @@ def run(bench: Bench) -> Report:
     passes = max(1, n_pixels // batch)
     with torch.inference_mode():
         model.get_image_features(pixel_values=on_device_batch)  # warm-up (kernels, allocator)
-        model_only = _images_per_s(passes * batch, lambda: [model.get_image_features(pixel_values=on_device_batch)
+        model_only = images_per_s(passes * batch, lambda: [model.get_image_features(pixel_values=on_device_batch)
                                                             for _ in range(passes)])
     say(f"gpu: model alone {model_only:.0f} img/s")
 
     # 2. embed_pixels: host uint8 in, unit vectors out.
     embedder.embed_pixels(pixels[:batch])  # warm-up
-    embed = _images_per_s(n_pixels, lambda: embedder.embed_pixels(pixels))
+    embed = images_per_s(n_pixels, lambda: embedder.embed_pixels(pixels))
     say(f"gpu: embed_pixels {embed:.0f} img/s")
 
     # 3. index end to end on camera JPEGs: decoded by the CPU workers, then in batches on the device.
