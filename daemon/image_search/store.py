@@ -49,7 +49,6 @@ _SET_IDENTITY = """
 INSERT INTO image_search_meta (key, value) VALUES ('identity', %s)
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
 """
-_META_EXISTS = "SELECT to_regclass('image_search_meta') IS NOT NULL"
 _IDENTITY = "SELECT value FROM image_search_meta WHERE key = 'identity'"
 _TABLE_EXISTS = "SELECT to_regclass('image_embeddings') IS NOT NULL"
 # Old hash -> new hash in two statements: UNIQUE is checked row by row, so a new hash that equals an
@@ -186,7 +185,6 @@ RETURNING item
 _RELEASE = "DELETE FROM image_search_claims WHERE member_id = %s AND item = ANY(%s)"
 _LEAVE_CLAIMS = "DELETE FROM image_search_claims WHERE member_id = %s"
 _LEAVE = "DELETE FROM image_search_members WHERE id = %s"
-_TABLE_EXISTS = "SELECT to_regclass('image_embeddings') IS NOT NULL"
 # The leave must never hang on a lock held by a stuck (paused, not dead) process while it holds the
 # fleet lock that every start-up waits for.
 _LEAVE_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
@@ -458,6 +456,8 @@ class EmbeddingStore:
             # Several services may start at once against one server: CREATE ... IF NOT EXISTS is not
             # safe against a concurrent twin (a unique violation in the catalogue), so serialise it.
             cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
+            # The identity marker's table exists from here on, empty on a database of an earlier version.
+            cur.execute(_META_SCHEMA)
             cur.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
             if cur.fetchone() is None:
                 try:
@@ -507,7 +507,6 @@ class EmbeddingStore:
             cur.execute(_SCHEMA.format(dimension=int(self.dimension)))
             cur.execute(hnsw_index_ddl(self.dimension))
             if not existed:
-                cur.execute(_META_SCHEMA)
                 cur.execute(_SET_IDENTITY, (IDENTITY,))
         self.has_table = True
 
@@ -518,9 +517,6 @@ class EmbeddingStore:
         if not self.has_table:
             return False
         with self._cursor() as cur:
-            cur.execute(_META_EXISTS)
-            if not cur.fetchone()[0]:
-                return True
             cur.execute(_IDENTITY)
             found = cur.fetchone()
             return found is None or found[0] != IDENTITY
@@ -533,7 +529,6 @@ class EmbeddingStore:
         migrated first."""
         with self._cursor() as cur:
             cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
-            cur.execute(_META_SCHEMA)
             cur.execute(_IDENTITY)
             found = cur.fetchone()
             if found is not None and found[0] == IDENTITY:

@@ -198,12 +198,12 @@ def raw(database: Database, sql: str, params: tuple = ()) -> list[tuple]:
 def make_legacy_identity(database: Database) -> dict[str, str]:
     """Turn the table into what an earlier version left: no identity marker, each ``file_hash`` the MD5
     of the row's processed JPEG. Returns file_path -> that old hash."""
-    fetch_all(database.connect(), "DROP TABLE IF EXISTS image_search_meta")
-    paths = fetch_all(database.connect(), "SELECT file_path, processed_path FROM image_embeddings")
-    old = {path: hashlib.md5(Path(processed).read_bytes()).hexdigest() for path, processed in paths}
     conn = database.connect()
     try:
         with conn, conn.cursor() as cur:
+            cur.execute("DELETE FROM image_search_meta")  # as the store's start leaves an old database
+            cur.execute("SELECT file_path, processed_path FROM image_embeddings")
+            old = {path: hashlib.md5(Path(processed).read_bytes()).hexdigest() for path, processed in cur.fetchall()}
             # Through names no hash has first: an old hash may be another row's hash of today.
             cur.execute("UPDATE image_embeddings SET file_hash = 'legacy:' || id")
             for path, file_hash in old.items():
@@ -211,4 +211,3 @@ def make_legacy_identity(database: Database) -> dict[str, str]:
     finally:
         conn.close()
     return old
-
