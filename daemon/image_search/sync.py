@@ -35,7 +35,7 @@ class FolderState:
     files: int  # image files on disk
     changed: list[Path]  # new, modified, or embedded by another model: to (re)index
     removed: list[str]  # rows dropped because their source is gone
-    renamed: int = 0  # rows that followed their file to a new path while nothing was watching
+    renamed: int  # rows that followed their file to a new path while nothing was watching
 
 
 def stat_or_none(path: Path) -> os.stat_result | None:
@@ -82,29 +82,31 @@ def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | No
         return found
 
 
-def _hashes_of_unchanged_sources(known: dict[str, SourceRecord]) -> dict[str, str]:
-    """old file_hash -> source identity, for each stored source still on disk with its stored size and
-    mtime (the same test that lets a rescan skip a file), before and after it is read; changed or
-    unreadable ones are left out."""
+def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], root: Path | None) -> dict[str, str]:
+    """old file_hash -> source identity, for each stored source (under ``root``, when given) still on
+    disk with its stored size and mtime (the same test that lets a rescan skip a file), before and after
+    it is read; changed or unreadable ones are left out."""
     todo = [record for path, record in known.items()
-            if (st := stat_or_none(Path(path))) is not None and is_unchanged(record, st, record.model_name)]
+            if (root is None or Path(path).is_relative_to(root))
+            and (st := stat_or_none(Path(path))) is not None and is_unchanged(record, st, record.model_name)]
     identities = _identities([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo],
                              progress="re-hashing sources")
     return {record.file_hash: new for record, new in zip(todo, identities) if new is not None}
 
 
-def migrate_identities(store: EmbeddingStore) -> int:
+def migrate_identities(store: EmbeddingStore, root: Path | None = None) -> int:
     """Once per database: give the rows of an earlier version (identity = MD5 of the processed JPEG)
     today's identity (MD5 of the source bytes) by reading each unchanged source once, with no decoding
     and no model work. Rows whose source changed or vanished keep their old hash: the rescan re-indexes
-    or removes them as it would anyway. Returns the rows rewritten (0 when there was nothing to do)."""
+    or removes them as it would anyway; so do rows outside ``root`` (another source-directory's, which
+    the rescan removes). Returns the rows rewritten (0 when there was nothing to do)."""
     if not store.needs_identity_migration():
         return 0
     started = time.monotonic()
     known = store.sources()
     log.info("identity_migration_started", rows=len(known),
              detail="file_hash becomes the MD5 of each source file (read once, nothing is re-embedded)")
-    new_hashes = _hashes_of_unchanged_sources(known)
+    new_hashes = _hashes_of_unchanged_sources(known, root)
     rewritten = store.migrate_identities(new_hashes)
     log.info("identity_migrated", rows=len(known), rewritten=rewritten, left_to_rescan=len(known) - len(new_hashes),
              duration_ms=round((time.monotonic() - started) * 1000))
@@ -118,20 +120,27 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     earlier version first gets today's identity (``migrate_identities``); a file renamed or moved while
     nothing watched is recognised by its identity and its row follows it (``_follow_renames``)."""
     root = cfg.source_directory
-    migrate_identities(store)
+    migrate_identities(store, root)
     known = store.sources()
-    gone = [p for p in known if not Path(p).is_file() or not Path(p).is_relative_to(root)]
+    gone, vanished = [], []  # vanished: the rows of this folder whose file is gone (they may have moved in it)
+    for p in known:
+        if not Path(p).is_relative_to(root):
+            gone.append(p)  # another source-directory's row
+        elif not Path(p).is_file():
+            gone.append(p)
+            vanished.append(p)
     on_disk = discover_images(root)
-    changed = []
+    changed, new_files = [], []
     for path in on_disk:
         st = stat_or_none(path)
         if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
             changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-    # Only rows of this folder can have moved inside it (a row outside it is from another source-directory).
-    followed = _follow_renames(cfg, store, {p: known[p] for p in gone if Path(p).is_relative_to(root)},
-                               [p for p in changed if str(p) not in known])
+            if st is not None and str(path) not in known:
+                new_files.append((path, st))
+    followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files)
     if followed:
-        gone = [p for p in gone if p not in followed.values()]
+        moved_from = set(followed.values())
+        gone = [p for p in gone if p not in moved_from]
         changed = [p for p in changed if p not in followed]
     if gone:
         store.delete_paths(gone)
@@ -141,14 +150,14 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed))
 
 
-def _follow_renames(cfg: Config, store: EmbeddingStore, gone: dict[str, SourceRecord],
-                    new_files: list[Path]) -> dict[Path, str]:
-    """Rows whose source is gone, found again among ``new_files`` by identity (same size first, then the
-    MD5 of the bytes; no decoding): each is relinked to its new path with its processed copy, no model
-    work. Returns new path -> old path for every one relinked."""
-    by_hash = {record.file_hash: record for record in gone.values() if record.model_name == cfg.model_name}
+def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
+                    new_files: list[tuple[Path, os.stat_result]]) -> dict[Path, str]:
+    """Rows whose source is gone, found again among ``new_files`` (path, stat) by identity (same size
+    first, then the MD5 of the bytes; no decoding): each is relinked to its new path with its processed
+    copy, no model work. Returns new path -> old path for every one relinked."""
+    by_hash = {record.file_hash: record for record in gone if record.model_name == cfg.model_name}
     sizes = {record.source_size for record in by_hash.values()}
-    sized = [(path, st) for path in new_files if (st := stat_or_none(path)) is not None and st.st_size in sizes]
+    sized = [(path, st) for path, st in new_files if st.st_size in sizes]
     if not sized:
         return {}
     identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized])
