@@ -9,7 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from image_search.config import load_config
@@ -58,7 +57,7 @@ def test_a_new_table_holds_source_md5s_and_is_marked_as_such(library) -> None:
     assert migrate_identities(store) == 0
 
 
-def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library) -> None:
+def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library, monkeypatch) -> None:
     cfg, database, store, indexer = library
     old_hashes = make_legacy_identity(database)
     before = rows(database)
@@ -89,6 +88,10 @@ def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library) -
     assert final[str(changed)]["file_hash"] == md5_of(changed)
     assert final[str(changed)]["embedding"] != before[str(changed)]["embedding"]
     # A second look finds nothing to migrate and reads no file.
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a migrated database read a file to re-hash it")
+
+    monkeypatch.setattr("image_search.sync.source_identity_of_file", no_reading)
     assert migrate_identities(store) == 0
     assert compare_folder(cfg, store).changed == []
 
@@ -129,7 +132,6 @@ def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     hashes = [r["file_hash"] for r in rows(database).values()]
     assert hashes.count(md5_of(twin)) == 1
     assert len(hashes) == 6
-    assert np.unique(hashes).size == len(hashes)
 
 
 def test_a_file_renamed_or_moved_while_nothing_watched_keeps_its_row(library) -> None:
@@ -188,4 +190,3 @@ def test_a_new_source_directory_drops_the_old_rows_without_following_them(librar
     assert state.renamed == 0
     assert len(state.removed) == 6 and len(state.changed) == 6
     assert rows(database) == {}
-
