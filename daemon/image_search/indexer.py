@@ -239,11 +239,11 @@ class Indexer:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""
         started = time.monotonic()
         state = compare_folder(self.cfg, self.store)
-        unchanged = state.files - len(state.changed) - state.renamed
-        summary = IndexSummary(seen=unchanged + state.renamed, unchanged=unchanged, relinked=state.renamed,
+        done = state.files - len(state.changed)  # by the rescan alone: unchanged, or renamed and relinked
+        summary = IndexSummary(seen=done, unchanged=done - state.renamed, relinked=state.renamed,
                                removed=len(state.removed))
         show = sys.stderr.isatty() if show_progress is None else show_progress
-        with tqdm(total=state.files, initial=unchanged + state.renamed, desc="indexing", unit="img", disable=not show,
+        with tqdm(total=state.files, initial=done, desc="indexing", unit="img", disable=not show,
                   file=sys.stderr) as bar:
             summary.merge(self.index_paths(state.changed, progress=bar.update))
         log.info("index_complete", duration_ms=round((time.monotonic() - started) * 1000),

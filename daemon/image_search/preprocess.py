@@ -88,14 +88,12 @@ class PreparedImage(ProcessedImage):
     image: Image.Image = field(repr=False)
 
 
-def _md5() -> hashlib._Hash:
-    return hashlib.md5(usedforsecurity=False)
+def _md5(data: bytes = b"") -> hashlib._Hash:
+    return hashlib.md5(data, usedforsecurity=False)
 
 
 def md5_hex(data: bytes) -> str:
-    digest = _md5()
-    digest.update(data)
-    return digest.hexdigest()
+    return _md5(data).hexdigest()
 
 
 def source_identity(data: bytes) -> str:
@@ -111,7 +109,7 @@ def source_identity_of_file(path: Path, expected: tuple[int, int]) -> str | None
     with open(path, "rb") as handle:
         identity = hashlib.file_digest(handle, _md5).hexdigest()
         st = os.fstat(handle.fileno())
-    return identity if (st.st_size, st.st_mtime_ns) == tuple(expected) else None
+    return identity if (st.st_size, st.st_mtime_ns) == expected else None
 
 
 def unreadable_reason(exc: OSError, expected: str) -> str:

@@ -146,7 +146,7 @@ def _index_end_to_end(bench: Bench, embedder, model_dir: Path, camera: list[Path
     from image_search.store import Database
 
     root = fresh_dir(bench.work / "gpu-ingest")
-    cfg = load_config(write_config(root, model_dir, device=str(embedder.device.type), dimension=embedder.dimension,
+    cfg = load_config(write_config(root, model_dir, device=embedder.device.type, dimension=embedder.dimension,
                                    resize_width=1024, resize_height=1024, batch_size=128))
     for p in camera:
         link_or_copy(p, cfg.source_directory / p.name)
