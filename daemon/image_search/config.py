@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .entries import FollowLinks, LinkPolicy
+
 ENV_PREFIX = "IMAGE_SEARCH_"
 REDACTED = "***"
 DEVICES = ("auto", "cuda", "cpu")
+_FOLLOW_CHOICES = tuple(f.value for f in FollowLinks)
 
 
 class ConfigError(Exception):
@@ -66,10 +69,23 @@ class Config:
     # Compile the vision tower's blocks with torch.compile at start (compiled.py): slower starts, for
     # faster forward passes where the backend pays (unmeasured on a GPU here; see the README).
     compile_model: bool = False
+    # Which symbolic links in source-directory and the inbox are followed: "inside" (the default: a link
+    # whose target stays inside the folder), "all" or "none". See entries.LinkPolicy.
+    follow_symlinks: str = FollowLinks.INSIDE.value
 
     @property
     def embedded_database(self) -> bool:
         return not self.postgres_host
+
+    @property
+    def source_links(self) -> LinkPolicy:
+        """How reads in source-directory treat symbolic links."""
+        return LinkPolicy(FollowLinks(self.follow_symlinks), self.source_directory)
+
+    @property
+    def inbox_links(self) -> LinkPolicy:
+        """How reads in the inbox treat symbolic links (the same rule as source-directory)."""
+        return LinkPolicy(FollowLinks(self.follow_symlinks), self.inbox_directory, key="inbox-directory")
 
     def to_json_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """The effective configuration under its JSON key names, password redacted by default."""
@@ -137,6 +153,9 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
 
 
 def _validate(cfg: Config) -> None:
+    if cfg.follow_symlinks not in _FOLLOW_CHOICES:
+        raise ConfigError(f"config key 'follow-symlinks' must be one of {', '.join(_FOLLOW_CHOICES)}, "
+                          f"got {cfg.follow_symlinks!r}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"config key 'device' must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     positive = ("dimension", "resize-width", "resize-height", "top-k", "batch-size", "max-image-pixels",

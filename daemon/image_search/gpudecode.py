@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import describe
 from .pixels import PixelSpec, crop_box, resize_target
 from .preprocess import (
@@ -122,16 +123,19 @@ def _frame_header(data: bytes | bytearray) -> tuple[int, int, int, int, int, boo
     return None
 
 
-def read_plain_jpeg(path: Path, *, max_pixels: int) -> PlainJpeg | None:
+def read_plain_jpeg(path: Path, *, max_pixels: int, links: LinkPolicy | None = None) -> PlainJpeg | None:
     """Read ``path`` and return it when the batched decoder makes of it what the CPU path would; None
-    for anything else (the CPU path then decides, with its own reasons). Never raises for a file."""
+    for anything else (the CPU path then decides, with its own reasons: a pipe, a link ``links`` does
+    not follow, a file still growing). Never raises for a file."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, links) as (handle, st):
             if handle.read(2) != _SOI:  # not a JPEG: read no further (the CPU path reads it)
                 return None
             handle.seek(0)
-            data = bytearray(handle.read())
-    except OSError:
+            data = bytearray(read_at_most(handle, st.st_size + 1))
+    except (OSError, EntryRefused):
+        return None
+    if len(data) > st.st_size:  # grew while being read: still being written, the CPU path says so
         return None
     if not data.endswith(_EOI):  # cut short (still being written) or trailing bytes: the CPU path knows
         return None
@@ -524,7 +528,8 @@ class GpuJpegReader:
         self._threads = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="jpeg-read")
 
     def _read(self, path: Path) -> PlainJpeg | None:
-        source = read_plain_jpeg(path, max_pixels=self.pool.settings.max_pixels)
+        settings = self.pool.settings
+        source = read_plain_jpeg(path, max_pixels=settings.max_pixels, links=settings.links)
         quarantine = self.decoder.quarantine
         if source is not None and quarantine is not None and source.file_hash in quarantine:
             return None  # it killed a process once: the CPU workers take it

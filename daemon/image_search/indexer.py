@@ -102,7 +102,7 @@ class Indexer:
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
-                                    model_input=model_input_for(embedder), workers=workers)
+                                    model_input=model_input_for(embedder), links=cfg.source_links, workers=workers)
         self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
         device = self._jpeg_device(jpeg_decode_device)
         if device is not None:

@@ -13,6 +13,7 @@ twice and embed it again. See ``source_identity`` and the README's "Identity".
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -27,6 +28,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
+from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
+from .names import fit_name, fits_path
 
 JPEG_QUALITY = 95
 PROCESSED_SUFFIX = ".jpg"
@@ -105,8 +108,8 @@ def source_identity_of_file(path: Path, expected: tuple[int, int]) -> str | None
     """``source_identity`` of the file at ``path``, streamed (the identity migration hashes whole
     libraries without holding any file in memory), or None when its (size, mtime_ns) is not
     ``expected`` once it has been read: a file rewritten while it was hashed is not the one whose
-    identity was wanted. OSError if it cannot be read."""
-    with open(path, "rb") as handle:
+    identity was wanted. OSError if it cannot be read; EntryRefused if it is no regular file."""
+    with open_regular(path) as (handle, _):
         identity = hashlib.file_digest(handle, _md5).hexdigest()
         st = os.fstat(handle.fileno())
     return identity if (st.st_size, st.st_mtime_ns) == expected else None
@@ -118,14 +121,19 @@ def unreadable_reason(exc: OSError, expected: str) -> str:
         return "file disappeared before it could be read"
     if isinstance(exc, IsADirectoryError):
         return f"is a folder, not {expected}"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "its name or path is longer than this system allows"
     return f"cannot read file ({exc.strerror or exc})"
 
 
-def read_source(path: Path) -> bytes:
+def read_source(path: Path, links: LinkPolicy | None = None) -> bytes:
     """A source file's bytes, read once (hashed and decoded from the same bytes, never read twice), or
-    PreprocessError naming why it cannot be read; an empty file is ``IncompleteFile``."""
+    PreprocessError naming why it cannot be read: not a regular file or a link ``links`` does not
+    follow (``entries``); an empty file, or one still growing, is ``IncompleteFile``."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, links)
+    except EntryRefused as exc:
+        raise (IncompleteFile if exc.growing else PreprocessError)(path, exc.reason) from None
     except OSError as exc:
         raise PreprocessError(path, unreadable_reason(exc, "an image file")) from None
     if not data:
@@ -180,10 +188,12 @@ def _is_heif_family(data: bytes) -> bool:
     return len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in _HEIF_FAMILY_BRANDS
 
 
-def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int) -> PreparedImage:
-    """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used."""
+def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
+                     links: LinkPolicy | None = None) -> PreparedImage:
+    """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used.
+    ``links``: which symbolic links may be followed to it (None: any, for a file named by the user)."""
     path = Path(path)
-    source = read_source(path)
+    source = read_source(path, links)
     try:
         with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
             src_w, src_h = im.size
@@ -262,19 +272,36 @@ def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def preprocess_for(path: Path, cfg: Config) -> PreparedImage:
+def preprocess_for(path: Path, cfg: Config, links: LinkPolicy | None = None) -> PreparedImage:
     """``preprocess_image`` with the configured box and pixel limit: how every caller prepares a file."""
-    return preprocess_image(path, max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels)
+    return preprocess_image(path, max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
+                            links=links)
+
+
+# What a thumbnail's name adds to its processed copy's (``thumbnail_path_for``): processed names leave room.
+_THUMBNAIL_PREFIX, _THUMBNAIL_SUFFIX = ".", ".thumb.jpg"
+# Processed copies too deep for the system's path limit live here, under a hash of their source's path.
+LONG_PATHS_FOLDER = ".long-paths"
 
 
 def processed_path_for(source: Path, source_root: Path, processed_root: Path) -> Path:
     """Where the processed JPEG of ``source`` lives: the same sub-folders, the full source name plus ``.jpg``.
 
     Keeping the source's own extension in the name (``apple.png.jpg``, ``apple.webp.jpg``) is what
-    lets two sources that differ only in extension both survive.
+    lets two sources that differ only in extension both survive. A name that would pass the 255-byte
+    limit (with its thumbnail's) is shortened (``names.fit_name``: its start, a hash of the whole
+    name, ``.png.jpg``); a path that would pass the system's path limit goes to ``.long-paths/`` under
+    a hash of the source's path. The row records where each one went.
     """
     relative = Path(source).relative_to(source_root)
-    return Path(processed_root) / relative.parent / (relative.name + PROCESSED_SUFFIX)
+    name = relative.name + PROCESSED_SUFFIX
+    name = fit_name(name, keep_suffix=relative.suffix + PROCESSED_SUFFIX,
+                    reserve=len(_THUMBNAIL_PREFIX) + len(_THUMBNAIL_SUFFIX))
+    path = Path(processed_root) / relative.parent / name
+    if fits_path(thumbnail_path_for(path)):
+        return path
+    digest = md5_hex(os.fsencode(relative))
+    return Path(processed_root) / LONG_PATHS_FOLDER / f"{digest}{relative.suffix}{PROCESSED_SUFFIX}"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -294,7 +321,7 @@ def thumbnail_path_for(processed: Path) -> Path:
     """The contact-sheet thumbnail beside a processed JPEG: a hidden name, which no processed name (made
     from a source name, and hidden sources are never indexed) can collide with."""
     processed = Path(processed)
-    return processed.with_name(f".{processed.name}.thumb.jpg")
+    return processed.with_name(f"{_THUMBNAIL_PREFIX}{processed.name}{_THUMBNAIL_SUFFIX}")
 
 
 def save_processed(prepared: ProcessedImage, path: Path) -> None:

