@@ -226,8 +226,9 @@ def test_root_given_as_a_string(tmp_path):
     assert discover_images(str(tmp_path)) == [tmp_path / "a.jpg"]  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
-def test_symlinked_file_is_indexed_but_symlinked_folder_is_not_followed(tmp_path):
+def test_links_to_files_and_folders_outside_are_followed_when_no_policy_narrows_it(tmp_path):
+    """With every link allowed (follow-symlinks: all), a linked folder outside is walked under the link's
+    name; a loop back into the folder is not walked again (tests/test_odd_entries.py has each policy)."""
     root = tmp_path / "src"
     outside = tmp_path / "outside"
     touch(outside, "linked.jpg", "folder/inside.jpg")
@@ -235,7 +236,7 @@ def test_symlinked_file_is_indexed_but_symlinked_folder_is_not_followed(tmp_path
     (root / "link.jpg").symlink_to(outside / "linked.jpg")
     (root / "linked-folder").symlink_to(outside / "folder", target_is_directory=True)
     (root / "loop").symlink_to(root, target_is_directory=True)  # a loop must not hang discovery
-    assert found(root) == ["link.jpg", "real.jpg"]
+    assert found(root) == ["link.jpg", "real.jpg", "linked-folder/inside.jpg"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any folder")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from .config import Config, ConfigError, load_config
 from .errors import DimensionError, ModelLoadError, NoTextTower
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
+from .names import escape, unescape
 from .preprocess import PreprocessError
 from .runtime import ExitCode, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .search import search_file, search_text
@@ -64,12 +66,12 @@ def print_summary(summary: IndexSummary) -> None:
           f"{summary.unchanged} unchanged, {summary.duplicates} duplicates, {summary.removed} removed, "
           f"{len(summary.skipped)} skipped")
     for path, reason in summary.skipped:
-        print(f"  skipped {path}: {reason}")
+        print(f"  skipped {escape(path)}: {reason}")
 
 
 def _query_failed(path: Path, reason: str) -> None:
-    log.error("query_failed", path=str(path), reason=reason)
-    print(f"failed {path}: {reason}", file=sys.stderr)
+    log.error("query_failed", path=path, reason=reason)
+    print(f"failed {escape(path)}: {reason}", file=sys.stderr)
 
 
 def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = ()) -> ExitCode:
@@ -83,7 +85,7 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
             status = ExitCode.FAILED
             continue
         try:
-            print(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle)
+            print(escape(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle))
         except PreprocessError as exc:
             _query_failed(exc.path, exc.reason)
             status = ExitCode.FAILED
@@ -95,7 +97,7 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
         try:
             if not words:
                 raise ValueError("the text query is empty: give the words to search for")
-            print(search_text(words, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle)
+            print(escape(search_text(words, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle))
         except (ValueError, NoTextTower) as exc:
             _query_failed(Path("--text"), str(exc))
             status = ExitCode.FAILED
@@ -106,6 +108,8 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
     """The original tool's prompt: the model stays loaded between searches."""
     print("Enter the path of a query image, or words to search for ('reindex' rescans the source folder; "
           "empty line or 'quit' ends).")
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a pasted name in bytes that are not UTF-8
     while True:
         try:
             line = input("query> ").strip()
@@ -117,12 +121,22 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
         if line == "reindex":
             print_summary(indexer.index_folder())
             continue
-        path = Path(line).expanduser()
-        if path.exists():
+        path = _typed_path(line)
+        if path is not None:
             run_searches(rt, files=[path])
         else:
             print(f"no file named '{line}': searching for pictures matching these words")
             run_searches(rt, texts=[line])
+
+
+def _typed_path(line: str) -> Path | None:
+    """The file a line typed at the prompt names, if one exists: as typed, or as ``names.escape`` text
+    (how logs and results show a name whose bytes are not UTF-8)."""
+    for candidate in (line, unescape(line)):
+        path = Path(candidate).expanduser()
+        if path.exists():
+            return path
+    return None
 
 
 def _raise_shutdown(signum: int) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .entries import FollowLinks, LinkPolicy, kind_of
+from .names import escape
 
 # Extension (lower case) -> the Pillow format names (multi-picture MPO files open as JPEG) we let Pillow try for it. Opening with an
 # explicit format list means no other decoder (PSD, EPS, FITS...) ever parses a user's file.
@@ -62,30 +67,134 @@ def is_ignored_path(path: Path, root: Path) -> bool:
     if not parts:
         return True
     for folder in parts[:-1]:
-        if folder.startswith(".") or folder.lower() in IGNORED_DIRECTORIES:
+        if _is_ignored_folder(folder):
             return True
     return is_ignored_name(parts[-1])
 
 
 def is_image_candidate(path: Path, root: Path) -> bool:
     """A file we should try to index: a supported extension (any case) and not an ignored name."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_ignored_path(path, root)
+    return _is_candidate_name(path.name) and not is_ignored_path(path, root)
 
 
-def iter_images(root: Path) -> Iterator[Path]:
-    """Yield every image candidate under ``root`` recursively, in a stable (sorted) order.
+@dataclass(frozen=True)
+class SkippedEntry:
+    """A name that looks like a picture but is not read: ``reason`` says why, in the user's words."""
 
-    Symlinked folders are not followed (loops); a symlinked file is indexed like a file.
+    path: Path
+    reason: str
+
+
+@dataclass
+class FolderScan:
+    """What a walk of a folder found: the pictures to read, and the entries it left alone."""
+
+    images: list[Path] = field(default_factory=list)
+    skipped: list[SkippedEntry] = field(default_factory=list)
+
+
+def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
+    """Walk ``folder`` recursively in a stable order (each folder's files sorted, then its sub-folders
+    sorted, depth first) for image candidates that are regular files, as ``links`` allows (None: every
+    link is followed, with ``folder`` as the boundary). Never opens a file.
+
+    - a pipe, socket or device with a picture's name is skipped, with its kind;
+    - a link to a file is followed as ``links`` says; a broken one is skipped, naming its target;
+    - a link to a folder is walked only under ``follow-symlinks: all``, and only when it leads out of the
+      boundary (what is inside is walked under its own name); a folder is never walked twice, so a
+      loop ends at once;
+    - a sub-folder that cannot be listed is skipped with the reason.
     """
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not (d.startswith(".") or d.lower() in IGNORED_DIRECTORIES))
-        for name in sorted(filenames):
-            path = here / name
-            if is_image_candidate(path, root):
-                yield path
+    folder = Path(folder)
+    links = links if links is not None else LinkPolicy(FollowLinks.ALL, folder)
+    scan = FolderScan()
+    walked: set[tuple[int, int]] = set()
+    boundary = Path(os.path.realpath(links.root))
+
+    def walk(here: Path) -> None:
+        try:
+            st = os.stat(here)
+            if (st.st_dev, st.st_ino) in walked:
+                return
+            walked.add((st.st_dev, st.st_ino))
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            if here != folder:
+                scan.skipped.append(SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})"))
+            return
+        folders = []
+        for entry in entries:
+            path = here / entry.name
+            if entry.is_symlink():
+                followed = _through_link(path, links, boundary, scan)
+                if followed:
+                    folders.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                if not _is_ignored_folder(entry.name):
+                    folders.append(path)
+            elif _is_candidate_name(entry.name):
+                if entry.is_file(follow_symlinks=False):
+                    scan.images.append(path)
+                else:
+                    kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
+                    scan.skipped.append(SkippedEntry(path, f"is {kind}, not a regular file: skipped without opening it"))
+        for sub in folders:
+            walk(sub)
+
+    walk(folder)
+    return scan
 
 
-def discover_images(root: Path) -> list[Path]:
-    return list(iter_images(root))
+def _through_link(path: Path, links: LinkPolicy, boundary: Path, scan: FolderScan) -> bool:
+    """Decide about the symbolic link ``path``: a picture is added to ``scan.images`` or its refusal to
+    ``scan.skipped``; True when it is a folder to walk."""
+    target = os.path.realpath(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if _is_candidate_name(path.name):
+            what = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be reached ({exc.strerror})"
+            scan.skipped.append(SkippedEntry(path, f"broken symbolic link: its target {escape(os.readlink(path))} {what}"))
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if _is_ignored_folder(path.name):
+            return False
+        if Path(target).is_relative_to(boundary):
+            scan.skipped.append(SkippedEntry(path, f"symbolic link to the folder {escape(target)}, inside {links.key}: "
+                                                   "not walked twice (its pictures are found under their own path)"))
+            return False
+        if links.follow is FollowLinks.ALL:
+            return True
+        scan.skipped.append(SkippedEntry(path, f"symbolic link to the folder {escape(target)}, outside {links.key}: not "
+                                               f"followed (config key 'follow-symlinks' is '{links.follow}'; 'all' "
+                                               "walks it)"))
+        return False
+    if not _is_candidate_name(path.name):
+        return False
+    refused = links.refusal(path)
+    kind = kind_of(st.st_mode)
+    if refused is None and kind is not None:
+        refused = f"symbolic link to {escape(target)}, which is {kind}, not a regular file: not opened"
+    if refused is not None:
+        scan.skipped.append(SkippedEntry(path, refused))
+    else:
+        scan.images.append(path)
+    return False
+
+
+def _is_ignored_folder(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_DIRECTORIES
+
+
+def _is_candidate_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not is_ignored_name(name)
+
+
+def iter_images(root: Path, links: LinkPolicy | None = None) -> Iterator[Path]:
+    """The pictures of ``scan_folder``, in its order."""
+    yield from scan_folder(root, links).images
+
+
+def discover_images(root: Path, links: LinkPolicy | None = None) -> list[Path]:
+    return scan_folder(root, links).images

@@ -43,6 +43,7 @@ from PIL import Image
 
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import describe
+from .names import escape, unescape
 from .pixels import PixelSpec, crop_box, resize_target
 from .preprocess import (
     JPEG_QUALITY,
@@ -229,7 +230,7 @@ class DecodeQuarantine:
         self._own_path, self._own = _locked_in_flight_file(directory)
         if crashed:
             files = sorted(name for key, name in crashed.items() if key != CHECK_KEY)
-            log.warning("gpu_jpeg_decode_crashed", files=files, quarantine=str(self.path),
+            log.warning("gpu_jpeg_decode_crashed", files=files, quarantine=self.path,
                         detail="a process stopped in the GPU decoder's start-up check; GPU decoding stays off "
                                f"until {self.check_crashed_path} is deleted" if CHECK_KEY in crashed else
                                "a process stopped while the GPU decoded these files; the CPU workers decode them "
@@ -332,7 +333,8 @@ def _read_entries(path: Path) -> dict[str, str]:
 
 
 def _format_entries(entries: Iterable[tuple[str, str]]) -> str:
-    return "".join(f"{key}\t{name}\n" for key, name in entries)
+    # Escaped: a name with a newline or bytes that are not UTF-8 stays one line of valid text.
+    return "".join(f"{key}\t{escape(name)}\n" for key, name in entries)
 
 
 def _parse_entries(data: bytes) -> dict[str, str]:
@@ -341,7 +343,7 @@ def _parse_entries(data: bytes) -> dict[str, str]:
     for line in data.decode("utf-8", errors="replace").splitlines():
         key, tab, name = line.partition("\t")
         if tab and (key == CHECK_KEY or (len(key) == 32 and all(c in "0123456789abcdef" for c in key))):
-            entries[key] = name
+            entries[key] = unescape(name)
     return entries
 
 

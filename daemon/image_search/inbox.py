@@ -8,6 +8,7 @@ see the whole folder; queries dropped later jump the ingest queue. Nothing dropp
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import structlog
 from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
 from .errors import NoTextTower
 from .fleet import ClaimKind
+from .names import escape, fit_name
 from .preprocess import PreprocessError, write_atomically
 from .runtime import Runtime
 from .search import search_file
@@ -27,6 +29,7 @@ from .watch import Change, ChangeKind, ReadinessTracker, still_being_written
 log = structlog.get_logger(__name__)
 
 FAILED_FOLDER = "failed"
+ERROR_SUFFIX = ".error.txt"
 ANSWERS_PER_PASS = 4  # then the loop looks at its other work again
 
 
@@ -46,9 +49,10 @@ class QueryInbox:
         return path.parent == self.folder and not is_ignored_name(path.name)
 
     def waiting(self) -> list[Path]:
-        """Query files in the folder now that are not queued yet (lost events can hide some)."""
+        """Entries in the folder now that are not queued yet (lost events can hide some): anything but a
+        folder, so that a pipe or a link the rules refuse fails into failed/ with its reason, unopened."""
         return [p for p in sorted(self.folder.iterdir())
-                if p.is_file() and self._is_query_candidate(p) and p not in self.pending]
+                if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending]
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many."""
@@ -92,11 +96,12 @@ class QueryInbox:
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words; anything else fails."""
         if not is_text_query(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
-            self.fail(path, f"not a supported query type '{path.suffix or path.name}': drop a picture "
+            self.fail(path, f"not a supported query type '{escape(path.suffix or path.name)}': drop a picture "
                             f"({supported_formats_for_people()}) or a .txt file of words")
             return
         try:
-            search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True)
+            search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
+                        links=self.rt.cfg.inbox_links)
         except NoTextTower as exc:
             self.fail(path, str(exc))
             return
@@ -110,7 +115,7 @@ class QueryInbox:
             self.pending.note(path)  # answered once the database is back
             raise
         except Exception as exc:  # one odd query must not stop the service
-            log.error("query_crashed", path=str(path), error=f"{type(exc).__name__}: {exc}")
+            log.error("query_crashed", path=path, error=f"{type(exc).__name__}: {exc}")
             self.fail(path, f"unexpected error: {type(exc).__name__}: {exc}")
             return
         self.answered += 1
@@ -120,15 +125,22 @@ class QueryInbox:
         self.failed += 1
         failed = self.folder / FAILED_FOLDER
         failed.mkdir(exist_ok=True)
-        target = failed / path.name
-        n = 2
-        while target.exists() or target.with_name(target.name + ".error.txt").exists():
-            target = failed / f"{path.stem}-{n}{path.suffix}"
+        n = 1
+        while True:  # its own name, else name-2, name-3...; within 255 bytes with ".error.txt" added
+            name = path.name if n == 1 else f"{path.stem}-{n}{path.suffix}"
+            target = failed / fit_name(name, keep_suffix=path.suffix, reserve=len(ERROR_SUFFIX))
+            if not (os.path.lexists(target) or os.path.lexists(_error_file(target))):
+                break
             n += 1
         try:
-            shutil.move(path, target)
+            shutil.move(path, target)  # a rename: a pipe or a link moves as what it is, unopened
         except FileNotFoundError:
-            log.warning("query_vanished", path=str(path))
+            log.warning("query_vanished", path=path)
             return
-        write_atomically(target.with_name(target.name + ".error.txt"), f"{path.name}: {reason}\n".encode())
-        log.warning("query_failed", path=str(path), moved_to=str(target), reason=reason)
+        write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode())
+        log.warning("query_failed", path=path, moved_to=target, reason=reason)
+
+
+def _error_file(failed_query: Path) -> Path:
+    """The ``<name>.error.txt`` beside a failed query."""
+    return failed_query.with_name(failed_query.name + ERROR_SUFFIX)

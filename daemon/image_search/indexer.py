@@ -170,7 +170,7 @@ class Indexer:
                 continue
             if st is None:
                 summary.skipped.append((path, "file disappeared before it could be read"))
-                log.warning("image_skipped", path=str(path), reason="file disappeared before it could be read")
+                log.warning("image_skipped", path=path, reason="file disappeared before it could be read")
             else:
                 summary.unchanged += 1
             if progress:
@@ -187,7 +187,7 @@ class Indexer:
                 summary.deferred.append(candidate.path)
             elif isinstance(outcome, PreprocessError):
                 summary.skipped.append((candidate.path, outcome.reason))
-                log.warning("image_skipped", path=str(candidate.path), reason=outcome.reason)
+                log.warning("image_skipped", path=candidate.path, reason=outcome.reason)
             else:
                 prepared.append((candidate, outcome))
         if not prepared:
@@ -204,7 +204,7 @@ class Indexer:
             if image.file_hash in claimed or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
                                                 and Path(owner[0]).is_file()):
                 summary.duplicates += 1
-                log.info("image_duplicate", path=str(candidate.path), file_hash=image.file_hash,
+                log.info("image_duplicate", path=candidate.path, file_hash=image.file_hash,
                          same_as=owner[0] if owner else None)
                 continue
             claimed.add(image.file_hash)
@@ -242,6 +242,9 @@ class Indexer:
         done = state.files - len(state.changed)  # by the rescan alone: unchanged, or renamed and relinked
         summary = IndexSummary(seen=done, unchanged=done - state.renamed, relinked=state.renamed,
                                removed=len(state.removed))
+        for entry in state.skipped:
+            summary.skipped.append((entry.path, entry.reason))
+            log.warning("image_skipped", path=entry.path, reason=entry.reason)
         show = sys.stderr.isatty() if show_progress is None else show_progress
         with tqdm(total=state.files, initial=done, desc="indexing", unit="img", disable=not show,
                   file=sys.stderr) as bar:

@@ -19,13 +19,17 @@ import os
 import re
 import sys
 from collections.abc import MutableMapping
+from pathlib import PurePath
 from typing import Any, TextIO
 
 import structlog
 
+from .names import escape
+
 # sd-daemon(3) priorities.
 SYSLOG_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
 _SECRET_MARKERS = ("password", "secret", "token")
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def stderr_is_journal(stream: TextIO | None = None, environ: MutableMapping[str, str] | None = None) -> bool:
@@ -45,6 +49,26 @@ def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             event[key] = "***"
     return event
+
+
+def _show_names(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Paths as ``names.escape`` text, as the table and result files show them: a name in bytes that are
+    not UTF-8, or with a newline, stays one unambiguous line. Paths are logged as Path objects for this."""
+    for key, value in event.items():
+        if isinstance(value, PurePath):
+            event[key] = escape(value)
+        elif isinstance(value, list) and any(isinstance(v, (str, PurePath)) for v in value):
+            event[key] = [escape(v) if isinstance(v, PurePath) else _without_surrogates(v) for v in value]
+        elif isinstance(value, str):
+            event[key] = _without_surrogates(value)
+    return event
+
+
+def _without_surrogates(value: Any) -> Any:
+    """Free text that quotes a name (an OS error's message) with its undecodable bytes as ``\\xNN``."""
+    if isinstance(value, str) and _SURROGATE.search(value):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
 
 
 def _syslog_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -144,6 +168,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _redact_secrets,
+            _show_names,
             *extra,
             structlog.processors.format_exc_info,
             renderer,

@@ -92,12 +92,11 @@ def fit_name(name: str, *, keep_suffix: str = "", reserve: int = 0) -> str:
     if keep_suffix and not name.endswith(keep_suffix):
         raise ValueError(f"{escape(name)} does not end with {escape(keep_suffix)}")
     digest = hashlib.md5(os.fsencode(name), usedforsecurity=False).hexdigest()[:_CUT_HASH_HEX]
+    if name_bytes(keep_suffix) > limit // 2:
+        keep_suffix = ""  # a "suffix" that long is no extension: the start of the name says more
     tail = f"{_CUT_MARK}{digest}{keep_suffix}"
     head = name[: len(name) - len(keep_suffix)] if keep_suffix else name
-    room = limit - name_bytes(tail)
-    if room < 1:
-        raise ValueError(f"no room for a name in {limit} bytes with the suffix {escape(keep_suffix)}")
-    return _cut_to_bytes(head, room) + tail
+    return _cut_to_bytes(head, limit - name_bytes(tail)) + tail
 
 
 def fits_path(path: str | PurePath) -> bool:

@@ -28,6 +28,7 @@ import structlog
 from PIL import Image
 
 from .config import Config
+from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .store import Hit
@@ -41,9 +42,9 @@ def hit_record(hit: Hit) -> dict[str, object]:
     return {
         "rank": hit.rank,
         "similarity": round(hit.similarity, SIMILARITY_DECIMALS),
-        "file_name": hit.file_name,
-        "file_path": hit.file_path,
-        "processed_path": hit.processed_path,
+        "file_name": escape(hit.file_name),
+        "file_path": escape(hit.file_path),
+        "processed_path": escape(hit.processed_path),
         "file_hash": hit.file_hash,
     }
 
@@ -103,11 +104,18 @@ def text_query_stem(text: str) -> str:
     return stem or TEXT_STEM_FALLBACK
 
 
+# What the bundle adds to a query's stem: ``.sheet.jpg``, or ``.query`` and the query file's suffix.
+_SHEET_SUFFIX, _QUERY_INFIX = ".sheet.jpg", ".query"
+
+
 def _query_stem(query: ImageQuery | TextQuery) -> str:
-    if query.path is not None:
-        return query.path.stem or query.path.name
-    assert isinstance(query, TextQuery)
-    return text_query_stem(query.text)
+    """The stem of the bundle's files, shortened (``names.fit_name``) where a file name made of it would
+    pass 255 bytes."""
+    if query.path is None:
+        assert isinstance(query, TextQuery)
+        return text_query_stem(query.text)
+    stem = query.path.stem or query.path.name
+    return fit_name(stem, reserve=max(len(_SHEET_SUFFIX), len(_QUERY_INFIX) + name_bytes(query.path.suffix)))
 
 
 def _sheet_query_picture(query: ImageQuery, cfg: Config) -> Image.Image | None:
@@ -118,12 +126,12 @@ def _sheet_query_picture(query: ImageQuery, cfg: Config) -> Image.Image | None:
     try:
         return preprocess_image(query.path, max_size=(THUMB, THUMB), max_pixels=cfg.max_image_pixels).image
     except PreprocessError as exc:
-        log.warning("sheet_query_picture_unreadable", path=str(query.path), reason=exc.reason)
+        log.warning("sheet_query_picture_unreadable", path=query.path, reason=exc.reason)
         return None
 
 
 def _sheet_heading(query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config) -> str:
-    what = f"“{' '.join(query.text.split())}”" if isinstance(query, TextQuery) else query.path.name
+    what = f"“{' '.join(query.text.split())}”" if isinstance(query, TextQuery) else escape(query.path.name)
     found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
     model = cfg.model_name
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
@@ -158,7 +166,9 @@ def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, 
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-result-"))
     moved_query: Path | None = None
     try:
-        effective = cfg.to_json_dict(redact=True)
+        # Escaped (names.escape): a folder named in bytes that are not UTF-8 still makes valid JSON.
+        effective = {key: escape(value) if isinstance(value, str) else value
+                     for key, value in cfg.to_json_dict(redact=True).items()}
         if text is not None:
             effective["query-text"] = text
         with open(tmp / f"{stem}.json", "w", encoding="utf-8") as fh:
@@ -172,14 +182,14 @@ def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, 
             try:
                 shutil.copyfile(best, tmp / f"{stem}.jpg")
             except OSError as exc:
-                log.warning("best_match_image_missing", path=str(best), reason=exc.strerror or str(exc))
-        save_contact_sheet(sheet, tmp / f"{stem}.sheet.jpg")
+                log.warning("best_match_image_missing", path=best, reason=exc.strerror or str(exc))
+        save_contact_sheet(sheet, tmp / f"{stem}{_SHEET_SUFFIX}")
         if move_query:
             assert query.path is not None
-            moved_query = tmp / f"{stem}.query{query.path.suffix}"
+            moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
             _move_out(query.path, moved_query)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
-            (tmp / f"{stem}.query.txt").write_text(text + "\n", encoding="utf-8")
+            (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         while True:

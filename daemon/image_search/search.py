@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .config import Config
+from .entries import LinkPolicy
 from .output import ImageQuery, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .store import EmbeddingStore, Hit
@@ -32,15 +33,16 @@ class SearchResult:
 
 
 def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                 now: datetime | None = None, move_query: bool = False) -> SearchResult:
-    """Search with one image file and write its result bundle. Raises PreprocessError for a bad file."""
+                 now: datetime | None = None, move_query: bool = False, links: LinkPolicy | None = None) -> SearchResult:
+    """Search with one image file and write its result bundle. Raises PreprocessError for a bad file.
+    ``links``: the symbolic links that may be followed to it (None: any, for a file the user named)."""
     started = time.monotonic()
-    prepared = preprocess_for(query_path, cfg)
+    prepared = preprocess_for(query_path, cfg, links)
     vector = embedder.embed_images([prepared.image])[0]
     hits = store.search(vector, cfg.top_k)
     bundle = write_result_bundle(cfg.output_directory, ImageQuery(query_path, prepared.image), hits, cfg, now=now,
                                  move_query=move_query)
-    _log_answer(hits, bundle, started, query=str(query_path))
+    _log_answer(hits, bundle, started, query=query_path)
     return SearchResult(query_path, hits, bundle)
 
 
@@ -57,25 +59,26 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
     hits = store.search(vector, cfg.top_k)
     bundle = write_result_bundle(cfg.output_directory, TextQuery(text, source_path), hits, cfg, now=now,
                                  move_query=move_query)
-    _log_answer(hits, bundle, started, query=str(source_path) if source_path is not None else "typed text",
+    _log_answer(hits, bundle, started, query=source_path if source_path is not None else "typed text",
                 text=text if len(text) <= 200 else text[:199] + "…")
     return SearchResult(source_path, hits, bundle, query_text=text)
 
 
-def _log_answer(hits: list[Hit], bundle: Path, started: float, **query: str) -> None:
-    fields = {**query, "result": str(bundle), "hits": len(hits),
+def _log_answer(hits: list[Hit], bundle: Path, started: float, **query: Path | str) -> None:
+    fields = {**query, "result": bundle, "hits": len(hits),
               "duration_ms": round((time.monotonic() - started) * 1000)}
     if hits:
-        log.info("search_answered", best=hits[0].file_path, similarity=round(hits[0].similarity, 4), **fields)
+        log.info("search_answered", best=Path(hits[0].file_path), similarity=round(hits[0].similarity, 4), **fields)
     else:
         log.warning("search_empty_index", detail="the index holds no images yet: the ranking is empty", **fields)
 
 
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                move_query: bool = False) -> SearchResult:
+                move_query: bool = False, links: LinkPolicy | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words. Raises
-    PreprocessError (or TextQueryError) for a bad file, NoTextTower for words a model cannot read."""
+    PreprocessError (or TextQueryError) for a bad file, NoTextTower for words a model cannot read.
+    ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user named)."""
     if is_text_query(path):
-        return search_text(read_text_query(path), cfg=cfg, embedder=embedder, store=store, source_path=path,
+        return search_text(read_text_query(path, links), cfg=cfg, embedder=embedder, store=store, source_path=path,
                            move_query=move_query)
-    return search_image(path, cfg=cfg, embedder=embedder, store=store, move_query=move_query)
+    return search_image(path, cfg=cfg, embedder=embedder, store=store, move_query=move_query, links=links)

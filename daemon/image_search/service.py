@@ -106,7 +106,7 @@ class Service:
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
         self.notifier.ready(self.status_text())
-        log.info("service_ready", source=str(self.cfg.source_directory), inbox=str(self.cfg.inbox_directory),
+        log.info("service_ready", source=self.cfg.source_directory, inbox=self.cfg.inbox_directory,
                  pending_images=len(self.images), pending_queries=held)
 
     def run(self) -> ExitCode:
@@ -226,7 +226,7 @@ class Service:
                 self.sync.apply(change)
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
-            log.warning("change_deferred", path=str(change.path), reason=str(exc))
+            log.warning("change_deferred", path=change.path, reason=str(exc))
             self._needs_rescan = True
 
     # --- indexing ------------------------------------------------------------------------------

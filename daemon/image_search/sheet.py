@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .names import escape
 from .preprocess import THUMBNAIL_SIZE, thumbnail_path_for
 from .store import Hit
 
@@ -295,16 +296,16 @@ def render_contact_sheet(hits: Sequence[Hit], *, query_name: str, query_picture:
     query cell's caption (its file name, or "text query"); ``heading`` the line above the grid.
     """
     if query_text is not None:
-        query_cell = _Cell(_text_block(query_text, (THUMB, THUMB)), "Text query", query_name, accent=True)
+        query_cell = _Cell(_text_block(query_text, (THUMB, THUMB)), "Text query", escape(query_name), accent=True)
     elif query_picture is not None:
-        query_cell = _Cell(_fitted(query_picture), "Query", query_name, accent=True)
+        query_cell = _Cell(_fitted(query_picture), "Query", escape(query_name), accent=True)
     else:
-        query_cell = _Cell(_placeholder("the query picture cannot be shown"), "Query", query_name, accent=True)
+        query_cell = _Cell(_placeholder("the query picture cannot be shown"), "Query", escape(query_name), accent=True)
     cells = [query_cell]
     pictures = list(_decoders().map(_thumbnail, [Path(hit.processed_path) for hit in hits]))
     for hit, picture in zip(hits, pictures, strict=True):
         cells.append(_Cell(picture if picture is not None else _placeholder("processed image missing"),
-                           f"#{hit.rank} · similarity {hit.similarity:.4f}", hit.file_name))
+                           f"#{hit.rank} · similarity {hit.similarity:.4f}", escape(hit.file_name)))
     if not hits:
         cells.append(_Cell(_placeholder("The index holds no images yet: nothing to compare with."),
                            "No results", "the index is empty"))

@@ -286,7 +286,7 @@ class EmbeddedPostgres:
                 f"see {data_directory / 'log'}"
             ) from None
         self.uri = self._server.get_uri()
-        log.info("embedded_postgres_started", data_directory=str(data_directory),
+        log.info("embedded_postgres_started", data_directory=data_directory,
                  duration_ms=round((time.monotonic() - started) * 1000))
 
     def stop(self) -> None:

@@ -19,7 +19,8 @@ import structlog
 from tqdm import tqdm
 
 from .config import Config
-from .discover import discover_images, is_image_candidate
+from .discover import SkippedEntry, is_image_candidate, scan_folder
+from .entries import EntryRefused
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
 from .watch import Change, ChangeKind, ReadinessTracker
@@ -36,6 +37,7 @@ class FolderState:
     changed: list[Path]  # new, modified, or embedded by another model: to (re)index
     removed: list[str]  # rows dropped because their source is gone
     renamed: int  # rows that followed their file to a new path while nothing was watching
+    skipped: list[SkippedEntry]  # picture names that are not read: pipes, devices, links not followed
 
 
 def stat_or_none(path: Path) -> os.stat_result | None:
@@ -69,7 +71,7 @@ def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | No
     def identity(item: tuple[Path, tuple[int, int]]) -> str | None:
         try:
             return source_identity_of_file(*item)
-        except OSError:
+        except (OSError, EntryRefused):
             return None
 
     with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="identity") as pool, \
@@ -122,14 +124,16 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     root = cfg.source_directory
     migrate_identities(store, root)
     known = store.sources()
+    scan = scan_folder(root, cfg.source_links)
+    on_disk = scan.images
+    present = {str(path) for path in on_disk}
     gone, vanished = [], []  # vanished: the rows of this folder whose file is gone (they may have moved in it)
     for p in known:
         if not Path(p).is_relative_to(root):
             gone.append(p)  # another source-directory's row
-        elif not Path(p).is_file():
+        elif p not in present:  # deleted, or now a pipe or a link the policy does not follow
             gone.append(p)
             vanished.append(p)
-    on_disk = discover_images(root)
     changed, new_files = [], []
     for path in on_disk:
         st = stat_or_none(path)
@@ -147,7 +151,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
         for source in gone:
             remove_processed(cfg, Path(source))
         log.info("rows_removed", count=len(gone), reason="source file is gone")
-    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed))
+    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=scan.skipped)
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
@@ -192,7 +196,7 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
     store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
                         source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
-    log.info("image_renamed", path=str(dest), previous=str(src), file_hash=file_hash)
+    log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
     return True
 
 
@@ -205,6 +209,7 @@ class FolderSync:
         self.store = store
         self.pending = pending
         self.removed = 0  # rows dropped so far (deleted or moved-out sources)
+        self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -213,6 +218,7 @@ class FolderSync:
         """``compare_folder``, with every changed file queued for reading. Returns how many were queued."""
         started = time.monotonic()
         state = compare_folder(self.cfg, self.store)
+        self._report(state.skipped)
         self.removed += len(state.removed)
         queued = 0
         for path in state.changed:
@@ -238,7 +244,7 @@ class FolderSync:
         elif change.is_directory:
             if change.kind is ChangeKind.TOUCHED and change.path.is_dir() and change.path != root:
                 # A folder moved or copied in: its files may have produced no events of their own.
-                for path in discover_images(change.path):
+                for path in self._scan(change.path):
                     self.pending.note(path)
         elif self._is_image(change.path):
             self.pending.note(change.path, closed=change.kind is ChangeKind.CLOSED)
@@ -254,7 +260,7 @@ class FolderSync:
             remove_processed(self.cfg, Path(source))
         if removed:
             self.removed += len(removed)
-            log.info("rows_removed", path=str(path), count=len(removed), reason="source deleted or moved out")
+            log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
 
     def _file_moved(self, src: Path, dest: Path) -> None:
         """A rename inside the folder: the embedding follows the file, no model work."""
@@ -276,6 +282,18 @@ class FolderSync:
             new = dest / Path(old).relative_to(src)
             if new.is_file() and not relink(self.cfg, self.store, Path(old), new, record.file_hash):
                 self.pending.note(new)
-        for path in discover_images(dest):
+        for path in self._scan(dest):
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)
+
+    def _scan(self, folder: Path) -> list[Path]:
+        """The pictures under ``folder`` (a sub-folder of source-directory, whose link rules apply)."""
+        scan = scan_folder(folder, self.cfg.source_links)
+        self._report(scan.skipped)
+        return scan.images
+
+    def _report(self, skipped: list[SkippedEntry]) -> None:
+        for entry in skipped:
+            if entry not in self._reported:
+                self._reported.add(entry)
+                log.warning("image_skipped", path=entry.path, reason=entry.reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .preprocess import IncompleteFile, PreprocessError, unreadable_reason
 
 # Extensions (lower case) of files that are text queries rather than pictures.
@@ -35,12 +36,15 @@ def is_text_query(path: Path) -> bool:
     return Path(path).suffix.lower() in TEXT_QUERY_EXTENSIONS
 
 
-def read_text_query(path: Path) -> str:
-    """The whole UTF-8 text of ``path``, trimmed of surrounding whitespace; TextQueryError if unusable."""
+def read_text_query(path: Path, links: LinkPolicy | None = None) -> str:
+    """The whole UTF-8 text of ``path``, trimmed of surrounding whitespace; TextQueryError if unusable
+    (also for a pipe, a device, or a link ``links`` does not follow: see ``entries``)."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_TEXT_QUERY_BYTES + 1)  # never read more than the limit and one byte
+        with open_regular(path, links) as (handle, _):
+            data = read_at_most(handle, MAX_TEXT_QUERY_BYTES + 1)  # never more than the limit and one byte
+    except EntryRefused as exc:
+        raise TextQueryError(path, exc.reason) from None
     except OSError as exc:
         raise TextQueryError(path, unreadable_reason(exc, "a text file")) from None
     if not data:

@@ -273,5 +273,5 @@ def still_being_written(path: Path, error: PreprocessError, grace_s: float, *,
         return False
     if age >= grace_s:
         return False
-    log.debug("file_incomplete", path=str(path), reason=error.reason, modified_s_ago=round(age, 3))
+    log.debug("file_incomplete", path=path, reason=error.reason, modified_s_ago=round(age, 3))
     return True
