@@ -33,13 +33,15 @@ from .pixels import to_model_pixels
 from .preprocess import PreprocessError, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
-from .workers import ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
+from .workers import BatchHandle, ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
     from .gpudecode import GpuJpegReader
 
 log = structlog.get_logger(__name__)
+
+_HEARTBEAT_EVERY_S = 1.0
 
 
 @dataclass
@@ -87,10 +89,12 @@ class Indexer:
 
     def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore, *, workers: int | None = None,
                  defer: Callable[[Path, PreprocessError], bool] | None = None,
-                 jpeg_decode_device: str | None = "auto") -> None:
+                 jpeg_decode_device: str | None = "auto", heartbeat: Callable[[], None] | None = None) -> None:
         """``jpeg_decode_device``: where plain JPEGs are decoded in batches. "auto": the model's CUDA
         device when config key 'gpu-jpeg-decode' allows, else nowhere (the CPU workers decode every
-        file); None: nowhere; "cpu" or "cuda": there (the tests run the batched path on "cpu")."""
+        file); None: nowhere; "cpu" or "cuda": there (the tests run the batched path on "cpu").
+        ``heartbeat``: called about once a second while this thread waits for the CPU workers (the
+        service's watchdog ping: a wait bounded by ``workers.FILE_SECONDS_LIMIT`` per file is no hang)."""
         self.cfg = cfg
         # The service's test for "this file is still being written": such a file is deferred, not skipped.
         self.defer = defer
@@ -103,6 +107,10 @@ class Indexer:
                                 else cfg.batch_size)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
                                     model_input=model_input_for(embedder), links=cfg.source_links, workers=workers)
+        # True while this thread only waits for files to be read and decoded: a stop may cut that wait
+        # short (a read that never returns, on a dead network mount) with nothing half-done.
+        self.waiting_for_files = False
+        self.heartbeat = heartbeat
         self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
         device = self._jpeg_device(jpeg_decode_device)
         if device is not None:
@@ -141,7 +149,7 @@ class Indexer:
         in_flight: tuple[list[_Candidate], PreparingBatch] | None = None
 
         def finish(batch: list[_Candidate], preparing: PreparingBatch) -> None:
-            summary.merge(self._finish_batch(batch, preparing.results()))
+            summary.merge(self._finish_batch(batch, self._outcomes(preparing)))
             if progress:
                 progress(len(batch))
 
@@ -153,6 +161,20 @@ class Indexer:
         if in_flight is not None:
             finish(*in_flight)
         return summary
+
+    def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreprocessedFile | PreprocessError]:
+        """Wait for a batch's outcomes, marked ``waiting_for_files``, calling ``heartbeat`` meanwhile."""
+        self.waiting_for_files = True
+        try:
+            if self.heartbeat is not None and isinstance(preparing, BatchHandle):
+                while True:
+                    try:
+                        return preparing.results(timeout=_HEARTBEAT_EVERY_S)
+                    except TimeoutError:
+                        self.heartbeat()
+            return preparing.results()
+        finally:
+            self.waiting_for_files = False
 
     def _changed_batches(self, paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
                          progress: Callable[[int], None] | None) -> Iterator[list[_Candidate]]:

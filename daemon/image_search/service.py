@@ -26,7 +26,7 @@ from .fleet import ClaimKind
 from .inbox import QueryInbox
 from .indexer import Indexer
 from .notify import Notifier, watchdog_interval
-from .runtime import ExitCode, RestartRequested, Runtime, install_stop_handlers, open_runtime
+from .runtime import ExitCode, RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .store import DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
@@ -53,14 +53,19 @@ IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock aga
 
 @dataclass
 class StopFlag:
-    """Set by the first SIGTERM/SIGINT (a second one exits at once)."""
+    """Set by the first SIGTERM/SIGINT (a second one exits at once). The loop finishes what it is doing
+    and stops, unless ``interruptible`` says it only waits (for files being read): then the signal
+    unwinds at once (``ShutdownRequested``), so that a read that never returns cannot hold the stop."""
 
     event: threading.Event = field(default_factory=threading.Event)
     signum: int = 0
+    interruptible: Callable[[], bool] = lambda: False
 
     def set(self, signum: int = 0) -> None:
         self.signum = signum
         self.event.set()
+        if signum and self.interruptible():
+            raise ShutdownRequested(signum)
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -93,6 +98,9 @@ class Service:
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
         self._startup_backlog = 0  # files queued by the start-up reconciliation not yet indexed
+        stop.interruptible = lambda: self._indexer is not None and self._indexer.waiting_for_files
+        self._ping_every = watchdog_interval()
+        self._next_ping = 0.0
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -101,7 +109,8 @@ class Service:
         already waiting, wait for the model, then tell systemd we are ready."""
         self._startup_backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
-        self._indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving)
+        self._indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
+                                heartbeat=self._ping_watchdog)
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
@@ -112,25 +121,34 @@ class Service:
     def run(self) -> ExitCode:
         self.start()
         try:
-            ping_every = watchdog_interval()
-            next_ping = next_status = 0.0
-            while not self.stop.is_set():
-                now = self.clock()
-                if now >= next_status or (ping_every and now >= next_ping):
-                    self._check_watch()
-                    if ping_every and now >= next_ping:
-                        self.notifier.watchdog()
-                        next_ping = now + ping_every
-                    if now >= next_status:
-                        self.notifier.status(self.status_text())
-                        next_status = now + STATUS_EVERY_S
-                if not self.step():
-                    self._wait(min(self._idle_timeout(), ping_every or IDLE_WAIT_S))
+            self._loop()
+        except ShutdownRequested:
+            pass  # a stop that cut a wait for files short: what was read is dropped, the rescan finds it
         finally:
             self.close()
         log.info("service_stopping", signal=signal.Signals(self.stop.signum).name if self.stop.signum else None)
         self.notifier.stopping()
         return ExitCode.OK
+
+    def _loop(self) -> None:
+        next_status = 0.0
+        while not self.stop.is_set():
+            now = self.clock()
+            if now >= next_status or (self._ping_every and now >= self._next_ping):
+                self._check_watch()
+                self._ping_watchdog()
+                if now >= next_status:
+                    self.notifier.status(self.status_text())
+                    next_status = now + STATUS_EVERY_S
+            if not self.step():
+                self._wait(min(self._idle_timeout(), self._ping_every or IDLE_WAIT_S))
+
+    def _ping_watchdog(self) -> None:
+        """WATCHDOG=1 when due: from the loop, and while a batch waits for its files."""
+        now = self.clock()
+        if self._ping_every and now >= self._next_ping:
+            self.notifier.watchdog()
+            self._next_ping = now + self._ping_every
 
     def step(self) -> bool:
         """One pass: apply what was noticed, rescan if due, answer ready queries or index one batch.

@@ -61,6 +61,13 @@ _START_ATTEMPTS = 3
 # How long close() lets workers finish their current file before killing them (their results are
 # discarded anyway, and workers write nothing, so a kill is always safe).
 _CLOSE_GRACE_SECONDS = 2.0
+# The longest one file may take to be read and decoded before its worker is killed and the file skipped:
+# a read that never returns (a network mount whose server is gone) costs that file, not the pool. The
+# largest picture allowed (max-image-pixels) decodes in a few seconds here.
+FILE_SECONDS_LIMIT = 60.0
+# How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
+# the kernel may take its time; the pool must not hang with it).
+_KILL_WAIT_SECONDS = 5.0
 # Each worker is one core: libraries that spawn a thread per core would oversubscribe N workers.
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -263,6 +270,17 @@ class _Worker:
     conn: Connection
     ready: bool = False
     tasks: deque[_Task] = field(default_factory=deque)  # sent, not answered; the worker does them in order
+    busy_since: float | None = None  # when it started on its first unanswered file
+    overdue: bool = False  # killed for taking longer than the limit on one file
+
+
+def _kill_and_reap(process: subprocess.Popen[bytes]) -> int | None:
+    """Kill a worker and wait a little for it; its exit status, or None if it is not gone yet."""
+    process.kill()
+    try:
+        return process.wait(timeout=_KILL_WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _exit_description(returncode: int | None) -> str:
@@ -447,8 +465,7 @@ class PreprocessPool:
             try:
                 worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
+                _kill_and_reap(worker.process)
 
     def _wake_locked(self) -> None:
         try:
@@ -467,7 +484,8 @@ class PreprocessPool:
                     for worker in self._workers:
                         self._feed_locked(worker)
                     readable = {w.conn: w for w in self._workers}
-                ready = wait([*readable, self._wake_reader])
+                    timeout = self._kill_overdue_locked()
+                ready = wait([*readable, self._wake_reader], timeout)
                 for item in ready:
                     if item == self._wake_reader:
                         os.read(self._wake_reader, 4096)
@@ -477,6 +495,22 @@ class PreprocessPool:
             with self._changed:
                 self._break_locked(PoolError(f"the preprocessing pool failed ({type(exc).__name__}: {exc})"))
             raise
+
+    def _kill_overdue_locked(self) -> float | None:
+        """Kill each worker that has spent longer than ``FILE_SECONDS_LIMIT`` on one file (its EOF then
+        blames that file); the seconds until the next one could be overdue, or None when all are idle."""
+        now = time.monotonic()
+        soonest = None
+        for worker in self._workers:
+            if worker.busy_since is None or worker.overdue:
+                continue
+            left = worker.busy_since + FILE_SECONDS_LIMIT - now
+            if left <= 0:
+                worker.overdue = True
+                worker.process.kill()
+            else:
+                soonest = left if soonest is None else min(soonest, left)
+        return soonest
 
     def _feed_locked(self, worker: _Worker) -> None:
         while worker.ready and self._queue and len(worker.tasks) < _TASKS_PER_WORKER:
@@ -488,6 +522,8 @@ class PreprocessPool:
             except OSError:  # the worker died idle: this file never reached it, so it is not to blame
                 self._queue.appendleft(task)
                 return  # its EOF comes through wait(), and a replacement is started there
+            if not worker.tasks:
+                worker.busy_since = time.monotonic()
             worker.tasks.append(task)
 
     def _receive(self, worker: _Worker) -> None:
@@ -505,17 +541,16 @@ class PreprocessPool:
                 self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
             else:
                 task = worker.tasks.popleft()
+                worker.busy_since = time.monotonic() if worker.tasks else None
                 outcome: Outcome = message.error(task.path) if isinstance(message, _Rejected) else message
                 self._deliver_locked(task, outcome)
 
     def _replace_dead(self, worker: _Worker) -> None:
         worker.conn.close()
         try:
-            returncode: int | None = worker.process.wait(timeout=5)
+            returncode: int | None = worker.process.wait(timeout=_KILL_WAIT_SECONDS)
         except subprocess.TimeoutExpired:  # EOF without exit: it is of no use any more either way
-            worker.process.kill()
-            worker.process.wait()
-            returncode = None
+            returncode = _kill_and_reap(worker.process)
         description = _exit_description(returncode)
         with self._changed:
             self._workers.remove(worker)
@@ -530,7 +565,10 @@ class PreprocessPool:
             if worker.tasks:
                 self.crashes += 1
                 culprit = worker.tasks.popleft()  # it does its files in order: the first unanswered one
-                self._deliver_locked(culprit, PreprocessError(culprit.path, f"decoder crashed ({description})"))
+                reason = (f"reading and decoding took longer than {FILE_SECONDS_LIMIT:g} s, so it was stopped (a "
+                          "file on storage that no longer answers, or one far too slow to decode)"
+                          if worker.overdue else f"decoder crashed ({description})")
+                self._deliver_locked(culprit, PreprocessError(culprit.path, reason))
                 self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
                 worker.tasks.clear()
             if self._closed or self._error is not None:
