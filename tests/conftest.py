@@ -8,6 +8,7 @@ import pytest
 
 from tests.support.env import use_offline_hub
 from tests.support.model import save_tiny_clip
+from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures: the service in-process)
 
 use_offline_hub()
 

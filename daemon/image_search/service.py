@@ -271,6 +271,7 @@ class Service:
             self.images.note(path)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked
         self.skipped += len(summary.skipped)
+        self.sync.reported_elsewhere(summary.skipped)
         if summary.embedded or summary.relinked:
             log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
                      duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))

@@ -297,3 +297,7 @@ class FolderSync:
             if entry not in self._reported:
                 self._reported.add(entry)
                 log.warning("image_skipped", path=entry.path, reason=entry.reason)
+
+    def reported_elsewhere(self, skipped: list[tuple[Path, str]]) -> None:
+        """Skips the indexer has logged already (a pipe noticed by the watcher): a rescan does not repeat them."""
+        self._reported.update(SkippedEntry(path, reason) for path, reason in skipped)

@@ -1,0 +1,143 @@
+"""A real ``Service`` over its own folders, the real embedded PostgreSQL and the tiny model, driven
+in-process on a fake clock (``story_factory``): what the service-loop stories share."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_search.config import Config, load_config
+from image_search.notify import Notifier
+from image_search.runtime import Runtime
+from image_search.service import Service, StopFlag
+from image_search.store import Database
+from image_search.watch import Change, ChangeKind, Folder
+from tests.support.clock import FakeClock
+from tests.support.db import Row, database_rows, rows_by_path
+from tests.support.files import save_picture, write_config
+from tests.support.model import TINY_DIMENSION
+
+TOP_K = 3
+SETTLE = 0.3
+
+
+class RecordingNotifier(Notifier):
+    """sd_notify as a list: what the service would have told systemd, in order."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(environ={})
+        self.output = output
+        self.sent: list[tuple[str, ...]] = []
+        self.bundles_at_ready: list[str] | None = None
+
+    def send(self, *fields: str) -> bool:
+        if "READY=1" in fields:
+            self.bundles_at_ready = sorted(p.name for p in self.output.iterdir() if not p.name.startswith("."))
+        self.sent.append(fields)
+        return True
+
+
+@dataclass
+class Story:
+    """One service over its own folders and database, and the handles a test drives it with."""
+
+    cfg: Config
+    database: Database
+    service: Service
+    changes: queue.SimpleQueue[Change]
+    clock: FakeClock
+    notifier: RecordingNotifier
+
+    @property
+    def images(self) -> Path:
+        return self.cfg.source_directory
+
+    @property
+    def inbox(self) -> Path:
+        return self.cfg.inbox_directory
+
+    def notice(self, folder: Folder, kind: ChangeKind, path: Path, *, dest: Path | None = None,
+               is_directory: bool = False) -> None:
+        self.changes.put(Change(folder, kind, path, is_directory, dest))
+
+    def run_until_idle(self, passes: int = 50) -> None:
+        """Step the loop, moving the clock past every settle period, until a pass finds nothing to do."""
+        for _ in range(passes):
+            self.clock.advance(SETTLE + 0.01)
+            worked = False
+            while self.service.step():
+                worked = True
+            if not worked and not len(self.service.images) and not len(self.service.inbox.pending):
+                return
+        raise AssertionError("the service loop did not become idle")
+
+    def let_settle_periods_pass(self, count: int) -> None:
+        """``count`` settle periods go by with nothing new: the loop looks at what is pending each time."""
+        for _ in range(count):
+            self.clock.advance(SETTLE + 0.01)
+            while self.service.step():
+                pass
+
+    def rows(self) -> dict[str, Row]:
+        return rows_by_path(database_rows(self.database))
+
+    def bundle(self, query_name: str) -> Path:
+        stem, ext = os.path.splitext(query_name)
+        found = [b for b in self.cfg.output_directory.iterdir() if (b / f"{stem}.query{ext}").is_file()]
+        assert len(found) == 1, (query_name, list(self.cfg.output_directory.iterdir()))
+        return found[0]
+
+    def ask(self, name: str, source: Path) -> list[str]:
+        """Drop a copy of ``source`` into the inbox as ``name``; the ranked file paths of its answer."""
+        shutil.copyfile(source, self.inbox / name)
+        self.notice(Folder.INBOX, ChangeKind.CLOSED, self.inbox / name)
+        self.run_until_idle()
+        stem = Path(name).stem
+        lines = (self.bundle(name) / f"{stem}.jsonl").read_text().splitlines()
+        return [json.loads(line)["file_path"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir: Path):
+    from image_search.embed import Embedder
+
+    return Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+
+
+@pytest.fixture
+def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[Any]:
+    made: list[Story] = []
+
+    def make(files: dict[str, int] | None = None, *, start: bool = True, model: Any = None,
+             **overrides: object) -> Story:
+        root = tmp_path / f"tree{len(made)}"
+        cfg = load_config(write_config(root, tiny_model_dir, top_k=TOP_K, settle_seconds=SETTLE, **overrides))
+        for name, seed in (files or {}).items():
+            save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
+        database = Database(cfg)
+        store = database.open_store(dimension=cfg.dimension, create_table=False)
+        rt = Runtime(cfg, store, lambda: model or embedder)
+        changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        clock = FakeClock()
+        notifier = RecordingNotifier(cfg.output_directory)
+        service = Service(rt, changes=changes, stop=StopFlag(), notifier=notifier, clock=clock)
+        story = Story(cfg, database, service, changes, clock, notifier)
+        made.append(story)
+        if start:
+            service.start()
+            story.run_until_idle()
+        return story
+
+    yield make
+    for story in made:
+        story.service.close()
+        story.service.rt.store.close()
+        story.database.close()

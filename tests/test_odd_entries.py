@@ -1,0 +1,204 @@
+"""One odd entry must never take the service down: names in bytes that are not UTF-8, names at the
+255-byte limit, pipes, sockets, devices and links, in images/ and in the inbox.
+
+The service runs in-process (``story_factory``: the real loop, the real embedded PostgreSQL, the tiny
+model, a fake clock); the indexer over a random tree of odd entries runs in-process too. The process
+boundary (the real CLI, SIGTERM during a read that never returns) is in test_odd_entries_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.indexer import Indexer
+from image_search.names import NAME_MAX, escape, name_bytes
+from image_search.preprocess import processed_path_for, thumbnail_path_for
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import save_picture
+from tests.support.odd_entries import fs_name, make_odd_tree, random_name, snapshot
+from tests.support.story import Story
+
+BAD = fs_name(b"bad\xff\xfename.png")  # bytes FF FE: not UTF-8
+LONG = "L" * 250 + ".png"  # 254 bytes
+
+
+def bundles(story: Story) -> list[Path]:
+    return sorted(p for p in story.cfg.output_directory.iterdir() if not p.name.startswith("."))
+
+
+def only_bundle_holding(story: Story, query_bytes: bytes) -> Path:
+    """The one result folder whose moved-in query has exactly ``query_bytes``."""
+    found = [b for b in bundles(story) for f in b.iterdir() if ".query." in f.name and f.read_bytes() == query_bytes]
+    assert len(found) == 1, [list(b.iterdir()) for b in bundles(story)]
+    return found[0]
+
+
+def ranking(bundle: Path) -> list[dict[str, object]]:
+    (jsonl,) = bundle.glob("*.jsonl")
+    return [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_name_in_bytes_that_are_not_utf8_is_indexed_found_renamed_and_deleted(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    bad = save_picture(story.images / BAD, seed=2, size=(120, 90))
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, bad)
+    story.run_until_idle()
+    row = story.rows()[escape(bad)]  # the table holds the name's text, which leads back to its bytes
+    assert row["file_name"] == "bad\\xff\\xfename.png" and Path(row["processed_path"]).name.startswith("bad\\xff")
+    processed = processed_path_for(bad, story.images, story.cfg.processed_directory)
+    assert processed.is_file() and thumbnail_path_for(processed).is_file()
+
+    query = fs_name(b"query \xe9t\xe9.png")  # Latin-1 bytes, as an old Windows share writes them
+    shutil.copyfile(bad, story.inbox / query)
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / query)
+    story.run_until_idle()
+    bundle = only_bundle_holding(story, bad.read_bytes())
+    best = ranking(bundle)[0]
+    assert best["file_path"] == escape(bad) and best["file_name"] == "bad\\xff\\xfename.png"
+    assert (bundle / fs_name(b"query \xe9t\xe9.sheet.jpg")).is_file()
+    config = json.loads((bundle / fs_name(b"query \xe9t\xe9.json")).read_text(encoding="utf-8"))
+    assert config["source-directory"] == escape(story.images)
+
+    renamed = story.images / fs_name(b"renamed \xfe.png")
+    os.rename(bad, renamed)
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, bad, dest=renamed)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    rows = story.rows()
+    assert escape(bad) not in rows and rows[escape(renamed)]["file_hash"] == row["file_hash"]
+    assert [e["event"] for e in logs if e.get("path") == renamed] == ["image_renamed"]  # no model work
+
+    renamed.unlink()
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, renamed)
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "a.png")}
+    assert not processed_path_for(renamed, story.images, story.cfg.processed_directory).exists()
+
+
+def test_a_254_byte_name_is_indexed_and_asked_about(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    long = save_picture(story.images / LONG, seed=3, size=(120, 90))
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, long)
+    story.run_until_idle()
+    row = story.rows()[str(long)]
+    processed = Path(row["processed_path"])
+    assert processed.is_file() and thumbnail_path_for(processed).is_file()
+    assert name_bytes(thumbnail_path_for(processed).name) <= NAME_MAX
+
+    shutil.copyfile(long, story.inbox / LONG)  # a query with the longest name: its result files still fit
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / LONG)
+    story.run_until_idle()
+    bundle = only_bundle_holding(story, long.read_bytes())
+    assert ranking(bundle)[0]["file_path"] == str(long)
+    names = sorted(p.name for p in bundle.iterdir())
+    assert all(name_bytes(n) <= NAME_MAX for n in names) and len(names) == 5, names
+    assert [n for n in names if n.endswith(".query.png")], names
+
+
+def test_pipes_devices_and_links_out_in_images_are_one_line_each_and_the_loop_goes_on(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1})
+    secret = save_picture(tmp_path / "private" / "secret.png", seed=4)
+    os.mkfifo(story.images / "fifo.jpg")
+    (story.images / "zero.jpg").symlink_to("/dev/zero")
+    (story.images / "shadow.jpg").symlink_to(secret)
+    save_picture(story.images / "after.png", seed=5)
+    for name in ("fifo.jpg", "zero.jpg", "shadow.jpg", "after.png"):
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / name)
+    with capture_logs() as logs:
+        story.run_until_idle()
+        story.service.sync.rescan()  # the next rescan finds them again and says nothing new
+    lines = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
+    assert [e["path"].name for e in logs if e["event"] == "image_skipped"].count("fifo.jpg") == 1
+    assert lines["fifo.jpg"].startswith("is a named pipe")
+    assert lines["zero.jpg"].startswith("symbolic link to /dev/zero, outside source-directory")
+    assert lines["shadow.jpg"].startswith(f"symbolic link to {secret}, outside source-directory")
+    assert set(story.rows()) == {str(story.images / "a.png"), str(story.images / "after.png")}
+    assert not list(story.cfg.processed_directory.glob("shadow*")), "nothing of a refused link is written"
+
+
+def test_the_inbox_follows_the_same_rules(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1})
+    elsewhere = save_picture(tmp_path / "elsewhere" / "private.png", seed=6)
+    os.mkfifo(story.inbox / "fifo.png")
+    (story.inbox / "link-out.png").symlink_to(elsewhere)
+    long_unsupported = story.inbox / ("D" * 251 + ".doc")  # 255 bytes: its error file needs a shorter name
+    long_unsupported.write_bytes(b"a document\n")
+    for path in (story.inbox / "fifo.png", story.inbox / "link-out.png", long_unsupported):
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, path)
+    story.run_until_idle()
+    failed = story.inbox / "failed"
+    errors = {p.name: p.read_text(encoding="utf-8") for p in failed.glob("*.error.txt")}
+    assert "named pipe" in errors["fifo.png.error.txt"]
+    assert "outside inbox-directory: not followed" in errors["link-out.png.error.txt"]
+    assert (failed / "fifo.png").is_fifo() and (failed / "link-out.png").is_symlink()  # moved, never opened
+    (long_error,) = [text for name, text in errors.items() if name.startswith("DDDD")]
+    assert long_error.startswith(long_unsupported.name + ": not a supported query type")
+    assert all(name_bytes(p.name) <= NAME_MAX for p in failed.iterdir())
+    assert bundles(story) == [] and list(story.inbox.iterdir()) == [failed]
+
+
+@pytest.fixture(scope="module")
+def odd_library(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """A tree of random odd entries, indexed once by the in-process indexer over the real store."""
+    from image_search.config import load_config
+    from image_search.embed import Embedder
+    from image_search.store import Database
+    from tests.support.files import write_config
+    from tests.support.model import TINY_DIMENSION
+
+    root = tmp_path_factory.mktemp("odd")
+    cfg = load_config(write_config(root, tiny_model_dir))
+    tree = make_odd_tree(cfg.source_directory, random.Random(20261206), entries=160)
+    before = snapshot(cfg.source_directory)
+    database = Database(cfg)
+    store = database.open_store(dimension=TINY_DIMENSION)
+    indexer = Indexer(cfg, Embedder.load(cfg.model_name, device="cpu", dimension=TINY_DIMENSION), store, workers=2)
+    try:
+        yield cfg, tree, before, store, indexer
+    finally:
+        indexer.close()
+        store.close()
+        database.close()
+        tree.close()
+
+
+def test_random_names_and_entry_types_crash_nothing_lose_nothing_and_change_nothing(odd_library) -> None:
+    cfg, tree, before, store, indexer = odd_library
+    assert len(tree.pictures) > 40 and len(tree.refused) > 40  # the generator made a real mix
+    summary = indexer.index_folder(show_progress=False)
+    assert summary.embedded == len(tree.pictures)
+    assert set(store.sources()) == {str(p) for p in tree.pictures}, "every picture is a row, under its exact name"
+    assert {p for p, _ in summary.skipped} == tree.refused, "every odd entry is one skipped line"
+    for path in tree.pictures:
+        assert processed_path_for(path, cfg.source_directory, cfg.processed_directory).is_file()
+    assert snapshot(cfg.source_directory) == before, "nothing in the user's folder was touched"
+
+
+def test_random_renames_and_deletions_of_odd_names_are_followed(odd_library) -> None:
+    cfg, tree, _, store, indexer = odd_library
+    indexer.index_folder(show_progress=False)
+    rng = random.Random(7)
+    pictures = sorted(tree.pictures, key=os.fsencode)
+    hashes = {p: r.file_hash for p, r in store.sources().items()}
+    renamed = {}
+    for path in pictures[::3]:
+        new = path.parent / fs_name(random_name(rng, suffix=b".png", longest=200))
+        if not os.path.lexists(new):
+            os.rename(path, new)
+            renamed[new] = path
+    deleted = [p for p in pictures[1::3] if p not in renamed.values()]
+    for path in deleted:
+        path.unlink()
+    summary = indexer.index_folder(show_progress=False)
+    rows = store.sources()
+    assert summary.embedded == 0 and summary.relinked == len(renamed)  # renames cost no model work
+    for new, old in renamed.items():
+        assert rows[str(new)].file_hash == hashes[str(old)] and str(old) not in rows
+    assert not {str(p) for p in deleted} & set(rows)
