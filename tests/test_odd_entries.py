@@ -202,3 +202,36 @@ def test_random_renames_and_deletions_of_odd_names_are_followed(odd_library) -> 
     for new, old in renamed.items():
         assert rows[str(new)].file_hash == hashes[str(old)] and str(old) not in rows
     assert not {str(p) for p in deleted} & set(rows)
+
+
+def test_fleet_claims_and_folder_removal_keep_odd_names_exact(story_factory) -> None:
+    """What ``serve`` died of in the fleet's claim: work items named by paths in any bytes. Two members
+    claim the same odd paths; each is granted to one, released, and a folder named in odd bytes is
+    removed with every row under it (the stored text of a folder is a prefix of its files')."""
+    from image_search.fleet import ClaimKind, FleetMember, WorkClaims
+
+    story = story_factory({})
+    odd_folder = story.images / fs_name(b"old \xff\\ 100%_done")
+    files = [save_picture(odd_folder / fs_name(name), seed=60 + i)
+             for i, name in enumerate((b"bad\xff\xfe.png", b"new\nline.png", b"back\\slash.png", b"x" * 250 + b".png"))]
+    twin = save_picture(story.images / fs_name(b"old \xff\\ 100%_donE") / "kept.png", seed=70)  # a near-twin folder
+    one, two = (WorkClaims(story.service.rt.store, FleetMember.join(story.cfg, story.database)) for _ in range(2))
+    try:
+        first = one.take(ClaimKind.IMAGE, files, story.service.images)
+        second = two.take(ClaimKind.IMAGE, files, story.service.images)
+        assert first == files and second == [], "each odd path is one exact item, held by one member"
+        one.release(ClaimKind.IMAGE, first)
+        assert two.take(ClaimKind.IMAGE, files, story.service.images) == files
+        two.release(ClaimKind.IMAGE, files)
+    finally:
+        for claims in (one, two):
+            assert claims.member is not None
+            claims.member.leave(empty_table=False)
+    for path in [*files, twin]:
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+    story.run_until_idle()
+    assert set(story.rows()) == {escape(p) for p in [*files, twin]}
+    shutil.rmtree(odd_folder)
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, odd_folder, is_directory=True)
+    story.run_until_idle()
+    assert set(story.rows()) == {escape(twin)}
