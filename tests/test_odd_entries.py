@@ -235,3 +235,26 @@ def test_fleet_claims_and_folder_removal_keep_odd_names_exact(story_factory) -> 
     story.notice(Folder.IMAGES, ChangeKind.DELETED, odd_folder, is_directory=True)
     story.run_until_idle()
     assert set(story.rows()) == {escape(twin)}
+
+
+def test_names_an_earlier_version_stored_raw_are_escaped_once_and_found_again(story_factory) -> None:
+    """Before names were escaped, a name with a newline or a backslash was stored as it is. The first
+    start of this version rewrites those rows, so a rescan finds them and a deletion removes them."""
+    from tests.support.db import raw
+
+    story = story_factory({"new\nline.png": 1, "back\\slash.png": 2, "plain.png": 3})
+    conn = story.database.connect()
+    with conn, conn.cursor() as cur:  # what an earlier version left: raw names, no 'names' marker
+        cur.execute("UPDATE image_embeddings SET file_path = replace(replace(file_path, '\\x0a', E'\\n'), '\\\\', '\\'),"
+                    " file_name = replace(replace(file_name, '\\x0a', E'\\n'), '\\\\', '\\')")
+        cur.execute("DELETE FROM image_search_meta WHERE key = 'names'")
+    conn.close()
+    assert {r[0] for r in raw(story.database, "SELECT file_name FROM image_embeddings")} == {
+        "new\nline.png", "back\\slash.png", "plain.png"}
+    with capture_logs() as logs:
+        story.database.open_store(dimension=story.cfg.dimension).close()
+    assert [e["rows"] for e in logs if e["event"] == "names_escaped"] == [2]
+    assert set(story.rows()) == {escape(story.images / n) for n in ("new\nline.png", "back\\slash.png", "plain.png")}
+    (story.images / "new\nline.png").unlink()
+    story.service.sync.rescan()
+    assert set(story.rows()) == {escape(story.images / n) for n in ("back\\slash.png", "plain.png")}

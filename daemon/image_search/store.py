@@ -53,6 +53,20 @@ INSERT INTO image_search_meta (key, value) VALUES ('identity', %s)
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
 """
 _IDENTITY = "SELECT value FROM image_search_meta WHERE key = 'identity'"
+# How names are written in this database's rows: "escaped" (names.escape). Rows of an earlier version
+# hold names raw; only those with a backslash or a control character differ, and are rewritten once.
+NAMES = "escaped"
+_SET_NAMES = """
+INSERT INTO image_search_meta (key, value) VALUES ('names', %s)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+"""
+_NAMES = "SELECT value FROM image_search_meta WHERE key = 'names'"
+_RAW_NAMES = """
+SELECT id, file_path, file_name, processed_path FROM image_embeddings
+WHERE file_path ~ %(pattern)s OR file_name ~ %(pattern)s OR processed_path ~ %(pattern)s
+"""
+_RAW_NAME_PATTERN = r"[[:cntrl:]\\]"  # a control character or a backslash
+_REWRITE_NAMES = "UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s WHERE id = %s"
 _TABLE_EXISTS = "SELECT to_regclass('image_embeddings') IS NOT NULL"
 # Old hash -> new hash in two statements: UNIQUE is checked row by row, so a new hash that equals an
 # old hash not yet rewritten would collide mid-statement; the first step moves every row to a name no
@@ -476,6 +490,8 @@ class EmbeddingStore:
         with self._conn, self._conn.cursor() as cur:
             cur.execute(_TABLE_DIMENSION)
             found = cur.fetchone()
+        if found is not None and found[0] == self.dimension:
+            self._escape_raw_names()
         if found is not None and found[0] != self.dimension:
             raise StoreError(
                 f"table image_embeddings holds {found[0]}-dimensional embeddings but config key 'dimension' is "
@@ -483,6 +499,23 @@ class EmbeddingStore:
                 "service at another database, or drop the table yourself (DROP TABLE image_embeddings) to re-index."
             )
         return found is not None
+
+    def _escape_raw_names(self) -> None:
+        """Once per database of an earlier version: its rows' names as ``names.escape`` writes them
+        (a name with a backslash or a control character was stored raw), so they are found again."""
+        with self._cursor() as cur:
+            cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
+            cur.execute(_NAMES)
+            if cur.fetchone() is not None:
+                return
+            cur.execute(_RAW_NAMES, {"pattern": _RAW_NAME_PATTERN})
+            rows = [(escape(path), escape(name), escape(processed), row_id)
+                    for row_id, path, name, processed in cur.fetchall()]
+            if rows:
+                psycopg2.extras.execute_batch(cur, _REWRITE_NAMES, rows)
+                log.info("names_escaped", rows=len(rows), detail="names with a backslash or a control character "
+                         "are now stored escaped (\\ and \\xNN), as every name is")
+            cur.execute(_SET_NAMES, (NAMES,))
 
     def _probe_vector_arithmetic(self) -> None:
         """One 64-dimensional distance, so a pgvector built for another CPU fails here, in one line,
@@ -511,6 +544,7 @@ class EmbeddingStore:
             cur.execute(hnsw_index_ddl(self.dimension))
             if not existed:
                 cur.execute(_SET_IDENTITY, (IDENTITY,))
+                cur.execute(_SET_NAMES, (NAMES,))
         self.has_table = True
 
     def needs_identity_migration(self) -> bool:
