@@ -153,34 +153,39 @@ def test_a_socket_and_a_device_are_refused(tmp_path: Path) -> None:
         finishes_within(5, lambda: read_regular(tmp_path / "zero.jpg"))
 
 
-def test_a_name_replaced_by_a_pipe_after_the_check_is_refused_on_the_open_descriptor(tmp_path, monkeypatch) -> None:
-    path = tmp_path / "swapped.jpg"
-    save_picture(path, seed=1)
+def between_look_and_open(monkeypatch: pytest.MonkeyPatch, meddle: Callable[[Path], None]) -> None:
+    """``meddle(path)`` runs after entries' look at a name (stat) and before its open: what another
+    process can do in between."""
     checked = entries.check_regular
 
-    def check_then_swap(p: Path, links: LinkPolicy | None = None) -> os.stat_result:
-        st = checked(p, links)
-        p.unlink()
-        os.mkfifo(p)  # what a racing writer could do between the look and the open
+    def check_then_meddle(path: Path, links: LinkPolicy | None = None) -> os.stat_result:
+        st = checked(path, links)
+        meddle(path)
         return st
 
-    monkeypatch.setattr(entries, "check_regular", check_then_swap)
+    monkeypatch.setattr(entries, "check_regular", check_then_meddle)
+
+
+def replace_by_a_pipe(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def append_past_the_margin(path: Path) -> None:
+    with open(path, "ab") as writer:
+        writer.write(b"\0" * (entries.GROWTH_MARGIN_BYTES + 4096))
+
+
+def test_a_name_replaced_by_a_pipe_after_the_check_is_refused_on_the_open_descriptor(tmp_path, monkeypatch) -> None:
+    path = save_picture(tmp_path / "swapped.jpg", seed=1)
+    between_look_and_open(monkeypatch, replace_by_a_pipe)
     with pytest.raises(EntryRefused, match="named pipe"):
         finishes_within(5, lambda: read_regular(path))
 
 
 def test_a_file_that_keeps_growing_is_still_being_written_not_read_forever(tmp_path, monkeypatch) -> None:
-    path = tmp_path / "growing.png"
-    save_picture(path, seed=2)
-    checked = entries.check_regular
-
-    def check_then_grow(p: Path, links: LinkPolicy | None = None) -> os.stat_result:
-        st = checked(p, links)
-        with open(p, "ab") as writer:  # a writer appending more than the margin after the look
-            writer.write(b"\0" * (entries.GROWTH_MARGIN_BYTES + 4096))
-        return st
-
-    monkeypatch.setattr(entries, "check_regular", check_then_grow)
+    path = save_picture(tmp_path / "growing.png", seed=2)
+    between_look_and_open(monkeypatch, append_past_the_margin)
     with pytest.raises(EntryRefused, match="still being written") as refused:
         read_regular(path)
     assert refused.value.growing
