@@ -195,65 +195,14 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
     path = Path(path)
     source = read_source(path, links)
     try:
-        with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
-            src_w, src_h = im.size
-            if src_w * src_h > max_pixels:
-                raise PreprocessError(
-                    path,
-                    f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
-                    f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
-                )
-            orientation = _orientation(im)
-            box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
-            if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
-                # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
-                im.draft("RGB", fit_inside((src_w, src_h), box))
-            im.load()
-            # exif_transpose reads orientation from im.getexif(); it survives draft().
-            oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-            rgb = _to_rgb(oriented)
-            target = fit_inside(rgb.size, max_size)
-            if target != rgb.size:
-                # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
-                # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in
-                # pixel peeping; the model sees a 224-512 px version of this anyway.
-                rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-            elif rgb is im:
-                rgb = rgb.copy()  # detach from the file being closed
-    except PreprocessError:
-        raise
-    except UnidentifiedImageError:
-        if _is_heif_family(source):
-            # libheif refuses a container it cannot parse as a whole, and a file still being written
-            # looks exactly like that: name it as truncated, so the service waits for the writer.
-            raise PreprocessError(
-                path, "truncated or incomplete image (a HEIC/HEIF/AVIF file whose container cannot be read)"
-            ) from None
-        raise PreprocessError(
-            path, f"not a supported image (content is not {supported_formats_for_people()})"
-        ) from None
-    except Image.DecompressionBombError as exc:
-        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
-        raise PreprocessError(
-            path,
-            f"image too large, refused as a possible decompression bomb ({exc}); the limit is "
-            f"{min(max_pixels, PILLOW_HARD_PIXEL_LIMIT):,} pixels (config key 'max-image-pixels', "
-            f"which cannot raise it above {PILLOW_HARD_PIXEL_LIMIT:,})",
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc).strip()
-        # libheif (HEIC) says "Unexpected end of file" where Pillow's own decoders say "truncated".
-        if ("truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text
-                or "end of file" in text.lower()):
-            raise IncompleteFile(path, f"truncated or incomplete image ({text})") from None
-        raise PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})") from None
-
+        rgb, (src_w, src_h) = _normalise(source, path, max_size=max_size, max_pixels=max_pixels)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_error(path, exc, source, max_pixels) from None
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    data = buffer.getvalue()
     return PreparedImage(
         image=rgb,
-        jpeg_bytes=data,
+        jpeg_bytes=buffer.getvalue(),
         file_hash=source_identity(source),
         width=rgb.width,
         height=rgb.height,
@@ -261,6 +210,62 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
         source_height=src_h,
         thumbnail_jpeg=_thumbnail_jpeg(rgb),
     )
+
+
+def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
+               max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The source's picture oriented, in RGB, fitted inside ``max_size``; and the source's size."""
+    with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
+        src_w, src_h = im.size
+        if src_w * src_h > max_pixels:
+            raise PreprocessError(
+                path,
+                f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
+                f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
+            )
+        orientation = _orientation(im)
+        box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
+        if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
+            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
+            im.draft("RGB", fit_inside((src_w, src_h), box))
+        im.load()
+        # exif_transpose reads orientation from im.getexif(); it survives draft().
+        oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
+        rgb = _to_rgb(oriented)
+        target = fit_inside(rgb.size, max_size)
+        if target != rgb.size:
+            # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
+            # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in
+            # pixel peeping; the model sees a 224-512 px version of this anyway.
+            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        elif rgb is im:
+            rgb = rgb.copy()  # detach from the file being closed
+    return rgb, (src_w, src_h)
+
+
+def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) -> PreprocessError:
+    """What a decoder's exception means for the user's file, in their words."""
+    if isinstance(exc, UnidentifiedImageError):
+        if _is_heif_family(source):
+            # libheif refuses a container it cannot parse as a whole, and a file still being written
+            # looks exactly like that: name it as truncated, so the service waits for the writer.
+            return PreprocessError(
+                path, "truncated or incomplete image (a HEIC/HEIF/AVIF file whose container cannot be read)")
+        return PreprocessError(path, f"not a supported image (content is not {supported_formats_for_people()})")
+    if isinstance(exc, Image.DecompressionBombError):
+        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
+        return PreprocessError(
+            path,
+            f"image too large, refused as a possible decompression bomb ({exc}); the limit is "
+            f"{min(max_pixels, PILLOW_HARD_PIXEL_LIMIT):,} pixels (config key 'max-image-pixels', "
+            f"which cannot raise it above {PILLOW_HARD_PIXEL_LIMIT:,})",
+        )
+    text = str(exc).strip()
+    # libheif (HEIC) says "Unexpected end of file" where Pillow's own decoders say "truncated".
+    if ("truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text
+            or "end of file" in text.lower()):
+        return IncompleteFile(path, f"truncated or incomplete image ({text})")
+    return PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})")
 
 
 def _thumbnail_jpeg(rgb: Image.Image) -> bytes:

@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -132,6 +133,16 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFil
     pixels = settings.model_input(prepared.image) if settings.model_input is not None else None
     stored = {f.name: getattr(prepared, f.name) for f in fields(ProcessedImage)}
     return PreprocessedFile(path=Path(path), pixels=pixels, **stored)
+
+
+def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
+    """``preprocess_file`` in this process (the pool's ``workers=0``), its error as a worker reports it."""
+    try:
+        return preprocess_file(path, settings)
+    except PreprocessError as exc:
+        return exc
+    except Exception as exc:  # same wording as a worker's
+        return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
 
 
 def default_worker_count() -> int:
@@ -266,12 +277,100 @@ class _Task:
 
 @dataclass(eq=False)
 class _Worker:
+    """One worker process, as its parent sees it: the files sent to it, in the order it does them."""
+
     process: subprocess.Popen[bytes]
     conn: Connection
     ready: bool = False
     tasks: deque[_Task] = field(default_factory=deque)  # sent, not answered; the worker does them in order
     busy_since: float | None = None  # when it started on its first unanswered file
     overdue: bool = False  # killed for taking longer than the limit on one file
+
+    @classmethod
+    def start(cls, settings_message: bytes, sys_path_json: str) -> _Worker:
+        parent_end, child_end = Pipe(duplex=True)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), sys_path_json],
+                pass_fds=(child_end.fileno(),),  # close_fds (the default) keeps every other worker's socket out
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # never mix into a CLI's stdout; stderr stays for real tracebacks
+                env={**os.environ, **_ONE_THREAD_ENV},
+            )
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()  # only the worker holds it now, so its death reads as EOF here
+        # Fits the socket buffer or is read at once by the worker's first recv(): no deadlock while it starts.
+        parent_end.send_bytes(settings_message)
+        return cls(process=process, conn=parent_end)
+
+    def take_from(self, queue: deque[_Task]) -> None:
+        """Send files from the front of ``queue`` until this worker holds ``_TASKS_PER_WORKER``."""
+        while self.ready and queue and len(self.tasks) < _TASKS_PER_WORKER:
+            task = queue.popleft()
+            if task.handle.done():  # its batch was failed (pool closing): drop
+                continue
+            try:
+                self.conn.send(task.path)
+            except OSError:  # it died idle: this file never reached it, so it is not to blame
+                queue.appendleft(task)
+                return  # its EOF comes through wait(), and a replacement is started there
+            if not self.tasks:
+                self.busy_since = time.monotonic()
+            self.tasks.append(task)
+
+    def answered(self) -> _Task:
+        """The file whose outcome just arrived (the first unanswered one)."""
+        task = self.tasks.popleft()
+        self.busy_since = time.monotonic() if self.tasks else None
+        return task
+
+    def seconds_left(self, now: float) -> float | None:
+        """Seconds before its current file passes ``FILE_SECONDS_LIMIT``; it is killed (its EOF then blames
+        that file) once it has. None while it is idle or already killed."""
+        if self.busy_since is None or self.overdue:
+            return None
+        left = self.busy_since + FILE_SECONDS_LIMIT - now
+        if left <= 0:
+            self.overdue = True
+            self.process.kill()
+            return None
+        return left
+
+    def reap(self) -> str:
+        """After its connection closed: wait for the process (killing it if it lingers); how it ended."""
+        self.conn.close()
+        try:
+            returncode: int | None = self.process.wait(timeout=_KILL_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:  # EOF without exit: it is of no use any more either way
+            returncode = _kill_and_reap(self.process)
+        return _exit_description(returncode)
+
+    def blame(self, description: str) -> tuple[_Task, PreprocessError]:
+        """The file it died on (it does its files in order: the first unanswered one) and why it failed."""
+        culprit = self.tasks.popleft()
+        reason = (f"reading and decoding took longer than {FILE_SECONDS_LIMIT:g} s, so it was stopped (a file on "
+                  "storage that no longer answers, or one far too slow to decode)"
+                  if self.overdue else f"decoder crashed ({description})")
+        return culprit, PreprocessError(culprit.path, reason)
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    """Ask every worker to leave, give them one grace period together, then kill the ones still there."""
+    for worker in workers:
+        try:
+            worker.conn.send(None)
+        except OSError:
+            pass
+        worker.conn.close()  # a worker busy on a file sees its send fail and leaves
+    deadline = time.monotonic() + _CLOSE_GRACE_SECONDS
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_and_reap(worker.process)
 
 
 def _kill_and_reap(process: subprocess.Popen[bytes]) -> int | None:
@@ -332,11 +431,11 @@ class PreprocessPool:
         self._dispatcher: threading.Thread | None = None
         if self.worker_count == 0:
             return
-        # Pickled once, here: an unpicklable model_input (a lambda, a local function) fails now, in the
-        # caller, before any process exists.
-        self._settings_message = bytes(ForkingPickler.dumps(self.settings))
-        # The workers import what the parent imports: same sys.path ('' is the parent's cwd, as multiprocessing does).
-        self._sys_path_json = json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path])
+        # Settings pickled once, here: an unpicklable model_input (a lambda, a local function) fails now, in
+        # the caller, before any process exists. The workers import what the parent imports: same sys.path
+        # ('' is the parent's cwd, as multiprocessing does).
+        self._start_worker = partial(_Worker.start, bytes(ForkingPickler.dumps(self.settings)),
+                                     json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path]))
         # The dispatcher sleeps in wait() on the workers' connections; submit() and close() wake it here.
         self._wake_reader, self._wake_writer = os.pipe()
         os.set_blocking(self._wake_writer, False)
@@ -344,7 +443,7 @@ class PreprocessPool:
             for _ in range(self.worker_count):
                 self._workers.append(self._start_worker())
         except BaseException:
-            self._stop_workers(list(self._workers))
+            _stop_all(list(self._workers))
             os.close(self._wake_reader)
             os.close(self._wake_writer)
             raise
@@ -364,7 +463,7 @@ class PreprocessPool:
             if self._closed:
                 raise PoolError("the preprocessing pool is closed")
             for index, path in enumerate(handle.paths):
-                handle._deliver(index, self._run_in_process(path))
+                handle._deliver(index, _outcome_here(path, self.settings))
             return handle
         with self._changed:
             while not self._closed and self._error is None and len(self._unfinished) >= self.max_batches_in_flight:
@@ -410,7 +509,7 @@ class PreprocessPool:
                 return
             self._wake_locked()
         self._dispatcher.join()
-        self._stop_workers(self._workers)  # the dispatcher is gone: nothing else touches the workers now
+        _stop_all(self._workers)  # the dispatcher is gone: nothing else touches the workers now
         self._workers = []
         with self._lock:
             os.close(self._wake_reader)
@@ -422,50 +521,7 @@ class PreprocessPool:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- in-process mode ------------------------------------------------------------------------------
-
-    def _run_in_process(self, path: Path) -> Outcome:
-        try:
-            return preprocess_file(path, self.settings)
-        except PreprocessError as exc:
-            return exc
-        except Exception as exc:  # same wording as a worker's
-            return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
-
-    # -- workers --------------------------------------------------------------------------------------
-
-    def _start_worker(self) -> _Worker:
-        parent_end, child_end = Pipe(duplex=True)
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), self._sys_path_json],
-                pass_fds=(child_end.fileno(),),  # close_fds (the default) keeps every other worker's socket out
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # never mix into a CLI's stdout; stderr stays for real tracebacks
-                env={**os.environ, **_ONE_THREAD_ENV},
-            )
-        except BaseException:
-            parent_end.close()
-            raise
-        finally:
-            child_end.close()  # only the worker holds it now, so its death reads as EOF here
-        # Fits the socket buffer or is read at once by the worker's first recv(): no deadlock while it starts.
-        parent_end.send_bytes(self._settings_message)
-        return _Worker(process=process, conn=parent_end)
-
-    def _stop_workers(self, workers: list[_Worker]) -> None:
-        for worker in workers:
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-            worker.conn.close()  # a worker busy on a file sees its send fail and leaves
-        deadline = time.monotonic() + _CLOSE_GRACE_SECONDS  # one grace period for all, not one each
-        for worker in workers:
-            try:
-                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_and_reap(worker.process)
+    # -- the dispatcher thread ------------------------------------------------------------------------
 
     def _wake_locked(self) -> None:
         try:
@@ -473,18 +529,18 @@ class PreprocessPool:
         except BlockingIOError:  # already full of wake-ups: the dispatcher will look anyway
             pass
 
-    # -- the dispatcher thread ------------------------------------------------------------------------
-
     def _dispatch_forever(self) -> None:
         try:
             while True:
                 with self._lock:
                     if self._closed or self._error is not None:
                         return
+                    now = time.monotonic()
                     for worker in self._workers:
-                        self._feed_locked(worker)
+                        worker.take_from(self._queue)
                     readable = {w.conn: w for w in self._workers}
-                    timeout = self._kill_overdue_locked()
+                    timeout = min((left for w in self._workers if (left := w.seconds_left(now)) is not None),
+                                  default=None)
                 ready = wait([*readable, self._wake_reader], timeout)
                 for item in ready:
                     if item == self._wake_reader:
@@ -495,36 +551,6 @@ class PreprocessPool:
             with self._changed:
                 self._break_locked(PoolError(f"the preprocessing pool failed ({type(exc).__name__}: {exc})"))
             raise
-
-    def _kill_overdue_locked(self) -> float | None:
-        """Kill each worker that has spent longer than ``FILE_SECONDS_LIMIT`` on one file (its EOF then
-        blames that file); the seconds until the next one could be overdue, or None when all are idle."""
-        now = time.monotonic()
-        soonest = None
-        for worker in self._workers:
-            if worker.busy_since is None or worker.overdue:
-                continue
-            left = worker.busy_since + FILE_SECONDS_LIMIT - now
-            if left <= 0:
-                worker.overdue = True
-                worker.process.kill()
-            else:
-                soonest = left if soonest is None else min(soonest, left)
-        return soonest
-
-    def _feed_locked(self, worker: _Worker) -> None:
-        while worker.ready and self._queue and len(worker.tasks) < _TASKS_PER_WORKER:
-            task = self._queue.popleft()
-            if task.handle.done():  # its batch was failed (pool closing): drop
-                continue
-            try:
-                worker.conn.send(task.path)
-            except OSError:  # the worker died idle: this file never reached it, so it is not to blame
-                self._queue.appendleft(task)
-                return  # its EOF comes through wait(), and a replacement is started there
-            if not worker.tasks:
-                worker.busy_since = time.monotonic()
-            worker.tasks.append(task)
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -540,18 +566,12 @@ class PreprocessPool:
             elif isinstance(message, _StartFailed):
                 self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
             else:
-                task = worker.tasks.popleft()
-                worker.busy_since = time.monotonic() if worker.tasks else None
+                task = worker.answered()
                 outcome: Outcome = message.error(task.path) if isinstance(message, _Rejected) else message
                 self._deliver_locked(task, outcome)
 
     def _replace_dead(self, worker: _Worker) -> None:
-        worker.conn.close()
-        try:
-            returncode: int | None = worker.process.wait(timeout=_KILL_WAIT_SECONDS)
-        except subprocess.TimeoutExpired:  # EOF without exit: it is of no use any more either way
-            returncode = _kill_and_reap(worker.process)
-        description = _exit_description(returncode)
+        description = worker.reap()
         with self._changed:
             self._workers.remove(worker)
             if not worker.ready:
@@ -564,11 +584,7 @@ class PreprocessPool:
                     return
             if worker.tasks:
                 self.crashes += 1
-                culprit = worker.tasks.popleft()  # it does its files in order: the first unanswered one
-                reason = (f"reading and decoding took longer than {FILE_SECONDS_LIMIT:g} s, so it was stopped (a "
-                          "file on storage that no longer answers, or one far too slow to decode)"
-                          if worker.overdue else f"decoder crashed ({description})")
-                self._deliver_locked(culprit, PreprocessError(culprit.path, reason))
+                self._deliver_locked(*worker.blame(description))
                 self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
                 worker.tasks.clear()
             if self._closed or self._error is not None:
