@@ -8,6 +8,8 @@ way in, unescaped on the way out, so everything above the store holds the names 
 
 from __future__ import annotations
 
+import io
+import struct
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,10 +109,19 @@ _TABLE_DIMENSION = """
 SELECT a.atttypmod FROM pg_attribute a
 WHERE a.attrelid = to_regclass('image_embeddings') AND a.attname = 'embedding' AND NOT a.attisdropped
 """
-_UPSERT = """
-INSERT INTO image_embeddings
-    (file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding)
-VALUES %s
+# Rows arrive by binary COPY into a session's staging table (no float is ever formatted as text: that
+# alone was 3.9 ms of a 1024-d row's 4.3 ms, measured here), then move in with one INSERT per batch.
+_STAGING_COLUMNS = "file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding"
+_STAGING_SCHEMA = """
+CREATE TEMP TABLE IF NOT EXISTS image_embeddings_incoming (
+    file_path TEXT, file_name TEXT, file_hash TEXT, processed_path TEXT, source_size BIGINT,
+    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension})
+) ON COMMIT DELETE ROWS
+"""
+_COPY_IN = f"COPY image_embeddings_incoming ({_STAGING_COLUMNS}) FROM STDIN WITH (FORMAT binary)"
+_UPSERT = f"""
+INSERT INTO image_embeddings ({_STAGING_COLUMNS})
+SELECT {_STAGING_COLUMNS} FROM image_embeddings_incoming
 ON CONFLICT (file_hash) DO UPDATE SET
     file_path = EXCLUDED.file_path, file_name = EXCLUDED.file_name, processed_path = EXCLUDED.processed_path,
     source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
@@ -278,6 +289,28 @@ class JoinResult:
 class LeaveResult:
     live_members: int  # still attached after this one left
     emptied: bool
+
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+
+
+def copy_binary(rows: Sequence[EmbeddingRow]) -> bytes:
+    """``rows`` in PostgreSQL's binary COPY format, in ``_STAGING_COLUMNS`` order; each vector as pgvector's
+    binary form (its dimension, a reserved zero, then big-endian float4s: a vector that is not of the
+    table's dimension is refused by PostgreSQL, the whole batch with it)."""
+    out = [_COPY_HEADER]
+    for r in rows:
+        vector = np.asarray(r.embedding, dtype=">f4").reshape(-1)
+        out.append(struct.pack("!h", 8))
+        for text in (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path)):
+            data = text.encode("utf-8")
+            out.append(struct.pack("!i", len(data)) + data)
+        model = r.model_name.encode("utf-8")
+        out.append(struct.pack("!iqiqi", 8, r.source_size, 8, r.source_mtime_ns, len(model)) + model)
+        out.append(struct.pack("!ihh", 4 + 4 * vector.size, vector.size, 0) + vector.tobytes())
+    out.append(_COPY_TRAILER)
+    return b"".join(out)
 
 
 class EmbeddedPostgres:
@@ -603,14 +636,11 @@ class EmbeddingStore:
         """Insert or replace rows by ``file_hash``, all in one transaction."""
         if not rows:
             return
-        values = [
-            (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path), r.source_size,
-             r.source_mtime_ns, r.model_name, np.asarray(r.embedding, dtype=np.float32))
-            for r in rows
-        ]
         with self._cursor() as cur:
+            cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
+            cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
             cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
-            psycopg2.extras.execute_values(cur, _UPSERT, values, page_size=max(1, len(values)))
+            cur.execute(_UPSERT)
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int) -> None:
