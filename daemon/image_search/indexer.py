@@ -269,7 +269,7 @@ class Indexer:
             log.warning("image_skipped", path=entry.path, reason=entry.reason)
         show = sys.stderr.isatty() if show_progress is None else show_progress
         with tqdm(total=state.files, initial=done, desc="indexing", unit="img", disable=not show,
-                  file=sys.stderr) as bar:
+                  file=sys.stderr) as bar, self.store.bulk_load(len(state.changed)):
             summary.merge(self.index_paths(state.changed, progress=bar.update))
         log.info("index_complete", duration_ms=round((time.monotonic() - started) * 1000),
                  **summary.as_log_fields())

@@ -35,7 +35,7 @@ from tests.support.env import use_offline_hub
 
 use_offline_hub()  # before any section imports transformers
 
-from tests.benchmarks import gpu, ingest, preprocess, search, service  # noqa: E402
+from tests.benchmarks import gpu, ingest, preprocess, search, service, store_write  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -43,7 +43,8 @@ from tests.support.model import save_tiny_clip  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 # In the order they run and print. A new section: a module with a SECTION, added here.
-SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, service.SECTION, gpu.SECTION)
+SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, store_write.SECTION,
+                                 service.SECTION, gpu.SECTION)
 # Run only when asked for (--gpu, or --only gpu): it needs a CUDA device to mean anything.
 ON_REQUEST = {gpu.SECTION.name}
 FULL = {key: value for section in SECTIONS for key, value in section.full_sizes.items()}

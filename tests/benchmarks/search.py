@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import time
 from pathlib import Path
 
@@ -46,30 +45,12 @@ _COPY = ("COPY image_embeddings (file_path, file_name, file_hash, processed_path
 
 
 def _binary_copy_chunk(vectors: np.ndarray, start: int) -> bytes:
-    """PostgreSQL binary COPY data for rows ``start..``: text fields as UTF-8, bigints big-endian,
-    pgvector's binary vector (int16 dim, int16 unused, float4 big-endian each)."""
-    out = io.BytesIO()
-    out.write(b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0))
-    dim = vectors.shape[1]
-    vec_header = struct.pack("!ihh", 4 + 4 * dim, dim, 0)
-    big = vectors.astype(">f4")
-    model = b"bench-vectors"
-    for j in range(vectors.shape[0]):
-        i = start + j
-        name = f"v{i:06d}.jpg".encode()
-        path = b"/bench/images/" + name
-        fields = (path, name, f"h{i:06d}".encode(), b"/bench/processed/" + name + b".jpg")
-        out.write(struct.pack("!h", 8))
-        for f in fields:
-            out.write(struct.pack("!i", len(f)))
-            out.write(f)
-        out.write(struct.pack("!iqiq", 8, 1000 + i, 8, 1_700_000_000_000_000_000 + i))
-        out.write(struct.pack("!i", len(model)))
-        out.write(model)
-        out.write(vec_header)
-        out.write(big[j].tobytes())
-    out.write(struct.pack("!h", -1))
-    return out.getvalue()
+    """Binary COPY data (the store's own encoder) for rows ``start..`` named ``v<i>.jpg``, hashed ``h<i>``."""
+    from image_search.store import EmbeddingRow, copy_binary
+
+    return copy_binary([EmbeddingRow(f"/bench/images/v{i:06d}.jpg", f"v{i:06d}.jpg", f"h{i:06d}",
+                                     f"/bench/processed/v{i:06d}.jpg.jpg", 1000 + i, 1_700_000_000_000_000_000 + i,
+                                     "bench-vectors", vectors[i - start]) for i in range(start, start + len(vectors))])
 
 
 def full_scan_search(conn, query: np.ndarray, k: int) -> list[str]:

@@ -1,0 +1,147 @@
+"""A large backlog lands without per-row index insertion and the HNSW index is built once at the end
+(``EmbeddingStore.bulk_load``): searches meanwhile are exact and complete, and a load or a build cut
+short at any moment leaves a next start that finds a valid index, with every row and none twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.config import load_config
+from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore
+from tests.support.db import raw
+from tests.support.files import write_config
+
+DIM = 16
+
+
+def rows(start: int, stop: int, vectors: np.ndarray) -> list[EmbeddingRow]:
+    return [EmbeddingRow(f"/img/{i}.png", f"{i}.png", f"h{i:08d}", f"/processed/{i}.png.jpg", 10, i, "m", vectors[i])
+            for i in range(start, stop)]
+
+
+def unit_vectors(n: int, seed: int = 3) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def index_state(database: Database) -> str:
+    found = raw(database, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
+    return "missing" if not found else "valid" if found[0][0] else "invalid"
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    root = tmp_path_factory.mktemp("bulk")
+    db = Database(load_config(write_config(root, dimension=DIM, exact_search_below=10)))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[EmbeddingStore]:
+    store = database.open_store(dimension=DIM)
+    store.clear()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def test_a_large_backlog_lands_without_the_index_and_searches_meanwhile_miss_nothing(store, database) -> None:
+    n = BULK_LOAD_MIN_ROWS + 200
+    vectors = unit_vectors(n)
+    with capture_logs() as logs, store.bulk_load(n) as bulk:
+        assert bulk and index_state(database) == "missing"
+        store.upsert(rows(0, n // 2, vectors))
+        for q in range(0, n // 2, 97):  # every committed row can be found, exactly
+            hits = store.search(vectors[q], 3)
+            assert hits[0].file_hash == f"h{q:08d}" and hits[0].similarity == pytest.approx(1.0, abs=1e-6)
+        store.upsert(rows(n // 2, n, vectors))
+    assert index_state(database) == "valid"
+    assert [e["event"] for e in logs if e["event"].startswith(("bulk", "search_index"))] == [
+        "bulk_load_started", "search_index_built"]
+    assert store.count() == n
+    plan = store.indexed_search_plan(vectors[0], 10)
+    assert HNSW_INDEX in plan, plan
+
+
+def test_a_small_batch_keeps_the_index(store, database) -> None:
+    store.upsert(rows(0, 2000, unit_vectors(2000)))
+    with store.bulk_load(600) as bulk:  # fewer than a quarter of the table: inserting costs less
+        assert not bulk and index_state(database) == "valid"
+
+
+def test_a_build_cut_short_leaves_an_invalid_index_that_the_next_start_builds_again(store, database) -> None:
+    store.upsert(rows(0, 50, unit_vectors(50)))
+    conn = database.connect()
+    with conn, conn.cursor() as cur:  # what a CREATE INDEX CONCURRENTLY killed half-way leaves
+        cur.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
+    conn.close()
+    assert index_state(database) == "invalid"
+    assert store.search(unit_vectors(50)[7], 1)[0].file_hash == "h00000007"  # exact meanwhile
+    with capture_logs() as logs:
+        database.open_store(dimension=DIM).close()
+    assert index_state(database) == "valid"
+    assert [e["reason"] for e in logs if e["event"] == "search_index_rebuilt"] == ["invalid: a build was cut short"]
+
+
+_KILLED_MID_LOAD = """
+import os, signal, sys
+import numpy as np
+from image_search.config import load_config
+from image_search.store import BULK_LOAD_MIN_ROWS, Database, EmbeddingRow
+cfg = load_config(sys.argv[1])
+database = Database(cfg)
+store = database.open_store(dimension=int(sys.argv[2]))
+v = np.ones((BULK_LOAD_MIN_ROWS, int(sys.argv[2])), dtype=np.float32) / np.sqrt(int(sys.argv[2]))
+with store.bulk_load(BULK_LOAD_MIN_ROWS):
+    store.upsert([EmbeddingRow(f"/k/{i}", f"{i}", f"k{i}", f"/p/{i}", 1, i, "m", v[i]) for i in range(300)])
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_during_a_bulk_load_leaves_every_row_once_and_the_next_start_builds_the_index(
+        tmp_path: Path) -> None:
+    """A real process, killed with SIGKILL in the middle of a bulk load; its embedded server is stopped
+    here before the next start, as systemd would have stopped it with the service."""
+    config = write_config(tmp_path, dimension=DIM)
+    child = subprocess.run([sys.executable, "-c", _KILLED_MID_LOAD, str(config), str(DIM)], capture_output=True,
+                           timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode(errors="replace")[-2000:]
+    from tests.support.db import stop_leftover_postgres
+
+    stop_leftover_postgres(tmp_path / "state")
+    database = Database(load_config(config))
+    try:
+        assert index_state(database) == "missing"  # dropped, never built: the load died
+        with capture_logs() as logs:
+            store = database.open_store(dimension=DIM)
+        assert index_state(database) == "valid" and store.count() == 300
+        assert raw(database, "SELECT count(DISTINCT file_hash) FROM image_embeddings") == [(300,)]
+        assert [e["reason"] for e in logs if e["event"] == "search_index_rebuilt"] == [
+            "missing: a bulk load was cut short"]
+        store.close()
+    finally:
+        database.close()
+
+
+def test_a_start_during_another_services_bulk_load_leaves_the_index_to_it(store, database) -> None:
+    with store.bulk_load(BULK_LOAD_MIN_ROWS) as bulk:
+        assert bulk
+        other = database.open_store(dimension=DIM)  # another service starting meanwhile
+        assert index_state(database) == "missing", "a start must not build the index under a bulk load"
+        with other.bulk_load(BULK_LOAD_MIN_ROWS) as second:
+            assert not second, "one bulk load at a time"
+        other.close()
+    assert index_state(database) == "valid"
