@@ -515,6 +515,7 @@ class EmbeddingStore:
         self.ef_search = ef_search
         self.exact_search_below = exact_search_below
         self._conn = connect()
+        self._staging_on: psycopg2.extensions.connection | None = None
         try:
             self.has_table = self._prepare()
         except BaseException:
@@ -716,10 +717,12 @@ class EmbeddingStore:
         if not rows:
             return
         with self._cursor() as cur:
-            cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
+            if self._staging_on is not self._conn:  # once per connection (a reconnect brings a new one)
+                cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
             cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
             cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
             cur.execute(_UPSERT)
+        self._staging_on = self._conn  # committed: the staging table exists for this connection's life
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int) -> None:
