@@ -84,6 +84,17 @@ class _Candidate:
     mtime_ns: int
 
 
+@dataclass(frozen=True)
+class BatchInFlight:
+    """A batch between ``Indexer.submit`` and ``Indexer.finish``: every path it was given, what the look
+    before reading found (unchanged, vanished), the files being read, and the reader's handle."""
+
+    paths: tuple[Path, ...]
+    summary: IndexSummary
+    candidates: list[_Candidate]
+    preparing: PreparingBatch | None
+
+
 class Indexer:
     """Indexes source files of one config into one store with one embedder."""
 
@@ -161,6 +172,22 @@ class Indexer:
         if in_flight is not None:
             finish(*in_flight)
         return summary
+
+    def submit(self, paths: Sequence[Path]) -> BatchInFlight:
+        """Start one batch (``paths``, at most ``read_batch_size``): the look at each file's stat now, the
+        reading and decoding in the background; ``finish`` embeds and writes it. The service keeps two in
+        flight, so the next batch is read while this one is embedded, as ``index_paths`` does."""
+        summary = IndexSummary()
+        known = self.store.sources(str(p) for p in paths)
+        candidates = [c for batch in self._changed_batches(paths, known, summary, None) for c in batch]
+        preparing = (self._gpu or self._pool).submit([c.path for c in candidates]) if candidates else None
+        return BatchInFlight(tuple(paths), summary, candidates, preparing)
+
+    def finish(self, batch: BatchInFlight) -> IndexSummary:
+        """Wait for a submitted batch's files, embed what is new and write the rows; what happened."""
+        if batch.preparing is not None:
+            batch.summary.merge(self._finish_batch(batch.candidates, self._outcomes(batch.preparing)))
+        return batch.summary
 
     def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreprocessedFile | PreprocessError]:
         """Wait for a batch's outcomes, marked ``waiting_for_files``, calling ``heartbeat`` meanwhile."""

@@ -15,7 +15,9 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import structlog
@@ -24,7 +26,7 @@ from . import sheet
 from .config import Config
 from .fleet import ClaimKind
 from .inbox import QueryInbox
-from .indexer import Indexer
+from .indexer import BatchInFlight, Indexer
 from .notify import Notifier, watchdog_interval
 from .runtime import ExitCode, RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .store import DatabaseUnavailable
@@ -49,6 +51,9 @@ STATUS_EVERY_S = 2.0
 INCOMPLETE_GRACE_S = 30.0
 MAX_BACKOFF_S = 30.0
 IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock again
+# Batches in flight: one being embedded and written while the next is read and decoded (the worker
+# pool holds two at most).
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -98,6 +103,7 @@ class Service:
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
         self._startup_backlog = 0  # files queued by the start-up reconciliation not yet indexed
+        self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
         stop.interruptible = lambda: self._indexer is not None and self._indexer.waiting_for_files
         self._ping_every = watchdog_interval()
         self._next_ping = 0.0
@@ -122,6 +128,7 @@ class Service:
         self.start()
         try:
             self._loop()
+            self._finish_in_flight()
         except ShutdownRequested:
             pass  # a stop that cut a wait for files short: what was read is dropped, the rescan finds it
         finally:
@@ -250,23 +257,58 @@ class Service:
     # --- indexing ------------------------------------------------------------------------------
 
     def _index_one_batch(self) -> bool:
-        assert self._indexer is not None, "start() builds the indexer"
-        ready = self.images.pop_ready(limit=self._indexer.read_batch_size)
-        if not ready:
-            if not len(self.images):
+        """Keep ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded while the oldest is
+        embedded and written, as ``index`` does), and finish the oldest once no more can start."""
+        submitted = self._submit_ready()
+        if not self._in_flight:
+            if not submitted and not len(self.images):
                 self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
+            return submitted
+        if submitted and len(self._in_flight) < PIPELINE_DEPTH:
+            return True  # the next pass starts another batch before this one is finished
+        self._finish_oldest()
+        return True
+
+    def _submit_ready(self) -> bool:
+        assert self._indexer is not None, "start() builds the indexer"
+        if len(self._in_flight) >= PIPELINE_DEPTH:
             return False
+        ready = self.images.pop_ready(limit=self._indexer.read_batch_size)
         # Another service sharing the database may hold some: those come back after a lease.
-        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images)
+        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images) if ready else []
+        if not ready:
+            return False
         self._startup_backlog -= len(ready)
         try:
-            summary = self._indexer.index_paths(ready)
+            self._in_flight.append(self._indexer.submit(ready))
         except DatabaseUnavailable:
-            for path in ready:
-                self.images.note(path)  # pending, not lost
+            self._requeue(ready)
             raise
-        finally:
-            self.rt.claims.release(ClaimKind.IMAGE, ready)
+        return True
+
+    def _finish_in_flight(self) -> None:
+        """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
+        try:
+            while self._in_flight:
+                self._finish_oldest()
+        except DatabaseUnavailable as exc:
+            log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
+
+    def _requeue(self, paths: Sequence[Path]) -> None:
+        """Paths whose batch could not be written (the database went away): pending again, not lost."""
+        for path in paths:
+            self.images.note(path)
+        self.rt.claims.release(ClaimKind.IMAGE, paths)
+
+    def _finish_oldest(self) -> None:
+        assert self._indexer is not None, "start() builds the indexer"
+        batch = self._in_flight.popleft()
+        try:
+            summary = self._indexer.finish(batch)
+        except DatabaseUnavailable:
+            self._requeue(batch.paths)
+            raise
+        self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked
@@ -275,7 +317,6 @@ class Service:
         if summary.embedded or summary.relinked:
             log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
                      duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))
-        return True
 
 
 def watched_folders(cfg: Config) -> dict[Folder, WatchedFolder]:
