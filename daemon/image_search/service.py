@@ -2,8 +2,8 @@
 
 Watchdog threads put ``Change`` records on a queue; each pass of the loop hands them to their folder
 (``FolderSync`` for images/, ``QueryInbox`` for inbox/), answers the queries that are complete first
-(a query dropped during a large ingest jumps the backlog), then indexes at most one batch of images
-before looking again. Everything that decides something lives in those units; this module only
+(a query dropped during a large ingest jumps the backlog), then moves the ingest on by one batch (two
+are in flight: the next one read while the oldest is embedded) before looking again. Everything that decides something lives in those units; this module only
 schedules them, keeps systemd informed and rides out database outages.
 """
 
