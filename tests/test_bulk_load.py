@@ -145,3 +145,27 @@ def test_a_start_during_another_services_bulk_load_leaves_the_index_to_it(store,
             assert not second, "one bulk load at a time"
         other.close()
     assert index_state(database) == "valid"
+
+
+def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in_the_background(
+        story_factory, monkeypatch) -> None:
+    """A first start on a library: the backlog lands without the index, and the index is built once the
+    backlog is in, beside the loop; searches then go through it (exact ones meanwhile: the first test)."""
+    import image_search.store as store_module
+    from tests.support.db import database_rows
+
+    monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 12)  # a library of 12 pictures stands in
+    files = {f"p{i:02d}.png": 100 + i for i in range(14)}
+    with capture_logs() as logs:
+        story = story_factory(files, start=False)
+        story.service.start()
+        assert index_state(story.database) == "missing"
+        story.run_until_idle()
+        bulk = story.service._bulk
+        assert bulk is not None
+        bulk._thread.join(timeout=120)  # the build runs beside the loop
+    assert index_state(story.database) == "valid"
+    assert len(database_rows(story.database) or []) == 14
+    events = [e["event"] for e in logs if e["event"] in ("bulk_load_started", "search_index_built")]
+    assert events == ["bulk_load_started", "search_index_built"]
+    assert story.ask("q.png", story.images / "p03.png")[0] == str(story.images / "p03.png")

@@ -29,7 +29,7 @@ from .inbox import QueryInbox
 from .indexer import BatchInFlight, Indexer
 from .notify import Notifier, watchdog_interval
 from .runtime import ExitCode, RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
-from .store import DatabaseUnavailable
+from .store import BulkLoad, DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
     Change,
@@ -104,6 +104,7 @@ class Service:
         self._next_rescan = 0.0
         self._startup_backlog = 0  # files queued by the start-up reconciliation not yet indexed
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
+        self._bulk: BulkLoad | None = None  # the start-up backlog's bulk load, until its index is built
         stop.interruptible = lambda: self._indexer is not None and self._indexer.waiting_for_files
         self._ping_every = watchdog_interval()
         self._next_ping = 0.0
@@ -117,6 +118,9 @@ class Service:
         held = self.inbox.hold_waiting()
         self._indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
                                 heartbeat=self._ping_watchdog)
+        # A large start-up backlog (a first start on a library) lands without per-row index insertion;
+        # the index is built again in the background once it is in (searches are exact meanwhile).
+        self._bulk = self.rt.store.begin_bulk_load(self._startup_backlog)
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
@@ -184,6 +188,8 @@ class Service:
         return False
 
     def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.abandon()  # a stop before the index is built: the next start builds it
         if self._indexer is not None:
             self._indexer.close()
 
@@ -263,11 +269,16 @@ class Service:
         if not self._in_flight:
             if not submitted and not len(self.images):
                 self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
+                self._build_index_after_bulk_load()
             return submitted
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
         self._finish_oldest()
         return True
+
+    def _build_index_after_bulk_load(self) -> None:
+        if self._bulk is not None:
+            self._bulk.finish_in_background()
 
     def _submit_ready(self) -> bool:
         assert self._indexer is not None, "start() builds the indexer"

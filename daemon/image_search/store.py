@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -630,35 +631,27 @@ class EmbeddingStore:
             log.info("search_index_rebuilt", reason="invalid: a build was cut short" if present else
                      "missing: a bulk load was cut short", duration_ms=round((time.monotonic() - started) * 1000))
 
+    def begin_bulk_load(self, rows_coming: int) -> BulkLoad | None:
+        """A ``BulkLoad`` for ``rows_coming`` rows when they are many (``BULK_LOAD_MIN_ROWS``, and a quarter
+        of the table at least) and no other service bulk-loads; else None (rows go into the index one by one)."""
+        if not self.has_table or rows_coming < BULK_LOAD_MIN_ROWS or rows_coming * 4 < self.count():
+            return None
+        return BulkLoad.begin(self._connect, self.dimension, rows_coming)
+
     @contextmanager
     def bulk_load(self, rows_coming: int) -> Iterator[bool]:
-        """Around writing ``rows_coming`` rows: when they are many (``BULK_LOAD_MIN_ROWS``, and a quarter of
-        the table at least), the HNSW index is dropped, the rows land without per-row index insertion, and
-        the index is built again in bulk (CONCURRENTLY: the table stays live) when the block ends.
-        Meanwhile ``search`` is exact, so no committed row is ever missed. Yields whether it bulk-loads.
-        If the block raises (a stop, a lost database), the index is left for the next start to build."""
-        if rows_coming < BULK_LOAD_MIN_ROWS or rows_coming * 4 < self.count():
-            yield False
-            return
-        maintenance = self._connect()
-        maintenance.autocommit = True  # CREATE/DROP INDEX CONCURRENTLY run outside a transaction
+        """``begin_bulk_load`` around a block that writes ``rows_coming`` rows; the index is built again when
+        the block ends. Yields whether it bulk-loads. If the block raises (a stop, a lost database), the
+        index is left for the next start to build."""
+        bulk = self.begin_bulk_load(rows_coming)
         try:
-            with maintenance.cursor() as cur:
-                cur.execute(_TRY_LOCK, (BULK_LOCK_KEY,))
-                if not cur.fetchone()[0]:  # another service bulk-loads: its build will take our rows in too
-                    yield False
-                    return
-                cur.execute(_DROP_INDEX_CONCURRENTLY)
-                log.info("bulk_load_started", rows=rows_coming,
-                         detail="the search index is built again once these rows are in; searches are exact meanwhile")
-                yield True
-                started = time.monotonic()
-                cur.execute(_BUILD_SETTINGS, (_build_memory(), str(max(0, default_worker_count() - 1))))
-                cur.execute(hnsw_index_ddl(self.dimension, concurrently=True))
-                cur.execute(_UNLOCK, (BULK_LOCK_KEY,))
-                log.info("search_index_built", rows=self.count(), duration_ms=round((time.monotonic() - started) * 1000))
-        finally:
-            maintenance.close()  # a build cut short leaves an invalid index: the next start builds it again
+            yield bulk is not None
+        except BaseException:
+            if bulk is not None:
+                bulk.abandon()
+            raise
+        if bulk is not None:
+            bulk.finish()
 
     def needs_identity_migration(self) -> bool:
         """True when the table's ``file_hash`` values are not today's identity (a database written by an
@@ -841,6 +834,79 @@ class EmbeddingStore:
                 processed_path=unescape(processed), file_hash=file_hash)
             for i, (name, path, processed, file_hash, sim) in enumerate(rows, start=1)
         ]
+
+
+class BulkLoad:
+    """One bulk load: the HNSW index dropped, rows landing without per-row index insertion, the index
+    built again in bulk (CONCURRENTLY: the table stays live) at ``finish``. Meanwhile ``search`` is exact,
+    so no committed row is ever missed. Its own connection holds the bulk lock from ``begin`` to the end,
+    so one runs at a time and no start builds the index under it; a holder that dies releases it."""
+
+    def __init__(self, conn: psycopg2.extensions.connection, dimension: int) -> None:
+        self._conn = conn
+        self._dimension = dimension
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def begin(cls, connect: Callable[[], psycopg2.extensions.connection], dimension: int,
+              rows_coming: int) -> BulkLoad | None:
+        conn = connect()
+        conn.autocommit = True  # CREATE/DROP INDEX CONCURRENTLY run outside a transaction
+        try:
+            with conn.cursor() as cur:
+                cur.execute(_TRY_LOCK, (BULK_LOCK_KEY,))
+                if not cur.fetchone()[0]:  # another service bulk-loads: its build will take our rows in too
+                    conn.close()
+                    return None
+                cur.execute(_DROP_INDEX_CONCURRENTLY)
+        except BaseException:
+            conn.close()
+            raise
+        log.info("bulk_load_started", rows=rows_coming,
+                 detail="the search index is built again once these rows are in; searches are exact meanwhile")
+        return cls(conn, dimension)
+
+    @property
+    def building(self) -> bool:
+        """True while ``finish_in_background`` builds the index."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def finish(self) -> None:
+        """Build the index again, then let the lock go (with the connection)."""
+        started = time.monotonic()
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(_BUILD_SETTINGS, (_build_memory(), str(max(0, default_worker_count() - 1))))
+                cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
+                cur.execute(_COUNT)
+                rows = cur.fetchone()[0]
+            log.info("search_index_built", rows=rows, duration_ms=round((time.monotonic() - started) * 1000))
+        finally:
+            self._conn.close()  # a build cut short leaves an invalid index: the next start builds it again
+
+    def finish_in_background(self) -> None:
+        """``finish`` on a thread of its own: the service goes on meanwhile (searches exact until it is done).
+        Once: a later call does nothing."""
+        if self._thread is not None:
+            return
+
+        def build() -> None:
+            try:
+                self.finish()
+            except psycopg2.Error as exc:
+                log.warning("search_index_build_failed", reason=" ".join(str(exc).split()),
+                            action="searches stay exact; the next start builds the index")
+        self._thread = threading.Thread(target=build, name="search-index-build", daemon=True)
+        self._thread.start()
+
+    def abandon(self) -> None:
+        """Stop here (a stop, a lost database): a build in progress is cancelled, and the index is left for
+        the next start to build."""
+        if self._thread is not None and self._thread.is_alive():
+            self._conn.cancel()
+            self._thread.join(timeout=30)
+        if not self._conn.closed:
+            self._conn.close()
 
 
 class Database:
