@@ -164,8 +164,9 @@ class WorkClaims:
     def take(self, kind: ClaimKind, paths: Sequence[Path], pending: ReadinessTracker) -> list[Path]:
         """The paths of ``paths`` this member now holds, in order. Each path held by another live member
         goes back into ``pending`` to be looked at again after a lease (by then the other has written its
-        row or moved its query away, or has died and lost its claim). During an outage every path goes
-        back into ``pending`` and ``DatabaseUnavailable`` is raised."""
+        row or moved its query away, or has died and lost its claim), or sooner, as soon as a member
+        leaves or dies (``someone_left``). During an outage every path goes back into ``pending`` and
+        ``DatabaseUnavailable`` is raised."""
         if self.member is None or not paths:
             return list(paths)
         try:
@@ -176,15 +177,19 @@ class WorkClaims:
                 pending.note(path)
             raise
         mine: list[Path] = []
+        held = 0
         for path in paths:
             if self._item(kind, path) not in granted:
                 pending.note(path, retry_after=self.member.lease_s)
+                held += 1
             elif path.exists():
                 mine.append(path)
             else:
                 # Its holder finished and released it between our look and our claim (a query moved
                 # into its result folder): nothing left to do, and nothing to hold.
                 self._unreleased.append(self._item(kind, path))
+        if held:
+            log.debug("claims_held_elsewhere", kind=kind.value, count=held, retry_in_s=self.member.lease_s)
         return mine
 
     def release(self, kind: ClaimKind, paths: Sequence[Path]) -> None:
