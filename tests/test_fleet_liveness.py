@@ -182,3 +182,29 @@ def test_three_services_one_killed_with_kill_9_the_last_one_stopped_empties_the_
     finally:
         for p in procs:
             p.close()
+
+
+def test_a_member_whose_session_the_database_ended_takes_its_lock_again_on_the_new_connection(
+        tmp_path: Path, shared: SharedServer) -> None:
+    """An administrator's pg_terminate_backend (or a network blip) ends the heartbeat's session: the member
+    is dead to the others at once, and live again once its heartbeat has reconnected."""
+    config = shared.config(tmp_path, member_lease_seconds=LONG_LEASE_S)
+    cfg = load_config(config)
+    database = Database(cfg)
+    me = FleetMember.join(cfg, database)
+    observer = FleetRegistry(database.connect)
+    try:
+        assert live_ids(observer, LONG_LEASE_S) == [me.member.id]
+        (holder,), = shared.query("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s::oid "
+                                  "AND objsubid = 1", (me.member.id,))
+        assert shared.query("SELECT pg_terminate_backend(%s)", (holder,)) == [(True,)]
+        wait_for(lambda: live_ids(observer, LONG_LEASE_S) == [], "the member dead with its session",
+                 timeout=SEEN_DEAD_TIMEOUT_S)
+        wait_for(lambda: live_ids(observer, LONG_LEASE_S) == [me.member.id], "the member live again",
+                 timeout=SEEN_DEAD_TIMEOUT_S)
+        (new_holder,), = shared.query("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                                      "AND objid = %s::oid AND objsubid = 1", (me.member.id,))
+        assert new_holder != holder
+    finally:
+        me.leave(empty_table=False)
+        observer.close()

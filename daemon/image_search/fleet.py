@@ -92,7 +92,8 @@ class FleetMember:
             except DatabaseUnavailable as exc:
                 if not failing:
                     log.warning("fleet_heartbeat_failed", reason=str(exc),
-                                action=f"retrying; after {self.lease_s:g} s others take over this member's claims")
+                                action="retrying; others take over this member's claims once the database has ended "
+                                       f"its session, or after {self.lease_s:g} s")
                 failing = True
                 continue
             if failing:
