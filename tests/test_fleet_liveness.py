@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psycopg2
 import pytest
 
-from tests.support.fleet import ChildMember, SharedServer
+from tests.support.fleet import ChildMember, HostInANamespace, SharedServer
 from tests.support.files import find_bundle, inbox_files, save_picture
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
@@ -208,3 +209,31 @@ def test_a_member_whose_session_the_database_ended_takes_its_lock_again_on_the_n
     finally:
         me.leave(empty_table=False)
         observer.close()
+
+
+def test_a_member_whose_host_is_lost_without_a_word_is_dead_once_tcp_keepalives_give_up(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The member reaches the server over TCP from inside a network namespace; the namespace's network
+    goes down, so no FIN or RST ever reaches the server: only its keepalives can end the session."""
+    host = HostInANamespace(tmp_path_factory.mktemp("netns") / "pg")
+    observer = FleetRegistry(lambda: psycopg2.connect(host=host.host, port=host.port, user="postgres",
+                                                      dbname="postgres", connect_timeout=5))
+    child = None
+    try:
+        config = host.member_config(tmp_path, member_lease_seconds=LONG_LEASE_S)
+        child = ChildMember(config, ITEMS, log_path=tmp_path / "child.log", prefix=host.enter)
+        assert live_ids(observer, LONG_LEASE_S) == [child.member_id]
+        assert host.query("SELECT count(*) FROM pg_stat_activity WHERE client_addr = '127.0.0.1'")[0][0] >= 1
+
+        host.lose_network()
+        lost_at = time.monotonic()
+        wait_for(lambda: live_ids(observer, LONG_LEASE_S) == [], "the lost host's member seen dead",
+                 timeout=SEEN_DEAD_TIMEOUT_S)
+        print(f"a lost host's member seen dead {time.monotonic() - lost_at:.2f} s after its network went down")
+        assert not host.holds_member_lock(child.member_id)
+        assert child.popen.poll() is None  # the process runs on: the session ended, not the process
+    finally:
+        if child is not None:
+            child.close()
+        observer.close()
+        host.cleanup()

@@ -3,6 +3,9 @@
 - ``SharedServer``: a pgserver PostgreSQL the test starts, reached through its socket directory as
   ``postgres-host``, as an external server would be (no member owns it); ``config`` writes a member's
   config for it, ``query`` looks behind the members with plain SQL.
+- ``HostInANamespace``: the same, but listening on 127.0.0.1 inside a network namespace of its own, for a
+  member that connects over TCP from inside it; ``lose_network`` takes the namespace's loopback down,
+  so every packet between them is lost with neither side told: a host lost without a word.
 - ``ChildMember``: ``python -m tests.support.fleet FLEET-CONFIG ITEM...`` joins the fleet through the real
   ``FleetMember.join`` (heartbeat thread and all), claims the items through the real store, prints
   one JSON line (its member id and what it got) and then does nothing until it is signalled: a
@@ -13,16 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg2
+import pytest
 
 from tests.support.db import fetch_all
 from tests.support.env import child_env
 from tests.support.files import write_config
+from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,13 +68,69 @@ class SharedServer:
         self.server.cleanup()
 
 
+class HostInANamespace(SharedServer):
+    """The server of ``SharedServer``, started again inside a network namespace of its own (a process
+    that sleeps holds it), listening on 127.0.0.1:5432 there and on its Unix socket as before. The
+    socket is a file, so the test reaches the server from outside the namespace whatever happens to
+    the namespace's network. Skips where namespaces cannot be made (not root, no CAP_SYS_ADMIN)."""
+
+    PORT = 5432
+
+    def __init__(self, pgdata: Path) -> None:
+        missing = [tool for tool in ("unshare", "nsenter", "setpriv", "ip") if shutil.which(tool) is None]
+        if os.geteuid() != 0 or missing:
+            pytest.skip(f"a network namespace needs root and {', '.join(missing) or 'its tools'}")
+        probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot make a network namespace here: {probe.stderr.strip()}")
+        super().__init__(pgdata)  # initdb, and a first start outside the namespace
+        self.pgdata = Path(self.server.pgdata)
+        self.server.cleanup()  # stopped: started again below, inside the namespace
+        self.holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+        self.enter = ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--"]
+        try:
+            wait_for(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"),
+                     "the namespace made")
+            self._in_namespace(["ip", "link", "set", "lo", "up"])
+            self._pg_ctl("-w", "-o", f"-h 127.0.0.1 -p {self.PORT} -k {self.pgdata}", "-l", str(self.pgdata / "log"), "start")
+        except BaseException:
+            self.holder.kill()
+            self.holder.wait()
+            raise
+        self.host, self.port = str(self.pgdata), self.PORT  # what the test's own looks use: the socket
+
+    def _in_namespace(self, command: list[str]) -> None:
+        subprocess.run([*self.enter, *command], check=True, capture_output=True, timeout=60)
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        # As pgserver runs it: the server refuses to run as root.
+        self._in_namespace(["setpriv", "--reuid=pgserver", "--regid=pgserver", "--init-groups", "--",
+                            str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), *args])
+
+    def member_config(self, root: Path, **overrides: object) -> Path:
+        """A member's config that reaches the server over TCP (from inside the namespace)."""
+        return write_config(root, postgres_host="127.0.0.1", postgres_port=self.PORT, shared_index=True, **overrides)
+
+    def lose_network(self) -> None:
+        self._in_namespace(["ip", "link", "set", "lo", "down"])
+
+    def cleanup(self) -> None:
+        try:
+            self._pg_ctl("-w", "-m", "immediate", "stop")
+        finally:
+            self.holder.kill()
+            self.holder.wait()
+
+
 class ChildMember:
     """A fleet member in a process of its own (see the module's docstring)."""
 
-    def __init__(self, config: Path, items: list[str], *, log_path: Path) -> None:
+    def __init__(self, config: Path, items: list[str], *, log_path: Path, prefix: Sequence[str] = ()) -> None:
         self.log_path = log_path
         with open(log_path, "ab") as log:  # its log lines (stderr): a file, never a pipe nobody reads
-            self.popen = subprocess.Popen([sys.executable, "-m", "tests.support.fleet", str(config), *items],
+            self.popen = subprocess.Popen([*prefix, sys.executable, "-m", "tests.support.fleet", str(config), *items],
                                           cwd=REPO_ROOT, env=child_env(), stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.popen.stdout.readline()  # type: ignore[union-attr]  # the one line, once it has joined
