@@ -233,17 +233,23 @@ FORGET_AFTER_LEASES = 10
 # TCP keepalives on every connection, both ways, so a host that vanishes without closing its connections
 # (power loss, a cut cable) is noticed in seconds rather than the kernel's two hours: the server ends
 # that member's session (and so its liveness lock) once the peer has been silent for IDLE seconds and
-# then missed COUNT probes INTERVAL seconds apart, about 5 + 3 * 2 = 11 s. The client side is libpq's
-# own; the server side is set per session, as the server's defaults belong to its administrator. Over a
-# Unix socket (the embedded server) neither applies, nor is needed: a dead process's socket closes.
+# then missed COUNT probes INTERVAL seconds apart, about 5 + 3 * 2 = 11 s. Keepalives only probe an idle
+# connection: if the host vanished while a reply was still unacknowledged (a heartbeat's, say), the
+# kernel retransmits for about 15 minutes instead, so a user timeout of the same 11 s bounds that case
+# too (without it, one test run here in about twenty kept a lost member live past a minute, most likely
+# so). The client side is libpq's own; the server side is set per session, as the server's defaults
+# belong to its administrator. Over a Unix socket (the embedded server) none of it applies, nor is
+# needed: a dead process's socket closes.
 KEEPALIVE_IDLE_S = 5
 KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = (KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT) * 1000
 _CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": KEEPALIVE_IDLE_S,
-                      "keepalives_interval": KEEPALIVE_INTERVAL_S, "keepalives_count": KEEPALIVE_COUNT}
+                      "keepalives_interval": KEEPALIVE_INTERVAL_S, "keepalives_count": KEEPALIVE_COUNT,
+                      "tcp_user_timeout": USER_TIMEOUT_MS}
 _SESSION_KEEPALIVES = """
 SELECT set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false),
-       set_config('tcp_keepalives_count', %s, false)
+       set_config('tcp_keepalives_count', %s, false), set_config('tcp_user_timeout', %s, false)
 """
 
 
@@ -379,7 +385,8 @@ def _connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
                 application_name="image-search", **_CLIENT_KEEPALIVES,
             )
         with conn, conn.cursor() as cur:
-            cur.execute(_SESSION_KEEPALIVES, (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT)))
+            cur.execute(_SESSION_KEEPALIVES, (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT),
+                                              str(USER_TIMEOUT_MS)))
         return conn
     except psycopg2.OperationalError as exc:
         where = "the embedded PostgreSQL" if uri else (

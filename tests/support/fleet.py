@@ -56,13 +56,13 @@ class SharedServer:
             return 0
         return int(self.query("SELECT count(*) FROM image_embeddings")[0][0])
 
-    def holds_member_lock(self, member_id: int) -> bool:
-        """Whether some session still holds the member's liveness lock (its connection is open)."""
+    def member_lock_holder(self, member_id: int) -> int | None:
+        """The server process whose session holds the member's liveness lock; None when no session does."""
         from image_search.store import MEMBER_LOCK_SPACE
 
-        return bool(self.query(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s::oid "
-            "AND objid = %s::oid AND objsubid = 1", (MEMBER_LOCK_SPACE, member_id))[0][0])
+        rows = self.query("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s::oid "
+                          "AND objid = %s::oid AND objsubid = 1", (MEMBER_LOCK_SPACE, member_id))
+        return rows[0][0] if rows else None
 
     def cleanup(self) -> None:
         self.server.cleanup()
@@ -92,7 +92,8 @@ class HostInANamespace(SharedServer):
             wait_for(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"),
                      "the namespace made")
             self._in_namespace(["ip", "link", "set", "lo", "up"])
-            self._pg_ctl("-w", "-o", f"-h 127.0.0.1 -p {self.PORT} -k {self.pgdata}", "-l", str(self.pgdata / "log"), "start")
+            self._pg_ctl("-w", "-o", f"-h 127.0.0.1 -p {self.PORT} -k {self.pgdata}", "-l", str(self.pgdata / "log"),
+                         "start")
         except BaseException:
             self.holder.kill()
             self.holder.wait()
