@@ -4,8 +4,11 @@ Every service registers itself as a member when it starts (``FleetMember.join``)
 from a thread of its own while it runs, and leaves at exit; the last live member to leave is the only
 one that may empty the table (cleanup-on-exit). Before a service reads a batch of images or answers a
 query it claims them (``WorkClaims.take``); what another live member holds is looked at again after a
-lease, when the other's row (or result) is there and costs nothing. A member that stops renewing (kill
--9, host lost, network cut) is no longer live after the lease, and its claims are taken over.
+lease, when the other's row (or result) is there and costs nothing. A member whose database session
+ends (kill -9, OOM kill, host lost once TCP keepalives give up) is no longer live at once; one that stops
+renewing with its session open (hung, paused) after the lease. Either way its claims are taken over, and
+the heartbeat, which counts the live members every few seconds, tells the loops to look again at once at
+what it held.
 
 The SQL lives in ``store.py``; this module holds the threads, the timing and the log lines.
 """
@@ -28,6 +31,9 @@ from .watch import ReadinessTracker
 log = structlog.get_logger(__name__)
 
 HEARTBEATS_PER_LEASE = 3  # a member is taken for dead only after missing about three renewals
+# The heartbeat also counts the live members: it runs at least this often, so the others notice a dead
+# member (whose session the database has ended) within seconds whatever the lease.
+LOOK_EVERY_S = 2.0
 
 
 class FleetMember:
@@ -38,6 +44,7 @@ class FleetMember:
         self.member = member
         self.lease_s = lease_s
         self.live_members = live_members  # refreshed by every heartbeat; read by the STATUS line
+        self.departures = 0  # how many times a heartbeat saw fewer live members than the one before
         self._stop = threading.Event()
         self._left = False
         self._thread = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
@@ -71,18 +78,22 @@ class FleetMember:
         return f"{self.live_members} member{'s' if self.live_members != 1 else ''}"
 
     def _beat(self) -> None:
-        """Renew every lease/3 seconds until ``leave``. A failure is logged once, then retried quietly
-        (reconnecting) until it works again."""
+        """Renew every lease/3 seconds (every LOOK_EVERY_S at most) until ``leave``. A failure is logged
+        once, then retried quietly (reconnecting) until it works again."""
         failing = False
-        while not self._stop.wait(self.lease_s / HEARTBEATS_PER_LEASE):
+        while not self._stop.wait(min(self.lease_s / HEARTBEATS_PER_LEASE, LOOK_EVERY_S)):
             try:
                 if failing:
                     self.registry.reconnect()
-                self.live_members = self.registry.renew(self.member, self.lease_s)
+                live = self.registry.renew(self.member, self.lease_s)
+                if live < self.live_members:
+                    self.departures += 1  # read by the main thread: one int, written here only
+                self.live_members = live
             except DatabaseUnavailable as exc:
                 if not failing:
                     log.warning("fleet_heartbeat_failed", reason=str(exc),
-                                action=f"retrying; after {self.lease_s:g} s others take over this member's claims")
+                                action="retrying; others take over this member's claims once the database has ended "
+                                       f"its session, or after {self.lease_s:g} s")
                 failing = True
                 continue
             if failing:
@@ -137,6 +148,15 @@ class WorkClaims:
         self.store = store
         self.member = member
         self._unreleased: list[str] = []  # releases that failed: retried with the next one
+        self._departures_seen = 0
+
+    def someone_left(self) -> bool:
+        """True once after the heartbeat saw the fleet shrink: a member left or died, so what it held is
+        free now and the paths waiting on it are worth a look at once."""
+        if self.member is None or self.member.departures == self._departures_seen:
+            return False
+        self._departures_seen = self.member.departures
+        return True
 
     @staticmethod
     def _item(kind: ClaimKind, path: Path) -> str:
@@ -145,8 +165,9 @@ class WorkClaims:
     def take(self, kind: ClaimKind, paths: Sequence[Path], pending: ReadinessTracker) -> list[Path]:
         """The paths of ``paths`` this member now holds, in order. Each path held by another live member
         goes back into ``pending`` to be looked at again after a lease (by then the other has written its
-        row or moved its query away, or has died and lost its claim). During an outage every path goes
-        back into ``pending`` and ``DatabaseUnavailable`` is raised."""
+        row or moved its query away, or has died and lost its claim), or sooner, as soon as a member
+        leaves or dies (``someone_left``). During an outage every path goes back into ``pending`` and
+        ``DatabaseUnavailable`` is raised."""
         if self.member is None or not paths:
             return list(paths)
         try:
@@ -157,15 +178,19 @@ class WorkClaims:
                 pending.note(path)
             raise
         mine: list[Path] = []
+        held = 0
         for path in paths:
             if self._item(kind, path) not in granted:
                 pending.note(path, retry_after=self.member.lease_s)
+                held += 1
             elif path.exists():
                 mine.append(path)
             else:
                 # Its holder finished and released it between our look and our claim (a query moved
                 # into its result folder): nothing left to do, and nothing to hold.
                 self._unreleased.append(self._item(kind, path))
+        if held:
+            log.debug("claims_held_elsewhere", kind=kind.value, count=held, retry_in_s=self.member.lease_s)
         return mine
 
     def release(self, kind: ClaimKind, paths: Sequence[Path]) -> None:

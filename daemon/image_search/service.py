@@ -169,6 +169,9 @@ class Service:
             self._needs_rescan = True
             self._next_rescan = now + self.cfg.rescan_interval
         self._drain_changes()
+        if self.rt.claims.someone_left():
+            self.images.retry_now()
+            self.inbox.pending.retry_now()
         if now < self._db_retry_at:
             return False
         try:

@@ -210,12 +210,34 @@ CREATE UNLOGGED TABLE IF NOT EXISTS image_search_claims (
 );
 CREATE INDEX IF NOT EXISTS image_search_claims_member_idx ON image_search_claims (member_id);
 """
-_LIVE_MEMBERS = """
-SELECT id, host, pid, model_name, dimension FROM image_search_members
-WHERE heartbeat_at > now() - make_interval(secs => %s) ORDER BY id
+# A member is live while two things hold. Its session: each member's registry connection (the heartbeat's,
+# open as long as the process) holds a session-level advisory lock keyed by its id, and PostgreSQL drops
+# that lock the moment the connection ends, so a process killed with kill -9 (or by the OOM killer) is
+# dead to the others at once, and a host lost without a word once TCP keepalives give up (below). And its
+# heartbeat, within the lease: a process that hangs with its connection open holds its lock for ever.
+# The lock is the one-key form pg_advisory_lock(bigint) with the key (space << 32 | id's low 32 bits),
+# which pg_locks shows as classid = space, objid = the id's low 32 bits, objsubid = 1; advisory locks
+# are per database, hence the database column. The space ("imgm") is shared with no other lock here.
+MEMBER_LOCK_SPACE = int.from_bytes(b"imgm", "big")
+_MEMBER_LOCK_KEY = f"(({MEMBER_LOCK_SPACE}::bigint << 32) | (%(member)s::bigint & 4294967295))"
+# One uncorrelated subquery (hashed once per statement), so a claim of many items reads pg_locks once.
+_MEMBER_IS_LIVE = f"""(m.heartbeat_at > now() - make_interval(secs => %(lease)s)
+    AND (m.id & 4294967295)::oid IN (
+        SELECT l.objid FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {MEMBER_LOCK_SPACE}::oid AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())))"""
+_LIVE_MEMBERS = f"""
+SELECT id, host, pid, model_name, dimension FROM image_search_members m
+WHERE {_MEMBER_IS_LIVE} ORDER BY id
 """
-_COUNT_LIVE_MEMBERS = "SELECT count(*) FROM image_search_members WHERE heartbeat_at > now() - make_interval(secs => %s)"
+_COUNT_LIVE_MEMBERS = f"SELECT count(*) FROM image_search_members m WHERE {_MEMBER_IS_LIVE}"
+# Housekeeping, not liveness: a dead member's row is inert (never counted, its claims free), so rows
+# are dropped only once their heartbeat is long gone, as a paused process may still come back.
 _FORGET_DEAD_MEMBERS = "DELETE FROM image_search_members WHERE heartbeat_at <= now() - make_interval(secs => %s)"
+# Taken right after joining, and again after a reconnect (a new session holds no lock). ``try``: after a
+# reconnect the old session may live on in the server until keepalives end it; it keeps the member
+# live meanwhile, and the next heartbeat tries again.
+_HOLD_MEMBER_LOCK = f"SELECT pg_try_advisory_lock({_MEMBER_LOCK_KEY})"
 _FORGET_ORPHAN_CLAIMS = """
 DELETE FROM image_search_claims c
 WHERE NOT EXISTS (SELECT 1 FROM image_search_members m WHERE m.id = c.member_id)
@@ -229,15 +251,15 @@ INSERT INTO image_search_members (id, host, pid, model_name, dimension) VALUES (
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 """
 # Claim many items in one statement. An item is ours if nobody holds it, if we hold it already, or if
-# its holder is no longer live (its heartbeat is older than the lease). A concurrent claim of the same
-# item waits on the unique index and then sees the winner's row, so one member gets each item.
-_CLAIM = """
+# its holder is no longer live (its session is gone, or its heartbeat is older than the lease). A
+# concurrent claim of the same item waits on the unique index and then sees the winner's row, so one
+# member gets each item.
+_CLAIM = f"""
 INSERT INTO image_search_claims AS c (item, member_id, claimed_at)
 SELECT item, %(member)s, now() FROM unnest(%(items)s::text[]) AS wanted(item)
 ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id, claimed_at = now()
-WHERE c.member_id = EXCLUDED.member_id OR NOT EXISTS (
-    SELECT 1 FROM image_search_members m
-    WHERE m.id = c.member_id AND m.heartbeat_at > now() - make_interval(secs => %(lease)s)
+WHERE c.member_id = EXCLUDED.member_id OR c.member_id NOT IN (
+    SELECT m.id FROM image_search_members m WHERE {_MEMBER_IS_LIVE}
 )
 RETURNING item
 """
@@ -249,6 +271,28 @@ _LEAVE = "DELETE FROM image_search_members WHERE id = %s"
 _LEAVE_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
 # Members whose heartbeat is older than this many leases are forgotten when someone joins.
 FORGET_AFTER_LEASES = 10
+
+# TCP keepalives on every connection, both ways, so a host that vanishes without closing its connections
+# (power loss, a cut cable) is noticed in seconds rather than the kernel's two hours: the server ends
+# that member's session (and so its liveness lock) once the peer has been silent for IDLE seconds and
+# then missed COUNT probes INTERVAL seconds apart, about 5 + 3 * 2 = 11 s. Keepalives only probe an idle
+# connection: if the host vanished while a reply was still unacknowledged (a heartbeat's, say), the
+# kernel retransmits for about 15 minutes instead, so a user timeout of the same 11 s bounds that case
+# too (without it, one test run here in about twenty kept a lost member live past a minute, most likely
+# so). The client side is libpq's own; the server side is set per session, as the server's defaults
+# belong to its administrator. Over a Unix socket (the embedded server) none of it applies, nor is
+# needed: a dead process's socket closes.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = (KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT) * 1000
+_CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": KEEPALIVE_IDLE_S,
+                      "keepalives_interval": KEEPALIVE_INTERVAL_S, "keepalives_count": KEEPALIVE_COUNT,
+                      "tcp_user_timeout": USER_TIMEOUT_MS}
+_SESSION_KEEPALIVES = """
+SELECT set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_interval', %s, false),
+       set_config('tcp_keepalives_count', %s, false), set_config('tcp_user_timeout', %s, false)
+"""
 
 
 class StoreError(Exception):
@@ -397,12 +441,17 @@ def _forget_dead_handles(data_directory: Path) -> None:
 def _connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
     try:
         if uri is not None:
-            return psycopg2.connect(uri, connect_timeout=10)
-        return psycopg2.connect(
-            host=cfg.postgres_host, port=cfg.postgres_port, user=cfg.postgres_user,
-            password=cfg.postgres_password, dbname=cfg.postgres_database, connect_timeout=10,
-            application_name="image-search",
-        )
+            conn = psycopg2.connect(uri, connect_timeout=10, **_CLIENT_KEEPALIVES)
+        else:
+            conn = psycopg2.connect(
+                host=cfg.postgres_host, port=cfg.postgres_port, user=cfg.postgres_user,
+                password=cfg.postgres_password, dbname=cfg.postgres_database, connect_timeout=10,
+                application_name="image-search", **_CLIENT_KEEPALIVES,
+            )
+        with conn, conn.cursor() as cur:
+            cur.execute(_SESSION_KEEPALIVES, (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT),
+                                              str(USER_TIMEOUT_MS)))
+        return conn
     except psycopg2.OperationalError as exc:
         where = "the embedded PostgreSQL" if uri else (
             f"PostgreSQL at {cfg.postgres_host}:{cfg.postgres_port} as '{cfg.postgres_user}', "
@@ -441,9 +490,16 @@ class FleetRegistry:
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection]) -> None:
         self._connect = connect
         self._conn = connect()
+        self._holds_lock = False  # this connection holds the member's liveness lock
 
     def reconnect(self) -> None:
+        self._holds_lock = False  # a new session: the lock went with the old one
         self._conn = _replace_connection(self._conn, self._connect)
+
+    def _hold_lock(self, cur: psycopg2.extensions.cursor, member_id: int) -> None:
+        if not self._holds_lock:
+            cur.execute(_HOLD_MEMBER_LOCK, {"member": member_id})
+            self._holds_lock = bool(cur.fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()
@@ -456,7 +512,7 @@ class FleetRegistry:
             cur.execute(_FLEET_SCHEMA)
             cur.execute(_FORGET_DEAD_MEMBERS, (lease_s * FORGET_AFTER_LEASES,))
             cur.execute(_FORGET_ORPHAN_CLAIMS)
-            cur.execute(_LIVE_MEMBERS, (lease_s,))
+            cur.execute(_LIVE_MEMBERS, {"lease": lease_s})
             live = [MemberInfo(*row) for row in cur.fetchall()]
             others = [m for m in live if (m.model_name, m.dimension) != (model_name, dimension)]
             if others:
@@ -468,6 +524,7 @@ class FleetRegistry:
                 )
             cur.execute(_JOIN, (host, pid, model_name, dimension))
             member_id = int(cur.fetchone()[0])
+            self._hold_lock(cur, member_id)  # before the commit: no one ever sees this member without it
         return JoinResult(MemberInfo(member_id, host, pid, model_name, dimension), len(live) + 1)
 
     def renew(self, member: MemberInfo, lease_s: float) -> int:
@@ -478,12 +535,13 @@ class FleetRegistry:
                 log.warning("fleet_member_restored", member_id=member.id,
                             reason="this member was taken for dead and forgotten; registered again")
                 cur.execute(_REJOIN, (member.id, member.host, member.pid, member.model_name, member.dimension))
-            cur.execute(_COUNT_LIVE_MEMBERS, (lease_s,))
+            self._hold_lock(cur, member.id)
+            cur.execute(_COUNT_LIVE_MEMBERS, {"lease": lease_s})
             return int(cur.fetchone()[0])
 
     def live_members(self, lease_s: float) -> list[MemberInfo]:
         with _transaction(self._conn) as cur:
-            cur.execute(_LIVE_MEMBERS, (lease_s,))
+            cur.execute(_LIVE_MEMBERS, {"lease": lease_s})
             return [MemberInfo(*row) for row in cur.fetchall()]
 
     def leave(self, member_id: int, lease_s: float, *, empty_table: bool, lock_timeout_s: float = 10.0) -> LeaveResult:
@@ -494,7 +552,7 @@ class FleetRegistry:
             cur.execute(_LEAVE_LOCK_TIMEOUT, (f"{int(lock_timeout_s * 1000)}ms",))
             cur.execute(_LEAVE_CLAIMS, (member_id,))
             cur.execute(_LEAVE, (member_id,))
-            cur.execute(_COUNT_LIVE_MEMBERS, (lease_s,))
+            cur.execute(_COUNT_LIVE_MEMBERS, {"lease": lease_s})
             remaining = int(cur.fetchone()[0])
             emptied = False
             if empty_table and remaining == 0:

@@ -224,6 +224,14 @@ class ReadinessTracker:
     def forget(self, path: Path) -> None:
         self._drop(path)
 
+    def retry_now(self) -> None:
+        """The paths waiting on another service's claim are due at once: a member has gone, and what it
+        held is free now rather than a lease later. All become due at the same moment, so the retry
+        queue stays in due order."""
+        now = self.clock()
+        for entry in self._retrying.values():
+            entry.due = min(entry.due, now)
+
     def forget_under(self, folder: Path) -> None:
         for queue_ in self._queues():
             for path in [p for p in queue_ if p.is_relative_to(folder)]:
