@@ -11,6 +11,9 @@ from tests.support.model import save_tiny_clip
 
 use_offline_hub()
 
+# CI fails on any skip but the GPU tier's "needs CUDA" (tests/support/skips.py).
+pytest_plugins = ["tests.support.skips"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
