@@ -223,9 +223,16 @@ def test_the_decoder_checks_its_device_before_it_is_used(tmp_path) -> None:
         reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=tmp_path / "state")
         assert reader is not None
         reader.close()
+        with capture_logs() as logs:
+            on_cuda = open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1, state_directory=tmp_path / "state")
         if not torch_cuda_available():
             # No GPU: asking for one answers "not here" (one log line), not a crash.
-            assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1, state_directory=tmp_path / "state") is None
+            assert on_cuda is None
+            assert [e["device"] for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"] == ["cuda"]
+        else:
+            # A GPU: nvJPEG's check passes and the reader decodes there (tests/test_gpu.py proves it decodes).
+            assert on_cuda is not None and on_cuda.decoder.device.type == "cuda"
+            on_cuda.close()
 
 
 def torch_cuda_available() -> bool:
@@ -412,12 +419,16 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_no_other_failure_is(t
     """A CUDA kernel fault is raised as an error and is sticky (every later call fails), so the process
     stops soon after: that chunk must not come back to the device. Out of memory, a file nvJPEG refuses,
     any other error leave the device working: those files may be tried again another time. Every failed
-    chunk goes to the CPU path, and the service goes on."""
+    chunk goes to the CPU path, and the service goes on.
+
+    The decoder's own detection (``_device_fault``: does a device synchronisation fail?) runs; only the
+    synchronisation is a stand-in here, failing from the fault on as a broken CUDA device's does (the CPU
+    has none to fail). tests/test_gpu.py breaks a real CUDA device."""
     import torch
 
     from image_search import gpudecode
 
-    widths = (400, 420, 440, 460, 480)  # which file a call is about: its width, or its length in bytes
+    widths = (400, 420, 440, 460, 480, 500)  # which file a call is about: its width, or its length in bytes
     paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(w, 300), seed=i) for i, w in enumerate(widths)]
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
@@ -434,21 +445,27 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_no_other_failure_is(t
             raise RuntimeError("nvjpeg: the bitstream is not supported")  # the device still works
         if index == 2:
             raise ValueError("a bug of ours")
-        if index == 3:
+        if index == 4:
             broken["device"] = True
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(items, **kwargs)
 
+    def synchronize(self) -> None:
+        if broken["device"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
     monkeypatch.setattr(gpudecode, f"{stage}_jpeg", failing)
-    monkeypatch.setattr(BatchedJpegDecoder, "_device_fault", lambda self: broken["device"])
+    monkeypatch.setattr(BatchedJpegDecoder, "_synchronize", synchronize)
     quarantine = DecodeQuarantine(tmp_path / "state")
     results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
-    assert [r is None for r in results] == [True, True, True, True, False]
-    assert results[4].path == paths[4]
-    assert [s.file_hash in quarantine for s in sources] == [False, False, False, True, False]
+    # The file after the fault cannot be decoded either (the device stays broken), but it is not the
+    # cause: it is not quarantined.
+    assert [r is None for r in results] == [True, True, True, False, True, True]
+    assert results[3].path == paths[3]
+    assert [s.file_hash in quarantine for s in sources] == [False, False, False, False, True, False]
     quarantine.close()
     later = DecodeQuarantine(tmp_path / "state")
-    assert sources[3].file_hash in later and len(later) == 1  # and at the next start
+    assert sources[4].file_hash in later and len(later) == 1  # and at the next start
     later.close()
 
 
