@@ -31,9 +31,9 @@ from image_search.config import Config, load_config
 from image_search.notify import Notifier
 from image_search.preprocess import preprocess_for, thumbnail_path_for
 from image_search.runtime import RestartRequested, Runtime
-from image_search.service import Service, StopFlag
+from image_search.service import Service, StopFlag, watched_folders
 from image_search.store import Database
-from image_search.watch import Change, ChangeKind, Folder
+from image_search.watch import Change, ChangeKind, Folder, observer_problem, start_observer
 
 TOP_K = 3
 SETTLE = 0.3
@@ -454,11 +454,22 @@ def test_external_database_outage_keeps_work_pending_then_catches_up(story_facto
 
 
 def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
+    """The real check (``observer_problem``) on a real watch of the story's folders: the watched images
+    folder is deleted (a disk unmounted, a folder moved away), and the loop asks for a restart."""
     story = story_factory({"a.png": 1}, start=False)
-    story.service.watch_problem = lambda: "the watched images folder is gone"
-    with capture_logs() as logs, pytest.raises(RestartRequested):
-        story.service.run()
-    assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == ["the watched images folder is gone"]
+    folders = watched_folders(story.cfg)
+    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
+    try:
+        story.service.watch_problem = lambda: observer_problem(observer, folders)
+        assert story.service.watch_problem() is None  # a working watch is no problem
+        shutil.rmtree(story.images)
+        with capture_logs() as logs, pytest.raises(RestartRequested):
+            story.service.run()
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == [
+        f"the watched images folder {story.images} is gone"]
 
 
 def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:
