@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.benchmarks.run import REPORT_KEYS
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
 
 
+@pytest.mark.timeout(700)  # its own subprocess timeout is 600 s
 def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     report_path, chart_path = tmp_path / "report.json", tmp_path / "chart.png"
     proc = subprocess.run(
