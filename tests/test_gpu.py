@@ -76,6 +76,8 @@ def test_nvjpeg_decodes_every_plain_kind_in_one_batch(tmp_path: Path, kind: str)
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     assert all(s is not None for s in sources)
     results = BatchedJpegDecoder("cuda", max_size=BOX, spec=CLIP_224).prepare(sources)
+    refused = [p.name for p, r in zip(paths, results) if r is None]
+    assert not refused, f"nvJPEG handed these {kind} JPEGs back to the CPU path: {refused}"
     assert [r.path for r in results] == paths
     assert [(r.width, r.height) for r in results] == [fit_inside((640 + 16 * i, 480), BOX) for i in range(5)]
     assert all(r.pixels.device.type == "cuda" for r in results)
