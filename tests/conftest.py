@@ -12,6 +12,9 @@ from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures
 
 use_offline_hub()
 
+# CI fails on any skip but the GPU tier's "needs CUDA" (tests/support/skips.py).
+pytest_plugins = ["tests.support.skips"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -4,7 +4,6 @@ short at any moment leaves a next start that finds a valid index, with every row
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

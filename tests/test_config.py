@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from image_search.config import Config, ConfigError, ensure_directories, load_config
+from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
 
 ORIGINAL_KEYS = {
     "source-directory": "photos",
@@ -492,17 +492,22 @@ def test_ensure_directories_error_when_the_path_is_a_file(tmp_path):
         ensure_directories(cfg)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_ensure_directories_error_for_a_read_only_folder_names_the_key(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        cfg = load_config(write(tmp_path / "conf", {"processed-directory": str(locked / "processed")}), environ={})
-        with pytest.raises(ConfigError, match="'processed-directory'"):
-            ensure_directories(cfg)
-    finally:
-        locked.chmod(0o700)
+def test_ensure_directories_error_for_a_read_only_folder_names_the_key():
+    """Run as a user who cannot write the folder (root writes anywhere: as root this runs as nobody)."""
+    with reachable_dir() as base:
+        locked = base / "locked"
+        locked.mkdir()
+        give_to_unprivileged(locked)
+        locked.chmod(0o500)
+        conf = write(base / "conf", {"processed-directory": str(locked / "processed")})
+        give_to_unprivileged(conf.parent)  # the other folders default to beside the config file
+        cfg = load_config(conf, environ={})
+        with unprivileged():
+            with pytest.raises(ConfigError, match="'processed-directory'") as info:
+                ensure_directories(cfg)
+            assert cfg.source_directory.is_dir()  # the folders before it were made: only this one failed
+        assert str(locked / "processed") in str(info.value) and "Permission denied" in str(info.value)
+        assert not (locked / "processed").exists()
 
 
 def test_config_is_immutable(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from image_search.discover import (
     is_image_candidate,
     iter_images,
 )
+from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
 
 
 def touch(root: Path, *relatives: str) -> list[Path]:
@@ -228,7 +229,7 @@ def test_root_given_as_a_string(tmp_path):
 
 def test_links_to_files_and_folders_outside_are_followed_when_no_policy_narrows_it(tmp_path):
     """With every link allowed (follow-symlinks: all), a linked folder outside is walked under the link's
-    name; a loop back into the folder is not walked again (tests/test_odd_entries.py has each policy)."""
+    name; a loop back into the folder is not walked again (tests/test_odd_names.py has each policy)."""
     root = tmp_path / "src"
     outside = tmp_path / "outside"
     touch(outside, "linked.jpg", "folder/inside.jpg")
@@ -239,11 +240,14 @@ def test_links_to_files_and_folders_outside_are_followed_when_no_policy_narrows_
     assert found(root) == ["link.jpg", "real.jpg", "linked-folder/inside.jpg"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any folder")
-def test_unreadable_sub_folder_is_skipped_not_fatal(tmp_path):
-    touch(tmp_path, "ok/a.jpg", "locked/b.jpg")
-    (tmp_path / "locked").chmod(0)
-    try:
-        assert found(tmp_path) == ["ok/a.jpg"]
-    finally:
-        (tmp_path / "locked").chmod(0o755)
+def test_unreadable_sub_folder_is_skipped_not_fatal():
+    """Run as a user who cannot read the folder (root reads any: as root this runs as nobody)."""
+    with reachable_dir() as root:
+        touch(root, "ok/a.jpg", "locked/b.jpg", "z.jpg")
+        for folder in (root / "ok", root / "locked"):
+            give_to_unprivileged(folder)
+        (root / "locked").chmod(0)
+        with unprivileged():
+            with pytest.raises(PermissionError):
+                os.listdir(root / "locked")  # the story holds: this user cannot look inside
+            assert found(root) == ["z.jpg", "ok/a.jpg"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from structlog.testing import capture_logs
 
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from image_search.embed import (
@@ -242,9 +243,11 @@ def test_a_model_without_its_preprocessor_config_is_one_clear_error(tmp_path: Pa
         Embedder.load(str(model_dir), device="cpu")
 
 
-def test_cuda_request_without_a_gpu_falls_back_to_cpu(tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+def test_cuda_request_without_a_gpu_falls_back_to_cpu(tmp_path: Path, monkeypatch) -> None:
+    # On a GPU machine too: CUDA is made unavailable, as on a host whose driver is gone.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = save_tiny_clip(tmp_path / "m")
-    assert Embedder.load(str(model), device="cuda").device.type == "cpu"
+    with capture_logs() as logs:
+        assert Embedder.load(str(model), device="cuda").device.type == "cpu"
+    assert [e["log_level"] for e in logs if e["event"] == "cuda_unavailable"] == ["warning"]
 

@@ -83,3 +83,30 @@ def test_only_the_remote_eva_attention_class_is_recognised() -> None:
     OtherAttention.__name__ = "Attention"
     assert not is_eva_attention(OtherAttention())
     assert not is_eva_attention(nn.MultiheadAttention(32, 2))
+
+
+def test_the_benchmarks_eva_tower_is_patched_whole_and_measured(monkeypatch) -> None:
+    """tests/benchmarks/eva.py (the --gpu benchmark's jina-sized tower) at its CPU smoke size: every block's
+    attention is patched, the tower computes what it did unpatched, and ``measure`` reports every number
+    (tests/test_gpu.py runs it at jina-clip-v2's size on CUDA)."""
+    import math
+
+    from tests.benchmarks import eva
+
+    torch.manual_seed(0)
+    tower = eva.Tower(eva.SMOKE).eval()
+    pixels = torch.randn(2, 3, eva.SMOKE.image, eva.SMOKE.image)
+    with torch.inference_mode():
+        naive = tower(pixels)
+    sdpa_calls = count_sdpa_calls(monkeypatch)
+    assert patch_eva_attention(tower) == eva.SMOKE.blocks
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(pixels), naive, atol=1e-5, rtol=1e-5)
+    assert len(sdpa_calls) == eva.SMOKE.blocks
+    assert (eva.SMOKE.tokens, eva.JINA_CLIP_V2.tokens) == (17, 1297)  # a class token and (image / patch)^2
+
+    monkeypatch.undo()  # measure compiles: the real SDPA, not the counting stand-in
+    report = eva.measure(torch.device("cpu"), batch=2, rounds=1)
+    assert report["gpu_eva_tokens"] == eva.SMOKE.tokens
+    for key, value in report.items():
+        assert math.isfinite(value) and value > 0, (key, value)  # the compiled tower ran too (0 when it failed)

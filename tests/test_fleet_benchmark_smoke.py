@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.benchmarks.fleet import REPORT_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(900)  # its own subprocess timeout is 600 s, plus its checks and a loaded machine
 def test_quick_fleet_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     report_path = tmp_path / "fleet.json"
     proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.fleet", "--quick", "--json", str(report_path),

@@ -20,7 +20,9 @@ from tests.support.waiting import wait_for
 from image_search.config import load_config
 from image_search.fleet import ClaimKind, FleetMember, WorkClaims
 from image_search.store import (
+    FLEET_LOCK_KEY,
     FORGET_AFTER_LEASES,
+    SCHEMA_LOCK_KEY,
     Database,
     DatabaseUnavailable,
     EmbeddingRow,
@@ -232,9 +234,20 @@ def test_work_claims_without_a_member_grant_everything(store: EmbeddingStore, tm
     assert len(tracker) == 0
 
 
+def waiting_for_lock(database: Database, key: int) -> int:
+    """How many sessions wait for the transaction-level advisory lock ``key`` now."""
+    [(count,)] = raw(database, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                               "AND ((classid::bigint << 32) | objid::bigint) = %s", (key,))
+    return int(count)
+
+
 def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> None:
     """Two services starting at once against a fresh database: the schema lock serialises the
-    CREATE ... IF NOT EXISTS statements that would otherwise collide in the catalogue."""
+    CREATE ... IF NOT EXISTS statements that would otherwise collide in the catalogue.
+
+    The collision is made certain, not left to timing: the test holds the fleet lock and the schema lock
+    while four starts begin, sees all four wait for each lock in turn (so they did run at once, and
+    each lock is taken before its CREATEs), and then lets them go."""
     import threading
 
     db = Database(load_config(write_config(tmp_path)))
@@ -249,24 +262,34 @@ def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> N
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
 
+    gates = {FLEET_LOCK_KEY: db.connect(), SCHEMA_LOCK_KEY: db.connect()}
+    threads = [threading.Thread(target=start) for _ in range(4)]
     try:
-        threads = [threading.Thread(target=start) for _ in range(4)]
+        for key, gate in gates.items():
+            gate.cursor().execute("SELECT pg_advisory_xact_lock(%s)", (key,))  # held until the commit
         for t in threads:
             t.start()
+        for key, what in ((FLEET_LOCK_KEY, "the fleet lock"), (SCHEMA_LOCK_KEY, "the schema lock")):
+            wait_for(lambda: waiting_for_lock(db, key) == 4, f"all four starts waiting for {what}")
+            gates[key].commit()
         for t in threads:
             t.join()
         assert errors == []
         assert raw(db, "SELECT count(*) FROM image_search_members") == [(4,)]
     finally:
+        for gate in gates.values():
+            gate.close()  # releases a lock still held if the test failed, so the threads can end
+        for t in threads:
+            t.join(timeout=30)
         db.close()
 
 
 class FlakyRegistry:
-    """A registry whose first renewals fail as if the database had gone away."""
+    """A real registry whose first renewals fail as if the database had gone away."""
 
-    def __init__(self, failures: int, *, others_at_leave: int) -> None:
+    def __init__(self, real: FleetRegistry, failures: int) -> None:
+        self.real = real
         self.failures = failures
-        self.others_at_leave = others_at_leave
         self.renewals = 0
         self.reconnects = 0
         self.left: list[bool] = []
@@ -275,22 +298,30 @@ class FlakyRegistry:
         self.renewals += 1
         if self.renewals <= self.failures:
             raise DatabaseUnavailable("database error: server closed the connection unexpectedly")
-        return 2
+        return self.real.renew(member, lease_s)
 
     def reconnect(self) -> None:
         self.reconnects += 1
+        self.real.reconnect()
 
     def leave(self, member_id: int, lease_s: float, *, empty_table: bool) -> LeaveResult:
         self.left.append(empty_table)
-        return LeaveResult(self.others_at_leave, empty_table and self.others_at_leave == 0)
+        return self.real.leave(member_id, lease_s, empty_table=empty_table)
 
     def close(self) -> None:
-        pass
+        self.real.close()
 
 
-def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back() -> None:
-    registry = FlakyRegistry(failures=3, others_at_leave=1)
-    member = FleetMember(registry, MemberInfo(7, "h", 1, MODEL, DIM), lease_s=0.03, live_members=1)  # type: ignore[arg-type]
+def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back(database: Database, registries) -> None:
+    """Renewals through the real registry after three failures; another member stays live throughout (its
+    heartbeat set ahead by hand, since this member's lease is 30 ms), so the leave keeps the table."""
+    other = join(database, registries, host="host-b", pid=2)
+    raw(database, "UPDATE image_search_members SET heartbeat_at = now() + interval '1 hour' WHERE id = %s", (other.id,))
+    real = FleetRegistry(database.connect)
+    registries.append(real)
+    me = real.join(host="host-a", pid=1, model_name=MODEL, dimension=DIM, lease_s=LEASE).member
+    registry = FlakyRegistry(real, failures=3)
+    member = FleetMember(registry, me, lease_s=0.03, live_members=1)  # type: ignore[arg-type]
     with capture_logs() as logs:
         member.start_heartbeat()
         wait_for(lambda: member.live_members == 2, "the heartbeat back after three failures")
@@ -301,13 +332,14 @@ def test_heartbeat_logs_a_failure_once_keeps_trying_and_says_when_it_is_back() -
     assert events.count("fleet_heartbeat_restored") == 1
     assert registry.reconnects == 3  # each retry after a failure starts from a fresh connection
     assert registry.left == [True]
-    assert result == LeaveResult(1, False)
+    assert result == LeaveResult(1, False)  # the database's answer: the other member is still live
+    assert raw(database, "SELECT id FROM image_search_members") == [(other.id,)]
     kept = [e for e in logs if e["event"] == "table_kept"]
     assert [e["members"] for e in kept] == [1] and "table_emptied" not in events
 
 
 def test_status_text_counts_the_members() -> None:
-    member = FleetMember(FlakyRegistry(0, others_at_leave=0), MemberInfo(1, "h", 1, MODEL, DIM),  # type: ignore[arg-type]
+    member = FleetMember(None, MemberInfo(1, "h", 1, MODEL, DIM),  # type: ignore[arg-type]  # never asked
                          lease_s=LEASE, live_members=1)
     assert member.status_text() == "1 member"
     member.live_members = 3

@@ -29,53 +29,17 @@ from image_search.gpudecode import (
     read_plain_jpeg,
 )
 from image_search.indexer import Indexer
-from image_search.pixels import PixelSpec, to_model_pixels
+from image_search.pixels import to_model_pixels
 from image_search.preprocess import preprocess_image, source_identity
 from image_search.store import Database
 from image_search.workers import PreprocessedFile, PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
 from tests.support.gpu_crash import CRASH_MARKER
-from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG
+from tests.support.jpegs import BOX, CLIP_224, JINA_512, LIMIT, decode_one, photo, pixels_of, save_jpeg
 from tests.support.model import TINY_DIMENSION
 
 REPO = Path(__file__).resolve().parent.parent
-LIMIT = 178_956_970
-BOX = (512, 512)
-CLIP_224 = PixelSpec.from_processor_config({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224},
-                                            "crop_size": {"height": 224, "width": 224}})
-JINA_512 = PixelSpec.from_processor_config(JINA_CLIP_V2_PREPROCESSOR_CONFIG)
-
-
-def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """Smooth structure plus mild noise, like a photograph (pure noise would make JPEG meaningless)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([(x * (seed + 3) // 7) % 256, (y // 3 + seed * 40) % 256, ((x + 2 * y) // 9) % 256], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
-
-
-def save_jpeg(path: Path, size=(900, 600), *, seed: int = 0, orientation: int = 1, **options) -> Path:
-    im = photo(size, seed)
-    exif = im.getexif()
-    if orientation != 1:
-        exif[0x0112] = orientation
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format="JPEG", quality=90, exif=exif, **options)
-    return path
-
-
-def decode_one(path: Path, spec: PixelSpec = CLIP_224, box=BOX) -> PreprocessedFile | None:
-    source = read_plain_jpeg(path, max_pixels=LIMIT)
-    assert source is not None, f"{path.name} should be taken by the batched decoder"
-    [result] = BatchedJpegDecoder("cpu", max_size=box, spec=spec).prepare([source])
-    return result
-
-
-def pixels_of(jpeg: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(jpeg)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
 # --- which files it takes ---------------------------------------------------------------------------
@@ -223,9 +187,16 @@ def test_the_decoder_checks_its_device_before_it_is_used(tmp_path) -> None:
         reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=tmp_path / "state")
         assert reader is not None
         reader.close()
+        with capture_logs() as logs:
+            on_cuda = open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1, state_directory=tmp_path / "state")
         if not torch_cuda_available():
             # No GPU: asking for one answers "not here" (one log line), not a crash.
-            assert open_gpu_reader(pool, "cuda", spec=CLIP_224, threads=1, state_directory=tmp_path / "state") is None
+            assert on_cuda is None
+            assert [e["device"] for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"] == ["cuda"]
+        else:
+            # A GPU: nvJPEG's check passes and the reader decodes there (tests/test_gpu.py proves it decodes).
+            assert on_cuda is not None and on_cuda.decoder.device.type == "cuda"
+            on_cuda.close()
 
 
 def torch_cuda_available() -> bool:
@@ -412,12 +383,16 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_no_other_failure_is(t
     """A CUDA kernel fault is raised as an error and is sticky (every later call fails), so the process
     stops soon after: that chunk must not come back to the device. Out of memory, a file nvJPEG refuses,
     any other error leave the device working: those files may be tried again another time. Every failed
-    chunk goes to the CPU path, and the service goes on."""
+    chunk goes to the CPU path, and the service goes on.
+
+    The decoder's own detection (``_device_fault``: does a device synchronisation fail?) runs; only the
+    synchronisation is a stand-in here, failing from the fault on as a broken CUDA device's does (the CPU
+    has none to fail). tests/test_gpu.py breaks a real CUDA device."""
     import torch
 
     from image_search import gpudecode
 
-    widths = (400, 420, 440, 460, 480)  # which file a call is about: its width, or its length in bytes
+    widths = (400, 420, 440, 460, 480, 500)  # which file a call is about: its width, or its length in bytes
     paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(w, 300), seed=i) for i, w in enumerate(widths)]
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
@@ -434,21 +409,27 @@ def test_a_chunk_that_breaks_the_device_is_quarantined_and_no_other_failure_is(t
             raise RuntimeError("nvjpeg: the bitstream is not supported")  # the device still works
         if index == 2:
             raise ValueError("a bug of ours")
-        if index == 3:
+        if index == 4:
             broken["device"] = True
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(items, **kwargs)
 
+    def synchronize(self) -> None:
+        if broken["device"]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
     monkeypatch.setattr(gpudecode, f"{stage}_jpeg", failing)
-    monkeypatch.setattr(BatchedJpegDecoder, "_device_fault", lambda self: broken["device"])
+    monkeypatch.setattr(BatchedJpegDecoder, "_synchronize", synchronize)
     quarantine = DecodeQuarantine(tmp_path / "state")
     results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224, quarantine=quarantine).prepare(sources)
-    assert [r is None for r in results] == [True, True, True, True, False]
-    assert results[4].path == paths[4]
-    assert [s.file_hash in quarantine for s in sources] == [False, False, False, True, False]
+    # The file after the fault cannot be decoded either (the device stays broken), but it is not the
+    # cause: it is not quarantined.
+    assert [r is None for r in results] == [True, True, True, False, True, True]
+    assert results[3].path == paths[3]
+    assert [s.file_hash in quarantine for s in sources] == [False, False, False, False, True, False]
     quarantine.close()
     later = DecodeQuarantine(tmp_path / "state")
-    assert sources[3].file_hash in later and len(later) == 1  # and at the next start
+    assert sources[4].file_hash in later and len(later) == 1  # and at the next start
     later.close()
 
 

@@ -62,9 +62,24 @@ def test_under_the_journal_each_line_carries_its_priority(tmp_path: Path) -> Non
     assert all(line.startswith("<4>event=") for line in lines[1:]), lines  # real warnings: warning
 
 
-@pytest.mark.parametrize("formatted", ["no location at all", "f.py:x: Odd: text"])
-def test_a_warning_in_an_unexpected_shape_is_still_one_line(formatted: str) -> None:
+@pytest.mark.parametrize(("formatted", "message"), [
+    ("no location at all", "no location at all"),
+    ("f.py:x: Odd: text", "f.py:x: Odd: text"),
+    ("a warning\nover  three\n  lines\n", "a warning over three lines"),
+    ("f.py:x: Odd:\ttext\r\nand more", "f.py:x: Odd: text and more"),
+])
+def test_a_warning_in_an_unexpected_shape_is_still_one_line(formatted: str, message: str) -> None:
     from image_search.logs import StdlibToStructlog
 
     method, event, fields = StdlibToStructlog._warning_fields(formatted)
     assert (method, event) == ("warning", "python_warning") and fields["message"]
+    assert fields["message"] == message  # all of its words, on one line
+
+
+def test_a_formatted_warning_over_several_lines_is_one_line_without_its_source_line() -> None:
+    from image_search.logs import StdlibToStructlog
+
+    formatted = "/x/y.py:12: UserWarning: first line\nsecond line\n  warnings.warn(text)\n"
+    method, _, fields = StdlibToStructlog._warning_fields(formatted)
+    assert method == "warning" and fields == {"category": "UserWarning", "message": "first line second line",
+                                              "source": "/x/y.py:12"}

@@ -591,6 +591,9 @@ def test_large_jpeg_draft_is_actually_used(large_jpeg):
 
 def test_large_jpeg_hash_is_deterministic(large_jpeg):
     assert prep(large_jpeg, box=(512, 512)).file_hash == prep(large_jpeg, box=(512, 512)).file_hash
+    # ...because it is the MD5 of the file's bytes, whatever the draft decode and the box made of them.
+    assert prep(large_jpeg, box=(512, 512)).file_hash == hashlib.md5(large_jpeg.read_bytes()).hexdigest()
+    assert prep(large_jpeg, box=(1024, 1024)).file_hash == hashlib.md5(large_jpeg.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tests.support.story import SETTLE
 from image_search.config import Config
 from image_search.preprocess import preprocess_for, thumbnail_path_for
 from image_search.runtime import RestartRequested
-from image_search.watch import Change, ChangeKind, Folder
+from image_search.service import watched_folders
+from image_search.watch import Change, ChangeKind, Folder, observer_problem, start_observer
 
 
 
@@ -330,11 +332,22 @@ def test_external_database_outage_keeps_work_pending_then_catches_up(story_facto
 
 
 def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
+    """The real check (``observer_problem``) on a real watch of the story's folders: the watched images
+    folder is deleted (a disk unmounted, a folder moved away), and the loop asks for a restart."""
     story = story_factory({"a.png": 1}, start=False)
-    story.service.watch_problem = lambda: "the watched images folder is gone"
-    with capture_logs() as logs, pytest.raises(RestartRequested):
-        story.service.run()
-    assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == ["the watched images folder is gone"]
+    folders = watched_folders(story.cfg)
+    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
+    try:
+        story.service.watch_problem = lambda: observer_problem(observer, folders)
+        assert story.service.watch_problem() is None  # a working watch is no problem
+        shutil.rmtree(story.images)
+        with capture_logs() as logs, pytest.raises(RestartRequested):
+            story.service.run()
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    assert [e["reason"] for e in logs if e["event"] == "watch_lost"] == [
+        f"the watched images folder {story.images} is gone"]
 
 
 def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:

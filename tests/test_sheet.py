@@ -131,10 +131,34 @@ def test_japanese_korean_and_cyrillic_have_real_glyphs() -> None:
     assert (forward < 128).any() and not np.array_equal(forward, backward)
 
 
+def ink_lines(ink: np.ndarray) -> int:
+    """How many lines of text: runs of pixel rows with ink, separated by rows without."""
+    inked = ink.any(axis=1)
+    return int(inked[0]) + int(np.count_nonzero(inked[1:] & ~inked[:-1]))
+
+
 def test_a_long_text_query_is_wrapped_inside_its_cell() -> None:
     block = sheet_module._text_block("a red bicycle leaning on a wall " * 40, (THUMB, THUMB))
     ink = np.asarray(block.convert("L")) < 128
     assert ink.any() and block.size == (THUMB, THUMB)
+    # Wrapped: many lines, none running off the cell's sides (an unwrapped line, centred, would cross both).
+    assert ink_lines(ink) >= 5, ink_lines(ink)
+    assert not ink[:, 0].any() and not ink[:, -1].any()
+    # A short query is one line.
+    assert ink_lines(np.asarray(sheet_module._text_block("a red bicycle", (THUMB, THUMB)).convert("L")) < 128) == 1
+
+
+def test_wrapping_breaks_at_spaces_and_inside_words_without_any_and_every_line_fits() -> None:
+    style = sheet_module._Style(20, sheet_module.REGULAR, sheet_module.INK)
+    width = THUMB - 4
+    words = "a red bicycle leaning on a wall " * 6
+    lines = sheet_module._wrap(words, style, width)
+    assert len(lines) > 3 and all(sheet_module._width(line, style) <= width for line in lines)
+    assert " ".join(lines) == words.strip()  # broken at spaces: no word is cut, none lost
+    japanese = "夕焼けの海辺に赤い自転車が止まっている" * 4  # no spaces to break at
+    lines = sheet_module._wrap(japanese, style, width)
+    assert len(lines) > 1 and all(sheet_module._width(line, style) <= width for line in lines)
+    assert "".join(lines) == japanese
 
 
 # --- bundles ------------------------------------------------------------------------------------------------

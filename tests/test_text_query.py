@@ -107,7 +107,8 @@ def test_text_vectors_are_the_models_own_text_features(embedder: Embedder, tiny_
     np.testing.assert_allclose(embedder.embed_texts(["a red bicycle"]), reference, atol=1e-5)
 
 
-def test_a_query_longer_than_the_model_reads_is_truncated_with_one_warning(embedder: Embedder) -> None:
+def test_a_query_longer_than_the_model_reads_is_truncated_with_one_warning(embedder: Embedder,
+                                                                          tiny_model_dir: Path) -> None:
     limit = embedder.text_token_limit
     assert limit == 77
     long_query = "bicycle " * 200
@@ -119,6 +120,20 @@ def test_a_query_longer_than_the_model_reads_is_truncated_with_one_warning(embed
     assert warnings[0]["log_level"] == "warning" and warnings[0]["limit"] == 77 and warnings[0]["tokens"] > 77
     # what the model saw is exactly the first 77 tokens
     np.testing.assert_allclose(vector, embedder.embed_texts(["bicycle " * 200 + "and much more"]), atol=1e-5)
+    np.testing.assert_allclose(vector, text_features(tiny_model_dir, long_query, 77), atol=1e-5)
+    assert not np.allclose(vector, text_features(tiny_model_dir, long_query, 76), atol=1e-3)  # not 76
+
+
+def text_features(model_dir: Path, text: str, tokens: int) -> np.ndarray:
+    """The tiny CLIP's own unit text vector of ``text`` cut to its first ``tokens`` tokens (end token included)."""
+    import torch
+    from transformers import CLIPModel, CLIPTokenizerFast
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    ids = CLIPTokenizerFast.from_pretrained(model_dir)([text], truncation=True, max_length=tokens, return_tensors="pt")
+    assert ids["input_ids"].shape == (1, tokens)
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(model.get_text_features(**ids), dim=-1).numpy()
 
 
 def test_a_model_without_a_tokenizer_cannot_answer_text_but_still_serves_images(tmp_path: Path) -> None:
@@ -169,8 +184,13 @@ class _JinaLike:
                     normalize_embeddings=True, truncate_dim=None, **tokenizer_kwargs):
         import torch
 
+        # What jina's encode_text reads: its task's instruction before each sentence, cut at max_length
+        # tokens (512 unless told otherwise).
+        instruction = self.text_model.get_instruction_from_task(task) or ""
+        read = self.tokenizer([instruction + s for s in sentences], truncation=True,
+                              max_length=tokenizer_kwargs.get("max_length", 512))["input_ids"]
         self.calls.append({"task": task, "truncate_dim": truncate_dim, "normalize": normalize_embeddings,
-                           "tensor": convert_to_tensor, **tokenizer_kwargs})
+                           "tensor": convert_to_tensor, "read": read, **tokenizer_kwargs})
         rows = [np.arange(1, self.NATIVE + 1, dtype=np.float32) * (len(s) + 1) for s in sentences]
         out = torch.from_numpy(np.stack(rows))
         return out[:, :truncate_dim] if truncate_dim else out
@@ -200,15 +220,66 @@ def test_jina_queries_use_the_retrieval_query_task_and_the_matryoshka_prefix(tin
     assert embedder._text_side.instruction.startswith("Represent the query")
 
 
-def test_the_offline_advice_for_jina_clip_v2_names_all_four_hub_repositories(tmp_path: Path, monkeypatch) -> None:
-    from image_search.embed import JINA_CLIP_V2_HUB_REPOS, ModelLoadError
+def test_a_jina_query_is_cut_at_the_token_limit_counting_jinas_instruction(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
 
-    # HF_HUB_OFFLINE=1 (conftest) and an empty cache. HF_HOME is read when huggingface_hub is first
-    # imported: if an earlier test imported it, this relies on the machine not caching jina-clip-v2.
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
-    with pytest.raises(ModelLoadError) as refused:
-        Embedder.load("jinaai/jina-clip-v2", device="cpu")
-    message = str(refused.value)
+    from image_search import embed as embed_module
+    from image_search.embed import ModelInfo
+    from image_search.pixels import PixelSpec
+    from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _JinaLike(tokenizer)
+    embedder = Embedder(model, ModelInfo("jinaai/jina-clip-v2", "jina", 64, (16, 32, 64)), torch.device("cpu"),
+                        torch.float32, dimension=16,
+                        pixel_spec=PixelSpec.from_processor_config(JINA_CLIP_V2_PREPROCESSOR_CONFIG),
+                        text_side=embed_module._load_text_side(model, "jina", "unused", "jinaai/jina-clip-v2"))
+    limit = embedder.text_token_limit
+    instruction = embedder._text_side.instruction
+    fits_alone = "bicycle " * 5  # 37 tokens alone; with the instruction's 47 more than the 77 read
+    assert len(tokenizer(fits_alone)["input_ids"]) < limit < len(tokenizer(instruction + fits_alone)["input_ids"])
+    long_query = "bicycle " * 100
+    with structlog.testing.capture_logs() as logs:
+        embedder.embed_texts([fits_alone])
+        embedder.embed_texts([long_query])
+        embedder.embed_texts(["a red bicycle"])
+    warned = [(e["tokens"], e["limit"]) for e in logs if e["event"] == "text_query_truncated"]
+    assert warned == [(len(tokenizer(instruction + fits_alone)["input_ids"]), limit),
+                      (len(tokenizer(instruction + long_query)["input_ids"]), limit)]
+    # jina was asked to cut at the limit, not at its own default of 512: it read exactly `limit` tokens,
+    # the instruction's first.
+    read = [call["read"][0] for call in model.calls]
+    assert [len(r) for r in read[:2]] == [limit, limit] and len(read[2]) < limit
+    with_instruction = tokenizer(instruction)["input_ids"][:-1]  # without its end token
+    assert all(r[:len(with_instruction)] == with_instruction for r in read)
+
+
+def test_the_offline_advice_for_jina_clip_v2_names_all_four_hub_repositories(tmp_path: Path) -> None:
+    """In a fresh interpreter whose Hugging Face cache is empty (HF_HOME is read when huggingface_hub is
+    first imported, so it cannot be changed in this one, where an earlier test may have imported it)."""
+    import json
+    import subprocess
+    import sys
+
+    from image_search.embed import JINA_CLIP_V2_HUB_REPOS
+    from tests.support.env import child_env
+
+    program = (
+        "import json\n"
+        "from image_search.embed import Embedder, ModelLoadError\n"
+        "try:\n"
+        "    Embedder.load('jinaai/jina-clip-v2', device='cpu')\n"
+        "except ModelLoadError as exc:\n"
+        "    print(json.dumps(str(exc)))\n"
+    )
+    env = {k: v for k, v in child_env(HF_HOME=str(tmp_path / "empty-cache")).items()
+           if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")}
+    assert env["HF_HUB_OFFLINE"] == "1"
+    run = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip(), run.stdout + run.stderr[-3000:]
+    message = json.loads(run.stdout.strip().splitlines()[-1])
     assert "HF_HUB_OFFLINE" in message
     assert "huggingface-cli download " + " ".join(JINA_CLIP_V2_HUB_REPOS) in message
     assert len(JINA_CLIP_V2_HUB_REPOS) == 4 and "\n" not in message
+    assert not any((tmp_path / "empty-cache").rglob("config.json"))  # nothing came from anywhere but this cache

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from tests.support.clock import FakeClock
-from image_search.watch import Change, ChangeKind, Folder, FolderHandler, ReadinessTracker, WatchedFolder, start_observer
+from image_search.watch import (
+    Change,
+    ChangeKind,
+    Folder,
+    FolderHandler,
+    ReadinessTracker,
+    WatchedFolder,
+    observer_problem,
+    start_observer,
+)
 
 
 @pytest.fixture
@@ -224,7 +233,9 @@ def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
     observer = start_observer({Folder.INBOX: WatchedFolder(watched, False)}, changes, poll=False)
     try:
-        time.sleep(0.1)  # let the watch settle before the read (not a wait for a condition)
+        # The watch is armed once it reports a write: only then can a read be shown to report nothing.
+        armed = _file(watched / "armed.png")
+        assert _collect(changes, lambda s: any(c.path == armed and c.kind is ChangeKind.CLOSED for c in s))
         assert a.read_bytes()
         marker = watched / "marker.png"
         marker.write_bytes(b"m")
@@ -240,3 +251,24 @@ def test_handler_never_raises_on_odd_events() -> None:
     handler = FolderHandler(Folder.IMAGES, changes)
     handler.on_any_event(object())  # type: ignore[arg-type]  # must be swallowed, never kill the observer
     assert changes.empty()
+
+
+def test_observer_problem_names_a_gone_folder_a_dead_emitter_and_a_dead_observer(tmp_path: Path) -> None:
+    """What the service checks every pass (service.py ``watch_problem``): each way a watch stops seeing changes."""
+    folders = {Folder.IMAGES: WatchedFolder(tmp_path / "images", True), Folder.INBOX: WatchedFolder(tmp_path / "inbox", False)}
+    for folder in folders.values():
+        folder.path.mkdir()
+    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
+    try:
+        assert observer_problem(observer, folders) is None
+        emitter = next(e for e in observer.emitters if e.watch.path == str(tmp_path / "images"))
+        emitter.stop()
+        emitter.join(timeout=5)
+        assert observer_problem(observer, folders) == "a folder's watch emitter died"
+        (tmp_path / "inbox").rename(tmp_path / "inbox-moved-away")
+        assert observer_problem(observer, folders) == f"the watched inbox folder {tmp_path / 'inbox'} is gone"
+        (tmp_path / "inbox-moved-away").rename(tmp_path / "inbox")
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    assert observer_problem(observer, folders) == "the watch observer thread died"

@@ -445,7 +445,6 @@ def test_workers_leave_when_the_parent_dies(tmp_path, good_files):
 def test_workers_never_import_torch_even_when_the_parent_main_module_does(tmp_path, good_files):
     """multiprocessing's spawn would re-import the parent's __main__ (the CLI, which imports torch) in every
     worker; these workers start from a bare interpreter."""
-    pytest.importorskip("torch")
     script = tmp_path / "main_with_torch.py"
     script.write_text(textwrap.dedent(f"""
         import sys
