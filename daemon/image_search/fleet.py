@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
+import psycopg2
 import structlog
 
 from .config import Config
@@ -79,9 +80,11 @@ class FleetMember:
                 if failing:
                     self.registry.reconnect()
                 self.live_members = self.registry.renew(self.member, self.lease_s)
-            except DatabaseUnavailable as exc:
+            # A server that crashed mid-query breaks the renew with a bare psycopg2 error, not wrapped
+            # as DatabaseUnavailable: the same outage, and this thread must not end in a traceback.
+            except (DatabaseUnavailable, psycopg2.Error) as exc:
                 if not failing:
-                    log.warning("fleet_heartbeat_failed", reason=str(exc),
+                    log.warning("fleet_heartbeat_failed", reason=" ".join(str(exc).split()),
                                 action=f"retrying; after {self.lease_s:g} s others take over this member's claims")
                 failing = True
                 continue
@@ -105,7 +108,8 @@ class FleetMember:
                 self.registry.reconnect()  # the heartbeat's connection may have broken meanwhile: once more
                 result = self.registry.leave(self.member.id, self.lease_s, empty_table=empty_table)
         except Exception as exc:
-            log.error("fleet_leave_failed", reason=" ".join(str(exc).split()),
+            # A warning: the exit's cause, when there is one, is the error line; this is its consequence.
+            log.warning("fleet_leave_failed", reason=" ".join(str(exc).split()),
                       consequence="the member row expires after the lease; the table was not emptied")
             return None
         finally:
