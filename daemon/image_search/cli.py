@@ -174,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("search needs a FILE (a picture or a .txt file of words) or --text WORDS")
     configure_logging(args.log_level)
     # A developer asks for the traceback with --log-level debug; everyone else gets one line.
-    traceback = args.log_level == "debug"
+    show_traceback = args.log_level == "debug"
     try:
         cfg = load_config(args.config)
         return _run(args, cfg)
     except ImageSearchError as exc:
         fix = {"action": exc.action} if exc.action else {}
-        log.error(exc.event, reason=str(exc), **fix, exc_info=traceback)
+        log.error(exc.event, reason=str(exc), **fix, exc_info=show_traceback)
         return exc.exit_code
     except ShutdownRequested as exc:
         log.info("stopped", signal=str(exc))
@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         # A server that crashed mid-query can break a statement with a bare psycopg2 error the store did
         # not wrap as DatabaseUnavailable: still the database's kind of failure, and its exit code.
         log.error(DatabaseError.event, reason=f"the database failed mid-run ({describe(exc)}): check that PostgreSQL "
-                  "is running and reachable; an embedded one starts again with the next run", exc_info=traceback)
+                  "is running and reachable; an embedded one starts again with the next run", exc_info=show_traceback)
         return DatabaseError.exit_code
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line, not a stack trace
-        log.error("crashed", reason=describe(exc), exc_info=traceback)
+        log.error("crashed", reason=describe(exc), exc_info=show_traceback)
         return ExitCode.FAILED
 
 

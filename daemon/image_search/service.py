@@ -22,11 +22,11 @@ import structlog
 
 from . import sheet
 from .config import Config
+from .errors import ExitCode
 from .fleet import ClaimKind
 from .inbox import QueryInbox
 from .indexer import Indexer
 from .notify import Notifier, watchdog_interval
-from .errors import ExitCode
 from .runtime import RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .store import DatabaseUnavailable
 from .sync import FolderSync
