@@ -19,7 +19,7 @@ import psycopg2
 import structlog
 
 from .config import Config, load_config
-from .errors import DatabaseError, ExitCode, ImageSearchError, NoTextTower, UnusableFile, describe
+from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, UnusableFile, describe
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg2.Error as exc:
         # A server that crashed mid-query can break a statement with a bare psycopg2 error the store did
         # not wrap as DatabaseUnavailable: still the database's kind of failure, and its exit code.
-        log.error(DatabaseError.event, reason=f"the database failed mid-run ({describe(exc)}): check that PostgreSQL "
+        log.error(DatabaseFailure.event, reason=f"the database failed mid-run ({describe(exc)}): check that PostgreSQL "
                   "is running and reachable; an embedded one starts again with the next run", exc_info=show_traceback)
-        return DatabaseError.exit_code
+        return DatabaseFailure.exit_code
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line, not a stack trace
         log.error("crashed", reason=describe(exc), exc_info=show_traceback)
         return ExitCode.FAILED

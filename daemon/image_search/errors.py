@@ -2,8 +2,8 @@
 each naming the exit code the process ends with (``ExitCode``); and ``describe``, how any exception is
 put in one line of a log field or a message.
 
-Apart from the modules that raise them so that naming them never imports torch: the CLI catches the
-root before, or without, loading a model. The kinds that live in their own modules (``ConfigError``,
+Kept apart from the modules that raise them, so that naming them never imports torch: the CLI catches
+the root before, or without, loading a model. The kinds that live in their own modules (``ConfigError``,
 ``StoreError``, ``PreprocessError``, ``TextQueryError``, ``PoolError``, ``FontUnavailable``...) derive
 from a class here, so this file is the one place where a kind gets its exit code.
 """
@@ -83,7 +83,7 @@ class NoTextTower(ModelError):
     """The loaded model cannot embed text (no text tower, or no tokenizer): text queries are impossible."""
 
 
-class DatabaseError(ImageSearchError):
+class DatabaseFailure(ImageSearchError):
     """The database cannot be reached or used (``store.StoreError`` and its kinds derive from it)."""
 
     exit_code = ExitCode.DATABASE

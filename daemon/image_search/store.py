@@ -23,7 +23,7 @@ import structlog
 from pgvector.psycopg2 import register_vector
 
 from .config import Config
-from .errors import DatabaseError
+from .errors import DatabaseFailure
 from .names import escape, unescape
 
 log = structlog.get_logger(__name__)
@@ -210,7 +210,7 @@ _LEAVE_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
 FORGET_AFTER_LEASES = 10
 
 
-class StoreError(DatabaseError):
+class StoreError(DatabaseFailure):
     """A database problem the user must fix (unreachable, wrong schema, missing extension)."""
 
 
