@@ -171,6 +171,7 @@ def test_serve_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_pat
     assert_failed_as(disk, ExitCode.OUTPUT, "No space left on device", str(disk.root / "output"))
     # Not the query's fault: it stays in the inbox for the next start, and is not failed.
     assert inbox_files(disk.root / "inbox") == ["q.png"]
+    assert not (disk.root / "inbox" / "failed").exists()
 
 
 # --- the mapping and the last resort, in process ----------------------------------------------------------
