@@ -432,7 +432,7 @@ def test_startup_errors_are_one_clear_line(tmp_path: Path, tiny_model_dir: Path)
         errors = [line for line in runs[name].stderr.splitlines() if "level='error'" in line]
         assert len(errors) == 1, runs[name].stderr
         assert model in errors[0], errors[0]
-        assert runs[name].returncode == 1
+        assert runs[name].returncode == 3  # ExitCode.MODEL
     assert "does not exist" in runs["nodir"].stderr
     assert "HF_HUB_OFFLINE" in runs["hub"].stderr and "'model-name'" in runs["hub"].stderr
 

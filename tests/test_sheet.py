@@ -16,6 +16,7 @@ from PIL import Image
 from image_search import output as output_module
 from image_search import sheet as sheet_module
 from image_search.config import Config
+from image_search.errors import OutputUnwritable
 from image_search.output import ImageQuery, TextQuery, text_query_stem, write_result_bundle
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
@@ -237,7 +238,7 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(output_module, "_move_out", move_then_fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
     assert moves and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
     assert list(cfg.output_directory.iterdir()) == []  # no bundle, no hidden temporary folder
@@ -252,7 +253,7 @@ def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(output_module, "save_contact_sheet", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), [], cfg, move_query=True)
     assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
 

@@ -10,6 +10,7 @@ import structlog
 
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from image_search.embed import Embedder, NoTextTower
+from image_search.errors import UnusableFile
 from image_search.preprocess import PreprocessError
 from image_search.textquery import MAX_TEXT_QUERY_BYTES, TextQueryError, is_text_query, read_text_query
 
@@ -71,9 +72,12 @@ def test_binary_content_and_missing_files(tmp_path: Path) -> None:
     assert "folder" in refused(tmp_path / "folder.txt").reason
 
 
-def test_a_text_query_error_is_a_preprocess_error_and_txt_is_a_text_query(tmp_path: Path) -> None:
-    with pytest.raises(PreprocessError):
+def test_a_text_query_error_is_an_unusable_file_not_a_pictures_error_and_txt_is_a_text_query(tmp_path: Path) -> None:
+    with pytest.raises(UnusableFile) as empty:
         read_text_query(write(tmp_path, b""))
+    assert not isinstance(empty.value, PreprocessError)  # a text query is no picture
+    assert empty.value.still_arriving  # an empty query file waits, as a picture still being written does
+    assert not refused(write(tmp_path, b"   ", "blank.txt")).still_arriving  # only whitespace: really empty
     assert is_text_query(Path("q.TXT")) and not is_text_query(Path("q.jpg"))
 
 

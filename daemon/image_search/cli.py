@@ -15,17 +15,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg2
 import structlog
 
-from .config import Config, ConfigError, load_config
-from .errors import DimensionError, ModelLoadError, NoTextTower
+from .config import Config, load_config
+from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, UnusableFile, describe
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
-from .preprocess import PreprocessError
-from .runtime import ExitCode, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
+from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .search import search_file, search_text
-from .store import StoreError
 
 log = structlog.get_logger("image_search")
 
@@ -86,7 +85,7 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
             continue
         try:
             print(escape(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle))
-        except PreprocessError as exc:
+        except UnusableFile as exc:
             _query_failed(exc.path, exc.reason)
             status = ExitCode.FAILED
         except NoTextTower as exc:
@@ -174,20 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "search" and not args.files and not args.text:
         parser.error("search needs a FILE (a picture or a .txt file of words) or --text WORDS")
     configure_logging(args.log_level)
+    # A developer asks for the traceback with --log-level debug; everyone else gets one line.
+    show_traceback = args.log_level == "debug"
     try:
         cfg = load_config(args.config)
         return _run(args, cfg)
-    except ConfigError as exc:
-        log.error("config_error", reason=str(exc))
-        return ExitCode.USAGE
-    except (ModelLoadError, DimensionError, StoreError) as exc:
-        log.error("startup_failed", reason=str(exc))
-        return ExitCode.FAILED
+    except ImageSearchError as exc:
+        fix = {"action": exc.action} if exc.action else {}
+        log.error(exc.event, reason=str(exc), **fix, exc_info=show_traceback)
+        return exc.exit_code
     except ShutdownRequested as exc:
         log.info("stopped", signal=str(exc))
         return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
+    except psycopg2.Error as exc:
+        # A server that crashed mid-query can break a statement with a bare psycopg2 error the store did
+        # not wrap as DatabaseUnavailable: still the database's kind of failure, and its exit code.
+        log.error(DatabaseFailure.event, reason=f"the database failed mid-run ({describe(exc)}): check that PostgreSQL "
+                  "is running and reachable; an embedded one starts again with the next run", exc_info=show_traceback)
+        return DatabaseFailure.exit_code
+    except Exception as exc:  # a bug, or a failure nobody foresaw: still one line, not a stack trace
+        log.error("crashed", reason=describe(exc), exc_info=show_traceback)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
+from .errors import ExitCode, ImageSearchError
 
 ENV_PREFIX = "IMAGE_SEARCH_"
 REDACTED = "***"
@@ -23,8 +24,11 @@ DEVICES = ("auto", "cuda", "cpu")
 _FOLLOW_CHOICES = tuple(f.value for f in FollowLinks)
 
 
-class ConfigError(Exception):
+class ConfigError(ImageSearchError):
     """A configuration problem the user must fix; the message names the key and the fix."""
+
+    exit_code = ExitCode.USAGE
+    event = "config_error"
 
 
 @dataclass(frozen=True)

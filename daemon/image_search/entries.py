@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import ImageSearchError
 from .names import escape
 
 # Read at most this much beyond the size stat gave: a file still being appended to is seen as such.
@@ -38,7 +39,7 @@ class FollowLinks(StrEnum):
     NONE = "none"  # no link at all
 
 
-class EntryRefused(Exception):
+class EntryRefused(ImageSearchError):
     """A name that is not read: not a regular file, or a link the policy does not follow. ``reason``
     says which, in the user's words."""
 

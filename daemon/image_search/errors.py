@@ -1,6 +1,37 @@
-"""The start-up errors of the model, apart from ``embed`` so that naming them never imports torch
-(the CLI and the service catch them before, or without, loading a model); and ``describe``, how any
-exception is put in one line of a log field or a message."""
+"""Every failure a user or the machine can cause, as one family: ``ImageSearchError`` and its kinds,
+each naming the exit code the process ends with (``ExitCode``); and ``describe``, how any exception is
+put in one line of a log field or a message.
+
+Kept apart from the modules that raise them, so that naming them never imports torch: the CLI catches
+the root before, or without, loading a model. The kinds that live in their own modules (``ConfigError``,
+``StoreError``, ``PreprocessError``, ``TextQueryError``, ``PoolError``, ``FontUnavailable``...) derive
+from a class here, so this file is the one place where a kind gets its exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    """The process's exit status, one per kind of failure (README "Exit codes"). A signal ends it with
+    128 + the signal's number instead."""
+
+    OK = 0
+    # A query failed, an error nobody foresaw, or "restart me" (a lost watch): systemd's
+    # Restart=on-failure starts the service again and it reconciles.
+    FAILED = 1
+    USAGE = 2  # the command line or the config file is wrong (argparse exits 2 too)
+    MODEL = 3  # the model cannot be loaded, or cannot give the configured dimension
+    DATABASE = 4  # the database cannot be reached, went away, or serves another model
+    WORKERS = 5  # the preprocessing worker processes cannot start
+    FONTS = 6  # the contact sheet's fonts cannot be loaded
+    OUTPUT = 7  # a result or a processed image cannot be written: disk full, read-only, no permission
 
 
 def describe(exc: BaseException) -> str:
@@ -9,13 +40,91 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-class ModelLoadError(Exception):
+class ImageSearchError(Exception):
+    """Something a user or the machine caused; the message says what happened and, as a rule, the fix.
+    The CLI logs it as one line, event ``event`` (with ``action``, the fix, for a kind whose messages
+    come from code that cannot know it), and exits with ``exit_code``."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILED
+    event: ClassVar[str] = "failed"
+    action: ClassVar[str | None] = None
+
+
+class UnusableFile(ImageSearchError):
+    """A file given to the program (a picture to index, a query) that cannot be used: ``path`` and the
+    specific ``reason``, shown to the user with the path. ``still_arriving``: the kind of problem a
+    file that is still being written has (empty, truncated); whether it is still arriving or really
+    broken is the caller's decision, by the file's age (``watch.still_being_written``)."""
+
+    still_arriving: ClassVar[bool] = False
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ModelError(ImageSearchError):
+    """The model cannot do what the config asks of it."""
+
+    exit_code = ExitCode.MODEL
+    event = "startup_failed"
+
+
+class ModelLoadError(ModelError):
     """The model cannot be loaded; the message says which model and what to do."""
 
 
-class DimensionError(Exception):
+class DimensionError(ModelError):
     """The configured ``dimension`` is one the model cannot produce."""
 
 
-class NoTextTower(Exception):
+class NoTextTower(ModelError):
     """The loaded model cannot embed text (no text tower, or no tokenizer): text queries are impossible."""
+
+
+class DatabaseFailure(ImageSearchError):
+    """The database cannot be reached or used (``store.StoreError`` and its kinds derive from it)."""
+
+    exit_code = ExitCode.DATABASE
+    event = "startup_failed"
+
+
+class WorkersError(ImageSearchError):
+    """The preprocessing worker processes cannot start or deliver (``workers.PoolError`` derives from it)."""
+
+    exit_code = ExitCode.WORKERS
+    action = ("the workers are this same Python with the same packages: check that the installation is "
+              "complete (uv sync) and that the machine can start more processes (memory, ulimit -u)")
+
+
+class OutputUnwritable(ImageSearchError):
+    """A folder the program writes into (results, processed images) refuses the write: the disk is
+    full, it is read-only, or the service's user may not write there. Not the file's fault nor the
+    query's: the message names the folder and the fix."""
+
+    exit_code = ExitCode.OUTPUT
+
+
+# The errnos that say "this folder cannot take a write", and the fix for each.
+_UNWRITABLE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, then run again",
+    errno.EDQUOT: "the disk quota is used up: free space there or raise the quota, then run again",
+    errno.EROFS: "it is on a read-only file system: mount it read-write or configure another folder",
+    errno.EACCES: "this user may not write there: fix the folder's owner or permissions",
+    errno.EPERM: "this user may not write there: fix the folder's owner or permissions",
+}
+
+
+@contextmanager
+def writing_into(folder: Path, what: str) -> Iterator[None]:
+    """An OSError in the block that says ``folder`` cannot take a write (disk full, quota, read-only,
+    permission) becomes ``OutputUnwritable`` naming the folder, ``what`` was written and the fix;
+    any other OSError passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        fix = _UNWRITABLE_FIXES.get(exc.errno) if exc.errno is not None else None
+        if fix is None:
+            raise
+        raise OutputUnwritable(f"cannot write {what} into {folder} ({exc.strerror or exc}): {fix}") from exc

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
+import psycopg2
 import structlog
 
 from .config import Config
@@ -89,9 +90,11 @@ class FleetMember:
                 if live < self.live_members:
                     self.departures += 1  # read by the main thread: one int, written here only
                 self.live_members = live
-            except DatabaseUnavailable as exc:
+            # A server that crashed mid-query breaks the renew with a bare psycopg2 error, not wrapped
+            # as DatabaseUnavailable: the same outage, and this thread must not end in a traceback.
+            except (DatabaseUnavailable, psycopg2.Error) as exc:
                 if not failing:
-                    log.warning("fleet_heartbeat_failed", reason=str(exc),
+                    log.warning("fleet_heartbeat_failed", reason=" ".join(str(exc).split()),
                                 action="retrying; others take over this member's claims once the database has ended "
                                        f"its session, or after {self.lease_s:g} s")
                 failing = True
@@ -116,7 +119,8 @@ class FleetMember:
                 self.registry.reconnect()  # the heartbeat's connection may have broken meanwhile: once more
                 result = self.registry.leave(self.member.id, self.lease_s, empty_table=empty_table)
         except Exception as exc:
-            log.error("fleet_leave_failed", reason=" ".join(str(exc).split()),
+            # A warning: the exit's cause, when there is one, is the error line; this is its consequence.
+            log.warning("fleet_leave_failed", reason=" ".join(str(exc).split()),
                       consequence="the member row expires after the lease; the table was not emptied")
             return None
         finally:

@@ -16,10 +16,10 @@ from pathlib import Path
 import structlog
 
 from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
-from .errors import NoTextTower
+from .errors import ImageSearchError, NoTextTower, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
-from .preprocess import PreprocessError, write_atomically
+from .preprocess import write_atomically
 from .runtime import Runtime
 from .search import search_file
 from .store import DatabaseUnavailable
@@ -105,7 +105,7 @@ class QueryInbox:
         except NoTextTower as exc:
             self.fail(path, str(exc))
             return
-        except PreprocessError as exc:
+        except UnusableFile as exc:
             if still_being_written(path, exc, self.incomplete_grace):
                 self.pending.note(path)
                 return
@@ -114,9 +114,13 @@ class QueryInbox:
         except DatabaseUnavailable:
             self.pending.note(path)  # answered once the database is back
             raise
+        except ImageSearchError:
+            # The machine's fault, not the query's (fonts missing, output disk full): the query stays in
+            # the inbox (the bundle puts it back) for the next start, and the service exits saying why.
+            raise
         except Exception as exc:  # one odd query must not stop the service
-            log.error("query_crashed", path=path, error=f"{type(exc).__name__}: {exc}")
-            self.fail(path, f"unexpected error: {type(exc).__name__}: {exc}")
+            log.error("query_crashed", path=path, error=describe(exc))
+            self.fail(path, f"unexpected error: {describe(exc)}")
             return
         self.answered += 1
 

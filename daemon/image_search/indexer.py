@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .pixels import to_model_pixels
+from .errors import writing_into
 from .preprocess import PreprocessError, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
@@ -248,7 +249,8 @@ class Indexer:
         claimed: set[str] = set()  # hashes taken by an earlier file of this batch
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
-            save_processed(image, processed)
+            with writing_into(self.cfg.processed_directory, "a processed image"):
+                save_processed(image, processed)
             owner = stored.get(image.file_hash)
             if image.file_hash in claimed or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
                                                 and Path(owner[0]).is_file()):

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from .errors import describe
 from .names import escape
 
 # sd-daemon(3) priorities.
@@ -116,7 +117,7 @@ class StdlibToStructlog(logging.Handler):
                 method, event = _method_for(record.levelno), "library_log"
                 fields = {"logger": record.name, "message": " ".join(record.getMessage().split())}
                 if record.exc_info and record.exc_info[1] is not None:
-                    fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+                    fields["error"] = describe(record.exc_info[1])
             getattr(_bridge_log, method)(event, **fields)
         except Exception:  # a logging failure must never take the program down
             self.handleError(record)

@@ -28,6 +28,7 @@ import structlog
 from PIL import Image
 
 from .config import Config
+from .errors import writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
@@ -147,9 +148,16 @@ def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, 
     the query file itself moves into the bundle as ``<stem>.query.<ext>`` (the service's inbox empties
     itself); if the bundle cannot be completed it is moved back. A text query that is not moved in
     gets its words written to ``<stem>.query.txt``, so every text bundle holds its query.
+    A full disk (or a read-only or forbidden output folder) is ``OutputUnwritable``.
     """
     if isinstance(query, Path):
         query = ImageQuery(query)
+    with writing_into(output_dir, "a result folder"):
+        return _write_bundle(output_dir, query, hits, cfg, now=now, move_query=move_query)
+
+
+def _write_bundle(output_dir: Path, query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config, *,
+                  now: datetime | None, move_query: bool) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import describe
+from .errors import ModelError, describe
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -41,7 +41,7 @@ STANDARD_MEAN = (0.5, 0.5, 0.5)
 STANDARD_STD = (0.5, 0.5, 0.5)
 
 
-class PixelSpecError(Exception):
+class PixelSpecError(ModelError):
     """The processor configuration cannot be found or read; the message names the file and the fix."""
 
 
@@ -231,7 +231,7 @@ def load_pixel_spec(model_name_or_dir: str) -> PixelSpec:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PixelSpecError(f"{path} cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+        raise PixelSpecError(f"{path} cannot be read as JSON ({describe(exc)})") from None
     if not isinstance(config, dict):
         raise PixelSpecError(f"{path} is not a JSON object")
     return PixelSpec.from_processor_config(config)

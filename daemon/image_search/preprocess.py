@@ -29,6 +29,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
+from .errors import UnusableFile
 from .names import fit_name, fits_path
 
 JPEG_QUALITY = 95
@@ -56,18 +57,14 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
-class PreprocessError(Exception):
-    """A file that cannot be used, with the specific reason (shown to the user with the path)."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+class PreprocessError(UnusableFile):
+    """A picture that cannot be used, with the specific reason (shown to the user with the path)."""
 
 
 class IncompleteFile(PreprocessError):
-    """Empty or truncated: what a file that is still being written looks like. Whether it is still
-    arriving or really broken is the caller's decision (by the file's age): see ``inbox``/``service``."""
+    """Empty or truncated: what a picture that is still being written looks like (see ``UnusableFile``)."""
+
+    still_arriving = True
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,13 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import IntEnum
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .config import Config, ensure_directories
+from .errors import ImageSearchError
 from .fleet import FleetMember, WorkClaims
 from .store import Database, EmbeddingStore
 
@@ -27,12 +27,6 @@ if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imp
     from .embed import Embedder
 
 log = structlog.get_logger(__name__)
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1  # also "restart me": systemd's Restart=on-failure starts the service again and it reconciles
-    USAGE = 2
 
 
 class ShutdownRequested(BaseException):
@@ -43,9 +37,14 @@ class ShutdownRequested(BaseException):
         self.signum = signum
 
 
-class RestartRequested(Exception):
+class RestartRequested(ImageSearchError):
     """Only a restart can help (the watch was lost, the embedded database died): the process exits
-    non-zero and the table is kept, so the restarted service finds the index and reconciles."""
+    non-zero, with the exit code of ``kind`` (the kind of failure behind it), and the table is kept,
+    so the restarted service finds the index and reconciles."""
+
+    def __init__(self, reason: str, kind: type[ImageSearchError] = ImageSearchError) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 def install_stop_handlers(on_first: Callable[[int], None]) -> None:

@@ -24,11 +24,12 @@ import structlog
 
 from . import sheet
 from .config import Config
+from .errors import ExitCode
 from .fleet import ClaimKind
 from .inbox import QueryInbox
 from .indexer import BatchInFlight, Indexer
 from .notify import Notifier, watchdog_interval
-from .runtime import ExitCode, RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
+from .runtime import RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .store import BulkLoad, DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
@@ -201,7 +202,7 @@ class Service:
         if problem is not None:
             log.error("watch_lost", reason=problem, action="exiting so systemd restarts the service; "
                       "the restart rescans the folders")
-            raise RestartRequested(problem)
+            raise RestartRequested(problem, WatchError)
 
     def _idle_timeout(self) -> float:
         now = self.clock()
@@ -231,7 +232,7 @@ class Service:
                 # Our own server died: only a restart brings it back (systemd does that, we reconcile).
                 log.error("service_failed", reason="the embedded PostgreSQL is gone",
                           action="exiting so systemd restarts the service")
-                raise RestartRequested("the embedded PostgreSQL is gone") from None
+                raise RestartRequested("the embedded PostgreSQL is gone", DatabaseUnavailable) from None
 
     def status_text(self) -> str:
         fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
@@ -346,7 +347,7 @@ def _watch_and_run(rt: Runtime, *, poll: bool, stop: StopFlag, notifier: Notifie
         observer = start_observer(folders, changes, poll=poll)
     except WatchError as exc:
         log.error("watch_failed", reason=str(exc))
-        raise RestartRequested(str(exc)) from None
+        raise RestartRequested(str(exc), WatchError) from None
     lost_events = WatchdogWarnings(changes)
     logging.getLogger("watchdog").addHandler(lost_events)
     try:
@@ -371,7 +372,7 @@ def serve(cfg: Config, *, cleanup: bool, poll: bool) -> int:
                 notifier.stopping()
                 return ExitCode.OK
             code = _watch_and_run(rt, poll=poll, stop=stop, notifier=notifier)
-    except RestartRequested:
-        code = ExitCode.FAILED  # non-zero: systemd's Restart=on-failure starts us again, and we reconcile
+    except RestartRequested as exc:
+        code = exc.kind.exit_code  # non-zero: systemd's Restart=on-failure starts us again, and we reconcile
     log.info("service_stopped", exit_code=int(code))
     return int(code)

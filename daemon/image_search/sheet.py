@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .errors import ExitCode, ImageSearchError, describe
 from .names import escape
 from .preprocess import THUMBNAIL_SIZE, thumbnail_path_for
 from .store import Hit
@@ -55,8 +56,10 @@ _FONT_FILES = ("fonts/ofl/notosansjp/NotoSansJP[wght].ttf", "fonts/ofl/notosansk
 REGULAR, BOLD = 400, 700  # the fonts are variable; their default instance is Thin (100)
 
 
-class FontUnavailable(Exception):
+class FontUnavailable(ImageSearchError):
     """The sheet's fonts cannot be found or read (the justmytype-intl-cjk package is missing or broken)."""
+
+    exit_code = ExitCode.FONTS
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def _faces() -> tuple[_Face, ...]:
             faces.append(_Face(path, frozenset(TTFont(path, lazy=True)["cmap"].getBestCmap())))
     except (ModuleNotFoundError, OSError) as exc:
         raise FontUnavailable(
-            f"the contact sheet's fonts cannot be loaded ({type(exc).__name__}: {exc}); "
+            f"the contact sheet's fonts cannot be loaded ({describe(exc)}); "
             "reinstall the package justmytype-intl-cjk (uv sync)"
         ) from None
     return tuple(faces)

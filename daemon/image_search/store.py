@@ -27,6 +27,7 @@ import structlog
 from pgvector.psycopg2 import register_vector
 
 from .config import Config
+from .errors import DatabaseFailure
 from .names import escape, unescape
 from .workers import default_worker_count
 
@@ -295,7 +296,7 @@ SELECT set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_
 """
 
 
-class StoreError(Exception):
+class StoreError(DatabaseFailure):
     """A database problem the user must fix (unreachable, wrong schema, missing extension)."""
 
 
@@ -467,9 +468,12 @@ def _transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.exte
     try:
         with conn, conn.cursor() as cur:
             yield cur
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        # The connection is gone (server restarted, network): the caller may reconnect and retry.
-        raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
+    except psycopg2.Error as exc:
+        # The connection is gone (server restarted, network): the caller may reconnect and retry. A server
+        # that dies mid-statement can surface as a bare DatabaseError; the closed connection tells.
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) or conn.closed:
+            raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
+        raise
 
 
 def _replace_connection(old: psycopg2.extensions.connection,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
-from .preprocess import IncompleteFile, PreprocessError, unreadable_reason
+from .errors import UnusableFile
+from .preprocess import unreadable_reason
 
 # Extensions (lower case) of files that are text queries rather than pictures.
 TEXT_QUERY_EXTENSIONS: tuple[str, ...] = (".txt",)
@@ -20,16 +21,19 @@ MAX_TEXT_QUERY_BYTES = 64 * 1024
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-class TextQueryError(PreprocessError):
+class TextQueryError(UnusableFile):
     """A text query file that cannot be used, with the specific reason (``path``, ``reason``).
 
-    A PreprocessError, so code that turns a bad query file into ``inbox/failed/`` handles both kinds;
-    an empty file's reason starts with "empty file", as for a picture still being written.
+    An UnusableFile, as a picture's PreprocessError is, so code that turns a bad query file into
+    ``inbox/failed/`` handles both kinds; an empty file's reason starts with "empty file", as for a
+    picture still being written.
     """
 
 
-class EmptyTextQuery(TextQueryError, IncompleteFile):
+class EmptyTextQuery(TextQueryError):
     """An empty query file: like a picture still being written, the service waits for it a while."""
+
+    still_arriving = True
 
 
 def is_text_query(path: Path) -> bool:

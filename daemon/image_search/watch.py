@@ -36,7 +36,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from .preprocess import IncompleteFile, PreprocessError
+from .errors import ImageSearchError, UnusableFile
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +125,7 @@ class FolderHandler(FileSystemEventHandler):
             log.exception("watch_handler_failed")
 
 
-class WatchError(Exception):
+class WatchError(ImageSearchError):
     """The folders cannot be watched; the message says why and what to do."""
 
 
@@ -267,13 +267,13 @@ class ReadinessTracker:
         return ready
 
 
-def still_being_written(path: Path, error: PreprocessError, grace_s: float, *,
+def still_being_written(path: Path, error: UnusableFile, grace_s: float, *,
                         wall_clock: Callable[[], float] = time.time) -> bool:
     """True for an empty or truncated file modified less than ``grace_s`` ago: a slow writer that is not
     done yet, to wait for again rather than reject. Stability alone is not proof of completeness: a
     writer can pause longer than settle-seconds between chunks, and one that reopens the file for each
     chunk sends a close event after every one."""
-    if not isinstance(error, IncompleteFile):
+    if not error.still_arriving:
         return False
     try:
         age = wall_clock() - path.stat().st_mtime

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from .entries import LinkPolicy
+from .errors import WorkersError
 from .preprocess import IncompleteFile, PreprocessError, ProcessedImage, preprocess_image
 
 # The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
@@ -110,7 +111,7 @@ class PreprocessedFile(ProcessedImage):
 Outcome = PreprocessedFile | PreprocessError
 
 
-class PoolError(RuntimeError):
+class PoolError(WorkersError):
     """The pool cannot deliver: closed, or its workers cannot start (an environment problem, not a file's)."""
 
 

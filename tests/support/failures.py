@@ -1,0 +1,46 @@
+"""Inducing the machine's failures in an ``image-search`` process, and reading how it ended.
+
+``fault_env`` is the environment of a child with ``tests/support/faults`` on PYTHONPATH: that folder's
+``sitecustomize.py`` reads the ``FAULT_*`` variables given and makes one thing fail (see its
+docstring). ``error_lines`` are the log lines at level error that a run wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.support.db import Postmaster, service_pgdata
+from tests.support.env import child_env
+from tests.support.logs import parse_log_line
+from tests.support.waiting import wait_for
+
+FAULTS = Path(__file__).with_name("faults")
+# pgserver's own log line when the server it is asked to stop has died already: the library's line
+# about the consequence, not the process's account of the failure (that one comes from our handler).
+_LIBRARY_LOG = "library_log"
+
+
+def fault_env(**faults: str) -> dict[str, str]:
+    """The environment of an ``image-search`` child in which ``faults`` (``FAULT_NAME=value``) happen."""
+    return child_env(PYTHONPATH=os.pathsep.join(filter(None, (str(FAULTS), os.environ.get("PYTHONPATH")))),
+                     **faults)
+
+
+def error_lines(log: str, *, ours_only: bool = False) -> list[str]:
+    """The lines at level error in ``log`` (structlog's plain ``level='error'`` lines); ``ours_only``
+    leaves out the lines third-party libraries logged through us."""
+    lines = [line for line in log.splitlines() if "level='error'" in line]
+    if ours_only:
+        lines = [line for line in lines if parse_log_line(line).get("event") != _LIBRARY_LOG]
+    return lines
+
+
+def crash_embedded_database(state_dir: Path) -> None:
+    """Stop the embedded PostgreSQL under ``state_dir`` as a crash does (SIGQUIT: an immediate shutdown,
+    no checkpoint) and wait until its postmaster is gone, reaped and all."""
+    postmaster = Postmaster.of(service_pgdata(state_dir))
+    assert postmaster is not None, "no embedded PostgreSQL is running"
+    os.kill(postmaster.pid, signal.SIGQUIT)
+    wait_for(lambda: not Path(f"/proc/{postmaster.pid}").exists(), "the crashed postmaster gone")

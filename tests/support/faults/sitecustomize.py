@@ -1,0 +1,51 @@
+"""Failures of the machine, induced in an ``image-search`` process for ``tests/test_failures.py``: with
+this folder on PYTHONPATH, each variable set makes one thing fail as it does on a real machine.
+
+- ``FAULT_WORKERS_DIE=1``: every preprocessing worker exits as it starts, as one whose interpreter
+  cannot start does (a broken install, no memory for another process).
+- ``FAULT_NO_FONTS=1``: the font package cannot be imported, as when justmytype-intl-cjk is missing.
+- ``FAULT_FULL_DISK=DIR``: DIR becomes a fresh 4 KiB tmpfs that only this process and its children
+  see (a mount namespace of its own): a write of more than a few KB there finds the disk full.
+- ``FAULT_KILL_DATABASE=PGDATA``: the first time the run asks for the model (the database is up, the
+  run under way), the embedded PostgreSQL on PGDATA is stopped as a crash does (SIGQUIT: an
+  immediate shutdown), and this waits until its postmaster is gone.
+"""
+
+import os
+import sys
+
+if os.environ.get("FAULT_WORKERS_DIE") and "_worker_main" in " ".join(sys.orig_argv):
+    os._exit(1)
+
+if os.environ.get("FAULT_NO_FONTS"):
+    sys.modules["justmytype_intl_cjk"] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
+
+if os.environ.get("FAULT_FULL_DISK"):
+    import ctypes
+    import subprocess
+
+    _folder = os.environ.pop("FAULT_FULL_DISK")  # the children (workers, PostgreSQL) are in it already
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed: the test needs root")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", _folder], check=True)
+
+if os.environ.get("FAULT_KILL_DATABASE"):
+    import signal
+    import time
+
+    import image_search.runtime as _runtime
+
+    _model = _runtime.Runtime.model
+
+    def _model_after_the_database_died(self):  # type: ignore[no-untyped-def]
+        pgdata = os.environ.pop("FAULT_KILL_DATABASE", None)
+        if pgdata is not None:
+            with open(os.path.join(pgdata, "postmaster.pid")) as pid_file:
+                pid = int(pid_file.readline())
+            os.kill(pid, signal.SIGQUIT)
+            while os.path.exists(f"/proc/{pid}"):  # gone, reaped and all
+                time.sleep(0.05)
+        return _model(self)
+
+    _runtime.Runtime.model = _model_after_the_database_died

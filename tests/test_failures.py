@@ -1,0 +1,226 @@
+"""What the machine can do to a run, through the real ``image-search`` console script: the worker
+processes cannot start, the contact sheet's fonts are missing, the model is not there, the database
+crashes mid-run, the output disk is full. Each run ends with one error line naming what happened,
+the exit code of that kind (README "Exit codes") and no stack trace; ``index``, ``search`` and
+``serve`` each meet every failure that can reach them.
+
+The failures are real ones (``tests/support/faults``): workers that exit as they start, a font package
+that is not importable, a model path that does not exist, an embedded PostgreSQL shut down as by a
+crash, a 4 KiB tmpfs over the folder written to. The runs of one command go at once (each is mostly a
+torch import).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from image_search.errors import ExitCode, OutputUnwritable, writing_into
+from tests.support.env import child_env
+from tests.support.failures import crash_embedded_database, error_lines, fault_env
+from tests.support.files import inbox_files, save_picture, write_config
+from tests.support.service import ServiceProcess
+from tests.support.waiting import wait_for
+
+CLI = Path(sys.executable).parent / "image-search"
+RUN_TIMEOUT_S = 240
+
+
+@dataclass
+class Case:
+    """One run: its tree, config and the faults of its environment; what it printed once it ended."""
+
+    root: Path
+    config: Path
+    env: dict[str, str]
+    code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    log: str = field(default="", repr=False)
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr + self.log
+
+
+def make_case(tmp_path: Path, name: str, model_dir: Path, **faults: str) -> Case:
+    """A tree with two pictures to index and a query picture beside it; ``faults`` may name ``ROOT``."""
+    root = tmp_path / name
+    config = write_config(root, model_dir)
+    for i in range(2):
+        save_picture(root / "images" / f"p{i}.png", seed=i)
+    save_picture(root / "query.png", seed=9)
+    env = fault_env(**{key: value.replace("ROOT", str(root)) for key, value in faults.items()})
+    return Case(root, config, env)
+
+
+def run_all(cases: dict[str, Case], *args: str) -> None:
+    """``image-search ARGS --config C`` for every case at once; fills in how each ended."""
+    procs = {name: subprocess.Popen([str(CLI), *args, "--config", str(case.config)], cwd=case.root, env=case.env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, case in cases.items()}
+    for name, proc in procs.items():
+        cases[name].stdout, cases[name].stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        cases[name].code = proc.returncode
+
+
+def assert_failed_as(case: Case, code: ExitCode, *words: str, ours_only: bool = False) -> None:
+    """Exit code ``code``, exactly one error line and it names ``words``, no traceback anywhere."""
+    assert case.code == code, (case.code, case.output[-3000:])
+    assert "Traceback" not in case.output, case.output[-3000:]
+    errors = error_lines(case.stderr + case.log, ours_only=ours_only)
+    assert len(errors) == 1, errors
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+def machine_failures(tmp_path: Path, model_dir: Path, *, output: str) -> dict[str, Case]:
+    """The failures every command meets; the full disk is under ``output`` (the folder it writes)."""
+    return {
+        "workers": make_case(tmp_path, "workers", model_dir, FAULT_WORKERS_DIE="1"),
+        "fonts": make_case(tmp_path, "fonts", model_dir, FAULT_NO_FONTS="1"),
+        "model": make_case(tmp_path, "model", tmp_path / "no-such-model"),
+        "database": make_case(tmp_path, "database", model_dir, FAULT_KILL_DATABASE="ROOT/state/pgdata"),
+        "disk": make_case(tmp_path, "disk", model_dir, FAULT_FULL_DISK=f"ROOT/{output}"),
+    }
+
+
+# --- index ---------------------------------------------------------------------------------------------
+
+
+def test_index_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cases = machine_failures(tmp_path, tiny_model_dir, output="processed")  # index writes processed images only
+    run_all(cases, "index")
+
+    assert_failed_as(cases["workers"], ExitCode.WORKERS, "workers could not start", "uv sync")
+    # Indexing draws no contact sheet: without the fonts it still does its whole job.
+    assert cases["fonts"].code == ExitCode.OK, cases["fonts"].output[-3000:]
+    assert "2 embedded" in cases["fonts"].stdout
+    assert_failed_as(cases["model"], ExitCode.MODEL, str(tmp_path / "no-such-model"), "does not exist")
+    assert_failed_as(cases["database"], ExitCode.DATABASE, "startup_failed", "database")
+    assert_failed_as(cases["disk"], ExitCode.OUTPUT, "No space left on device", str(cases["disk"].root / "processed"),
+                     "free space")
+
+
+# --- search --------------------------------------------------------------------------------------------
+
+
+def test_search_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cases = machine_failures(tmp_path, tiny_model_dir, output="output")
+    run_all(cases, "search", "query.png")
+
+    assert_failed_as(cases["workers"], ExitCode.WORKERS, "workers could not start")
+    assert_failed_as(cases["fonts"], ExitCode.FONTS, "fonts cannot be loaded", "justmytype-intl-cjk")
+    assert_failed_as(cases["model"], ExitCode.MODEL, str(tmp_path / "no-such-model"))
+    assert_failed_as(cases["database"], ExitCode.DATABASE, "startup_failed", "database")
+    disk = cases["disk"]
+    assert_failed_as(disk, ExitCode.OUTPUT, "No space left on device", str(disk.root / "output"), "free space")
+    assert (disk.root / "query.png").is_file()  # the query is the user's: never lost to a failed write
+    assert list((disk.root / "output").iterdir()) == []  # the full tmpfs was only ever seen by the run
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+def serve_all(cases: dict[str, Case], after_ready=None) -> None:
+    """``image-search serve`` on every case at once; ``after_ready(case, service)`` once each is ready
+    (for the failures that come mid-run); then wait for each to exit by itself."""
+    services = {name: ServiceProcess(case.config, log_path=case.root / "service.log", env=case.env)
+                for name, case in cases.items()}
+    try:
+        for name, service in services.items():
+            if after_ready is not None:
+                service.wait_ready()
+                after_ready(cases[name], service)
+        for name, service in services.items():
+            cases[name].code = service.popen.wait(timeout=RUN_TIMEOUT_S)
+            cases[name].log = service.log_text()
+    finally:
+        for service in services.values():
+            service.close()
+
+
+def drop_query(case: Case, service: ServiceProcess) -> None:
+    save_picture(case.root / "inbox" / "q.png", seed=5)
+
+
+def crash_database_then_drop_an_image(case: Case, service: ServiceProcess) -> None:
+    wait_for(lambda: service.events("images_indexed"), "the start-up images indexed", proc=service)
+    crash_embedded_database(case.root / "state")
+    save_picture(case.root / "images" / "late.png", seed=7)  # work that needs the database
+
+
+def test_serve_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cases = machine_failures(tmp_path, tiny_model_dir, output="output")
+    cases["database"].env = child_env()  # crashed by the test once the service is under way
+    # The failures at start-up at once; those that come mid-run one at a time (they wait for "ready").
+    serve_all({name: cases[name] for name in ("workers", "fonts", "model")})
+    serve_all({"database": cases["database"]}, crash_database_then_drop_an_image)
+    serve_all({"disk": cases["disk"]}, drop_query)
+
+    assert_failed_as(cases["workers"], ExitCode.WORKERS, "workers could not start")
+    assert_failed_as(cases["fonts"], ExitCode.FONTS, "fonts cannot be loaded")
+    assert_failed_as(cases["model"], ExitCode.MODEL, str(tmp_path / "no-such-model"))
+    # pgserver logs its own failed stop of the server that is gone (see tests/support/failures.py).
+    assert_failed_as(cases["database"], ExitCode.DATABASE, "PostgreSQL", ours_only=True)
+    disk = cases["disk"]
+    assert_failed_as(disk, ExitCode.OUTPUT, "No space left on device", str(disk.root / "output"))
+    # Not the query's fault: it stays in the inbox for the next start, and is not failed.
+    assert inbox_files(disk.root / "inbox") == ["q.png"]
+    assert not (disk.root / "inbox" / "failed").exists()
+
+
+# --- the mapping and the last resort, in process ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("errno_name", "fix"), [("ENOSPC", "disk is full"), ("EDQUOT", "quota"),
+                                                  ("EROFS", "read-only"), ("EACCES", "permissions")])
+def test_a_folder_that_refuses_a_write_is_named_with_the_fix(errno_name: str, fix: str, tmp_path: Path) -> None:
+    import errno
+    import os
+
+    code = getattr(errno, errno_name)
+    with pytest.raises(OutputUnwritable) as refused, writing_into(tmp_path, "a result folder"):
+        raise OSError(code, os.strerror(code))
+    assert str(tmp_path) in str(refused.value) and fix in str(refused.value)
+    assert refused.value.exit_code == ExitCode.OUTPUT
+
+
+def test_other_os_errors_pass_unchanged(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError), writing_into(tmp_path, "a result folder"):
+        raise FileNotFoundError(2, "No such file or directory")
+
+
+# A bug nobody foresaw, in a real process (main configures the process's logging for good).
+A_BUG = """
+import sys
+
+from image_search import cli
+
+
+def a_bug(args, cfg):
+    raise ZeroDivisionError("division by zero\\nsecond line")
+
+cli._run = a_bug
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_unforeseen_error_is_one_line_and_exit_1_with_the_traceback_only_in_debug(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    run = subprocess.run([sys.executable, "-c", A_BUG, "index", "--config", str(config)], env=child_env(),
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == ExitCode.FAILED
+    assert "Traceback" not in run.stderr, run.stderr
+    errors = error_lines(run.stderr)
+    assert len(errors) == 1 and "event='crashed'" in errors[0], run.stderr
+    assert "reason='ZeroDivisionError: division by zero'" in errors[0]  # its first line only
+
+    debug = subprocess.run([sys.executable, "-c", A_BUG, "index", "--config", str(config), "--log-level", "debug"],
+                           env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert debug.returncode == ExitCode.FAILED
+    assert "Traceback" in debug.stderr and "a_bug" in debug.stderr  # for whoever debugs it
