@@ -160,7 +160,7 @@ def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in
         story.service.start()
         assert index_state(story.database) == "missing"
         story.run_until_idle()
-        bulk = story.service._bulk
+        bulk = story.service._ingest.bulk
         assert bulk is not None
         bulk._thread.join(timeout=120)  # the build runs beside the loop
     assert index_state(story.database) == "valid"

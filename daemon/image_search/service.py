@@ -15,9 +15,7 @@ import queue
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,12 +23,12 @@ import structlog
 from . import sheet
 from .config import Config
 from .errors import ExitCode
-from .fleet import ClaimKind
 from .inbox import QueryInbox
-from .indexer import BatchInFlight, Indexer
+from .indexer import Indexer
+from .ingest import ImageIngest
 from .notify import Notifier, watchdog_interval
 from .runtime import RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
-from .store import BulkLoad, DatabaseUnavailable
+from .store import DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
     Change,
@@ -52,9 +50,6 @@ STATUS_EVERY_S = 2.0
 INCOMPLETE_GRACE_S = 30.0
 MAX_BACKOFF_S = 30.0
 IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock again
-# Batches in flight: one being embedded and written while the next is read and decoded (the worker
-# pool holds two at most).
-PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -96,17 +91,12 @@ class Service:
         self.sync = FolderSync(self.cfg, rt.store, self.images)
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
-        self._indexer: Indexer | None = None  # built once the model is there
-        self.indexed = 0
-        self.skipped = 0
+        self.ingest: ImageIngest | None = None  # built once the model is there
         self._db_retry_at = 0.0
         self._db_backoff = 1.0
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
-        self._startup_backlog = 0  # files queued by the start-up reconciliation not yet indexed
-        self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
-        self._bulk: BulkLoad | None = None  # the start-up backlog's bulk load, until its index is built
-        stop.interruptible = lambda: self._indexer is not None and self._indexer.waiting_for_files
+        stop.interruptible = lambda: self.ingest is not None and self.ingest.indexer.waiting_for_files
         self._ping_every = watchdog_interval()
         self._next_ping = 0.0
 
@@ -115,13 +105,11 @@ class Service:
     def start(self) -> None:
         """Reconcile the folder with the table (while the model may still be loading), hold the queries
         already waiting, wait for the model, then tell systemd we are ready."""
-        self._startup_backlog = self.sync.rescan()
+        backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
-        self._indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
-                                heartbeat=self._ping_watchdog)
-        # A large start-up backlog (a first start on a library) lands without per-row index insertion;
-        # the index is built again in the background once it is in (searches are exact meanwhile).
-        self._bulk = self.rt.store.begin_bulk_load(self._startup_backlog)
+        indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
+                          heartbeat=self._ping_watchdog)
+        self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
@@ -133,7 +121,7 @@ class Service:
         self.start()
         try:
             self._loop()
-            self._finish_in_flight()
+            self._ingest.finish_in_flight()
         except ShutdownRequested:
             pass  # a stop that cut a wait for files short: what was read is dropped, the rescan finds it
         finally:
@@ -180,9 +168,9 @@ class Service:
                 self._needs_rescan = False
                 self.sync.rescan()
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
-            if self._startup_backlog <= 0:
+            if self._ingest.startup_backlog <= 0:
                 self.inbox.release_held()
-            if self.inbox.answer_ready() or self._index_one_batch():
+            if self.inbox.answer_ready() or self._ingest.step():
                 self._db_backoff = 1.0
                 return True
         except DatabaseUnavailable as exc:
@@ -191,11 +179,22 @@ class Service:
             return True
         return False
 
+    @property
+    def _ingest(self) -> ImageIngest:
+        assert self.ingest is not None, "start() builds the ingest"
+        return self.ingest
+
+    @property
+    def indexed(self) -> int:
+        return self.ingest.indexed if self.ingest is not None else 0
+
+    @property
+    def skipped(self) -> int:
+        return self.ingest.skipped if self.ingest is not None else 0
+
     def close(self) -> None:
-        if self._bulk is not None:
-            self._bulk.abandon()  # a stop before the index is built: the next start builds it
-        if self._indexer is not None:
-            self._indexer.close()
+        if self.ingest is not None:
+            self.ingest.close()
 
     def _check_watch(self) -> None:
         problem = self.watch_problem()
@@ -263,76 +262,6 @@ class Service:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
             log.warning("change_deferred", path=change.path, reason=str(exc))
             self._needs_rescan = True
-
-    # --- indexing ------------------------------------------------------------------------------
-
-    def _index_one_batch(self) -> bool:
-        """Keep ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded while the oldest is
-        embedded and written, as ``index`` does), and finish the oldest once no more can start."""
-        submitted = self._submit_ready()
-        if not self._in_flight:
-            if not submitted and not len(self.images):
-                self._startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
-                self._build_index_after_bulk_load()
-            return submitted
-        if submitted and len(self._in_flight) < PIPELINE_DEPTH:
-            return True  # the next pass starts another batch before this one is finished
-        self._finish_oldest()
-        return True
-
-    def _build_index_after_bulk_load(self) -> None:
-        if self._bulk is not None:
-            self._bulk.finish_in_background()
-
-    def _submit_ready(self) -> bool:
-        assert self._indexer is not None, "start() builds the indexer"
-        if len(self._in_flight) >= PIPELINE_DEPTH:
-            return False
-        ready = self.images.pop_ready(limit=self._indexer.read_batch_size)
-        # Another service sharing the database may hold some: those come back after a lease.
-        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images) if ready else []
-        if not ready:
-            return False
-        self._startup_backlog -= len(ready)
-        try:
-            self._in_flight.append(self._indexer.submit(ready))
-        except DatabaseUnavailable:
-            self._requeue(ready)
-            raise
-        return True
-
-    def _finish_in_flight(self) -> None:
-        """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
-        try:
-            while self._in_flight:
-                self._finish_oldest()
-        except DatabaseUnavailable as exc:
-            log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
-
-    def _requeue(self, paths: Sequence[Path]) -> None:
-        """Paths whose batch could not be written (the database went away): pending again, not lost."""
-        for path in paths:
-            self.images.note(path)
-        self.rt.claims.release(ClaimKind.IMAGE, paths)
-
-    def _finish_oldest(self) -> None:
-        assert self._indexer is not None, "start() builds the indexer"
-        batch = self._in_flight.popleft()
-        try:
-            summary = self._indexer.finish(batch)
-        except DatabaseUnavailable:
-            self._requeue(batch.paths)
-            raise
-        self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
-        for path in summary.deferred:
-            self.images.note(path)  # still being written: wait for it again
-        self.indexed += summary.embedded + summary.relinked
-        self.skipped += len(summary.skipped)
-        self.sync.reported_elsewhere(summary.skipped)
-        if summary.embedded or summary.relinked:
-            log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
-                     duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))
-
 
 def watched_folders(cfg: Config) -> dict[Folder, WatchedFolder]:
     return {Folder.IMAGES: WatchedFolder(cfg.source_directory, recursive=True),

@@ -1,0 +1,113 @@
+"""The service's ingest: files that are complete become rows, two batches in flight, as ``index`` does.
+
+``ImageIngest.step`` keeps ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded by the
+worker processes while the oldest is embedded and written), claims each batch for this service, and
+finishes the oldest once no more can start. A large start-up backlog is bulk-loaded (``BulkLoad``): its
+rows land without per-row index insertion, and the index is built again beside the loop once it is in.
+The service loop decides when to call it; everything about a batch's life is decided here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from .fleet import ClaimKind
+from .indexer import BatchInFlight, Indexer
+from .runtime import Runtime
+from .store import BulkLoad, DatabaseUnavailable
+from .sync import FolderSync
+from .watch import ReadinessTracker
+
+log = structlog.get_logger(__name__)
+
+# Batches in flight: one being embedded and written while the next is read and decoded (the worker
+# pool holds two at most).
+PIPELINE_DEPTH = 2
+
+
+class ImageIngest:
+    """Pending images (``images``) to rows, through ``indexer``, for one service."""
+
+    def __init__(self, rt: Runtime, indexer: Indexer, images: ReadinessTracker, sync: FolderSync, *,
+                 startup_backlog: int) -> None:
+        self.rt = rt
+        self.indexer = indexer
+        self.images = images
+        self.sync = sync
+        self.indexed = 0
+        self.skipped = 0
+        self.startup_backlog = startup_backlog  # files queued by the start-up reconciliation not yet indexed
+        self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
+        # A large start-up backlog (a first start on a library) lands without per-row index insertion;
+        # the index is built again in the background once it is in (searches are exact meanwhile).
+        self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog)
+
+    def step(self) -> bool:
+        """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
+        submitted = self._submit_ready()
+        if not self._in_flight:
+            if not submitted and not len(self.images):
+                self.startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
+                if self.bulk is not None:
+                    self.bulk.finish_in_background()
+            return submitted
+        if submitted and len(self._in_flight) < PIPELINE_DEPTH:
+            return True  # the next pass starts another batch before this one is finished
+        self._finish_oldest()
+        return True
+
+    def finish_in_flight(self) -> None:
+        """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
+        try:
+            while self._in_flight:
+                self._finish_oldest()
+        except DatabaseUnavailable as exc:
+            log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
+
+    def close(self) -> None:
+        if self.bulk is not None:
+            self.bulk.abandon()  # a stop before the index is built: the next start builds it
+        self.indexer.close()
+
+    def _submit_ready(self) -> bool:
+        if len(self._in_flight) >= PIPELINE_DEPTH:
+            return False
+        ready = self.images.pop_ready(limit=self.indexer.read_batch_size)
+        # Another service sharing the database may hold some: those come back after a lease.
+        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images) if ready else []
+        if not ready:
+            return False
+        self.startup_backlog -= len(ready)
+        try:
+            self._in_flight.append(self.indexer.submit(ready))
+        except DatabaseUnavailable:
+            self._requeue(ready)
+            raise
+        return True
+
+    def _requeue(self, paths: Sequence[Path]) -> None:
+        """Paths whose batch could not be written (the database went away): pending again, not lost."""
+        for path in paths:
+            self.images.note(path)
+        self.rt.claims.release(ClaimKind.IMAGE, paths)
+
+    def _finish_oldest(self) -> None:
+        batch = self._in_flight.popleft()
+        try:
+            summary = self.indexer.finish(batch)
+        except DatabaseUnavailable:
+            self._requeue(batch.paths)
+            raise
+        self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
+        for path in summary.deferred:
+            self.images.note(path)  # still being written: wait for it again
+        self.indexed += summary.embedded + summary.relinked
+        self.skipped += len(summary.skipped)
+        self.sync.reported_elsewhere(summary.skipped)
+        if summary.embedded or summary.relinked:
+            log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
+                     duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))
