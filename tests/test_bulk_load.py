@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from image_search.config import load_config
 from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore
-from tests.support.db import raw
+from tests.support.db import empty_store, raw
 from tests.support.files import write_config
 
 DIM = 16
@@ -49,12 +49,8 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 @pytest.fixture
 def store(database: Database) -> Iterator[EmbeddingStore]:
-    store = database.open_store(dimension=DIM)
-    store.clear()
-    try:
-        yield store
-    finally:
-        store.close()
+    with empty_store(database, DIM) as s:
+        yield s
 
 
 def test_a_large_backlog_lands_without_the_index_and_searches_meanwhile_miss_nothing(store, database) -> None:
