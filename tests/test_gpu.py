@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,36 +149,13 @@ def test_a_file_that_kills_nvjpeg_is_decoded_by_the_cpu_workers_after_the_restar
     over the same state directory, decodes the rest with nvJPEG and that chunk with the CPU workers."""
     from image_search.config import load_config
     from image_search.embed import Embedder
-    from image_search.indexer import Indexer
-    from image_search.store import Database
-    from tests.support.db import database_rows
     from tests.support.files import write_config
-    from tests.support.gpu_crash import CRASH_MARKER
-    from tests.support.jpegs import save_jpeg
+    from tests.support.gpu_crash import crash_then_restart
 
     cfg = load_config(write_config(tmp_path, tiny_model_dir, batch_size=4, resize_width=512, resize_height=512))
-    paths = [save_jpeg(cfg.source_directory / f"p{i}.jpg", size=(400, 300), seed=i,
-                       **({"comment": CRASH_MARKER} if i == 2 else {})) for i in range(6)]
-    child = subprocess.run([sys.executable, "-m", "tests.support.gpu_crash", "--device", "cuda", str(cfg.state_directory),
-                            *map(str, paths)], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-2000:]
-
-    database = Database(cfg)
-    embedder = Embedder.load(str(tiny_model_dir), device="cuda")
-    try:
-        store = database.open_store(dimension=embedder.dimension)
-        with capture_logs() as logs:
-            indexer = Indexer(cfg, embedder, store, workers=1, jpeg_decode_device="cuda")
-            try:
-                summary = indexer.index_folder(show_progress=False)
-                on_device = indexer.decoded_on_device
-            finally:
-                indexer.close()
-                store.close()
-        names = sorted(r["file_name"] for r in database_rows(database, ("file_name",)) or [])
-    finally:
-        database.close()
-    assert names == [p.name for p in paths] and not summary.skipped
+    paths, restart = crash_then_restart(cfg, Embedder.load(str(tiny_model_dir), device="cuda"), "cuda", timeout=240)
+    summary, on_device, logs = restart.summary, restart.on_device, restart.logs
+    assert restart.names == [p.name for p in paths] and not summary.skipped
     assert on_device == 4  # p2 and p3 went to the CPU workers
     [crashed] = [e for e in logs if e["event"] == "gpu_jpeg_decode_crashed"]
     assert crashed["files"] == [str(paths[2]), str(paths[3])]

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,7 @@ from image_search.store import Database
 from image_search.workers import PreprocessedFile, PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
-from tests.support.gpu_crash import CRASH_MARKER
+from tests.support.gpu_crash import crash_then_restart
 from tests.support.jpegs import BOX, CLIP_224, JINA_512, LIMIT, decode_one, photo, pixels_of, save_jpeg
 from tests.support.model import TINY_DIMENSION
 
@@ -278,31 +275,11 @@ def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_r
     The restart must not decode that file on the GPU again (a crash loop): the chunk that was in flight is
     quarantined, and the CPU workers (separate processes) take its files from then on."""
     cfg = load_config(write_config(tmp_path, tiny_model_dir, batch_size=4, resize_width=512, resize_height=512))
-    paths = [save_jpeg(cfg.source_directory / f"p{i}.jpg", size=(400, 300), seed=i,
-                       **({"comment": CRASH_MARKER} if i == 2 else {})) for i in range(6)]
-    child = subprocess.run([sys.executable, "-m", "tests.support.gpu_crash", str(cfg.state_directory), *map(str, paths)],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-2000:]
-    [left] = cfg.state_directory.glob(f"{IN_FLIGHT_PREFIX}.*")  # chunks of two: p2 and p3 were being decoded
-    assert [line.split("\t")[1] for line in left.read_text().splitlines()] == [str(paths[2]), str(paths[3])]
-
-    # The restart: the indexer on the same state directory.
-    database = Database(cfg)
+    # The crash (its in-flight chunk, p2 and p3, checked by the helper), then the restart on the same state directory.
     embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
-    try:
-        store = database.open_store(dimension=TINY_DIMENSION)
-        with capture_logs() as logs:
-            indexer = Indexer(cfg, embedder, store, workers=1, jpeg_decode_device="cpu")
-            try:
-                summary = indexer.index_folder(show_progress=False)
-                on_device = indexer.decoded_on_device
-            finally:
-                indexer.close()
-                store.close()
-        names = sorted(r["file_name"] for r in database_rows(database, ("file_name",)) or [])
-    finally:
-        database.close()
-    assert names == [p.name for p in paths] and not summary.skipped  # every file indexed, none lost
+    paths, restart = crash_then_restart(cfg, embedder, "cpu")
+    summary, on_device, logs = restart.summary, restart.on_device, restart.logs
+    assert restart.names == [p.name for p in paths] and not summary.skipped  # every file indexed, none lost
     assert on_device == 4  # p2 and p3 went to the CPU workers
     [crashed] = [e for e in logs if e["event"] == "gpu_jpeg_decode_crashed"]
     assert crashed["log_level"] == "warning" and crashed["files"] == [str(paths[2]), str(paths[3])]
