@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from image_search.config import load_config
 from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore
-from tests.support.db import empty_store, raw
+from tests.support.db import embedded_database, empty_store, raw
 from tests.support.files import write_config
 
 DIM = 16
@@ -39,12 +39,8 @@ def index_state(database: Database) -> str:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    root = tmp_path_factory.mktemp("bulk")
-    db = Database(load_config(write_config(root, dimension=DIM, exact_search_below=10)))
-    try:
+    with embedded_database(tmp_path_factory.mktemp("bulk"), dimension=DIM, exact_search_below=10) as db:
         yield db
-    finally:
-        db.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support.db import empty_store, raw
+from tests.support.db import embedded_database, empty_store, raw
 from tests.support.files import write_config
 from tests.support.waiting import wait_for
 
@@ -41,11 +41,8 @@ LEASE = 30.0  # long: nothing here goes stale by itself; staleness is set by han
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    db = Database(load_config(write_config(tmp_path_factory.mktemp("fleet-store"))))
-    try:
+    with embedded_database(tmp_path_factory.mktemp("fleet-store")) as db:
         yield db
-    finally:
-        db.close()
 
 
 @pytest.fixture

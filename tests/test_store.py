@@ -9,10 +9,8 @@ import numpy as np
 import psycopg2
 import pytest
 
-from tests.support.db import empty_store, raw
-from tests.support.files import write_config
+from tests.support.db import embedded_database, empty_store, raw
 
-from image_search.config import load_config
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError
 
 DIM = 8
@@ -39,13 +37,8 @@ def basis(i: int, dim: int = DIM) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    root = tmp_path_factory.mktemp("store")
-    db = Database(load_config(write_config(root)))
-    assert db.embedded is not None
-    try:
+    with embedded_database(tmp_path_factory.mktemp("store")) as db:
         yield db
-    finally:
-        db.close()
 
 
 @pytest.fixture

@@ -169,6 +169,20 @@ def stopped_server_rows(config_path: Path, columns: Sequence[str] = ROW_COLUMNS)
 
 
 @contextmanager
+def embedded_database(root: Path, **config: object) -> Iterator[Database]:
+    """A ``Database`` on an embedded server of its own under ``root`` (config keys as in JSON), stopped
+    after the block: what a module of store tests shares."""
+    from tests.support.files import write_config
+
+    database = Database(load_config(write_config(root, **config)))
+    assert database.embedded is not None
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@contextmanager
 def empty_store(database: Database, dimension: int) -> Iterator[EmbeddingStore]:
     """A store on ``database`` with its table empty before and after the block (for store-level tests)."""
     store = database.open_store(dimension=dimension)
