@@ -631,8 +631,11 @@ class EmbeddingStore:
         """Once per database of an earlier version: its rows' names as ``names.escape`` writes them
         (a name with a backslash or a control character was stored raw), so they are found again."""
         with self._cursor() as cur:
-            cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
             cur.execute(_NAMES)
+            if cur.fetchone() is not None:
+                return  # the usual start: one read, no lock
+            cur.execute(_XACT_LOCK, (SCHEMA_LOCK_KEY,))
+            cur.execute(_NAMES)  # again under the lock: another service may have just done it
             if cur.fetchone() is not None:
                 return
             cur.execute(_RAW_NAMES, {"pattern": _RAW_NAME_PATTERN})
