@@ -32,7 +32,7 @@ from image_search.store import (
     LeaveResult,
     MemberInfo,
 )
-from image_search.watch import ReadinessTracker
+from image_search.readiness import ReadinessTracker
 
 DIM = 8
 MODEL = "test-model"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from image_search.readiness import ReadinessTracker
 from tests.support.clock import FakeClock
 from image_search.watch import (
     Change,
     ChangeKind,
     Folder,
     FolderHandler,
-    ReadinessTracker,
     WatchedFolder,
     observer_problem,
     start_observer,

@@ -54,7 +54,7 @@ class UnusableFile(ImageSearchError):
     """A file given to the program (a picture to index, a query) that cannot be used: ``path`` and the
     specific ``reason``, shown to the user with the path. ``still_arriving``: the kind of problem a
     file that is still being written has (empty, truncated); whether it is still arriving or really
-    broken is the caller's decision, by the file's age (``watch.still_being_written``)."""
+    broken is the caller's decision, by the file's age (``readiness.still_being_written``)."""
 
     still_arriving: ClassVar[bool] = False
 

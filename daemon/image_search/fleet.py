@@ -27,7 +27,7 @@ import structlog
 
 from .config import Config
 from .store import Database, DatabaseUnavailable, EmbeddingStore, FleetRegistry, LeaveResult, MemberInfo
-from .watch import ReadinessTracker
+from .readiness import ReadinessTracker
 
 log = structlog.get_logger(__name__)
 

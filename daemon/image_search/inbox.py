@@ -24,7 +24,8 @@ from .runtime import Runtime
 from .search import search_file
 from .store import DatabaseUnavailable
 from .textquery import is_text_query
-from .watch import Change, ChangeKind, ReadinessTracker, still_being_written
+from .readiness import ReadinessTracker, still_being_written
+from .watch import Change, ChangeKind
 
 log = structlog.get_logger(__name__)
 

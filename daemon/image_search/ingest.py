@@ -20,7 +20,7 @@ from .indexer import BatchInFlight, Indexer
 from .runtime import Runtime
 from .store import BulkLoad, DatabaseUnavailable
 from .sync import FolderSync
-from .watch import ReadinessTracker
+from .readiness import ReadinessTracker
 
 log = structlog.get_logger(__name__)
 

@@ -61,7 +61,7 @@ def _move_out(source: Path, target: Path) -> None:
     os.unlink(source)
 
 
-def _claim_folder_name(output_dir: Path, stamp: str) -> Path:
+def _free_folder_name(output_dir: Path, stamp: str) -> Path:
     """The first of ``stamp``, ``stamp-2``, ``stamp-3``... that does not exist yet."""
     candidate = output_dir / stamp
     n = 2
@@ -201,7 +201,7 @@ def _write_bundle(output_dir: Path, query: ImageQuery | TextQuery, hits: Sequenc
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
         stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
         while True:
-            final = _claim_folder_name(output_dir, stamp)
+            final = _free_folder_name(output_dir, stamp)
             try:
                 # rename() onto an existing *empty* folder would replace it: mkdir first fails loudly instead.
                 os.mkdir(final)

@@ -28,18 +28,17 @@ from .indexer import Indexer
 from .ingest import ImageIngest
 from .notify import Notifier, watchdog_interval
 from .runtime import RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
+from .readiness import ReadinessTracker, still_being_written
 from .store import DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
     Change,
     Folder,
-    ReadinessTracker,
     WatchdogWarnings,
     WatchedFolder,
     WatchError,
     observer_problem,
     start_observer,
-    still_being_written,
 )
 
 log = structlog.get_logger(__name__)

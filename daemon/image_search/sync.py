@@ -23,7 +23,8 @@ from .discover import SkippedEntry, is_image_candidate, scan_folder
 from .entries import EntryRefused
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
-from .watch import Change, ChangeKind, ReadinessTracker
+from .readiness import ReadinessTracker
+from .watch import Change, ChangeKind
 from .workers import default_worker_count
 
 log = structlog.get_logger(__name__)

@@ -1,0 +1,138 @@
+"""Readiness: when a noticed path is complete enough to read, decided apart from the watching and on an
+injected clock. The folder sync (``images/``), the inbox and the fleet's claims all wait through it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from .errors import UnusableFile
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    due: float
+    closed: bool
+
+
+class ReadinessTracker:
+    """Paths waiting until they are complete: size and mtime unchanged for ``settle`` seconds, or a
+    close-after-write event followed by a short ``closed_grace`` with no change.
+
+    Entries live in three queues, one per wait length (settle, closed grace, and ``retry_after``: a
+    path another service holds, looked at again after a lease), each kept in due order (a refreshed
+    entry moves to the end of its queue), so ``pop_ready`` only looks at the fronts and costs nothing
+    while files are still arriving. One queue would not do: a closed file noted after a settling one
+    is due first and must not wait behind it.
+    """
+
+    def __init__(self, settle: float, *, clock: Callable[[], float], closed_grace: float = 0.05) -> None:
+        self.settle = settle
+        self.closed_grace = min(closed_grace, settle)
+        self.clock = clock
+        self._settling: dict[Path, _Pending] = {}
+        self._closed: dict[Path, _Pending] = {}
+        self._retrying: dict[Path, _Pending] = {}
+        self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
+
+    def _queues(self) -> tuple[dict[Path, _Pending], ...]:
+        return (self._settling, self._closed, self._retrying)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues())
+
+    def __contains__(self, path: Path) -> bool:
+        return any(path in q for q in self._queues())
+
+    def _drop(self, path: Path) -> None:
+        for queue_ in self._queues():
+            queue_.pop(path, None)
+
+    def note(self, path: Path, *, closed: bool = False, retry_after: float | None = None) -> None:
+        """A path was created, written or closed: (re)start its wait. ``retry_after``: look at it again
+        only after that many seconds (always the same length, e.g. the fleet's lease)."""
+        self._drop(path)
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        if retry_after is not None:
+            if self._retry_wait not in (None, retry_after):
+                raise ValueError("one retry length per tracker: the retry queue must stay in due order")
+            self._retry_wait = retry_after
+            wait, target = retry_after, self._retrying
+        else:
+            wait = self.closed_grace if closed else self.settle
+            target = self._closed if closed else self._settling
+        target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
+
+    def forget(self, path: Path) -> None:
+        self._drop(path)
+
+    def retry_now(self) -> None:
+        """The paths waiting on another service's claim are due at once: a member has gone, and what it
+        held is free now rather than a lease later. All become due at the same moment, so the retry
+        queue stays in due order."""
+        now = self.clock()
+        for entry in self._retrying.values():
+            entry.due = min(entry.due, now)
+
+    def forget_under(self, folder: Path) -> None:
+        for queue_ in self._queues():
+            for path in [p for p in queue_ if p.is_relative_to(folder)]:
+                del queue_[path]
+
+    def _front(self) -> tuple[Path, _Pending] | None:
+        """The entry due first: the earliest of the three queue fronts."""
+        fronts = [next(iter(q.items())) for q in (self._closed, self._settling, self._retrying) if q]
+        return min(fronts, key=lambda item: item[1].due) if fronts else None
+
+    def next_due(self) -> float | None:
+        front = self._front()
+        return front[1].due if front else None
+
+    def pop_ready(self, limit: int) -> list[Path]:
+        """Up to ``limit`` paths that are complete now; changed ones wait again, vanished ones are dropped."""
+        now = self.clock()
+        ready: list[Path] = []
+        while len(ready) < limit:
+            front = self._front()
+            if front is None or front[1].due > now:
+                break
+            path, entry = front
+            self._drop(path)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
+                ready.append(path)
+            else:  # still being written: wait a full settle period again
+                self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
+        return ready
+
+
+def still_being_written(path: Path, error: UnusableFile, grace_s: float, *,
+                        wall_clock: Callable[[], float] = time.time) -> bool:
+    """True for an empty or truncated file modified less than ``grace_s`` ago: a slow writer that is not
+    done yet, to wait for again rather than reject. Stability alone is not proof of completeness: a
+    writer can pause longer than settle-seconds between chunks, and one that reopens the file for each
+    chunk sends a close event after every one."""
+    if not error.still_arriving:
+        return False
+    try:
+        age = wall_clock() - path.stat().st_mtime
+    except OSError:
+        return False
+    if age >= grace_s:
+        return False
+    log.debug("file_incomplete", path=path, reason=error.reason, modified_s_ago=round(age, 3))
+    return True
