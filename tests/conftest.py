@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from tests.support import pgdata
 from tests.support.env import use_offline_hub
 from tests.support.model import save_tiny_clip
 from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures: the service in-process)
@@ -13,7 +15,16 @@ from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures
 use_offline_hub()
 
 # CI fails on any skip but the GPU tier's "needs CUDA" (tests/support/skips.py).
-pytest_plugins = ["tests.support.skips"]
+pytest_plugins = ["tests.support.skips", "tests.support.tiers"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_initdb(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Test trees start from one initialised pgdata per session (tests/support/pgdata.py); under
+    pytest-xdist its workers share one, in the folder above their own temp folders."""
+    basetemp = tmp_path_factory.getbasetemp()
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    pgdata.enable(shared / "pgdata-template")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from PIL import Image
 
 from tests.benchmarks.run import REPORT_KEYS
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}

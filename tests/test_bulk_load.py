@@ -19,6 +19,8 @@ from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, Embeddi
 from tests.support.db import embedded_database, empty_store, raw
 from tests.support.files import write_config
 
+pytestmark = pytest.mark.integration
+
 DIM = 16
 
 

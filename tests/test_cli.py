@@ -31,6 +31,8 @@ from tests.support.env import child_env
 from tests.support.files import read_jsonl, save_picture, write_config
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 
+pytestmark = pytest.mark.e2e
+
 CLI = Path(sys.executable).parent / "image-search"
 PASSWORD = "pw-Sekrit-7731"
 TOP_K = 3

@@ -16,6 +16,8 @@ from image_search.compiled import compile_blocks, vision_blocks
 from image_search.embed import Embedder
 from tests.support.jina import save_jina_stand_in
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def jina_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,6 +29,8 @@ from image_search.embed import (
 from image_search.pixels import PixelSpec, to_model_pixels
 from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
 
+pytestmark = pytest.mark.integration
+
 
 def _pictures() -> list[Image.Image]:
     rng = np.random.default_rng(1)

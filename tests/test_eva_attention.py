@@ -85,6 +85,7 @@ def test_only_the_remote_eva_attention_class_is_recognised() -> None:
     assert not is_eva_attention(nn.MultiheadAttention(32, 2))
 
 
+@pytest.mark.integration
 def test_the_benchmarks_eva_tower_is_patched_whole_and_measured(monkeypatch) -> None:
     """tests/benchmarks/eva.py (the --gpu benchmark's jina-sized tower) at its CPU smoke size: every block's
     attention is patched, the tower computes what it did unpatched, and ``measure`` reports every number

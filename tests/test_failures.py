@@ -26,6 +26,8 @@ from tests.support.files import inbox_files, save_picture, write_config
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e
+
 CLI = Path(sys.executable).parent / "image-search"
 RUN_TIMEOUT_S = 240
 

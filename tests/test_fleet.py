@@ -26,6 +26,8 @@ from tests.support.waiting import wait_for
 
 from image_search.config import ConfigError, load_config
 
+pytestmark = pytest.mark.e2e
+
 LEASE_S = 5.0
 INGEST_TIMEOUT = 240.0
 IMAGES = 300

@@ -13,6 +13,8 @@ import pytest
 
 from tests.benchmarks.fleet import REPORT_KEYS
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 

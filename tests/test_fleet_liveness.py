@@ -29,6 +29,8 @@ from image_search.config import load_config
 from image_search.fleet import FleetMember
 from image_search.store import Database, EmbeddingRow, EmbeddingStore, FleetRegistry
 
+pytestmark = pytest.mark.e2e
+
 LONG_LEASE_S = 300.0  # only the session can end a member's life within a test's waits
 SEEN_DEAD_TIMEOUT_S = 60.0  # a fifth of the lease: a lease-only liveness never gets there
 ITEMS = ["image:/photos/a.png", "image:/photos/b.png", "query:/inbox/q.png"]

@@ -34,6 +34,8 @@ from image_search.store import (
 )
 from image_search.readiness import ReadinessTracker
 
+pytestmark = pytest.mark.integration
+
 DIM = 8
 MODEL = "test-model"
 LEASE = 30.0  # long: nothing here goes stale by itself; staleness is set by hand

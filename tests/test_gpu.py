@@ -30,7 +30,7 @@ from structlog.testing import capture_logs
 
 from tests.support.skips import NEEDS_CUDA
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)]
+pytestmark = [pytest.mark.integration, pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)]
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")

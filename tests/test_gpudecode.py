@@ -36,6 +36,8 @@ from tests.support.gpu_crash import crash_then_restart
 from tests.support.jpegs import BOX, CLIP_224, JINA_512, LIMIT, decode_one, photo, pixels_of, save_jpeg
 from tests.support.model import TINY_DIMENSION
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 
 

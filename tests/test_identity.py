@@ -20,6 +20,8 @@ from tests.support.db import database_rows, make_legacy_identity, raw
 from tests.support.files import save_picture, write_config
 from tests.support.model import TINY_DIMENSION
 
+pytestmark = pytest.mark.integration
+
 COLUMNS = ("id", "file_path", "file_hash", "processed_path", "updated_at", "embedding::text AS embedding")
 
 

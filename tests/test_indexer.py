@@ -18,6 +18,8 @@ from tests.support.db import database_rows
 from tests.support.files import write_config
 from tests.support.model import TINY_DIMENSION
 
+pytestmark = pytest.mark.integration
+
 
 def _photo(path: Path, seed: int, size: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed)

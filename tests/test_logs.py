@@ -42,6 +42,7 @@ def run(tmp_path: Path, *, journal: bool) -> list[str]:
     return err_path.read_text().splitlines()
 
 
+@pytest.mark.e2e
 def test_plain_lines_one_per_warning_with_category_and_source(tmp_path: Path) -> None:
     lines = run(tmp_path, journal=False)
     assert len(lines) == 4, lines
@@ -55,6 +56,7 @@ def test_plain_lines_one_per_warning_with_category_and_source(tmp_path: Path) ->
     assert not any("STREAM" in line for line in lines)
 
 
+@pytest.mark.e2e
 def test_under_the_journal_each_line_carries_its_priority(tmp_path: Path) -> None:
     lines = run(tmp_path, journal=True)
     assert len(lines) == 4, lines

@@ -25,6 +25,8 @@ from tests.support.files import save_picture
 from tests.support.odd_entries import fs_name, make_odd_tree, random_name, snapshot
 from tests.support.story import Story
 
+pytestmark = pytest.mark.integration
+
 BAD = fs_name(b"bad\xff\xfename.png")  # bytes FF FE: not UTF-8
 LONG = "L" * 250 + ".png"  # 254 bytes
 

@@ -23,6 +23,8 @@ from tests.support.odd_entries import fs_name
 from tests.support.service import SERVICE_CLI, ServiceProcess
 from tests.support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e
+
 STUCK_READ = Path(__file__).parent / "support" / "stuck_read"
 BAD = fs_name(b"bad\xff\xfename.png")
 LONG = "L" * 250 + ".png"

@@ -113,6 +113,7 @@ def test_a_model_directory_without_the_file_is_one_line_naming_it(tmp_path: Path
         load_pixel_spec(str(tmp_path))
 
 
+@pytest.mark.e2e
 def test_pixels_module_reads_dirs_and_the_hub_cache_without_importing_torch(tmp_path: Path) -> None:
     # A hub cache laid out as huggingface_hub lays it out, holding only jina-clip-v2's preprocessor config.
     snapshot = tmp_path / "hub" / "models--jinaai--jina-clip-v2" / "snapshots" / "0123abcd"

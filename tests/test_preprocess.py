@@ -570,6 +570,7 @@ print(peak_kib() - before)
 """
 
 
+@pytest.mark.e2e
 def test_large_jpeg_draft_is_actually_used(large_jpeg):
     """Draft decoding: Pillow never materialises the full 12-megapixel frame (36 MB of RGB) for a small target.
 

@@ -21,6 +21,8 @@ from tests.support.files import find_bundle, save_picture, write_config
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def external_server(tmp_path_factory: pytest.TempPathFactory):

@@ -28,6 +28,10 @@ from tests.support.notify import NotifyListener
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 TOP_K = 3
 
 

@@ -29,6 +29,8 @@ from image_search.runtime import RestartRequested
 from image_search.service import watched_folders
 from image_search.watch import Change, ChangeKind, Folder, observer_problem, start_observer
 
+pytestmark = pytest.mark.integration
+
 
 
 def expected_hash(path: Path, cfg: Config) -> str:

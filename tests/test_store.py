@@ -13,6 +13,8 @@ from tests.support.db import embedded_database, empty_store, raw
 
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError
 
+pytestmark = pytest.mark.integration
+
 DIM = 8
 MODEL = "test-model"
 

@@ -31,6 +31,8 @@ from tests.support import systemd_harness
 from tests.support.files import write_config
 from tests.support.waiting import poll_until
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT_FILE = REPO / "systemd" / "image-search.service"
 # The unit's cache directory in Environment= values: the test points those paths into its tree.

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "image-search.service"
 MAX_EXPOSURE = 2.5

@@ -14,6 +14,8 @@ from image_search.errors import UnusableFile
 from image_search.preprocess import PreprocessError
 from image_search.textquery import MAX_TEXT_QUERY_BYTES, TextQueryError, is_text_query, read_text_query
 
+pytestmark = pytest.mark.integration
+
 # --- reading the file ---------------------------------------------------------------------------------
 
 

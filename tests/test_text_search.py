@@ -29,6 +29,8 @@ from image_search.sheet import cell_box
 from image_search.store import Database, EmbeddingRow, EmbeddingStore
 from image_search.textquery import read_text_query
 
+pytestmark = pytest.mark.integration
+
 CLI = Path(sys.executable).parent / "image-search"
 COLOURS = {"red.png": (220, 30, 30), "green.heic": (30, 180, 60), "blue.avif": (40, 60, 220),
            "夕焼け.jpg": (250, 150, 20)}

@@ -36,6 +36,8 @@ from image_search.workers import (
     preprocess_file,
 )
 
+pytestmark = pytest.mark.integration
+
 BOX = (128, 128)
 LIMIT = 50_000_000
 CRASH_MARK = (255, 0, 255)  # a pure magenta PNG: the file the crashing model_input dies on

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tests.support import pgdata
 from tests.support.model import TINY_DIMENSION
 
 TREE_FOLDERS = ("images", "inbox", "output", "processed", "state")
@@ -25,10 +26,14 @@ def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: s
     return path
 
 
-def write_config(root: Path, model_dir: Path | None = None, **overrides: object) -> Path:
-    """A config for a tree under ``root`` (images/, inbox/, output/, processed/, state/); keys as in JSON."""
+def write_config(root: Path, model_dir: Path | None = None, *, fresh_pgdata: bool = False, **overrides: object) -> Path:
+    """A config for a tree under ``root`` (images/, inbox/, output/, processed/, state/); keys as in JSON.
+    A tree on the embedded PostgreSQL gets the session's initialised pgdata (tests/support/pgdata.py)
+    unless ``fresh_pgdata``: its first start then runs initdb, as a user's very first start does."""
     for name in TREE_FOLDERS:
         (root / name).mkdir(parents=True, exist_ok=True)
+    if not fresh_pgdata and "postgres_host" not in overrides:
+        pgdata.seed(root / "state")
     cfg: dict[str, object] = {
         "source-directory": str(root / "images"),
         "inbox-directory": str(root / "inbox"),
