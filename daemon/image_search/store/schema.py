@@ -61,6 +61,7 @@ _VECTOR_PROBE = "SELECT array_fill(0.5::real, ARRAY[64])::vector <#> array_fill(
 IDENTITY = "source-md5"
 # How names are written in this database's rows: "escaped" (names.escape).
 NAMES = "escaped"
+_META_EXISTS = "SELECT to_regclass('image_search_meta') IS NOT NULL"
 GET_META = "SELECT value FROM image_search_meta WHERE key = %s"
 SET_META = """
 INSERT INTO image_search_meta (key, value) VALUES (%s, %s)
@@ -70,7 +71,7 @@ ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
 
 def meta_is(cur: psycopg2.extensions.cursor, key: str, value: str) -> bool:
     """True when ``image_search_meta`` holds ``key`` = ``value`` (the table may not exist yet)."""
-    cur.execute("SELECT to_regclass('image_search_meta') IS NOT NULL")
+    cur.execute(_META_EXISTS)
     if not cur.fetchone()[0]:
         return False
     cur.execute(GET_META, (key,))
