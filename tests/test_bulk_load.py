@@ -144,7 +144,7 @@ def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in
         story_factory, monkeypatch) -> None:
     """A first start on a library: the backlog lands without the index, and the index is built once the
     backlog is in, beside the loop; searches then go through it (exact ones meanwhile: the first test)."""
-    import image_search.store as store_module
+    import image_search.store.embeddings as store_module
     from tests.support.db import database_rows
 
     monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 12)  # a library of 12 pictures stands in

@@ -27,6 +27,7 @@ from image_search.store import (
     DatabaseUnavailable,
     EmbeddingRow,
     EmbeddingStore,
+    FleetClaims,
     FleetMismatch,
     FleetRegistry,
     LeaveResult,
@@ -119,36 +120,39 @@ def test_a_dead_member_with_another_model_does_not_block_a_join(database: Databa
 
 
 def test_claims_one_holder_per_item_reclaim_release(database: Database, registries, store: EmbeddingStore) -> None:
+    fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
-    assert store.claim(a.id, ["image:/1", "image:/2", "image:/2"], LEASE) == {"image:/1", "image:/2"}
-    assert store.claim(b.id, ["image:/2", "image:/3"], LEASE) == {"image:/3"}  # /2 is a's, a is live
-    assert store.claim(a.id, ["image:/1"], LEASE) == {"image:/1"}  # holding it already: still ours
-    assert store.claim(a.id, [], LEASE) == set()
-    store.release(a.id, ["image:/2", "image:/3"])  # /3 is b's: not a's to release
+    assert fleet_claims.claim(a.id, ["image:/1", "image:/2", "image:/2"], LEASE) == {"image:/1", "image:/2"}
+    assert fleet_claims.claim(b.id, ["image:/2", "image:/3"], LEASE) == {"image:/3"}  # /2 is a's, a is live
+    assert fleet_claims.claim(a.id, ["image:/1"], LEASE) == {"image:/1"}  # holding it already: still ours
+    assert fleet_claims.claim(a.id, [], LEASE) == set()
+    fleet_claims.release(a.id, ["image:/2", "image:/3"])  # /3 is b's: not a's to release
     assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {"image:/1": a.id,
                                                                                       "image:/3": b.id}
-    assert store.claim(b.id, ["image:/2"], LEASE) == {"image:/2"}  # released: free for anyone
+    assert fleet_claims.claim(b.id, ["image:/2"], LEASE) == {"image:/2"}  # released: free for anyone
 
 
 def test_a_claim_whose_holder_stopped_renewing_is_taken_over(database: Database, registries,
                                                              store: EmbeddingStore) -> None:
+    fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
-    assert store.claim(a.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
-    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    assert fleet_claims.claim(a.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
+    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
     registries[0].renew(a, LEASE)  # renewed: still a's
-    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
     make_stale(database, a.id, leases=1.5)  # a stopped renewing a lease and a half ago
-    assert store.claim(b.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
+    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
     assert raw(database, "SELECT member_id FROM image_search_claims") == [(b.id,)]
 
 
 def test_claims_of_a_member_that_no_longer_exists_are_free(database: Database, registries,
                                                            store: EmbeddingStore) -> None:
+    fleet_claims = FleetClaims(store.session)
     b = join(database, registries, pid=2)
     raw(database, "INSERT INTO image_search_claims (item, member_id) VALUES ('image:/orphan', 999999)")
-    assert store.claim(b.id, ["image:/orphan"], LEASE) == {"image:/orphan"}
+    assert fleet_claims.claim(b.id, ["image:/orphan"], LEASE) == {"image:/orphan"}
 
 
 def test_renew_keeps_a_member_live_and_brings_back_a_forgotten_one(database: Database, registries) -> None:
@@ -172,13 +176,14 @@ def _one_row(store: EmbeddingStore) -> None:
 
 def test_leave_drops_member_and_claims_and_empties_only_when_last(database: Database, registries,
                                                                   store: EmbeddingStore) -> None:
+    fleet_claims = FleetClaims(store.session)
     _one_row(store)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
     dead = join(database, registries, pid=3)
     make_stale(database, dead.id)  # a killed member does not keep the table
-    store.claim(a.id, ["image:/a"], LEASE)
-    store.claim(b.id, ["image:/b"], LEASE)
+    fleet_claims.claim(a.id, ["image:/a"], LEASE)
+    fleet_claims.claim(b.id, ["image:/b"], LEASE)
 
     first = registries[0].leave(a.id, LEASE, empty_table=True)
     assert (first.live_members, first.emptied) == (1, False)
@@ -203,12 +208,13 @@ def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, 
                                                             store: EmbeddingStore, tmp_path: Path) -> None:
     """``WorkClaims.take``: granted paths come back in order; a path another live member holds waits a
     lease in the tracker; a path gone by the time it is granted is dropped."""
+    fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
     paths = [tmp_path / f"{n}.png" for n in "abc"]
     for p in paths:
         p.write_bytes(b"x")
-    store.claim(a.id, [f"image:{paths[1]}"], LEASE)
+    fleet_claims.claim(a.id, [f"image:{paths[1]}"], LEASE)
     now = [100.0]
     tracker = ReadinessTracker(0.5, clock=lambda: now[0])
     member = FleetMember(registries[1], b, lease_s=LEASE, live_members=2)
@@ -244,9 +250,10 @@ def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> N
     """Two services starting at once against a fresh database: the schema lock serialises the
     CREATE ... IF NOT EXISTS statements that would otherwise collide in the catalogue.
 
-    The collision is made certain, not left to timing: the test holds the fleet lock and the schema lock
+    The collision is made certain, not left to timing: the test holds the schema lock and the fleet lock
     while four starts begin, sees all four wait for each lock in turn (so they did run at once, and
-    each lock is taken before its CREATEs), and then lets them go."""
+    the schema lock, under which every table is created, is taken before the CREATEs; the join then
+    waits for the fleet lock), and then lets them go."""
     import threading
 
     db = Database(load_config(write_config(tmp_path)))
@@ -261,14 +268,14 @@ def test_concurrent_joins_and_table_creation_do_not_collide(tmp_path: Path) -> N
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
 
-    gates = {FLEET_LOCK_KEY: db.connect(), SCHEMA_LOCK_KEY: db.connect()}
+    gates = {SCHEMA_LOCK_KEY: db.connect(), FLEET_LOCK_KEY: db.connect()}
     threads = [threading.Thread(target=start) for _ in range(4)]
     try:
         for key, gate in gates.items():
             gate.cursor().execute("SELECT pg_advisory_xact_lock(%s)", (key,))  # held until the commit
         for t in threads:
             t.start()
-        for key, what in ((FLEET_LOCK_KEY, "the fleet lock"), (SCHEMA_LOCK_KEY, "the schema lock")):
+        for key, what in ((SCHEMA_LOCK_KEY, "the schema lock"), (FLEET_LOCK_KEY, "the fleet lock")):
             wait_for(lambda: waiting_for_lock(db, key) == 4, f"all four starts waiting for {what}")
             gates[key].commit()
         for t in threads:

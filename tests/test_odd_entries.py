@@ -250,6 +250,7 @@ def test_names_an_earlier_version_stored_raw_are_escaped_once_and_found_again(st
         cur.execute("UPDATE image_embeddings SET file_path = replace(replace(file_path, '\\x0a', E'\\n'), '\\\\', '\\'),"
                     " file_name = replace(replace(file_name, '\\x0a', E'\\n'), '\\\\', '\\')")
         cur.execute("DELETE FROM image_search_meta WHERE key = 'names'")
+        cur.execute("DELETE FROM image_search_schema")  # an earlier version kept no record of the steps
     conn.close()
     assert {r[0] for r in raw(story.database, "SELECT file_name FROM image_embeddings")} == {
         "new\nline.png", "back\\slash.png", "plain.png"}

@@ -10,7 +10,7 @@ renewing with its session open (hung, paused) after the lease. Either way its cl
 the heartbeat, which counts the live members every few seconds, tells the loops to look again at once at
 what it held.
 
-The SQL lives in ``store.py``; this module holds the threads, the timing and the log lines.
+The SQL lives in the store's fleet room (``store/fleet.py``); this module holds the threads, the timing and the log lines.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import psycopg2
 import structlog
 
 from .config import Config
-from .store import Database, DatabaseUnavailable, EmbeddingStore, FleetRegistry, LeaveResult, MemberInfo
 from .readiness import ReadinessTracker
+from .store import Database, DatabaseUnavailable, EmbeddingStore, FleetClaims, FleetRegistry, LeaveResult, MemberInfo
 
 log = structlog.get_logger(__name__)
 
@@ -150,6 +150,7 @@ class WorkClaims:
 
     def __init__(self, store: EmbeddingStore, member: FleetMember | None) -> None:
         self.store = store
+        self.claims = FleetClaims(store.session)
         self.member = member
         self._unreleased: list[str] = []  # releases that failed: retried with the next one
         self._departures_seen = 0
@@ -175,8 +176,8 @@ class WorkClaims:
         if self.member is None or not paths:
             return list(paths)
         try:
-            granted = self.store.claim(self.member.member.id, (self._item(kind, p) for p in paths),
-                                       self.member.lease_s)
+            granted = self.claims.claim(self.member.member.id, (self._item(kind, p) for p in paths),
+                                        self.member.lease_s)
         except DatabaseUnavailable:
             for path in paths:
                 pending.note(path)
@@ -206,7 +207,7 @@ class WorkClaims:
         if not items:
             return
         try:
-            self.store.release(self.member.member.id, items)
+            self.claims.release(self.member.member.id, items)
             self._unreleased = []
         except DatabaseUnavailable as exc:
             self._unreleased = items

@@ -149,7 +149,7 @@ def bench_services(work: Path, shared: Shared, model_dir: Path, staged: list[Pat
 def bench_claims(shared: Shared, rounds: int) -> dict[str, float]:
     """claim + release of one batch, as ``_index_one_batch`` does; and a claim refused (another holds it)."""
     from image_search.config import load_config
-    from image_search.store import Database, FleetRegistry
+    from image_search.store import Database, FleetClaims, FleetRegistry
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(shared.config(Path(tmp), None))
@@ -158,19 +158,20 @@ def bench_claims(shared: Shared, rounds: int) -> dict[str, float]:
         ours, theirs = (r.join(host="bench", pid=i, model_name="bench", dimension=cfg.dimension, lease_s=LEASE_S).member
                         for i, r in enumerate(registries))
         store = database.open_store(dimension=cfg.dimension, create_table=False)
+        claims = FleetClaims(store.session)
         try:
             granted_ms, refused_ms = [], []
             for n in range(rounds):
                 items = [f"image:/bench/{n}/{i}.png" for i in range(BATCH_SIZE)]
                 t = time.perf_counter()
-                store.claim(ours.id, items, LEASE_S)
-                store.release(ours.id, items)
+                claims.claim(ours.id, items, LEASE_S)
+                claims.release(ours.id, items)
                 granted_ms.append((time.perf_counter() - t) * 1000)
-                store.claim(theirs.id, items, LEASE_S)
+                claims.claim(theirs.id, items, LEASE_S)
                 t = time.perf_counter()
-                store.claim(ours.id, items, LEASE_S)
+                claims.claim(ours.id, items, LEASE_S)
                 refused_ms.append((time.perf_counter() - t) * 1000)
-                store.release(theirs.id, items)
+                claims.release(theirs.id, items)
         finally:
             store.close()
             for r, m in zip(registries, (ours, theirs)):

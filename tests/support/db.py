@@ -215,7 +215,10 @@ def make_legacy_identity(database: Database) -> dict[str, str]:
     conn = database.connect()
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("DELETE FROM image_search_meta")  # as the store's start leaves an old database
+            # What an earlier version left: no identity marker, and no record of the schema steps (the
+            # table of them came later): the next look recognises the old identity from that.
+            cur.execute("DELETE FROM image_search_meta")
+            cur.execute("DELETE FROM image_search_schema")
             cur.execute("SELECT file_path, processed_path FROM image_embeddings")
             old = {path: hashlib.md5(Path(processed).read_bytes()).hexdigest() for path, processed in cur.fetchall()}
             # Through names no hash has first: an old hash may be another row's hash of today.

@@ -162,14 +162,14 @@ def _child_main(config_path: str, items: list[str]) -> None:
     from image_search.config import load_config
     from image_search.fleet import FleetMember
     from image_search.logs import configure_logging
-    from image_search.store import Database
+    from image_search.store import Database, FleetClaims
 
     configure_logging("info", stream=sys.stderr)  # stdout carries the one JSON line
     cfg = load_config(Path(config_path))
     database = Database(cfg)
     member = FleetMember.join(cfg, database)
     store = database.open_store(dimension=cfg.dimension)
-    granted = store.claim(member.member.id, items, cfg.member_lease_seconds)
+    granted = FleetClaims(store.session).claim(member.member.id, items, cfg.member_lease_seconds)
     print(json.dumps({"member_id": member.member.id, "granted": sorted(granted)}), flush=True)
     while True:
         signal.pause()  # until killed: a member at work, heartbeat and all

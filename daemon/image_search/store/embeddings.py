@@ -1,0 +1,353 @@
+"""The embeddings: ``image_embeddings`` rows written (binary COPY, upsert), read, searched and relinked.
+
+Vectors are unit length, so the HNSW index uses inner product (``vector_ip_ops``) and cosine similarity
+is ``-(a <#> b)``. Paths and names are stored as ``names.escape`` text (a file name is bytes, a TEXT
+column is UTF-8): escaped here on the way in, unescaped on the way out, so everything above the store
+holds the names the filesystem gave.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg2.extensions
+from pgvector.psycopg2 import register_vector
+
+from ..names import escape, unescape
+from . import schema
+from .bulk import BulkLoad
+from .connection import Connect, Session, StoreError
+
+# A bulk load pays (dropping the index, loading, building it again) once the rows coming are this many,
+# and at least a quarter of those already there: per row, HNSW insertion costs about 3 ms here and a
+# build about 0.4 ms of every row in the table (``tests/benchmarks/store_write.py``).
+BULK_LOAD_MIN_ROWS = 1000
+IDENTITY_STEP = 3  # migrations/0003_identity.py
+
+
+def _indexed_search_sql(dimension: int) -> str:
+    """Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity."""
+    return f"""
+SELECT * FROM (
+    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+    FROM image_embeddings ORDER BY embedding::halfvec({int(dimension)}) <#> %(q)s::halfvec({int(dimension)})
+    LIMIT %(k)s
+) AS candidates ORDER BY similarity DESC
+"""
+
+
+# Rows arrive by binary COPY into a session's staging table (no float is ever formatted as text: that
+# alone was 3.9 ms of a 1024-d row's 4.3 ms, measured here), then move in with one INSERT per batch.
+# The staging table is the one table not created by a migration (schema.py): it is TEMP, so it belongs
+# to one connection, not to the database. It is made on each new connection's first write, from the
+# store's dimension, and vanishes with the session; there is nothing in it to migrate.
+_STAGING_COLUMNS = "file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding"
+_STAGING_SCHEMA = """
+CREATE TEMP TABLE IF NOT EXISTS image_embeddings_incoming (
+    file_path TEXT, file_name TEXT, file_hash TEXT, processed_path TEXT, source_size BIGINT,
+    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension})
+) ON COMMIT DELETE ROWS
+"""
+_COPY_IN = f"COPY image_embeddings_incoming ({_STAGING_COLUMNS}) FROM STDIN WITH (FORMAT binary)"
+_UPSERT = f"""
+INSERT INTO image_embeddings ({_STAGING_COLUMNS})
+SELECT {_STAGING_COLUMNS} FROM image_embeddings_incoming
+ON CONFLICT (file_hash) DO UPDATE SET
+    file_path = EXCLUDED.file_path, file_name = EXCLUDED.file_name, processed_path = EXCLUDED.processed_path,
+    source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
+    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now()
+"""
+_UPDATE_SOURCE = """
+UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s, source_size = %s,
+    source_mtime_ns = %s, updated_at = now()
+WHERE file_hash = %s
+"""
+# A source whose content changed leaves a row under its old hash: drop it with the new row's write.
+_DELETE_STALE = "DELETE FROM image_embeddings WHERE file_path = ANY(%s) AND NOT (file_hash = ANY(%s))"
+_SOURCES = "SELECT file_path, source_size, source_mtime_ns, file_hash, model_name FROM image_embeddings"
+_SOURCES_AT = _SOURCES + " WHERE file_path = ANY(%s)"
+_BY_HASHES = "SELECT file_hash, file_path, model_name FROM image_embeddings WHERE file_hash = ANY(%s)"
+_BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
+_DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
+_DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path"
+COUNT = "SELECT count(*) FROM image_embeddings"
+_COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) AS bounded"
+CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
+_EF_SEARCH = "SELECT set_config('hnsw.ef_search', %s, true)"
+# Full precision, no index usable: the exact answer, for small tables.
+_SEARCH_EXACT = """
+SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
+"""
+
+
+@dataclass(frozen=True)
+class EmbeddingRow:
+    file_path: str
+    file_name: str
+    file_hash: str
+    processed_path: str
+    source_size: int
+    source_mtime_ns: int
+    model_name: str
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """What the table knows about one source file: enough to skip it on a rescan."""
+
+    file_path: str
+    source_size: int
+    source_mtime_ns: int
+    file_hash: str
+    model_name: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    similarity: float
+    file_name: str
+    file_path: str
+    processed_path: str
+    file_hash: str
+
+
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+
+
+def copy_binary(rows: Sequence[EmbeddingRow]) -> bytes:
+    """``rows`` in PostgreSQL's binary COPY format, in ``_STAGING_COLUMNS`` order; each vector as pgvector's
+    binary form (its dimension, a reserved zero, then big-endian float4s: a vector that is not of the
+    table's dimension is refused by PostgreSQL, the whole batch with it)."""
+    out = [_COPY_HEADER]
+    for r in rows:
+        vector = np.asarray(r.embedding, dtype=">f4").reshape(-1)
+        out.append(struct.pack("!h", 8))
+        for text in (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path)):
+            data = text.encode("utf-8")
+            out.append(struct.pack("!i", len(data)) + data)
+        model = r.model_name.encode("utf-8")
+        out.append(struct.pack("!iqiqi", 8, r.source_size, 8, r.source_mtime_ns, len(model)) + model)
+        out.append(struct.pack("!ihh", 4 + 4 * vector.size, vector.size, 0) + vector.tobytes())
+    out.append(_COPY_TRAILER)
+    return b"".join(out)
+
+
+class EmbeddingStore:
+    """The ``image_embeddings`` table for one dimension. It owns its connection (``session``): after the
+    database went away, ``reconnect`` replaces it in place, so every holder of the store (and of its
+    session: the fleet's work claims) keeps working."""
+
+    def __init__(self, connect: Connect, *, dimension: int, ef_search: int = 100,
+                 exact_search_below: int = 10_000) -> None:
+        self._connect = connect
+        self.dimension = dimension
+        self.ef_search = ef_search
+        self.exact_search_below = exact_search_below
+        self.session = Session(connect)
+        self._staging_on: psycopg2.extensions.connection | None = None
+        try:
+            self.has_table = self._prepare()
+        except BaseException:
+            self.session.close()
+            raise
+
+    @property
+    def _conn(self) -> psycopg2.extensions.connection:
+        return self.session.conn
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg2.extensions.cursor]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self.session.transaction() as cur:
+            yield cur
+
+    def _prepare(self) -> bool:
+        """Make sure pgvector is there, an existing table has our dimension, and the database is migrated
+        as far as it can be before the model confirmed the dimension; True if the table exists.
+
+        The table itself is created by ``create_table`` once the model has confirmed the dimension, so
+        a wrong 'dimension' never leaves an empty table of that size behind."""
+        schema.prepare(self._conn)
+        register_vector(self._conn)
+        self.session.on_connect = register_vector
+        found = schema.table_dimension(self._conn)
+        if found is not None and found != self.dimension:
+            raise StoreError(
+                f"table image_embeddings holds {found}-dimensional embeddings but config key 'dimension' is "
+                f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found}, or point the "
+                "service at another database, or drop the table yourself (DROP TABLE image_embeddings) to re-index."
+            )
+        schema.migrate(self._conn, dimension=self.dimension)
+        return found is not None
+
+    def create_table(self) -> None:
+        """Create the table and its indexes if missing (idempotent), through the migrations that wait for
+        the confirmed dimension; a new table holds today's identity, an existing one keeps whatever it
+        holds (``needs_identity_migration`` says)."""
+        schema.migrate(self._conn, dimension=self.dimension, create=True)
+        schema.ensure_index(self._conn, self.dimension, table_existed=self.has_table)
+        self.has_table = True
+
+    def begin_bulk_load(self, rows_coming: int) -> BulkLoad | None:
+        """A ``BulkLoad`` for ``rows_coming`` rows when they are many (``BULK_LOAD_MIN_ROWS``, and a quarter
+        of the table at least) and no other service bulk-loads; else None (rows go into the index one by one)."""
+        if not self.has_table or rows_coming < BULK_LOAD_MIN_ROWS or rows_coming * 4 < self.count():
+            return None
+        return BulkLoad.begin(self._connect, self.dimension, rows_coming)
+
+    @contextmanager
+    def bulk_load(self, rows_coming: int) -> Iterator[bool]:
+        """``begin_bulk_load`` around a block that writes ``rows_coming`` rows; the index is built again when
+        the block ends. Yields whether it bulk-loads. If the block raises (a stop, a lost database), the
+        index is left for the next start to build."""
+        bulk = self.begin_bulk_load(rows_coming)
+        try:
+            yield bulk is not None
+        except BaseException:
+            if bulk is not None:
+                bulk.abandon()
+            raise
+        if bulk is not None:
+            bulk.finish()
+
+    def needs_identity_migration(self) -> bool:
+        """True when the table's ``file_hash`` values are not today's identity (a database written by an
+        earlier version: they are MD5s of the processed JPEGs), i.e. the identity step is pending. Asked
+        of the database each time: another service sharing it may have migrated it meanwhile."""
+        return self.has_table and not schema.is_applied(self._conn, IDENTITY_STEP)
+
+    def migrate_identities(self, new_hashes: dict[str, str]) -> int:
+        """Supply the identity step its input (old hash -> new hash, ``sync.migrate_identities`` reads the
+        files) and apply it, in one transaction under the schema lock. Returns the rows rewritten; 0
+        when another service migrated first."""
+        done = schema.migrate(self._conn, dimension=self.dimension, supplied={IDENTITY_STEP: new_hashes})
+        return int(done.get(IDENTITY_STEP) or 0)
+
+    def reconnect(self) -> None:
+        """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
+        self.session.reconnect()
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def upsert(self, rows: Sequence[EmbeddingRow]) -> None:
+        """Insert or replace rows by ``file_hash``, all in one transaction."""
+        if not rows:
+            return
+        with self._cursor() as cur:
+            if self._staging_on is not self._conn:  # once per connection (a reconnect brings a new one)
+                cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
+            cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
+            cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
+            cur.execute(_UPSERT)
+        self._staging_on = self._conn  # committed: the staging table exists for this connection's life
+
+    def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
+                      source_size: int, source_mtime_ns: int) -> None:
+        """Point an existing embedding at its (renamed or touched) source without any model work."""
+        file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
+        with self._cursor() as cur:
+            cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
+            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns, file_hash))
+
+    def delete_paths(self, paths: Iterable[str]) -> int:
+        paths = [escape(p) for p in paths]
+        if not paths:
+            return 0
+        with self._cursor() as cur:
+            cur.execute(_DELETE_PATHS, (paths,))
+            return cur.rowcount
+
+    def delete_under(self, folder: str) -> list[str]:
+        """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
+        # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
+        pattern = escape(folder.rstrip("/")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self._cursor() as cur:
+            cur.execute(_DELETE_UNDER, (pattern + "/%",))
+            return [unescape(row[0]) for row in cur.fetchall()]
+
+    def clear(self) -> None:
+        if not self.has_table:
+            return
+        with self._cursor() as cur:
+            cur.execute(CLEAR)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        if not self.has_table:
+            return 0
+        with self._cursor() as cur:
+            cur.execute(COUNT)
+            return int(cur.fetchone()[0])
+
+    def sources(self, paths: Iterable[str] | None = None) -> dict[str, SourceRecord]:
+        """Stored sources by path: every one (what a rescan compares the folder against), or those at ``paths``."""
+        if not self.has_table:
+            return {}
+        with self._cursor() as cur:
+            if paths is None:
+                cur.execute(_SOURCES)
+            else:
+                cur.execute(_SOURCES_AT, ([escape(p) for p in paths],))
+            records = [SourceRecord(unescape(path), *rest) for path, *rest in cur.fetchall()]
+        return {record.file_path: record for record in records}
+
+    def hash_for_path(self, file_path: str) -> str | None:
+        with self._cursor() as cur:
+            cur.execute(_BY_PATH, (escape(file_path),))
+            row = cur.fetchone()
+            return row[0] if row else None
+
+    def models_for_hashes(self, hashes: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """For each stored hash among ``hashes``: (file_path, model_name)."""
+        hashes = list(hashes)
+        if not hashes:
+            return {}
+        with self._cursor() as cur:
+            cur.execute(_BY_HASHES, (hashes,))
+            return {h: (unescape(p), m) for h, p, m in cur.fetchall()}
+
+    def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
+        """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""
+        with self._cursor() as cur:
+            cur.execute("EXPLAIN " + _indexed_search_sql(self.dimension),
+                        {"q": np.asarray(query, dtype=np.float32).reshape(-1), "k": k})
+            return "\n".join(row[0] for row in cur.fetchall())
+
+    def search(self, query: np.ndarray, k: int) -> list[Hit]:
+        """The ``k`` stored images most similar to the unit vector ``query``, best first.
+
+        Small tables are scanned exactly (an approximate index buys nothing there and can miss), and so
+        is any table while its index is being rebuilt (``bulk_load``); large ones go through the HNSW index
+        with ``hnsw.ef_search`` raised to at least ``k``.
+        """
+        vector = np.asarray(query, dtype=np.float32).reshape(-1)
+        with self._cursor() as cur:
+            cur.execute(_COUNT_UP_TO, (self.exact_search_below,))
+            exact = cur.fetchone()[0] < self.exact_search_below
+            if not exact:
+                cur.execute(schema.INDEX_VALID)  # no index during a bulk load: every row is scanned, none missed
+                exact = not cur.fetchone()[0]
+            if exact:
+                cur.execute(_SEARCH_EXACT, {"q": vector, "k": k})
+            else:
+                cur.execute(_EF_SEARCH, (str(max(self.ef_search, k)),))
+                cur.execute(_indexed_search_sql(self.dimension), {"q": vector, "k": k})
+            rows = cur.fetchall()
+        return [
+            Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
+                processed_path=unescape(processed), file_hash=file_hash)
+            for i, (name, path, processed, file_hash, sim) in enumerate(rows, start=1)
+        ]

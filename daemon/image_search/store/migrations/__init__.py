@@ -1,0 +1,78 @@
+"""The store's numbered migrations: one module per step, ``NNNN_name.py``, applied in number order by
+``store.schema.migrate`` and recorded in ``image_search_schema`` (number, name, applied_at).
+
+How to add one (a metadata column, say): add the next file, e.g. ``0005_capture_time.py``, and nothing else::
+
+    \"\"\"image_embeddings.captured_at: when the picture was taken (EXIF), NULL where unknown.\"\"\"
+    NEEDS_DIMENSION = True  # it touches image_embeddings: wait until that table exists
+
+    ADD_CAPTURED_AT = "ALTER TABLE image_embeddings ADD COLUMN IF NOT EXISTS captured_at TIMESTAMPTZ"
+
+    def apply(context) -> bool:
+        context.cur.execute(ADD_CAPTURED_AT)
+        return True
+
+Every database gets it once, at the next start, under the schema lock; a new database gets it right
+after its table is created. What a step module may define:
+
+- ``apply(context) -> bool`` (required): do the step with ``context.cur`` (one transaction, under the
+  schema lock; ``context.dimension`` is the embeddings' vector size). Return True once done (it is then
+  recorded), False to wait for outside input (``context.supplied``, None until the caller of
+  ``migrate(..., supplied={number: input})`` gives it). ``context.result`` goes back to that caller.
+- ``NEEDS_DIMENSION = True``: the step touches ``image_embeddings``, so it waits until that table exists
+  or the model has confirmed the dimension (the table is created then, by 0002).
+- ``done_before(cur) -> bool``: True when a version older than the schema table already did the work
+  (recognised from what it left, e.g. an ``image_search_meta`` marker); the step is then recorded
+  without being run.
+
+Never change a step once released: a database that applied it will not apply it again. A step must
+not depend on the effect of an earlier step that may still be waiting (0003, the identity): a waiting
+step does not hold back the steps after it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+_STEP = re.compile(r"^(\d{4})_(\w+)$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    number: int
+    name: str
+    module: ModuleType
+
+    @property
+    def needs_dimension(self) -> bool:
+        return bool(getattr(self.module, "NEEDS_DIMENSION", False))
+
+    def done_before(self, cur: Any) -> bool:
+        check: Callable[[Any], bool] | None = getattr(self.module, "done_before", None)
+        return bool(check(cur)) if check is not None else False
+
+    def apply(self, context: Any) -> bool:
+        return bool(self.module.apply(context))
+
+
+@cache
+def discover() -> tuple[Migration, ...]:
+    """Every step in this package, by number; numbered 1, 2, 3... without a gap or a twin."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        matched = _STEP.match(info.name)
+        if matched:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            found.append(Migration(int(matched[1]), matched[2], module))
+    found.sort(key=lambda step: step.number)
+    numbers = [step.number for step in found]
+    if numbers != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"the store's migrations must be numbered 1, 2, 3... without gaps or twins: {numbers}")
+    return tuple(found)

@@ -1,0 +1,273 @@
+"""The schema's numbered migrations against the real embedded PostgreSQL: a fresh database gets every step
+and the version; a database as each earlier version left it (built here with that version's SQL) is
+brought to the current version once, at start, keeping its rows, ids and embeddings; services starting
+at once migrate once (the schema lock); a second start applies nothing.
+
+Each test has a database of its own on one shared server (``CREATE DATABASE``), so nothing leaks."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import types
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+from structlog.testing import capture_logs
+
+from tests.support.db import embedded_database
+from tests.support.waiting import wait_for
+
+from image_search.names import escape
+from image_search.store import IDENTITY, NAMES, SCHEMA_LOCK_KEY, Database, EmbeddingStore, FleetRegistry
+from image_search.store import migrations, schema
+
+pytestmark = pytest.mark.integration
+
+DIM = 8
+MODEL = "test-model"
+STEPS = {step.number: step.name for step in migrations.discover()}
+LATEST = max(STEPS)
+_names = itertools.count()
+
+# What the versions before the schema table wrote, as they wrote it.
+OLD_EMBEDDINGS = f"""
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE image_embeddings (
+    id BIGSERIAL PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    file_path TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    file_hash TEXT UNIQUE NOT NULL,
+    processed_path TEXT NOT NULL,
+    source_size BIGINT NOT NULL,
+    source_mtime_ns BIGINT NOT NULL,
+    model_name TEXT NOT NULL,
+    embedding vector({DIM}) NOT NULL
+);
+CREATE INDEX image_embeddings_file_path_idx ON image_embeddings (file_path);
+"""
+OLD_META = "CREATE TABLE image_search_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+# Three rows: two with names an earlier version stored raw (a newline, a backslash), one plain.
+RAW_NAMES = ["/photos/new\nline.png", "/photos/back\\slash.png", "/photos/plain.png"]
+COLUMNS = "id, file_path, file_name, file_hash, embedding::text"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    with embedded_database(tmp_path_factory.mktemp("schema")) as db:
+        yield db
+
+
+@pytest.fixture
+def connect(server: Database) -> Callable[[], psycopg2.extensions.connection]:
+    """Connections to a database of this test's own on the shared server."""
+    assert server.embedded is not None
+    name = f"schema_{next(_names)}"
+    admin = psycopg2.connect(server.embedded.uri)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    dsn = psycopg2.extensions.make_dsn(server.embedded.uri, dbname=name)
+    return lambda: psycopg2.connect(dsn)
+
+
+def sql(connect: Callable[[], psycopg2.extensions.connection], statement: str, params: tuple = ()) -> list[tuple]:
+    conn = connect()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def recorded(connect) -> dict[int, str]:
+    if not sql(connect, "SELECT to_regclass('image_search_schema') IS NOT NULL")[0][0]:
+        return {}
+    return dict(sql(connect, "SELECT number, name FROM image_search_schema"))
+
+
+def version(connect) -> int:
+    conn = connect()
+    try:
+        with conn, conn.cursor() as cur:
+            return schema.version(cur)
+    finally:
+        conn.close()
+
+
+def meta(connect) -> dict[str, str]:
+    return dict(sql(connect, "SELECT key, value FROM image_search_meta"))
+
+
+def rows(connect) -> list[tuple]:
+    return sql(connect, f"SELECT {COLUMNS} FROM image_embeddings ORDER BY id")
+
+
+def start(connect) -> EmbeddingStore:
+    """A service's start: join, open the store while the model loads, create the table once it confirmed."""
+    registry = FleetRegistry(connect)
+    registry.join(host="h", pid=1, model_name=MODEL, dimension=DIM, lease_s=30.0)
+    registry.close()
+    store = EmbeddingStore(connect, dimension=DIM)
+    if not store.has_table:
+        store.create_table()
+    return store
+
+
+def build_earlier_version(connect, version_name: str) -> None:
+    """A database as an earlier version left it: its table and rows (old hashes: MD5s of the processed
+    JPEGs), and its markers: none ("v0"), the identity only ("v1"), or both ("v2", whose names are
+    stored escaped already)."""
+    sql(connect, OLD_EMBEDDINGS)
+    for i, path in enumerate(RAW_NAMES):
+        stored = escape(path) if version_name == "v2" else path
+        sql(connect, "INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+                     "source_mtime_ns, model_name, embedding) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector)",
+            (stored, stored.rsplit("/", 1)[1], f"old{i}", f"/processed/{i}.jpg", MODEL,
+             str([float(i == j) for j in range(DIM)])))
+    if version_name != "v0":
+        sql(connect, OLD_META)
+        sql(connect, "INSERT INTO image_search_meta VALUES ('identity', %s)", (IDENTITY,))
+    if version_name == "v2":
+        sql(connect, "INSERT INTO image_search_meta VALUES ('names', %s)", (NAMES,))
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_a_fresh_database_gets_every_step_and_the_version(connect) -> None:
+    with capture_logs() as logs:
+        store = start(connect)
+    try:
+        assert recorded(connect) == STEPS
+        assert version(connect) == LATEST
+        assert [e["step"] for e in events(logs, "schema_migrated")] == sorted(STEPS)
+        assert meta(connect) == {"identity": IDENTITY, "names": NAMES}
+        assert not store.needs_identity_migration()
+        tables = {r[0] for r in sql(connect, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert tables == {"image_embeddings", "image_search_meta", "image_search_members", "image_search_claims",
+                          "image_search_schema"}
+    finally:
+        store.close()
+
+
+def test_steps_that_need_the_dimension_wait_for_the_table(connect) -> None:
+    """A start whose model has not confirmed the dimension yet creates no table of vectors."""
+    store = EmbeddingStore(connect, dimension=DIM)
+    try:
+        assert recorded(connect) == {1: STEPS[1]}
+        assert version(connect) == 1
+        assert sql(connect, "SELECT to_regclass('image_embeddings')") == [(None,)]
+        store.create_table()
+        assert recorded(connect) == STEPS
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("earlier", ["v0", "v1", "v2"])
+def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connect, earlier: str) -> None:
+    build_earlier_version(connect, earlier)
+    before = rows(connect)
+    with capture_logs() as logs:
+        store = start(connect)
+    try:
+        escaped = [escape(p) for p in RAW_NAMES]
+        after = rows(connect)
+        # Same rows, ids and embeddings; names as names.escape writes them.
+        assert [(r[0], r[3], r[4]) for r in after] == [(r[0], r[3], r[4]) for r in before]
+        assert [r[1] for r in after] == escaped
+        assert [e["rows"] for e in events(logs, "names_escaped")] == ([] if earlier == "v2" else [2])
+        if earlier == "v0":  # the identity waits for the files' hashes, which sync reads
+            assert recorded(connect) == {n: s for n, s in STEPS.items() if n != 3}
+            assert version(connect) == 2
+            assert store.needs_identity_migration()
+            assert store.migrate_identities({"old0": "new0", "old2": "new2"}) == 2
+            assert [r[3] for r in rows(connect)] == ["new0", "old1", "new2"]
+            assert [r[0] for r in rows(connect)] == [r[0] for r in before]
+        assert recorded(connect) == STEPS
+        assert version(connect) == LATEST
+        assert not store.needs_identity_migration()
+        assert meta(connect) == {"identity": IDENTITY, "names": NAMES}
+        assert store.migrate_identities({"new0": "newer0"}) == 0  # once only
+        migrated = rows(connect)
+    finally:
+        store.close()
+    with capture_logs() as logs:  # the next start: nothing left to do
+        start(connect).close()
+    assert events(logs, "schema_migrated") == [] and events(logs, "names_escaped") == []
+    assert rows(connect) == migrated
+
+
+def test_a_second_start_applies_nothing(connect) -> None:
+    start(connect).close()
+    first = sql(connect, "SELECT number, applied_at FROM image_search_schema ORDER BY number")
+    with capture_logs() as logs:
+        start(connect).close()
+    assert events(logs, "schema_migrated") == []
+    assert sql(connect, "SELECT number, applied_at FROM image_search_schema ORDER BY number") == first
+
+
+def waiting_for_schema_lock(connect) -> int:
+    [(count,)] = sql(connect, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                              "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                              "AND ((classid::bigint << 32) | objid::bigint) = %s", (SCHEMA_LOCK_KEY,))
+    return int(count)
+
+
+def test_services_starting_at_once_migrate_once(connect) -> None:
+    """Four migrations of one earlier-version database at once: the test holds the schema lock until all
+    four wait for it (so they did run at once), then lets them go; each step is applied once."""
+    build_earlier_version(connect, "v1")
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        conn = connect()
+        try:
+            schema.migrate(conn, dimension=DIM, create=True)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    gate = connect()
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    try:
+        with capture_logs() as logs:
+            gate.cursor().execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))  # held until commit
+            for t in threads:
+                t.start()
+            wait_for(lambda: waiting_for_schema_lock(connect) == 4, "all four migrations waiting for the schema lock")
+            gate.commit()
+            for t in threads:
+                t.join(timeout=60)
+    finally:
+        gate.close()
+    assert errors == []
+    assert sorted(e["step"] for e in events(logs, "schema_migrated")) == sorted(STEPS)
+    assert [e["rows"] for e in events(logs, "names_escaped")] == [2]
+    assert recorded(connect) == STEPS
+
+
+def test_a_new_step_is_a_new_module_applied_once_to_old_and_new_databases(connect, monkeypatch) -> None:
+    """What the migrations' docstring promises: adding a column is one more step, and nothing else."""
+    start(connect).close()
+    column = types.ModuleType("0005_captured_at")
+    column.NEEDS_DIMENSION = True  # type: ignore[attr-defined]
+    column.apply = lambda context: context.cur.execute(  # type: ignore[attr-defined]
+        "ALTER TABLE image_embeddings ADD COLUMN captured_at TIMESTAMPTZ") or True
+    steps = (*migrations.discover(), migrations.Migration(LATEST + 1, "captured_at", column))
+    monkeypatch.setattr(migrations, "discover", lambda: steps)
+    with capture_logs() as logs:
+        start(connect).close()
+        start(connect).close()  # ADD COLUMN without IF NOT EXISTS: a second run would fail
+    assert [e["step"] for e in events(logs, "schema_migrated")] == [LATEST + 1]
+    assert sql(connect, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'image_embeddings' "
+                        "AND column_name = 'captured_at'") == [(1,)]
+    assert version(connect) == LATEST + 1
