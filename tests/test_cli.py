@@ -25,7 +25,7 @@ import pytest
 
 from image_search.config import load_config
 from image_search.output import write_result_bundle
-from image_search.store import Hit
+from image_search.hits import Hit
 from tests.support.db import stopped_server_rows
 from tests.support.env import child_env
 from tests.support.files import read_jsonl, save_picture, write_config

@@ -20,7 +20,7 @@ from image_search.errors import OutputUnwritable
 from image_search.output import ImageQuery, TextQuery, text_query_stem, write_result_bundle
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
-from image_search.store import Hit
+from image_search.hits import Hit
 
 RED, GREEN, BLUE, ORANGE = (220, 30, 30), (30, 180, 60), (40, 60, 220), (250, 150, 20)
 

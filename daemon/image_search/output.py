@@ -32,7 +32,7 @@ from .errors import writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
-from .store import Hit
+from .hits import Hit
 
 log = structlog.get_logger(__name__)
 

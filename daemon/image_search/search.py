@@ -15,7 +15,8 @@ from .config import Config
 from .entries import LinkPolicy
 from .output import ImageQuery, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
-from .store import EmbeddingStore, Hit
+from .hits import Hit
+from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .errors import ExitCode, ImageSearchError, describe
 from .names import escape
 from .preprocess import THUMBNAIL_SIZE, thumbnail_path_for
-from .store import Hit
+from .hits import Hit
 
 THUMB = THUMBNAIL_SIZE  # the square each picture is fitted into (the indexer stores thumbnails of this size)
 PADDING = 12

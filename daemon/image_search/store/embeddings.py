@@ -18,6 +18,7 @@ import numpy as np
 import psycopg2.extensions
 from pgvector.psycopg2 import register_vector
 
+from ..hits import Hit
 from ..names import escape, unescape
 from . import schema
 from .bulk import BulkLoad
@@ -107,16 +108,6 @@ class SourceRecord:
     source_mtime_ns: int
     file_hash: str
     model_name: str
-
-
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    similarity: float
-    file_name: str
-    file_path: str
-    processed_path: str
-    file_hash: str
 
 
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
