@@ -12,9 +12,13 @@ this runner (see ``common.Section``):
    one-at-a-time path (ingest.py).
 2. search  - ``EmbeddingStore.search`` (HNSW) over 100,000 x 1024 vectors, recall and latency, versus
    the original full scan (search.py).
-3. service - the real ``image-search serve``: drop-to-result latency idle and under ingest, restart
+3. store   - writing 1024-d rows: binary COPY and a bulk index build against the text, row-by-row way,
+   and recall during a bulk load (store_write.py).
+4. ceiling - ``index`` of 5,000 small PNGs with a tiny 1024-d model against preprocessing alone on the
+   same files, and the in-process service's ingest against ``index`` on 2,000 of them (ceiling.py).
+5. service - the real ``image-search serve``: drop-to-result latency idle and under ingest, restart
    on unchanged files, memory (service.py).
-4. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
+6. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
    ``embed_pixels`` and ``index`` end to end (gpu.py).
 
 This module only parses the flags, runs the sections, prints the table and writes the JSON report
@@ -35,7 +39,7 @@ from tests.support.env import use_offline_hub
 
 use_offline_hub()  # before any section imports transformers
 
-from tests.benchmarks import gpu, ingest, preprocess, search, service, store_write  # noqa: E402
+from tests.benchmarks import ceiling, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -44,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # In the order they run and print. A new section: a module with a SECTION, added here.
 SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, store_write.SECTION,
-                                 service.SECTION, gpu.SECTION)
+                                 ceiling.SECTION, service.SECTION, gpu.SECTION)
 # Run only when asked for (--gpu, or --only gpu): it needs a CUDA device to mean anything.
 ON_REQUEST = {gpu.SECTION.name}
 FULL = {key: value for section in SECTIONS for key, value in section.full_sizes.items()}

@@ -1,0 +1,457 @@
+"""The ingest ceiling: ``index`` of many small images with a tiny 1024-d model (decoding and the model cost
+almost nothing, so whatever else limits the ingest shows), against preprocessing alone on the same files;
+and the service's ingest against ``index`` on the same files. All in one run, on one embedded PostgreSQL.
+
+- ``preprocess_only_img_s``: the worker pool alone (the indexer's own ``PreprocessPool``, just before the
+  ``index`` run below), driven as the indexer drives it (batches of batch-size, the next one submitted
+  before the current one is collected), started before the clock starts.
+- ``ingest_ceiling_img_s``: ``Indexer.index_folder`` (what ``image-search index`` runs once the model is
+  loaded) into an empty table, until every row is in and the HNSW index is built and valid (a bulk load
+  above ``BULK_LOAD_MIN_ROWS`` rows). The pool is started before the clock starts, as above.
+- ``service_ingest_vs_index``: the in-process service loop (``Service.step``, the real ``ImageIngest``;
+  no watchdog thread: its close-after-write events are put on the queue directly, all at once) over
+  ``index``'s rate on the same files, both into an empty table, both until the rows are searchable
+  through a valid index (or, below ``BULK_LOAD_MIN_ROWS`` rows, until they are in).
+  ``service_backlog_vs_index``: the same service started on a folder already holding the files (the
+  start-up backlog, bulk-loaded), timed from the end of ``Service.start`` (so the pool is started, and
+  only part of settle-seconds is in it).
+
+Where the time goes is measured too (nothing asserted): CPU milliseconds per image of this process (the
+main thread: embedding, writing, saving the processed copies), of the pool's workers and of the
+PostgreSQL server, and the main thread's wall time per stage of ``index``. On N cores no ingest beats
+N x 1000 / (all CPU ms per image), whatever overlaps.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.benchmarks.common import Bench, Metric, Report, Section, fresh_dir, link_or_copy, say, warm_page_cache
+from tests.support.files import save_picture, write_config
+from tests.support.model import TINY_DIMENSION
+
+DIMENSION = 1024
+IMAGE_SIZE = (160, 120)  # small PNGs: decoding costs almost nothing
+BATCH_SIZE = 16  # the indexer's batch-size (and the config's default)
+
+
+def ensure_pngs(folder: Path, count: int) -> list[Path]:
+    """``count`` distinct small PNGs, made once and reused (written through a rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img-{i:05d}.png" for i in range(count)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            partial = path.with_name(path.name + ".part")
+            save_picture(partial, seed=50_000 + i, size=IMAGE_SIZE, fmt="PNG")
+            os.replace(partial, path)
+    return paths
+
+
+def ensure_model(work: Path) -> Path:
+    """The tiny random CLIP with a 1024-d projection, made once under ``work``."""
+    from tests.support.model import save_tiny_clip
+
+    model_dir = work / "tiny-clip-1024"
+    if not (model_dir / "config.json").exists():
+        fresh_dir(model_dir)
+        save_tiny_clip(model_dir, projection_dim=DIMENSION)
+    return model_dir
+
+
+# --- CPU accounting ---------------------------------------------------------------------------------
+
+def _task_cpu_s(pid: int) -> float:
+    try:
+        on_cpu, _, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(on_cpu) / 1e9
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _postgres_cpu_s(pgdata: Path) -> float:
+    """CPU seconds of the embedded server so far: the postmaster, its live children, and its reaped ones."""
+    import psutil
+
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        master = psutil.Process(pid)
+        t = master.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in master.children(recursive=True):
+            try:
+                c = child.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:
+                pass
+        return total
+    except (OSError, ValueError, psutil.Error):
+        return float("nan")
+
+
+class CpuMeter:
+    """CPU seconds spent by this process, by given worker processes and by the PostgreSQL server."""
+
+    def __init__(self, pgdata: Path, worker_pids: Callable[[], list[int]]) -> None:
+        self.pgdata = pgdata
+        self.worker_pids = worker_pids
+
+    def __enter__(self) -> CpuMeter:
+        self._pids = self.worker_pids()
+        self._workers = {pid: _task_cpu_s(pid) for pid in self._pids}
+        self._process = time.process_time()
+        self._postgres = _postgres_cpu_s(self.pgdata)
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.process_s = time.process_time() - self._process
+        self.workers_s = sum(_task_cpu_s(pid) - before for pid, before in self._workers.items())
+        self.postgres_s = _postgres_cpu_s(self.pgdata) - self._postgres
+
+    def per_image_ms(self, n: int) -> dict[str, float]:
+        parts = {"main_process": self.process_s, "workers": self.workers_s, "postgres": self.postgres_s}
+        out = {name: round(1000 * s / n, 3) for name, s in parts.items()}
+        out["all"] = round(sum(out.values()), 3)
+        return out
+
+
+# --- the runs ---------------------------------------------------------------------------------------
+
+def _through_pool(pool, paths: list[Path], batch_size: int) -> int:
+    """As the indexer drives the pool: the next batch submitted before the current one is collected."""
+    from image_search.preprocess import PreprocessError
+
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    done = 0
+    ahead = pool.submit(batches[0])
+    for batch in [*batches[1:], None]:
+        current, ahead = ahead, (pool.submit(batch) if batch is not None else None)
+        outcomes = current.results()
+        failed = [o for o in outcomes if isinstance(o, PreprocessError)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} benchmark files failed, e.g. {failed[0]}")
+        done += len(outcomes)
+    return done
+
+
+def _fill(folder: Path, files: list[Path]) -> list[Path]:
+    """``folder`` holding exactly ``files`` (hard links); the paths inside it."""
+    for entry in os.scandir(folder):
+        os.unlink(entry.path)
+    placed = []
+    for src in files:
+        link_or_copy(src, folder / src.name)
+        placed.append(folder / src.name)
+    return placed
+
+
+def _index_valid(store) -> bool:
+    from image_search.store import HNSW_INDEX
+
+    with store._cursor() as cur:  # noqa: SLF001 - a benchmark looks at the catalog
+        cur.execute("SELECT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)), false)",
+                    (HNSW_INDEX,))
+        return bool(cur.fetchone()[0])
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reset(cfg, store) -> None:
+    store.clear()
+    fresh_dir(cfg.processed_directory)
+
+
+class StageTimer:
+    """Wall seconds the calling thread spends in each wrapped callable."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, attribute: str, stage: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+        self.replace(owner, attribute, timed)
+
+    def replace(self, owner: Any, attribute: str, value: Any) -> None:
+        """``owner.attribute = value`` until ``restore``."""
+        original = getattr(owner, attribute)
+        had_own = attribute in vars(owner)
+        setattr(owner, attribute, value)
+        self._undo.append(lambda: setattr(owner, attribute, original) if had_own else delattr(owner, attribute))
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def _instrument(stages: StageTimer, indexer, store) -> None:
+    """Time the stages of ``indexer``'s batches (and of ``index_folder``) on the calling thread."""
+    import image_search.indexer as indexer_module
+
+    stages.wrap(indexer_module, "compare_folder", "rescan (compare_folder)")
+    stages.wrap(indexer, "_outcomes", "waiting for the workers")
+    stages.wrap(indexer, "_embed", "embedding")
+    stages.wrap(indexer_module, "save_processed", "saving processed copies")
+    stages.wrap(store, "sources", "store lookups")
+    stages.wrap(store, "models_for_hashes", "store lookups")
+    stages.wrap(store, "upsert", "writing rows (upsert)")
+    original_begin = store.begin_bulk_load
+
+    def begin(rows: int):
+        bulk = original_begin(rows)
+        if bulk is not None:
+            stages.wrap(bulk, "finish", "building the index (bulk load finish)")
+        return bulk
+
+    store.begin_bulk_load = begin
+    stages._undo.append(lambda: vars(store).pop("begin_bulk_load", None))
+
+
+def run_index(cfg, embedder, store, sources: list[Path], *, pgdata: Path, profile: bool = False,
+              preprocess_only: Report | None = None) -> Report:
+    """``Indexer.index_folder`` over ``sources`` (already in the source folder) into an empty table. Given
+    ``preprocess_only`` (a dict), first fills it with ``run_preprocess_only`` on this indexer's own pool."""
+    from image_search.indexer import Indexer
+
+    _reset(cfg, store)
+    warm_page_cache(sources)
+    indexer = Indexer(cfg, embedder, store)
+    stages = StageTimer()
+    try:
+        pool = indexer._pool  # noqa: SLF001 - the benchmark drives the indexer's own pool
+        pool.wait_ready()  # started before the clock
+        if preprocess_only is not None:
+            preprocess_only.update(run_preprocess_only(pool, sources, pgdata=pgdata))
+        if profile:
+            _instrument(stages, indexer, store)
+        with CpuMeter(pgdata, indexer._pool.worker_pids) as cpu:  # noqa: SLF001
+            summary = indexer.index_folder(show_progress=False)
+    finally:
+        stages.restore()
+        indexer.close()
+    n = len(sources)
+    if summary.embedded != n or store.count() != n:
+        raise RuntimeError(f"index_folder embedded {summary.embedded} of {n} images ({store.count()} rows)")
+    valid = _index_valid(store)
+    from image_search.store import BULK_LOAD_MIN_ROWS
+
+    if n >= BULK_LOAD_MIN_ROWS and not valid:
+        raise RuntimeError("after index_folder the HNSW index is not valid")
+    out: Report = {"img_s": n / cpu.wall_s, "wall_s": cpu.wall_s, "cpu_ms_per_image": cpu.per_image_ms(n),
+                   "index_valid": valid, "bulk_load": n >= BULK_LOAD_MIN_ROWS}  # into an empty table: the rule
+    if profile:
+        accounted = sum(stages.seconds.values())
+        out["stages_s"] = {k: round(v, 3) for k, v in stages.seconds.items()}
+        out["stages_s"]["other (loop, summaries, pool hand-off)"] = round(cpu.wall_s - accounted, 3)
+    return out
+
+
+def run_preprocess_only(pool, sources: list[Path], *, pgdata: Path) -> Report:
+    """Preprocessing alone on ``pool`` (the indexer's, started), as the indexer drives it; nothing saved."""
+    _through_pool(pool, sources[:2 * BATCH_SIZE], BATCH_SIZE)  # first use stays out of the clock
+    with CpuMeter(pgdata, pool.worker_pids) as cpu:
+        done = _through_pool(pool, sources, BATCH_SIZE)
+    return {"img_s": done / cpu.wall_s, "wall_s": cpu.wall_s, "cpu_ms_per_image": cpu.per_image_ms(done)}
+
+
+def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlog: bool) -> Report:
+    """The in-process service over ``files``: dropped in while it runs (close-after-write events put on its
+    queue at once), or, with ``backlog``, already there when it starts. Until the rows are searchable."""
+    from image_search import sheet
+    from image_search.notify import Notifier
+    from image_search.runtime import Runtime
+    from image_search.service import Service, StopFlag
+    from image_search.store import BULK_LOAD_MIN_ROWS
+    from image_search.watch import Change, ChangeKind, Folder
+
+    _reset(cfg, store)
+    _fill(cfg.source_directory, [])
+    placed = _fill(cfg.source_directory, files) if backlog else []
+    warm_page_cache(files)
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    service = Service(Runtime(cfg, store, lambda: embedder), changes=changes, stop=StopFlag(),
+                      notifier=Notifier(environ={}))
+    n = len(files)
+    stages = StageTimer()
+    # The contact sheet's fonts (1-2.5 s here) are loaded by start(), before any clock: not loading them
+    # shortens the run and changes no number.
+    stages.replace(sheet, "warm_up", lambda: None)
+    try:
+        service.start()
+        assert service.ingest is not None
+        service.ingest.indexer._pool.wait_ready()  # noqa: SLF001 - as for index: started before the clock
+        if not backlog:
+            placed = _fill(cfg.source_directory, files)
+        bulk = service.ingest.bulk
+        _instrument(stages, service.ingest.indexer, store)
+        if bulk is not None:  # begun by start(): its build runs beside the loop, which waits for it at the end
+            stages.wrap(bulk, "finish", "building the index (bulk load finish, beside the loop)")
+        with CpuMeter(pgdata, service.ingest.indexer._pool.worker_pids) as cpu:  # noqa: SLF001
+            for path in [] if backlog else placed:
+                changes.put(Change(Folder.IMAGES, ChangeKind.CLOSED, path))
+            deadline = time.monotonic() + max(300.0, n * 0.5)
+            while service.indexed + service.skipped < n or len(service.images):
+                if not service.step():
+                    time.sleep(0.001)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the service indexed {service.indexed} of {n} files")
+            # Searchable: the bulk load's index built (beside the loop, which keeps stepping meanwhile).
+            while bulk is not None and (bulk._thread is None or bulk.building):  # noqa: SLF001
+                if not service.step():
+                    time.sleep(0.005)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the bulk load's index build did not finish")
+        if service.indexed != n or store.count() != n:
+            raise RuntimeError(f"the service indexed {service.indexed} of {n} files ({store.count()} rows)")
+        valid = _index_valid(store)
+        if n >= BULK_LOAD_MIN_ROWS and not valid:
+            raise RuntimeError("after the service's ingest the HNSW index is not valid")
+    finally:
+        stages.restore()
+        service.close()
+    accounted = sum(stages.seconds.values())
+    stages.seconds["other (the loop, waiting for the index build, settling)"] = cpu.wall_s - accounted
+    return {"img_s": n / cpu.wall_s, "wall_s": cpu.wall_s, "cpu_ms_per_image": cpu.per_image_ms(n),
+            "bulk_load": bulk is not None, "index_valid": valid,
+            "stages_s": {k: round(v, 3) for k, v in stages.seconds.items()}}
+
+
+def measure_ceiling(bench: Bench) -> Report:
+    from image_search.config import load_config
+    from image_search.embed import Embedder
+    from image_search.store import Database
+
+    section_started = time.monotonic()
+    n, m = int(bench.sizes["ceiling_images"]), int(bench.sizes["ceiling_service_files"])
+    files = ensure_pngs(bench.cache / "ceiling-png", max(n, m))
+    # --quick (a smoke test) takes the run's own tiny model, already made, rather than making another.
+    model_dir, dimension = (bench.model_dir, TINY_DIMENSION) if bench.quick else (ensure_model(bench.work), DIMENSION)
+    root = fresh_dir(bench.work / "ceiling")
+    cfg = load_config(write_config(root, model_dir, dimension=dimension, batch_size=BATCH_SIZE, settle_seconds=0.2))
+    embedder = Embedder.load(str(model_dir), device="cpu", dimension=dimension)
+    database = Database(cfg)
+    pgdata = cfg.state_directory / "pgdata"
+    load_before = os.getloadavg()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        store = database.open_store(dimension=dimension)
+        sources = _fill(cfg.source_directory, files[:n])
+        say(f"ceiling: preprocessing alone, then index of the same {n} {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} PNGs with a "
+            f"tiny {dimension}-d model, until searchable")
+        pre: Report = {}
+        idx = run_index(cfg, embedder, store, sources, pgdata=pgdata, profile=True, preprocess_only=pre)
+        say(f"ceiling: {idx['img_s']:.0f} img/s index, {pre['img_s']:.0f} img/s preprocessing alone "
+            f"({idx['img_s'] / pre['img_s']:.2f}x); CPU ms/img index {idx['cpu_ms_per_image']}, "
+            f"preprocessing {pre['cpu_ms_per_image']}; index stages {idx['stages_s']}")
+        # Diagnosis, not the product's setting: the same index with torch on one intra-op thread (the
+        # product leaves torch's default, one thread per core, beside one worker process per core).
+        # Full runs only, as is the start-up backlog below: --quick stays short.
+        one = None
+        if not bench.quick:
+            with torch_threads(1):
+                one = run_index(cfg, embedder, store, sources, pgdata=pgdata, profile=True)
+            say(f"ceiling: with torch on 1 thread (diagnosis) {one['img_s']:.0f} img/s "
+                f"({one['img_s'] / pre['img_s']:.2f}x preprocessing alone); CPU ms/img {one['cpu_ms_per_image']}; "
+                f"index stages {one['stages_s']}")
+
+        subset = files[:m]
+        say(f"ceiling: the service against index on the same {m} files")
+        # The same files as above (--quick): that index run is the baseline, measured in this run already.
+        idx_m = idx if m == n else run_index(cfg, embedder, store, _fill(cfg.source_directory, subset),
+                                             pgdata=pgdata, profile=True)
+        live = run_service(cfg, embedder, store, subset, pgdata=pgdata, backlog=False)
+        backlog = None if bench.quick else run_service(cfg, embedder, store, subset, pgdata=pgdata, backlog=True)
+        say(f"ceiling: {m} files: index {idx_m['img_s']:.0f} img/s, service (dropped in) {live['img_s']:.0f} img/s "
+            f"({live['img_s'] / idx_m['img_s']:.2f}x); CPU ms/img index {idx_m['cpu_ms_per_image']}, "
+            f"service {live['cpu_ms_per_image']}; stages: index {idx_m['stages_s']}, service {live['stages_s']}")
+        if backlog is not None:
+            say(f"ceiling: service (start-up backlog) {backlog['img_s']:.0f} img/s ({backlog['img_s'] / idx_m['img_s']:.2f}x "
+                f"index); CPU ms/img {backlog['cpu_ms_per_image']}; stages {backlog['stages_s']}")
+        store.close()
+    finally:
+        database.close()
+    load_after = os.getloadavg()
+    section_s = time.monotonic() - section_started
+    say(f"ceiling: section done in {section_s:.1f} s (load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
+        f"after, on {os.cpu_count()} cores)")
+    out: Report = {
+        "ceiling_images": n,
+        "ceiling_image_size": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
+        "ceiling_dimension": dimension,
+        "ingest_ceiling_img_s": idx["img_s"],
+        "preprocess_only_img_s": pre["img_s"],
+        "ingest_ceiling_vs_preprocess": idx["img_s"] / pre["img_s"],
+        "ingest_ceiling_index_valid": int(idx["index_valid"]),
+        "ingest_ceiling_cpu_ms_per_image": idx["cpu_ms_per_image"],
+        "preprocess_only_cpu_ms_per_image": pre["cpu_ms_per_image"],
+        "ingest_ceiling_stages_s": idx["stages_s"],
+        "ingest_ceiling_torch_threads": threads,
+        "service_ingest_files": m,
+        "service_ingest_index_img_s": idx_m["img_s"],
+        "service_ingest_img_s": live["img_s"],
+        "service_ingest_vs_index": live["img_s"] / idx_m["img_s"],
+        "service_ingest_cpu_ms_per_image": {"index": idx_m["cpu_ms_per_image"], "service": live["cpu_ms_per_image"]},
+        "service_ingest_stages_s": {"index": idx_m["stages_s"], "service": live["stages_s"]},
+        "service_ingest_bulk_load": {"index": int(idx_m["bulk_load"]), "service": int(live["bulk_load"])},
+        "ceiling_load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "ceiling_section_s": section_s,  # what the section costs a run (the smoke test's share with --quick)
+    }
+    if one is not None:
+        out.update(ingest_ceiling_img_s_torch_1_thread=one["img_s"],
+                   ingest_ceiling_torch_1_thread_vs_preprocess=one["img_s"] / pre["img_s"],
+                   ingest_ceiling_torch_1_thread_cpu_ms_per_image=one["cpu_ms_per_image"],
+                   ingest_ceiling_torch_1_thread_stages_s=one["stages_s"])
+    if backlog is not None:
+        out.update(service_backlog_img_s=backlog["img_s"], service_backlog_vs_index=backlog["img_s"] / idx_m["img_s"])
+        out["service_ingest_cpu_ms_per_image"]["service_backlog"] = backlog["cpu_ms_per_image"]
+        out["service_ingest_stages_s"]["service_backlog"] = backlog["stages_s"]
+        out["service_ingest_bulk_load"]["service_backlog"] = int(backlog["bulk_load"])
+    return out
+
+
+SECTION = Section(
+    name="ceiling",
+    run=measure_ceiling,
+    full_sizes={"ceiling_images": 5000, "ceiling_service_files": 2000},
+    quick_sizes={"ceiling_images": 40, "ceiling_service_files": 40},
+    metrics=(
+        Metric("preprocessing alone, small PNGs (worker pool)", "preprocess_only_img_s", "{:.0f} img/s"),
+        Metric("index, small PNGs, tiny 1024-d model, until searchable", "ingest_ceiling_img_s", "{:.0f} img/s"),
+        Metric("ingest ceiling vs preprocessing alone", "ingest_ceiling_vs_preprocess", "{:.2f}x", ">= 0.7",
+               lambda v, r: v >= 0.7),
+        Metric("service ingest (files dropped in)", "service_ingest_img_s", "{:.0f} img/s"),
+        Metric("service ingest vs index, same files", "service_ingest_vs_index", "{:.2f}x", ">= 0.9",
+               lambda v, r: v >= 0.9),
+        Metric("service start-up backlog vs index (full runs)", "service_backlog_vs_index", "{:.2f}x"),
+    ),
+    report_keys=("preprocess_only_img_s", "ingest_ceiling_img_s", "ingest_ceiling_vs_preprocess",
+                 "service_ingest_img_s", "service_ingest_vs_index"),
+)
