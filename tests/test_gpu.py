@@ -66,7 +66,7 @@ def test_nvjpeg_makes_what_the_cpu_path_makes(tmp_path: Path, orientation: int) 
 def test_nvjpeg_decodes_every_plain_kind_in_one_batch(tmp_path: Path, kind: str) -> None:
     """A mixed batch of one kind: each decoded on the device, none handed back to the CPU path."""
     from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg
-    from image_search.preprocess import fit_inside
+    from image_search.geometry import fit_inside
     from tests.support.jpegs import BOX, CLIP_224, LIMIT, save_jpeg
 
     options = {"baseline": {}, "progressive": {"progressive": True}, "444": {"subsampling": 0},

@@ -44,14 +44,20 @@ from PIL import Image
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import describe
 from .names import escape, unescape
-from .pixels import PixelSpec, crop_box, resize_target
-from .preprocess import (
+from .geometry import (
+    FIT_RESAMPLE,
     JPEG_QUALITY,
     THUMBNAIL_QUALITY,
-    THUMBNAIL_SIZE,
-    fit_inside,
-    source_identity,
+    THUMBNAIL_RESAMPLE,
+    exif_orientation,
+    model_crop,
+    model_resize,
+    processed_size,
+    thumbnail_size,
+    upright_transpose,
 )
+from .pixels import PixelSpec
+from .preprocess import source_identity
 from .workers import Outcome, PreprocessedFile, PreprocessPool
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
@@ -71,7 +77,6 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 # markers (lossless, hierarchical, arithmetic coding) take the CPU path.
 _PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
-_EXIF_ORIENTATION = 0x0112
 # In the state directory (DecodeQuarantine): the chunk a process is decoding (one file per process), the
 # files a dead process was decoding, and the mark of a death in the start-up check. One "<md5>\t<path>"
 # line per file; the start-up check's line has CHECK_KEY.
@@ -152,42 +157,46 @@ def read_plain_jpeg(path: Path, *, max_pixels: int, links: LinkPolicy | None = N
             # Pillow names a JPEG with more pictures (an MPF index) MPO: one picture, chosen by the CPU path.
             if im.format != "JPEG" or im.mode != "RGB" or im.size != (width, height):
                 return None
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+            orientation = exif_orientation(im)  # as the CPU path reads it (``geometry``)
     except Exception:  # anything Pillow does not like is the CPU path's to name
         return None
-    if orientation not in range(1, 9):
-        orientation = 1
     return PlainJpeg(Path(path), data, source_identity(data), width, height, orientation)
+
+
+# Pillow's turns and mirrors as torch operations on the last two dimensions of a (..., H, W) picture.
+# Which one an orientation needs is ``geometry``'s decision (``upright_transpose``), as on the CPU path.
+_TRANSPOSE_KERNELS = {
+    Image.Transpose.FLIP_LEFT_RIGHT: lambda t: t.flip(-1),
+    Image.Transpose.FLIP_TOP_BOTTOM: lambda t: t.flip(-2),
+    Image.Transpose.ROTATE_180: lambda t: t.flip((-2, -1)),
+    Image.Transpose.TRANSPOSE: lambda t: t.transpose(-2, -1),
+    Image.Transpose.TRANSVERSE: lambda t: t.transpose(-2, -1).flip((-2, -1)),
+    Image.Transpose.ROTATE_90: lambda t: torch.rot90(t, k=1, dims=(-2, -1)),
+    Image.Transpose.ROTATE_270: lambda t: torch.rot90(t, k=-1, dims=(-2, -1)),
+}
+# Pillow's filters as torch's interpolation modes (antialiased: the filters' support, as Pillow's); any
+# other filter is resized bicubic here, as it always was.
+_INTERPOLATION = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """A (3, H, W) picture turned as EXIF ``orientation`` says (what Pillow's ``exif_transpose`` does)."""
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip((-2, -1))
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(image, k=-1, dims=(-2, -1))
-    if orientation == 7:
-        return image.transpose(-2, -1).flip((-2, -1))
-    if orientation == 8:
-        return torch.rot90(image, k=1, dims=(-2, -1))
-    return image
+    turn = upright_transpose(orientation)
+    return image if turn is None else _TRANSPOSE_KERNELS[turn](image)
 
 
-def resize(image: torch.Tensor, size: tuple[int, int], *, bilinear: bool = False) -> torch.Tensor:
-    """A (3, H, W) uint8 picture resized to ``size`` (width, height), antialiased (Pillow's filters'
-    support, as torch's ``antialias=True`` computes them), rounded back to uint8."""
+def resize(image: torch.Tensor, size: tuple[int, int], resample: Image.Resampling = FIT_RESAMPLE) -> torch.Tensor:
+    """A (3, H, W) or (n, 3, H, W) uint8 picture resized to ``size`` (width, height) with Pillow's filter
+    ``resample`` (bicubic or bilinear), antialiased as torch's ``antialias=True`` computes Pillow's
+    filters' support, rounded back to uint8."""
     width, height = size
     if (image.shape[-1], image.shape[-2]) == (width, height):
         return image
-    scaled = F.interpolate(image[None].float(), size=(height, width), mode="bilinear" if bilinear else "bicubic",
+    batch = image if image.dim() == 4 else image[None]
+    scaled = F.interpolate(batch.float(), size=(height, width), mode=_INTERPOLATION.get(resample, "bicubic"),
                            antialias=True, align_corners=False)
-    return scaled[0].round_().clamp_(0, 255).to(torch.uint8)
+    scaled = scaled.round_().clamp_(0, 255).to(torch.uint8)
+    return scaled if image.dim() == 4 else scaled[0]
 
 
 def _chunks(files: Sequence[PlainJpeg]) -> list[Sequence[PlainJpeg]]:
@@ -426,11 +435,11 @@ class BatchedJpegDecoder:
                 continue
             upright = orient(picture, source.orientation)
             size = (upright.shape[-1], upright.shape[-2])
-            fitted.append(resize(upright, fit_inside(size, self.max_size)).contiguous())
+            fitted.append(resize(upright, processed_size(size, self.max_size)).contiguous())
             kept.append(index)
         if not fitted:
             return [None] * len(files)
-        thumbnails = [resize(p, fit_inside((p.shape[-1], p.shape[-2]), (THUMBNAIL_SIZE, THUMBNAIL_SIZE))).contiguous()
+        thumbnails = [resize(p, thumbnail_size((p.shape[-1], p.shape[-2])), THUMBNAIL_RESAMPLE).contiguous()
                       for p in fitted]
         jpegs = self._encode(fitted, JPEG_QUALITY)
         thumbs = self._encode(thumbnails, THUMBNAIL_QUALITY)
@@ -447,9 +456,8 @@ class BatchedJpegDecoder:
     def _model_input(self, picture: torch.Tensor) -> torch.Tensor:
         """The model's input from the fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``)."""
         spec = self.spec
-        resized = resize(picture, resize_target((picture.shape[-1], picture.shape[-2]), spec),
-                         bilinear=spec.resample == Image.Resampling.BILINEAR)
-        box = crop_box((resized.shape[-1], resized.shape[-2]), spec)
+        resized = resize(picture, model_resize((picture.shape[-1], picture.shape[-2]), spec), spec.resample)
+        box = model_crop((resized.shape[-1], resized.shape[-2]), spec)
         if box is not None:
             left, top, right, bottom = box
             resized = resized[:, top:bottom, left:right]

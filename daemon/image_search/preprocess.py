@@ -24,20 +24,30 @@ from pathlib import Path
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
 from .errors import UnusableFile
+from .geometry import (
+    FIT_REDUCING_GAP,
+    FIT_RESAMPLE,
+    JPEG_QUALITY,
+    THUMBNAIL_QUALITY,
+    THUMBNAIL_REDUCING_GAP,
+    THUMBNAIL_RESAMPLE,
+    THUMBNAIL_SIZE,  # noqa: F401  (sheet.py reads it from here)
+    decode_box,
+    exif_orientation,
+    fit_inside,
+    processed_size,
+    thumbnail_size,
+    upright_transpose,
+)
 from .names import fit_name, fits_path
 
-JPEG_QUALITY = 95
 PROCESSED_SUFFIX = ".jpg"
-# The contact sheet's picture size: a thumbnail this size is stored beside each processed JPEG, so a
-# sheet decodes ten small files instead of ten 1024 px ones (about 5 ms instead of 50).
-THUMBNAIL_SIZE = 256
-THUMBNAIL_QUALITY = 85
 # Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
 PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
@@ -52,9 +62,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit (checked from the header, before decoding) is the guard; Pillow's softer
 # warning between its limit and twice it would only be noise next to it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class PreprocessError(UnusableFile):
@@ -138,13 +145,6 @@ def read_source(path: Path, links: LinkPolicy | None = None) -> bytes:
     return data
 
 
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block must not cost the picture
-        return 1
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
     mode = im.mode
@@ -166,13 +166,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
-
-
-def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """The size of ``size`` scaled to fit inside ``box``, aspect kept, never enlarged."""
-    w, h = size
-    scale = min(box[0] / w, box[1] / h, 1.0)
-    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 # ISO base media file brands of HEIF-family still images (HEVC: heic..., AV1: avif, avis; generic: mif1).
@@ -220,21 +213,17 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
                 f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
                 f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
             )
-        orientation = _orientation(im)
-        box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
+        # Every size, turn and filter comes from ``geometry``, which the batched JPEG decoder uses too.
+        orientation = exif_orientation(im)
         if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
-            im.draft("RGB", fit_inside((src_w, src_h), box))
+            im.draft("RGB", fit_inside((src_w, src_h), decode_box(orientation, max_size)))
         im.load()
-        # exif_transpose reads orientation from im.getexif(); it survives draft().
-        oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-        rgb = _to_rgb(oriented)
-        target = fit_inside(rgb.size, max_size)
+        turn = upright_transpose(orientation)  # what exif_transpose does, read from the same EXIF tag
+        rgb = _to_rgb(im.transpose(turn) if turn is not None else im)
+        target = processed_size(rgb.size, max_size)
         if target != rgb.size:
-            # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
-            # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in
-            # pixel peeping; the model sees a 224-512 px version of this anyway.
-            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
     return rgb, (src_w, src_h)
@@ -266,9 +255,9 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
 
 
 def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
-    # fit_inside, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with the same function.
-    target = fit_inside(rgb.size, (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0) if target != rgb.size else rgb
+    # geometry.thumbnail_size, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with it too.
+    target = thumbnail_size(rgb.size)
+    small = rgb.resize(target, THUMBNAIL_RESAMPLE, reducing_gap=THUMBNAIL_REDUCING_GAP) if target != rgb.size else rgb
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
     return buffer.getvalue()
