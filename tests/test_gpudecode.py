@@ -27,9 +27,9 @@ from image_search.gpudecode import (
 )
 from image_search.indexer import Indexer
 from image_search.pixels import to_model_pixels
-from image_search.preprocess import preprocess_image, source_identity
+from image_search.preprocess import PreparedImage, preprocess_image, source_identity
 from image_search.store import Database
-from image_search.workers import PreprocessedFile, PreprocessPool
+from image_search.workers import PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
 from tests.support.gpu_crash import crash_then_restart
@@ -292,7 +292,7 @@ def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_r
         assert reader is not None
         outcomes = reader.submit([moved, paths[0]]).results()
         reader.close()
-    assert all(isinstance(o, PreprocessedFile) for o in outcomes) and reader.decoded_on_device == 1
+    assert all(isinstance(o, PreparedImage) for o in outcomes) and reader.decoded_on_device == 1
 
 
 def test_the_quarantine_takes_what_a_dead_process_left_and_leaves_a_running_ones(tmp_path) -> None:

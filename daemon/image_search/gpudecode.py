@@ -57,8 +57,8 @@ from .geometry import (
     upright_transpose,
 )
 from .pixels import PixelSpec
-from .preprocess import source_identity
-from .workers import Outcome, PreprocessedFile, PreprocessPool
+from .preprocess import PreparedImage, source_identity
+from .workers import Outcome, PreprocessPool
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
 # what the project chose (DEVELOPERS.md) and what this module is tested against.
@@ -357,7 +357,7 @@ def _parse_entries(data: bytes) -> dict[str, str]:
 
 
 class BatchedJpegDecoder:
-    """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
+    """Plain JPEGs to ``PreparedImage`` results on ``device``: the processed JPEG, its thumbnail and the
     model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
 
     def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec,
@@ -384,11 +384,11 @@ class BatchedJpegDecoder:
     def _in_flight(self, entries: Sequence[tuple[str, str]]):
         return self.quarantine.in_flight(entries) if self.quarantine is not None else nullcontext()
 
-    def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
+    def prepare(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
         """One result per file, in order; None for a file the decoder refused, or for a chunk the device
         could not finish (out of memory, a kernel error, any error): the CPU path takes those. A chunk
         that leaves the device broken (``_device_fault``) is quarantined as well."""
-        out: list[PreprocessedFile | None] = []
+        out: list[PreparedImage | None] = []
         for chunk in _chunks(files):
             entries = [(f.file_hash, str(f.path)) for f in chunk]
             try:
@@ -426,7 +426,7 @@ class BatchedJpegDecoder:
             return True
         return False
 
-    def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
+    def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
         decoded = self._decode_each([f.data for f in files])
         fitted: list[torch.Tensor] = []
         kept: list[int] = []
@@ -444,10 +444,10 @@ class BatchedJpegDecoder:
         jpegs = self._encode(fitted, JPEG_QUALITY)
         thumbs = self._encode(thumbnails, THUMBNAIL_QUALITY)
         model_inputs = torch.stack([self._model_input(p) for p in fitted])
-        out: list[PreprocessedFile | None] = [None] * len(files)
+        out: list[PreparedImage | None] = [None] * len(files)
         for row, index in enumerate(kept):
             source, picture = files[index], fitted[row]
-            out[index] = PreprocessedFile(
+            out[index] = PreparedImage(
                 path=source.path, jpeg_bytes=jpegs[row], file_hash=source.file_hash, width=picture.shape[-1],
                 height=picture.shape[-2], source_width=source.width, source_height=source.height,
                 thumbnail_jpeg=thumbs[row], pixels=model_inputs[row])

@@ -31,10 +31,10 @@ from PIL import Image
 
 from .pixels import to_model_pixels
 from .errors import writing_into
-from .preprocess import PreprocessError, processed_path_for, save_processed
+from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
-from .workers import BatchHandle, ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
+from .workers import BatchHandle, PreprocessPool
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
@@ -75,7 +75,7 @@ class IndexSummary:
 class PreparingBatch(Protocol):
     """A batch handed to the reader (``workers.BatchHandle``, ``gpudecode``'s batches): its outcomes."""
 
-    def results(self) -> Sequence[PreprocessedFile | PreprocessError]: ...
+    def results(self) -> Sequence[PreparedImage | PreprocessError]: ...
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class Indexer:
             batch.summary.merge(self._finish_batch(batch.candidates, self._outcomes(batch.preparing)))
         return batch.summary
 
-    def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreprocessedFile | PreprocessError]:
+    def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreparedImage | PreprocessError]:
         """Wait for a batch's outcomes, marked ``waiting_for_files``, calling ``heartbeat`` meanwhile."""
         self.waiting_for_files = True
         try:
@@ -229,9 +229,9 @@ class Indexer:
             yield batch
 
     def _finish_batch(self, batch: Sequence[_Candidate],
-                      outcomes: Sequence[PreprocessedFile | PreprocessError]) -> IndexSummary:
+                      outcomes: Sequence[PreparedImage | PreprocessError]) -> IndexSummary:
         summary = IndexSummary()
-        prepared: list[tuple[_Candidate, PreprocessedFile]] = []
+        prepared: list[tuple[_Candidate, PreparedImage]] = []
         for candidate, outcome in zip(batch, outcomes):
             if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
                 summary.deferred.append(candidate.path)
@@ -245,7 +245,7 @@ class Indexer:
 
         model = self.cfg.model_name
         stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
-        to_embed: list[tuple[_Candidate, PreprocessedFile, Path]] = []
+        to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
         claimed: set[str] = set()  # hashes taken by an earlier file of this batch
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)

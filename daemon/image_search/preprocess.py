@@ -19,8 +19,10 @@ import io
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pillow_heif
@@ -74,11 +76,26 @@ class IncompleteFile(PreprocessError):
     still_arriving = True
 
 
-@dataclass(frozen=True, eq=False)
-class ProcessedImage:
-    """What is stored for a source: its identity (``source_identity``), the processed JPEG, its sizes and
-    the contact sheet's thumbnail. Plain bytes and numbers: cheap to send between processes."""
+# The model's input from the normalised RGB picture (e.g. ``functools.partial(to_model_pixels, spec=...)``):
+# a top-level, picklable callable, since the worker pool sends it to every worker.
+ModelInput = Callable[[Image.Image], np.ndarray]
 
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """One prepared picture, from preprocessing to its row: the only such type, made alike by the CPU path
+    (``preprocess_image``, in a worker process or in this one) and by the batched JPEG decoder
+    (``gpudecode``). What is stored for the source is its identity (``source_identity``), the processed
+    JPEG, its sizes and the contact sheet's thumbnail; what the model gets is ``pixels``.
+
+    ``image``: the normalised RGB picture, only in the process that decoded it on the CPU path (a query,
+    the result bundle); None once it has crossed from a worker (plain bytes and numbers are cheap to send)
+    and from the GPU decoder. ``pixels``: the model's input (``model_input(image)``: an (H, W, 3) uint8
+    array from the CPU path, a tensor on the device from the GPU decoder), or None when none was asked for.
+    ``Embedder.embed_images`` takes it as it is.
+    """
+
+    path: Path
     jpeg_bytes: bytes = field(repr=False)
     file_hash: str
     width: int
@@ -86,13 +103,21 @@ class ProcessedImage:
     source_width: int
     source_height: int
     thumbnail_jpeg: bytes = field(repr=False)
+    image: Image.Image | None = field(default=None, repr=False)
+    pixels: np.ndarray | Any | None = field(default=None, repr=False)  # Any: a torch tensor (never imported here)
+
+    def without_image(self) -> PreparedImage:
+        """This picture without the PIL image: what crosses between processes."""
+        return replace(self, image=None) if self.image is not None else self
 
 
-@dataclass(frozen=True, eq=False)
-class PreparedImage(ProcessedImage):
-    """A normalised image in memory: what is stored, plus the RGB pixels for the model."""
+def normalised_pixels(image: Image.Image) -> np.ndarray:
+    """A ``model_input`` that returns the normalised RGB image itself, (H, W, 3) uint8.
 
-    image: Image.Image = field(repr=False)
+    For a model whose own processor still wants the full image: ``Image.fromarray(pixels)`` gives back
+    exactly the pixels ``preprocess_image`` produced (not a JPEG round trip of them).
+    """
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _md5(data: bytes = b"") -> hashlib._Hash:
@@ -179,9 +204,10 @@ def _is_heif_family(data: bytes) -> bool:
 
 
 def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
-                     links: LinkPolicy | None = None) -> PreparedImage:
+                     links: LinkPolicy | None = None, model_input: ModelInput | None = None) -> PreparedImage:
     """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used.
-    ``links``: which symbolic links may be followed to it (None: any, for a file named by the user)."""
+    ``links``: which symbolic links may be followed to it (None: any, for a file named by the user).
+    ``model_input``: makes the model's input (``pixels``) from the normalised picture; None: no pixels."""
     path = Path(path)
     source = read_source(path, links)
     try:
@@ -191,7 +217,9 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return PreparedImage(
+        path=path,
         image=rgb,
+        pixels=model_input(rgb) if model_input is not None else None,
         jpeg_bytes=buffer.getvalue(),
         file_hash=source_identity(source),
         width=rgb.width,
@@ -315,7 +343,7 @@ def thumbnail_path_for(processed: Path) -> Path:
     return processed.with_name(f"{_THUMBNAIL_PREFIX}{processed.name}{_THUMBNAIL_SUFFIX}")
 
 
-def save_processed(prepared: ProcessedImage, path: Path) -> None:
+def save_processed(prepared: PreparedImage, path: Path) -> None:
     """Store the processed JPEG and its thumbnail, unless identical ones are already there (a relink or a
     rescan of unchanged content writes nothing)."""
     try:
