@@ -4,7 +4,7 @@
   torchvision stream races, pytorch/vision PR 9606 and PR 8929);
 - a real device fault is detected (``_device_fault``) and its chunk quarantined; a process killed inside
   nvJPEG has its chunk sent to the CPU workers after the restart;
-- ``embed_pixels`` uploads from pinned host memory without blocking, and every vector is its own picture's;
+- ``embed_images`` of model-sized pixels uploads from pinned host memory without blocking, and every vector is its own picture's;
 - jina-clip's EVA attention runs through a fused SDPA kernel (never the N x N math path);
 - the compiled vision blocks embed as the eager ones at any batch size, without compiling again;
 - the ``--gpu`` benchmark's smoke run on CUDA.
@@ -164,7 +164,7 @@ def test_a_file_that_kills_nvjpeg_is_decoded_by_the_cpu_workers_after_the_restar
 # --- embedding ----------------------------------------------------------------------------------------
 
 
-def test_embed_pixels_uploads_from_pinned_memory_and_each_vector_is_its_own_pictures(tiny_model_dir: Path,
+def test_embed_images_of_pixels_uploads_from_pinned_memory_and_each_vector_is_its_own_pictures(tiny_model_dir: Path,
                                                                                      monkeypatch) -> None:
     """Many passes of a few pictures: each upload is a non-blocking copy from pinned host memory, and no
     pass reads another's bytes (a pinned buffer reused before its copy ran would). The vectors are the
@@ -186,14 +186,14 @@ def test_embed_pixels_uploads_from_pinned_memory_and_each_vector_is_its_own_pict
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     gpu.max_batch = 3
-    vectors = gpu.embed_pixels(pixels)
+    vectors = gpu.embed_images(pixels)
     assert pinned == [True] * math.ceil(len(pixels) / 3)
-    expected = cpu.embed_pixels(pixels)
+    expected = cpu.embed_images(pixels)
     cosines = np.sum(vectors * expected, axis=1)
     assert vectors.dtype == np.float32 and cosines.min() > 0.99, cosines.min()
     # Pictures decoded on the device (the batched decoder's rows) do not move, and embed the same.
     rows = list(torch.from_numpy(pixels[:5]).to(CUDA).unbind(0))
-    np.testing.assert_allclose(gpu.embed_pixel_rows(rows), vectors[:5], atol=5e-3)
+    np.testing.assert_allclose(gpu.embed_images(rows), vectors[:5], atol=5e-3)
 
 
 def test_eva_attention_runs_a_fused_sdpa_kernel_on_cuda() -> None:
@@ -230,7 +230,7 @@ def test_jina_clip_loads_in_bfloat16_with_fused_attention_and_embeds_as_on_the_c
     assert [e["modules"] for e in logs if e["event"] == "eva_attention_patched"] == [2]
     width, height = gpu.pixel_spec.output_size
     pixels = np.random.default_rng(1).integers(0, 256, (6, height, width, 3), dtype=np.uint8)
-    cosines = np.sum(gpu.embed_pixels(pixels) * cpu.embed_pixels(pixels), axis=1)
+    cosines = np.sum(gpu.embed_images(pixels) * cpu.embed_images(pixels), axis=1)
     assert cosines.min() > 0.98, cosines
 
 
@@ -253,7 +253,7 @@ def test_compiled_blocks_embed_as_the_eager_ones_on_cuda(family: str, tiny_model
     pixels = np.random.default_rng(0).integers(0, 256, (7, height, width, 3), dtype=np.uint8)
     with torch.compiler.set_stance("fail_on_recompile"):  # a pass that compiles again raises here
         for size in (1, 2, 4, 7):
-            np.testing.assert_allclose(compiled.embed_pixels(pixels[:size]), eager.embed_pixels(pixels[:size]),
+            np.testing.assert_allclose(compiled.embed_images(pixels[:size]), eager.embed_images(pixels[:size]),
                                        atol=2e-2, err_msg=f"batch of {size}")
 
 

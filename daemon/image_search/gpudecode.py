@@ -5,7 +5,7 @@ Camera JPEGs are most of a photo library, and decoding them is most of the CPU's
 read and hash a batch (file reads and MD5 release the GIL), nvJPEG decodes it in one call, and the
 orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder)
 and the model's input are all made on the device. Only the bytes to store come back to the host; the
-model's input stays there for ``Embedder.embed_pixels``.
+model's input stays there for ``Embedder.embed_images``.
 
 Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline or progressive, 8 bits, three
 components in YCbCr, one picture (not MPO), complete (ending in EOI), within the pixel limit. Anything

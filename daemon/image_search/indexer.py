@@ -20,17 +20,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from tqdm import tqdm
 
 from .config import Config
-import numpy as np
-from PIL import Image
-
-from .pixels import to_model_pixels
 from .errors import writing_into
+from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
@@ -268,7 +265,7 @@ class Indexer:
             to_embed.append((candidate, image, processed))
         if to_embed:
             started = time.monotonic()
-            vectors = self._embed([image.pixels for _, image, _ in to_embed])
+            vectors = self.embedder.embed_images([image for _, image, _ in to_embed])
             rows = [
                 EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
                              processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
@@ -280,11 +277,6 @@ class Indexer:
             summary.embedded += len(rows)
             log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
         return summary
-
-    def _embed(self, pixels: list[Any]) -> np.ndarray:
-        if self.embedder.pixel_spec is not None:  # the model's input is made: stack, upload, run
-            return self.embedder.embed_pixel_rows(pixels)
-        return self.embedder.embed_images([Image.fromarray(p) for p in pixels])
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""

@@ -1,4 +1,4 @@
-"""GPU: is the model fed? The forward pass alone, ``embed_pixels``, and ``index`` end to end, one run.
+"""GPU: is the model fed? The forward pass alone, ``embed_images`` of model-sized pixels, and ``index`` end to end, one run.
 
     uv run python -m tests.benchmarks.run --gpu [--only gpu]
 
@@ -7,7 +7,7 @@ Builds a random-weight CLIP ViT-L/14 at 224 px locally (transformers' ``CLIPConf
 
 - ``gpu_model_only_img_s``: ``get_image_features`` on a uint8 batch already on the device, normalised
   there, in forward passes of the size the embedder chose at load (its memory probe): the ceiling;
-- ``gpu_embed_img_s``: ``Embedder.embed_pixels`` on model-ready uint8 pictures in host memory (what
+- ``gpu_embed_img_s``: ``Embedder.embed_images`` on model-ready uint8 pictures in host memory (what
   the preprocessing workers hand the main thread): upload, normalise, forward, download;
 - ``gpu_ingest_img_s``: ``Indexer.index_folder`` end to end on generated 12 MP camera JPEGs (decode,
   orient, fit, JPEG, MD5 and the model's resize in worker processes; the forward pass; the rows);
@@ -99,10 +99,10 @@ def run(bench: Bench) -> Report:
                                                             for _ in range(passes)])
     say(f"gpu: model alone {model_only:.0f} img/s")
 
-    # 2. embed_pixels: host uint8 in, unit vectors out.
-    embedder.embed_pixels(pixels[:batch])  # warm-up
-    embed = images_per_s(n_pixels, lambda: embedder.embed_pixels(pixels))
-    say(f"gpu: embed_pixels {embed:.0f} img/s")
+    # 2. embed_images of model-sized pixels: host uint8 in, unit vectors out.
+    embedder.embed_images(pixels[:batch])  # warm-up
+    embed = images_per_s(n_pixels, lambda: embedder.embed_images(pixels))
+    say(f"gpu: embed_images {embed:.0f} img/s")
 
     # 3. index end to end on camera JPEGs: decoded by the CPU workers, then in batches on the device.
     camera = ensure_jpegs(bench.cache / "camera12mp", "cam", n_files, CAMERA_12MP if on_gpu else (1600, 1200),
@@ -177,7 +177,7 @@ SECTION = Section(
     quick_sizes={"gpu_pixels": 64, "gpu_files": 8, "gpu_eva_batch": 2},
     metrics=(
         Metric("GPU: model alone", "gpu_model_only_img_s", "{:.0f} img/s"),
-        Metric("GPU: embed_pixels / model alone", "gpu_embed_efficiency", "{:.2f}", ">= 0.85", lambda v, r: v >= 0.85),
+        Metric("GPU: embed_images / model alone", "gpu_embed_efficiency", "{:.2f}", ">= 0.85", lambda v, r: v >= 0.85),
         Metric("GPU: index end to end, CPU decode / model alone", "gpu_ingest_efficiency", "{:.2f}", ">= 0.5",
                lambda v, r: v >= 0.5),
         Metric("GPU: index end to end, GPU decode / model alone", "gpu_ingest_gpu_decode_efficiency", "{:.2f}",
