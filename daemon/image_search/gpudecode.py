@@ -61,7 +61,7 @@ from .preprocess import PreparedImage, source_identity
 from .workers import Outcome, PreprocessPool
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
-# what the project chose (DEVELOPERS.md) and what this module is tested against.
+# what this module is written and tested against (torchvision is a direct dependency: pyproject.toml).
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # noqa: E402
 
