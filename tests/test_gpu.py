@@ -62,14 +62,29 @@ def test_nvjpeg_makes_what_the_cpu_path_makes(tmp_path: Path, orientation: int) 
         assert thumb.format == "JPEG" and thumb.size == ref.size
 
 
-@pytest.mark.parametrize("kind", ["baseline", "progressive", "444", "422", "restart_markers"])
+def test_progressive_jpegs_are_not_sent_to_nvjpeg(tmp_path: Path) -> None:
+    """nvJPEG would decode them one at a time on the calling CPU thread: the CPU workers take them."""
+    from image_search.gpudecode import GpuJpegReader, BatchedJpegDecoder, read_plain_jpeg
+    from image_search.workers import PreprocessPool
+    from tests.support.jpegs import BOX, CLIP_224, LIMIT, save_jpeg
+
+    paths = [save_jpeg(tmp_path / "baseline.jpg"), save_jpeg(tmp_path / "progressive.jpg", progressive=True)]
+    assert read_plain_jpeg(paths[1], max_pixels=LIMIT) is None
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        reader = GpuJpegReader(pool, BatchedJpegDecoder("cuda", max_size=BOX, spec=CLIP_224), threads=1)
+        outcomes = reader.submit(paths).results()
+        reader.close()
+    assert reader.decoded_on_device == 1 and all(o.pixels is None for o in outcomes[1:])
+
+
+@pytest.mark.parametrize("kind", ["baseline", "444", "422", "restart_markers"])
 def test_nvjpeg_decodes_every_plain_kind_in_one_batch(tmp_path: Path, kind: str) -> None:
     """A mixed batch of one kind: each decoded on the device, none handed back to the CPU path."""
     from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg
     from image_search.geometry import fit_inside
     from tests.support.jpegs import BOX, CLIP_224, LIMIT, save_jpeg
 
-    options = {"baseline": {}, "progressive": {"progressive": True}, "444": {"subsampling": 0},
+    options = {"baseline": {}, "444": {"subsampling": 0},
                "422": {"subsampling": 1}, "restart_markers": {"restart_marker_blocks": 4}}[kind]
     paths = [save_jpeg(tmp_path / f"{kind}{i}.jpg", size=(640 + 16 * i, 480), seed=i, **options) for i in range(5)]
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]

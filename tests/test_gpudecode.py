@@ -19,10 +19,12 @@ from image_search.gpudecode import (
     CHECK_CRASHED_NAME,
     CHECK_KEY,
     IN_FLIGHT_PREFIX,
+    PROGRESSIVE_FRAME,
     QUARANTINE_NAME,
     BatchedJpegDecoder,
     DecodeQuarantine,
     open_gpu_reader,
+    _frame_header,
     read_plain_jpeg,
 )
 from image_search.indexer import Indexer
@@ -42,15 +44,23 @@ REPO = Path(__file__).resolve().parent.parent
 # --- which files it takes ---------------------------------------------------------------------------
 
 
-def test_plain_baseline_and_progressive_jpegs_are_taken_with_their_identity(tmp_path) -> None:
-    for name, options in (("baseline.jpg", {}), ("progressive.jpg", {"progressive": True}),
-                          ("rotated.jpg", {})):
+def test_plain_baseline_jpegs_are_taken_with_their_identity(tmp_path) -> None:
+    for name, options in (("baseline.jpg", {}), ("rotated.jpg", {})):
         path = save_jpeg(tmp_path / name, orientation=6 if name == "rotated.jpg" else 1, **options)
         source = read_plain_jpeg(path, max_pixels=LIMIT)
         assert source is not None, name
         assert source.file_hash == source_identity(path.read_bytes())
         assert (source.width, source.height) == (900, 600)
         assert source.orientation == (6 if name == "rotated.jpg" else 1)
+
+
+def test_progressive_jpegs_are_left_to_the_cpu_workers(tmp_path) -> None:
+    """nvJPEG decodes a progressive JPEG one at a time on the calling CPU thread: the workers do it better."""
+    path = save_jpeg(tmp_path / "progressive.jpg", progressive=True)
+    header = _frame_header(path.read_bytes())
+    assert header is not None and header[0] == PROGRESSIVE_FRAME  # a real SOF2 file
+    assert read_plain_jpeg(path, max_pixels=LIMIT) is None
+    assert read_plain_jpeg(save_jpeg(tmp_path / "baseline.jpg"), max_pixels=LIMIT) is not None
 
 
 def test_everything_else_is_left_to_the_cpu_path(tmp_path) -> None:
@@ -249,7 +259,7 @@ def test_batched_decoding_indexes_what_the_cpu_path_indexes_with_the_same_identi
         found = database_rows(database, ("file_name", "file_hash", "embedding::real[] AS embedding")) or []
         rows.append({r["file_name"]: r for r in found})
     (cpu_summary, cpu_on_device), (gpu_summary, gpu_on_device) = summaries
-    assert cpu_on_device == 0 and gpu_on_device == 6  # five plain JPEGs and the progressive one
+    assert cpu_on_device == 0 and gpu_on_device == 5  # five plain JPEGs; the progressive one took the CPU workers
     assert sorted(rows[0]) == sorted(rows[1]) == sorted(n for n, ok in expected.items() if ok)
     # Refusals: the same files, the same reasons, word for word.
     assert sorted((p.name, r) for p, r in cpu_summary.skipped) == sorted((p.name, r) for p, r in gpu_summary.skipped)

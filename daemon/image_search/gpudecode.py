@@ -7,7 +7,7 @@ orientation, the fit into the configured box, the processed JPEG and its thumbna
 and the model's input are all made on the device. Only the bytes to store come back to the host; the
 model's input stays there for ``Embedder.embed_images``.
 
-Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline or progressive, 8 bits, three
+Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline (sequential), 8 bits, three
 components in YCbCr, one picture (not MPO), complete (ending in EOI), within the pixel limit. Anything
 else, and any file nvJPEG refuses, takes the CPU path (``workers.PreprocessPool``) as it is, with its
 reasons and messages. The two paths make slightly different pixels (another IDCT, another resampler:
@@ -73,9 +73,12 @@ log = structlog.get_logger(__name__)
 DECODE_CHUNK = 32
 DECODE_CHUNK_PIXELS = 400_000_000
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
-# Huffman-coded baseline, extended sequential, progressive: what nvJPEG decodes. The other SOF
-# markers (lossless, hierarchical, arithmetic coding) take the CPU path.
-_PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+# Huffman-coded baseline and extended sequential: what nvJPEG decodes in its batched hardware path.
+# Progressive JPEGs (SOF2) take the CPU workers: nvJPEG decodes those one at a time on the calling CPU
+# thread (its hybrid path), slower than a worker per core and holding up the device's queue. The other
+# SOF markers (lossless, hierarchical, arithmetic coding) take the CPU path too.
+_PLAIN_FRAMES = frozenset({0xC0, 0xC1})
+PROGRESSIVE_FRAME = 0xC2
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
 # In the state directory (DecodeQuarantine): the chunk a process is decoding (one file per process), the
 # files a dead process was decoding, and the mark of a death in the start-up check. One "<md5>\t<path>"
