@@ -460,3 +460,92 @@ def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_pa
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=blocker) is None
     [event] = [e for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
     assert "cannot hold the decoder's crash quarantine" in event["reason"] and str(blocker) in event["reason"]
+
+
+# --- skipped decodes, grouped resizes, the encoder's thread -------------------------------------------
+
+
+def test_the_canary_finds_an_output_the_decoder_did_not_write() -> None:
+    """The decision: a picture still holding the canary pattern was skipped; a decoded one never is."""
+    from image_search.gpudecode import canary, skipped_decodes
+
+    written = torch_tensor(photo((40, 30), 1))
+    assert skipped_decodes([written, canary((3, 30, 40), "cpu"), None, canary((3, 1, 7), "cpu")]) == [1, 3]
+    assert skipped_decodes([written, None]) == [] and skipped_decodes([]) == []
+    flat = canary((3, 30, 40), "cpu").clone()
+    flat[:, -1, :] = 0  # written, even if only its last row: not skipped
+    assert skipped_decodes([flat]) == []
+
+
+def test_a_chunk_with_a_skipped_decode_goes_to_the_cpu_path(tmp_path, monkeypatch) -> None:
+    """A fake decoder that reports success but leaves one output as it found it (filled with the canary):
+    that chunk goes to the CPU path, with one warning naming the file; other chunks are decoded."""
+    from image_search import gpudecode
+    from image_search.gpudecode import canary
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 2)
+    real_decode = gpudecode.decode_jpeg
+
+    def decode_skipping_the_second_file(encoded, **options):
+        out = real_decode(encoded, **options)
+        return [canary(t.shape, "cpu") if bytes(e.numpy()) == bytes(sources[1].data) else t
+                for e, t in zip(encoded, out)]
+
+    monkeypatch.setattr(gpudecode, "decode_jpeg", decode_skipping_the_second_file)
+    with capture_logs() as logs:
+        results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).prepare(sources)
+    assert results[:2] == [None, None]
+    assert results[2] is not None and results[2].path == paths[2]
+    [skipped] = [e for e in logs if e["event"] == "gpu_jpeg_decode_skipped"]
+    assert skipped["files"] == [str(paths[1])] and skipped["chunk"] == 2
+
+
+def test_resizes_are_batched_per_shape_and_equal_one_by_one(monkeypatch) -> None:
+    from image_search import gpudecode
+    from image_search.gpudecode import resize, resize_each
+
+    pictures = [torch_tensor(photo(size, i)) for i, size in enumerate([(64, 48), (64, 48), (48, 64), (64, 48)])]
+    sizes = [(32, 24), (32, 24), (24, 32), (16, 12)]
+    expected = [resize(p, s) for p, s in zip(pictures, sizes)]
+    calls = []
+    real = gpudecode.F.interpolate
+
+    def counting(batch, **kwargs):
+        calls.append(batch.shape[0])
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(gpudecode.F, "interpolate", counting)
+    got = resize_each(pictures, sizes)
+    assert sorted(calls) == [1, 1, 2]  # the two of one shape going to one size in one call
+    assert all(g.equal(e) for g, e in zip(got, expected))
+    monkeypatch.setattr(gpudecode, "RESIZE_GROUP_PIXELS", 64 * 48)  # one picture's pixels a call at most
+    calls.clear()
+    assert all(g.equal(e) for g, e in zip(resize_each(pictures, sizes), expected)) and calls == [1, 1, 1, 1]
+
+
+def test_encoding_runs_off_the_calling_thread(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from image_search import gpudecode
+
+    threads = []
+    real_encode = gpudecode.encode_jpeg
+
+    def recording(pictures, quality):
+        threads.append(threading.current_thread().name)
+        return real_encode(pictures, quality=quality)
+
+    monkeypatch.setattr(gpudecode, "encode_jpeg", recording)
+    decoder = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224)
+    [result] = decoder.prepare([read_plain_jpeg(save_jpeg(tmp_path / "p.jpg"), max_pixels=LIMIT)])
+    decoder.close()
+    assert result is not None and len(threads) == 2
+    assert all(name.startswith("jpeg-encode") for name in threads) and threading.current_thread().name not in threads
+
+
+def torch_tensor(image: Image.Image):
+    import torch
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

@@ -359,9 +359,122 @@ def _parse_entries(data: bytes) -> dict[str, str]:
     return entries
 
 
+# Source pixels resized in one call (pictures of one shape going to one size are resized together): the
+# float32 working copies of one call stay under about 1 GB, whatever the chunk holds.
+RESIZE_GROUP_PIXELS = 64_000_000
+
+
+def resize_each(pictures: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
+                resample: Image.Resampling = FIT_RESAMPLE) -> list[torch.Tensor]:
+    """``resize(picture, size)`` for each pair, in order; the pictures of one shape going to one size in
+    one call (a camera's photos share both), at most ``RESIZE_GROUP_PIXELS`` source pixels a call."""
+    out: list[torch.Tensor | None] = [None] * len(pictures)
+    groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+    for index, (picture, size) in enumerate(zip(pictures, sizes, strict=True)):
+        groups.setdefault((tuple(picture.shape), tuple(size)), []).append(index)  # type: ignore[arg-type]
+    for (shape, size), indices in groups.items():
+        per_call = max(1, RESIZE_GROUP_PIXELS // max(1, shape[-1] * shape[-2]))
+        for start in range(0, len(indices), per_call):
+            part = indices[start:start + per_call]
+            batch = torch.stack([pictures[i] for i in part]) if len(part) > 1 else pictures[part[0]][None]
+            for index, resized in zip(part, resize(batch, size, resample).unbind(0)):
+                out[index] = resized
+    return out  # type: ignore[return-value]  # every index was filled
+
+
+# The canary against skipped decodes. nvJPEG's batched hardware decoder has been reported (on other GPUs)
+# to report success while skipping an image: its output is then whatever memory it was given, and that
+# would be embedded as if it were the picture. So before each decode the memory the outputs will take is
+# filled with a pattern no picture decodes to (bytes 0, 1, ..., 250, 0, 1, ...: flat index mod 251), and
+# after it each output's first and last rows are compared with it: an output still holding it was not
+# written, and its chunk goes to the CPU workers. torchvision allocates the outputs itself, through
+# torch's caching allocator, so the pattern is written into blocks of exactly the outputs' sizes that
+# are freed just before the call (the allocator hands them straight back). A pattern that did not land
+# (another allocator, a block split otherwise) cannot trip: it costs the protection, never a picture.
+# tests/test_gpu.py checks on a real device that it lands.
+CANARY_MODULUS = 251
+
+
+def canary(shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """A uint8 tensor of ``shape`` holding the canary pattern: what an output the decoder skipped holds."""
+    count = 1
+    for side in shape:
+        count *= int(side)
+    flat = torch.arange(count, device=device, dtype=torch.int64) % CANARY_MODULUS
+    return flat.to(torch.uint8).view(*shape)
+
+
+def _canary_rows(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The canary's first and last rows of a (3, H, W) output: (3, 2, W)."""
+    channels, height, width = (int(s) for s in shape)
+    flat = (torch.arange(channels, device=device)[:, None, None] * (height * width)
+            + torch.tensor([0, (height - 1) * width], device=device)[None, :, None]
+            + torch.arange(width, device=device)[None, None, :])
+    return (flat % CANARY_MODULUS).to(torch.uint8)
+
+
+def prime_canaries(shapes: Sequence[Sequence[int]], device: torch.device) -> None:
+    """Fill blocks of the decoder's output sizes with the canary and free them for its outputs to take."""
+    primed = [canary(shape, device) for shape in shapes]
+    del primed
+
+
+def skipped_decodes(pictures: Sequence[torch.Tensor | None]) -> list[int]:
+    """Indices of the decoded (3, H, W) pictures that still hold the canary: not written by the decoder.
+    One comparison per picture, one wait for all of them."""
+    checked = [(i, p) for i, p in enumerate(pictures) if p is not None and p.dim() == 3 and p.shape[-2] > 0]
+    if not checked:
+        return []
+    still = torch.stack([(p[:, [0, -1], :] == _canary_rows(p.shape, p.device)).all() for _, p in checked])
+    return [i for (i, _), hit in zip(checked, still.tolist()) if hit]
+
+
+def encode(pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
+    """(3, H, W) uint8 pictures as JPEG files (nvJPEG's encoder on CUDA)."""
+    return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
+
+
+class JpegEncoder:
+    """The processed JPEGs and thumbnails encoded on a thread of their own, so that the calling thread goes
+    on queueing the model's input meanwhile.
+
+    torchvision's encoder runs on a stream of its own, not ordered after the caller's (pytorch/vision
+    PR 8929). Two things keep it safe without draining the device: (1) it waits for an event recorded on
+    the caller's stream right after the kernels that made its pictures, so it never reads them half
+    made; (2) on CUDA its thread allocates on a side stream of its own, so the caching allocator never
+    hands it memory that work still queued on the caller's stream was freed from (the race of PR 9606),
+    and its own encodes are host-synchronous, one after another."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg-encode")
+        self._stream: torch.cuda.Stream | None = None  # made in the thread at its first job (CUDA only)
+
+    def submit(self, *jobs: tuple[Sequence[torch.Tensor], int]) -> Future[list[list[bytes]]]:
+        """Encode each (pictures, quality) job in the thread; its JPEG files, job by job."""
+        ready: torch.cuda.Event | None = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return self._thread.submit(self._encode_jobs, jobs, ready)
+
+    def _encode_jobs(self, jobs: Sequence[tuple[Sequence[torch.Tensor], int]],
+                     ready: torch.cuda.Event | None) -> list[list[bytes]]:
+        if ready is None:
+            return [encode(pictures, quality) for pictures, quality in jobs]
+        ready.synchronize()  # the pictures are made (an event, not a device-wide synchronisation)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            return [encode(pictures, quality) for pictures, quality in jobs]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
 class BatchedJpegDecoder:
     """Plain JPEGs to ``PreparedImage`` results on ``device``: the processed JPEG, its thumbnail and the
-    model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
+    model's input (``spec``), made as the CPU path makes them, with ``geometry``'s sizes, turns and filters."""
 
     def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec,
                  quarantine: DecodeQuarantine | None = None) -> None:
@@ -369,6 +482,10 @@ class BatchedJpegDecoder:
         self.max_size = max_size
         self.spec = spec
         self.quarantine = quarantine
+        self.encoder = JpegEncoder(self.device)
+
+    def close(self) -> None:
+        self.encoder.close()
 
     def check(self) -> str | None:
         """None when this device decodes and encodes JPEGs, else why not (one line)."""
@@ -378,7 +495,7 @@ class BatchedJpegDecoder:
         Image.new("RGB", (16, 8), (200, 30, 30)).save(probe, format="JPEG")
         try:
             with self._in_flight([(CHECK_KEY, "")]):
-                [picture] = self._decode([bytearray(probe.getvalue())])
+                [picture] = self._decode([bytearray(probe.getvalue())], [(3, 8, 16)])
                 self._encode([picture], JPEG_QUALITY)
         except Exception as exc:  # no nvJPEG in this build, a driver without it...
             return describe(exc)
@@ -389,17 +506,19 @@ class BatchedJpegDecoder:
 
     def prepare(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
         """One result per file, in order; None for a file the decoder refused, or for a chunk the device
-        could not finish (out of memory, a kernel error, any error): the CPU path takes those. A chunk
-        that leaves the device broken (``_device_fault``) is quarantined as well."""
+        could not finish (out of memory, a kernel error, a skipped decode, any error): the CPU path takes
+        those. A chunk that leaves the device broken (``_device_fault``) is quarantined as well."""
         out: list[PreparedImage | None] = []
         for chunk in _chunks(files):
             entries = [(f.file_hash, str(f.path)) for f in chunk]
             try:
-                self._synchronize()  # first: a fault left by earlier work (the model's) is not this chunk's
+                # First: a fault left by earlier work (the model's) is not this chunk's. Also the drain
+                # before the decode (``_decode``): nothing is queued between the two.
+                self._synchronize()
                 with self._in_flight(entries):
                     try:
                         prepared = self._prepare_chunk(chunk)
-                        self._synchronize()  # a fault of this chunk's kernels surfaces while it is written down
+                        self._wait_for_queued()  # a fault of this chunk's kernels surfaces while it is written down
                     except Exception:
                         # A kernel fault is raised as an error, and the process is likely to stop soon after
                         # (every later CUDA call fails): its files must not come back to the device.
@@ -419,6 +538,13 @@ class BatchedJpegDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _wait_for_queued(self) -> None:
+        """Wait for the work queued on this thread's stream (an event: other streams run on)."""
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
+
     def _device_fault(self) -> bool:
         """After an error: is the device itself broken? A CUDA kernel fault (an illegal address...) is
         sticky: every later call fails with it, a device synchronisation first. A refused file, or out of
@@ -430,23 +556,25 @@ class BatchedJpegDecoder:
         return False
 
     def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
-        decoded = self._decode_each([f.data for f in files])
-        fitted: list[torch.Tensor] = []
-        kept: list[int] = []
-        for index, (source, picture) in enumerate(zip(files, decoded)):
-            if picture is None or tuple(picture.shape) != (3, source.height, source.width):
-                continue
-            upright = orient(picture, source.orientation)
-            size = (upright.shape[-1], upright.shape[-2])
-            fitted.append(resize(upright, processed_size(size, self.max_size)).contiguous())
-            kept.append(index)
-        if not fitted:
+        decoded = self._decode_each([f.data for f in files], [(3, f.height, f.width) for f in files], drained=True)
+        skipped = skipped_decodes(decoded)
+        if skipped:
+            log.warning("gpu_jpeg_decode_skipped", files=[str(files[i].path) for i in skipped], chunk=len(files),
+                        detail="the decoder reported success without writing these pictures; the chunk is decoded "
+                               "by the CPU workers")
             return [None] * len(files)
-        thumbnails = [resize(p, thumbnail_size((p.shape[-1], p.shape[-2])), THUMBNAIL_RESAMPLE).contiguous()
-                      for p in fitted]
-        jpegs = self._encode(fitted, JPEG_QUALITY)
-        thumbs = self._encode(thumbnails, THUMBNAIL_QUALITY)
-        model_inputs = torch.stack([self._model_input(p) for p in fitted])
+        kept = [i for i, (source, picture) in enumerate(zip(files, decoded))
+                if picture is not None and tuple(picture.shape) == (3, source.height, source.width)]
+        if not kept:
+            return [None] * len(files)
+        upright = [orient(decoded[i], files[i].orientation) for i in kept]  # type: ignore[arg-type]
+        fitted = [p.contiguous() for p in resize_each(
+            upright, [processed_size((p.shape[-1], p.shape[-2]), self.max_size) for p in upright])]
+        thumbnails = [p.contiguous() for p in resize_each(
+            fitted, [thumbnail_size((p.shape[-1], p.shape[-2])) for p in fitted], THUMBNAIL_RESAMPLE)]
+        encoding = self.encoder.submit((fitted, JPEG_QUALITY), (thumbnails, THUMBNAIL_QUALITY))
+        model_inputs = self._model_inputs(fitted)  # queued while the encoder thread encodes
+        jpegs, thumbs = encoding.result()
         out: list[PreparedImage | None] = [None] * len(files)
         for row, index in enumerate(kept):
             source, picture = files[index], fitted[row]
@@ -456,36 +584,48 @@ class BatchedJpegDecoder:
                 thumbnail_jpeg=thumbs[row], pixels=model_inputs[row])
         return out
 
-    def _model_input(self, picture: torch.Tensor) -> torch.Tensor:
-        """The model's input from the fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``)."""
+    def _model_inputs(self, fitted: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's input from each fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``,
+        with ``geometry``'s sizes), resized in groups of one shape."""
         spec = self.spec
-        resized = resize(picture, model_resize((picture.shape[-1], picture.shape[-2]), spec), spec.resample)
-        box = model_crop((resized.shape[-1], resized.shape[-2]), spec)
-        if box is not None:
-            left, top, right, bottom = box
-            resized = resized[:, top:bottom, left:right]
-        return resized.permute(1, 2, 0)
+        resized = resize_each(fitted, [model_resize((p.shape[-1], p.shape[-2]), spec) for p in fitted], spec.resample)
+        out = []
+        for picture in resized:
+            box = model_crop((picture.shape[-1], picture.shape[-2]), spec)
+            if box is not None:
+                left, top, right, bottom = box
+                picture = picture[:, top:bottom, left:right]
+            out.append(picture.permute(1, 2, 0))
+        return out
 
-    def _decode(self, data: Sequence[bytearray]) -> list[torch.Tensor]:
+    def _decode(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
+                drained: bool = False) -> list[torch.Tensor]:
+        """One decode call. ``shapes``: the outputs' (3, H, W), for the canary (none without them);
+        ``drained``: the caller has just drained the device, with nothing queued since."""
         encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
+        if shapes is not None and self.device.type == "cuda":
+            prime_canaries(shapes, self.device)
+            drained = False  # the canary's fills are queued: they must be done before the decoder writes
         # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's: memory
         # freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
         # reproduced on H100s). Draining the device first avoids it.
-        self._synchronize()
+        if not drained:
+            self._synchronize()
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
-    def _decode_each(self, data: Sequence[bytearray]) -> list[torch.Tensor | None]:
+    def _decode_each(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
+                     drained: bool = False) -> list[torch.Tensor | None]:
         """The whole chunk in one call; when that fails (one odd file fails the call), file by file.
         An error that left the device broken is raised: it is no file's refusal."""
         try:
-            return list(self._decode(data))
+            return list(self._decode(data, shapes, drained=drained))
         except RuntimeError:
             if self._device_fault():
                 raise
         out: list[torch.Tensor | None] = []
-        for one in data:
+        for index, one in enumerate(data):
             try:
-                out.append(self._decode([one])[0])
+                out.append(self._decode([one], None if shapes is None else [shapes[index]])[0])
             except RuntimeError:
                 if self._device_fault():
                     raise
@@ -493,8 +633,9 @@ class BatchedJpegDecoder:
         return out
 
     def _encode(self, pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
-        self._synchronize()  # the encoder's stream, likewise (PR 8929)
-        return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
+        """Encode now (through the encoder's thread, ordered after the caller's stream: ``JpegEncoder``)."""
+        [jpegs] = self.encoder.submit((pictures, quality)).result()
+        return jpegs
 
 
 class _GpuBatch:
@@ -553,6 +694,7 @@ class GpuJpegReader:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
+        self.decoder.close()
         if self.decoder.quarantine is not None:
             self.decoder.quarantine.close()
 
@@ -562,6 +704,7 @@ def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: P
     """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why).
     Its quarantine lives in ``state_directory``; where that cannot be written, the CPU path is used."""
     quarantine: DecodeQuarantine | None = None
+    decoder: BatchedJpegDecoder | None = None
     try:
         quarantine = DecodeQuarantine(state_directory)
     except OSError as exc:
@@ -574,6 +717,8 @@ def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: P
     if problem is not None:
         log.warning("gpu_jpeg_decode_unavailable", device=str(device), reason=problem,
                     detail="JPEGs are decoded by the CPU workers")
+        if decoder is not None:
+            decoder.close()
         if quarantine is not None:
             quarantine.close()
         return None

@@ -40,8 +40,8 @@ def main(state_directory: Path, paths: list[Path]) -> None:
 
     real_decode_each = BatchedJpegDecoder._decode_each
 
-    def decode_then_fault(self, data):
-        decoded = real_decode_each(self, data)
+    def decode_then_fault(self, data, *args, **kwargs):
+        decoded = real_decode_each(self, data, *args, **kwargs)
         if any(FAULT_MARKER in bytes(d) for d in data):
             fault_on(self.device)
         return decoded
