@@ -2,6 +2,8 @@
 
 - nvJPEG decode and encode make what the CPU path makes, and the device is drained around them (the
   torchvision stream races, pytorch/vision PR 9606 and PR 8929);
+- progressive JPEGs go to the CPU workers; the canary lands in nvJPEG's outputs and catches an output left
+  unwritten; resizes batched per shape and the encoder's thread make what the one-by-one path made;
 - a real device fault is detected (``_device_fault``) and its chunk quarantined; a process killed inside
   nvJPEG has its chunk sent to the CPU workers after the restart;
 - ``embed_images`` of model-sized pixels uploads from pinned host memory without blocking, and every vector is its own picture's;
@@ -130,6 +132,53 @@ def test_the_decoder_and_encoder_are_ordered_after_the_callers_stream(tmp_path: 
         with Image.open(io.BytesIO(jpeg)) as im:
             wrong += int(abs(float(np.asarray(im.convert("L")).mean()) - value) > 3)
     assert (corrupted, wrong) == (0, 0)
+
+
+def test_the_canary_lands_where_the_decoder_writes_and_catches_an_unwritten_output(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """The canary is written through the caching allocator into blocks of the outputs' sizes: a decoder
+    that allocates its outputs and writes nothing (a skipped decode) leaves it there and is caught; the
+    real nvJPEG overwrites it, so a real decode never trips it."""
+    from image_search import gpudecode
+    from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg, skipped_decodes
+    from tests.support.jpegs import BOX, CLIP_224, LIMIT, save_jpeg
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(640 + 16 * i, 480), seed=i) for i in range(4)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    decoder = BatchedJpegDecoder(CUDA, max_size=BOX, spec=CLIP_224)
+    shapes = [(3, s.height, s.width) for s in sources]
+    real = decoder._decode([s.data for s in sources], shapes)
+    assert skipped_decodes(real) == []
+
+    def allocate_only(encoded, **options):  # what a skipped decode leaves: outputs allocated, never written
+        return [torch.empty(shape, dtype=torch.uint8, device=CUDA) for shape in shapes]
+
+    monkeypatch.setattr(gpudecode, "decode_jpeg", allocate_only)
+    unwritten = decoder._decode([s.data for s in sources], shapes)
+    assert skipped_decodes(unwritten) == [0, 1, 2, 3]
+    with capture_logs() as logs:
+        assert decoder.prepare(sources) == [None] * 4  # the chunk goes to the CPU workers
+    assert [e["event"] for e in logs if e["event"].startswith("gpu_jpeg")] == ["gpu_jpeg_decode_skipped"]
+    decoder.close()
+
+
+def test_batched_resizes_and_threaded_encodes_make_what_one_by_one_made(tmp_path: Path) -> None:
+    """Five photos of one camera shape (one resize call each for the fit, the thumbnail and the model's
+    input) and one of another: each result is what a chunk of one makes."""
+    from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg
+    from tests.support.jpegs import BOX, CLIP_224, LIMIT, pixels_of, save_jpeg
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(1200, 800) if i < 5 else (800, 1200), seed=i)
+             for i in range(6)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    decoder = BatchedJpegDecoder(CUDA, max_size=BOX, spec=CLIP_224)
+    together = decoder.prepare(sources)
+    alone = [decoder.prepare([s])[0] for s in sources]
+    decoder.close()
+    for a, b in zip(together, alone):
+        assert a is not None and b is not None and (a.width, a.height) == (b.width, b.height)
+        assert torch.equal(a.pixels, b.pixels)
+        assert np.abs(pixels_of(a.jpeg_bytes) - pixels_of(b.jpeg_bytes)).max() <= 1
 
 
 # --- a device fault and the quarantine ----------------------------------------------------------------
@@ -291,6 +340,9 @@ def test_the_gpu_benchmark_smoke_runs_on_cuda(tmp_path: Path) -> None:
     assert report["gpu_device"] == torch.cuda.get_device_name(0)
     for key in SECTION.report_keys:
         value = report[key]
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+        # A pixel difference may be 0 (nvJPEG and Pillow agreeing exactly); every other number is positive.
+        positive = value >= 0 if key.startswith("gpu_decode_diff_") else value > 0
+        assert isinstance(value, (int, float)) and math.isfinite(value) and positive, (key, value)
+    assert 0 < report["gpu_decode_cosine_min"] <= report["gpu_decode_cosine_mean"] <= 1 + 1e-6
     assert report["gpu_ingest_files"] == SECTION.quick_sizes["gpu_files"]
     assert report["gpu_eva_tokens"] == 1297  # jina-clip-v2's tower size, not the CPU smoke's

@@ -549,3 +549,36 @@ def torch_tensor(image: Image.Image):
     import torch
 
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+# --- the --gpu benchmark's decode agreement, on the CPU -----------------------------------------------
+
+
+def test_the_benchmarks_pixel_difference_and_cosine() -> None:
+    from tests.benchmarks.gpu import cosines, pixel_difference
+
+    a = np.zeros((4, 5, 3), dtype=np.uint8)
+    b = a.copy()
+    b[0, 0, 0], b[1, 1, 1] = 255, 6
+    high, mean = pixel_difference(a, b)
+    assert high == 255 and mean == pytest.approx(261 / 60)
+    assert pixel_difference(b, b) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different shapes"):
+        pixel_difference(a, b[:2])
+    vectors = np.array([[1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(cosines(vectors, np.array([[2.0, 0.0], [1.0, 1.0]])), [1.0, np.sqrt(0.5)])
+
+
+def test_the_benchmarks_decode_agreement_runs_on_the_cpu(tmp_path, tiny_model_dir) -> None:
+    """Every subsampling's max and mean, and the two paths' cosine: here torchvision's CPU decoder
+    (libjpeg-turbo, as Pillow's) stands in for nvJPEG, so only the plumbing and the keys are checked."""
+    from tests.benchmarks.gpu import SUBSAMPLINGS, decode_agreement
+
+    embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+    result = decode_agreement(tmp_path / "agreement", embedder, size=(96, 64), per_kind=2)
+    assert sorted(result) == sorted([f"gpu_decode_diff_{k}_{s}" for k in SUBSAMPLINGS for s in ("max", "mean")]
+                                    + ["gpu_decode_cosine_min", "gpu_decode_cosine_mean"])
+    for kind in SUBSAMPLINGS:
+        assert 0 <= result[f"gpu_decode_diff_{kind}_mean"] <= result[f"gpu_decode_diff_{kind}_max"] <= 255
+        assert result[f"gpu_decode_diff_{kind}_mean"] < 3
+    assert 0.99 < result["gpu_decode_cosine_min"] <= result["gpu_decode_cosine_mean"] <= 1.0 + 1e-6

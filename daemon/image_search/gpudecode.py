@@ -400,7 +400,7 @@ def canary(shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
     count = 1
     for side in shape:
         count *= int(side)
-    flat = torch.arange(count, device=device, dtype=torch.int64) % CANARY_MODULUS
+    flat = torch.arange(count, device=device, dtype=torch.int32) % CANARY_MODULUS
     return flat.to(torch.uint8).view(*shape)
 
 
