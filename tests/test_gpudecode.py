@@ -582,3 +582,18 @@ def test_the_benchmarks_decode_agreement_runs_on_the_cpu(tmp_path, tiny_model_di
         assert 0 <= result[f"gpu_decode_diff_{kind}_mean"] <= result[f"gpu_decode_diff_{kind}_max"] <= 255
         assert result[f"gpu_decode_diff_{kind}_mean"] < 3
     assert 0.99 < result["gpu_decode_cosine_min"] <= result["gpu_decode_cosine_mean"] <= 1.0 + 1e-6
+
+
+def test_one_device_wide_synchronisation_per_chunk(tmp_path, monkeypatch) -> None:
+    """The drain before the decode (the stream-race fix) is the chunk's one device-wide synchronisation;
+    the encoder and the end of the chunk wait on events."""
+    from image_search import gpudecode
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
+    calls = []
+    monkeypatch.setattr(BatchedJpegDecoder, "_synchronize", lambda self: calls.append(1))
+    decoder = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224)
+    results = decoder.prepare([read_plain_jpeg(p, max_pixels=LIMIT) for p in paths])
+    decoder.close()
+    assert all(r is not None for r in results) and len(calls) == 3

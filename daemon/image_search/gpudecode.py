@@ -512,8 +512,11 @@ class BatchedJpegDecoder:
         for chunk in _chunks(files):
             entries = [(f.file_hash, str(f.path)) for f in chunk]
             try:
-                # First: a fault left by earlier work (the model's) is not this chunk's. Also the drain
-                # before the decode (``_decode``): nothing is queued between the two.
+                if self.device.type == "cuda":
+                    prime_canaries([(3, f.height, f.width) for f in chunk], self.device)
+                # First: a fault left by earlier work (the model's) is not this chunk's. This is also the
+                # drain before the decode (``_decode``), the canary's fills included: nothing is queued
+                # between the two, so it is the chunk's one device-wide synchronisation.
                 self._synchronize()
                 with self._in_flight(entries):
                     try:
@@ -556,7 +559,7 @@ class BatchedJpegDecoder:
         return False
 
     def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
-        decoded = self._decode_each([f.data for f in files], [(3, f.height, f.width) for f in files], drained=True)
+        decoded = self._decode_each([f.data for f in files], [(3, f.height, f.width) for f in files], primed=True)
         skipped = skipped_decodes(decoded)
         if skipped:
             log.warning("gpu_jpeg_decode_skipped", files=[str(files[i].path) for i in skipped], chunk=len(files),
@@ -599,26 +602,25 @@ class BatchedJpegDecoder:
         return out
 
     def _decode(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
-                drained: bool = False) -> list[torch.Tensor]:
+                primed: bool = False) -> list[torch.Tensor]:
         """One decode call. ``shapes``: the outputs' (3, H, W), for the canary (none without them);
-        ``drained``: the caller has just drained the device, with nothing queued since."""
+        ``primed``: the caller has primed the canary and drained the device since, with nothing queued."""
         encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
-        if shapes is not None and self.device.type == "cuda":
-            prime_canaries(shapes, self.device)
-            drained = False  # the canary's fills are queued: they must be done before the decoder writes
-        # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's: memory
-        # freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
-        # reproduced on H100s). Draining the device first avoids it.
-        if not drained:
+        if not primed:
+            if shapes is not None and self.device.type == "cuda":
+                prime_canaries(shapes, self.device)
+            # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's:
+            # memory freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
+            # reproduced on H100s). Draining the device first avoids it (the canary's fills included).
             self._synchronize()
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
     def _decode_each(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
-                     drained: bool = False) -> list[torch.Tensor | None]:
-        """The whole chunk in one call; when that fails (one odd file fails the call), file by file.
-        An error that left the device broken is raised: it is no file's refusal."""
+                     primed: bool = False) -> list[torch.Tensor | None]:
+        """The whole chunk in one call; when that fails (one odd file fails the call), file by file (each
+        primed and drained again). An error that left the device broken is raised: it is no file's refusal."""
         try:
-            return list(self._decode(data, shapes, drained=drained))
+            return list(self._decode(data, shapes, primed=primed))
         except RuntimeError:
             if self._device_fault():
                 raise
