@@ -147,8 +147,19 @@ def test_the_canary_lands_where_the_decoder_writes_and_catches_an_unwritten_outp
     sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
     decoder = BatchedJpegDecoder(CUDA, max_size=BOX, spec=CLIP_224)
     shapes = [(3, s.height, s.width) for s in sources]
+    primed_at: list[int] = []
+    real_canary = gpudecode.canary
+
+    def remembering(shape, device):
+        block = real_canary(shape, device)
+        primed_at.append(block.data_ptr())
+        return block
+
+    monkeypatch.setattr(gpudecode, "canary", remembering)
     real = decoder._decode([s.data for s in sources], shapes)
     assert skipped_decodes(real) == []
+    # nvJPEG's outputs took the primed blocks: the pattern was where a skipped decode would have left it.
+    assert sorted(t.data_ptr() for t in real) == sorted(primed_at)
 
     def allocate_only(encoded, **options):  # what a skipped decode leaves: outputs allocated, never written
         return [torch.empty(shape, dtype=torch.uint8, device=CUDA) for shape in shapes]
