@@ -3,9 +3,12 @@
 Camera JPEGs are most of a photo library, and decoding them is most of the CPU's share of an ingest
 (issue 8: about 80 images/s on 16 cores, against 2,000 a second that ViT-L/14 embeds). Here threads
 read and hash a batch (file reads and MD5 release the GIL), nvJPEG decodes it in one call, and the
-orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder)
-and the model's input are all made on the device. Only the bytes to store come back to the host; the
-model's input stays there for ``Embedder.embed_images``.
+orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder, on
+a thread of its own) and the model's input are all made on the device, pictures of one shape resized
+together. Every size, turn and filter is ``geometry``'s, as on the CPU path; only the kernels are this
+module's. The result is the CPU path's type, ``preprocess.PreparedImage``: only the bytes to store come
+back to the host; the model's input stays there for ``Embedder.embed_images``. A canary catches a decode
+nvJPEG reports done but skipped (``skipped_decodes``).
 
 Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline (sequential), 8 bits, three
 components in YCbCr, one picture (not MPO), complete (ending in EOI), within the pixel limit. Anything
