@@ -51,7 +51,7 @@ def test_the_compiled_tower_embeds_as_the_eager_one_at_any_batch_size(family, ti
     pixels = np.random.default_rng(0).integers(0, 256, (7, height, width, 3), dtype=np.uint8)
     with torch.compiler.set_stance("fail_on_recompile"):  # a pass that compiles again raises here
         for size in (1, 2, 4, 7):
-            np.testing.assert_allclose(compiled.embed_pixels(pixels[:size]), eager.embed_pixels(pixels[:size]),
+            np.testing.assert_allclose(compiled.embed_images(pixels[:size]), eager.embed_images(pixels[:size]),
                                        atol=1e-5, err_msg=f"batch of {size}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from image_search.embed import (
     choose_dtype,
 )
 from image_search.pixels import PixelSpec, to_model_pixels
+from image_search.preprocess import normalised_pixels, preprocess_image
 from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG, jina_stand_in_model, jina_stand_in_processor, save_jina_stand_in
 
 pytestmark = pytest.mark.integration
@@ -64,7 +66,7 @@ def test_embeddings_are_unit_float32_and_deterministic(embedder: Embedder) -> No
     assert embedder.embed_images([]).shape == (0, TINY_DIMENSION)
 
 
-def test_embed_pixels_takes_model_sized_uint8_in_passes_of_max_batch(embedder: Embedder, monkeypatch) -> None:
+def test_embed_images_of_pixels_takes_model_sized_uint8_in_passes_of_max_batch(embedder: Embedder, monkeypatch) -> None:
     images = _pictures()
     assert embedder.pixel_spec is not None
     batch = np.stack([to_model_pixels(im, embedder.pixel_spec) for im in images])
@@ -78,13 +80,13 @@ def test_embed_pixels_takes_model_sized_uint8_in_passes_of_max_batch(embedder: E
 
     monkeypatch.setattr(embedder, "_forward", counting_forward)
     monkeypatch.setattr(embedder, "max_batch", 4)
-    np.testing.assert_allclose(embedder.embed_pixels(batch), expected, atol=1e-5)
+    np.testing.assert_allclose(embedder.embed_images(batch), expected, atol=1e-5)
     assert passes == [4, 2]  # the forward pass size is max_batch, not the caller's batch
-    assert embedder.embed_pixels(batch[:0]).shape == (0, TINY_DIMENSION)
+    assert embedder.embed_images(batch[:0]).shape == (0, TINY_DIMENSION)
     with pytest.raises(ValueError, match="uint8"):
-        embedder.embed_pixels(batch.astype(np.float32))
+        embedder.embed_images(batch.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(n, 32, 32, 3\)"):
-        embedder.embed_pixels(batch[:, :16])
+        embedder.embed_images(batch[:, :16])
 
 
 def test_pixels_decoded_on_the_device_embed_as_host_pixels_do(embedder: Embedder) -> None:
@@ -92,13 +94,28 @@ def test_pixels_decoded_on_the_device_embed_as_host_pixels_do(embedder: Embedder
     one batch may hold both: each gives the vector its pixels give."""
     assert embedder.pixel_spec is not None
     rows = [to_model_pixels(im, embedder.pixel_spec) for im in _pictures()]
-    expected = embedder.embed_pixels(np.stack(rows))
-    np.testing.assert_allclose(embedder.embed_pixels(torch.from_numpy(np.stack(rows))), expected, atol=1e-6)
+    expected = embedder.embed_images(np.stack(rows))
+    np.testing.assert_allclose(embedder.embed_images(torch.from_numpy(np.stack(rows))), expected, atol=1e-6)
     mixed = [torch.from_numpy(r.copy()) if i % 2 else r for i, r in enumerate(rows)]
-    np.testing.assert_allclose(embedder.embed_pixel_rows(mixed), expected, atol=1e-6)
-    np.testing.assert_allclose(embedder.embed_pixel_rows(rows), expected, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_images(mixed), expected, atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_images(rows), expected, atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        embedder.embed_pixels(torch.from_numpy(np.stack(rows)).float())
+        embedder.embed_images(torch.from_numpy(np.stack(rows)).float())
+
+
+def test_prepared_pictures_take_the_same_way_in(embedder: Embedder, tmp_path: Path) -> None:
+    """``embed_images`` is the one way in: a prepared picture with the model's input (the workers', the GPU
+    decoder's), one with only its image (a query's) and the PIL image itself give the same vector."""
+    assert embedder.pixel_spec is not None
+    path = tmp_path / "picture.png"
+    _pictures()[0].save(path)
+    with_image = preprocess_image(path, max_size=(64, 64), max_pixels=10**8)
+    with_pixels = preprocess_image(path, max_size=(64, 64), max_pixels=10**8,
+                                   model_input=functools.partial(to_model_pixels, spec=embedder.pixel_spec)).without_image()
+    assert with_pixels.image is None and with_pixels.pixels is not None
+    expected = embedder.embed_images([with_image.image])
+    np.testing.assert_allclose(embedder.embed_images([with_image, with_pixels]), np.concatenate([expected, expected]),
+                               atol=1e-5)
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(embedder: Embedder, monkeypatch) -> None:
@@ -133,8 +150,11 @@ def test_a_processor_not_mirrored_is_used_as_it_is(tmp_path: Path) -> None:
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         expected = torch.nn.functional.normalize(fallback._model.get_image_features(pixel_values=pixels), dim=-1)
     np.testing.assert_allclose(fallback.embed_images(images), expected.numpy(), atol=1e-5)
+    # The workers hand such a model the normalised picture itself: the same vectors.
+    from_workers = [normalised_pixels(im) for im in images]
+    np.testing.assert_allclose(fallback.embed_images(from_workers), expected.numpy(), atol=1e-5)
     with pytest.raises(RuntimeError, match="embed_images"):
-        fallback.embed_pixels(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+        fallback.embed_images(np.zeros((1, 32, 32, 3), dtype=np.uint8))
 
 
 def test_jina_pixels_on_the_device_equal_its_processor() -> None:
@@ -180,7 +200,7 @@ def test_a_jina_checkpoint_loads_through_the_fast_path_with_sdpa_attention(tmp_p
             jina = Embedder.load({str(model_dir)!r}, device="cpu", dimension=16)
         pictures = [Image.new("RGB", (90, 60), (200, 10, 10)), Image.new("RGB", (33, 70), (10, 200, 10))]
         vectors = jina.embed_images(pictures)
-        again = jina.embed_pixels(np.stack([to_model_pixels(p, jina.pixel_spec) for p in pictures]))
+        again = jina.embed_images(np.stack([to_model_pixels(p, jina.pixel_spec) for p in pictures]))
         attention = [m for m in jina._model.modules() if type(m).__name__ == "Attention"]
         print(json.dumps({{
             "family": jina.info.family, "native": jina.info.native_dimension,

@@ -19,17 +19,19 @@ from image_search.gpudecode import (
     CHECK_CRASHED_NAME,
     CHECK_KEY,
     IN_FLIGHT_PREFIX,
+    PROGRESSIVE_FRAME,
     QUARANTINE_NAME,
     BatchedJpegDecoder,
     DecodeQuarantine,
     open_gpu_reader,
+    _frame_header,
     read_plain_jpeg,
 )
 from image_search.indexer import Indexer
 from image_search.pixels import to_model_pixels
-from image_search.preprocess import preprocess_image, source_identity
+from image_search.preprocess import PreparedImage, preprocess_image, source_identity
 from image_search.store import Database
-from image_search.workers import PreprocessedFile, PreprocessPool
+from image_search.workers import PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
 from tests.support.gpu_crash import crash_then_restart
@@ -44,15 +46,23 @@ REPO = Path(__file__).resolve().parent.parent
 # --- which files it takes ---------------------------------------------------------------------------
 
 
-def test_plain_baseline_and_progressive_jpegs_are_taken_with_their_identity(tmp_path) -> None:
-    for name, options in (("baseline.jpg", {}), ("progressive.jpg", {"progressive": True}),
-                          ("rotated.jpg", {})):
+def test_plain_baseline_jpegs_are_taken_with_their_identity(tmp_path) -> None:
+    for name, options in (("baseline.jpg", {}), ("rotated.jpg", {})):
         path = save_jpeg(tmp_path / name, orientation=6 if name == "rotated.jpg" else 1, **options)
         source = read_plain_jpeg(path, max_pixels=LIMIT)
         assert source is not None, name
         assert source.file_hash == source_identity(path.read_bytes())
         assert (source.width, source.height) == (900, 600)
         assert source.orientation == (6 if name == "rotated.jpg" else 1)
+
+
+def test_progressive_jpegs_are_left_to_the_cpu_workers(tmp_path) -> None:
+    """nvJPEG decodes a progressive JPEG one at a time on the calling CPU thread: the workers do it better."""
+    path = save_jpeg(tmp_path / "progressive.jpg", progressive=True)
+    header = _frame_header(path.read_bytes())
+    assert header is not None and header[0] == PROGRESSIVE_FRAME  # a real SOF2 file
+    assert read_plain_jpeg(path, max_pixels=LIMIT) is None
+    assert read_plain_jpeg(save_jpeg(tmp_path / "baseline.jpg"), max_pixels=LIMIT) is not None
 
 
 def test_everything_else_is_left_to_the_cpu_path(tmp_path) -> None:
@@ -251,7 +261,7 @@ def test_batched_decoding_indexes_what_the_cpu_path_indexes_with_the_same_identi
         found = database_rows(database, ("file_name", "file_hash", "embedding::real[] AS embedding")) or []
         rows.append({r["file_name"]: r for r in found})
     (cpu_summary, cpu_on_device), (gpu_summary, gpu_on_device) = summaries
-    assert cpu_on_device == 0 and gpu_on_device == 6  # five plain JPEGs and the progressive one
+    assert cpu_on_device == 0 and gpu_on_device == 5  # five plain JPEGs; the progressive one took the CPU workers
     assert sorted(rows[0]) == sorted(rows[1]) == sorted(n for n, ok in expected.items() if ok)
     # Refusals: the same files, the same reasons, word for word.
     assert sorted((p.name, r) for p, r in cpu_summary.skipped) == sorted((p.name, r) for p, r in gpu_summary.skipped)
@@ -294,7 +304,7 @@ def test_a_file_that_kills_the_decoder_is_decoded_by_the_cpu_workers_after_the_r
         assert reader is not None
         outcomes = reader.submit([moved, paths[0]]).results()
         reader.close()
-    assert all(isinstance(o, PreprocessedFile) for o in outcomes) and reader.decoded_on_device == 1
+    assert all(isinstance(o, PreparedImage) for o in outcomes) and reader.decoded_on_device == 1
 
 
 def test_the_quarantine_takes_what_a_dead_process_left_and_leaves_a_running_ones(tmp_path) -> None:
@@ -452,3 +462,140 @@ def test_an_unwritable_state_directory_leaves_decoding_to_the_cpu_workers(tmp_pa
         assert open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=blocker) is None
     [event] = [e for e in logs if e["event"] == "gpu_jpeg_decode_unavailable"]
     assert "cannot hold the decoder's crash quarantine" in event["reason"] and str(blocker) in event["reason"]
+
+
+# --- skipped decodes, grouped resizes, the encoder's thread -------------------------------------------
+
+
+def test_the_canary_finds_an_output_the_decoder_did_not_write() -> None:
+    """The decision: a picture still holding the canary pattern was skipped; a decoded one never is."""
+    from image_search.gpudecode import canary, skipped_decodes
+
+    written = torch_tensor(photo((40, 30), 1))
+    assert skipped_decodes([written, canary((3, 30, 40), "cpu"), None, canary((3, 1, 7), "cpu")]) == [1, 3]
+    assert skipped_decodes([written, None]) == [] and skipped_decodes([]) == []
+    flat = canary((3, 30, 40), "cpu").clone()
+    flat[:, -1, :] = 0  # written, even if only its last row: not skipped
+    assert skipped_decodes([flat]) == []
+
+
+def test_a_chunk_with_a_skipped_decode_goes_to_the_cpu_path(tmp_path, monkeypatch) -> None:
+    """A fake decoder that reports success but leaves one output as it found it (filled with the canary):
+    that chunk goes to the CPU path, with one warning naming the file; other chunks are decoded."""
+    from image_search import gpudecode
+    from image_search.gpudecode import canary
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    sources = [read_plain_jpeg(p, max_pixels=LIMIT) for p in paths]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 2)
+    real_decode = gpudecode.decode_jpeg
+
+    def decode_skipping_the_second_file(encoded, **options):
+        out = real_decode(encoded, **options)
+        return [canary(t.shape, "cpu") if bytes(e.numpy()) == bytes(sources[1].data) else t
+                for e, t in zip(encoded, out)]
+
+    monkeypatch.setattr(gpudecode, "decode_jpeg", decode_skipping_the_second_file)
+    with capture_logs() as logs:
+        results = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224).prepare(sources)
+    assert results[:2] == [None, None]
+    assert results[2] is not None and results[2].path == paths[2]
+    [skipped] = [e for e in logs if e["event"] == "gpu_jpeg_decode_skipped"]
+    assert skipped["files"] == [str(paths[1])] and skipped["chunk"] == 2
+
+
+def test_resizes_are_batched_per_shape_and_equal_one_by_one(monkeypatch) -> None:
+    from image_search import gpudecode
+    from image_search.gpudecode import resize, resize_each
+
+    pictures = [torch_tensor(photo(size, i)) for i, size in enumerate([(64, 48), (64, 48), (48, 64), (64, 48)])]
+    sizes = [(32, 24), (32, 24), (24, 32), (16, 12)]
+    expected = [resize(p, s) for p, s in zip(pictures, sizes)]
+    calls = []
+    real = gpudecode.F.interpolate
+
+    def counting(batch, **kwargs):
+        calls.append(batch.shape[0])
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(gpudecode.F, "interpolate", counting)
+    got = resize_each(pictures, sizes)
+    assert sorted(calls) == [1, 1, 2]  # the two of one shape going to one size in one call
+    assert all(g.equal(e) for g, e in zip(got, expected))
+    monkeypatch.setattr(gpudecode, "RESIZE_GROUP_PIXELS", 64 * 48)  # one picture's pixels a call at most
+    calls.clear()
+    assert all(g.equal(e) for g, e in zip(resize_each(pictures, sizes), expected)) and calls == [1, 1, 1, 1]
+
+
+def test_encoding_runs_off_the_calling_thread(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from image_search import gpudecode
+
+    threads = []
+    real_encode = gpudecode.encode_jpeg
+
+    def recording(pictures, quality):
+        threads.append(threading.current_thread().name)
+        return real_encode(pictures, quality=quality)
+
+    monkeypatch.setattr(gpudecode, "encode_jpeg", recording)
+    decoder = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224)
+    [result] = decoder.prepare([read_plain_jpeg(save_jpeg(tmp_path / "p.jpg"), max_pixels=LIMIT)])
+    decoder.close()
+    assert result is not None and len(threads) == 2
+    assert all(name.startswith("jpeg-encode") for name in threads) and threading.current_thread().name not in threads
+
+
+def torch_tensor(image: Image.Image):
+    import torch
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+# --- the --gpu benchmark's decode agreement, on the CPU -----------------------------------------------
+
+
+def test_the_benchmarks_pixel_difference_and_cosine() -> None:
+    from tests.benchmarks.gpu import cosines, pixel_difference
+
+    a = np.zeros((4, 5, 3), dtype=np.uint8)
+    b = a.copy()
+    b[0, 0, 0], b[1, 1, 1] = 255, 6
+    high, mean = pixel_difference(a, b)
+    assert high == 255 and mean == pytest.approx(261 / 60)
+    assert pixel_difference(b, b) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different shapes"):
+        pixel_difference(a, b[:2])
+    vectors = np.array([[1.0, 0.0], [0.0, 2.0]])
+    np.testing.assert_allclose(cosines(vectors, np.array([[2.0, 0.0], [1.0, 1.0]])), [1.0, np.sqrt(0.5)])
+
+
+def test_the_benchmarks_decode_agreement_runs_on_the_cpu(tmp_path, tiny_model_dir) -> None:
+    """Every subsampling's max and mean, and the two paths' cosine: here torchvision's CPU decoder
+    (libjpeg-turbo, as Pillow's) stands in for nvJPEG, so only the plumbing and the keys are checked."""
+    from tests.benchmarks.gpu import SUBSAMPLINGS, decode_agreement
+
+    embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+    result = decode_agreement(tmp_path / "agreement", embedder, size=(96, 64), per_kind=2)
+    assert sorted(result) == sorted([f"gpu_decode_diff_{k}_{s}" for k in SUBSAMPLINGS for s in ("max", "mean")]
+                                    + ["gpu_decode_cosine_min", "gpu_decode_cosine_mean"])
+    for kind in SUBSAMPLINGS:
+        assert 0 <= result[f"gpu_decode_diff_{kind}_mean"] <= result[f"gpu_decode_diff_{kind}_max"] <= 255
+        assert result[f"gpu_decode_diff_{kind}_mean"] < 3
+    assert 0.99 < result["gpu_decode_cosine_min"] <= result["gpu_decode_cosine_mean"] <= 1.0 + 1e-6
+
+
+def test_one_device_wide_synchronisation_per_chunk(tmp_path, monkeypatch) -> None:
+    """The drain before the decode (the stream-race fix) is the chunk's one device-wide synchronisation;
+    the encoder and the end of the chunk wait on events."""
+    from image_search import gpudecode
+
+    paths = [save_jpeg(tmp_path / f"p{i}.jpg", size=(400, 300), seed=i) for i in range(3)]
+    monkeypatch.setattr(gpudecode, "DECODE_CHUNK", 1)
+    calls = []
+    monkeypatch.setattr(BatchedJpegDecoder, "_synchronize", lambda self: calls.append(1))
+    decoder = BatchedJpegDecoder("cpu", max_size=BOX, spec=CLIP_224)
+    results = decoder.prepare([read_plain_jpeg(p, max_pixels=LIMIT) for p in paths])
+    decoder.close()
+    assert all(r is not None for r in results) and len(calls) == 3

@@ -26,15 +26,16 @@ import pytest
 from PIL import Image
 
 from tests.support.files import save_picture
-from image_search.preprocess import IncompleteFile, PreprocessError, md5_hex, preprocess_image, save_processed
-from image_search.workers import (
-    PoolError,
-    PreprocessedFile,
-    PreprocessPool,
-    PreprocessSettings,
+from image_search.preprocess import (
+    IncompleteFile,
+    PreparedImage,
+    PreprocessError,
+    md5_hex,
     normalised_pixels,
-    preprocess_file,
+    preprocess_image,
+    save_processed,
 )
+from image_search.workers import PoolError, PreprocessPool, PreprocessSettings, preprocess_file
 
 pytestmark = pytest.mark.integration
 
@@ -153,19 +154,19 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
             "decompression bomb": bomb, "disappeared": tmp_path / "never-existed.jpg"}
 
 
-def reference(path: Path, model_input=None) -> PreprocessedFile | PreprocessError:
+def reference(path: Path, model_input=None) -> PreparedImage | PreprocessError:
     """What the in-process path gives for ``path``."""
     try:
         prepared = preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
     except PreprocessError as exc:
         return exc
-    return PreprocessedFile(path=path, jpeg_bytes=prepared.jpeg_bytes, file_hash=prepared.file_hash,
+    return PreparedImage(path=path, jpeg_bytes=prepared.jpeg_bytes, file_hash=prepared.file_hash,
                             width=prepared.width, height=prepared.height, source_width=prepared.source_width,
                             source_height=prepared.source_height, thumbnail_jpeg=prepared.thumbnail_jpeg,
                             pixels=None if model_input is None else model_input(prepared.image))
 
 
-def assert_same(actual: PreprocessedFile | PreprocessError, expected: PreprocessedFile | PreprocessError) -> None:
+def assert_same(actual: PreparedImage | PreprocessError, expected: PreparedImage | PreprocessError) -> None:
     assert type(actual) is type(expected), f"{actual!r} vs {expected!r}"
     if isinstance(expected, PreprocessError):
         assert (actual.path, actual.reason, str(actual)) == (expected.path, expected.reason, str(expected))
@@ -254,7 +255,7 @@ def test_every_rejection_reason_comes_back_word_for_word(bad_files, good_files):
         assert isinstance(refused, PreprocessError) and word in refused.reason, (word, refused)
         # The kind survives the process boundary: the service waits for an incomplete file, fails the rest.
         assert isinstance(refused, IncompleteFile) == (word in ("empty", "truncated")), (word, type(refused))
-    assert isinstance(outcomes[0], PreprocessedFile) and isinstance(outcomes[-1], PreprocessedFile)
+    assert isinstance(outcomes[0], PreparedImage) and isinstance(outcomes[-1], PreparedImage)
 
 
 def test_in_process_mode_gives_the_same_outcomes(good_files, bad_files):

@@ -5,13 +5,16 @@ Two families are supported through the same ``from_pretrained`` path and the sam
   truncation, then L2 normalisation (what its ``encode_image`` does, without its per-image PIL loop);
 - stock transformers CLIP and SigLIP: ``get_image_features``, then L2 normalisation.
 
-The fast path: the model's processor is read from its ``preprocessor_config.json`` (``pixels.py``),
-pictures are resized and cropped to the model's size in uint8 (by ``embed_images`` here, or by worker
-processes that call ``to_model_pixels``), and ``embed_pixels`` uploads the uint8 batch and does the
-rescale and normalisation on the device. A processor that ``pixels.py`` does not mirror is used as
-it is (slower, same results).
-Text queries go through the same model's text tower (``embed_texts``): jina-clip-v2's ``encode_text``
-with its ``retrieval.query`` task; CLIP/SigLIP: the model's tokenizer, then ``get_text_features``.
+One way in for pictures, ``embed_images``, whoever made them: the indexer's prepared pictures (from the
+CPU workers or the GPU decoder), a query's, PIL images, or model-sized uint8 pixels. The fast path: the
+model's processor is read from its ``preprocessor_config.json`` (``pixels.py``), pictures are resized
+and cropped to the model's size in uint8 (by the worker processes or the GPU decoder, which put it in
+``PreparedImage.pixels``, or here for a picture that comes without), and the uint8 batch is uploaded and
+rescaled and normalised on the device. A processor that ``pixels.py`` does not mirror is used as it is
+(slower, same results).
+One way in for words, ``embed_texts``, the text queries' (the same model's text tower): jina-clip-v2's
+``encode_text`` with its ``retrieval.query`` task; CLIP/SigLIP: the model's tokenizer, then
+``get_text_features``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ from PIL import Image
 from .errors import DimensionError, ModelLoadError, NoTextTower, describe
 from .eva_attention import patch_eva_attention
 from .pixels import PixelSpec, PixelSpecError, load_pixel_spec, to_model_pixels
+from .preprocess import PreparedImage
 
 log = structlog.get_logger(__name__)
+
+# What ``Embedder.embed_images`` takes, one per picture: a prepared picture (its ``pixels`` when it has
+# them, else its ``image``), a PIL image, or the model's input at its size, (H, W, 3) uint8, as a numpy
+# array or a tensor on any device.
+Picture = PreparedImage | Image.Image | np.ndarray | torch.Tensor
 
 # Images per forward pass on the CPU, and on CUDA until the probe at load has measured free memory.
 DEFAULT_MAX_BATCH = 64
@@ -86,8 +95,8 @@ class ModelInfo:
 
 
 class Embedder:
-    """A model kept in memory on one device. Use ``Embedder.load``; then ``embed_images`` or
-    ``embed_pixels`` any number of times."""
+    """A model kept in memory on one device. Use ``Embedder.load``; then ``embed_images`` (pictures) and
+    ``embed_texts`` (words) any number of times."""
 
     def __init__(self, model: Any, info: ModelInfo, device: torch.device, dtype: torch.dtype, dimension: int, *,
                  pixel_spec: PixelSpec | None, processor: Any = None, max_batch: int = DEFAULT_MAX_BATCH,
@@ -165,37 +174,39 @@ class Embedder:
                  model_input=None if spec is None else f"{spec.output_size[0]}x{spec.output_size[1]}")
         return embedder
 
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed RGB images: an (n, dimension) float32 array of unit vectors."""
-        if not images:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        if self.pixel_spec is not None:
-            spec = self.pixel_spec
-            return self.embed_pixels(np.stack([to_model_pixels(image, spec) for image in images]))
-        return self._in_passes(len(images), lambda start, stop: self._input.from_images(images[start:stop]))
+    def embed_images(self, pictures: Sequence[Picture] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """The one way in to the model for pictures: an (n, dimension) float32 array of unit vectors.
 
-    def embed_pixel_rows(self, rows: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
-        """``embed_pixels`` of pictures given one by one: (height, width, 3) uint8 arrays from the CPU
-        workers, tensors already on the device from the batched JPEG decoder, or both mixed."""
-        if all(isinstance(row, np.ndarray) for row in rows):
-            return self.embed_pixels(np.stack(rows))  # type: ignore[arg-type]
-        # torch.tensor copies a worker's array (read-only: it came through a pipe) instead of aliasing it.
-        return self.embed_pixels(torch.stack([(row if isinstance(row, torch.Tensor) else torch.tensor(row)).to(self.device)
-                                              for row in rows]))
-
-    def embed_pixels(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Embed pictures already at the model's size (``pixels.to_model_pixels``): an (n, height, width, 3)
-        uint8 array (or tensor, on any device) in, an (n, dimension) float32 array of unit vectors out.
+        ``pictures``: one ``Picture`` each (kinds may be mixed: the CPU workers' arrays and the GPU
+        decoder's tensors in one batch), or an (n, height, width, 3) uint8 batch already at the model's
+        size (``pixels.to_model_pixels``), as an array or a tensor on any device.
 
         Forward passes hold up to ``max_batch`` pictures, whatever ``n`` is. On a CUDA out-of-memory
         error the pass is split and the smaller size is kept for later passes, instead of dying.
         """
+        if isinstance(pictures, (np.ndarray, torch.Tensor)):
+            return self._embed_model_sized(pictures)
+        if not pictures:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        if self.pixel_spec is None:  # the model's own processor, on PIL images
+            images = [_as_image(picture) for picture in pictures]
+            return self._in_passes(len(images), lambda start, stop: self._input.from_images(images[start:stop]))
+        spec = self.pixel_spec
+        rows = [_model_sized(picture, spec) for picture in pictures]
+        if all(isinstance(row, np.ndarray) for row in rows):
+            return self._embed_model_sized(np.stack(rows))  # type: ignore[arg-type]
+        # torch.tensor copies a worker's array (read-only: it came through a pipe) instead of aliasing it.
+        return self._embed_model_sized(torch.stack([
+            (row if isinstance(row, torch.Tensor) else torch.tensor(row)).to(self.device) for row in rows]))
+
+    def _embed_model_sized(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``embed_images`` of an (n, height, width, 3) uint8 batch at the model's size (array or tensor)."""
         if self.pixel_spec is None:
             raise RuntimeError(f"model '{self.info.name}' has an image processor pixels.py does not mirror: "
-                               "use embed_images")
+                               "give embed_images pictures (PIL images, prepared pictures), not model-sized pixels")
         width, height = self.pixel_spec.output_size
         if batch.dtype not in (np.uint8, torch.uint8) or batch.ndim != 4 or tuple(batch.shape[1:]) != (height, width, 3):
-            raise ValueError(f"embed_pixels takes (n, {height}, {width}, 3) uint8 pictures, "
+            raise ValueError(f"embed_images takes model-sized pixels as (n, {height}, {width}, 3) uint8 pictures, "
                              f"not {batch.dtype} {tuple(batch.shape)}")
         if len(batch) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
@@ -282,6 +293,31 @@ class Embedder:
             raise NoTextTower(side.unavailable if side is not None and side.unavailable
                               else f"model '{self.info.name}' was loaded without its text side")
         return side
+
+
+def _model_sized(picture: Picture, spec: PixelSpec) -> np.ndarray | torch.Tensor:
+    """A picture as the model's input, (H, W, 3) uint8 (checked with the rest of its batch)."""
+    if isinstance(picture, PreparedImage):
+        if picture.pixels is not None:
+            return picture.pixels
+        if picture.image is None:
+            raise ValueError(f"prepared picture {picture.path} has neither pixels nor an image to embed")
+        picture = picture.image
+    if isinstance(picture, Image.Image):
+        return to_model_pixels(picture, spec)
+    return picture
+
+
+def _as_image(picture: Picture) -> Image.Image:
+    """A picture as a PIL image, for a model's own processor: a prepared picture's normalised pixels
+    (``preprocess.normalised_pixels``: exactly the picture, not a JPEG round trip) or image."""
+    if isinstance(picture, PreparedImage):
+        picture = picture.image if picture.image is not None else picture.pixels
+    if isinstance(picture, Image.Image):
+        return picture
+    if isinstance(picture, np.ndarray):
+        return Image.fromarray(picture)
+    raise TypeError(f"a model with its own image processor needs pictures on the host, not {type(picture).__name__}")
 
 
 def _is_jina_config(config: Any) -> bool:

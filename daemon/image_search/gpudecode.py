@@ -3,11 +3,14 @@
 Camera JPEGs are most of a photo library, and decoding them is most of the CPU's share of an ingest
 (issue 8: about 80 images/s on 16 cores, against 2,000 a second that ViT-L/14 embeds). Here threads
 read and hash a batch (file reads and MD5 release the GIL), nvJPEG decodes it in one call, and the
-orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder)
-and the model's input are all made on the device. Only the bytes to store come back to the host; the
-model's input stays there for ``Embedder.embed_pixels``.
+orientation, the fit into the configured box, the processed JPEG and its thumbnail (nvJPEG's encoder, on
+a thread of its own) and the model's input are all made on the device, pictures of one shape resized
+together. Every size, turn and filter is ``geometry``'s, as on the CPU path; only the kernels are this
+module's. The result is the CPU path's type, ``preprocess.PreparedImage``: only the bytes to store come
+back to the host; the model's input stays there for ``Embedder.embed_images``. A canary catches a decode
+nvJPEG reports done but skipped (``skipped_decodes``).
 
-Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline or progressive, 8 bits, three
+Only plain JPEGs come here (``read_plain_jpeg``): Huffman-coded baseline (sequential), 8 bits, three
 components in YCbCr, one picture (not MPO), complete (ending in EOI), within the pixel limit. Anything
 else, and any file nvJPEG refuses, takes the CPU path (``workers.PreprocessPool``) as it is, with its
 reasons and messages. The two paths make slightly different pixels (another IDCT, another resampler:
@@ -44,18 +47,24 @@ from PIL import Image
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import describe
 from .names import escape, unescape
-from .pixels import PixelSpec, crop_box, resize_target
-from .preprocess import (
+from .geometry import (
+    FIT_RESAMPLE,
     JPEG_QUALITY,
     THUMBNAIL_QUALITY,
-    THUMBNAIL_SIZE,
-    fit_inside,
-    source_identity,
+    THUMBNAIL_RESAMPLE,
+    exif_orientation,
+    model_crop,
+    model_resize,
+    processed_size,
+    thumbnail_size,
+    upright_transpose,
 )
-from .workers import Outcome, PreprocessedFile, PreprocessPool
+from .pixels import PixelSpec
+from .preprocess import PreparedImage, source_identity
+from .workers import Outcome, PreprocessPool
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
-# what the project chose (DEVELOPERS.md) and what this module is tested against.
+# what this module is written and tested against (torchvision is a direct dependency: pyproject.toml).
 warnings.filterwarnings("ignore", message=r".*TorchCodec.*")
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg  # noqa: E402
 
@@ -67,11 +76,13 @@ log = structlog.get_logger(__name__)
 DECODE_CHUNK = 32
 DECODE_CHUNK_PIXELS = 400_000_000
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
-# Huffman-coded baseline, extended sequential, progressive: what nvJPEG decodes. The other SOF
-# markers (lossless, hierarchical, arithmetic coding) take the CPU path.
-_PLAIN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+# Huffman-coded baseline and extended sequential: what nvJPEG decodes in its batched hardware path.
+# Progressive JPEGs (SOF2) take the CPU workers: nvJPEG decodes those one at a time on the calling CPU
+# thread (its hybrid path), slower than a worker per core and holding up the device's queue. The other
+# SOF markers (lossless, hierarchical, arithmetic coding) take the CPU path too.
+_PLAIN_FRAMES = frozenset({0xC0, 0xC1})
+PROGRESSIVE_FRAME = 0xC2
 _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC are not frames
-_EXIF_ORIENTATION = 0x0112
 # In the state directory (DecodeQuarantine): the chunk a process is decoding (one file per process), the
 # files a dead process was decoding, and the mark of a death in the start-up check. One "<md5>\t<path>"
 # line per file; the start-up check's line has CHECK_KEY.
@@ -152,42 +163,46 @@ def read_plain_jpeg(path: Path, *, max_pixels: int, links: LinkPolicy | None = N
             # Pillow names a JPEG with more pictures (an MPF index) MPO: one picture, chosen by the CPU path.
             if im.format != "JPEG" or im.mode != "RGB" or im.size != (width, height):
                 return None
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+            orientation = exif_orientation(im)  # as the CPU path reads it (``geometry``)
     except Exception:  # anything Pillow does not like is the CPU path's to name
         return None
-    if orientation not in range(1, 9):
-        orientation = 1
     return PlainJpeg(Path(path), data, source_identity(data), width, height, orientation)
+
+
+# Pillow's turns and mirrors as torch operations on the last two dimensions of a (..., H, W) picture.
+# Which one an orientation needs is ``geometry``'s decision (``upright_transpose``), as on the CPU path.
+_TRANSPOSE_KERNELS = {
+    Image.Transpose.FLIP_LEFT_RIGHT: lambda t: t.flip(-1),
+    Image.Transpose.FLIP_TOP_BOTTOM: lambda t: t.flip(-2),
+    Image.Transpose.ROTATE_180: lambda t: t.flip((-2, -1)),
+    Image.Transpose.TRANSPOSE: lambda t: t.transpose(-2, -1),
+    Image.Transpose.TRANSVERSE: lambda t: t.transpose(-2, -1).flip((-2, -1)),
+    Image.Transpose.ROTATE_90: lambda t: torch.rot90(t, k=1, dims=(-2, -1)),
+    Image.Transpose.ROTATE_270: lambda t: torch.rot90(t, k=-1, dims=(-2, -1)),
+}
+# Pillow's filters as torch's interpolation modes (antialiased: the filters' support, as Pillow's); any
+# other filter is resized bicubic here, as it always was.
+_INTERPOLATION = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """A (3, H, W) picture turned as EXIF ``orientation`` says (what Pillow's ``exif_transpose`` does)."""
-    if orientation == 2:
-        return image.flip(-1)
-    if orientation == 3:
-        return image.flip((-2, -1))
-    if orientation == 4:
-        return image.flip(-2)
-    if orientation == 5:
-        return image.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(image, k=-1, dims=(-2, -1))
-    if orientation == 7:
-        return image.transpose(-2, -1).flip((-2, -1))
-    if orientation == 8:
-        return torch.rot90(image, k=1, dims=(-2, -1))
-    return image
+    turn = upright_transpose(orientation)
+    return image if turn is None else _TRANSPOSE_KERNELS[turn](image)
 
 
-def resize(image: torch.Tensor, size: tuple[int, int], *, bilinear: bool = False) -> torch.Tensor:
-    """A (3, H, W) uint8 picture resized to ``size`` (width, height), antialiased (Pillow's filters'
-    support, as torch's ``antialias=True`` computes them), rounded back to uint8."""
+def resize(image: torch.Tensor, size: tuple[int, int], resample: Image.Resampling = FIT_RESAMPLE) -> torch.Tensor:
+    """A (3, H, W) or (n, 3, H, W) uint8 picture resized to ``size`` (width, height) with Pillow's filter
+    ``resample`` (bicubic or bilinear), antialiased as torch's ``antialias=True`` computes Pillow's
+    filters' support, rounded back to uint8."""
     width, height = size
     if (image.shape[-1], image.shape[-2]) == (width, height):
         return image
-    scaled = F.interpolate(image[None].float(), size=(height, width), mode="bilinear" if bilinear else "bicubic",
+    batch = image if image.dim() == 4 else image[None]
+    scaled = F.interpolate(batch.float(), size=(height, width), mode=_INTERPOLATION.get(resample, "bicubic"),
                            antialias=True, align_corners=False)
-    return scaled[0].round_().clamp_(0, 255).to(torch.uint8)
+    scaled = scaled.round_().clamp_(0, 255).to(torch.uint8)
+    return scaled if image.dim() == 4 else scaled[0]
 
 
 def _chunks(files: Sequence[PlainJpeg]) -> list[Sequence[PlainJpeg]]:
@@ -347,9 +362,122 @@ def _parse_entries(data: bytes) -> dict[str, str]:
     return entries
 
 
+# Source pixels resized in one call (pictures of one shape going to one size are resized together): the
+# float32 working copies of one call stay under about 1 GB, whatever the chunk holds.
+RESIZE_GROUP_PIXELS = 64_000_000
+
+
+def resize_each(pictures: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
+                resample: Image.Resampling = FIT_RESAMPLE) -> list[torch.Tensor]:
+    """``resize(picture, size)`` for each pair, in order; the pictures of one shape going to one size in
+    one call (a camera's photos share both), at most ``RESIZE_GROUP_PIXELS`` source pixels a call."""
+    out: list[torch.Tensor | None] = [None] * len(pictures)
+    groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+    for index, (picture, size) in enumerate(zip(pictures, sizes, strict=True)):
+        groups.setdefault((tuple(picture.shape), tuple(size)), []).append(index)  # type: ignore[arg-type]
+    for (shape, size), indices in groups.items():
+        per_call = max(1, RESIZE_GROUP_PIXELS // max(1, shape[-1] * shape[-2]))
+        for start in range(0, len(indices), per_call):
+            part = indices[start:start + per_call]
+            batch = torch.stack([pictures[i] for i in part]) if len(part) > 1 else pictures[part[0]][None]
+            for index, resized in zip(part, resize(batch, size, resample).unbind(0)):
+                out[index] = resized
+    return out  # type: ignore[return-value]  # every index was filled
+
+
+# The canary against skipped decodes. nvJPEG's batched hardware decoder has been reported (on other GPUs)
+# to report success while skipping an image: its output is then whatever memory it was given, and that
+# would be embedded as if it were the picture. So before each decode the memory the outputs will take is
+# filled with a pattern no picture decodes to (bytes 0, 1, ..., 250, 0, 1, ...: flat index mod 251), and
+# after it each output's first and last rows are compared with it: an output still holding it was not
+# written, and its chunk goes to the CPU workers. torchvision allocates the outputs itself, through
+# torch's caching allocator, so the pattern is written into blocks of exactly the outputs' sizes that
+# are freed just before the call (the allocator hands them straight back). A pattern that did not land
+# (another allocator, a block split otherwise) cannot trip: it costs the protection, never a picture.
+# tests/test_gpu.py checks on a real device that it lands.
+CANARY_MODULUS = 251
+
+
+def canary(shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """A uint8 tensor of ``shape`` holding the canary pattern: what an output the decoder skipped holds."""
+    count = 1
+    for side in shape:
+        count *= int(side)
+    flat = torch.arange(count, device=device, dtype=torch.int32) % CANARY_MODULUS
+    return flat.to(torch.uint8).view(*shape)
+
+
+def _canary_rows(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The canary's first and last rows of a (3, H, W) output: (3, 2, W)."""
+    channels, height, width = (int(s) for s in shape)
+    flat = (torch.arange(channels, device=device)[:, None, None] * (height * width)
+            + torch.tensor([0, (height - 1) * width], device=device)[None, :, None]
+            + torch.arange(width, device=device)[None, None, :])
+    return (flat % CANARY_MODULUS).to(torch.uint8)
+
+
+def prime_canaries(shapes: Sequence[Sequence[int]], device: torch.device) -> None:
+    """Fill blocks of the decoder's output sizes with the canary and free them for its outputs to take."""
+    primed = [canary(shape, device) for shape in shapes]
+    del primed
+
+
+def skipped_decodes(pictures: Sequence[torch.Tensor | None]) -> list[int]:
+    """Indices of the decoded (3, H, W) pictures that still hold the canary: not written by the decoder.
+    One comparison per picture, one wait for all of them."""
+    checked = [(i, p) for i, p in enumerate(pictures) if p is not None and p.dim() == 3 and p.shape[-2] > 0]
+    if not checked:
+        return []
+    still = torch.stack([(p[:, [0, -1], :] == _canary_rows(p.shape, p.device)).all() for _, p in checked])
+    return [i for (i, _), hit in zip(checked, still.tolist()) if hit]
+
+
+def encode(pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
+    """(3, H, W) uint8 pictures as JPEG files (nvJPEG's encoder on CUDA)."""
+    return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
+
+
+class JpegEncoder:
+    """The processed JPEGs and thumbnails encoded on a thread of their own, so that the calling thread goes
+    on queueing the model's input meanwhile.
+
+    torchvision's encoder runs on a stream of its own, not ordered after the caller's (pytorch/vision
+    PR 8929). Two things keep it safe without draining the device: (1) it waits for an event recorded on
+    the caller's stream right after the kernels that made its pictures, so it never reads them half
+    made; (2) on CUDA its thread allocates on a side stream of its own, so the caching allocator never
+    hands it memory that work still queued on the caller's stream was freed from (the race of PR 9606),
+    and its own encodes are host-synchronous, one after another."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg-encode")
+        self._stream: torch.cuda.Stream | None = None  # made in the thread at its first job (CUDA only)
+
+    def submit(self, *jobs: tuple[Sequence[torch.Tensor], int]) -> Future[list[list[bytes]]]:
+        """Encode each (pictures, quality) job in the thread; its JPEG files, job by job."""
+        ready: torch.cuda.Event | None = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return self._thread.submit(self._encode_jobs, jobs, ready)
+
+    def _encode_jobs(self, jobs: Sequence[tuple[Sequence[torch.Tensor], int]],
+                     ready: torch.cuda.Event | None) -> list[list[bytes]]:
+        if ready is None:
+            return [encode(pictures, quality) for pictures, quality in jobs]
+        ready.synchronize()  # the pictures are made (an event, not a device-wide synchronisation)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            return [encode(pictures, quality) for pictures, quality in jobs]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
 class BatchedJpegDecoder:
-    """Plain JPEGs to ``PreprocessedFile`` results on ``device``: the processed JPEG, its thumbnail and the
-    model's input (``spec``), made as the CPU path makes them (``preprocess_image``, ``to_model_pixels``)."""
+    """Plain JPEGs to ``PreparedImage`` results on ``device``: the processed JPEG, its thumbnail and the
+    model's input (``spec``), made as the CPU path makes them, with ``geometry``'s sizes, turns and filters."""
 
     def __init__(self, device: torch.device | str, *, max_size: tuple[int, int], spec: PixelSpec,
                  quarantine: DecodeQuarantine | None = None) -> None:
@@ -357,6 +485,10 @@ class BatchedJpegDecoder:
         self.max_size = max_size
         self.spec = spec
         self.quarantine = quarantine
+        self.encoder = JpegEncoder(self.device)
+
+    def close(self) -> None:
+        self.encoder.close()
 
     def check(self) -> str | None:
         """None when this device decodes and encodes JPEGs, else why not (one line)."""
@@ -366,7 +498,7 @@ class BatchedJpegDecoder:
         Image.new("RGB", (16, 8), (200, 30, 30)).save(probe, format="JPEG")
         try:
             with self._in_flight([(CHECK_KEY, "")]):
-                [picture] = self._decode([bytearray(probe.getvalue())])
+                [picture] = self._decode([bytearray(probe.getvalue())], [(3, 8, 16)])
                 self._encode([picture], JPEG_QUALITY)
         except Exception as exc:  # no nvJPEG in this build, a driver without it...
             return describe(exc)
@@ -375,19 +507,24 @@ class BatchedJpegDecoder:
     def _in_flight(self, entries: Sequence[tuple[str, str]]):
         return self.quarantine.in_flight(entries) if self.quarantine is not None else nullcontext()
 
-    def prepare(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
+    def prepare(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
         """One result per file, in order; None for a file the decoder refused, or for a chunk the device
-        could not finish (out of memory, a kernel error, any error): the CPU path takes those. A chunk
-        that leaves the device broken (``_device_fault``) is quarantined as well."""
-        out: list[PreprocessedFile | None] = []
+        could not finish (out of memory, a kernel error, a skipped decode, any error): the CPU path takes
+        those. A chunk that leaves the device broken (``_device_fault``) is quarantined as well."""
+        out: list[PreparedImage | None] = []
         for chunk in _chunks(files):
             entries = [(f.file_hash, str(f.path)) for f in chunk]
             try:
-                self._synchronize()  # first: a fault left by earlier work (the model's) is not this chunk's
+                if self.device.type == "cuda":
+                    prime_canaries([(3, f.height, f.width) for f in chunk], self.device)
+                # First: a fault left by earlier work (the model's) is not this chunk's. This is also the
+                # drain before the decode (``_decode``), the canary's fills included: nothing is queued
+                # between the two, so it is the chunk's one device-wide synchronisation.
+                self._synchronize()
                 with self._in_flight(entries):
                     try:
                         prepared = self._prepare_chunk(chunk)
-                        self._synchronize()  # a fault of this chunk's kernels surfaces while it is written down
+                        self._wait_for_queued()  # a fault of this chunk's kernels surfaces while it is written down
                     except Exception:
                         # A kernel fault is raised as an error, and the process is likely to stop soon after
                         # (every later CUDA call fails): its files must not come back to the device.
@@ -407,6 +544,13 @@ class BatchedJpegDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _wait_for_queued(self) -> None:
+        """Wait for the work queued on this thread's stream (an event: other streams run on)."""
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
+
     def _device_fault(self) -> bool:
         """After an error: is the device itself broken? A CUDA kernel fault (an illegal address...) is
         sticky: every later call fails with it, a device synchronisation first. A refused file, or out of
@@ -417,64 +561,76 @@ class BatchedJpegDecoder:
             return True
         return False
 
-    def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreprocessedFile | None]:
-        decoded = self._decode_each([f.data for f in files])
-        fitted: list[torch.Tensor] = []
-        kept: list[int] = []
-        for index, (source, picture) in enumerate(zip(files, decoded)):
-            if picture is None or tuple(picture.shape) != (3, source.height, source.width):
-                continue
-            upright = orient(picture, source.orientation)
-            size = (upright.shape[-1], upright.shape[-2])
-            fitted.append(resize(upright, fit_inside(size, self.max_size)).contiguous())
-            kept.append(index)
-        if not fitted:
+    def _prepare_chunk(self, files: Sequence[PlainJpeg]) -> list[PreparedImage | None]:
+        decoded = self._decode_each([f.data for f in files], [(3, f.height, f.width) for f in files], primed=True)
+        skipped = skipped_decodes(decoded)
+        if skipped:
+            log.warning("gpu_jpeg_decode_skipped", files=[str(files[i].path) for i in skipped], chunk=len(files),
+                        detail="the decoder reported success without writing these pictures; the chunk is decoded "
+                               "by the CPU workers")
             return [None] * len(files)
-        thumbnails = [resize(p, fit_inside((p.shape[-1], p.shape[-2]), (THUMBNAIL_SIZE, THUMBNAIL_SIZE))).contiguous()
-                      for p in fitted]
-        jpegs = self._encode(fitted, JPEG_QUALITY)
-        thumbs = self._encode(thumbnails, THUMBNAIL_QUALITY)
-        model_inputs = torch.stack([self._model_input(p) for p in fitted])
-        out: list[PreprocessedFile | None] = [None] * len(files)
+        kept = [i for i, (source, picture) in enumerate(zip(files, decoded))
+                if picture is not None and tuple(picture.shape) == (3, source.height, source.width)]
+        if not kept:
+            return [None] * len(files)
+        upright = [orient(decoded[i], files[i].orientation) for i in kept]  # type: ignore[arg-type]
+        fitted = [p.contiguous() for p in resize_each(
+            upright, [processed_size((p.shape[-1], p.shape[-2]), self.max_size) for p in upright])]
+        thumbnails = [p.contiguous() for p in resize_each(
+            fitted, [thumbnail_size((p.shape[-1], p.shape[-2])) for p in fitted], THUMBNAIL_RESAMPLE)]
+        encoding = self.encoder.submit((fitted, JPEG_QUALITY), (thumbnails, THUMBNAIL_QUALITY))
+        model_inputs = self._model_inputs(fitted)  # queued while the encoder thread encodes
+        jpegs, thumbs = encoding.result()
+        out: list[PreparedImage | None] = [None] * len(files)
         for row, index in enumerate(kept):
             source, picture = files[index], fitted[row]
-            out[index] = PreprocessedFile(
+            out[index] = PreparedImage(
                 path=source.path, jpeg_bytes=jpegs[row], file_hash=source.file_hash, width=picture.shape[-1],
                 height=picture.shape[-2], source_width=source.width, source_height=source.height,
                 thumbnail_jpeg=thumbs[row], pixels=model_inputs[row])
         return out
 
-    def _model_input(self, picture: torch.Tensor) -> torch.Tensor:
-        """The model's input from the fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``)."""
+    def _model_inputs(self, fitted: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The model's input from each fitted picture, (H, W, 3) uint8 on the device (``to_model_pixels``,
+        with ``geometry``'s sizes), resized in groups of one shape."""
         spec = self.spec
-        resized = resize(picture, resize_target((picture.shape[-1], picture.shape[-2]), spec),
-                         bilinear=spec.resample == Image.Resampling.BILINEAR)
-        box = crop_box((resized.shape[-1], resized.shape[-2]), spec)
-        if box is not None:
-            left, top, right, bottom = box
-            resized = resized[:, top:bottom, left:right]
-        return resized.permute(1, 2, 0)
+        resized = resize_each(fitted, [model_resize((p.shape[-1], p.shape[-2]), spec) for p in fitted], spec.resample)
+        out = []
+        for picture in resized:
+            box = model_crop((picture.shape[-1], picture.shape[-2]), spec)
+            if box is not None:
+                left, top, right, bottom = box
+                picture = picture[:, top:bottom, left:right]
+            out.append(picture.permute(1, 2, 0))
+        return out
 
-    def _decode(self, data: Sequence[bytearray]) -> list[torch.Tensor]:
+    def _decode(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
+                primed: bool = False) -> list[torch.Tensor]:
+        """One decode call. ``shapes``: the outputs' (3, H, W), for the canary (none without them);
+        ``primed``: the caller has primed the canary and drained the device since, with nothing queued."""
         encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
-        # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's: memory
-        # freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
-        # reproduced on H100s). Draining the device first avoids it.
-        self._synchronize()
+        if not primed:
+            if shapes is not None and self.device.type == "cuda":
+                prime_canaries(shapes, self.device)
+            # torchvision's CUDA decoder writes on a stream of its own, not ordered after the caller's:
+            # memory freed by queued work can be overwritten before that work runs (pytorch/vision PR 9606,
+            # reproduced on H100s). Draining the device first avoids it (the canary's fills included).
+            self._synchronize()
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
 
-    def _decode_each(self, data: Sequence[bytearray]) -> list[torch.Tensor | None]:
-        """The whole chunk in one call; when that fails (one odd file fails the call), file by file.
-        An error that left the device broken is raised: it is no file's refusal."""
+    def _decode_each(self, data: Sequence[bytearray], shapes: Sequence[Sequence[int]] | None = None, *,
+                     primed: bool = False) -> list[torch.Tensor | None]:
+        """The whole chunk in one call; when that fails (one odd file fails the call), file by file (each
+        primed and drained again). An error that left the device broken is raised: it is no file's refusal."""
         try:
-            return list(self._decode(data))
+            return list(self._decode(data, shapes, primed=primed))
         except RuntimeError:
             if self._device_fault():
                 raise
         out: list[torch.Tensor | None] = []
-        for one in data:
+        for index, one in enumerate(data):
             try:
-                out.append(self._decode([one])[0])
+                out.append(self._decode([one], None if shapes is None else [shapes[index]])[0])
             except RuntimeError:
                 if self._device_fault():
                     raise
@@ -482,8 +638,9 @@ class BatchedJpegDecoder:
         return out
 
     def _encode(self, pictures: Sequence[torch.Tensor], quality: int) -> list[bytes]:
-        self._synchronize()  # the encoder's stream, likewise (PR 8929)
-        return [bytes(t.cpu().numpy()) for t in encode_jpeg(list(pictures), quality=quality)]
+        """Encode now (through the encoder's thread, ordered after the caller's stream: ``JpegEncoder``)."""
+        [jpegs] = self.encoder.submit((pictures, quality)).result()
+        return jpegs
 
 
 class _GpuBatch:
@@ -542,6 +699,7 @@ class GpuJpegReader:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
+        self.decoder.close()
         if self.decoder.quarantine is not None:
             self.decoder.quarantine.close()
 
@@ -551,6 +709,7 @@ def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: P
     """A ``GpuJpegReader`` when ``device`` decodes JPEGs, else None (with one log line saying why).
     Its quarantine lives in ``state_directory``; where that cannot be written, the CPU path is used."""
     quarantine: DecodeQuarantine | None = None
+    decoder: BatchedJpegDecoder | None = None
     try:
         quarantine = DecodeQuarantine(state_directory)
     except OSError as exc:
@@ -563,6 +722,8 @@ def open_gpu_reader(pool: PreprocessPool, device: torch.device | str, *, spec: P
     if problem is not None:
         log.warning("gpu_jpeg_decode_unavailable", device=str(device), reason=problem,
                     detail="JPEGs are decoded by the CPU workers")
+        if decoder is not None:
+            decoder.close()
         if quarantine is not None:
             quarantine.close()
         return None

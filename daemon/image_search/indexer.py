@@ -20,21 +20,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from tqdm import tqdm
 
 from .config import Config
-import numpy as np
-from PIL import Image
-
-from .pixels import to_model_pixels
 from .errors import writing_into
-from .preprocess import PreprocessError, processed_path_for, save_processed
+from .pixels import to_model_pixels
+from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
 from .sync import compare_folder, is_unchanged, stat_or_none
-from .workers import BatchHandle, ModelInput, PreprocessedFile, PreprocessPool, normalised_pixels
+from .workers import BatchHandle, PreprocessPool
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
@@ -75,7 +72,7 @@ class IndexSummary:
 class PreparingBatch(Protocol):
     """A batch handed to the reader (``workers.BatchHandle``, ``gpudecode``'s batches): its outcomes."""
 
-    def results(self) -> Sequence[PreprocessedFile | PreprocessError]: ...
+    def results(self) -> Sequence[PreparedImage | PreprocessError]: ...
 
 
 @dataclass(frozen=True)
@@ -190,7 +187,7 @@ class Indexer:
             batch.summary.merge(self._finish_batch(batch.candidates, self._outcomes(batch.preparing)))
         return batch.summary
 
-    def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreprocessedFile | PreprocessError]:
+    def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreparedImage | PreprocessError]:
         """Wait for a batch's outcomes, marked ``waiting_for_files``, calling ``heartbeat`` meanwhile."""
         self.waiting_for_files = True
         try:
@@ -229,9 +226,9 @@ class Indexer:
             yield batch
 
     def _finish_batch(self, batch: Sequence[_Candidate],
-                      outcomes: Sequence[PreprocessedFile | PreprocessError]) -> IndexSummary:
+                      outcomes: Sequence[PreparedImage | PreprocessError]) -> IndexSummary:
         summary = IndexSummary()
-        prepared: list[tuple[_Candidate, PreprocessedFile]] = []
+        prepared: list[tuple[_Candidate, PreparedImage]] = []
         for candidate, outcome in zip(batch, outcomes):
             if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
                 summary.deferred.append(candidate.path)
@@ -245,7 +242,7 @@ class Indexer:
 
         model = self.cfg.model_name
         stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
-        to_embed: list[tuple[_Candidate, PreprocessedFile, Path]] = []
+        to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
         claimed: set[str] = set()  # hashes taken by an earlier file of this batch
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
@@ -268,7 +265,7 @@ class Indexer:
             to_embed.append((candidate, image, processed))
         if to_embed:
             started = time.monotonic()
-            vectors = self._embed([image.pixels for _, image, _ in to_embed])
+            vectors = self.embedder.embed_images([image for _, image, _ in to_embed])
             rows = [
                 EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
                              processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
@@ -280,11 +277,6 @@ class Indexer:
             summary.embedded += len(rows)
             log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
         return summary
-
-    def _embed(self, pixels: list[Any]) -> np.ndarray:
-        if self.embedder.pixel_spec is not None:  # the model's input is made: stack, upload, run
-            return self.embedder.embed_pixel_rows(pixels)
-        return self.embedder.embed_images([Image.fromarray(p) for p in pixels])
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ModelError, describe
+from .geometry import model_crop, model_resize
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -237,42 +238,15 @@ def load_pixel_spec(model_name_or_dir: str) -> PixelSpec:
     return PixelSpec.from_processor_config(config)
 
 
-def _centre_offset(size: int, crop: int, rounding: CropRounding) -> int:
-    if rounding is CropRounding.FLOOR:
-        return (size - crop) // 2
-    return int(round((size - crop) / 2.0))
-
-
-def resize_target(size: tuple[int, int], spec: PixelSpec) -> tuple[int, int]:
-    """(width, height) a picture of ``size`` is resized to before the crop (the CPU and GPU paths alike)."""
-    if spec.shortest_edge is None:
-        assert spec.exact_size is not None
-        return spec.exact_size
-    width, height = size
-    # Both libraries truncate the long side: int(short_target * long / short).
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
-
-
-def crop_box(size: tuple[int, int], spec: PixelSpec) -> tuple[int, int, int, int] | None:
-    """(left, top, right, bottom) of the centre crop of a resized picture of ``size``, or None (no crop)."""
-    if spec.crop is None:
-        return None
-    crop_width, crop_height = spec.crop  # never larger than the picture (checked in PixelSpec)
-    left = _centre_offset(size[0], crop_width, spec.crop_rounding)
-    top = _centre_offset(size[1], crop_height, spec.crop_rounding)
-    return left, top, left + crop_width, top + crop_height
-
-
 def to_model_pixels(image: Image.Image, spec: PixelSpec) -> np.ndarray:
     """The picture at the model's input size: an (height, width, 3) uint8 array, resized and cropped
     exactly as the model's processor does before its arithmetic."""
     image = image.convert("RGB") if image.mode != "RGB" else image
-    target = resize_target(image.size, spec)
+    # The sizes come from ``geometry``, as the batched JPEG decoder's do.
+    target = model_resize(image.size, spec)
     if target != image.size:
         image = image.resize(target, resample=spec.resample)
-    box = crop_box(image.size, spec)
+    box = model_crop(image.size, spec)
     if box is not None:
         image = image.crop(box)
     return np.asarray(image, dtype=np.uint8)

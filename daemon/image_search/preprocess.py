@@ -19,25 +19,37 @@ import io
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
 from .errors import UnusableFile
+from .geometry import (
+    FIT_REDUCING_GAP,
+    FIT_RESAMPLE,
+    JPEG_QUALITY,
+    THUMBNAIL_QUALITY,
+    THUMBNAIL_REDUCING_GAP,
+    THUMBNAIL_RESAMPLE,
+    THUMBNAIL_SIZE,  # noqa: F401  (sheet.py reads it from here)
+    decode_box,
+    exif_orientation,
+    fit_inside,
+    processed_size,
+    thumbnail_size,
+    upright_transpose,
+)
 from .names import fit_name, fits_path
 
-JPEG_QUALITY = 95
 PROCESSED_SUFFIX = ".jpg"
-# The contact sheet's picture size: a thumbnail this size is stored beside each processed JPEG, so a
-# sheet decodes ten small files instead of ten 1024 px ones (about 5 ms instead of 50).
-THUMBNAIL_SIZE = 256
-THUMBNAIL_QUALITY = 85
 # Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
 PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
@@ -53,9 +65,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # warning between its limit and twice it would only be noise next to it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-
 
 class PreprocessError(UnusableFile):
     """A picture that cannot be used, with the specific reason (shown to the user with the path)."""
@@ -67,11 +76,26 @@ class IncompleteFile(PreprocessError):
     still_arriving = True
 
 
-@dataclass(frozen=True, eq=False)
-class ProcessedImage:
-    """What is stored for a source: its identity (``source_identity``), the processed JPEG, its sizes and
-    the contact sheet's thumbnail. Plain bytes and numbers: cheap to send between processes."""
+# The model's input from the normalised RGB picture (e.g. ``functools.partial(to_model_pixels, spec=...)``):
+# a top-level, picklable callable, since the worker pool sends it to every worker.
+ModelInput = Callable[[Image.Image], np.ndarray]
 
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """One prepared picture, from preprocessing to its row: the only such type, made alike by the CPU path
+    (``preprocess_image``, in a worker process or in this one) and by the batched JPEG decoder
+    (``gpudecode``). What is stored for the source is its identity (``source_identity``), the processed
+    JPEG, its sizes and the contact sheet's thumbnail; what the model gets is ``pixels``.
+
+    ``image``: the normalised RGB picture, only in the process that decoded it on the CPU path (a query,
+    the result bundle); None once it has crossed from a worker (plain bytes and numbers are cheap to send)
+    and from the GPU decoder. ``pixels``: the model's input (``model_input(image)``: an (H, W, 3) uint8
+    array from the CPU path, a tensor on the device from the GPU decoder), or None when none was asked for.
+    ``Embedder.embed_images`` takes it as it is.
+    """
+
+    path: Path
     jpeg_bytes: bytes = field(repr=False)
     file_hash: str
     width: int
@@ -79,13 +103,21 @@ class ProcessedImage:
     source_width: int
     source_height: int
     thumbnail_jpeg: bytes = field(repr=False)
+    image: Image.Image | None = field(default=None, repr=False)
+    pixels: np.ndarray | Any | None = field(default=None, repr=False)  # Any: a torch tensor (never imported here)
+
+    def without_image(self) -> PreparedImage:
+        """This picture without the PIL image: what crosses between processes."""
+        return replace(self, image=None) if self.image is not None else self
 
 
-@dataclass(frozen=True, eq=False)
-class PreparedImage(ProcessedImage):
-    """A normalised image in memory: what is stored, plus the RGB pixels for the model."""
+def normalised_pixels(image: Image.Image) -> np.ndarray:
+    """A ``model_input`` that returns the normalised RGB image itself, (H, W, 3) uint8.
 
-    image: Image.Image = field(repr=False)
+    For a model whose own processor still wants the full image: ``Image.fromarray(pixels)`` gives back
+    exactly the pixels ``preprocess_image`` produced (not a JPEG round trip of them).
+    """
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _md5(data: bytes = b"") -> hashlib._Hash:
@@ -138,13 +170,6 @@ def read_source(path: Path, links: LinkPolicy | None = None) -> bytes:
     return data
 
 
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block must not cost the picture
-        return 1
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
     mode = im.mode
@@ -168,13 +193,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """The size of ``size`` scaled to fit inside ``box``, aspect kept, never enlarged."""
-    w, h = size
-    scale = min(box[0] / w, box[1] / h, 1.0)
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
 # ISO base media file brands of HEIF-family still images (HEVC: heic..., AV1: avif, avis; generic: mif1).
 _HEIF_FAMILY_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
                                  b"mif1", b"mif2", b"msf1", b"avif", b"avis"})
@@ -186,9 +204,10 @@ def _is_heif_family(data: bytes) -> bool:
 
 
 def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
-                     links: LinkPolicy | None = None) -> PreparedImage:
+                     links: LinkPolicy | None = None, model_input: ModelInput | None = None) -> PreparedImage:
     """Decode ``path`` and normalise it; raise PreprocessError with a specific reason if it cannot be used.
-    ``links``: which symbolic links may be followed to it (None: any, for a file named by the user)."""
+    ``links``: which symbolic links may be followed to it (None: any, for a file named by the user).
+    ``model_input``: makes the model's input (``pixels``) from the normalised picture; None: no pixels."""
     path = Path(path)
     source = read_source(path, links)
     try:
@@ -198,7 +217,9 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return PreparedImage(
+        path=path,
         image=rgb,
+        pixels=model_input(rgb) if model_input is not None else None,
         jpeg_bytes=buffer.getvalue(),
         file_hash=source_identity(source),
         width=rgb.width,
@@ -220,21 +241,17 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
                 f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
                 f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
             )
-        orientation = _orientation(im)
-        box = max_size[::-1] if orientation in _TRANSPOSING_ORIENTATIONS else max_size
+        # Every size, turn and filter comes from ``geometry``, which the batched JPEG decoder uses too.
+        orientation = exif_orientation(im)
         if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 size when the target is that small.
-            im.draft("RGB", fit_inside((src_w, src_h), box))
+            im.draft("RGB", fit_inside((src_w, src_h), decode_box(orientation, max_size)))
         im.load()
-        # exif_transpose reads orientation from im.getexif(); it survives draft().
-        oriented = ImageOps.exif_transpose(im) if orientation != 1 else im
-        rgb = _to_rgb(oriented)
-        target = fit_inside(rgb.size, max_size)
+        turn = upright_transpose(orientation)  # what exif_transpose does, read from the same EXIF tag
+        rgb = _to_rgb(im.transpose(turn) if turn is not None else im)
+        target = processed_size(rgb.size, max_size)
         if target != rgb.size:
-            # Bicubic, as Pillow's thumbnail(): its downscaling is antialiased like Lanczos, at about
-            # 60% of the cost (30 vs 50 ms for 2000x1500 -> 1024x768 here), and it is visible only in
-            # pixel peeping; the model sees a 224-512 px version of this anyway.
-            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+            rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
     return rgb, (src_w, src_h)
@@ -266,9 +283,9 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
 
 
 def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
-    # fit_inside, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with the same function.
-    target = fit_inside(rgb.size, (THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0) if target != rgb.size else rgb
+    # geometry.thumbnail_size, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with it too.
+    target = thumbnail_size(rgb.size)
+    small = rgb.resize(target, THUMBNAIL_RESAMPLE, reducing_gap=THUMBNAIL_REDUCING_GAP) if target != rgb.size else rgb
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
     return buffer.getvalue()
@@ -326,7 +343,7 @@ def thumbnail_path_for(processed: Path) -> Path:
     return processed.with_name(f"{_THUMBNAIL_PREFIX}{processed.name}{_THUMBNAIL_SUFFIX}")
 
 
-def save_processed(prepared: ProcessedImage, path: Path) -> None:
+def save_processed(prepared: PreparedImage, path: Path) -> None:
     """Store the processed JPEG and its thumbnail, unless identical ones are already there (a relink or a
     rescan of unchanged content writes nothing)."""
     try:

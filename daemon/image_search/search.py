@@ -39,7 +39,7 @@ def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: Em
     ``links``: the symbolic links that may be followed to it (None: any, for a file the user named)."""
     started = time.monotonic()
     prepared = preprocess_for(query_path, cfg, links)
-    vector = embedder.embed_images([prepared.image])[0]
+    vector = embedder.embed_images([prepared])[0]  # the same way in as the indexer's pictures
     hits = store.search(vector, cfg.top_k)
     bundle = write_result_bundle(cfg.output_directory, ImageQuery(query_path, prepared.image), hits, cfg, now=now,
                                  move_query=move_query)

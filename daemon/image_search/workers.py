@@ -5,13 +5,15 @@ it holds it; decode threads contend (issue 8: ``preprocess_image`` tops out near
 threads). Processes share nothing, so they scale with cores.
 
 Why plain ``python -c`` children rather than a ``multiprocessing`` context: both 'spawn' and
-'forkserver' re-import the parent's ``__main__`` in every worker. For ``image-search serve`` that is
-the console script, which imports ``image_search.cli`` -> ``embed`` -> torch: measured here, 3 s to
-start each worker and about 600 MB more resident memory (much of it shared libraries), for a process
-that only needs Pillow and numpy. A worker here starts from a bare interpreter with the parent's
-``sys.path``, imports this module (preprocess, discover, numpy, Pillow: never torch) and talks to the
-parent over one ``multiprocessing`` connection (a socket pair carrying pickles; the JPEG bytes and the
-pixel array travel as flat buffers, a copy or two of at most a few MB per file).
+'forkserver' re-import the parent's ``__main__`` in every worker, whatever it is: the console script
+(``image_search.cli``, which pulls in psycopg2, the store and the service's modules; torch only once a
+model is loaded, but a test runner's or a benchmark's ``__main__`` may import it at the top), for a
+process that only needs Pillow and numpy. When that ``__main__`` did import torch it was measured here at
+3 s to start each worker and about 600 MB more resident memory. A worker here starts from a bare
+interpreter with the parent's ``sys.path``, imports this module (preprocess, discover, numpy, Pillow:
+never torch, never the parent's ``__main__``) and talks to the parent over one ``multiprocessing``
+connection (a socket pair carrying pickles; the JPEG bytes and the pixel array travel as flat buffers,
+a copy or two of at most a few MB per file).
 
 Each worker holds at most ``_TASKS_PER_WORKER`` files at a time and does them in order, so when one
 dies (segfault in a codec, ``os._exit``, the kernel's OOM killer) the file it died on is known
@@ -34,24 +36,16 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from .entries import LinkPolicy
 from .errors import WorkersError
-from .preprocess import IncompleteFile, PreprocessError, ProcessedImage, preprocess_image
-
-# The model's input from the normalised RGB image (e.g. ``functools.partial(to_model_pixels, spec=...)``):
-# a top-level, picklable callable, since it is sent to every worker.
-ModelInput = Callable[[Image.Image], np.ndarray]
+from .preprocess import IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image
 
 # Files handed to one worker before it has answered: two, so the next file is already waiting when a
 # worker finishes (no idle gap while the parent's dispatcher thread waits for the GIL), and few, so a
@@ -95,45 +89,21 @@ class PreprocessSettings:
     links: LinkPolicy | None = None  # which symbolic links may be followed to a file (None: any)
 
 
-@dataclass(frozen=True, eq=False)
-class PreprocessedFile(ProcessedImage):
-    """A normalised file, ready for the store and the model; picklable, no PIL object inside.
-
-    The stored part is exactly ``preprocess_image``'s; ``pixels`` is ``model_input(image)`` on the
-    normalised RGB image, or None when the pool has no ``model_input``. (``gpudecode`` makes these
-    too, its ``pixels`` a tensor on the device: ``Any`` here, since this module never imports torch.)
-    """
-
-    path: Path
-    pixels: np.ndarray | Any | None = field(default=None, repr=False)
-
-
-Outcome = PreprocessedFile | PreprocessError
+Outcome = PreparedImage | PreprocessError
 
 
 class PoolError(WorkersError):
     """The pool cannot deliver: closed, or its workers cannot start (an environment problem, not a file's)."""
 
 
-def normalised_pixels(image: Image.Image) -> np.ndarray:
-    """A ``model_input`` that returns the normalised RGB image itself, (H, W, 3) uint8.
-
-    For a model whose own processor still wants the full image: ``Image.fromarray(pixels)`` gives back
-    exactly the pixels ``preprocess_image`` produced (not a JPEG round trip of them).
-    """
-    return np.asarray(image, dtype=np.uint8)
-
-
-def preprocess_file(path: Path, settings: PreprocessSettings) -> PreprocessedFile:
-    """One worker job, also usable in-process: ``preprocess_image`` plus the model's input.
+def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
+    """One worker job, also usable in-process: ``preprocess_image`` with the model's input, without the
+    PIL image (picklable: plain bytes, numbers and the pixel array).
 
     Raises PreprocessError exactly as ``preprocess_image`` does.
     """
-    prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels,
-                                links=settings.links)
-    pixels = settings.model_input(prepared.image) if settings.model_input is not None else None
-    stored = {f.name: getattr(prepared, f.name) for f in fields(ProcessedImage)}
-    return PreprocessedFile(path=Path(path), pixels=pixels, **stored)
+    return preprocess_image(Path(path), max_size=settings.max_size, max_pixels=settings.max_pixels,
+                            links=settings.links, model_input=settings.model_input).without_image()
 
 
 def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
@@ -155,7 +125,7 @@ def default_worker_count() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Messages between the parent and a worker. Only these small records, paths, and PreprocessedFile cross.
+# Messages between the parent and a worker. Only these small records, paths, and PreparedImage cross.
 
 
 @dataclass(frozen=True)
@@ -206,7 +176,7 @@ def _worker_main(fd: int) -> None:
             return
         if path is None:
             return
-        outcome: PreprocessedFile | _Rejected
+        outcome: PreparedImage | _Rejected
         try:
             outcome = preprocess_file(path, settings)
         except PreprocessError as exc:
@@ -240,7 +210,7 @@ class BatchHandle:
         return self._finished.is_set()
 
     def results(self, timeout: float | None = None) -> list[Outcome]:
-        """Block until the batch is done; one PreprocessedFile or PreprocessError per path, in input order.
+        """Block until the batch is done; one PreparedImage or PreprocessError per path, in input order.
 
         Raises PoolError if the pool was closed before the batch finished or its workers cannot start,
         and TimeoutError if ``timeout`` seconds pass first.

@@ -1,4 +1,4 @@
-"""GPU: is the model fed? The forward pass alone, ``embed_pixels``, and ``index`` end to end, one run.
+"""GPU: is the model fed? The forward pass alone, ``embed_images`` of model-sized pixels, and ``index`` end to end, one run.
 
     uv run python -m tests.benchmarks.run --gpu [--only gpu]
 
@@ -7,13 +7,17 @@ Builds a random-weight CLIP ViT-L/14 at 224 px locally (transformers' ``CLIPConf
 
 - ``gpu_model_only_img_s``: ``get_image_features`` on a uint8 batch already on the device, normalised
   there, in forward passes of the size the embedder chose at load (its memory probe): the ceiling;
-- ``gpu_embed_img_s``: ``Embedder.embed_pixels`` on model-ready uint8 pictures in host memory (what
+- ``gpu_embed_img_s``: ``Embedder.embed_images`` on model-ready uint8 pictures in host memory (what
   the preprocessing workers hand the main thread): upload, normalise, forward, download;
 - ``gpu_ingest_img_s``: ``Indexer.index_folder`` end to end on generated 12 MP camera JPEGs (decode,
   orient, fit, JPEG, MD5 and the model's resize in worker processes; the forward pass; the rows);
 - ``gpu_ingest_gpu_decode_img_s``: the same with the JPEGs decoded in batches by nvJPEG (gpudecode.py);
 - ``gpu_embed_efficiency``, ``gpu_ingest_efficiency``, ``gpu_ingest_gpu_decode_efficiency``: each divided
   by the forward pass alone;
+- ``gpu_decode_diff_{444,422,420}_{max,mean}``: nvJPEG's decoded pixels against Pillow's (the CPU path's
+  decoder), per chroma subsampling, in levels of 255 (nvJPEG's chroma upsampling differs from Pillow's);
+- ``gpu_decode_cosine_{min,mean}``: the cosine between the embeddings of the two paths (CPU workers'
+  ``preprocess_image`` against the batched decoder) for the same files, all three subsamplings;
 - ``gpu_eva_*``: a jina-clip-v2-sized EVA02 tower (eva.py), naive attention against SDPA, bf16 and fp16,
   and SDPA with the blocks compiled ('compile-model'); images/s and achieved TFLOPS.
 
@@ -47,6 +51,8 @@ from tests.support.model import TINY_DIMENSION
 
 CAMERA_12MP = (4000, 3000)
 VIT_L14_DIMENSION = 768
+# Pillow's ``subsampling`` save option for each chroma subsampling the decoders are compared on.
+SUBSAMPLINGS = {"444": 0, "422": 1, "420": 2}
 
 
 def save_clip_vit_l14(directory: Path) -> Path:
@@ -99,10 +105,10 @@ def run(bench: Bench) -> Report:
                                                             for _ in range(passes)])
     say(f"gpu: model alone {model_only:.0f} img/s")
 
-    # 2. embed_pixels: host uint8 in, unit vectors out.
-    embedder.embed_pixels(pixels[:batch])  # warm-up
-    embed = images_per_s(n_pixels, lambda: embedder.embed_pixels(pixels))
-    say(f"gpu: embed_pixels {embed:.0f} img/s")
+    # 2. embed_images of model-sized pixels: host uint8 in, unit vectors out.
+    embedder.embed_images(pixels[:batch])  # warm-up
+    embed = images_per_s(n_pixels, lambda: embedder.embed_images(pixels))
+    say(f"gpu: embed_images {embed:.0f} img/s")
 
     # 3. index end to end on camera JPEGs: decoded by the CPU workers, then in batches on the device.
     camera = ensure_jpegs(bench.cache / "camera12mp", "cam", n_files, CAMERA_12MP if on_gpu else (1600, 1200),
@@ -116,7 +122,14 @@ def run(bench: Bench) -> Report:
         raise RuntimeError(f"the batched decoder took {on_device} of {len(camera)} camera JPEGs")
     say(f"gpu: index end to end, batched JPEG decode {ingest_gpu_decode:.0f} img/s")
 
-    # 4. jina-clip-v2's tower: naive attention against SDPA, bf16 against fp16.
+    # 4. nvJPEG against Pillow: decoded pixels per chroma subsampling, and the two paths' embeddings.
+    agreement = decode_agreement(bench.work / "gpu-decode-agreement", embedder,
+                                 size=(1600, 1200) if on_gpu else (320, 240), per_kind=8 if on_gpu else 2)
+    say("gpu: nvJPEG vs Pillow, levels max/mean: " + ", ".join(
+        f"{kind} {agreement[f'gpu_decode_diff_{kind}_max']:.0f}/{agreement[f'gpu_decode_diff_{kind}_mean']:.2f}"
+        for kind in SUBSAMPLINGS) + f"; embedding cosine min {agreement['gpu_decode_cosine_min']:.4f}")
+
+    # 5. jina-clip-v2's tower: naive attention against SDPA, bf16 against fp16.
     del pixels, on_device_batch
     tower = eva.measure(embedder.device, batch=int(bench.sizes["gpu_eva_batch"]), rounds=3)
     say(f"gpu: EVA02-L/14@512 tower naive {tower['gpu_eva_naive_img_s']:.0f}, SDPA {tower['gpu_eva_sdpa_img_s']:.0f} "
@@ -134,8 +147,72 @@ def run(bench: Bench) -> Report:
         "gpu_ingest_efficiency": ingest / model_only,
         "gpu_ingest_gpu_decode_efficiency": ingest_gpu_decode / model_only,
         "gpu_ingest_files": len(camera),
+        **agreement,
         **tower,
     }
+
+
+def pixel_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max, mean) absolute difference of two uint8 pictures of one shape, in levels."""
+    if a.shape != b.shape:
+        raise ValueError(f"pictures of different shapes: {a.shape} and {b.shape}")
+    difference = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return float(difference.max(initial=0)), float(difference.mean()) if difference.size else 0.0
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (n, d) arrays of vectors."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def decode_agreement(folder: Path, embedder, *, size: tuple[int, int], per_kind: int) -> dict[str, float]:
+    """nvJPEG (torchvision's decoder on the embedder's device; its libjpeg-turbo one on the CPU) against
+    Pillow: decoded pixels per chroma subsampling (``gpu_decode_diff_<kind>_{max,mean}``, over all files
+    of that kind), and the cosine between the embeddings of the CPU path and the batched decoder's
+    (``gpu_decode_cosine_{min,mean}``)."""
+    import io
+    from functools import partial
+
+    import torch
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg
+    from image_search.pixels import to_model_pixels
+    from image_search.preprocess import preprocess_image
+    from tests.support.jpegs import save_jpeg
+
+    box, limit, spec = (1024, 1024), 178_956_970, embedder.pixel_spec
+    decoder = BatchedJpegDecoder(embedder.device, max_size=box, spec=spec)
+    out: dict[str, float] = {}
+    cpu_vectors, gpu_vectors = [], []
+    try:
+        for kind, subsampling in SUBSAMPLINGS.items():
+            paths = [save_jpeg(folder / f"{kind}-{i}.jpg", size=size, seed=100 + i, subsampling=subsampling)
+                     for i in range(per_kind)]
+            worst, total = 0.0, 0.0
+            for path in paths:
+                data = path.read_bytes()
+                with Image.open(io.BytesIO(data)) as im:
+                    pillow = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                [decoded] = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8)], mode=ImageReadMode.RGB,
+                                        device=embedder.device)
+                high, mean = pixel_difference(decoded.permute(1, 2, 0).cpu().numpy(), pillow)
+                worst, total = max(worst, high), total + mean
+            out[f"gpu_decode_diff_{kind}_max"], out[f"gpu_decode_diff_{kind}_mean"] = worst, total / len(paths)
+            batched = decoder.prepare([read_plain_jpeg(p, max_pixels=limit) for p in paths])
+            if any(result is None for result in batched):
+                raise RuntimeError(f"the batched decoder handed {kind} JPEGs back to the CPU path")
+            cpu = [preprocess_image(p, max_size=box, max_pixels=limit, model_input=partial(to_model_pixels, spec=spec))
+                   for p in paths]
+            cpu_vectors.append(embedder.embed_images(cpu))
+            gpu_vectors.append(embedder.embed_images(batched))
+    finally:
+        decoder.close()
+    similarity = cosines(np.concatenate(cpu_vectors), np.concatenate(gpu_vectors))
+    out["gpu_decode_cosine_min"], out["gpu_decode_cosine_mean"] = float(similarity.min()), float(similarity.mean())
+    return out
 
 
 def _index_end_to_end(bench: Bench, embedder, model_dir: Path, camera: list[Path], *,
@@ -177,11 +254,15 @@ SECTION = Section(
     quick_sizes={"gpu_pixels": 64, "gpu_files": 8, "gpu_eva_batch": 2},
     metrics=(
         Metric("GPU: model alone", "gpu_model_only_img_s", "{:.0f} img/s"),
-        Metric("GPU: embed_pixels / model alone", "gpu_embed_efficiency", "{:.2f}", ">= 0.85", lambda v, r: v >= 0.85),
+        Metric("GPU: embed_images / model alone", "gpu_embed_efficiency", "{:.2f}", ">= 0.85", lambda v, r: v >= 0.85),
         Metric("GPU: index end to end, CPU decode / model alone", "gpu_ingest_efficiency", "{:.2f}", ">= 0.5",
                lambda v, r: v >= 0.5),
         Metric("GPU: index end to end, GPU decode / model alone", "gpu_ingest_gpu_decode_efficiency", "{:.2f}",
                ">= 0.7", lambda v, r: v >= 0.7),
+        *(Metric(f"GPU: nvJPEG vs Pillow, {kind[0]}:{kind[1]}:{kind[2]}, {stat} levels", f"gpu_decode_diff_{kind}_{stat}",
+                 "{:.2f}") for kind in SUBSAMPLINGS for stat in ("max", "mean")),
+        Metric("GPU: embedding cosine, GPU decode vs CPU path (min)", "gpu_decode_cosine_min", "{:.4f}", "> 0.99",
+               lambda v, r: v > 0.99),
         Metric("GPU: jina-sized EVA tower, SDPA / naive attention", "gpu_eva_sdpa_speedup", "{:.2f}x", ">= 2",
                lambda v, r: v >= 2),
         Metric("GPU: jina-sized EVA tower, compiled / SDPA", "gpu_eva_compile_speedup", "{:.2f}x"),
@@ -189,6 +270,8 @@ SECTION = Section(
     ),
     report_keys=("gpu_model_only_img_s", "gpu_embed_img_s", "gpu_ingest_img_s", "gpu_ingest_gpu_decode_img_s",
                  "gpu_embed_efficiency", "gpu_ingest_efficiency", "gpu_ingest_gpu_decode_efficiency",
+                 *(f"gpu_decode_diff_{kind}_{stat}" for kind in SUBSAMPLINGS for stat in ("max", "mean")),
+                 "gpu_decode_cosine_min", "gpu_decode_cosine_mean",
                  "gpu_eva_naive_img_s", "gpu_eva_sdpa_img_s", "gpu_eva_sdpa_fp16_img_s", "gpu_eva_sdpa_speedup",
                  "gpu_eva_compiled_img_s", "gpu_eva_compile_speedup", "gpu_eva_compile_s", "gpu_eva_sdpa_tflops",
                  "gpu_eva_compiled_tflops"),

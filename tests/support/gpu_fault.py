@@ -34,13 +34,14 @@ def main(state_directory: Path, paths: list[Path]) -> None:
 
     from image_search import gpudecode
     from image_search.gpudecode import BatchedJpegDecoder
-    from image_search.workers import PreprocessedFile, PreprocessPool
+    from image_search.preprocess import PreparedImage
+    from image_search.workers import PreprocessPool
     from tests.support.jpegs import CLIP_224, LIMIT
 
     real_decode_each = BatchedJpegDecoder._decode_each
 
-    def decode_then_fault(self, data):
-        decoded = real_decode_each(self, data)
+    def decode_then_fault(self, data, *args, **kwargs):
+        decoded = real_decode_each(self, data, *args, **kwargs)
         if any(FAULT_MARKER in bytes(d) for d in data):
             fault_on(self.device)
         return decoded
@@ -53,7 +54,7 @@ def main(state_directory: Path, paths: list[Path]) -> None:
         outcomes = reader.submit(paths).results()
         reader.close()
     print(json.dumps({
-        "indexable": [isinstance(o, PreprocessedFile) for o in outcomes],
+        "indexable": [isinstance(o, PreparedImage) for o in outcomes],
         "decoded_on_device": reader.decoded_on_device,
         "chunks_failed": [e["reason"] for e in logs if e["event"] == "gpu_jpeg_chunk_failed"],
     }), flush=True)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from image_search.gpudecode import BatchedJpegDecoder, read_plain_jpeg
 from image_search.pixels import PixelSpec
-from image_search.workers import PreprocessedFile
+from image_search.preprocess import PreparedImage
 from tests.support.jina import JINA_CLIP_V2_PREPROCESSOR_CONFIG
 
 LIMIT = 178_956_970  # max-image-pixels, Pillow's default
@@ -45,7 +45,7 @@ def pixels_of(jpeg: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
-def decode_one(path: Path, spec: PixelSpec = CLIP_224, box=BOX, *, device: str = "cpu") -> PreprocessedFile | None:
+def decode_one(path: Path, spec: PixelSpec = CLIP_224, box=BOX, *, device: str = "cpu") -> PreparedImage | None:
     """One file through the batched decoder on ``device``."""
     source = read_plain_jpeg(path, max_pixels=LIMIT)
     assert source is not None, f"{path.name} should be taken by the batched decoder"
