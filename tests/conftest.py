@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import pgdata
+from tests.support import pgdata, warm
 from tests.support.env import use_offline_hub
 from tests.support.model import save_tiny_clip
 from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures: the service in-process)
@@ -19,12 +19,13 @@ pytest_plugins = ["tests.support.skips", "tests.support.tiers"]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_initdb(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _shared_start_up_costs(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Test trees start from one initialised pgdata per session (tests/support/pgdata.py); under
     pytest-xdist its workers share one, in the folder above their own temp folders."""
     basetemp = tmp_path_factory.getbasetemp()
     shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
     pgdata.enable(shared / "pgdata-template")
+    warm.enable()  # and image-search runs fork from a warm parent (tests/support/warm.py)
 
 
 @pytest.fixture(scope="session")

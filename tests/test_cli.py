@@ -26,6 +26,7 @@ import pytest
 from image_search.config import load_config
 from image_search.output import write_result_bundle
 from image_search.hits import Hit
+from tests.support import warm
 from tests.support.db import stopped_server_rows
 from tests.support.env import child_env
 from tests.support.files import read_jsonl, save_picture, write_config
@@ -46,14 +47,14 @@ SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model wo
 
 
 def run_cli(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), capture_output=True, text=True,
+    return warm.run([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def run_parallel(commands: dict[str, tuple[list[object], Path]], timeout: float = 180) -> dict[str, subprocess.CompletedProcess[str]]:
     """Independent CLI runs at once (each is mostly a torch import): name -> (args, cwd)."""
     procs = {
-        name: (subprocess.Popen([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+        name: (warm.popen([str(CLI), *map(str, args)], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True), args)
         for name, (args, cwd) in commands.items()
     }
@@ -113,7 +114,7 @@ class Story:
 
 def _interactive_sigterm(story: Story, query: Path) -> None:
     """``image-search --env C`` with stdin a pipe kept open: one search at the prompt, then SIGTERM."""
-    proc = subprocess.Popen([str(CLI), "--env", str(story.config)], cwd=story.root, env=child_env(),
+    proc = warm.popen([str(CLI), "--env", str(story.config)], cwd=story.root, env=child_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chunks: dict[str, bytearray] = {"out": bytearray(), "err": bytearray()}
 

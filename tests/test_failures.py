@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from image_search.errors import ExitCode, OutputUnwritable, writing_into
+from tests.support import warm
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database, error_lines, fault_env
 from tests.support.files import inbox_files, save_picture, write_config
@@ -62,7 +63,7 @@ def make_case(tmp_path: Path, name: str, model_dir: Path, **faults: str) -> Case
 
 def run_all(cases: dict[str, Case], *args: str) -> None:
     """``image-search ARGS --config C`` for every case at once; fills in how each ended."""
-    procs = {name: subprocess.Popen([str(CLI), *args, "--config", str(case.config)], cwd=case.root, env=case.env,
+    procs = {name: warm.popen([str(CLI), *args, "--config", str(case.config)], cwd=case.root, env=case.env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, case in cases.items()}
     for name, proc in procs.items():

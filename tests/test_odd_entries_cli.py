@@ -16,6 +16,7 @@ import pytest
 from image_search.names import NAME_MAX, escape, name_bytes, unescape
 from image_search.preprocess import PreprocessError
 from image_search.workers import PreprocessPool
+from tests.support import warm
 from tests.support.db import postgres_running, rows_by_path, stop_leftover_postgres, stopped_server_rows
 from tests.support.env import child_env
 from tests.support.files import save_picture, write_config
@@ -33,7 +34,7 @@ STOP_WITHIN_S = 30
 
 
 def cli(*args: object, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(SERVICE_CLI), *map(str, args)], cwd=cwd, env=env or child_env(), capture_output=True,
+    return warm.run([str(SERVICE_CLI), *map(str, args)], cwd=cwd, env=env or child_env(), capture_output=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -120,7 +121,7 @@ def test_sigterm_while_index_waits_on_a_read_that_never_returns(tmp_path, tiny_m
         save_picture(tmp_path / "images" / f"p{i}.png", seed=10 + i)
     save_picture(tmp_path / "images" / "stuck.png", seed=20)
     mark = tmp_path / "stuck-now"
-    proc = subprocess.Popen([str(SERVICE_CLI), "index", "--config", str(config)], cwd=tmp_path,
+    proc = warm.popen([str(SERVICE_CLI), "index", "--config", str(config)], cwd=tmp_path,
                             env=stuck_env(mark), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -19,7 +19,7 @@ this runner (see ``common.Section``):
 5. service - the real ``image-search serve``: drop-to-result latency idle and under ingest, restart
    on unchanged files, memory (service.py).
 6. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
-   ``embed_pixels`` and ``index`` end to end (gpu.py).
+   ``embed_images`` (from device tensors) and ``index`` end to end (gpu.py).
 
 This module only parses the flags, runs the sections, prints the table and writes the JSON report
 and the chart. Generated images are cached under ``<work-dir>/cache`` (made once, reused by later

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from tests.support import warm
 from tests.support.env import child_env
 from tests.support.logs import LogEvent, parse_log_line
 from tests.support.waiting import DEFAULT_TIMEOUT_S, wait_for
@@ -62,9 +63,9 @@ class ServiceProcess:
         self.memory_samples: list[MemorySample] = []
         self._sample_memory = sample_memory
         self.started_at = time.monotonic()
-        self.popen = subprocess.Popen(_command(config, flags), cwd=config.parent, env=env or child_env(),
-                                      stdin=subprocess.DEVNULL, stdout=self._log_out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = warm.popen(_command(config, flags), cwd=config.parent, env=env or child_env(),
+                                stdin=subprocess.DEVNULL, stdout=self._log_out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         self._closed = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="service-log-follower", daemon=True)
         self._follower.start()

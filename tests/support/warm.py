@@ -13,7 +13,8 @@ other (``WarmPopen``).
 
 What a fork cannot give is a different import-time environment, so a run whose environment differs
 from the parent's in anything but the service's own settings starts cold, the usual way
-(``warmable``). ``IMAGE_SEARCH_TESTS_COLD=1`` starts every run cold. The real console script is still
+(``warmable``). ``IMAGE_SEARCH_TESTS_COLD=1`` starts every run cold, and so does everything outside the
+test session (``enable``: the benchmarks time real starts). The real console script is still
 run cold by the systemd tests, and by CI's check of the README's commands.
 """
 
@@ -76,8 +77,6 @@ def _become_the_run(request: dict, fds: list[int], listener: socket.socket, conn
     try:
         if request["new_session"]:
             os.setsid()
-        for target, fd in zip(request["stdio"], fds):
-            pass
         for index, target in enumerate(request["stdio"]):
             if target is not None:
                 os.dup2(fds[target], index)
@@ -117,17 +116,24 @@ def _become_the_run(request: dict, fds: list[int], listener: socket.socket, conn
 
 
 def _serve(path: str) -> None:
-    # Everything a run imports before it does anything, imported once, here. Nothing runs: no thread
-    # may exist when this process forks (one holding a lock would leave the child a locked lock).
+    # Everything a run imports before it does anything, imported once, here. Nothing runs: a thread
+    # holding a lock when this process forks would leave the child a lock nobody releases.
     import image_search.cli  # noqa: F401
     import image_search.embed  # noqa: F401  (torch, transformers' CLIP)
     import image_search.runtime  # noqa: F401
     import image_search.service  # noqa: F401
     import image_search.sheet  # noqa: F401
+    # What loading a checkpoint imports on the way (transformers imports lazily): the modelling code,
+    # the tiny test model's classes, the auto classes and the tokenizers.
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPTokenizer)
+    from transformers.models.clip import modeling_clip  # noqa: F401
 
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1 or threading.active_count() != 1:
-        raise SystemExit(f"the warm parent has {threads} threads after its imports: it cannot fork safely")
+    # No Python thread may run here. numpy's OpenBLAS starts its own pool at import; it is made for
+    # forking (pthread_atfork), as every multiprocessing 'fork' user with numpy relies on.
+    if threading.active_count() != 1:
+        raise SystemExit(f"the warm parent runs {threading.enumerate()} after its imports: it cannot fork safely")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -194,11 +200,18 @@ class WarmParent:
 
 _parent: WarmParent | None = None
 _parent_lock = threading.Lock()
+_enabled = False
+
+
+def enable() -> None:
+    """Fork runs from a warm parent from now on (the test session; the benchmarks time cold starts)."""
+    global _enabled
+    _enabled = True
 
 
 def warmable(env: dict[str, str], base: dict[str, str]) -> bool:
     """Whether a run with ``env`` may be forked from a parent started with ``base``."""
-    if os.environ.get("IMAGE_SEARCH_TESTS_COLD") == "1":
+    if not _enabled or os.environ.get("IMAGE_SEARCH_TESTS_COLD") == "1":
         return False
     differing = {key for key in env.keys() | base.keys() if env.get(key) != base.get(key)}
     if not all(key.startswith(_RUN_TIME_VARIABLES) for key in differing):
