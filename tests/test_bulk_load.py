@@ -162,3 +162,42 @@ def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in
     events = [e["event"] for e in logs if e["event"] in ("bulk_load_started", "search_index_built")]
     assert events == ["bulk_load_started", "search_index_built"]
     assert story.ask("q.png", story.images / "p03.png")[0] == str(story.images / "p03.png")
+
+
+def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_again(story_factory, monkeypatch) -> None:
+    """A folder of pictures copied in while the service runs lands as a start-up backlog does, and once its
+    index is built a second burst gets a bulk load of its own; a trickle never does."""
+    import image_search.store.embeddings as store_module
+    from image_search.watch import ChangeKind, Folder
+    from tests.support.db import database_rows
+    from tests.support.files import save_picture
+
+    monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 8)  # bursts of 8 pictures stand in
+    story = story_factory({"first.png": 1})
+    assert story.service._ingest.bulk is None  # one picture at start: no bulk load
+
+    def burst(prefix: str, count: int, seed: int) -> None:
+        for i in range(count):
+            path = save_picture(story.images / f"{prefix}{i:02d}.png", seed=seed + i)
+            story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+
+    with capture_logs() as logs:
+        burst("trickle", 1, 50)
+        story.run_until_idle()
+        burst("a", 10, 100)
+        story.run_until_idle()
+        first = story.service._ingest.bulk
+        assert first is not None
+        first._thread.join(timeout=120)
+        assert index_state(story.database) == "valid"
+        burst("b", 12, 200)
+        story.run_until_idle()
+        second = story.service._ingest.bulk
+        assert second is not None and second is not first
+        second._thread.join(timeout=120)
+    assert index_state(story.database) == "valid"
+    assert len(database_rows(story.database) or []) == 1 + 1 + 10 + 12
+    started = [e["rows"] for e in logs if e["event"] == "bulk_load_started"]
+    assert started == [10, 12], started
+    assert [e["event"] for e in logs if e["event"] == "search_index_built"] == ["search_index_built"] * 2
+    assert story.ask("q.png", story.images / "b03.png")[0] == str(story.images / "b03.png")

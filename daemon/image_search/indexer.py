@@ -243,19 +243,19 @@ class Indexer:
         model = self.cfg.model_name
         stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
         to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
-        claimed: set[str] = set()  # hashes taken by an earlier file of this batch
+        seen_in_batch: set[str] = set()  # hashes an earlier file of this batch already has
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
             with writing_into(self.cfg.processed_directory, "a processed image"):
                 save_processed(image, processed)
             owner = stored.get(image.file_hash)
-            if image.file_hash in claimed or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
+            if image.file_hash in seen_in_batch or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
                                                 and Path(owner[0]).is_file()):
                 summary.duplicates += 1
                 log.info("image_duplicate", path=candidate.path, file_hash=image.file_hash,
                          same_as=owner[0] if owner else None)
                 continue
-            claimed.add(image.file_hash)
+            seen_in_batch.add(image.file_hash)
             if owner is not None and owner[1] == model:
                 self.store.update_source(image.file_hash, file_path=str(candidate.path), file_name=candidate.path.name,
                                          processed_path=str(processed), source_size=candidate.size,

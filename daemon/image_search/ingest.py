@@ -2,8 +2,9 @@
 
 ``ImageIngest.step`` keeps ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded by the
 worker processes while the oldest is embedded and written), claims each batch for this service, and
-finishes the oldest once no more can start. A large start-up backlog is bulk-loaded (``BulkLoad``): its
-rows land without per-row index insertion, and the index is built again beside the loop once it is in.
+finishes the oldest once no more can start. A large backlog is bulk-loaded (``BulkLoad``), whether the
+start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
+without per-row index insertion, and the index is built again beside the loop once it is in.
 The service loop decides when to call it; everything about a batch's life is decided here.
 """
 
@@ -45,9 +46,13 @@ class ImageIngest:
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
         # the index is built again in the background once it is in (searches are exact meanwhile).
         self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog)
+        # The backlog a bulk load was last considered for: asked again only once it has doubled, so a
+        # steady trickle costs no count of the table per batch.
+        self._bulk_considered_at = max(startup_backlog, 1)
 
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
+        self._consider_bulk_load()
         submitted = self._submit_ready()
         if not self._in_flight:
             if not submitted and not len(self.images):
@@ -59,6 +64,21 @@ class ImageIngest:
             return True  # the next pass starts another batch before this one is finished
         self._finish_oldest()
         return True
+
+    def _consider_bulk_load(self) -> None:
+        """A burst (a folder of thousands copied in while the service runs) is bulk-loaded as a start-up
+        backlog is; once an earlier bulk load's index is built, the next burst may have its own."""
+        backlog = len(self.images)
+        if not backlog:
+            self._bulk_considered_at = 1
+        if self.bulk is not None:
+            if not self.bulk.ended:
+                return
+            self.bulk = None
+        if backlog < 2 * self._bulk_considered_at:
+            return
+        self._bulk_considered_at = backlog
+        self.bulk = self.rt.store.begin_bulk_load(backlog)
 
     def finish_in_flight(self) -> None:
         """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""

@@ -216,7 +216,7 @@ def _instrument(stages: StageTimer, indexer, store) -> None:
 
     stages.wrap(indexer_module, "compare_folder", "rescan (compare_folder)")
     stages.wrap(indexer, "_outcomes", "waiting for the workers")
-    stages.wrap(indexer, "_embed", "embedding")
+    stages.wrap(indexer.embedder, "embed_images", "embedding")
     stages.wrap(indexer_module, "save_processed", "saving processed copies")
     stages.wrap(store, "sources", "store lookups")
     stages.wrap(store, "models_for_hashes", "store lookups")

@@ -55,6 +55,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if tier_of(item) == "unit":
             item.add_marker(pytest.mark.unit)
+    # The slow tiers first (a stable sort: files keep their order within a tier), so that pytest-xdist's
+    # workers start on the long end-to-end files and finish together on the short unit ones.
+    items.sort(key=lambda item: -TIERS.index(tier_of(item)))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

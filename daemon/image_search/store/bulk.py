@@ -65,6 +65,12 @@ class BulkLoad:
         """True while ``finish_in_background`` builds the index."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def ended(self) -> bool:
+        """True once it is over: the index built (or its build failed), or the load abandoned; the bulk
+        lock went with the connection, so another bulk load may begin."""
+        return bool(self._conn.closed) and not self.building
+
     def finish(self) -> None:
         """Build the index again, then let the lock go (with the connection)."""
         started = time.monotonic()
