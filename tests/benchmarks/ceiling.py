@@ -321,8 +321,10 @@ def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlo
                     time.sleep(0.001)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the service indexed {service.indexed} of {n} files")
-            # Searchable: the bulk load's index built (beside the loop, which keeps stepping meanwhile).
-            while bulk is not None and (bulk._thread is None or bulk.building):  # noqa: SLF001
+            # Searchable: the bulk load's index built (beside the loop, which keeps stepping meanwhile). A
+            # burst's bulk load begins at the loop's first step after the drop: looked up now.
+            bulk = service.ingest.bulk
+            while bulk is not None and not bulk.ended:
                 if not service.step():
                     time.sleep(0.005)
                 if time.monotonic() > deadline:
