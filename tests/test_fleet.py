@@ -124,6 +124,9 @@ def test_three_services_share_ingest_and_queries_and_the_last_one_empties_the_ta
         for i in range(QUERIES):
             assert len(bundles_with(root / "output", f"q{i:02d}")) == 1, f"q{i:02d} answered more than once"
         assert len([b for b in (root / "output").iterdir() if not b.name.startswith(".")]) == QUERIES
+        # Each answer is logged just after its bundle is in place: the last may still be on its way.
+        wait_for(lambda: sum(len(p.events("search_answered")) for p in procs) >= QUERIES,
+                 "every answer logged", proc=procs[0])
         assert sum(len(p.events("search_answered")) for p in procs) == QUERIES
         assert not (root / "inbox" / "failed").exists()
 
