@@ -8,6 +8,7 @@ finite number (memory growth may be negative: finite is enough), and that the ch
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.support import warm
 from tests.benchmarks.run import REPORT_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +33,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tests.benchmarks.run", "--quick", "--json", str(report_path), "--chart",
          str(chart_path), "--work-dir", str(tmp_path / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, warm.WARM_VARIABLE: "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(report_path.read_text())
