@@ -52,7 +52,12 @@ def _send(sock: socket.socket, payload: dict, fds: list[int] = ()) -> None:
 
 def _receive(sock: socket.socket) -> tuple[dict, list[int]]:
     data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(16 * array.array("i").itemsize))
-    if not data:
+    while 0 < len(data) < 4:  # a stream may split even the length
+        more = sock.recv(4 - len(data))
+        if not more:
+            break
+        data += more
+    if len(data) < 4:
         raise EOFError("the warm parent closed the connection")
     fds = array.array("i")
     for level, kind, payload in ancdata:
@@ -85,6 +90,8 @@ def _become_the_run(request: dict, fds: list[int], listener: socket.socket, conn
         for index, target in enumerate(request["stdio"]):
             if target is not None:
                 os.dup2(fds[target], index)
+            elif index == 0:  # this process's stdin is the test's line to it: never the run's
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         listener.close()
         conn.close()
         os.closerange(3, 65536)
