@@ -95,7 +95,6 @@ def _become_the_run(request: dict, fds: list[int], listener: socket.socket, conn
         listener.close()
         conn.close()
         os.closerange(3, 65536)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.chdir(request["cwd"])
         ours = os.environ.get("PYTHONPATH", "")
         os.environ.clear()
