@@ -12,6 +12,7 @@ malformed EXIF block never costs the picture: no date (or no camera), one debug 
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -20,6 +21,8 @@ from pathlib import Path
 import structlog
 from PIL import ExifTags, Image
 
+from .discover import SUPPORTED_FORMATS  # opened as preprocess opens them (it registers the HEIF opener)
+from .entries import open_regular
 from .geometry import exif_orientation, upright_size
 
 log = structlog.get_logger(__name__)
@@ -81,14 +84,35 @@ def picture_metadata(im: Image.Image, path: Path | str | None = None) -> Picture
 
 def metadata_of_bytes(data: bytes, path: Path | str | None = None) -> PictureMetadata | None:
     """``picture_metadata`` of a file's bytes (headers only); None when Pillow cannot open them."""
-    from .discover import SUPPORTED_FORMATS  # preprocess registers the HEIF opener; callers import it
-
     try:
         with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as im:
             return picture_metadata(im, path)
     except Exception as exc:
         log.debug("metadata_unreadable", path=path, error=f"{type(exc).__name__}: {exc}")
         return None
+
+
+def metadata_of_file(path: Path, expected: tuple[int, int]) -> PictureMetadata | None:
+    """``picture_metadata`` of the file at ``path``, reading its header only (Pillow opens the file
+    lazily; nothing is decoded); None when it cannot be read or opened, or its (size, mtime_ns) is not
+    ``expected`` (rewritten meanwhile: the rescan reads it again). Never raises."""
+    try:
+        with open_regular(path) as (handle, _), Image.open(handle, formats=SUPPORTED_FORMATS) as im:
+            metadata = picture_metadata(im, path)
+            st = os.fstat(handle.fileno())
+    except Exception as exc:  # OSError, EntryRefused, anything Pillow does not like
+        log.debug("metadata_unreadable", path=path, error=f"{type(exc).__name__}: {exc}")
+        return None
+    return metadata if (st.st_size, st.st_mtime_ns) == expected else None
+
+
+def relative_folder(path: Path | str, root: Path | str) -> str | None:
+    """The folder of ``path`` relative to ``root`` (source-directory), '' at its top; None outside it."""
+    try:
+        folder = Path(path).parent.relative_to(root)
+    except ValueError:
+        return None
+    return "" if folder == Path(".") else folder.as_posix()
 
 
 def camera_name(make: str | None, model: str | None) -> str | None:
