@@ -18,6 +18,7 @@ from image_search.indexer import Indexer
 from image_search.output import hit_record
 from image_search.readiness import ReadinessTracker
 from image_search.store import Database
+from image_search.store.metadata import needs_metadata_migration
 from image_search.sync import FolderSync, compare_folder
 from image_search.watch import Change, ChangeKind, Folder
 from tests.support.db import raw
@@ -116,10 +117,10 @@ def test_an_earlier_database_gains_metadata_from_headers_keeping_ids_and_embeddi
     with capture_logs() as logs:
         store = database.open_store(dimension=TINY_DIMENSION)
         try:
-            assert store.needs_metadata_migration()
+            assert needs_metadata_migration(store)
             assert stored(database)["top.jpg"] == (None,) * 8  # columns added, waiting for the headers
             state = compare_folder(cfg, store)
-            assert not store.needs_metadata_migration()
+            assert not needs_metadata_migration(store)
         finally:
             store.close()
     assert raw(database, "SELECT id, file_hash, embedding::text FROM image_embeddings ORDER BY id") == before

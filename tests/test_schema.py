@@ -23,7 +23,7 @@ from tests.support.waiting import wait_for
 from image_search.names import escape
 from image_search.store import IDENTITY, NAMES, SCHEMA_LOCK_KEY, Database, EmbeddingStore, FleetRegistry
 from image_search.store import migrations, schema
-from image_search.store.metadata import METADATA_STEP, MetadataUpdate
+from image_search.store.metadata import METADATA_STEP, MetadataUpdate, migrate_metadata, needs_metadata_migration
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +186,7 @@ def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connec
         assert [r[1] for r in after] == escaped
         assert [e["rows"] for e in events(logs, "names_escaped")] == ([] if earlier == "v2" else [2])
         # The metadata waits for the files' headers, which sync reads (and so, for v0, does the identity).
-        assert store.needs_metadata_migration()
+        assert needs_metadata_migration(store)
         if earlier == "v0":  # the identity waits for the files' hashes, which sync reads
             assert recorded(connect) == {n: s for n, s in STEPS.items() if n not in (3, METADATA_STEP)}
             assert version(connect) == 2
@@ -196,10 +196,10 @@ def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connec
             assert [r[0] for r in rows(connect)] == [r[0] for r in before]
         assert recorded(connect) == {n: s for n, s in STEPS.items() if n != METADATA_STEP}
         first_hash = rows(connect)[0][3]
-        assert store.migrate_metadata({first_hash: MetadataUpdate(folder="a/b", metadata=None)}) == 1
+        assert migrate_metadata(store, {first_hash: MetadataUpdate(folder="a/b", metadata=None)}) == 1
         assert sql(connect, "SELECT folder FROM image_embeddings WHERE file_hash = %s", (first_hash,)) == [("a/b",)]
-        assert not store.needs_metadata_migration()
-        assert store.migrate_metadata({first_hash: MetadataUpdate(folder="c", metadata=None)}) == 0  # once only
+        assert not needs_metadata_migration(store)
+        assert migrate_metadata(store, {first_hash: MetadataUpdate(folder="c", metadata=None)}) == 0  # once only
         assert recorded(connect) == STEPS
         assert version(connect) == LATEST
         assert not store.needs_identity_migration()

@@ -24,6 +24,7 @@ from .entries import EntryRefused
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
+from .store import metadata as stored_metadata
 from .store.metadata import MetadataUpdate
 from .readiness import ReadinessTracker
 from .watch import Change, ChangeKind
@@ -136,7 +137,7 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
     from each unchanged source under ``root`` with no decoding and no model work. A changed or unreadable
     source keeps NULL metadata (the rescan re-indexes a changed one); a row outside ``root`` is left as
     it is (the rescan removes it). Returns the rows updated (0 when there was nothing to do)."""
-    if not store.needs_metadata_migration():
+    if not stored_metadata.needs_metadata_migration(store):
         return 0
     started = time.monotonic()
     known = [record for path, record in store.sources().items() if Path(path).is_relative_to(root)]
@@ -147,7 +148,7 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
     headers = dict(zip((r.file_hash for r in todo),
                        _headers([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo])))
     updates = {r.file_hash: MetadataUpdate(relative_folder(r.file_path, root), headers.get(r.file_hash)) for r in known}
-    updated = store.migrate_metadata(updates)
+    updated = stored_metadata.migrate_metadata(store, updates)
     log.info("metadata_migrated", rows=len(known), updated=updated,
              with_metadata=sum(1 for m in headers.values() if m is not None),
              duration_ms=round((time.monotonic() - started) * 1000))

@@ -229,16 +229,6 @@ class EmbeddingStore:
         done = schema.migrate(self._conn, dimension=self.dimension, supplied={IDENTITY_STEP: new_hashes})
         return int(done.get(IDENTITY_STEP) or 0)
 
-    def needs_metadata_migration(self) -> bool:
-        """True while the rows of an earlier version wait for their metadata (step 0006)."""
-        return self.has_table and not schema.is_applied(self._conn, meta.METADATA_STEP)
-
-    def migrate_metadata(self, updates: dict[str, meta.MetadataUpdate]) -> int:
-        """Supply the metadata step its input (file_hash -> ``MetadataUpdate``: ``sync.migrate_metadata``
-        reads the headers) and apply it; the rows updated (0 when another service did it first)."""
-        done = schema.migrate(self._conn, dimension=self.dimension, supplied={meta.METADATA_STEP: updates})
-        return int(done.get(meta.METADATA_STEP) or 0)
-
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
         self.session.reconnect()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2.extras
 
 from ..metadata import PictureMetadata, camera_name
 from ..names import escape
+from . import schema
+
+if TYPE_CHECKING:
+    from .embeddings import EmbeddingStore
 
 METADATA_STEP = 6  # migrations/0006_metadata_from_headers.py
 
@@ -100,3 +104,17 @@ def hit_fields(row: tuple[Any, ...]) -> dict[str, Any]:
     taken_at, offset, make, model, width, height, fmt = row
     return {"taken_at": taken_at_text(taken_at, offset), "camera": camera_name(make, model), "width": width,
             "height": height, "format": fmt}
+
+
+def needs_metadata_migration(store: EmbeddingStore) -> bool:
+    """True while the rows of an earlier version wait for their metadata (step 0006). Asked of the
+    database each time: another service sharing it may have migrated it meanwhile."""
+    return store.has_table and not schema.is_applied(store.session.conn, METADATA_STEP)
+
+
+def migrate_metadata(store: EmbeddingStore, updates: dict[str, MetadataUpdate]) -> int:
+    """Supply the metadata step its input (file_hash -> ``MetadataUpdate``: ``sync.migrate_metadata``
+    reads the headers) and apply it, in one transaction under the schema lock; the rows updated (0 when
+    another service did it first)."""
+    done = schema.migrate(store.session.conn, dimension=store.dimension, supplied={METADATA_STEP: updates})
+    return int(done.get(METADATA_STEP) or 0)
