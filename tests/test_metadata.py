@@ -150,8 +150,7 @@ def test_original_size_is_upright_whatever_the_orientation(tmp_path, name, fmt, 
                                 max_pixels=LIMIT)
     expected = (20, 40) if orientation in (6, 8) else (40, 20)
     assert (prepared.metadata.width, prepared.metadata.height) == expected
-    if fmt != "TIFF":  # Pillow turns a TIFF upright itself (see the report on preprocess's TIFF orientation)
-        assert (prepared.width, prepared.height) == expected
+    assert (prepared.width, prepared.height) == expected
 
 
 def test_batched_jpeg_path_reads_the_same_metadata(tmp_path):

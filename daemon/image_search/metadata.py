@@ -37,9 +37,6 @@ FORMAT_NAMES: dict[str, str] = {
     "JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "DIB": "bmp",
     "TIFF": "tiff", "HEIF": "heic", "AVIF": "avif",
 }
-# Pillow turns a TIFF upright as it opens it (its size is already the upright one, Pillow >= 11.3), and
-# libheif a HEIC (pillow-heif then reports orientation 1): only the others' size is turned here.
-_OPENED_UPRIGHT = frozenset({"TIFF", "HEIF"})
 _EXIF_DATE = re.compile(r"^\s*(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _EXIF_OFFSET = re.compile(r"^\s*([+-])(\d{2}):(\d{2})\s*$")
 _MAX_TEXT = 200  # a make or model longer than this is garbage, not a camera's name
@@ -71,7 +68,8 @@ class PictureMetadata:
 def picture_metadata(im: Image.Image, path: Path | str | None = None) -> PictureMetadata:
     """The metadata of a picture Pillow has opened (not necessarily loaded). Never raises."""
     fmt = FORMAT_NAMES.get(im.format or "", (im.format or "").lower())
-    size = im.size if im.format in _OPENED_UPRIGHT else upright_size(im.size, exif_orientation(im))
+    # Pillow turns a TIFF upright as it opens it and libheif a HEIC: exif_orientation says 1 for both.
+    size = upright_size(im.size, exif_orientation(im))
     try:
         exif = im.getexif()
     except Exception as exc:  # a broken EXIF block: the picture is still good
