@@ -57,6 +57,7 @@ CREATE TEMP TABLE IF NOT EXISTS image_embeddings_incoming (
     source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension}), %s
 ) ON COMMIT DELETE ROWS
 """ % meta.STAGING_DDL
+COPY_COLUMNS = _STAGING_COLUMNS  # the columns of ``copy_binary``'s rows, in order (a COPY of one's own)
 _COPY_IN = f"COPY image_embeddings_incoming ({_STAGING_COLUMNS}) FROM STDIN WITH (FORMAT binary)"
 _UPSERT = f"""
 INSERT INTO image_embeddings ({_STAGING_COLUMNS})
