@@ -37,7 +37,8 @@ pytestmark = pytest.mark.e2e
 CLI = Path(sys.executable).parent / "image-search"
 PASSWORD = "pw-Sekrit-7731"
 TOP_K = 3
-JSONL_KEYS = {"rank", "similarity", "file_name", "file_path", "processed_path", "file_hash"}
+JSONL_KEYS = {"rank", "similarity", "file_name", "file_path", "processed_path", "file_hash", "taken_at", "camera", "width",
+              "height", "format"}
 BUNDLE_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model work, (\d+) unchanged, "
                      r"(\d+) duplicates, (\d+) removed, (\d+) skipped$", re.M)
@@ -293,6 +294,7 @@ def test_search_exact_copy_ranks_first_and_bundle_layout(story: Story) -> None:
     row = next(r for r in story.rows["search"] if r["file_path"] == str(images / "a.png"))
     assert best["file_hash"] == row["file_hash"]
     assert best["processed_path"] == row["processed_path"]
+    assert best["format"] == "png" and best["width"] > 0 and best["height"] > 0  # the original's metadata
     assert (bundle / "q.jpg").read_bytes() == Path(row["processed_path"]).read_bytes()
     for h in hits:
         assert Path(h["processed_path"]).is_file()

@@ -599,3 +599,24 @@ def test_one_device_wide_synchronisation_per_chunk(tmp_path, monkeypatch) -> Non
     results = decoder.prepare([read_plain_jpeg(p, max_pixels=LIMIT) for p in paths])
     decoder.close()
     assert all(r is not None for r in results) and len(calls) == 3
+
+
+def test_the_batched_path_carries_the_metadata_the_cpu_path_reads(tmp_path) -> None:
+    """The date taken, camera, upright size and format of a plain JPEG decoded in a batch (on "cpu" here)
+    are the CPU path's (both read ``metadata.picture_metadata`` of the same header)."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "FUJIFILM", "X100V", 6
+    exif.get_ifd(0x8769).update({0x9003: "2024:02:29 12:00:00", 0x9011: "+09:00"})
+    path = tmp_path / "tagged.jpg"
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(path, format="JPEG", exif=exif.tobytes())
+    with PreprocessPool(max_size=BOX, max_pixels=LIMIT, workers=0) as pool:
+        reader = open_gpu_reader(pool, "cpu", spec=CLIP_224, threads=1, state_directory=tmp_path)
+        assert reader is not None
+        [batched] = reader.submit([path]).results()
+        reader.close()
+    assert isinstance(batched, PreparedImage) and reader.decoded_on_device == 1
+    cpu = preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
+    assert batched.metadata == cpu.metadata
+    assert batched.metadata is not None and batched.metadata.offset_minutes == 540
+    assert (batched.metadata.width, batched.metadata.height, batched.metadata.format) == (48, 64, "jpeg")
+    assert batched.metadata.camera_model == "X100V"

@@ -458,6 +458,22 @@ def test_exif_orientation_is_applied(tmp_path, orientation, size, corner):
     assert red_corner(prepared) == corner
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+@pytest.mark.parametrize(("orientation", "size", "corner"), [
+    (3, (200, 100), "bottom-right"), (6, (100, 200), "top-right"), (8, (100, 200), "bottom-left")])
+def test_exif_orientation_of_a_tiff_is_applied_once(tmp_path, compression, orientation, size, corner):
+    """Pillow turns a TIFF upright as it opens it: the picture is not turned a second time."""
+    path = tmp_path / f"rotated-{orientation}.tiff"
+    im = Image.new("RGB", (200, 100), BLUE)
+    ImageDraw.Draw(im).rectangle([0, 0, 99, 49], fill=RED)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, format="TIFF", exif=exif, **({"compression": compression} if compression else {}))
+    prepared = prep(path)
+    assert (prepared.width, prepared.height) == size
+    assert red_corner(prepared) == corner
+
+
 def test_exif_rotated_large_jpeg_fits_the_box_after_rotation(tmp_path):
     """Draft decoding must size for the rotated picture: a tall box and a sideways-stored photo."""
     path = tmp_path / "sideways.jpg"

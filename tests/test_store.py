@@ -100,7 +100,7 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
     store.upsert([row("/img/a.png", "ha", basis(0), mtime=1), row("/img/old.png", "hold", basis(1))])
     before = raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'")
     store.update_source("ha", file_path="/img/moved/a.png", file_name="a.png", processed_path="/p/moved/a.png.jpg",
-                        source_size=55, source_mtime_ns=66)
+                        source_size=55, source_mtime_ns=66, folder="moved")
     assert raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'") == before
     rec = store.sources()["/img/moved/a.png"]
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns) == ("ha", 55, 66)
@@ -108,7 +108,7 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
 
     # relinking a path that held other content drops that stale row
     store.update_source("ha", file_path="/img/old.png", file_name="old.png", processed_path="/p/old.png.jpg",
-                        source_size=1, source_mtime_ns=2)
+                        source_size=1, source_mtime_ns=2, folder="")
     assert store.count() == 1
     assert store.hash_for_path("/img/old.png") == "ha"
 

@@ -49,7 +49,11 @@ _SWAPPING = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Im
 
 def exif_orientation(im: Image.Image) -> int:
     """The EXIF orientation of an opened picture, 1-8; 1 when it has none, a value outside 1-8, or an
-    EXIF block that cannot be read (a broken EXIF block must not cost the picture)."""
+    EXIF block that cannot be read (a broken EXIF block must not cost the picture). 1 for a TIFF: Pillow
+    (13, as locked) turns a TIFF upright itself, its size already upright when opened, while its tag
+    still reads as stored until it is loaded; turning it again would turn it twice."""
+    if im.format == "TIFF":
+        return 1
     try:
         value = int(im.getexif().get(EXIF_ORIENTATION_TAG, 1))
     except Exception:

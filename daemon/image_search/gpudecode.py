@@ -60,6 +60,7 @@ from .geometry import (
     upright_transpose,
 )
 from .pixels import PixelSpec
+from .metadata import PictureMetadata, picture_metadata
 from .preprocess import PreparedImage, source_identity
 from .workers import Outcome, PreprocessPool
 
@@ -102,6 +103,7 @@ class PlainJpeg:
     width: int
     height: int
     orientation: int
+    metadata: PictureMetadata | None = None  # the header's (``metadata``), as the CPU path reads it
 
 
 def _frame_header(data: bytes | bytearray) -> tuple[int, int, int, int, int, bool] | None:
@@ -164,9 +166,10 @@ def read_plain_jpeg(path: Path, *, max_pixels: int, links: LinkPolicy | None = N
             if im.format != "JPEG" or im.mode != "RGB" or im.size != (width, height):
                 return None
             orientation = exif_orientation(im)  # as the CPU path reads it (``geometry``)
+            metadata = picture_metadata(im, path)
     except Exception:  # anything Pillow does not like is the CPU path's to name
         return None
-    return PlainJpeg(Path(path), data, source_identity(data), width, height, orientation)
+    return PlainJpeg(Path(path), data, source_identity(data), width, height, orientation, metadata)
 
 
 # Pillow's turns and mirrors as torch operations on the last two dimensions of a (..., H, W) picture.
@@ -587,7 +590,7 @@ class BatchedJpegDecoder:
             out[index] = PreparedImage(
                 path=source.path, jpeg_bytes=jpegs[row], file_hash=source.file_hash, width=picture.shape[-1],
                 height=picture.shape[-2], source_width=source.width, source_height=source.height,
-                thumbnail_jpeg=thumbs[row], pixels=model_inputs[row])
+                thumbnail_jpeg=thumbs[row], pixels=model_inputs[row], metadata=source.metadata)
         return out
 
     def _model_inputs(self, fitted: Sequence[torch.Tensor]) -> list[torch.Tensor]:

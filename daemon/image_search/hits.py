@@ -14,3 +14,9 @@ class Hit:
     file_path: str
     processed_path: str
     file_hash: str
+    # What the original's header said (``image_search.metadata``); None where unknown.
+    taken_at: str | None = None  # ISO 8601, with the picture's offset where its file gave one
+    camera: str | None = None  # make and model
+    width: int | None = None  # the original's, upright
+    height: int | None = None
+    format: str | None = None  # jpeg png webp gif bmp tiff heic avif

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .errors import writing_into
+from .metadata import relative_folder
 from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord
@@ -259,7 +260,8 @@ class Indexer:
             if owner is not None and owner[1] == model:
                 self.store.update_source(image.file_hash, file_path=str(candidate.path), file_name=candidate.path.name,
                                          processed_path=str(processed), source_size=candidate.size,
-                                         source_mtime_ns=candidate.mtime_ns)
+                                         source_mtime_ns=candidate.mtime_ns, metadata=image.metadata,
+                                         folder=relative_folder(candidate.path, self.cfg.source_directory))
                 summary.relinked += 1
                 continue
             to_embed.append((candidate, image, processed))
@@ -269,7 +271,8 @@ class Indexer:
             rows = [
                 EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
                              processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
-                             model_name=model, embedding=vector)
+                             model_name=model, embedding=vector, metadata=image.metadata,
+                             folder=relative_folder(c.path, self.cfg.source_directory))
                 for (c, image, processed), vector in zip(to_embed, vectors)
             ]
             for start in range(0, len(rows), self.cfg.batch_size):

@@ -47,6 +47,11 @@ def hit_record(hit: Hit) -> dict[str, object]:
         "file_path": escape(hit.file_path),
         "processed_path": escape(hit.processed_path),
         "file_hash": hit.file_hash,
+        "taken_at": hit.taken_at,
+        "camera": hit.camera,
+        "width": hit.width,
+        "height": hit.height,
+        "format": hit.format,
     }
 
 

@@ -47,6 +47,7 @@ from .geometry import (
     thumbnail_size,
     upright_transpose,
 )
+from .metadata import PictureMetadata, picture_metadata
 from .names import fit_name, fits_path
 
 PROCESSED_SUFFIX = ".jpg"
@@ -105,6 +106,7 @@ class PreparedImage:
     thumbnail_jpeg: bytes = field(repr=False)
     image: Image.Image | None = field(default=None, repr=False)
     pixels: np.ndarray | Any | None = field(default=None, repr=False)  # Any: a torch tensor (never imported here)
+    metadata: PictureMetadata | None = None  # read from the original's header (``metadata``)
 
     def without_image(self) -> PreparedImage:
         """This picture without the PIL image: what crosses between processes."""
@@ -211,7 +213,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
     path = Path(path)
     source = read_source(path, links)
     try:
-        rgb, (src_w, src_h) = _normalise(source, path, max_size=max_size, max_pixels=max_pixels)
+        rgb, (src_w, src_h), metadata = _normalise(source, path, max_size=max_size, max_pixels=max_pixels)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _decode_error(path, exc, source, max_pixels) from None
     buffer = io.BytesIO()
@@ -227,12 +229,14 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
         source_width=src_w,
         source_height=src_h,
         thumbnail_jpeg=_thumbnail_jpeg(rgb),
+        metadata=metadata,
     )
 
 
 def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
-               max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
-    """The source's picture oriented, in RGB, fitted inside ``max_size``; and the source's size."""
+               max_pixels: int) -> tuple[Image.Image, tuple[int, int], PictureMetadata]:
+    """The source's picture oriented, in RGB, fitted inside ``max_size``; the source's size; and what its
+    header says (``metadata``: read before decoding, from the same opened file)."""
     with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
         src_w, src_h = im.size
         if src_w * src_h > max_pixels:
@@ -241,6 +245,7 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
                 f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
                 f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
             )
+        metadata = picture_metadata(im, path)
         # Every size, turn and filter comes from ``geometry``, which the batched JPEG decoder uses too.
         orientation = exif_orientation(im)
         if im.format in ("JPEG", "MPO"):  # MPO: a JPEG with extra frames, opened by the JPEG plugin
@@ -254,7 +259,7 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
             rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
-    return rgb, (src_w, src_h)
+    return rgb, (src_w, src_h), metadata
 
 
 def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) -> PreprocessError:

@@ -21,8 +21,11 @@ from tqdm import tqdm
 from .config import Config
 from .discover import SkippedEntry, is_image_candidate, scan_folder
 from .entries import EntryRefused
+from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
+from .store import metadata as stored_metadata
+from .store.metadata import MetadataUpdate
 from .readiness import ReadinessTracker
 from .watch import Change, ChangeKind
 from .workers import default_worker_count
@@ -116,6 +119,42 @@ def migrate_identities(store: EmbeddingStore, root: Path | None = None) -> int:
     return rewritten
 
 
+def _headers(files: list[tuple[Path, tuple[int, int]]]) -> list[PictureMetadata | None]:
+    """``metadata_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core."""
+    with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="headers") as pool, \
+            tqdm(total=len(files), desc="reading headers", unit="img", file=sys.stderr,
+                 disable=not sys.stderr.isatty()) as bar:
+        found = []
+        for result in pool.map(lambda item: metadata_of_file(*item), files):
+            found.append(result)
+            bar.update()
+        return found
+
+
+def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
+    """Once per database: give the rows of an earlier version their folder (from their path) and the
+    metadata of their file's header (date taken, camera, size, format; ``image_search.metadata``), read
+    from each unchanged source under ``root`` with no decoding and no model work. A changed or unreadable
+    source keeps NULL metadata (the rescan re-indexes a changed one); a row outside ``root`` is left as
+    it is (the rescan removes it). Returns the rows updated (0 when there was nothing to do)."""
+    if not stored_metadata.needs_metadata_migration(store):
+        return 0
+    started = time.monotonic()
+    known = [record for path, record in store.sources().items() if Path(path).is_relative_to(root)]
+    log.info("metadata_migration_started", rows=len(known),
+             detail="date taken, camera, size and format are read from each source's header (nothing is re-embedded)")
+    todo = [record for record in known
+            if (st := stat_or_none(Path(record.file_path))) is not None and is_unchanged(record, st, record.model_name)]
+    headers = dict(zip((r.file_hash for r in todo),
+                       _headers([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo])))
+    updates = {r.file_hash: MetadataUpdate(relative_folder(r.file_path, root), headers.get(r.file_hash)) for r in known}
+    updated = stored_metadata.migrate_metadata(store, updates)
+    log.info("metadata_migrated", rows=len(known), updated=updated,
+             with_metadata=sum(1 for m in headers.values() if m is not None),
+             duration_ms=round((time.monotonic() - started) * 1000))
+    return updated
+
+
 def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
     copies) of sources that are gone, and list the files whose size, mtime or model differ from their
@@ -124,6 +163,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     nothing watched is recognised by its identity and its row follows it (``_follow_renames``)."""
     root = cfg.source_directory
     migrate_identities(store, root)
+    migrate_metadata(store, root)
     known = store.sources()
     scan = scan_folder(root, cfg.source_links)
     on_disk = scan.images
@@ -196,7 +236,7 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
     except FileNotFoundError:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
     store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
-                        source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
+                        source_size=st.st_size, source_mtime_ns=st.st_mtime_ns, folder=relative_folder(dest, root))
     log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
     return True
 

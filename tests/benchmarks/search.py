@@ -40,8 +40,10 @@ def make_vectors(n: int, n_queries: int, *, dim: int = 1024, latent: int = 48, c
     return x.astype(np.float32), q.astype(np.float32)
 
 
-_COPY = ("COPY image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
-         "source_mtime_ns, model_name, embedding) FROM STDIN WITH (FORMAT binary)")
+def _copy_sql() -> str:
+    from image_search.store.embeddings import COPY_COLUMNS  # the columns copy_binary writes, metadata included
+
+    return f"COPY image_embeddings ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT binary)"
 
 
 def _binary_copy_chunk(vectors: np.ndarray, start: int) -> bytes:
@@ -92,7 +94,7 @@ def measure_search(work: Path, sizes: Sizes) -> Report:
         for start in range(0, n, chunk):
             data = _binary_copy_chunk(vectors[start:start + chunk], start)
             with conn, conn.cursor() as cur:
-                cur.copy_expert(_COPY, io.BytesIO(data))
+                cur.copy_expert(_copy_sql(), io.BytesIO(data))
         out["search_load_s"] = time.perf_counter() - started
         say(f"search: loaded {n} rows by binary COPY in {out['search_load_s']:.1f} s; building HNSW")
         started = time.perf_counter()

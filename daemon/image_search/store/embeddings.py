@@ -19,7 +19,9 @@ import psycopg2.extensions
 from pgvector.psycopg2 import register_vector
 
 from ..hits import Hit
+from ..metadata import PictureMetadata
 from ..names import escape, unescape
+from . import metadata as meta
 from . import schema
 from .bulk import BulkLoad
 from .connection import Connect, Session, StoreError
@@ -35,7 +37,7 @@ def _indexed_search_sql(dimension: int) -> str:
     """Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity."""
     return f"""
 SELECT * FROM (
-    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
     FROM image_embeddings ORDER BY embedding::halfvec({int(dimension)}) <#> %(q)s::halfvec({int(dimension)})
     LIMIT %(k)s
 ) AS candidates ORDER BY similarity DESC
@@ -47,13 +49,15 @@ SELECT * FROM (
 # The staging table is the one table not created by a migration (schema.py): it is TEMP, so it belongs
 # to one connection, not to the database. It is made on each new connection's first write, from the
 # store's dimension, and vanishes with the session; there is nothing in it to migrate.
-_STAGING_COLUMNS = "file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, embedding"
+_STAGING_COLUMNS = ("file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, "
+                    f"embedding, {meta.COLUMN_LIST}")
 _STAGING_SCHEMA = """
 CREATE TEMP TABLE IF NOT EXISTS image_embeddings_incoming (
     file_path TEXT, file_name TEXT, file_hash TEXT, processed_path TEXT, source_size BIGINT,
-    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension})
+    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension}), %s
 ) ON COMMIT DELETE ROWS
-"""
+""" % meta.STAGING_DDL
+COPY_COLUMNS = _STAGING_COLUMNS  # the columns of ``copy_binary``'s rows, in order (a COPY of one's own)
 _COPY_IN = f"COPY image_embeddings_incoming ({_STAGING_COLUMNS}) FROM STDIN WITH (FORMAT binary)"
 _UPSERT = f"""
 INSERT INTO image_embeddings ({_STAGING_COLUMNS})
@@ -61,11 +65,11 @@ SELECT {_STAGING_COLUMNS} FROM image_embeddings_incoming
 ON CONFLICT (file_hash) DO UPDATE SET
     file_path = EXCLUDED.file_path, file_name = EXCLUDED.file_name, processed_path = EXCLUDED.processed_path,
     source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
-    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now()
+    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now(), {meta.UPSERT_SET}
 """
 _UPDATE_SOURCE = """
 UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s, source_size = %s,
-    source_mtime_ns = %s, updated_at = now()
+    source_mtime_ns = %s, folder = %s, updated_at = now()
 WHERE file_hash = %s
 """
 # A source whose content changed leaves a row under its old hash: drop it with the new row's write.
@@ -81,8 +85,8 @@ _COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) A
 CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
 _EF_SEARCH = "SELECT set_config('hnsw.ef_search', %s, true)"
 # Full precision, no index usable: the exact answer, for small tables.
-_SEARCH_EXACT = """
-SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity
+_SEARCH_EXACT = f"""
+SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
 FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
 """
 
@@ -97,6 +101,8 @@ class EmbeddingRow:
     source_mtime_ns: int
     model_name: str
     embedding: np.ndarray
+    metadata: PictureMetadata | None = None  # the original's header (``image_search.metadata``)
+    folder: str | None = None  # relative to source-directory ('' at its top): ``metadata.relative_folder``
 
 
 @dataclass(frozen=True)
@@ -121,13 +127,14 @@ def copy_binary(rows: Sequence[EmbeddingRow]) -> bytes:
     out = [_COPY_HEADER]
     for r in rows:
         vector = np.asarray(r.embedding, dtype=">f4").reshape(-1)
-        out.append(struct.pack("!h", 8))
+        out.append(struct.pack("!h", 8 + len(meta.COLUMNS)))
         for text in (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path)):
             data = text.encode("utf-8")
             out.append(struct.pack("!i", len(data)) + data)
         model = r.model_name.encode("utf-8")
         out.append(struct.pack("!iqiqi", 8, r.source_size, 8, r.source_mtime_ns, len(model)) + model)
         out.append(struct.pack("!ihh", 4 + 4 * vector.size, vector.size, 0) + vector.tobytes())
+        out.append(meta.copy_fields(r.metadata, r.folder))
     out.append(_COPY_TRAILER)
     return b"".join(out)
 
@@ -245,12 +252,18 @@ class EmbeddingStore:
         self._staging_on = self._conn  # committed: the staging table exists for this connection's life
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
-                      source_size: int, source_mtime_ns: int) -> None:
-        """Point an existing embedding at its (renamed or touched) source without any model work."""
+                      source_size: int, source_mtime_ns: int, folder: str | None,
+                      metadata: PictureMetadata | None = None) -> None:
+        """Point an existing embedding at its (renamed or touched) source without any model work: its
+        ``folder`` follows it; ``metadata``, when the file was read again, is written too."""
         file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
+        stored_folder = escape(folder) if folder is not None else None
         with self._cursor() as cur:
             cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
-            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns, file_hash))
+            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns,
+                                         stored_folder, file_hash))
+            if metadata is not None:
+                cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
 
     def delete_paths(self, paths: Iterable[str]) -> int:
         paths = [escape(p) for p in paths]
@@ -339,6 +352,6 @@ class EmbeddingStore:
             rows = cur.fetchall()
         return [
             Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
-                processed_path=unescape(processed), file_hash=file_hash)
-            for i, (name, path, processed, file_hash, sim) in enumerate(rows, start=1)
+                processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)))
+            for i, (name, path, processed, file_hash, sim, *extra) in enumerate(rows, start=1)
         ]

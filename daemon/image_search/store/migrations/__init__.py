@@ -1,15 +1,15 @@
 """The store's numbered migrations: one module per step, ``NNNN_name.py``, applied in number order by
 ``store.schema.migrate`` and recorded in ``image_search_schema`` (number, name, applied_at).
 
-How to add one (a metadata column, say): add the next file, e.g. ``0005_capture_time.py``, and nothing else::
+How to add one (a column, say): add the next file, e.g. ``0007_lens.py``, and nothing else::
 
-    \"\"\"image_embeddings.captured_at: when the picture was taken (EXIF), NULL where unknown.\"\"\"
+    \"\"\"image_embeddings.lens: the lens (EXIF LensModel), NULL where unknown.\"\"\"
     NEEDS_DIMENSION = True  # it touches image_embeddings: wait until that table exists
 
-    ADD_CAPTURED_AT = "ALTER TABLE image_embeddings ADD COLUMN IF NOT EXISTS captured_at TIMESTAMPTZ"
+    ADD_LENS = "ALTER TABLE image_embeddings ADD COLUMN IF NOT EXISTS lens TEXT"
 
     def apply(context) -> bool:
-        context.cur.execute(ADD_CAPTURED_AT)
+        context.cur.execute(ADD_LENS)
         return True
 
 Every database gets it once, at the next start, under the schema lock; a new database gets it right
@@ -26,8 +26,8 @@ after its table is created. What a step module may define:
   without being run.
 
 Never change a step once released: a database that applied it will not apply it again. A step must
-not depend on the effect of an earlier step that may still be waiting (0003, the identity): a waiting
-step does not hold back the steps after it.
+not depend on the effect of an earlier step that may still be waiting (0003, the identity; 0006, the
+metadata read from the files' headers): a waiting step does not hold back the steps after it.
 """
 
 from __future__ import annotations
