@@ -31,3 +31,10 @@ def _shared_start_up_costs(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core and one more, at most four. Many tests mostly wait (on an
+    ``image-search`` process, a lease, a timer); measured on 2 cores, 3 workers ran the suite in 6:19
+    against 6:57 for 2, at 180% CPU against 165%."""
+    return min(4, len(os.sched_getaffinity(0)) + 1)

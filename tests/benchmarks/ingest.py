@@ -167,7 +167,7 @@ SECTION = Section(
     name="ingest",
     run=run,
     full_sizes={"camera": 300},
-    quick_sizes={"camera": 12},
+    quick_sizes={"camera": 6},
     metrics=(
         Metric("ingest ours", "ingest_images_per_s", "{:.1f} img/s"),
         Metric("ingest baseline", "ingest_baseline_images_per_s", "{:.1f} img/s"),
