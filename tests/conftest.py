@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import pgdata, warm
-from tests.support.env import use_offline_hub
-from tests.support.model import save_tiny_clip
-from tests.support.story import embedder, story_factory  # noqa: F401  (fixtures: the service in-process)
+from tests.support.env import use_offline_hub, use_one_torch_thread
+
+use_one_torch_thread()  # before anything imports torch
+
+from tests.support import pgdata, warm  # noqa: E402
+from tests.support.model import save_tiny_clip  # noqa: E402
+from tests.support.story import embedder, story_factory  # noqa: E402, F401  (fixtures: the service in-process)
 
 use_offline_hub()
 

@@ -13,6 +13,17 @@ SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_
 CONFIG_VARIABLE_PREFIX = "IMAGE_SEARCH_"
 
 
+# One intra-op thread per process: the suite runs pytest-xdist workers and many image-search processes on
+# few cores, and OpenMP threads spinning against each other there cost CPU time, not coverage (the product
+# keeps torch's default; the tiny model gains nothing from threads).
+ONE_TORCH_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def use_one_torch_thread() -> None:
+    """This process and its children run torch on one thread (before torch is imported)."""
+    os.environ.update(ONE_TORCH_THREAD)
+
+
 def use_offline_hub() -> None:
     """Make this process offline for the model hub (before transformers is imported)."""
     os.environ.update(OFFLINE_HUB)
