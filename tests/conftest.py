@@ -39,5 +39,5 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: a worker per core and one more, at most four. Many tests mostly wait (on an
     ``image-search`` process, a lease, a timer); measured on 2 cores, 3 workers ran the suite in 6:19
-    against 6:57 for 2, at 180% CPU against 165%."""
+    against 6:57 for 2, at 180% CPU against 165% (later runs of 3: 7:23-7:31, the machine is shared)."""
     return min(4, len(os.sched_getaffinity(0)) + 1)
