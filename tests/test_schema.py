@@ -17,7 +17,7 @@ import psycopg2.extensions
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support.db import embedded_database
+from tests.support.db import embedded_database, fetch_all
 from tests.support.waiting import wait_for
 
 from image_search.names import escape
@@ -78,13 +78,7 @@ def connect(server: Database) -> Callable[[], psycopg2.extensions.connection]:
 
 
 def sql(connect: Callable[[], psycopg2.extensions.connection], statement: str, params: tuple = ()) -> list[tuple]:
-    conn = connect()
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+    return fetch_all(connect(), statement, params)
 
 
 def recorded(connect) -> dict[int, str]:

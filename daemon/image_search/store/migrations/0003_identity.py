@@ -11,10 +11,10 @@ as the rewrite. A table with no rows has nothing to rewrite: the step is applied
 import psycopg2.extras
 
 from ..schema import IDENTITY, SET_META, meta_is
+from . import supplied_input
 
 NEEDS_DIMENSION = True
 
-HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM image_embeddings)"
 BY_HASHES = "SELECT file_hash FROM image_embeddings WHERE file_hash = ANY(%s)"
 DELETE_HASHES = "DELETE FROM image_embeddings WHERE file_hash = ANY(%s)"
 # Old hash -> new hash in two statements: UNIQUE is checked row by row, so a new hash that equals an
@@ -40,12 +40,9 @@ def apply(context) -> bool:
     paths stay. Rows not named keep their old hash (their files changed, so the indexer replaces them by
     path). Two rows whose sources turn out to be the same bytes keep one (the first named).
     ``context.result``: the rows rewritten."""
-    cur, new_hashes = context.cur, context.supplied
+    cur, new_hashes = context.cur, supplied_input(context)
     if new_hashes is None:
-        cur.execute(HAS_ROWS)
-        if cur.fetchone()[0]:
-            return False  # pending: sync.migrate_identities reads the files and supplies the hashes
-        new_hashes = {}
+        return False  # pending: sync.migrate_identities reads the files and supplies the hashes
     # A new hash some row keeps (a row not being rewritten: that content is stored already) wins.
     cur.execute(BY_HASHES, (list(new_hashes.values()),))
     taken = {row[0] for row in cur.fetchall()} - set(new_hashes)

@@ -11,18 +11,14 @@ metadata). ``context.result``: the rows updated.
 """
 
 from ..metadata import fill_metadata
+from . import supplied_input
 
 NEEDS_DIMENSION = True
 
-HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM image_embeddings)"
-
 
 def apply(context) -> bool:
-    cur, supplied = context.cur, context.supplied
+    supplied = supplied_input(context)
     if supplied is None:
-        cur.execute(HAS_ROWS)
-        if cur.fetchone()[0]:
-            return False  # pending: sync.migrate_metadata reads the headers and supplies the values
-        supplied = {}
-    context.result = fill_metadata(cur, supplied)
+        return False  # pending: sync.migrate_metadata reads the headers and supplies the values
+    context.result = fill_metadata(context.cur, supplied)
     return True

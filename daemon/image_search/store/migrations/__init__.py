@@ -76,3 +76,16 @@ def discover() -> tuple[Migration, ...]:
     if numbers != list(range(1, len(found) + 1)):
         raise RuntimeError(f"the store's migrations must be numbered 1, 2, 3... without gaps or twins: {numbers}")
     return tuple(found)
+
+
+_HAS_ROWS = "SELECT EXISTS (SELECT 1 FROM image_embeddings)"
+
+
+def supplied_input(context: Any) -> Any | None:
+    """For a step that needs outside input (0003, 0006): what it works on. ``context.supplied`` once the
+    caller read the files; an empty dict for a table with no rows (nothing to do: applied at once, as on
+    a new database); None while rows wait for the input (the step stays pending)."""
+    if context.supplied is not None:
+        return context.supplied
+    context.cur.execute(_HAS_ROWS)
+    return None if context.cur.fetchone()[0] else {}
