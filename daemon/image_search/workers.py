@@ -274,7 +274,10 @@ class _Worker:
         finally:
             child_end.close()  # only the worker holds it now, so its death reads as EOF here
         # Fits the socket buffer or is read at once by the worker's first recv(): no deadlock while it starts.
-        parent_end.send_bytes(settings_message)
+        try:
+            parent_end.send_bytes(settings_message)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died before reading them: the pool reads that death (EOF) as a failed start, as any other
         return cls(process=process, conn=parent_end)
 
     def take_from(self, queue: deque[_Task]) -> None:
