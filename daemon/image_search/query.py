@@ -1,0 +1,102 @@
+"""A query as understood: the terms to look like (and unlike), each with its weight, the filters a hit
+must pass, how many hits, and the relevance floor. Made from a query document (``querydoc``), the
+command line's flags (``cli``), or a plain picture or ``.txt`` query; searched by ``search``; the
+filters are turned into SQL by ``store.filters``; recorded in the result's ``<stem>.json``.
+
+Pure data: no database, no model, no file is read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+
+# The format names a filter takes: those ``metadata.FORMAT_NAMES`` stores.
+FILTER_FORMATS: tuple[str, ...] = ("jpeg", "png", "webp", "gif", "bmp", "tiff", "heic", "avif")
+MAX_TOP_K = 1000
+
+
+class TermKind(IntEnum):
+    TEXT = 1
+    IMAGE = 2
+
+
+@dataclass(frozen=True)
+class Term:
+    """One thing to look like (``unlike`` False) or to push away (True).
+
+    ``value``: the words, or the picture's path as the query gave it; ``path``: for a picture, the file
+    it resolved to (inside ``source-directory`` or the document's ``inbox/<stem>/`` folder)."""
+
+    kind: TermKind
+    value: str
+    weight: float = 1.0
+    unlike: bool = False
+    path: Path | None = None
+
+    def record(self) -> dict[str, object]:
+        """How ``<stem>.json`` lists the term."""
+        return {"kind": self.kind.name.lower(), "value": self.value, "weight": self.weight, "unlike": self.unlike}
+
+    @property
+    def signed_weight(self) -> float:
+        return -self.weight if self.unlike else self.weight
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a hit must be, every given filter at once (none given: every picture).
+
+    ``folders``: relative to ``source-directory``, matched at folder boundaries ('2023' is not
+    '2023-old', and holds '2023/june'); ``taken_after`` inclusive, ``taken_before`` exclusive, both
+    time-zone aware (a picture without a date taken never passes a date filter); ``camera``: a
+    case-insensitive substring of the camera's make and model; ``formats``: among ``FILTER_FORMATS``."""
+
+    folders: tuple[str, ...] = ()
+    taken_after: datetime | None = None
+    taken_before: datetime | None = None
+    camera: str | None = None
+    formats: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self == Filters()
+
+    def record(self) -> dict[str, object]:
+        """The filters given, as ``<stem>.json`` records them (kebab-case keys, as in a query document)."""
+        out: dict[str, object] = {}
+        if self.folders:
+            out["folder"] = list(self.folders)
+        if self.taken_after is not None:
+            out["taken-after"] = self.taken_after.isoformat()
+        if self.taken_before is not None:
+            out["taken-before"] = self.taken_before.isoformat()
+        if self.camera is not None:
+            out["camera"] = self.camera
+        if self.formats:
+            out["format"] = list(self.formats)
+        return out
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """The whole query. ``top_k`` None: the config's; ``min_similarity`` None: no floor."""
+
+    terms: tuple[Term, ...]
+    filters: Filters = field(default_factory=Filters)
+    top_k: int | None = None
+    min_similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a ranking holds min(top-k, the pictures that pass the filters and the floor) hits; when
+    it does not (or that cannot be known), ``reason`` says why, for the user."""
+
+    complete: bool
+    reason: str | None = None
+
+    def record(self) -> dict[str, object]:
+        return {"complete": self.complete} if self.complete else {"complete": False, "incomplete-reason": self.reason}
