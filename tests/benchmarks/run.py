@@ -42,6 +42,7 @@ use_offline_hub()  # before any section imports transformers
 from tests.benchmarks import ceiling, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
+from tests.support import pgdata  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen.add(gpu.SECTION.name)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    pgdata.enable_for_benchmark(work)
     started = time.monotonic()
     report: Report = {"quick": args.quick, "sizes": sizes, "machine": machine_info(),
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -6,24 +6,35 @@ servers. pgserver skips initdb for a pgdata that has one (``PG_VERSION``), so ``
 made once per session into the tree's state directory: the server a test starts is still its own,
 started and stopped by the code under test, on its own data. Only the initdb is shared.
 
-``enable`` (a session fixture in conftest.py) turns this on; outside pytest (the benchmarks) trees
-start with no pgdata. A test of the very first start passes ``fresh_pgdata=True`` to ``write_config``.
+``enable`` (a session fixture in conftest.py) turns this on, and names the template in the environment
+(``TEMPLATE_VARIABLE``) so that a benchmark a test runs as a subprocess seeds from the same one; a
+benchmark run by hand keeps its own under its work folder (``enable_for_benchmark``): initdb is not
+what any benchmark measures. A test of the very first start passes ``fresh_pgdata=True`` to
+``write_config``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 from pathlib import Path
 
 _root: Path | None = None
 _template: Path | None = None
+TEMPLATE_VARIABLE = "IMAGE_SEARCH_TESTS_PGDATA_TEMPLATE"
 
 
 def enable(root: Path) -> None:
     """Keep the session's template under ``root`` (made on first use: a unit-tier run never makes one)."""
     global _root
     _root = root
+    os.environ[TEMPLATE_VARIABLE] = str(root)
+
+
+def enable_for_benchmark(work: Path) -> None:
+    """A benchmark's trees seed from the test session's template when a test runs it, else from one of its own."""
+    enable(Path(os.environ.get(TEMPLATE_VARIABLE) or work / "pgdata-template"))
 
 
 def _made_template() -> Path | None:
