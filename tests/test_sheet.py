@@ -17,7 +17,8 @@ from image_search import output as output_module
 from image_search import sheet as sheet_module
 from image_search.config import Config
 from image_search.errors import OutputUnwritable
-from image_search.output import ImageQuery, TextQuery, text_query_stem, write_result_bundle
+from image_search.output import DocumentQuery, ImageQuery, TextQuery, text_query_stem, write_result_bundle
+from image_search.query import Completeness, Filters, QueryRecord, QuerySpec, Term, TermKind
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
 from image_search.hits import Hit
@@ -256,6 +257,62 @@ def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(
     with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), [], cfg, move_query=True)
     assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
+
+
+def document_in_inbox(tmp_path: Path) -> tuple[Path, Path, QueryRecord]:
+    """``inbox/trip.json`` with its folder ``inbox/trip/`` holding one picture, and the query as understood."""
+    inbox = tmp_path / "inbox"
+    (inbox / "trip").mkdir(parents=True)
+    given = {"image": "beach.jpg", "unlike-text": "people", "folder": "2023"}
+    document = inbox / "trip.json"
+    document.write_text(json.dumps(given), encoding="utf-8")
+    Image.new("RGB", (40, 30), BLUE).save(inbox / "trip" / "beach.jpg")
+    spec = QuerySpec(terms=(Term(TermKind.IMAGE, "beach.jpg", path=inbox / "trip" / "beach.jpg"),
+                            Term(TermKind.TEXT, "people", unlike=True)), filters=Filters(folders=("2023",)))
+    return document, inbox / "trip", QueryRecord(spec, Completeness(True), 3, given)
+
+
+def test_a_query_document_moves_in_with_its_folder_and_records_what_was_asked(tmp_path: Path, cfg: Config) -> None:
+    document, folder, asked = document_in_inbox(tmp_path)
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
+    bundle = write_result_bundle(cfg.output_directory, DocumentQuery(document, folder), hits, cfg, move_query=True,
+                                 asked=asked)
+    assert not document.exists() and not folder.exists()  # the inbox empties itself
+    assert sorted(p.name for p in bundle.iterdir()) == ["trip.jpg", "trip.json", "trip.jsonl", "trip.query",
+                                                       "trip.query.json", "trip.sheet.jpg"]
+    assert (bundle / "trip.query" / "beach.jpg").is_file()
+    assert json.loads((bundle / "trip.query.json").read_text()) == asked.given
+    recorded = json.loads((bundle / "trip.json").read_text())
+    assert recorded["query"] == asked.given and recorded["complete"] is True
+    assert [t["unlike"] for t in recorded["understood"]["terms"]] == [False, True]
+    assert recorded["understood"]["filters"] == {"folder": ["2023"]}
+    with Image.open(bundle / "trip.sheet.jpg") as sheet:  # the first cell shows the terms as text, not the picture
+        assert not near(centre(sheet.convert("RGB"), 0, 2), BLUE)
+
+
+def test_a_failed_document_bundle_puts_the_document_and_its_folder_back(tmp_path: Path, cfg: Config,
+                                                                       monkeypatch) -> None:
+    document, folder, asked = document_in_inbox(tmp_path)
+
+    def full_disk(path: Path, mode: int) -> None:  # the last step before the rename: everything has moved in
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_module.os, "chmod", full_disk)
+    with pytest.raises(OutputUnwritable):
+        write_result_bundle(cfg.output_directory, DocumentQuery(document, folder), [], cfg, move_query=True, asked=asked)
+    assert document.is_file() and (folder / "beach.jpg").is_file()
+    assert list(cfg.output_directory.iterdir()) == []
+
+
+def test_no_hits_under_filters_says_so_rather_than_calling_the_index_empty(tmp_path: Path, cfg: Config) -> None:
+    spec = QuerySpec(terms=(Term(TermKind.TEXT, "cat"),), filters=Filters(camera="leica"))
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("cat"), [], cfg,
+                                 asked=QueryRecord(spec, Completeness(True), 3))
+    assert json.loads((bundle / "cat.json").read_text())["understood"]["filters"] == {"camera": "leica"}
+    rendered = render_contact_sheet([], query_name="cat", query_text="cat",
+                                    no_hits="no picture passes the filters and the floor")
+    empty_index = render_contact_sheet([], query_name="cat", query_text="cat")
+    assert np.asarray(rendered).tobytes() != np.asarray(empty_index).tobytes()
 
 
 def test_a_typed_text_query_cannot_be_moved(cfg: Config) -> None:

@@ -2,6 +2,9 @@
 
 A query waits until it is complete (``ReadinessTracker``), is answered (the result bundle is written
 and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.error.txt`` saying why.
+A query document ``<stem>.json`` (``querydoc``) may bring its pictures in a folder ``inbox/<stem>/``:
+the files there are never queries of their own; the document waits until they too are settled, and
+the folder moves (into the result, or into ``failed/``) with it.
 Queries already waiting at start-up are held until the start-up backlog is indexed, so their answers
 see the whole folder; queries dropped later jump the ingest queue. Nothing dropped here is deleted.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from .preprocess import write_atomically
 from .runtime import Runtime
 from .search import search_file
 from .store import DatabaseUnavailable
+from .querydoc import document_folder, is_query_document
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
@@ -95,10 +100,14 @@ class QueryInbox:
         return bool(ready)
 
     def answer(self, path: Path) -> None:
-        """A picture is searched by its looks, a ``.txt`` file by its words; anything else fails."""
-        if not is_text_query(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
+        document; anything else fails."""
+        if not is_text_query(path) and not is_query_document(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
             self.fail(path, f"not a supported query type '{escape(path.suffix or path.name)}': drop a picture "
-                            f"({supported_formats_for_people()}) or a .txt file of words")
+                            f"({supported_formats_for_people()}), a .txt file of words or a .json query document")
+            return
+        if is_query_document(path) and self._folder_settling(path):
+            self.pending.note(path)
             return
         try:
             search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
@@ -107,10 +116,10 @@ class QueryInbox:
             self.fail(path, str(exc))
             return
         except UnusableFile as exc:
-            if still_being_written(path, exc, self.incomplete_grace):
+            if still_being_written(self._newest(path), exc, self.incomplete_grace):
                 self.pending.note(path)
                 return
-            self.fail(path, exc.reason)
+            self.fail(path, self._failure_reason(path, exc))
             return
         except DatabaseUnavailable:
             self.pending.note(path)  # answered once the database is back
@@ -124,6 +133,50 @@ class QueryInbox:
             self.fail(path, f"unexpected error: {describe(exc)}")
             return
         self.answered += 1
+
+    def _pictures_of(self, path: Path) -> list[Path]:
+        """The files in a query document's ``inbox/<stem>/`` folder (none for any other query)."""
+        folder = self.pictures_folder(path)
+        return [] if folder is None else [p for p in folder.rglob("*") if not p.is_dir()]
+
+    def pictures_folder(self, path: Path) -> Path | None:
+        """A query document's ``inbox/<stem>/``, when it is a real folder (not a link, not ``failed/``)."""
+        if not is_query_document(path):
+            return None
+        folder = document_folder(path)
+        if folder.name == FAILED_FOLDER or folder.is_symlink() or not folder.is_dir():
+            return None
+        return folder
+
+    def _newest(self, path: Path) -> Path:
+        """The query, or the file of its document folder changed last: how long ago that was decides
+        whether a query that cannot be read yet is still arriving."""
+        def modified(p: Path) -> float:
+            try:
+                return p.lstat().st_mtime
+            except OSError:
+                return float("-inf")
+        return max([path, *self._pictures_of(path)], key=modified)
+
+    def _folder_settling(self, path: Path) -> bool:
+        """True while a file of the document's folder changed less than settle-seconds ago (the folder is
+        not watched file by file: its pictures are looked at when the document is due)."""
+        newest = self._newest(path)
+        if newest == path:
+            return False
+        try:
+            return time.time() - newest.lstat().st_mtime < self.pending.settle
+        except OSError:
+            return False
+
+    def _failure_reason(self, path: Path, exc: UnusableFile) -> str:
+        """The error's reason, naming the picture when it is one of a document's, and the wait it had."""
+        reason = exc.reason
+        if exc.path != path:
+            reason = f"{escape(exc.path.name)}: {reason}"
+        if exc.still_arriving:
+            reason += f" (waited {self.incomplete_grace:g} s for it to be complete)"
+        return reason
 
     def fail(self, path: Path, reason: str) -> None:
         """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why."""
@@ -142,8 +195,21 @@ class QueryInbox:
         except FileNotFoundError:
             log.warning("query_vanished", path=path)
             return
+        folder = self.pictures_folder(path)
+        if folder is not None:
+            # Its pictures go with it, beside it: <name>.json and <name>/ (the stem of the target).
+            shutil.move(folder, _free_path(target.with_name(target.stem)))
         write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode())
         log.warning("query_failed", path=path, moved_to=target, reason=reason)
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... whichever does not exist yet."""
+    candidate, n = path, 2
+    while os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.name}-{n}")
+        n += 1
+    return candidate
 
 
 def _error_file(failed_query: Path) -> Path:

@@ -1,12 +1,15 @@
 """Output: the result bundle of one search, written so it appears complete or not at all.
 
 ``output-directory/yyyymmdd-hhmmss[-N]/`` holds, for a query whose stem is ``q``:
-- ``q.json``: the effective config (password redacted); for a text query also ``query-text``;
+- ``q.json``: the effective config (password redacted); for a text query also ``query-text``; the query
+  as given (a document's keys, or the command line's flags), as understood (``understood``: its terms
+  with their weights, filters, top-k, floor), and ``complete`` (``query.QueryRecord``);
 - ``q.jsonl``: one line per hit, best first;
 - ``q.jpg``: the best match's processed image (absent when the index is empty);
 - ``q.sheet.jpg``: the contact sheet (the query, then the hits with rank, similarity and name);
 - the query itself: ``q.query.<ext>`` for a query file moved in from the inbox; a text query always
-  has ``q.query.txt`` (moved in, or written from the words when they came from the command line).
+  has ``q.query.txt`` (moved in, or written from the words when they came from the command line); a
+  query document's folder of pictures (``inbox/q/``) moves in with it as ``q.query/``.
 
 The stem of an image query or a text query file is its file name's stem. A text query typed on the
 command line or at the prompt has no file: its stem is made from its words (``text_query_stem``).
@@ -33,6 +36,7 @@ from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .hits import Hit
+from .query import QueryRecord
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +98,18 @@ class TextQuery:
     path: Path | None = None
 
 
+@dataclass(frozen=True)
+class DocumentQuery:
+    """A query document (``querydoc``): the ``.json`` file, and ``folder``, its ``inbox/<stem>/`` of
+    pictures when there is one (it moves into the bundle with the document)."""
+
+    path: Path
+    folder: Path | None = None
+
+
+Query = ImageQuery | TextQuery | DocumentQuery
+
+
 # Longest stem made from a typed query's words, in characters (a file name has 255 bytes; CJK
 # characters take 3 each in UTF-8, and ".sheet.jpg" must still fit).
 TEXT_STEM_CHARACTERS = 48
@@ -114,7 +130,7 @@ def text_query_stem(text: str) -> str:
 _SHEET_SUFFIX, _QUERY_INFIX = ".sheet.jpg", ".query"
 
 
-def _query_stem(query: ImageQuery | TextQuery) -> str:
+def _query_stem(query: Query) -> str:
     """The stem of the bundle's files, shortened (``names.fit_name``) where a file name made of it would
     pass 255 bytes."""
     if query.path is None:
@@ -136,54 +152,79 @@ def _sheet_query_picture(query: ImageQuery, cfg: Config) -> Image.Image | None:
         return None
 
 
-def _sheet_heading(query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config) -> str:
+def _sheet_heading(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRecord | None) -> str:
     what = f"“{' '.join(query.text.split())}”" if isinstance(query, TextQuery) else escape(query.path.name)
     found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
+    if asked is not None and not asked.completeness.complete:
+        found += " (incomplete)"
     model = cfg.model_name
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         model = Path(model).name  # a local model directory: its name says enough on a picture
     return f"{found} for {what} · model {model}"
 
 
-def write_result_bundle(output_dir: Path, query: Path | ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config,
-                        *, now: datetime | None = None, move_query: bool = False) -> Path:
+def write_result_bundle(output_dir: Path, query: Path | Query, hits: Sequence[Hit], cfg: Config,
+                        *, now: datetime | None = None, move_query: bool = False,
+                        asked: QueryRecord | None = None) -> Path:
     """Write the bundle for one query; return its folder. Built under a hidden temp name, then renamed.
 
     ``query``: an ImageQuery (a bare Path means ImageQuery(path)) or a TextQuery. With ``move_query``
     the query file itself moves into the bundle as ``<stem>.query.<ext>`` (the service's inbox empties
     itself); if the bundle cannot be completed it is moved back. A text query that is not moved in
-    gets its words written to ``<stem>.query.txt``, so every text bundle holds its query.
+    gets its words written to ``<stem>.query.txt``, so every text bundle holds its query. ``asked``:
+    the query as given and understood, and whether the ranking is complete (recorded in ``<stem>.json``,
+    and shown in the sheet's first cell when it has more than one term or a filter).
     A full disk (or a read-only or forbidden output folder) is ``OutputUnwritable``.
     """
     if isinstance(query, Path):
         query = ImageQuery(query)
     with writing_into(output_dir, "a result folder"):
-        return _write_bundle(output_dir, query, hits, cfg, now=now, move_query=move_query)
+        return _write_bundle(output_dir, query, hits, cfg, now=now, move_query=move_query, asked=asked)
 
 
-def _write_bundle(output_dir: Path, query: ImageQuery | TextQuery, hits: Sequence[Hit], cfg: Config, *,
-                  now: datetime | None, move_query: bool) -> Path:
+def _render_sheet(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRecord | None) -> Image.Image:
+    """The contact sheet; its first cell shows the query: its picture, its words, or (a query of several
+    terms or with filters) the terms and the filters."""
+    spec = asked.spec if asked is not None else None
+    plain = spec is None or (len(spec.terms) == 1 and spec.filters.empty and spec.min_similarity is None)
+    text = query.text if isinstance(query, TextQuery) else None
+    if not plain:
+        assert spec is not None
+        text = "\n".join(spec.describe())
+    no_hits = None
+    if spec is not None and not (spec.filters.empty and spec.min_similarity is None):
+        no_hits = "no picture passes the filters and the floor"
+    return render_contact_sheet(
+        hits,
+        query_name=query.path.name if query.path is not None else "typed text query",
+        query_picture=_sheet_query_picture(query, cfg) if isinstance(query, ImageQuery) and plain else None,
+        query_text=text,
+        query_label="Text query" if plain else "Query",
+        heading=_sheet_heading(query, hits, cfg, asked),
+        no_hits=no_hits,
+    )
+
+
+def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Config, *,
+                  now: datetime | None, move_query: bool, asked: QueryRecord | None) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = _query_stem(query)
     text = query.text if isinstance(query, TextQuery) else None
     # Rendered before anything moves: the sheet may need to read the query picture from its file.
-    sheet = render_contact_sheet(
-        hits,
-        query_name=query.path.name if query.path is not None else "typed text query",
-        query_picture=_sheet_query_picture(query, cfg) if isinstance(query, ImageQuery) else None,
-        query_text=text,
-        heading=_sheet_heading(query, hits, cfg),
-    )
+    sheet = _render_sheet(query, hits, cfg, asked)
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-result-"))
     moved_query: Path | None = None
+    moved_folder: Path | None = None
     try:
         # Escaped (names.escape): a folder named in bytes that are not UTF-8 still makes valid JSON.
         effective = {key: escape(value) if isinstance(value, str) else value
                      for key, value in cfg.to_json_dict(redact=True).items()}
         if text is not None:
             effective["query-text"] = text
+        if asked is not None:
+            effective.update(asked.record())
         with open(tmp / f"{stem}.json", "w", encoding="utf-8") as fh:
             json.dump(effective, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
@@ -201,6 +242,9 @@ def _write_bundle(output_dir: Path, query: ImageQuery | TextQuery, hits: Sequenc
             assert query.path is not None
             moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
             _move_out(query.path, moved_query)
+            if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
+                moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
+                shutil.move(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
@@ -215,6 +259,9 @@ def _write_bundle(output_dir: Path, query: ImageQuery | TextQuery, hits: Sequenc
             os.rename(tmp, final)
             return final
     except BaseException:
+        if moved_folder is not None and moved_folder.exists():
+            assert isinstance(query, DocumentQuery) and query.folder is not None
+            shutil.move(moved_folder, query.folder)
         if moved_query is not None and moved_query.exists():
             assert query.path is not None
             shutil.move(moved_query, query.path)  # never lose what the user dropped

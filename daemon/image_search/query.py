@@ -13,6 +13,8 @@ from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
 
+from .names import escape
+
 # The format names a filter takes: those ``metadata.FORMAT_NAMES`` stores.
 FILTER_FORMATS: tuple[str, ...] = ("jpeg", "png", "webp", "gif", "bmp", "tiff", "heic", "avif")
 MAX_TOP_K = 1000
@@ -38,7 +40,8 @@ class Term:
 
     def record(self) -> dict[str, object]:
         """How ``<stem>.json`` lists the term."""
-        return {"kind": self.kind.name.lower(), "value": self.value, "weight": self.weight, "unlike": self.unlike}
+        return {"kind": self.kind.name.lower(), "value": escape(self.value), "weight": self.weight,
+                "unlike": self.unlike}
 
     @property
     def signed_weight(self) -> float:
@@ -89,6 +92,25 @@ class QuerySpec:
     top_k: int | None = None
     min_similarity: float | None = None
 
+    def describe(self) -> list[str]:
+        """The query in a few short lines, for the contact sheet's first cell: each term (``−`` before an
+        unlike one, ``×w`` after a weight other than 1), then the filters and the floor."""
+        lines = []
+        for term in self.terms:
+            shown = f"“{' '.join(term.value.split())}”" if term.kind is TermKind.TEXT else Path(term.value).name
+            weight = f" ×{term.weight:g}" if term.weight != 1 else ""
+            lines.append(f"{'− ' if term.unlike else ''}{shown}{weight}")
+        for key, value in self.filters.record().items():
+            lines.append(f"{key} {', '.join(value) if isinstance(value, list) else value}")
+        if self.min_similarity is not None:
+            lines.append(f"min-similarity {self.min_similarity:g}")
+        return lines
+
+
+def single_term(kind: TermKind, value: str, path: Path | None = None) -> QuerySpec:
+    """A plain query: one picture (by its looks) or one text (by its words), no filter, the config's top-k."""
+    return QuerySpec(terms=(Term(kind, value, path=path),))
+
 
 @dataclass(frozen=True)
 class Completeness:
@@ -100,3 +122,24 @@ class Completeness:
 
     def record(self) -> dict[str, object]:
         return {"complete": self.complete} if self.complete else {"complete": False, "incomplete-reason": self.reason}
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """What a result's ``<stem>.json`` says about its query: ``given``, the query as the user wrote it
+    (the document, or the command line's flags; None for a plain picture or text), the query as
+    understood (``spec``: terms with their weights, filters, top-k, floor) and whether the ranking is
+    complete."""
+
+    spec: QuerySpec
+    completeness: Completeness
+    top_k: int
+    given: dict[str, object] | None = None
+
+    def record(self) -> dict[str, object]:
+        """``query`` (as given), ``understood`` (terms, filters, top-k, floor) and ``complete``."""
+        understood: dict[str, object] = {"terms": [term.record() for term in self.spec.terms],
+                                         "filters": self.spec.filters.record(), "top-k": self.top_k,
+                                         "min-similarity": self.spec.min_similarity}
+        given = {"query": self.given} if self.given is not None else {}
+        return {**given, "understood": understood, **self.completeness.record()}

@@ -1,21 +1,35 @@
-"""Search: a query image through the same preprocessing and model as the index, or a text query
-through the model's text tower; top-k by cosine similarity."""
+"""Search: the terms of a query made into one vector, the store's ranking of the pictures that pass its
+filters and floor, and the result bundle.
+
+Every query is a ``query.QuerySpec``: a picture (its looks, through the same preprocessing and model as
+the index), a ``.txt`` file or typed words (the model's text tower), or a query document (``querydoc``):
+several terms, each weighted, some pushed away (``unlike``), with filters, a top-k and a floor.
+
+The terms become one vector: the sum of each term's unit embedding times its weight (negative for an
+unlike term), made unit length again. A hit's similarity is its cosine to that vector. CLIP has no
+notion of negation: "unlike people" is one more direction subtracted, not a logical NOT.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
+from PIL import Image
 
 from .config import Config
 from .entries import LinkPolicy
-from .output import ImageQuery, TextQuery, write_result_bundle
-from .preprocess import preprocess_for
+from .errors import UnusableFile
 from .hits import Hit
+from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
+from .preprocess import preprocess_for
+from .query import Completeness, QueryRecord, QuerySpec, TermKind, single_term
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
 
@@ -24,6 +38,14 @@ if TYPE_CHECKING:  # torch is imported only where a model is loaded
 
 log = structlog.get_logger(__name__)
 
+# Terms whose weighted sum is shorter than this (unit vectors: ``a`` and ``unlike a``) point nowhere.
+_CANCELLED_NORM = 1e-6
+
+
+class TermsCancelOut(UnusableFile):
+    """A query whose terms, weighted, sum to nothing (the same picture or words liked and unliked
+    equally): there is no direction to rank by."""
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -31,20 +53,90 @@ class SearchResult:
     hits: list[Hit]
     bundle: Path
     query_text: str | None = None  # the words of a text query
+    completeness: Completeness = Completeness(True)
+
+
+def combine(weights: Sequence[float], vectors: np.ndarray) -> np.ndarray | None:
+    """The unit vector of ``sum(weight_i * vector_i)``, or None when the terms cancel out."""
+    total = (np.asarray(weights, dtype=np.float32)[:, None] * np.asarray(vectors, dtype=np.float32)).sum(axis=0)
+    norm = float(np.linalg.norm(total))
+    return None if norm < _CANCELLED_NORM else (total / norm).astype(np.float32)
+
+
+def _links_for(path: Path, cfg: Config) -> LinkPolicy:
+    """The link rule of the folder a term's picture is in: source-directory's, else the inbox's."""
+    try:
+        path.relative_to(cfg.source_directory)
+        return cfg.source_links
+    except ValueError:
+        return cfg.inbox_links
+
+
+def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: LinkPolicy | None,
+                 query_path: Path) -> tuple[np.ndarray, Image.Image | None]:
+    """The query's one vector, and the first liked picture as processed (for the contact sheet).
+
+    ``links``: the rule for a plain picture query's own file (None: any, a file the user named); a
+    document's pictures follow the rule of the folder they are in. Raises PreprocessError for a picture
+    that cannot be used, NoTextTower for words a model cannot read, TermsCancelOut."""
+    texts = [term for term in spec.terms if term.kind is TermKind.TEXT]
+    pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
+    prepared = []
+    for term in pictures:
+        path = term.path if term.path is not None else Path(term.value)
+        prepared.append(preprocess_for(path, cfg, links if len(spec.terms) == 1 else _links_for(path, cfg)))
+    vectors = [embedder.embed_texts([t.value for t in texts])] if texts else []
+    if prepared:
+        vectors.append(embedder.embed_images(prepared))  # the same way in as the indexer's pictures
+    combined = combine([t.signed_weight for t in (*texts, *pictures)], np.concatenate(vectors))
+    if combined is None:
+        raise TermsCancelOut(query_path, "the terms cancel out: what the query likes it also unlikes as much, so "
+                                         "there is no direction to rank by; change a weight or drop a term")
+    liked = next((p.image for term, p in zip(pictures, prepared) if not term.unlike), None)
+    return combined, liked
+
+
+def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
+                 given: dict[str, object] | None = None, now: datetime | None = None, move_query: bool = False,
+                 links: LinkPolicy | None = None) -> SearchResult:
+    """Search with one query and write its result bundle: ``spec`` is what is searched, ``query`` how
+    the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags)."""
+    started = time.monotonic()
+    named = query.path if query.path is not None else Path("typed text")
+    vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named)
+    top_k = spec.top_k if spec.top_k is not None else cfg.top_k
+    ranking = store.ranking(vector, top_k, filters=spec.filters, min_similarity=spec.min_similarity)
+    if isinstance(query, ImageQuery) and query.picture is None:
+        query = ImageQuery(query.path, picture)
+    asked = QueryRecord(spec, ranking.completeness, top_k, given)
+    bundle = write_result_bundle(cfg.output_directory, query, ranking.hits, cfg, now=now, move_query=move_query,
+                                 asked=asked)
+    text = query.text if isinstance(query, TextQuery) else None
+    _log_answer(ranking.hits, bundle, started, asked, query=query.path if query.path is not None else "typed text",
+                **({"text": text if len(text) <= 200 else text[:199] + "…"} if text is not None else {}))
+    return SearchResult(query.path, ranking.hits, bundle, query_text=text, completeness=ranking.completeness)
+
+
+def _log_answer(hits: list[Hit], bundle: Path, started: float, asked: QueryRecord, **query: Path | str) -> None:
+    fields = {**query, "result": bundle, "hits": len(hits), "duration_ms": round((time.monotonic() - started) * 1000)}
+    if not asked.completeness.complete:
+        fields["incomplete"] = asked.completeness.reason
+    spec = asked.spec
+    if hits:
+        log.info("search_answered", best=Path(hits[0].file_path), similarity=round(hits[0].similarity, 4), **fields)
+    elif spec.filters.empty and spec.min_similarity is None:
+        log.warning("search_empty_index", detail="the index holds no images yet: the ranking is empty", **fields)
+    else:
+        log.info("search_answered_none", detail="no picture passes the filters and the floor", **fields)
 
 
 def search_image(query_path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
                  now: datetime | None = None, move_query: bool = False, links: LinkPolicy | None = None) -> SearchResult:
     """Search with one image file and write its result bundle. Raises PreprocessError for a bad file.
     ``links``: the symbolic links that may be followed to it (None: any, for a file the user named)."""
-    started = time.monotonic()
-    prepared = preprocess_for(query_path, cfg, links)
-    vector = embedder.embed_images([prepared])[0]  # the same way in as the indexer's pictures
-    hits = store.search(vector, cfg.top_k)
-    bundle = write_result_bundle(cfg.output_directory, ImageQuery(query_path, prepared.image), hits, cfg, now=now,
-                                 move_query=move_query)
-    _log_answer(hits, bundle, started, query=query_path)
-    return SearchResult(query_path, hits, bundle)
+    spec = single_term(TermKind.IMAGE, str(query_path), query_path)
+    return search_query(spec, ImageQuery(query_path), cfg=cfg, embedder=embedder, store=store, now=now,
+                        move_query=move_query, links=links)
 
 
 def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, source_path: Path | None = None,
@@ -55,23 +147,8 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
     bundle with ``move_query``; None for typed words (``--text``, the prompt). Raises NoTextTower when
     the model cannot read text.
     """
-    started = time.monotonic()
-    vector = embedder.embed_texts([text])[0]
-    hits = store.search(vector, cfg.top_k)
-    bundle = write_result_bundle(cfg.output_directory, TextQuery(text, source_path), hits, cfg, now=now,
-                                 move_query=move_query)
-    _log_answer(hits, bundle, started, query=source_path if source_path is not None else "typed text",
-                text=text if len(text) <= 200 else text[:199] + "…")
-    return SearchResult(source_path, hits, bundle, query_text=text)
-
-
-def _log_answer(hits: list[Hit], bundle: Path, started: float, **query: Path | str) -> None:
-    fields = {**query, "result": bundle, "hits": len(hits),
-              "duration_ms": round((time.monotonic() - started) * 1000)}
-    if hits:
-        log.info("search_answered", best=Path(hits[0].file_path), similarity=round(hits[0].similarity, 4), **fields)
-    else:
-        log.warning("search_empty_index", detail="the index holds no images yet: the ranking is empty", **fields)
+    return search_query(single_term(TermKind.TEXT, text), TextQuery(text, source_path), cfg=cfg, embedder=embedder,
+                        store=store, now=now, move_query=move_query)
 
 
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,

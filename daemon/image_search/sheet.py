@@ -291,15 +291,18 @@ def _extension_length(name: str) -> int:
 
 
 def render_contact_sheet(hits: Sequence[Hit], *, query_name: str, query_picture: Image.Image | None = None,
-                         query_text: str | None = None, heading: str = "") -> Image.Image:
+                         query_text: str | None = None, query_label: str = "Text query", heading: str = "",
+                         no_hits: str | None = None) -> Image.Image:
     """The sheet as an RGB image.
 
     ``query_picture``: the query image (any size; fitted), or ``query_text``: the words of a text
     query; with neither, the query cell says the picture could not be shown. ``query_name`` is the
-    query cell's caption (its file name, or "text query"); ``heading`` the line above the grid.
+    query cell's caption (its file name, or "text query") and ``query_label`` the label of a text cell
+    (a query document's terms and filters are one too); ``heading`` the line above the grid;
+    ``no_hits`` why there are no hits when the index is not simply empty (filters, a floor).
     """
     if query_text is not None:
-        query_cell = _Cell(_text_block(query_text, (THUMB, THUMB)), "Text query", escape(query_name), accent=True)
+        query_cell = _Cell(_text_block(query_text, (THUMB, THUMB)), query_label, escape(query_name), accent=True)
     elif query_picture is not None:
         query_cell = _Cell(_fitted(query_picture), "Query", escape(query_name), accent=True)
     else:
@@ -309,7 +312,9 @@ def render_contact_sheet(hits: Sequence[Hit], *, query_name: str, query_picture:
     for hit, picture in zip(hits, pictures, strict=True):
         cells.append(_Cell(picture if picture is not None else _placeholder("processed image missing"),
                            f"#{hit.rank} · similarity {hit.similarity:.4f}", escape(hit.file_name)))
-    if not hits:
+    if not hits and no_hits is not None:
+        cells.append(_Cell(_placeholder(no_hits[:1].upper() + no_hits[1:] + "."), "No results", no_hits))
+    elif not hits:
         cells.append(_Cell(_placeholder("The index holds no images yet: nothing to compare with."),
                            "No results", "the index is empty"))
     columns = min(MAX_COLUMNS, len(cells))
