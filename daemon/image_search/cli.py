@@ -1,7 +1,9 @@
 """Command line: ``image-search index|search|serve`` and the original tool's flags.
 
     image-search index  --config C [--no-cleanup]
-    image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]...
+    image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]... [--query DOC.json]...
+                 [--unlike WORDS]... [--folder F]... [--after D] [--before D] [--camera C] [--format F]...
+                 [--top-k N] [--min-similarity X]
     image-search serve  --config C [--no-cleanup] [--poll]
     image-search --env C [--process-only | --search FILE] [--no-cleanup]   (the original interface;
                  with neither flag: an interactive prompt that keeps the model loaded)
@@ -23,6 +25,8 @@ from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, Un
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
+from .query import FILTER_FORMATS, MAX_TOP_K, QuerySpec
+from .querydoc import spec_from_flags
 from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .search import search_file, search_text
 
@@ -53,11 +57,42 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("files", nargs="*", type=Path, metavar="FILE")
     search.add_argument("--text", action="append", default=[], metavar="WORDS",
                         help="search for pictures matching these words (repeatable: one result folder each)")
+    search.add_argument("--query", action="append", default=[], type=Path, metavar="PATH",
+                        help="search with a query document (JSON: words, pictures, weights, filters; see the README) "
+                             "(repeatable: one result folder each)")
+    _query_flags(search.add_argument_group("query", "what each FILE and --text search looks like and looks for"))
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
     _common(serve, required_config=True)
     serve.add_argument("--poll", action="store_true",
                        help="poll the folders instead of inotify (for NFS/SMB mounts)")
     return parser
+
+
+def _query_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags a query document's keys have on the command line (querydoc.spec_from_flags checks them)."""
+    group.add_argument("--unlike", action="append", default=[], metavar="WORDS",
+                       help="push away pictures matching these words (repeatable)")
+    group.add_argument("--folder", action="append", default=[], metavar="FOLDER",
+                       help="only pictures in this folder of source-directory or below it (repeatable: any of them)")
+    group.add_argument("--after", metavar="DATE", help="only pictures taken at or after this ISO 8601 date or "
+                       "date-time (without an offset: this machine's local time)")
+    group.add_argument("--before", metavar="DATE", help="only pictures taken before this date or date-time")
+    group.add_argument("--camera", metavar="TEXT", help="only pictures whose camera make and model contain this "
+                       "(any case)")
+    group.add_argument("--format", dest="formats", action="append", default=[], metavar="FORMAT",
+                       help=f"only pictures in this format: {', '.join(FILTER_FORMATS)} (repeatable, or a comma list)")
+    group.add_argument("--top-k", metavar="N", help=f"how many hits (1 to {MAX_TOP_K}; default: the config's top-k)")
+    group.add_argument("--min-similarity", metavar="X",
+                       help="only hits at least this similar (cosine, -1 to 1)")
+
+
+def flag_spec(args: argparse.Namespace, cfg: Config, *, texts: Sequence[str] = (),
+              files: Sequence[Path] = ()) -> QuerySpec:
+    """The query ``search`` makes of ``texts`` and ``files`` (some of ``args.text`` and ``args.files``)
+    with the query flags in ``args``; ``QueryFlagError`` (exit code 2) naming a flag that cannot be used."""
+    return spec_from_flags(texts=texts, files=files, unlike=args.unlike, folders=args.folder, after=args.after,
+                           before=args.before, camera=args.camera, formats=args.formats, top_k=args.top_k,
+                           min_similarity=args.min_similarity, source_directory=cfg.source_directory)
 
 
 def print_summary(summary: IndexSummary) -> None:
@@ -170,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None:
         parser.error("--config PATH (or --env PATH) is required")
-    if args.command == "search" and not args.files and not args.text:
-        parser.error("search needs a FILE (a picture or a .txt file of words) or --text WORDS")
+    if args.command == "search" and not args.files and not args.text and not args.query:
+        parser.error("search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH")
     configure_logging(args.log_level)
     # A developer asks for the traceback with --log-level debug; everyone else gets one line.
     show_traceback = args.log_level == "debug"

@@ -89,6 +89,16 @@ class QuerySpec:
     top_k: int | None = None
     min_similarity: float | None = None
 
+    def record(self) -> dict[str, object]:
+        """The query as understood, as ``<stem>.json`` records it: every term with its weight, then what
+        was given of the filters, top-k and the floor (kebab-case keys, as in a query document)."""
+        out: dict[str, object] = {"terms": [term.record() for term in self.terms], **self.filters.record()}
+        if self.top_k is not None:
+            out["top-k"] = self.top_k
+        if self.min_similarity is not None:
+            out["min-similarity"] = self.min_similarity
+        return out
+
 
 @dataclass(frozen=True)
 class Completeness:
