@@ -503,6 +503,16 @@ def test_the_flags_make_the_same_query_a_document_would(tree: Tree, berlin: None
     assert spec.filters.taken_after.isoformat() == "2023-01-15T00:00:00+01:00"
 
 
+def test_a_txt_file_on_the_command_line_is_its_words(tree: Tree) -> None:
+    (tree.root / "bike.txt").write_text("  a red bicycle\n")
+    spec = spec_from_flags(files=[tree.root / "bike.txt", tree.images / "cat.jpg"], source_directory=tree.images)
+    assert spec.terms == (Term(TermKind.TEXT, "a red bicycle"),
+                          Term(TermKind.IMAGE, str(tree.images / "cat.jpg"), path=tree.images / "cat.jpg"))
+    (tree.root / "empty.txt").write_bytes(b"")
+    with pytest.raises(UnusableFile, match="empty file"):  # the query's failure, as a dropped .txt's
+        spec_from_flags(files=[tree.root / "empty.txt"], source_directory=tree.images)
+
+
 def test_no_query_flags_is_no_filter(tree: Tree) -> None:
     args = flags("--text", "x")
     spec = flag_spec(args, config(tree), texts=args.text)

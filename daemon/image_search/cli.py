@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="index the source folder once")
     _common(index, required_config=True)
     search = commands.add_parser("search", help="index incrementally, then search with each FILE (a picture, or "
-                                 "a .txt file of words) and each --text")
+                                 "a .txt file of words), each --text and each --query")
     _common(search, required_config=True)
     search.add_argument("files", nargs="*", type=Path, metavar="FILE")
     search.add_argument("--text", action="append", default=[], metavar="WORDS",

@@ -27,7 +27,7 @@ from .errors import ExitCode, ImageSearchError, UnusableFile
 from .names import escape
 from .preprocess import unreadable_reason
 from .query import FILTER_FORMATS, MAX_TOP_K, Filters, QuerySpec, Term, TermKind
-from .textquery import decoded_text, read_limited, size_shown
+from .textquery import decoded_text, is_text_query, read_limited, read_text_query, size_shown
 
 QUERY_DOCUMENT_EXTENSIONS: tuple[str, ...] = (".json",)
 # As for a .txt query: a query is a few terms and filters; 64 KiB keeps a misplaced file from being parsed whole.
@@ -138,11 +138,13 @@ def spec_from_flags(*, texts: Sequence[str] = (), files: Sequence[Path] = (), un
                     camera: str | None = None, formats: Sequence[str] = (), top_k: str | None = None,
                     min_similarity: str | None = None, source_directory: Path) -> QuerySpec:
     """The query the ``search`` command's flags make: each text and file a term of weight 1 (a file named
-    on the command line is read wherever it is), each ``unlike`` text pushed away, the filters as a
-    document's (``formats``: each may be a comma-separated list). ``QueryFlagError`` naming the flag."""
+    on the command line is read wherever it is; a ``.txt`` file's words are read here, ``TextQueryError``
+    when they cannot be), each ``unlike`` text pushed away, the filters as a document's (``formats``: each
+    may be a comma-separated list). ``QueryFlagError`` naming the flag whose value cannot be used."""
     try:
         terms = [Term(TermKind.TEXT, _text_value("--text", t)) for t in texts]
-        terms += [Term(TermKind.IMAGE, str(f), path=Path(f)) for f in files]
+        terms += [Term(TermKind.TEXT, read_text_query(f)) if is_text_query(f)
+                  else Term(TermKind.IMAGE, str(f), path=Path(f)) for f in files]
         terms += [Term(TermKind.TEXT, _text_value("--unlike", t), unlike=True) for t in unlike]
         if all(t.unlike for t in terms):
             raise _Invalid("the search has nothing to look for: give a FILE (a picture or a .txt of words) or "
