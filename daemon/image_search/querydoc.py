@@ -113,7 +113,8 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
                          follow: FollowLinks = FollowLinks.INSIDE) -> QuerySpec:
     """The query in ``data``, the bytes of the document at ``path`` (named in errors; its pictures are
     looked for in ``document_folder(path)``, then in ``source_directory``); each picture term's ``path``
-    is the file it resolved to. ``follow`` is ``none``: no link on a picture's way is followed either."""
+    is the file it resolved to, which must lie inside the folder it was found in whatever ``follow`` says;
+    with ``follow`` ``none`` no link on its way is followed at all."""
     path = Path(path)
     try:
         if not data:
