@@ -64,7 +64,7 @@ def test_the_record_holds_the_query_as_given_and_as_understood():
         "query": given,
         "understood": {"terms": [{"kind": "text", "value": "red car", "weight": 2, "unlike": False},
                                  {"kind": "text", "value": "people", "weight": 1.0, "unlike": True}],
-                       "filters": {"folder": ["2023"]}, "top-k": 5, "min-similarity": None},
+                       "folder": ["2023"], "top-k": 5},
         "complete": True,
     }
 

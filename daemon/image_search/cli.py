@@ -1,7 +1,9 @@
 """Command line: ``image-search index|search|serve`` and the original tool's flags.
 
     image-search index  --config C [--no-cleanup]
-    image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]...
+    image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]... [--query DOC.json]...
+                 [--unlike WORDS]... [--folder F]... [--after D] [--before D] [--camera C] [--format F]...
+                 [--top-k N] [--min-similarity X]
     image-search serve  --config C [--no-cleanup] [--poll]
     image-search --env C [--process-only | --search FILE] [--no-cleanup]   (the original interface;
                  with neither flag: an interactive prompt that keeps the model loaded)
@@ -23,8 +25,11 @@ from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, Un
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
+from .query import FILTER_FORMATS, MAX_TOP_K, QuerySpec, TermKind, single_term
+from .querydoc import QueryFlagError, is_query_document, spec_from_flags
 from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
-from .search import search_file, search_text
+from .output import TextQuery
+from .search import search_file, search_query
 
 log = structlog.get_logger("image_search")
 
@@ -48,16 +53,47 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="index the source folder once")
     _common(index, required_config=True)
     search = commands.add_parser("search", help="index incrementally, then search with each FILE (a picture, or "
-                                 "a .txt file of words) and each --text")
+                                 "a .txt file of words), each --text and each --query")
     _common(search, required_config=True)
     search.add_argument("files", nargs="*", type=Path, metavar="FILE")
     search.add_argument("--text", action="append", default=[], metavar="WORDS",
                         help="search for pictures matching these words (repeatable: one result folder each)")
+    search.add_argument("--query", action="append", default=[], type=Path, metavar="PATH",
+                        help="search with a query document (JSON: words, pictures, weights, filters; see the README) "
+                             "(repeatable: one result folder each)")
+    _query_flags(search.add_argument_group("query", "what each FILE and --text search looks like and looks for"))
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
     _common(serve, required_config=True)
     serve.add_argument("--poll", action="store_true",
                        help="poll the folders instead of inotify (for NFS/SMB mounts)")
     return parser
+
+
+def _query_flags(group: argparse._ArgumentGroup) -> None:
+    """The flags a query document's keys have on the command line (querydoc.spec_from_flags checks them)."""
+    group.add_argument("--unlike", action="append", default=[], metavar="WORDS",
+                       help="push away pictures matching these words (repeatable)")
+    group.add_argument("--folder", action="append", default=[], metavar="FOLDER",
+                       help="only pictures in this folder of source-directory or below it (repeatable: any of them)")
+    group.add_argument("--after", metavar="DATE", help="only pictures taken at or after this ISO 8601 date or "
+                       "date-time (without an offset: this machine's local time)")
+    group.add_argument("--before", metavar="DATE", help="only pictures taken before this date or date-time")
+    group.add_argument("--camera", metavar="TEXT", help="only pictures whose camera make and model contain this "
+                       "(any case)")
+    group.add_argument("--format", dest="formats", action="append", default=[], metavar="FORMAT",
+                       help=f"only pictures in this format: {', '.join(FILTER_FORMATS)} (repeatable, or a comma list)")
+    group.add_argument("--top-k", metavar="N", help=f"how many hits (1 to {MAX_TOP_K}; default: the config's top-k)")
+    group.add_argument("--min-similarity", metavar="X",
+                       help="only hits at least this similar (cosine, -1 to 1)")
+
+
+def flag_spec(args: argparse.Namespace, cfg: Config, *, texts: Sequence[str] = (),
+              files: Sequence[Path] = ()) -> QuerySpec:
+    """The query ``search`` makes of ``texts`` and ``files`` (some of ``args.text`` and ``args.files``)
+    with the query flags in ``args``; ``QueryFlagError`` (exit code 2) naming a flag that cannot be used."""
+    return spec_from_flags(texts=texts, files=files, unlike=args.unlike, folders=args.folder, after=args.after,
+                           before=args.before, camera=args.camera, formats=args.formats, top_k=args.top_k,
+                           min_similarity=args.min_similarity, source_directory=cfg.source_directory)
 
 
 def print_summary(summary: IndexSummary) -> None:
@@ -73,9 +109,23 @@ def _query_failed(path: Path, reason: str) -> None:
     print(f"failed {escape(path)}: {reason}", file=sys.stderr)
 
 
-def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = ()) -> ExitCode:
-    """Search with each file, then each text; print each result folder. Returns the exit code (FAILED if
-    any query failed)."""
+# The search flags that shape each FILE's and --text's query (``querydoc.spec_from_flags``).
+QUERY_FLAGS = ("unlike", "folder", "after", "before", "camera", "formats", "top_k", "min_similarity")
+
+
+def given_flags(args: argparse.Namespace) -> dict[str, object] | None:
+    """The query flags given (as a result's ``<stem>.json`` records them: flag names, as typed), or None."""
+    given = {f"--{name.replace('_', '-')}" if name != "formats" else "--format": getattr(args, name)
+             for name in QUERY_FLAGS if getattr(args, name, None) not in (None, [])}
+    return given or None
+
+
+def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = (),
+                 args: argparse.Namespace | None = None) -> ExitCode:
+    """Search with each file (a picture, a ``.txt`` of words or a ``.json`` query document), then each
+    text; print each result folder. ``args``: the search command's query flags, applied to each FILE
+    and each text (a document carries its own). Returns the exit code (FAILED if any query failed)."""
+    given = given_flags(args) if args is not None else None
     status = ExitCode.OK
     for query in files:
         # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
@@ -84,7 +134,10 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
             status = ExitCode.FAILED
             continue
         try:
-            print(escape(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle))
+            spec = (flag_spec(args, rt.cfg, files=[query])
+                    if given is not None and not is_query_document(query) else None)
+            print(escape(search_file(query, cfg=rt.cfg, embedder=rt.model(), store=rt.store, spec=spec,
+                                     given=given if spec is not None else None).bundle))
         except UnusableFile as exc:
             _query_failed(exc.path, exc.reason)
             status = ExitCode.FAILED
@@ -96,9 +149,14 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
         try:
             if not words:
                 raise ValueError("the text query is empty: give the words to search for")
-            print(escape(search_text(words, cfg=rt.cfg, embedder=rt.model(), store=rt.store).bundle))
+            spec = flag_spec(args, rt.cfg, texts=[words]) if given is not None else single_term(TermKind.TEXT, words)
+            print(escape(search_query(spec, TextQuery(words), cfg=rt.cfg, embedder=rt.model(), store=rt.store,
+                                      given=given).bundle))
         except (ValueError, NoTextTower) as exc:
             _query_failed(Path("--text"), str(exc))
+            status = ExitCode.FAILED
+        except UnusableFile as exc:  # the terms cancel out
+            _query_failed(Path("--text"), exc.reason)
             status = ExitCode.FAILED
     return status
 
@@ -148,6 +206,11 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         from .service import serve
 
         return serve(cfg, cleanup=cleanup, poll=args.poll)
+    if args.command == "search" and given_flags(args) is not None:
+        if not (args.files or args.text):
+            raise QueryFlagError("the query flags shape the searches of FILE and --text; a --query document "
+                                 "carries its own filters and terms: write them in it")
+        flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
         indexer = Indexer(cfg, rt.model(), rt.store)
@@ -157,7 +220,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             if args.command == "index" or args.process_only:
                 return ExitCode.OK
             if args.command == "search":
-                return run_searches(rt, args.files, args.text)
+                return run_searches(rt, [*args.files, *args.query], args.text, args)
             if args.search:
                 return run_searches(rt, [args.search])
             return interactive(rt, indexer)
@@ -170,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None:
         parser.error("--config PATH (or --env PATH) is required")
-    if args.command == "search" and not args.files and not args.text:
-        parser.error("search needs a FILE (a picture or a .txt file of words) or --text WORDS")
+    if args.command == "search" and not args.files and not args.text and not args.query:
+        parser.error("search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH")
     configure_logging(args.log_level)
     # A developer asks for the traceback with --log-level debug; everyone else gets one line.
     show_traceback = args.log_level == "debug"

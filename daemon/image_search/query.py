@@ -92,6 +92,16 @@ class QuerySpec:
     top_k: int | None = None
     min_similarity: float | None = None
 
+    def record(self) -> dict[str, object]:
+        """The query as understood, as ``<stem>.json`` records it: every term with its weight, then what
+        was given of the filters, top-k and the floor (kebab-case keys, as in a query document)."""
+        out: dict[str, object] = {"terms": [term.record() for term in self.terms], **self.filters.record()}
+        if self.top_k is not None:
+            out["top-k"] = self.top_k
+        if self.min_similarity is not None:
+            out["min-similarity"] = self.min_similarity
+        return out
+
     def describe(self) -> list[str]:
         """The query in a few short lines, for the contact sheet's first cell: each term (``−`` before an
         unlike one, ``×w`` after a weight other than 1), then the filters and the floor."""
@@ -138,8 +148,6 @@ class QueryRecord:
 
     def record(self) -> dict[str, object]:
         """``query`` (as given), ``understood`` (terms, filters, top-k, floor) and ``complete``."""
-        understood: dict[str, object] = {"terms": [term.record() for term in self.spec.terms],
-                                         "filters": self.spec.filters.record(), "top-k": self.top_k,
-                                         "min-similarity": self.spec.min_similarity}
+        understood = {**self.spec.record(), "top-k": self.top_k}  # the effective top-k, given or the config's
         given = {"query": self.given} if self.given is not None else {}
         return {**given, "understood": understood, **self.completeness.record()}

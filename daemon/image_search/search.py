@@ -30,6 +30,7 @@ from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .query import Completeness, QueryRecord, QuerySpec, TermKind, single_term
+from .querydoc import document_folder, is_query_document, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
 
@@ -151,12 +152,28 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
                         store=store, now=now, move_query=move_query)
 
 
-def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
-                move_query: bool = False, links: LinkPolicy | None = None) -> SearchResult:
-    """A query file: a picture is searched by its looks, a ``.txt`` file by its words. Raises
-    PreprocessError (or TextQueryError) for a bad file, NoTextTower for words a model cannot read.
-    ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user named)."""
-    if is_text_query(path):
-        return search_text(read_text_query(path, links), cfg=cfg, embedder=embedder, store=store, source_path=path,
-                           move_query=move_query)
-    return search_image(path, cfg=cfg, embedder=embedder, store=store, move_query=move_query, links=links)
+def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, move_query: bool = False,
+                links: LinkPolicy | None = None, spec: QuerySpec | None = None,
+                given: dict[str, object] | None = None) -> SearchResult:
+    """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
+    is a query document (``querydoc``: its pictures may wait in ``document_folder(path)``, which moves
+    into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
+    file, NoTextTower for words a model cannot read, TermsCancelOut.
+
+    ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
+    named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
+    None searches the file alone."""
+    query: Query
+    if is_query_document(path):
+        spec = read_query_document(path, cfg, links)
+        folder = document_folder(path)
+        query = DocumentQuery(path, folder if folder.is_dir() and not folder.is_symlink() else None)
+    elif is_text_query(path):
+        text = spec.terms[0].value if spec is not None else read_text_query(path, links)
+        spec = spec or single_term(TermKind.TEXT, text)
+        query = TextQuery(text, path)
+    else:
+        spec = spec or single_term(TermKind.IMAGE, str(path), path)
+        query = ImageQuery(path)
+    return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
+                        links=links)

@@ -44,41 +44,55 @@ def read_text_query(path: Path, links: LinkPolicy | None = None) -> str:
     """The whole UTF-8 text of ``path``, trimmed of surrounding whitespace; TextQueryError if unusable
     (also for a pipe, a device, or a link ``links`` does not follow: see ``entries``)."""
     path = Path(path)
-    try:
-        with open_regular(path, links) as (handle, _):
-            data = read_at_most(handle, MAX_TEXT_QUERY_BYTES + 1)  # never more than the limit and one byte
-    except EntryRefused as exc:
-        raise TextQueryError(path, exc.reason) from None
-    except OSError as exc:
-        raise TextQueryError(path, unreadable_reason(exc, "a text file")) from None
+    data = read_limited(path, links, MAX_TEXT_QUERY_BYTES, TextQueryError, "a text file")
     if not data:
         raise EmptyTextQuery(path, "empty file (0 bytes): write the words to search for in it")
     if len(data) > MAX_TEXT_QUERY_BYTES:
-        size = _size_or_none(path)
         raise TextQueryError(
             path,
-            f"text query too large: {f'{size:,} bytes' if size is not None else 'more than that'} is above the "
-            f"limit of {MAX_TEXT_QUERY_BYTES:,} bytes (64 KiB); a query is a few words or sentences",
+            f"text query too large: {size_shown(path)} is above the limit of {MAX_TEXT_QUERY_BYTES:,} bytes (64 KiB); "
+            "a query is a few words or sentences",
         )
-    if data.startswith(_UTF16_BOMS):
-        raise TextQueryError(path, "not UTF-8 text (it is UTF-16, as some Windows editors save): save it as UTF-8")
     try:
-        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the query
-    except UnicodeDecodeError as exc:
-        raise TextQueryError(
-            path, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} is not valid UTF-8): "
-                  "save it as UTF-8",
-        ) from None
-    if "\x00" in text:
-        raise TextQueryError(path, "not a text file (it contains NUL bytes)")
+        text = decoded_text(data)
+    except ValueError as exc:
+        raise TextQueryError(path, str(exc)) from None
     query = text.strip()
     if not query:
         raise TextQueryError(path, f"the text query is empty: the file holds only whitespace ({len(data)} bytes)")
     return query
 
 
-def _size_or_none(path: Path) -> int | None:
+def read_limited(path: Path, links: LinkPolicy | None, limit: int, error: type[UnusableFile], expected: str) -> bytes:
+    """At most ``limit`` + 1 bytes of the regular file ``path`` (more than ``limit``: too large, without
+    reading it all); ``error(path, reason)`` when it cannot be read (``expected``: what it should be)."""
     try:
-        return path.stat().st_size
+        with open_regular(path, links) as (handle, _):
+            return read_at_most(handle, limit + 1)
+    except EntryRefused as exc:
+        raise error(path, exc.reason) from None
+    except OSError as exc:
+        raise error(path, unreadable_reason(exc, expected)) from None
+
+
+def decoded_text(data: bytes) -> str:
+    """``data`` as UTF-8 text, a leading byte-order mark dropped (it is not part of the text); ValueError
+    whose message is the reason, in the user's words, when it is not UTF-8 text."""
+    if data.startswith(_UTF16_BOMS):
+        raise ValueError("not UTF-8 text (it is UTF-16, as some Windows editors save): save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} is not valid UTF-8): "
+                         "save it as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError("not a text file (it contains NUL bytes)")
+    return text
+
+
+def size_shown(path: Path) -> str:
+    """The file's size for a "too large" message ("70,000 bytes"), or "more than that" when it is gone."""
+    try:
+        return f"{path.stat().st_size:,} bytes"
     except OSError:
-        return None
+        return "more than that"
