@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .query import Completeness
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -20,3 +22,15 @@ class Hit:
     width: int | None = None  # the original's, upright
     height: int | None = None
     format: str | None = None  # jpeg png webp gif bmp tiff heic avif
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The hits of one query, best first, and whether they are all there are: ``completeness`` says
+    whether ``hits`` holds min(k, the pictures passing the filters and the floor). ``matches``: how many
+    pictures pass the filters (the floor aside), where the store counted them; None where it did not
+    (more than it counts before going through the index)."""
+
+    hits: list[Hit]
+    completeness: Completeness
+    matches: int | None

@@ -7,6 +7,7 @@ One room each, every SQL statement a named, parameterised constant of the room t
 - ``schema`` and ``migrations/``: every table, created by numbered migrations recorded in
   ``image_search_schema``; a database of any earlier version is migrated once, at start, under a lock.
 - ``embeddings``: ``EmbeddingStore``: rows written (binary COPY), read, searched, relinked.
+- ``ranking`` and ``filters``: a search as a ``Ranking`` (never short without saying so), its filters as SQL.
 - ``bulk``: ``BulkLoad``, many rows without the index, then the index built in bulk.
 - ``fleet``: several services, one index: membership, heartbeat and work claims.
 - ``database``: ``Database``, the connection target (embedded or external) that opens the store.
@@ -28,7 +29,9 @@ from .connection import (
 )
 from .database import Database
 from .embedded import EmbeddedPostgres
-from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, SourceRecord, copy_binary
+from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, Ranking, SourceRecord, copy_binary
+from .filters import FilterSql, filter_sql
+from .ranking import EXACT_FALLBACK_MAX_ROWS
 from .fleet import (
     FORGET_AFTER_LEASES,
     FleetClaims,
@@ -41,9 +44,10 @@ from .fleet import (
 from .schema import HNSW_INDEX, IDENTITY, NAMES, hnsw_index_ddl
 
 __all__ = [
-    "BULK_LOAD_MIN_ROWS", "BULK_LOCK_KEY", "FLEET_LOCK_KEY", "FORGET_AFTER_LEASES", "HNSW_INDEX", "IDENTITY",
-    "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE", "NAMES", "SCHEMA_LOCK_KEY",
-    "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres", "EmbeddingRow",
-    "EmbeddingStore", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit", "JoinResult", "LeaveResult",
-    "MemberInfo", "Session", "SourceRecord", "StoreError", "copy_binary", "hnsw_index_ddl",
+    "BULK_LOAD_MIN_ROWS", "BULK_LOCK_KEY", "EXACT_FALLBACK_MAX_ROWS", "FLEET_LOCK_KEY", "FORGET_AFTER_LEASES",
+    "HNSW_INDEX", "IDENTITY", "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE",
+    "NAMES", "SCHEMA_LOCK_KEY", "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres",
+    "EmbeddingRow", "EmbeddingStore", "FilterSql", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit",
+    "JoinResult", "LeaveResult", "MemberInfo", "Ranking", "Session", "SourceRecord", "StoreError", "copy_binary",
+    "filter_sql", "hnsw_index_ddl",
 ]

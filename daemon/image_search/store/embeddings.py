@@ -18,30 +18,22 @@ import numpy as np
 import psycopg2.extensions
 from pgvector.psycopg2 import register_vector
 
-from ..hits import Hit
+from ..hits import Hit, Ranking
 from ..metadata import PictureMetadata
 from ..names import escape, unescape
+from ..query import Filters
 from . import metadata as meta
 from . import schema
 from .bulk import BulkLoad
 from .connection import Connect, Session, StoreError
+from .filters import like_escaped
+from .ranking import SearchSettings, indexed_sql, rank
 
 # A bulk load pays (dropping the index, loading, building it again) once the rows coming are this many,
 # and at least a quarter of those already there: per row, HNSW insertion costs about 3 ms here and a
 # build about 0.4 ms of every row in the table (``tests/benchmarks/store_write.py``).
 BULK_LOAD_MIN_ROWS = 1000
 IDENTITY_STEP = 3  # migrations/0003_identity.py
-
-
-def _indexed_search_sql(dimension: int) -> str:
-    """Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity."""
-    return f"""
-SELECT * FROM (
-    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
-    FROM image_embeddings ORDER BY embedding::halfvec({int(dimension)}) <#> %(q)s::halfvec({int(dimension)})
-    LIMIT %(k)s
-) AS candidates ORDER BY similarity DESC
-"""
 
 
 # Rows arrive by binary COPY into a session's staging table (no float is ever formatted as text: that
@@ -81,14 +73,7 @@ _BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
 _DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
 _DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path"
 COUNT = "SELECT count(*) FROM image_embeddings"
-_COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) AS bounded"
 CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
-_EF_SEARCH = "SELECT set_config('hnsw.ef_search', %s, true)"
-# Full precision, no index usable: the exact answer, for small tables.
-_SEARCH_EXACT = f"""
-SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
-FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
-"""
 
 
 @dataclass(frozen=True)
@@ -276,7 +261,7 @@ class EmbeddingStore:
     def delete_under(self, folder: str) -> list[str]:
         """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
-        pattern = escape(folder.rstrip("/")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = like_escaped(escape(folder.rstrip("/")))
         with self._cursor() as cur:
             cur.execute(_DELETE_UNDER, (pattern + "/%",))
             return [unescape(row[0]) for row in cur.fetchall()]
@@ -326,32 +311,25 @@ class EmbeddingStore:
     def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
         """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""
         with self._cursor() as cur:
-            cur.execute("EXPLAIN " + _indexed_search_sql(self.dimension),
+            cur.execute("EXPLAIN " + indexed_sql(self.dimension),
                         {"q": np.asarray(query, dtype=np.float32).reshape(-1), "k": k})
             return "\n".join(row[0] for row in cur.fetchall())
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """The ``k`` stored images most similar to the unit vector ``query``, best first.
+        """The ``k`` stored images most similar to the unit vector ``query``, best first (``ranking``'s hits)."""
+        return self.ranking(query, k).hits
 
-        Small tables are scanned exactly (an approximate index buys nothing there and can miss), and so
-        is any table while its index is being rebuilt (``bulk_load``); large ones go through the HNSW index
-        with ``hnsw.ef_search`` raised to at least ``k``.
+    def ranking(self, query: np.ndarray, k: int, *, filters: Filters = Filters(),
+                min_similarity: float | None = None) -> Ranking:
+        """The ``k`` stored images most similar to the unit vector ``query`` among those passing ``filters``
+        and at or above ``min_similarity``, best first, and whether they are all there are
+        (``store.ranking``: never short without saying so).
+
+        Small tables (and filters matching few rows) are scanned exactly (an approximate index buys
+        nothing there and can miss), and so is any table while its index is being rebuilt
+        (``bulk_load``); large ones go through the HNSW index with ``hnsw.ef_search`` raised to at least
+        ``k``, and exactly after all where the index found fewer than ``k``.
         """
-        vector = np.asarray(query, dtype=np.float32).reshape(-1)
+        settings = SearchSettings(self.dimension, self.ef_search, self.exact_search_below)
         with self._cursor() as cur:
-            cur.execute(_COUNT_UP_TO, (self.exact_search_below,))
-            exact = cur.fetchone()[0] < self.exact_search_below
-            if not exact:
-                cur.execute(schema.INDEX_VALID)  # no index during a bulk load: every row is scanned, none missed
-                exact = not cur.fetchone()[0]
-            if exact:
-                cur.execute(_SEARCH_EXACT, {"q": vector, "k": k})
-            else:
-                cur.execute(_EF_SEARCH, (str(max(self.ef_search, k)),))
-                cur.execute(_indexed_search_sql(self.dimension), {"q": vector, "k": k})
-            rows = cur.fetchall()
-        return [
-            Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
-                processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)))
-            for i, (name, path, processed, file_hash, sim, *extra) in enumerate(rows, start=1)
-        ]
+            return rank(cur, settings, query, k, filters, min_similarity)

@@ -1,0 +1,82 @@
+"""A query's filters (``query.Filters``) as SQL: one WHERE condition on ``image_embeddings`` and its
+named parameters. Every value the user gave travels as a parameter; only fixed text and the
+parameters' generated names are written into the statement.
+
+- folders: each one matches itself and everything under it, at folder boundaries, on the stored
+  (``names.escape``) text: ``folder = f OR folder LIKE 'f/%'`` ('2023' holds '2023/june', never
+  '2023-old'); several folders: any of them. '' or '.' is the whole source (no condition).
+- dates: ``taken_at >= taken_after`` (inclusive), ``taken_at < taken_before`` (exclusive); a NULL
+  ``taken_at`` fails every comparison, so a picture without a date never passes a date filter.
+- camera: a case-insensitive substring (ILIKE) of make and model joined by a space.
+- formats: ``format = ANY(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..names import escape
+from ..query import Filters
+
+MATCH_ALL = "TRUE"
+_CAMERA = "concat_ws(' ', camera_make, camera_model)"
+
+
+@dataclass(frozen=True)
+class FilterSql:
+    """A WHERE condition (``MATCH_ALL`` when nothing is filtered) and its named parameters."""
+
+    where: str = MATCH_ALL
+    params: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def filtered(self) -> bool:
+        return self.where != MATCH_ALL
+
+
+def like_escaped(text: str) -> str:
+    """``text`` as a LIKE pattern that matches itself only (backslash is LIKE's default escape)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def folder_text(folder: str) -> str | None:
+    """The stored text of a folder filter, relative to source-directory without '.' or empty parts;
+    None for the whole source ('' or '.')."""
+    parts = [part for part in folder.split("/") if part not in ("", ".")]
+    return escape("/".join(parts)) if parts else None
+
+
+def _folders(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
+    texts = [folder_text(f) for f in folders]
+    if not texts or None in texts:  # the whole source is among them: every picture passes
+        return None
+    alternatives = []
+    for i, text in enumerate(dict.fromkeys(texts)):
+        params[f"folder_{i}"] = text
+        params[f"folder_{i}_under"] = like_escaped(text) + "/%"
+        alternatives.append(f"folder = %(folder_{i})s OR folder LIKE %(folder_{i}_under)s")
+    return " OR ".join(alternatives)
+
+
+def filter_sql(filters: Filters) -> FilterSql:
+    """The condition a row must meet to pass every given filter."""
+    params: dict[str, object] = {}
+    conditions = []
+    folders = _folders(filters.folders, params)
+    if folders is not None:
+        conditions.append(folders)
+    if filters.taken_after is not None:
+        params["taken_after"] = filters.taken_after
+        conditions.append("taken_at >= %(taken_after)s")
+    if filters.taken_before is not None:
+        params["taken_before"] = filters.taken_before
+        conditions.append("taken_at < %(taken_before)s")
+    if filters.camera is not None:
+        params["camera"] = "%" + like_escaped(filters.camera) + "%"
+        conditions.append(f"{_CAMERA} ILIKE %(camera)s")
+    if filters.formats:
+        params["formats"] = sorted({f.lower() for f in filters.formats})
+        conditions.append("format = ANY(%(formats)s)")
+    if not conditions:
+        return FilterSql()
+    return FilterSql(" AND ".join(f"({c})" for c in conditions), params)

@@ -1,0 +1,130 @@
+"""A ranking: the ``k`` stored pictures most similar to a query vector among those that pass the
+filters (``filters.filter_sql``) and the floor, best first, and whether that is all of them
+(``hits.Ranking``). ``EmbeddingStore.ranking`` runs it in one transaction.
+
+How it is never silently short:
+
+1. The filters' matches are counted up to ``exact_search_below`` (a bounded count: a B-tree or a scan
+   of the small heap rows, never of the vectors). Fewer than that, or no valid HNSW index (a bulk load
+   is rebuilding it): an exact search over the rows that pass, the floor in its WHERE. Complete by
+   construction.
+2. Else through the HNSW index (the half-precision copy), re-ranked by the exact similarity. With
+   filters, pgvector's iterative scan (``relaxed_order``) goes on past ``ef_search`` candidates until
+   ``k`` rows pass the filters or ``SCAN_TUPLES`` index tuples were visited.
+3. Fewer than ``k`` hits (at or above the floor) from the index: the rows that pass the filters are
+   counted up to ``EXACT_FALLBACK_MAX_ROWS``, and at most that many are searched exactly, the floor in
+   the WHERE: the answer is then complete. More than that many: the index's hits are returned with
+   ``Completeness(False, reason)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg2.extensions
+
+from ..hits import Hit, Ranking
+from ..names import unescape
+from ..query import Completeness, Filters
+from . import metadata as meta
+from . import schema
+from .filters import FilterSql, filter_sql
+
+# Index tuples the iterative scan may visit for one filtered query (pgvector's default is 20,000). A
+# filter matching a fraction p of the table needs about k / p of them; a scan that runs out is caught
+# by the exact search (3.), so this only bounds the approximate path's cost. Measured in
+# ``tests/benchmarks/filtered.py``.
+SCAN_TUPLES = 100_000
+# The most rows an exact search after a short index answer scans (3.): about 3 s of this machine's
+# time (an exact scan of 100,000 x 1024-d rows took ~300 ms here; ``tests/benchmarks/filtered.py``).
+EXACT_FALLBACK_MAX_ROWS = 1_000_000
+COMPLETE = Completeness(True)
+
+_COLUMNS = (f"file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, "
+            f"{meta.HIT_COLUMNS}")
+_FLOOR = "-(embedding <#> %(q)s) >= %(floor)s"
+_COUNT_MATCHES = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings WHERE {where} LIMIT %(bound)s) AS bounded"
+# Full precision, no index usable: the exact answer.
+_EXACT = f"SELECT {_COLUMNS} FROM image_embeddings WHERE {{where}} ORDER BY embedding <#> %(q)s LIMIT %(k)s"
+# Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity.
+_INDEXED = f"""
+SELECT * FROM (
+    SELECT {_COLUMNS} FROM image_embeddings WHERE {{where}}
+    ORDER BY embedding::halfvec({{dimension}}) <#> %(q)s::halfvec({{dimension}}) LIMIT %(k)s
+) AS candidates ORDER BY similarity DESC
+"""
+_EF_SEARCH = "SELECT set_config('hnsw.ef_search', %s, true)"
+_ITERATIVE = ("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+              "set_config('hnsw.max_scan_tuples', %s, true)")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The store's search knobs (config ``ef-search``, ``exact-search-below``) and its vector size."""
+
+    dimension: int
+    ef_search: int
+    exact_search_below: int
+
+
+def indexed_sql(dimension: int, where: str = "TRUE") -> str:
+    return _INDEXED.format(where=where, dimension=int(dimension))
+
+
+def rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.ndarray, k: int,
+         filters: Filters = Filters(), min_similarity: float | None = None) -> Ranking:
+    """The ranking (see the module), on ``cur``'s transaction."""
+    condition = filter_sql(filters)
+    params: dict[str, object] = {**condition.params, "q": np.asarray(query, dtype=np.float32).reshape(-1),
+                                 "k": k, "floor": min_similarity}
+    matches = _count(cur, condition, params, settings.exact_search_below)
+    if matches is not None or not _index_valid(cur):
+        return Ranking(_exact(cur, condition, params), COMPLETE, matches)
+    cur.execute(_EF_SEARCH, (str(max(settings.ef_search, k)),))
+    if condition.filtered:
+        cur.execute(_ITERATIVE, (str(SCAN_TUPLES),))
+    cur.execute(indexed_sql(settings.dimension, condition.where), params)
+    found = _hits(cur.fetchall(), min_similarity)
+    if len(found) >= k:
+        return Ranking(found, COMPLETE, None)
+    matches = _count(cur, condition, params, EXACT_FALLBACK_MAX_ROWS + 1)
+    if matches is None:
+        return Ranking(found, Completeness(False, _too_many(len(found), k, min_similarity)), None)
+    return Ranking(_exact(cur, condition, params), COMPLETE, matches)
+
+
+def _count(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[str, object],
+           bound: int) -> int | None:
+    """How many rows pass the filters, when fewer than ``bound``; else None."""
+    cur.execute(_COUNT_MATCHES.format(where=condition.where), {**params, "bound": bound})
+    found = int(cur.fetchone()[0])
+    return found if found < bound else None
+
+
+def _index_valid(cur: psycopg2.extensions.cursor) -> bool:
+    cur.execute(schema.INDEX_VALID)  # no index during a bulk load: every row is scanned, none missed
+    return bool(cur.fetchone()[0])
+
+
+def _exact(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[str, object]) -> list[Hit]:
+    where = condition.where if params["floor"] is None else f"{condition.where} AND {_FLOOR}"
+    cur.execute(_EXACT.format(where=where), params)
+    return _hits(cur.fetchall(), None)
+
+
+def _hits(rows: list[tuple], floor: float | None) -> list[Hit]:
+    """Hits from result rows (best first), those below ``floor`` left out."""
+    kept = [row for row in rows if floor is None or row[4] >= floor]
+    return [
+        Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
+            processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)))
+        for i, (name, path, processed, file_hash, sim, *extra) in enumerate(kept, start=1)
+    ]
+
+
+def _too_many(found: int, k: int, floor: float | None) -> str:
+    above = " at or above the relevance floor" if floor is not None else ""
+    return (f"the index found {found} of the {k} pictures asked for{above}, and more than "
+            f"{EXACT_FALLBACK_MAX_ROWS:,} pictures pass the filters: too many to search one by one to make "
+            "sure none was missed. Narrow the filters (a folder, dates) or lower the relevance floor.")
