@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +49,7 @@ class QueryInbox:
         self.answered = 0
         self.failed = 0
         self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
+        self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
 
     def _is_query_candidate(self, path: Path) -> bool:
         return path.parent == self.folder and not is_ignored_name(path.name)
@@ -77,11 +77,11 @@ class QueryInbox:
                 self.pending.note(path)
 
     def apply(self, change: Change) -> None:
+        if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED):
+            self.pending.forget(change.path)
+            self._folder_looks.pop(change.path, None)
         if change.kind is ChangeKind.DELETED:
-            self.pending.forget(change.path)
             return
-        if change.kind is ChangeKind.MOVED:
-            self.pending.forget(change.path)
         path = change.final_path
         if not change.is_directory and self._is_query_candidate(path):
             # A rename into place is how careful writers finish a file: as good as a close.
@@ -159,15 +159,24 @@ class QueryInbox:
         return max([path, *self._pictures_of(path)], key=modified)
 
     def _folder_settling(self, path: Path) -> bool:
-        """True while a file of the document's folder changed less than settle-seconds ago (the folder is
-        not watched file by file: its pictures are looked at when the document is due)."""
-        newest = self._newest(path)
-        if newest == path:
+        """True until a document's folder has looked the same (its files' names, sizes and times) at two
+        looks a settle period apart: the folder is not watched file by file, so its pictures are
+        looked at when the document is due. A document without a folder never waits here."""
+        if self.pictures_folder(path) is None:
+            self._folder_looks.pop(path, None)
             return False
-        try:
-            return time.time() - newest.lstat().st_mtime < self.pending.settle
-        except OSError:
+        look = []
+        for picture in self._pictures_of(path):
+            try:
+                st = picture.lstat()
+            except OSError:
+                continue
+            look.append((str(picture), st.st_size, st.st_mtime_ns))
+        if self._folder_looks.get(path) == sorted(look):
+            del self._folder_looks[path]
             return False
+        self._folder_looks[path] = sorted(look)
+        return True
 
     def _failure_reason(self, path: Path, exc: UnusableFile) -> str:
         """The error's reason, naming the picture when it is one of a document's, and the wait it had."""

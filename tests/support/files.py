@@ -26,6 +26,27 @@ def save_picture(path: Path, seed: int, size: tuple[int, int] = (96, 72), fmt: s
     return path
 
 
+def save_photo(path: Path, seed: int, *, taken: str | None = None, offset: str | None = None,
+               camera: tuple[str, str] | None = None, size: tuple[int, int] = (96, 72)) -> Path:
+    """``save_picture`` as a JPEG with EXIF: the date taken (``"2023:06:01 12:00:00"``), its offset
+    (``"+02:00"``), the camera's make and model."""
+    from PIL import ExifTags, Image
+
+    save_picture(path, seed, size, fmt="JPEG")
+    exif = Image.Exif()
+    if camera is not None:
+        exif[0x010F], exif[0x0110] = camera
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    if taken is not None:
+        sub[0x9003] = taken
+    if offset is not None:
+        sub[0x9011] = offset
+    with Image.open(path) as im:
+        im.load()
+    im.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
 def write_config(root: Path, model_dir: Path | None = None, *, fresh_pgdata: bool = False, **overrides: object) -> Path:
     """A config for a tree under ``root`` (images/, inbox/, output/, processed/, state/); keys as in JSON.
     A tree on the embedded PostgreSQL gets the session's initialised pgdata (tests/support/pgdata.py)

@@ -1,0 +1,165 @@
+"""Query documents dropped into the inbox: ``<stem>.json`` with its pictures in ``inbox/<stem>/``,
+answered by the real service loop over the real PostgreSQL and the tiny model (``story_factory``).
+
+The stories look at what a user sees: the result folder (its ``.jsonl`` ranking, its ``.json`` record
+of the query, the document and its folder moved in), or ``inbox/failed/`` with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import save_photo, save_picture
+
+pytestmark = pytest.mark.integration
+
+
+def drop(story, name: str, document: dict | str, pictures: dict[str, Path] | None = None) -> Path:
+    """Write ``inbox/<name>`` (a dict as JSON, a string as it is) and its pictures into ``inbox/<stem>/``."""
+    path = story.inbox / name
+    if pictures:
+        folder = story.inbox / Path(name).stem
+        folder.mkdir()
+        for picture_name, source in pictures.items():
+            shutil.copyfile(source, folder / picture_name)
+    path.write_text(document if isinstance(document, str) else json.dumps(document), encoding="utf-8")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, path)
+    return path
+
+
+def answer(story, name: str) -> tuple[Path, list[dict], dict]:
+    """The result folder of the document ``name``, its hits and its ``<stem>.json``."""
+    bundle = story.bundle(name)
+    stem = Path(name).stem
+    hits = [json.loads(line) for line in (bundle / f"{stem}.jsonl").read_text().splitlines()]
+    return bundle, hits, json.loads((bundle / f"{stem}.json").read_text())
+
+
+def failure(story, name: str) -> str:
+    return (story.inbox / "failed" / f"{name}.error.txt").read_text(encoding="utf-8")
+
+
+def test_a_document_with_a_picture_from_its_folder_and_a_folder_filter(story_factory, tmp_path) -> None:
+    story = story_factory({"2023/a.png": 1, "2023/june/b.png": 2, "2023-old/c.png": 3, "d.png": 4})
+    query_picture = save_picture(tmp_path / "like-c.png", seed=3, size=(108, 72))  # c's picture, outside the filter
+    drop(story, "trip.json", {"image": "holiday.png", "folder": "2023", "top-k": 5}, {"holiday.png": query_picture})
+    story.run_until_idle()
+    bundle, hits, record = answer(story, "trip.json")
+    assert {Path(h["file_path"]).relative_to(story.images).as_posix() for h in hits} == {"2023/a.png", "2023/june/b.png"}
+    assert record["complete"] is True and record["understood"]["folder"] == ["2023"]
+    assert record["understood"]["terms"] == [{"kind": "image", "value": "holiday.png", "weight": 1.0, "unlike": False}]
+    assert (bundle / "trip.query" / "holiday.png").read_bytes() == query_picture.read_bytes()
+    assert json.loads((bundle / "trip.query.json").read_text())["folder"] == "2023"
+    assert sorted(p.name for p in story.inbox.iterdir()) == []  # the document and its folder moved in
+
+
+def test_weighted_text_and_picture_terms_with_an_unlike_term_and_a_floor(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2, "c.png": 3})
+    drop(story, "mixed.json", {"text": [{"text": "a red bicycle", "weight": 0.5}],
+                               "image": [{"image": "b.png", "weight": 2}], "unlike-image": "c.png",
+                               "min-similarity": -1, "top-k": 2})
+    story.run_until_idle()
+    _, hits, record = answer(story, "mixed.json")
+    assert [Path(h["file_path"]).name for h in hits][0] == "b.png"  # the heaviest term, from source-directory
+    assert len(hits) == 2 and record["complete"] is True
+    weights = [(t["kind"], t["weight"], t["unlike"]) for t in record["understood"]["terms"]]
+    assert weights == [("text", 0.5, False), ("image", 2, False), ("image", 1.0, True)]
+
+
+def test_a_floor_no_picture_reaches_gives_an_empty_complete_answer(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    drop(story, "strict.json", {"image": "a.png", "unlike-image": "b.png", "min-similarity": 0.9999999})
+    story.run_until_idle()
+    _, hits, record = answer(story, "strict.json")
+    assert hits == [] and record["complete"] is True and record["understood"]["min-similarity"] == 0.9999999
+
+
+def test_date_and_camera_filters_use_the_exif_written_into_the_pictures(story_factory) -> None:
+    story = story_factory()
+    photos = {
+        "june.jpg": dict(taken="2023:06:01 12:00:00", offset="+02:00", camera=("Canon", "Canon EOS R5")),
+        "july.jpg": dict(taken="2023:07:01 09:30:00", camera=("FUJIFILM", "X-T4")),
+        "undated.jpg": dict(camera=("Canon", "Canon EOS R5")),
+    }
+    for seed, (name, exif) in enumerate(photos.items(), start=10):
+        save_photo(story.images / name, seed, **exif)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / name)
+    story.run_until_idle()
+    drop(story, "summer.json", {"text": "a photo", "taken-after": "2023-06-01T10:00:00Z",
+                                "taken-before": "2023-08-01"})
+    drop(story, "canon.json", {"text": "a photo", "camera": "canon eos"})
+    drop(story, "early.json", {"text": "a photo", "taken-before": "2023-06-01T10:00:00Z"})
+    story.run_until_idle()
+    # 12:00 at +02:00 is 10:00 UTC: "after" is inclusive; an undated picture never passes a date filter.
+    assert {Path(h["file_path"]).name for h in answer(story, "summer.json")[1]} == {"june.jpg", "july.jpg"}
+    assert {Path(h["file_path"]).name for h in answer(story, "canon.json")[1]} == {"june.jpg", "undated.jpg"}
+    assert answer(story, "early.json")[1] == []  # "before" is exclusive
+    june = next(h for h in answer(story, "canon.json")[1] if h["file_path"].endswith("june.jpg"))
+    assert june["taken_at"] == "2023-06-01T12:00:00+02:00" and june["camera"] == "Canon EOS R5"
+
+
+BAD_DOCUMENTS = {
+    "not-json.json": ("{not json", "not valid JSON"),
+    "a-list.json": ('["a list"]', "not an object"),
+    "unknown-key.json": ({"text": "cat", "colour": "red"}, 'unknown key "colour"'),
+    "top-k.json": ({"text": "cat", "top-k": 5000}, "top-k"),
+    "only-unlike.json": ({"unlike-text": "cat"}, "nothing to look for"),
+    "dates.json": ({"text": "cat", "taken-after": "2024-01-01", "taken-before": "2023-01-01"}, "taken-after"),
+    "escape.json": ({"image": "../../config.json"}, "leaves the folders a document may name"),
+}
+
+
+def test_bad_documents_fail_each_with_its_reason_and_the_service_goes_on(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    for name, (document, _) in BAD_DOCUMENTS.items():
+        drop(story, name, document)
+    story.run_until_idle()
+    for name, (document, reason) in BAD_DOCUMENTS.items():
+        written = failure(story, name)
+        assert reason in written, written
+        assert (story.inbox / "failed" / name).read_text() == (document if isinstance(document, str)
+                                                               else json.dumps(document))
+    assert story.ask("next.png", story.images / "a.png")[0] == str(story.images / "a.png")
+
+
+def test_a_missing_picture_waits_then_the_document_fails_saying_which_and_how_long(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1})
+    story.service.inbox.incomplete_grace = 5.0
+    document = drop(story, "later.json", {"image": "late.png"}, {"other.png": story.images / "a.png"})
+    story.let_settle_periods_pass(3)
+    assert document.exists() and not (story.inbox / "failed").exists()  # it waits, as a half-written file does
+    past = time.time() - 60
+    for path in (document, *(story.inbox / "later").iterdir()):
+        os.utime(path, (past, past))
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, document)
+    story.run_until_idle()
+    written = failure(story, "later.json")
+    assert "late.png" in written and "waited 5 s" in written
+    assert (story.inbox / "failed" / "later" / "other.png").is_file()  # its folder went with it
+
+
+def test_a_picture_that_arrives_after_its_document_is_used(story_factory, tmp_path) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    document = drop(story, "soon.json", {"image": "soon.png"})
+    story.let_settle_periods_pass(2)
+    assert document.exists()
+    (story.inbox / "soon").mkdir()
+    shutil.copyfile(story.images / "b.png", story.inbox / "soon" / "soon.png")
+    story.run_until_idle()
+    assert Path(answer(story, "soon.json")[1][0]["file_path"]).name == "b.png"
+
+
+def test_files_in_a_document_folder_are_never_queries_of_their_own(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    folder = story.inbox / "album"
+    folder.mkdir()
+    shutil.copyfile(story.images / "a.png", folder / "x.png")
+    story.service.inbox.queue_waiting()
+    story.run_until_idle()
+    assert (folder / "x.png").is_file() and list(story.cfg.output_directory.iterdir()) == []
