@@ -465,6 +465,33 @@ def test_search_on_empty_index(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "index holds no images" in run.stderr
 
 
+def test_search_flags_and_a_query_document(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, top_k=TOP_K)
+    for name, seed in (("2023/a.png", 1), ("2023/june/b.png", 2), ("2023-old/c.png", 3), ("d.png", 4)):
+        save_picture(tmp_path / "images" / name, seed=seed)
+    bad = run_cli("search", "--config", config, "--text", "a photo", "--top-k", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--top-k" in bad.stderr, bad.stderr
+    assert "indexed:" not in bad.stdout  # refused before the index is brought up to date
+    assert_no_traceback(bad)
+    flagged = run_cli("search", "--config", config, "--text", "a photo", "--unlike", "people", "--folder", "2023",
+                      "--top-k", "5", cwd=tmp_path)
+    assert flagged.returncode == 0, flagged.stderr
+    bundle = Path(flagged.stdout.strip().splitlines()[-1])
+    hits = read_jsonl(bundle / "a-photo.jsonl")
+    assert sorted(Path(h["file_path"]).relative_to(tmp_path / "images").as_posix() for h in hits) == [
+        "2023/a.png", "2023/june/b.png"]
+    record = json.loads((bundle / "a-photo.json").read_text())
+    assert record["query"] == {"--unlike": ["people"], "--folder": ["2023"], "--top-k": "5"}
+    assert record["complete"] is True and [t["unlike"] for t in record["understood"]["terms"]] == [False, True]
+    document = tmp_path / "doc.json"
+    document.write_text(json.dumps({"image": "d.png", "format": "png", "top-k": 1}))
+    asked = run_cli("search", "--config", config, "--query", document, cwd=tmp_path)
+    assert asked.returncode == 0, asked.stderr
+    bundle = Path(asked.stdout.strip().splitlines()[-1])
+    assert [h["file_path"] for h in read_jsonl(bundle / "doc.jsonl")] == [str(tmp_path / "images" / "d.png")]
+    assert document.is_file()  # a document named on the command line stays where it is
+
+
 # --- the bundle writer directly ----------------------------------------------------------------------
 
 
