@@ -36,6 +36,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the controller starts the session's one warm parent (tests/support/warm.py)
+    while the workers start; a unit-tier run starts no ``image-search`` process, and so none."""
+    if (not os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("numprocesses", None)
+            and config.getoption("markexpr", "") != "unit" and os.environ.get("IMAGE_SEARCH_TESTS_COLD") != "1"):
+        warm.share()
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: a worker per core and one more, at most four. Many tests mostly wait (on an
     ``image-search`` process, a lease, a timer); measured on 2 cores, 3 workers ran the suite in 6:19

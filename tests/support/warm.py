@@ -11,9 +11,14 @@ faults), ``main()``, the atexit handlers, the exit code. Signals reach it as the
 the parent reaps it and reports how it ended, so the test's handle is a ``subprocess.Popen`` like any
 other (``WarmPopen``).
 
+One parent serves the whole session: under pytest-xdist the controller starts it (``share``, from
+``pytest_configure``) and names its socket in the environment (``SOCKET_VARIABLE``), which the workers
+and the benchmarks the smoke tests run inherit; importing torch once instead of once per process saves
+about ten seconds of CPU per process. Without xdist the test process starts its own on first use.
+
 What a fork cannot give is a different import-time environment, so a run whose environment differs
-from the parent's in anything but the service's own settings starts cold, the usual way
-(``warmable``). ``IMAGE_SEARCH_TESTS_COLD=1`` starts every run cold, and so does everything outside the
+from the parent's in anything but the service's own settings (and pytest's bookkeeping) starts cold,
+the usual way (``warmable``). ``IMAGE_SEARCH_TESTS_COLD=1`` starts every run cold, and so does everything outside the
 test session (``enable``: the benchmarks time real starts), except a benchmark the smoke tests run
 (``IMAGE_SEARCH_TESTS_WARM=1``: they check its report, not its timings). The real console script is still
 run cold by the systemd tests, and by CI's check of the README's commands.
@@ -32,16 +37,20 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 # Environment variables the forked run may differ in from the parent: read after start-up, never at
 # import time. Anything else (HF_*, TORCH*, OMP_*, LD_*...) makes the run start cold.
 _RUN_TIME_VARIABLES = ("IMAGE_SEARCH_", "FAULT_", "STUCK_READ_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                       "PYTHONPATH", "PYTHONUNBUFFERED")
+                       "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_", "COLUMNS", "LINES")
 _MAX_MESSAGE = 1 << 20
 # Set by the benchmark's smoke tests for the benchmark they run: its service runs fork too (only the report's
 # completeness is checked there, never its timings).
 WARM_VARIABLE = "IMAGE_SEARCH_TESTS_WARM"
+# The session's shared parent: its socket; its environment is written beside it (``ENV_FILE``).
+SOCKET_VARIABLE = "IMAGE_SEARCH_TESTS_WARM_SOCKET"
+ENV_FILE = "env.json"
 
 
 def _send(sock: socket.socket, payload: dict, fds: list[int] = ()) -> None:
@@ -189,19 +198,28 @@ def _serve(path: str) -> None:
 
 
 class WarmParent:
-    """The warm parent of this test process, started on first use, ended with the process."""
+    """A warm parent started by this process, ended with it."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, wait: bool = True) -> None:
         self.env = dict(env)
         self.path = os.path.join(tempfile.mkdtemp(prefix="image-search-warm-"), "socket")
+        Path(self.path).with_name(ENV_FILE).write_text(json.dumps(self.env))
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.warm", self.path], env=self.env,
                                      cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        atexit.register(self.close)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
             self.proc.kill()
             raise RuntimeError(f"the warm parent did not start ({self.proc.wait()})")
-        atexit.register(self.close)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -212,7 +230,25 @@ class WarmParent:
                 self.proc.kill()
 
 
-_parent: WarmParent | None = None
+class SharedParent:
+    """The session's warm parent, started by another process (``share``): its socket and environment.
+    It is still importing while the first tests run: the socket appears once it is ready."""
+
+    def __init__(self, path: str, *, timeout: float = 300.0) -> None:
+        self.path = path
+        self.env = json.loads(Path(path).with_name(ENV_FILE).read_text())
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the session's warm parent did not open {path} within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    @property
+    def alive(self) -> bool:
+        return os.path.exists(self.path)
+
+
+_parent: WarmParent | SharedParent | None = None
 _parent_lock = threading.Lock()
 _enabled = False
 
@@ -223,10 +259,22 @@ def enable() -> None:
     _enabled = True
 
 
+def share() -> None:
+    """Start the session's parent now, in this process (pytest-xdist's controller), for every process
+    it starts: the workers, and what they start, find it through ``SOCKET_VARIABLE``."""
+    from tests.support.env import child_env
+
+    global _parent
+    _parent = WarmParent(child_env(), wait=False)  # the workers start meanwhile; they wait for its socket
+    os.environ[SOCKET_VARIABLE] = _parent.path
+
+
+def _wanted() -> bool:
+    return (_enabled or os.environ.get(WARM_VARIABLE) == "1") and os.environ.get("IMAGE_SEARCH_TESTS_COLD") != "1"
+
+
 def warmable(env: dict[str, str], base: dict[str, str]) -> bool:
     """Whether a run with ``env`` may be forked from a parent started with ``base``."""
-    if not (_enabled or os.environ.get(WARM_VARIABLE) == "1") or os.environ.get("IMAGE_SEARCH_TESTS_COLD") == "1":
-        return False
     differing = {key for key in env.keys() | base.keys() if env.get(key) != base.get(key)}
     if not all(key.startswith(_RUN_TIME_VARIABLES) for key in differing):
         return False
@@ -236,18 +284,23 @@ def warmable(env: dict[str, str], base: dict[str, str]) -> bool:
     return all(os.path.isfile(os.path.join(p, "sitecustomize.py")) for p in added)
 
 
-def parent(base_env: dict[str, str]) -> WarmParent:
+def parent() -> WarmParent | SharedParent:
+    """This process's warm parent: the session's shared one where there is one, else its own."""
+    from tests.support.env import child_env
+
     global _parent
     with _parent_lock:
-        if _parent is None or _parent.proc.poll() is not None:
-            _parent = WarmParent(base_env)
+        if _parent is None or not _parent.alive:
+            shared = os.environ.get(SOCKET_VARIABLE)
+            owned = isinstance(_parent, WarmParent)  # this process started it (share): it is gone
+            _parent = SharedParent(shared) if shared and not owned else WarmParent(child_env())
         return _parent
 
 
 class WarmPopen(subprocess.Popen):
     """A ``subprocess.Popen`` whose child is forked by the warm parent instead of executed."""
 
-    def __init__(self, args, *, warm: WarmParent, **kwargs) -> None:
+    def __init__(self, args, *, warm: WarmParent | SharedParent, **kwargs) -> None:
         self._warm = warm
         self._conn: socket.socket | None = None
         super().__init__(args, **kwargs)
@@ -319,9 +372,10 @@ def popen(args: list, **kwargs) -> subprocess.Popen:
     from tests.support.env import child_env
 
     env = kwargs.get("env")
-    base = child_env()
-    if warmable(dict(env if env is not None else os.environ), base):
-        return WarmPopen(args, warm=parent(base), **kwargs)
+    if _wanted():
+        warm = parent()
+        if warmable(dict(env if env is not None else os.environ), warm.env):
+            return WarmPopen(args, warm=warm, **kwargs)
     return subprocess.Popen(args, **kwargs)
 
 
