@@ -12,6 +12,7 @@ notion of negation: "unlike people" is one more direction subtracted, not a logi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,12 +66,10 @@ def combine(weights: Sequence[float], vectors: np.ndarray) -> np.ndarray | None:
 
 
 def _links_for(path: Path, cfg: Config) -> LinkPolicy:
-    """The link rule of the folder a term's picture is in: source-directory's, else the inbox's."""
-    try:
-        path.relative_to(cfg.source_directory)
-        return cfg.source_links
-    except ValueError:
-        return cfg.inbox_links
+    """The link rule of the folder a term's picture is in: source-directory's, else the inbox's
+    (``querydoc`` resolved the path, and either folder may itself be reached through a link)."""
+    inside_source = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(cfg.source_directory))
+    return cfg.source_links if inside_source else cfg.inbox_links
 
 
 def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: LinkPolicy | None,
