@@ -61,7 +61,7 @@ def test_dates_inclusive_after_exclusive_before() -> None:
 
 def test_camera_is_a_case_insensitive_substring_of_make_and_model() -> None:
     sql = filter_sql(Filters(camera="EOS_R5 100%"))
-    assert sql.where == "(concat_ws(' ', camera_make, camera_model) ILIKE %(camera)s)"
+    assert sql.where == "((coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) ILIKE %(camera)s)"
     assert sql.params == {"camera": "%EOS\\_R5 100\\%%"}
 
 

@@ -10,9 +10,11 @@ incomplete answer when that fallback would scan too many rows.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ from image_search.metadata import PictureMetadata
 from image_search.query import Filters
 from image_search.store import Database, EmbeddingRow, EmbeddingStore, Ranking
 from image_search.store import ranking as ranking_module
-from tests.support.db import embedded_database, empty_store
+from image_search.store.filters import filter_sql
+from tests.support.db import embedded_database, empty_store, raw
 
 pytestmark = pytest.mark.integration
 
@@ -155,6 +158,37 @@ def test_the_floor_drops_what_is_below_it_and_the_answer_stays_complete(library:
     assert found(search(library, min_similarity=floor, folders=("2023",))) == ["2023/new-year.heic",
                                                                                "2023/june/beach.png"]
     assert found(search(library, min_similarity=1.01)) == []
+
+
+def test_camera_and_format_filters_have_indexes(library: EmbeddingStore, database: Database) -> None:
+    indexes = {name for (name,) in raw(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'image_embeddings'")}
+    assert {"image_embeddings_format_idx", "image_embeddings_camera_trgm_idx"} <= indexes
+    conn = database.connect()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SET LOCAL enable_seqscan = off")  # eight rows: a scan would be cheaper otherwise
+            condition = filter_sql(Filters(camera="leica"))
+            cur.execute(f"EXPLAIN SELECT 1 FROM image_embeddings WHERE {condition.where}", condition.params)
+            assert "image_embeddings_camera_trgm_idx" in "\n".join(row for (row,) in cur.fetchall())
+    finally:
+        conn.close()
+
+
+def test_without_pg_trgm_the_step_makes_the_format_index_and_goes_on(database: Database,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    step = importlib.import_module("image_search.store.migrations.0007_filter_indexes")
+    monkeypatch.setattr(step, "CREATE_TRIGRAMS", "CREATE EXTENSION IF NOT EXISTS no_such_extension")
+    conn = database.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE image_embeddings (camera_make TEXT, camera_model TEXT, format TEXT)")
+            assert step.apply(SimpleNamespace(cur=cur)) is True
+            cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'image_embeddings' "
+                        "AND schemaname LIKE 'pg_temp%'")
+            assert [name for (name,) in cur.fetchall()] == ["image_embeddings_format_idx"]  # the transaction lives on
+        conn.rollback()
+    finally:
+        conn.close()
 
 
 # --- through the index -------------------------------------------------------------------------------
