@@ -7,7 +7,8 @@ a nested tree as a photo library's (``2020`` holds ``2020/summer``, which holds
 which no filter here may match), folders drawn at random, independently of the vectors. HNSW index
 built; 200 queries top-10 per level. Recall against numpy's exact top-10 over the rows of that folder;
 a ranking that holds fewer than min(10, matches) hits while it says it is complete is counted as
-``filtered_short_unflagged`` (must be 0).
+``filtered_short_unflagged`` (must be 0). Then a relevance floor that only five rows pass (10 queries,
+at 10% and without a filter): the index's candidates come up short, so an exact search makes sure.
 """
 
 from __future__ import annotations
@@ -117,6 +118,29 @@ def _measure_level(store, vectors: np.ndarray, queries: np.ndarray, rows: np.nda
     return short
 
 
+def _measure_floor(store, vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, folder: str | None,
+                   suffix: str, out: Report) -> int:
+    """A floor that five of the rows pass (per query): the index's ten candidates hold only those five, so
+    the answer is made sure by an exact search over every row that passes the filter. Returns the
+    rankings that missed a row above the floor while saying they are complete."""
+    from image_search.query import Filters
+
+    filters = Filters(folders=(folder,)) if folder else Filters()
+    latencies, wrong = [], 0
+    for q in queries:
+        sims = vectors[rows] @ q
+        floor = float(np.sort(sims)[-5]) - 1e-6
+        t = time.perf_counter()
+        ranking = store.ranking(q, K, filters=filters, min_similarity=floor)
+        latencies.append((time.perf_counter() - t) * 1000)
+        wrong += ranking.completeness.complete and {h.file_hash for h in ranking.hits} != {
+            f"h{i:06d}" for i in rows[sims >= floor]}
+    out[f"floor_p95_ms_{suffix}"] = pct(latencies, 95)
+    say(f"filtered: floor (5 above it), {folder or 'no filter'!r}: p50 {pct(latencies, 50):.0f} ms, "
+        f"p95 {out[f'floor_p95_ms_{suffix}']:.0f} ms, wrong while complete {wrong}")
+    return wrong
+
+
 def measure_filtered(work: Path, sizes: Sizes) -> Report:
     import psycopg2
 
@@ -148,6 +172,10 @@ def measure_filtered(work: Path, sizes: Sizes) -> Report:
         for suffix, fraction, folder in LEVELS:
             short += _measure_level(store, vectors, queries, np.flatnonzero(draw < fraction), folder, suffix, out)
         out["filtered_short_unflagged"] = float(short)
+        floor_queries = queries[: int(sizes["filtered_floor_queries"])]
+        wrong = _measure_floor(store, vectors, floor_queries, np.flatnonzero(draw < 0.1), "2020/summer", "10", out)
+        wrong += _measure_floor(store, vectors, floor_queries, np.arange(n), None, "unfiltered", out)
+        out["floor_wrong_while_complete"] = float(wrong)
         store.close()
     finally:
         database.close()
@@ -165,8 +193,10 @@ def _within_twice_unfiltered(value: float, report: Report) -> bool:
 SECTION = Section(
     name="filtered",
     run=run,
-    full_sizes={"filtered_vectors": 100_000, "filtered_clusters": 1000, "filtered_queries": 200},
-    quick_sizes={"filtered_vectors": 3_000, "filtered_clusters": 100, "filtered_queries": 20},
+    full_sizes={"filtered_vectors": 100_000, "filtered_clusters": 1000, "filtered_queries": 200,
+                "filtered_floor_queries": 10},
+    quick_sizes={"filtered_vectors": 3_000, "filtered_clusters": 100, "filtered_queries": 20,
+                 "filtered_floor_queries": 3},
     metrics=(
         Metric("unfiltered search p95", "unfiltered_p95_ms", "{:.1f} ms"),
         *(metric for suffix, fraction, _ in LEVELS for metric in (
@@ -177,6 +207,10 @@ SECTION = Section(
                      else ("<= 2x unfiltered", _within_twice_unfiltered))),
         )),
         Metric("short rankings not flagged incomplete", "filtered_short_unflagged", "{:.0f}", "0",
+               lambda v, r: v == 0),
+        Metric("floor search p95, 10% of rows (exact after the index)", "floor_p95_ms_10", "{:.0f} ms"),
+        Metric("floor search p95, no filter (exact after the index)", "floor_p95_ms_unfiltered", "{:.0f} ms"),
+        Metric("floor rankings missing a row while complete", "floor_wrong_while_complete", "{:.0f}", "0",
                lambda v, r: v == 0),
     ),
     report_keys=("unfiltered_p95_ms", *(f"filtered_{m}_{suffix}" for suffix, _, _ in LEVELS
