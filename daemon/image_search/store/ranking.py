@@ -6,9 +6,10 @@ How it is never silently short:
 
 1. The rows that pass are counted up to a bound (a B-tree or a scan of the small heap rows, never of the
    vectors): ``exact_search_below`` without filters, as before; with filters, ``EXACT_MATCHES_BELOW``
-   (or ``exact_search_below`` if lower). Fewer than that, or no valid HNSW index (a bulk load is
-   rebuilding it): an exact search over the rows that pass, the floor in its WHERE. Complete by
-   construction.
+   (or ``exact_search_below`` if lower), and only where the planner does not expect far more rows than
+   that (``ESTIMATE_MARGIN``: counting a wide filter's first 2,000 rows cost 5-16 ms, as much as the
+   search). Fewer than the bound, or no valid HNSW index (a bulk load is rebuilding it): an exact
+   search over the rows that pass, the floor in its WHERE. Complete by construction.
 2. Else through the HNSW index (the half-precision copy), re-ranked by the exact similarity. With
    filters, pgvector's iterative scan (``relaxed_order``) goes on past ``ef_search`` candidates until
    ``k`` rows pass the filters or ``SCAN_TUPLES`` index tuples were visited.
@@ -38,6 +39,10 @@ from .filters import FilterSql, filter_sql
 # iterative scan needs about k / (the fraction passing) tuples: ~40 ms at 1% of 100,000 rows, ~7 ms at
 # 10% (``tests/benchmarks/filtered.py``). The two cross near 2,000 rows at 100,000.
 EXACT_MATCHES_BELOW = 2_000
+# A filter the planner expects to pass more than this many times ``EXACT_MATCHES_BELOW`` rows goes to the
+# index uncounted. The estimate only picks the path: a filter that turns out narrower costs a longer
+# iterative scan (about k / its fraction of the table in tuples) and is still answered completely (3.).
+ESTIMATE_MARGIN = 4
 # Index tuples the iterative scan may visit for one filtered query (pgvector's default is 20,000). A
 # filter matching a fraction p of the table needs about k / p of them; a scan that runs out is caught
 # by the exact search (3.), so this only bounds the approximate path's cost. Measured in
@@ -51,6 +56,7 @@ COMPLETE = Completeness(True)
 _COLUMNS = (f"file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, "
             f"{meta.HIT_COLUMNS}")
 _FLOOR = "WHERE similarity >= %(floor)s"
+_ESTIMATE = "EXPLAIN (FORMAT JSON) SELECT 1 FROM image_embeddings WHERE {where}"
 _COUNT_MATCHES = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings WHERE {where} LIMIT %(bound)s) AS bounded"
 # Full precision, no index usable: the exact answer. Each row's vector is read (detoasted) once: the
 # similarity is computed in a subquery that OFFSET 0 keeps whole, and the floor and the order use it.
@@ -89,10 +95,10 @@ def rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.nd
     condition = filter_sql(filters)
     params: dict[str, object] = {**condition.params, "q": np.asarray(query, dtype=np.float32).reshape(-1),
                                  "k": k, "floor": min_similarity}
-    exact_below = settings.exact_search_below
     if condition.filtered:
-        exact_below = min(exact_below, EXACT_MATCHES_BELOW)
-    matches = _count(cur, condition, params, exact_below)
+        matches = _count_filtered(cur, condition, params, min(settings.exact_search_below, EXACT_MATCHES_BELOW))
+    else:
+        matches = _count(cur, condition, params, settings.exact_search_below)
     if matches is not None or not _index_valid(cur):
         return Ranking(_exact(cur, condition, params), COMPLETE, matches)
     cur.execute(_EF_SEARCH, (str(max(settings.ef_search, k)),))
@@ -116,6 +122,15 @@ def _count(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[s
     cur.execute(_COUNT_MATCHES.format(where=condition.where), {**params, "bound": bound})
     found = int(cur.fetchone()[0])
     return found if found < bound else None
+
+
+def _count_filtered(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[str, object],
+                    bound: int) -> int | None:
+    """``_count``, unless the planner expects far more than ``bound`` rows to pass (then None, uncounted)."""
+    cur.execute(_ESTIMATE.format(where=condition.where), params)
+    if cur.fetchone()[0][0]["Plan"]["Plan Rows"] > ESTIMATE_MARGIN * bound:
+        return None
+    return _count(cur, condition, params, bound)
 
 
 def _index_valid(cur: psycopg2.extensions.cursor) -> bool:
