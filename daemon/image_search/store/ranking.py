@@ -37,7 +37,7 @@ from .filters import FilterSql, filter_sql
 # A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
 # costs ~12 us here, so an exact search over 1,000 rows takes ~15 ms, 10,000 rows ~190 ms; the index's
 # iterative scan needs about k / (the fraction passing) tuples: ~40 ms at 1% of 100,000 rows, ~7 ms at
-# 10% (``tests/benchmarks/filtered.py``). The two cross near 2,000 rows at 100,000.
+# 10% (measured beside ``tests/benchmarks/filtered.py``). The two cross near 2,000 rows at 100,000.
 EXACT_MATCHES_BELOW = 2_000
 # A filter the planner expects to pass more than this many times ``EXACT_MATCHES_BELOW`` rows goes to the
 # index uncounted. The estimate only picks the path: a filter that turns out narrower costs a longer
@@ -45,11 +45,12 @@ EXACT_MATCHES_BELOW = 2_000
 ESTIMATE_MARGIN = 4
 # Index tuples the iterative scan may visit for one filtered query (pgvector's default is 20,000). A
 # filter matching a fraction p of the table needs about k / p of them; a scan that runs out is caught
-# by the exact search (3.), so this only bounds the approximate path's cost. Measured in
-# ``tests/benchmarks/filtered.py``.
+# by the exact search (3.), so this only bounds the approximate path's cost (not tuned: no filter of
+# ``tests/benchmarks/filtered.py`` that reaches the index comes near it).
 SCAN_TUPLES = 100_000
-# The most rows an exact search after a short index answer scans (3.): about 3 s of this machine's
-# time (an exact scan of 50,000 x 1024-d rows took ~1.1 s here; ``tests/benchmarks/filtered.py``).
+# The most rows an exact search after a short index answer scans (3.): about 2-3 s on the shared 2-core
+# machine of the benchmark (an exact search over 100,000 x 1024-d rows took 1.3-1.8 s there, over
+# 10,000 about 0.2 s; ``tests/benchmarks/filtered.py``, its floor searches).
 EXACT_FALLBACK_MAX_ROWS = 150_000
 COMPLETE = Completeness(True)
 
