@@ -200,7 +200,7 @@ SECTION = Section(
     run=run,
     full_sizes={"filtered_vectors": 100_000, "filtered_clusters": 1000, "filtered_queries": 200,
                 "filtered_floor_queries": 10},
-    quick_sizes={"filtered_vectors": 3_000, "filtered_clusters": 100, "filtered_queries": 20,
+    quick_sizes={"filtered_vectors": 3_000, "filtered_clusters": 100, "filtered_queries": 10,
                  "filtered_floor_queries": 3},
     metrics=(
         Metric("unfiltered search p95", "unfiltered_p95_ms", "{:.1f} ms"),
