@@ -51,6 +51,9 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     assert report["search_uses_index"] == 1  # the index path, not an exact scan, was measured
     assert report["search_full_scan_matches_exact"] == 1  # the baseline's answers are the exact ones
     assert report["rescan_reindexed"] == 0
+    # Filtered search is never short without saying so, and its recall holds on both of its paths.
+    assert report["filtered_short_unflagged"] == 0 and report["floor_wrong_while_complete"] == 0
+    assert min(report[f"filtered_recall_at_10_{level}"] for level in ("50", "10", "1", "0_1")) >= 0.95
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["cpu_model"]
     with Image.open(chart_path) as im:

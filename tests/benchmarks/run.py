@@ -12,6 +12,8 @@ this runner (see ``common.Section``):
    one-at-a-time path (ingest.py).
 2. search  - ``EmbeddingStore.search`` (HNSW) over 100,000 x 1024 vectors, recall and latency, versus
    the original full scan (search.py).
+2b. filtered - ``EmbeddingStore.ranking`` with a folder filter matching 50%, 10%, 1% and 0.1% of those
+   100,000 rows: recall, p95 against the unfiltered search, and no short answer left unflagged (filtered.py).
 3. store   - writing 1024-d rows: binary COPY and a bulk index build against the text, row-by-row way,
    and recall during a bulk load (store_write.py).
 4. ceiling - ``index`` of 5,000 small PNGs with a tiny 1024-d model against preprocessing alone on the
@@ -39,7 +41,7 @@ from tests.support.env import use_offline_hub
 
 use_offline_hub()  # before any section imports transformers
 
-from tests.benchmarks import ceiling, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
+from tests.benchmarks import ceiling, filtered, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support import pgdata  # noqa: E402
@@ -48,8 +50,8 @@ from tests.support.model import save_tiny_clip  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 # In the order they run and print. A new section: a module with a SECTION, added here.
-SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, store_write.SECTION,
-                                 ceiling.SECTION, service.SECTION, gpu.SECTION)
+SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, filtered.SECTION,
+                                 store_write.SECTION, ceiling.SECTION, service.SECTION, gpu.SECTION)
 # Run only when asked for (--gpu, or --only gpu): it needs a CUDA device to mean anything.
 ON_REQUEST = {gpu.SECTION.name}
 FULL = {key: value for section in SECTIONS for key, value in section.full_sizes.items()}

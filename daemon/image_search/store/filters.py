@@ -7,7 +7,8 @@ parameters' generated names are written into the statement.
   '2023-old'); several folders: any of them. '' or '.' is the whole source (no condition).
 - dates: ``taken_at >= taken_after`` (inclusive), ``taken_at < taken_before`` (exclusive); a NULL
   ``taken_at`` fails every comparison, so a picture without a date never passes a date filter.
-- camera: a case-insensitive substring (ILIKE) of make and model joined by a space.
+- camera: a case-insensitive substring (ILIKE) of make and model joined by a space (a missing one
+  is empty text).
 - formats: ``format = ANY(...)``.
 """
 
@@ -19,7 +20,9 @@ from ..names import escape
 from ..query import Filters
 
 MATCH_ALL = "TRUE"
-_CAMERA = "concat_ws(' ', camera_make, camera_model)"
+# Make and model as one text, as the camera filter reads it: also the expression of migration 0007's
+# trigram index, which serves only this exact expression (changing it needs a migration of its own).
+CAMERA_TEXT = "(coalesce(camera_make, '') || ' ' || coalesce(camera_model, ''))"
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def filter_sql(filters: Filters) -> FilterSql:
         conditions.append("taken_at < %(taken_before)s")
     if filters.camera is not None:
         params["camera"] = "%" + like_escaped(filters.camera) + "%"
-        conditions.append(f"{_CAMERA} ILIKE %(camera)s")
+        conditions.append(f"{CAMERA_TEXT} ILIKE %(camera)s")
     if filters.formats:
         params["formats"] = sorted({f.lower() for f in filters.formats})
         conditions.append("format = ANY(%(formats)s)")

@@ -4,16 +4,19 @@ filters (``filters.filter_sql``) and the floor, best first, and whether that is 
 
 How it is never silently short:
 
-1. The filters' matches are counted up to ``exact_search_below`` (a bounded count: a B-tree or a scan
-   of the small heap rows, never of the vectors). Fewer than that, or no valid HNSW index (a bulk load
-   is rebuilding it): an exact search over the rows that pass, the floor in its WHERE. Complete by
-   construction.
+1. The rows that pass are counted up to a bound (a B-tree or a scan of the small heap rows, never of the
+   vectors): ``exact_search_below`` without filters, as before; with filters, ``EXACT_MATCHES_BELOW``
+   (or ``exact_search_below`` if lower), and only where the planner does not expect far more rows than
+   that (``ESTIMATE_MARGIN``: counting a wide filter's first 2,000 rows cost 5-16 ms, as much as the
+   search). Fewer than the bound, or no valid HNSW index (a bulk load is rebuilding it): an exact
+   search over the rows that pass, the floor in its WHERE. Complete by construction.
 2. Else through the HNSW index (the half-precision copy), re-ranked by the exact similarity. With
    filters, pgvector's iterative scan (``relaxed_order``) goes on past ``ef_search`` candidates until
    ``k`` rows pass the filters or ``SCAN_TUPLES`` index tuples were visited.
 3. Fewer than ``k`` hits (at or above the floor) from the index: the rows that pass the filters are
-   counted up to ``EXACT_FALLBACK_MAX_ROWS``, and at most that many are searched exactly, the floor in
-   the WHERE: the answer is then complete. More than that many: the index's hits are returned with
+   counted up to ``EXACT_FALLBACK_MAX_ROWS``. Without a floor, hits as many as the rows that pass are
+   all of them; else at most that many rows are searched exactly, the floor in the WHERE: the answer
+   is then complete. More than that many: the index's hits are returned with
    ``Completeness(False, reason)``.
 """
 
@@ -31,22 +34,37 @@ from . import metadata as meta
 from . import schema
 from .filters import FilterSql, filter_sql
 
+# A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
+# costs ~12 us here, so an exact search over 1,000 rows takes ~15 ms, 10,000 rows ~190 ms; the index's
+# iterative scan needs about k / (the fraction passing) tuples: ~40 ms at 1% of 100,000 rows, ~7 ms at
+# 10% (measured beside ``tests/benchmarks/filtered.py``). The two cross near 2,000 rows at 100,000.
+EXACT_MATCHES_BELOW = 2_000
+# A filter the planner expects to pass more than this many times ``EXACT_MATCHES_BELOW`` rows goes to the
+# index uncounted. The estimate only picks the path: a filter that turns out narrower costs a longer
+# iterative scan (about k / its fraction of the table in tuples) and is still answered completely (3.).
+ESTIMATE_MARGIN = 4
 # Index tuples the iterative scan may visit for one filtered query (pgvector's default is 20,000). A
 # filter matching a fraction p of the table needs about k / p of them; a scan that runs out is caught
-# by the exact search (3.), so this only bounds the approximate path's cost. Measured in
-# ``tests/benchmarks/filtered.py``.
+# by the exact search (3.), so this only bounds the approximate path's cost (not tuned: no filter of
+# ``tests/benchmarks/filtered.py`` that reaches the index comes near it).
 SCAN_TUPLES = 100_000
-# The most rows an exact search after a short index answer scans (3.): about 3 s of this machine's
-# time (an exact scan of 100,000 x 1024-d rows took ~300 ms here; ``tests/benchmarks/filtered.py``).
-EXACT_FALLBACK_MAX_ROWS = 1_000_000
+# The most rows an exact search after a short index answer scans (3.): about 2-3 s on the shared 2-core
+# machine of the benchmark (an exact search over 100,000 x 1024-d rows took 1.3-1.8 s there, over
+# 10,000 about 0.2 s; ``tests/benchmarks/filtered.py``, its floor searches).
+EXACT_FALLBACK_MAX_ROWS = 150_000
 COMPLETE = Completeness(True)
 
 _COLUMNS = (f"file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, "
             f"{meta.HIT_COLUMNS}")
-_FLOOR = "-(embedding <#> %(q)s) >= %(floor)s"
+_FLOOR = "WHERE similarity >= %(floor)s"
+_ESTIMATE = "EXPLAIN (FORMAT JSON) SELECT 1 FROM image_embeddings WHERE {where}"
 _COUNT_MATCHES = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings WHERE {where} LIMIT %(bound)s) AS bounded"
-# Full precision, no index usable: the exact answer.
-_EXACT = f"SELECT {_COLUMNS} FROM image_embeddings WHERE {{where}} ORDER BY embedding <#> %(q)s LIMIT %(k)s"
+# Full precision, no index usable: the exact answer. Each row's vector is read (detoasted) once: the
+# similarity is computed in a subquery that OFFSET 0 keeps whole, and the floor and the order use it.
+_EXACT = f"""
+SELECT * FROM (SELECT {_COLUMNS} FROM image_embeddings WHERE {{where}} OFFSET 0) AS scored
+{{floor}} ORDER BY similarity DESC LIMIT %(k)s
+"""
 # Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity.
 _INDEXED = f"""
 SELECT * FROM (
@@ -78,7 +96,10 @@ def rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.nd
     condition = filter_sql(filters)
     params: dict[str, object] = {**condition.params, "q": np.asarray(query, dtype=np.float32).reshape(-1),
                                  "k": k, "floor": min_similarity}
-    matches = _count(cur, condition, params, settings.exact_search_below)
+    if condition.filtered:
+        matches = _count_filtered(cur, condition, params, min(settings.exact_search_below, EXACT_MATCHES_BELOW))
+    else:
+        matches = _count(cur, condition, params, settings.exact_search_below)
     if matches is not None or not _index_valid(cur):
         return Ranking(_exact(cur, condition, params), COMPLETE, matches)
     cur.execute(_EF_SEARCH, (str(max(settings.ef_search, k)),))
@@ -90,7 +111,9 @@ def rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.nd
         return Ranking(found, COMPLETE, None)
     matches = _count(cur, condition, params, EXACT_FALLBACK_MAX_ROWS + 1)
     if matches is None:
-        return Ranking(found, Completeness(False, _too_many(len(found), k, min_similarity)), None)
+        return Ranking(found, Completeness(False, _too_many(len(found), k, condition, min_similarity)), None)
+    if min_similarity is None and len(found) >= matches:  # the index found every row that passes
+        return Ranking(found, COMPLETE, matches)
     return Ranking(_exact(cur, condition, params), COMPLETE, matches)
 
 
@@ -102,14 +125,23 @@ def _count(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[s
     return found if found < bound else None
 
 
+def _count_filtered(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[str, object],
+                    bound: int) -> int | None:
+    """``_count``, unless the planner expects far more than ``bound`` rows to pass (then None, uncounted)."""
+    cur.execute(_ESTIMATE.format(where=condition.where), params)
+    if cur.fetchone()[0][0]["Plan"]["Plan Rows"] > ESTIMATE_MARGIN * bound:
+        return None
+    return _count(cur, condition, params, bound)
+
+
 def _index_valid(cur: psycopg2.extensions.cursor) -> bool:
     cur.execute(schema.INDEX_VALID)  # no index during a bulk load: every row is scanned, none missed
     return bool(cur.fetchone()[0])
 
 
 def _exact(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[str, object]) -> list[Hit]:
-    where = condition.where if params["floor"] is None else f"{condition.where} AND {_FLOOR}"
-    cur.execute(_EXACT.format(where=where), params)
+    floor = "" if params["floor"] is None else _FLOOR
+    cur.execute(_EXACT.format(where=condition.where, floor=floor), params)
     return _hits(cur.fetchall(), None)
 
 
@@ -123,8 +155,11 @@ def _hits(rows: list[tuple], floor: float | None) -> list[Hit]:
     ]
 
 
-def _too_many(found: int, k: int, floor: float | None) -> str:
+def _too_many(found: int, k: int, condition: FilterSql, floor: float | None) -> str:
     above = " at or above the relevance floor" if floor is not None else ""
-    return (f"the index found {found} of the {k} pictures asked for{above}, and more than "
-            f"{EXACT_FALLBACK_MAX_ROWS:,} pictures pass the filters: too many to search one by one to make "
-            "sure none was missed. Narrow the filters (a folder, dates) or lower the relevance floor.")
+    many = (f"more than {EXACT_FALLBACK_MAX_ROWS:,} pictures pass the filters" if condition.filtered
+            else f"the library holds more than {EXACT_FALLBACK_MAX_ROWS:,} pictures")
+    narrow = "narrow the filters (a folder, dates)" if condition.filtered else "add a filter (a folder, dates)"
+    return (f"the index found {found} of the {k} pictures asked for{above}, and {many}: too many to compare "
+            f"one by one to make sure none was missed. To be sure, {narrow}"
+            + (" or lower the relevance floor." if floor is not None else "."))

@@ -1,0 +1,284 @@
+"""Filtered search against a real embedded PostgreSQL: ``EmbeddingStore.ranking`` returns the pictures
+that pass every filter and the floor, best first, and never fewer than min(k, those there are) without
+saying so (``Completeness``).
+
+A small library of pictures with their folders, dates, cameras and formats is searched exactly (a
+small table); a larger one is forced through the HNSW index (``exact_search_below`` 0, sequential scans
+priced out) to show the index path, its exact fallback when the index comes up short, and the
+incomplete answer when that fallback would scan too many rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from image_search.metadata import PictureMetadata
+from image_search.query import Filters
+from image_search.store import Database, EmbeddingRow, EmbeddingStore, Ranking
+from image_search.store import ranking as ranking_module
+from image_search.store.filters import filter_sql
+from tests.support.db import embedded_database, empty_store, raw
+
+pytestmark = pytest.mark.integration
+
+DIM = 16
+UTC = timezone.utc
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def picture(path: str, vector: np.ndarray, *, taken_at: datetime | None = None, make: str | None = None,
+            model: str | None = None, fmt: str = "jpeg") -> EmbeddingRow:
+    """A row as ingest writes it: the folder is the path's, relative to the source directory."""
+    folder = str(Path(path).parent).removeprefix(".")
+    metadata = PictureMetadata(width=60, height=40, format=fmt, taken_at=taken_at, offset_known=True,
+                               camera_make=make, camera_model=model)
+    return EmbeddingRow(file_path=f"/images/{path}", file_name=Path(path).name, file_hash=f"hash:{path}",
+                        processed_path=f"/processed/{path}.jpg", source_size=1, source_mtime_ns=1,
+                        model_name="test-model", embedding=vector, metadata=metadata, folder=folder)
+
+
+# The library, most similar to QUERY first: each row is QUERY tilted a little more away.
+QUERY = unit(np.eye(DIM)[0])
+LIBRARY = (
+    ("top.jpg", dict(taken_at=datetime(2023, 5, 6, 12, tzinfo=UTC), make="Canon", model="Canon EOS R5")),
+    ("2023/new-year.heic", dict(taken_at=datetime(2023, 1, 1, tzinfo=UTC), make="Apple", model="iPhone 12",
+                                fmt="heic")),
+    ("2023/june/beach.png", dict(taken_at=datetime(2023, 6, 15, 9, tzinfo=UTC), fmt="png")),
+    ("2023-old/eve.jpg", dict(taken_at=datetime(2022, 12, 31, 23, 59, 59, tzinfo=UTC), make="Canon",
+                              model="Canon EOS R5")),
+    ("20_3/underscore.jpg", dict(taken_at=datetime(2023, 3, 3, tzinfo=UTC))),
+    ("no date/scan.gif", dict(fmt="gif")),
+    ("2024/first.jpg", dict(taken_at=datetime(2024, 1, 1, tzinfo=UTC), make="NIKON CORPORATION",
+                            model="NIKON Z 6")),
+    ("back\\slash/odd.webp", dict(taken_at=datetime(2023, 8, 8, tzinfo=UTC), fmt="webp")),
+)
+NAMES = [path for path, _ in LIBRARY]
+
+
+def tilted(i: int) -> np.ndarray:
+    return unit(np.eye(DIM)[0] + 0.1 * (i + 1) * np.eye(DIM)[1 + i % (DIM - 1)])
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    with embedded_database(tmp_path_factory.mktemp("filtered")) as db:
+        yield db
+
+
+@pytest.fixture
+def library(database: Database) -> Iterator[EmbeddingStore]:
+    with empty_store(database, DIM) as store:
+        store.upsert([picture(path, tilted(i), **extra) for i, (path, extra) in enumerate(LIBRARY)])
+        yield store
+
+
+def found(ranking: Ranking) -> list[str]:
+    return [hit.file_path.removeprefix("/images/") for hit in ranking.hits]
+
+
+def search(store: EmbeddingStore, k: int = 20, min_similarity: float | None = None, **filters) -> Ranking:
+    return store.ranking(QUERY, k, filters=Filters(**filters), min_similarity=min_similarity)
+
+
+def test_without_filters_every_picture_best_first_and_complete(library: EmbeddingStore) -> None:
+    everything = search(library)
+    assert found(everything) == NAMES
+    assert everything.completeness.complete and everything.matches == len(NAMES)
+    assert [h.rank for h in everything.hits] == list(range(1, len(NAMES) + 1))
+    assert library.search(QUERY, 3) == everything.hits[:3]  # search: the ranking's hits
+    assert found(search(library, k=2)) == NAMES[:2]
+
+
+def test_a_folder_holds_its_sub_folders_and_nothing_that_only_starts_like_it(library: EmbeddingStore) -> None:
+    in_2023 = search(library, folders=("2023",))
+    assert found(in_2023) == ["2023/new-year.heic", "2023/june/beach.png"]  # never 2023-old
+    assert in_2023.completeness.complete and in_2023.matches == 2
+    assert found(search(library, folders=("2023/june",))) == ["2023/june/beach.png"]
+    assert found(search(library, folders=("./2023/june/",))) == ["2023/june/beach.png"]
+    assert found(search(library, folders=("20_3",))) == ["20_3/underscore.jpg"]  # '_' is no wildcard
+    assert found(search(library, folders=("no date", "2024"))) == ["no date/scan.gif", "2024/first.jpg"]
+    assert found(search(library, folders=("back\\slash",))) == ["back\\slash/odd.webp"]
+    assert found(search(library, folders=("",))) == NAMES and found(search(library, folders=(".",))) == NAMES
+    nothing = search(library, folders=("2023/july",))
+    assert found(nothing) == [] and nothing.completeness.complete and nothing.matches == 0
+
+
+def test_dates_after_inclusive_before_exclusive_and_undated_pictures_never_pass(library: EmbeddingStore) -> None:
+    year = search(library, taken_after=datetime(2023, 1, 1, tzinfo=UTC), taken_before=datetime(2024, 1, 1, tzinfo=UTC))
+    assert found(year) == ["top.jpg", "2023/new-year.heic", "2023/june/beach.png", "20_3/underscore.jpg",
+                           "back\\slash/odd.webp"]
+    # The same instants written in another zone are the same filter.
+    plus_two = timezone(timedelta(hours=2))
+    assert found(search(library, taken_after=datetime(2023, 1, 1, 2, tzinfo=plus_two),
+                        taken_before=datetime(2024, 1, 1, 2, tzinfo=plus_two))) == found(year)
+    assert found(search(library, taken_before=datetime(2023, 1, 1, tzinfo=UTC))) == ["2023-old/eve.jpg"]
+    since_2024 = found(search(library, taken_after=datetime(2024, 1, 1, tzinfo=UTC)))
+    assert since_2024 == ["2024/first.jpg"]
+    assert "no date/scan.gif" not in found(search(library, taken_after=datetime(1900, 1, 1, tzinfo=UTC)))
+
+
+def test_camera_is_any_part_of_make_and_model_in_any_case(library: EmbeddingStore) -> None:
+    assert found(search(library, camera="eos r5")) == ["top.jpg", "2023-old/eve.jpg"]
+    assert found(search(library, camera="IPHONE")) == ["2023/new-year.heic"]
+    assert found(search(library, camera="apple iphone 12")) == ["2023/new-year.heic"]  # make, a space, model
+    assert found(search(library, camera="nikon z")) == ["2024/first.jpg"]
+    assert found(search(library, camera="%")) == []  # a literal percent sign, not a wildcard
+
+
+def test_formats_any_of_them(library: EmbeddingStore) -> None:
+    assert found(search(library, formats=("png", "gif"))) == ["2023/june/beach.png", "no date/scan.gif"]
+    assert found(search(library, formats=("HEIC",))) == ["2023/new-year.heic"]
+
+
+def test_filters_combine_each_must_pass(library: EmbeddingStore) -> None:
+    assert found(search(library, folders=("2023",), camera="iphone")) == ["2023/new-year.heic"]
+    assert found(search(library, folders=("2023",), formats=("png",))) == ["2023/june/beach.png"]
+    assert found(search(library, camera="canon", taken_after=datetime(2023, 1, 1, tzinfo=UTC))) == ["top.jpg"]
+    both = search(library, folders=("2023",), formats=("jpeg",))
+    assert found(both) == [] and both.completeness.complete and both.matches == 0
+
+
+def test_the_floor_drops_what_is_below_it_and_the_answer_stays_complete(library: EmbeddingStore) -> None:
+    similarities = [float(QUERY @ tilted(i)) for i in range(len(NAMES))]
+    floor = (similarities[2] + similarities[3]) / 2
+    above = search(library, min_similarity=floor)
+    assert found(above) == NAMES[:3] and above.completeness.complete
+    assert all(h.similarity >= floor for h in above.hits)
+    assert found(search(library, min_similarity=floor, folders=("2023",))) == ["2023/new-year.heic",
+                                                                               "2023/june/beach.png"]
+    assert found(search(library, min_similarity=1.01)) == []
+
+
+def test_camera_and_format_filters_have_indexes(library: EmbeddingStore, database: Database) -> None:
+    indexes = {name for (name,) in raw(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'image_embeddings'")}
+    assert {"image_embeddings_format_idx", "image_embeddings_camera_trgm_idx"} <= indexes
+    conn = database.connect()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SET LOCAL enable_seqscan = off")  # eight rows: a scan would be cheaper otherwise
+            condition = filter_sql(Filters(camera="leica"))
+            cur.execute(f"EXPLAIN SELECT 1 FROM image_embeddings WHERE {condition.where}", condition.params)
+            assert "image_embeddings_camera_trgm_idx" in "\n".join(row for (row,) in cur.fetchall())
+    finally:
+        conn.close()
+
+
+def test_without_pg_trgm_the_step_makes_the_format_index_and_goes_on(database: Database,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    step = importlib.import_module("image_search.store.migrations.0007_filter_indexes")
+    monkeypatch.setattr(step, "CREATE_TRIGRAMS", "CREATE EXTENSION IF NOT EXISTS no_such_extension")
+    conn = database.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE image_embeddings (camera_make TEXT, camera_model TEXT, format TEXT)")
+            assert step.apply(SimpleNamespace(cur=cur)) is True
+            cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'image_embeddings' "
+                        "AND schemaname LIKE 'pg_temp%'")
+            assert [name for (name,) in cur.fetchall()] == ["image_embeddings_format_idx"]  # the transaction lives on
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+# --- through the index -------------------------------------------------------------------------------
+
+ROWS = 2000
+
+
+@pytest.fixture
+def large(database: Database, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EmbeddingStore, np.ndarray]]:
+    """2,000 random pictures, two of them (0.1%) by a Leica and twenty (1%) in ``rare/`` by a Canon EOS R
+    (the others: Canon EOS); a store that goes through the HNSW index whatever the size (sequential
+    scans priced out, as test_store does, so the planner takes the index on a table this small; the
+    camera has no B-tree, so a camera filter leaves the planner the HNSW index alone)."""
+    vectors = unit(np.random.default_rng(3).normal(size=(ROWS, DIM)))
+    with empty_store(database, DIM) as loader:
+        loader.upsert([picture(f"{'rare' if i % 100 == 7 else 'common'}/{i:04d}.jpg", vectors[i],
+                               make="Leica" if i % 1000 == 5 else "Canon",
+                               model="M" if i % 1000 == 5 else "EOS R" if i % 100 == 7 else "EOS")
+                       for i in range(ROWS)])
+        monkeypatch.setenv("PGOPTIONS", "-c enable_seqscan=off")
+        store = database.open_store(dimension=DIM)
+        monkeypatch.delenv("PGOPTIONS")
+        store.exact_search_below = 0
+        try:
+            yield store, vectors
+        finally:
+            store.close()
+
+
+def index_finds_three(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index comes up short whatever it holds (as an iterative scan that ran out of tuples to visit
+    would): its answer is cut to three rows."""
+    whole = ranking_module.indexed_sql
+    monkeypatch.setattr(ranking_module, "indexed_sql", lambda dimension, where: whole(dimension, where) + " LIMIT 3")
+
+
+def best(vectors: np.ndarray, rows: list[int], query: np.ndarray, k: int) -> list[str]:
+    order = sorted(rows, key=lambda i: -float(vectors[i] @ query))[:k]
+    return [f"{'rare' if i % 100 == 7 else 'common'}/{i:04d}.jpg" for i in order]
+
+
+def test_a_rare_filter_through_the_index_returns_every_match(large, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, vectors = large
+
+    def no_exact(*args: object) -> None:
+        raise AssertionError("the exact search ran: this test is about the index path")
+
+    monkeypatch.setattr(ranking_module, "_exact", no_exact)
+    leicas = [i for i in range(ROWS) if i % 1000 == 5]
+    for query in vectors[:5]:
+        rare = store.ranking(query, 10, filters=Filters(camera="leica"))
+        assert found(rare) == best(vectors, leicas, query, 10)  # both of them, best first
+        assert rare.completeness.complete
+        unfiltered = store.ranking(query, 10)
+        assert len(unfiltered.hits) == 10 and unfiltered.completeness.complete
+
+
+def test_an_index_that_comes_up_short_is_made_good_by_an_exact_search(large, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, vectors = large
+    index_finds_three(monkeypatch)
+    in_rare = [i for i in range(ROWS) if i % 100 == 7]
+    for query in vectors[:5]:
+        ranking = store.ranking(query, 10, filters=Filters(camera="eos r"))
+        assert found(ranking) == best(vectors, in_rare, query, 10)
+        assert ranking.completeness.complete and ranking.matches == len(in_rare)
+
+
+def test_a_floor_on_the_index_path_finds_every_picture_above_it(large, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, vectors = large
+    query = vectors[0]
+    sims = vectors @ query
+    floor = float(np.sort(sims)[-4]) - 1e-6  # four pictures at or above it (the query's own among them)
+    everywhere = store.ranking(query, 10, min_similarity=floor)
+    assert found(everywhere) == best(vectors, list(range(ROWS)), query, 4)
+    assert everywhere.completeness.complete
+
+    index_finds_three(monkeypatch)  # too few: the exact search decides
+    in_rare = [i for i in range(ROWS) if i % 100 == 7]
+    floor = float(np.sort(sims[in_rare])[-5]) - 1e-6  # five of them above it
+    rare = store.ranking(query, 10, filters=Filters(camera="eos r"), min_similarity=floor)
+    assert found(rare) == best(vectors, in_rare, query, 5)
+    assert rare.completeness.complete and all(h.similarity >= floor for h in rare.hits)
+
+
+def test_too_many_rows_to_make_sure_is_said_not_hidden(large, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, vectors = large
+    index_finds_three(monkeypatch)
+    monkeypatch.setattr(ranking_module, "EXACT_FALLBACK_MAX_ROWS", 5)
+    ranking = store.ranking(vectors[0], 10, filters=Filters(camera="eos r"))
+    assert len(ranking.hits) == 3  # what the index found, and no more
+    assert not ranking.completeness.complete and ranking.matches is None
+    assert "more than 5 pictures pass the filters" in ranking.completeness.reason
+    assert ranking.completeness.record() == {"complete": False, "incomplete-reason": ranking.completeness.reason}
