@@ -147,8 +147,8 @@ def test_a_fresh_database_gets_every_step_and_the_version(connect) -> None:
         assert meta(connect) == {"identity": IDENTITY, "names": NAMES}
         assert not store.needs_identity_migration()
         tables = {r[0] for r in sql(connect, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert tables == {"image_embeddings", "image_search_meta", "image_search_members", "image_search_claims",
-                          "image_search_schema"}
+        assert tables == {"image_embeddings", "image_paths", "image_search_meta", "image_search_members",
+                          "image_search_claims", "image_search_schema"}
     finally:
         store.close()
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.db import embedded_database, empty_store, raw
 
-from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError
+from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError, StoredContent
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +61,8 @@ def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns, rec.model_name) == ("h2", 1002, 102, MODEL)
     assert store.hash_for_path("/img/3.png") == "h3"
     assert store.hash_for_path("/img/nope.png") is None
-    assert store.models_for_hashes(["h1", "zzz"]) == {"h1": ("/img/1.png", MODEL)}
-    assert store.models_for_hashes([]) == {}
+    assert store.contents(["h1", "zzz"]) == {"h1": StoredContent(MODEL, ("/img/1.png",))}
+    assert store.contents([]) == {}
 
     query = unit(basis(2) + 0.5 * basis(1))
     hits = store.search(query, 3)
@@ -82,7 +82,8 @@ def test_upsert_by_hash_replaces_and_a_changed_source_leaves_one_row(store: Embe
     store.upsert([row("/img/a.png", "ha", basis(0)), row("/img/b.png", "hb", basis(1))])
     (id_a,) = raw(database, "SELECT id FROM image_embeddings WHERE file_hash = 'ha'")[0]
 
-    # same content under a new path (a rename): the row keeps its id and takes the new path
+    # same content under a new path (embedded again, another model's, say): the row keeps its id and
+    # names the new path
     store.upsert([row("/img/renamed.png", "ha", basis(0), mtime=7)])
     assert store.count() == 2
     assert raw(database, "SELECT id, file_path, source_mtime_ns FROM image_embeddings WHERE file_hash = 'ha'") == [
@@ -92,7 +93,7 @@ def test_upsert_by_hash_replaces_and_a_changed_source_leaves_one_row(store: Embe
     store.upsert([row("/img/b.png", "hb2", basis(2), mtime=9)])
     assert store.count() == 2
     assert raw(database, "SELECT file_hash FROM image_embeddings WHERE file_path = '/img/b.png'") == [("hb2",)]
-    assert store.models_for_hashes(["hb"]) == {}
+    assert store.contents(["hb"]) == {}
     assert store.search(basis(2), 1)[0].file_hash == "hb2"
 
 
@@ -100,8 +101,10 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
     store.upsert([row("/img/a.png", "ha", basis(0), mtime=1), row("/img/old.png", "hold", basis(1))])
     before = raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'")
     store.update_source("ha", file_path="/img/moved/a.png", file_name="a.png", processed_path="/p/moved/a.png.jpg",
-                        source_size=55, source_mtime_ns=66, folder="moved")
+                        source_size=55, source_mtime_ns=66, folder="moved", replaces=["/img/a.png"])
     assert raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'") == before
+    assert raw(database, "SELECT file_path, folder FROM image_embeddings WHERE file_hash = 'ha'") == [
+        ("/img/moved/a.png", "moved")]
     rec = store.sources()["/img/moved/a.png"]
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns) == ("ha", 55, 66)
     assert "/img/a.png" not in store.sources()

@@ -130,4 +130,4 @@ class ImageIngest:
         self.sync.reported_elsewhere(summary.skipped)
         if summary.embedded or summary.relinked:
             log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
-                     duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))
+                     copies=summary.copies, skipped=len(summary.skipped), queued=len(self.images))

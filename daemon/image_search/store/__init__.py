@@ -7,6 +7,7 @@ One room each, every SQL statement a named, parameterised constant of the room t
 - ``schema`` and ``migrations/``: every table, created by numbered migrations recorded in
   ``image_search_schema``; a database of any earlier version is migrated once, at start, under a lock.
 - ``embeddings``: ``EmbeddingStore``: rows written (binary COPY), read, searched, relinked.
+- ``paths``: every path that holds a stored content (copies of one file: one row, several paths).
 - ``bulk``: ``BulkLoad``, many rows without the index, then the index built in bulk.
 - ``fleet``: several services, one index: membership, heartbeat and work claims.
 - ``database``: ``Database``, the connection target (embedded or external) that opens the store.
@@ -29,6 +30,7 @@ from .connection import (
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, SourceRecord, copy_binary
+from .paths import StoredContent
 from .fleet import (
     FORGET_AFTER_LEASES,
     FleetClaims,
@@ -45,5 +47,5 @@ __all__ = [
     "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE", "NAMES", "SCHEMA_LOCK_KEY",
     "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres", "EmbeddingRow",
     "EmbeddingStore", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit", "JoinResult", "LeaveResult",
-    "MemberInfo", "Session", "SourceRecord", "StoreError", "copy_binary", "hnsw_index_ddl",
+    "MemberInfo", "Session", "SourceRecord", "StoreError", "StoredContent", "copy_binary", "hnsw_index_ddl",
 ]

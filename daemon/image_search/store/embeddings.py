@@ -1,5 +1,8 @@
 """The embeddings: ``image_embeddings`` rows written (binary COPY, upsert), read, searched and relinked.
 
+One row per content (``file_hash``); every path that holds it is a row of ``image_paths`` (``paths``),
+so a copy of a stored file costs a path, not an embedding, and a hit names its other paths (``copies``).
+
 Vectors are unit length, so the HNSW index uses inner product (``vector_ip_ops``) and cosine similarity
 is ``-(a <#> b)``. Paths and names are stored as ``names.escape`` text (a file name is bytes, a TEXT
 column is UTF-8): escaped here on the way in, unescaped on the way out, so everything above the store
@@ -22,9 +25,10 @@ from ..hits import Hit
 from ..metadata import PictureMetadata
 from ..names import escape, unescape
 from . import metadata as meta
-from . import schema
+from . import paths, schema
 from .bulk import BulkLoad
 from .connection import Connect, Session, StoreError
+from .paths import StoredContent
 
 # A bulk load pays (dropping the index, loading, building it again) once the rows coming are this many,
 # and at least a quarter of those already there: per row, HNSW insertion costs about 3 ms here and a
@@ -37,7 +41,8 @@ def _indexed_search_sql(dimension: int) -> str:
     """Top-k through the index (ordered by the half-precision copy), re-ranked by the exact similarity."""
     return f"""
 SELECT * FROM (
-    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
+    SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS},
+        {paths.COPIES_COLUMN}
     FROM image_embeddings ORDER BY embedding::halfvec({int(dimension)}) <#> %(q)s::halfvec({int(dimension)})
     LIMIT %(k)s
 ) AS candidates ORDER BY similarity DESC
@@ -67,26 +72,14 @@ ON CONFLICT (file_hash) DO UPDATE SET
     source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
     model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now(), {meta.UPSERT_SET}
 """
-_UPDATE_SOURCE = """
-UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s, source_size = %s,
-    source_mtime_ns = %s, folder = %s, updated_at = now()
-WHERE file_hash = %s
-"""
-# A source whose content changed leaves a row under its old hash: drop it with the new row's write.
-_DELETE_STALE = "DELETE FROM image_embeddings WHERE file_path = ANY(%s) AND NOT (file_hash = ANY(%s))"
-_SOURCES = "SELECT file_path, source_size, source_mtime_ns, file_hash, model_name FROM image_embeddings"
-_SOURCES_AT = _SOURCES + " WHERE file_path = ANY(%s)"
-_BY_HASHES = "SELECT file_hash, file_path, model_name FROM image_embeddings WHERE file_hash = ANY(%s)"
-_BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
-_DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
-_DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path"
 COUNT = "SELECT count(*) FROM image_embeddings"
 _COUNT_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings LIMIT %s) AS bounded"
-CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
+CLEAR = "TRUNCATE image_paths, image_embeddings RESTART IDENTITY"
 _EF_SEARCH = "SELECT set_config('hnsw.ef_search', %s, true)"
 # Full precision, no index usable: the exact answer, for small tables.
 _SEARCH_EXACT = f"""
-SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS}
+SELECT file_name, file_path, processed_path, file_hash, -(embedding <#> %(q)s) AS similarity, {meta.HIT_COLUMNS},
+    {paths.COPIES_COLUMN}
 FROM image_embeddings ORDER BY embedding <#> %(q)s LIMIT %(k)s
 """
 
@@ -240,46 +233,60 @@ class EmbeddingStore:
     # --- writing -------------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[EmbeddingRow]) -> None:
-        """Insert or replace rows by ``file_hash``, all in one transaction."""
+        """Insert or replace rows by ``file_hash``, all in one transaction. Each row's path becomes a path of
+        its content and its representative; a path that held other content leaves that content."""
         if not rows:
             return
         with self._cursor() as cur:
             if self._staging_on is not self._conn:  # once per connection (a reconnect brings a new one)
                 cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
             cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
-            cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
+            cur.execute(paths.LEAVE_STAGED)
+            left = [row[0] for row in cur.fetchall()]
             cur.execute(_UPSERT)
+            cur.execute(paths.WRITE_STAGED)
+            paths.tidy(cur, left)
         self._staging_on = self._conn  # committed: the staging table exists for this connection's life
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,
-                      metadata: PictureMetadata | None = None) -> None:
-        """Point an existing embedding at its (renamed or touched) source without any model work: its
-        ``folder`` follows it; ``metadata``, when the file was read again, is written too."""
+                      metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> None:
+        """Record that ``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch)
+        without any model work; ``replaces``: the paths it was known by before, gone (a rename's old
+        name). A path that held other content leaves it. ``metadata``, when the file was read again, is
+        written too; the representative stays, or moves to a remaining path if it left."""
         file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
         stored_folder = escape(folder) if folder is not None else None
         with self._cursor() as cur:
-            cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
-            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns,
-                                         stored_folder, file_hash))
+            cur.execute(paths.LEAVE, ([escape(p) for p in replaces], file_path, file_hash))
+            left = [row[0] for row in cur.fetchall()]
+            cur.execute(paths.WRITE, (file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns,
+                                      stored_folder))
             if metadata is not None:
                 cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
+            paths.tidy(cur, [*left, file_hash])
 
-    def delete_paths(self, paths: Iterable[str]) -> int:
-        paths = [escape(p) for p in paths]
-        if not paths:
+    def delete_paths(self, sources: Iterable[str]) -> int:
+        """Forget these paths (deleted files): a content keeps its row while another path holds it. Returns
+        how many of them were known."""
+        stored = [escape(p) for p in sources]
+        if not stored:
             return 0
         with self._cursor() as cur:
-            cur.execute(_DELETE_PATHS, (paths,))
-            return cur.rowcount
+            cur.execute(paths.DELETE, (stored,))
+            left = [row[0] for row in cur.fetchall()]
+            paths.tidy(cur, left)
+            return len(left)
 
     def delete_under(self, folder: str) -> list[str]:
-        """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
+        """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
         pattern = escape(folder.rstrip("/")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._cursor() as cur:
-            cur.execute(_DELETE_UNDER, (pattern + "/%",))
-            return [unescape(row[0]) for row in cur.fetchall()]
+            cur.execute(paths.DELETE_UNDER, (pattern + "/%",))
+            gone = cur.fetchall()
+            paths.tidy(cur, [file_hash for _, file_hash in gone])
+            return [unescape(path) for path, _ in gone]
 
     def clear(self) -> None:
         if not self.has_table:
@@ -296,32 +303,33 @@ class EmbeddingStore:
             cur.execute(COUNT)
             return int(cur.fetchone()[0])
 
-    def sources(self, paths: Iterable[str] | None = None) -> dict[str, SourceRecord]:
-        """Stored sources by path: every one (what a rescan compares the folder against), or those at ``paths``."""
+    def sources(self, at: Iterable[str] | None = None) -> dict[str, SourceRecord]:
+        """Stored sources by path, each copy of a content its own: every one (what a rescan compares the
+        folder against), or those at ``at``."""
         if not self.has_table:
             return {}
         with self._cursor() as cur:
-            if paths is None:
-                cur.execute(_SOURCES)
+            if at is None:
+                cur.execute(paths.SOURCES)
             else:
-                cur.execute(_SOURCES_AT, ([escape(p) for p in paths],))
+                cur.execute(paths.SOURCES_AT, ([escape(p) for p in at],))
             records = [SourceRecord(unescape(path), *rest) for path, *rest in cur.fetchall()]
         return {record.file_path: record for record in records}
 
     def hash_for_path(self, file_path: str) -> str | None:
         with self._cursor() as cur:
-            cur.execute(_BY_PATH, (escape(file_path),))
+            cur.execute(paths.HASH_AT, (escape(file_path),))
             row = cur.fetchone()
             return row[0] if row else None
 
-    def models_for_hashes(self, hashes: Iterable[str]) -> dict[str, tuple[str, str]]:
-        """For each stored hash among ``hashes``: (file_path, model_name)."""
+    def contents(self, hashes: Iterable[str]) -> dict[str, StoredContent]:
+        """For each stored hash among ``hashes``: its model and every path that holds it."""
         hashes = list(hashes)
         if not hashes:
             return {}
         with self._cursor() as cur:
-            cur.execute(_BY_HASHES, (hashes,))
-            return {h: (unescape(p), m) for h, p, m in cur.fetchall()}
+            cur.execute(paths.CONTENTS, (hashes,))
+            return {h: StoredContent(m, tuple(unescape(p) for p in found)) for h, m, found in cur.fetchall()}
 
     def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
         """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""
@@ -352,6 +360,7 @@ class EmbeddingStore:
             rows = cur.fetchall()
         return [
             Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
-                processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)))
-            for i, (name, path, processed, file_hash, sim, *extra) in enumerate(rows, start=1)
+                processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)),
+                copies=tuple(unescape(c) for c in copies))
+            for i, (name, path, processed, file_hash, sim, *extra, copies) in enumerate(rows, start=1)
         ]
