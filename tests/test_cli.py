@@ -38,7 +38,7 @@ CLI = Path(sys.executable).parent / "image-search"
 PASSWORD = "pw-Sekrit-7731"
 TOP_K = 3
 JSONL_KEYS = {"rank", "similarity", "file_name", "file_path", "processed_path", "file_hash", "taken_at", "camera", "width",
-              "height", "format"}
+              "height", "format", "copies"}
 BUNDLE_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model work, (\d+) unchanged, "
                      r"(\d+) duplicates, (\d+) removed, (\d+) skipped$", re.M)

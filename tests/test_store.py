@@ -116,6 +116,32 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
     assert store.hash_for_path("/img/old.png") == "ha"
 
 
+def test_copies_are_paths_of_one_row_which_goes_with_the_last(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row("/img/a.png", "ha", basis(0)), row("/img/b.png", "hb", basis(1))])
+    copy = {"file_name": "a.png", "source_size": 10, "source_mtime_ns": 1}
+    store.update_source("ha", file_path="/img/sub/a.png", processed_path="/p/sub/a.png.jpg", folder="sub", **copy)
+    store.update_source("ha", file_path="/img/sub/deep/a.png", processed_path="/p/sub/deep/a.png.jpg",
+                        folder="sub/deep", **copy)
+    assert store.count() == 2
+    assert store.contents(["ha"])["ha"].paths == ("/img/a.png", "/img/sub/a.png", "/img/sub/deep/a.png")
+    assert {p: r.file_hash for p, r in store.sources().items()} == {
+        "/img/a.png": "ha", "/img/b.png": "hb", "/img/sub/a.png": "ha", "/img/sub/deep/a.png": "ha"}
+    hit = store.search(basis(0), 1)[0]
+    assert (hit.file_path, hit.copies) == ("/img/a.png", ("/img/sub/a.png", "/img/sub/deep/a.png"))
+
+    # The representative goes: the first remaining path (by name) takes its place, with its processed copy.
+    assert store.delete_paths(["/img/a.png"]) == 1
+    assert raw(database, "SELECT file_path, processed_path, folder FROM image_embeddings WHERE file_hash = 'ha'") == [
+        ("/img/sub/a.png", "/p/sub/a.png.jpg", "sub")]
+    assert store.search(basis(0), 1)[0].copies == ("/img/sub/deep/a.png",)
+    # A path that now holds other bytes leaves its content; the last path takes the row with it.
+    store.upsert([row("/img/sub/a.png", "hc", basis(2))])
+    assert store.contents(["ha"])["ha"].paths == ("/img/sub/deep/a.png",)
+    assert sorted(store.delete_under("/img/sub")) == ["/img/sub/a.png", "/img/sub/deep/a.png"]
+    assert store.contents(["ha", "hb", "hc"]).keys() == {"hb"}
+    assert raw(database, "SELECT count(*) FROM image_paths") == [(1,)]
+
+
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
     paths = ["/img/a_b/1.png", "/img/axb/2.png", "/img/a_b2/3.png", "/img/50%/4.png", "/img/500/5.png",
              "/img/top.png", "/img/a_b/deep/6.png"]
@@ -131,9 +157,12 @@ def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStor
 
 def test_clear_empties_and_restarts_ids(store: EmbeddingStore, database: Database) -> None:
     store.upsert([row(f"/img/{i}.png", f"h{i}", basis(i)) for i in range(3)])
+    store.update_source("h0", file_path="/img/copy.png", file_name="copy.png", processed_path="/p/copy.png.jpg",
+                        source_size=10, source_mtime_ns=1, folder="")
     store.clear()
     assert store.count() == 0
     assert store.sources() == {}
+    assert raw(database, "SELECT count(*) FROM image_paths") == [(0,)]
     store.upsert([row("/img/x.png", "hx", basis(0))])
     assert raw(database, "SELECT id FROM image_embeddings") == [(1,)]
 
