@@ -156,11 +156,12 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
 
 
 def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
-    """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
-    copies) of sources that are gone, and list the files whose size, mtime or model differ from their
-    row. No decoding, no model work, so it can run while the model is still loading. A database of an
-    earlier version first gets today's identity (``migrate_identities``); a file renamed or moved while
-    nothing watched is recognised by its identity and its row follows it (``_follow_renames``)."""
+    """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
+    copies) of sources that are gone (a row goes with its last path), and list the files whose size,
+    mtime or model differ from their path's record, or that no path names. No decoding, no model work,
+    so it can run while the model is still loading. A database of an earlier version first gets today's
+    identity (``migrate_identities``); a file renamed or moved while nothing watched is recognised by its
+    identity and its path follows it (``_follow_renames``)."""
     root = cfg.source_directory
     migrate_identities(store, root)
     migrate_metadata(store, root)
@@ -221,9 +222,9 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord]
 def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str, *,
            hashed: os.stat_result | None = None) -> bool:
     """Move the path ``src`` of the content ``file_hash`` to ``dest`` (the same file under a new name; its
-    other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model work. False (nothing changed) when the
-    processed copy or ``dest`` is missing, or ``dest`` is no longer as it was when it was ``hashed``:
-    the caller has ``dest`` indexed instead."""
+    other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model
+    work. False (nothing changed) when the processed copy or ``dest`` is missing, or ``dest`` is no
+    longer as it was when it was ``hashed``: the caller has ``dest`` indexed instead."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
