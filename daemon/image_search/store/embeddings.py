@@ -233,8 +233,8 @@ class EmbeddingStore:
     # --- writing -------------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[EmbeddingRow]) -> None:
-        """Insert or replace rows by ``file_hash``, all in one transaction. Each row's path becomes a path of
-        its content and its representative; a path that held other content leaves that content."""
+        """Insert or replace rows by ``file_hash``, in one transaction; each row's path becomes a path of its
+        content (its representative), instead of any other content it held."""
         if not rows:
             return
         with self._cursor() as cur:
@@ -251,42 +251,31 @@ class EmbeddingStore:
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,
                       metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> None:
-        """Record that ``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch)
-        without any model work; ``replaces``: the paths it was known by before, gone (a rename's old
-        name). A path that held other content leaves it. ``metadata``, when the file was read again, is
-        written too; the representative stays, or moves to a remaining path if it left."""
-        file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
-        stored_folder = escape(folder) if folder is not None else None
+        """``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch; no model work),
+        instead of its other content if it had one and of ``replaces`` (its former names, gone).
+        ``metadata``, when the file was read again, is written too."""
+        entry = (escape(file_path), file_hash, escape(file_name), escape(processed_path), source_size,
+                 source_mtime_ns, escape(folder) if folder is not None else None)
         with self._cursor() as cur:
-            cur.execute(paths.LEAVE, ([escape(p) for p in replaces], file_path, file_hash))
-            left = [row[0] for row in cur.fetchall()]
-            cur.execute(paths.WRITE, (file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns,
-                                      stored_folder))
+            left = paths.record(cur, entry, [escape(p) for p in replaces])
             if metadata is not None:
                 cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
             paths.tidy(cur, [*left, file_hash])
 
     def delete_paths(self, sources: Iterable[str]) -> int:
-        """Forget these paths (deleted files): a content keeps its row while another path holds it. Returns
-        how many of them were known."""
+        """Forget these paths (a row goes with its content's last); how many of them were known."""
         stored = [escape(p) for p in sources]
         if not stored:
             return 0
         with self._cursor() as cur:
-            cur.execute(paths.DELETE, (stored,))
-            left = [row[0] for row in cur.fetchall()]
-            paths.tidy(cur, left)
-            return len(left)
+            return len(paths.forget(cur, paths.DELETE, (stored,)))
 
     def delete_under(self, folder: str) -> list[str]:
         """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
         pattern = escape(folder.rstrip("/")).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._cursor() as cur:
-            cur.execute(paths.DELETE_UNDER, (pattern + "/%",))
-            gone = cur.fetchall()
-            paths.tidy(cur, [file_hash for _, file_hash in gone])
-            return [unescape(path) for path, _ in gone]
+            return [unescape(path) for path in paths.forget(cur, paths.DELETE_UNDER, (pattern + "/%",))]
 
     def clear(self) -> None:
         if not self.has_table:
@@ -304,8 +293,7 @@ class EmbeddingStore:
             return int(cur.fetchone()[0])
 
     def sources(self, at: Iterable[str] | None = None) -> dict[str, SourceRecord]:
-        """Stored sources by path, each copy of a content its own: every one (what a rescan compares the
-        folder against), or those at ``at``."""
+        """Stored paths, copies included: every one (what a rescan compares the folder against), or ``at``."""
         if not self.has_table:
             return {}
         with self._cursor() as cur:

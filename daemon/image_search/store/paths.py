@@ -31,7 +31,7 @@ DELETE FROM image_paths AS p USING image_embeddings_incoming AS i
 WHERE p.file_path = i.file_path AND p.file_hash <> i.file_hash RETURNING p.file_hash
 """
 LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AND file_hash <> %s) RETURNING file_hash"
-DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_hash"
+DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
 DELETE_UNDER = "DELETE FROM image_paths WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path, file_hash"
 _DROP_PATHLESS = """
 DELETE FROM image_embeddings AS e
@@ -80,3 +80,21 @@ def tidy(cur: psycopg2.extensions.cursor, hashes: Iterable[str]) -> None:
     if touched:
         cur.execute(_DROP_PATHLESS, {"hashes": touched})
         cur.execute(REPRESENT, {"hashes": touched})
+
+
+def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -> list[str]:
+    """Write one path (``entry``: ``COLUMNS``' values, escaped) of a stored content, after the paths in
+    ``replaces`` and any other content at that path left; the hashes they left (for ``tidy``)."""
+    file_path, file_hash = entry[0], entry[1]
+    cur.execute(LEAVE, (replaces, file_path, file_hash))
+    left = [row[0] for row in cur.fetchall()]
+    cur.execute(WRITE, entry)
+    return left
+
+
+def forget(cur: psycopg2.extensions.cursor, delete: str, params: tuple) -> list[str]:
+    """Run ``DELETE`` or ``DELETE_UNDER``, then ``tidy`` the contents that lost paths; the paths forgotten."""
+    cur.execute(delete, params)
+    gone = cur.fetchall()
+    tidy(cur, [file_hash for _, file_hash in gone])
+    return [path for path, _ in gone]
