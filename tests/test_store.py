@@ -140,6 +140,10 @@ def test_copies_are_paths_of_one_row_which_goes_with_the_last(store: EmbeddingSt
     assert sorted(store.delete_under("/img/sub")) == ["/img/sub/a.png", "/img/sub/deep/a.png"]
     assert store.contents(["ha", "hb", "hc"]).keys() == {"hb"}
     assert raw(database, "SELECT count(*) FROM image_paths") == [(1,)]
+    # A copy of a content that is gone (another service dropped it meanwhile) is not written: the caller
+    # embeds the file instead.
+    assert not store.update_source("ha", file_path="/img/late.png", processed_path="/p/late.png.jpg", folder="", **copy)
+    assert store.sources().keys() == {"/img/b.png"}
 
 
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:

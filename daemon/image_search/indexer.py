@@ -292,9 +292,8 @@ class Indexer:
                 continue
             first[image.file_hash] = candidate.path
             content = stored.get(image.file_hash)
-            if content is not None and content.model_name == self.cfg.model_name:
-                self._known_content(read, content, summary)
-            else:
+            if content is None or content.model_name != self.cfg.model_name \
+                    or not self._known_content(read, content, summary):
                 to_embed.append(read)
         if to_embed:
             self._embed(to_embed, stored, summary)
@@ -303,27 +302,30 @@ class Indexer:
             _copy_found(read, same_as, summary)
         return summary
 
-    def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> None:
+    def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> bool:
         """A file whose content is stored with this model: a new copy of it (another path holds it still),
-        or the file of a path known already (touched) or of paths that are gone (renamed), relinked."""
+        or the file of a path known already (touched) or of paths that are gone (renamed), relinked.
+        False when the content went meanwhile (another service dropped it): it is embedded instead."""
         path = str(read.candidate.path)
         others = [p for p in content.paths if p != path]
         gone = [p for p in others if not Path(p).is_file()]
         kept = [p for p in others if p not in gone]
-        if path not in content.paths and kept:
-            self._record(read, replaces=gone)
+        copy = path not in content.paths and bool(kept)
+        if not self._record(read, metadata=None if copy else read.image.metadata, replaces=gone):
+            return False
+        if copy:
             _copy_found(read, Path(kept[0]), summary)
         else:
-            self._record(read, metadata=read.image.metadata, replaces=gone)
             summary.relinked += 1
+        return True
 
-    def _record(self, read: _Read, *, metadata: PictureMetadata | None = None, replaces: Sequence[str] = ()) -> None:
-        """``read``'s path as a path of its stored content, no model work."""
+    def _record(self, read: _Read, *, metadata: PictureMetadata | None = None, replaces: Sequence[str] = ()) -> bool:
+        """``read``'s path as a path of its stored content, no model work; False if that content is gone."""
         c = read.candidate
-        self.store.update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
-                                 processed_path=str(read.processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
-                                 folder=relative_folder(c.path, self.cfg.source_directory), metadata=metadata,
-                                 replaces=replaces)
+        return self.store.update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
+                                        processed_path=str(read.processed), source_size=c.size,
+                                        source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
+                                        folder=relative_folder(c.path, self.cfg.source_directory))
 
     def _embed(self, to_embed: Sequence[_Read], stored: dict[str, StoredContent], summary: IndexSummary) -> None:
         """Embed new content (or content another model embedded) and write its rows, a transaction per

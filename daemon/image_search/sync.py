@@ -240,9 +240,10 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
     except FileNotFoundError:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
-    store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
-                        source_size=st.st_size, source_mtime_ns=st.st_mtime_ns, folder=relative_folder(dest, root),
-                        replaces=[str(src)])
+    if not store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
+                               source_size=st.st_size, source_mtime_ns=st.st_mtime_ns,
+                               folder=relative_folder(dest, root), replaces=[str(src)]):
+        return False  # another service dropped the row meanwhile: ``dest`` is new content to index
     log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
     return True
 

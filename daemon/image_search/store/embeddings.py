@@ -250,25 +250,24 @@ class EmbeddingStore:
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,
-                      metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> None:
+                      metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> bool:
         """``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch; no model work),
-        instead of its other content if it had one and of ``replaces`` (its former names, gone).
-        ``metadata``, when the file was read again, is written too."""
+        instead of any other content and of ``replaces`` (its former names, gone); with ``metadata`` if
+        read again. False, nothing written, when the content is gone (another service dropped it)."""
         entry = (escape(file_path), file_hash, escape(file_name), escape(processed_path), source_size,
                  source_mtime_ns, escape(folder) if folder is not None else None)
         with self._cursor() as cur:
-            left = paths.record(cur, entry, [escape(p) for p in replaces])
+            if (left := paths.record(cur, entry, [escape(p) for p in replaces])) is None:
+                return False
             if metadata is not None:
                 cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
             paths.tidy(cur, [*left, file_hash])
+            return True
 
     def delete_paths(self, sources: Iterable[str]) -> int:
         """Forget these paths (a row goes with its content's last); how many of them were known."""
-        stored = [escape(p) for p in sources]
-        if not stored:
-            return 0
         with self._cursor() as cur:
-            return len(paths.forget(cur, paths.DELETE, (stored,)))
+            return len(paths.forget(cur, paths.DELETE, ([escape(p) for p in sources],)))
 
     def delete_under(self, folder: str) -> list[str]:
         """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""

@@ -33,6 +33,11 @@ WHERE p.file_path = i.file_path AND p.file_hash <> i.file_hash RETURNING p.file_
 LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AND file_hash <> %s) RETURNING file_hash"
 DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
 DELETE_UNDER = "DELETE FROM image_paths WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path, file_hash"
+# Before a path is written: the content is still there, and no one drops it until this transaction ends.
+HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR KEY SHARE"
+# Before contents that lost paths are dropped: wait for the writers of their paths (another service
+# recording a copy), so the next statement sees every committed path.
+_LOCK_CONTENTS = "SELECT 1 FROM image_embeddings WHERE file_hash = ANY(%(hashes)s) ORDER BY file_hash FOR UPDATE"
 _DROP_PATHLESS = """
 DELETE FROM image_embeddings AS e
 WHERE e.file_hash = ANY(%(hashes)s) AND NOT EXISTS (SELECT 1 FROM image_paths AS p WHERE p.file_hash = e.file_hash)
@@ -78,14 +83,19 @@ def tidy(cur: psycopg2.extensions.cursor, hashes: Iterable[str]) -> None:
     a representative that is one of its paths."""
     touched = sorted(set(hashes))
     if touched:
+        cur.execute(_LOCK_CONTENTS, {"hashes": touched})
         cur.execute(_DROP_PATHLESS, {"hashes": touched})
         cur.execute(REPRESENT, {"hashes": touched})
 
 
-def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -> list[str]:
+def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -> list[str] | None:
     """Write one path (``entry``: ``COLUMNS``' values, escaped) of a stored content, after the paths in
-    ``replaces`` and any other content at that path left; the hashes they left (for ``tidy``)."""
+    ``replaces`` and any other content at that path left; the hashes they left (for ``tidy``). None,
+    with nothing written, when the content is not stored (any more: its last path just went)."""
     file_path, file_hash = entry[0], entry[1]
+    cur.execute(HOLD_CONTENT, (file_hash,))
+    if cur.fetchone() is None:
+        return None
     cur.execute(LEAVE, (replaces, file_path, file_hash))
     left = [row[0] for row in cur.fetchall()]
     cur.execute(WRITE, entry)
