@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import psycopg2
 import pytest
 
 from tests.support.db import embedded_database, empty_store, raw
+from tests.support.waiting import wait_for
 
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError, StoredContent
+from image_search.store import paths
 
 pytestmark = pytest.mark.integration
 
@@ -144,6 +147,28 @@ def test_copies_are_paths_of_one_row_which_goes_with_the_last(store: EmbeddingSt
     # embeds the file instead.
     assert not store.update_source("ha", file_path="/img/late.png", processed_path="/p/late.png.jpg", folder="", **copy)
     assert store.sources().keys() == {"/img/b.png"}
+
+
+def test_a_copy_another_service_is_recording_keeps_the_row_whose_last_path_goes(store: EmbeddingStore,
+                                                                                database: Database) -> None:
+    """Two services: one records a copy of a content (not committed yet) while the other forgets the
+    content's last known path. The second waits for the first and sees its copy: the row stays."""
+    store.upsert([row("/img/a.png", "ha", basis(0))])
+    other = database.connect()
+    try:
+        with other.cursor() as cur:
+            cur.execute(paths.HOLD_CONTENT, ("ha",))
+            cur.execute(paths.WRITE, ("/img/b.png", "ha", "b.png", "/p/b.png.jpg", 10, 1, ""))
+        forgetting = threading.Thread(target=store.delete_paths, args=(["/img/a.png"],))
+        forgetting.start()
+        wait_for(lambda: raw(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                 "the forgetting service waiting for the recording one")
+        other.commit()
+        forgetting.join(timeout=30)
+    finally:
+        other.close()
+    assert store.contents(["ha"]) == {"ha": StoredContent(MODEL, ("/img/b.png",))}
+    assert raw(database, "SELECT file_path FROM image_embeddings") == [("/img/b.png",)]
 
 
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
