@@ -38,10 +38,10 @@ CLI = Path(sys.executable).parent / "image-search"
 PASSWORD = "pw-Sekrit-7731"
 TOP_K = 3
 JSONL_KEYS = {"rank", "similarity", "file_name", "file_path", "processed_path", "file_hash", "taken_at", "camera", "width",
-              "height", "format"}
+              "height", "format", "copies"}
 BUNDLE_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model work, (\d+) unchanged, "
-                     r"(\d+) duplicates, (\d+) removed, (\d+) skipped$", re.M)
+                     r"(\d+) copies, (\d+) removed, (\d+) skipped$", re.M)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def run_parallel(commands: dict[str, tuple[list[object], Path]], timeout: float 
 def summary_counts(stdout: str) -> dict[str, int]:
     match = SUMMARY.search(stdout)
     assert match, f"no index summary in stdout:\n{stdout}"
-    keys = ("embedded", "relinked", "unchanged", "duplicates", "removed", "skipped")
+    keys = ("embedded", "relinked", "unchanged", "copies", "removed", "skipped")
     return dict(zip(keys, map(int, match.groups())))
 
 

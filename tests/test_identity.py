@@ -100,7 +100,7 @@ def test_an_old_database_is_rehashed_once_keeping_rows_and_embeddings(library, m
 
 def test_a_rehashed_database_relinks_a_copy_without_model_work(library) -> None:
     """After the migration the identity is the one the indexer computes: a copy of a migrated picture is
-    a duplicate, a touched one is relinked; neither is embedded again."""
+    a copy (a path of the same row), a touched one is relinked; neither is embedded again."""
     cfg, database, store, indexer = library
     make_legacy_identity(database)
     compare_folder(cfg, store)
@@ -112,14 +112,15 @@ def test_a_rehashed_database_relinks_a_copy_without_model_work(library) -> None:
     assert sorted(state.changed) == [images / "copy-of-p3.png", touched]
     summary = indexer.index_paths(state.changed)
     assert summary.embedded == 0
-    assert (summary.duplicates, summary.relinked) == (1, 1)
+    assert (summary.copies, summary.relinked) == (1, 1)
     assert rows(database)[str(touched)]["file_hash"] == md5_of(touched)
 
 
 def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     """An old database could hold the same bytes twice (processed with another box before): after the
-    migration they would share one identity, so one row stays."""
-    cfg, database, store, _ = library
+    migration they would share one identity, so one row stays, and the next rescan finds the dropped
+    row's file again as a copy of it (no model work)."""
+    cfg, database, store, indexer = library
     make_legacy_identity(database)
     images = cfg.source_directory
     twin = images / "p5-twin.png"
@@ -130,10 +131,18 @@ def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
                   "source_mtime_ns, model_name, embedding) SELECT %s, 'p5-twin.png', 'an-old-hash', processed_path, "
                   "%s, %s, model_name, embedding FROM image_embeddings WHERE id = %s",
         (str(twin), st.st_size, st.st_mtime_ns, source["id"]))
+    raw(database, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                  "source_mtime_ns) SELECT file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns "
+                  "FROM image_embeddings WHERE file_hash = 'an-old-hash'")
     compare_folder(cfg, store)
     hashes = [r["file_hash"] for r in rows(database).values()]
     assert hashes.count(md5_of(twin)) == 1
     assert len(hashes) == 6
+    state = compare_folder(cfg, store)
+    assert state.changed == [twin]
+    summary = indexer.index_paths(state.changed)
+    assert (summary.copies, summary.embedded) == (1, 0)
+    assert store.contents([md5_of(twin)])[md5_of(twin)].paths == tuple(sorted([str(twin), str(images / "p5.png")]))
 
 
 def test_a_file_renamed_or_moved_while_nothing_watched_keeps_its_row(library) -> None:

@@ -24,6 +24,7 @@ from image_search.names import escape
 from image_search.store import IDENTITY, NAMES, SCHEMA_LOCK_KEY, Database, EmbeddingStore, FleetRegistry
 from image_search.store import migrations, schema
 from image_search.store.metadata import METADATA_STEP, MetadataUpdate, migrate_metadata, needs_metadata_migration
+from image_search.store.paths import PATHS_STEP
 
 pytestmark = pytest.mark.integration
 
@@ -147,8 +148,8 @@ def test_a_fresh_database_gets_every_step_and_the_version(connect) -> None:
         assert meta(connect) == {"identity": IDENTITY, "names": NAMES}
         assert not store.needs_identity_migration()
         tables = {r[0] for r in sql(connect, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert tables == {"image_embeddings", "image_search_meta", "image_search_members", "image_search_claims",
-                          "image_search_schema"}
+        assert tables == {"image_embeddings", "image_paths", "image_search_meta", "image_search_members",
+                          "image_search_claims", "image_search_schema"}
     finally:
         store.close()
 
@@ -178,6 +179,9 @@ def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connec
         # Same rows, ids and embeddings; names as names.escape writes them.
         assert [(r[0], r[3], r[4]) for r in after] == [(r[0], r[3], r[4]) for r in before]
         assert [r[1] for r in after] == escaped
+        # Each row's path is the one path of its content (0008), whatever the steps still waiting.
+        assert sql(connect, "SELECT file_path, file_hash FROM image_paths ORDER BY file_path") == sorted(
+            (r[1], r[3]) for r in after)
         assert [e["rows"] for e in events(logs, "names_escaped")] == ([] if earlier == "v2" else [2])
         # The metadata waits for the files' headers, which sync reads (and so, for v0, does the identity).
         assert needs_metadata_migration(store)
@@ -206,6 +210,36 @@ def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connec
         start(connect).close()
     assert events(logs, "schema_migrated") == [] and events(logs, "names_escaped") == []
     assert rows(connect) == migrated
+
+
+def test_a_database_of_the_version_before_paths_gets_each_rows_path(connect) -> None:
+    """What the version before 0008 left: steps 1-7 applied, one path per row (its copies were dropped);
+    two rows naming one path can only be a content that changed there, so the newer row keeps it."""
+    start(connect).close()
+    sql(connect, "DROP TABLE image_paths")
+    sql(connect, "DELETE FROM image_search_schema WHERE number = %s", (PATHS_STEP,))
+    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+              "source_mtime_ns, model_name, embedding, folder, updated_at) "
+              "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::vector, %s, now() - %s::interval)")
+    for i, (path, file_hash, folder, age) in enumerate([("/photos/a.png", "stale", "", "1 day"),
+                                                        ("/photos/a.png", "ha", "", "0 s"),
+                                                        ("/photos/sub/b.png", "hb", "sub", "0 s")]):
+        sql(connect, insert, (path, path.rsplit("/", 1)[1], file_hash, f"/processed{path}.jpg", 100 + i, 200 + i,
+                              MODEL, str([float(i == j) for j in range(DIM)]), folder, age))
+    before = sql(connect, f"SELECT {COLUMNS} FROM image_embeddings WHERE file_hash <> 'stale' ORDER BY id")
+    with capture_logs() as logs:
+        store = start(connect)
+    try:
+        assert [e["step"] for e in events(logs, "schema_migrated")] == [PATHS_STEP]
+        assert recorded(connect) == STEPS and version(connect) == LATEST
+        assert rows(connect) == before  # same ids, hashes and embeddings; the stale row is gone
+        assert sql(connect, "SELECT file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, "
+                            "folder FROM image_paths ORDER BY file_path") == [
+            ("/photos/a.png", "ha", "a.png", "/processed/photos/a.png.jpg", 101, 201, ""),
+            ("/photos/sub/b.png", "hb", "b.png", "/processed/photos/sub/b.png.jpg", 102, 202, "sub")]
+        assert set(store.sources()) == {"/photos/a.png", "/photos/sub/b.png"}
+    finally:
+        store.close()
 
 
 def test_a_second_start_applies_nothing(connect) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import psycopg2
 import pytest
 
 from tests.support.db import embedded_database, empty_store, raw
+from tests.support.waiting import wait_for
 
-from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError
+from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError, StoredContent
+from image_search.store import paths
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +64,8 @@ def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns, rec.model_name) == ("h2", 1002, 102, MODEL)
     assert store.hash_for_path("/img/3.png") == "h3"
     assert store.hash_for_path("/img/nope.png") is None
-    assert store.models_for_hashes(["h1", "zzz"]) == {"h1": ("/img/1.png", MODEL)}
-    assert store.models_for_hashes([]) == {}
+    assert store.contents(["h1", "zzz"]) == {"h1": StoredContent(MODEL, ("/img/1.png",))}
+    assert store.contents([]) == {}
 
     query = unit(basis(2) + 0.5 * basis(1))
     hits = store.search(query, 3)
@@ -82,7 +85,8 @@ def test_upsert_by_hash_replaces_and_a_changed_source_leaves_one_row(store: Embe
     store.upsert([row("/img/a.png", "ha", basis(0)), row("/img/b.png", "hb", basis(1))])
     (id_a,) = raw(database, "SELECT id FROM image_embeddings WHERE file_hash = 'ha'")[0]
 
-    # same content under a new path (a rename): the row keeps its id and takes the new path
+    # same content under a new path (embedded again, another model's, say): the row keeps its id and
+    # names the new path
     store.upsert([row("/img/renamed.png", "ha", basis(0), mtime=7)])
     assert store.count() == 2
     assert raw(database, "SELECT id, file_path, source_mtime_ns FROM image_embeddings WHERE file_hash = 'ha'") == [
@@ -92,7 +96,7 @@ def test_upsert_by_hash_replaces_and_a_changed_source_leaves_one_row(store: Embe
     store.upsert([row("/img/b.png", "hb2", basis(2), mtime=9)])
     assert store.count() == 2
     assert raw(database, "SELECT file_hash FROM image_embeddings WHERE file_path = '/img/b.png'") == [("hb2",)]
-    assert store.models_for_hashes(["hb"]) == {}
+    assert store.contents(["hb"]) == {}
     assert store.search(basis(2), 1)[0].file_hash == "hb2"
 
 
@@ -100,8 +104,10 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
     store.upsert([row("/img/a.png", "ha", basis(0), mtime=1), row("/img/old.png", "hold", basis(1))])
     before = raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'")
     store.update_source("ha", file_path="/img/moved/a.png", file_name="a.png", processed_path="/p/moved/a.png.jpg",
-                        source_size=55, source_mtime_ns=66, folder="moved")
+                        source_size=55, source_mtime_ns=66, folder="moved", replaces=["/img/a.png"])
     assert raw(database, "SELECT id, embedding::text FROM image_embeddings WHERE file_hash = 'ha'") == before
+    assert raw(database, "SELECT file_path, folder FROM image_embeddings WHERE file_hash = 'ha'") == [
+        ("/img/moved/a.png", "moved")]
     rec = store.sources()["/img/moved/a.png"]
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns) == ("ha", 55, 66)
     assert "/img/a.png" not in store.sources()
@@ -111,6 +117,58 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
                         source_size=1, source_mtime_ns=2, folder="")
     assert store.count() == 1
     assert store.hash_for_path("/img/old.png") == "ha"
+
+
+def test_copies_are_paths_of_one_row_which_goes_with_the_last(store: EmbeddingStore, database: Database) -> None:
+    store.upsert([row("/img/a.png", "ha", basis(0)), row("/img/b.png", "hb", basis(1))])
+    copy = {"file_name": "a.png", "source_size": 10, "source_mtime_ns": 1}
+    store.update_source("ha", file_path="/img/sub/a.png", processed_path="/p/sub/a.png.jpg", folder="sub", **copy)
+    store.update_source("ha", file_path="/img/sub/deep/a.png", processed_path="/p/sub/deep/a.png.jpg",
+                        folder="sub/deep", **copy)
+    assert store.count() == 2
+    assert store.contents(["ha"])["ha"].paths == ("/img/a.png", "/img/sub/a.png", "/img/sub/deep/a.png")
+    assert {p: r.file_hash for p, r in store.sources().items()} == {
+        "/img/a.png": "ha", "/img/b.png": "hb", "/img/sub/a.png": "ha", "/img/sub/deep/a.png": "ha"}
+    hit = store.search(basis(0), 1)[0]
+    assert (hit.file_path, hit.copies) == ("/img/a.png", ("/img/sub/a.png", "/img/sub/deep/a.png"))
+
+    # The representative goes: the first remaining path (by name) takes its place, with its processed copy.
+    assert store.delete_paths(["/img/a.png"]) == 1
+    assert raw(database, "SELECT file_path, processed_path, folder FROM image_embeddings WHERE file_hash = 'ha'") == [
+        ("/img/sub/a.png", "/p/sub/a.png.jpg", "sub")]
+    assert store.search(basis(0), 1)[0].copies == ("/img/sub/deep/a.png",)
+    # A path that now holds other bytes leaves its content; the last path takes the row with it.
+    store.upsert([row("/img/sub/a.png", "hc", basis(2))])
+    assert store.contents(["ha"])["ha"].paths == ("/img/sub/deep/a.png",)
+    assert sorted(store.delete_under("/img/sub")) == ["/img/sub/a.png", "/img/sub/deep/a.png"]
+    assert store.contents(["ha", "hb", "hc"]).keys() == {"hb"}
+    assert raw(database, "SELECT count(*) FROM image_paths") == [(1,)]
+    # A copy of a content that is gone (another service dropped it meanwhile) is not written: the caller
+    # embeds the file instead.
+    assert not store.update_source("ha", file_path="/img/late.png", processed_path="/p/late.png.jpg", folder="", **copy)
+    assert store.sources().keys() == {"/img/b.png"}
+
+
+def test_a_copy_another_service_is_recording_keeps_the_row_whose_last_path_goes(store: EmbeddingStore,
+                                                                                database: Database) -> None:
+    """Two services: one records a copy of a content (not committed yet) while the other forgets the
+    content's last known path. The second waits for the first and sees its copy: the row stays."""
+    store.upsert([row("/img/a.png", "ha", basis(0))])
+    other = database.connect()
+    try:
+        with other.cursor() as cur:
+            cur.execute(paths.HOLD_CONTENT, ("ha",))
+            cur.execute(paths.WRITE, ("/img/b.png", "ha", "b.png", "/p/b.png.jpg", 10, 1, ""))
+        forgetting = threading.Thread(target=store.delete_paths, args=(["/img/a.png"],))
+        forgetting.start()
+        wait_for(lambda: raw(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                 "the forgetting service waiting for the recording one")
+        other.commit()
+        forgetting.join(timeout=30)
+    finally:
+        other.close()
+    assert store.contents(["ha"]) == {"ha": StoredContent(MODEL, ("/img/b.png",))}
+    assert raw(database, "SELECT file_path FROM image_embeddings") == [("/img/b.png",)]
 
 
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
@@ -128,9 +186,12 @@ def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStor
 
 def test_clear_empties_and_restarts_ids(store: EmbeddingStore, database: Database) -> None:
     store.upsert([row(f"/img/{i}.png", f"h{i}", basis(i)) for i in range(3)])
+    store.update_source("h0", file_path="/img/copy.png", file_name="copy.png", processed_path="/p/copy.png.jpg",
+                        source_size=10, source_mtime_ns=1, folder="")
     store.clear()
     assert store.count() == 0
     assert store.sources() == {}
+    assert raw(database, "SELECT count(*) FROM image_paths") == [(0,)]
     store.upsert([row("/img/x.png", "hx", basis(0))])
     assert raw(database, "SELECT id FROM image_embeddings") == [(1,)]
 

@@ -98,7 +98,7 @@ def flag_spec(args: argparse.Namespace, cfg: Config, *, texts: Sequence[str] = (
 
 def print_summary(summary: IndexSummary) -> None:
     print(f"indexed: {summary.embedded} embedded, {summary.relinked} relinked without model work, "
-          f"{summary.unchanged} unchanged, {summary.duplicates} duplicates, {summary.removed} removed, "
+          f"{summary.unchanged} unchanged, {summary.copies} copies, {summary.removed} removed, "
           f"{len(summary.skipped)} skipped")
     for path, reason in summary.skipped:
         print(f"  skipped {escape(path)}: {reason}")

@@ -1,4 +1,4 @@
-"""A query's answer, one ``Hit`` per picture: what the store returns, and what the result bundle and the
+"""A query's answer, one ``Hit`` per picture (per content: copies of one file are one hit): what the store returns, and what the result bundle and the
 contact sheet show. Kept apart from the store so that drawing a sheet never imports the database driver."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Hit:
     width: int | None = None  # the original's, upright
     height: int | None = None
     format: str | None = None  # jpeg png webp gif bmp tiff heic avif
+    copies: tuple[str, ...] = ()  # the other paths that hold the same bytes, by name (``file_path`` is one of them)
 
 
 @dataclass(frozen=True)

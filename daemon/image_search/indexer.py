@@ -1,8 +1,9 @@
 """Incremental indexing: bring the table in line with a set of source files, doing as little as possible.
 
-Per file, cheapest check first: a stored row with the same path, size, mtime and model means
-nothing to do; otherwise decode and hash, and a stored row with the same hash and model needs
-only its path updated (a rename, a touch, a copy) - no model work. Only new content is embedded.
+Per file, cheapest check first: a stored path with the same size, mtime and model means nothing to
+do; otherwise decode and hash, and a stored content with the same hash and model needs only its
+paths updated (a rename, a touch, a copy: each copy is a path of the one row) - no model work. Only
+new content is embedded.
 
 Decoding, orienting, fitting, JPEG encoding, hashing and the model's own resize and crop run in
 worker processes (``workers.PreprocessPool``), so this thread only stacks the uint8 pixels, runs the
@@ -22,15 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import structlog
 from tqdm import tqdm
 
 from .config import Config
 from .errors import writing_into
-from .metadata import relative_folder
+from .metadata import PictureMetadata, relative_folder
 from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
-from .store import EmbeddingRow, EmbeddingStore, SourceRecord
+from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .sync import compare_folder, is_unchanged, stat_or_none
 from .workers import BatchHandle, PreprocessPool
 
@@ -49,7 +51,7 @@ class IndexSummary:
     embedded: int = 0
     unchanged: int = 0
     relinked: int = 0  # same content already stored: path or metadata updated, no model work
-    duplicates: int = 0  # same content as another source that still exists: stored once
+    copies: int = 0  # new paths of content another file still holds: recorded, no model work
     removed: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     deferred: list[Path] = field(default_factory=list)  # still being written: not read, try again later
@@ -59,14 +61,14 @@ class IndexSummary:
         self.embedded += other.embedded
         self.unchanged += other.unchanged
         self.relinked += other.relinked
-        self.duplicates += other.duplicates
+        self.copies += other.copies
         self.removed += other.removed
         self.skipped.extend(other.skipped)
         self.deferred.extend(other.deferred)
 
     def as_log_fields(self) -> dict[str, int]:
         return {"seen": self.seen, "embedded": self.embedded, "unchanged": self.unchanged,
-                "relinked": self.relinked, "duplicates": self.duplicates, "removed": self.removed,
+                "relinked": self.relinked, "copies": self.copies, "removed": self.removed,
                 "skipped": len(self.skipped)}
 
 
@@ -81,6 +83,44 @@ class _Candidate:
     path: Path
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A file of a batch, read: its look before reading, what the workers made of it, its processed copy."""
+
+    candidate: _Candidate
+    image: PreparedImage
+    processed: Path
+
+
+def _usable(batch: Sequence[_Candidate], outcomes: Sequence[PreparedImage | PreprocessError],
+            defer: Callable[[Path, PreprocessError], bool] | None,
+            summary: IndexSummary) -> list[tuple[_Candidate, PreparedImage]]:
+    """The files of a batch that were read; the others counted in ``summary`` as deferred or skipped."""
+    prepared: list[tuple[_Candidate, PreparedImage]] = []
+    for candidate, outcome in zip(batch, outcomes):
+        if isinstance(outcome, PreprocessError) and defer is not None and defer(candidate.path, outcome):
+            summary.deferred.append(candidate.path)
+        elif isinstance(outcome, PreprocessError):
+            summary.skipped.append((candidate.path, outcome.reason))
+            log.warning("image_skipped", path=candidate.path, reason=outcome.reason)
+        else:
+            prepared.append((candidate, outcome))
+    return prepared
+
+
+def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
+    c = read.candidate
+    return EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=read.image.file_hash,
+                        processed_path=str(read.processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
+                        model_name=cfg.model_name, embedding=vector, metadata=read.image.metadata,
+                        folder=relative_folder(c.path, cfg.source_directory))
+
+
+def _copy_found(read: _Read, same_as: Path, summary: IndexSummary) -> None:
+    summary.copies += 1
+    log.info("image_copy", path=read.candidate.path, file_hash=read.image.file_hash, same_as=same_as)
 
 
 @dataclass(frozen=True)
@@ -229,57 +269,71 @@ class Indexer:
     def _finish_batch(self, batch: Sequence[_Candidate],
                       outcomes: Sequence[PreparedImage | PreprocessError]) -> IndexSummary:
         summary = IndexSummary()
-        prepared: list[tuple[_Candidate, PreparedImage]] = []
-        for candidate, outcome in zip(batch, outcomes):
-            if isinstance(outcome, PreprocessError) and self.defer is not None and self.defer(candidate.path, outcome):
-                summary.deferred.append(candidate.path)
-            elif isinstance(outcome, PreprocessError):
-                summary.skipped.append((candidate.path, outcome.reason))
-                log.warning("image_skipped", path=candidate.path, reason=outcome.reason)
-            else:
-                prepared.append((candidate, outcome))
+        prepared = _usable(batch, outcomes, self.defer, summary)
         if not prepared:
             return summary
 
-        model = self.cfg.model_name
-        stored = self.store.models_for_hashes(p.file_hash for _, p in prepared)
-        to_embed: list[tuple[_Candidate, PreparedImage, Path]] = []
-        seen_in_batch: set[str] = set()  # hashes an earlier file of this batch already has
+        stored = self.store.contents(p.file_hash for _, p in prepared)
+        to_embed: list[_Read] = []
+        first: dict[str, Path] = {}  # each content's first file in this batch
+        later: list[tuple[_Read, Path]] = []  # a content's further files in this batch, and its first
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
             with writing_into(self.cfg.processed_directory, "a processed image"):
                 save_processed(image, processed)
-            owner = stored.get(image.file_hash)
-            if image.file_hash in seen_in_batch or (owner is not None and owner[1] == model and owner[0] != str(candidate.path)
-                                                and Path(owner[0]).is_file()):
-                summary.duplicates += 1
-                log.info("image_duplicate", path=candidate.path, file_hash=image.file_hash,
-                         same_as=owner[0] if owner else None)
+            read = _Read(candidate, image, processed)
+            if image.file_hash in first:
+                later.append((read, first[image.file_hash]))
                 continue
-            seen_in_batch.add(image.file_hash)
-            if owner is not None and owner[1] == model:
-                self.store.update_source(image.file_hash, file_path=str(candidate.path), file_name=candidate.path.name,
-                                         processed_path=str(processed), source_size=candidate.size,
-                                         source_mtime_ns=candidate.mtime_ns, metadata=image.metadata,
-                                         folder=relative_folder(candidate.path, self.cfg.source_directory))
-                summary.relinked += 1
-                continue
-            to_embed.append((candidate, image, processed))
+            first[image.file_hash] = candidate.path
+            content = stored.get(image.file_hash)
+            if content is None or content.model_name != self.cfg.model_name \
+                    or not self._known_content(read, content, summary):
+                to_embed.append(read)
         if to_embed:
-            started = time.monotonic()
-            vectors = self.embedder.embed_images([image for _, image, _ in to_embed])
-            rows = [
-                EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
-                             processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
-                             model_name=model, embedding=vector, metadata=image.metadata,
-                             folder=relative_folder(c.path, self.cfg.source_directory))
-                for (c, image, processed), vector in zip(to_embed, vectors)
-            ]
-            for start in range(0, len(rows), self.cfg.batch_size):
-                self.store.upsert(rows[start:start + self.cfg.batch_size])
-            summary.embedded += len(rows)
-            log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
+            self._embed(to_embed, stored, summary)
+        for read, same_as in later:  # their content is stored now, by the first
+            self._record(read)
+            _copy_found(read, same_as, summary)
         return summary
+
+    def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> bool:
+        """A file whose content is stored with this model: a new copy of it (another path holds it still),
+        or the file of a path known already (touched) or of paths that are gone (renamed), relinked.
+        False when the content went meanwhile (another service dropped it): it is embedded instead."""
+        path = str(read.candidate.path)
+        others = [p for p in content.paths if p != path]
+        gone = [p for p in others if not Path(p).is_file()]
+        kept = [p for p in others if p not in gone]
+        copy = path not in content.paths and bool(kept)
+        if not self._record(read, metadata=None if copy else read.image.metadata, replaces=gone):
+            return False
+        if copy:
+            _copy_found(read, Path(kept[0]), summary)
+        else:
+            summary.relinked += 1
+        return True
+
+    def _record(self, read: _Read, *, metadata: PictureMetadata | None = None, replaces: Sequence[str] = ()) -> bool:
+        """``read``'s path as a path of its stored content, no model work; False if that content is gone."""
+        c = read.candidate
+        return self.store.update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
+                                        processed_path=str(read.processed), source_size=c.size,
+                                        source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
+                                        folder=relative_folder(c.path, self.cfg.source_directory))
+
+    def _embed(self, to_embed: Sequence[_Read], stored: dict[str, StoredContent], summary: IndexSummary) -> None:
+        """Embed new content (or content another model embedded) and write its rows, a transaction per
+        batch-size; paths of such content that are gone leave it."""
+        started = time.monotonic()
+        vectors = self.embedder.embed_images([r.image for r in to_embed])
+        rows = [_row(r, vector, self.cfg) for r, vector in zip(to_embed, vectors)]
+        for start in range(0, len(rows), self.cfg.batch_size):
+            self.store.upsert(rows[start:start + self.cfg.batch_size])
+        self.store.delete_paths(p for r in to_embed if (content := stored.get(r.image.file_hash)) is not None
+                                for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file())
+        summary.embedded += len(rows)
+        log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""

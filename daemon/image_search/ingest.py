@@ -125,9 +125,9 @@ class ImageIngest:
         self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again
-        self.indexed += summary.embedded + summary.relinked
+        self.indexed += summary.embedded + summary.relinked + summary.copies
         self.skipped += len(summary.skipped)
         self.sync.reported_elsewhere(summary.skipped)
-        if summary.embedded or summary.relinked:
+        if summary.embedded or summary.relinked or summary.copies:
             log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
-                     duplicates=summary.duplicates, skipped=len(summary.skipped), queued=len(self.images))
+                     copies=summary.copies, skipped=len(summary.skipped), queued=len(self.images))

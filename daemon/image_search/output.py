@@ -56,6 +56,7 @@ def hit_record(hit: Hit) -> dict[str, object]:
         "width": hit.width,
         "height": hit.height,
         "format": hit.format,
+        "copies": [escape(path) for path in hit.copies],
     }
 
 

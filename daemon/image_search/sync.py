@@ -39,8 +39,8 @@ class FolderState:
 
     files: int  # image files on disk
     changed: list[Path]  # new, modified, or embedded by another model: to (re)index
-    removed: list[str]  # rows dropped because their source is gone
-    renamed: int  # rows that followed their file to a new path while nothing was watching
+    removed: list[str]  # paths forgotten because their file is gone (a content goes with its last path)
+    renamed: int  # paths that followed their file to a new name while nothing was watching
     skipped: list[SkippedEntry]  # picture names that are not read: pipes, devices, links not followed
 
 
@@ -156,11 +156,12 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
 
 
 def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
-    """Bring the table in line with the folder as far as stat data allows: drop the rows (and processed
-    copies) of sources that are gone, and list the files whose size, mtime or model differ from their
-    row. No decoding, no model work, so it can run while the model is still loading. A database of an
-    earlier version first gets today's identity (``migrate_identities``); a file renamed or moved while
-    nothing watched is recognised by its identity and its row follows it (``_follow_renames``)."""
+    """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
+    copies) of sources that are gone (a row goes with its last path), and list the files whose size,
+    mtime or model differ from their path's record, or that no path names. No decoding, no model work,
+    so it can run while the model is still loading. A database of an earlier version first gets today's
+    identity (``migrate_identities``); a file renamed or moved while nothing watched is recognised by its
+    identity and its path follows it (``_follow_renames``)."""
     root = cfg.source_directory
     migrate_identities(store, root)
     migrate_metadata(store, root)
@@ -168,7 +169,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     scan = scan_folder(root, cfg.source_links)
     on_disk = scan.images
     present = {str(path) for path in on_disk}
-    gone, vanished = [], []  # vanished: the rows of this folder whose file is gone (they may have moved in it)
+    gone, vanished = [], []  # vanished: the paths of this folder whose file is gone (they may have moved in it)
     for p in known:
         if not Path(p).is_relative_to(root):
             gone.append(p)  # another source-directory's row
@@ -197,18 +198,22 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
                     new_files: list[tuple[Path, os.stat_result]]) -> dict[Path, str]:
-    """Rows whose source is gone, found again among ``new_files`` (path, stat) by identity (same size
+    """Paths whose file is gone, found again among ``new_files`` (path, stat) by identity (same size
     first, then the MD5 of the bytes; no decoding): each is relinked to its new path with its processed
     copy, no model work. Returns new path -> old path for every one relinked."""
-    by_hash = {record.file_hash: record for record in gone if record.model_name == cfg.model_name}
-    sizes = {record.source_size for record in by_hash.values()}
+    by_hash: dict[str, list[SourceRecord]] = {}  # copies of one content that moved: one new file each
+    for record in gone:
+        if record.model_name == cfg.model_name:
+            by_hash.setdefault(record.file_hash, []).append(record)
+    sizes = {records[0].source_size for records in by_hash.values()}
     sized = [(path, st) for path, st in new_files if st.st_size in sizes]
     if not sized:
         return {}
     identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized])
     followed: dict[Path, str] = {}
     for (path, st), file_hash in zip(sized, identities):
-        record = by_hash.pop(file_hash, None) if file_hash is not None else None  # each row follows one file
+        records = by_hash.get(file_hash or "")
+        record = records.pop() if records else None  # each gone path follows one file
         if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st):
             followed[path] = record.file_path
     return followed
@@ -216,10 +221,10 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord]
 
 def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str, *,
            hashed: os.stat_result | None = None) -> bool:
-    """Point the row ``file_hash`` of ``src`` at ``dest`` (the same file under a new name), moving its
-    processed copy and thumbnail along: no decoding, no model work. False (nothing changed) when the
-    processed copy or ``dest`` is missing, or ``dest`` is no longer as it was when it was ``hashed``:
-    the caller has ``dest`` indexed instead."""
+    """Move the path ``src`` of the content ``file_hash`` to ``dest`` (the same file under a new name; its
+    other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model
+    work. False (nothing changed) when the processed copy or ``dest`` is missing, or ``dest`` is no
+    longer as it was when it was ``hashed``: the caller has ``dest`` indexed instead."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
@@ -235,8 +240,10 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
     except FileNotFoundError:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
-    store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
-                        source_size=st.st_size, source_mtime_ns=st.st_mtime_ns, folder=relative_folder(dest, root))
+    if not store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
+                               source_size=st.st_size, source_mtime_ns=st.st_mtime_ns,
+                               folder=relative_folder(dest, root), replaces=[str(src)]):
+        return False  # another service dropped the row meanwhile: ``dest`` is new content to index
     log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
     return True
 
@@ -249,7 +256,7 @@ class FolderSync:
         self.cfg = cfg
         self.store = store
         self.pending = pending
-        self.removed = 0  # rows dropped so far (deleted or moved-out sources)
+        self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
 
     def _is_image(self, path: Path) -> bool:

@@ -219,7 +219,7 @@ def _instrument(stages: StageTimer, indexer, store) -> None:
     stages.wrap(indexer.embedder, "embed_images", "embedding")
     stages.wrap(indexer_module, "save_processed", "saving processed copies")
     stages.wrap(store, "sources", "store lookups")
-    stages.wrap(store, "models_for_hashes", "store lookups")
+    stages.wrap(store, "contents", "store lookups")
     stages.wrap(store, "upsert", "writing rows (upsert)")
     original_begin = store.begin_bulk_load
 

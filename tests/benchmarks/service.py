@@ -28,7 +28,7 @@ START_TIMEOUT_S = 300.0  # a first start builds the embedded server's data folde
 
 def indexed_total(events: list[LogEvent]) -> int:
     """Images the service reported done in ``images_indexed`` lines, whatever became of each."""
-    return sum(int(e.get("embedded", 0)) + int(e.get("relinked", 0)) + int(e.get("duplicates", 0))
+    return sum(int(e.get("embedded", 0)) + int(e.get("relinked", 0)) + int(e.get("copies", 0))
                + int(e.get("skipped", 0)) for e in events if e.name == "images_indexed")
 
 

@@ -8,6 +8,7 @@ One room each, every SQL statement a named, parameterised constant of the room t
   ``image_search_schema``; a database of any earlier version is migrated once, at start, under a lock.
 - ``embeddings``: ``EmbeddingStore``: rows written (binary COPY), read, searched, relinked.
 - ``ranking`` and ``filters``: a search as a ``Ranking`` (never short without saying so), its filters as SQL.
+- ``paths``: every path that holds a stored content (copies of one file: one row, several paths).
 - ``bulk``: ``BulkLoad``, many rows without the index, then the index built in bulk.
 - ``fleet``: several services, one index: membership, heartbeat and work claims.
 - ``database``: ``Database``, the connection target (embedded or external) that opens the store.
@@ -32,6 +33,7 @@ from .embedded import EmbeddedPostgres
 from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, Ranking, SourceRecord, copy_binary
 from .filters import FilterSql, filter_sql
 from .ranking import EXACT_FALLBACK_MAX_ROWS
+from .paths import StoredContent
 from .fleet import (
     FORGET_AFTER_LEASES,
     FleetClaims,
@@ -48,6 +50,6 @@ __all__ = [
     "HNSW_INDEX", "IDENTITY", "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE",
     "NAMES", "SCHEMA_LOCK_KEY", "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres",
     "EmbeddingRow", "EmbeddingStore", "FilterSql", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit",
-    "JoinResult", "LeaveResult", "MemberInfo", "Ranking", "Session", "SourceRecord", "StoreError", "copy_binary",
+    "JoinResult", "LeaveResult", "MemberInfo", "Ranking", "Session", "SourceRecord", "StoreError", "StoredContent", "copy_binary",
     "filter_sql", "hnsw_index_ddl",
 ]

@@ -1,5 +1,8 @@
 """The embeddings: ``image_embeddings`` rows written (binary COPY, upsert), read, searched and relinked.
 
+One row per content (``file_hash``); every path that holds it is a row of ``image_paths`` (``paths``),
+so a copy of a stored file costs a path, not an embedding, and a hit names its other paths (``copies``).
+
 Vectors are unit length, so the HNSW index uses inner product (``vector_ip_ops``) and cosine similarity
 is ``-(a <#> b)``. Paths and names are stored as ``names.escape`` text (a file name is bytes, a TEXT
 column is UTF-8): escaped here on the way in, unescaped on the way out, so everything above the store
@@ -23,11 +26,12 @@ from ..metadata import PictureMetadata
 from ..names import escape, unescape
 from ..query import Filters
 from . import metadata as meta
-from . import schema
+from . import paths, schema
 from .bulk import BulkLoad
 from .connection import Connect, Session, StoreError
 from .filters import like_escaped
 from .ranking import SearchSettings, indexed_sql, rank
+from .paths import StoredContent
 
 # A bulk load pays (dropping the index, loading, building it again) once the rows coming are this many,
 # and at least a quarter of those already there: per row, HNSW insertion costs about 3 ms here and a
@@ -59,21 +63,8 @@ ON CONFLICT (file_hash) DO UPDATE SET
     source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
     model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now(), {meta.UPSERT_SET}
 """
-_UPDATE_SOURCE = """
-UPDATE image_embeddings SET file_path = %s, file_name = %s, processed_path = %s, source_size = %s,
-    source_mtime_ns = %s, folder = %s, updated_at = now()
-WHERE file_hash = %s
-"""
-# A source whose content changed leaves a row under its old hash: drop it with the new row's write.
-_DELETE_STALE = "DELETE FROM image_embeddings WHERE file_path = ANY(%s) AND NOT (file_hash = ANY(%s))"
-_SOURCES = "SELECT file_path, source_size, source_mtime_ns, file_hash, model_name FROM image_embeddings"
-_SOURCES_AT = _SOURCES + " WHERE file_path = ANY(%s)"
-_BY_HASHES = "SELECT file_hash, file_path, model_name FROM image_embeddings WHERE file_hash = ANY(%s)"
-_BY_PATH = "SELECT file_hash FROM image_embeddings WHERE file_path = %s"
-_DELETE_PATHS = "DELETE FROM image_embeddings WHERE file_path = ANY(%s)"
-_DELETE_UNDER = "DELETE FROM image_embeddings WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path"
 COUNT = "SELECT count(*) FROM image_embeddings"
-CLEAR = "TRUNCATE image_embeddings RESTART IDENTITY"
+CLEAR = "TRUNCATE image_paths, image_embeddings RESTART IDENTITY"
 
 
 @dataclass(frozen=True)
@@ -225,46 +216,48 @@ class EmbeddingStore:
     # --- writing -------------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[EmbeddingRow]) -> None:
-        """Insert or replace rows by ``file_hash``, all in one transaction."""
+        """Insert or replace rows by ``file_hash``, in one transaction; each row's path becomes a path of its
+        content (its representative), instead of any other content it held."""
         if not rows:
             return
         with self._cursor() as cur:
             if self._staging_on is not self._conn:  # once per connection (a reconnect brings a new one)
                 cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
             cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
-            cur.execute(_DELETE_STALE, ([escape(r.file_path) for r in rows], [r.file_hash for r in rows]))
+            cur.execute(paths.LEAVE_STAGED)
+            left = [row[0] for row in cur.fetchall()]
             cur.execute(_UPSERT)
+            cur.execute(paths.WRITE_STAGED)
+            paths.tidy(cur, left)
         self._staging_on = self._conn  # committed: the staging table exists for this connection's life
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,
-                      metadata: PictureMetadata | None = None) -> None:
-        """Point an existing embedding at its (renamed or touched) source without any model work: its
-        ``folder`` follows it; ``metadata``, when the file was read again, is written too."""
-        file_path, file_name, processed_path = escape(file_path), escape(file_name), escape(processed_path)
-        stored_folder = escape(folder) if folder is not None else None
+                      metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> bool:
+        """``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch; no model work),
+        instead of any other content and of ``replaces`` (its former names, gone); with ``metadata`` if
+        read again. False, nothing written, when the content is gone (another service dropped it)."""
+        entry = (escape(file_path), file_hash, escape(file_name), escape(processed_path), source_size,
+                 source_mtime_ns, escape(folder) if folder is not None else None)
         with self._cursor() as cur:
-            cur.execute(_DELETE_STALE, ([file_path], [file_hash]))
-            cur.execute(_UPDATE_SOURCE, (file_path, file_name, processed_path, source_size, source_mtime_ns,
-                                         stored_folder, file_hash))
+            if (left := paths.record(cur, entry, [escape(p) for p in replaces])) is None:
+                return False
             if metadata is not None:
                 cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
+            paths.tidy(cur, [*left, file_hash])
+            return True
 
-    def delete_paths(self, paths: Iterable[str]) -> int:
-        paths = [escape(p) for p in paths]
-        if not paths:
-            return 0
+    def delete_paths(self, sources: Iterable[str]) -> int:
+        """Forget these paths (a row goes with its content's last); how many of them were known."""
         with self._cursor() as cur:
-            cur.execute(_DELETE_PATHS, (paths,))
-            return cur.rowcount
+            return len(paths.forget(cur, paths.DELETE, ([escape(p) for p in sources],)))
 
     def delete_under(self, folder: str) -> list[str]:
-        """Remove the rows of every source inside ``folder`` (a deleted or moved-out folder)."""
+        """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
         pattern = like_escaped(escape(folder.rstrip("/")))
         with self._cursor() as cur:
-            cur.execute(_DELETE_UNDER, (pattern + "/%",))
-            return [unescape(row[0]) for row in cur.fetchall()]
+            return [unescape(path) for path in paths.forget(cur, paths.DELETE_UNDER, (pattern + "/%",))]
 
     def clear(self) -> None:
         if not self.has_table:
@@ -281,32 +274,32 @@ class EmbeddingStore:
             cur.execute(COUNT)
             return int(cur.fetchone()[0])
 
-    def sources(self, paths: Iterable[str] | None = None) -> dict[str, SourceRecord]:
-        """Stored sources by path: every one (what a rescan compares the folder against), or those at ``paths``."""
+    def sources(self, at: Iterable[str] | None = None) -> dict[str, SourceRecord]:
+        """Stored paths, copies included: every one (what a rescan compares the folder against), or ``at``."""
         if not self.has_table:
             return {}
         with self._cursor() as cur:
-            if paths is None:
-                cur.execute(_SOURCES)
+            if at is None:
+                cur.execute(paths.SOURCES)
             else:
-                cur.execute(_SOURCES_AT, ([escape(p) for p in paths],))
+                cur.execute(paths.SOURCES_AT, ([escape(p) for p in at],))
             records = [SourceRecord(unescape(path), *rest) for path, *rest in cur.fetchall()]
         return {record.file_path: record for record in records}
 
     def hash_for_path(self, file_path: str) -> str | None:
         with self._cursor() as cur:
-            cur.execute(_BY_PATH, (escape(file_path),))
+            cur.execute(paths.HASH_AT, (escape(file_path),))
             row = cur.fetchone()
             return row[0] if row else None
 
-    def models_for_hashes(self, hashes: Iterable[str]) -> dict[str, tuple[str, str]]:
-        """For each stored hash among ``hashes``: (file_path, model_name)."""
+    def contents(self, hashes: Iterable[str]) -> dict[str, StoredContent]:
+        """For each stored hash among ``hashes``: its model and every path that holds it."""
         hashes = list(hashes)
         if not hashes:
             return {}
         with self._cursor() as cur:
-            cur.execute(_BY_HASHES, (hashes,))
-            return {h: (unescape(p), m) for h, p, m in cur.fetchall()}
+            cur.execute(paths.CONTENTS, (hashes,))
+            return {h: StoredContent(m, tuple(unescape(p) for p in found)) for h, m, found in cur.fetchall()}
 
     def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
         """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""

@@ -22,7 +22,7 @@ How it is never silently short:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psycopg2.extensions
@@ -31,7 +31,7 @@ from ..hits import Hit, Ranking
 from ..names import unescape
 from ..query import Completeness, Filters
 from . import metadata as meta
-from . import schema
+from . import paths, schema
 from .filters import FilterSql, filter_sql
 
 # A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
@@ -92,7 +92,20 @@ def indexed_sql(dimension: int, where: str = "TRUE") -> str:
 
 def rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.ndarray, k: int,
          filters: Filters = Filters(), min_similarity: float | None = None) -> Ranking:
-    """The ranking (see the module), on ``cur``'s transaction."""
+    """The ranking (see the module), on ``cur``'s transaction; each hit with its copies (``paths``),
+    read for the k hits alone, after the ranking."""
+    ranking = _rank(cur, settings, query, k, filters, min_similarity)
+    cur.execute(paths.PATHS_OF, ([hit.file_hash for hit in ranking.hits],))
+    found: dict[str, list[str]] = {}
+    for file_hash, path in cur.fetchall():
+        found.setdefault(file_hash, []).append(unescape(path))
+    hits = [replace(hit, copies=tuple(p for p in found.get(hit.file_hash, ()) if p != hit.file_path))
+            for hit in ranking.hits]
+    return replace(ranking, hits=hits)
+
+
+def _rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.ndarray, k: int,
+          filters: Filters, min_similarity: float | None) -> Ranking:
     condition = filter_sql(filters)
     params: dict[str, object] = {**condition.params, "q": np.asarray(query, dtype=np.float32).reshape(-1),
                                  "k": k, "floor": min_similarity}

@@ -1,0 +1,109 @@
+"""The paths of each stored content (``image_paths``, migration 0008): every file that holds it, one row a
+path, and which of them ``image_embeddings.file_path`` names (the representative: what a hit shows first).
+
+A content's row lives while one path holds it. Whatever takes paths away (a delete, a rename, a path
+that now holds other bytes) ends with ``tidy`` on the contents it touched: a content left with no path
+loses its row, one whose representative left gets another of its paths. Paths are stored escaped
+(``names.escape``), as ``image_embeddings`` stores them; the caller escapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg2.extensions
+
+PATHS_STEP = 8  # migrations/0008_paths.py: renumbering the step is renaming that file and this number
+
+COLUMNS = "file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, folder"
+_ON_CONFLICT = """
+ON CONFLICT (file_path) DO UPDATE SET file_hash = EXCLUDED.file_hash, file_name = EXCLUDED.file_name,
+    processed_path = EXCLUDED.processed_path, source_size = EXCLUDED.source_size,
+    source_mtime_ns = EXCLUDED.source_mtime_ns, folder = EXCLUDED.folder
+"""
+WRITE = f"INSERT INTO image_paths ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) {_ON_CONFLICT}"
+# The rows of an upsert, from its staging table (``embeddings._STAGING_SCHEMA``).
+WRITE_STAGED = f"INSERT INTO image_paths ({COLUMNS}) SELECT {COLUMNS} FROM image_embeddings_incoming {_ON_CONFLICT}"
+# Paths about to hold other content leave the content they held.
+LEAVE_STAGED = """
+DELETE FROM image_paths AS p USING image_embeddings_incoming AS i
+WHERE p.file_path = i.file_path AND p.file_hash <> i.file_hash RETURNING p.file_hash
+"""
+LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AND file_hash <> %s) RETURNING file_hash"
+DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
+DELETE_UNDER = "DELETE FROM image_paths WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path, file_hash"
+# Before a path is written: the content is still there, and no one drops it until this transaction ends.
+HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR KEY SHARE"
+# Before contents that lost paths are dropped: wait for the writers of their paths (another service
+# recording a copy), so the next statement sees every committed path.
+_LOCK_CONTENTS = "SELECT 1 FROM image_embeddings WHERE file_hash = ANY(%(hashes)s) ORDER BY file_hash FOR UPDATE"
+_DROP_PATHLESS = """
+DELETE FROM image_embeddings AS e
+WHERE e.file_hash = ANY(%(hashes)s) AND NOT EXISTS (SELECT 1 FROM image_paths AS p WHERE p.file_hash = e.file_hash)
+"""
+# The representative stays while it is a path of its content (its size and mtime follow a touch); else
+# the first of the remaining paths by name takes its place. A folder unknown for that path (written
+# before the headers were read, 0006) keeps the one the row has.
+REPRESENT = """
+UPDATE image_embeddings AS e SET file_path = p.file_path, file_name = p.file_name, processed_path = p.processed_path,
+    source_size = p.source_size, source_mtime_ns = p.source_mtime_ns, folder = coalesce(p.folder, e.folder),
+    updated_at = now()
+FROM (SELECT DISTINCT ON (q.file_hash) q.* FROM image_paths AS q JOIN image_embeddings AS r USING (file_hash)
+      WHERE q.file_hash = ANY(%(hashes)s) ORDER BY q.file_hash, q.file_path <> r.file_path, q.file_path) AS p
+WHERE e.file_hash = p.file_hash
+    AND (e.file_path, e.file_name, e.processed_path, e.source_size, e.source_mtime_ns, e.folder) IS DISTINCT FROM
+        (p.file_path, p.file_name, p.processed_path, p.source_size, p.source_mtime_ns, coalesce(p.folder, e.folder))
+"""
+# Every path of the contents a ranking found, by name: its hits' copies.
+PATHS_OF = "SELECT file_hash, file_path FROM image_paths WHERE file_hash = ANY(%s) ORDER BY file_path"
+SOURCES = ("SELECT p.file_path, p.source_size, p.source_mtime_ns, p.file_hash, e.model_name "
+           "FROM image_paths AS p JOIN image_embeddings AS e USING (file_hash)")
+SOURCES_AT = SOURCES + " WHERE p.file_path = ANY(%s)"
+HASH_AT = "SELECT file_hash FROM image_paths WHERE file_path = %s"
+# LEFT JOIN: a row some older program wrote without its path is stored content too (a path is added to it).
+CONTENTS = """
+SELECT e.file_hash, e.model_name, array_remove(array_agg(p.file_path ORDER BY p.file_path), NULL)
+FROM image_embeddings AS e LEFT JOIN image_paths AS p USING (file_hash)
+WHERE e.file_hash = ANY(%s) GROUP BY e.file_hash, e.model_name
+"""
+
+
+@dataclass(frozen=True)
+class StoredContent:
+    """One stored content: the model that embedded it and every path known to hold it (unescaped, by name)."""
+
+    model_name: str
+    paths: tuple[str, ...]
+
+
+def tidy(cur: psycopg2.extensions.cursor, hashes: Iterable[str]) -> None:
+    """After paths of ``hashes`` left or came: drop the contents no path holds, and give each of the others
+    a representative that is one of its paths."""
+    touched = sorted(set(hashes))
+    if touched:
+        cur.execute(_LOCK_CONTENTS, {"hashes": touched})
+        cur.execute(_DROP_PATHLESS, {"hashes": touched})
+        cur.execute(REPRESENT, {"hashes": touched})
+
+
+def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -> list[str] | None:
+    """Write one path (``entry``: ``COLUMNS``' values, escaped) of a stored content, after the paths in
+    ``replaces`` and any other content at that path left; the hashes they left (for ``tidy``). None,
+    with nothing written, when the content is not stored (any more: its last path just went)."""
+    file_path, file_hash = entry[0], entry[1]
+    cur.execute(HOLD_CONTENT, (file_hash,))
+    if cur.fetchone() is None:
+        return None
+    cur.execute(LEAVE, (replaces, file_path, file_hash))
+    left = [row[0] for row in cur.fetchall()]
+    cur.execute(WRITE, entry)
+    return left
+
+
+def forget(cur: psycopg2.extensions.cursor, delete: str, params: tuple) -> list[str]:
+    """Run ``DELETE`` or ``DELETE_UNDER``, then ``tidy`` the contents that lost paths; the paths forgotten."""
+    cur.execute(delete, params)
+    gone = cur.fetchall()
+    tidy(cur, [file_hash for _, file_hash in gone])
+    return [path for path, _ in gone]
