@@ -555,3 +555,34 @@ def test_search_with_nothing_at_all_is_refused_before_the_config_is_read(capsys:
         main(["search", "--config", "does-not-exist.json", "--top-k", "5"])
     assert caught.value.code == 2
     assert "search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH" in capsys.readouterr().err
+
+
+# --- a document that asks for the duplicates report ------------------------------------------------------
+
+
+def test_a_duplicates_document_asks_for_the_report(tmp_path: Path) -> None:
+    from image_search.query import DuplicatesRequest
+
+    source = tmp_path / "images"
+    (source / "2023" / "june").mkdir(parents=True)
+    parse = lambda doc: parse_query_document(json.dumps(doc).encode(), tmp_path / "inbox" / "d.json",  # noqa: E731
+                                             source_directory=source)
+    assert parse({"duplicates": True}) == DuplicatesRequest(None, ("copy", "near-copy", "similar"))
+    assert parse({"duplicates": True, "folder": "2023/june/", "kind": "similar,copy"}) == DuplicatesRequest(
+        "2023/june", ("copy", "similar"))
+    assert parse({"duplicates": True, "kind": ["near-copy"]}).kinds == ("near-copy",)
+
+
+@pytest.mark.parametrize(("doc", "reason"), [
+    ({"duplicates": False}, "'duplicates' must be true"),
+    ({"duplicates": True, "text": "cat"}, 'unknown key "text"'),
+    ({"duplicates": True, "kind": "twins"}, "'kind' must be one of copy, near-copy, similar"),
+    ({"duplicates": True, "folder": "1999"}, "names no folder of source-directory"),
+    ({"duplicates": True, "folder": "../elsewhere"}, "leaves source-directory"),
+])
+def test_a_bad_duplicates_document_names_its_problem(tmp_path: Path, doc: dict, reason: str) -> None:
+    source = tmp_path / "images"
+    source.mkdir()
+    with pytest.raises(QueryDocumentError) as caught:
+        parse_query_document(json.dumps(doc).encode(), tmp_path / "d.json", source_directory=source)
+    assert reason in caught.value.reason, caught.value.reason

@@ -18,6 +18,8 @@ from .names import escape
 # The format names a filter takes: those ``metadata.FORMAT_NAMES`` stores.
 FILTER_FORMATS: tuple[str, ...] = ("jpeg", "png", "webp", "gif", "bmp", "tiff", "heic", "avif")
 MAX_TOP_K = 1000
+# The kinds of group a duplicates report finds (``duplicates.Kind``), in report order.
+DUPLICATE_KINDS: tuple[str, ...] = ("copy", "near-copy", "similar")
 
 
 class TermKind(IntEnum):
@@ -151,3 +153,13 @@ class QueryRecord:
         understood = {**self.spec.record(), "top-k": self.top_k}  # the effective top-k, given or the config's
         given = {"query": self.given} if self.given is not None else {}
         return {**given, "understood": understood, **self.completeness.record()}
+
+
+@dataclass(frozen=True)
+class DuplicatesRequest:
+    """A query document that asks for the duplicates report (``{"duplicates": true}``): ``folder``,
+    relative to source-directory (None: the whole index), and the ``kinds`` of group, among
+    ``DUPLICATE_KINDS``."""
+
+    folder: str | None = None
+    kinds: tuple[str, ...] = DUPLICATE_KINDS

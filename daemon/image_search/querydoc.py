@@ -26,7 +26,7 @@ from .entries import EntryRefused, FollowLinks, LinkPolicy, check_regular
 from .errors import ExitCode, ImageSearchError, UnusableFile
 from .names import escape
 from .preprocess import unreadable_reason
-from .query import FILTER_FORMATS, MAX_TOP_K, Filters, QuerySpec, Term, TermKind
+from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, DuplicatesRequest, Filters, QuerySpec, Term, TermKind
 from .textquery import decoded_text, is_text_query, read_limited, read_text_query, size_shown
 
 QUERY_DOCUMENT_EXTENSIONS: tuple[str, ...] = (".json",)
@@ -41,6 +41,8 @@ TERM_KEYS: dict[str, tuple[TermKind, bool]] = {
 }
 KEYS: tuple[str, ...] = (*TERM_KEYS, "folder", "taken-after", "taken-before", "camera", "format", "top-k",
                          "min-similarity")
+# A document with "duplicates": true asks for the duplicates report instead, and takes only these.
+DUPLICATES_KEYS: tuple[str, ...] = ("duplicates", "folder", "kind")
 # Other names of the formats, as file extensions spell them.
 FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg", "tif": "tiff", "heif": "heic"}
 
@@ -99,7 +101,7 @@ def document_folder(path: Path) -> Path:
     return path.parent / path.stem
 
 
-def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QuerySpec:
+def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QuerySpec | DuplicatesRequest:
     """The query the document at ``path`` holds, its pictures found (``parse_query_document``); the file
     is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a document
     named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
@@ -110,7 +112,7 @@ def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None
 
 
 def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
-                         follow: FollowLinks = FollowLinks.INSIDE) -> QuerySpec:
+                         follow: FollowLinks = FollowLinks.INSIDE) -> QuerySpec | DuplicatesRequest:
     """The query in ``data``, the bytes of the document at ``path`` (named in errors; its pictures are
     looked for in ``document_folder(path)``, then in ``source_directory``); each picture term's ``path``
     is the file it resolved to, which must lie inside the folder it was found in whatever ``follow`` says;
@@ -122,7 +124,10 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
         if len(data) > MAX_QUERY_DOCUMENT_BYTES:
             raise _Invalid(f"query document too large: {size_shown(path)} is above the limit of "
                            f"{MAX_QUERY_DOCUMENT_BYTES:,} bytes (64 KiB); a query is a few terms and filters")
-        spec = _spec_from_document(_load_json(data), source_directory)
+        doc = _load_json(data)
+        if isinstance(doc, dict) and "duplicates" in doc:
+            return _duplicates_request(doc, source_directory)
+        spec = _spec_from_document(doc, source_directory)
         folders = (_Folder.of_document(path), _Folder.of_source(source_directory))
         terms = tuple(_found(term, folders, follow) if term.kind is TermKind.IMAGE else term for term in spec.terms)
     except _Missing as exc:
@@ -205,6 +210,37 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _no_constant(name: str) -> object:
     raise _Invalid(f"not valid JSON: {name} is not a number JSON allows: write a finite number, e.g. 2 or 0.5")
+
+
+def _duplicates_request(doc: dict[str, object], source_directory: Path) -> DuplicatesRequest:
+    """``{"duplicates": true, "folder": "2023", "kind": ["copy", "near-copy"]}``: the report it asks for."""
+    for key in doc:
+        if key not in DUPLICATES_KEYS:
+            raise _Invalid(_unknown_key(key, DUPLICATES_KEYS) + " (a duplicates document takes only these)")
+    if doc["duplicates"] is not True:
+        raise _Invalid(f"'duplicates' must be true (to ask for the duplicates report), got {_shown(doc['duplicates'])}"
+                       "; leave the key out for a search")
+    folder = _maybe(doc, "folder", lambda name, value: duplicates_folder(name, value, source_directory))
+    kinds = _unique(_kind(name, part) for name, value in _entries(doc, "kind")
+                    for part in (value.split(",") if isinstance(value, str) else [value]))
+    return DuplicatesRequest(folder, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
+
+
+def duplicates_folder(name: str, value: object, source_directory: Path) -> str:
+    """A folder to report on: as a search's folder filter, and it must be a folder of source-directory
+    (a report over a name that holds nothing would look like "no duplicates")."""
+    folder = _folder(name, value, source_directory)
+    if not (source_directory / folder).is_dir():
+        raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
+                       "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
+    return folder
+
+
+def _kind(name: str, value: object) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in DUPLICATE_KINDS:
+        raise _Invalid(f"{name} must be one of {', '.join(DUPLICATE_KINDS)} (or a list, or a comma list), "
+                       f"got {_shown(value)}")
+    return value.strip().lower()
 
 
 def _spec_from_document(doc: object, source_directory: Path) -> QuerySpec:
