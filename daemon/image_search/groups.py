@@ -20,13 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .config import MOST_NEAR_COPY_DISTANCE
 from .phash import HASH_BITS
 
 # Items compared at once in the embedding search: a BLOCK x window block of similarities in float32.
 BLOCK = 1024
-# The most near-copy distance ``near_copy_pairs`` searches for: its pigeonhole search cuts the hash into
-# max-distance + 1 chunks, and chunks shorter than about 14 bits would make every bucket crowded.
-MOST_NEAR_COPY_DISTANCE = 16
+# The most near-copy distance ``near_copy_pairs`` searches for (config.py validates the key against it):
+# its pigeonhole search cuts the hash into max-distance + 1 chunks, and chunks shorter than about 14 bits
+# would make every bucket crowded.
 
 
 def complete_linkage(pairs: np.ndarray, strength: np.ndarray) -> list[tuple[int, ...]]:

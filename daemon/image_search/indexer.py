@@ -272,7 +272,7 @@ class Indexer:
                 EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=image.file_hash,
                              processed_path=str(processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
                              model_name=model, embedding=vector, metadata=image.metadata,
-                             folder=relative_folder(c.path, self.cfg.source_directory))
+                             folder=relative_folder(c.path, self.cfg.source_directory), phash=image.phash)
                 for (c, image, processed), vector in zip(to_embed, vectors)
             ]
             for start in range(0, len(rows), self.cfg.batch_size):
