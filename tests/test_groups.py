@@ -88,3 +88,14 @@ def test_similar_pairs_are_every_pair_above_the_similarity_within_the_time_windo
     assert len(expected) > 10
     assert {tuple(p) for p in pairs.tolist()} == expected
     assert np.allclose(sims, [vectors[a] @ vectors[b] for a, b in pairs.tolist()], atol=1e-5)
+
+
+def test_many_equal_hashes_in_several_buckets_are_every_pair():
+    """Buckets of one size several times over (eight copies of each of two hashes, three of a third)."""
+    a, b, c = _random_hashes(3, 9)
+    hashes = [a] * 8 + [b] * 8 + [c] * 3 + _random_hashes(5, 10)
+    pairs, dist = near_copy_pairs(phash.as_words(hashes), 4)
+    expected = {(i, j) for i, j in itertools.combinations(range(len(hashes)), 2) if hashes[i] == hashes[j]}
+    assert {tuple(p) for p in pairs.tolist()} == expected and not dist.any()
+    groups = complete_linkage(pairs, -dist)
+    assert groups == [tuple(range(8)), tuple(range(8, 16)), (16, 17, 18)]

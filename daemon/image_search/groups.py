@@ -72,7 +72,7 @@ def _pairs_in_buckets(keys: np.ndarray) -> np.ndarray:
     for size in np.unique(sizes[sizes > 1]).tolist():  # buckets of one size at a time, vectorised
         first = starts[sizes == size]
         i, j = np.triu_indices(size, k=1)
-        block = order[first[:, None] + np.stack([i, j], axis=1)[None, :, :]]  # (buckets, pairs, 2)
+        block = order[first[:, None, None] + np.stack([i, j], axis=1)[None, :, :]]  # (buckets, pairs, 2)
         out.append(np.sort(block.reshape(-1, 2), axis=1))
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
