@@ -23,8 +23,10 @@ import numpy as np
 from .config import MOST_NEAR_COPY_DISTANCE
 from .phash import HASH_BITS
 
-# Items compared at once in the embedding search: a BLOCK x window block of similarities in float32.
+# Items compared at once in the embedding search: a BLOCK x window block of similarities in float32;
+# an undated block is compared with every item, so it holds at most BLOCK_FLOATS similarities (128 MB).
 BLOCK = 1024
+BLOCK_FLOATS = 1 << 25
 # The most near-copy distance ``near_copy_pairs`` searches for (config.py validates the key against it):
 # its pigeonhole search cuts the hash into max-distance + 1 chunks, and chunks shorter than about 14 bits
 # would make every bucket crowded.
@@ -131,8 +133,9 @@ def similar_pairs(embeddings: np.ndarray, taken: np.ndarray, min_similarity: flo
         within = times[start + cols] - times[start + rows] <= burst_seconds
         rows, cols = rows[within], cols[within]
         found.append((np.stack([dated[start + rows], dated[start + cols]], axis=1), sims[rows, cols]))
-    for start in range(0, len(undated), BLOCK):
-        these = undated[start:start + BLOCK]
+    rows_at_once = max(1, min(BLOCK, BLOCK_FLOATS // max(1, len(vectors))))
+    for start in range(0, len(undated), rows_at_once):
+        these = undated[start:start + rows_at_once]
         sims = vectors[these] @ vectors.T
         rows, cols = np.nonzero(sims >= min_similarity)
         # An undated pair once (the lower number first); a dated partner is found from this side only.

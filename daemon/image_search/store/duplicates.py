@@ -64,7 +64,8 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None,
     params = {"embeddings": embeddings, "folder": None if folder is None else escape(folder.strip("/")),
               "under": None if folder is None else _folder_pattern(folder)}
     pictures: list[StoredPicture] = []
-    vectors: list[bytes] = []
+    vectors: list[np.ndarray] = []  # float32, a round of rows each (the big-endian bytes never all at once)
+    pending: list[bytes] = []
     with store.session.transaction() as cur:
         named = cur.connection.cursor(name="duplicates_pictures")  # server-side: rows arrive in rounds
         try:
@@ -75,13 +76,20 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None,
                                               None if phash is None else from_bytes(phash), width, height, size,
                                               fmt, taken_at, offset))
                 if embeddings:
-                    vectors.append(bytes(vector)[4:])
+                    pending.append(bytes(vector)[4:])
+                    if len(pending) == FETCH_ROWS:
+                        vectors.append(_floats(pending, store.dimension))
+                        pending = []
         finally:
             named.close()
     if not embeddings:
         return pictures, None
-    flat = np.frombuffer(b"".join(vectors), dtype=">f4").astype(np.float32)
-    return pictures, flat.reshape(len(pictures), store.dimension)
+    vectors.append(_floats(pending, store.dimension))
+    return pictures, np.concatenate(vectors)
+
+
+def _floats(rows: list[bytes], dimension: int) -> np.ndarray:
+    return np.frombuffer(b"".join(rows), dtype=">f4").astype(np.float32).reshape(len(rows), dimension)
 
 
 def missing_hashes(store: EmbeddingStore) -> list[tuple[str, str]]:
