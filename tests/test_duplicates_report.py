@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from image_search.config import load_config
@@ -15,6 +16,7 @@ from image_search.duplicates import REPORT, SUMMARY, Kind, write_report
 from image_search.embed import Embedder
 from image_search.indexer import Indexer
 from image_search.store import Database
+from image_search.store.duplicates import read_pictures
 from tests.support.db import empty_store, raw
 from tests.support.derived import save_derived, scene
 from tests.support.files import read_jsonl, write_config
@@ -110,3 +112,16 @@ def test_an_empty_index_gives_an_empty_report_that_says_so(library):
     assert summary["message"] == "the index holds no pictures"
     assert summary["groups"] == {"copy": 0, "near-copy": 0, "similar": 0}
     assert not list(report.glob("*.jpg"))
+
+
+def test_the_report_reads_each_picture_with_its_embedding_and_metadata(library):
+    cfg, database, store = library
+    pictures, embeddings = read_pictures(store, folder="trip")
+    stored = {h: np.asarray(v, dtype=np.float32) for h, v in raw(
+        database, "SELECT file_hash, embedding::real[] FROM image_embeddings WHERE folder = 'trip'")}
+    assert [p.file_hash for p in pictures] == sorted(stored)
+    assert np.array_equal(embeddings, np.stack([stored[p.file_hash] for p in pictures]))
+    png = next(p for p in pictures if p.paths[0].endswith("hill-png.png"))
+    assert (png.width, png.height, png.format, png.bytes) == (*SIZE, "png", (cfg.source_directory / "trip" /
+                                                                            "hill-png.png").stat().st_size)
+    assert png.processed_path.startswith(str(cfg.processed_directory)) and png.phash is not None
