@@ -90,8 +90,9 @@ DERIVATIONS: dict[str, tuple[str, Callable[[Image.Image], bytes]]] = {
     "half": (".jpg", _half),
     "png": (".png", lambda im: _encoded(im, "PNG")),
     "webp": (".webp", lambda im: _encoded(im, "WEBP", quality=80)),
-    "heic": (".heic", lambda im: _encoded(im, "HEIF", quality=80)),
-    "avif": (".avif", lambda im: _encoded(im, "AVIF", quality=70)),
+    # The encoders' fast presets (x265 "ultrafast", libavif speed 8): seconds less per file, same decoders.
+    "heic": (".heic", lambda im: _encoded(im, "HEIF", quality=80, enc_params={"preset": "ultrafast"})),
+    "avif": (".avif", lambda im: _encoded(im, "AVIF", quality=70, speed=8)),
     "turned": (".jpg", _turned_jpeg),
 }
 
