@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import numpy as np
+import pytest
 
 from image_search import phash
 from image_search.config import Config
@@ -15,6 +16,7 @@ from image_search.duplicates import (
     Kind,
     Thresholds,
     find_groups,
+    parse_kinds,
     group_record,
     sheet_pages,
     similar_threshold,
@@ -133,3 +135,11 @@ def test_similar_defaults_follow_the_model_family():
     assert similar_threshold("google/siglip-so400m-patch14-384") == 0.90
     assert Thresholds.of(Config(model_name="openai/clip-vit-base-patch32")).similar_min_similarity == 0.92
     assert Thresholds.of(Config(similar_min_similarity=0.8)).similar_min_similarity == 0.8
+
+
+def test_kinds_are_read_from_a_comma_list():
+    assert parse_kinds("similar, copy") == (Kind.COPY, Kind.SIMILAR)
+    assert parse_kinds("copy,near-copy,similar") == ALL_KINDS
+    for wrong in ("duplicate", "", "copy,nearcopy"):
+        with pytest.raises(ValueError, match="the kinds are copy, near-copy, similar"):
+            parse_kinds(wrong)

@@ -73,6 +73,16 @@ class Kind(str, Enum):
 
 ALL_KINDS: tuple[Kind, ...] = (Kind.COPY, Kind.NEAR_COPY, Kind.SIMILAR)
 
+
+def parse_kinds(text: str) -> tuple[Kind, ...]:
+    """``--kind copy,near-copy`` as kinds, in ``ALL_KINDS`` order; ValueError naming the ones known."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in {kind.value for kind in ALL_KINDS}]
+    if unknown or not names:
+        raise ValueError(f"unknown kind {', '.join(repr(n) for n in unknown) or '(none given)'}: "
+                         f"the kinds are {', '.join(kind.value for kind in ALL_KINDS)}")
+    return tuple(kind for kind in ALL_KINDS if kind.value in names)
+
 # ``similar-min-similarity`` when the config leaves it 0, by model family (the first name found in the
 # model's name, lower case; else ``DEFAULT_SIMILAR``). Not measured here (the tests' weights are
 # random): CLIP ViT image-image cosines of retakes are commonly reported around 0.9-0.95 and of
