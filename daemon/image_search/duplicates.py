@@ -286,17 +286,18 @@ def sheet_pages(groups: Sequence[Group]) -> list[list[list[Tile]]]:
     return pages
 
 
-def _write_sheets(folder: Path, groups: Sequence[Group]) -> int:
-    pages = sheet_pages(groups)
+def _write_page(folder: Path, number: int, pages: int, rows: list[list[Tile]]) -> None:
     heading = "Duplicates: the framed picture of each group is the one suggested to keep (nothing was deleted)"
+    save_contact_sheet(render_tiles(rows, heading=f"{heading} · page {number}/{pages}"),
+                       folder / SHEET_NAME.format(number))
 
-    def write(numbered: tuple[int, list[list[Tile]]]) -> None:
-        number, rows = numbered
-        save_contact_sheet(render_tiles(rows, heading=f"{heading} · page {number}/{len(pages)}"),
-                           folder / SHEET_NAME.format(number))
 
+def _write_sheets(folder: Path, groups: Sequence[Group]) -> int:
+    """Draw and save the sheet pages, on a thread per core (Pillow decodes, draws and encodes much of a
+    page without the GIL: threads beat processes here, measured); the number written."""
+    pages = sheet_pages(groups)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="duplicates-sheet") as pool:
-        list(pool.map(write, enumerate(pages, start=1)))  # Pillow draws and encodes without the GIL
+        list(pool.map(_write_page, [folder] * len(pages), range(1, len(pages) + 1), [len(pages)] * len(pages), pages))
     return len(pages)
 
 

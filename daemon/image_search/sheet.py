@@ -254,7 +254,9 @@ def _fitted(picture: Image.Image) -> Image.Image:
     return copy
 
 
+@functools.lru_cache(maxsize=64)
 def _placeholder(message: str) -> Image.Image:
+    """A grey cell saying ``message``; shared between cells (only ever pasted: never change it)."""
     block = Image.new("RGB", (THUMB, THUMB), PLACEHOLDER)
     draw = ImageDraw.Draw(block)
     lines = _wrap(message, _NOTE, THUMB - 2 * PADDING)
