@@ -230,7 +230,7 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
     dropped = tmp_path / "q.txt"
     dropped.write_text("a red bicycle", encoding="utf-8")
     hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
-    real_move = output_module._move_out
+    real_move = output_module.move_out
     moves: list[Path] = []
 
     def move_then_fail(source: Path, target: Path) -> None:  # the move succeeds, the next step fails
@@ -238,7 +238,7 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
         moves.append(target)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(output_module, "_move_out", move_then_fail)
+    monkeypatch.setattr(output_module, "move_out", move_then_fail)
     with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
     assert moves and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back

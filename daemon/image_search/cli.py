@@ -4,6 +4,7 @@
     image-search search --config C [--no-cleanup] [FILE...] [--text WORDS]... [--query DOC.json]...
                  [--unlike WORDS]... [--folder F]... [--after D] [--before D] [--camera C] [--format F]...
                  [--top-k N] [--min-similarity X]
+    image-search duplicates --config C [--no-cleanup] [--folder F] [--kind copy,near-copy,similar]
     image-search serve  --config C [--no-cleanup] [--poll]
     image-search --env C [--process-only | --search FILE] [--no-cleanup]   (the original interface;
                  with neither flag: an interactive prompt that keeps the model loaded)
@@ -25,8 +26,8 @@ from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, Un
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
-from .query import FILTER_FORMATS, MAX_TOP_K, QuerySpec, TermKind, single_term
-from .querydoc import QueryFlagError, is_query_document, spec_from_flags
+from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, QuerySpec, TermKind, single_term
+from .querydoc import QueryFlagError, duplicates_from_flags, is_query_document, spec_from_flags
 from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .output import TextQuery
 from .search import search_file, search_query
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="search with a query document (JSON: words, pictures, weights, filters; see the README) "
                              "(repeatable: one result folder each)")
     _query_flags(search.add_argument_group("query", "what each FILE and --text search looks like and looks for"))
+    duplicates = commands.add_parser("duplicates", help="index incrementally, then write a report of copies, "
+                                     "near-copies and similar pictures (nothing is deleted); print its folder")
+    _common(duplicates, required_config=True)
+    duplicates.add_argument("--folder", metavar="FOLDER", help="only this folder of source-directory and below it")
+    duplicates.add_argument("--kind", default=",".join(DUPLICATE_KINDS), metavar="KINDS",
+                            help=f"the kinds of group, a comma list of {', '.join(DUPLICATE_KINDS)} (default: all)")
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
     _common(serve, required_config=True)
     serve.add_argument("--poll", action="store_true",
@@ -211,6 +218,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             raise QueryFlagError("the query flags shape the searches of FILE and --text; a --query document "
                                  "carries its own filters and terms: write them in it")
         flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
+    report = (duplicates_from_flags(folder=args.folder, kind=args.kind, source_directory=cfg.source_directory)
+              if args.command == "duplicates" else None)  # checked before the index is brought up to date
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
         indexer = Indexer(cfg, rt.model(), rt.store)
@@ -218,6 +227,11 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             summary = indexer.index_folder()
             print_summary(summary)
             if args.command == "index" or args.process_only:
+                return ExitCode.OK
+            if report is not None:
+                from .duplicates import Kind, write_report
+
+                print(escape(write_report(cfg, rt.store, kinds=[Kind(k) for k in report.kinds], folder=report.folder)))
                 return ExitCode.OK
             if args.command == "search":
                 return run_searches(rt, [*args.files, *args.query], args.text, args)

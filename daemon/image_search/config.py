@@ -18,6 +18,10 @@ from typing import Any
 from .entries import FollowLinks, LinkPolicy
 from .errors import ExitCode, ImageSearchError
 
+# The largest near-copy distance the pair search handles (``groups.MOST_NEAR_COPY_DISTANCE``, which
+# imports numpy: this module stays light).
+MOST_NEAR_COPY_DISTANCE = 16
+
 ENV_PREFIX = "IMAGE_SEARCH_"
 REDACTED = "***"
 DEVICES = ("auto", "cuda", "cpu")
@@ -76,6 +80,14 @@ class Config:
     # Which symbolic links in source-directory and the inbox are followed: "inside" (the default: a link
     # whose target stays inside the folder), "all" or "none". See entries.LinkPolicy.
     follow_symlinks: str = FollowLinks.INSIDE.value
+    # Duplicates report (``duplicates``): two pictures are near-copies when their perceptual hashes
+    # differ in at most this many bits of 255 (``phash``); similar when their embeddings' cosine
+    # similarity is at least similar-min-similarity (0: the model family's default,
+    # ``duplicates.similar_threshold``) and, where both have a date taken, they were taken within
+    # burst-seconds of each other.
+    near_copy_max_distance: int = 10
+    similar_min_similarity: float = 0.0
+    burst_seconds: float = 30.0
 
     @property
     def embedded_database(self) -> bool:
@@ -179,6 +191,14 @@ def _validate(cfg: Config) -> None:
             "machine's state-directory and cannot be shared. Run one server all services reach (docker-compose.yml "
             "in the repository runs one) and set 'postgres-host' (and the other postgres-* keys) to it."
         )
+    if not 0 <= cfg.near_copy_max_distance <= MOST_NEAR_COPY_DISTANCE:
+        raise ConfigError(f"config key 'near-copy-max-distance' must be 0 to {MOST_NEAR_COPY_DISTANCE} (bits of 255 "
+                          f"in which two near-copies' perceptual hashes may differ), got {cfg.near_copy_max_distance}")
+    if not 0 <= cfg.similar_min_similarity <= 1:
+        raise ConfigError("config key 'similar-min-similarity' must be a cosine similarity from 0 to 1 "
+                          f"(0: the model family's default), got {cfg.similar_min_similarity}")
+    if cfg.burst_seconds < 0:
+        raise ConfigError("config key 'burst-seconds' must not be negative")
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
 

@@ -115,7 +115,7 @@ def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
     return EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=read.image.file_hash,
                         processed_path=str(read.processed), source_size=c.size, source_mtime_ns=c.mtime_ns,
                         model_name=cfg.model_name, embedding=vector, metadata=read.image.metadata,
-                        folder=relative_folder(c.path, cfg.source_directory))
+                        folder=relative_folder(c.path, cfg.source_directory), phash=read.image.phash)
 
 
 def _copy_found(read: _Read, same_as: Path, summary: IndexSummary) -> None:

@@ -60,7 +60,7 @@ def hit_record(hit: Hit) -> dict[str, object]:
     }
 
 
-def _move_out(source: Path, target: Path) -> None:
+def move_out(source: Path, target: Path) -> None:
     """Move a file, by hard link and unlink where possible: a rename out of a watched folder makes
     watchdog hold back every later event of that folder for half a second, waiting for a pair."""
     try:
@@ -69,6 +69,22 @@ def _move_out(source: Path, target: Path) -> None:
         shutil.move(source, target)
         return
     os.unlink(source)
+
+
+def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
+    """Make the finished result folder ``tmp`` (made by ``mkdtemp`` in ``output_dir``) readable and give
+    it its name, ``yyyymmdd-hhmmss`` or the first free ``-2``, ``-3``...: it appears complete or not at all."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    while True:
+        final = _free_folder_name(output_dir, stamp)
+        try:
+            # rename() onto an existing *empty* folder would replace it: mkdir first fails loudly instead.
+            os.mkdir(final)
+        except FileExistsError:
+            continue
+        os.rename(tmp, final)
+        return final
 
 
 def _free_folder_name(output_dir: Path, stamp: str) -> Path:
@@ -242,23 +258,13 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         if move_query:
             assert query.path is not None
             moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
-            _move_out(query.path, moved_query)
+            move_out(query.path, moved_query)
             if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
                 moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
                 shutil.move(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
-        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-        while True:
-            final = _free_folder_name(output_dir, stamp)
-            try:
-                # rename() onto an existing *empty* folder would replace it: mkdir first fails loudly instead.
-                os.mkdir(final)
-            except FileExistsError:
-                continue
-            os.rename(tmp, final)
-            return final
+        return publish(tmp, output_dir, now)
     except BaseException:
         if moved_folder is not None and moved_folder.exists():
             assert isinstance(query, DocumentQuery) and query.folder is not None

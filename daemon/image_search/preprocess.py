@@ -49,6 +49,7 @@ from .geometry import (
 )
 from .metadata import PictureMetadata, picture_metadata
 from .names import fit_name, fits_path
+from .phash import perceptual_hash
 
 PROCESSED_SUFFIX = ".jpg"
 # Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
@@ -107,6 +108,9 @@ class PreparedImage:
     image: Image.Image | None = field(default=None, repr=False)
     pixels: np.ndarray | Any | None = field(default=None, repr=False)  # Any: a torch tensor (never imported here)
     metadata: PictureMetadata | None = None  # read from the original's header (``metadata``)
+    # ``phash.perceptual_hash`` of the thumbnail; None from the GPU decoder (filled later from the
+    # thumbnail file: ``duplicates.fill_missing_hashes``).
+    phash: int | None = None
 
     def without_image(self) -> PreparedImage:
         """This picture without the PIL image: what crosses between processes."""
@@ -218,6 +222,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
         raise _decode_error(path, exc, source, max_pixels) from None
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    small = _thumbnail(rgb)
     return PreparedImage(
         path=path,
         image=rgb,
@@ -228,8 +233,9 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
         height=rgb.height,
         source_width=src_w,
         source_height=src_h,
-        thumbnail_jpeg=_thumbnail_jpeg(rgb),
+        thumbnail_jpeg=_jpeg(small, THUMBNAIL_QUALITY),
         metadata=metadata,
+        phash=perceptual_hash(small),
     )
 
 
@@ -287,12 +293,16 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
     return PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})")
 
 
-def _thumbnail_jpeg(rgb: Image.Image) -> bytes:
+def _thumbnail(rgb: Image.Image) -> Image.Image:
+    """The contact sheet's thumbnail of the normalised picture (the perceptual hash is taken of it too)."""
     # geometry.thumbnail_size, not thumbnail(): the GPU path (gpudecode) sizes its thumbnails with it too.
     target = thumbnail_size(rgb.size)
-    small = rgb.resize(target, THUMBNAIL_RESAMPLE, reducing_gap=THUMBNAIL_REDUCING_GAP) if target != rgb.size else rgb
+    return rgb.resize(target, THUMBNAIL_RESAMPLE, reducing_gap=THUMBNAIL_REDUCING_GAP) if target != rgb.size else rgb
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
+    im.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

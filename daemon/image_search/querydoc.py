@@ -236,6 +236,17 @@ def duplicates_folder(name: str, value: object, source_directory: Path) -> str:
     return folder
 
 
+def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Path) -> DuplicatesRequest:
+    """The report the ``duplicates`` command's ``--folder`` and ``--kind`` (a comma list) ask for, with a
+    document's rules; ``QueryFlagError`` naming the flag."""
+    try:
+        return DuplicatesRequest(
+            None if folder is None else duplicates_folder("--folder", folder, source_directory),
+            tuple(k for k in DUPLICATE_KINDS if k in {_kind("--kind", part) for part in kind.split(",")}))
+    except _Invalid as exc:
+        raise QueryFlagError(str(exc)) from None
+
+
 def _kind(name: str, value: object) -> str:
     if not isinstance(value, str) or value.strip().lower() not in DUPLICATE_KINDS:
         raise _Invalid(f"{name} must be one of {', '.join(DUPLICATE_KINDS)} (or a list, or a comma list), "

@@ -30,7 +30,7 @@ from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
-from .query import Completeness, QueryRecord, QuerySpec, TermKind, single_term
+from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, TermKind, single_term
 from .querydoc import document_folder, is_query_document, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
@@ -161,10 +161,14 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
 
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
-    None searches the file alone."""
+    None searches the file alone. A ``{"duplicates": true}`` document is answered by the duplicates
+    report (``duplicates.write_report``): its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
-        spec = read_query_document(path, cfg, links)
+        asked = read_query_document(path, cfg, links)
+        if isinstance(asked, DuplicatesRequest):  # its answer is the duplicates report
+            return _report_duplicates(asked, path, cfg=cfg, store=store, move_query=move_query)
+        spec = asked
         folder = document_folder(path)
         query = DocumentQuery(path, folder if folder.is_dir() and not folder.is_symlink() else None)
     elif is_text_query(path):
@@ -176,3 +180,12 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         query = ImageQuery(path)
     return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
                         links=links)
+
+
+def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, store: EmbeddingStore,
+                       move_query: bool) -> SearchResult:
+    from .duplicates import Kind, write_report  # the grouping code, only where a report is asked for
+
+    report = write_report(cfg, store, kinds=[Kind(k) for k in request.kinds], folder=request.folder,
+                          document=path if move_query else None)
+    return SearchResult(path, [], report)

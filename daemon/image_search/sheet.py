@@ -254,7 +254,9 @@ def _fitted(picture: Image.Image) -> Image.Image:
     return copy
 
 
+@functools.lru_cache(maxsize=64)
 def _placeholder(message: str) -> Image.Image:
+    """A grey cell saying ``message``; shared between cells (only ever pasted: never change it)."""
     block = Image.new("RGB", (THUMB, THUMB), PLACEHOLDER)
     draw = ImageDraw.Draw(block)
     lines = _wrap(message, _NOTE, THUMB - 2 * PADDING)
@@ -344,3 +346,39 @@ def cell_box(index: int, cell_count: int) -> tuple[int, int, int, int]:
 
 def save_contact_sheet(sheet: Image.Image, path: Path) -> None:
     sheet.save(path, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One cell of a sheet of tiles (``render_tiles``): a processed picture (None: a placeholder saying
+    ``missing``), two caption lines, and whether it is marked (framed, its first line in the accent)."""
+
+    processed_path: Path | None
+    first_line: str
+    second_line: str
+    marked: bool = False
+    missing: str = "processed image missing"
+
+
+def render_tiles(rows: Sequence[Sequence[Tile]], *, heading: str = "") -> Image.Image:
+    """A sheet of rows of at most ``MAX_COLUMNS`` tiles each (a row shorter than the others stays
+    short): how the duplicates report shows its groups, the one to keep marked."""
+    if any(len(row) > MAX_COLUMNS for row in rows):
+        raise ValueError(f"a row of a sheet holds at most {MAX_COLUMNS} tiles")
+    tiles = [tile for row in rows for tile in row]
+    paths = [tile.processed_path for tile in tiles if tile.processed_path is not None]
+    pictures = dict(zip(paths, _decoders().map(_thumbnail, paths)))
+    columns = max((len(row) for row in rows), default=1)
+    width = GAP + columns * (CELL_WIDTH + GAP)
+    sheet = Image.new("RGB", (width, HEADING_HEIGHT + len(rows) * (CELL_HEIGHT + GAP)), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    if heading:
+        _draw(draw, (GAP + 4, (HEADING_HEIGHT - _HEADING.size) // 2 - 2),
+              _fit_line(heading, _HEADING, width - 2 * GAP - 8), _HEADING)
+    for row_number, row in enumerate(rows):
+        for column, tile in enumerate(row):
+            picture = pictures.get(tile.processed_path) if tile.processed_path is not None else None
+            cell = _Cell(picture if picture is not None else _placeholder(tile.missing), tile.first_line,
+                         tile.second_line, accent=tile.marked)
+            _paste_cell(sheet, draw, cell, GAP + column * (CELL_WIDTH + GAP), HEADING_HEIGHT + row_number * (CELL_HEIGHT + GAP))
+    return sheet

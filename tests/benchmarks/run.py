@@ -20,7 +20,9 @@ this runner (see ``common.Section``):
    same files, and the in-process service's ingest against ``index`` on 2,000 of them (ceiling.py).
 5. service - the real ``image-search serve``: drop-to-result latency idle and under ingest, restart
    on unchanged files, memory (service.py).
-6. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
+6. duplicates - planted near-copies and copies among real files (precision, recall), and the
+   duplicates report over 100,000 synthetic rows (duplicates.py).
+7. gpu     - with --gpu: a random-weight CLIP ViT-L/14 on CUDA, the forward pass alone against
    ``embed_images`` (from device tensors) and ``index`` end to end (gpu.py).
 
 This module only parses the flags, runs the sections, prints the table and writes the JSON report
@@ -41,7 +43,7 @@ from tests.support.env import use_offline_hub
 
 use_offline_hub()  # before any section imports transformers
 
-from tests.benchmarks import ceiling, filtered, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
+from tests.benchmarks import ceiling, duplicates, filtered, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
 from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support import pgdata  # noqa: E402
@@ -51,7 +53,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # In the order they run and print. A new section: a module with a SECTION, added here.
 SECTIONS: tuple[Section, ...] = (preprocess.SECTION, ingest.SECTION, search.SECTION, filtered.SECTION,
-                                 store_write.SECTION, ceiling.SECTION, service.SECTION, gpu.SECTION)
+                                 store_write.SECTION, ceiling.SECTION, service.SECTION, duplicates.SECTION,
+                                 gpu.SECTION)
 # Run only when asked for (--gpu, or --only gpu): it needs a CUDA device to mean anything.
 ON_REQUEST = {gpu.SECTION.name}
 FULL = {key: value for section in SECTIONS for key, value in section.full_sizes.items()}

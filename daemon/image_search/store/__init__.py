@@ -11,6 +11,7 @@ One room each, every SQL statement a named, parameterised constant of the room t
 - ``paths``: every path that holds a stored content (copies of one file: one row, several paths).
 - ``bulk``: ``BulkLoad``, many rows without the index, then the index built in bulk.
 - ``fleet``: several services, one index: membership, heartbeat and work claims.
+- ``duplicates``: what the duplicates report reads (one statement), and the perceptual hashes it fills in.
 - ``database``: ``Database``, the connection target (embedded or external) that opens the store.
 """
 

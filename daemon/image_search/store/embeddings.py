@@ -25,6 +25,7 @@ from ..hits import Hit, Ranking
 from ..metadata import PictureMetadata
 from ..names import escape, unescape
 from ..query import Filters
+from ..phash import HASH_BYTES, to_bytes
 from . import metadata as meta
 from . import paths, schema
 from .bulk import BulkLoad
@@ -46,11 +47,11 @@ IDENTITY_STEP = 3  # migrations/0003_identity.py
 # to one connection, not to the database. It is made on each new connection's first write, from the
 # store's dimension, and vanishes with the session; there is nothing in it to migrate.
 _STAGING_COLUMNS = ("file_path, file_name, file_hash, processed_path, source_size, source_mtime_ns, model_name, "
-                    f"embedding, {meta.COLUMN_LIST}")
+                    f"embedding, {meta.COLUMN_LIST}, phash")
 _STAGING_SCHEMA = """
 CREATE TEMP TABLE IF NOT EXISTS image_embeddings_incoming (
     file_path TEXT, file_name TEXT, file_hash TEXT, processed_path TEXT, source_size BIGINT,
-    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension}), %s
+    source_mtime_ns BIGINT, model_name TEXT, embedding vector({dimension}), %s, phash BYTEA
 ) ON COMMIT DELETE ROWS
 """ % meta.STAGING_DDL
 COPY_COLUMNS = _STAGING_COLUMNS  # the columns of ``copy_binary``'s rows, in order (a COPY of one's own)
@@ -61,7 +62,8 @@ SELECT {_STAGING_COLUMNS} FROM image_embeddings_incoming
 ON CONFLICT (file_hash) DO UPDATE SET
     file_path = EXCLUDED.file_path, file_name = EXCLUDED.file_name, processed_path = EXCLUDED.processed_path,
     source_size = EXCLUDED.source_size, source_mtime_ns = EXCLUDED.source_mtime_ns,
-    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now(), {meta.UPSERT_SET}
+    model_name = EXCLUDED.model_name, embedding = EXCLUDED.embedding, updated_at = now(), {meta.UPSERT_SET},
+    phash = coalesce(EXCLUDED.phash, image_embeddings.phash)
 """
 COUNT = "SELECT count(*) FROM image_embeddings"
 CLEAR = "TRUNCATE image_paths, image_embeddings RESTART IDENTITY"
@@ -79,6 +81,7 @@ class EmbeddingRow:
     embedding: np.ndarray
     metadata: PictureMetadata | None = None  # the original's header (``image_search.metadata``)
     folder: str | None = None  # relative to source-directory ('' at its top): ``metadata.relative_folder``
+    phash: int | None = None  # ``phash.perceptual_hash`` (None: filled later, ``duplicates.fill_missing_hashes``)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def copy_binary(rows: Sequence[EmbeddingRow]) -> bytes:
     out = [_COPY_HEADER]
     for r in rows:
         vector = np.asarray(r.embedding, dtype=">f4").reshape(-1)
-        out.append(struct.pack("!h", 8 + len(meta.COLUMNS)))
+        out.append(struct.pack("!h", 9 + len(meta.COLUMNS)))
         for text in (escape(r.file_path), escape(r.file_name), r.file_hash, escape(r.processed_path)):
             data = text.encode("utf-8")
             out.append(struct.pack("!i", len(data)) + data)
@@ -111,6 +114,7 @@ def copy_binary(rows: Sequence[EmbeddingRow]) -> bytes:
         out.append(struct.pack("!iqiqi", 8, r.source_size, 8, r.source_mtime_ns, len(model)) + model)
         out.append(struct.pack("!ihh", 4 + 4 * vector.size, vector.size, 0) + vector.tobytes())
         out.append(meta.copy_fields(r.metadata, r.folder))
+        out.append(struct.pack("!i", -1) if r.phash is None else struct.pack("!i", HASH_BYTES) + to_bytes(r.phash))
     out.append(_COPY_TRAILER)
     return b"".join(out)
 

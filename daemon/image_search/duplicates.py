@@ -1,0 +1,373 @@
+"""The duplicates report: which pictures of the index are copies, near-copies or similar, and which one of
+each group to keep. It only reads the index and writes a result folder: nothing in the user's folders is
+ever deleted, moved or rewritten.
+
+Three kinds of group, each answering its own question (a picture may be in one group of each kind):
+
+- ``copy``: the same bytes (one file_hash) under several paths; members are the paths.
+- ``near-copy``: the same picture saved again (another JPEG quality, size or format, metadata stripped,
+  turned by an EXIF flag): perceptual hashes (``phash``) within ``near-copy-max-distance`` bits.
+- ``similar``: retakes and bursts: embeddings' cosine similarity at least ``similar-min-similarity``
+  and, where both have a date taken, taken within ``burst-seconds`` of each other.
+
+Groups are complete-linkage (``groups``): every pair in a group meets the threshold. The one to keep
+is a suggestion: the largest original (width x height, then bytes), the earliest date taken breaking
+ties, then the path. ``write_report`` writes ``output-directory/<stamp>/``:
+
+- ``duplicates.jsonl``: one group a line: ``group`` (1, 2...), ``kind``, ``keep`` (its file_path),
+  ``members`` (the kept one first), each with ``file_path``, ``copies`` (the other paths of the same
+  bytes), ``file_hash``, ``width``, ``height``, ``bytes``, ``format``, ``taken_at`` and ``similarity``
+  to the kept one (copy: 1; near-copy: 1 - hash distance / 255; similar: cosine similarity);
+- ``duplicates-NNNN.jpg``: contact sheets, pages of groups, the one to keep framed;
+- ``summary.json``: the counts per kind, the thresholds used, the pictures looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+from PIL import Image
+
+from .config import Config
+from .errors import writing_into
+from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
+from .groups import complete_linkage, near_copy_pairs, similar_pairs
+from .names import escape
+from .output import move_out, publish
+from .phash import HASH_BITS, as_words, distance, perceptual_hash
+from .preprocess import thumbnail_path_for
+from .sheet import MAX_COLUMNS, Tile, render_tiles, save_contact_sheet
+from .store.duplicates import StoredPicture, fill_hashes, missing_hashes, read_pictures
+from .store.metadata import taken_at_text
+
+if TYPE_CHECKING:
+    from .store import EmbeddingStore
+
+log = structlog.get_logger(__name__)
+
+REPORT = "duplicates.jsonl"
+SUMMARY = "summary.json"
+SHEET_NAME = "duplicates-{:04d}.jpg"
+ROWS_PER_PAGE = 10  # sheet rows (of MAX_COLUMNS pictures) a page holds
+ROWS_PER_GROUP = 2  # a group shows at most this many rows; the last tile then says how many more
+SIMILARITY_DECIMALS = 6
+
+
+class Kind(str, Enum):
+    COPY = "copy"
+    NEAR_COPY = "near-copy"
+    SIMILAR = "similar"
+
+
+ALL_KINDS: tuple[Kind, ...] = (Kind.COPY, Kind.NEAR_COPY, Kind.SIMILAR)
+
+
+def parse_kinds(text: str) -> tuple[Kind, ...]:
+    """``--kind copy,near-copy`` as kinds, in ``ALL_KINDS`` order; ValueError naming the ones known."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in {kind.value for kind in ALL_KINDS}]
+    if unknown or not names:
+        raise ValueError(f"unknown kind {', '.join(repr(n) for n in unknown) or '(none given)'}: "
+                         f"the kinds are {', '.join(kind.value for kind in ALL_KINDS)}")
+    return tuple(kind for kind in ALL_KINDS if kind.value in names)
+
+# ``similar-min-similarity`` when the config leaves it 0, by model family (the first name found in the
+# model's name, lower case; else ``DEFAULT_SIMILAR``). Not measured here (the tests' weights are
+# random): CLIP ViT image-image cosines of retakes are commonly reported around 0.9-0.95 and of
+# unrelated photos below 0.8; jina-clip and SigLIP spread image pairs more widely. See the README's
+# "Duplicates" for how to tune it on one's own pictures.
+SIMILAR_BY_FAMILY: tuple[tuple[str, float], ...] = (("jina-clip", 0.90), ("siglip", 0.90), ("clip", 0.92))
+DEFAULT_SIMILAR = 0.92
+
+
+def similar_threshold(model_name: str) -> float:
+    """The default ``similar-min-similarity`` of a model, by its family."""
+    name = model_name.lower()
+    return next((value for family, value in SIMILAR_BY_FAMILY if family in name), DEFAULT_SIMILAR)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    near_copy_max_distance: int  # bits of ``phash.HASH_BITS``
+    similar_min_similarity: float
+    burst_seconds: float
+
+    @classmethod
+    def of(cls, cfg: Config) -> Thresholds:
+        similar = cfg.similar_min_similarity or similar_threshold(cfg.model_name)
+        return cls(cfg.near_copy_max_distance, similar, cfg.burst_seconds)
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"near-copy-max-distance": self.near_copy_max_distance,
+                "similar-min-similarity": self.similar_min_similarity, "burst-seconds": self.burst_seconds}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One picture of a group: a path of a content (``copy``) or a content by its first path."""
+
+    picture: StoredPicture
+    file_path: str
+    similarity: float  # to the kept one
+
+    @property
+    def copies(self) -> list[str]:
+        """The other paths holding the same bytes."""
+        return [path for path in self.picture.paths if path != self.file_path]
+
+
+@dataclass(frozen=True)
+class Group:
+    kind: Kind
+    members: tuple[Member, ...]  # the one to keep first
+
+    @property
+    def keep(self) -> Member:
+        return self.members[0]
+
+
+def _keep_order(member: Member) -> tuple[float, int, float, str]:
+    """Sorts the one to keep first: most pixels, then most bytes, then the earliest date taken, then the path."""
+    p = member.picture
+    pixels = (p.width or 0) * (p.height or 0)
+    taken = p.taken_at.timestamp() if p.taken_at is not None else math.inf
+    return (-pixels, -p.bytes, taken, member.file_path)
+
+
+def _group(kind: Kind, members: list[Member], similarity_to: Callable[[Member, Member], float]) -> Group:
+    ordered = sorted(members, key=_keep_order)
+    keep = ordered[0]
+    return Group(kind, tuple(Member(m.picture, m.file_path, 1.0 if m is keep else similarity_to(keep, m))
+                             for m in ordered))
+
+
+def copy_groups(pictures: Sequence[StoredPicture]) -> list[Group]:
+    """A group of each content held under two paths or more."""
+    return [_group(Kind.COPY, [Member(p, path, 1.0) for path in p.paths], lambda keep, m: 1.0)
+            for p in pictures if len(p.paths) > 1]
+
+
+def near_copy_groups(pictures: Sequence[StoredPicture], max_distance: int) -> list[Group]:
+    """Complete-linkage groups of contents whose perceptual hashes are within ``max_distance`` bits
+    (contents without a hash yet take no part)."""
+    hashed = [i for i, p in enumerate(pictures) if p.phash is not None]
+    words = as_words([pictures[i].phash for i in hashed])  # type: ignore[misc]
+    pairs, dist = near_copy_pairs(words, max_distance)
+
+    def similarity(keep: Member, m: Member) -> float:
+        return 1.0 - distance(keep.picture.phash, m.picture.phash) / HASH_BITS  # type: ignore[arg-type]
+
+    return [_group(Kind.NEAR_COPY, [Member(pictures[hashed[i]], pictures[hashed[i]].paths[0], 0.0) for i in group],
+                   similarity) for group in complete_linkage(pairs, -dist.astype(np.float64))]
+
+
+def similar_groups(pictures: Sequence[StoredPicture], embeddings: np.ndarray, min_similarity: float,
+                   burst_seconds: float) -> list[Group]:
+    """Complete-linkage groups of contents whose embeddings are alike, taken close in time where dated."""
+    taken = np.array([p.taken_at.timestamp() if p.taken_at is not None else np.nan for p in pictures])
+    pairs, sims = similar_pairs(embeddings, taken, min_similarity, burst_seconds)
+    index = {p.file_hash: i for i, p in enumerate(pictures)}
+
+    def similarity(keep: Member, m: Member) -> float:
+        return float(embeddings[index[keep.picture.file_hash]] @ embeddings[index[m.picture.file_hash]])
+
+    return [_group(Kind.SIMILAR, [Member(pictures[i], pictures[i].paths[0], 0.0) for i in group], similarity)
+            for group in complete_linkage(pairs, sims)]
+
+
+def find_groups(pictures: Sequence[StoredPicture], embeddings: np.ndarray | None, kinds: Sequence[Kind],
+                thresholds: Thresholds) -> list[Group]:
+    """Every group of ``kinds``, kind by kind in ``ALL_KINDS`` order, each kind's groups by the kept path."""
+    found: list[Group] = []
+    for kind in ALL_KINDS:
+        if kind not in kinds:
+            continue
+        if kind is Kind.COPY:
+            groups = copy_groups(pictures)
+        elif kind is Kind.NEAR_COPY:
+            groups = near_copy_groups(pictures, thresholds.near_copy_max_distance)
+        else:
+            assert embeddings is not None, "the similar kind needs the embeddings"
+            groups = similar_groups(pictures, embeddings, thresholds.similar_min_similarity, thresholds.burst_seconds)
+        found.extend(sorted(groups, key=lambda g: (g.keep.file_path, g.keep.picture.file_hash)))
+    return found
+
+
+def _stored_picture_hash(processed: Path) -> int | None:
+    """The perceptual hash of a row from its processed copy: the thumbnail file ingest wrote beside it
+    (what ingest hashed), else the processed JPEG fitted to the thumbnail's size; None if neither reads."""
+    for path in (thumbnail_path_for(processed), processed):
+        try:
+            with Image.open(path, formats=("JPEG",)) as im:
+                target = thumbnail_size(im.size)
+                im.draft("RGB", target)
+                rgb = im.convert("RGB")
+                if rgb.size != target:
+                    rgb = rgb.resize(target, THUMBNAIL_RESAMPLE, reducing_gap=THUMBNAIL_REDUCING_GAP)
+                return perceptual_hash(rgb)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return None
+
+
+def fill_missing_hashes(store: EmbeddingStore) -> int:
+    """Give every row without a perceptual hash (written by an earlier version, or by the GPU decoder) its
+    hash from its processed copy: no model work, and the user's files are not read. Returns the rows
+    filled; a row whose processed copy is gone stays without (it takes no part in near-copies)."""
+    todo = missing_hashes(store)
+    if not todo:
+        return 0
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="phash") as pool:
+        found = list(pool.map(_stored_picture_hash, [Path(processed) for _, processed in todo]))
+    filled = fill_hashes(store, {h: value for (h, _), value in zip(todo, found) if value is not None})
+    log.info("perceptual_hashes_filled", rows=len(todo), filled=filled,
+             detail="near-copy detection needs them; computed from the processed copies (no model work)")
+    return filled
+
+
+def group_record(number: int, group: Group) -> dict[str, object]:
+    """One line of ``duplicates.jsonl``; paths escaped as every stored path is (``names.escape``)."""
+    return {
+        "group": number,
+        "kind": group.kind.value,
+        "keep": escape(group.keep.file_path),
+        "members": [{
+            "file_path": escape(m.file_path),
+            "copies": [escape(path) for path in m.copies],
+            "file_hash": m.picture.file_hash,
+            "width": m.picture.width,
+            "height": m.picture.height,
+            "bytes": m.picture.bytes,
+            "format": m.picture.format,
+            "taken_at": taken_at_text(m.picture.taken_at, m.picture.taken_at_offset_minutes),
+            "similarity": round(m.similarity, SIMILARITY_DECIMALS),
+        } for m in group.members],
+    }
+
+
+def _group_rows(number: int, group: Group) -> list[list[Tile]]:
+    """A group's sheet rows: the one to keep first (marked), at most ``ROWS_PER_GROUP`` rows; the last
+    tile says how many more the group has when they do not fit."""
+    room = ROWS_PER_GROUP * MAX_COLUMNS
+    shown = list(group.members[:room]) if len(group.members) <= room else list(group.members[:room - 1])
+    tiles = [Tile(Path(m.picture.processed_path),
+                  f"#{number} {group.kind.value} · keep" if m is group.keep else f"#{number} · similarity {m.similarity:.4f}",
+                  Path(m.file_path).name, marked=m is group.keep) for m in shown]
+    if len(shown) < len(group.members):
+        more = len(group.members) - len(shown)
+        tiles.append(Tile(None, f"#{number} · {more} more", f"see {REPORT}", missing=f"{more} more in {REPORT}"))
+    return [tiles[i:i + MAX_COLUMNS] for i in range(0, len(tiles), MAX_COLUMNS)]
+
+
+def sheet_pages(groups: Sequence[Group]) -> list[list[list[Tile]]]:
+    """The groups laid out on pages of at most ``ROWS_PER_PAGE`` rows; a group never spans two pages."""
+    pages: list[list[list[Tile]]] = []
+    page: list[list[Tile]] = []
+    for number, group in enumerate(groups, start=1):
+        rows = _group_rows(number, group)
+        if page and len(page) + len(rows) > ROWS_PER_PAGE:
+            pages.append(page)
+            page = []
+        page.extend(rows)
+    if page:
+        pages.append(page)
+    return pages
+
+
+def _write_page(folder: Path, number: int, pages: int, rows: list[list[Tile]]) -> None:
+    heading = "Duplicates: the framed picture of each group is the one suggested to keep (nothing was deleted)"
+    save_contact_sheet(render_tiles(rows, heading=f"{heading} · page {number}/{pages}"),
+                       folder / SHEET_NAME.format(number))
+
+
+def _write_sheets(folder: Path, groups: Sequence[Group]) -> int:
+    """Draw and save the sheet pages, on a thread per core (Pillow decodes, draws and encodes much of a
+    page without the GIL: threads beat processes here, measured); the number written."""
+    pages = sheet_pages(groups)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="duplicates-sheet") as pool:
+        list(pool.map(_write_page, [folder] * len(pages), range(1, len(pages) + 1), [len(pages)] * len(pages), pages))
+    return len(pages)
+
+
+def summary(groups: Sequence[Group], *, pictures: int, kinds: Sequence[Kind], thresholds: Thresholds,
+            folder: str | None, model_name: str, without_hash: int, sheets: int) -> dict[str, object]:
+    """What ``summary.json`` holds."""
+    counts = {kind.value: sum(1 for g in groups if g.kind is kind) for kind in kinds}
+    in_groups = {kind.value: sum(len(g.members) for g in groups if g.kind is kind) for kind in kinds}
+    if not pictures:
+        message = "the index holds no pictures" + (f" in folder '{escape(folder)}'" if folder is not None else "")
+    elif not groups:
+        message = f"no duplicates among {pictures} pictures"
+    else:
+        message = f"{len(groups)} groups among {pictures} pictures; nothing was deleted, moved or changed"
+    return {"message": message, "pictures": pictures, "folder": None if folder is None else escape(folder),
+            "kinds": [kind.value for kind in kinds], "groups": counts, "members": in_groups,
+            "pictures_without_perceptual_hash": without_hash, "model-name": model_name,
+            "thresholds": thresholds.to_json(), "sheets": sheets}
+
+
+def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = ALL_KINDS, folder: str | None = None,
+                 now: datetime | None = None, document: Path | None = None) -> Path:
+    """Find the groups of ``kinds`` among the index's pictures (``folder``: relative to source-directory,
+    it and everything under it; None: all) and write the report folder ``output-directory/<stamp>/``
+    (built under a hidden name, then renamed: it appears complete or not at all). Rows without a
+    perceptual hash get it first (``fill_missing_hashes``). Returns the folder. An empty index (or
+    folder) gives an empty report whose summary says so. A full or read-only output folder is
+    ``OutputUnwritable``. ``document``: the inbox's ``{"duplicates": true}`` document that asked, moved
+    into the report as ``<stem>.query.json``."""
+    kinds = tuple(kind for kind in ALL_KINDS if kind in kinds)
+    thresholds = Thresholds.of(cfg)
+    if Kind.NEAR_COPY in kinds:
+        fill_missing_hashes(store)
+    pictures, embeddings = read_pictures(store, folder=folder, embeddings=Kind.SIMILAR in kinds)
+    groups = find_groups(pictures, embeddings, kinds, thresholds)
+    with writing_into(cfg.output_directory, "a duplicates report"):
+        final = _publish(cfg.output_directory, groups, now=now, document=document, details=lambda sheets: summary(
+            groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folder=folder,
+            model_name=cfg.model_name, without_hash=sum(1 for p in pictures if p.phash is None), sheets=sheets))
+    log.info("duplicates_report_written", folder=final, pictures=len(pictures),
+             **{kind.value.replace("-", "_"): sum(1 for g in groups if g.kind is kind) for kind in kinds})
+    if not pictures:
+        log.warning("duplicates_report_empty", folder=final, detail="the index holds no pictures"
+                    + (f" in folder '{escape(folder)}'" if folder is not None else "") + ": the report is empty")
+    return final
+
+
+def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
+             details: Callable[[int], dict[str, object]], document: Path | None) -> Path:
+    """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
+    back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-duplicates-"))
+    moved: Path | None = None
+    try:
+        with open(tmp / REPORT, "w", encoding="utf-8") as fh:
+            for number, group in enumerate(groups, start=1):
+                fh.write(json.dumps(group_record(number, group), ensure_ascii=False) + "\n")
+        sheets = _write_sheets(tmp, groups)
+        with open(tmp / SUMMARY, "w", encoding="utf-8") as fh:
+            json.dump(details(sheets), fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        if document is not None:
+            moved = tmp / f"{document.stem}.query{document.suffix}"
+            move_out(document, moved)
+        return publish(tmp, output_dir, now)
+    except BaseException:
+        if moved is not None and moved.exists():
+            assert document is not None
+            shutil.move(moved, document)  # never lose what the user dropped
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
