@@ -492,6 +492,26 @@ def test_search_flags_and_a_query_document(tmp_path: Path, tiny_model_dir: Path)
     assert document.is_file()  # a document named on the command line stays where it is
 
 
+def test_duplicates_reports_copies_and_refuses_a_folder_that_names_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir)
+    original = save_picture(tmp_path / "images" / "2023" / "a.png", seed=1)
+    shutil.copyfile(original, tmp_path / "images" / "2023" / "a copy.png")
+    save_picture(tmp_path / "images" / "b.png", seed=2)
+    for flags, reason in ((["--folder", "1999"], "names no folder"), (["--kind", "twins"], "--kind")):
+        refused = run_cli("duplicates", "--config", config, *flags, cwd=tmp_path)
+        assert refused.returncode == 2 and reason in refused.stderr, refused.stderr
+        assert_no_traceback(refused)
+    run = run_cli("duplicates", "--config", config, "--folder", "2023", "--kind", "copy", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = Path(run.stdout.strip().splitlines()[-1])
+    (group,) = read_jsonl(report / "duplicates.jsonl")
+    assert group["kind"] == "copy"
+    paths = {group["keep"]} | {p for m in group["members"] for p in (m["file_path"], *m["copies"])}
+    assert {str(original), str(tmp_path / "images" / "2023" / "a copy.png")} <= paths
+    assert json.loads((report / "summary.json").read_text())["folder"] == "2023"
+    assert (tmp_path / "images" / "2023" / "a copy.png").is_file()
+
+
 # --- the bundle writer directly ----------------------------------------------------------------------
 
 

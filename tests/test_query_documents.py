@@ -163,3 +163,31 @@ def test_files_in_a_document_folder_are_never_queries_of_their_own(story_factory
     story.service.inbox.queue_waiting()
     story.run_until_idle()
     assert (folder / "x.png").is_file() and list(story.cfg.output_directory.iterdir()) == []
+
+
+def test_a_duplicates_document_gets_the_report_and_moves_into_it(story_factory, tmp_path) -> None:
+    from tests.support.derived import scene
+
+    story = story_factory({"trip/a.png": 1})
+    shutil.copyfile(story.images / "trip" / "a.png", story.images / "trip" / "a-copy.png")
+    picture = scene(7, (320, 240))  # photo-like: a perceptual hash is made for photographs
+    (story.images / "other").mkdir()
+    picture.save(story.images / "other" / "b.png")
+    picture.save(story.images / "other" / "b-again.jpg", quality=70)  # the same picture saved again
+    for name in ("trip/a-copy.png", "other/b.png", "other/b-again.jpg"):
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / name)
+    story.run_until_idle()
+    drop(story, "dupes.json", {"duplicates": True, "kind": ["copy", "near-copy"]})
+    drop(story, "nowhere.json", {"duplicates": True, "folder": "no-such-folder"})
+    story.run_until_idle()
+    report = story.bundle("dupes.json")
+    groups = [json.loads(line) for line in (report / "duplicates.jsonl").read_text().splitlines()]
+    by_kind = {g["kind"]: g for g in groups}
+    assert set(by_kind) == {"copy", "near-copy"}
+    copy_paths = {m["file_path"] for m in by_kind["copy"]["members"]} | {
+        c for m in by_kind["copy"]["members"] for c in m["copies"]}
+    assert {str(story.images / "trip" / "a.png"), str(story.images / "trip" / "a-copy.png")} <= copy_paths
+    assert {Path(m["file_path"]).name for m in by_kind["near-copy"]["members"]} == {"b.png", "b-again.jpg"}
+    assert json.loads((report / "summary.json").read_text())["kinds"] == ["copy", "near-copy"]
+    assert (story.images / "trip" / "a-copy.png").is_file()  # nothing is deleted
+    assert "names no folder of source-directory" in failure(story, "nowhere.json")
