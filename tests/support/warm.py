@@ -41,9 +41,11 @@ import time
 from pathlib import Path
 
 # Environment variables the forked run may differ in from the parent: read after start-up, never at
-# import time. Anything else (HF_*, TORCH*, OMP_*, LD_*...) makes the run start cold.
+# import time. Anything else (HF_*, TORCH*, OMP_*, LD_*...) makes the run start cold. pytest's own,
+# the terminal's size, and the cache folder torch's inductor names in a test process's environment
+# once it is imported there (read when something is compiled, not at import) are no difference.
 _RUN_TIME_VARIABLES = ("IMAGE_SEARCH_", "FAULT_", "STUCK_READ_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
-                       "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_", "COLUMNS", "LINES")
+                       "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_", "COLUMNS", "LINES", "TORCHINDUCTOR_CACHE_DIR")
 _MAX_MESSAGE = 1 << 20
 # Set by the benchmark's smoke tests for the benchmark they run: its service runs fork too (only the report's
 # completeness is checked there, never its timings).
