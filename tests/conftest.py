@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from tests.support.env import use_offline_hub, use_one_torch_thread
 use_one_torch_thread()  # before anything imports torch
 
 from tests.support import pgdata, warm  # noqa: E402
+from tests.support.db import embedded_database  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
+from image_search.store import Database  # noqa: E402
 from tests.support.story import embedder, story_factory  # noqa: E402, F401  (fixtures: the service in-process)
 
 use_offline_hub()
@@ -29,6 +32,15 @@ def _shared_start_up_costs(tmp_path_factory: pytest.TempPathFactory) -> None:
     shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
     pgdata.enable(shared / "pgdata-template")
     warm.enable()  # and image-search runs fork from a warm parent (tests/support/warm.py)
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Database]:
+    """The embedded PostgreSQL of one test module (integration tier), started once for its tests; the
+    module's ``DATABASE_CONFIG`` (config keys, as ``write_config`` takes them) sets it up."""
+    config = getattr(request.module, "DATABASE_CONFIG", {})
+    with embedded_database(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]), **config) as db:
+        yield db
 
 
 @pytest.fixture(scope="session")

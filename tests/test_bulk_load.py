@@ -39,10 +39,7 @@ def index_state(database: Database) -> str:
     return "missing" if not found else "valid" if found[0][0] else "invalid"
 
 
-@pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    with embedded_database(tmp_path_factory.mktemp("bulk"), dimension=DIM, exact_search_below=10) as db:
-        yield db
+DATABASE_CONFIG = {"dimension": DIM, "exact_search_below": 10}  # the module's database (the ``database`` fixture, conftest.py)
 
 
 @pytest.fixture

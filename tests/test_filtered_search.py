@@ -70,12 +70,6 @@ def tilted(i: int) -> np.ndarray:
     return unit(np.eye(DIM)[0] + 0.1 * (i + 1) * np.eye(DIM)[1 + i % (DIM - 1)])
 
 
-@pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    with embedded_database(tmp_path_factory.mktemp("filtered")) as db:
-        yield db
-
-
 @pytest.fixture
 def library(database: Database) -> Iterator[EmbeddingStore]:
     with empty_store(database, DIM) as store:

@@ -42,12 +42,6 @@ MODEL = "test-model"
 LEASE = 30.0  # long: nothing here goes stale by itself; staleness is set by hand
 
 
-@pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    with embedded_database(tmp_path_factory.mktemp("fleet-store")) as db:
-        yield db
-
-
 @pytest.fixture
 def registries(database: Database) -> Iterator[list[FleetRegistry]]:
     """Fresh registries (one connection each, as each service has), over emptied fleet tables."""

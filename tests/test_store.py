@@ -40,12 +40,6 @@ def basis(i: int, dim: int = DIM) -> np.ndarray:
     return v
 
 
-@pytest.fixture(scope="module")
-def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    with embedded_database(tmp_path_factory.mktemp("store")) as db:
-        yield db
-
-
 @pytest.fixture
 def store(database: Database) -> Iterator[EmbeddingStore]:
     with empty_store(database, DIM) as s:

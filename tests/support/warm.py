@@ -371,8 +371,6 @@ class WarmPopen(subprocess.Popen):
 def popen(args: list, **kwargs) -> subprocess.Popen:
     """``subprocess.Popen(args, **kwargs)`` for an ``image-search`` run: forked from the warm parent when
     its environment allows (``warmable``), else started the usual way."""
-    from tests.support.env import child_env
-
     env = kwargs.get("env")
     if _wanted():
         warm = parent()
