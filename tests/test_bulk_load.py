@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from image_search.config import load_config
 from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore
-from tests.support.db import embedded_database, empty_store, raw
+from tests.support.db import empty_store, raw
 from tests.support.files import write_config
 
 pytestmark = pytest.mark.integration

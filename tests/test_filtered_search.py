@@ -24,7 +24,7 @@ from image_search.query import Filters
 from image_search.store import Database, EmbeddingRow, EmbeddingStore, Ranking
 from image_search.store import ranking as ranking_module
 from image_search.store.filters import filter_sql
-from tests.support.db import embedded_database, empty_store, raw
+from tests.support.db import empty_store, raw
 
 pytestmark = pytest.mark.integration
 

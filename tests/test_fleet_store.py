@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support.db import embedded_database, empty_store, raw
+from tests.support.db import empty_store, raw
 from tests.support.files import write_config
 from tests.support.waiting import wait_for
 

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg2
 import pytest
 
-from tests.support.db import embedded_database, empty_store, raw
+from tests.support.db import empty_store, raw
 from tests.support.waiting import wait_for
 
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError, StoredContent
