@@ -1,0 +1,43 @@
+"""The warm parent the end-to-end tests fork their ``image-search`` runs from (tests/support/warm.py):
+a run with the test process's environment, as it is by now (torch and the modules under test imported,
+pytest's variables set), is forked, not started cold. When every run started cold by mistake, the whole
+suite took twice as long, and nothing failed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import warm
+from tests.support.env import child_env
+from tests.support.failures import fault_env
+
+pytestmark = pytest.mark.e2e
+
+CLI = Path(sys.executable).parent / "image-search"
+
+
+def test_a_run_with_this_process_environment_is_forked_from_the_warm_parent() -> None:
+    import torch._inductor.config  # noqa: F401  (what a test process has imported by the end of a run)
+
+    parent = warm.parent()
+    env = child_env()
+    differing = sorted(k for k in env.keys() | parent.env.keys() if env.get(k) != parent.env.get(k))
+    assert warm.warmable(env, parent.env), differing
+    with warm.popen([str(CLI), "--help"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    stdin=subprocess.DEVNULL) as proc:
+        out, err = proc.communicate(timeout=60)
+    assert isinstance(proc, warm.WarmPopen)
+    assert proc.returncode == 0 and "image-search" in out, err
+
+
+def test_a_run_with_an_induced_fault_is_forked_too() -> None:
+    env = fault_env(FAULT_NO_FONTS="1")
+    assert warm.warmable(env, warm.parent().env)
+
+
+def test_a_run_with_another_import_time_environment_starts_cold() -> None:
+    assert not warm.warmable(child_env(OMP_NUM_THREADS="7"), warm.parent().env)
