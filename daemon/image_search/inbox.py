@@ -137,7 +137,10 @@ class QueryInbox:
     def _pictures_of(self, path: Path) -> list[Path]:
         """The files in a query document's ``inbox/<stem>/`` folder (none for any other query)."""
         folder = self.pictures_folder(path)
-        return [] if folder is None else [p for p in folder.rglob("*") if not p.is_dir()]
+        if folder is None:
+            return []
+        # os.walk follows no link to a folder (a loop of links would never end); a link is an entry as it is.
+        return [Path(top, name) for top, _, names in os.walk(folder) for name in names]
 
     def pictures_folder(self, path: Path) -> Path | None:
         """A query document's ``inbox/<stem>/``, when it is a real folder (not a link, not ``failed/``)."""
