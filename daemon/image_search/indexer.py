@@ -7,7 +7,9 @@ new content is embedded.
 
 Decoding, orienting, fitting, JPEG encoding, hashing, the model's own resize and crop and saving the
 processed copies run in worker processes (``workers.PreprocessPool``), so this thread only stacks the
-uint8 pixels, runs the model and writes rows; the next batch is prepared while the current one is embedded. With the model
+uint8 pixels, runs the model and writes rows; the next batch is prepared while the current one is embedded.
+(Saving was this thread's largest stage before, issue 16; it still saves what no worker did: the batched
+JPEG decoder's pictures, or one a worker could not write, so that a full disk is reported as before.) With the model
 on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``): the next
 batch's files are read and hashed by threads while the current one is embedded, and decoded on the
 device after it (one device, one queue of work); the other files still take the workers.
@@ -155,12 +157,9 @@ class Indexer:
         # batch-size stays the size of one database transaction either way.
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
-        # The workers save the processed copies too (two files each, through a rename: the largest part of
-        # this thread's work before, issue 16); the batched JPEG decoder's are saved here.
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
-                                    model_input=model_input_for(embedder), links=cfg.source_links,
-                                    processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory),
-                                    workers=workers)
+                                    model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
+                                    processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
         # True while this thread only waits for files to be read and decoded: a stop may cut that wait
         # short (a read that never returns, on a dead network mount) with nothing half-done.
         self.waiting_for_files = False
