@@ -86,3 +86,36 @@ def test_pipelined_ingest_equals_one_at_a_time(tree) -> None:
         np.testing.assert_allclose(vector, simple[path][1], atol=1e-5, err_msg=path)
     assert fast_ranking == simple_ranking
     assert fast_ranking[0][0].endswith("p07.jpg")
+
+
+def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, monkeypatch) -> None:
+    """Issue 16: the indexer's own save_processed runs only for a picture no worker saved (none here); every
+    row's processed copy is on disk all the same, its bytes those of preprocessing."""
+    import shutil
+
+    import image_search.indexer
+
+    cfg, database, embedder = tree
+    here: list[Path] = []
+    monkeypatch.setattr(image_search.indexer, "save_processed", lambda prepared, path: here.append(path))
+    shutil.rmtree(cfg.processed_directory, ignore_errors=True)
+    store = database.open_store(dimension=TINY_DIMENSION)
+    try:
+        store.clear()
+        indexer = Indexer(cfg, embedder, store, workers=2)
+        try:
+            summary = indexer.index_folder(show_progress=False)
+        finally:
+            indexer.close()
+        rows = database_rows(database, ("file_path", "processed_path")) or []
+    finally:
+        store.close()
+
+    assert summary.embedded == 23 and here == []
+    assert len(rows) == 23
+    for row in rows:
+        source = Path(row["file_path"])
+        processed = processed_path_for(source, cfg.source_directory, cfg.processed_directory)
+        assert row["processed_path"] == str(processed)
+        prepared = preprocess_image(source, max_size=(320, 240), max_pixels=cfg.max_image_pixels)
+        assert processed.read_bytes() == prepared.jpeg_bytes, source

@@ -33,9 +33,11 @@ from image_search.preprocess import (
     md5_hex,
     normalised_pixels,
     preprocess_image,
+    processed_path_for,
     save_processed,
+    thumbnail_path_for,
 )
-from image_search.workers import PoolError, PreprocessPool, PreprocessSettings, preprocess_file
+from image_search.workers import PoolError, PreprocessPool, PreprocessSettings, ProcessedFolders, preprocess_file
 
 pytestmark = pytest.mark.integration
 
@@ -242,6 +244,50 @@ def test_a_pool_result_is_saved_like_a_prepared_image(tmp_path, good_files):
     save_processed(outcome, processed)
     assert processed.read_bytes() == outcome.jpeg_bytes
     assert md5_hex(good_files[0].read_bytes()) == outcome.file_hash  # the source's identity
+
+
+def test_the_workers_save_each_processed_copy_where_the_indexer_records_it(tmp_path, good_files, monkeypatch):
+    """Issue 16: the copies are written by the workers, not by this process (whose save_processed counts)."""
+    import image_search.preprocess
+    import image_search.workers
+
+    here: list[Path] = []
+    for module in (image_search.preprocess, image_search.workers):
+        monkeypatch.setattr(module, "save_processed", lambda prepared, path: here.append(path))
+    nested = save_picture(tmp_path / "trip" / "day 2" / "beach.png", 6, size=(180, 120))
+    paths = [*good_files, nested]
+    folders = ProcessedFolders(source=tmp_path, processed=tmp_path / "processed")
+    with pool(processed=folders) as workers:
+        outcomes = workers.submit(paths).results()
+
+    assert here == []
+    for path, outcome in zip(paths, outcomes, strict=True):
+        processed = processed_path_for(path, tmp_path, tmp_path / "processed")
+        assert outcome.saved_to == processed, path
+        assert processed.read_bytes() == outcome.jpeg_bytes
+        assert thumbnail_path_for(processed).read_bytes() == outcome.thumbnail_jpeg
+        assert_same(outcome, reference(path))  # saving changed nothing else
+    assert (tmp_path / "processed" / "trip" / "day 2" / "beach.png.jpg").is_file()
+
+
+def test_a_copy_a_worker_cannot_write_is_left_to_the_indexer(tmp_path, good_files):
+    """A failed write is not the file's fault: the picture comes back unsaved (``saved_to`` None), and the
+    indexer's own write then says what is wrong with the folder (tests/test_failures.py: a full disk)."""
+    blocked = tmp_path / "processed"
+    blocked.write_text("a file where the processed folder should be\n")
+    with pool(processed=ProcessedFolders(source=tmp_path, processed=blocked)) as workers:
+        outcomes = workers.submit(good_files[:2]).results()
+    for path, outcome in zip(good_files[:2], outcomes, strict=True):
+        assert isinstance(outcome, PreparedImage) and outcome.saved_to is None
+        assert_same(outcome, reference(path))
+    assert blocked.read_text() == "a file where the processed folder should be\n"
+
+
+def test_without_processed_folders_the_workers_save_nothing(tmp_path, good_files):
+    with pool() as workers:
+        outcomes = workers.submit(good_files).results()
+    assert all(outcome.saved_to is None for outcome in outcomes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in good_files)
 
 
 def test_every_rejection_reason_comes_back_word_for_word(bad_files, good_files):

@@ -5,9 +5,11 @@ do; otherwise decode and hash, and a stored content with the same hash and model
 paths updated (a rename, a touch, a copy: each copy is a path of the one row) - no model work. Only
 new content is embedded.
 
-Decoding, orienting, fitting, JPEG encoding, hashing and the model's own resize and crop run in
-worker processes (``workers.PreprocessPool``), so this thread only stacks the uint8 pixels, runs the
-model and writes rows; the next batch is prepared while the current one is embedded. With the model
+Decoding, orienting, fitting, JPEG encoding, hashing, the model's own resize and crop and saving the
+processed copies run in worker processes (``workers.PreprocessPool``), so this thread only stacks the
+uint8 pixels, runs the model and writes rows; the next batch is prepared while the current one is embedded.
+(Saving was this thread's largest stage before, issue 16; it still saves what no worker did: the batched
+JPEG decoder's pictures, or one a worker could not write, so that a full disk is reported as before.) With the model
 on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``): the next
 batch's files are read and hashed by threads while the current one is embedded, and decoded on the
 device after it (one device, one queue of work); the other files still take the workers.
@@ -34,7 +36,7 @@ from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .sync import compare_folder, is_unchanged, stat_or_none
-from .workers import BatchHandle, PreprocessPool
+from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
@@ -156,7 +158,8 @@ class Indexer:
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
-                                    model_input=model_input_for(embedder), links=cfg.source_links, workers=workers)
+                                    model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
+                                    processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
         # True while this thread only waits for files to be read and decoded: a stop may cut that wait
         # short (a read that never returns, on a dead network mount) with nothing half-done.
         self.waiting_for_files = False
@@ -279,8 +282,9 @@ class Indexer:
         later: list[tuple[_Read, Path]] = []  # a content's further files in this batch, and its first
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
-            with writing_into(self.cfg.processed_directory, "a processed image"):
-                save_processed(image, processed)
+            if image.saved_to != processed:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
+                with writing_into(self.cfg.processed_directory, "a processed image"):
+                    save_processed(image, processed)
             read = _Read(candidate, image, processed)
             if image.file_hash in first:
                 later.append((read, first[image.file_hash]))

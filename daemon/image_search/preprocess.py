@@ -111,6 +111,9 @@ class PreparedImage:
     # ``phash.perceptual_hash`` of the thumbnail; None from the GPU decoder (filled later from the
     # thumbnail file: ``duplicates.fill_missing_hashes``).
     phash: int | None = None
+    # Where the processed JPEG and its thumbnail were saved already (by the worker process that made them,
+    # ``workers.ProcessedFolders``); None: not saved, the indexer saves them itself.
+    saved_to: Path | None = None
 
     def without_image(self) -> PreparedImage:
         """This picture without the PIL image: what crosses between processes."""

@@ -1,4 +1,5 @@
-"""Preprocessing in worker processes: decode, orient, fit, encode and hash on every core.
+"""Preprocessing in worker processes: decode, orient, fit, encode, hash (and, for the indexer, save the
+processed copies) on every core.
 
 Why processes: Pillow releases the GIL in much of its C work, but not all of it, and the Python around
 it holds it; decode threads contend (issue 8: ``preprocess_image`` tops out near 80 images/s on 16
@@ -37,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
@@ -45,7 +46,8 @@ from pathlib import Path
 
 from .entries import LinkPolicy
 from .errors import WorkersError
-from .preprocess import IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image
+from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
+                         processed_path_for, save_processed)
 
 # Files handed to one worker before it has answered: two, so the next file is already waiting when a
 # worker finishes (no idle gap while the parent's dispatcher thread waits for the GIL), and few, so a
@@ -55,7 +57,8 @@ _TASKS_PER_WORKER = 2
 # deaths in a row mean the environment is broken, and the pool says so instead of blaming files.
 _START_ATTEMPTS = 3
 # How long close() lets workers finish their current file before killing them (their results are
-# discarded anyway, and workers write nothing, so a kill is always safe).
+# discarded anyway, and workers write only through a temporary file and a rename, so a kill is always
+# safe: at worst a temporary file is left in the processed folder).
 _CLOSE_GRACE_SECONDS = 2.0
 # The longest one file may take to be read and decoded before its worker is killed and the file skipped:
 # a read that never returns (a network mount whose server is gone) costs that file, not the pool. The
@@ -80,6 +83,15 @@ _WORKER_BOOTSTRAP = (
 
 
 @dataclass(frozen=True)
+class ProcessedFolders:
+    """Where the workers save each picture's processed JPEG and thumbnail: the path ``processed_path_for``
+    gives a file under ``source`` (the indexer's, so its main thread only checks ``saved_to``)."""
+
+    source: Path
+    processed: Path
+
+
+@dataclass(frozen=True)
 class PreprocessSettings:
     """What every worker needs to turn a path into a result (sent once, when the worker starts)."""
 
@@ -87,6 +99,7 @@ class PreprocessSettings:
     max_pixels: int
     model_input: ModelInput | None = None
     links: LinkPolicy | None = None  # which symbolic links may be followed to a file (None: any)
+    processed: ProcessedFolders | None = None  # where to save the processed copies (None: nowhere)
 
 
 Outcome = PreparedImage | PreprocessError
@@ -98,12 +111,29 @@ class PoolError(WorkersError):
 
 def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
     """One worker job, also usable in-process: ``preprocess_image`` with the model's input, without the
-    PIL image (picklable: plain bytes, numbers and the pixel array).
+    PIL image (picklable: plain bytes, numbers and the pixel array); its processed copy saved when the
+    settings say where (``saved_to``).
 
     Raises PreprocessError exactly as ``preprocess_image`` does.
     """
-    return preprocess_image(Path(path), max_size=settings.max_size, max_pixels=settings.max_pixels,
-                            links=settings.links, model_input=settings.model_input).without_image()
+    path = Path(path)
+    prepared = preprocess_image(path, max_size=settings.max_size, max_pixels=settings.max_pixels,
+                                links=settings.links, model_input=settings.model_input).without_image()
+    if settings.processed is None:
+        return prepared
+    return replace(prepared, saved_to=_saved(prepared, path, settings.processed))
+
+
+def _saved(prepared: PreparedImage, path: Path, folders: ProcessedFolders) -> Path | None:
+    """Save the processed copy of ``path`` where the indexer records it; where, or None when it could not be
+    written. Why None rather than an error: the indexer then writes it itself, and a full or read-only disk
+    ends as it always has, as ``OutputUnwritable`` naming the processed folder (a file is not to blame)."""
+    try:
+        processed = processed_path_for(path, folders.source, folders.processed)
+        save_processed(prepared, processed)
+    except (OSError, ValueError):  # ValueError: not under the source folder, which the indexer refuses
+        return None
+    return processed
 
 
 def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
@@ -386,11 +416,12 @@ class PreprocessPool:
     """
 
     def __init__(self, *, max_size: tuple[int, int], max_pixels: int, model_input: ModelInput | None = None,
-                 links: LinkPolicy | None = None, workers: int | None = None, max_batches_in_flight: int = 2) -> None:
+                 links: LinkPolicy | None = None, processed: ProcessedFolders | None = None,
+                 workers: int | None = None, max_batches_in_flight: int = 2) -> None:
         if max_batches_in_flight < 1:
             raise ValueError("max_batches_in_flight must be at least 1")
         self.settings = PreprocessSettings(max_size=tuple(max_size), max_pixels=max_pixels,  # type: ignore[arg-type]
-                                           model_input=model_input, links=links)
+                                           model_input=model_input, links=links, processed=processed)
         self.worker_count = default_worker_count() if workers is None else max(0, workers)
         self.max_batches_in_flight = max_batches_in_flight
         self.crashes = 0  # worker processes lost to a file (each cost exactly that file)

@@ -2,9 +2,10 @@
 almost nothing, so whatever else limits the ingest shows), against preprocessing alone on the same files;
 and the service's ingest against ``index`` on the same files. All in one run, on one embedded PostgreSQL.
 
-- ``preprocess_only_img_s``: the worker pool alone (the indexer's own ``PreprocessPool``, just before the
-  ``index`` run below), driven as the indexer drives it (batches of batch-size, the next one submitted
-  before the current one is collected), started before the clock starts.
+- ``preprocess_only_img_s``: the worker pool alone (a ``PreprocessPool`` with the indexer's settings but
+  no processed folders, so nothing is saved, as before issue 16 moved saving into the workers; just
+  before the ``index`` run below), driven as the indexer drives it (batches of batch-size, the next one
+  submitted before the current one is collected), started before the clock starts.
 - ``ingest_ceiling_img_s``: ``Indexer.index_folder`` (what ``image-search index`` runs once the model is
   loaded) into an empty table, until every row is in and the HNSW index is built and valid (a bulk load
   above ``BULK_LOAD_MIN_ROWS`` rows). The pool is started before the clock starts, as above.
@@ -236,18 +237,27 @@ def _instrument(stages: StageTimer, indexer, store) -> None:
 def run_index(cfg, embedder, store, sources: list[Path], *, pgdata: Path, profile: bool = False,
               preprocess_only: Report | None = None) -> Report:
     """``Indexer.index_folder`` over ``sources`` (already in the source folder) into an empty table. Given
-    ``preprocess_only`` (a dict), first fills it with ``run_preprocess_only`` on this indexer's own pool."""
+    ``preprocess_only`` (a dict), first fills it with ``run_preprocess_only`` on a twin of this indexer's
+    pool that saves nothing (the indexer's would fill the processed folder before ``index`` runs)."""
+    from dataclasses import replace
+
     from image_search.indexer import Indexer
+    from image_search.workers import PreprocessPool
 
     _reset(cfg, store)
     warm_page_cache(sources)
     indexer = Indexer(cfg, embedder, store)
     stages = StageTimer()
     try:
-        pool = indexer._pool  # noqa: SLF001 - the benchmark drives the indexer's own pool
+        pool = indexer._pool  # noqa: SLF001 - the benchmark looks at the indexer's own pool
         pool.wait_ready()  # started before the clock
         if preprocess_only is not None:
-            preprocess_only.update(run_preprocess_only(pool, sources, pgdata=pgdata))
+            settings = replace(pool.settings, processed=None)
+            with PreprocessPool(max_size=settings.max_size, max_pixels=settings.max_pixels,
+                                model_input=settings.model_input, links=settings.links,
+                                workers=pool.worker_count) as alone:
+                alone.wait_ready()
+                preprocess_only.update(run_preprocess_only(alone, sources, pgdata=pgdata))
         if profile:
             _instrument(stages, indexer, store)
         with CpuMeter(pgdata, indexer._pool.worker_pids) as cpu:  # noqa: SLF001
