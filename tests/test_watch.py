@@ -272,3 +272,34 @@ def test_observer_problem_names_a_gone_folder_a_dead_emitter_and_a_dead_observer
         observer.stop()
         observer.join(timeout=5)
     assert observer_problem(observer, folders) == "the watch observer thread died"
+
+
+def test_stopping_the_observer_keeps_watchdogs_own_stop_race_out_of_the_log() -> None:
+    import logging
+
+    from image_search.watch import stop_observer
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    class RacingObserver:  # what watchdog's emitter thread does when the stop catches it mid-read
+        def stop(self) -> None:
+            inotify_log = logging.getLogger("watchdog.observers.inotify")
+            inotify_log.error("InotifyEmitter.queue_events() called when the thread is inactive")
+            inotify_log.error("something else went wrong")
+
+        def join(self, timeout: float) -> None:
+            pass
+
+    handler = Collect()
+    logging.getLogger("watchdog").addHandler(handler)
+    try:
+        stop_observer(RacingObserver())
+        logging.getLogger("watchdog.observers.inotify").error(
+            "InotifyEmitter.queue_events() called when the thread is inactive")  # outside a stop: shown
+    finally:
+        logging.getLogger("watchdog").removeHandler(handler)
+    assert seen == ["something else went wrong", "InotifyEmitter.queue_events() called when the thread is inactive"]

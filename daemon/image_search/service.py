@@ -38,7 +38,7 @@ from .watch import (
     WatchedFolder,
     WatchError,
     observer_problem,
-    start_observer,
+    start_observer, stop_observer,
 )
 
 log = structlog.get_logger(__name__)
@@ -283,8 +283,7 @@ def _watch_and_run(rt: Runtime, *, poll: bool, stop: StopFlag, notifier: Notifie
                        watch_problem=lambda: observer_problem(observer, folders)).run()
     finally:
         logging.getLogger("watchdog").removeHandler(lost_events)
-        observer.stop()
-        observer.join(timeout=5)
+        stop_observer(observer)
 
 
 def serve(cfg: Config, *, cleanup: bool, poll: bool) -> int:
