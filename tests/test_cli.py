@@ -485,10 +485,16 @@ def test_search_flags_and_a_query_document(tmp_path: Path, tiny_model_dir: Path)
     assert record["complete"] is True and [t["unlike"] for t in record["understood"]["terms"]] == [False, True]
     document = tmp_path / "doc.json"
     document.write_text(json.dumps({"image": "d.png", "format": "png", "top-k": 1}))
+    both = run_cli("search", "--config", config, "--query", document, "--folder", "2023", cwd=tmp_path)
+    assert both.returncode == 2 and "carries its own filters" in both.stderr, both.stderr  # never silently ignored
+    (tmp_path / "doc").mkdir()  # its pictures' folder beside it, read wherever a document named here is
+    shutil.copyfile(tmp_path / "images" / "d.png", tmp_path / "doc" / "like-d.png")
+    document.write_text(json.dumps({"image": ["like-d.png", "2023/a.png"], "format": "png", "top-k": 1,
+                                    "unlike-text": "people"}))
     asked = run_cli("search", "--config", config, "--query", document, cwd=tmp_path)
     assert asked.returncode == 0, asked.stderr
     bundle = Path(asked.stdout.strip().splitlines()[-1])
-    assert [h["file_path"] for h in read_jsonl(bundle / "doc.jsonl")] == [str(tmp_path / "images" / "d.png")]
+    assert len(read_jsonl(bundle / "doc.jsonl")) == 1
     assert document.is_file()  # a document named on the command line stays where it is
 
 

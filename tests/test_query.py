@@ -78,3 +78,9 @@ def test_an_incomplete_ranking_says_why():
 def test_a_picture_named_in_bytes_that_are_not_utf8_is_recorded_escaped():
     term = Term(TermKind.IMAGE, "caf\udce9.jpg")
     assert term.record()["value"] == "caf\\xe9.jpg"
+
+
+def test_only_the_weights_ratios_matter_however_large() -> None:
+    a, b = unit(1, 0, 0), unit(0, 1, 0)
+    assert np.allclose(combine([1e20, 1e20], np.stack([a, b])), combine([1, 1], np.stack([a, b])))
+    assert np.allclose(combine([1e39, 1e38], np.stack([a, b])), combine([10, 1], np.stack([a, b])), atol=1e-6)

@@ -70,6 +70,9 @@ def test_weighted_text_and_picture_terms_with_an_unlike_term_and_a_floor(story_f
     assert len(hits) == 2 and record["complete"] is True
     weights = [(t["kind"], t["weight"], t["unlike"]) for t in record["understood"]["terms"]]
     assert weights == [("text", 0.5, False), ("image", 2, False), ("image", 1.0, True)]
+    drop(story, "plain.json", {"image": "c.png"})  # one picture of source-directory, read by its own folder's rule
+    story.run_until_idle()
+    assert Path(answer(story, "plain.json")[1][0]["file_path"]).name == "c.png"
 
 
 def test_a_floor_no_picture_reaches_gives_an_empty_complete_answer(story_factory) -> None:
@@ -112,6 +115,7 @@ BAD_DOCUMENTS = {
     "only-unlike.json": ({"unlike-text": "cat"}, "nothing to look for"),
     "dates.json": ({"text": "cat", "taken-after": "2024-01-01", "taken-before": "2023-01-01"}, "taken-after"),
     "escape.json": ({"image": "../../config.json"}, "leaves the folders a document may name"),
+    "failed.json": ({"text": "cat"}, "may not be named failed.json"),  # inbox/failed/ is no document's folder
 }
 
 

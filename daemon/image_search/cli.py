@@ -214,9 +214,9 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         return serve(cfg, cleanup=cleanup, poll=args.poll)
     if args.command == "search" and given_flags(args) is not None:
-        if not (args.files or args.text):
-            raise QueryFlagError("the query flags shape the searches of FILE and --text; a --query document "
-                                 "carries its own filters and terms: write them in it")
+        if args.query or any(is_query_document(f) for f in args.files):
+            raise QueryFlagError("the query flags shape the searches of a picture or .txt FILE and of --text; a "
+                                 "query document carries its own filters and terms: write them in it")
         flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
     report = (duplicates_from_flags(folder=args.folder, kind=args.kind, source_directory=cfg.source_directory)
               if args.command == "duplicates" else None)  # checked before the index is brought up to date

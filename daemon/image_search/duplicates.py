@@ -45,7 +45,7 @@ from .config import Config
 from .errors import writing_into
 from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import complete_linkage, near_copy_pairs, similar_pairs
-from .names import escape
+from .names import escape, fit_name, name_bytes
 from .output import move_out, publish
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
@@ -362,7 +362,8 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
             json.dump(details(sheets), fh, indent=2, ensure_ascii=False)
             fh.write("\n")
         if document is not None:
-            moved = tmp / f"{document.stem}.query{document.suffix}"
+            stem = fit_name(document.stem, reserve=len(".query") + name_bytes(document.suffix))
+            moved = tmp / f"{stem}.query{document.suffix}"
             move_out(document, moved)
         return publish(tmp, output_dir, now)
     except BaseException:

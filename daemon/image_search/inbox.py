@@ -106,6 +106,10 @@ class QueryInbox:
             self.fail(path, f"not a supported query type '{escape(path.suffix or path.name)}': drop a picture "
                             f"({supported_formats_for_people()}), a .txt file of words or a .json query document")
             return
+        if is_query_document(path) and path.stem == FAILED_FOLDER:
+            self.fail(path, f"a query document may not be named {FAILED_FOLDER}.json: inbox/{FAILED_FOLDER}/ holds the "
+                            "failed queries, not this document's pictures; rename it (e.g. query.json) and drop it again")
+            return
         if is_query_document(path) and self._folder_settling(path):
             self.pending.note(path)
             return

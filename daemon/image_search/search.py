@@ -59,32 +59,39 @@ class SearchResult:
 
 
 def combine(weights: Sequence[float], vectors: np.ndarray) -> np.ndarray | None:
-    """The unit vector of ``sum(weight_i * vector_i)``, or None when the terms cancel out."""
-    total = (np.asarray(weights, dtype=np.float32)[:, None] * np.asarray(vectors, dtype=np.float32)).sum(axis=0)
+    """The unit vector of ``sum(weight_i * vector_i)``, or None when the terms cancel out. Only the weights'
+    ratios matter: they are scaled to at most 1 first, so no weight, however large, overflows the sum."""
+    scaled = np.asarray(weights, dtype=np.float64)
+    scaled = scaled / np.abs(scaled).max()
+    total = (scaled[:, None] * np.asarray(vectors, dtype=np.float64)).sum(axis=0)
     norm = float(np.linalg.norm(total))
     return None if norm < _CANCELLED_NORM else (total / norm).astype(np.float32)
 
 
-def _links_for(path: Path, cfg: Config) -> LinkPolicy:
-    """The link rule of the folder a term's picture is in: source-directory's, else the inbox's
-    (``querydoc`` resolved the path, and either folder may itself be reached through a link)."""
+def _links_for(path: Path, cfg: Config, links: LinkPolicy | None) -> LinkPolicy | None:
+    """The link rule for reading a term's picture: None (any link) where the query came from the command
+    line (``links`` None); else the rule of the folder the picture really is in: source-directory's for
+    a picture there (``querydoc`` resolved the path, and either folder may be reached through a link),
+    the inbox's (``links``) for one in the inbox."""
+    if links is None:
+        return None
     inside_source = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(cfg.source_directory))
-    return cfg.source_links if inside_source else cfg.inbox_links
+    return cfg.source_links if inside_source else links
 
 
 def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: LinkPolicy | None,
                  query_path: Path) -> tuple[np.ndarray, Image.Image | None]:
     """The query's one vector, and the first liked picture as processed (for the contact sheet).
 
-    ``links``: the rule for a plain picture query's own file (None: any, a file the user named); a
-    document's pictures follow the rule of the folder they are in. Raises PreprocessError for a picture
+    ``links``: the rule of the folder the query came from (the inbox's; None: any, a file the user named
+    on the command line); a picture in source-directory follows that folder's rule. Raises PreprocessError for a picture
     that cannot be used, NoTextTower for words a model cannot read, TermsCancelOut."""
     texts = [term for term in spec.terms if term.kind is TermKind.TEXT]
     pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
     prepared = []
     for term in pictures:
         path = term.path if term.path is not None else Path(term.value)
-        prepared.append(preprocess_for(path, cfg, links if len(spec.terms) == 1 else _links_for(path, cfg)))
+        prepared.append(preprocess_for(path, cfg, _links_for(path, cfg, links)))
     vectors = [embedder.embed_texts([t.value for t in texts])] if texts else []
     if prepared:
         vectors.append(embedder.embed_images(prepared))  # the same way in as the indexer's pictures
