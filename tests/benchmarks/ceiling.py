@@ -453,7 +453,7 @@ SECTION = Section(
     name="ceiling",
     run=measure_ceiling,
     full_sizes={"ceiling_images": 5000, "ceiling_service_files": 2000},
-    quick_sizes={"ceiling_images": 40, "ceiling_service_files": 40},
+    quick_sizes={"ceiling_images": 24, "ceiling_service_files": 24},
     metrics=(
         Metric("preprocessing alone, small PNGs (worker pool)", "preprocess_only_img_s", "{:.0f} img/s"),
         Metric("index, small PNGs, tiny 1024-d model, until searchable", "ingest_ceiling_img_s", "{:.0f} img/s"),

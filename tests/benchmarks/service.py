@@ -230,7 +230,7 @@ SECTION = Section(
     name="service",
     run=run,
     full_sizes={"service_files": 2000, "idle_drops": 30, "drop_gap_s": 1.0},
-    quick_sizes={"service_files": 40, "idle_drops": 4, "drop_gap_s": 0.3},
+    quick_sizes={"service_files": 16, "idle_drops": 3, "drop_gap_s": 0.3},
     metrics=(
         Metric("drop-to-result p50 (idle)", "drop_to_result_p50_ms", "{:.0f} ms", "<= 300 ms", lambda v, r: v <= 300),
         Metric("text drop-to-result p50 (idle)", "text_drop_to_result_p50_ms", "{:.0f} ms", "<= 300 ms",
