@@ -26,7 +26,7 @@ from .preprocess import write_atomically
 from .runtime import Runtime
 from .search import search_file
 from .store import DatabaseUnavailable
-from .querydoc import document_folder, is_query_document
+from .querydoc import is_query_document, pictures_folder
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
@@ -147,13 +147,11 @@ class QueryInbox:
         return [Path(top, name) for top, _, names in os.walk(folder) for name in names]
 
     def pictures_folder(self, path: Path) -> Path | None:
-        """A query document's ``inbox/<stem>/``, when it is a real folder (not a link, not ``failed/``)."""
-        if not is_query_document(path):
+        """A query document's ``inbox/<stem>/`` (``querydoc.pictures_folder``), never ``failed/`` (the
+        folder of a ``failed.json``, which is refused, is the inbox's own)."""
+        if not is_query_document(path) or path.stem == FAILED_FOLDER:
             return None
-        folder = document_folder(path)
-        if folder.name == FAILED_FOLDER or folder.is_symlink() or not folder.is_dir():
-            return None
-        return folder
+        return pictures_folder(path)
 
     def _newest(self, path: Path) -> Path:
         """The query, or the file of its document folder changed last: how long ago that was decides

@@ -101,6 +101,13 @@ def document_folder(path: Path) -> Path:
     return path.parent / path.stem
 
 
+def pictures_folder(path: Path) -> Path | None:
+    """A document's folder of pictures (``document_folder``) when it is there as a real folder, not a link
+    (a folder that is a link leads elsewhere: its pictures are refused); else None."""
+    folder = document_folder(path)
+    return folder if folder.is_dir() and not folder.is_symlink() else None
+
+
 def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QuerySpec | DuplicatesRequest:
     """The query the document at ``path`` holds, its pictures found (``parse_query_document``); the file
     is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a document

@@ -31,7 +31,7 @@ from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, TermKind, single_term
-from .querydoc import document_folder, is_query_document, read_query_document
+from .querydoc import is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
 
@@ -162,7 +162,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
                 given: dict[str, object] | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
-    is a query document (``querydoc``: its pictures may wait in ``document_folder(path)``, which moves
+    is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
     file, NoTextTower for words a model cannot read, TermsCancelOut.
 
@@ -176,8 +176,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         if isinstance(asked, DuplicatesRequest):  # its answer is the duplicates report
             return _report_duplicates(asked, path, cfg=cfg, store=store, move_query=move_query)
         spec = asked
-        folder = document_folder(path)
-        query = DocumentQuery(path, folder if folder.is_dir() and not folder.is_symlink() else None)
+        query = DocumentQuery(path, pictures_folder(path))
     elif is_text_query(path):
         text = spec.terms[0].value if spec is not None else read_text_query(path, links)
         spec = spec or single_term(TermKind.TEXT, text)
