@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.env import use_offline_hub, use_one_torch_thread
+from tests.support.env import use_offline_hub, use_one_torch_thread, write_bytecode
 
 use_one_torch_thread()  # before anything imports torch
+write_bytecode()  # before anything big is imported, and before pytest-xdist starts its workers
 
 from tests.support import pgdata, warm  # noqa: E402
 from tests.support.db import embedded_database  # noqa: E402

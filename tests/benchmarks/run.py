@@ -44,7 +44,7 @@ from tests.support.env import use_offline_hub
 use_offline_hub()  # before any section imports transformers
 
 from tests.benchmarks import ceiling, duplicates, filtered, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
-from tests.benchmarks.common import Bench, Report, Section, fresh_dir  # noqa: E402
+from tests.benchmarks.common import Bench, Report, Section, fresh_dir, say  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support import pgdata  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                   quick=args.quick)
     for section in SECTIONS:
         if section.name in chosen:
+            section_started = time.monotonic()
             report.update(section.run(bench))
+            say(f"{section.name}: done in {time.monotonic() - section_started:.1f} s")
     report["duration_s"] = time.monotonic() - started
 
     print_table(report)
