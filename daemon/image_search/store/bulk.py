@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -10,25 +9,13 @@ import psycopg2
 import psycopg2.extensions
 import structlog
 
-from ..workers import default_worker_count
 from .connection import BULK_LOCK_KEY, TRY_LOCK, Connect
-from .schema import HNSW_INDEX, hnsw_index_ddl
+from .schema import HNSW_INDEX, hnsw_index_ddl, prepare_index_build
 
 log = structlog.get_logger("image_search.store")
 
 _DROP_INDEX_CONCURRENTLY = f"DROP INDEX CONCURRENTLY IF EXISTS {HNSW_INDEX}"
-_BUILD_SETTINGS = "SELECT set_config('maintenance_work_mem', %s, false), set_config('max_parallel_maintenance_workers', %s, false)"
 _COUNT = "SELECT count(*) FROM image_embeddings"
-
-
-def _build_memory() -> str:
-    """maintenance_work_mem for an index build: an eighth of this machine's memory, 64 MB to 2 GB (a
-    build whose graph does not fit is several times slower)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 1 << 30
-    return f"{max(64, min(2048, total // 8 >> 20))}MB"
 
 
 class BulkLoad:
@@ -76,7 +63,7 @@ class BulkLoad:
         started = time.monotonic()
         try:
             with self._conn.cursor() as cur:
-                cur.execute(_BUILD_SETTINGS, (_build_memory(), str(max(0, default_worker_count() - 1))))
+                prepare_index_build(cur, local=False)
                 cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
                 cur.execute(_COUNT)
                 rows = cur.fetchone()[0]

@@ -25,10 +25,14 @@ ON CONFLICT (file_path) DO UPDATE SET file_hash = EXCLUDED.file_hash, file_name 
 WRITE = f"INSERT INTO image_paths ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) {_ON_CONFLICT}"
 # The rows of an upsert, from its staging table (``embeddings._STAGING_SCHEMA``).
 WRITE_STAGED = f"INSERT INTO image_paths ({COLUMNS}) SELECT {COLUMNS} FROM image_embeddings_incoming {_ON_CONFLICT}"
-# Paths about to hold other content leave the content they held.
+# Paths about to hold other content leave the content they held. Each staged path is looked up through
+# the primary key: a join with the staging table (a TEMP table, never analysed) read all of image_paths
+# per batch, 0.08 ms a row at 16,000 rows and growing with the table.
 LEAVE_STAGED = """
-DELETE FROM image_paths AS p USING image_embeddings_incoming AS i
-WHERE p.file_path = i.file_path AND p.file_hash <> i.file_hash RETURNING p.file_hash
+DELETE FROM image_paths AS p
+WHERE p.file_path = ANY(ARRAY(SELECT file_path FROM image_embeddings_incoming))
+    AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i WHERE i.file_path = p.file_path AND i.file_hash = p.file_hash)
+RETURNING p.file_hash
 """
 LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AND file_hash <> %s) RETURNING file_hash"
 DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
