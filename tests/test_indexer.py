@@ -119,3 +119,48 @@ def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, m
         assert row["processed_path"] == str(processed)
         prepared = preprocess_image(source, max_size=(320, 240), max_pixels=cfg.max_image_pixels)
         assert processed.read_bytes() == prepared.jpeg_bytes, source
+
+
+def test_a_copy_of_content_whose_row_is_still_being_written_is_one_more_path_of_it(tree, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """Issue 16: the rows of a batch are written beside the embedding of the next. A file in the next
+    batch with the bytes of one being written waits for that write and is recorded as a copy (one row,
+    two paths), not embedded a second time."""
+    import shutil
+    import time
+
+    from image_search.store import EmbeddingStore
+
+    upsert = EmbeddingStore.upsert
+
+    def slow_upsert(self, rows) -> None:  # a slow database: the next batch is looked up while this one travels
+        time.sleep(1.0)
+        upsert(self, rows)
+
+    monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
+    _, _, embedder = tree
+    cfg = load_config(write_config(tmp_path, Path(embedder.info.name), batch_size=4, resize_width=320,
+                                   resize_height=240))
+    sources = cfg.source_directory
+    for i in range(8):
+        _photo(sources / f"p{i:02d}.jpg", seed=100 + i, size=(400, 300))
+    shutil.copyfile(sources / "p00.jpg", sources / "q00.jpg")
+    order = [sources / n for n in ("p00.jpg", "p01.jpg", "p02.jpg", "p03.jpg", "q00.jpg", "p04.jpg",
+                                   "p05.jpg", "p06.jpg", "p07.jpg")]  # the copy opens the second batch
+    database = Database(cfg)
+    try:
+        store = database.open_store(dimension=TINY_DIMENSION)
+        store.create_table()
+        indexer = Indexer(cfg, embedder, store, workers=1)
+        try:
+            summary = indexer.index_paths(order)
+        finally:
+            indexer.close()
+        rows = database_rows(database, ("file_path", "file_hash")) or []
+        content = store.contents([r["file_hash"] for r in rows if r["file_path"].endswith("p00.jpg")])
+        store.close()
+    finally:
+        database.close()
+    assert (summary.embedded, summary.copies) == (8, 1)
+    assert len(rows) == 8
+    assert sorted(Path(p).name for (c,) in [tuple(content.values())] for p in c.paths) == ["p00.jpg", "q00.jpg"]

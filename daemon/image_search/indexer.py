@@ -7,7 +7,9 @@ new content is embedded.
 
 Decoding, orienting, fitting, JPEG encoding, hashing, the model's own resize and crop and saving the
 processed copies run in worker processes (``workers.PreprocessPool``), so this thread only stacks the
-uint8 pixels, runs the model and writes rows; the next batch is prepared while the current one is embedded.
+uint8 pixels and runs the model; the next batch is prepared while the current one is embedded, and the
+rows of the one before travel to the database meanwhile (``store.writer.RowWriter``, a thread and a
+connection of its own; batches that wait for it are written together).
 (Saving was this thread's largest stage before, issue 16; it still saves what no worker did: the batched
 JPEG decoder's pictures, or one a worker could not write, so that a full disk is reported as before.) With the model
 on CUDA, plain JPEGs are decoded there instead, in batches (``gpudecode.GpuJpegReader``): the next
@@ -35,6 +37,7 @@ from .metadata import PictureMetadata, relative_folder
 from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
+from .store.writer import RowWriter, Ticket
 from .sync import compare_folder, is_unchanged, stat_or_none
 from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
@@ -120,20 +123,73 @@ def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
                         folder=relative_folder(c.path, cfg.source_directory), phash=read.image.phash)
 
 
+def _gone_paths(to_embed: Sequence[_Read], stored: dict[str, StoredContent]) -> list[str]:
+    """Paths of content being embedded again (another model's) that are no longer files: they leave it."""
+    return [p for r in to_embed if (content := stored.get(r.image.file_hash)) is not None
+            for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file()]
+
+
+def _batch_keys(prepared: Sequence[tuple[_Candidate, PreparedImage]]) -> set[str]:
+    """The hashes and paths a batch reads and writes (what a queued write must not change under it)."""
+    return {image.file_hash for _, image in prepared} | {str(c.path) for c, _ in prepared}
+
+
 def _copy_found(read: _Read, same_as: Path, summary: IndexSummary) -> None:
     summary.copies += 1
     log.info("image_copy", path=read.candidate.path, file_hash=read.image.file_hash, same_as=same_as)
 
 
-@dataclass(frozen=True)
+def _changed_batches(paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
+                     progress: Callable[[int], None] | None, *, size: int,
+                     model_name: str) -> Iterator[list[_Candidate]]:
+    """Batches of the files that need reading; unchanged (same size, mtime, model) and vanished ones are
+    counted in ``summary`` and never opened."""
+    batch: list[_Candidate] = []
+    for path in paths:
+        summary.seen += 1
+        st = stat_or_none(path)
+        if st is not None and not is_unchanged(known.get(str(path)), st, model_name):
+            batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
+            if len(batch) >= size:
+                yield batch
+                batch = []
+            continue
+        if st is None:
+            summary.skipped.append((path, "file disappeared before it could be read"))
+            log.warning("image_skipped", path=path, reason="file disappeared before it could be read")
+        else:
+            summary.unchanged += 1
+        if progress:
+            progress(1)
+    if batch:
+        yield batch
+
+
+def _jpeg_device(embedder: Embedder, cfg: Config, requested: str | None) -> str | None:
+    """Where plain JPEGs are decoded in batches (``Indexer``'s ``jpeg_decode_device``), or None."""
+    if embedder.pixel_spec is None:  # the model's own processor wants PIL images on the host
+        return None
+    if requested == "auto":
+        return str(embedder.device) if embedder.device.type == "cuda" and cfg.gpu_jpeg_decode else None
+    return requested
+
+
+@dataclass
 class BatchInFlight:
-    """A batch between ``Indexer.submit`` and ``Indexer.finish``: every path it was given, what the look
-    before reading found (unchanged, vanished), the files being read, and the reader's handle."""
+    """A batch between ``Indexer.submit`` and its rows committed: every path it was given, what the look
+    before reading found (unchanged, vanished), the files being read, the reader's handle, and once
+    ``Indexer.finish`` embedded it, the write of its rows (None: nothing to write)."""
 
     paths: tuple[Path, ...]
     summary: IndexSummary
     candidates: list[_Candidate]
     preparing: PreparingBatch | None
+    write: Ticket | None = None
+
+    @property
+    def written(self) -> bool:
+        """Finished and its rows committed (or none to write)."""
+        return self.write is None or self.write.written
 
 
 class Indexer:
@@ -157,6 +213,8 @@ class Indexer:
         # batch-size stays the size of one database transaction either way.
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
+        # Rows are written beside this thread, which embeds the next batch meanwhile (store/writer.py).
+        self._writer = RowWriter(store)
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
                                     model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
                                     processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
@@ -165,7 +223,7 @@ class Indexer:
         self.waiting_for_files = False
         self.heartbeat = heartbeat
         self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
-        device = self._jpeg_device(jpeg_decode_device)
+        device = _jpeg_device(embedder, cfg, jpeg_decode_device)
         if device is not None:
             from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
 
@@ -173,22 +231,24 @@ class Indexer:
             self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
                                         threads=self._pool.worker_count or 1, state_directory=cfg.state_directory)
 
-    def _jpeg_device(self, requested: str | None) -> str | None:
-        if self.embedder.pixel_spec is None:  # the model's own processor wants PIL images on the host
-            return None
-        if requested == "auto":
-            return str(self.embedder.device) if self.embedder.device.type == "cuda" and self.cfg.gpu_jpeg_decode else None
-        return requested
-
     @property
     def decoded_on_device(self) -> int:
         """Files decoded by the batched JPEG decoder so far (0 when every file took the CPU workers)."""
         return self._gpu.decoded_on_device if self._gpu is not None else 0
 
     def close(self) -> None:
+        self._writer.close()
         if self._gpu is not None:
             self._gpu.close()
         self._pool.close()
+
+    def flush(self) -> None:
+        """Wait until every row embedded so far is committed; raise a write's failure (DatabaseUnavailable...)."""
+        self._writer.flush()
+
+    def wait_written(self) -> None:
+        """Wait until every write handed over is done; each batch's ``write`` tells how it went."""
+        self._writer.wait()
 
     def index_paths(self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None) -> IndexSummary:
         """Index ``paths`` (files under ``source-directory``) in batches; return what happened.
@@ -202,17 +262,20 @@ class Indexer:
         in_flight: tuple[list[_Candidate], PreparingBatch] | None = None
 
         def finish(batch: list[_Candidate], preparing: PreparingBatch) -> None:
-            summary.merge(self._finish_batch(batch, self._outcomes(preparing)))
+            summary.merge(self._finish_batch(batch, self._outcomes(preparing))[0])
+            self._writer.raise_failure()  # a lost database stops the run here, not after every batch was embedded
             if progress:
                 progress(len(batch))
 
-        for batch in self._changed_batches(paths, known, summary, progress):
+        for batch in _changed_batches(paths, known, summary, progress, size=self.read_batch_size,
+                                      model_name=self.cfg.model_name):
             preparing = (self._gpu or self._pool).submit([c.path for c in batch])
             if in_flight is not None:
                 finish(*in_flight)
             in_flight = (batch, preparing)
         if in_flight is not None:
             finish(*in_flight)
+        self.flush()
         return summary
 
     def submit(self, paths: Sequence[Path]) -> BatchInFlight:
@@ -221,14 +284,17 @@ class Indexer:
         flight, so the next batch is read while this one is embedded, as ``index_paths`` does."""
         summary = IndexSummary()
         known = self.store.sources(str(p) for p in paths)
-        candidates = [c for batch in self._changed_batches(paths, known, summary, None) for c in batch]
+        batches = _changed_batches(paths, known, summary, None, size=self.read_batch_size, model_name=self.cfg.model_name)
+        candidates = [c for batch in batches for c in batch]
         preparing = (self._gpu or self._pool).submit([c.path for c in candidates]) if candidates else None
         return BatchInFlight(tuple(paths), summary, candidates, preparing)
 
     def finish(self, batch: BatchInFlight) -> IndexSummary:
-        """Wait for a submitted batch's files, embed what is new and write the rows; what happened."""
+        """Wait for a submitted batch's files, embed what is new and hand its rows to the writer
+        (``batch.written`` says when they are committed); what happened."""
         if batch.preparing is not None:
-            batch.summary.merge(self._finish_batch(batch.candidates, self._outcomes(batch.preparing)))
+            summary, batch.write = self._finish_batch(batch.candidates, self._outcomes(batch.preparing))
+            batch.summary.merge(summary)
         return batch.summary
 
     def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreparedImage | PreprocessError]:
@@ -245,37 +311,15 @@ class Indexer:
         finally:
             self.waiting_for_files = False
 
-    def _changed_batches(self, paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
-                         progress: Callable[[int], None] | None) -> Iterator[list[_Candidate]]:
-        """Batches of the files that need reading; unchanged (same size, mtime, model) and vanished ones are
-        counted in ``summary`` and never opened."""
-        batch: list[_Candidate] = []
-        for path in paths:
-            summary.seen += 1
-            st = stat_or_none(path)
-            if st is not None and not is_unchanged(known.get(str(path)), st, self.cfg.model_name):
-                batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
-                if len(batch) >= self.read_batch_size:
-                    yield batch
-                    batch = []
-                continue
-            if st is None:
-                summary.skipped.append((path, "file disappeared before it could be read"))
-                log.warning("image_skipped", path=path, reason="file disappeared before it could be read")
-            else:
-                summary.unchanged += 1
-            if progress:
-                progress(1)
-        if batch:
-            yield batch
-
     def _finish_batch(self, batch: Sequence[_Candidate],
-                      outcomes: Sequence[PreparedImage | PreprocessError]) -> IndexSummary:
+                      outcomes: Sequence[PreparedImage | PreprocessError]) -> tuple[IndexSummary, Ticket | None]:
+        """What happened to a batch's files, and the write of its new rows (None: nothing to write)."""
         summary = IndexSummary()
         prepared = _usable(batch, outcomes, self.defer, summary)
         if not prepared:
-            return summary
-
+            return summary, None
+        if self._writer.touches(_batch_keys(prepared)):  # an earlier batch's rows hold this one's content or paths
+            self._writer.wait()
         stored = self.store.contents(p.file_hash for _, p in prepared)
         to_embed: list[_Read] = []
         first: dict[str, Path] = {}  # each content's first file in this batch
@@ -294,12 +338,12 @@ class Indexer:
             if content is None or content.model_name != self.cfg.model_name \
                     or not self._known_content(read, content, summary):
                 to_embed.append(read)
-        if to_embed:
-            self._embed(to_embed, stored, summary)
-        for read, same_as in later:  # their content is stored now, by the first
-            self._record(read)
+        write = self._embed(to_embed, [read for read, _ in later], stored, summary) if to_embed else None
+        for read, same_as in later:  # their content is stored by the first (or by its write, once committed)
+            if write is None:
+                self._record(read)
             _copy_found(read, same_as, summary)
-        return summary
+        return summary, write
 
     def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> bool:
         """A file whose content is stored with this model: a new copy of it (another path holds it still),
@@ -318,26 +362,35 @@ class Indexer:
             summary.relinked += 1
         return True
 
-    def _record(self, read: _Read, *, metadata: PictureMetadata | None = None, replaces: Sequence[str] = ()) -> bool:
+    def _record(self, read: _Read, *, metadata: PictureMetadata | None = None, replaces: Sequence[str] = (),
+                store: EmbeddingStore | None = None) -> bool:
         """``read``'s path as a path of its stored content, no model work; False if that content is gone."""
         c = read.candidate
-        return self.store.update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
+        return (store or self.store).update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
                                         processed_path=str(read.processed), source_size=c.size,
                                         source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
                                         folder=relative_folder(c.path, self.cfg.source_directory))
 
-    def _embed(self, to_embed: Sequence[_Read], stored: dict[str, StoredContent], summary: IndexSummary) -> None:
-        """Embed new content (or content another model embedded) and write its rows, a transaction per
-        batch-size; paths of such content that are gone leave it."""
+    def _embed(self, to_embed: Sequence[_Read], later: Sequence[_Read], stored: dict[str, StoredContent],
+               summary: IndexSummary) -> Ticket:
+        """Embed new content (or content another model embedded) and hand its rows to the writer, then the
+        paths of copies of it in this batch (``later``); paths of such content that are gone leave it."""
         started = time.monotonic()
         vectors = self.embedder.embed_images([r.image for r in to_embed])
         rows = [_row(r, vector, self.cfg) for r, vector in zip(to_embed, vectors)]
-        for start in range(0, len(rows), self.cfg.batch_size):
-            self.store.upsert(rows[start:start + self.cfg.batch_size])
-        self.store.delete_paths(p for r in to_embed if (content := stored.get(r.image.file_hash)) is not None
-                                for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file())
+        gone = _gone_paths(to_embed, stored)
+
+        def then(store: EmbeddingStore) -> None:
+            if gone:
+                store.delete_paths(gone)
+            for read in later:
+                self._record(read, store=store)
+
+        keys = {*(r.file_hash for r in rows), *(r.file_path for r in rows), *gone, *(str(r.candidate.path) for r in later)}
+        write = self._writer.submit(rows, keys=keys, then=then if gone or later else None)
         summary.embedded += len(rows)
         log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))
+        return write
 
     def index_folder(self, *, show_progress: bool | None = None) -> IndexSummary:
         """Index everything under ``source-directory`` and drop rows whose source is gone."""

@@ -1,8 +1,10 @@
 """The service's ingest: files that are complete become rows, two batches in flight, as ``index`` does.
 
 ``ImageIngest.step`` keeps ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded by the
-worker processes while the oldest is embedded and written), claims each batch for this service, and
-finishes the oldest once no more can start. A large backlog is bulk-loaded (``BulkLoad``), whether the
+worker processes while the oldest is embedded, and the one before is written beside the loop: the
+indexer's ``RowWriter``), claims each batch for this service, and finishes the oldest once no more can
+start. A batch counts as indexed (its claims let go, ``images_indexed`` logged) once its rows are
+committed; one whose write failed goes back to pending, as a batch that met a lost database always has. A large backlog is bulk-loaded (``BulkLoad``), whether the
 start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
 without per-row index insertion, and the index is built again beside the loop once it is in.
 The service loop decides when to call it; everything about a batch's life is decided here.
@@ -17,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from .fleet import ClaimKind
-from .indexer import BatchInFlight, Indexer
+from .indexer import BatchInFlight, Indexer, IndexSummary
 from .runtime import Runtime
 from .store import BulkLoad, DatabaseUnavailable
 from .sync import FolderSync
@@ -43,6 +45,7 @@ class ImageIngest:
         self.skipped = 0
         self.startup_backlog = startup_backlog  # files queued by the start-up reconciliation not yet indexed
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
+        self._writing: deque[tuple[BatchInFlight, IndexSummary]] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
         # the index is built again in the background once it is in (searches are exact meanwhile).
         self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog)
@@ -56,6 +59,7 @@ class ImageIngest:
         submitted = self._submit_ready()
         if not self._in_flight:
             if not submitted and not len(self.images):
+                self._confirm_written(wait=True)
                 self.startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
@@ -85,6 +89,7 @@ class ImageIngest:
         try:
             while self._in_flight:
                 self._finish_oldest()
+            self._confirm_written(wait=True)
         except DatabaseUnavailable as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
 
@@ -122,6 +127,27 @@ class ImageIngest:
         except DatabaseUnavailable:
             self._requeue(batch.paths)
             raise
+        self._writing.append((batch, summary))
+        self._confirm_written()
+
+    def _confirm_written(self, *, wait: bool = False) -> None:
+        """The finished batches whose rows are committed, in order, counted as indexed (``wait``: all of
+        them, once their writes are done). A batch whose write failed is pending again; the failure is
+        raised once the batches before it are counted."""
+        if wait:
+            self.indexer.wait_written()
+        failure: BaseException | None = None
+        while self._writing and (self._writing[0][0].write is None or self._writing[0][0].write.done.is_set()):
+            batch, summary = self._writing.popleft()
+            if batch.write is not None and batch.write.error is not None:
+                self._requeue(batch.paths)
+                failure = failure or batch.write.error
+            else:
+                self._indexed(batch, summary)
+        if failure is not None:
+            raise failure
+
+    def _indexed(self, batch: BatchInFlight, summary: IndexSummary) -> None:
         self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again

@@ -221,7 +221,8 @@ def _instrument(stages: StageTimer, indexer, store) -> None:
     stages.wrap(indexer_module, "save_processed", "saving processed copies")
     stages.wrap(store, "sources", "store lookups")
     stages.wrap(store, "contents", "store lookups")
-    stages.wrap(store, "upsert", "writing rows (upsert)")
+    stages.wrap(indexer._writer, "submit", "handing rows to the writer (waits while 4 batches queue)")  # noqa: SLF001
+    stages.wrap(indexer._writer, "wait", "waiting for the writer")  # noqa: SLF001
     original_begin = store.begin_bulk_load
 
     def begin(rows: int):

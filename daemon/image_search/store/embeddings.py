@@ -125,7 +125,8 @@ class EmbeddingStore:
     session: the fleet's work claims) keeps working."""
 
     def __init__(self, connect: Connect, *, dimension: int, ef_search: int = 100,
-                 exact_search_below: int = 10_000) -> None:
+                 exact_search_below: int = 10_000, prepared: bool = False) -> None:
+        """``prepared``: the table exists and is migrated (a ``sibling``): nothing is checked again."""
         self._connect = connect
         self.dimension = dimension
         self.ef_search = ef_search
@@ -133,10 +134,15 @@ class EmbeddingStore:
         self.session = Session(connect)
         self._staging_on: psycopg2.extensions.connection | None = None
         try:
-            self.has_table = self._prepare()
+            self.has_table = self._prepare() if not prepared else True
         except BaseException:
             self.session.close()
             raise
+
+    def sibling(self) -> EmbeddingStore:
+        """Another store on this one's table, on a connection of its own (the row writer's)."""
+        return EmbeddingStore(self._connect, dimension=self.dimension, ef_search=self.ef_search,
+                              exact_search_below=self.exact_search_below, prepared=True)
 
     @property
     def _conn(self) -> psycopg2.extensions.connection:

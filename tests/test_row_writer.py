@@ -1,0 +1,105 @@
+"""Rows written beside the indexer (``store.writer.RowWriter``): every ticket committed in order, tickets
+that queue up while one is written go together in one transaction, a failed write fails its tickets and
+is told once while the next ones are written, a lost connection is replaced, and the caller can ask
+whether a queued write touches a hash or a path before reading it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from image_search.store import Database, DatabaseUnavailable, EmbeddingRow, EmbeddingStore
+from image_search.store.writer import RowWriter
+from tests.support.db import empty_store, raw
+
+pytestmark = pytest.mark.integration
+
+DIM = 8
+DATABASE_CONFIG = {"dimension": DIM}  # the module's database (the ``database`` fixture, conftest.py)
+
+
+def row(i: int, dim: int = DIM) -> EmbeddingRow:
+    vector = np.zeros(dim, dtype=np.float32)
+    vector[i % dim] = 1.0
+    return EmbeddingRow(f"/img/{i}.png", f"{i}.png", f"h{i:06d}", f"/processed/{i}.png.jpg", 10, i, "m", vector)
+
+
+def stored_hashes(database: Database) -> list[str]:
+    return [h for (h,) in raw(database, "SELECT file_hash FROM image_embeddings ORDER BY file_hash")]
+
+
+@pytest.fixture
+def store(database: Database) -> Iterator[EmbeddingStore]:
+    with empty_store(database, DIM) as s:
+        yield s
+
+
+@pytest.fixture
+def writer(store: EmbeddingStore) -> Iterator[RowWriter]:
+    w = RowWriter(store)
+    yield w
+    w.close()
+
+
+def held(writer: RowWriter, first: EmbeddingRow) -> tuple:
+    """Submit ``first`` and hold the writer inside its write (rows committed, its ``then`` waiting) until
+    the returned event is set; that ticket, the event."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(_store: EmbeddingStore) -> None:
+        inside.set()
+        release.wait(30)
+
+    ticket = writer.submit([first], keys={first.file_hash}, then=hold)
+    assert inside.wait(30)
+    return ticket, release
+
+
+def test_tickets_queued_while_one_is_written_are_committed_together_in_order(writer, database) -> None:
+    first, release = held(writer, row(0))
+    later = [writer.submit([row(i)], keys={f"h{i:06d}", f"/img/{i}.png"}) for i in (1, 2, 3)]
+    assert writer.touches({"/img/2.png"}) and not writer.touches({"/img/9.png"})
+    assert not any(t.written for t in [first, *later])
+    release.set()
+    writer.flush()
+    assert all(t.written for t in [first, *later])
+    assert stored_hashes(database) == ["h000000", "h000001", "h000002", "h000003"]
+    assert writer.transactions == 2  # the first alone, the three that waited behind it as one
+    assert not writer.touches({"/img/2.png"})
+    # Each row's path is a path of its content, as a direct upsert leaves it.
+    assert raw(database, "SELECT count(*) FROM image_paths")[0][0] == 4
+
+
+def test_a_refused_row_fails_its_group_is_told_once_and_the_next_write_lands(writer, database) -> None:
+    _, release = held(writer, row(0))
+    refused = writer.submit([row(1, dim=DIM + 1)], keys=set())  # not the table's dimension
+    grouped = writer.submit([row(2)], keys=set())  # written in the refused one's transaction
+    release.set()
+    writer.wait()
+    assert refused.error is not None and not refused.written
+    assert grouped.error is refused.error and not grouped.written
+    with pytest.raises(Exception, match="dimension"):
+        writer.raise_failure()
+    writer.raise_failure()  # told once
+    after = writer.submit([row(3)], keys=set())
+    writer.flush()
+    assert after.written
+    assert stored_hashes(database) == ["h000000", "h000003"]  # nothing of the failed transaction was kept
+
+
+def test_a_lost_connection_fails_the_write_on_it_and_the_next_one_reconnects(writer, database) -> None:
+    writer.submit([row(0)], keys=set())
+    writer.flush()
+    backend = writer._store.session.conn.get_backend_pid()  # noqa: SLF001 - the writer's own connection
+    raw(database, "SELECT pg_terminate_backend(%s)", (backend,))
+    lost = writer.submit([row(1)], keys=set())
+    writer.wait()
+    assert isinstance(lost.error, DatabaseUnavailable)
+    with pytest.raises(DatabaseUnavailable):
+        writer.raise_failure()
+    again = writer.submit([row(1)], keys=set())
+    writer.flush()
+    assert again.written and stored_hashes(database) == ["h000000", "h000001"]
