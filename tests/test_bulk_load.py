@@ -198,3 +198,26 @@ def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_a
     assert started == [10, 12], started
     assert [e["event"] for e in logs if e["event"] == "search_index_built"] == ["search_index_built"] * 2
     assert story.ask("q.png", story.images / "b03.png")[0] == str(story.images / "b03.png")
+
+
+def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, database, monkeypatch) -> None:
+    """Issue 16: PostgreSQL sizes a parallel build by the table's heap, and a big vector lives out of line
+    (TOAST), so a build over 16,000 1024-d rows ran serially whatever max_parallel_maintenance_workers
+    said. ``prepare_index_build`` lets the worker setting decide: here a build over a heap far below
+    min_parallel_table_scan_size (8 MB) reports a worker's share."""
+    from image_search.store import hnsw_index_ddl, schema
+
+    monkeypatch.setattr(schema, "default_worker_count", lambda: 3)  # whatever cores this machine has
+    store.upsert(rows(0, 300, unit_vectors(300)))
+    conn = database.connect()
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+            cur.execute("SET client_min_messages = debug1")  # the build says who processed what
+            schema.prepare_index_build(cur, local=False)
+            cur.execute(hnsw_index_ddl(DIM))
+        said = " ".join(conn.notices)
+    finally:
+        conn.close()
+    assert "worker processed" in said and "serially" not in said, said[-500:]
