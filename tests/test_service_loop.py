@@ -107,6 +107,40 @@ def test_deleted_file_and_deleted_folder_lose_rows_and_processed_copies(story_fa
     assert "3 removed" in story.service.status_text()
 
 
+def test_a_file_deleted_or_renamed_while_its_row_is_being_written_ends_as_the_folder_says(story_factory,
+                                                                                      monkeypatch) -> None:
+    """Issue 16: rows travel beside the loop. A file deleted (or renamed) while its row is on its way
+    loses (or moves) the row once it lands, instead of leaving a row of a file that is gone."""
+    import time
+
+    from image_search.store import EmbeddingStore
+
+    upsert = EmbeddingStore.upsert
+
+    def slow_upsert(self, rows) -> None:  # a slow database: the row is still on its way when the file goes
+        time.sleep(0.5)
+        upsert(self, rows)
+
+    story = story_factory({"keep.png": 1})
+    monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
+    gone, moved = (save_picture(story.images / f"{name}.png", seed=seed, size=(120, 90)) for name, seed in
+                   (("gone", 51), ("moved", 52)))
+    for path in (gone, moved):
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, path)
+    for _ in range(20):  # until the batch is embedded and its write handed over, not yet committed
+        story.clock.advance(SETTLE + 0.01)
+        story.service.step()
+        if story.service.ingest._writing:  # noqa: SLF001 - the moment this story is about
+            break
+    assert story.service.ingest._writing and str(gone) not in story.rows()  # noqa: SLF001
+    gone.unlink()
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, gone)
+    os.rename(moved, story.images / "renamed.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, moved, dest=story.images / "renamed.png")
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "keep.png"), str(story.images / "renamed.png")}
+
+
 def test_rename_moves_the_row_and_processed_copy_without_model_work(story_factory) -> None:
     story = story_factory({"old-name.png": 7, "other.png": 8})
     before = story.rows()[str(story.images / "old-name.png")]

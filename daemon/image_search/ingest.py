@@ -130,6 +130,11 @@ class ImageIngest:
         self._writing.append((batch, summary))
         self._confirm_written()
 
+    def wait_for_writes(self) -> None:
+        """Until every finished batch's rows are committed (and counted): before the folder sync changes
+        rows, or compares the folder with them. A failed write is raised as ``_confirm_written`` does."""
+        self._confirm_written(wait=True)
+
     def _confirm_written(self, *, wait: bool = False) -> None:
         """The finished batches whose rows are committed, in order, counted as indexed (``wait``: all of
         them, once their writes are done). A batch whose write failed is pending again; the failure is

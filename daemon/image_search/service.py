@@ -33,6 +33,7 @@ from .store import DatabaseUnavailable
 from .sync import FolderSync
 from .watch import (
     Change,
+    ChangeKind,
     Folder,
     WatchdogWarnings,
     WatchedFolder,
@@ -165,6 +166,7 @@ class Service:
         try:
             if self._needs_rescan:
                 self._needs_rescan = False
+                self._ingest.wait_for_writes()  # the rescan compares the folder with every row written
                 self.sync.rescan()
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
             if self._ingest.startup_backlog <= 0:
@@ -256,6 +258,8 @@ class Service:
             elif change.folder is Folder.INBOX:
                 self.inbox.apply(change)
             else:
+                if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED) and self.ingest is not None:
+                    self.ingest.wait_for_writes()  # a row still being written is in the table before its file goes
                 self.sync.apply(change)
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
