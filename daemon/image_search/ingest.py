@@ -58,8 +58,9 @@ class ImageIngest:
         self._consider_bulk_load()
         submitted = self._submit_ready()
         if not self._in_flight:
-            if not submitted and not len(self.images):
-                self._confirm_written(wait=True)
+            idle = not submitted and not len(self.images)
+            self._confirm_written(wait=idle)  # batches written while files still settle are counted too
+            if idle:
                 self.startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
