@@ -1,6 +1,7 @@
 """Rows written beside the indexer (``store.writer.RowWriter``): every ticket committed in order, tickets
 that queue up while one is written go together in one transaction, a failed write fails its tickets and
-is told once while the next ones are written, a lost connection is replaced, and the caller can ask
+is told once while the next ones are written, a lost connection fails what waits behind it and is
+replaced, and the caller can ask
 whether a queued write touches a hash or a path before reading it."""
 
 from __future__ import annotations
@@ -81,23 +82,27 @@ def test_a_refused_row_fails_its_group_is_told_once_and_the_next_write_lands(wri
     writer.wait()
     assert refused.error is not None and not refused.written
     assert grouped.error is refused.error and not grouped.written
+    # The next write is taken whatever went before: a caller that reads its tickets (the service) is
+    # not told twice; one that asks is told, once.
+    after = writer.submit([row(3)], keys=set())
     with pytest.raises(Exception, match="dimension"):
         writer.raise_failure()
-    writer.raise_failure()  # told once
-    after = writer.submit([row(3)], keys=set())
+    writer.raise_failure()
     writer.flush()
     assert after.written
     assert stored_hashes(database) == ["h000000", "h000003"]  # nothing of the failed transaction was kept
 
 
-def test_a_lost_connection_fails_the_write_on_it_and_the_next_one_reconnects(writer, database) -> None:
-    writer.submit([row(0)], keys=set())
-    writer.flush()
+def test_a_lost_connection_fails_what_is_queued_at_once_and_the_next_write_reconnects(writer, database) -> None:
+    _, release = held(writer, row(0))
     backend = writer._store.session.conn.get_backend_pid()  # noqa: SLF001 - the writer's own connection
     raw(database, "SELECT pg_terminate_backend(%s)", (backend,))
-    lost = writer.submit([row(1)], keys=set())
+    lost = writer.submit([row(i) for i in range(1, 1001)], keys=set())
+    behind = writer.submit([row(i) for i in range(1001, 1101)], keys=set())  # a transaction of its own (> 1,024 rows)
+    release.set()
     writer.wait()
     assert isinstance(lost.error, DatabaseUnavailable)
+    assert behind.error is lost.error  # failed with it, not after a reconnect of its own on a lost database
     with pytest.raises(DatabaseUnavailable):
         writer.raise_failure()
     again = writer.submit([row(1)], keys=set())

@@ -210,7 +210,7 @@ class Indexer:
         self.store = store
         # Images read and embedded together: on CUDA as many as a forward pass holds (measured at load),
         # so the GPU is fed full passes; on the CPU batch-size, so a query never waits behind a long pass.
-        # batch-size stays the size of one database transaction either way.
+        # Each batch's rows are one write (store/writer.py); writes that wait behind one are committed together.
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
         # Rows are written beside this thread, which embeds the next batch meanwhile (store/writer.py).

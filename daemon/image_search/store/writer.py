@@ -7,8 +7,11 @@ planning: about 1.5 ms here, a tenth of a millisecond per row of a 16-row batch)
 several batches. When the database keeps up, each batch is its own transaction, as before.
 
 Every write is a ``Ticket``: done once its transaction committed or failed. A failure (the database
-gone, a row refused) fails every ticket of that transaction, none of whose rows is then kept; the
-writer reconnects before the next one. The caller learns of it on its own thread, from the tickets
+gone, a row refused) fails every ticket of that transaction, none of whose rows is then kept (what a
+ticket writes after its rows, ``then``, runs in transactions of its own: a failure there leaves the
+rows committed and the ticket failed; its files are indexed again, which finds the rows and completes
+the rest). A lost database fails what is queued behind at once; the writer reconnects before the next
+write. The caller learns of it on its own thread, from the tickets
 (the service: which batches go back to pending) or from ``raise_failure`` and ``flush`` (``index``: the
 first failure, once).
 
@@ -67,8 +70,8 @@ class RowWriter:
 
     def submit(self, rows: Sequence[EmbeddingRow], *, keys: Iterable[str],
                then: Callable[[EmbeddingStore], None] | None = None) -> Ticket:
-        """Queue a write (after an earlier failure is raised: ``raise_failure``); waits while the queue is full."""
-        self.raise_failure()
+        """Queue a write; waits while the queue is full. An earlier failure is not raised here: the caller
+        asks (``raise_failure``, ``flush``) or reads its tickets, whichever it uses, never both."""
         ticket = Ticket(rows, frozenset(keys), then)
         with self._cond:
             if self._closing:
@@ -148,6 +151,10 @@ class RowWriter:
                     ticket.then(self._store)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
             self._broken = isinstance(exc, DatabaseUnavailable)
+            if self._broken:  # what is queued behind would wait on the same outage: it fails now
+                with self._cond:
+                    group.extend(self._queue)
+                    self._queue.clear()
             for ticket in group:
                 ticket.error = exc
             with self._cond:
