@@ -14,7 +14,7 @@ from image_search.embed import Embedder
 from image_search.indexer import Indexer
 from image_search.preprocess import preprocess_image, processed_path_for, save_processed
 from image_search.store import Database, EmbeddingRow
-from tests.support.db import database_rows
+from tests.support.db import database_rows, slow_row_writes
 from tests.support.files import write_config
 from tests.support.model import TINY_DIMENSION
 
@@ -127,17 +127,8 @@ def test_a_copy_of_content_whose_row_is_still_being_written_is_one_more_path_of_
     batch with the bytes of one being written waits for that write and is recorded as a copy (one row,
     two paths), not embedded a second time."""
     import shutil
-    import time
 
-    from image_search.store import EmbeddingStore
-
-    upsert = EmbeddingStore.upsert
-
-    def slow_upsert(self, rows) -> None:  # a slow database: the next batch is looked up while this one travels
-        time.sleep(1.0)
-        upsert(self, rows)
-
-    monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
+    slow_row_writes(monkeypatch, 1.0)  # the next batch is looked up while this one travels
     _, _, embedder = tree
     cfg = load_config(write_config(tmp_path, Path(embedder.info.name), batch_size=4, resize_width=320,
                                    resize_height=240))

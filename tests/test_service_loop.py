@@ -19,6 +19,7 @@ import psycopg2
 import pytest
 from structlog.testing import capture_logs
 
+from tests.support.db import slow_row_writes
 from tests.support.files import save_picture
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
@@ -111,18 +112,8 @@ def test_a_file_deleted_or_renamed_while_its_row_is_being_written_ends_as_the_fo
                                                                                       monkeypatch) -> None:
     """Issue 16: rows travel beside the loop. A file deleted (or renamed) while its row is on its way
     loses (or moves) the row once it lands, instead of leaving a row of a file that is gone."""
-    import time
-
-    from image_search.store import EmbeddingStore
-
-    upsert = EmbeddingStore.upsert
-
-    def slow_upsert(self, rows) -> None:  # a slow database: the row is still on its way when the file goes
-        time.sleep(0.5)
-        upsert(self, rows)
-
     story = story_factory({"keep.png": 1})
-    monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
+    slow_row_writes(monkeypatch, 0.5)  # the rows are still on their way when the files go
     gone, moved = (save_picture(story.images / f"{name}.png", seed=seed, size=(120, 90)) for name, seed in
                    (("gone", 51), ("moved", 52)))
     for path in (gone, moved):

@@ -228,3 +228,17 @@ def make_legacy_identity(database: Database) -> dict[str, str]:
     finally:
         conn.close()
     return old
+
+
+def slow_row_writes(monkeypatch, seconds: float) -> None:
+    """Every ``EmbeddingStore.upsert`` (the row writer's) takes ``seconds`` longer: a slow database, so that
+    a story can act while a batch's rows are still on their way."""
+    import time
+
+    upsert = EmbeddingStore.upsert
+
+    def slow_upsert(self: EmbeddingStore, rows) -> None:
+        time.sleep(seconds)
+        upsert(self, rows)
+
+    monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
