@@ -94,17 +94,35 @@ def test_a_refused_row_fails_its_group_is_told_once_and_the_next_write_lands(wri
 
 
 def test_a_lost_connection_fails_what_is_queued_at_once_and_the_next_write_reconnects(writer, database) -> None:
-    _, release = held(writer, row(0))
+    held_write, release = held(writer, row(0))  # its rows and its ``then`` share a transaction
     backend = writer._store.session.conn.get_backend_pid()  # noqa: SLF001 - the writer's own connection
     raw(database, "SELECT pg_terminate_backend(%s)", (backend,))
     lost = writer.submit([row(i) for i in range(1, 1001)], keys=set())
     behind = writer.submit([row(i) for i in range(1001, 1101)], keys=set())  # a transaction of its own (> 1,024 rows)
     release.set()
     writer.wait()
-    assert isinstance(lost.error, DatabaseUnavailable)
-    assert behind.error is lost.error  # failed with it, not after a reconnect of its own on a lost database
+    assert isinstance(held_write.error, DatabaseUnavailable)
+    # Failed with it, not after reconnects of their own on a lost database.
+    assert lost.error is held_write.error and behind.error is held_write.error
     with pytest.raises(DatabaseUnavailable):
         writer.raise_failure()
     again = writer.submit([row(1)], keys=set())
     writer.flush()
-    assert again.written and stored_hashes(database) == ["h000000", "h000001"]
+    assert again.written
+    assert stored_hashes(database) == ["h000001"]  # nothing of the transaction the connection took with it
+
+
+def test_a_write_whose_follow_up_fails_keeps_none_of_its_rows_and_the_next_one_lands(writer, database) -> None:
+    """The rows and what a ticket writes after them share one transaction; the session's staging table,
+    made in a transaction of its own, outlives the failed one (this is the connection's first write)."""
+    def fail(_store: EmbeddingStore) -> None:
+        raise RuntimeError("a follow-up write that fails")
+
+    failed = writer.submit([row(5)], keys=set(), then=fail)
+    writer.wait()
+    assert isinstance(failed.error, RuntimeError) and stored_hashes(database) == []
+    with pytest.raises(RuntimeError, match="follow-up"):
+        writer.raise_failure()
+    after = writer.submit([row(6)], keys=set())
+    writer.flush()
+    assert after.written and stored_hashes(database) == ["h000006"]

@@ -4,7 +4,8 @@ errors; and every advisory lock key the store takes, in one place so no two coll
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+import threading
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import psycopg2
 import psycopg2.extensions
@@ -115,10 +116,23 @@ class Session:
         self._connect = connect
         self.conn = connect()
         self.on_connect: Callable[[psycopg2.extensions.connection], None] | None = None
+        self._open: tuple[int, psycopg2.extensions.cursor] | None = None  # the thread whose transaction is open
 
     def transaction(self) -> AbstractContextManager[psycopg2.extensions.cursor]:
-        """One transaction on the current connection (``transaction``)."""
-        return transaction(self.conn)
+        """One transaction on the current connection (``transaction``). Asked again by the thread whose
+        transaction is open, the same one: the writes of a block commit (or fail) together."""
+        if self._open is not None and self._open[0] == threading.get_ident():
+            return nullcontext(self._open[1])
+        return self._outermost()
+
+    @contextmanager
+    def _outermost(self) -> Iterator[psycopg2.extensions.cursor]:
+        with transaction(self.conn) as cur:
+            self._open = (threading.get_ident(), cur)
+            try:
+                yield cur
+            finally:
+                self._open = None
 
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""

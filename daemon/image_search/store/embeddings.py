@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,7 +126,6 @@ class EmbeddingStore:
 
     def __init__(self, connect: Connect, *, dimension: int, ef_search: int = 100,
                  exact_search_below: int = 10_000, prepared: bool = False) -> None:
-        """``prepared``: the table exists and is migrated (a ``sibling``): nothing is checked again."""
         self._connect = connect
         self.dimension = dimension
         self.ef_search = ef_search
@@ -140,7 +139,7 @@ class EmbeddingStore:
             raise
 
     def sibling(self) -> EmbeddingStore:
-        """Another store on this one's table, on a connection of its own (the row writer's)."""
+        """This table, on a connection of its own (the row writer's); nothing is checked again (``prepared``)."""
         return EmbeddingStore(self._connect, dimension=self.dimension, ef_search=self.ef_search,
                               exact_search_below=self.exact_search_below, prepared=True)
 
@@ -148,11 +147,9 @@ class EmbeddingStore:
     def _conn(self) -> psycopg2.extensions.connection:
         return self.session.conn
 
-    @contextmanager
-    def _cursor(self) -> Iterator[psycopg2.extensions.cursor]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with self.session.transaction() as cur:
-            yield cur
+    def _cursor(self) -> AbstractContextManager[psycopg2.extensions.cursor]:
+        """One transaction (or the one this thread has open): committed when it ends, rolled back if it raises."""
+        return self.session.transaction()
 
     def _prepare(self) -> bool:
         """Make sure pgvector is there, an existing table has our dimension, and the database is migrated
@@ -230,16 +227,22 @@ class EmbeddingStore:
         content (its representative), instead of any other content it held."""
         if not rows:
             return
+        self.prepare_writes()
         with self._cursor() as cur:
-            if self._staging_on is not self._conn:  # once per connection (a reconnect brings a new one)
-                cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
             cur.copy_expert(_COPY_IN, io.BytesIO(copy_binary(rows)))
             cur.execute(paths.LEAVE_STAGED)
             left = [row[0] for row in cur.fetchall()]
             cur.execute(_UPSERT)
             cur.execute(paths.WRITE_STAGED)
             paths.tidy(cur, left)
-        self._staging_on = self._conn  # committed: the staging table exists for this connection's life
+
+    def prepare_writes(self) -> None:
+        """The session's staging table, once per connection, in a transaction of its own: called before a block
+        of writes opens its transaction, so that a block that fails does not take the table with it."""
+        if self._staging_on is not self._conn:
+            with self._cursor() as cur:
+                cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
+            self._staging_on = self._conn
 
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,

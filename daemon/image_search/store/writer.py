@@ -7,11 +7,10 @@ planning: about 1.5 ms here, a tenth of a millisecond per row of a 16-row batch)
 several batches. When the database keeps up, each batch is its own transaction, as before.
 
 Every write is a ``Ticket``: done once its transaction committed or failed. A failure (the database
-gone, a row refused) fails every ticket of that transaction, none of whose rows is then kept (what a
-ticket writes after its rows, ``then``, runs in transactions of its own: a failure there leaves the
-rows committed and the ticket failed; its files are indexed again, which finds the rows and completes
-the rest). A lost database fails what is queued behind at once; the writer reconnects before the next
-write. The caller learns of it on its own thread, from the tickets
+gone, a row refused) fails every ticket of that transaction, and nothing of it is kept: its rows and
+what each ticket writes after them (``then``: the paths of copies, the paths that left) share the
+transaction. A lost database fails what is queued behind at once; the writer reconnects before the
+next write. The caller learns of it on its own thread, from the tickets
 (the service: which batches go back to pending) or from ``raise_failure`` and ``flush`` (``index``: the
 first failure, once).
 
@@ -144,11 +143,13 @@ class RowWriter:
             if self._broken:
                 self._store.reconnect()  # raises DatabaseUnavailable while it is still away
                 self._broken = False
-            self._store.upsert([row for ticket in group for row in ticket.rows])
+            self._store.prepare_writes()
+            with self._store.session.transaction():  # the rows and what follows them: all or nothing
+                self._store.upsert([row for ticket in group for row in ticket.rows])
+                for ticket in group:
+                    if ticket.then is not None:
+                        ticket.then(self._store)
             self.transactions += 1
-            for ticket in group:
-                if ticket.then is not None:
-                    ticket.then(self._store)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
             self._broken = isinstance(exc, DatabaseUnavailable)
             if self._broken:  # what is queued behind would wait on the same outage: it fails now
