@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import warm
-from tests.support.env import child_env
+from tests.support.env import child_env, write_bytecode
 from tests.support.failures import fault_env
 
 pytestmark = pytest.mark.e2e
@@ -44,13 +44,18 @@ def test_a_run_with_another_import_time_environment_starts_cold() -> None:
     assert not warm.warmable(child_env(OMP_NUM_THREADS="7"), warm.parent().env)
 
 
-def test_the_processes_of_the_suite_keep_what_they_compile() -> None:
+def test_the_processes_of_the_suite_keep_what_they_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """With PYTHONDONTWRITEBYTECODE in the shell, every process of the suite compiled torch and
     transformers from source again (15 s against 5 s each; the suite 6:57 against 4:05):
     tests/support/env.write_bytecode lifts it for this process and its children."""
     probe = "import os, sys; print(sys.dont_write_bytecode, 'PYTHONDONTWRITEBYTECODE' in os.environ)"
     child = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True, check=True)
     assert (sys.dont_write_bytecode, child.stdout.split()) == (False, ["False", "False"])
+    # And whatever this shell says: the variable set, the helper conftest.py calls lifts it.
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    write_bytecode()
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ and sys.dont_write_bytecode is False
 
 
 def test_torch_threads_wait_passively_unless_the_environment_says_otherwise() -> None:

@@ -187,9 +187,9 @@ class BatchInFlight:
     write: Ticket | None = None
 
     @property
-    def written(self) -> bool:
-        """Finished and its rows committed (or none to write)."""
-        return self.write is None or self.write.written
+    def settled(self) -> bool:
+        """Its write is over, committed or failed (``write.error``), or it had none."""
+        return self.write is None or self.write.done.is_set()
 
 
 class Indexer:
@@ -284,14 +284,15 @@ class Indexer:
         flight, so the next batch is read while this one is embedded, as ``index_paths`` does."""
         summary = IndexSummary()
         known = self.store.sources(str(p) for p in paths)
-        batches = _changed_batches(paths, known, summary, None, size=self.read_batch_size, model_name=self.cfg.model_name)
+        batches = _changed_batches(paths, known, summary, None, size=self.read_batch_size,
+                                   model_name=self.cfg.model_name)
         candidates = [c for batch in batches for c in batch]
         preparing = (self._gpu or self._pool).submit([c.path for c in candidates]) if candidates else None
         return BatchInFlight(tuple(paths), summary, candidates, preparing)
 
     def finish(self, batch: BatchInFlight) -> IndexSummary:
         """Wait for a submitted batch's files, embed what is new and hand its rows to the writer
-        (``batch.written`` says when they are committed); what happened."""
+        (``batch.settled`` says when that is over, ``batch.write`` how it went); what happened."""
         if batch.preparing is not None:
             summary, batch.write = self._finish_batch(batch.candidates, self._outcomes(batch.preparing))
             batch.summary.merge(summary)
@@ -366,10 +367,10 @@ class Indexer:
                 store: EmbeddingStore | None = None) -> bool:
         """``read``'s path as a path of its stored content, no model work; False if that content is gone."""
         c = read.candidate
-        return (store or self.store).update_source(read.image.file_hash, file_path=str(c.path), file_name=c.path.name,
-                                        processed_path=str(read.processed), source_size=c.size,
-                                        source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
-                                        folder=relative_folder(c.path, self.cfg.source_directory))
+        return (store or self.store).update_source(
+            read.image.file_hash, file_path=str(c.path), file_name=c.path.name, processed_path=str(read.processed),
+            source_size=c.size, source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
+            folder=relative_folder(c.path, self.cfg.source_directory))
 
     def _embed(self, to_embed: Sequence[_Read], later: Sequence[_Read], stored: dict[str, StoredContent],
                summary: IndexSummary) -> Ticket:
@@ -386,7 +387,8 @@ class Indexer:
             for read in later:
                 self._record(read, store=store)
 
-        keys = {*(r.file_hash for r in rows), *(r.file_path for r in rows), *gone, *(str(r.candidate.path) for r in later)}
+        keys = {*(r.file_hash for r in rows), *(r.file_path for r in rows), *gone,
+                *(str(r.candidate.path) for r in later)}
         write = self._writer.submit(rows, keys=keys, then=then if gone or later else None)
         summary.embedded += len(rows)
         log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))

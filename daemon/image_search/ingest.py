@@ -4,8 +4,8 @@
 worker processes while the oldest is embedded, and the one before is written beside the loop: the
 indexer's ``RowWriter``), claims each batch for this service, and finishes the oldest once no more can
 start. A batch counts as indexed (its claims let go, ``images_indexed`` logged) once its rows are
-committed; one whose write failed goes back to pending, as a batch that met a lost database always has. A large backlog is bulk-loaded (``BulkLoad``), whether the
-start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
+committed; one whose write failed goes back to pending, as a batch that met a lost database always has.
+A large backlog is bulk-loaded (``BulkLoad``), whether the start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
 without per-row index insertion, and the index is built again beside the loop once it is in.
 The service loop decides when to call it; everything about a batch's life is decided here.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from .fleet import ClaimKind
-from .indexer import BatchInFlight, Indexer, IndexSummary
+from .indexer import BatchInFlight, Indexer
 from .runtime import Runtime
 from .store import BulkLoad, DatabaseUnavailable
 from .sync import FolderSync
@@ -45,7 +45,7 @@ class ImageIngest:
         self.skipped = 0
         self.startup_backlog = startup_backlog  # files queued by the start-up reconciliation not yet indexed
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
-        self._writing: deque[tuple[BatchInFlight, IndexSummary]] = deque()  # finished, rows not committed yet
+        self._writing: deque[BatchInFlight] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
         # the index is built again in the background once it is in (searches are exact meanwhile).
         self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog)
@@ -124,11 +124,11 @@ class ImageIngest:
     def _finish_oldest(self) -> None:
         batch = self._in_flight.popleft()
         try:
-            summary = self.indexer.finish(batch)
+            self.indexer.finish(batch)
         except DatabaseUnavailable:
             self._requeue(batch.paths)
             raise
-        self._writing.append((batch, summary))
+        self._writing.append(batch)
         self._confirm_written()
 
     def wait_for_writes(self) -> None:
@@ -143,17 +143,18 @@ class ImageIngest:
         if wait:
             self.indexer.wait_written()
         failure: BaseException | None = None
-        while self._writing and (self._writing[0][0].write is None or self._writing[0][0].write.done.is_set()):
-            batch, summary = self._writing.popleft()
+        while self._writing and self._writing[0].settled:
+            batch = self._writing.popleft()
             if batch.write is not None and batch.write.error is not None:
                 self._requeue(batch.paths)
                 failure = failure or batch.write.error
             else:
-                self._indexed(batch, summary)
+                self._indexed(batch)
         if failure is not None:
             raise failure
 
-    def _indexed(self, batch: BatchInFlight, summary: IndexSummary) -> None:
+    def _indexed(self, batch: BatchInFlight) -> None:
+        summary = batch.summary
         self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again

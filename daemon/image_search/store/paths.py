@@ -31,7 +31,8 @@ WRITE_STAGED = f"INSERT INTO image_paths ({COLUMNS}) SELECT {COLUMNS} FROM image
 LEAVE_STAGED = """
 DELETE FROM image_paths AS p
 WHERE p.file_path = ANY(ARRAY(SELECT file_path FROM image_embeddings_incoming))
-    AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i WHERE i.file_path = p.file_path AND i.file_hash = p.file_hash)
+    AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i
+                    WHERE i.file_path = p.file_path AND i.file_hash = p.file_hash)
 RETURNING p.file_hash
 """
 LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AND file_hash <> %s) RETURNING file_hash"
