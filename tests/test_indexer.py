@@ -121,6 +121,28 @@ def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, m
         assert processed.read_bytes() == prepared.jpeg_bytes, source
 
 
+def test_an_indexer_whose_workers_cannot_start_leaves_no_writer_behind(tree, monkeypatch) -> None:
+    """The row writer (a thread and a connection) starts before the worker pool: when the pool cannot start,
+    the constructor's error is the pool's, and the writer is stopped with it."""
+    import threading
+
+    import image_search.indexer
+    from image_search.workers import PoolError
+
+    def no_workers(**_settings: object) -> None:
+        raise PoolError("the preprocessing workers could not start (test)")
+
+    cfg, database, embedder = tree
+    monkeypatch.setattr(image_search.indexer, "PreprocessPool", no_workers)
+    store = database.open_store(dimension=TINY_DIMENSION)
+    try:
+        with pytest.raises(PoolError, match="could not start"):
+            Indexer(cfg, embedder, store)
+    finally:
+        store.close()
+    assert [t.name for t in threading.enumerate() if t.name == "row-writer"] == []
+
+
 def test_a_copy_of_content_whose_row_is_still_being_written_is_one_more_path_of_it(tree, tmp_path,
                                                                                    monkeypatch) -> None:
     """Issue 16: the rows of a batch are written beside the embedding of the next. A file in the next

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,23 +214,30 @@ class Indexer:
         # Each batch's rows are one write (store/writer.py); writes that wait behind one are committed together.
         self.read_batch_size = (max(cfg.batch_size, embedder.max_batch) if embedder.device.type == "cuda"
                                 else cfg.batch_size)
-        # Rows are written beside this thread, which embeds the next batch meanwhile (store/writer.py).
-        self._writer = RowWriter(store)
-        self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
-                                    model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
-                                    processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
         # True while this thread only waits for files to be read and decoded: a stop may cut that wait
         # short (a read that never returns, on a dead network mount) with nothing half-done.
         self.waiting_for_files = False
         self.heartbeat = heartbeat
         self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
-        device = _jpeg_device(embedder, cfg, jpeg_decode_device)
-        if device is not None:
-            from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
+        # What is started here is stopped again when a later step fails (workers that cannot start, a GPU
+        # decoder that cannot open): no writer thread or connection outlives a failed constructor.
+        with ExitStack() as started:
+            # Rows are written beside this thread, which embeds the next batch meanwhile (store/writer.py).
+            self._writer = RowWriter(store)
+            started.callback(self._writer.close)
+            self._pool = PreprocessPool(
+                max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
+                model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
+                processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
+            started.callback(self._pool.close)
+            device = _jpeg_device(embedder, cfg, jpeg_decode_device)
+            if device is not None:
+                from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
 
-            assert embedder.pixel_spec is not None
-            self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
-                                        threads=self._pool.worker_count or 1, state_directory=cfg.state_directory)
+                assert embedder.pixel_spec is not None
+                self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
+                                            threads=self._pool.worker_count or 1, state_directory=cfg.state_directory)
+            started.pop_all()
 
     @property
     def decoded_on_device(self) -> int:
