@@ -121,6 +121,48 @@ def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, m
         assert processed.read_bytes() == prepared.jpeg_bytes, source
 
 
+def test_copies_of_stored_content_in_two_batches_in_a_row_all_land(tree, tmp_path, monkeypatch) -> None:
+    """Content stored already; a batch holds a new picture and two more copies of it (the second of them is
+    recorded by the batch's write, beside this thread), and the next batch a third copy. The write names
+    that content, so the next batch waits for it; every copy is one more path of the one row."""
+    import shutil
+
+    slow_row_writes(monkeypatch, 0.5)  # the next batch is looked up while this one's rows travel
+    _, _, embedder = tree
+    cfg = load_config(write_config(tmp_path, Path(embedder.info.name), batch_size=3, resize_width=320,
+                                   resize_height=240))
+    sources = cfg.source_directory
+    _photo(sources / "a.jpg", seed=1, size=(400, 300))
+    _photo(sources / "n1.jpg", seed=2, size=(400, 300))
+    for name in ("x.jpg", "z.jpg", "y.jpg"):
+        shutil.copyfile(sources / "a.jpg", sources / name)
+    database = Database(cfg)
+    try:
+        store = database.open_store(dimension=TINY_DIMENSION)
+        store.create_table()
+        indexer = Indexer(cfg, embedder, store, workers=1)
+        written: list[set[str]] = []
+        submit = indexer._writer.submit  # noqa: SLF001 - what each write says it changes
+
+        def submitted(rows, *, keys, then=None):
+            written.append(set(keys))
+            return submit(rows, keys=keys, then=then)
+        monkeypatch.setattr(indexer._writer, "submit", submitted)  # noqa: SLF001
+        try:
+            indexer.index_paths([sources / "a.jpg"])
+            stored = next(iter(store.contents([r["file_hash"] for r in database_rows(database, ("file_hash",))])))
+            summary = indexer.index_paths([sources / n for n in ("n1.jpg", "x.jpg", "z.jpg", "y.jpg")])
+        finally:
+            indexer.close()
+        content = store.contents([stored])[stored]
+        store.close()
+    finally:
+        database.close()
+    assert (summary.embedded, summary.copies) == (1, 3)
+    assert sorted(Path(p).name for p in content.paths) == ["a.jpg", "x.jpg", "y.jpg", "z.jpg"]
+    assert stored in written[-1]  # the write of n1 and z names the content z joins
+
+
 def test_an_indexer_whose_workers_cannot_start_leaves_no_writer_behind(tree, monkeypatch) -> None:
     """The row writer (a thread and a connection) starts before the worker pool: when the pool cannot start,
     the constructor's error is the pool's, and the writer is stopped with it."""

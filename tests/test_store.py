@@ -165,6 +165,38 @@ def test_a_copy_another_service_is_recording_keeps_the_row_whose_last_path_goes(
     assert raw(database, "SELECT file_path FROM image_embeddings") == [("/img/b.png",)]
 
 
+def test_two_services_recording_copies_of_one_content_at_once_both_land(store: EmbeddingStore,
+                                                                        database: Database) -> None:
+    """Two services (or the indexer's thread and the row writer's) record a copy each of one stored content
+    at the same moment. The second waits for the first at the content, before holding anything of it:
+    both copies land, and no deadlock makes one of them look like a lost database."""
+    store.upsert([row("/img/a.png", "ha", basis(0))])
+    failures: list[BaseException] = []
+
+    def record_another_copy() -> None:
+        try:
+            store.update_source("ha", file_path="/img/c.png", file_name="c.png", processed_path="/p/c.png.jpg",
+                                source_size=10, source_mtime_ns=1, folder="")
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failures.append(exc)
+
+    other = database.connect()
+    try:
+        with other.cursor() as cur:  # the first service, half-way through its update_source
+            left = paths.record(cur, ("/img/b.png", "ha", "b.png", "/p/b.png.jpg", 10, 1, ""), [])
+            recording = threading.Thread(target=record_another_copy)
+            recording.start()
+            wait_for(lambda: raw(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                     "the second service waiting for the first")
+            paths.tidy(cur, [*left, "ha"])  # what update_source does next: its content locked for update
+        other.commit()
+        recording.join(timeout=30)
+    finally:
+        other.close()
+    assert failures == []
+    assert store.contents(["ha"])["ha"].paths == ("/img/a.png", "/img/b.png", "/img/c.png")
+
+
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
     paths = ["/img/a_b/1.png", "/img/axb/2.png", "/img/a_b2/3.png", "/img/50%/4.png", "/img/500/5.png",
              "/img/top.png", "/img/a_b/deep/6.png"]

@@ -395,8 +395,10 @@ class Indexer:
             for read in later:
                 self._record(read, store=store)
 
+        # Everything the write changes: its contents and paths, and the contents its later copies join (a
+        # copy of content stored before this batch), so that a batch reading any of them waits for it.
         keys = {*(r.file_hash for r in rows), *(r.file_path for r in rows), *gone,
-                *(str(r.candidate.path) for r in later)}
+                *(str(r.candidate.path) for r in later), *(r.image.file_hash for r in later)}
         write = self._writer.submit(rows, keys=keys, then=then if gone or later else None)
         summary.embedded += len(rows)
         log.debug("batch_indexed", count=len(rows), duration_ms=round((time.monotonic() - started) * 1000))

@@ -39,7 +39,11 @@ LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AN
 DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
 DELETE_UNDER = "DELETE FROM image_paths WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path, file_hash"
 # Before a path is written: the content is still there, and no one drops it until this transaction ends.
-HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR KEY SHARE"
+# FOR NO KEY UPDATE, not FOR KEY SHARE: ``tidy`` locks the content FOR UPDATE later in the same
+# transaction, and two recorders that both held a share would each wait for the other's (a deadlock,
+# which PostgreSQL ends by failing one as if the database were lost). This lock makes a second recorder
+# of the content wait here, holding nothing of it yet; the key-share checks of foreign keys still pass.
+HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR NO KEY UPDATE"
 # Before contents that lost paths are dropped: wait for the writers of their paths (another service
 # recording a copy), so the next statement sees every committed path.
 _LOCK_CONTENTS = "SELECT 1 FROM image_embeddings WHERE file_hash = ANY(%(hashes)s) ORDER BY file_hash FOR UPDATE"
