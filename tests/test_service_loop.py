@@ -25,7 +25,7 @@ from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
 
 from image_search.config import Config
-from image_search.preprocess import preprocess_for, thumbnail_path_for
+from image_search.preprocess import preprocess_for, processed_path_for, thumbnail_path_for
 from image_search.runtime import RestartRequested
 from image_search.service import watched_folders
 from image_search.watch import Change, ChangeKind, Folder, observer_problem, start_observer
@@ -130,6 +130,54 @@ def test_a_file_deleted_or_renamed_while_its_row_is_being_written_ends_as_the_fo
     story.notice(Folder.IMAGES, ChangeKind.MOVED, moved, dest=story.images / "renamed.png")
     story.run_until_idle()
     assert set(story.rows()) == {str(story.images / "keep.png"), str(story.images / "renamed.png")}
+
+
+def test_a_file_or_folder_deleted_while_its_batch_is_being_read_leaves_no_row(story_factory) -> None:
+    """The workers have read a file (its batch is in flight, not yet embedded) when it is deleted, and
+    the same for a folder: the batch is finished first, then the deletion removes what it wrote."""
+    story = story_factory({"keep.png": 1})
+    for deleted in ("gone.png", "album"):
+        source = story.images / deleted
+        picture = save_picture(source / "p.png" if deleted == "album" else source, seed=51, size=(120, 90))
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, picture)
+        story.service.step()  # noticed, settling
+        story.clock.advance(SETTLE + 0.01)
+        story.service.step()  # submitted: the workers read it
+        in_flight = story.service.ingest._in_flight  # noqa: SLF001 - the moment this story is about
+        assert [b.paths for b in in_flight] == [(picture,)]
+        in_flight[0].preparing.results()  # read and decoded, not embedded yet
+        shutil.rmtree(source) if deleted == "album" else source.unlink()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, source, is_directory=deleted == "album")
+        story.run_until_idle()
+        assert set(story.rows()) == {str(story.images / "keep.png")}, deleted
+        assert not processed_path_for(picture, story.images, story.cfg.processed_directory).exists()
+
+
+def test_a_start_that_fails_after_the_indexer_began_leaves_no_writer_or_workers(story_factory,
+                                                                              monkeypatch) -> None:
+    """The database goes away between the indexer's start and the bulk load's: the start fails with it
+    (systemd restarts the service), and the row writer's thread and the worker processes go too."""
+    import threading
+
+    from image_search.store import DatabaseUnavailable, EmbeddingStore
+    from image_search.workers import PreprocessPool
+
+    def lost(self, rows_coming):
+        raise DatabaseUnavailable("database error: the server closed the connection (test)")
+
+    workers: list[int] = []
+    started = PreprocessPool.__init__
+
+    def remember(self, *args, **kwargs):
+        started(self, *args, **kwargs)
+        workers.extend(self.worker_pids())
+    monkeypatch.setattr(PreprocessPool, "__init__", remember)
+    monkeypatch.setattr(EmbeddingStore, "begin_bulk_load", lost)
+    story = story_factory({"a.png": 1}, start=False)
+    with pytest.raises(DatabaseUnavailable):
+        story.service.run()
+    assert [t.name for t in threading.enumerate() if t.name == "row-writer"] == []
+    assert workers and [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
 
 
 def test_rename_moves_the_row_and_processed_copy_without_model_work(story_factory) -> None:

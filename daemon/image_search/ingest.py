@@ -131,6 +131,14 @@ class ImageIngest:
         self._writing.append(batch)
         self._confirm_written()
 
+    def settle(self, path: Path) -> None:
+        """Before the folder sync forgets or moves ``path`` (a file, or a folder and all in it): the batches
+        that read it are finished, and every finished batch's rows committed, so that the rows it acts on
+        are in the table, not written after their files went. Raises as ``_confirm_written`` does."""
+        while any(p.is_relative_to(path) for batch in self._in_flight for p in batch.paths):
+            self._finish_oldest()
+        self.wait_for_writes()
+
     def wait_for_writes(self) -> None:
         """Until every finished batch's rows are committed (and counted): before the folder sync changes
         rows, or compares the folder with them. A failed write is raised as ``_confirm_written`` does."""

@@ -109,7 +109,11 @@ class Service:
         held = self.inbox.hold_waiting()
         indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
                           heartbeat=self._ping_watchdog)
-        self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
+        try:
+            self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
+        except BaseException:  # e.g. the bulk load cannot begin (a lost database): no writer or workers left
+            indexer.close()
+            raise
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
@@ -118,7 +122,11 @@ class Service:
                  pending_images=len(self.images), pending_queries=held)
 
     def run(self) -> ExitCode:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         try:
             self._loop()
             self._ingest.finish_in_flight()
@@ -259,7 +267,7 @@ class Service:
                 self.inbox.apply(change)
             else:
                 if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED) and self.ingest is not None:
-                    self.ingest.wait_for_writes()  # a row still being written is in the table before its file goes
+                    self.ingest.settle(change.path)  # a row still being read or written lands before its file goes
                 self.sync.apply(change)
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
