@@ -126,3 +126,25 @@ def test_a_write_whose_follow_up_fails_keeps_none_of_its_rows_and_the_next_one_l
     after = writer.submit([row(6)], keys=set())
     writer.flush()
     assert after.written and stored_hashes(database) == ["h000006"]
+
+
+def test_a_write_rolled_back_for_a_deadlock_is_written_again_and_lands(writer, database) -> None:
+    """PostgreSQL ends a deadlock by rolling back one side (SQLSTATE 40P01, as when two services record
+    copies of several pictures in opposite orders). That side's rows are written again, not failed as if
+    the database were lost, and the writer does not reconnect for it."""
+    tries: list[int] = []
+
+    def loses_a_deadlock_once(store: EmbeddingStore) -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            with store.session.transaction() as cur:
+                cur.execute("DO $$ BEGIN RAISE EXCEPTION 'deadlock detected (test)' "
+                            "USING ERRCODE = 'deadlock_detected'; END $$")
+
+    connection = writer._store.session.conn  # noqa: SLF001 - the same connection before and after
+    ticket = writer.submit([row(1)], keys={"h000001"}, then=loses_a_deadlock_once)
+    writer.wait()
+    assert ticket.written and len(tries) == 2
+    assert writer._store.session.conn is connection  # noqa: SLF001
+    assert stored_hashes(database) == ["h000001"]
+
