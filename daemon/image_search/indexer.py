@@ -175,6 +175,31 @@ def _jpeg_device(embedder: Embedder, cfg: Config, requested: str | None) -> str 
     return requested
 
 
+def _start_parts(cfg: Config, embedder: Embedder, store: EmbeddingStore, workers: int | None,
+                 jpeg_decode_device: str | None) -> tuple[RowWriter, PreprocessPool, GpuJpegReader | None]:
+    """An ``Indexer``'s row writer, worker pool and batched JPEG decoder (None: every file takes the pool).
+    What started is stopped again when a later part fails (workers that cannot start, a decoder that
+    cannot open): no writer thread or connection outlives a failed start."""
+    with ExitStack() as started:
+        # Rows are written beside the indexer's thread, which embeds the next batch meanwhile.
+        writer = RowWriter(store)
+        started.callback(writer.close)
+        pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
+                              model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
+                              processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
+        started.callback(pool.close)
+        gpu = None
+        device = _jpeg_device(embedder, cfg, jpeg_decode_device)
+        if device is not None:
+            from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
+
+            assert embedder.pixel_spec is not None
+            gpu = open_gpu_reader(pool, device, spec=embedder.pixel_spec, threads=pool.worker_count or 1,
+                                  state_directory=cfg.state_directory)
+        started.pop_all()
+    return writer, pool, gpu
+
+
 @dataclass
 class BatchInFlight:
     """A batch between ``Indexer.submit`` and its rows committed: every path it was given, what the look
@@ -218,26 +243,7 @@ class Indexer:
         # short (a read that never returns, on a dead network mount) with nothing half-done.
         self.waiting_for_files = False
         self.heartbeat = heartbeat
-        self._gpu: GpuJpegReader | None = None  # plain JPEGs decoded in batches there, the rest by the pool
-        # What is started here is stopped again when a later step fails (workers that cannot start, a GPU
-        # decoder that cannot open): no writer thread or connection outlives a failed constructor.
-        with ExitStack() as started:
-            # Rows are written beside this thread, which embeds the next batch meanwhile (store/writer.py).
-            self._writer = RowWriter(store)
-            started.callback(self._writer.close)
-            self._pool = PreprocessPool(
-                max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
-                model_input=model_input_for(embedder), links=cfg.source_links, workers=workers,
-                processed=ProcessedFolders(cfg.source_directory, cfg.processed_directory))
-            started.callback(self._pool.close)
-            device = _jpeg_device(embedder, cfg, jpeg_decode_device)
-            if device is not None:
-                from .gpudecode import open_gpu_reader  # imports torch, as the embedder already has
-
-                assert embedder.pixel_spec is not None
-                self._gpu = open_gpu_reader(self._pool, device, spec=embedder.pixel_spec,
-                                            threads=self._pool.worker_count or 1, state_directory=cfg.state_directory)
-            started.pop_all()
+        self._writer, self._pool, self._gpu = _start_parts(cfg, embedder, store, workers, jpeg_decode_device)
 
     @property
     def decoded_on_device(self) -> int:
