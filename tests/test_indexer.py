@@ -121,10 +121,12 @@ def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, m
         assert processed.read_bytes() == prepared.jpeg_bytes, source
 
 
-def test_copies_of_stored_content_in_two_batches_in_a_row_all_land(tree, tmp_path, monkeypatch) -> None:
+def test_a_write_names_the_stored_content_its_copies_join_and_every_copy_lands(tree, tmp_path,
+                                                                              monkeypatch) -> None:
     """Content stored already; a batch holds a new picture and two more copies of it (the second of them is
     recorded by the batch's write, beside this thread), and the next batch a third copy. The write names
-    that content, so the next batch waits for it; every copy is one more path of the one row."""
+    that content among what it changes, so a batch reading it waits for it (``touches``); every copy is
+    one more path of the one row."""
     import shutil
 
     slow_row_writes(monkeypatch, 0.5)  # the next batch is looked up while this one's rows travel

@@ -167,9 +167,9 @@ def test_a_copy_another_service_is_recording_keeps_the_row_whose_last_path_goes(
 
 def test_two_services_recording_copies_of_one_content_at_once_both_land(store: EmbeddingStore,
                                                                         database: Database) -> None:
-    """Two services (or the indexer's thread and the row writer's) record a copy each of one stored content
-    at the same moment. The second waits for the first at the content, before holding anything of it:
-    both copies land, and no deadlock makes one of them look like a lost database."""
+    """Two services record a copy each of one stored content at the same moment: both hold the content,
+    and each waits for the other to lock it for update. PostgreSQL ends that deadlock by rolling one of
+    them back; that one runs again (no lost database is reported), and both copies land."""
     store.upsert([row("/img/a.png", "ha", basis(0))])
     failures: list[BaseException] = []
 

@@ -3,12 +3,15 @@ errors; and every advisory lock key the store takes, in one place so no two coll
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 import threading
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
+import structlog
 
 from ..config import Config
 from ..errors import DatabaseFailure
@@ -27,6 +30,14 @@ class DatabaseUnavailable(StoreError):
 # Transaction-scoped advisory locks (released at commit): one serialises schema changes (creation and
 # migrations), the other joining and leaving, so a service that joins while the last one leaves either
 # counts it as a live member (the table is kept) or starts after the table was emptied, never in between.
+log = structlog.get_logger("image_search.store")
+T = TypeVar("T")
+
+# A transaction PostgreSQL rolled back because it conflicted with another (a deadlock, a serialization
+# failure: SQLSTATE class 40) runs again as it was, this many more times: nothing of it was kept, and the
+# connection is fine. Two services recording copies of one picture at the same moment meet this.
+CONFLICT_RETRIES = 3
+
 SCHEMA_LOCK_KEY = int.from_bytes(b"imgschem", "big")
 FLEET_LOCK_KEY = int.from_bytes(b"imgfleet", "big")
 # Held (session-level, on a connection of its own) for the whole of a bulk load: one at a time, and no
@@ -134,6 +145,20 @@ class Session:
             finally:
                 self._open = None
 
+    def retrying(self, work: Callable[[], T]) -> T:
+        """``work`` (its own transaction on this session), run again while PostgreSQL rolls it back for a
+        conflict (``CONFLICT_RETRIES``); once only inside a transaction this thread has open, whose
+        outermost block decides."""
+        tries = 1 if self._open is not None and self._open[0] == threading.get_ident() else CONFLICT_RETRIES + 1
+        for attempt in range(1, tries + 1):
+            try:
+                return work()
+            except DatabaseUnavailable as exc:
+                if attempt == tries or not isinstance(exc.__cause__, psycopg2.extensions.TransactionRollbackError):
+                    raise
+                log.info("transaction_retried", attempt=attempt, reason=" ".join(str(exc.__cause__).split()))
+        raise AssertionError("unreachable")
+
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
         self.conn = replace_connection(self.conn, self._connect)
@@ -142,3 +167,11 @@ class Session:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def retried_on_conflict(method: Callable[..., T]) -> Callable[..., T]:
+    """A store method whose transaction runs again when rolled back for a conflict (``Session.retrying``)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> T:
+        return self.session.retrying(lambda: method(self, *args, **kwargs))
+    return run

@@ -109,7 +109,9 @@ def fill_hashes(store: EmbeddingStore, hashes: dict[str, int]) -> int:
     """Write the perceptual hash of each row named (by file_hash) that has none yet; the rows given."""
     if not hashes:
         return 0
-    with store.session.transaction() as cur:
-        psycopg2.extras.execute_values(cur, FILL_HASHES, [(h, to_bytes(v)) for h, v in hashes.items()],
-                                       template="(%s, %s::bytea)", page_size=5000)
+    def fill() -> None:
+        with store.session.transaction() as cur:
+            psycopg2.extras.execute_values(cur, FILL_HASHES, [(h, to_bytes(v)) for h, v in hashes.items()],
+                                           template="(%s, %s::bytea)", page_size=5000)
+    store.session.retrying(fill)  # again if a service writing paths of these rows meanwhile deadlocked with it
     return len(hashes)

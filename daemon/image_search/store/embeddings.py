@@ -29,7 +29,7 @@ from ..phash import HASH_BYTES, to_bytes
 from . import metadata as meta
 from . import paths, schema
 from .bulk import BulkLoad
-from .connection import Connect, Session, StoreError
+from .connection import Connect, Session, StoreError, retried_on_conflict
 from .filters import like_escaped
 from .ranking import SearchSettings, indexed_sql, rank
 from .paths import StoredContent
@@ -152,11 +152,9 @@ class EmbeddingStore:
         return self.session.transaction()
 
     def _prepare(self) -> bool:
-        """Make sure pgvector is there, an existing table has our dimension, and the database is migrated
-        as far as it can be before the model confirmed the dimension; True if the table exists.
-
-        The table itself is created by ``create_table`` once the model has confirmed the dimension, so
-        a wrong 'dimension' never leaves an empty table of that size behind."""
+        """Make sure pgvector is there, an existing table has our dimension, and the database is migrated as
+        far as it can be before the model confirmed the dimension; True if the table exists. The table is
+        made by ``create_table`` once it has, so a wrong 'dimension' never leaves an empty table behind."""
         schema.prepare(self._conn)
         register_vector(self._conn)
         self.session.on_connect = register_vector
@@ -171,9 +169,8 @@ class EmbeddingStore:
         return found is not None
 
     def create_table(self) -> None:
-        """Create the table and its indexes if missing (idempotent), through the migrations that wait for
-        the confirmed dimension; a new table holds today's identity, an existing one keeps whatever it
-        holds (``needs_identity_migration`` says)."""
+        """Create the table and its indexes if missing (idempotent), through the migrations that wait for the
+        confirmed dimension; a new table holds today's identity, an old one its own (``needs_identity_migration``)."""
         schema.migrate(self._conn, dimension=self.dimension, create=True)
         schema.ensure_index(self._conn, self.dimension, table_existed=self.has_table)
         self.has_table = True
@@ -244,6 +241,7 @@ class EmbeddingStore:
                 cur.execute(_STAGING_SCHEMA.format(dimension=int(self.dimension)))
             self._staging_on = self._conn
 
+    @retried_on_conflict
     def update_source(self, file_hash: str, *, file_path: str, file_name: str, processed_path: str,
                       source_size: int, source_mtime_ns: int, folder: str | None,
                       metadata: PictureMetadata | None = None, replaces: Iterable[str] = ()) -> bool:
@@ -260,11 +258,13 @@ class EmbeddingStore:
             paths.tidy(cur, [*left, file_hash])
             return True
 
+    @retried_on_conflict
     def delete_paths(self, sources: Iterable[str]) -> int:
         """Forget these paths (a row goes with its content's last); how many of them were known."""
         with self._cursor() as cur:
             return len(paths.forget(cur, paths.DELETE, ([escape(p) for p in sources],)))
 
+    @retried_on_conflict
     def delete_under(self, folder: str) -> list[str]:
         """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.

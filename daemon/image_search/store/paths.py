@@ -39,11 +39,13 @@ LEAVE = "DELETE FROM image_paths WHERE file_path = ANY(%s) OR (file_path = %s AN
 DELETE = "DELETE FROM image_paths WHERE file_path = ANY(%s) RETURNING file_path, file_hash"
 DELETE_UNDER = "DELETE FROM image_paths WHERE file_path LIKE %s ESCAPE '\\' RETURNING file_path, file_hash"
 # Before a path is written: the content is still there, and no one drops it until this transaction ends.
-# FOR NO KEY UPDATE, not FOR KEY SHARE: ``tidy`` locks the content FOR UPDATE later in the same
-# transaction, and two recorders that both held a share would each wait for the other's (a deadlock,
-# which PostgreSQL ends by failing one as if the database were lost). This lock makes a second recorder
-# of the content wait here, holding nothing of it yet; the key-share checks of foreign keys still pass.
-HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR NO KEY UPDATE"
+# KEY SHARE, the weakest lock that does it: it blocks no update of the row (the duplicates report filling
+# perceptual hashes, a re-embedding), which a stronger one would make a party to deadlocks with the
+# contents ``tidy`` then locks. Two recorders of one content can still each hold it and meet at ``tidy``'s
+# FOR UPDATE; PostgreSQL then rolls one back, and that one runs again (``Session.retrying``). One service
+# never records a content from two threads at once: the indexer waits for the row writer's tickets that
+# name it (``RowWriter.touches``).
+HOLD_CONTENT = "SELECT 1 FROM image_embeddings WHERE file_hash = %s FOR KEY SHARE"
 # Before contents that lost paths are dropped: wait for the writers of their paths (another service
 # recording a copy), so the next statement sees every committed path.
 _LOCK_CONTENTS = "SELECT 1 FROM image_embeddings WHERE file_hash = ANY(%(hashes)s) ORDER BY file_hash FOR UPDATE"

@@ -10,8 +10,8 @@ Every write is a ``Ticket``: done once its transaction committed or failed. A fa
 gone, a row refused) fails every ticket of that transaction, and nothing of it is kept: its rows and
 what each ticket writes after them (``then``: the paths of copies, the paths that left) share the
 transaction. A transaction that PostgreSQL rolled back because it conflicted with another (a deadlock
-with another service's write, SQLSTATE class 40) is written again as it was, a few times, before it
-counts as failed. A lost database fails what is queued behind at once; the writer reconnects before the
+with another service's write, SQLSTATE class 40) is written again as it was (``Session.retrying``), a few
+times, before it counts as failed. A lost database fails what is queued behind at once; the writer reconnects before the
 next write. The caller learns of it on its own thread, from the tickets
 (the service: which batches go back to pending) or from ``raise_failure`` and ``flush`` (``index``: the
 first failure, once).
@@ -27,22 +27,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import psycopg2.extensions
-import structlog
-
 from .connection import DatabaseUnavailable
 from .embeddings import EmbeddingRow, EmbeddingStore
-
-log = structlog.get_logger("image_search.store")
 
 # Rows in one transaction at most, when tickets are grouped (about 4 MB of 1024-d vectors).
 MAX_ROWS_PER_TRANSACTION = 1024
 # Tickets waiting behind the one being written at most; ``submit`` waits for room beyond that, so memory
 # stays bounded when the database is slower than the model.
 MAX_QUEUED = 4
-# Times a group is written again after the server rolled it back for a conflict (each try is a new
-# transaction on the same, healthy connection; nothing of the one rolled back was kept).
-CONFLICT_RETRIES = 3
 
 
 @dataclass(eq=False)
@@ -161,16 +153,7 @@ class RowWriter:
                 self._store.reconnect()  # raises DatabaseUnavailable while it is still away
                 self._broken = False
             self._store.prepare_writes()
-            for attempt in range(CONFLICT_RETRIES + 1):
-                try:
-                    self._write_once(group)
-                    break
-                except DatabaseUnavailable as exc:
-                    if attempt == CONFLICT_RETRIES or not isinstance(exc.__cause__,
-                                                                     psycopg2.extensions.TransactionRollbackError):
-                        raise
-                    log.info("rows_written_again", rows=sum(len(t.rows) for t in group),
-                             reason=" ".join(str(exc.__cause__).split()))
+            self._store.session.retrying(lambda: self._write_once(group))  # again after a deadlock's rollback
             self.transactions += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
             self._broken = isinstance(exc, DatabaseUnavailable)
