@@ -153,6 +153,27 @@ def test_a_file_or_folder_deleted_while_its_batch_is_being_read_leaves_no_row(st
         assert not processed_path_for(picture, story.images, story.cfg.processed_directory).exists()
 
 
+def test_a_file_renamed_over_one_whose_batch_is_being_read_ends_as_the_folder_says(story_factory) -> None:
+    """b.png is being read (its batch in flight) when a.png, indexed already, is renamed over it. The batch
+    of b.png is finished first; then the rename: b.png holds a's picture, and b's old content is gone."""
+    story = story_factory({"a.png": 1})
+    a, b = story.images / "a.png", story.images / "b.png"
+    a_hash = story.rows()[str(a)]["file_hash"]
+    save_picture(b, seed=52, size=(120, 90))
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, b)
+    story.service.step()  # noticed, settling
+    story.clock.advance(SETTLE + 0.01)
+    story.service.step()  # submitted: the workers read it
+    in_flight = story.service.ingest._in_flight  # noqa: SLF001 - the moment this story is about
+    assert [batch.paths for batch in in_flight] == [(b,)]
+    in_flight[0].preparing.results()  # read and decoded, not embedded yet
+    os.replace(a, b)
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, a, dest=b)
+    story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(b)} and rows[str(b)]["file_hash"] == a_hash
+
+
 def test_a_start_that_fails_after_the_indexer_began_leaves_no_writer_or_workers(story_factory,
                                                                               monkeypatch) -> None:
     """The database goes away between the indexer's start and the bulk load's: the start fails with it

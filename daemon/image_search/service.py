@@ -267,7 +267,9 @@ class Service:
                 self.inbox.apply(change)
             else:
                 if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED) and self.ingest is not None:
-                    self.ingest.settle(change.path)  # a row still being read or written lands before its file goes
+                    # A row still being read or written lands before its file goes, or another takes its name.
+                    for path in (change.path, change.dest) if change.dest is not None else (change.path,):
+                        self.ingest.settle(path)
                 self.sync.apply(change)
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
