@@ -132,6 +132,17 @@ def test_a_file_deleted_or_renamed_while_its_row_is_being_written_ends_as_the_fo
     assert set(story.rows()) == {str(story.images / "keep.png"), str(story.images / "renamed.png")}
 
 
+def being_read(story, picture: Path) -> None:
+    """``picture`` noticed, settled and read by the workers: its batch in flight, not embedded yet."""
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, picture)
+    story.service.step()  # noticed, settling
+    story.clock.advance(SETTLE + 0.01)
+    story.service.step()  # submitted: the workers read it
+    in_flight = story.service.ingest._in_flight  # noqa: SLF001 - the moment these stories are about
+    assert [batch.paths for batch in in_flight] == [(picture,)]
+    in_flight[0].preparing.results()
+
+
 def test_a_file_or_folder_deleted_while_its_batch_is_being_read_leaves_no_row(story_factory) -> None:
     """The workers have read a file (its batch is in flight, not yet embedded) when it is deleted, and
     the same for a folder: the batch is finished first, then the deletion removes what it wrote."""
@@ -139,13 +150,7 @@ def test_a_file_or_folder_deleted_while_its_batch_is_being_read_leaves_no_row(st
     for deleted in ("gone.png", "album"):
         source = story.images / deleted
         picture = save_picture(source / "p.png" if deleted == "album" else source, seed=51, size=(120, 90))
-        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, picture)
-        story.service.step()  # noticed, settling
-        story.clock.advance(SETTLE + 0.01)
-        story.service.step()  # submitted: the workers read it
-        in_flight = story.service.ingest._in_flight  # noqa: SLF001 - the moment this story is about
-        assert [b.paths for b in in_flight] == [(picture,)]
-        in_flight[0].preparing.results()  # read and decoded, not embedded yet
+        being_read(story, picture)
         shutil.rmtree(source) if deleted == "album" else source.unlink()
         story.notice(Folder.IMAGES, ChangeKind.DELETED, source, is_directory=deleted == "album")
         story.run_until_idle()
@@ -160,13 +165,7 @@ def test_a_file_renamed_over_one_whose_batch_is_being_read_ends_as_the_folder_sa
     a, b = story.images / "a.png", story.images / "b.png"
     a_hash = story.rows()[str(a)]["file_hash"]
     save_picture(b, seed=52, size=(120, 90))
-    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, b)
-    story.service.step()  # noticed, settling
-    story.clock.advance(SETTLE + 0.01)
-    story.service.step()  # submitted: the workers read it
-    in_flight = story.service.ingest._in_flight  # noqa: SLF001 - the moment this story is about
-    assert [batch.paths for batch in in_flight] == [(b,)]
-    in_flight[0].preparing.results()  # read and decoded, not embedded yet
+    being_read(story, b)
     os.replace(a, b)
     story.notice(Folder.IMAGES, ChangeKind.MOVED, a, dest=b)
     story.run_until_idle()
