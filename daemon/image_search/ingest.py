@@ -5,9 +5,10 @@ worker processes while the oldest is embedded, and the one before is written bes
 indexer's ``RowWriter``), claims each batch for this service, and finishes the oldest once no more can
 start. A batch counts as indexed (its claims let go, ``images_indexed`` logged) once its rows are
 committed; one whose write failed goes back to pending, as a batch that met a lost database always has.
-A large backlog is bulk-loaded (``BulkLoad``), whether the start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
-without per-row index insertion, and the index is built again beside the loop once it is in.
-The service loop decides when to call it; everything about a batch's life is decided here.
+A large backlog is bulk-loaded (``BulkLoad``), whether the start-up reconciliation found it or a burst
+of files arrived while the service runs: its rows land without per-row index insertion, and the index
+is built again beside the loop once it is in. The service loop decides when to call it; everything
+about a batch's life is decided here.
 """
 
 from __future__ import annotations
@@ -131,11 +132,11 @@ class ImageIngest:
         self._writing.append(batch)
         self._confirm_written()
 
-    def settle(self, path: Path) -> None:
-        """Before the folder sync forgets or moves ``path`` (a file, or a folder and all in it): the batches
-        that read it are finished, and every finished batch's rows committed, so that the rows it acts on
+    def settle(self, *paths: Path) -> None:
+        """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches
+        that read them are finished, and every finished batch's rows committed, so that the rows it acts on
         are in the table, not written after their files went. Raises as ``_confirm_written`` does."""
-        while any(p.is_relative_to(path) for batch in self._in_flight for p in batch.paths):
+        while any(read.is_relative_to(path) for batch in self._in_flight for read in batch.paths for path in paths):
             self._finish_oldest()
         self.wait_for_writes()
 

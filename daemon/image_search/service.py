@@ -268,8 +268,7 @@ class Service:
             else:
                 if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED) and self.ingest is not None:
                     # A row still being read or written lands before its file goes, or another takes its name.
-                    for path in (change.path, change.dest) if change.dest is not None else (change.path,):
-                        self.ingest.settle(path)
+                    self.ingest.settle(*(p for p in (change.path, change.dest) if p is not None))
                 self.sync.apply(change)
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.

@@ -132,9 +132,12 @@ class Session:
     def transaction(self) -> AbstractContextManager[psycopg2.extensions.cursor]:
         """One transaction on the current connection (``transaction``). Asked again by the thread whose
         transaction is open, the same one: the writes of a block commit (or fail) together."""
-        if self._open is not None and self._open[0] == threading.get_ident():
-            return nullcontext(self._open[1])
-        return self._outermost()
+        open_here = self._open_here()
+        return nullcontext(open_here) if open_here is not None else self._outermost()
+
+    def _open_here(self) -> psycopg2.extensions.cursor | None:
+        """The cursor of the transaction this thread has open, if it has one."""
+        return self._open[1] if self._open is not None and self._open[0] == threading.get_ident() else None
 
     @contextmanager
     def _outermost(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -149,15 +152,15 @@ class Session:
         """``work`` (its own transaction on this session), run again while PostgreSQL rolls it back for a
         conflict (``CONFLICT_RETRIES``); once only inside a transaction this thread has open, whose
         outermost block decides."""
-        tries = 1 if self._open is not None and self._open[0] == threading.get_ident() else CONFLICT_RETRIES + 1
-        for attempt in range(1, tries + 1):
+        retries = 0 if self._open_here() is not None else CONFLICT_RETRIES
+        for attempt in range(1, retries + 1):
             try:
                 return work()
             except DatabaseUnavailable as exc:
-                if attempt == tries or not isinstance(exc.__cause__, psycopg2.extensions.TransactionRollbackError):
+                if not isinstance(exc.__cause__, psycopg2.extensions.TransactionRollbackError):
                     raise
                 log.info("transaction_retried", attempt=attempt, reason=" ".join(str(exc.__cause__).split()))
-        raise AssertionError("unreachable")
+        return work()  # the last try: whatever it raises is the caller's
 
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""

@@ -10,11 +10,10 @@ Every write is a ``Ticket``: done once its transaction committed or failed. A fa
 gone, a row refused) fails every ticket of that transaction, and nothing of it is kept: its rows and
 what each ticket writes after them (``then``: the paths of copies, the paths that left) share the
 transaction. A transaction that PostgreSQL rolled back because it conflicted with another (a deadlock
-with another service's write, SQLSTATE class 40) is written again as it was (``Session.retrying``), a few
-times, before it counts as failed. A lost database fails what is queued behind at once; the writer reconnects before the
-next write. The caller learns of it on its own thread, from the tickets
-(the service: which batches go back to pending) or from ``raise_failure`` and ``flush`` (``index``: the
-first failure, once).
+with another service's write) is written again first (``Session.retrying``). A lost database fails what
+is queued behind at once; the writer reconnects before the next write. The caller learns of a failure on
+its own thread, from the tickets (the service: which batches go back to pending) or from
+``raise_failure`` and ``flush`` (``index``: the first failure, once).
 
 What a queued ticket will write is not in the database yet: the caller asks ``touches`` before it reads
 rows that a queued ticket might change (its hashes and paths), and ``flush``-es first if so.
