@@ -145,6 +145,14 @@ class ServiceProcess:
         self.popen.send_signal(signum)
         return self.popen.wait(timeout=timeout)
 
+    def pause(self) -> None:
+        """SIGSTOP to its whole session (the service and its workers): it keeps what it holds (its database
+        session, so it stays a live member) and does nothing until ``resume``."""
+        os.killpg(self.popen.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGCONT)
+
     def kill9(self) -> None:
         os.kill(self.popen.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
