@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from tests.support.db import empty_store, raw
+from tests.support.db import deadlock_once, empty_store, raw
 from tests.support.files import write_config
 from tests.support.waiting import wait_for
 
@@ -125,6 +125,21 @@ def test_claims_one_holder_per_item_reclaim_release(database: Database, registri
     assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {"image:/1": a.id,
                                                                                       "image:/3": b.id}
     assert fleet_claims.claim(b.id, ["image:/2"], LEASE) == {"image:/2"}  # released: free for anyone
+
+
+def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Database, registries,
+                                                                    store: EmbeddingStore) -> None:
+    """PostgreSQL rolls back a claim, then a release, as the loser of a deadlock (with a joining member's
+    sweep of orphan claims, say). Each runs again on the same items (given as a one-pass iterator, as a
+    caller may) and does what it was asked, without the outage a lost database would be."""
+    fleet_claims = FleetClaims(store.session)
+    a = join(database, registries, pid=1)
+    with deadlock_once(database, "image_search_claims", "INSERT"), capture_logs() as logs:
+        assert fleet_claims.claim(a.id, iter(["image:/1", "image:/2"]), LEASE) == {"image:/1", "image:/2"}
+    assert [e["attempt"] for e in logs if e["event"] == "transaction_retried"] == [1]
+    with deadlock_once(database, "image_search_claims", "DELETE"):
+        fleet_claims.release(a.id, iter(["image:/1"]))
+    assert raw(database, "SELECT item FROM image_search_claims") == [("image:/2",)]
 
 
 def test_a_claim_whose_holder_stopped_renewing_is_taken_over(database: Database, registries,

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg2
 import pytest
 
-from tests.support.db import empty_store, raw
+from tests.support.db import deadlock_once, empty_store, raw
 from tests.support.waiting import wait_for
 
 from image_search.store import HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore, StoreError, StoredContent
@@ -195,6 +195,16 @@ def test_two_services_recording_copies_of_one_content_at_once_both_land(store: E
         other.close()
     assert failures == []
     assert store.contents(["ha"])["ha"].paths == ("/img/a.png", "/img/b.png", "/img/c.png")
+
+
+def test_a_deletion_rolled_back_for_a_deadlock_runs_again_and_forgets_the_paths(store: EmbeddingStore,
+                                                                                database: Database) -> None:
+    """Forgetting paths (given as a one-pass iterator) that PostgreSQL rolls back as a deadlock's loser runs
+    again with the same paths, and they are gone."""
+    store.upsert([row(f"/img/{i}.png", f"h{i}", basis(i)) for i in range(3)])
+    with deadlock_once(database, "image_paths", "DELETE"):
+        assert store.delete_paths(p for p in ["/img/0.png", "/img/1.png"]) == 2
+    assert sorted(store.sources()) == ["/img/2.png"]
 
 
 def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:

@@ -242,3 +242,28 @@ def slow_row_writes(monkeypatch, seconds: float) -> None:
         upsert(self, rows)
 
     monkeypatch.setattr(EmbeddingStore, "upsert", slow_upsert)
+
+
+@contextmanager
+def deadlock_once(database: Database, table: str, event: str) -> Iterator[None]:
+    """The first ``event`` statement (INSERT, UPDATE, DELETE) on ``table`` inside the block fails as the
+    loser of a deadlock does (SQLSTATE 40P01, its transaction rolled back); later ones run. The count is
+    a sequence, which the rollback does not undo."""
+    raw(database, f"""
+        CREATE SEQUENCE test_deadlock_trips;
+        CREATE FUNCTION test_deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('test_deadlock_trips') = 1 THEN
+                RAISE EXCEPTION 'deadlock detected (test)' USING ERRCODE = 'deadlock_detected';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER test_deadlock_once BEFORE {event} ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION test_deadlock_once();""")
+    try:
+        yield
+        tripped = raw(database, "SELECT last_value, is_called FROM test_deadlock_trips")[0]
+        assert tripped == (1, True) or tripped[0] > 1, f"no {event} on {table} ran inside the block"
+    finally:
+        raw(database, f"""DROP TRIGGER test_deadlock_once ON {table};
+                          DROP FUNCTION test_deadlock_once(); DROP SEQUENCE test_deadlock_trips""")

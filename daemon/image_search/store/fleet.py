@@ -193,7 +193,9 @@ class FleetRegistry:
 
 class FleetClaims:
     """Work claims through the store's session (``EmbeddingStore.session``), so an outage is the loop's
-    ``DatabaseUnavailable`` like any other and the store's reconnect serves the claims too."""
+    ``DatabaseUnavailable`` like any other and the store's reconnect serves the claims too. A claim or a
+    release that PostgreSQL rolls back for a conflict (a deadlock with a joining member's sweep of orphan
+    claims, say) runs again (``Session.retrying``): both say the same thing when repeated."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -201,16 +203,22 @@ class FleetClaims:
     def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> set[str]:
         """Claim ``items`` for ``member_id`` in one statement; returns those it got. Items are claimed
         in sorted order, so two members claiming overlapping sets cannot deadlock."""
-        wanted = sorted({escape(item) for item in items})
+        wanted = sorted({escape(item) for item in items})  # a list: a retry claims the same items
         if not wanted:
             return set()
-        with self.session.transaction() as cur:
-            cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
-            return {unescape(row[0]) for row in cur.fetchall()}
+
+        def claim_once() -> set[str]:
+            with self.session.transaction() as cur:
+                cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
+                return {unescape(row[0]) for row in cur.fetchall()}
+        return self.session.retrying(claim_once)
 
     def release(self, member_id: int, items: Iterable[str]) -> None:
-        items = [escape(item) for item in items]
-        if not items:
+        released = sorted(escape(item) for item in items)
+        if not released:
             return
-        with self.session.transaction() as cur:
-            cur.execute(_RELEASE, (member_id, items))
+
+        def release_once() -> None:
+            with self.session.transaction() as cur:
+                cur.execute(_RELEASE, (member_id, released))
+        self.session.retrying(release_once)
