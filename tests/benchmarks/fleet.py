@@ -38,6 +38,7 @@ use_offline_hub()  # before anything imports transformers
 
 import numpy as np  # noqa: E402
 
+from tests.benchmarks.common import empty_trash, fresh_dir  # noqa: E402
 from tests.support.files import save_picture, write_config  # noqa: E402
 from tests.support.service import ServiceProcess  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -122,8 +123,7 @@ def drop_query(source: Path, inbox: Path, output: Path, name: str) -> float:
 def bench_services(work: Path, shared: Shared, model_dir: Path, staged: list[Path], members: int,
                    queries: int) -> dict[str, float]:
     """``members`` services on one fresh tree: ingest of the staged images, then queries one at a time."""
-    root = work / f"tree-{members}"
-    shutil.rmtree(root, ignore_errors=True)
+    root = fresh_dir(work / f"tree-{members}")  # an earlier run's tree is put aside, deleted at the end
     config = shared.config(root, model_dir)
     services = [ServiceProcess(config, log_path=root / f"service-{i}.log") for i in range(members)]
     try:
@@ -267,6 +267,7 @@ def run(*, quick: bool = False, work_dir: Path | None = None) -> dict[str, Any]:
         report.update(bench_sizes(shared, sizes["vectors"], sizes["searches"]))
     finally:
         shared.close()
+    empty_trash(work)  # once nothing is measured any more (see common.TRASH_MARK)
     return report
 
 

@@ -45,7 +45,7 @@ use_offline_hub()  # before any section imports transformers
 
 from image_search.logs import configure_logging  # noqa: E402
 from tests.benchmarks import ceiling, duplicates, filtered, gpu, ingest, preprocess, search, service, store_write  # noqa: E402
-from tests.benchmarks.common import Bench, Report, Section, fresh_dir, say  # noqa: E402
+from tests.benchmarks.common import Bench, Report, Section, empty_trash, fresh_dir, say  # noqa: E402
 from tests.benchmarks.photos import GEN_VERSION  # noqa: E402
 from tests.support import pgdata  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             report.update(section.run(bench))
             say(f"{section.name}: done in {time.monotonic() - section_started:.1f} s")
     report["duration_s"] = time.monotonic() - started
+    empty_trash(work)  # once no section measures any more (see common.TRASH_MARK)
 
     print_table(report)
     if args.json:
