@@ -173,7 +173,9 @@ class Session:
 
 
 def retried_on_conflict(method: Callable[..., T]) -> Callable[..., T]:
-    """A store method whose transaction runs again when rolled back for a conflict (``Session.retrying``)."""
+    """A store method whose transaction runs again when rolled back for a conflict (``Session.retrying``),
+    with the same arguments: only for arguments that bear a second call. A method that takes a one-pass
+    iterable reads it first and retries a closure instead (``delete_paths``, ``FleetClaims.claim``)."""
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> T:
         return self.session.retrying(lambda: method(self, *args, **kwargs))
