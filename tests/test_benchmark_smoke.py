@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.support import warm
+from tests.benchmarks.common import TRASH_MARK
 from tests.benchmarks.run import REPORT_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -54,6 +55,8 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     # Filtered search is never short without saying so, and its recall holds on both of its paths.
     assert report["filtered_short_unflagged"] == 0 and report["floor_wrong_while_complete"] == 0
     assert min(report[f"filtered_recall_at_10_{level}"] for level in ("50", "10", "1", "0_1")) >= 0.95
+    # What the sections put aside instead of deleting while they measured is gone once the run ends.
+    assert [str(p) for p in (tmp_path / "work").rglob(f"*{TRASH_MARK}*")] == []
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["cpu_model"]
     with Image.open(chart_path) as im:
