@@ -142,6 +142,19 @@ def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Da
     assert raw(database, "SELECT item FROM image_search_claims") == [("image:/2",)]
 
 
+def test_a_join_and_a_leave_rolled_back_for_a_deadlock_run_again(database: Database, registries) -> None:
+    """A join's sweep of orphaned claims, and a leave's drop of its own, can lose a deadlock to a member
+    claiming those items. The join or the leave runs again, instead of failing the start or leaving a
+    member behind that still counts as live."""
+    with deadlock_once(database, "image_search_claims", "DELETE"), capture_logs() as logs:
+        member = join(database, registries, pid=1)
+    assert [e["attempt"] for e in logs if e["event"] == "transaction_retried"] == [1]
+    assert raw(database, "SELECT id FROM image_search_members") == [(member.id,)]
+    with deadlock_once(database, "image_search_claims", "DELETE"):
+        assert registries[0].leave(member.id, LEASE, empty_table=False) == LeaveResult(live_members=0, emptied=False)
+    assert raw(database, "SELECT count(*) FROM image_search_members") == [(0,)]
+
+
 def test_a_claim_whose_holder_stopped_renewing_is_taken_over(database: Database, registries,
                                                              store: EmbeddingStore) -> None:
     fleet_claims = FleetClaims(store.session)

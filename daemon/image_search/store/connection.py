@@ -149,18 +149,9 @@ class Session:
                 self._open = None
 
     def retrying(self, work: Callable[[], T]) -> T:
-        """``work`` (its own transaction on this session), run again while PostgreSQL rolls it back for a
-        conflict (``CONFLICT_RETRIES``); once only inside a transaction this thread has open, whose
-        outermost block decides."""
-        retries = 0 if self._open_here() is not None else CONFLICT_RETRIES
-        for attempt in range(1, retries + 1):
-            try:
-                return work()
-            except DatabaseUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg2.extensions.TransactionRollbackError):
-                    raise
-                log.info("transaction_retried", attempt=attempt, reason=" ".join(str(exc.__cause__).split()))
-        return work()  # the last try: whatever it raises is the caller's
+        """``work`` (its own transaction on this session), run as ``with_conflict_retries`` runs it; once
+        only inside a transaction this thread has open, whose outermost block decides."""
+        return with_conflict_retries(work, retries=0 if self._open_here() is not None else CONFLICT_RETRIES)
 
     def reconnect(self) -> None:
         """Replace a broken connection; raises DatabaseUnavailable while the database is still away."""
@@ -170,6 +161,19 @@ class Session:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def with_conflict_retries(work: Callable[[], T], *, retries: int = CONFLICT_RETRIES) -> T:
+    """``work`` (one transaction, through ``transaction``), run again while PostgreSQL rolls it back for a
+    conflict (SQLSTATE class 40: a deadlock's loser, a serialization failure), ``retries`` times at most."""
+    for attempt in range(1, retries + 1):
+        try:
+            return work()
+        except DatabaseUnavailable as exc:
+            if not isinstance(exc.__cause__, psycopg2.extensions.TransactionRollbackError):
+                raise
+            log.info("transaction_retried", attempt=attempt, reason=" ".join(str(exc.__cause__).split()))
+    return work()  # the last try: whatever it raises is the caller's
 
 
 def retried_on_conflict(method: Callable[..., T]) -> Callable[..., T]:

@@ -13,7 +13,7 @@ import structlog
 from ..names import escape, unescape
 from . import schema
 from .connection import FLEET_LOCK_KEY, MEMBER_LOCK_SPACE, XACT_LOCK, Connect, Session, StoreError, \
-    replace_connection, transaction
+    replace_connection, transaction, with_conflict_retries
 from .embeddings import CLEAR
 
 log = structlog.get_logger("image_search.store")
@@ -136,6 +136,12 @@ class FleetRegistry:
         """Register this service, or raise ``FleetMismatch`` naming both models if a live member embeds
         with another model or dimension. Long-dead members and their claims are forgotten."""
         schema.migrate(self._conn)  # the fleet's tables (the steps that need no dimension)
+        # Again if PostgreSQL rolls it back for a conflict: its sweep of orphaned claims can deadlock with a
+        # member claiming those items.
+        return with_conflict_retries(lambda: self._join(host=host, pid=pid, model_name=model_name,
+                                                        dimension=dimension, lease_s=lease_s))
+
+    def _join(self, *, host: str, pid: int, model_name: str, dimension: int, lease_s: float) -> JoinResult:
         with transaction(self._conn) as cur:
             cur.execute(XACT_LOCK, (FLEET_LOCK_KEY,))
             cur.execute(_FORGET_DEAD_MEMBERS, (lease_s * FORGET_AFTER_LEASES,))
@@ -174,7 +180,11 @@ class FleetRegistry:
 
     def leave(self, member_id: int, lease_s: float, *, empty_table: bool, lock_timeout_s: float = 10.0) -> LeaveResult:
         """Drop this member and its claims; empty ``image_embeddings`` if ``empty_table`` and no other
-        member is live, all in one transaction under the fleet lock."""
+        member is live, all in one transaction under the fleet lock (again if rolled back for a conflict)."""
+        return with_conflict_retries(lambda: self._leave(member_id, lease_s, empty_table=empty_table,
+                                                         lock_timeout_s=lock_timeout_s))
+
+    def _leave(self, member_id: int, lease_s: float, *, empty_table: bool, lock_timeout_s: float) -> LeaveResult:
         with transaction(self._conn) as cur:
             cur.execute(XACT_LOCK, (FLEET_LOCK_KEY,))
             cur.execute(_LEAVE_LOCK_TIMEOUT, (f"{int(lock_timeout_s * 1000)}ms",))
