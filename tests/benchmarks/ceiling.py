@@ -404,7 +404,8 @@ def measure_ceiling(bench: Bench) -> Report:
             f"tiny {dimension}-d model, until searchable")
         pre: Report = {}
         # Diagnosis (full runs): the workers' whole job in index, the processed copies saved too. Creating
-        # two files per image costs the kernel's CPU, which swings several-fold with this VM's host.
+        # two files per image costs the kernel's CPU, several-fold more in the minutes after this disk
+        # deleted many files (common.TRASH_MARK).
         saving: Report | None = None if bench.quick else {}
         idx = run_index(cfg, embedder, store, sources, pgdata=pgdata, profile=True, preprocess_only=pre,
                         preprocess_and_save=saving)

@@ -177,10 +177,12 @@ def with_conflict_retries(work: Callable[[], T], *, retries: int = CONFLICT_RETR
 
 
 def retried_on_conflict(method: Callable[..., T]) -> Callable[..., T]:
-    """A store method whose transaction runs again when rolled back for a conflict (``Session.retrying``),
-    with the same arguments: only for arguments that bear a second call. A method that takes a one-pass
-    iterable reads it first and retries a closure instead (``delete_paths``, ``FleetClaims.claim``)."""
+    """A method of a holder of ``session`` whose transaction runs again when rolled back for a conflict
+    (``Session.retrying``), with the same arguments: a one-pass iterator among them (a generator of paths)
+    is read into a list first, so that the second try is given what the first was."""
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> T:
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        kwargs = {k: list(v) if isinstance(v, Iterator) else v for k, v in kwargs.items()}
         return self.session.retrying(lambda: method(self, *args, **kwargs))
     return run

@@ -258,14 +258,11 @@ class EmbeddingStore:
             paths.tidy(cur, [*left, file_hash])
             return True
 
+    @retried_on_conflict
     def delete_paths(self, sources: Iterable[str]) -> int:
         """Forget these paths (a row goes with its content's last); how many of them were known."""
-        escaped = [escape(p) for p in sources]  # a list: a retry forgets the same paths
-
-        def forget_once() -> int:
-            with self._cursor() as cur:
-                return len(paths.forget(cur, paths.DELETE, (escaped,)))
-        return self.session.retrying(forget_once)
+        with self._cursor() as cur:
+            return len(paths.forget(cur, paths.DELETE, ([escape(p) for p in sources],)))
 
     @retried_on_conflict
     def delete_under(self, folder: str) -> list[str]:

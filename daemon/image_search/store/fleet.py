@@ -13,7 +13,7 @@ import structlog
 from ..names import escape, unescape
 from . import schema
 from .connection import FLEET_LOCK_KEY, MEMBER_LOCK_SPACE, XACT_LOCK, Connect, Session, StoreError, \
-    replace_connection, transaction, with_conflict_retries
+    replace_connection, retried_on_conflict, transaction, with_conflict_retries
 from .embeddings import CLEAR
 
 log = structlog.get_logger("image_search.store")
@@ -205,30 +205,26 @@ class FleetClaims:
     """Work claims through the store's session (``EmbeddingStore.session``), so an outage is the loop's
     ``DatabaseUnavailable`` like any other and the store's reconnect serves the claims too. A claim or a
     release that PostgreSQL rolls back for a conflict (a deadlock with a joining member's sweep of orphan
-    claims, say) runs again (``Session.retrying``): both say the same thing when repeated."""
+    claims, say) runs again (``retried_on_conflict``): both say the same thing when repeated."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
+    @retried_on_conflict
     def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> set[str]:
         """Claim ``items`` for ``member_id`` in one statement; returns those it got. Items are claimed
         in sorted order, so two members claiming overlapping sets cannot deadlock."""
-        wanted = sorted({escape(item) for item in items})  # a list: a retry claims the same items
+        wanted = sorted({escape(item) for item in items})
         if not wanted:
             return set()
+        with self.session.transaction() as cur:
+            cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
+            return {unescape(row[0]) for row in cur.fetchall()}
 
-        def claim_once() -> set[str]:
-            with self.session.transaction() as cur:
-                cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
-                return {unescape(row[0]) for row in cur.fetchall()}
-        return self.session.retrying(claim_once)
-
+    @retried_on_conflict
     def release(self, member_id: int, items: Iterable[str]) -> None:
-        released = sorted(escape(item) for item in items)
-        if not released:
+        items = [escape(item) for item in items]
+        if not items:
             return
-
-        def release_once() -> None:
-            with self.session.transaction() as cur:
-                cur.execute(_RELEASE, (member_id, released))
-        self.session.retrying(release_once)
+        with self.session.transaction() as cur:
+            cur.execute(_RELEASE, (member_id, items))
