@@ -183,6 +183,10 @@ def test_two_services_recording_copies_of_one_content_at_once_both_land(store: E
     other = database.connect()
     try:
         with other.cursor() as cur:  # the first service, half-way through its update_source
+            # PostgreSQL rolls back the side whose deadlock check finds the cycle, and a side checks once it
+            # has waited deadlock_timeout. The other service checks after the default second; this side would
+            # only after ten minutes, so the other service is always the one rolled back and retried.
+            cur.execute("SET deadlock_timeout = '10min'")
             left = paths.record(cur, ("/img/b.png", "ha", "b.png", "/p/b.png.jpg", 10, 1, ""), [])
             recording = threading.Thread(target=record_another_copy)
             recording.start()
