@@ -328,10 +328,12 @@ def _pooled(runs: list[Report]) -> Report:
             "bulk_load": all(r["bulk_load"] for r in runs), "runs_img_s": [round(r["img_s"], 1) for r in runs]}
 
 
-def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlog: bool) -> Report:
+def run_service(cfg, embedder, database, store, files: list[Path], *, pgdata: Path, backlog: bool) -> Report:
     """The in-process service over ``files``: dropped in while it runs (close-after-write events put on its
-    queue at once), or, with ``backlog``, already there when it starts. Until the rows are searchable."""
+    queue at once), or, with ``backlog``, already there when it starts. Until the rows are searchable.
+    A member of the database's fleet, as every service is: it claims each batch and lets it go."""
     from image_search import sheet
+    from image_search.fleet import FleetMember
     from image_search.notify import Notifier
     from image_search.runtime import Runtime
     from image_search.service import Service, StopFlag
@@ -343,7 +345,8 @@ def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlo
     placed = _fill(cfg.source_directory, files) if backlog else []
     warm_page_cache(files)
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    service = Service(Runtime(cfg, store, lambda: embedder), changes=changes, stop=StopFlag(),
+    member = FleetMember.join(cfg, database)
+    service = Service(Runtime(cfg, store, lambda: embedder, fleet=member), changes=changes, stop=StopFlag(),
                       notifier=Notifier(environ={}))
     n = len(files)
     stages = StageTimer()
@@ -358,6 +361,8 @@ def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlo
             placed = _fill(cfg.source_directory, files)
         bulk = service.ingest.bulk
         _instrument(stages, service.ingest.indexer, store)
+        stages.wrap(service.rt.claims, "take", "fleet claims (taking, letting go)")
+        stages.wrap(service.rt.claims, "release", "fleet claims (taking, letting go)")
         if bulk is not None:  # begun by start(): its build runs beside the loop, which waits for it at the end
             stages.wrap(bulk, "finish", "building the index (bulk load finish, beside the loop)")
         with CpuMeter(pgdata, service.ingest.indexer._pool.worker_pids) as cpu:  # noqa: SLF001
@@ -385,6 +390,7 @@ def run_service(cfg, embedder, store, files: list[Path], *, pgdata: Path, backlo
     finally:
         stages.restore()
         service.close()
+        member.leave(empty_table=False)
     accounted = sum(stages.seconds.values())
     stages.seconds["other (the loop, waiting for the index build, settling)"] = cpu.wall_s - accounted
     return {"img_s": n / cpu.wall_s, "wall_s": cpu.wall_s, "cpu_ms_per_image": cpu.per_image_ms(n),
@@ -446,7 +452,7 @@ def measure_ceiling(bench: Bench) -> Report:
         say(f"ceiling: the service against index on the same {m} files")
         if m == n:  # --quick: the index run above is the baseline, measured in this run already
             index_runs = [idx]
-            service_runs = [run_service(cfg, embedder, store, subset, pgdata=pgdata, backlog=False)]
+            service_runs = [run_service(cfg, embedder, database, store, subset, pgdata=pgdata, backlog=False)]
         else:
             # In the order index, service, service, index, each side pooled: what drifts across the section
             # (the disk's charge for deletions fades over minutes, common.TRASH_MARK; the host's load) weighs
@@ -456,10 +462,10 @@ def measure_ceiling(bench: Bench) -> Report:
                                  profile=True)
 
             index_runs = [index_m()]
-            service_runs = [run_service(cfg, embedder, store, subset, pgdata=pgdata, backlog=False) for _ in range(2)]
+            service_runs = [run_service(cfg, embedder, database, store, subset, pgdata=pgdata, backlog=False) for _ in range(2)]
             index_runs.append(index_m())
         idx_m, live = _pooled(index_runs), _pooled(service_runs)
-        backlog = None if bench.quick else run_service(cfg, embedder, store, subset, pgdata=pgdata, backlog=True)
+        backlog = None if bench.quick else run_service(cfg, embedder, database, store, subset, pgdata=pgdata, backlog=True)
         say(f"ceiling: {m} files: index {idx_m['img_s']:.0f} img/s, service (dropped in) {live['img_s']:.0f} img/s "
             f"({live['img_s'] / idx_m['img_s']:.2f}x); CPU ms/img index {idx_m['cpu_ms_per_image']}, "
             f"service {live['cpu_ms_per_image']}; stages: index {idx_m['stages_s']}, service {live['stages_s']}")
