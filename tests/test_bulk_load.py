@@ -16,7 +16,10 @@ from structlog.testing import capture_logs
 
 from image_search.config import load_config
 from image_search.store import BULK_LOAD_MIN_ROWS, HNSW_INDEX, Database, EmbeddingRow, EmbeddingStore
+from image_search.store import hnsw_index_ddl
 from tests.support.db import empty_store, raw
+from tests.support.model import TINY_DIMENSION
+from tests.support.waiting import wait_for
 from tests.support.files import write_config
 
 pytestmark = pytest.mark.integration
@@ -81,9 +84,23 @@ def test_a_build_cut_short_leaves_an_invalid_index_that_the_next_start_builds_ag
     assert index_state(database) == "invalid"
     assert store.search(unit_vectors(50)[7], 1)[0].file_hash == "h00000007"  # exact meanwhile
     with capture_logs() as logs:
-        database.open_store(dimension=DIM).close()
+        start_again(database)
     assert index_state(database) == "valid"
-    assert [e["reason"] for e in logs if e["event"] == "search_index_rebuilt"] == ["invalid: a build was cut short"]
+    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
+        "search_index_repair_started", "search_index_built"]
+
+
+def start_again(database: Database) -> None:
+    """What the next start of the service or of ``index`` does with the index: the store opened as
+    ``open_runtime`` opens it, and the repair it begins built (the service builds it once idle, beside the
+    loop; ``index`` once its rows are in)."""
+    store = database.open_store(dimension=DIM, create_table=False)
+    try:
+        repair = store.repair_index()
+        if repair is not None:
+            repair.finish()
+    finally:
+        store.close()
 
 
 _KILLED_MID_LOAD = """
@@ -116,12 +133,11 @@ def test_kill_9_during_a_bulk_load_leaves_every_row_once_and_the_next_start_buil
     try:
         assert index_state(database) == "missing"  # dropped, never built: the load died
         with capture_logs() as logs:
-            store = database.open_store(dimension=DIM)
-        assert index_state(database) == "valid" and store.count() == 300
-        assert raw(database, "SELECT count(DISTINCT file_hash) FROM image_embeddings") == [(300,)]
-        assert [e["reason"] for e in logs if e["event"] == "search_index_rebuilt"] == [
-            "missing: a bulk load was cut short"]
-        store.close()
+            start_again(database)
+        assert index_state(database) == "valid"
+        assert raw(database, "SELECT count(*), count(DISTINCT file_hash) FROM image_embeddings") == [(300, 300)]
+        assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
+            "search_index_repair_started", "search_index_built"]
     finally:
         database.close()
 
@@ -129,8 +145,9 @@ def test_kill_9_during_a_bulk_load_leaves_every_row_once_and_the_next_start_buil
 def test_a_start_during_another_services_bulk_load_leaves_the_index_to_it(store, database) -> None:
     with store.bulk_load(BULK_LOAD_MIN_ROWS) as bulk:
         assert bulk
-        other = database.open_store(dimension=DIM)  # another service starting meanwhile
-        assert index_state(database) == "missing", "a start must not build the index under a bulk load"
+        other = database.open_store(dimension=DIM, create_table=False)  # another service starting meanwhile
+        assert other.repair_index() is None and index_state(database) == "missing", \
+            "a start must not build the index under a bulk load"
         with other.bulk_load(BULK_LOAD_MIN_ROWS) as second:
             assert not second, "one bulk load at a time"
         other.close()
@@ -159,6 +176,99 @@ def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in
     events = [e["event"] for e in logs if e["event"] in ("bulk_load_started", "search_index_built")]
     assert events == ["bulk_load_started", "search_index_built"]
     assert story.ask("q.png", story.images / "p03.png")[0] == str(story.images / "p03.png")
+
+
+@pytest.mark.parametrize("left", ["missing", "invalid"])
+def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_index_again(
+        story_factory, monkeypatch, left: str) -> None:
+    """SIGTERM while a start-up backlog lands (the index dropped, not built yet) or while its index is being
+    built (left invalid): the next start of the service, with nothing left to index, builds it again
+    beside the loop, and its searches go through it."""
+    import image_search.store.embeddings as store_module
+    from image_search.store import BulkLoad
+
+    monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 12)
+    story = story_factory({f"p{i:02d}.png": 100 + i for i in range(14)}, start=False)
+    with monkeypatch.context() as stopped_first:
+        stopped_first.setattr(BulkLoad, "finish_in_background", lambda self: None)  # the stop comes first
+        story.service.start()
+        story.run_until_idle()
+    assert index_state(story.database) == "missing" and story.service.indexed == 14
+    if left == "invalid":  # what a CREATE INDEX CONCURRENTLY cancelled half-way leaves
+        raw(story.database, hnsw_index_ddl(TINY_DIMENSION))
+        raw(story.database, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
+    with capture_logs() as logs:
+        again = story_factory(after=story)
+        repair = again.service._ingest.bulk
+        assert repair is not None
+        repair._thread.join(timeout=120)
+    assert index_state(story.database) == "valid"
+    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
+        "search_index_repair_started", "search_index_built"]
+    assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
+
+
+def test_a_connection_lost_while_a_bulk_load_drops_the_index_is_a_lost_database(store, database) -> None:
+    """The drop waits for every transaction on the table, another service's search included; the database
+    going away meanwhile is the service's usual outage (``DatabaseUnavailable``: retried, not a crash)."""
+    import threading
+
+    from image_search.store import DatabaseUnavailable
+
+    store.upsert(rows(0, 50, unit_vectors(50)))
+    reader = database.connect()
+    reader.cursor().execute("SELECT count(*) FROM image_embeddings")  # another service's transaction, open
+    outcome: list[BaseException | object] = []
+
+    def begin() -> None:
+        try:
+            outcome.append(store.begin_bulk_load(BULK_LOAD_MIN_ROWS))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+
+    beginning = threading.Thread(target=begin)
+    beginning.start()
+    try:
+        [(pid,)] = wait_for(lambda: raw(database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'DROP INDEX%%' "
+                                                  "AND wait_event_type = 'Lock'"), "the drop waiting")
+        raw(database, "SELECT pg_terminate_backend(%s)", (pid,))
+        beginning.join(timeout=30)
+    finally:
+        reader.rollback()
+        reader.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], DatabaseUnavailable), outcome
+
+
+def test_a_stop_cancels_a_build_even_between_its_statements(store, database, monkeypatch) -> None:
+    """A cancel that reaches the server between two statements of the build is dropped there; the stop
+    cancels again until the build has ended, rather than waiting for a build that waits on another
+    service's open write."""
+    import time
+
+    from image_search.store import bulk as bulk_module
+
+    store.upsert(rows(0, 50, unit_vectors(50)))
+    bulk = store.begin_bulk_load(BULK_LOAD_MIN_ROWS)
+    assert bulk is not None
+    between = bulk_module.prepare_index_build
+
+    def slowly(cur, *, local: bool) -> None:  # the first cancel lands here, between two statements
+        between(cur, local=local)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(bulk_module, "prepare_index_build", slowly)
+    writer = database.connect()
+    writer.cursor().execute("UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'")
+    try:  # another service's write, not committed: the CREATE INDEX CONCURRENTLY waits for it
+        bulk.finish_in_background()
+        time.sleep(0.3)
+        started = time.monotonic()
+        bulk.abandon()
+        took = time.monotonic() - started
+        assert took < 5 and bulk.ended, f"the stop waited {took:.1f} s for the build"
+    finally:
+        writer.rollback()
+        writer.close()
 
 
 def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_again(story_factory, monkeypatch) -> None:

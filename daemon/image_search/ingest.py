@@ -48,8 +48,9 @@ class ImageIngest:
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
         self._writing: deque[BatchInFlight] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
-        # the index is built again in the background once it is in (searches are exact meanwhile).
-        self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog)
+        # the index is built again in the background once it is in (searches are exact meanwhile). So is
+        # an index that a crash or a stop left missing or invalid, whatever the backlog.
+        self.bulk: BulkLoad | None = rt.store.begin_bulk_load(startup_backlog) or rt.store.repair_index()
         # The backlog a bulk load was last considered for: asked again only once it has doubled, so a
         # steady trickle costs no count of the table per batch.
         self._bulk_considered_at = max(startup_backlog, 1)

@@ -117,12 +117,18 @@ def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[An
     made: list[Story] = []
 
     def make(files: dict[str, int] | None = None, *, start: bool = True, model: Any = None,
-             **overrides: object) -> Story:
-        root = tmp_path / f"tree{len(made)}"
-        cfg = load_config(write_config(root, tiny_model_dir, top_k=TOP_K, settle_seconds=SETTLE, **overrides))
+             after: Story | None = None, **overrides: object) -> Story:
+        """A service over a tree of ``files`` of its own; ``after``: the next start of that story's service,
+        over its folders and database, once it has stopped as a SIGTERM stops it (``Service.close``)."""
+        if after is not None:
+            stop(after)
+            cfg, database = after.cfg, after.database
+        else:
+            root = tmp_path / f"tree{len(made)}"
+            cfg = load_config(write_config(root, tiny_model_dir, top_k=TOP_K, settle_seconds=SETTLE, **overrides))
+            database = Database(cfg)
         for name, seed in (files or {}).items():
             save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
-        database = Database(cfg)
         store = database.open_store(dimension=cfg.dimension, create_table=False)
         rt = Runtime(cfg, store, lambda: model or embedder)
         changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
@@ -136,8 +142,16 @@ def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[An
             story.run_until_idle()
         return story
 
+    stopped: set[int] = set()
+
+    def stop(story: Story) -> None:
+        if id(story) not in stopped:
+            stopped.add(id(story))
+            story.service.close()
+            story.service.rt.store.close()
+
     yield make
     for story in made:
-        story.service.close()
-        story.service.rt.store.close()
-        story.database.close()
+        stop(story)
+    for database in {id(story.database): story.database for story in made}.values():
+        database.close()

@@ -9,13 +9,17 @@ import psycopg2
 import psycopg2.extensions
 import structlog
 
-from .connection import BULK_LOCK_KEY, TRY_LOCK, Connect
-from .schema import HNSW_INDEX, hnsw_index_ddl, prepare_index_build
+from .connection import BULK_LOCK_KEY, TRY_LOCK, Connect, DatabaseUnavailable, unavailable_when_lost
+from .schema import HNSW_INDEX, INDEX_VALID, hnsw_index_ddl, prepare_index_build
 
 log = structlog.get_logger("image_search.store")
 
 _DROP_INDEX_CONCURRENTLY = f"DROP INDEX CONCURRENTLY IF EXISTS {HNSW_INDEX}"
 _COUNT = "SELECT count(*) FROM image_embeddings"
+# How a stop cancels a build in progress: a cancel every _CANCEL_EVERY_S until the build's thread ends,
+# for _CANCEL_FOR_S at most (then the stop goes on; the daemon thread dies with the process).
+_CANCEL_EVERY_S = 0.2
+_CANCEL_FOR_S = 30.0
 
 
 class BulkLoad:
@@ -30,21 +34,34 @@ class BulkLoad:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def begin(cls, connect: Connect, dimension: int, rows_coming: int) -> BulkLoad | None:
+    def begin(cls, connect: Connect, dimension: int, rows_coming: int, *, repair: bool = False) -> BulkLoad | None:
+        """Take the bulk lock and drop the index (CONCURRENTLY: searches and writes go on); None if another
+        service holds the lock (its build takes our rows in too). ``repair``: only if the index is missing
+        or invalid once the lock is held (a start after a load or a build cut short; another service may
+        have built it meanwhile). A lost connection raises ``DatabaseUnavailable``, as every statement does."""
         conn = connect()
         conn.autocommit = True  # CREATE/DROP INDEX CONCURRENTLY run outside a transaction
         try:
-            with conn.cursor() as cur:
+            with unavailable_when_lost(conn), conn.cursor() as cur:
                 cur.execute(TRY_LOCK, (BULK_LOCK_KEY,))
-                if not cur.fetchone()[0]:  # another service bulk-loads: its build will take our rows in too
+                held = cur.fetchone()[0]
+                if held and repair:
+                    cur.execute(INDEX_VALID)
+                    held = not cur.fetchone()[0]
+                if not held:
                     conn.close()
                     return None
                 cur.execute(_DROP_INDEX_CONCURRENTLY)
         except BaseException:
             conn.close()
             raise
-        log.info("bulk_load_started", rows=rows_coming,
-                 detail="the search index is built again once these rows are in; searches are exact meanwhile")
+        if repair:
+            log.info("search_index_repair_started", rows=rows_coming,
+                     reason="the search index is missing or invalid: a bulk load or its build was cut short",
+                     detail="it is built again once the files waiting are in; searches are exact meanwhile")
+        else:
+            log.info("bulk_load_started", rows=rows_coming,
+                     detail="the search index is built again once these rows are in; searches are exact meanwhile")
         return cls(conn, dimension)
 
     @property
@@ -59,12 +76,17 @@ class BulkLoad:
         return bool(self._conn.closed) and not self.building
 
     def finish(self) -> None:
-        """Build the index again, then let the lock go (with the connection)."""
+        """Build the index again, then let the lock go (with the connection). Raises if the build failed
+        (``DatabaseUnavailable`` for a lost connection or a stop's cancel)."""
         started = time.monotonic()
         try:
-            with self._conn.cursor() as cur:
+            with unavailable_when_lost(self._conn), self._conn.cursor() as cur:
                 prepare_index_build(cur, local=False)
                 cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
+                cur.execute(INDEX_VALID)
+                if not cur.fetchone()[0]:  # IF NOT EXISTS found one of that name, left invalid: not ours
+                    cur.execute(_DROP_INDEX_CONCURRENTLY)
+                    cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
                 cur.execute(_COUNT)
                 rows = cur.fetchone()[0]
             log.info("search_index_built", rows=rows, duration_ms=round((time.monotonic() - started) * 1000))
@@ -80,7 +102,7 @@ class BulkLoad:
         def build() -> None:
             try:
                 self.finish()
-            except psycopg2.Error as exc:
+            except (psycopg2.Error, DatabaseUnavailable) as exc:
                 log.warning("search_index_build_failed", reason=" ".join(str(exc).split()),
                             action="searches stay exact; the next start builds the index")
         self._thread = threading.Thread(target=build, name="search-index-build", daemon=True)
@@ -89,8 +111,11 @@ class BulkLoad:
     def abandon(self) -> None:
         """Stop here (a stop, a lost database): a build in progress is cancelled, and the index is left for
         the next start to build."""
-        if self._thread is not None and self._thread.is_alive():
+        deadline = time.monotonic() + _CANCEL_FOR_S
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            # Again and again: a cancel that reaches the server between two of the build's statements is
+            # dropped, and the next statement (the build itself) would run to its end.
             self._conn.cancel()
-            self._thread.join(timeout=30)
-        if not self._conn.closed:
+            self._thread.join(timeout=_CANCEL_EVERY_S)
+        if not self._conn.closed and not self.building:  # closing under a running statement waits for it
             self._conn.close()

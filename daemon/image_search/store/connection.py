@@ -99,12 +99,19 @@ def connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
 @contextmanager
 def transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensions.cursor]:
     """One transaction on ``conn``: committed when the block ends, rolled back if it raises."""
+    with unavailable_when_lost(conn), conn, conn.cursor() as cur:
+        yield cur
+
+
+@contextmanager
+def unavailable_when_lost(conn: psycopg2.extensions.connection) -> Iterator[None]:
+    """Statements on ``conn`` (in a transaction or autocommit) whose error, when it means the connection is
+    gone (server restarted, network, the session ended), is raised as ``DatabaseUnavailable``: the caller
+    may reconnect and retry. A server that dies mid-statement can surface as a bare DatabaseError; the
+    closed connection tells."""
     try:
-        with conn, conn.cursor() as cur:
-            yield cur
+        yield
     except psycopg2.Error as exc:
-        # The connection is gone (server restarted, network): the caller may reconnect and retry. A server
-        # that dies mid-statement can surface as a bare DatabaseError; the closed connection tells.
         if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) or conn.closed:
             raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc
         raise

@@ -182,12 +182,27 @@ class EmbeddingStore:
             return None
         return BulkLoad.begin(self._connect, self.dimension, rows_coming)
 
+    def repair_index(self) -> BulkLoad | None:
+        """At a start: a ``BulkLoad`` that builds the HNSW index again when it is missing or invalid (a load
+        or a build cut short by a crash or a stop), in bulk and CONCURRENTLY (the table may be live: other
+        services write and search meanwhile, exactly); None when it is valid, or another service
+        bulk-loads (its build makes it valid)."""
+        if not self.has_table or self.index_valid():
+            return None
+        return BulkLoad.begin(self._connect, self.dimension, self.count(), repair=True)
+
+    def index_valid(self) -> bool:
+        """Whether the HNSW index is there and usable."""
+        with self._cursor() as cur:
+            cur.execute(schema.INDEX_VALID)
+            return bool(cur.fetchone()[0])
+
     @contextmanager
     def bulk_load(self, rows_coming: int) -> Iterator[bool]:
-        """``begin_bulk_load`` around a block that writes ``rows_coming`` rows; the index is built again when
-        the block ends. Yields whether it bulk-loads. If the block raises (a stop, a lost database), the
-        index is left for the next start to build."""
-        bulk = self.begin_bulk_load(rows_coming)
+        """``begin_bulk_load`` (or ``repair_index``) around a block that writes ``rows_coming`` rows; the
+        index is built again when the block ends. Yields whether the rows land without the index. If the
+        block raises (a stop, a lost database), the index is left for the next start to build."""
+        bulk = self.begin_bulk_load(rows_coming) or self.repair_index()
         try:
             yield bulk is not None
         except BaseException:

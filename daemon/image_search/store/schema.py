@@ -16,8 +16,9 @@ among steps that can run now is what matters. A database written before this tab
 recognised from what it left (``done_before``: the ``image_search_meta`` markers), its steps recorded
 as applied without being run again.
 
-The index on the embeddings (HNSW) is not a step: it is checked and repaired at each ``create_table``
-(a bulk load that died leaves it missing or invalid).
+The index on the embeddings (HNSW) is not a step: ``create_table`` makes it with the table, and every
+start of the service or of ``index`` repairs it (``EmbeddingStore.repair_index``: a bulk load that died
+leaves it missing or invalid), CONCURRENTLY, since another service may be using the table.
 """
 
 from __future__ import annotations
