@@ -158,6 +158,20 @@ def test_a_file_or_folder_deleted_while_its_batch_is_being_read_leaves_no_row(st
         assert not processed_path_for(picture, story.images, story.cfg.processed_directory).exists()
 
 
+def test_a_file_deleted_while_its_batch_is_being_read_and_its_event_lost_leaves_no_row(story_factory) -> None:
+    """The watcher's events overflowed (lost) while a file whose batch was in flight was deleted: the
+    rescan that follows finishes that batch before it compares the folder with the rows, so the row
+    written for the deleted file goes too."""
+    story = story_factory({"keep.png": 1})
+    gone = save_picture(story.images / "gone.png", seed=51, size=(120, 90))
+    being_read(story, gone)
+    gone.unlink()
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "keep.png")}
+    assert not processed_path_for(gone, story.images, story.cfg.processed_directory).exists()
+
+
 def test_a_file_renamed_over_one_whose_batch_is_being_read_ends_as_the_folder_says(story_factory) -> None:
     """b.png is being read (its batch in flight) when a.png, indexed already, is renamed over it. The batch
     of b.png is finished first; then the rename: b.png holds a's picture, and b's old content is gone."""

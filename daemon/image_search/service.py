@@ -174,7 +174,10 @@ class Service:
         try:
             if self._needs_rescan:
                 self._needs_rescan = False
-                self._ingest.wait_for_writes()  # the rescan compares the folder with every row written
+                # The rescan compares the folder with every row: the batches being read are finished and
+                # their rows committed first, or a file deleted meanwhile (its event lost) would get its row
+                # after the comparison, and keep it.
+                self._ingest.settle(self.cfg.source_directory)
                 self.sync.rescan()
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
             if self._ingest.startup_backlog <= 0:
