@@ -70,6 +70,43 @@ def test_held_startup_query_waits_for_the_whole_backlog(story_factory) -> None:
     assert ranking[0] == str(story.images / "p4.png")
 
 
+@pytest.mark.parametrize("outages", [0, 2])
+def test_held_startup_query_is_answered_once_the_backlogs_rows_are_committed(story_factory, monkeypatch,
+                                                                             outages: int) -> None:
+    """Embedding a batch takes longer than a settle period, and (second story) the database is away at
+    two batches' start: the query found at start is still answered only once all six rows are in, not
+    when the last batch was handed over or when failed batches were counted as done."""
+    from image_search.indexer import Indexer
+    from image_search.store import DatabaseUnavailable
+
+    story = story_factory({f"p{i}.png": 10 + i for i in range(6)}, start=False, batch_size=2)
+    shutil.copyfile(story.images / "p5.png", story.inbox / "held.png")
+    submit, finish, submitted = Indexer.submit, Indexer.finish, []
+
+    def flaky_submit(self, paths):
+        submitted.append(paths)
+        if len(submitted) in range(2, 2 + outages):
+            raise DatabaseUnavailable("database error: the test's outage")
+        return submit(self, paths)
+
+    def slow_finish(self, batch):
+        story.clock.advance(SETTLE + 0.01)
+        return finish(self, batch)
+
+    monkeypatch.setattr(Indexer, "submit", flaky_submit)
+    monkeypatch.setattr(Indexer, "finish", slow_finish)
+    monkeypatch.setattr(story.service.rt.store, "reconnect", lambda: None)
+    indexed_when_answered = []
+    answer = story.service.inbox.answer
+    monkeypatch.setattr(story.service.inbox, "answer",
+                        lambda path: (indexed_when_answered.append(story.service.indexed), answer(path))[1])
+    story.service.start()
+    for _ in range(40):
+        story.clock.advance(5)  # past any retry of the database
+        story.run_until_idle()
+    assert story.service.indexed == 6 and indexed_when_answered == [6]
+
+
 # --- images/ ----------------------------------------------------------------------------------------
 
 

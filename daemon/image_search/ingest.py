@@ -44,7 +44,9 @@ class ImageIngest:
         self.sync = sync
         self.indexed = 0
         self.skipped = 0
-        self.startup_backlog = startup_backlog  # files queued by the start-up reconciliation not yet indexed
+        # Files queued by the start-up reconciliation whose rows are not committed yet: counted down as
+        # batches commit (queries found at start wait for it). A batch that goes back to pending is not.
+        self.startup_backlog = startup_backlog
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
         self._writing: deque[BatchInFlight] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
@@ -109,7 +111,6 @@ class ImageIngest:
         ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images) if ready else []
         if not ready:
             return False
-        self.startup_backlog -= len(ready)
         try:
             self._in_flight.append(self.indexer.submit(ready))
         except DatabaseUnavailable:
@@ -166,6 +167,7 @@ class ImageIngest:
     def _indexed(self, batch: BatchInFlight) -> None:
         summary = batch.summary
         self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
+        self.startup_backlog -= len(batch.paths) - len(summary.deferred)  # deferred: pending again
         for path in summary.deferred:
             self.images.note(path)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked + summary.copies
