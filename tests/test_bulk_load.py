@@ -4,6 +4,7 @@ short at any moment leaves a next start that finds a valid index, with every row
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -206,6 +207,39 @@ def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_in
     assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
         "search_index_repair_started", "search_index_built"]
     assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
+
+
+def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_found_at_start_waiting(
+        story_factory, monkeypatch) -> None:
+    """A start-up backlog is bulk-loaded while a webcam rewrites its snapshot faster than it can settle:
+    once the rest is in and the snapshot has kept changing for ten settle periods, the index is built and
+    the query that was waiting in the inbox at start is answered."""
+    import shutil
+
+    import image_search.store.embeddings as store_module
+    from image_search.readiness import RESTLESS_AFTER_SETTLES
+    from image_search.watch import ChangeKind, Folder
+    from tests.support.files import save_picture
+    from tests.support.story import SETTLE
+
+    monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 12)
+    story = story_factory({f"p{i:02d}.png": 100 + i for i in range(14)}, start=False)
+    shutil.copyfile(story.images / "p03.png", story.inbox / "held.png")
+    webcam = story.images / "webcam.png"
+    story.service.start()
+    for i in range(3 * RESTLESS_AFTER_SETTLES):
+        save_picture(webcam, seed=500 + i, size=(100 + i, 80))
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, webcam)
+        story.clock.advance(SETTLE / 2)
+        while story.service.step():
+            pass
+    assert story.service.indexed == 14
+    bulk = story.service._ingest.bulk
+    assert bulk is not None and bulk._thread is not None, "the index build never began"
+    bulk._thread.join(timeout=120)
+    assert index_state(story.database) == "valid"
+    answer = [json.loads(line)["file_path"] for line in (story.bundle("held.png") / "held.jsonl").read_text().splitlines()]
+    assert answer[0] == str(story.images / "p03.png") and len(answer) == min(14, story.cfg.top_k)
 
 
 def test_a_connection_lost_while_a_bulk_load_drops_the_index_is_a_lost_database(store, database) -> None:

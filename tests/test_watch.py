@@ -78,6 +78,30 @@ def test_renoting_restarts_the_wait(tmp_path: Path, clock: FakeClock) -> None:
     assert tracker.pop_ready(limit=10) == [a]
 
 
+def test_a_file_that_keeps_changing_is_restless_after_ten_settle_periods_and_a_new_one_is_not(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """What waits for the rest to be in (the bulk load's index build, queries found at start) may go on
+    once all that still waits has kept changing since it was first noticed, ten settle periods ago; a
+    path noticed since is waited for again."""
+    from image_search.readiness import RESTLESS_AFTER_SETTLES
+
+    tracker = ReadinessTracker(1.0, clock=clock)
+    assert tracker.only_restless()  # nothing waits
+    webcam = _file(tmp_path / "webcam.jpg")
+    tracker.note(webcam)
+    first_noticed = clock.now
+    for i in range(4 * RESTLESS_AFTER_SETTLES):
+        assert tracker.only_restless() == (clock.now - first_noticed >= RESTLESS_AFTER_SETTLES * 1.0)
+        clock.advance(0.5)
+        _file(webcam, b"y" * (101 + i))  # rewritten before it could settle: an event, or a look at it
+        tracker.note(webcam) if i % 2 else tracker.pop_ready(limit=10)
+        assert webcam in tracker
+    tracker.note(_file(tmp_path / "new.jpg"))
+    assert not tracker.only_restless()
+    clock.advance(RESTLESS_AFTER_SETTLES * 1.0)
+    assert tracker.only_restless()
+
+
 def test_closed_event_shortens_the_wait(tmp_path: Path, clock: FakeClock) -> None:
     tracker = ReadinessTracker(5.0, clock=clock, closed_grace=0.05)
     a = _file(tmp_path / "a.png")

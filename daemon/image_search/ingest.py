@@ -62,10 +62,13 @@ class ImageIngest:
         self._consider_bulk_load()
         submitted = self._submit_ready()
         if not self._in_flight:
-            idle = not submitted and not len(self.images)
-            self._confirm_written(wait=idle)  # batches written while files still settle are counted too
-            if idle:
-                self.startup_backlog = 0  # nothing left to index: whatever was queued at startup is done
+            # Caught up: nothing left to read but files that are not ready and have kept changing for a
+            # while (or none at all): a file rewritten faster than it settles must not keep the index from
+            # being built, or the queries found at start from being answered.
+            caught_up = not submitted and self.images.only_restless()
+            self._confirm_written(wait=caught_up)  # batches written while files still settle are counted too
+            if caught_up:
+                self.startup_backlog = 0  # whatever was queued at startup and could be read is in
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
             return submitted

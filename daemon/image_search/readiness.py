@@ -21,6 +21,13 @@ class _Pending:
     mtime_ns: int
     due: float
     closed: bool
+    since: float  # when the path was first noticed; kept while it keeps changing
+
+
+# A path first noticed this many settle periods ago and still waiting is restless: a file rewritten faster
+# than it settles (a webcam's snapshot), or one another service holds. Waiting for it must not hold up what
+# waits for the rest to be in (``only_restless``).
+RESTLESS_AFTER_SETTLES = 10
 
 
 class ReadinessTracker:
@@ -42,6 +49,7 @@ class ReadinessTracker:
         self._closed: dict[Path, _Pending] = {}
         self._retrying: dict[Path, _Pending] = {}
         self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
+        self._newest = float("-inf")  # when the last path that was not waiting already was noticed
 
     def _queues(self) -> tuple[dict[Path, _Pending], ...]:
         return (self._settling, self._closed, self._retrying)
@@ -59,6 +67,7 @@ class ReadinessTracker:
     def note(self, path: Path, *, closed: bool = False, retry_after: float | None = None) -> None:
         """A path was created, written or closed: (re)start its wait. ``retry_after``: look at it again
         only after that many seconds (always the same length, e.g. the fleet's lease)."""
+        since = self._first_noticed(path)
         self._drop(path)
         try:
             st = path.stat()
@@ -72,7 +81,20 @@ class ReadinessTracker:
         else:
             wait = self.closed_grace if closed else self.settle
             target = self._closed if closed else self._settling
-        target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed)
+        target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed, since)
+
+    def _first_noticed(self, path: Path) -> float:
+        for queue_ in self._queues():
+            if path in queue_:
+                return queue_[path].since
+        self._newest = self.clock()
+        return self._newest
+
+    def only_restless(self) -> bool:
+        """True when nothing waits, or everything waiting was first noticed more than
+        ``RESTLESS_AFTER_SETTLES`` settle periods ago and has not been ready since: what is due has all been
+        taken, and what is left may never settle."""
+        return not self or self.clock() - self._newest >= RESTLESS_AFTER_SETTLES * self.settle
 
     def forget(self, path: Path) -> None:
         self._drop(path)
@@ -116,7 +138,7 @@ class ReadinessTracker:
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)
             else:  # still being written: wait a full settle period again
-                self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False)
+                self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False, entry.since)
         return ready
 
 
