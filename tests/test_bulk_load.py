@@ -273,6 +273,39 @@ def test_a_connection_lost_while_a_bulk_load_drops_the_index_is_a_lost_database(
     assert len(outcome) == 1 and isinstance(outcome[0], DatabaseUnavailable), outcome
 
 
+def test_a_bulk_load_that_would_wait_long_for_another_sessions_transaction_does_not_begin(
+        store, database, monkeypatch) -> None:
+    """A backup (pg_dump) holds a transaction on the table: the drop that begins a bulk load would wait for
+    it on the service's loop, past systemd's watchdog. It gives up after DROP_WAIT_S instead; the rows go
+    into the index one by one, searches stay complete, and the next start builds whatever was left."""
+    import threading
+    import time
+
+    from image_search.store import bulk as bulk_module
+
+    monkeypatch.setattr(bulk_module, "DROP_WAIT_S", 0.5)
+    vectors = unit_vectors(60)
+    store.upsert(rows(0, 50, vectors))
+    backup = database.connect()
+    backup.cursor().execute("SELECT count(*) FROM image_embeddings")  # its transaction stays open
+    ends = threading.Timer(8.0, backup.rollback)  # (a drop that waits for it fails the test, not hangs it)
+    ends.start()
+    try:
+        started = time.monotonic()
+        with capture_logs() as logs:
+            assert store.begin_bulk_load(BULK_LOAD_MIN_ROWS) is None
+        assert time.monotonic() - started < 5
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["bulk_load_not_begun"]
+        store.upsert(rows(50, 60, vectors))
+        assert all(store.search(vectors[i], 1)[0].file_hash == f"h{i:08d}" for i in (3, 55))
+    finally:
+        ends.cancel()
+        backup.rollback()
+        backup.close()
+    start_again(database)
+    assert index_state(database) == "valid"
+
+
 def test_a_stop_cancels_a_build_even_between_its_statements(store, database, monkeypatch) -> None:
     """A cancel that reaches the server between two statements of the build is dropped there; the stop
     cancels again until the build has ended, rather than waiting for a build that waits on another

@@ -6,6 +6,7 @@ import threading
 import time
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import structlog
 
@@ -20,6 +21,25 @@ _COUNT = "SELECT count(*) FROM image_embeddings"
 # for _CANCEL_FOR_S at most (then the stop goes on; the daemon thread dies with the process).
 _CANCEL_EVERY_S = 0.2
 _CANCEL_FOR_S = 30.0
+# The longest the drop waits for the transactions of other sessions on the table (it must outwait every
+# one of them, a reader's too). It runs on the service's loop, which pings systemd's watchdog every 30 s:
+# a backup's hour-long transaction must cost the bulk load, not the service.
+DROP_WAIT_S = 10.0
+_SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, false)"
+
+
+def _drop_index_within(cur: psycopg2.extensions.cursor, seconds: float) -> bool:
+    """DROP INDEX CONCURRENTLY, given up after waiting ``seconds`` for other transactions (False; the
+    index may then be left invalid: still maintained by writes, not used by searches)."""
+    cur.execute(_SET_LOCK_TIMEOUT, (f"{round(seconds * 1000)}ms",))
+    try:
+        cur.execute(_DROP_INDEX_CONCURRENTLY)
+    except psycopg2.errors.LockNotAvailable:
+        return False
+    finally:
+        if not cur.connection.closed:
+            cur.execute(_SET_LOCK_TIMEOUT, ("0",))  # the build waits as long as it must (beside the loop)
+    return True
 
 
 class BulkLoad:
@@ -51,7 +71,15 @@ class BulkLoad:
                 if not held:
                     conn.close()
                     return None
-                cur.execute(_DROP_INDEX_CONCURRENTLY)
+                if not _drop_index_within(cur, DROP_WAIT_S):
+                    log.warning("bulk_load_not_begun", rows=rows_coming,
+                                reason=f"another session's transaction held the table for over {DROP_WAIT_S:g} s "
+                                       "(a backup, a long report)",
+                                consequence="rows go into the search index one by one; searches stay complete "
+                                            "(exact while the index is invalid, until a bulk load or the next "
+                                            "start builds it again)")
+                    conn.close()
+                    return None
         except BaseException:
             conn.close()
             raise
