@@ -311,6 +311,43 @@ def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
     assert story.ask("after.png", story.images / "a.png")[0] == str(story.images / "a.png")
 
 
+def test_a_picture_the_model_embeds_as_nan_is_skipped_with_its_copy_and_the_rest_land(story_factory,
+                                                                                    monkeypatch) -> None:
+    """The model gives one picture a vector of NaN (a half-precision overflow on a GPU): that picture and a
+    copy of it in the same batch get one warning each, the others of the batch are stored, and the service
+    goes on. Before, PostgreSQL refused the whole write and the service stopped, and again at each start."""
+    import numpy as np
+
+    from image_search.embed import Embedder
+    from image_search.indexer import NOT_FINITE
+
+    story = story_factory({"a.png": 1})
+    embed = Embedder.embed_images
+
+    def overflowing(self, pictures):
+        vectors = embed(self, pictures)
+        for i, picture in enumerate(pictures):
+            if getattr(picture, "path", Path()).name == "nan.png":
+                vectors[i] = np.nan
+        return vectors
+
+    monkeypatch.setattr(Embedder, "embed_images", overflowing)
+    nan = save_picture(story.images / "nan.png", seed=61, size=(120, 90))
+    copy = story.images / "nan-copy.png"
+    shutil.copyfile(nan, copy)
+    fine = save_picture(story.images / "fine.png", seed=62, size=(120, 90))
+    for path in (nan, copy, fine):
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    skipped = sorted(e["path"].name for e in logs if e["event"] == "image_skipped")
+    assert skipped == ["nan-copy.png", "nan.png"]
+    assert all(e["reason"] == NOT_FINITE for e in logs if e["event"] == "image_skipped")
+    assert set(story.rows()) == {str(story.images / n) for n in ("a.png", "fine.png")}
+    assert story.service.skipped == 2
+    assert story.ask("after.png", fine)[0] == str(fine)
+
+
 def test_half_written_image_waits_and_is_indexed_once_complete(story_factory, tmp_path) -> None:
     story = story_factory({"a.png": 1})
     data = save_picture(tmp_path / "slow.png", seed=77, size=(400, 300)).read_bytes()

@@ -353,7 +353,12 @@ class Indexer:
             if content is None or content.model_name != self.cfg.model_name \
                     or not self._known_content(read, content, summary):
                 to_embed.append(read)
-        write = self._embed(to_embed, [read for read, _ in later], stored, summary) if to_embed else None
+        write = None
+        if to_embed:
+            vectors = self.embedder.embed_images([r.image for r in to_embed])
+            to_embed, vectors, later = _finite_only(to_embed, vectors, later, summary)
+            if to_embed:
+                write = self._embed(to_embed, vectors, [read for read, _ in later], stored, summary)
         for read, same_as in later:  # their content is stored by the first (or by its write, once committed)
             if write is None:
                 self._record(read)
@@ -386,12 +391,11 @@ class Indexer:
             source_size=c.size, source_mtime_ns=c.mtime_ns, metadata=metadata, replaces=replaces,
             folder=relative_folder(c.path, self.cfg.source_directory))
 
-    def _embed(self, to_embed: Sequence[_Read], later: Sequence[_Read], stored: dict[str, StoredContent],
-               summary: IndexSummary) -> Ticket:
-        """Embed new content (or content another model embedded) and hand its rows to the writer, then the
-        paths of copies of it in this batch (``later``); paths of such content that are gone leave it."""
+    def _embed(self, to_embed: Sequence[_Read], vectors: np.ndarray, later: Sequence[_Read],
+               stored: dict[str, StoredContent], summary: IndexSummary) -> Ticket:
+        """Hand the rows of new content (or content another model embedded), its ``vectors``, to the writer,
+        then the paths of copies of it in this batch (``later``); paths of such content that are gone leave it."""
         started = time.monotonic()
-        vectors = self.embedder.embed_images([r.image for r in to_embed])
         rows = [_row(r, vector, self.cfg) for r, vector in zip(to_embed, vectors)]
         gone = _gone_paths(to_embed, stored)
 
@@ -427,6 +431,27 @@ class Indexer:
         log.info("index_complete", duration_ms=round((time.monotonic() - started) * 1000),
                  **summary.as_log_fields())
         return summary
+
+
+NOT_FINITE = ("the model gave no usable embedding for this picture (its vector holds NaN or infinity: on a GPU in "
+              "half precision, an overflow); nothing was stored for it")
+
+
+def _finite_only(to_embed: Sequence[_Read], vectors: np.ndarray, later: Sequence[tuple[_Read, Path]],
+                 summary: IndexSummary) -> tuple[list[_Read], np.ndarray, list[tuple[_Read, Path]]]:
+    """The pictures whose embedding is a finite vector, their vectors, and the copies of them in the batch.
+    The others, and their copies, are skipped with one line each: PostgreSQL refuses such a vector, and the
+    write of the whole group would fail with it, again at every start."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if finite.all():
+        return list(to_embed), vectors, list(later)
+    broken = {r.image.file_hash for r, ok in zip(to_embed, finite) if not ok}
+    for read in [*(r for r in to_embed if r.image.file_hash in broken),
+                 *(r for r, _ in later if r.image.file_hash in broken)]:
+        summary.skipped.append((read.candidate.path, NOT_FINITE))
+        log.warning("image_skipped", path=read.candidate.path, reason=NOT_FINITE)
+    return ([r for r, ok in zip(to_embed, finite) if ok], vectors[finite],
+            [(r, first) for r, first in later if r.image.file_hash not in broken])
 
 
 def model_input_for(embedder: Embedder) -> ModelInput:
