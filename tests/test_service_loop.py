@@ -311,6 +311,27 @@ def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
     assert story.ask("after.png", story.images / "a.png")[0] == str(story.images / "a.png")
 
 
+def test_a_bad_image_is_not_read_logged_or_counted_again_at_each_rescan_until_it_changes(story_factory) -> None:
+    """Rescans (events lost, here three times) compare the folder with the rows, and a file that cannot be
+    indexed never has one: it is not read again while it is as it was, so it stays one warning and one
+    skip. Rewritten as a picture, the next rescan indexes it."""
+    story = story_factory({"a.png": 1})
+    bad = story.images / "bad.png"
+    bad.write_text("this is not a picture\n")
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, bad)
+    with capture_logs() as logs:
+        story.run_until_idle()
+        for _ in range(3):
+            story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+            story.run_until_idle()
+    assert [e["event"] for e in logs if e.get("path") == bad] == ["image_skipped"]
+    assert story.service.skipped == 1
+    save_picture(bad, seed=71, size=(120, 90))
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    story.run_until_idle()
+    assert str(bad) in story.rows()
+
+
 def test_a_picture_the_model_embeds_as_nan_is_skipped_with_its_copy_and_the_rest_land(story_factory,
                                                                                     monkeypatch) -> None:
     """The model gives one picture a vector of NaN (a half-precision overflow on a GPU): that picture and a
