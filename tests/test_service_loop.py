@@ -314,7 +314,7 @@ def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
 def test_a_bad_image_is_not_read_logged_or_counted_again_at_each_rescan_until_it_changes(story_factory) -> None:
     """Rescans (events lost, here three times) compare the folder with the rows, and a file that cannot be
     indexed never has one: it is not read again while it is as it was, so it stays one warning and one
-    skip. Rewritten as a picture, the next rescan indexes it."""
+    skip. Its permissions changed, it is read again; rewritten as a picture, the next rescan indexes it."""
     story = story_factory({"a.png": 1})
     bad = story.images / "bad.png"
     bad.write_text("this is not a picture\n")
@@ -326,6 +326,10 @@ def test_a_bad_image_is_not_read_logged_or_counted_again_at_each_rescan_until_it
             story.run_until_idle()
     assert [e["event"] for e in logs if e.get("path") == bad] == ["image_skipped"]
     assert story.service.skipped == 1
+    os.chmod(bad, 0o600)  # what lets the service read a file it was denied: read again at the next rescan
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    story.run_until_idle()
+    assert story.service.skipped == 2
     save_picture(bad, seed=71, size=(120, 90))
     story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
     story.run_until_idle()
