@@ -203,8 +203,7 @@ def test_a_file_deleted_while_its_batch_is_being_read_and_its_event_lost_leaves_
     gone = save_picture(story.images / "gone.png", seed=51, size=(120, 90))
     being_read(story, gone)
     gone.unlink()
-    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
-    story.run_until_idle()
+    lose_events(story)
     assert set(story.rows()) == {str(story.images / "keep.png")}
     assert not processed_path_for(gone, story.images, story.cfg.processed_directory).exists()
 
@@ -297,11 +296,23 @@ def test_folder_copied_in_is_walked(story_factory, tmp_path) -> None:
     assert set(story.rows()) == {str(story.images / "import" / f"s{i}.png") for i in range(3)}
 
 
-def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
-    story = story_factory({"a.png": 1})
+def drop_a_bad_image(story) -> Path:
+    """A file named like a picture that is not one, dropped into images/ (its close-after-write noticed)."""
     bad = story.images / "bad.png"
     bad.write_text("this is not a picture\n")
     story.notice(Folder.IMAGES, ChangeKind.CLOSED, bad)
+    return bad
+
+
+def lose_events(story) -> None:
+    """The watcher's events overflowed: the loop rescans the folder, then does what it finds to do."""
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    story.run_until_idle()
+
+
+def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    bad = drop_a_bad_image(story)
     with capture_logs() as logs:
         story.run_until_idle()
     about_bad = [e for e in logs if e.get("path") == bad]  # paths are logged as paths (logs.py shows them)
@@ -316,23 +327,18 @@ def test_a_bad_image_is_not_read_logged_or_counted_again_at_each_rescan_until_it
     indexed never has one: it is not read again while it is as it was, so it stays one warning and one
     skip. Its permissions changed, it is read again; rewritten as a picture, the next rescan indexes it."""
     story = story_factory({"a.png": 1})
-    bad = story.images / "bad.png"
-    bad.write_text("this is not a picture\n")
-    story.notice(Folder.IMAGES, ChangeKind.CLOSED, bad)
+    bad = drop_a_bad_image(story)
     with capture_logs() as logs:
         story.run_until_idle()
         for _ in range(3):
-            story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
-            story.run_until_idle()
+            lose_events(story)
     assert [e["event"] for e in logs if e.get("path") == bad] == ["image_skipped"]
     assert story.service.skipped == 1
     os.chmod(bad, 0o600)  # what lets the service read a file it was denied: read again at the next rescan
-    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
-    story.run_until_idle()
+    lose_events(story)
     assert story.service.skipped == 2
     save_picture(bad, seed=71, size=(120, 90))
-    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
-    story.run_until_idle()
+    lose_events(story)
     assert str(bad) in story.rows()
 
 
