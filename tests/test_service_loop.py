@@ -322,26 +322,6 @@ def test_bad_image_is_one_warning_and_the_loop_goes_on(story_factory) -> None:
     assert story.ask("after.png", story.images / "a.png")[0] == str(story.images / "a.png")
 
 
-def test_a_bad_image_is_not_read_logged_or_counted_again_at_each_rescan_until_it_changes(story_factory) -> None:
-    """Rescans (events lost, here three times) compare the folder with the rows, and a file that cannot be
-    indexed never has one: it is not read again while it is as it was, so it stays one warning and one
-    skip. Its permissions changed, it is read again; rewritten as a picture, the next rescan indexes it."""
-    story = story_factory({"a.png": 1})
-    bad = drop_a_bad_image(story)
-    with capture_logs() as logs:
-        story.run_until_idle()
-        for _ in range(3):
-            lose_events(story)
-    assert [e["event"] for e in logs if e.get("path") == bad] == ["image_skipped"]
-    assert story.service.skipped == 1
-    os.chmod(bad, 0o600)  # what lets the service read a file it was denied: read again at the next rescan
-    lose_events(story)
-    assert story.service.skipped == 2
-    save_picture(bad, seed=71, size=(120, 90))
-    lose_events(story)
-    assert str(bad) in story.rows()
-
-
 def test_a_picture_the_model_embeds_as_nan_is_skipped_with_its_copy_and_the_rest_land(story_factory,
                                                                                     monkeypatch) -> None:
     """The model gives one picture a vector of NaN (a half-precision overflow on a GPU): that picture and a

@@ -258,10 +258,6 @@ class FolderSync:
         self.pending = pending
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
-        # Files the indexer refused (cannot be decoded, cannot be read...), by their size, mtime and ctime
-        # then: a rescan does not read one again, log it again and count it again until it changes, its
-        # permissions included (a chmod moves the ctime).
-        self._refused: dict[Path, tuple[int, int, int]] = {}
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -274,7 +270,7 @@ class FolderSync:
         self.removed += len(state.removed)
         queued = 0
         for path in state.changed:
-            if path not in self.pending and not self._still_refused(path):
+            if path not in self.pending:
                 self.pending.note(path)
                 queued += 1
         log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
@@ -351,21 +347,5 @@ class FolderSync:
                 log.warning("image_skipped", path=entry.path, reason=entry.reason)
 
     def reported_elsewhere(self, skipped: list[tuple[Path, str]]) -> None:
-        """Skips the indexer has logged already: a rescan does not repeat them (a pipe noticed by the
-        watcher), nor read again a file refused as it still is (a picture that cannot be decoded, a file
-        it may not read)."""
+        """Skips the indexer has logged already (a pipe noticed by the watcher): a rescan does not repeat them."""
         self._reported.update(SkippedEntry(path, reason) for path, reason in skipped)
-        for path, _ in skipped:
-            st = stat_or_none(path)
-            if st is not None:
-                self._refused[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def _still_refused(self, path: Path) -> bool:
-        seen = self._refused.get(path)
-        if seen is None:
-            return False
-        st = stat_or_none(path)
-        if st is not None and (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == seen:
-            return True
-        del self._refused[path]  # changed (or gone): read it again
-        return False
