@@ -21,24 +21,25 @@ _COUNT = "SELECT count(*) FROM image_embeddings"
 # for _CANCEL_FOR_S at most (then the stop goes on; the daemon thread dies with the process).
 _CANCEL_EVERY_S = 0.2
 _CANCEL_FOR_S = 30.0
-# The longest the drop waits for the transactions of other sessions on the table (it must outwait every
-# one of them, a reader's too). It runs on the service's loop, which pings systemd's watchdog every 30 s:
-# a backup's hour-long transaction must cost the bulk load, not the service.
+# The longest the drop that begins a bulk load may take: it waits for every open transaction of other
+# sessions on the table, a reader's too, one after another. It runs on the service's loop, which pings
+# systemd's watchdog every 30 s: a backup's hour-long transaction must cost the bulk load, not the service.
 DROP_WAIT_S = 10.0
-_SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, false)"
+_SET_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"
+_RESET_STATEMENT_TIMEOUT = "RESET statement_timeout"  # back to the role's or the database's own
 
 
 def _drop_index_within(cur: psycopg2.extensions.cursor, seconds: float) -> bool:
-    """DROP INDEX CONCURRENTLY, given up after waiting ``seconds`` for other transactions (False; the
-    index may then be left invalid: still maintained by writes, not used by searches)."""
-    cur.execute(_SET_LOCK_TIMEOUT, (f"{round(seconds * 1000)}ms",))
+    """DROP INDEX CONCURRENTLY, cancelled after ``seconds`` (False). Cut short, the index is left as it
+    was, or invalid (still kept up by writes, no longer used by searches); ``finish`` drops it then."""
+    cur.execute(_SET_STATEMENT_TIMEOUT, (f"{round(seconds * 1000)}ms",))
     try:
         cur.execute(_DROP_INDEX_CONCURRENTLY)
-    except psycopg2.errors.LockNotAvailable:
+    except psycopg2.errors.QueryCanceled:
         return False
     finally:
         if not cur.connection.closed:
-            cur.execute(_SET_LOCK_TIMEOUT, ("0",))  # the build waits as long as it must (beside the loop)
+            cur.execute(_RESET_STATEMENT_TIMEOUT)  # the build waits as long as it must (beside the loop)
     return True
 
 
@@ -55,8 +56,9 @@ class BulkLoad:
 
     @classmethod
     def begin(cls, connect: Connect, dimension: int, rows_coming: int, *, repair: bool = False) -> BulkLoad | None:
-        """Take the bulk lock and drop the index (CONCURRENTLY: searches and writes go on); None if another
-        service holds the lock (its build takes our rows in too). ``repair``: only if the index is missing
+        """Take the bulk lock and drop the index (CONCURRENTLY: searches and writes go on; left to ``finish``
+        when other sessions' transactions keep it past ``DROP_WAIT_S``); None if another service holds the
+        lock (its build takes our rows in too). ``repair``: only if the index is missing
         or invalid once the lock is held (a start after a load or a build cut short; another service may
         have built it meanwhile). A lost connection raises ``DatabaseUnavailable``, as every statement does."""
         conn = connect()
@@ -72,14 +74,11 @@ class BulkLoad:
                     conn.close()
                     return None
                 if not _drop_index_within(cur, DROP_WAIT_S):
-                    log.warning("bulk_load_not_begun", rows=rows_coming,
+                    log.warning("bulk_load_index_kept", rows=rows_coming,
                                 reason=f"another session's transaction held the table for over {DROP_WAIT_S:g} s "
                                        "(a backup, a long report)",
-                                consequence="rows go into the search index one by one; searches stay complete "
-                                            "(exact while the index is invalid, until a bulk load or the next "
-                                            "start builds it again)")
-                    conn.close()
-                    return None
+                                consequence="rows go into the search index one by one, and it is built again "
+                                            "once they are in; searches stay complete")
         except BaseException:
             conn.close()
             raise
@@ -143,6 +142,9 @@ class BulkLoad:
         while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             # Again and again: a cancel that reaches the server between two of the build's statements is
             # dropped, and the next statement (the build itself) would run to its end.
+            if self._conn.closed:  # the build is over, its thread only logging
+                self._thread.join(timeout=_CANCEL_EVERY_S)
+                continue
             self._conn.cancel()
             self._thread.join(timeout=_CANCEL_EVERY_S)
         if not self._conn.closed and not self.building:  # closing under a running statement waits for it
