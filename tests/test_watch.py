@@ -100,6 +100,12 @@ def test_a_file_that_keeps_changing_is_restless_after_ten_settle_periods_and_a_n
     assert not tracker.only_restless()
     clock.advance(RESTLESS_AFTER_SETTLES * 1.0)
     assert tracker.only_restless()
+    held = _file(tmp_path / "held.jpg")  # another service holds it for a lease: waited for, however long
+    tracker.note(held, retry_after=30.0)
+    clock.advance(RESTLESS_AFTER_SETTLES * 2.0)
+    assert not tracker.only_restless()
+    tracker.forget(held)
+    assert tracker.only_restless()
 
 
 def test_closed_event_shortens_the_wait(tmp_path: Path, clock: FakeClock) -> None:

@@ -93,8 +93,10 @@ class ReadinessTracker:
     def only_restless(self) -> bool:
         """True when nothing waits, or everything waiting was first noticed more than
         ``RESTLESS_AFTER_SETTLES`` settle periods ago and has not been ready since: what is due has all been
-        taken, and what is left may never settle."""
-        return not self or self.clock() - self._newest >= RESTLESS_AFTER_SETTLES * self.settle
+        taken, and what is left may never settle. A path another service holds is not restless: it is
+        waited for (its row comes from the other service, within a lease)."""
+        return not self or (not self._retrying
+                            and self.clock() - self._newest >= RESTLESS_AFTER_SETTLES * self.settle)
 
     def forget(self, path: Path) -> None:
         self._drop(path)
