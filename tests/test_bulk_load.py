@@ -209,6 +209,27 @@ def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_in
     assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
 
 
+def test_a_running_service_builds_again_an_index_that_a_failed_build_left_invalid(story_factory) -> None:
+    """A build fails while the service runs (the database restarted under it): within REPAIR_LOOK_EVERY_S
+    of being caught up, the service looks, and builds the index again beside its loop."""
+    from image_search.ingest import REPAIR_LOOK_EVERY_S
+
+    story = story_factory({"a.png": 1, "b.png": 2})
+    assert index_state(story.database) == "valid"
+    raw(story.database, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
+    story.run_until_idle()
+    assert index_state(story.database) == "invalid"  # not looked at every pass: once a minute at most
+    with capture_logs() as logs:
+        story.clock.advance(REPAIR_LOOK_EVERY_S)
+        story.run_until_idle()
+        repair = story.service._ingest.bulk
+        assert repair is not None
+        repair._thread.join(timeout=120)
+    assert index_state(story.database) == "valid"
+    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
+        "search_index_repair_started", "search_index_built"]
+
+
 def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_found_at_start_waiting(
         story_factory, monkeypatch) -> None:
     """A start-up backlog is bulk-loaded while a webcam rewrites its snapshot faster than it can settle:

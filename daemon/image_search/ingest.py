@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 # Batches in flight: one being embedded and written while the next is read and decoded (the worker
 # pool holds two at most).
 PIPELINE_DEPTH = 2
+# How often a caught-up service with no bulk load under way asks whether the search index is valid, and
+# repairs it if not: a build that failed during the run (the database restarted under it) is retried.
+REPAIR_LOOK_EVERY_S = 60.0
 
 
 class ImageIngest:
@@ -56,6 +59,7 @@ class ImageIngest:
         # The backlog a bulk load was last considered for: asked again only once it has doubled, so a
         # steady trickle costs no count of the table per batch.
         self._bulk_considered_at = max(startup_backlog, 1)
+        self._next_repair_look = images.clock() + REPAIR_LOOK_EVERY_S  # the loop's clock; the start looked
 
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
@@ -69,6 +73,7 @@ class ImageIngest:
             self._confirm_written(wait=caught_up)  # batches written while files still settle are counted too
             if caught_up:
                 self.startup_backlog = 0  # whatever was queued at startup and could be read is in
+                self._repair_if_due()
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
             return submitted
@@ -91,6 +96,16 @@ class ImageIngest:
             return
         self._bulk_considered_at = backlog
         self.bulk = self.rt.store.begin_bulk_load(backlog)
+
+    def _repair_if_due(self) -> None:
+        """Now and then, with no bulk load under way: a ``repair_index`` bulk load if a build failed."""
+        if self.bulk is not None and not self.bulk.ended:
+            return
+        now = self.images.clock()
+        if now < self._next_repair_look:
+            return
+        self._next_repair_look = now + REPAIR_LOOK_EVERY_S
+        self.bulk = self.rt.store.repair_index()
 
     def finish_in_flight(self) -> None:
         """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
