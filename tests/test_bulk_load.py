@@ -87,8 +87,22 @@ def test_a_build_cut_short_leaves_an_invalid_index_that_the_next_start_builds_ag
     with capture_logs() as logs:
         start_again(database)
     assert index_state(database) == "valid"
-    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
-        "search_index_repair_started", "search_index_built"]
+    assert search_index_events(logs) == REPAIRED
+
+
+REPAIRED = ["search_index_repair_started", "search_index_built"]  # what a start that repairs the index logs
+
+
+def search_index_events(logs: list[dict]) -> list[str]:
+    return [e["event"] for e in logs if e["event"].startswith("search_index")]
+
+
+def wait_for_the_repair(story) -> None:
+    """The index build that the service's repair runs beside its loop, awaited: the index is valid after."""
+    repair = story.service._ingest.bulk  # noqa: SLF001 - the moment these stories are about
+    assert repair is not None
+    repair._thread.join(timeout=120)
+    assert index_state(story.database) == "valid"
 
 
 def start_again(database: Database) -> None:
@@ -137,8 +151,7 @@ def test_kill_9_during_a_bulk_load_leaves_every_row_once_and_the_next_start_buil
             start_again(database)
         assert index_state(database) == "valid"
         assert raw(database, "SELECT count(*), count(DISTINCT file_hash) FROM image_embeddings") == [(300, 300)]
-        assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
-            "search_index_repair_started", "search_index_built"]
+        assert search_index_events(logs) == REPAIRED
     finally:
         database.close()
 
@@ -200,12 +213,8 @@ def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_in
         raw(story.database, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
     with capture_logs() as logs:
         again = story_factory(after=story)
-        repair = again.service._ingest.bulk
-        assert repair is not None
-        repair._thread.join(timeout=120)
-    assert index_state(story.database) == "valid"
-    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
-        "search_index_repair_started", "search_index_built"]
+        wait_for_the_repair(again)
+    assert search_index_events(logs) == REPAIRED
     assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
 
 
@@ -222,12 +231,8 @@ def test_a_running_service_builds_again_an_index_that_a_failed_build_left_invali
     with capture_logs() as logs:
         story.clock.advance(REPAIR_LOOK_EVERY_S)
         story.run_until_idle()
-        repair = story.service._ingest.bulk
-        assert repair is not None
-        repair._thread.join(timeout=120)
-    assert index_state(story.database) == "valid"
-    assert [e["event"] for e in logs if e["event"].startswith("search_index")] == [
-        "search_index_repair_started", "search_index_built"]
+        wait_for_the_repair(story)
+    assert search_index_events(logs) == REPAIRED
 
 
 def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_found_at_start_waiting(
