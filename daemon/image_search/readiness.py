@@ -25,8 +25,8 @@ class _Pending:
 
 
 # A path first noticed this many settle periods ago and still waiting is restless: a file rewritten faster
-# than it settles (a webcam's snapshot), or one another service holds. Waiting for it must not hold up what
-# waits for the rest to be in (``only_restless``).
+# than it settles (a webcam's snapshot). Waiting for it must not hold up what waits for the rest to be in
+# (``only_restless``).
 RESTLESS_AFTER_SETTLES = 10
 
 

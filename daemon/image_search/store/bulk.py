@@ -111,7 +111,7 @@ class BulkLoad:
                 prepare_index_build(cur, local=False)
                 cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
                 cur.execute(INDEX_VALID)
-                if not cur.fetchone()[0]:  # IF NOT EXISTS found one of that name, left invalid: not ours
+                if not cur.fetchone()[0]:  # IF NOT EXISTS kept an invalid one (the drop at begin cut short)
                     cur.execute(_DROP_INDEX_CONCURRENTLY)
                     cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
                 cur.execute(_COUNT)
