@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +90,31 @@ def test_a_build_cut_short_leaves_an_invalid_index_that_the_next_start_builds_ag
         start_again(database)
     assert index_state(database) == "valid"
     assert search_index_events(logs) == REPAIRED
+
+
+@contextmanager
+def another_sessions_transaction(database: Database, sql: str = "SELECT count(*) FROM image_embeddings", *,
+                                 ends_after: float = 10.0) -> Iterator[threading.Event]:
+    """A transaction of another session on the table (a backup's read, another service's write), open until
+    the block ends, or until ``ends_after`` seconds at most: a call that waits for it then fails its test
+    instead of hanging it. The event says whether it has ended: set, the call under test waited for it."""
+    conn = database.connect()
+    ended = threading.Event()
+
+    def end() -> None:
+        if not ended.is_set():
+            ended.set()
+            conn.rollback()
+
+    conn.cursor().execute(sql)
+    timer = threading.Timer(ends_after, end)
+    timer.start()
+    try:
+        yield ended
+    finally:
+        timer.cancel()
+        end()
+        conn.close()
 
 
 REPAIRED = ["search_index_repair_started", "search_index_built"]  # what a start that repairs the index logs
@@ -271,13 +298,9 @@ def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_fou
 def test_a_connection_lost_while_a_bulk_load_drops_the_index_is_a_lost_database(store, database) -> None:
     """The drop waits for every transaction on the table, another service's search included; the database
     going away meanwhile is the service's usual outage (``DatabaseUnavailable``: retried, not a crash)."""
-    import threading
-
     from image_search.store import DatabaseUnavailable
 
     store.upsert(rows(0, 50, unit_vectors(50)))
-    reader = database.connect()
-    reader.cursor().execute("SELECT count(*) FROM image_embeddings")  # another service's transaction, open
     outcome: list[BaseException | object] = []
 
     def begin() -> None:
@@ -286,16 +309,13 @@ def test_a_connection_lost_while_a_bulk_load_drops_the_index_is_a_lost_database(
         except BaseException as exc:  # noqa: BLE001 - the test reports it
             outcome.append(exc)
 
-    beginning = threading.Thread(target=begin)
-    beginning.start()
-    try:
+    with another_sessions_transaction(database):  # another service's search: the drop waits for it
+        beginning = threading.Thread(target=begin)
+        beginning.start()
         [(pid,)] = wait_for(lambda: raw(database, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'DROP INDEX%%' "
                                                   "AND wait_event_type = 'Lock'"), "the drop waiting")
         raw(database, "SELECT pg_terminate_backend(%s)", (pid,))
         beginning.join(timeout=30)
-    finally:
-        reader.rollback()
-        reader.close()
     assert len(outcome) == 1 and isinstance(outcome[0], DatabaseUnavailable), outcome
 
 
@@ -305,35 +325,19 @@ def test_a_bulk_load_that_would_wait_long_for_other_sessions_leaves_the_drop_to_
     drop that begins a bulk load would wait for each in turn on the service's loop, past systemd's
     watchdog. It is cut short after DROP_WAIT_S in all; the rows go into the index one by one, searches
     stay complete, and the build drops and builds the index once the backup is over."""
-    import threading
-    import time
-
     from image_search.store import bulk as bulk_module
 
     monkeypatch.setattr(bulk_module, "DROP_WAIT_S", 1.0)
     vectors = unit_vectors(60)
     store.upsert(rows(0, 50, vectors))
-    backup, report = database.connect(), database.connect()
-    for reader in (backup, report):
-        reader.cursor().execute("SELECT count(*) FROM image_embeddings")  # their transactions stay open
-    report_ends = threading.Timer(0.8, report.rollback)
-    backup_ends = threading.Timer(8.0, backup.rollback)  # (a drop that waits for it fails the test, not hangs it)
-    report_ends.start()
-    backup_ends.start()
-    try:
-        started = time.monotonic()
+    with another_sessions_transaction(database) as backup_ended, \
+            another_sessions_transaction(database, ends_after=0.8):  # the report
         with capture_logs() as logs:
             bulk = store.begin_bulk_load(BULK_LOAD_MIN_ROWS)
-        assert time.monotonic() - started < 3 and bulk is not None
+        assert bulk is not None and not backup_ended.is_set(), "the drop waited for the backup"
         assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["bulk_load_index_kept"]
         store.upsert(rows(50, 60, vectors))
         assert all(store.search(vectors[i], 1)[0].file_hash == f"h{i:08d}" for i in (3, 55))
-    finally:
-        for timer in (report_ends, backup_ends):
-            timer.cancel()
-        backup.rollback()
-        for reader in (backup, report):
-            reader.close()
     bulk.finish()
     assert index_state(database) == "valid"
     assert store.search(vectors[55], 1)[0].file_hash == f"h{55:08d}"
@@ -357,18 +361,13 @@ def test_a_stop_cancels_a_build_even_between_its_statements(store, database, mon
         time.sleep(1.0)
 
     monkeypatch.setattr(bulk_module, "prepare_index_build", slowly)
-    writer = database.connect()
-    writer.cursor().execute("UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'")
-    try:  # another service's write, not committed: the CREATE INDEX CONCURRENTLY waits for it
+    # Another service's write, not committed: the CREATE INDEX CONCURRENTLY waits for it.
+    with another_sessions_transaction(
+            database, "UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'") as write_ended:
         bulk.finish_in_background()
         time.sleep(0.3)
-        started = time.monotonic()
         bulk.abandon()
-        took = time.monotonic() - started
-        assert took < 5 and bulk.ended, f"the stop waited {took:.1f} s for the build"
-    finally:
-        writer.rollback()
-        writer.close()
+        assert bulk.ended and not write_ended.is_set(), "the stop waited for the build"
 
 
 def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_again(story_factory, monkeypatch) -> None:

@@ -163,15 +163,6 @@ def _fill(folder: Path, files: list[Path]) -> list[Path]:
     return placed
 
 
-def _index_valid(store) -> bool:
-    from image_search.store import HNSW_INDEX
-
-    with store._cursor() as cur:  # noqa: SLF001 - a benchmark looks at the catalog
-        cur.execute("SELECT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)), false)",
-                    (HNSW_INDEX,))
-        return bool(cur.fetchone()[0])
-
-
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     import torch
@@ -281,7 +272,7 @@ def run_index(cfg, embedder, store, sources: list[Path], *, pgdata: Path, profil
     n = len(sources)
     if summary.embedded != n or store.count() != n:
         raise RuntimeError(f"index_folder embedded {summary.embedded} of {n} images ({store.count()} rows)")
-    valid = _index_valid(store)
+    valid = store.index_valid()
     from image_search.store import BULK_LOAD_MIN_ROWS
 
     if n >= BULK_LOAD_MIN_ROWS and not valid:
@@ -384,7 +375,7 @@ def run_service(cfg, embedder, database, store, files: list[Path], *, pgdata: Pa
                     raise TimeoutError("the bulk load's index build did not finish")
         if service.indexed != n or store.count() != n:
             raise RuntimeError(f"the service indexed {service.indexed} of {n} files ({store.count()} rows)")
-        valid = _index_valid(store)
+        valid = store.index_valid()
         if n >= BULK_LOAD_MIN_ROWS and not valid:
             raise RuntimeError("after the service's ingest the HNSW index is not valid")
     finally:

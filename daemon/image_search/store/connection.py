@@ -27,9 +27,6 @@ class DatabaseUnavailable(StoreError):
     """The database could not be reached or the connection broke: worth retrying later."""
 
 
-# Transaction-scoped advisory locks (released at commit): one serialises schema changes (creation and
-# migrations), the other joining and leaving, so a service that joins while the last one leaves either
-# counts it as a live member (the table is kept) or starts after the table was emptied, never in between.
 log = structlog.get_logger("image_search.store")
 T = TypeVar("T")
 
@@ -38,6 +35,9 @@ T = TypeVar("T")
 # connection is fine. Two services recording copies of one picture at the same moment meet this.
 CONFLICT_RETRIES = 3
 
+# Transaction-scoped advisory locks (released at commit): one serialises schema changes (creation and
+# migrations), the other joining and leaving, so a service that joins while the last one leaves either
+# counts it as a live member (the table is kept) or starts after the table was emptied, never in between.
 SCHEMA_LOCK_KEY = int.from_bytes(b"imgschem", "big")
 FLEET_LOCK_KEY = int.from_bytes(b"imgfleet", "big")
 # Held (session-level, on a connection of its own) for the whole of a bulk load: one at a time, and no

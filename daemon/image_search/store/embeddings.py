@@ -185,9 +185,8 @@ class EmbeddingStore:
     def repair_index(self) -> BulkLoad | None:
         """At a start (and now and then in a running service): a ``BulkLoad`` that builds the HNSW index
         again when it is missing or invalid (a load or a build cut short by a crash, a stop, a restarted
-        database), in bulk and CONCURRENTLY (the table may be live: other
-        services write and search meanwhile, exactly); None when it is valid, or another service
-        bulk-loads (its build makes it valid)."""
+        database), in bulk and CONCURRENTLY (the table may be live: other services write, and search
+        exactly, meanwhile); None when it is valid, or another service bulk-loads (its build makes it valid)."""
         if not self.has_table or self.index_valid():
             return None
         return BulkLoad.begin(self._connect, self.dimension, self.count(), repair=True)
