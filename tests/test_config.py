@@ -344,9 +344,82 @@ def test_bad_device_from_environment(tmp_path, monkeypatch):
     ("dimension", 0), ("dimension", -1), ("resize-width", 0), ("resize-height", -5), ("top-k", 0),
     ("batch-size", 0), ("max-image-pixels", 0), ("ef-search", 0),
     ("postgres-port", 0), ("postgres-port", 65536), ("settle-seconds", -1), ("rescan-interval", -0.5),
+    ("member-lease-seconds", 0), ("burst-seconds", -1), ("exact-search-below", -1),
 ])
 def test_out_of_range_values_name_the_key(tmp_path, key, value):
     assert f"'{key}'" in error_for(tmp_path, {key: value})
+
+
+FLOAT_KEYS = ["settle-seconds", "rescan-interval", "member-lease-seconds", "similar-min-similarity", "burst-seconds"]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_in_the_file_are_refused_for_every_float_key(tmp_path, key, value):
+    """json.dumps writes NaN and Infinity, and json.loads reads them back: a file can hold them."""
+    message = error_for(tmp_path, {key: value})
+    assert message == f"config key '{key}' must be a finite number, got {value!r}"
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-Infinity", "1e999"])
+def test_nan_and_infinity_from_the_environment_are_refused_for_every_float_key(tmp_path, monkeypatch, key, text):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"IMAGE_SEARCH_" + key.upper().replace("-", "_"): text})
+    assert str(info.value) == f"config key '{key}' must be a finite number, got {text!r}"
+
+
+def test_a_huge_number_in_the_file_reads_as_infinity_and_is_refused(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"settle-seconds": 1e999}')
+    with pytest.raises(ConfigError, match="'settle-seconds' must be a finite number"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize(("key", "value", "why"), [
+    ("batch-size", 100_000_000, "held in memory"),
+    ("batch-size", 257, "held in memory"),
+    ("top-k", 1001, "hits per query"),
+    ("ef-search", 1001, "hnsw.ef_search"),
+    ("max-image-pixels", 10**12, "decompression-bomb guard"),
+    ("resize-width", 65_536, "JPEGs"),
+    ("resize-height", 10**9, "JPEGs"),
+    ("dimension", 4001, "HNSW"),
+    ("exact-search-below", 2**63, "bigint"),
+    ("settle-seconds", 1e9, "at most a year"),
+    ("rescan-interval", 1e300, "at most a year"),
+    ("member-lease-seconds", 1e300, "at most a year"),
+    ("burst-seconds", 1e12, "at most a year"),
+])
+def test_numbers_too_large_to_work_are_refused_with_the_bound_and_the_reason(tmp_path, key, value, why):
+    message = error_for(tmp_path, {key: value})
+    assert message.startswith(f"config key '{key}' must be ")
+    assert why in message and repr(value) in message
+
+
+def test_the_largest_numbers_that_work_are_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, {"batch-size": 256, "top-k": 1000, "ef-search": 1000,
+                                       "max-image-pixels": 1_000_000_000, "resize-width": 65_535,
+                                       "resize-height": 65_535, "dimension": 4000,
+                                       "exact-search-below": 2**63 - 1, "settle-seconds": 31_536_000,
+                                       "rescan-interval": 31_536_000, "member-lease-seconds": 31_536_000,
+                                       "burst-seconds": 31_536_000, "similar-min-similarity": 1}), environ={})
+    assert (cfg.batch_size, cfg.top_k, cfg.ef_search) == (256, 1000, 1000)
+    assert cfg.exact_search_below == 2**63 - 1 and cfg.rescan_interval == 31_536_000.0
+
+
+def test_a_huge_batch_size_from_the_environment_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'batch-size' must be from 1 to 256 "):
+        load_config(None, environ={"IMAGE_SEARCH_BATCH_SIZE": "100000000"})
+
+
+def test_nan_in_a_config_built_in_code_is_refused_too():
+    from image_search.config import _validate
+
+    with pytest.raises(ConfigError, match="'settle-seconds'"):
+        _validate(Config(settle_seconds=float("nan")))
 
 
 def test_empty_model_name_is_an_error(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
 from .errors import ExitCode, ImageSearchError
+from .query import MAX_TOP_K
 
 # The largest near-copy distance the pair search handles (``groups.MOST_NEAR_COPY_DISTANCE``, which
 # imports numpy: this module stays light).
@@ -155,17 +157,91 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
                 pass
         raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
     if want is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_env and isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' must be a number, got {shown}")
+        number = _as_float(value, from_env=from_env)
+        if number is None:
+            raise ConfigError(f"config key '{key}' must be a number, got {shown}")
+        # JSON's NaN and Infinity (and 1e999) parse, as do "nan" and "inf" from the environment: NaN
+        # compares false with every bound, so it would pass them all, and an infinite wait never ends.
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {shown}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' must be a string, got {shown}")
     return Path(value).expanduser() if issubclass(want, Path) else value
+
+
+def _as_float(value: Any, *, from_env: bool) -> float | None:
+    """A JSON number, or an environment string that reads as one; None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if from_env and isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric key takes, and why they stop there (the error shows both)."""
+
+    least: int
+    most: int
+    why: str
+    least_excluded: bool = False  # any number above ``least``, however small
+
+    def holds(self, value: float) -> bool:
+        above = value > self.least if self.least_excluded else value >= self.least
+        return above and value <= self.most
+
+    def describe(self) -> str:
+        low = f"above {self.least:,} and at most" if self.least_excluded else f"from {self.least:,} to"
+        return f"{low} {self.most:,} ({self.why})"
+
+
+# A year: a longer wait is no setting but a typo, and PostgreSQL's intervals (the fleet's lease) end
+# far sooner than the largest double.
+MOST_SECONDS = 365 * 24 * 3600
+# Each picture of a batch is held decoded for the model (3 MB at 512 pixels), two batches in flight:
+# 256 (the most the GPU's own sizing picks, embed._batch_that_fits) already holds about 1.5 GB.
+MOST_BATCH_SIZE = 256
+# A picture is decoded whole, at 3 bytes a pixel or more, in each of the worker processes (one per core).
+MOST_IMAGE_PIXELS = 1_000_000_000
+JPEG_MOST_SIDE = 65_535
+PGVECTOR_MOST_EF_SEARCH = 1_000
+PGVECTOR_MOST_HNSW_DIMENSIONS = 4_000
+POSTGRES_MOST_BIGINT = 2**63 - 1
+
+NUMBER_BOUNDS: dict[str, Bounds] = {
+    # Below this, Embedder.load still refuses a dimension the model cannot produce.
+    "dimension": Bounds(1, PGVECTOR_MOST_HNSW_DIMENSIONS, "pgvector's HNSW index on halfvec takes no more"),
+    "resize-width": Bounds(1, JPEG_MOST_SIDE, "pixels; the processed copies are JPEGs, whose sides stop there"),
+    "resize-height": Bounds(1, JPEG_MOST_SIDE, "pixels; the processed copies are JPEGs, whose sides stop there"),
+    "postgres-port": Bounds(1, 65_535, "a TCP port"),
+    "top-k": Bounds(1, MAX_TOP_K, "hits per query, as a query's own top-k"),
+    "batch-size": Bounds(1, MOST_BATCH_SIZE, "each picture of a batch is held in memory decoded for the model, "
+                                             "two batches at a time: a larger batch takes memory, not time"),
+    "max-image-pixels": Bounds(1, MOST_IMAGE_PIXELS, "the decompression-bomb guard: a picture is decoded whole, "
+                                                     "3 bytes a pixel, in each worker process at once"),
+    "ef-search": Bounds(1, PGVECTOR_MOST_EF_SEARCH, "pgvector's hnsw.ef_search takes no more"),
+    "exact-search-below": Bounds(0, POSTGRES_MOST_BIGINT, "rows; 0 always searches through the index; "
+                                                          "PostgreSQL counts in a bigint"),
+    "near-copy-max-distance": Bounds(0, MOST_NEAR_COPY_DISTANCE, "bits of 255 in which two near-copies' "
+                                                                 "perceptual hashes may differ"),
+    "settle-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year"),
+    "rescan-interval": Bounds(0, MOST_SECONDS, "seconds, at most a year; 0 turns the rescans off"),
+    "member-lease-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year", least_excluded=True),
+    "similar-min-similarity": Bounds(0, 1, "a cosine similarity; 0 takes the model family's default"),
+    "burst-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year"),
+}
+
+
+def _check_numbers(cfg: Config) -> None:
+    for key, bounds in NUMBER_BOUNDS.items():
+        value = getattr(cfg, _FIELDS[key].name)
+        if not bounds.holds(value):  # NaN holds no bounds: a Config built in code is refused too
+            raise ConfigError(f"config key '{key}' must be {bounds.describe()}, got {value!r}")
 
 
 def _validate(cfg: Config) -> None:
@@ -174,31 +250,13 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.follow_symlinks!r}")
     if cfg.device not in DEVICES:
         raise ConfigError(f"config key 'device' must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
-    positive = ("dimension", "resize-width", "resize-height", "top-k", "batch-size", "max-image-pixels",
-                "ef-search")
-    for key in positive:
-        if getattr(cfg, _FIELDS[key].name) <= 0:
-            raise ConfigError(f"config key '{key}' must be a positive integer")
-    if not 0 < cfg.postgres_port < 65536:
-        raise ConfigError("config key 'postgres-port' must be a TCP port (1-65535)")
-    if cfg.settle_seconds < 0 or cfg.rescan_interval < 0:
-        raise ConfigError("config keys 'settle-seconds' and 'rescan-interval' must not be negative")
-    if cfg.member_lease_seconds <= 0:
-        raise ConfigError("config key 'member-lease-seconds' must be a positive number of seconds")
+    _check_numbers(cfg)
     if cfg.shared_index and cfg.embedded_database:
         raise ConfigError(
             "config key 'shared-index' is true but 'postgres-host' is empty: the embedded PostgreSQL lives in one "
             "machine's state-directory and cannot be shared. Run one server all services reach (docker-compose.yml "
             "in the repository runs one) and set 'postgres-host' (and the other postgres-* keys) to it."
         )
-    if not 0 <= cfg.near_copy_max_distance <= MOST_NEAR_COPY_DISTANCE:
-        raise ConfigError(f"config key 'near-copy-max-distance' must be 0 to {MOST_NEAR_COPY_DISTANCE} (bits of 255 "
-                          f"in which two near-copies' perceptual hashes may differ), got {cfg.near_copy_max_distance}")
-    if not 0 <= cfg.similar_min_similarity <= 1:
-        raise ConfigError("config key 'similar-min-similarity' must be a cosine similarity from 0 to 1 "
-                          f"(0: the model family's default), got {cfg.similar_min_similarity}")
-    if cfg.burst_seconds < 0:
-        raise ConfigError("config key 'burst-seconds' must not be negative")
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
 
