@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -581,6 +582,98 @@ def test_ensure_directories_error_for_a_read_only_folder_names_the_key():
             assert cfg.source_directory.is_dir()  # the folders before it were made: only this one failed
         assert str(locked / "processed") in str(info.value) and "Permission denied" in str(info.value)
         assert not (locked / "processed").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Folders that overlap
+# --------------------------------------------------------------------------------------------------
+
+APART = {"source-directory": "images", "inbox-directory": "inbox", "output-directory": "output",
+         "processed-directory": "processed", "state-directory": "state"}
+# The folders in which no other may lie (the same folder twice is refused for every pair).
+HOLDING_NONE = ["source-directory", "inbox-directory", "processed-directory"]
+
+
+def test_the_testers_layout_everything_inside_images_is_refused_before_anything_is_made(tmp_path):
+    """The runaway: processed copies inside images/ were indexed again, images/processed/processed/... ."""
+    conf = tmp_path / "conf"
+    message = error_for(conf, {"source-directory": "images", "processed-directory": "images/processed",
+                               "output-directory": "images/out", "inbox-directory": "images/inbox"})
+    assert "lies inside 'source-directory' (" + str(conf / "images") + ")" in message
+    assert "without end" in message
+    assert sorted(p.name for p in conf.iterdir()) == ["config.json"]  # no folder was created
+
+
+@pytest.mark.parametrize(("outer", "inner"), [(o, i) for o in HOLDING_NONE for i in APART if i != o])
+def test_a_folder_inside_source_inbox_or_processed_is_refused_naming_both(tmp_path, outer, inner):
+    conf = tmp_path / "conf"
+    message = error_for(conf, {**APART, inner: f"{APART[outer]}/sub/{APART[inner]}"})
+    assert message.startswith(f"config key '{inner}' ({conf / APART[outer] / 'sub' / APART[inner]}) lies inside "
+                              f"'{outer}' ({conf / APART[outer]}): ")
+
+
+@pytest.mark.parametrize(("one", "other"), list(itertools.combinations(APART, 2)))
+def test_two_keys_naming_the_same_folder_are_refused(tmp_path, one, other):
+    conf = tmp_path / "conf"
+    message = error_for(conf, {**APART, other: f"./{APART[one]}/"})  # written otherwise, the same folder
+    assert message.startswith("config keys '") and " are the same folder: " in message
+    assert f"'{one}' ({conf / APART[one]})" in message and f"'{other}' ({conf / APART[one]})" in message
+
+
+@pytest.mark.parametrize("layout", [
+    {"state-directory": "var", "processed-directory": "var/processed", "output-directory": "var/output"},
+    {"output-directory": "out", "processed-directory": "out/processed", "state-directory": "out/state"},
+    {"state-directory": "var", "inbox-directory": "var/inbox", "source-directory": "var/images"},
+    {"processed-directory": "images/../processed"},  # beside images/, though written through it
+])
+def test_nestings_that_harm_nothing_are_accepted(tmp_path, layout):
+    conf = tmp_path / "conf"
+    cfg = load_config(write(conf, {**APART, **layout}), environ={})
+    ensure_directories(cfg, with_inbox=True)
+    assert cfg.state_directory.is_dir()
+
+
+def test_a_link_cannot_hide_a_folder_inside_the_source_even_before_it_exists(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "images").mkdir(parents=True)
+    (conf / "cache").symlink_to(conf / "images", target_is_directory=True)
+    message = error_for(conf, {**APART, "processed-directory": "cache/processed"})
+    assert not (conf / "images" / "processed").exists()
+    assert (f"'processed-directory' ({conf / 'cache' / 'processed'}, which is {conf / 'images' / 'processed'}) "
+            f"lies inside 'source-directory' ({conf / 'images'})") in message
+
+
+def test_a_link_to_the_inbox_as_output_is_the_same_folder(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "inbox").mkdir(parents=True)
+    (conf / "results").symlink_to("inbox", target_is_directory=True)
+    message = error_for(conf, {**APART, "output-directory": "results"})
+    assert f"'output-directory' ({conf / 'results'}, which is {conf / 'inbox'}) are the same folder" in message
+
+
+def test_a_linked_source_folder_holding_the_output_is_refused(tmp_path):
+    """The source given through a link: what lies inside its target lies inside it."""
+    conf = tmp_path / "conf"
+    (tmp_path / "photos").mkdir()
+    conf.mkdir()
+    (conf / "images").symlink_to(tmp_path / "photos", target_is_directory=True)
+    message = error_for(conf, {**APART, "output-directory": str(tmp_path / "photos" / "results")})
+    assert f"lies inside 'source-directory' ({conf / 'images'}, which is {tmp_path / 'photos'})" in message
+
+
+def test_an_overlap_from_the_environment_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'processed-directory' .* lies inside 'source-directory'"):
+        load_config(write(tmp_path / "conf", APART), environ={"IMAGE_SEARCH_PROCESSED_DIRECTORY": "conf/images/p"})
+
+
+def test_a_loop_of_links_as_a_folder_names_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "a").symlink_to("b")
+    (conf / "b").symlink_to("a")
+    message = error_for(conf, {**APART, "output-directory": "a/results"})
+    assert message.startswith(f"config key 'output-directory': {conf / 'a' / 'results'} cannot be resolved")
 
 
 def test_config_is_immutable(tmp_path, monkeypatch):

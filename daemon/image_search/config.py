@@ -8,6 +8,7 @@ systemd can pass secrets through an EnvironmentFile.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -244,6 +245,49 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be {bounds.describe()}, got {value!r}")
 
 
+FOLDER_KEYS = ("source-directory", "inbox-directory", "processed-directory", "output-directory", "state-directory")
+# The folders whose sub-folders the user's files name, so that no other folder may lie inside them, and why.
+HOLDS_NO_OTHER_FOLDER = {
+    "source-directory": "every file in it is indexed as a picture, so the queries, results, processed copies "
+                        "and database files in a folder inside it would be too (processed copies of processed "
+                        "copies, without end)",
+    "inbox-directory": "a query document takes the folder named after it along into its result (or failed/)",
+    "processed-directory": "it mirrors source-directory's sub-folders, so processed copies can be written into "
+                           "a folder inside it",
+}
+
+
+def _real_folder(key: str, folder: Path) -> Path:
+    """``folder`` with every link on its way resolved; the part that does not exist yet is taken as written
+    (it cannot be a link until it is made)."""
+    try:
+        return folder.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links, before Python 3.13
+        raise ConfigError(f"config key '{key}': {folder} cannot be resolved ({exc})") from None
+
+
+def _shown_folder(key: str, folder: Path, real: Path) -> str:
+    return f"'{key}' ({folder})" if folder == real else f"'{key}' ({folder}, which is {real})"
+
+
+def _check_folders_apart(cfg: Config) -> None:
+    """Refuse two keys naming one folder, or a folder inside one of HOLDS_NO_OTHER_FOLDER: compared with
+    their links resolved, so a link cannot hide the overlap."""
+    given = {key: getattr(cfg, _FIELDS[key].name) for key in FOLDER_KEYS}
+    real = {key: _real_folder(key, folder) for key, folder in given.items()}
+    shown = {key: _shown_folder(key, given[key], real[key]) for key in FOLDER_KEYS}
+    for one, other in itertools.combinations(FOLDER_KEYS, 2):
+        if real[one] == real[other]:
+            raise ConfigError(f"config keys {shown[one]} and {shown[other]} are the same folder: each needs its own, "
+                              "or the files one writes there the other reads, moves or overwrites. "
+                              "Give them folders side by side.")
+    for outer, why in HOLDS_NO_OTHER_FOLDER.items():
+        for inner in FOLDER_KEYS:
+            if inner != outer and real[inner].is_relative_to(real[outer]):
+                raise ConfigError(f"config key {shown[inner]} lies inside {shown[outer]}: {why}. "
+                                  f"Give '{inner}' a folder outside it, side by side.")
+
+
 def _validate(cfg: Config) -> None:
     if cfg.follow_symlinks not in _FOLLOW_CHOICES:
         raise ConfigError(f"config key 'follow-symlinks' must be one of {', '.join(_FOLLOW_CHOICES)}, "
@@ -259,6 +303,7 @@ def _validate(cfg: Config) -> None:
         )
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
+    _check_folders_apart(cfg)
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
