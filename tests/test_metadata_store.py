@@ -178,6 +178,33 @@ def hits_by_name(store, embedder, filters: Filters = Filters()) -> dict[str, dic
     return {Path(h.file_path).name: hit_record(h) for h in ranking.hits}
 
 
+def test_dates_an_earlier_version_stored_beyond_year_9999_or_before_year_1_are_cleared_at_start(library) -> None:
+    """An earlier version stored "9999:12:31 23:59:59" at -14:00 as 10000-01-01 13:59:59 UTC and
+    "0001:01:01 00:00:00" at +14:00 as 1 BC: every search that met those rows failed. The next start
+    makes them undated, and says so once for each."""
+    _, database, store, embedder, _ = library
+    store.close()
+    raw(database, "UPDATE image_embeddings SET taken_at = '10000-01-01 13:59:59+00', taken_at_offset_minutes = -840 "
+                  "WHERE file_name = 'top.jpg'")
+    raw(database, "UPDATE image_embeddings SET taken_at = '0001-12-31 10:00:00+00 BC', taken_at_offset_minutes = 840 "
+                  "WHERE file_name = 'beach.png'")
+    raw(database, "DELETE FROM image_search_schema WHERE number = 10")  # as that version left it
+    with capture_logs() as logs:
+        store = database.open_store(dimension=TINY_DIMENSION)
+    try:
+        after = stored(database)
+        assert after["top.jpg"] == (None, None, *EXPECTED["top.jpg"][2:])
+        assert after["beach.png"] == (None, None, *EXPECTED["beach.png"][2:])
+        assert after["phone.heic"] == EXPECTED["phone.heic"]
+        cleared = [e for e in logs if e["event"] == "stored_date_cleared"]
+        assert sorted(Path(e["path"]).name for e in cleared) == ["beach.png", "top.jpg"]
+        assert all("outside years 1-9999" in e["reason"] for e in cleared)
+        hits = hits_by_name(store, embedder)
+        assert set(hits) == set(EXPECTED) and hits["top.jpg"]["taken_at"] is None
+    finally:
+        store.close()
+
+
 def test_a_date_at_the_end_of_year_9999_is_read_back_whatever_the_sessions_time_zone(library, monkeypatch) -> None:
     """9999-12-31 23:59:59 UTC is a good date, and year 10000 in Kiritimati (UTC+14): a server (or PGTZ)
     set to such a zone must not fail the search, the date filter, nor the duplicates report."""
