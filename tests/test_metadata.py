@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import ExifTags, Image, TiffImagePlugin
+from structlog.testing import capture_logs
 
 from image_search.gpudecode import read_plain_jpeg
 from image_search.metadata import PictureMetadata, camera_name, metadata_of_bytes
@@ -120,6 +121,32 @@ def test_malformed_date_is_no_date(tmp_path, date):
     meta = read(write(tmp_path / "a.jpg", "JPEG", exif(date=date, offset="+25:99")))
     assert meta.taken_at is None and meta.offset_known is None
     assert meta.camera_make == "Canon"  # the rest of the block is still read
+
+
+@pytest.mark.parametrize(("date", "offset"), [
+    ("9999:12:31 23:59:59", "-14:00"),  # 10000-01-01 13:59:59 in UTC
+    ("0001:01:01 00:00:00", "+14:00"),  # 1 BC in UTC
+    ("9999:12:31 22:00:00", None),  # the service's local time, UTC-3: 10000-01-01 01:00 in UTC
+])
+def test_a_date_outside_years_1_to_9999_in_utc_is_no_date(tmp_path, date, offset):
+    """PostgreSQL would store such a date, and no search could read its row back."""
+    path = write(tmp_path / "a.jpg", "JPEG", exif(date=date, offset=offset))
+    meta = read(path)
+    assert meta.taken_at is None and meta.offset_known is None
+    assert meta.camera_make == "Canon"  # the picture and the rest of its metadata stay
+    with capture_logs() as logs:
+        metadata_of_bytes(path.read_bytes(), path)
+    assert [(e["event"], e["log_level"], e["path"], e["date"]) for e in logs] == [
+        ("exif_date_out_of_range", "info", path, date)]
+    assert "outside years 1-9999" in logs[0]["reason"]
+
+
+@pytest.mark.parametrize(("date", "offset"), [("9999:12:31 23:59:59", "+00:00"), ("0001:01:01 00:00:00", "-14:00"),
+                                              ("0001:01:02 12:00:00", None)])
+def test_an_extreme_date_that_utc_can_hold_stays(tmp_path, date, offset):
+    meta = read(write(tmp_path / "a.jpg", "JPEG", exif(date=date, offset=offset)))
+    assert meta.taken_at is not None
+    assert meta.taken_at.replace(tzinfo=None) == datetime.strptime(date, "%Y:%m:%d %H:%M:%S")
 
 
 def test_bad_offset_is_unknown_offset(tmp_path):

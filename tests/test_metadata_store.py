@@ -4,6 +4,7 @@ every hit into ``<stem>.jsonl``."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,9 +14,11 @@ from PIL import ExifTags, Image
 from structlog.testing import capture_logs
 
 from image_search.config import load_config
+from image_search.duplicates import REPORT, Kind, write_report
 from image_search.embed import Embedder
 from image_search.indexer import Indexer
 from image_search.output import hit_record
+from image_search.query import Filters
 from image_search.readiness import ReadinessTracker
 from image_search.store import Database
 from image_search.store.metadata import needs_metadata_migration
@@ -163,3 +166,79 @@ def test_hits_carry_the_metadata_into_jsonl(library) -> None:
     assert hits["phone.heic"]["taken_at"] == "2020-02-29T23:59:58-05:00"
     assert hits["plain.webp"]["taken_at"] is None and hits["plain.webp"]["camera"] is None
     assert list(hits["top.jpg"])[:6] == ["rank", "similarity", "file_name", "file_path", "processed_path", "file_hash"]
+
+
+# --- dates taken at the ends of the calendar -----------------------------------------------------------------
+
+UTC = timezone.utc
+
+
+def hits_by_name(store, embedder, filters: Filters = Filters()) -> dict[str, dict]:
+    ranking = store.ranking(embedder.embed_texts(["a picture"])[0], 10, filters=filters)
+    return {Path(h.file_path).name: hit_record(h) for h in ranking.hits}
+
+
+def test_dates_an_earlier_version_stored_beyond_year_9999_or_before_year_1_are_cleared_at_start(library) -> None:
+    """An earlier version stored "9999:12:31 23:59:59" at -14:00 as 10000-01-01 13:59:59 UTC and
+    "0001:01:01 00:00:00" at +14:00 as 1 BC: every search that met those rows failed. The next start
+    makes them undated, and says so once for each."""
+    _, database, store, embedder, _ = library
+    store.close()
+    raw(database, "UPDATE image_embeddings SET taken_at = '10000-01-01 13:59:59+00', taken_at_offset_minutes = -840 "
+                  "WHERE file_name = 'top.jpg'")
+    raw(database, "UPDATE image_embeddings SET taken_at = '0001-12-31 10:00:00+00 BC', taken_at_offset_minutes = 840 "
+                  "WHERE file_name = 'beach.png'")
+    raw(database, "DELETE FROM image_search_schema WHERE number = 10")  # as that version left it
+    with capture_logs() as logs:
+        store = database.open_store(dimension=TINY_DIMENSION)
+    try:
+        after = stored(database)
+        assert after["top.jpg"] == (None, None, *EXPECTED["top.jpg"][2:])
+        assert after["beach.png"] == (None, None, *EXPECTED["beach.png"][2:])
+        assert after["phone.heic"] == EXPECTED["phone.heic"]
+        cleared = [e for e in logs if e["event"] == "stored_date_cleared"]
+        assert sorted(Path(e["path"]).name for e in cleared) == ["beach.png", "top.jpg"]
+        assert all("outside years 1-9999" in e["reason"] for e in cleared)
+        hits = hits_by_name(store, embedder)
+        assert set(hits) == set(EXPECTED) and hits["top.jpg"]["taken_at"] is None
+    finally:
+        store.close()
+
+
+def test_a_date_at_the_end_of_year_9999_is_read_back_whatever_the_sessions_time_zone(library, monkeypatch) -> None:
+    """9999-12-31 23:59:59 UTC is a good date, and year 10000 in Kiritimati (UTC+14): a server (or PGTZ)
+    set to such a zone must not fail the search, the date filter, nor the duplicates report."""
+    cfg, database, store, embedder, indexer = library
+    last = picture(cfg.source_directory / "last.jpg", "JPEG", seed=5, date="9999:12:31 23:59:59", offset="+00:00")
+    (cfg.source_directory / "copies").mkdir()
+    (cfg.source_directory / "copies" / "last.jpg").write_bytes(last.read_bytes())  # a copy: a duplicates group
+    assert indexer.index_folder(show_progress=False).embedded == 1
+    monkeypatch.setenv("PGTZ", "Pacific/Kiritimati")
+    kiritimati = database.open_store(dimension=TINY_DIMENSION)
+    try:
+        assert hits_by_name(kiritimati, embedder)["last.jpg"]["taken_at"] == "9999-12-31T23:59:59+00:00"
+        late = hits_by_name(kiritimati, embedder, Filters(taken_after=datetime(9999, 1, 1, tzinfo=UTC)))
+        assert [(name, hit["taken_at"]) for name, hit in late.items()] == [("last.jpg", "9999-12-31T23:59:59+00:00")]
+        report = write_report(cfg, kiritimati, kinds=[Kind.COPY])
+    finally:
+        kiritimati.close()
+    [group] = [json.loads(line) for line in (report / REPORT).read_text().splitlines()]
+    assert [m["taken_at"] for m in group["members"]] == ["9999-12-31T23:59:59+00:00"] * 2
+
+
+def test_a_row_whose_date_no_datetime_holds_costs_no_search(library) -> None:
+    """Written after the start (an earlier version still running on the same database): the search
+    answers, that hit without a date, and one line names its file; a date its own offset would carry past
+    year 9999 is given in UTC."""
+    _, database, store, embedder, _ = library
+    raw(database, "UPDATE image_embeddings SET taken_at = '10000-01-01 13:59:59+00' WHERE file_name = 'top.jpg'")
+    raw(database, "UPDATE image_embeddings SET taken_at = '9999-12-31 23:00:00+00', taken_at_offset_minutes = 120 "
+                  "WHERE file_name = 'phone.heic'")
+    with capture_logs() as logs:
+        hits = hits_by_name(store, embedder)
+    assert set(hits) == set(EXPECTED)
+    assert hits["top.jpg"]["taken_at"] is None and hits["top.jpg"]["camera"] == "Canon EOS R5"
+    assert hits["phone.heic"]["taken_at"] == "9999-12-31T23:00:00+00:00"
+    assert hits["beach.png"]["taken_at"] == "2021-01-02T03:04:05"
+    unreadable = [e for e in logs if e["event"] == "stored_date_unreadable"]
+    assert [Path(e["path"]).name for e in unreadable] == ["top.jpg"]

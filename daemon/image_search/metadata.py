@@ -6,7 +6,8 @@ take it from here.
 
 A picture without EXIF, or without ``DateTimeOriginal``, has no date taken. A date without an offset is
 taken as the local time of the service's time zone, and recorded as such (``offset_known`` False). A
-malformed EXIF block never costs the picture: no date (or no camera), one debug line.
+malformed EXIF block never costs the picture: no date (or no camera), one debug line. A date whose time
+in UTC falls outside years 1-9999 (what Python's datetime holds) is no date either, one info line.
 """
 
 from __future__ import annotations
@@ -152,13 +153,17 @@ def _date_taken(exif: Image.Exif, path: Path | str | None) -> tuple[datetime | N
         log.debug("exif_date_malformed", path=path, error=str(exc))
         return None, None
     offset = _offset(raw_offset)
-    if offset is not None:
-        return naive.replace(tzinfo=offset), True
     try:
-        return naive.astimezone(), False  # the service's local time zone
-    except (ValueError, OverflowError, OSError) as exc:  # a year the platform's clock cannot place
-        log.debug("exif_date_malformed", path=path, error=str(exc))
+        # Without an offset: the service's local time zone.
+        taken_at = naive.replace(tzinfo=offset) if offset is not None else naive.astimezone()
+        # PostgreSQL stores the instant in UTC, where "9999:12:31 23:59:59" at -14:00 is 10000-01-01:
+        # a row no search could turn back into a datetime. Such a date is no date.
+        taken_at.astimezone(timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        log.info("exif_date_out_of_range", path=path, date=text, offset=_text(raw_offset),
+                 reason="outside years 1-9999 (in UTC or local time): stored without a date")
         return None, None
+    return taken_at, offset is not None
 
 
 def _offset(raw: object) -> timezone | None:

@@ -14,6 +14,7 @@ from ..names import unescape
 from ..phash import from_bytes, to_bytes
 from ..query import Filters
 from .filters import filter_sql
+from .metadata import TAKEN_AT_SECONDS, taken_at_of
 
 if TYPE_CHECKING:
     from .embeddings import EmbeddingStore
@@ -22,13 +23,13 @@ if TYPE_CHECKING:
 # search's folder filter, ``filters.filter_sql``), by file_hash, with every path that holds it, the
 # row's own first. The embedding in pgvector's binary form (vector_send: int16 dimension, int16 unused,
 # big-endian float4s): read as bytes and viewed as floats, no text parsing of 100k x 1024 numbers.
-PICTURES = """
+PICTURES = f"""
 SELECT file_hash, ARRAY(SELECT p.file_path FROM image_paths AS p WHERE p.file_hash = e.file_hash
                         ORDER BY p.file_path <> e.file_path, p.file_path),
-    file_path, processed_path, phash, width, height, source_size, format, taken_at,
+    file_path, processed_path, phash, width, height, source_size, format, {TAKEN_AT_SECONDS},
     taken_at_offset_minutes, CASE WHEN %(embeddings)s THEN vector_send(embedding) END
 FROM image_embeddings AS e
-WHERE {where}
+WHERE {{where}}
 ORDER BY file_hash
 """
 MISSING_HASHES = "SELECT file_hash, processed_path FROM image_embeddings WHERE phash IS NULL ORDER BY file_hash"
@@ -72,13 +73,13 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None,
         try:
             named.itersize = FETCH_ROWS
             named.execute(PICTURES.format(where=condition.where), params)
-            for (file_hash, paths, path, processed, phash, width, height, size, fmt, taken_at, offset,
+            for (file_hash, paths, path, processed, phash, width, height, size, fmt, taken_seconds, offset,
                  vector) in named:
                 # A row an older program wrote without its path is its own one path.
                 held = tuple(unescape(p) for p in paths) or (unescape(path),)
                 pictures.append(StoredPicture(file_hash, held, unescape(processed),
                                               None if phash is None else from_bytes(phash), width, height, size,
-                                              fmt, taken_at, offset))
+                                              fmt, taken_at_of(taken_seconds, path), offset))
                 if embeddings:
                     pending.append(bytes(vector)[4:])
                     if len(pending) == FETCH_ROWS:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extras
+import structlog
 
 from ..metadata import PictureMetadata, camera_name
 from ..names import escape
@@ -16,6 +18,8 @@ from . import schema
 
 if TYPE_CHECKING:
     from .embeddings import EmbeddingStore
+
+log = structlog.get_logger("image_search.store")
 
 METADATA_STEP = 6  # migrations/0006_metadata_from_headers.py
 
@@ -25,8 +29,14 @@ COLUMN_LIST = ", ".join(COLUMNS)
 STAGING_DDL = ("taken_at TIMESTAMPTZ, taken_at_offset_minutes INTEGER, camera_make TEXT, camera_model TEXT, "
                "width INTEGER, height INTEGER, format TEXT, folder TEXT")
 UPSERT_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS)
+# How ``taken_at`` is read back: seconds since 1970 (numeric), made a datetime by ``taken_at_of``. Never
+# as a timestamptz: psycopg2 parses that in the session's time zone and fails the whole statement on a
+# year outside 1-9999, which one row can hold (10000-01-01 in UTC, as earlier versions stored
+# "9999:12:31 23:59:59" at -14:00) or a session's zone can make of a good one (9999-12-31 23:59 UTC
+# is year 10000 in Pacific/Kiritimati).
+TAKEN_AT_SECONDS = "extract(epoch FROM taken_at)"
 # What a hit reads, after its own columns (``hit_fields``).
-HIT_COLUMNS = "taken_at, taken_at_offset_minutes, camera_make, camera_model, width, height, format"
+HIT_COLUMNS = f"{TAKEN_AT_SECONDS}, taken_at_offset_minutes, camera_make, camera_model, width, height, format"
 UPDATE_FOLDER = "UPDATE image_embeddings SET folder = %s WHERE file_hash = %s"
 UPDATE_ALL = ("UPDATE image_embeddings SET " + ", ".join(f"{c} = %s" for c in COLUMNS) + " WHERE file_hash = %s")
 FILL = """
@@ -40,6 +50,7 @@ WHERE e.file_hash = v.file_hash
 FILL_TEMPLATE = "(%s, %s::timestamptz, %s::integer, %s, %s, %s::integer, %s::integer, %s, %s)"
 
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _NULL = struct.pack("!i", -1)
 
 
@@ -89,21 +100,37 @@ def fill_metadata(cur, supplied: dict[str, MetadataUpdate]) -> int:
     return len(values)
 
 
+def taken_at_of(seconds: Decimal | float | None, path: str) -> datetime | None:
+    """The date taken of the row of ``path`` (its stored text) from ``TAKEN_AT_SECONDS``, in UTC; None
+    without one, and for a value no datetime holds (one line: a search never fails on one row's date)."""
+    if seconds is None:
+        return None
+    try:
+        return _UNIX_EPOCH + timedelta(microseconds=int(Decimal(seconds) * 1_000_000))
+    except (ArithmeticError, OverflowError, ValueError):  # beyond years 1-9999, or infinity
+        log.warning("stored_date_unreadable", path=path, seconds_since_1970=str(seconds),
+                    reason="outside years 1-9999: read as no date")
+        return None
+
+
 def taken_at_text(taken_at: datetime | None, offset_minutes: int | None) -> str | None:
     """ISO 8601: with the picture's own offset where its file gave one; else the service's local time,
     without an offset (the time as the camera's clock showed it)."""
     if taken_at is None:
         return None
-    if offset_minutes is not None:
-        return taken_at.astimezone(timezone(timedelta(minutes=offset_minutes))).isoformat()
-    return taken_at.astimezone().replace(tzinfo=None).isoformat()
+    try:
+        if offset_minutes is not None:
+            return taken_at.astimezone(timezone(timedelta(minutes=offset_minutes))).isoformat()
+        return taken_at.astimezone().replace(tzinfo=None).isoformat()
+    except (OverflowError, ValueError):  # that zone would move it past year 9999 (or before 1): UTC says it
+        return taken_at.astimezone(timezone.utc).isoformat()
 
 
-def hit_fields(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A hit's metadata from the ``HIT_COLUMNS`` of its row."""
-    taken_at, offset, make, model, width, height, fmt = row
-    return {"taken_at": taken_at_text(taken_at, offset), "camera": camera_name(make, model), "width": width,
-            "height": height, "format": fmt}
+def hit_fields(row: tuple[Any, ...], path: str) -> dict[str, Any]:
+    """A hit's metadata from the ``HIT_COLUMNS`` of the row of ``path`` (its stored text)."""
+    seconds, offset, make, model, width, height, fmt = row
+    return {"taken_at": taken_at_text(taken_at_of(seconds, path), offset), "camera": camera_name(make, model),
+            "width": width, "height": height, "format": fmt}
 
 
 def needs_metadata_migration(store: EmbeddingStore) -> bool:

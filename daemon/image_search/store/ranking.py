@@ -163,7 +163,7 @@ def _hits(rows: list[tuple], floor: float | None) -> list[Hit]:
     kept = [row for row in rows if floor is None or row[4] >= floor]
     return [
         Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
-            processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra)))
+            processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra), path))
         for i, (name, path, processed, file_hash, sim, *extra) in enumerate(kept, start=1)
     ]
 
