@@ -399,6 +399,32 @@ def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None
     assert story.bundle("unseen-q.png").is_dir()
 
 
+def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factory) -> None:
+    story = story_factory({"2023/a.png": 1, "b.png": 2, "c.png": 3}, start=False)
+    processed = story.cfg.processed_directory
+    processed.mkdir(parents=True, exist_ok=True)
+    (processed / "2023").write_text("mine\n")  # a file where the service makes a folder
+    (processed / "c.png.jpg").mkdir()  # a folder where it writes a file
+    with capture_logs() as logs:
+        story.service.start()
+        story.run_until_idle()
+    reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
+    assert sorted(reasons) == ["a.png", "c.png"]
+    assert f"({processed / 'c.png.jpg'})" in reasons["c.png"]
+    assert f"{processed / '2023'}" in reasons["a.png"] and "in processed-directory holds a name" in reasons["a.png"]
+    assert set(story.rows()) == {str(story.images / "b.png")}
+
+    (processed / "2024").write_text("mine too\n")  # a rename into a folder whose processed one is taken
+    (story.images / "2024").mkdir()
+    (story.images / "b.png").rename(story.images / "2024" / "b.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "b.png", dest=story.images / "2024" / "b.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert [e["path"].name for e in logs if e["event"] == "image_skipped"] == ["b.png"]
+    assert (processed / "2023").read_text() == "mine\n" and (processed / "2024").read_text() == "mine too\n"
+    assert (processed / "c.png.jpg").is_dir()
+
+
 # --- inbox/ -----------------------------------------------------------------------------------------
 
 
