@@ -41,7 +41,7 @@ JSONL_KEYS = {"rank", "similarity", "file_name", "file_path", "processed_path", 
               "height", "format", "copies"}
 BUNDLE_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 SUMMARY = re.compile(r"^indexed: (\d+) embedded, (\d+) relinked without model work, (\d+) unchanged, "
-                     r"(\d+) copies, (\d+) removed, (\d+) skipped$", re.M)
+                     r"(\d+) cop(?:y|ies), (\d+) removed, (\d+) skipped$", re.M)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

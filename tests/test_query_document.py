@@ -197,6 +197,36 @@ def test_a_link_that_stays_inside_is_followed_to_its_target(tree: Tree) -> None:
     assert "outside the document's folder" in tree.refused({"image": "alias.png"})
 
 
+def test_a_name_in_bytes_that_are_not_utf8_is_named_as_results_print_it(tree: Tree) -> None:
+    odd = os.fsdecode(b"bad\xff\xfename.png")
+    (tree.images / "2023" / odd).write_bytes(b"a picture named in Latin-1")
+    printed = "2023/bad\\xff\\xfename.png"  # names.escape's text: how results, logs and the table show it
+    spec = tree.parse({"image": printed, "folder": "2023"})
+    assert spec.terms[0].path == (tree.images / "2023" / odd).resolve()
+    assert spec.record()["terms"][0]["value"] == printed  # recorded once, as printed everywhere else
+    # The error text shows that name once too, not doubled by JSON's own escaping.
+    reason = tree.refused({"image": "2023/bad\\xff\\xfegone.png"}, MissingPicture)
+    assert reason.startswith('picture "2023/bad\\xff\\xfegone.png" (\'image\') is not there: looked for ')
+    assert f"{tree.images}/2023/bad\\xff\\xfegone.png;" in reason
+    assert "\\\\" not in reason
+
+
+def test_a_name_with_a_real_backslash_is_written_with_two_and_one_alone_still_works(tree: Tree) -> None:
+    (tree.images / "a\\xff.png").write_bytes(b"spelled with a backslash")
+    (tree.images / "c\\d.png").write_bytes(b"a lone backslash")
+    spec = tree.parse({"image": ["a\\\\xff.png", "c\\\\d.png", "c\\d.png"]})
+    assert [t.path.name for t in spec.terms] == ["a\\xff.png", "c\\d.png", "c\\d.png"]
+    # "\x00" in the text form is a NUL, which no name holds
+    assert "holds a NUL character" in tree.refused({"image": "a\\x00.png"})
+
+
+def test_a_folder_filter_takes_the_printed_name_too(tree: Tree) -> None:
+    odd = os.fsdecode(b"caf\xe9")
+    spec = tree.parse({"text": "x", "folder": "caf\\xe9/2024"})
+    assert spec.filters.folders == (f"{odd}/2024",)
+    assert spec.record()["folder"] == ["caf\\xe9/2024"]
+
+
 def test_dot_dot_that_leaves_is_refused_before_anything_is_looked_at(tree: Tree) -> None:
     (tree.root / "secret.jpg").write_bytes(b"secret")
     reason = tree.refused({"image": "../secret.jpg"})

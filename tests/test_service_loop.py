@@ -399,6 +399,32 @@ def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None
     assert story.bundle("unseen-q.png").is_dir()
 
 
+def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factory) -> None:
+    story = story_factory({"2023/a.png": 1, "b.png": 2, "c.png": 3}, start=False)
+    processed = story.cfg.processed_directory
+    processed.mkdir(parents=True, exist_ok=True)
+    (processed / "2023").write_text("mine\n")  # a file where the service makes a folder
+    (processed / "c.png.jpg").mkdir()  # a folder where it writes a file
+    with capture_logs() as logs:
+        story.service.start()
+        story.run_until_idle()
+    reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
+    assert sorted(reasons) == ["a.png", "c.png"]
+    assert f"({processed / 'c.png.jpg'})" in reasons["c.png"]
+    assert f"{processed / '2023'}" in reasons["a.png"] and "in processed-directory holds a name" in reasons["a.png"]
+    assert set(story.rows()) == {str(story.images / "b.png")}
+
+    (processed / "2024").write_text("mine too\n")  # a rename into a folder whose processed one is taken
+    (story.images / "2024").mkdir()
+    (story.images / "b.png").rename(story.images / "2024" / "b.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "b.png", dest=story.images / "2024" / "b.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert [e["path"].name for e in logs if e["event"] == "image_skipped"] == ["b.png"]
+    assert (processed / "2023").read_text() == "mine\n" and (processed / "2024").read_text() == "mine too\n"
+    assert (processed / "c.png.jpg").is_dir()
+
+
 # --- inbox/ -----------------------------------------------------------------------------------------
 
 
@@ -420,6 +446,44 @@ def test_bad_queries_move_to_failed_with_a_reason_and_the_next_is_answered(story
     assert "not a supported image" in (failed / "broken-2.png.error.txt").read_text()
     assert story.service.inbox.failed == 2
     assert story.ask("good.png", story.images / "b.png")[0] == str(story.images / "b.png")
+    assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
+
+
+def test_a_file_named_failed_keeps_failed_queries_in_the_inbox_until_it_is_out_of_the_way(story_factory) -> None:
+    story = story_factory({"a.png": 1})
+    in_the_way = story.inbox / "failed"
+    in_the_way.write_text("notes\n")  # a fresh inbox has no failed/ yet: the user's file takes the name
+    broken = story.inbox / "broken.png"
+    broken.write_text("not a png\n")
+    for path in (in_the_way, broken):
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, path)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    failures = {e["path"].name: e for e in logs if e["event"] == "query_failed"}
+    assert sorted(failures) == ["broken.png", "failed"]  # one line each, and the service goes on
+    assert "not a supported image" in failures["broken.png"]["reason"]
+    assert f"{in_the_way} is not a folder" in failures["broken.png"]["left_in_inbox"]
+    assert in_the_way.read_text() == "notes\n" and broken.read_text() == "not a png\n"  # untouched
+
+    # Unchanged, they are not tried again: not after lost events, nor when a good query comes.
+    story.changes.put(Change(Folder.WATCHING, ChangeKind.LOST, Path(), detail="inotify queue overflow"))
+    with capture_logs() as logs:
+        assert story.ask("good.png", story.images / "a.png")[0] == str(story.images / "a.png")
+    assert [e for e in logs if e["event"] == "query_failed"] == []
+
+    # A restart tries them once more: one line each again, no crash.
+    with capture_logs() as logs:
+        story = story_factory(after=story)
+    assert sorted(e["path"].name for e in logs if e["event"] == "query_failed") == ["broken.png", "failed"]
+
+    # The user moves their file away: failed/ can be made, and the failed query moves into it.
+    kept = story.inbox.parent / "notes.txt"
+    in_the_way.rename(kept)
+    story.notice(Folder.INBOX, ChangeKind.DELETED, in_the_way)
+    story.run_until_idle()
+    assert kept.read_text() == "notes\n"
+    assert (in_the_way / "broken.png").read_text() == "not a png\n"
+    assert "not a supported image" in (in_the_way / "broken.png.error.txt").read_text()
     assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
 
 

@@ -7,6 +7,7 @@ saved JPEG, and "the aspect ratio is kept" is the shape of the coloured area ins
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,20 @@ def test_a_japanese_text_query_from_the_inbox_moves_in_beside_its_results(tmp_pa
                                                        "自転車.sheet.jpg"]
     assert (bundle / "自転車.query.txt").read_text(encoding="utf-8") == "赤い自転車\n"
     assert json.loads((bundle / "自転車.json").read_text(encoding="utf-8"))["query-text"] == "赤い自転車"
+
+
+@pytest.mark.timeout(20)  # the way it went wrong: mkdir failing on a dangling link, for ever
+def test_entries_of_the_users_with_a_result_folders_name_are_passed_by_never_replaced(cfg: Config) -> None:
+    now = datetime(2024, 5, 6, 7, 8, 9)
+    output = cfg.output_directory
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "20240506-070809").write_text("mine\n")  # a file, a dangling link and an empty folder of the user's
+    (output / "20240506-070809-2").symlink_to(output / "nowhere")
+    (output / "20240506-070809-3").mkdir()
+    bundle = write_result_bundle(output, TextQuery("a cat"), [], cfg, now=now)
+    assert bundle.name == "20240506-070809-4"
+    assert (output / "20240506-070809").read_text() == "mine\n"
+    assert (output / "20240506-070809-2").is_symlink() and list((output / "20240506-070809-3").iterdir()) == []
 
 
 def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:

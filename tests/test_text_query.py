@@ -47,7 +47,8 @@ def test_an_empty_file_is_refused_as_empty(tmp_path: Path) -> None:
 
 def test_a_whitespace_only_file_is_refused(tmp_path: Path) -> None:
     reason = refused(write(tmp_path, " \n\t\r\n\u3000 ".encode())).reason
-    assert "empty" in reason and "only whitespace" in reason
+    assert "empty" in reason and "only whitespace (9 bytes)" in reason
+    assert refused(write(tmp_path, b"\n", "one.txt")).reason.endswith("only whitespace (1 byte)")
 
 
 def test_a_file_that_is_not_utf8_is_refused_naming_the_byte(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from .querydoc import QueryFlagError, duplicates_from_flags, is_query_document, 
 from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .output import TextQuery
 from .search import search_file, search_query
+from .wording import counted
 
 log = structlog.get_logger("image_search")
 
@@ -105,7 +106,7 @@ def flag_spec(args: argparse.Namespace, cfg: Config, *, texts: Sequence[str] = (
 
 def print_summary(summary: IndexSummary) -> None:
     print(f"indexed: {summary.embedded} embedded, {summary.relinked} relinked without model work, "
-          f"{summary.unchanged} unchanged, {summary.copies} copies, {summary.removed} removed, "
+          f"{summary.unchanged} unchanged, {counted(summary.copies, 'copy', 'copies')}, {summary.removed} removed, "
           f"{len(summary.skipped)} skipped")
     for path, reason in summary.skipped:
         print(f"  skipped {escape(path)}: {reason}")

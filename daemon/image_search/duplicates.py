@@ -52,6 +52,7 @@ from .preprocess import thumbnail_path_for
 from .sheet import MAX_COLUMNS, Tile, render_tiles, save_contact_sheet
 from .store.duplicates import StoredPicture, fill_hashes, missing_hashes, read_pictures
 from .store.metadata import taken_at_text
+from .wording import counted
 
 if TYPE_CHECKING:
     from .store import EmbeddingStore
@@ -310,9 +311,9 @@ def summary(groups: Sequence[Group], *, pictures: int, kinds: Sequence[Kind], th
     if not pictures:
         message = "the index holds no pictures" + (f" in folder '{escape(folder)}'" if folder is not None else "")
     elif not groups:
-        message = f"no duplicates among {pictures} pictures"
+        message = f"no duplicates among {counted(pictures, 'picture')}"
     else:
-        message = f"{len(groups)} groups among {pictures} pictures; nothing was deleted, moved or changed"
+        message = f"{counted(len(groups), 'group')} among {counted(pictures, 'picture')}; nothing was deleted, moved or changed"
     return {"message": message, "pictures": pictures, "folder": None if folder is None else escape(folder),
             "kinds": [kind.value for kind in kinds], "groups": counts, "members": in_groups,
             "pictures_without_perceptual_hash": without_hash, "model-name": model_name,

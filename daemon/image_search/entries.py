@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from .errors import ImageSearchError
 from .names import escape
+from .wording import counted
 
 # Read at most this much beyond the size stat gave: a file still being appended to is seen as such.
 GROWTH_MARGIN_BYTES = 1 << 20
@@ -141,7 +142,7 @@ def read_regular(path: Path, links: LinkPolicy | None = None) -> bytes:
         wanted = st.st_size + GROWTH_MARGIN_BYTES
         data = read_at_most(handle, wanted + 1)
     if len(data) > wanted:
-        raise EntryRefused(path, f"still being written (it grew past {st.st_size:,} bytes while being read)",
+        raise EntryRefused(path, f"still being written (it grew past {counted(st.st_size, 'byte')} while being read)",
                            growing=True)
     return data
 

@@ -1,7 +1,8 @@
 """The query inbox: a file dropped into ``inbox/`` is a question; its answer is a result folder.
 
 A query waits until it is complete (``ReadinessTracker``), is answered (the result bundle is written
-and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.error.txt`` saying why.
+and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.error.txt`` saying why
+(an entry of the user's named ``failed`` that is no folder is left alone: the query then stays where it is).
 A query document ``<stem>.json`` (``querydoc``) may bring its pictures in a folder ``inbox/<stem>/``:
 the files there are never queries of their own; the document waits until they too are settled, and
 the folder moves (into the result, or into ``failed/``) with it.
@@ -50,6 +51,9 @@ class QueryInbox:
         self.failed = 0
         self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
         self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
+        # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
+        # until they change or failed/ is free, so one such query is one log line, not one per rescan.
+        self._left_in_place: dict[Path, tuple[int, int, int] | None] = {}
 
     def _is_query_candidate(self, path: Path) -> bool:
         return path.parent == self.folder and not is_ignored_name(path.name)
@@ -58,7 +62,12 @@ class QueryInbox:
         """Entries in the folder now that are not queued yet (lost events can hide some): anything but a
         folder, so that a pipe or a link the rules refuse fails into failed/ with its reason, unopened."""
         return [p for p in sorted(self.folder.iterdir())
-                if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending]
+                if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending
+                and not self._left_as_it_was(p)]
+
+    def _left_as_it_was(self, path: Path) -> bool:
+        """True for a failed query left in the inbox (``fail``) that has not changed since."""
+        return path in self._left_in_place and self._left_in_place[path] == _look(path)
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many."""
@@ -80,12 +89,24 @@ class QueryInbox:
         if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED):
             self.pending.forget(change.path)
             self._folder_looks.pop(change.path, None)
+            self._left_in_place.pop(change.path, None)
+            if change.path == self.folder / FAILED_FOLDER:
+                self._retry_left_in_place()  # what was in failed/'s way has gone
         if change.kind is ChangeKind.DELETED:
             return
         path = change.final_path
+        if self._left_as_it_was(path):
+            return
+        self._left_in_place.pop(path, None)
         if not change.is_directory and self._is_query_candidate(path):
             # A rename into place is how careful writers finish a file: as good as a close.
             self.pending.note(path, closed=change.kind in (ChangeKind.CLOSED, ChangeKind.MOVED))
+
+    def _retry_left_in_place(self) -> None:
+        for path in self._left_in_place:
+            if os.path.lexists(path):
+                self.pending.note(path)
+        self._left_in_place.clear()
 
     def answer_ready(self) -> bool:
         """Answer the queries that are complete now (a few per call). True if there were any."""
@@ -193,21 +214,20 @@ class QueryInbox:
         return reason
 
     def fail(self, path: Path, reason: str) -> None:
-        """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why."""
+        """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why. When
+        failed/ cannot take it (an entry of the user's holds that name), the query stays where it is,
+        untouched, until it changes or failed/ is free again."""
         self.failed += 1
         failed = self.folder / FAILED_FOLDER
-        failed.mkdir(exist_ok=True)
-        n = 1
-        while True:  # its own name, else name-2, name-3...; within 255 bytes with ".error.txt" added
-            name = path.name if n == 1 else f"{path.stem}-{n}{path.suffix}"
-            target = failed / fit_name(name, keep_suffix=path.suffix, reserve=len(ERROR_SUFFIX))
-            if not (os.path.lexists(target) or os.path.lexists(_error_file(target))):
-                break
-            n += 1
         try:
-            shutil.move(path, target)  # a rename: a pipe or a link moves as what it is, unopened
+            target = _move_into(failed, path)
         except FileNotFoundError:
             log.warning("query_vanished", path=path)
+            return
+        except OSError as exc:
+            # An entry of the user's in the way costs this query its move, never the service its run.
+            self._left_in_place[path] = _look(path)
+            log.warning("query_failed", path=path, reason=reason, left_in_inbox=_not_moved_reason(failed, exc))
             return
         folder = self.pictures_folder(path)
         if folder is not None:
@@ -215,6 +235,41 @@ class QueryInbox:
             shutil.move(folder, _free_path(target.with_name(target.stem)))
         write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode())
         log.warning("query_failed", path=path, moved_to=target, reason=reason)
+
+
+def _move_into(failed: Path, query: Path) -> Path:
+    """Move ``query`` into the folder ``failed`` (made if missing) under its own name, else name-2,
+    name-3...: never onto an entry there, and within 255 bytes with ".error.txt" added. Returns where."""
+    failed.mkdir(exist_ok=True)
+    n = 1
+    while True:
+        name = query.name if n == 1 else f"{query.stem}-{n}{query.suffix}"
+        target = failed / fit_name(name, keep_suffix=query.suffix, reserve=len(ERROR_SUFFIX))
+        if not (os.path.lexists(target) or os.path.lexists(_error_file(target))):
+            break
+        n += 1
+    shutil.move(query, target)  # a rename: a pipe or a link moves as what it is, unopened
+    return target
+
+
+def _not_moved_reason(failed: Path, exc: OSError) -> str:
+    """Why a failed query stays in the inbox, and what frees its way, for its log line."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        why = f"{escape(failed)} is not a folder (an entry of yours, left as it is)"
+    else:
+        why = f"it cannot be moved into {escape(failed)}/ ({exc.strerror or describe(exc)})"
+    return (f"{why}: the query stays in the inbox, untouched, and is tried again when it changes, when "
+            f"{FAILED_FOLDER} is moved away or deleted, or at the next start")
+
+
+def _look(path: Path) -> tuple[int, int, int] | None:
+    """What an entry looks like now (inode, size, mtime), None when it is gone: a query left in place
+    waits for this to change."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _free_path(path: Path) -> Path:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .config import Config
 from .errors import writing_into
 from .metadata import PictureMetadata, relative_folder
+from .names import escape
 from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
@@ -114,6 +115,14 @@ def _usable(batch: Sequence[_Candidate], outcomes: Sequence[PreparedImage | Prep
         else:
             prepared.append((candidate, outcome))
     return prepared
+
+
+def blocked_processed_reason(processed: Path, exc: OSError) -> str:
+    """Why a file's processed copy cannot be written when an entry in processed-directory is in its way
+    (a file where a folder goes, a folder where a file goes)."""
+    return (f"its processed copy {escape(processed)} cannot be written: {exc.strerror} "
+            f"({escape(exc.filename2 or exc.filename or processed)}): an entry in processed-directory holds a name it needs; "
+            "it is left as it is: move it away and the file is indexed at the next rescan or start")
 
 
 def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
@@ -342,8 +351,16 @@ class Indexer:
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
             if image.saved_to != processed:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
-                with writing_into(self.cfg.processed_directory, "a processed image"):
-                    save_processed(image, processed)
+                try:
+                    with writing_into(self.cfg.processed_directory, "a processed image"):
+                        save_processed(image, processed)
+                except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                    # An entry of the user's holds the name of a folder or file we make: this file's
+                    # loss, not the run's; the entry is left as it is.
+                    reason = blocked_processed_reason(processed, exc)
+                    summary.skipped.append((candidate.path, reason))
+                    log.warning("image_skipped", path=candidate.path, reason=reason)
+                    continue
             read = _Read(candidate, image, processed)
             if image.file_hash in first:
                 later.append((read, first[image.file_hash]))

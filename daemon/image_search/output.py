@@ -88,10 +88,11 @@ def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
 
 
 def _free_folder_name(output_dir: Path, stamp: str) -> Path:
-    """The first of ``stamp``, ``stamp-2``, ``stamp-3``... that does not exist yet."""
+    """The first of ``stamp``, ``stamp-2``, ``stamp-3``... that no entry holds yet (a dangling link is an
+    entry too: ``publish``'s mkdir would fail on it, for ever)."""
     candidate = output_dir / stamp
     n = 2
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = output_dir / f"{stamp}-{n}"
         n += 1
     return candidate

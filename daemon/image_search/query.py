@@ -31,7 +31,8 @@ class TermKind(IntEnum):
 class Term:
     """One thing to look like (``unlike`` False) or to push away (True).
 
-    ``value``: the words, or the picture's path as the query gave it; ``path``: for a picture, the file
+    ``value``: the words, or the picture's path as the query named it (a name, not its escaped text:
+    ``record`` and ``describe`` escape it); ``path``: for a picture, the file
     it resolved to (inside ``source-directory`` or the document's ``inbox/<stem>/`` folder)."""
 
     kind: TermKind
@@ -73,7 +74,7 @@ class Filters:
         """The filters given, as ``<stem>.json`` records them (kebab-case keys, as in a query document)."""
         out: dict[str, object] = {}
         if self.folders:
-            out["folder"] = list(self.folders)
+            out["folder"] = [escape(folder) for folder in self.folders]  # a name's bytes as text
         if self.taken_after is not None:
             out["taken-after"] = self.taken_after.isoformat()
         if self.taken_before is not None:
@@ -109,7 +110,7 @@ class QuerySpec:
         unlike one, ``×w`` after a weight other than 1), then the filters and the floor."""
         lines = []
         for term in self.terms:
-            shown = f"“{' '.join(term.value.split())}”" if term.kind is TermKind.TEXT else Path(term.value).name
+            shown = f"“{' '.join(term.value.split())}”" if term.kind is TermKind.TEXT else escape(Path(term.value).name)
             weight = f" ×{term.weight:g}" if term.weight != 1 else ""
             lines.append(f"{'− ' if term.unlike else ''}{shown}{weight}")
         for key, value in self.filters.record().items():

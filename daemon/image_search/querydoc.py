@@ -24,7 +24,7 @@ from typing import TypeVar
 from .config import Config
 from .entries import EntryRefused, FollowLinks, LinkPolicy, check_regular
 from .errors import ExitCode, ImageSearchError, UnusableFile
-from .names import escape
+from .names import escape, unescape
 from .preprocess import unreadable_reason
 from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, DuplicatesRequest, Filters, QuerySpec, Term, TermKind
 from .textquery import decoded_text, is_text_query, read_limited, read_text_query, size_shown
@@ -227,7 +227,7 @@ def _duplicates_request(doc: dict[str, object], source_directory: Path) -> Dupli
     if doc["duplicates"] is not True:
         raise _Invalid(f"'duplicates' must be true (to ask for the duplicates report), got {_shown(doc['duplicates'])}"
                        "; leave the key out for a search")
-    folder = _maybe(doc, "folder", lambda name, value: duplicates_folder(name, value, source_directory))
+    folder = _maybe(doc, "folder", lambda name, value: duplicates_folder(name, _named(value), source_directory))
     kinds = _unique(_kind(name, part) for name, value in _entries(doc, "kind")
                     for part in (value.split(",") if isinstance(value, str) else [value]))
     return DuplicatesRequest(folder, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
@@ -273,7 +273,7 @@ def _spec_from_document(doc: object, source_directory: Path) -> QuerySpec:
     if all(term.unlike for term in terms):
         raise _Invalid(_NOTHING)
     filters = Filters(
-        folders=_unique(_folder(name, value, source_directory) for name, value in _entries(doc, "folder")),
+        folders=_unique(_folder(name, _named(value), source_directory) for name, value in _entries(doc, "folder")),
         taken_after=_maybe(doc, "taken-after", _moment),
         taken_before=_maybe(doc, "taken-before", _moment),
         camera=_maybe(doc, "camera", _camera),
@@ -315,7 +315,7 @@ def _terms(key: str, entries: list[tuple[str, object]]) -> list[Term]:
             what = "words" if kind is TermKind.TEXT else "a picture's path"
             raise _Invalid(f"{name} must be {what} as a string, a list of them, or an object "
                            f'{{"{word}": "...", "weight": 2}}, got {_shown(entry)}')
-        value_text = _text_value(name, entry) if kind is TermKind.TEXT else _path_value(name, entry)
+        value_text = _text_value(name, entry) if kind is TermKind.TEXT else _path_value(name, _named(entry))
         terms.append(Term(kind, value_text, weight, unlike))
     return terms
 
@@ -346,6 +346,13 @@ def _text_value(name: str, words: str) -> str:
     if not words.strip():
         raise _Invalid(f"{name} is empty: give the words to look for, e.g. \"a red bicycle\"")
     return words.strip()
+
+
+def _named(value: _T) -> _T:
+    """A path or folder a document names, in the text results print names in (``names.escape``:
+    ``\\xNN`` a byte that is not UTF-8, ``\\\\`` a backslash): the name itself (``names.unescape``).
+    A backslash that starts neither is kept, so ``a\\b.png`` names the file ``a\\b.png`` either way."""
+    return unescape(value) if isinstance(value, str) else value  # type: ignore[return-value]
 
 
 def _path_value(name: str, value: str) -> str:
@@ -533,12 +540,15 @@ def _unknown_key(key: str, known: Sequence[str]) -> str:
 
 
 def _shown(value: object) -> str:
-    """A value as a message shows it: its JSON, one line, at most 60 characters, any name's bytes escaped."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    text = escape(text)
+    """A value as a message shows it, one line, at most 60 characters: a string quoted, in the text names
+    are printed in (``names.escape``, so a name reads as results print it); anything else as its JSON."""
+    if isinstance(value, str):
+        text = f'"{escape(value)}"'
+    else:
+        try:
+            text = escape(json.dumps(value, ensure_ascii=False))
+        except (TypeError, ValueError):
+            text = escape(repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 

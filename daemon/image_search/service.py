@@ -41,6 +41,7 @@ from .watch import (
     observer_problem,
     start_observer, stop_observer,
 )
+from .wording import counted
 
 log = structlog.get_logger(__name__)
 
@@ -248,8 +249,9 @@ class Service:
     def status_text(self) -> str:
         fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
         return (f"{self.indexed} indexed, {len(self.images)} queued, {self.sync.removed} removed, "
-                f"{self.inbox.answered} searches answered, {self.inbox.failed} failed queries, "
-                f"{self.skipped} skipped files{fleet}")
+                f"{counted(self.inbox.answered, 'search', 'searches')} answered, "
+                f"{counted(self.inbox.failed, 'failed query', 'failed queries')}, "
+                f"{counted(self.skipped, 'skipped file')}{fleet}")
 
     # --- noticing ------------------------------------------------------------------------------
 

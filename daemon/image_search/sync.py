@@ -223,8 +223,9 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
            hashed: os.stat_result | None = None) -> bool:
     """Move the path ``src`` of the content ``file_hash`` to ``dest`` (the same file under a new name; its
     other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model
-    work. False (nothing changed) when the processed copy or ``dest`` is missing, or ``dest`` is no
-    longer as it was when it was ``hashed``: the caller has ``dest`` indexed instead."""
+    work. False (nothing changed) when the processed copy or ``dest`` is missing, an entry is where its
+    new processed copy goes, or ``dest`` is no longer as it was when it was ``hashed``: the caller has
+    ``dest`` indexed instead."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
@@ -236,6 +237,8 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         os.replace(old_processed, new_processed)
     except FileNotFoundError:
         return False
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        return False  # an entry of the user's in processed-directory is in the way: indexing ``dest`` names it
     try:
         os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
     except FileNotFoundError:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import UnusableFile
 from .preprocess import unreadable_reason
+from .wording import counted
 
 # Extensions (lower case) of files that are text queries rather than pictures.
 TEXT_QUERY_EXTENSIONS: tuple[str, ...] = (".txt",)
@@ -59,7 +60,7 @@ def read_text_query(path: Path, links: LinkPolicy | None = None) -> str:
         raise TextQueryError(path, str(exc)) from None
     query = text.strip()
     if not query:
-        raise TextQueryError(path, f"the text query is empty: the file holds only whitespace ({len(data)} bytes)")
+        raise TextQueryError(path, f"the text query is empty: the file holds only whitespace ({counted(len(data), 'byte')})")
     return query
 
 
@@ -93,6 +94,6 @@ def decoded_text(data: bytes) -> str:
 def size_shown(path: Path) -> str:
     """The file's size for a "too large" message ("70,000 bytes"), or "more than that" when it is gone."""
     try:
-        return f"{path.stat().st_size:,} bytes"
+        return counted(path.stat().st_size, "byte")
     except OSError:
         return "more than that"

@@ -48,6 +48,7 @@ from .entries import LinkPolicy
 from .errors import WorkersError
 from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
                          processed_path_for, save_processed)
+from .wording import counted
 
 # Files handed to one worker before it has answered: two, so the next file is already waiting when a
 # worker finishes (no idle gap while the parent's dispatcher thread waits for the GIL), and few, so a
@@ -246,7 +247,7 @@ class BatchHandle:
         and TimeoutError if ``timeout`` seconds pass first.
         """
         if not self._finished.wait(timeout):
-            raise TimeoutError(f"batch of {len(self.paths)} files not done after {timeout} s")
+            raise TimeoutError(f"batch of {counted(len(self.paths), 'file')} not done after {timeout} s")
         if self._error is not None:
             raise self._error
         return list(self._outcomes)  # type: ignore[arg-type]  # all filled once finished without error

@@ -33,6 +33,7 @@ from ..query import Completeness, Filters
 from . import metadata as meta
 from . import paths, schema
 from .filters import FilterSql, filter_sql
+from ..wording import counted
 
 # A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
 # costs ~12 us here, so an exact search over 1,000 rows takes ~15 ms, 10,000 rows ~190 ms; the index's
@@ -173,6 +174,6 @@ def _too_many(found: int, k: int, condition: FilterSql, floor: float | None) -> 
     many = (f"more than {EXACT_FALLBACK_MAX_ROWS:,} pictures pass the filters" if condition.filtered
             else f"the library holds more than {EXACT_FALLBACK_MAX_ROWS:,} pictures")
     narrow = "narrow the filters (a folder, dates)" if condition.filtered else "add a filter (a folder, dates)"
-    return (f"the index found {found} of the {k} pictures asked for{above}, and {many}: too many to compare "
+    return (f"the index found {found} of the {counted(k, 'picture')} asked for{above}, and {many}: too many to compare "
             f"one by one to make sure none was missed. To be sure, {narrow}"
             + (" or lower the relevance floor." if floor is not None else "."))
