@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from image_search.discover import scan_folder
 from image_search.indexer import Indexer
 from image_search.names import NAME_MAX, escape, name_bytes
 from image_search.preprocess import processed_path_for, thumbnail_path_for
@@ -144,6 +145,37 @@ def test_the_inbox_follows_the_same_rules(story_factory, tmp_path) -> None:
     assert long_error.startswith(long_unsupported.name + ": not a supported query type")
     assert all(name_bytes(p.name) <= NAME_MAX for p in failed.iterdir())
     assert bundles(story) == [] and list(story.inbox.iterdir()) == [failed]
+
+
+def test_bad_links_made_while_running_are_one_line_each_as_at_start(story_factory, tmp_path) -> None:
+    """Links that lead nowhere or to a folder, made while the service runs, are each named once with the
+    reason the start-up scan gives, however many events they bring and however often the folder is rescanned."""
+    story = story_factory({"a.png": 1, "sub/b.png": 2})
+    explore_root = tmp_path / "explore-root"
+    explore_root.mkdir()
+    made = {"dangling.png": "nonexistent.png", "loop1.png": "loop2.png", "loop2.png": "loop1.png",
+            "self.png": "self.png", "sub/up": "..", "sub/rootlink": str(explore_root)}
+    for name, target in made.items():
+        (story.images / name).symlink_to(target)
+    with capture_logs() as logs:
+        for name in made:
+            for kind in (ChangeKind.TOUCHED, ChangeKind.TOUCHED, ChangeKind.CLOSED):  # created, attrib, ...
+                story.notice(Folder.IMAGES, kind, story.images / name)
+        story.run_until_idle()
+    lines = [(e["path"], e["reason"]) for e in logs if e["event"] == "image_skipped"]
+    with capture_logs() as later:
+        story.service.sync.rescan()
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "dangling.png")
+        story.run_until_idle()
+    assert [e for e in later if e["event"] == "image_skipped"] == []
+    assert sorted(path.relative_to(story.images).as_posix() for path, _ in lines) == sorted(made), lines
+    assert set(lines) == {(e.path, e.reason) for e in scan_folder(story.images, story.cfg.source_links).skipped}
+    reasons = {path.relative_to(story.images).as_posix(): reason for path, reason in lines}
+    assert reasons["dangling.png"] == "broken symbolic link: its target nonexistent.png does not exist"
+    assert reasons["self.png"] == "broken symbolic link: its target self.png cannot be reached (Too many levels of symbolic links)"
+    assert reasons["sub/up"].endswith("inside source-directory: not walked twice (its pictures are found under their own path)")
+    assert reasons["sub/rootlink"].startswith(f"symbolic link to the folder {explore_root}, outside source-directory: not followed")
+    assert set(story.rows()) == {str(story.images / "a.png"), str(story.images / "sub" / "b.png")}
 
 
 @pytest.fixture(scope="module")
