@@ -178,6 +178,30 @@ def test_bad_links_made_while_running_are_one_line_each_as_at_start(story_factor
     assert set(story.rows()) == {str(story.images / "a.png"), str(story.images / "sub" / "b.png")}
 
 
+def test_a_broken_link_in_the_inbox_fails_with_its_reason_at_start_and_while_running(story_factory) -> None:
+    """A link to nothing (or to itself) moves, as the link it is, into inbox/failed/ beside its reason:
+    it was counted as a waiting query at every start and never explained."""
+    story = story_factory({"a.png": 1})
+    (story.inbox / "qdangling.png").symlink_to("nothere.png")
+    with capture_logs() as logs:
+        story = story_factory(after=story)
+    assert [e["pending_queries"] for e in logs if e["event"] == "service_ready"] == [1]
+    failed = story.inbox / "failed"
+    assert os.readlink(failed / "qdangling.png") == "nothere.png", "moved as it is, never deleted"
+    assert (failed / "qdangling.png.error.txt").read_text(encoding="utf-8") == (
+        "qdangling.png: broken symbolic link: its target nothere.png does not exist\n")
+    assert [e["reason"] for e in logs if e["event"] == "query_failed"] == [
+        "broken symbolic link: its target nothere.png does not exist"]
+
+    (story.inbox / "loop.png").symlink_to("loop.png")
+    story.notice(Folder.INBOX, ChangeKind.TOUCHED, story.inbox / "loop.png")
+    story.run_until_idle()
+    assert os.readlink(failed / "loop.png") == "loop.png"
+    assert (failed / "loop.png.error.txt").read_text(encoding="utf-8").startswith(
+        "loop.png: broken symbolic link: its target loop.png cannot be reached")
+    assert list(story.inbox.iterdir()) == [failed]
+
+
 @pytest.fixture(scope="module")
 def odd_library(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """A tree of random odd entries, indexed once by the in-process indexer over the real store."""

@@ -143,6 +143,19 @@ def test_vanished_files_are_dropped(tmp_path: Path, clock: FakeClock) -> None:
     assert len(tracker) == 0
 
 
+def test_a_link_to_nothing_waits_like_a_file_and_is_handed_over(tmp_path: Path, clock: FakeClock) -> None:
+    """Whoever takes it says what is wrong with it (the inbox fails it with its reason): dropped here as
+    if it had vanished, it would never be explained."""
+    tracker = ReadinessTracker(1.0, clock=clock)
+    (tmp_path / "dangling.png").symlink_to("nothere.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    for name in ("dangling.png", "loop.png"):
+        tracker.note(tmp_path / name)
+    assert len(tracker) == 2
+    clock.advance(1.01)
+    assert tracker.pop_ready(limit=10) == [tmp_path / "dangling.png", tmp_path / "loop.png"]
+
+
 def test_forget_and_forget_under(tmp_path: Path, clock: FakeClock) -> None:
     tracker = ReadinessTracker(1.0, clock=clock)
     (tmp_path / "sub").mkdir()

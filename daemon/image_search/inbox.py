@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
+from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
 from .errors import ImageSearchError, NoTextTower, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
@@ -102,6 +102,10 @@ class QueryInbox:
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
         document; anything else fails."""
+        broken = broken_link(path)
+        if broken is not None:
+            self.fail(path, broken)
+            return
         if not is_text_query(path) and not is_query_document(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
             self.fail(path, f"not a supported query type '{escape(path.suffix or path.name)}': drop a picture "
                             f"({supported_formats_for_people()}), a .txt file of words or a .json query document")
