@@ -202,6 +202,33 @@ def test_a_broken_link_in_the_inbox_fails_with_its_reason_at_start_and_while_run
     assert list(story.inbox.iterdir()) == [failed]
 
 
+def test_a_folder_in_the_inbox_without_its_query_document_is_one_line_and_stays(story_factory) -> None:
+    """``inbox/holiday/`` (pictures dropped in the wrong folder) and ``inbox/q/`` whose ``q.json`` never
+    came are named once each, at start or when they appear, and left where they are; a document's folder
+    with its document is answered with it, no line."""
+    story = story_factory({"a.png": 1})
+    holiday = save_picture(story.inbox / "holiday" / "beach.png", seed=2).parent
+    with capture_logs() as logs:
+        story = story_factory(after=story)
+    ignored = [e for e in logs if e["event"] == "inbox_folder_ignored"]
+    assert [e["path"] for e in ignored] == [holiday] and "holiday.json" in ignored[0]["reason"]
+    assert [e["pending_queries"] for e in logs if e["event"] == "service_ready"] == [0]
+
+    trip = save_picture(story.inbox / "trip" / "like-a.png", seed=1, size=(100, 72)).parent
+    (story.inbox / "trip.json").write_text(json.dumps({"image": "like-a.png"}), encoding="utf-8")
+    lone = save_picture(story.inbox / "q" / "x.png", seed=3).parent
+    with capture_logs() as logs:
+        for path in (trip, lone, holiday, story.inbox / "trip.json"):
+            story.notice(Folder.INBOX, ChangeKind.TOUCHED, path, is_directory=path.is_dir())
+        story.run_until_idle()
+        story.notice(Folder.INBOX, ChangeKind.TOUCHED, lone, is_directory=True)  # e.g. its mode changed
+        story.run_until_idle()
+    assert [e["path"] for e in logs if e["event"] == "inbox_folder_ignored"] == [lone]
+    assert (story.bundle("trip.json") / "trip.query" / "like-a.png").is_file()
+    assert sorted(p.name for p in story.inbox.iterdir()) == ["holiday", "q"]
+    assert (holiday / "beach.png").is_file() and (lone / "x.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def odd_library(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """A tree of random odd entries, indexed once by the in-process indexer over the real store."""

@@ -50,9 +50,10 @@ class QueryInbox:
         self.failed = 0
         self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
         self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
+        self._lone_folders: set[Path] = set()  # folders without their document, each named once
 
     def _is_query_candidate(self, path: Path) -> bool:
-        return path.parent == self.folder and not is_ignored_name(path.name)
+        return path.parent == self.folder and not is_ignored_name(path.name) and path.name != FAILED_FOLDER
 
     def waiting(self) -> list[Path]:
         """Entries in the folder now that are not queued yet (lost events can hide some): anything but a
@@ -61,8 +62,12 @@ class QueryInbox:
                 if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending]
 
     def hold_waiting(self) -> int:
-        """Start-up: hold the queries already there until ``release_held``. Returns how many."""
+        """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
+        there are looked at once settled (``answer``), as a folder dropped later is."""
         self._held = self.waiting()
+        for folder in sorted(self.folder.iterdir()):
+            if folder.is_dir() and self._is_query_candidate(folder):
+                self.pending.note(folder)
         return len(self._held)
 
     def release_held(self) -> None:
@@ -80,11 +85,14 @@ class QueryInbox:
         if change.kind in (ChangeKind.DELETED, ChangeKind.MOVED):
             self.pending.forget(change.path)
             self._folder_looks.pop(change.path, None)
+            self._lone_folders.discard(change.path)
         if change.kind is ChangeKind.DELETED:
             return
         path = change.final_path
-        if not change.is_directory and self._is_query_candidate(path):
-            # A rename into place is how careful writers finish a file: as good as a close.
+        if self._is_query_candidate(path):
+            # A folder waits like a file (its mtime changes while entries are added), then ``answer`` says
+            # whether it holds a document's pictures. A rename into place is how careful writers finish a
+            # file: as good as a close.
             self.pending.note(path, closed=change.kind in (ChangeKind.CLOSED, ChangeKind.MOVED))
 
     def answer_ready(self) -> bool:
@@ -101,7 +109,10 @@ class QueryInbox:
 
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
-        document; anything else fails."""
+        document; anything else fails. A folder is never a query (``_lone_folder``)."""
+        if path.is_dir():
+            self._lone_folder(path)
+            return
         broken = broken_link(path)
         if broken is not None:
             self.fail(path, broken)
@@ -141,6 +152,19 @@ class QueryInbox:
             self.fail(path, f"unexpected error: {describe(exc)}")
             return
         self.answered += 1
+
+    def _lone_folder(self, folder: Path) -> None:
+        """A folder in the inbox holds a query document's pictures, read when its document
+        ``inbox/<name>.json`` is answered. One line for a folder without its document (once, however
+        often it is seen); it stays where it is."""
+        if folder in self._lone_folders or any(
+                is_query_document(p) and p.stem == folder.name for p in self.folder.iterdir()):
+            return
+        self._lone_folders.add(folder)
+        log.warning("inbox_folder_ignored", path=folder,
+                    reason=f"ignored: a folder in the inbox is no query; it holds the pictures of a query document "
+                           f"{escape(folder.name)}.json dropped beside it, and there is none (yet); pictures to "
+                           f"index go into source-directory ({escape(self.rt.cfg.source_directory)})")
 
     def _pictures_of(self, path: Path) -> list[Path]:
         """The files in a query document's ``inbox/<stem>/`` folder (none for any other query)."""
