@@ -254,6 +254,20 @@ def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, 
     assert claims.take(ClaimKind.QUERY, [paths[1]], tracker) == [paths[1]]
 
 
+def test_work_claims_grant_a_broken_link_as_an_entry_that_is_there(database: Database, registries,
+                                                                 store: EmbeddingStore, tmp_path: Path) -> None:
+    """A link to nothing dropped into the inbox is an entry to fail with its reason, not a query that
+    another member has answered and moved away meanwhile."""
+    info = join(database, registries, pid=1)
+    member = FleetMember(registries[0], info, lease_s=LEASE, live_members=1)
+    dangling = tmp_path / "qdangling.png"
+    dangling.symlink_to("nothere.png")
+    tracker = ReadinessTracker(0.5, clock=lambda: 0.0)
+    claims = WorkClaims(store, member)
+    assert claims.take(ClaimKind.QUERY, [dangling], tracker) == [dangling]
+    claims.release(ClaimKind.QUERY, [dangling])
+
+
 def test_work_claims_without_a_member_grant_everything(store: EmbeddingStore, tmp_path: Path) -> None:
     tracker = ReadinessTracker(0.5, clock=lambda: 0.0)
     paths = [tmp_path / "gone.png"]  # not even checked: no fleet, no claims

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from image_search.discover import scan_folder
 from image_search.indexer import Indexer
 from image_search.names import NAME_MAX, escape, name_bytes
 from image_search.preprocess import processed_path_for, thumbnail_path_for
@@ -144,6 +145,88 @@ def test_the_inbox_follows_the_same_rules(story_factory, tmp_path) -> None:
     assert long_error.startswith(long_unsupported.name + ": not a supported query type")
     assert all(name_bytes(p.name) <= NAME_MAX for p in failed.iterdir())
     assert bundles(story) == [] and list(story.inbox.iterdir()) == [failed]
+
+
+def test_bad_links_made_while_running_are_one_line_each_as_at_start(story_factory, tmp_path) -> None:
+    """Links that lead nowhere or to a folder, made while the service runs, are each named once with the
+    reason the start-up scan gives, however many events they bring and however often the folder is rescanned."""
+    story = story_factory({"a.png": 1, "sub/b.png": 2})
+    explore_root = tmp_path / "explore-root"
+    explore_root.mkdir()
+    made = {"dangling.png": "nonexistent.png", "loop1.png": "loop2.png", "loop2.png": "loop1.png",
+            "self.png": "self.png", "sub/up": "..", "sub/rootlink": str(explore_root)}
+    for name, target in made.items():
+        (story.images / name).symlink_to(target)
+    with capture_logs() as logs:
+        for name in made:
+            for kind in (ChangeKind.TOUCHED, ChangeKind.TOUCHED, ChangeKind.CLOSED):  # created, attrib, ...
+                story.notice(Folder.IMAGES, kind, story.images / name)
+        story.run_until_idle()
+    lines = [(e["path"], e["reason"]) for e in logs if e["event"] == "image_skipped"]
+    with capture_logs() as later:
+        story.service.sync.rescan()
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "dangling.png")
+        story.run_until_idle()
+    assert [e for e in later if e["event"] == "image_skipped"] == []
+    assert sorted(path.relative_to(story.images).as_posix() for path, _ in lines) == sorted(made), lines
+    assert set(lines) == {(e.path, e.reason) for e in scan_folder(story.images, story.cfg.source_links).skipped}
+    reasons = {path.relative_to(story.images).as_posix(): reason for path, reason in lines}
+    assert reasons["dangling.png"] == "broken symbolic link: its target nonexistent.png does not exist"
+    assert reasons["self.png"] == "broken symbolic link: its target self.png cannot be reached (Too many levels of symbolic links)"
+    assert reasons["sub/up"].endswith("inside source-directory: not walked twice (its pictures are found under their own path)")
+    assert reasons["sub/rootlink"].startswith(f"symbolic link to the folder {explore_root}, outside source-directory: not followed")
+    assert set(story.rows()) == {str(story.images / "a.png"), str(story.images / "sub" / "b.png")}
+
+
+def test_a_broken_link_in_the_inbox_fails_with_its_reason_at_start_and_while_running(story_factory) -> None:
+    """A link to nothing (or to itself) moves, as the link it is, into inbox/failed/ beside its reason:
+    it was counted as a waiting query at every start and never explained."""
+    story = story_factory({"a.png": 1})
+    (story.inbox / "qdangling.png").symlink_to("nothere.png")
+    with capture_logs() as logs:
+        story = story_factory(after=story)
+    assert [e["pending_queries"] for e in logs if e["event"] == "service_ready"] == [1]
+    failed = story.inbox / "failed"
+    assert os.readlink(failed / "qdangling.png") == "nothere.png", "moved as it is, never deleted"
+    assert (failed / "qdangling.png.error.txt").read_text(encoding="utf-8") == (
+        "qdangling.png: broken symbolic link: its target nothere.png does not exist\n")
+    assert [e["reason"] for e in logs if e["event"] == "query_failed"] == [
+        "broken symbolic link: its target nothere.png does not exist"]
+
+    (story.inbox / "loop.png").symlink_to("loop.png")
+    story.notice(Folder.INBOX, ChangeKind.TOUCHED, story.inbox / "loop.png")
+    story.run_until_idle()
+    assert os.readlink(failed / "loop.png") == "loop.png"
+    assert (failed / "loop.png.error.txt").read_text(encoding="utf-8").startswith(
+        "loop.png: broken symbolic link: its target loop.png cannot be reached")
+    assert list(story.inbox.iterdir()) == [failed]
+
+
+def test_a_folder_in_the_inbox_without_its_query_document_is_one_line_and_stays(story_factory) -> None:
+    """``inbox/holiday/`` (pictures dropped in the wrong folder) and ``inbox/q/`` whose ``q.json`` never
+    came are named once each, at start or when they appear, and left where they are; a document's folder
+    with its document is answered with it, no line."""
+    story = story_factory({"a.png": 1})
+    holiday = save_picture(story.inbox / "holiday" / "beach.png", seed=2).parent
+    with capture_logs() as logs:
+        story = story_factory(after=story)
+    ignored = [e for e in logs if e["event"] == "inbox_folder_ignored"]
+    assert [e["path"] for e in ignored] == [holiday] and "holiday.json" in ignored[0]["reason"]
+    assert [e["pending_queries"] for e in logs if e["event"] == "service_ready"] == [0]
+
+    trip = save_picture(story.inbox / "trip" / "like-a.png", seed=1, size=(100, 72)).parent
+    (story.inbox / "trip.json").write_text(json.dumps({"image": "like-a.png"}), encoding="utf-8")
+    lone = save_picture(story.inbox / "q" / "x.png", seed=3).parent
+    with capture_logs() as logs:
+        for path in (trip, lone, holiday, story.inbox / "trip.json"):
+            story.notice(Folder.INBOX, ChangeKind.TOUCHED, path, is_directory=path.is_dir())
+        story.run_until_idle()
+        story.notice(Folder.INBOX, ChangeKind.TOUCHED, lone, is_directory=True)  # e.g. its mode changed
+        story.run_until_idle()
+    assert [e["path"] for e in logs if e["event"] == "inbox_folder_ignored"] == [lone]
+    assert (story.bundle("trip.json") / "trip.query" / "like-a.png").is_file()
+    assert sorted(p.name for p in story.inbox.iterdir()) == ["holiday", "q"]
+    assert (holiday / "beach.png").is_file() and (lone / "x.png").is_file()
 
 
 @pytest.fixture(scope="module")

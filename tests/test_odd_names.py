@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from image_search import entries
-from image_search.discover import scan_folder
+from image_search.discover import FolderScan, scan_entry, scan_folder
 from image_search.entries import EntryRefused, FollowLinks, LinkPolicy, check_regular, read_regular
 from image_search.logs import configure_logging
 from image_search.names import NAME_MAX, escape, fit_name, fits_path, name_bytes, unescape
@@ -247,6 +247,24 @@ def test_none_follows_no_link(linked_tree: Path) -> None:
     assert "'follow-symlinks' is 'none'" in skipped["to-real.png"]
     with pytest.raises(EntryRefused, match="'none'"):
         read_regular(linked_tree / "to-real.png", LinkPolicy(FollowLinks.NONE, linked_tree))
+
+
+@pytest.mark.parametrize("follow", list(FollowLinks))
+def test_one_entry_the_watcher_saw_is_decided_as_the_folders_scan_decides_it(linked_tree: Path,
+                                                                             follow: FollowLinks) -> None:
+    """A link made while the service runs (``scan_entry``): the same pictures and the same reasons as
+    the scan at start, so its line is the start's line, logged when it appears."""
+    policy = LinkPolicy(follow, linked_tree)
+    whole = scan_folder(linked_tree, policy)
+    links = [p for p in [*linked_tree.iterdir(), *(linked_tree / "sub").iterdir()] if p.is_symlink()]
+    for link in links:
+        one = scan_entry(link, policy)
+        assert one.skipped == [e for e in whole.skipped if e.path == link], link
+        if link.name != "out-loop":  # alone, it also walks elsewhere/, which the whole scan took as far-folder
+            assert one.images == [p for p in whole.images if p == link or p.is_relative_to(link)], link
+    # never the folder itself again, through a link to the folder above it
+    assert not [p for p in scan_entry(linked_tree / "out-loop", policy).images if "images" in p.parts[-3:-1]]
+    assert scan_entry(linked_tree / "gone.png", policy) == scan_entry(linked_tree.parent / "x.png", policy) == FolderScan()
 
 
 def test_pipes_sockets_and_odd_names_in_a_scan(tmp_path: Path) -> None:

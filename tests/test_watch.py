@@ -143,6 +143,19 @@ def test_vanished_files_are_dropped(tmp_path: Path, clock: FakeClock) -> None:
     assert len(tracker) == 0
 
 
+def test_a_link_to_nothing_waits_like_a_file_and_is_handed_over(tmp_path: Path, clock: FakeClock) -> None:
+    """Whoever takes it says what is wrong with it (the inbox fails it with its reason): dropped here as
+    if it had vanished, it would never be explained."""
+    tracker = ReadinessTracker(1.0, clock=clock)
+    (tmp_path / "dangling.png").symlink_to("nothere.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    for name in ("dangling.png", "loop.png"):
+        tracker.note(tmp_path / name)
+    assert len(tracker) == 2
+    clock.advance(1.01)
+    assert tracker.pop_ready(limit=10) == [tmp_path / "dangling.png", tmp_path / "loop.png"]
+
+
 def test_forget_and_forget_under(tmp_path: Path, clock: FakeClock) -> None:
     tracker = ReadinessTracker(1.0, clock=clock)
     (tmp_path / "sub").mkdir()
@@ -333,3 +346,52 @@ def test_stopping_the_observer_keeps_watchdogs_own_stop_race_out_of_the_log() ->
     finally:
         logging.getLogger("watchdog").removeHandler(handler)
     assert seen == ["something else went wrong", "InotifyEmitter.queue_events() called when the thread is inactive"]
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["inotify", "poll"])
+def test_folders_given_as_links_are_watched_and_their_changes_carry_the_configured_paths(
+        tmp_path: Path, poll: bool) -> None:
+    """``images -> real`` (a NAS: ``/srv/photos -> /mnt/nas/photos``): inotify given the link itself sees
+    nothing inside it. Each change names the path as configured, which is what the rows and the inbox know."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "realinbox").mkdir()
+    images, inbox = tmp_path / "images", tmp_path / "inbox"
+    images.symlink_to("real")
+    inbox.symlink_to("realinbox")
+    folders = {Folder.IMAGES: WatchedFolder(images, True), Folder.INBOX: WatchedFolder(inbox, False)}
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer(folders, changes, poll=poll)
+    try:
+        added, query = _file(images / "added.jpg"), _file(inbox / "q.png")
+        got = _collect(changes, lambda s: {added, query} <= {c.path for c in s})
+        assert {(c.folder, c.path) for c in got} == {(Folder.IMAGES, added), (Folder.INBOX, query)}, got
+        assert observer_problem(observer, folders) is None
+        (tmp_path / "other").mkdir()
+        images.unlink()
+        images.symlink_to("other")  # the link pointed elsewhere: the watch still looks at real/
+        assert observer_problem(observer, folders) == f"the watched images folder {images} now leads to {tmp_path / 'other'}"
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
+def test_polling_never_follows_a_link_to_a_folder(tmp_path: Path) -> None:
+    """``--poll`` on a tree with ``sub/up -> ..`` and a link out: like inotify, a new file is one change
+    under its own path, not one more per way round through ``up``, and nothing outside is looked at.
+    (With a second link such as ``sub/rootlink -> <the folder above images/>`` walking through links
+    never ends: the service never started and grew without limit.)"""
+    images, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (images / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (images / "sub" / "up").symlink_to("..")
+    (images / "out").symlink_to(elsewhere)
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({Folder.IMAGES: WatchedFolder(images, True)}, changes, poll=True)
+    try:
+        _file(elsewhere / "outside.png")
+        added = _file(images / "added.png")
+        got = _collect(changes, lambda s: any(c.path == added for c in s))
+        assert {c.path for c in got} == {added}, got
+    finally:
+        observer.stop()
+        observer.join(timeout=5)

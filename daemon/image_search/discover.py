@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,44 +107,97 @@ def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
     - a sub-folder that cannot be listed is skipped with the reason.
     """
     folder = Path(folder)
-    links = links if links is not None else LinkPolicy(FollowLinks.ALL, folder)
-    scan = FolderScan()
-    walked: set[tuple[int, int]] = set()
-    boundary = Path(os.path.realpath(links.root))
+    walk = _Walk(links if links is not None else LinkPolicy(FollowLinks.ALL, folder), top=folder)
+    walk.folder(folder)
+    return walk.scan
 
-    def walk(here: Path) -> None:
+
+def scan_entry(path: Path, links: LinkPolicy) -> FolderScan:
+    """What ``scan_folder`` of ``links.root`` finds at its one entry ``path`` (one the watcher saw appear:
+    a link, say), decided by the same rules: the picture it is, or why it is skipped; a link to a folder
+    that may be walked is walked. Nothing for an entry that is gone, or that is hidden or lies in a
+    hidden folder (which the folder's scan never looks into)."""
+    path = Path(path)
+    walk = _Walk(links, top=links.root)
+    try:
+        st = os.lstat(path)
+        parts = path.relative_to(links.root).parts
+    except (OSError, ValueError):
+        return walk.scan
+    if not parts or any(_is_ignored_folder(part) for part in parts[:-1]):
+        return walk.scan
+    with contextlib.suppress(OSError):  # the folder itself is walked already: a link out to its parent
+        root = os.stat(links.root)  # does not bring the whole library in again
+        walk.walked.add((root.st_dev, root.st_ino))
+    mode = st.st_mode
+    if walk.entry(path, is_link=stat.S_ISLNK(mode), is_dir=stat.S_ISDIR(mode), is_file=stat.S_ISREG(mode),
+                  mode=lambda: mode):
+        walk.folder(path)
+    return walk.scan
+
+
+def broken_link(path: Path) -> str | None:
+    """Why the symbolic link ``path`` leads to nothing (its target does not exist, or cannot be reached:
+    a loop of links), in the user's words; None when it leads somewhere, or is no link."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as exc:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return None  # no link: a file that is gone, not a broken link
+        what = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be reached ({exc.strerror})"
+        return f"broken symbolic link: its target {escape(target)} {what}"
+
+
+class _Walk:
+    """One walk of ``scan_folder`` (or ``scan_entry``): what it found so far, and the folders it walked."""
+
+    def __init__(self, links: LinkPolicy, *, top: Path) -> None:
+        self.links = links
+        self.top = top  # the folder asked for: one it cannot list is the caller's to report, not a skip
+        self.boundary = Path(os.path.realpath(links.root))
+        self.scan = FolderScan()
+        self.walked: set[tuple[int, int]] = set()
+
+    def folder(self, here: Path) -> None:
         try:
             st = os.stat(here)
-            if (st.st_dev, st.st_ino) in walked:
+            if (st.st_dev, st.st_ino) in self.walked:
                 return
-            walked.add((st.st_dev, st.st_ino))
+            self.walked.add((st.st_dev, st.st_ino))
             with os.scandir(here) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            if here != folder:
-                scan.skipped.append(SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})"))
+            if here != self.top:
+                self.scan.skipped.append(SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})"))
             return
         folders = []
         for entry in entries:
             path = here / entry.name
-            if entry.is_symlink():
-                followed = _through_link(path, links, boundary, scan)
-                if followed:
-                    folders.append(path)
-            elif entry.is_dir(follow_symlinks=False):
-                if not _is_ignored_folder(entry.name):
-                    folders.append(path)
-            elif _is_candidate_name(entry.name):
-                if entry.is_file(follow_symlinks=False):
-                    scan.images.append(path)
-                else:
-                    kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
-                    scan.skipped.append(SkippedEntry(path, f"is {kind}, not a regular file: skipped without opening it"))
+            # A DirEntry answers from the listing itself: no system call per entry but for odd ones.
+            if self.entry(path, is_link=entry.is_symlink(), is_dir=entry.is_dir(follow_symlinks=False),
+                          is_file=entry.is_file(follow_symlinks=False),
+                          mode=lambda entry=entry: entry.stat(follow_symlinks=False).st_mode):
+                folders.append(path)
         for sub in folders:
-            walk(sub)
+            self.folder(sub)
 
-    walk(folder)
-    return scan
+    def entry(self, path: Path, *, is_link: bool, is_dir: bool, is_file: bool, mode: Callable[[], int]) -> bool:
+        """Decide about one entry: a picture goes to ``scan.images``, a refusal to ``scan.skipped``; True
+        when it is a folder to walk. ``mode``: its own (lstat) mode, asked only for an odd entry."""
+        if is_link:
+            return _through_link(path, self.links, self.boundary, self.scan)
+        if is_dir:
+            return not _is_ignored_folder(path.name)
+        if _is_candidate_name(path.name):
+            if is_file:
+                self.scan.images.append(path)
+            else:
+                kind = kind_of(mode())
+                self.scan.skipped.append(SkippedEntry(path, f"is {kind}, not a regular file: skipped without opening it"))
+        return False
 
 
 def _through_link(path: Path, links: LinkPolicy, boundary: Path, scan: FolderScan) -> bool:
@@ -152,10 +206,10 @@ def _through_link(path: Path, links: LinkPolicy, boundary: Path, scan: FolderSca
     target = os.path.realpath(path)
     try:
         st = os.stat(path)
-    except OSError as exc:
-        if _is_candidate_name(path.name):
-            what = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be reached ({exc.strerror})"
-            scan.skipped.append(SkippedEntry(path, f"broken symbolic link: its target {escape(os.readlink(path))} {what}"))
+    except OSError:
+        broken = broken_link(path)
+        if broken is not None and _is_candidate_name(path.name):
+            scan.skipped.append(SkippedEntry(path, broken))
         return False
     if stat.S_ISDIR(st.st_mode):
         if _is_ignored_folder(path.name):

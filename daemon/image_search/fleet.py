@@ -188,7 +188,7 @@ class WorkClaims:
             if self._item(kind, path) not in granted:
                 pending.note(path, retry_after=self.member.lease_s)
                 held += 1
-            elif path.exists():
+            elif os.path.lexists(path):  # a broken link is there too: the one who takes it fails it
                 mine.append(path)
             else:
                 # Its holder finished and released it between our look and our claim (a query moved

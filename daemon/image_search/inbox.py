@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from .discover import IMAGE_EXTENSIONS, is_ignored_name, supported_formats_for_people
+from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
 from .errors import ImageSearchError, NoTextTower, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
@@ -54,9 +54,12 @@ class QueryInbox:
         # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
         self._left_in_place: dict[Path, tuple[int, int, int] | None] = {}
+        self._lone_folders: set[Path] = set()  # folders without their document, each named once
 
     def _is_query_candidate(self, path: Path) -> bool:
-        return path.parent == self.folder and not is_ignored_name(path.name)
+        # failed/ is the service's own folder; a file of that name is the user's, and fails as any other.
+        return (path.parent == self.folder and not is_ignored_name(path.name)
+                and not (path.name == FAILED_FOLDER and path.is_dir()))
 
     def waiting(self) -> list[Path]:
         """Entries in the folder now that are not queued yet (lost events can hide some): anything but a
@@ -70,8 +73,12 @@ class QueryInbox:
         return path in self._left_in_place and self._left_in_place[path] == _look(path)
 
     def hold_waiting(self) -> int:
-        """Start-up: hold the queries already there until ``release_held``. Returns how many."""
+        """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
+        there are looked at once settled (``answer``), as a folder dropped later is."""
         self._held = self.waiting()
+        for folder in sorted(self.folder.iterdir()):
+            if folder.is_dir() and self._is_query_candidate(folder):
+                self.pending.note(folder)
         return len(self._held)
 
     def release_held(self) -> None:
@@ -90,6 +97,7 @@ class QueryInbox:
             self.pending.forget(change.path)
             self._folder_looks.pop(change.path, None)
             self._left_in_place.pop(change.path, None)
+            self._lone_folders.discard(change.path)
             if change.path == self.folder / FAILED_FOLDER:
                 self._retry_left_in_place()  # what was in failed/'s way has gone
         if change.kind is ChangeKind.DELETED:
@@ -98,8 +106,10 @@ class QueryInbox:
         if self._left_as_it_was(path):
             return
         self._left_in_place.pop(path, None)
-        if not change.is_directory and self._is_query_candidate(path):
-            # A rename into place is how careful writers finish a file: as good as a close.
+        if self._is_query_candidate(path):
+            # A folder waits like a file (its mtime changes while entries are added), then ``answer`` says
+            # whether it holds a document's pictures. A rename into place is how careful writers finish a
+            # file: as good as a close.
             self.pending.note(path, closed=change.kind in (ChangeKind.CLOSED, ChangeKind.MOVED))
 
     def _retry_left_in_place(self) -> None:
@@ -122,7 +132,14 @@ class QueryInbox:
 
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
-        document; anything else fails."""
+        document; anything else fails. A folder is never a query (``_lone_folder``)."""
+        if path.is_dir():
+            self._lone_folder(path)
+            return
+        broken = broken_link(path)
+        if broken is not None:
+            self.fail(path, broken)
+            return
         if not is_text_query(path) and not is_query_document(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
             self.fail(path, f"not a supported query type '{escape(path.suffix or path.name)}': drop a picture "
                             f"({supported_formats_for_people()}), a .txt file of words or a .json query document")
@@ -158,6 +175,19 @@ class QueryInbox:
             self.fail(path, f"unexpected error: {describe(exc)}")
             return
         self.answered += 1
+
+    def _lone_folder(self, folder: Path) -> None:
+        """A folder in the inbox holds a query document's pictures, read when its document
+        ``inbox/<name>.json`` is answered. One line for a folder without its document (once, however
+        often it is seen); it stays where it is."""
+        if folder in self._lone_folders or any(
+                is_query_document(p) and p.stem == folder.name for p in self.folder.iterdir()):
+            return
+        self._lone_folders.add(folder)
+        log.warning("inbox_folder_ignored", path=folder,
+                    reason=f"ignored: a folder in the inbox is no query; it holds the pictures of a query document "
+                           f"{escape(folder.name)}.json dropped beside it, and there is none (yet); pictures to "
+                           f"index go into source-directory ({escape(self.rt.cfg.source_directory)})")
 
     def _pictures_of(self, path: Path) -> list[Path]:
         """The files in a query document's ``inbox/<stem>/`` folder (none for any other query)."""

@@ -3,6 +3,7 @@ injected clock. The folder sync (``images/``), the inbox and the fleet's claims 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,9 +70,8 @@ class ReadinessTracker:
         only after that many seconds (always the same length, e.g. the fleet's lease)."""
         since = self._first_noticed(path)
         self._drop(path)
-        try:
-            st = path.stat()
-        except OSError:
+        st = _look(path)
+        if st is None:
             return
         if retry_after is not None:
             if self._retry_wait not in (None, retry_after):
@@ -133,15 +133,27 @@ class ReadinessTracker:
                 break
             path, entry = front
             self._drop(path)
-            try:
-                st = path.stat()
-            except OSError:
+            st = _look(path)
+            if st is None:
                 continue
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)
             else:  # still being written: wait a full settle period again
                 self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False, entry.since)
         return ready
+
+
+def _look(path: Path) -> os.stat_result | None:
+    """What ``path`` leads to, by stat; for a link that leads nowhere (its target missing, a loop of
+    links), the link itself: it is there, and whoever takes it says what is wrong with it (dropping it
+    here would leave it unexplained). None when nothing is there."""
+    try:
+        return path.stat()
+    except OSError:
+        try:
+            return path.lstat()
+        except OSError:
+            return None
 
 
 def still_being_written(path: Path, error: UnusableFile, grace_s: float, *,

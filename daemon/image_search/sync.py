@@ -19,7 +19,7 @@ import structlog
 from tqdm import tqdm
 
 from .config import Config
-from .discover import SkippedEntry, is_image_candidate, scan_folder
+from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
@@ -297,8 +297,21 @@ class FolderSync:
                 # A folder moved or copied in: its files may have produced no events of their own.
                 for path in self._scan(change.path):
                     self.pending.note(path)
-        elif self._is_image(change.path):
-            self.pending.note(change.path, closed=change.kind is ChangeKind.CLOSED)
+        else:
+            self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED)
+
+    def _noticed(self, path: Path, *, closed: bool) -> None:
+        """A file the watcher saw appear or change waits to be read. A link is decided as the folder's
+        scan decides it (a link is never a directory event, whatever it leads to): a broken one, a loop,
+        a link to a folder is logged now, once, not at the next start."""
+        if os.path.islink(path):
+            scan = scan_entry(path, self.cfg.source_links)
+            self._report(scan.skipped)
+            found = scan.images
+        else:
+            found = [path] if self._is_image(path) else []
+        for picture in found:
+            self.pending.note(picture, closed=closed)
 
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         if is_directory:
@@ -321,7 +334,7 @@ class FolderSync:
         file_hash = self.store.hash_for_path(str(src))
         if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
             # Not indexed yet (a temp name renamed into place), or its processed copy is missing.
-            self.pending.note(dest, closed=True)
+            self._noticed(dest, closed=True)
 
     def _folder_moved(self, src: Path, dest: Path | None) -> None:
         if dest is None:

@@ -5,6 +5,11 @@ event; temp-file-then-rename yields closed on the temp name, then moved to the f
 exception in a handler kills the observer thread silently; a deleted watched folder kills its
 emitter for good; inotify overflow is dropped silently. Hence: the handler enqueues plain
 ``Change`` records and never raises, and the service loop checks ``observer_problem`` every pass.
+
+Links: inotify watches a folder given as a symbolic link not at all (watchdog adds IN_DONT_FOLLOW), and
+watchdog's polling snapshot follows every link to a folder (``images/sub/up -> ..`` is walked again and
+again, a second such link makes it endless). Hence each folder is watched at its real path, its events
+carry the path as configured, and the polling observer looks at entries with ``lstat``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from .errors import ImageSearchError
 
@@ -95,11 +100,22 @@ class WatchdogWarnings(logging.Handler):
 
 
 class FolderHandler(FileSystemEventHandler):
-    """Turns watchdog events into ``Change`` records on a queue; never raises (that would kill the observer)."""
+    """Turns watchdog events into ``Change`` records on a queue; never raises (that would kill the observer).
+    ``configured`` and ``real``: the folder as the config names it and where it really is (the same
+    unless it is reached through a link): events name the real path, the service knows the configured one."""
 
-    def __init__(self, folder: Folder, changes: queue.SimpleQueue[Change]) -> None:
+    def __init__(self, folder: Folder, changes: queue.SimpleQueue[Change], *, configured: Path | None = None,
+                 real: Path | None = None) -> None:
         self.folder = folder
         self.changes = changes
+        self.configured = configured
+        self.real = real
+
+    def _as_configured(self, raw: bytes | str) -> Path:
+        path = Path(os.fsdecode(raw))
+        if self.configured is None or self.real is None or self.real == self.configured:
+            return path
+        return self.configured / path.relative_to(self.real) if path.is_relative_to(self.real) else path
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
@@ -110,9 +126,9 @@ class FolderHandler(FileSystemEventHandler):
                 # carries the news. Acting on it would rescan (and restart the wait of) a whole
                 # folder once per file copied into it.
                 return
-            path = Path(os.fsdecode(event.src_path))
+            path = self._as_configured(event.src_path)
             if isinstance(event, (FileMovedEvent, DirMovedEvent)):
-                dest = Path(os.fsdecode(event.dest_path))
+                dest = self._as_configured(event.dest_path)
                 self.changes.put(Change(self.folder, ChangeKind.MOVED, path, event.is_directory, dest))
             elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
                 self.changes.put(Change(self.folder, ChangeKind.DELETED, path, event.is_directory))
@@ -130,11 +146,14 @@ class WatchError(ImageSearchError):
 
 def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.SimpleQueue[Change], *,
                    poll: bool) -> BaseObserver:
-    """Watch each folder; PollingObserver for network filesystems."""
-    observer: BaseObserver = PollingObserver(timeout=2.0) if poll else Observer()
+    """Watch each folder at its real path (the module's docstring says why); with ``poll``, by snapshots
+    every 2 s (network filesystems) that, like inotify, never follow a link."""
+    observer: BaseObserver = PollingObserverVFS(os.lstat, os.scandir, polling_interval=2.0) if poll else Observer()
     try:
         for name, folder in folders.items():
-            observer.schedule(FolderHandler(name, changes), str(folder.path), recursive=folder.recursive)
+            real = Path(os.path.realpath(folder.path))
+            observer.schedule(FolderHandler(name, changes, configured=folder.path, real=real), str(real),
+                              recursive=folder.recursive)
         observer.start()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
@@ -180,4 +199,9 @@ def observer_problem(observer: BaseObserver, folders: Mapping[Folder, WatchedFol
     emitters = list(observer.emitters)
     if len(emitters) < len(folders) or not all(e.is_alive() for e in emitters):
         return "a folder's watch emitter died"
+    watched = {e.watch.path for e in emitters}
+    for name, folder in folders.items():
+        real = os.path.realpath(folder.path)
+        if real not in watched:  # the link was pointed elsewhere: the watch still looks at the old folder
+            return f"the watched {name.name.lower()} folder {folder.path} now leads to {real}"
     return None
