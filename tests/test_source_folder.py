@@ -1,6 +1,6 @@
 """The source folder against the index when the folder is not what it was: missing (a disk or share not
 mounted, a folder moved away), empty while the index holds its pictures (an unmounted mount point),
-and another source-directory's rows on the same database.
+another source-directory's rows on the same database, and links left pointing at a file that went.
 
 None of these is "every picture deleted": the rows and processed copies stay until the folder says, file
 by file, that a picture is gone. A real ``Service`` over the embedded PostgreSQL and the tiny model,
@@ -106,3 +106,28 @@ def test_a_rescan_of_another_source_directory_leaves_this_ones_rows(story_factor
     assert story.rows() == rows
     assert all(copy.is_file() for copy in copies.values())
     assert not [e for e in logs if e["event"] == "rows_removed"]
+
+
+@pytest.mark.parametrize("what_happens", ["deleted", "renamed"])
+def test_a_link_whose_target_goes_loses_its_path(story_factory, what_happens: str) -> None:
+    story = story_factory({"tgt.png": 1, "other.png": 2})
+    target, link = story.images / "tgt.png", story.images / "lnk.png"
+    link.symlink_to("tgt.png")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, link)
+    story.run_until_idle()
+    store = story.service.rt.store
+    assert {str(target), str(link)} <= set(store.sources())  # one picture, two paths
+    if what_happens == "deleted":
+        target.unlink()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, target)
+    else:
+        target.rename(story.images / "renamed.png")
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, target, dest=story.images / "renamed.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert str(link) not in store.sources()
+    assert str(link) not in story.ask("q.png", story.images / "other.png")  # no hit names the dangling link
+    removed = [(e["path"], e["reason"]) for e in logs if e["event"] == "rows_removed"]
+    assert (link, "symbolic link whose target is gone") in removed
+    if what_happens == "renamed":
+        assert str(story.images / "renamed.png") in store.sources()  # the picture followed its file

@@ -9,6 +9,7 @@ indexer does the reading and the model work.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,15 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
     if held:
         raise SourceFolderMissing(root, len(held))
     create_folder("source-directory", root)
+
+
+def resolves_to_a_file(path: Path) -> bool:
+    """``path`` leads (through any links) to a regular file: a path of stored content that does not, a
+    link whose target went or a copy deleted unseen, holds nothing any more."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None) -> list[str | None]:
@@ -331,15 +341,37 @@ class FolderSync:
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         if is_directory:
             self.pending.forget_under(path)
+            contents = {r.file_hash for p, r in self.store.sources().items() if Path(p).is_relative_to(path)}
             removed = self.store.delete_under(str(path))
         else:
             self.pending.forget(path)
+            file_hash = self.store.hash_for_path(str(path))
+            contents = {file_hash} if file_hash is not None else set()
             removed = [str(path)] if self.store.delete_paths([str(path)]) else []
         for source in removed:
             remove_processed(self.cfg, Path(source))
         if removed:
             self.removed += len(removed)
             log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
+        self._forget_dead_copies(contents)
+
+    def _forget_dead_copies(self, contents: set[str]) -> None:
+        """After paths of ``contents`` left: their other paths under the folder that no longer lead to a
+        file go too. A link to a deleted or renamed file yields no event of its own, and would otherwise
+        keep the row (a hit naming a dangling link) until the next rescan."""
+        if not contents:
+            return
+        root = self.cfg.source_directory
+        dead = [Path(p) for content in self.store.contents(contents).values() for p in content.paths
+                if Path(p).is_relative_to(root) and not resolves_to_a_file(Path(p))]
+        for path in dead:
+            self.pending.forget(path)
+            if self.store.delete_paths([str(path)]):
+                remove_processed(self.cfg, path)
+                self.removed += 1
+                reason = ("symbolic link whose target is gone" if path.is_symlink()
+                          else "source file is gone (a copy of the file just removed)")
+                log.info("rows_removed", path=path, count=1, reason=reason)
 
     def _file_moved(self, src: Path, dest: Path) -> None:
         """A rename inside the folder: the embedding follows the file, no model work."""
@@ -350,6 +382,8 @@ class FolderSync:
         if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
             # Not indexed yet (a temp name renamed into place), or its processed copy is missing.
             self.pending.note(dest, closed=True)
+        if file_hash is not None:
+            self._forget_dead_copies({file_hash})  # links to the old name lead nowhere now
 
     def _folder_moved(self, src: Path, dest: Path | None) -> None:
         if dest is None:
