@@ -448,6 +448,27 @@ def test_startup_errors_are_one_clear_line(tmp_path: Path, tiny_model_dir: Path)
     assert table_rows(configs["dimension"]) is None
 
 
+def test_serve_over_a_missing_source_folder_fails_its_start_and_keeps_the_index(tmp_path: Path,
+                                                                               tiny_model_dir: Path) -> None:
+    """The restart after ``watch_lost`` (a disk unmounted, a share gone): one line naming the folder, exit
+    code 8 for systemd to try again, no folder created, every row and processed copy kept."""
+    config = write_config(tmp_path, tiny_model_dir, cleanup_on_exit=False)
+    for name, seed in (("a.png", 1), ("sub/b.png", 2)):
+        save_picture(tmp_path / "images" / name, seed=seed)
+    assert run_cli("index", "--config", config, cwd=tmp_path).returncode == 0
+    rows = table_rows(config)
+    processed = sorted(p for p in (tmp_path / "processed").rglob("*") if p.is_file())
+    (tmp_path / "images").rename(tmp_path / "images-aside")
+    run = run_cli("serve", "--config", config, cwd=tmp_path, timeout=60)  # without the check it would serve on
+    assert run.returncode == 8, run.stderr
+    assert_no_traceback(run)
+    errors = [line for line in run.stderr.splitlines() if "level='error'" in line]
+    assert len(errors) == 1 and "source_missing" in errors[0] and str(tmp_path / "images") in errors[0], run.stderr
+    assert not (tmp_path / "images").exists()
+    assert table_rows(config) == rows
+    assert sorted(p for p in (tmp_path / "processed").rglob("*") if p.is_file()) == processed
+
+
 # --- an empty index -----------------------------------------------------------------------------------
 
 

@@ -192,12 +192,14 @@ def test_a_picture_saved_from_a_processed_copy_survives_the_migration(library) -
         assert after[path]["id"] == before[path]["id"]
 
 
-def test_a_new_source_directory_drops_the_old_rows_without_following_them(library) -> None:
-    """Rows of another folder are not renames inside this one (the same bytes under /new are new files)."""
+def test_a_new_source_directory_leaves_the_old_rows_and_does_not_follow_them(library) -> None:
+    """Rows of another folder are not renames inside this one (the same bytes under /new are new files to
+    read), nor this rescan's to remove: the other folder may be another service's, or a disk not mounted."""
     cfg, database, store, _ = library
+    before = rows(database)
     moved = cfg.source_directory.parent / "library-moved"
     shutil.copytree(cfg.source_directory, moved)
     state = compare_folder(dataclasses.replace(cfg, source_directory=moved), store)
     assert state.renamed == 0
-    assert len(state.removed) == 6 and len(state.changed) == 6
-    assert rows(database) == {}
+    assert state.removed == [] and len(state.changed) == 6
+    assert rows(database) == before

@@ -395,3 +395,27 @@ def test_polling_never_follows_a_link_to_a_folder(tmp_path: Path) -> None:
     finally:
         observer.stop()
         observer.join(timeout=5)
+
+
+def test_observer_problem_names_a_source_folder_that_is_another_folder_now(tmp_path: Path) -> None:
+    """A disk mounted over the watched images folder (late at boot) or unmounted from it leaves the watch
+    on the folder it began on, which sees nothing of what is there now; so does a folder moved away and
+    made again. Only a restart watches (and rescans) the folder the path names now."""
+    from image_search.config import Config
+    from image_search.service import watched_folders
+
+    cfg = Config(source_directory=tmp_path / "images", inbox_directory=tmp_path / "inbox")
+    for folder in (cfg.source_directory, cfg.inbox_directory):
+        folder.mkdir()
+    folders = watched_folders(cfg)
+    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
+    try:
+        assert observer_problem(observer, folders) is None
+        cfg.source_directory.rename(tmp_path / "images-before")
+        cfg.source_directory.mkdir()  # what the watch sees of a mount: another folder under the same path
+        assert observer_problem(observer, folders) == (
+            f"the watched images folder {cfg.source_directory} is another folder now (a disk mounted over it or "
+            "unmounted from it): its watch sees nothing there")
+    finally:
+        observer.stop()
+        observer.join(timeout=5)

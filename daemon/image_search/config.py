@@ -352,18 +352,25 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
 
 
 def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
-    """Create the folders the run writes to; a folder that cannot be created is a ConfigError."""
-    keys = ["source-directory", "processed-directory", "output-directory", "state-directory"]
+    """Create the folders the run writes to; a folder that cannot be created is a ConfigError.
+    ``source-directory`` is not one of them: whether it may be created depends on the index
+    (``sync.ensure_source_folder``)."""
+    keys = ["processed-directory", "output-directory", "state-directory"]
     if with_inbox:
         keys.append("inbox-directory")
     for key in keys:
         folder: Path = getattr(cfg, _FIELDS[key].name)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"config key '{key}': cannot create {folder} ({exc.strerror}). "
-                "Point it at a writable folder or create it with the right owner."
-            ) from None
-        if not os.access(folder, os.W_OK | os.X_OK) and key != "source-directory":
+        create_folder(key, folder)
+        if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"config key '{key}': {folder} is not writable by this user")
+
+
+def create_folder(key: str, folder: Path) -> None:
+    """``folder`` (config key ``key``) and its parents; a ConfigError naming the key when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"config key '{key}': cannot create {folder} ({exc.strerror}). "
+            "Point it at a writable folder or create it with the right owner."
+        ) from None

@@ -32,6 +32,9 @@ class ExitCode(IntEnum):
     WORKERS = 5  # the preprocessing worker processes cannot start
     FONTS = 6  # the contact sheet's fonts cannot be loaded
     OUTPUT = 7  # a result or a processed image cannot be written: disk full, read-only, no permission
+    # source-directory is missing while the index holds its pictures (a disk or share not mounted yet):
+    # systemd's Restart=on-failure tries again until it is there.
+    SOURCE_MISSING = 8
 
 
 def describe(exc: BaseException) -> str:
@@ -104,6 +107,24 @@ class OutputUnwritable(ImageSearchError):
     query's: the message names the folder and the fix."""
 
     exit_code = ExitCode.OUTPUT
+
+
+class SourceFolderMissing(ImageSearchError):
+    """``source-directory`` is not there, but the index holds pictures from it: a disk or share that is
+    not mounted (yet), or a folder moved away. Not a deletion of every picture: nothing is removed, and
+    the run ends (the service is restarted until the folder is back)."""
+
+    exit_code = ExitCode.SOURCE_MISSING
+    event = "source_missing"
+
+    def __init__(self, folder: Path, rows: int) -> None:
+        super().__init__(
+            f"source-directory {folder} does not exist, but the index holds {rows} paths under it: not starting, "
+            "so that a disk or share that is not mounted (yet) costs no row and no processed copy. Mount it or "
+            "put the folder back; if it is gone for good, create it empty and empty the index (README "
+            "\"A source folder that is missing or empty\")")
+        self.folder = folder
+        self.rows = rows
 
 
 # The errnos that say "this folder cannot take a write", and the fix for each.

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .config import Config, ensure_directories
-from .errors import ImageSearchError
+from .errors import ImageSearchError, SourceFolderMissing
 from .fleet import FleetMember, WorkClaims
 from .store import Database, EmbeddingStore
+from .sync import ensure_source_folder
 
 if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
     from .embed import Embedder
@@ -114,8 +115,9 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
     """Start or reach the database, open the store, start loading the model. At exit, close the store
     and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
     but only after a run that had its model (a start-up error never costs the index), never when
-    the block raised ``RestartRequested``, and never while another service sharing the database is
-    still live (the last member to leave empties it)."""
+    the block raised ``RestartRequested`` or ``SourceFolderMissing``, and never while another service
+    sharing the database is still live (the last member to leave empties it). ``source-directory`` is
+    created here on a fresh install only (``ensure_source_folder``)."""
     ensure_directories(cfg, with_inbox=with_inbox)
     started = time.monotonic()
     database = Database(cfg)
@@ -128,6 +130,11 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         try:
             # The table is created once the model has confirmed the dimension; until then it is only read.
             store = database.open_store(dimension=cfg.dimension, create_table=False)
+            try:
+                ensure_source_folder(cfg, store)  # before the model loads: a retry while a disk is not mounted is cheap
+            except BaseException:
+                store.close()
+                raise
             # The model starts loading once the database is up, not before: importing torch holds the
             # GIL for long stretches, and starting it first slowed the database start and the rescan
             # (2.0-2.5 s from process start to a done rescan of 2,000 unchanged files, against 1.6-1.9 s)
@@ -137,7 +144,7 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
                      members=member.live_members, duration_ms=round((time.monotonic() - started) * 1000))
             try:
                 yield Runtime(cfg, store, loading.result, fleet=member)
-            except RestartRequested:
+            except (RestartRequested, SourceFolderMissing):  # the folder's disk may come back: keep its index
                 restarting = True
                 raise
             finally:

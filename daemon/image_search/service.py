@@ -38,6 +38,7 @@ from .watch import (
     WatchdogWarnings,
     WatchedFolder,
     WatchError,
+    folder_identity,
     observer_problem,
     start_observer, stop_observer,
 )
@@ -281,7 +282,10 @@ class Service:
             self._needs_rescan = True
 
 def watched_folders(cfg: Config) -> dict[Folder, WatchedFolder]:
-    return {Folder.IMAGES: WatchedFolder(cfg.source_directory, recursive=True),
+    # The source folder's identity is kept: a disk that mounts there later (at boot, after an outage) is
+    # another folder, which only a restart watches (and rescans).
+    return {Folder.IMAGES: WatchedFolder(cfg.source_directory, recursive=True,
+                                         identity=folder_identity(cfg.source_directory)),
             Folder.INBOX: WatchedFolder(cfg.inbox_directory, recursive=False)}
 
 

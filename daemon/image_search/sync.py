@@ -9,6 +9,7 @@ indexer does the reading and the model work.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,10 @@ from pathlib import Path
 import structlog
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
+from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
@@ -68,6 +70,34 @@ def remove_processed(cfg: Config, source: Path) -> None:
         pass
 
 
+def paths_under(known: dict[str, SourceRecord], folder: Path) -> list[str]:
+    """The stored paths inside ``folder``: the rows a rescan of it answers for, and the only ones it may remove."""
+    return [p for p in known if Path(p).is_relative_to(folder)]
+
+
+def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
+    """At start, before anything is watched or compared: ``source-directory`` is created only on a fresh
+    install (the index holds no path under it). A missing folder whose pictures are indexed is a disk or
+    share not mounted (yet): ``SourceFolderMissing``, nothing removed, and systemd tries again later. An
+    empty folder created over an unmounted mount point would have read as "every picture deleted"."""
+    root = cfg.source_directory
+    if root.is_dir():
+        return
+    held = paths_under(store.sources(), root)
+    if held:
+        raise SourceFolderMissing(root, len(held))
+    create_folder("source-directory", root)
+
+
+def resolves_to_a_file(path: Path) -> bool:
+    """``path`` leads (through any links) to a regular file: a path of stored content that does not, a
+    link whose target went or a copy deleted unseen, holds nothing any more."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None) -> list[str | None]:
     """``source_identity_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core
     (hashlib and file reads release the GIL); None for a file unreadable or changed meanwhile.
@@ -104,8 +134,8 @@ def migrate_identities(store: EmbeddingStore, root: Path | None = None) -> int:
     """Once per database: give the rows of an earlier version (identity = MD5 of the processed JPEG)
     today's identity (MD5 of the source bytes) by reading each unchanged source once, with no decoding
     and no model work. Rows whose source changed or vanished keep their old hash: the rescan re-indexes
-    or removes them as it would anyway; so do rows outside ``root`` (another source-directory's, which
-    the rescan removes). Returns the rows rewritten (0 when there was nothing to do)."""
+    or removes them as it would anyway; rows outside ``root`` (another source-directory's, which no
+    rescan of this folder removes) keep their old hash. Returns the rows rewritten (0 when there was nothing to do)."""
     if not store.needs_identity_migration():
         return 0
     started = time.monotonic()
@@ -135,8 +165,8 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
     """Once per database: give the rows of an earlier version their folder (from their path) and the
     metadata of their file's header (date taken, camera, size, format; ``image_search.metadata``), read
     from each unchanged source under ``root`` with no decoding and no model work. A changed or unreadable
-    source keeps NULL metadata (the rescan re-indexes a changed one); a row outside ``root`` is left as
-    it is (the rescan removes it). Returns the rows updated (0 when there was nothing to do)."""
+    source keeps NULL metadata (the rescan re-indexes a changed one); a row outside ``root`` (another
+    source-directory's) is left as it is. Returns the rows updated (0 when there was nothing to do)."""
     if not stored_metadata.needs_metadata_migration(store):
         return 0
     started = time.monotonic()
@@ -161,21 +191,32 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     mtime or model differ from their path's record, or that no path names. No decoding, no model work,
     so it can run while the model is still loading. A database of an earlier version first gets today's
     identity (``migrate_identities``); a file renamed or moved while nothing watched is recognised by its
-    identity and its path follows it (``_follow_renames``)."""
+    identity and its path follows it (``_follow_renames``).
+
+    Only paths under ``source-directory`` are answered for: another folder's rows (another
+    source-directory on the same database) are never removed here. A folder that is missing, or holds no
+    picture while paths under it are stored, is a disk or share that is not mounted, never "every picture
+    deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
+    row with one warning."""
     root = cfg.source_directory
+    if not root.is_dir():
+        if held := paths_under(store.sources(), root):
+            raise SourceFolderMissing(root, len(held))
+        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=[])  # nothing there, nothing known
     migrate_identities(store, root)
     migrate_metadata(store, root)
     known = store.sources()
     scan = scan_folder(root, cfg.source_links)
     on_disk = scan.images
     present = {str(path) for path in on_disk}
-    gone, vanished = [], []  # vanished: the paths of this folder whose file is gone (they may have moved in it)
-    for p in known:
-        if not Path(p).is_relative_to(root):
-            gone.append(p)  # another source-directory's row
-        elif p not in present:  # deleted, or now a pipe or a link the policy does not follow
-            gone.append(p)
-            vanished.append(p)
+    vanished = [p for p in paths_under(known, root) if p not in present]
+    if not on_disk and vanished:
+        log.warning("source_folder_empty", path=root, kept=len(vanished),
+                    reason="no picture in source-directory while the index holds paths under it: it looks "
+                           "unmounted, so every row and processed copy is kept",
+                    action="mount it; if you emptied it on purpose, empty the index (README \"A source folder "
+                           "that is missing or empty\")")
+        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped)
     changed, new_files = [], []
     for path in on_disk:
         st = stat_or_none(path)
@@ -183,11 +224,11 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
             changed.append(path)  # a file that vanished meanwhile is reported by the indexer
             if st is not None and str(path) not in known:
                 new_files.append((path, st))
+    # vanished: deleted, moved (perhaps within the folder), or now a pipe or a link the policy does not follow
     followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files)
-    if followed:
-        moved_from = set(followed.values())
-        gone = [p for p in gone if p not in moved_from]
-        changed = [p for p in changed if p not in followed]
+    moved_from = set(followed.values())
+    gone = [p for p in vanished if p not in moved_from]
+    changed = [p for p in changed if p not in followed]
     if gone:
         store.delete_paths(gone)
         for source in gone:
@@ -316,15 +357,37 @@ class FolderSync:
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         if is_directory:
             self.pending.forget_under(path)
+            contents = {r.file_hash for p, r in self.store.sources().items() if Path(p).is_relative_to(path)}
             removed = self.store.delete_under(str(path))
         else:
             self.pending.forget(path)
+            file_hash = self.store.hash_for_path(str(path))
+            contents = {file_hash} if file_hash is not None else set()
             removed = [str(path)] if self.store.delete_paths([str(path)]) else []
         for source in removed:
             remove_processed(self.cfg, Path(source))
         if removed:
             self.removed += len(removed)
             log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
+        self._forget_dead_copies(contents)
+
+    def _forget_dead_copies(self, contents: set[str]) -> None:
+        """After paths of ``contents`` left: their other paths under the folder that no longer lead to a
+        file go too. A link to a deleted or renamed file yields no event of its own, and would otherwise
+        keep the row (a hit naming a dangling link) until the next rescan."""
+        if not contents:
+            return
+        root = self.cfg.source_directory
+        dead = [Path(p) for content in self.store.contents(contents).values() for p in content.paths
+                if Path(p).is_relative_to(root) and not resolves_to_a_file(Path(p))]
+        for path in dead:
+            self.pending.forget(path)
+            if self.store.delete_paths([str(path)]):
+                remove_processed(self.cfg, path)
+                self.removed += 1
+                reason = ("symbolic link whose target is gone" if path.is_symlink()
+                          else "source file is gone (a copy of the file just removed)")
+                log.info("rows_removed", path=path, count=1, reason=reason)
 
     def _file_moved(self, src: Path, dest: Path) -> None:
         """A rename inside the folder: the embedding follows the file, no model work."""
@@ -335,6 +398,8 @@ class FolderSync:
         if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
             # Not indexed yet (a temp name renamed into place), or its processed copy is missing.
             self._noticed(dest, closed=True)
+        if file_hash is not None:
+            self._forget_dead_copies({file_hash})  # links to the old name lead nowhere now
 
     def _folder_moved(self, src: Path, dest: Path | None) -> None:
         if dest is None:

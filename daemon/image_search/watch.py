@@ -82,6 +82,18 @@ class Change:
 class WatchedFolder:
     path: Path
     recursive: bool
+    # (st_dev, st_ino) when the watch began: a disk mounted over the folder (or unmounted from it) makes
+    # another folder of the same path, whose events the watch never sees. None: not checked.
+    identity: tuple[int, int] | None = None
+
+
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """Which folder ``path`` is now: its (st_dev, st_ino); None when it cannot be looked at."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class WatchdogWarnings(logging.Handler):
@@ -194,6 +206,9 @@ def observer_problem(observer: BaseObserver, folders: Mapping[Folder, WatchedFol
     for name, folder in folders.items():
         if not folder.path.is_dir():
             return f"the watched {name.name.lower()} folder {folder.path} is gone"
+        if folder.identity is not None and folder_identity(folder.path) != folder.identity:
+            return (f"the watched {name.name.lower()} folder {folder.path} is another folder now (a disk mounted "
+                    "over it or unmounted from it): its watch sees nothing there")
     if not observer.is_alive():
         return "the watch observer thread died"
     emitters = list(observer.emitters)

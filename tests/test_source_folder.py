@@ -1,0 +1,133 @@
+"""The source folder against the index when the folder is not what it was: missing (a disk or share not
+mounted, a folder moved away), empty while the index holds its pictures (an unmounted mount point),
+another source-directory's rows on the same database, and links left pointing at a file that went.
+
+None of these is "every picture deleted": the rows and processed copies stay until the folder says, file
+by file, that a picture is gone. A real ``Service`` over the embedded PostgreSQL and the tiny model,
+driven in-process (``story_factory``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.errors import ExitCode, SourceFolderMissing
+from image_search.sync import compare_folder, ensure_source_folder
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import save_picture
+
+pytestmark = pytest.mark.integration
+
+PICTURES = {"a.png": 1, "b.png": 2, "album/c.png": 3}
+
+
+def processed_copies(story) -> dict[str, Path]:
+    """Each indexed source -> its processed copy."""
+    return {path: Path(row["processed_path"]) for path, row in story.rows().items()}
+
+
+def move_contents(folder: Path, aside: Path) -> None:
+    """Empty ``folder`` into ``aside``, leaving the folder itself (a mount point whose disk went)."""
+    aside.mkdir()
+    for entry in folder.iterdir():
+        shutil.move(entry, aside / entry.name)
+
+
+def test_a_missing_source_folder_with_indexed_pictures_stops_the_start_and_keeps_everything(story_factory,
+                                                                                          tmp_path) -> None:
+    story = story_factory(PICTURES)
+    rows, copies = story.rows(), processed_copies(story)
+    story.images.rename(tmp_path / "images-aside")  # the watch is lost, systemd restarts the service
+    with pytest.raises(SourceFolderMissing) as failed:
+        ensure_source_folder(story.cfg, story.service.rt.store)  # the start-up, before the model loads
+    assert failed.value.exit_code == ExitCode.SOURCE_MISSING
+    assert str(story.images) in str(failed.value) and "3 paths" in str(failed.value)
+    again = story_factory(after=story, start=False)
+    with pytest.raises(SourceFolderMissing):
+        again.service.start()  # the service's own rescan refuses too, should the folder go after the check
+    assert not story.images.exists()  # not created: an empty folder would read as every picture deleted
+    assert again.rows() == rows
+    assert all(copy.is_file() for copy in copies.values())
+    (tmp_path / "images-aside").rename(story.images)  # the disk is back
+    with capture_logs() as logs:
+        story_factory(after=again)
+    assert again.rows() == rows
+    assert not [e for e in logs if e["event"] in ("rows_removed", "images_indexed")]
+
+
+def test_a_fresh_install_creates_the_source_folder(story_factory) -> None:
+    story = story_factory(start=False)
+    story.images.rmdir()  # nothing indexed, no folder yet
+    ensure_source_folder(story.cfg, story.service.rt.store)
+    assert story.images.is_dir()
+
+
+def test_an_empty_source_folder_with_indexed_pictures_looks_unmounted_and_keeps_them(story_factory,
+                                                                                   tmp_path) -> None:
+    story = story_factory(PICTURES)
+    rows, copies = story.rows(), processed_copies(story)
+    move_contents(story.images, tmp_path / "disk")
+    with capture_logs() as logs:
+        again = story_factory(after=story)  # a restart over the empty mount point
+        again.notice(Folder.WATCHING, ChangeKind.LOST, Path())  # and the rescan after lost events
+        again.run_until_idle()
+    assert again.rows() == rows
+    assert all(copy.is_file() for copy in copies.values())
+    warnings = [e for e in logs if e["event"] == "source_folder_empty"]
+    assert [(e["path"], e["kept"], e["log_level"]) for e in warnings] == [(story.images, 3, "warning")] * 2
+    assert "unmounted" in warnings[0]["reason"]
+    assert not [e for e in logs if e["event"] == "rows_removed"]
+
+    for entry in (tmp_path / "disk").iterdir():  # the disk is mounted again
+        shutil.move(entry, story.images / entry.name)
+    (story.images / "a.png").unlink()  # and a picture deleted while the service watches still goes
+    again.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "a.png")
+    with capture_logs() as logs:
+        again.run_until_idle()
+    assert set(again.rows()) == set(rows) - {str(story.images / "a.png")}
+    assert not copies[str(story.images / "a.png")].exists()
+    assert [e["path"] for e in logs if e["event"] == "rows_removed"] == [story.images / "a.png"]
+
+
+def test_a_rescan_of_another_source_directory_leaves_this_ones_rows(story_factory, tmp_path) -> None:
+    """``image-search index`` with another source-directory on the same database: it answers for its own
+    folder only."""
+    story = story_factory(PICTURES)
+    rows, copies = story.rows(), processed_copies(story)
+    other = tmp_path / "other-images"
+    save_picture(other / "z.png", seed=9)
+    with capture_logs() as logs:
+        state = compare_folder(dataclasses.replace(story.cfg, source_directory=other), story.service.rt.store)
+    assert state.removed == [] and state.changed == [other / "z.png"]
+    assert story.rows() == rows
+    assert all(copy.is_file() for copy in copies.values())
+    assert not [e for e in logs if e["event"] == "rows_removed"]
+
+
+@pytest.mark.parametrize("what_happens", ["deleted", "renamed"])
+def test_a_link_whose_target_goes_loses_its_path(story_factory, what_happens: str) -> None:
+    story = story_factory({"tgt.png": 1, "other.png": 2})
+    target, link = story.images / "tgt.png", story.images / "lnk.png"
+    link.symlink_to("tgt.png")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, link)
+    story.run_until_idle()
+    store = story.service.rt.store
+    assert {str(target), str(link)} <= set(store.sources())  # one picture, two paths
+    if what_happens == "deleted":
+        target.unlink()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, target)
+    else:
+        target.rename(story.images / "renamed.png")
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, target, dest=story.images / "renamed.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert str(link) not in store.sources()
+    assert str(link) not in story.ask("q.png", story.images / "other.png")  # no hit names the dangling link
+    removed = [(e["path"], e["reason"]) for e in logs if e["event"] == "rows_removed"]
+    assert (link, "symbolic link whose target is gone") in removed
+    if what_happens == "renamed":
+        assert str(story.images / "renamed.png") in store.sources()  # the picture followed its file
