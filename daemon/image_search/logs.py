@@ -29,7 +29,11 @@ from .names import escape
 
 # sd-daemon(3) priorities.
 SYSLOG_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
-_SECRET_MARKERS = ("password", "secret", "token")
+# A field is a secret when one of its key's words (split at ``_``, ``-`` or ``.``) is, or ends with, one of
+# these: ``postgres_password``, ``pgpassword``, ``auth_token``, ``client_secret``, ``dsn``. Whole words, so
+# that a count such as ``tokens`` (``text_query_truncated tokens=90``) is shown.
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credentials", "dsn")
+_KEY_WORD = re.compile(r"[^a-z0-9]+")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -45,9 +49,14 @@ def stderr_is_journal(stream: TextIO | None = None, environ: MutableMapping[str,
     return st.st_dev == dev and st.st_ino == ino
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a log field named ``key`` holds a secret (a password, a credential token, a DSN)."""
+    return any(word.endswith(_SECRET_WORDS) for word in _KEY_WORD.split(key.lower()) if word)
+
+
 def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+        if is_secret_key(key):
             event[key] = "***"
     return event
 
