@@ -81,6 +81,42 @@ def _without_surrogates(value: Any) -> Any:
     return value
 
 
+class _LinePrinter(structlog.PrintLogger):
+    """structlog's ``PrintLogger``, except that a line the stream refuses is dropped: after the terminal
+    of a foreground run is closed every write fails (EIO), and a lost log line must never cut a stop short
+    (the embedded PostgreSQL is stopped after several lines)."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream is closed
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+# Where configure_logging sends the lines, and from which level: log_from_signal_handler writes there too.
+_output: TextIO = sys.stderr
+_level = logging.INFO
+
+
+def log_from_signal_handler(event: str, **fields: Any) -> None:
+    """One info line, written from a signal handler. A handler runs between two bytecodes of the main
+    thread, perhaps inside a log call that holds the stream's lock (logging through structlog would then
+    wait for ever) or has half a line in its buffer: so the line is rendered by the configured processors
+    and written with one ``os.write`` on the stream's descriptor, past both."""
+    if _level > logging.INFO:
+        return
+    line: Any = {"event": event, **fields}
+    for processor in structlog.get_config()["processors"]:
+        line = processor(None, "info", line)
+    try:
+        os.write(_output.fileno(), f"{line}\n".encode("utf-8", "backslashreplace"))
+    except (OSError, ValueError):  # no descriptor, or a closed terminal: the line is lost, the stop goes on
+        pass
+
+
 def _syslog_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["_priority"] = SYSLOG_PRIORITY.get(method, 6)
     return event
@@ -160,7 +196,9 @@ def _route_stdlib_logging(level: str) -> None:
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog once for the process; return the style chosen (journal, console or plain)."""
+    global _output, _level
     stream = stream or sys.stderr
+    _output, _level = stream, getattr(logging, level.upper(), logging.INFO)
     if stderr_is_journal(stream):
         style = "journal"
         renderer: Any = _JournalRenderer()
@@ -183,8 +221,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
+        logger_factory=lambda *_: _LinePrinter(stream),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(level)

@@ -7,7 +7,6 @@ folder is compared with the table; whoever first needs the model waits for it.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ import structlog
 from .config import Config, ensure_directories
 from .errors import ImageSearchError
 from .fleet import FleetMember, WorkClaims
+from .logs import log_from_signal_handler
 from .store import Database, EmbeddingStore
 
 if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
@@ -47,16 +47,28 @@ class RestartRequested(ImageSearchError):
         self.kind = kind
 
 
+# SIGHUP: the terminal of a foreground run was closed (or someone sent it); it stops as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def install_stop_handlers(on_first: Callable[[int], None]) -> None:
-    """SIGTERM and SIGINT call ``on_first(signum)`` (set a flag, or raise to unwind); a second one
-    exits at once."""
+    """SIGTERM, SIGINT and SIGHUP call ``on_first(signum)`` (set a flag, or raise to unwind). A later one
+    only says that the stop is under way: exiting there would leave the embedded PostgreSQL running,
+    orphaned, and skip the cleanup. A stop that hangs is ended by systemd's SIGKILL after TimeoutStopSec,
+    which KillMode=mixed sends to PostgreSQL too."""
+    stopping = False
+
     def handler(signum: int, _: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
-        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
+        nonlocal stopping
+        if stopping:
+            log_from_signal_handler("stop_already_under_way", signal=signal.Signals(signum).name,
+                                    detail="finishing the work in hand and stopping the database first")
+            return
+        stopping = True
         on_first(signum)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 class ModelLoading:

@@ -54,9 +54,10 @@ IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock aga
 
 @dataclass
 class StopFlag:
-    """Set by the first SIGTERM/SIGINT (a second one exits at once). The loop finishes what it is doing
-    and stops, unless ``interruptible`` says it only waits (for files being read): then the signal
-    unwinds at once (``ShutdownRequested``), so that a read that never returns cannot hold the stop."""
+    """Set by the first SIGTERM/SIGINT/SIGHUP (a later one only says that the stop is under way). The loop
+    finishes what it is doing and stops, unless ``interruptible`` says it only waits (for files being
+    read): then the signal unwinds at once (``ShutdownRequested``), so that a read that never returns
+    cannot hold the stop."""
 
     event: threading.Event = field(default_factory=threading.Event)
     signum: int = 0
