@@ -30,10 +30,11 @@ log = structlog.get_logger(__name__)
 
 
 class ShutdownRequested(BaseException):
-    """Raised by the signal handler of the one-shot commands: unwinds to the cleanup."""
+    """Raised by the signal handler of the one-shot commands, and by the service's when it only waits (for
+    the model, for files being read): unwinds to the cleanup. ``signum`` 0: a stop asked for without a signal."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal.Signals(signum).name if signum else "stop")
         self.signum = signum
 
 
@@ -112,10 +113,14 @@ class Runtime:
         self.fleet = fleet  # None: not registered (a Runtime built by hand); every claim is granted
         self.claims = WorkClaims(store, fleet)
 
+    def wait_for_model(self) -> Embedder:
+        """The loaded model: waits for it the first time (raising its load error)."""
+        return self._load_model()
+
     def model(self) -> Embedder:
-        """The loaded model: waits for it the first time (raising its load error). The model has then
-        confirmed 'dimension', so the table can be created."""
-        embedder = self._load_model()
+        """The loaded model, waited for as ``wait_for_model`` does. The model has then confirmed
+        'dimension', so the table can be created."""
+        embedder = self.wait_for_model()
         if not self.store.has_table:
             self.store.create_table()
         return embedder
