@@ -6,6 +6,7 @@ journal), so that nothing pytest does to warnings can hide a raw line.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,6 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import structlog
+
+from tests.support.logs import logging_to, parse_log_line
 
 # What a model load prints today: timm's deprecation on import (a real import of the real module),
 # jina's attention fallbacks (warnings.warn, as in its remote code), a remote-code logger's warning.
@@ -85,3 +89,58 @@ def test_a_formatted_warning_over_several_lines_is_one_line_without_its_source_l
     method, _, fields = StdlibToStructlog._warning_fields(formatted)
     assert method == "warning" and fields == {"category": "UserWarning", "message": "first line second line",
                                               "source": "/x/y.py:12"}
+
+
+# --- secrets: masked by key; counts and other fields shown ----------------------------------------
+
+
+def logged_line(**fields: object) -> str:
+    """The line the service's logging writes for a ``probe`` event with ``fields``."""
+    with logging_to(io.StringIO()) as stream:
+        structlog.get_logger("test").info("probe", **fields)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("key", ["password", "postgres_password", "postgres-password", "PGPASSWORD", "passwd",
+                                 "secret", "client_secret", "token", "auth_token", "accessToken", "api.token",
+                                 "credentials", "dsn", "postgres_dsn"])
+def test_a_secret_field_is_masked(key: str) -> None:
+    line = logged_line(**{key: "hunter2-Secret!"})
+    assert "hunter2" not in line and f"{key}='***'" in line, line
+
+
+@pytest.mark.parametrize(("key", "value"), [("tokens", 90), ("max_tokens", 77), ("tokenizer", "xlm-roberta"),
+                                            ("secretary", "Ann"), ("limit", 77)])
+def test_a_field_that_only_contains_a_secret_word_is_shown(key: str, value: object) -> None:
+    """``text_query_truncated tokens=90 limit=77``: how many tokens a query had is no credential."""
+    line = logged_line(**{key: value})
+    assert f"{key}={value!r}" in line, line
+
+
+# --- lines written where a stop must not be cut short ----------------------------------------------
+
+
+class ClosedTerminal(io.TextIOBase):
+    """stderr once the terminal of a foreground run is closed: every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(5, "Input/output error")
+
+
+def test_a_line_the_closed_terminal_refuses_is_dropped_and_the_caller_goes_on() -> None:
+    with logging_to(ClosedTerminal()):
+        structlog.get_logger("test").info("service_stopping", signal="SIGHUP")  # no OSError
+        structlog.get_logger("test").error("service_failed", reason="x")
+
+
+def test_a_signal_handlers_line_has_the_same_shape_as_the_others(tmp_path: Path) -> None:
+    """Written past structlog (whose lock the interrupted main thread may hold), but rendered alike."""
+    from image_search.logs import log_from_signal_handler
+
+    with open(tmp_path / "stderr.txt", "w") as stream, logging_to(stream):
+        structlog.get_logger("test").info("service_ready", pending_images=0)
+        log_from_signal_handler("stop_already_under_way", signal="SIGINT", password="hunter2")
+    ready, handler = (parse_log_line(line) for line in (tmp_path / "stderr.txt").read_text().splitlines())
+    assert handler == {"timestamp": handler["timestamp"], "level": "info", "event": "stop_already_under_way",
+                       "signal": "SIGINT", "password": "***"}
+    assert set(ready) - {"pending_images"} == set(handler) - {"signal", "password"}

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
+from stat import S_IMODE
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from image_search.preprocess import (
     processed_path_for,
     thumbnail_path_for,
     save_processed,
+    write_atomically,
     source_identity,
 )
 
@@ -575,6 +578,7 @@ def red_corner_of_quadrant_picture(prepared: PreparedImage) -> bool:
 _PEAK_MEMORY_PROBE = """
 import sys
 from pathlib import Path
+from stat import S_IMODE
 from image_search.preprocess import preprocess_image
 def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at exec)
     with open("/proc/self/status") as status:
@@ -719,6 +723,24 @@ def test_save_processed_is_atomic_and_skips_identical_content(tmp_path):
     assert target.read_bytes() == prepared.jpeg_bytes
     leftovers = [p.name for p in target.parent.iterdir() if p not in (target, thumbnail_path_for(target))]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_processed_copy_thumbnail_and_atomic_writes_get_the_mode_open_gives_under_the_umask(tmp_path, umask, mode):
+    """0666 less the umask, as ``open()`` gives a result file: with the unit's UMask=0027 the service's group
+    reads the processed copies and a failed query's ``.error.txt`` (written by ``write_atomically``) too."""
+    source = tmp_path / "pic.png"
+    two_colour().save(source)
+    target = tmp_path / "processed" / "pic.png.jpg"
+    reason = tmp_path / "inbox" / "failed" / "q.png.error.txt"
+    previous = os.umask(umask)
+    try:
+        save_processed(prep(source), target)
+        write_atomically(reason, b"q.png: not an image\n")
+    finally:
+        os.umask(previous)
+    modes = {p.name: S_IMODE(p.stat().st_mode) for p in (target, thumbnail_path_for(target), reason)}
+    assert modes == dict.fromkeys(modes, mode), {k: oct(v) for k, v in modes.items()}
 
 
 # --------------------------------------------------------------------------------------------------

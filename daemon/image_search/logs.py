@@ -29,7 +29,11 @@ from .names import escape
 
 # sd-daemon(3) priorities.
 SYSLOG_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
-_SECRET_MARKERS = ("password", "secret", "token")
+# A field is a secret when one of its key's words (split at ``_``, ``-`` or ``.``) is, or ends with, one of
+# these: ``postgres_password``, ``pgpassword``, ``auth_token``, ``client_secret``, ``dsn``. Whole words, so
+# that a count such as ``tokens`` (``text_query_truncated tokens=90``) is shown.
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credentials", "dsn")
+_KEY_WORD = re.compile(r"[^a-z0-9]+")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -45,9 +49,14 @@ def stderr_is_journal(stream: TextIO | None = None, environ: MutableMapping[str,
     return st.st_dev == dev and st.st_ino == ino
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a log field named ``key`` holds a secret (a password, a credential token, a DSN)."""
+    return any(word.endswith(_SECRET_WORDS) for word in _KEY_WORD.split(key.lower()) if word)
+
+
 def _redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+        if is_secret_key(key):
             event[key] = "***"
     return event
 
@@ -70,6 +79,42 @@ def _without_surrogates(value: Any) -> Any:
     if isinstance(value, str) and _SURROGATE.search(value):
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return value
+
+
+class _LinePrinter(structlog.PrintLogger):
+    """structlog's ``PrintLogger``, except that a line the stream refuses is dropped: after the terminal
+    of a foreground run is closed every write fails (EIO), and a lost log line must never cut a stop short
+    (the embedded PostgreSQL is stopped after several lines)."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream is closed
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+# Where configure_logging sends the lines, and from which level: log_from_signal_handler writes there too.
+_output: TextIO = sys.stderr
+_level = logging.INFO
+
+
+def log_from_signal_handler(event: str, **fields: Any) -> None:
+    """One info line, written from a signal handler. A handler runs between two bytecodes of the main
+    thread, perhaps inside a log call that holds the stream's lock (logging through structlog would then
+    wait for ever) or has half a line in its buffer: so the line is rendered by the configured processors
+    and written with one ``os.write`` on the stream's descriptor, past both."""
+    if _level > logging.INFO:
+        return
+    line: Any = {"event": event, **fields}
+    for processor in structlog.get_config()["processors"]:
+        line = processor(None, "info", line)
+    try:
+        os.write(_output.fileno(), f"{line}\n".encode("utf-8", "backslashreplace"))
+    except (OSError, ValueError):  # no descriptor, or a closed terminal: the line is lost, the stop goes on
+        pass
 
 
 def _syslog_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -151,7 +196,9 @@ def _route_stdlib_logging(level: str) -> None:
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog once for the process; return the style chosen (journal, console or plain)."""
+    global _output, _level
     stream = stream or sys.stderr
+    _output, _level = stream, getattr(logging, level.upper(), logging.INFO)
     if stderr_is_journal(stream):
         style = "journal"
         renderer: Any = _JournalRenderer()
@@ -174,8 +221,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
+        logger_factory=lambda *_: _LinePrinter(stream),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(level)

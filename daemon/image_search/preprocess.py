@@ -17,7 +17,7 @@ import errno
 import hashlib
 import io
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -342,9 +342,10 @@ def processed_path_for(source: Path, source_root: Path, processed_root: Path) ->
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file."""
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
+    The file's mode is what ``open()`` gives: 0666 less the process's umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -352,6 +353,19 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty file under a hidden temporary name in ``path``'s folder, open for writing. Created as
+    ``mkstemp`` does (exclusively: never a file or link already there) but with mode 0666, which the kernel
+    masks with the umask: ``mkstemp``'s 0600 would hide every processed copy and every failed query's
+    reason from anyone but the service's user, whatever the unit's ``UMask`` allows."""
+    while True:
+        tmp = path.with_name(f".tmp-{secrets.token_hex(4)}{path.suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def thumbnail_path_for(processed: Path) -> Path:

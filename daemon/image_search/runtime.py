@@ -7,7 +7,6 @@ folder is compared with the table; whoever first needs the model waits for it.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ import structlog
 from .config import Config, ensure_directories
 from .errors import ImageSearchError, SourceFolderMissing
 from .fleet import FleetMember, WorkClaims
+from .logs import log_from_signal_handler
 from .store import Database, EmbeddingStore
 from .sync import ensure_source_folder
 
@@ -31,10 +31,11 @@ log = structlog.get_logger(__name__)
 
 
 class ShutdownRequested(BaseException):
-    """Raised by the signal handler of the one-shot commands: unwinds to the cleanup."""
+    """Raised by the signal handler of the one-shot commands, and by the service's when it only waits (for
+    the model, for files being read): unwinds to the cleanup. ``signum`` 0: a stop asked for without a signal."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal.Signals(signum).name if signum else "stop")
         self.signum = signum
 
 
@@ -48,16 +49,28 @@ class RestartRequested(ImageSearchError):
         self.kind = kind
 
 
+# SIGHUP: the terminal of a foreground run was closed (or someone sent it); it stops as SIGTERM does.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def install_stop_handlers(on_first: Callable[[int], None]) -> None:
-    """SIGTERM and SIGINT call ``on_first(signum)`` (set a flag, or raise to unwind); a second one
-    exits at once."""
+    """SIGTERM, SIGINT and SIGHUP call ``on_first(signum)`` (set a flag, or raise to unwind). A later one
+    only says that the stop is under way: exiting there would leave the embedded PostgreSQL running,
+    orphaned, and skip the cleanup. A stop that hangs is ended by systemd's SIGKILL after TimeoutStopSec,
+    which KillMode=mixed sends to PostgreSQL too."""
+    stopping = False
+
     def handler(signum: int, _: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signum))
-        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signum))
+        nonlocal stopping
+        if stopping:
+            log_from_signal_handler("stop_already_under_way", signal=signal.Signals(signum).name,
+                                    detail="finishing the work in hand and stopping the database first")
+            return
+        stopping = True
         on_first(signum)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 class ModelLoading:
@@ -101,10 +114,14 @@ class Runtime:
         self.fleet = fleet  # None: not registered (a Runtime built by hand); every claim is granted
         self.claims = WorkClaims(store, fleet)
 
+    def wait_for_model(self) -> Embedder:
+        """The loaded model: waits for it the first time (raising its load error)."""
+        return self._load_model()
+
     def model(self) -> Embedder:
-        """The loaded model: waits for it the first time (raising its load error). The model has then
-        confirmed 'dimension', so the table can be created."""
-        embedder = self._load_model()
+        """The loaded model, waited for as ``wait_for_model`` does. The model has then confirmed
+        'dimension', so the table can be created."""
+        embedder = self.wait_for_model()
         if not self.store.has_table:
             self.store.create_table()
         return embedder

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -44,6 +45,9 @@ from .watch import (
 )
 from .wording import counted
 
+if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
+    from .embed import Embedder
+
 log = structlog.get_logger(__name__)
 
 STATUS_EVERY_S = 2.0
@@ -56,9 +60,10 @@ IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock aga
 
 @dataclass
 class StopFlag:
-    """Set by the first SIGTERM/SIGINT (a second one exits at once). The loop finishes what it is doing
-    and stops, unless ``interruptible`` says it only waits (for files being read): then the signal
-    unwinds at once (``ShutdownRequested``), so that a read that never returns cannot hold the stop."""
+    """Set by the first SIGTERM/SIGINT/SIGHUP (a later one only says that the stop is under way). The loop
+    finishes what it is doing and stops, unless ``interruptible`` says it only waits (for the model, for
+    files being read): then the signal unwinds at once (``ShutdownRequested``), so that a model that takes
+    minutes to load, or a read that never returns, cannot hold the stop."""
 
     event: threading.Event = field(default_factory=threading.Event)
     signum: int = 0
@@ -98,7 +103,9 @@ class Service:
         self._db_backoff = 1.0
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
-        stop.interruptible = lambda: self.ingest is not None and self.ingest.indexer.waiting_for_files
+        self._waiting_for_model = False
+        stop.interruptible = lambda: self._waiting_for_model or (
+            self.ingest is not None and self.ingest.indexer.waiting_for_files)
         self._ping_every = watchdog_interval()
         self._next_ping = 0.0
 
@@ -109,7 +116,7 @@ class Service:
         already waiting, wait for the model, then tell systemd we are ready."""
         backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
-        indexer = Indexer(self.cfg, self.rt.model(), self.rt.store, defer=self._still_arriving,
+        indexer = Indexer(self.cfg, self._wait_for_model(), self.rt.store, defer=self._still_arriving,
                           heartbeat=self._ping_watchdog)
         try:
             self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
@@ -117,15 +124,35 @@ class Service:
             indexer.close()
             raise
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
+        if self.stop.is_set():  # asked for while the workers started: a service on its way out is never ready
+            raise ShutdownRequested(self.stop.signum)
         if self.cfg.rescan_interval > 0:
             self._next_rescan = self.clock() + self.cfg.rescan_interval
         self.notifier.ready(self.status_text())
         log.info("service_ready", source=self.cfg.source_directory, inbox=self.cfg.inbox_directory,
                  pending_images=len(self.images), pending_queries=held)
 
+    def _wait_for_model(self) -> Embedder:
+        """The model, once loaded. A stop asked for before then ends the start at once (``ShutdownRequested``,
+        from the signal handler while waiting): loading can take minutes (a download, a large model on a CPU),
+        longer than systemd waits for a stop, and cannot be cut short inside its thread, so the process ends
+        without it."""
+        self._waiting_for_model = True
+        try:
+            if self.stop.is_set():
+                raise ShutdownRequested(self.stop.signum)
+            self.rt.wait_for_model()
+        finally:
+            self._waiting_for_model = False
+        return self.rt.model()  # now at once: creates the table the model's dimension confirmed
+
     def run(self) -> ExitCode:
         try:
             self.start()
+        except ShutdownRequested as stopped:
+            self.close()
+            stopped_during_startup(stopped.signum, self.notifier)
+            return ExitCode.OK
         except BaseException:
             self.close()
             raise
@@ -281,6 +308,13 @@ class Service:
             log.warning("change_deferred", path=change.path, reason=str(exc))
             self._needs_rescan = True
 
+
+def stopped_during_startup(signum: int, notifier: Notifier) -> None:
+    """A stop asked for before the service was ready: it never was (no READY=1, no ``service_ready``)."""
+    log.info("service_stopped_during_startup", signal=signal.Signals(signum).name if signum else None)
+    notifier.stopping()
+
+
 def watched_folders(cfg: Config) -> dict[Folder, WatchedFolder]:
     # The source folder's identity is kept: a disk that mounts there later (at boot, after an outage) is
     # another folder, which only a restart watches (and rescans).
@@ -317,10 +351,11 @@ def serve(cfg: Config, *, cleanup: bool, poll: bool) -> int:
     notifier.status("loading the model and opening the store")
     try:
         with open_runtime(cfg, cleanup=cleanup, with_inbox=True) as rt:
-            if stop.is_set():
-                notifier.stopping()
-                return ExitCode.OK
-            code = _watch_and_run(rt, poll=poll, stop=stop, notifier=notifier)
+            if stop.is_set():  # asked for while the database started
+                stopped_during_startup(stop.signum, notifier)
+                code = ExitCode.OK
+            else:
+                code = _watch_and_run(rt, poll=poll, stop=stop, notifier=notifier)
     except RestartRequested as exc:
         code = exc.kind.exit_code  # non-zero: systemd's Restart=on-failure starts us again, and we reconcile
     log.info("service_stopped", exit_code=int(code))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 _FIELD = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""")
 
@@ -43,3 +44,16 @@ class LogEvent(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.fields)
+
+
+@contextmanager
+def logging_to(stream: TextIO) -> Iterator[TextIO]:
+    """The service's own logging (``configure_logging``, the plain style) writing to ``stream`` while the block
+    runs; the process's default set up again after it."""
+    from image_search.logs import configure_logging
+
+    configure_logging(stream=stream)
+    try:
+        yield stream
+    finally:
+        configure_logging()

@@ -9,6 +9,8 @@ this folder on PYTHONPATH, each variable set makes one thing fail as it does on 
 - ``FAULT_KILL_DATABASE=PGDATA``: the first time the run asks for the model (the database is up, the
   run under way), the embedded PostgreSQL on PGDATA is stopped as a crash does (SIGQUIT: an
   immediate shutdown), and this waits until its postmaster is gone.
+- ``FAULT_SLOW_MODEL=SECONDS``: loading the model takes that much longer, as a large model on a CPU or
+  its first download does (the loading thread waits before it loads).
 """
 
 import os
@@ -49,3 +51,17 @@ if os.environ.get("FAULT_KILL_DATABASE"):
         return _model(self)
 
     _runtime.Runtime.model = _model_after_the_database_died
+
+if os.environ.get("FAULT_SLOW_MODEL"):
+    import time
+
+    import image_search.runtime as _runtime
+
+    _load = _runtime.ModelLoading._load
+    _delay = float(os.environ["FAULT_SLOW_MODEL"])
+
+    def _slow_load(self, cfg):  # type: ignore[no-untyped-def]
+        time.sleep(_delay)
+        return _load(self, cfg)
+
+    _runtime.ModelLoading._load = _slow_load
