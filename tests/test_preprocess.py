@@ -799,6 +799,16 @@ def test_text_file_named_jpg_is_not_a_supported_image(tmp_path):
     assert "not a supported image" in refuse(path).reason
 
 
+def test_a_png_whose_header_chunk_is_damaged_is_a_corrupt_picture_not_another_kind_of_file(tmp_path):
+    buf = io.BytesIO()
+    two_colour().save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[29] ^= 0xFF  # a byte of IHDR's CRC (8 signature + 4 length + 4 type + 13 data)
+    path = tmp_path / "scratched.png"
+    path.write_bytes(bytes(data))
+    assert refuse(path).reason == "corrupt image (its content begins as a PNG file, but its header cannot be read)"
+
+
 def _minimal_psd() -> bytes:
     """A valid 2x2 8-bit greyscale Photoshop file that Pillow's PSD decoder would happily parse."""
     header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 1, 2, 2, 8, 1)

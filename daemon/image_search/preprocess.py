@@ -279,6 +279,10 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
             # looks exactly like that: name it as truncated, so the service waits for the writer.
             return PreprocessError(
                 path, "truncated or incomplete image (a HEIC/HEIF/AVIF file whose container cannot be read)")
+        begins_as = _signature_format(source)
+        if begins_as is not None:  # Pillow's plugin refused it at open (a PNG chunk's bad CRC, a broken header)
+            return PreprocessError(path, f"corrupt image (its content begins as a {begins_as} file, "
+                                         "but its header cannot be read)")
         return PreprocessError(path, f"not a supported image (content is not {supported_formats_for_people()})")
     if isinstance(exc, Image.DecompressionBombError):
         # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
@@ -294,6 +298,19 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
             or "end of file" in text.lower()):
         return IncompleteFile(path, f"truncated or incomplete image ({text})")
     return PreprocessError(path, f"corrupt image ({type(exc).__name__}: {text})")
+
+
+# The first bytes of each supported format that has a fixed signature (HEIF's family is told apart by
+# ``_is_heif_family``): a file that begins so but that no decoder opens is a damaged picture, not another
+# kind of file.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
+def _signature_format(source: bytes) -> str | None:
+    if source[:4] == b"RIFF" and source[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if source.startswith(magic)), None)
 
 
 def _thumbnail(rgb: Image.Image) -> Image.Image:
