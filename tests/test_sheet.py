@@ -7,8 +7,10 @@ saved JPEG, and "the aspect ratio is kept" is the shape of the coloured area ins
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
+from stat import S_IMODE
 
 import numpy as np
 import pytest
@@ -232,6 +234,16 @@ def test_entries_of_the_users_with_a_result_folders_name_are_passed_by_never_rep
     assert bundle.name == "20240506-070809-4"
     assert (output / "20240506-070809").read_text() == "mine\n"
     assert (output / "20240506-070809-2").is_symlink() and list((output / "20240506-070809-3").iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o027, 0o750)])
+def test_a_result_folder_gets_the_mode_mkdir_gives_under_the_umask(cfg: Config, umask: int, mode: int) -> None:
+    previous = os.umask(umask)
+    try:
+        bundle = write_result_bundle(cfg.output_directory, TextQuery("a cat"), [], cfg)
+    finally:
+        os.umask(previous)
+    assert oct(S_IMODE(bundle.stat().st_mode)) == oct(mode)
 
 
 def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:

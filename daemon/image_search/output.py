@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +75,6 @@ def move_out(source: Path, target: Path) -> None:
 def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
     """Make the finished result folder ``tmp`` (made by ``mkdtemp`` in ``output_dir``) readable and give
     it its name, ``yyyymmdd-hhmmss`` or the first free ``-2``, ``-3``...: it appears complete or not at all."""
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a result is for the user to read
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     while True:
         final = _free_folder_name(output_dir, stamp)
@@ -83,7 +83,15 @@ def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
             os.mkdir(final)
         except FileExistsError:
             continue
-        os.rename(tmp, final)
+        # mkdtemp made tmp 0700; a result is for the user to read, as far as the umask lets (0755 under
+        # 022, 0750 under the unit's UMask=0027): the mode mkdir just gave, read rather than os.umask's
+        # set-and-restore, which would change the mask under every other thread meanwhile.
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
+            os.rename(tmp, final)
+        except BaseException:
+            os.rmdir(final)  # the empty folder made above to hold the name: the caller puts the rest back
+            raise
         return final
 
 
