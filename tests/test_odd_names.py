@@ -15,7 +15,6 @@ import pytest
 from image_search import entries
 from image_search.discover import FolderScan, scan_entry, scan_folder
 from image_search.entries import EntryRefused, FollowLinks, LinkPolicy, check_regular, read_regular
-from image_search.logs import configure_logging
 from image_search.names import NAME_MAX, escape, fit_name, fits_path, name_bytes, unescape
 from image_search.preprocess import (
     IncompleteFile,
@@ -25,6 +24,7 @@ from image_search.preprocess import (
     thumbnail_path_for,
 )
 from tests.support.files import save_picture
+from tests.support.logs import logging_to
 from tests.support.odd_entries import fs_name, random_name
 
 BOX = (64, 64)
@@ -286,12 +286,8 @@ def test_a_path_is_logged_escaped_on_one_line(tmp_path: Path) -> None:
 
     import structlog
 
-    stream = io.StringIO()
-    configure_logging(stream=stream)
-    try:
+    with logging_to(io.StringIO()) as stream:
         structlog.get_logger().warning("image_skipped", path=Path(fs_name(b"/x/bad\xff\nname.png")))
-    finally:
-        configure_logging()
     (line,) = stream.getvalue().splitlines()
     assert "bad\\\\xff\\\\x0aname.png" in line  # escape()'s text, as the key=value renderer quotes it
 
