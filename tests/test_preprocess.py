@@ -809,6 +809,18 @@ def test_a_png_whose_header_chunk_is_damaged_is_a_corrupt_picture_not_another_ki
     assert refuse(path).reason == "corrupt image (its content begins as a PNG file, but its header cannot be read)"
 
 
+def test_a_png_whose_pixel_data_breaks_is_refused_not_indexed_as_what_was_decoded(tmp_path):
+    """Reading a PNG's EXIF decodes it (EXIF may follow the pixels): the break must refuse the picture,
+    not pass as 'no EXIF' and leave a half-black picture counted as decoded."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[data.index(b"IDAT") + 104] ^= 0xFF  # a byte inside the compressed pixels
+    path = tmp_path / "scratched.png"
+    path.write_bytes(bytes(data))
+    assert "broken data stream" in refuse(path).reason
+
+
 def _minimal_psd() -> bytes:
     """A valid 2x2 8-bit greyscale Photoshop file that Pillow's PSD decoder would happily parse."""
     header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 1, 2, 2, 8, 1)

@@ -254,6 +254,11 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
                 f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
                 f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
             )
+        if im.format not in ("JPEG", "MPO"):
+            # A PNG's EXIF may follow its pixels, so reading the header below decodes the whole file; an
+            # error there would be taken for "no EXIF" and leave Pillow counting the picture as loaded
+            # (black where the data broke). Decoded first, a broken file is refused as broken.
+            im.load()
         metadata = picture_metadata(im, path)
         # Every size, turn and filter comes from ``geometry``, which the batched JPEG decoder uses too.
         orientation = exif_orientation(im)
