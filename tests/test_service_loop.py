@@ -487,6 +487,23 @@ def test_a_file_named_failed_keeps_failed_queries_in_the_inbox_until_it_is_out_o
     assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
 
 
+def test_a_link_named_failed_in_the_inbox_is_never_written_through(story_factory, tmp_path: Path) -> None:
+    """Whoever writes to the inbox must not make the service write wherever its user may: a link in
+    failed/'s place is the user's entry, as a file is."""
+    story = story_factory({"a.png": 1})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (story.inbox / "failed").symlink_to(elsewhere)
+    broken = story.inbox / "broken.png"
+    broken.write_text("not a png\n")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, broken)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    (failure,) = [e for e in logs if e["event"] == "query_failed"]
+    assert "is not a folder of the service's" in failure["left_in_inbox"]
+    assert list(elsewhere.iterdir()) == [] and broken.read_text() == "not a png\n"
+
+
 def test_a_text_file_is_a_query_by_its_words(story_factory) -> None:
     story = story_factory({"a.png": 1, "b.png": 2})
     (story.inbox / "bike.txt").write_text("  a red bicycle\n", encoding="utf-8")

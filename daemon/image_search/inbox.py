@@ -12,6 +12,7 @@ see the whole folder; queries dropped later jump the ingest queue. Nothing dropp
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -271,6 +272,8 @@ def _move_into(failed: Path, query: Path) -> Path:
     """Move ``query`` into the folder ``failed`` (made if missing) under its own name, else name-2,
     name-3...: never onto an entry there, and within 255 bytes with ".error.txt" added. Returns where."""
     failed.mkdir(exist_ok=True)
+    if failed.is_symlink():  # mkdir's exist_ok takes a link to a folder: the link is the user's, not failed/
+        raise FileExistsError(errno.EEXIST, "a symbolic link, not the service's folder", str(failed))
     n = 1
     while True:
         name = query.name if n == 1 else f"{query.stem}-{n}{query.suffix}"
@@ -285,7 +288,7 @@ def _move_into(failed: Path, query: Path) -> Path:
 def _not_moved_reason(failed: Path, exc: OSError) -> str:
     """Why a failed query stays in the inbox, and what frees its way, for its log line."""
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        why = f"{escape(failed)} is not a folder (an entry of yours, left as it is)"
+        why = f"{escape(failed)} is not a folder of the service's (an entry of yours, left as it is)"
     else:
         why = f"it cannot be moved into {escape(failed)}/ ({exc.strerror or describe(exc)})"
     return (f"{why}: the query stays in the inbox, untouched, and is tried again when it changes, when "
