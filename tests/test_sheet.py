@@ -286,6 +286,24 @@ def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(
     assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
 
 
+@pytest.mark.parametrize("holder", ["file", "dangling link"])
+def test_an_output_folder_whose_name_a_file_or_link_holds_is_unwritable_and_keeps_the_query(
+        tmp_path: Path, cfg: Config, holder: str) -> None:
+    """Not an unexpected error that fails the query for good: the service stops as for a read-only
+    output folder (exit 7), the query kept in the inbox, the user's entry untouched."""
+    dropped = tmp_path / "q.txt"
+    dropped.write_text("a red bicycle", encoding="utf-8")
+    output = cfg.output_directory
+    if holder == "file":
+        output.write_text("mine\n")
+    else:
+        output.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputUnwritable, match="not a folder holds its name"):
+        write_result_bundle(output, TextQuery("a red bicycle", dropped), [], cfg, move_query=True)
+    assert dropped.read_text(encoding="utf-8") == "a red bicycle"
+    assert output.is_symlink() or output.read_text() == "mine\n"
+
+
 def document_in_inbox(tmp_path: Path) -> tuple[Path, Path, QueryRecord]:
     """``inbox/trip.json`` with its folder ``inbox/trip/`` holding one picture, and the query as understood."""
     inbox = tmp_path / "inbox"

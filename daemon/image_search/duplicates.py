@@ -46,7 +46,7 @@ from .errors import writing_into
 from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import complete_linkage, near_copy_pairs, similar_pairs
 from .names import escape, fit_name, name_bytes
-from .output import move_out, publish
+from .output import make_output_folder, move_out, publish
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
 from .sheet import MAX_COLUMNS, Tile, render_tiles, save_contact_sheet
@@ -351,7 +351,7 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
              details: Callable[[int], dict[str, object]], document: Path | None) -> Path:
     """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
     back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output_dir)
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-duplicates-"))
     moved: Path | None = None
     try:

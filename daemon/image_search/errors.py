@@ -134,6 +134,8 @@ _UNWRITABLE_FIXES = {
     errno.EROFS: "it is on a read-only file system: mount it read-write or configure another folder",
     errno.EACCES: "this user may not write there: fix the folder's owner or permissions",
     errno.EPERM: "this user may not write there: fix the folder's owner or permissions",
+    errno.ENOTDIR: "an entry that is not a folder holds its name (a file, a link): move it away or "
+                   "configure another folder",
 }
 
 

@@ -17,6 +17,7 @@ command line or at the prompt has no file: its stem is made from its words (``te
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -70,6 +71,15 @@ def move_out(source: Path, target: Path) -> None:
         shutil.move(source, target)
         return
     os.unlink(source)
+
+
+def make_output_folder(output_dir: Path) -> None:
+    """``output_dir``, made if missing. A file or a link to nothing of the user's under its name is
+    ENOTDIR (``writing_into`` makes it ``OutputUnwritable``), never an unexpected error that fails the query."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok passes a folder only: a file or a dangling link holds the name
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(output_dir)) from None
 
 
 def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
@@ -235,7 +245,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                   now: datetime | None, move_query: bool, asked: QueryRecord | None) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(output_dir)
     stem = _query_stem(query)
     text = query.text if isinstance(query, TextQuery) else None
     # Rendered before anything moves: the sheet may need to read the query picture from its file.
