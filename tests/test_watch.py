@@ -397,10 +397,12 @@ def test_polling_never_follows_a_link_to_a_folder(tmp_path: Path) -> None:
         observer.join(timeout=5)
 
 
-def test_observer_problem_names_a_source_folder_that_is_another_folder_now(tmp_path: Path) -> None:
-    """A disk mounted over the watched images folder (late at boot) or unmounted from it leaves the watch
-    on the folder it began on, which sees nothing of what is there now; so does a folder moved away and
-    made again. Only a restart watches (and rescans) the folder the path names now."""
+@pytest.mark.parametrize("name", ["images", "inbox"])
+def test_observer_problem_names_a_watched_folder_that_is_another_folder_now(tmp_path: Path, name: str) -> None:
+    """A disk mounted over a watched folder (late at boot) or unmounted from it leaves the watch on the
+    folder it began on, which sees nothing of what is there now; so does a folder moved away and made
+    again (the inbox went deaf to queries). Only a restart watches (and rescans) the folder the path
+    names now."""
     from image_search.config import Config
     from image_search.service import watched_folders
 
@@ -411,10 +413,11 @@ def test_observer_problem_names_a_source_folder_that_is_another_folder_now(tmp_p
     observer = start_observer(folders, queue.SimpleQueue(), poll=False)
     try:
         assert observer_problem(observer, folders) is None
-        cfg.source_directory.rename(tmp_path / "images-before")
-        cfg.source_directory.mkdir()  # what the watch sees of a mount: another folder under the same path
+        replaced = tmp_path / name
+        replaced.rename(tmp_path / f"{name}-before")
+        replaced.mkdir()  # what the watch sees of a mount: another folder under the same path
         assert observer_problem(observer, folders) == (
-            f"the watched images folder {cfg.source_directory} is another folder now (a disk mounted over it or "
+            f"the watched {name} folder {replaced} is another folder now (a disk mounted over it or "
             "unmounted from it): its watch sees nothing there")
     finally:
         observer.stop()

@@ -316,11 +316,12 @@ def stopped_during_startup(signum: int, notifier: Notifier) -> None:
 
 
 def watched_folders(cfg: Config) -> dict[Folder, WatchedFolder]:
-    # The source folder's identity is kept: a disk that mounts there later (at boot, after an outage) is
-    # another folder, which only a restart watches (and rescans).
+    # Each folder's identity is kept: a disk that mounts there later (at boot, after an outage), or a
+    # folder moved away and made again, is another folder, which only a restart watches (and rescans).
     return {Folder.IMAGES: WatchedFolder(cfg.source_directory, recursive=True,
                                          identity=folder_identity(cfg.source_directory)),
-            Folder.INBOX: WatchedFolder(cfg.inbox_directory, recursive=False)}
+            Folder.INBOX: WatchedFolder(cfg.inbox_directory, recursive=False,
+                                        identity=folder_identity(cfg.inbox_directory))}
 
 
 def _watch_and_run(rt: Runtime, *, poll: bool, stop: StopFlag, notifier: Notifier) -> ExitCode:
