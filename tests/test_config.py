@@ -633,6 +633,13 @@ def test_nestings_that_harm_nothing_are_accepted(tmp_path, layout):
     assert cfg.state_directory.is_dir()
 
 
+@pytest.mark.parametrize("key", ["processed-directory", "output-directory", "source-directory", "inbox-directory"])
+def test_a_folder_inside_the_embedded_databases_data_folder_is_refused(tmp_path, key):
+    conf = tmp_path / "conf"
+    message = error_for(conf, {**APART, key: "state/pgdata/x"})
+    assert f"'{key}' ({conf / 'state' / 'pgdata' / 'x'}) lies inside {conf / 'state' / 'pgdata'}, the embedded" in message
+
+
 def test_a_link_cannot_hide_a_folder_inside_the_source_even_before_it_exists(tmp_path):
     conf = tmp_path / "conf"
     (conf / "images").mkdir(parents=True)

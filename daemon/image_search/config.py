@@ -97,6 +97,11 @@ class Config:
         return not self.postgres_host
 
     @property
+    def embedded_data_directory(self) -> Path:
+        """Where the embedded PostgreSQL keeps its data (with no postgres-host): initdb wants it its own."""
+        return self.state_directory / "pgdata"
+
+    @property
     def source_links(self) -> LinkPolicy:
         """How reads in source-directory treat symbolic links."""
         return LinkPolicy(FollowLinks(self.follow_symlinks), self.source_directory)
@@ -281,6 +286,12 @@ def _check_folders_apart(cfg: Config) -> None:
             raise ConfigError(f"config keys {shown[one]} and {shown[other]} are the same folder: each needs its own, "
                               "or the files one writes there the other reads, moves or overwrites. "
                               "Give them folders side by side.")
+    if cfg.embedded_database:
+        pgdata = _real_folder("state-directory", cfg.embedded_data_directory)
+        for key in FOLDER_KEYS:
+            if key != "state-directory" and real[key].is_relative_to(pgdata):
+                raise ConfigError(f"config key {shown[key]} lies inside {pgdata}, the embedded PostgreSQL's data "
+                                  f"folder, which PostgreSQL alone may write. Give '{key}' a folder outside it.")
     for outer, why in HOLDS_NO_OTHER_FOLDER.items():
         for inner in FOLDER_KEYS:
             if inner != outer and real[inner].is_relative_to(real[outer]):

@@ -15,7 +15,7 @@ class Database:
 
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
-        self.embedded = EmbeddedPostgres(cfg.state_directory / "pgdata") if cfg.embedded_database else None
+        self.embedded = EmbeddedPostgres(cfg.embedded_data_directory) if cfg.embedded_database else None
 
     def connect(self) -> psycopg2.extensions.connection:
         """A new connection of its own (the fleet heartbeat's)."""
