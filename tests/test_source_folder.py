@@ -9,6 +9,7 @@ driven in-process (``story_factory``)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def test_a_missing_source_folder_with_indexed_pictures_stops_the_start_and_keeps
         story_factory(after=again)
     assert again.rows() == rows
     assert not [e for e in logs if e["event"] in ("rows_removed", "images_indexed")]
+
+
+@pytest.mark.parametrize(("holder", "said"), [("file", "is not a folder (a file holds its name)"),
+                                              ("dangling link", "is a link to nothing")])
+def test_a_source_folder_whose_name_a_file_or_dead_link_holds_says_which(story_factory, tmp_path, holder,
+                                                                          said) -> None:
+    story = story_factory(PICTURES)
+    story.images.rename(tmp_path / "images-aside")
+    if holder == "file":
+        story.images.write_text("mine\n")
+    else:
+        story.images.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SourceFolderMissing, match=re.escape(f"{story.images} {said}, but the index holds 3 paths")):
+        ensure_source_folder(story.cfg, story.service.rt.store)
 
 
 def test_a_fresh_install_creates_the_source_folder(story_factory) -> None:

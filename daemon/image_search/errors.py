@@ -11,6 +11,7 @@ from a class here, so this file is the one place where a kind gets its exit code
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -109,6 +110,12 @@ class OutputUnwritable(ImageSearchError):
     exit_code = ExitCode.OUTPUT
 
 
+def _not_a_folder_now(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "is a link to nothing"
+    return "is not a folder (a file holds its name)" if os.path.lexists(path) else "does not exist"
+
+
 class SourceFolderMissing(ImageSearchError):
     """``source-directory`` is not there, but the index holds pictures from it: a disk or share that is
     not mounted (yet), or a folder moved away. Not a deletion of every picture: nothing is removed, and
@@ -119,7 +126,8 @@ class SourceFolderMissing(ImageSearchError):
 
     def __init__(self, folder: Path, rows: int) -> None:
         super().__init__(
-            f"source-directory {folder} does not exist, but the index holds {rows} paths under it: not starting, "
+            f"source-directory {folder} {_not_a_folder_now(folder)}, but the index holds {rows} paths under it: "
+            "not starting, "
             "so that a disk or share that is not mounted (yet) costs no row and no processed copy. Mount it or "
             "put the folder back; if it is gone for good, create it empty and empty the index (README "
             "\"A source folder that is missing or empty\")")
