@@ -178,6 +178,31 @@ def test_bad_links_made_while_running_are_one_line_each_as_at_start(story_factor
     assert set(story.rows()) == {str(story.images / "a.png"), str(story.images / "sub" / "b.png")}
 
 
+def test_a_link_to_the_folder_above_does_not_feed_the_index_its_own_copies(story_factory) -> None:
+    """``follow-symlinks: all`` and ``images/above -> ..``: the folder above holds processed/, output/,
+    inbox/ and state/. Walked, every rescan indexed the processed copies of the last one's processed
+    copies (``above/processed/above/processed/.../a.png.jpg.jpg``). Refused at start, once, and so is a
+    link onto processed/ made while the service runs; the index holds the one picture."""
+    story = story_factory({"a.png": 1}, start=False, follow_symlinks="all")
+    tree = story.images.parent
+    (story.images / "above").symlink_to("..", target_is_directory=True)
+    with capture_logs() as logs:
+        story.service.start()
+        story.run_until_idle()
+        for _ in range(3):
+            story.service.sync.rescan()
+            story.run_until_idle()
+        (story.images / "copies").symlink_to("../processed", target_is_directory=True)
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "copies")
+        story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / "a.png")}
+    copy = processed_path_for(story.images / "a.png", story.images, story.cfg.processed_directory)
+    assert sorted(story.cfg.processed_directory.rglob("*")) == sorted([copy, thumbnail_path_for(copy)])
+    skipped = [(e["path"].name, e["reason"].split(": never followed")[0]) for e in logs if e["event"] == "image_skipped"]
+    assert skipped == [("above", f"symbolic link to the folder {tree}, which holds inbox-directory ({tree / 'inbox'})"),
+                       ("copies", f"symbolic link to the folder {tree / 'processed'}, which is processed-directory")]
+
+
 def test_a_broken_link_in_the_inbox_fails_with_its_reason_at_start_and_while_running(story_factory) -> None:
     """A link to nothing (or to itself) moves, as the link it is, into inbox/failed/ beside its reason:
     it was counted as a waiting query at every start and never explained."""

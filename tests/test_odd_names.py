@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from image_search import entries
+from image_search.config import load_config
 from image_search.discover import FolderScan, scan_entry, scan_folder
 from image_search.entries import EntryRefused, FollowLinks, LinkPolicy, check_regular, read_regular
 from image_search.names import NAME_MAX, escape, fit_name, fits_path, name_bytes, unescape
@@ -23,7 +24,7 @@ from image_search.preprocess import (
     processed_path_for,
     thumbnail_path_for,
 )
-from tests.support.files import save_picture
+from tests.support.files import save_picture, write_config
 from tests.support.logs import logging_to
 from tests.support.odd_entries import fs_name, random_name
 
@@ -265,6 +266,55 @@ def test_one_entry_the_watcher_saw_is_decided_as_the_folders_scan_decides_it(lin
     # never the folder itself again, through a link to the folder above it
     assert not [p for p in scan_entry(linked_tree / "out-loop", policy).images if "images" in p.parts[-3:-1]]
     assert scan_entry(linked_tree / "gone.png", policy) == scan_entry(linked_tree.parent / "x.png", policy) == FolderScan()
+
+
+@pytest.fixture
+def linked_service_tree(tmp_path: Path) -> Path:
+    """A service's folders side by side, each holding what the service or a user put there, and links in
+    images/ onto each of them, into them and to the folder above them all (the tester's ``above -> ..``)."""
+    tree = tmp_path / "tree"
+    load_config(write_config(tree, fresh_pgdata=True))  # the folders, as a service has them
+    save_picture(tree / "images" / "a.png", seed=1)
+    save_picture(tree / "processed" / "a.png.jpg", seed=1)
+    save_picture(tree / "output" / "20250101-000000 q" / "q.query.png", seed=2)
+    save_picture(tree / "inbox" / "q.png", seed=2)
+    (tree / "state" / "pgdata").mkdir()
+    images = tree / "images"
+    (images / "above").symlink_to("..", target_is_directory=True)
+    (images / "copies").symlink_to("../processed", target_is_directory=True)
+    (images / "results").symlink_to("../output/20250101-000000 q", target_is_directory=True)
+    (images / "database").symlink_to(tree / "state" / "pgdata", target_is_directory=True)
+    (images / "waiting.png").symlink_to("../inbox/q.png")
+    return tree
+
+
+@pytest.mark.parametrize("follow", list(FollowLinks))
+def test_a_link_to_the_services_own_folders_is_never_followed(linked_service_tree: Path, follow: FollowLinks) -> None:
+    """Under any policy a link onto, into or above processed/, output/, inbox/ or state/ is refused with
+    one reason naming the link's target and the folder it reaches: walked, it fed the index its own
+    processed copies (then their copies, at every rescan), the results and the waiting queries."""
+    tree = linked_service_tree
+    cfg = load_config(write_config(tree, fresh_pgdata=True, follow_symlinks=follow.value))
+    scan = scan_folder(cfg.source_directory, cfg.source_links)
+    assert scan.images == [tree / "images" / "a.png"]
+    never = "never followed, whatever 'follow-symlinks' says"
+    assert {e.path.name: e.reason for e in scan.skipped} == {
+        "above": f"symbolic link to the folder {tree}, which holds inbox-directory ({tree / 'inbox'}): {never}"
+                 " (the service's own folders are never read as pictures)",
+        "copies": f"symbolic link to the folder {tree / 'processed'}, which is processed-directory: {never}"
+                  " (the service's own folders are never read as pictures)",
+        "results": f"symbolic link to the folder {tree / 'output' / '20250101-000000 q'}, inside output-directory "
+                   f"({tree / 'output'}): {never} (the service's own folders are never read as pictures)",
+        "database": f"symbolic link to the folder {tree / 'state' / 'pgdata'}, inside state-directory "
+                    f"({tree / 'state'}): {never} (the service's own folders are never read as pictures)",
+        "waiting.png": f"symbolic link to {tree / 'inbox' / 'q.png'}, inside inbox-directory ({tree / 'inbox'}): "
+                       f"{never} (the service's own folders are never read as pictures)",
+    }
+    with pytest.raises(EntryRefused, match="inside inbox-directory"):  # and reading refuses it alike
+        read_regular(tree / "images" / "waiting.png", cfg.source_links)
+    for link in [p for p in (tree / "images").iterdir() if p.is_symlink()]:  # made while the service runs
+        one = scan_entry(link, cfg.source_links)
+        assert (one.images, one.skipped) == ([], [e for e in scan.skipped if e.path == link]), link
 
 
 def test_pipes_sockets_and_odd_names_in_a_scan(tmp_path: Path) -> None:

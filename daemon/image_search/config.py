@@ -103,8 +103,9 @@ class Config:
 
     @property
     def source_links(self) -> LinkPolicy:
-        """How reads in source-directory treat symbolic links."""
-        return LinkPolicy(FollowLinks(self.follow_symlinks), self.source_directory)
+        """How reads in source-directory treat symbolic links: never into the service's other folders."""
+        own = tuple((key, getattr(self, _FIELDS[key].name)) for key in FOLDER_KEYS if key != "source-directory")
+        return LinkPolicy(FollowLinks(self.follow_symlinks), self.source_directory, own_folders=own)
 
     @property
     def inbox_links(self) -> LinkPolicy:

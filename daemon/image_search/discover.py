@@ -104,6 +104,8 @@ def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
     - a link to a folder is walked only under ``follow-symlinks: all``, and only when it leads out of the
       boundary (what is inside is walked under its own name); a folder is never walked twice, so a
       loop ends at once;
+    - a link onto, into or above one of ``links.own_folders`` (the service's processed copies, results,
+      inbox, database) is never followed, whatever the policy;
     - a sub-folder that cannot be listed is skipped with the reason.
     """
     folder = Path(folder)
@@ -217,6 +219,9 @@ def _through_link(path: Path, links: LinkPolicy, boundary: Path, scan: FolderSca
         if Path(target).is_relative_to(boundary):
             scan.skipped.append(SkippedEntry(path, f"symbolic link to the folder {escape(target)}, inside {links.key}: "
                                                    "not walked twice (its pictures are found under their own path)"))
+            return False
+        if (own := links.own_folder_refusal(Path(target), what="the folder ")) is not None:
+            scan.skipped.append(SkippedEntry(path, own))  # never walked: the service's output would be its input
             return False
         if links.follow is FollowLinks.ALL:
             return True

@@ -75,15 +75,21 @@ class LinkPolicy:
     follow: FollowLinks
     root: Path
     key: str = "source-directory"  # the folder's config key, for messages
+    # The service's own folders (config key, folder) that no link leads onto, into or above, whatever
+    # ``follow`` says: the service would read what it writes itself (processed copies of processed copies,
+    # one level more at every rescan), its results, the queries waiting in the inbox, its database.
+    own_folders: tuple[tuple[str, Path], ...] = ()
 
     def refusal(self, path: Path) -> str | None:
         """Why reading ``path`` would go where the policy forbids, or None when it may be read. A path
         with no link on the way from ``root`` is always fine (``root`` itself may be a link: that is the
         user's own choice of folder)."""
-        if self.follow is FollowLinks.ALL:
-            return None
         real = Path(os.path.realpath(path))
         real_root = Path(os.path.realpath(self.root))
+        if not real.is_relative_to(real_root) and (own := self.own_folder_refusal(real)) is not None:
+            return own
+        if self.follow is FollowLinks.ALL:
+            return None
         if self.follow is FollowLinks.INSIDE:
             if real.is_relative_to(real_root):
                 return None
@@ -94,6 +100,23 @@ class LinkPolicy:
             return None
         shown = os.readlink(path) if os.path.islink(path) else real
         return f"symbolic link to {escape(shown)}: not followed (config key 'follow-symlinks' is 'none')"
+
+    def own_folder_refusal(self, target: Path, *, what: str = "") -> str | None:
+        """Why a link to ``target`` (resolved; ``what``: "the folder " for a folder) is never followed: it
+        is one of ``own_folders``, lies inside one or holds one. None when it reaches none of them."""
+        for key, folder in self.own_folders:
+            own = Path(os.path.realpath(folder))
+            if target == own:
+                reached = f"which is {key}"
+            elif target.is_relative_to(own):
+                reached = f"inside {key} ({escape(own)})"
+            elif own.is_relative_to(target):
+                reached = f"which holds {key} ({escape(own)})"
+            else:
+                continue
+            return (f"symbolic link to {what}{escape(target)}, {reached}: never followed, whatever 'follow-symlinks' "
+                    "says (the service's own folders are never read as pictures)")
+        return None
 
 
 def check_regular(path: Path, links: LinkPolicy | None = None) -> os.stat_result:
