@@ -357,8 +357,8 @@ class FolderSync:
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         if is_directory:
             self.pending.forget_under(path)
-            contents = {r.file_hash for p, r in self.store.sources().items() if Path(p).is_relative_to(path)}
-            removed = self.store.delete_under(str(path))
+            under = self.store.delete_under(str(path))
+            removed, contents = list(under), set(under.values())
         else:
             self.pending.forget(path)
             file_hash = self.store.hash_for_path(str(path))

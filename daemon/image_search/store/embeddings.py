@@ -280,12 +280,14 @@ class EmbeddingStore:
             return len(paths.forget(cur, paths.DELETE, ([escape(p) for p in sources],)))
 
     @retried_on_conflict
-    def delete_under(self, folder: str) -> list[str]:
-        """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those paths."""
+    def delete_under(self, folder: str) -> dict[str, str]:
+        """Forget every path inside ``folder`` (a deleted or moved-out folder), as ``delete_paths``; those
+        paths, each with the hash of its content (whose other paths may be links to one of them)."""
         # The stored text of a folder is a prefix of its files' (names.escape), so LIKE 'folder/%' finds them.
         pattern = like_escaped(escape(folder.rstrip("/")))
         with self._cursor() as cur:
-            return [unescape(path) for path in paths.forget(cur, paths.DELETE_UNDER, (pattern + "/%",))]
+            return {unescape(path): file_hash
+                    for path, file_hash in paths.forget(cur, paths.DELETE_UNDER, (pattern + "/%",))}
 
     def clear(self) -> None:
         if not self.has_table:

@@ -112,9 +112,10 @@ def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -
     return left
 
 
-def forget(cur: psycopg2.extensions.cursor, delete: str, params: tuple) -> list[str]:
-    """Run ``DELETE`` or ``DELETE_UNDER``, then ``tidy`` the contents that lost paths; the paths forgotten."""
+def forget(cur: psycopg2.extensions.cursor, delete: str, params: tuple) -> list[tuple[str, str]]:
+    """Run ``DELETE`` or ``DELETE_UNDER``, then ``tidy`` the contents that lost paths; the paths forgotten
+    (as stored: escaped), each with its content's hash."""
     cur.execute(delete, params)
     gone = cur.fetchall()
     tidy(cur, [file_hash for _, file_hash in gone])
-    return [path for path, _ in gone]
+    return [(path, file_hash) for path, file_hash in gone]
