@@ -400,7 +400,8 @@ def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None
 
 
 def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factory) -> None:
-    story = story_factory({"2023/a.png": 1, "b.png": 2, "c.png": 3}, start=False)
+    # 2023/06/d.png: a folder two levels under the file, whose making fails with ENOTDIR, not EEXIST
+    story = story_factory({"2023/a.png": 1, "2023/06/d.png": 4, "b.png": 2, "c.png": 3}, start=False)
     processed = story.cfg.processed_directory
     processed.mkdir(parents=True, exist_ok=True)
     (processed / "2023").write_text("mine\n")  # a file where the service makes a folder
@@ -409,7 +410,7 @@ def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factor
         story.service.start()
         story.run_until_idle()
     reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
-    assert sorted(reasons) == ["a.png", "c.png"]
+    assert sorted(reasons) == ["a.png", "c.png", "d.png"]
     assert f"({processed / 'c.png.jpg'})" in reasons["c.png"]
     assert f"{processed / '2023'}" in reasons["a.png"] and "in processed-directory holds a name" in reasons["a.png"]
     assert set(story.rows()) == {str(story.images / "b.png")}

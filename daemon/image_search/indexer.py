@@ -351,16 +351,16 @@ class Indexer:
         for candidate, image in prepared:
             processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
             if image.saved_to != processed:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
-                try:
-                    with writing_into(self.cfg.processed_directory, "a processed image"):
+                # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
+                # not the run's, and the entry is left as it is; a full or read-only disk stops the run.
+                with writing_into(self.cfg.processed_directory, "a processed image"):
+                    try:
                         save_processed(image, processed)
-                except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-                    # An entry of the user's holds the name of a folder or file we make: this file's
-                    # loss, not the run's; the entry is left as it is.
-                    reason = blocked_processed_reason(processed, exc)
-                    summary.skipped.append((candidate.path, reason))
-                    log.warning("image_skipped", path=candidate.path, reason=reason)
-                    continue
+                    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                        reason = blocked_processed_reason(processed, exc)
+                        summary.skipped.append((candidate.path, reason))
+                        log.warning("image_skipped", path=candidate.path, reason=reason)
+                        continue
             read = _Read(candidate, image, processed)
             if image.file_hash in first:
                 later.append((read, first[image.file_hash]))
