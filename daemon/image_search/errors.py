@@ -18,6 +18,8 @@ from enum import IntEnum
 from pathlib import Path
 from typing import ClassVar
 
+from .wording import counted
+
 
 class ExitCode(IntEnum):
     """The process's exit status, one per kind of failure (README "Exit codes"). A signal ends it with
@@ -126,7 +128,7 @@ class SourceFolderMissing(ImageSearchError):
 
     def __init__(self, folder: Path, rows: int) -> None:
         super().__init__(
-            f"source-directory {folder} {_not_a_folder_now(folder)}, but the index holds {rows} paths under it: "
+            f"source-directory {folder} {_not_a_folder_now(folder)}, but the index holds {counted(rows, 'path')} under it: "
             "not starting, "
             "so that a disk or share that is not mounted (yet) costs no row and no processed copy. Mount it or "
             "put the folder back; if it is gone for good, create it empty and empty the index (README "

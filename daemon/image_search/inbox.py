@@ -248,7 +248,6 @@ class QueryInbox:
         """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why. When
         failed/ cannot take it (an entry of the user's holds that name), the query stays where it is,
         untouched, until it changes or failed/ is free again."""
-        self.failed += 1
         failed = self.folder / FAILED_FOLDER
         try:
             target = _move_into(failed, path)
@@ -257,9 +256,11 @@ class QueryInbox:
             return
         except OSError as exc:
             # An entry of the user's in the way costs this query its move, never the service its run.
+            self.failed += path not in self._left_in_place  # one failed query, however often it is tried
             self._left_in_place[path] = _look(path)
             log.warning("query_failed", path=path, reason=reason, left_in_inbox=_not_moved_reason(failed, exc))
             return
+        self.failed += 1
         folder = self.pictures_folder(path)
         if folder is not None:
             # Its pictures go with it, beside it: <name>.json and <name>/ (the stem of the target).
