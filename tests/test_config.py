@@ -416,6 +416,23 @@ def test_a_huge_batch_size_from_the_environment_is_refused(tmp_path, monkeypatch
         load_config(None, environ={"IMAGE_SEARCH_BATCH_SIZE": "100000000"})
 
 
+@pytest.mark.parametrize(("variable", "text"), [("IMAGE_SEARCH_TOP_K", "1_0"), ("IMAGE_SEARCH_BATCH_SIZE", "\u0668"),
+                                              ("IMAGE_SEARCH_SETTLE_SECONDS", "1_0.5"),
+                                              ("IMAGE_SEARCH_SETTLE_SECONDS", "\u0661.\u0665")])
+def test_a_number_from_the_environment_is_written_in_ascii_digits(tmp_path, monkeypatch, variable, text):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="must be an integer|must be a number"):
+        load_config(None, environ={variable: text})
+
+
+@pytest.mark.parametrize(("variable", "text", "field", "value"), [
+    ("IMAGE_SEARCH_TOP_K", " 12 ", "top_k", 12), ("IMAGE_SEARCH_SETTLE_SECONDS", "2.5e-1", "settle_seconds", 0.25),
+    ("IMAGE_SEARCH_SETTLE_SECONDS", ".5", "settle_seconds", 0.5), ("IMAGE_SEARCH_SETTLE_SECONDS", "3", "settle_seconds", 3.0)])
+def test_numbers_from_the_environment_as_people_write_them_are_read(tmp_path, monkeypatch, variable, text, field, value):
+    monkeypatch.chdir(tmp_path)
+    assert getattr(load_config(None, environ={variable: text}), field) == value
+
+
 def test_nan_in_a_config_built_in_code_is_refused_too():
     from image_search.config import _validate
 

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,11 +158,8 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
         if isinstance(value, int):
             return value
-        if from_env and isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
+        if from_env and isinstance(value, str) and _ENV_INTEGER.fullmatch(value.strip()):
+            return int(value.strip())
         raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
     if want is float:
         number = _as_float(value, from_env=from_env)
@@ -177,15 +175,20 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
     return Path(value).expanduser() if issubclass(want, Path) else value
 
 
+# What a number in the environment may look like: ASCII digits as in JSON (Python's int() and float()
+# would also take "1_0" and other scripts' digits, which no one means in a config), and for floats the
+# words nan and inf, so that their refusal says why.
+_ENV_INTEGER = re.compile(r"[+-]?[0-9]+")
+_ENV_FLOAT = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|nan|inf|infinity)",
+                        re.IGNORECASE)
+
+
 def _as_float(value: Any, *, from_env: bool) -> float | None:
     """A JSON number, or an environment string that reads as one; None for anything else."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if from_env and isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
+    if from_env and isinstance(value, str) and _ENV_FLOAT.fullmatch(value.strip()):
+        return float(value.strip())
     return None
 
 
