@@ -71,7 +71,7 @@ class QueryInbox:
 
     def _left_as_it_was(self, path: Path) -> bool:
         """True for a failed query left in the inbox (``fail``) that has not changed since."""
-        return path in self._left_in_place and self._left_in_place[path] == _look(path)
+        return path in self._left_in_place and self._left_in_place[path] == _entry_look(path)
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
@@ -257,7 +257,7 @@ class QueryInbox:
         except OSError as exc:
             # An entry of the user's in the way costs this query its move, never the service its run.
             self.failed += path not in self._left_in_place  # one failed query, however often it is tried
-            self._left_in_place[path] = _look(path)
+            self._left_in_place[path] = _entry_look(path)
             log.warning("query_failed", path=path, reason=reason, left_in_inbox=_not_moved_reason(failed, exc))
             return
         self.failed += 1
@@ -296,7 +296,7 @@ def _not_moved_reason(failed: Path, exc: OSError) -> str:
             f"{FAILED_FOLDER} is moved away or deleted, or at the next start")
 
 
-def _look(path: Path) -> tuple[int, int, int] | None:
+def _entry_look(path: Path) -> tuple[int, int, int] | None:
     """What an entry looks like now (inode, size, mtime), None when it is gone: a query left in place
     waits for this to change."""
     try:

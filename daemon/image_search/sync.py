@@ -83,19 +83,21 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
     root = cfg.source_directory
     if root.is_dir():
         return
-    held = paths_under(store.sources(), root)
-    if held:
-        raise SourceFolderMissing(root, len(held))
+    _refuse_missing_with_rows(root, store)
     create_folder("source-directory", root)
+
+
+def _refuse_missing_with_rows(root: Path, store: EmbeddingStore) -> None:
+    """``SourceFolderMissing`` when the index holds paths under the missing folder ``root``."""
+    if held := paths_under(store.sources(), root):
+        raise SourceFolderMissing(root, len(held))
 
 
 def resolves_to_a_file(path: Path) -> bool:
     """``path`` leads (through any links) to a regular file: a path of stored content that does not, a
     link whose target went or a copy deleted unseen, holds nothing any more."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
+    st = stat_or_none(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
 
 
 def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None) -> list[str | None]:
@@ -199,9 +201,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
     row with one warning."""
     root = cfg.source_directory
-    if not root.is_dir():
-        if held := paths_under(store.sources(), root):
-            raise SourceFolderMissing(root, len(held))
+    if not root.is_dir():  # gone since the start's check: never made here, a watch would see it as new
+        _refuse_missing_with_rows(root, store)
         return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=[])  # nothing there, nothing known
     migrate_identities(store, root)
     migrate_metadata(store, root)
