@@ -40,6 +40,8 @@ FORMAT_NAMES: dict[str, str] = {
 }
 _EXIF_DATE = re.compile(r"^\s*(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _EXIF_OFFSET = re.compile(r"^\s*([+-])(\d{2}):(\d{2})\s*$")
+# The zones in use run from UTC-12:00 (Baker Island) to UTC+14:00 (Kiribati's Line Islands).
+_EARLIEST_OFFSET, _LATEST_OFFSET = timedelta(hours=-12), timedelta(hours=14)
 _MAX_TEXT = 200  # a make or model longer than this is garbage, not a camera's name
 
 
@@ -156,7 +158,7 @@ def _date_taken(exif: Image.Exif, path: Path | str | None) -> tuple[datetime | N
     try:
         # Without an offset: the service's local time zone.
         taken_at = naive.replace(tzinfo=offset) if offset is not None else naive.astimezone()
-        # PostgreSQL stores the instant in UTC, where "9999:12:31 23:59:59" at -14:00 is 10000-01-01:
+        # PostgreSQL stores the instant in UTC, where "9999:12:31 23:59:59" at -12:00 is 10000-01-01:
         # a row no search could turn back into a datetime. Such a date is no date.
         taken_at.astimezone(timezone.utc)
     except (ValueError, OverflowError, OSError):
@@ -173,6 +175,7 @@ def _offset(raw: object) -> timezone | None:
         return None
     sign, hours, minutes = matched.groups()
     delta = timedelta(hours=int(hours), minutes=int(minutes))
-    if delta >= timedelta(hours=24) or int(minutes) >= 60:
-        return None
-    return timezone(-delta if sign == "-" else delta)
+    offset = -delta if sign == "-" else delta
+    if int(minutes) >= 60 or not _EARLIEST_OFFSET <= offset <= _LATEST_OFFSET:
+        return None  # no zone on Earth: the date is read as the service's local time, like one without
+    return timezone(offset)
