@@ -9,6 +9,8 @@ driven in-process (``story_factory``)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from image_search.errors import ExitCode, SourceFolderMissing
+from image_search.mounts import MountTable
 from image_search.sync import compare_folder, ensure_source_folder
 from image_search.watch import ChangeKind, Folder
 from tests.support.files import save_picture
@@ -146,3 +149,48 @@ def test_a_link_whose_target_goes_loses_its_path(story_factory, what_happens: st
     assert (link, "symbolic link whose target is gone") in removed
     if what_happens == "renamed":
         assert str(story.images / "renamed.png") in store.sources()  # the picture followed its file
+
+
+@pytest.mark.parametrize("mounted", [False, True])
+def test_a_subfolder_fstab_names_with_nothing_mounted_keeps_its_rows(story_factory, tmp_path, mounted) -> None:
+    """``images/album`` is a NAS share in /etc/fstab. Unmounted (the NAS is down at boot) it is an empty
+    folder, and its pictures are not deleted; mounted and emptied, they are."""
+    story = story_factory({**PICTURES, "album/d.png": 4})
+    rows, copies = story.rows(), processed_copies(story)
+    album = story.images / "album"
+    move_contents(album, tmp_path / "nas")
+    (story.images / "a.png").unlink()  # a picture outside the share, deleted while nothing watched
+    share = Path(os.path.realpath(album))
+    mounts = MountTable(expected=frozenset({share}), mounted=frozenset({share} if mounted else ()))
+    with capture_logs() as logs:
+        state = compare_folder(story.cfg, story.service.rt.store, mounts=mounts)
+    in_album = {str(album / "c.png"), str(album / "d.png")}
+    gone = {str(story.images / "a.png")} | (in_album if mounted else set())
+    assert set(state.removed) == gone
+    assert set(story.rows()) == set(rows) - gone
+    assert {path for path, copy in copies.items() if copy.is_file()} == set(rows) - gone
+    warnings = [(e["path"], e["kept"], e["log_level"]) for e in logs if e["event"] == "source_subfolder_unmounted"]
+    assert warnings == ([] if mounted else [(album, 2, "warning")])
+
+
+def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(story_factory, monkeypatch) -> None:
+    """A share's I/O error, or a folder another user closed: what it holds is unknown, not deleted. (As
+    root no permission stops a listing, so the listing's failure is injected.)"""
+    story = story_factory({**PICTURES, "album/d.png": 4})
+    rows, copies = story.rows(), processed_copies(story)
+    album = story.images / "album"
+    listing = os.scandir
+
+    def scandir(path):
+        if Path(path) == album:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return listing(path)
+
+    monkeypatch.setattr("image_search.discover.os.scandir", scandir)
+    (story.images / "a.png").unlink()  # deleted while nothing watched: still goes
+    state = compare_folder(story.cfg, story.service.rt.store, mounts=MountTable(frozenset(), frozenset()))
+    assert state.removed == [str(story.images / "a.png")]
+    assert set(story.rows()) == set(rows) - {str(story.images / "a.png")}
+    assert all(copies[path].is_file() for path in story.rows())
+    assert [(e.path, e.reason) for e in state.skipped] == [
+        (album, "folder cannot be read (Input/output error); kept: 2 indexed paths under it")]

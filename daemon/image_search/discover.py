@@ -92,6 +92,7 @@ class FolderScan:
 
     images: list[Path] = field(default_factory=list)
     skipped: list[SkippedEntry] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)  # sub-folders not listed: what they hold is unknown
 
 
 def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
@@ -174,6 +175,7 @@ class _Walk:
         except OSError as exc:
             if here != self.top:
                 self.scan.skipped.append(SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})"))
+                self.scan.unreadable.append(here)
             return
         folders = []
         for entry in entries:

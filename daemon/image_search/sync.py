@@ -12,6 +12,7 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,14 @@ from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
+from .mounts import MountTable, read_mount_table
 from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
 from .store import EmbeddingStore, SourceRecord
 from .store import metadata as stored_metadata
 from .store.metadata import MetadataUpdate
 from .readiness import ReadinessTracker
 from .watch import Change, ChangeKind
+from .wording import counted
 from .workers import default_worker_count
 
 log = structlog.get_logger(__name__)
@@ -70,8 +73,9 @@ def remove_processed(cfg: Config, source: Path) -> None:
         pass
 
 
-def paths_under(known: dict[str, SourceRecord], folder: Path) -> list[str]:
-    """The stored paths inside ``folder``: the rows a rescan of it answers for, and the only ones it may remove."""
+def paths_under(known: Iterable[str], folder: Path) -> list[str]:
+    """The stored paths (``known``: paths, or records by path) inside ``folder``: the rows a rescan of it
+    answers for, and the only ones it may remove."""
     return [p for p in known if Path(p).is_relative_to(folder)]
 
 
@@ -187,7 +191,7 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
     return updated
 
 
-def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
+def compare_folder(cfg: Config, store: EmbeddingStore, *, mounts: MountTable | None = None) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
     copies) of sources that are gone (a row goes with its last path), and list the files whose size,
     mtime or model differ from their path's record, or that no path names. No decoding, no model work,
@@ -199,7 +203,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     source-directory on the same database) are never removed here. A folder that is missing, or holds no
     picture while paths under it are stored, is a disk or share that is not mounted, never "every picture
     deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
-    row with one warning."""
+    row with one warning. So does a sub-folder that ``/etc/fstab`` names as a mount point while nothing is
+    mounted there (``mounts``: the system's tables when None)."""
     root = cfg.source_directory
     if not root.is_dir():  # gone since the start's check: never made here, a watch would see it as new
         _refuse_missing_with_rows(root, store)
@@ -218,6 +223,18 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
                     action="mount it; if you emptied it on purpose, empty the index (README \"A source folder "
                            "that is missing or empty\")")
         return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped)
+    skipped = scan.skipped
+    if vanished:
+        # What a folder that could not be listed (permissions, a share's I/O error) holds is unknown: kept.
+        vanished, kept = _kept_under(vanished, scan.unreadable)
+        skipped = [SkippedEntry(e.path, f"{e.reason}; kept: {counted(kept[e.path], 'indexed path')} under it")
+                   if kept.get(e.path) else e for e in skipped]
+        vanished, kept = _kept_under(vanished, (mounts or read_mount_table()).unmounted_under(root))
+        for point, count in kept.items():
+            log.warning("source_subfolder_unmounted", path=point, kept=count,
+                        reason="/etc/fstab names it a mount point and nothing is mounted there: every row and "
+                               "processed copy under it is kept",
+                        action="mount it; if its pictures are gone for good, take it out of /etc/fstab")
     changed, new_files = [], []
     for path in on_disk:
         st = stat_or_none(path)
@@ -235,7 +252,17 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
         for source in gone:
             remove_processed(cfg, Path(source))
         log.info("rows_removed", count=len(gone), reason="source file is gone")
-    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=scan.skipped)
+    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=skipped)
+
+
+def _kept_under(vanished: list[str], folders: list[Path]) -> tuple[list[str], dict[Path, int]]:
+    """``vanished`` less the paths under ``folders`` (whose content is unknown), and how many each kept."""
+    kept = {}
+    for folder in folders:
+        if under := set(paths_under(vanished, folder)):
+            kept[folder] = len(under)
+            vanished = [p for p in vanished if p not in under]
+    return vanished, kept
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
