@@ -2,7 +2,8 @@
 processes cannot start, the contact sheet's fonts are missing, the model is not there, the database
 crashes mid-run, the output disk is full. Each run ends with one error line naming what happened,
 the exit code of that kind (README "Exit codes") and no stack trace; ``index``, ``search`` and
-``serve`` each meet every failure that can reach them.
+``serve`` each meet every failure that can reach them, but for ``serve``'s full disk, which it waits
+out (a restart would meet the same disk).
 
 The failures are real ones (``tests/support/faults``): workers that exit as they start, a font package
 that is not importable, a model path that does not exist, an embedded PostgreSQL shut down as by a
@@ -147,10 +148,6 @@ def serve_all(cases: dict[str, Case], after_ready=None) -> None:
             service.close()
 
 
-def drop_query(case: Case, service: ServiceProcess) -> None:
-    save_picture(case.root / "inbox" / "q.png", seed=5)
-
-
 def crash_database_then_drop_an_image(case: Case, service: ServiceProcess) -> None:
     wait_for(lambda: service.events("images_indexed"), "the start-up images indexed", proc=service)
     crash_embedded_database(case.root / "state")
@@ -159,22 +156,58 @@ def crash_database_then_drop_an_image(case: Case, service: ServiceProcess) -> No
 
 def test_serve_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_path: Path, tiny_model_dir: Path) -> None:
     cases = machine_failures(tmp_path, tiny_model_dir, output="output")
+    del cases["disk"]  # serve waits a full disk out (below)
     cases["database"].env = child_env()  # crashed by the test once the service is under way
     # The failures at start-up at once; those that come mid-run one at a time (they wait for "ready").
     serve_all({name: cases[name] for name in ("workers", "fonts", "model")})
     serve_all({"database": cases["database"]}, crash_database_then_drop_an_image)
-    serve_all({"disk": cases["disk"]}, drop_query)
 
     assert_failed_as(cases["workers"], ExitCode.WORKERS, "workers could not start")
     assert_failed_as(cases["fonts"], ExitCode.FONTS, "fonts cannot be loaded")
     assert_failed_as(cases["model"], ExitCode.MODEL, str(tmp_path / "no-such-model"))
     # pgserver logs its own failed stop of the server that is gone (see tests/support/failures.py).
     assert_failed_as(cases["database"], ExitCode.DATABASE, "PostgreSQL", ours_only=True)
-    disk = cases["disk"]
-    assert_failed_as(disk, ExitCode.OUTPUT, "No space left on device", str(disk.root / "output"))
-    # Not the query's fault: it stays in the inbox for the next start, and is not failed.
-    assert inbox_files(disk.root / "inbox") == ["q.png"]
-    assert not (disk.root / "inbox" / "failed").exists()
+
+
+def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The disk under output/ (a query's result) or processed/ (the pictures' copies) is full: the service
+    says so once and waits, with the query still in the inbox and the pictures still queued; once there is
+    room (the 4 KiB tmpfs unmounted, in the service's own mount namespace) both go through, no restart."""
+    cases = {folder: make_case(tmp_path, folder, tiny_model_dir, FAULT_FULL_DISK=f"ROOT/{folder}")
+             for folder in ("output", "processed")}
+    services = {folder: ServiceProcess(case.config, log_path=case.root / "service.log", env=case.env)
+                for folder, case in cases.items()}
+    try:
+        for service in services.values():
+            service.wait_ready()
+        for name, seed in (("q.png", 5), ("r.png", 6)):  # answered in one pass: neither may be dropped
+            save_picture(cases["output"].root / "inbox" / name, seed=seed)
+        for folder, service in services.items():
+            full = service.wait_event("output_unwritable")
+            assert "No space left on device" in full["reason"] and str(cases[folder].root / folder) in full["reason"]
+            assert service.exit_code() is None  # waiting, not exiting into a restart that meets the same disk
+        assert inbox_files(cases["output"].root / "inbox") == ["q.png", "r.png"]  # not the queries' fault: not failed
+        assert not services["processed"].events("images_indexed")
+
+        for folder, service in services.items():  # room is made
+            subprocess.run(["nsenter", "-t", str(service.popen.pid), "-m", "umount", str(cases[folder].root / folder)],
+                           check=True)
+        for service in services.values():
+            service.wait_event("output_writable_again")
+        wait_for(lambda: not inbox_files(cases["output"].root / "inbox"), "the queries answered")
+        assert len([p for p in (cases["output"].root / "output").iterdir() if p.is_dir()]) == 2
+        wait_for(lambda: sum(e.get("embedded", 0) for e in services["processed"].events("images_indexed")) == 2,
+                 "both pictures indexed")
+        assert sorted(p.name for p in (cases["processed"].root / "processed").iterdir()) == [
+            ".p0.png.jpg.thumb.jpg", ".p1.png.jpg.thumb.jpg", "p0.png.jpg", "p1.png.jpg"]  # copies and thumbnails
+        for folder, service in services.items():
+            assert service.stop() == ExitCode.OK
+            log = service.log_text()
+            assert log.count("output_unwritable") == 1, log[-3000:]  # one line however long the wait
+            assert "Traceback" not in log and not error_lines(log), log[-3000:]
+    finally:
+        for service in services.values():
+            service.close()
 
 
 # --- the mapping and the last resort, in process ----------------------------------------------------------

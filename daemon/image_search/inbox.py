@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
-from .errors import ImageSearchError, NoTextTower, UnusableFile, describe
+from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
 from .preprocess import write_atomically
@@ -125,8 +125,13 @@ class QueryInbox:
         # Each query is answered by one service: one that another service holds comes back after a lease.
         mine = self.rt.claims.take(ClaimKind.QUERY, ready, self.pending)
         try:
-            for path in mine:
-                self.answer(path)
+            for done, path in enumerate(mine):
+                try:
+                    self.answer(path)
+                except (DatabaseUnavailable, OutputUnwritable):
+                    for later in mine[done + 1:]:  # not tried: pending again, with the one that met the outage
+                        self.pending.note(later)
+                    raise
         finally:
             self.rt.claims.release(ClaimKind.QUERY, mine)
         return bool(ready)
@@ -164,12 +169,14 @@ class QueryInbox:
                 return
             self.fail(path, self._failure_reason(path, exc))
             return
-        except DatabaseUnavailable:
-            self.pending.note(path)  # answered once the database is back
+        except (DatabaseUnavailable, OutputUnwritable):
+            # The machine's, not the query's: answered once the database is back or output/ takes writes
+            # again (the bundle put the query back in the inbox).
+            self.pending.note(path)
             raise
         except ImageSearchError:
-            # The machine's fault, not the query's (fonts missing, output disk full): the query stays in
-            # the inbox (the bundle puts it back) for the next start, and the service exits saying why.
+            # The machine's fault, which no waiting mends (fonts missing): the query stays in the inbox
+            # (the bundle puts it back) for the next start, and the service exits saying why.
             raise
         except Exception as exc:  # one odd query must not stop the service
             log.error("query_crashed", path=path, error=describe(exc))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from .errors import OutputUnwritable
 from .fleet import ClaimKind
 from .indexer import BatchInFlight, Indexer
 from .runtime import Runtime
@@ -113,7 +114,7 @@ class ImageIngest:
             while self._in_flight:
                 self._finish_oldest()
             self._confirm_written(wait=True)
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
 
     def close(self) -> None:
@@ -137,7 +138,8 @@ class ImageIngest:
         return True
 
     def _requeue(self, paths: Sequence[Path]) -> None:
-        """Paths whose batch could not be written (the database went away): pending again, not lost."""
+        """Paths whose batch could not be written (the database went away, processed/ refused a copy):
+        pending again, not lost."""
         for path in paths:
             self.images.note(path)
         self.rt.claims.release(ClaimKind.IMAGE, paths)
@@ -146,7 +148,7 @@ class ImageIngest:
         batch = self._in_flight.popleft()
         try:
             self.indexer.finish(batch)
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, OutputUnwritable):  # the service waits, then reads them again
             self._requeue(batch.paths)
             raise
         self._writing.append(batch)

@@ -23,7 +23,7 @@ import structlog
 
 from . import sheet
 from .config import Config
-from .errors import ExitCode
+from .errors import ExitCode, OutputUnwritable
 from .inbox import QueryInbox
 from .indexer import Indexer
 from .ingest import ImageIngest
@@ -99,8 +99,12 @@ class Service:
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
-        self._db_retry_at = 0.0
-        self._db_backoff = 1.0
+        # The database away, or the disk of processed/ or output/ full or refusing writes: the work waits,
+        # and is tried again after a backoff (the same for both: either outage stops every write).
+        self._retry_at = 0.0
+        self._backoff = 1.0
+        self._output_problem: str | None = None  # why output/ or processed/ refuses writes, while it does
+        self._progress_at_problem = (0, 0)
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
         self._waiting_for_model = False
@@ -198,7 +202,7 @@ class Service:
         if self.rt.claims.someone_left():
             self.images.retry_now()
             self.inbox.pending.retry_now()
-        if now < self._db_retry_at:
+        if now < self._retry_at:
             return False
         try:
             if self._needs_rescan:
@@ -211,12 +215,19 @@ class Service:
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
             if self._ingest.startup_backlog <= 0:
                 self.inbox.release_held()
-            if self.inbox.answer_ready() or self._ingest.step():
-                self._db_backoff = 1.0
+            worked = self.inbox.answer_ready() or self._ingest.step()
+            self._output_writable_again()  # a batch is counted when its rows are in, perhaps in an idle pass
+            if worked:
+                self._backoff = 1.0
                 return True
         except DatabaseUnavailable as exc:
             self._needs_rescan = True  # catch up on whatever happened meanwhile
             self._database_down(exc)
+            return True
+        except OutputUnwritable as exc:
+            # Not a file's fault nor a query's: the query and the batch are pending again (nothing was
+            # lost), and a restart would only load the model again to meet the same full disk.
+            self._output_unwritable(exc)
             return True
         return False
 
@@ -246,8 +257,8 @@ class Service:
 
     def _idle_timeout(self) -> float:
         now = self.clock()
-        if now < self._db_retry_at:
-            return min(self._db_retry_at - now, IDLE_WAIT_S)
+        if now < self._retry_at:
+            return min(self._retry_at - now, IDLE_WAIT_S)
         due = [d for d in (self.images.next_due(), self.inbox.pending.next_due()) if d is not None]
         return min([IDLE_WAIT_S, *(max(0.0, d - now) for d in due)])
 
@@ -260,10 +271,10 @@ class Service:
         self._apply(change)
 
     def _database_down(self, exc: DatabaseUnavailable) -> None:
-        log.warning("database_unavailable", reason=str(exc), retry_in_s=self._db_backoff,
+        log.warning("database_unavailable", reason=str(exc), retry_in_s=self._backoff,
                     pending_images=len(self.images), pending_queries=len(self.inbox.pending))
-        self._db_retry_at = self.clock() + self._db_backoff
-        self._db_backoff = min(self._db_backoff * 2, MAX_BACKOFF_S)
+        self._retry_at = self.clock() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
         try:
             self.rt.store.reconnect()
             log.info("database_reconnected")
@@ -274,12 +285,32 @@ class Service:
                           action="exiting so systemd restarts the service")
                 raise RestartRequested("the embedded PostgreSQL is gone", DatabaseUnavailable) from None
 
+    def _output_unwritable(self, exc: OutputUnwritable) -> None:
+        reason = str(exc)
+        # Once per outage (and each time its reason changes): a disk full all night is one line, not 1,000.
+        (log.debug if reason == self._output_problem else log.warning)(
+            "output_unwritable", reason=reason, retry_in_s=self._backoff, pending_images=len(self.images),
+            pending_queries=len(self.inbox.pending),
+            action=f"waiting, and trying again every {MAX_BACKOFF_S:g} s at most; nothing is lost")
+        self._output_problem = reason
+        self._progress_at_problem = (self.indexed, self.inbox.answered)
+        self._retry_at = self.clock() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+
+    def _output_writable_again(self) -> None:
+        """After an ``output_unwritable``: once a batch or a query got through, say so."""
+        if self._output_problem is not None and (self.indexed, self.inbox.answered) != self._progress_at_problem:
+            log.info("output_writable_again", pending_images=len(self.images),
+                     pending_queries=len(self.inbox.pending))
+            self._output_problem = None
+
     def status_text(self) -> str:
         fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
         return (f"{self.indexed} indexed, {len(self.images)} queued, {self.sync.removed} removed, "
                 f"{counted(self.inbox.answered, 'search', 'searches')} answered, "
                 f"{counted(self.inbox.failed, 'failed query', 'failed queries')}, "
-                f"{counted(self.skipped, 'skipped file')}{fleet}")
+                f"{counted(self.skipped, 'skipped file')}{fleet}"
+                f"{', waiting: ' + self._output_problem if self._output_problem else ''}")
 
     # --- noticing ------------------------------------------------------------------------------
 
