@@ -18,14 +18,17 @@ import textwrap
 import threading
 import time
 import types
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import structlog
+from PIL import ExifTags, Image
 
 from tests.support.files import save_picture
+from tests.support.logs import logged_events, logging_to
 from image_search.preprocess import (
     IncompleteFile,
     PreparedImage,
@@ -78,6 +81,18 @@ def raise_on_mark(image: Image.Image) -> np.ndarray:
     return normalised_pixels(image)
 
 
+def logs_a_thousand_warnings(image: Image.Image) -> np.ndarray:
+    """A header that makes the code log one warning per tag, a thousand tags."""
+    for tag in range(1000):
+        structlog.get_logger("tests.workers").warning("odd_header_tag", tag=tag)
+    return normalised_pixels(image)
+
+
+def warns_as_a_decoder_does(image: Image.Image) -> np.ndarray:
+    warnings.warn("Possibly corrupt EXIF data", UserWarning, stacklevel=1)
+    return normalised_pixels(image)
+
+
 def wait_for_gate(image: Image.Image, *, gate: str) -> np.ndarray:
     """Holds its worker until the file ``gate`` exists: lets a test keep batches unfinished."""
     while not os.path.exists(gate):
@@ -103,6 +118,17 @@ def rotated_jpeg(path: Path) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6
     im.save(path, format="JPEG", exif=exif.tobytes())
+    return path
+
+
+def taken_on(path: Path, date: str, offset: str | None = None) -> Path:
+    """A JPEG whose EXIF says it was taken on ``date`` (``DateTimeOriginal``), at ``offset``."""
+    exif = Image.Exif()
+    taken = exif.get_ifd(ExifTags.IFD.Exif)
+    taken[0x9003] = date
+    if offset is not None:
+        taken[0x9011] = offset
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(path, format="JPEG", exif=exif.tobytes())
     return path
 
 
@@ -555,3 +581,49 @@ def test_preprocess_benchmark_runs_and_reports_every_key(tmp_path, monkeypatch):
     assert report["preprocess_cores"] == 2 and report["preprocess_scaling_target"] == 1.6
     assert sorted(p.name for p in (tmp_path / f"preprocess-v{benchmark.GEN_VERSION}").iterdir()) == [
         "photo-0000.jpg", "photo-0001.jpg", "photo-0002.jpg"]
+
+
+# --- what the workers log ----------------------------------------------------------------------------
+
+def test_what_a_workers_code_logs_about_a_picture_is_in_the_main_process_log_with_its_file(tmp_path):
+    """metadata.py says at info that a date is out of range, at debug that another is malformed: a pool
+    started at the service's info level sends the first, naming the file, and does not even build the
+    second, whatever the main process's level becomes later."""
+    far = taken_on(tmp_path / "far.jpg", "9999:12:31 23:59:59", "-14:00")  # year 10000 in UTC
+    garbled = taken_on(tmp_path / "garbled.jpg", "garbage")
+    with logging_to(io.StringIO()), pool(workers=1) as at_info:  # the service at --log-level info
+        at_info.wait_ready()
+        with logging_to(io.StringIO(), level="debug") as stream:  # a debug line sent would be shown now
+            outcomes = at_info.submit([far, garbled]).results()
+    assert all(isinstance(o, PreparedImage) for o in outcomes)
+    lines = [(e["event"], e["level"], e["path"]) for e in logged_events(stream.getvalue())]
+    assert lines == [("exif_date_out_of_range", "info", str(far))]
+
+
+def test_at_debug_level_a_workers_debug_lines_are_shown_with_their_file(tmp_path):
+    garbled = taken_on(tmp_path / "garbled.jpg", "garbage")
+    with logging_to(io.StringIO(), level="debug") as stream, pool(workers=1) as at_debug:
+        at_debug.submit([garbled]).results()
+    (line,) = [e for e in logged_events(stream.getvalue()) if e["event"] == "exif_date_malformed"]
+    assert (line["level"], line["path"]) == ("debug", str(garbled)) and "garbage" in line["error"]
+
+
+def test_a_file_that_makes_a_worker_log_a_thousand_lines_costs_twenty_and_a_count(tmp_path):
+    picture = save_picture(tmp_path / "odd.jpg", 1, size=(64, 48))
+    with logging_to(io.StringIO()) as stream, pool(model_input=logs_a_thousand_warnings, workers=1) as flooded:
+        (outcome,) = flooded.submit([picture]).results()
+    assert isinstance(outcome, PreparedImage)
+    events = logged_events(stream.getvalue())
+    assert [e["tag"] for e in events if e["event"] == "odd_header_tag"] == list(range(20))
+    assert {(e["level"], e["path"]) for e in events if e["event"] == "odd_header_tag"} == {("warning", str(picture))}
+    (dropped,) = [e for e in events if e["event"] == "worker_log_lines_dropped"]
+    assert (dropped["level"], dropped["path"], dropped["dropped"]) == ("warning", str(picture), 980)
+
+
+def test_a_python_warning_in_a_worker_is_one_line_naming_the_file_not_raw_stderr(tmp_path):
+    picture = save_picture(tmp_path / "exif.jpg", 2, size=(64, 48))
+    with logging_to(io.StringIO()) as stream, pool(model_input=warns_as_a_decoder_does, workers=1) as warned:
+        warned.submit([picture]).results()
+    (line,) = [e for e in logged_events(stream.getvalue()) if e["event"] == "python_warning"]
+    assert (line["level"], line["path"], line["category"]) == ("warning", str(picture), "UserWarning")
+    assert line["message"] == "Possibly corrupt EXIF data"

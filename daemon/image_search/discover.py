@@ -95,10 +95,13 @@ class FolderScan:
     unreadable: list[Path] = field(default_factory=list)  # sub-folders not listed: what they hold is unknown
 
 
-def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
+def scan_folder(folder: Path, links: LinkPolicy | None = None, *,
+                stopping: Callable[[], bool] = lambda: False) -> FolderScan:
     """Walk ``folder`` recursively in a stable order (each folder's files sorted, then its sub-folders
     sorted, depth first) for image candidates that are regular files, as ``links`` allows (None: every
-    link is followed, with ``folder`` as the boundary). Never opens a file.
+    link is followed, with ``folder`` as the boundary). Never opens a file. Once ``stopping()`` says so
+    (asked between entries: a walk of a slow share can take minutes) the walk ends where it is, and what
+    it found is only part of the folder: the caller, who asked, must not read it as the whole.
 
     - a pipe, socket or device with a picture's name is skipped, with its kind;
     - a link to a file is followed as ``links`` says; a broken one is skipped, naming its target;
@@ -110,7 +113,7 @@ def scan_folder(folder: Path, links: LinkPolicy | None = None) -> FolderScan:
     - a sub-folder that cannot be listed is skipped with the reason.
     """
     folder = Path(folder)
-    walk = _Walk(links if links is not None else LinkPolicy(FollowLinks.ALL, folder), top=folder)
+    walk = _Walk(links if links is not None else LinkPolicy(FollowLinks.ALL, folder), top=folder, stopping=stopping)
     walk.folder(folder)
     return walk.scan
 
@@ -157,14 +160,17 @@ def broken_link(path: Path) -> str | None:
 class _Walk:
     """One walk of ``scan_folder`` (or ``scan_entry``): what it found so far, and the folders it walked."""
 
-    def __init__(self, links: LinkPolicy, *, top: Path) -> None:
+    def __init__(self, links: LinkPolicy, *, top: Path, stopping: Callable[[], bool] = lambda: False) -> None:
         self.links = links
         self.top = top  # the folder asked for: one it cannot list is the caller's to report, not a skip
+        self.stopping = stopping
         self.boundary = Path(os.path.realpath(links.root))
         self.scan = FolderScan()
         self.walked: set[tuple[int, int]] = set()
 
     def folder(self, here: Path) -> None:
+        if self.stopping():
+            return
         try:
             st = os.stat(here)
             if (st.st_dev, st.st_ino) in self.walked:
@@ -179,6 +185,8 @@ class _Walk:
             return
         folders = []
         for entry in entries:
+            if self.stopping():
+                return
             path = here / entry.name
             # A DirEntry answers from the listing itself: no system call per entry but for odd ones.
             if self.entry(path, is_link=entry.is_symlink(), is_dir=entry.is_dir(follow_symlinks=False),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -43,9 +43,11 @@ ANSWERS_PER_PASS = 4  # then the loop looks at its other work again
 class QueryInbox:
     """The queries of one inbox folder, from noticed to answered or failed."""
 
-    def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float) -> None:
+    def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.rt = rt
         self.folder = rt.cfg.inbox_directory
+        self._stopping = stopping  # a look at the whole folder ends at the next entry once a stop is asked for
         self.pending = ReadinessTracker(rt.cfg.settle_seconds, clock=clock)
         self.incomplete_grace = incomplete_grace
         self.answered = 0
@@ -65,9 +67,17 @@ class QueryInbox:
     def waiting(self) -> list[Path]:
         """Entries in the folder now that are not queued yet (lost events can hide some): anything but a
         folder, so that a pipe or a link the rules refuse fails into failed/ with its reason, unopened."""
-        return [p for p in sorted(self.folder.iterdir())
+        return [p for p in self._entries()
                 if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending
                 and not self._left_as_it_was(p)]
+
+    def _entries(self) -> Iterator[Path]:
+        """The folder's entries in name order, one stat or so each for the caller: none more once a stop
+        is asked for (the service is then on its way out, and the next start looks again)."""
+        for path in sorted(self.folder.iterdir()):
+            if self._stopping():
+                return
+            yield path
 
     def _left_as_it_was(self, path: Path) -> bool:
         """True for a failed query left in the inbox (``fail``) that has not changed since."""
@@ -77,7 +87,7 @@ class QueryInbox:
         """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
         there are looked at once settled (``answer``), as a folder dropped later is."""
         self._held = self.waiting()
-        for folder in sorted(self.folder.iterdir()):
+        for folder in self._entries():
             if folder.is_dir() and self._is_query_candidate(folder):
                 self.pending.note(folder)
         return len(self._held)

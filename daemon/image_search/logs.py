@@ -10,6 +10,10 @@ Third-party output joins the same pipeline instead of reaching stderr raw: Pytho
 ``logging`` module (the model's remote code logs that way) one ``library_log`` line each. Deprecation
 notices (timm's "Importing from timm.models.layers is deprecated") are for developers: priority info;
 any other warning (jina's "Flash attention ... disabling") is a warning.
+
+The preprocessing worker processes write nothing: ``collect_into`` hands each event of theirs, at the
+level the main process was configured with (``configured_level``), to the worker's protocol, and the
+main process logs it as its own (``workers.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import PurePath
 from typing import Any, TextIO
 
@@ -115,6 +119,31 @@ def log_from_signal_handler(event: str, **fields: Any) -> None:
         os.write(_output.fileno(), f"{line}\n".encode("utf-8", "backslashreplace"))
     except (OSError, ValueError):  # no descriptor, or a closed terminal: the line is lost, the stop goes on
         pass
+
+
+def configured_level() -> int:
+    """The level ``configure_logging`` set (info until it is called): the one the worker processes are
+    started with, so that they do not even build the lines it would drop."""
+    return _level
+
+
+def collect_into(level: int, keep: Callable[[str, dict[str, Any]], None]) -> None:
+    """For a worker process: every structlog event at ``level`` or above, and as in the main process every
+    Python warning and standard-library record, goes to ``keep(level_name, fields)`` (``event`` and the
+    caller's fields, a traceback as text) instead of being written: the main process renders it. A call
+    below ``level`` costs nothing (structlog's filtering logger does not build its event)."""
+    def handed_over(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
+        level_name = event.pop("level")
+        keep(level_name, dict(event))
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.format_exc_info, handed_over],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib_logging(logging.getLevelName(level))
 
 
 def _syslog_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

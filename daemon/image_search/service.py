@@ -95,8 +95,10 @@ class Service:
         self.watch_problem = watch_problem
         grace = max(INCOMPLETE_GRACE_S, 10 * self.cfg.settle_seconds)
         self.images = ReadinessTracker(self.cfg.settle_seconds, clock=clock)
-        self.sync = FolderSync(self.cfg, rt.store, self.images)
-        self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace)
+        # The walks of the folders (the rescans, the queries waiting at start) end at the next entry once a
+        # stop is asked for: one of a large library on a slow share takes longer than systemd waits.
+        self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set)
+        self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
         # The database away, or the disk of processed/ or output/ full or refusing writes: the work waits,
@@ -117,7 +119,8 @@ class Service:
 
     def start(self) -> None:
         """Reconcile the folder with the table (while the model may still be loading), hold the queries
-        already waiting, wait for the model, then tell systemd we are ready."""
+        already waiting, wait for the model, then tell systemd we are ready. A stop asked for meanwhile cuts
+        the walks short (nothing half-applied) and ends the start at the wait for the model."""
         backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
         indexer = Indexer(self.cfg, self._wait_for_model(), self.rt.store, defer=self._still_arriving,
@@ -212,6 +215,8 @@ class Service:
                 # after the comparison, and keep it.
                 self._ingest.settle(self.cfg.source_directory)
                 self.sync.rescan()
+                if self.stop.is_set():
+                    return True  # the rescan was cut short: the loop stops, the next start rescans
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
             if self._ingest.startup_backlog <= 0:
                 self.inbox.release_held()

@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,13 @@ class FolderState:
     removed: list[str]  # paths forgotten because their file is gone (a content goes with its last path)
     renamed: int  # paths that followed their file to a new name while nothing was watching
     skipped: list[SkippedEntry]  # picture names that are not read: pipes, devices, links not followed
+    # A stop cut the comparison short: nothing was removed or listed (paths it did not reach may still
+    # have their file), only the renames already followed were applied, each whole.
+    cut_short: bool = False
+
+
+def _cut_short(renamed: int = 0) -> FolderState:
+    return FolderState(files=0, changed=[], removed=[], renamed=renamed, skipped=[], cut_short=True)
 
 
 def stat_or_none(path: Path) -> os.stat_result | None:
@@ -104,11 +111,14 @@ def resolves_to_a_file(path: Path) -> bool:
     return st is not None and stat.S_ISREG(st.st_mode)
 
 
-def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None) -> list[str | None]:
+def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | None = None,
+                stopping: Callable[[], bool] = lambda: False) -> list[str | None]:
     """``source_identity_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core
-    (hashlib and file reads release the GIL); None for a file unreadable or changed meanwhile.
-    ``progress``: a tqdm label, shown on a terminal."""
+    (hashlib and file reads release the GIL); None for a file unreadable or changed meanwhile, and for
+    every file not begun once ``stopping()`` says so. ``progress``: a tqdm label, shown on a terminal."""
     def identity(item: tuple[Path, tuple[int, int]]) -> str | None:
+        if stopping():  # the files already being read finish; the rest are not begun
+            return None
         try:
             return source_identity_of_file(*item)
         except (OSError, EntryRefused):
@@ -124,65 +134,91 @@ def _identities(files: list[tuple[Path, tuple[int, int]]], *, progress: str | No
         return found
 
 
-def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], root: Path | None) -> dict[str, str]:
+def _unchanged_sources(records: list[SourceRecord], stopping: Callable[[], bool]) -> list[SourceRecord]:
+    """The ``records`` whose source is on disk with its stored size and mtime (the same test that lets a
+    rescan skip a file): one stat each, until ``stopping()`` says so."""
+    unchanged = []
+    for record in records:
+        if stopping():
+            break
+        st = stat_or_none(Path(record.file_path))
+        if st is not None and is_unchanged(record, st, record.model_name):
+            unchanged.append(record)
+    return unchanged
+
+
+def _hashes_of_unchanged_sources(known: dict[str, SourceRecord], root: Path | None,
+                                 stopping: Callable[[], bool]) -> dict[str, str]:
     """old file_hash -> source identity, for each stored source (under ``root``, when given) still on
-    disk with its stored size and mtime (the same test that lets a rescan skip a file), before and after
-    it is read; changed or unreadable ones are left out."""
-    todo = [record for path, record in known.items()
-            if (root is None or Path(path).is_relative_to(root))
-            and (st := stat_or_none(Path(path))) is not None and is_unchanged(record, st, record.model_name)]
+    disk with its stored size and mtime, before and after it is read; changed or unreadable ones are left
+    out (and, after a stop, the ones not reached)."""
+    todo = _unchanged_sources([record for path, record in known.items()
+                               if root is None or Path(path).is_relative_to(root)], stopping)
     identities = _identities([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo],
-                             progress="re-hashing sources")
+                             progress="re-hashing sources", stopping=stopping)
     return {record.file_hash: new for record, new in zip(todo, identities) if new is not None}
 
 
-def migrate_identities(store: EmbeddingStore, root: Path | None = None) -> int:
+def migrate_identities(store: EmbeddingStore, root: Path | None = None, *,
+                       stopping: Callable[[], bool] = lambda: False) -> int:
     """Once per database: give the rows of an earlier version (identity = MD5 of the processed JPEG)
     today's identity (MD5 of the source bytes) by reading each unchanged source once, with no decoding
     and no model work. Rows whose source changed or vanished keep their old hash: the rescan re-indexes
     or removes them as it would anyway; rows outside ``root`` (another source-directory's, which no
-    rescan of this folder removes) keep their old hash. Returns the rows rewritten (0 when there was nothing to do)."""
+    rescan of this folder removes) keep their old hash. Returns the rows rewritten (0 when there was nothing to do).
+    A stop (``stopping()``) before every source is read writes nothing: the migration stays pending, and
+    the next start reads them all again (the unread ones would otherwise be re-embedded as changed)."""
     if not store.needs_identity_migration():
         return 0
     started = time.monotonic()
     known = store.sources()
     log.info("identity_migration_started", rows=len(known),
              detail="file_hash becomes the MD5 of each source file (read once, nothing is re-embedded)")
-    new_hashes = _hashes_of_unchanged_sources(known, root)
+    new_hashes = _hashes_of_unchanged_sources(known, root, stopping)
+    if stopping():
+        log.info("identity_migration_stopped", rows=len(known), detail="nothing rewritten; the next start reads them again")
+        return 0
     rewritten = store.migrate_identities(new_hashes)
     log.info("identity_migrated", rows=len(known), rewritten=rewritten, left_to_rescan=len(known) - len(new_hashes),
              duration_ms=round((time.monotonic() - started) * 1000))
     return rewritten
 
 
-def _headers(files: list[tuple[Path, tuple[int, int]]]) -> list[PictureMetadata | None]:
-    """``metadata_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core."""
+def _headers(files: list[tuple[Path, tuple[int, int]]], stopping: Callable[[], bool]) -> list[PictureMetadata | None]:
+    """``metadata_of_file`` of each (path, expected (size, mtime_ns)), in order, on every core; None for
+    every file not begun once ``stopping()`` says so."""
+    def header(item: tuple[Path, tuple[int, int]]) -> PictureMetadata | None:
+        return None if stopping() else metadata_of_file(*item)
+
     with ThreadPoolExecutor(max_workers=default_worker_count(), thread_name_prefix="headers") as pool, \
             tqdm(total=len(files), desc="reading headers", unit="img", file=sys.stderr,
                  disable=not sys.stderr.isatty()) as bar:
         found = []
-        for result in pool.map(lambda item: metadata_of_file(*item), files):
+        for result in pool.map(header, files):
             found.append(result)
             bar.update()
         return found
 
 
-def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
+def migrate_metadata(store: EmbeddingStore, root: Path, *, stopping: Callable[[], bool] = lambda: False) -> int:
     """Once per database: give the rows of an earlier version their folder (from their path) and the
     metadata of their file's header (date taken, camera, size, format; ``image_search.metadata``), read
     from each unchanged source under ``root`` with no decoding and no model work. A changed or unreadable
     source keeps NULL metadata (the rescan re-indexes a changed one); a row outside ``root`` (another
-    source-directory's) is left as it is. Returns the rows updated (0 when there was nothing to do)."""
+    source-directory's) is left as it is. Returns the rows updated (0 when there was nothing to do).
+    A stop (``stopping()``) before every header is read writes nothing: the migration stays pending."""
     if not stored_metadata.needs_metadata_migration(store):
         return 0
     started = time.monotonic()
     known = [record for path, record in store.sources().items() if Path(path).is_relative_to(root)]
     log.info("metadata_migration_started", rows=len(known),
              detail="date taken, camera, size and format are read from each source's header (nothing is re-embedded)")
-    todo = [record for record in known
-            if (st := stat_or_none(Path(record.file_path))) is not None and is_unchanged(record, st, record.model_name)]
+    todo = _unchanged_sources(known, stopping)
     headers = dict(zip((r.file_hash for r in todo),
-                       _headers([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo])))
+                       _headers([(Path(r.file_path), (r.source_size, r.source_mtime_ns)) for r in todo], stopping)))
+    if stopping():
+        log.info("metadata_migration_stopped", rows=len(known), detail="nothing updated; the next start reads them again")
+        return 0
     updates = {r.file_hash: MetadataUpdate(relative_folder(r.file_path, root), headers.get(r.file_hash)) for r in known}
     updated = stored_metadata.migrate_metadata(store, updates)
     log.info("metadata_migrated", rows=len(known), updated=updated,
@@ -191,7 +227,8 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
     return updated
 
 
-def compare_folder(cfg: Config, store: EmbeddingStore, *, mounts: MountTable | None = None) -> FolderState:
+def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[], bool] = lambda: False,
+                   mounts: MountTable | None = None) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
     copies) of sources that are gone (a row goes with its last path), and list the files whose size,
     mtime or model differ from their path's record, or that no path names. No decoding, no model work,
@@ -204,15 +241,24 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, mounts: MountTable | N
     picture while paths under it are stored, is a disk or share that is not mounted, never "every picture
     deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
     row with one warning. So does a sub-folder that ``/etc/fstab`` names as a mount point while nothing is
-    mounted there (``mounts``: the system's tables when None)."""
+    mounted there (``mounts``: the system's tables when None), or that cannot be listed.
+
+    ``stopping()`` is asked between entries (a stat, a hash, a header each: a slow share or a large
+    library makes minutes of them, longer than systemd waits for a stop): once it says so, the comparison
+    ends ``cut_short``, before anything is removed. A path it did not reach is not a path whose file is gone."""
     root = cfg.source_directory
     if not root.is_dir():  # gone since the start's check: never made here, a watch would see it as new
         _refuse_missing_with_rows(root, store)
         return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=[])  # nothing there, nothing known
-    migrate_identities(store, root)
-    migrate_metadata(store, root)
+    migrate_identities(store, root, stopping=stopping)
+    if not stopping():  # after the identities: the metadata is written by today's file_hash
+        migrate_metadata(store, root, stopping=stopping)
+    if stopping():
+        return _cut_short()
     known = store.sources()
-    scan = scan_folder(root, cfg.source_links)
+    scan = scan_folder(root, cfg.source_links, stopping=stopping)
+    if stopping():  # the walk may have ended part-way: the files it did not list are not gone
+        return _cut_short()
     on_disk = scan.images
     present = {str(path) for path in on_disk}
     vanished = [p for p in paths_under(known, root) if p not in present]
@@ -237,13 +283,17 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, mounts: MountTable | N
                         action="mount it; if its pictures are gone for good, take it out of /etc/fstab")
     changed, new_files = [], []
     for path in on_disk:
+        if stopping():
+            return _cut_short()
         st = stat_or_none(path)
         if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
             changed.append(path)  # a file that vanished meanwhile is reported by the indexer
             if st is not None and str(path) not in known:
                 new_files.append((path, st))
     # vanished: deleted, moved (perhaps within the folder), or now a pipe or a link the policy does not follow
-    followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files)
+    followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files, stopping)
+    if stopping():  # the renames not followed yet would read as deletions
+        return _cut_short(renamed=len(followed))
     moved_from = set(followed.values())
     gone = [p for p in vanished if p not in moved_from]
     changed = [p for p in changed if p not in followed]
@@ -266,10 +316,11 @@ def _kept_under(vanished: list[str], folders: list[Path]) -> tuple[list[str], di
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
-                    new_files: list[tuple[Path, os.stat_result]]) -> dict[Path, str]:
+                    new_files: list[tuple[Path, os.stat_result]], stopping: Callable[[], bool]) -> dict[Path, str]:
     """Paths whose file is gone, found again among ``new_files`` (path, stat) by identity (same size
     first, then the MD5 of the bytes; no decoding): each is relinked to its new path with its processed
-    copy, no model work. Returns new path -> old path for every one relinked."""
+    copy, no model work. Returns new path -> old path for every one relinked: all of them, or after a stop
+    (``stopping()``) the ones relinked before it, each whole."""
     by_hash: dict[str, list[SourceRecord]] = {}  # copies of one content that moved: one new file each
     for record in gone:
         if record.model_name == cfg.model_name:
@@ -278,9 +329,11 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord]
     sized = [(path, st) for path, st in new_files if st.st_size in sizes]
     if not sized:
         return {}
-    identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized])
+    identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized], stopping=stopping)
     followed: dict[Path, str] = {}
     for (path, st), file_hash in zip(sized, identities):
+        if stopping():
+            break
         records = by_hash.get(file_hash or "")
         record = records.pop() if records else None  # each gone path follows one file
         if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st):
@@ -324,10 +377,12 @@ class FolderSync:
     """Applies what the watcher saw in ``source-directory``: rows follow deletions and renames at once;
     new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
 
-    def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker) -> None:
+    def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker, *,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.cfg = cfg
         self.store = store
         self.pending = pending
+        self.stopping = stopping  # the service's stop: a rescan under way ends at the next entry
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
 
@@ -335,9 +390,15 @@ class FolderSync:
         return is_image_candidate(path, self.cfg.source_directory)
 
     def rescan(self) -> int:
-        """``compare_folder``, with every changed file queued for reading. Returns how many were queued."""
+        """``compare_folder``, with every changed file queued for reading. Returns how many were queued:
+        none when a stop cut it short (the caller, who stops, finds that in ``stopping()``; the next start
+        rescans)."""
         started = time.monotonic()
-        state = compare_folder(self.cfg, self.store)
+        state = compare_folder(self.cfg, self.store, stopping=self.stopping)
+        if state.cut_short:
+            log.info("rescan_stopped", renamed=state.renamed, duration_ms=round((time.monotonic() - started) * 1000),
+                     detail="a stop was asked for: nothing removed or queued, the next start rescans")
+            return 0
         self._report(state.skipped)
         self.removed += len(state.removed)
         queued = 0

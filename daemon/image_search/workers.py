@@ -21,6 +21,12 @@ dies (segfault in a codec, ``os._exit``, the kernel's OOM killer) the file it di
 exactly: that file, and only that one, comes back as ``PreprocessError(path, "decoder crashed (...)")``,
 its queued successor is handed to another worker and a fresh worker takes the dead one's place.
 
+What a worker's code logs (metadata.py's lines about a picture's EXIF, a Python warning from a decoder)
+is sent to the parent beside the file's outcome, at most ``_LOG_LINES_PER_FILE`` lines a file (then how
+many more there were), and logged there with the file's path, at its level. A worker is started with the
+parent's configured level and builds no line below it. Its stdout goes nowhere; its stderr is the
+parent's, for real tracebacks only.
+
 Workers ignore SIGINT and SIGTERM: a terminal's Ctrl-C and systemd's stop signal reach every process of
 the group; whether a batch is finished or dropped is the parent's decision. A worker exits when the
 parent says so (``close()``) or when its connection closes, which includes the parent dying, so no
@@ -42,10 +48,14 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
+
+import structlog
 
 from .entries import LinkPolicy
 from .errors import WorkersError
+from .logs import collect_into, configured_level
 from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
                          processed_path_for, save_processed)
 from .wording import counted
@@ -68,6 +78,9 @@ FILE_SECONDS_LIMIT = 60.0
 # How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
 # the kernel may take its time; the pool must not hang with it).
 _KILL_WAIT_SECONDS = 5.0
+# Log lines one file may send to the parent: a file whose header makes a line per tag must not flood the
+# log, nor the socket; the rest are counted.
+_LOG_LINES_PER_FILE = 20
 # Each worker is one core: libraries that spawn a thread per core would oversubscribe N workers.
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -79,7 +92,7 @@ _WORKER_BOOTSTRAP = (
     "import json, sys\n"
     "sys.path[:] = json.loads(sys.argv[2])\n"
     "from image_search.workers import _worker_main\n"
-    "_worker_main(int(sys.argv[1]))\n"
+    "_worker_main(int(sys.argv[1]), log_level=int(sys.argv[3]))\n"
 )
 
 
@@ -104,6 +117,8 @@ class PreprocessSettings:
 
 
 Outcome = PreparedImage | PreprocessError
+
+log = structlog.get_logger(__name__)
 
 
 class PoolError(WorkersError):
@@ -181,11 +196,80 @@ class _Rejected:
         return (IncompleteFile if self.incomplete else PreprocessError)(path, self.reason)
 
 
-def _worker_main(fd: int) -> None:
+# Levels as structlog names them, least severe first.
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class _Logged:
+    """What a worker's code logged while it did ``path``: ``lines`` of (level, fields with ``event``), and
+    how many more it ``dropped`` past ``_LOG_LINES_PER_FILE`` (the most severe of them at ``dropped_level``)."""
+
+    path: Path
+    lines: tuple[tuple[str, dict[str, Any]], ...]
+    dropped: int = 0
+    dropped_level: str = "debug"
+
+    def log_here(self) -> None:
+        """Log the lines in this (the parent) process, as its own, each naming the file."""
+        for level, fields in self.lines:
+            fields = dict(fields)
+            event = str(fields.pop("event", "worker_log"))
+            if fields.get("path") is None:
+                fields["path"] = self.path
+            try:
+                getattr(log, level if level in _LEVELS else "warning")(event, **fields)
+            except Exception:  # a line that cannot be logged (a field named like a parameter) never costs the pool
+                log.warning("worker_log_unreadable", path=self.path, event_name=event)
+        if self.dropped:
+            getattr(log, self.dropped_level)(
+                "worker_log_lines_dropped", path=self.path, dropped=self.dropped,
+                reason=f"the worker logged more than {_LOG_LINES_PER_FILE} lines for this file; the first are above")
+
+
+class _FileLog:
+    """In a worker: the lines logged for the file in hand, at most ``_LOG_LINES_PER_FILE`` kept."""
+
+    def __init__(self) -> None:
+        self._lines: list[tuple[str, dict[str, Any]]] = []
+        self._dropped = 0
+        self._dropped_level = 0
+
+    def keep(self, level: str, fields: dict[str, Any]) -> None:
+        if len(self._lines) < _LOG_LINES_PER_FILE:
+            self._lines.append((level, {key: _portable(value) for key, value in fields.items()}))
+        else:
+            self._dropped += 1
+            self._dropped_level = max(self._dropped_level, _LEVELS.index(level) if level in _LEVELS else 2)
+
+    def take(self, path: Path) -> _Logged | None:
+        """The lines kept since the last take, for ``path``; None when there were none."""
+        if not self._lines and not self._dropped:
+            return None
+        logged = _Logged(path, tuple(self._lines), self._dropped, _LEVELS[self._dropped_level])
+        self._lines, self._dropped, self._dropped_level = [], 0, 0  # the next file starts with none
+        return logged
+
+
+def _portable(value: object) -> object:
+    """A field's value as it can cross to the parent: plain values and paths as they are, lists of them
+    too, anything else as its repr (an object the parent could not unpickle must not cost the file)."""
+    plain = (str, int, float, bool, type(None), PurePath)
+    if isinstance(value, plain):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(item, plain) for item in value):
+        return list(value)
+    return repr(value)
+
+
+def _worker_main(fd: int, *, log_level: int) -> None:
     """A worker's whole life: settings, then one path at a time until told to stop or the parent is gone.
 
-    Started by ``_WORKER_BOOTSTRAP``, which has already set SIGINT and SIGTERM to be ignored.
+    Started by ``_WORKER_BOOTSTRAP``, which has already set SIGINT and SIGTERM to be ignored. What its code
+    logs at ``log_level`` or above goes to the parent with each file's outcome (``_Logged``).
     """
+    file_log = _FileLog()
+    collect_into(log_level, file_log.keep)
     conn = Connection(fd)
     try:
         try:
@@ -215,6 +299,8 @@ def _worker_main(fd: int) -> None:
         except Exception as exc:  # a decoder bug on one odd file costs that file (as in the thread path)
             outcome = _Rejected(f"unexpected decoder error ({type(exc).__name__}: {exc})")
         try:
+            if (logged := file_log.take(path)) is not None:  # before the outcome: the parent logs it first
+                conn.send(logged)
             conn.send(outcome)
         except OSError:  # the parent is gone: nobody wants the result
             return
@@ -289,11 +375,11 @@ class _Worker:
     overdue: bool = False  # killed for taking longer than the limit on one file
 
     @classmethod
-    def start(cls, settings_message: bytes, sys_path_json: str) -> _Worker:
+    def start(cls, settings_message: bytes, sys_path_json: str, log_level: int) -> _Worker:
         parent_end, child_end = Pipe(duplex=True)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), sys_path_json],
+                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), sys_path_json, str(log_level)],
                 pass_fds=(child_end.fileno(),),  # close_fds (the default) keeps every other worker's socket out
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # never mix into a CLI's stdout; stderr stays for real tracebacks
@@ -441,7 +527,8 @@ class PreprocessPool:
         # the caller, before any process exists. The workers import what the parent imports: same sys.path
         # ('' is the parent's cwd, as multiprocessing does).
         self._start_worker = partial(_Worker.start, bytes(ForkingPickler.dumps(self.settings)),
-                                     json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path]))
+                                     json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path]),
+                                     configured_level())
         # The dispatcher sleeps in wait() on the workers' connections; submit() and close() wake it here.
         self._wake_reader, self._wake_writer = os.pipe()
         os.set_blocking(self._wake_writer, False)
@@ -563,6 +650,9 @@ class PreprocessPool:
             message = worker.conn.recv()
         except (EOFError, OSError):
             self._replace_dead(worker)
+            return
+        if isinstance(message, _Logged):
+            message.log_here()  # outside the lock: writing a line must not hold up submit()
             return
         with self._changed:
             if isinstance(message, _Ready):

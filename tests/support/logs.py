@@ -46,13 +46,18 @@ class LogEvent(Mapping[str, Any]):
         return len(self.fields)
 
 
+def logged_events(text: str) -> list[dict[str, Any]]:
+    """The ``event=`` lines of a log's text, parsed, in order."""
+    return [parse_log_line(line) for line in text.splitlines() if "event=" in line]
+
+
 @contextmanager
-def logging_to(stream: TextIO) -> Iterator[TextIO]:
-    """The service's own logging (``configure_logging``, the plain style) writing to ``stream`` while the block
-    runs; the process's default set up again after it."""
+def logging_to(stream: TextIO, level: str = "info") -> Iterator[TextIO]:
+    """The service's own logging (``configure_logging`` at ``level``, the plain style) writing to ``stream``
+    while the block runs; the process's default set up again after it."""
     from image_search.logs import configure_logging
 
-    configure_logging(stream=stream)
+    configure_logging(level, stream=stream)
     try:
         yield stream
     finally:

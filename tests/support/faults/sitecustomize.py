@@ -11,6 +11,9 @@ this folder on PYTHONPATH, each variable set makes one thing fail as it does on 
   immediate shutdown), and this waits until its postmaster is gone.
 - ``FAULT_SLOW_MODEL=SECONDS``: loading the model takes that much longer, as a large model on a CPU or
   its first download does (the loading thread waits before it loads).
+- ``FAULT_SLOW_STAT=SECONDS``: each ``stat`` of a picture by the rescan (``sync.stat_or_none``) takes
+  that much longer, as on a network share that answers slowly; the first one logs ``fault_slow_stat``,
+  so a test knows the rescan is under way.
 """
 
 import os
@@ -65,3 +68,24 @@ if os.environ.get("FAULT_SLOW_MODEL"):
         return _load(self, cfg)
 
     _runtime.ModelLoading._load = _slow_load
+
+if os.environ.get("FAULT_SLOW_STAT"):
+    import time
+
+    import structlog
+
+    import image_search.sync as _sync
+
+    _stat = _sync.stat_or_none
+    _stat_delay = float(os.environ["FAULT_SLOW_STAT"])
+    _stats = 0
+
+    def _slow_stat(path):  # type: ignore[no-untyped-def]
+        global _stats
+        _stats += 1
+        if _stats == 1:
+            structlog.get_logger("faults").info("fault_slow_stat", seconds=_stat_delay)
+        time.sleep(_stat_delay)
+        return _stat(path)
+
+    _sync.stat_or_none = _slow_stat
