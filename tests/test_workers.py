@@ -589,7 +589,7 @@ def test_what_a_workers_code_logs_about_a_picture_is_in_the_main_process_log_wit
     """metadata.py says at info that a date is out of range, at debug that another is malformed: a pool
     started at the service's info level sends the first, naming the file, and does not even build the
     second, whatever the main process's level becomes later."""
-    far = taken_on(tmp_path / "far.jpg", "9999:12:31 23:59:59", "-14:00")  # year 10000 in UTC
+    far = taken_on(tmp_path / "far.jpg", "9999:12:31 23:59:59", "-12:00")  # year 10000 in UTC
     garbled = taken_on(tmp_path / "garbled.jpg", "garbage")
     with logging_to(io.StringIO()), pool(workers=1) as at_info:  # the service at --log-level info
         at_info.wait_ready()
