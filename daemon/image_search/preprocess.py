@@ -394,7 +394,12 @@ def thumbnail_path_for(processed: Path) -> Path:
     """The contact-sheet thumbnail beside a processed JPEG: a hidden name, which no processed name (made
     from a source name, and hidden sources are never indexed) can collide with."""
     processed = Path(processed)
-    return processed.with_name(f"{_THUMBNAIL_PREFIX}{processed.name}{_THUMBNAIL_SUFFIX}")
+    return processed.with_name(thumbnail_name_for(processed.name))
+
+
+def thumbnail_name_for(processed_name: str) -> str:
+    """The name of the thumbnail beside the processed JPEG named ``processed_name`` (``thumbnail_path_for``)."""
+    return f"{_THUMBNAIL_PREFIX}{processed_name}{_THUMBNAIL_SUFFIX}"
 
 
 def save_processed(prepared: PreparedImage, path: Path) -> None:

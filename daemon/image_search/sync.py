@@ -12,6 +12,7 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,12 @@ from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
-from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
+from .preprocess import (
+    processed_path_for,
+    source_identity_of_file,
+    thumbnail_name_for,
+    thumbnail_path_for,
+)
 from .store import EmbeddingStore, SourceRecord
 from .store import metadata as stored_metadata
 from .store.metadata import MetadataUpdate
@@ -44,6 +50,9 @@ class FolderState:
     removed: list[str]  # paths forgotten because their file is gone (a content goes with its last path)
     renamed: int  # paths that followed their file to a new name while nothing was watching
     skipped: list[SkippedEntry]  # picture names that are not read: pipes, devices, links not followed
+    # unchanged files whose processed copy or thumbnail is gone (deleted by hand, a disk clean-up): in
+    # ``changed`` too, so they are read again and their copies made again (no model work, same row)
+    missing_copies: list[Path]
 
 
 def stat_or_none(path: Path) -> os.stat_result | None:
@@ -57,6 +66,50 @@ def is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: st
     """Same size, mtime and model as the stored row: nothing to read."""
     return (record is not None and record.source_size == st.st_size and record.source_mtime_ns == st.st_mtime_ns
             and record.model_name == model_name)
+
+
+class ProcessedListing:
+    """Which entries each processed folder holds, each folder listed once (``os.scandir``) and its names
+    kept: how a rescan tells that the processed copies of thousands of unchanged files are still there
+    without two stats per file (README "Performance"). A snapshot: each rescan makes its own."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+
+    def holds_copies(self, processed_path: str) -> bool:
+        """``copies_present``, read from the listing."""
+        folder, name = os.path.split(processed_path)
+        names = self._names.get(folder)
+        if names is None:
+            names = self._names[folder] = _entry_names(folder)
+        return name in names and thumbnail_name_for(name) in names
+
+
+def _entry_names(folder: str) -> frozenset[str]:
+    """The names in ``folder``; none when it cannot be listed (gone, not a folder): its copies are made again,
+    and a folder that cannot take them stops the run as any processed image that cannot be written does."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(entry.name for entry in entries)
+    except OSError:
+        return frozenset()
+
+
+def copies_present(processed_path: str) -> bool:
+    """The processed JPEG at ``processed_path`` and its thumbnail are there (two stats: for a few files; a
+    rescan of the whole folder reads ``ProcessedListing``)."""
+    folder, name = os.path.split(processed_path)
+    return os.path.lexists(processed_path) and os.path.lexists(os.path.join(folder, thumbnail_name_for(name)))
+
+
+def is_current(record: SourceRecord | None, st: os.stat_result, model_name: str,
+               copies: Callable[[str], bool] = copies_present) -> bool:
+    """Nothing to read: the file is unchanged (``is_unchanged``) and its processed copy and thumbnail are
+    there (``copies``: ``copies_present`` or a rescan's ``ProcessedListing.holds_copies``). A copy deleted
+    by hand or by a disk clean-up makes its file one to read again: the copies are made again from it, and
+    its content, stored already, costs no model work."""
+    return (record is not None and is_unchanged(record, st, model_name)
+            and copies(record.processed_path))
 
 
 def remove_processed(cfg: Config, source: Path) -> None:
@@ -203,7 +256,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     root = cfg.source_directory
     if not root.is_dir():  # gone since the start's check: never made here, a watch would see it as new
         _refuse_missing_with_rows(root, store)
-        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=[])  # nothing there, nothing known
+        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=[],  # nothing there, nothing known
+                           missing_copies=[])
     migrate_identities(store, root)
     migrate_metadata(store, root)
     known = store.sources()
@@ -217,25 +271,33 @@ def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
                            "unmounted, so every row and processed copy is kept",
                     action="mount it; if you emptied it on purpose, empty the index (README \"A source folder "
                            "that is missing or empty\")")
-        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped)
-    changed, new_files = [], []
+        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped, missing_copies=[])
+    changed, new_files, missing_copies = [], [], []
+    copies = ProcessedListing()
     for path in on_disk:
         st = stat_or_none(path)
-        if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
-            changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-            if st is not None and str(path) not in known:
-                new_files.append((path, st))
+        record = known.get(str(path))
+        if st is not None and record is not None and is_unchanged(record, st, cfg.model_name):
+            if not copies.holds_copies(record.processed_path):
+                missing_copies.append(path)
+                log.info("processed_copy_missing", path=path, processed=record.processed_path,
+                         action="made again from the source file (no model work)")
+            continue
+        changed.append(path)  # a file that vanished meanwhile is reported by the indexer
+        if st is not None and record is None:
+            new_files.append((path, st))
     # vanished: deleted, moved (perhaps within the folder), or now a pipe or a link the policy does not follow
     followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files)
     moved_from = set(followed.values())
     gone = [p for p in vanished if p not in moved_from]
-    changed = [p for p in changed if p not in followed]
+    changed = [p for p in changed if p not in followed] + missing_copies
     if gone:
         store.delete_paths(gone)
         for source in gone:
             remove_processed(cfg, Path(source))
         log.info("rows_removed", count=len(gone), reason="source file is gone")
-    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=scan.skipped)
+    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=scan.skipped,
+                       missing_copies=missing_copies)
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],
@@ -319,7 +381,8 @@ class FolderSync:
                 self.pending.note(path)
                 queued += 1
         log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
-                 renamed=state.renamed, duration_ms=round((time.monotonic() - started) * 1000))
+                 renamed=state.renamed, missing_copies=len(state.missing_copies),
+                 duration_ms=round((time.monotonic() - started) * 1000))
         return queued
 
     def apply(self, change: Change) -> None:
