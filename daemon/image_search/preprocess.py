@@ -367,7 +367,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
     The file's mode is what ``open()`` gives: 0666 less the process's umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_beside(path)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -377,7 +377,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _create_beside(path: Path) -> tuple[int, Path]:
+def create_beside(path: Path) -> tuple[int, Path]:
     """A new, empty file under a hidden temporary name in ``path``'s folder, open for writing. Created as
     ``mkstemp`` does (exclusively: never a file or link already there) but with mode 0666, which the kernel
     masks with the umask: ``mkstemp``'s 0600 would hide every processed copy and every failed query's

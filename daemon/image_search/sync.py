@@ -20,12 +20,14 @@ from pathlib import Path
 import structlog
 from tqdm import tqdm
 
-from .config import Config, create_folder
+from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
+from .names import escape
 from .preprocess import (
+    create_beside,
     processed_path_for,
     source_identity_of_file,
     thumbnail_name_for,
@@ -138,6 +140,60 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
         return
     _refuse_missing_with_rows(root, store)
     create_folder("source-directory", root)
+
+
+# The hidden file in processed-directory that records the source-directory it mirrors.
+SOURCE_MARKER = ".source-directory"
+
+
+def claim_processed_folder(cfg: Config) -> None:
+    """At start, before anything is written into ``processed-directory``: its copies are named by their
+    source's path inside ``source-directory``, so a second source folder's files with the same paths would
+    overwrite the first's copies, and the first's rows would show the second's pictures. The folder
+    records the (real) source folder it serves in ``SOURCE_MARKER``, written at its first use (an earlier
+    version's folder adopts the configured source); a start with another source is a ``ConfigError``
+    that names both and the fix. One folder reached through a link is the same source."""
+    marker = cfg.processed_directory / SOURCE_MARKER
+    source = os.fsencode(cfg.source_directory.resolve())
+    try:
+        try:
+            recorded = marker.read_bytes()
+        except FileNotFoundError:
+            recorded = _record_source(marker, source)
+    except OSError as exc:
+        raise ConfigError(f"config key 'processed-directory': {escape(marker)}, which records the source folder "
+                          f"its processed copies belong to, cannot be read or written ({exc.strerror or exc}): "
+                          "fix its permissions, or move away what holds its name") from None
+    if recorded != source:
+        folder, was, now = escape(cfg.processed_directory), escape(os.fsdecode(recorded)), escape(os.fsdecode(source))
+        raise ConfigError(
+            f"config key 'processed-directory' ({folder}) holds the processed copies of source-directory {was}, "
+            f"not of {now} (recorded in {escape(marker)}): two source folders sharing one processed folder would "
+            "overwrite each other's copies wherever their files have the same path, and results would show the "
+            f"wrong pictures. Give 'processed-directory' a folder of its own for {now}; or, if the pictures of "
+            f"{was} have moved to {now} or are gone for good, move {folder} away first (the copies are made "
+            "again from the source folder; pictures the index holds cost no model work)")
+
+
+def _record_source(marker: Path, source: bytes) -> bytes:
+    """Record ``source`` in ``marker`` unless another start did first; returns what the marker records.
+    Written whole under a temporary name, then linked to its own, which fails when one is there: never
+    seen half-written, never written over by a second first start."""
+    fd, tmp = create_beside(marker)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            return marker.read_bytes()
+        except OSError:  # a filesystem without hard links (some SMB mounts): renamed, unguarded against a race
+            os.replace(tmp, marker)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("processed_folder_claimed", path=marker.parent, source=os.fsdecode(source),
+             detail="processed-directory serves this source-directory only (README \"Preprocessing\")")
+    return source
 
 
 def _refuse_missing_with_rows(root: Path, store: EmbeddingStore) -> None:
