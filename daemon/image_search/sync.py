@@ -299,10 +299,11 @@ def migrate_metadata(store: EmbeddingStore, root: Path) -> int:
 def compare_folder(cfg: Config, store: EmbeddingStore) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
     copies) of sources that are gone (a row goes with its last path), and list the files whose size,
-    mtime or model differ from their path's record, or that no path names. No decoding, no model work,
-    so it can run while the model is still loading. A database of an earlier version first gets today's
-    identity (``migrate_identities``); a file renamed or moved while nothing watched is recognised by its
-    identity and its path follows it (``_follow_renames``).
+    mtime or model differ from their path's record, that no path names, or whose processed copy or
+    thumbnail is gone (``missing_copies``: read again to make them, their content found stored). No
+    decoding, no model work, so it can run while the model is still loading. A database of an earlier
+    version first gets today's identity (``migrate_identities``); a file renamed or moved while nothing
+    watched is recognised by its identity and its path follows it (``_follow_renames``).
 
     Only paths under ``source-directory`` are answered for: another folder's rows (another
     source-directory on the same database) are never removed here. A folder that is missing, or holds no
