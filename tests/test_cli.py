@@ -469,6 +469,34 @@ def test_serve_over_a_missing_source_folder_fails_its_start_and_keeps_the_index(
     assert sorted(p for p in (tmp_path / "processed").rglob("*") if p.is_file()) == processed
 
 
+def test_another_source_folder_over_the_same_processed_folder_is_refused(tmp_path: Path,
+                                                                         tiny_model_dir: Path) -> None:
+    """source-directory pointed at another folder, processed-directory and the index kept: its a.png would
+    overwrite the first folder's processed a.png.jpg, and the first's row would show the wrong picture. One
+    config_error line, exit code 2, nothing written; a processed folder of an earlier version (no record of
+    its source) adopts the source it is started with, and the same source starts as before."""
+    config = write_config(tmp_path, tiny_model_dir, cleanup_on_exit=False)
+    save_picture(tmp_path / "images" / "a.png", seed=1)
+    assert run_cli("index", "--config", config, cwd=tmp_path).returncode == 0
+    (tmp_path / "processed" / ".source-directory").unlink(missing_ok=True)  # as an earlier version left it
+    assert run_cli("index", "--config", config, cwd=tmp_path).returncode == 0  # adopts its source
+    rows = table_rows(config)
+    processed = {p: p.read_bytes() for p in (tmp_path / "processed").rglob("*") if p.is_file()}
+    save_picture(tmp_path / "other" / "a.png", seed=2)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(config.read_text()), "source-directory": str(tmp_path / "other")}))
+    run = run_cli("index", "--config", other, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert_no_traceback(run)
+    errors = [line for line in run.stderr.splitlines() if "level='error'" in line]
+    assert len(errors) == 1 and "config_error" in errors[0], run.stderr
+    assert f"holds the processed copies of source-directory {tmp_path / 'images'}, not of {tmp_path / 'other'}" \
+        in errors[0]
+    assert {p: p.read_bytes() for p in (tmp_path / "processed").rglob("*") if p.is_file()} == processed
+    assert table_rows(config) == rows
+    assert run_cli("index", "--config", config, cwd=tmp_path).returncode == 0
+
+
 # --- an empty index -----------------------------------------------------------------------------------
 
 

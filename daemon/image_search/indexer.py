@@ -40,7 +40,7 @@ from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import compare_folder, is_unchanged, stat_or_none
+from .sync import compare_folder, is_current, stat_or_none
 from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -60,6 +60,7 @@ class IndexSummary:
     relinked: int = 0  # same content already stored: path or metadata updated, no model work
     copies: int = 0  # new paths of content another file still holds: recorded, no model work
     removed: int = 0
+    missing_copies: int = 0  # unchanged files whose processed copy or thumbnail was gone: read again to make it
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     deferred: list[Path] = field(default_factory=list)  # still being written: not read, try again later
 
@@ -70,13 +71,14 @@ class IndexSummary:
         self.relinked += other.relinked
         self.copies += other.copies
         self.removed += other.removed
+        self.missing_copies += other.missing_copies
         self.skipped.extend(other.skipped)
         self.deferred.extend(other.deferred)
 
     def as_log_fields(self) -> dict[str, int]:
         return {"seen": self.seen, "embedded": self.embedded, "unchanged": self.unchanged,
                 "relinked": self.relinked, "copies": self.copies, "removed": self.removed,
-                "skipped": len(self.skipped)}
+                "missing_copies": self.missing_copies, "skipped": len(self.skipped)}
 
 
 class PreparingBatch(Protocol):
@@ -152,13 +154,13 @@ def _copy_found(read: _Read, same_as: Path, summary: IndexSummary) -> None:
 def _changed_batches(paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
                      progress: Callable[[int], None] | None, *, size: int,
                      model_name: str) -> Iterator[list[_Candidate]]:
-    """Batches of the files that need reading; unchanged (same size, mtime, model) and vanished ones are
-    counted in ``summary`` and never opened."""
+    """Batches of the files that need reading; unchanged ones whose processed copies are there
+    (``sync.is_current``) and vanished ones are counted in ``summary`` and never opened."""
     batch: list[_Candidate] = []
     for path in paths:
         summary.seen += 1
         st = stat_or_none(path)
-        if st is not None and not is_unchanged(known.get(str(path)), st, model_name):
+        if st is not None and not is_current(known.get(str(path)), st, model_name):
             batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
             if len(batch) >= size:
                 yield batch
@@ -437,7 +439,7 @@ class Indexer:
         state = compare_folder(self.cfg, self.store)
         done = state.files - len(state.changed)  # by the rescan alone: unchanged, or renamed and relinked
         summary = IndexSummary(seen=done, unchanged=done - state.renamed, relinked=state.renamed,
-                               removed=len(state.removed))
+                               removed=len(state.removed), missing_copies=len(state.missing_copies))
         for entry in state.skipped:
             summary.skipped.append((entry.path, entry.reason))
             log.warning("image_skipped", path=entry.path, reason=entry.reason)

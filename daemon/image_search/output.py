@@ -241,11 +241,27 @@ def _render_sheet(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRe
     )
 
 
+def _hits_without_processed_copy(hits: Sequence[Hit], query: Query) -> set[str]:
+    """The hashes of the hits whose processed copy is gone (deleted by hand, a disk clean-up), each named in
+    one line. The answer goes on without it: the sheet shows its thumbnail where that is left, else a grey
+    cell saying so, and a best match without one has no ``<stem>.jpg``."""
+    missing = set()
+    for hit in hits:
+        if not os.path.isfile(hit.processed_path):
+            missing.add(hit.file_hash)
+            log.warning("processed_copy_missing", path=hit.file_path, processed=hit.processed_path, rank=hit.rank,
+                        query=query.path if query.path is not None else "typed text query",
+                        action="the next rescan (rescan-interval, or the next start) makes it again from the "
+                               "source file")
+    return missing
+
+
 def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Config, *,
                   now: datetime | None, move_query: bool, asked: QueryRecord | None) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
     make_output_folder(output_dir)
+    without_copy = _hits_without_processed_copy(hits, query)
     stem = _query_stem(query)
     text = query.text if isinstance(query, TextQuery) else None
     # Rendered before anything moves: the sheet may need to read the query picture from its file.
@@ -267,7 +283,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         with open(tmp / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
             for hit in hits:
                 fh.write(json.dumps(hit_record(hit), ensure_ascii=False) + "\n")
-        if hits:
+        if hits and hits[0].file_hash not in without_copy:
             best = Path(hits[0].processed_path)
             try:
                 shutil.copyfile(best, tmp / f"{stem}.jpg")

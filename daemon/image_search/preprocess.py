@@ -367,7 +367,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
     The file's mode is what ``open()`` gives: 0666 less the process's umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_beside(path)
+    fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -377,7 +377,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _create_beside(path: Path) -> tuple[int, Path]:
+def create_beside(path: Path) -> tuple[int, Path]:
     """A new, empty file under a hidden temporary name in ``path``'s folder, open for writing. Created as
     ``mkstemp`` does (exclusively: never a file or link already there) but with mode 0666, which the kernel
     masks with the umask: ``mkstemp``'s 0600 would hide every processed copy and every failed query's
@@ -394,7 +394,12 @@ def thumbnail_path_for(processed: Path) -> Path:
     """The contact-sheet thumbnail beside a processed JPEG: a hidden name, which no processed name (made
     from a source name, and hidden sources are never indexed) can collide with."""
     processed = Path(processed)
-    return processed.with_name(f"{_THUMBNAIL_PREFIX}{processed.name}{_THUMBNAIL_SUFFIX}")
+    return processed.with_name(thumbnail_name_for(processed.name))
+
+
+def thumbnail_name_for(processed_name: str) -> str:
+    """The name of the thumbnail beside the processed JPEG named ``processed_name`` (``thumbnail_path_for``)."""
+    return f"{_THUMBNAIL_PREFIX}{processed_name}{_THUMBNAIL_SUFFIX}"
 
 
 def save_processed(prepared: PreparedImage, path: Path) -> None:

@@ -22,7 +22,7 @@ from .errors import ImageSearchError, SourceFolderMissing
 from .fleet import FleetMember, WorkClaims
 from .logs import log_from_signal_handler
 from .store import Database, EmbeddingStore
-from .sync import ensure_source_folder
+from .sync import claim_processed_folder, ensure_source_folder
 
 if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
     from .embed import Embedder
@@ -134,8 +134,10 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
     but only after a run that had its model (a start-up error never costs the index), never when
     the block raised ``RestartRequested`` or ``SourceFolderMissing``, and never while another service
     sharing the database is still live (the last member to leave empties it). ``source-directory`` is
-    created here on a fresh install only (``ensure_source_folder``)."""
+    created here on a fresh install only (``ensure_source_folder``), and ``processed-directory`` serves
+    one source folder only (``claim_processed_folder``)."""
     ensure_directories(cfg, with_inbox=with_inbox)
+    claim_processed_folder(cfg)  # before the database starts: a config error costs nothing to find
     started = time.monotonic()
     database = Database(cfg)
     try:

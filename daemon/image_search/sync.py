@@ -14,19 +14,26 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 from tqdm import tqdm
 
-from .config import Config, create_folder
+from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .mounts import MountTable, read_mount_table
-from .preprocess import processed_path_for, source_identity_of_file, thumbnail_path_for
+from .names import escape
+from .preprocess import (
+    create_beside,
+    processed_path_for,
+    source_identity_of_file,
+    thumbnail_name_for,
+    thumbnail_path_for,
+)
 from .store import EmbeddingStore, SourceRecord
 from .store import metadata as stored_metadata
 from .store.metadata import MetadataUpdate
@@ -38,6 +45,9 @@ from .workers import default_worker_count
 log = structlog.get_logger(__name__)
 
 
+MISSING_COPIES_NAMED = 10  # a rescan names this many missing processed copies, then counts the rest
+
+
 @dataclass(frozen=True)
 class FolderState:
     """The source folder against the table, from stat data (and the identity of renamed files)."""
@@ -47,6 +57,9 @@ class FolderState:
     removed: list[str]  # paths forgotten because their file is gone (a content goes with its last path)
     renamed: int  # paths that followed their file to a new name while nothing was watching
     skipped: list[SkippedEntry]  # picture names that are not read: pipes, devices, links not followed
+    # unchanged files whose processed copy or thumbnail is gone (deleted by hand, a disk clean-up): in
+    # ``changed`` too, so they are read again and their copies made again (no model work, same row)
+    missing_copies: list[Path] = field(default_factory=list)
     # A stop cut the comparison short: nothing was removed or listed (paths it did not reach may still
     # have their file), only the renames already followed were applied, each whole.
     cut_short: bool = False
@@ -67,6 +80,50 @@ def is_unchanged(record: SourceRecord | None, st: os.stat_result, model_name: st
     """Same size, mtime and model as the stored row: nothing to read."""
     return (record is not None and record.source_size == st.st_size and record.source_mtime_ns == st.st_mtime_ns
             and record.model_name == model_name)
+
+
+class ProcessedListing:
+    """Which entries each processed folder holds, each folder listed once (``os.scandir``) and its names
+    kept: how a rescan tells that the processed copies of thousands of unchanged files are still there
+    without two stats per file (README "Performance"). A snapshot: each rescan makes its own."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+
+    def holds_copies(self, processed_path: str) -> bool:
+        """``copies_present``, read from the listing."""
+        folder, name = os.path.split(processed_path)
+        names = self._names.get(folder)
+        if names is None:
+            names = self._names[folder] = _entry_names(folder)
+        return name in names and thumbnail_name_for(name) in names
+
+
+def _entry_names(folder: str) -> frozenset[str]:
+    """The names in ``folder``; none when it cannot be listed (gone, not a folder): its copies are made again,
+    and a folder that cannot take them stops the run as any processed image that cannot be written does."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(entry.name for entry in entries)
+    except OSError:
+        return frozenset()
+
+
+def copies_present(processed_path: str) -> bool:
+    """The processed JPEG at ``processed_path`` and its thumbnail are there (two stats: for a few files; a
+    rescan of the whole folder reads ``ProcessedListing``)."""
+    folder, name = os.path.split(processed_path)
+    return os.path.lexists(processed_path) and os.path.lexists(os.path.join(folder, thumbnail_name_for(name)))
+
+
+def is_current(record: SourceRecord | None, st: os.stat_result, model_name: str,
+               copies: Callable[[str], bool] = copies_present) -> bool:
+    """Nothing to read: the file is unchanged (``is_unchanged``) and its processed copy and thumbnail are
+    there (``copies``: ``copies_present`` or a rescan's ``ProcessedListing.holds_copies``). A copy deleted
+    by hand or by a disk clean-up makes its file one to read again: the copies are made again from it, and
+    its content, stored already, costs no model work."""
+    return (record is not None and is_unchanged(record, st, model_name)
+            and copies(record.processed_path))
 
 
 def remove_processed(cfg: Config, source: Path) -> None:
@@ -96,6 +153,60 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
         return
     _refuse_missing_with_rows(root, store)
     create_folder("source-directory", root)
+
+
+# The hidden file in processed-directory that records the source-directory it mirrors.
+SOURCE_MARKER = ".source-directory"
+
+
+def claim_processed_folder(cfg: Config) -> None:
+    """At start, before anything is written into ``processed-directory``: its copies are named by their
+    source's path inside ``source-directory``, so a second source folder's files with the same paths would
+    overwrite the first's copies, and the first's rows would show the second's pictures. The folder
+    records the (real) source folder it serves in ``SOURCE_MARKER``, written at its first use (an earlier
+    version's folder adopts the configured source); a start with another source is a ``ConfigError``
+    that names both and the fix. One folder reached through a link is the same source."""
+    marker = cfg.processed_directory / SOURCE_MARKER
+    source = os.fsencode(cfg.source_directory.resolve())
+    try:
+        try:
+            recorded = marker.read_bytes()
+        except FileNotFoundError:
+            recorded = _record_source(marker, source)
+    except OSError as exc:
+        raise ConfigError(f"config key 'processed-directory': {escape(marker)}, which records the source folder "
+                          f"its processed copies belong to, cannot be read or written ({exc.strerror or exc}): "
+                          "fix its permissions, or move away what holds its name") from None
+    if recorded != source:
+        folder, was, now = escape(cfg.processed_directory), escape(os.fsdecode(recorded)), escape(os.fsdecode(source))
+        raise ConfigError(
+            f"config key 'processed-directory' ({folder}) holds the processed copies of source-directory {was}, "
+            f"not of {now} (recorded in {escape(marker)}): two source folders sharing one processed folder would "
+            "overwrite each other's copies wherever their files have the same path, and results would show the "
+            f"wrong pictures. Give 'processed-directory' a folder of its own for {now}; or, if the pictures of "
+            f"{was} have moved to {now} or are gone for good, move {folder} away first (the copies are made "
+            "again from the source folder; pictures the index holds cost no model work)")
+
+
+def _record_source(marker: Path, source: bytes) -> bytes:
+    """Record ``source`` in ``marker`` unless another start did first; returns what the marker records.
+    Written whole under a temporary name, then linked to its own, which fails when one is there: never
+    seen half-written, never written over by a second first start."""
+    fd, tmp = create_beside(marker)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            return marker.read_bytes()
+        except OSError:  # a filesystem without hard links (some SMB mounts): renamed, unguarded against a race
+            os.replace(tmp, marker)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("processed_folder_claimed", path=marker.parent, source=os.fsdecode(source),
+             detail="processed-directory serves this source-directory only (README \"Preprocessing\")")
+    return source
 
 
 def _refuse_missing_with_rows(root: Path, store: EmbeddingStore) -> None:
@@ -231,10 +342,11 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                    mounts: MountTable | None = None) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
     copies) of sources that are gone (a row goes with its last path), and list the files whose size,
-    mtime or model differ from their path's record, or that no path names. No decoding, no model work,
-    so it can run while the model is still loading. A database of an earlier version first gets today's
-    identity (``migrate_identities``); a file renamed or moved while nothing watched is recognised by its
-    identity and its path follows it (``_follow_renames``).
+    mtime or model differ from their path's record, that no path names, or whose processed copy or
+    thumbnail is gone (``missing_copies``: read again to make them, their content found stored). No
+    decoding, no model work, so it can run while the model is still loading. A database of an earlier
+    version first gets today's identity (``migrate_identities``); a file renamed or moved while nothing
+    watched is recognised by its identity and its path follows it (``_follow_renames``).
 
     Only paths under ``source-directory`` are answered for: another folder's rows (another
     source-directory on the same database) are never removed here. A folder that is missing, or holds no
@@ -281,28 +393,40 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                         reason="/etc/fstab names it a mount point and nothing is mounted there: every row and "
                                "processed copy under it is kept",
                         action="mount it; if its pictures are gone for good, take it out of /etc/fstab")
-    changed, new_files = [], []
+    changed, new_files, missing_copies = [], [], []
+    copies = ProcessedListing()
     for path in on_disk:
         if stopping():
             return _cut_short()
         st = stat_or_none(path)
-        if st is None or not is_unchanged(known.get(str(path)), st, cfg.model_name):
-            changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-            if st is not None and str(path) not in known:
-                new_files.append((path, st))
+        record = known.get(str(path))
+        if st is not None and record is not None and is_unchanged(record, st, cfg.model_name):
+            if not copies.holds_copies(record.processed_path):
+                missing_copies.append(path)
+                if len(missing_copies) <= MISSING_COPIES_NAMED:
+                    log.info("processed_copy_missing", path=path, processed=record.processed_path,
+                             action="made again from the source file (no model work)")
+            continue
+        changed.append(path)  # a file that vanished meanwhile is reported by the indexer
+        if st is not None and record is None:
+            new_files.append((path, st))
+    if len(missing_copies) > MISSING_COPIES_NAMED:  # a processed folder deleted whole: not 20,000 lines
+        log.info("processed_copies_missing", count=len(missing_copies), named=MISSING_COPIES_NAMED,
+                 action="all made again from their source files (no model work)")
     # vanished: deleted, moved (perhaps within the folder), or now a pipe or a link the policy does not follow
     followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files, stopping)
     if stopping():  # the renames not followed yet would read as deletions
         return _cut_short(renamed=len(followed))
     moved_from = set(followed.values())
     gone = [p for p in vanished if p not in moved_from]
-    changed = [p for p in changed if p not in followed]
+    changed = [p for p in changed if p not in followed] + missing_copies
     if gone:
         store.delete_paths(gone)
         for source in gone:
             remove_processed(cfg, Path(source))
         log.info("rows_removed", count=len(gone), reason="source file is gone")
-    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=skipped)
+    return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=skipped,
+                       missing_copies=missing_copies)
 
 
 def _kept_under(vanished: list[str], folders: list[Path]) -> tuple[list[str], dict[Path, int]]:
@@ -407,7 +531,8 @@ class FolderSync:
                 self.pending.note(path)
                 queued += 1
         log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
-                 renamed=state.renamed, duration_ms=round((time.monotonic() - started) * 1000))
+                 renamed=state.renamed, missing_copies=len(state.missing_copies),
+                 duration_ms=round((time.monotonic() - started) * 1000))
         return queued
 
     def apply(self, change: Change) -> None:

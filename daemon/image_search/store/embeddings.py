@@ -86,13 +86,15 @@ class EmbeddingRow:
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """What the table knows about one source file: enough to skip it on a rescan."""
+    """What the table knows about one source file: enough to skip it on a rescan, and where its processed
+    copy is (a rescan makes a missing one again)."""
 
     file_path: str
     source_size: int
     source_mtime_ns: int
     file_hash: str
     model_name: str
+    processed_path: str
 
 
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
@@ -313,7 +315,8 @@ class EmbeddingStore:
                 cur.execute(paths.SOURCES)
             else:
                 cur.execute(paths.SOURCES_AT, ([escape(p) for p in at],))
-            records = [SourceRecord(unescape(path), *rest) for path, *rest in cur.fetchall()]
+            records = [SourceRecord(unescape(path), size, mtime_ns, file_hash, model, unescape(processed))
+                       for path, size, mtime_ns, file_hash, model, processed in cur.fetchall()]
         return {record.file_path: record for record in records}
 
     def hash_for_path(self, file_path: str) -> str | None:

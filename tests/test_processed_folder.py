@@ -1,0 +1,82 @@
+"""A processed folder serves one source folder: its copies are named by their source's path inside
+``source-directory``, so a second source folder with files of the same paths would overwrite them and the
+first's rows would show the second's pictures. The folder records its source when it is first used (an
+earlier version's folder adopts the configured one), and a start with another source is a config error.
+Files only: the start refuses before any database or model (the CLI's exit code is in test_cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from image_search.config import Config, ConfigError, load_config
+from image_search.errors import ExitCode
+from image_search.runtime import open_runtime
+from image_search.sync import SOURCE_MARKER, claim_processed_folder
+from tests.support.files import save_picture, write_config
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return load_config(write_config(tmp_path))
+
+
+def processed_files(cfg: Config) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in cfg.processed_directory.rglob("*") if p.is_file()}
+
+
+def test_a_processed_folder_records_its_source_and_refuses_another(cfg: Config, tmp_path: Path) -> None:
+    claim_processed_folder(cfg)  # the first start
+    marker = cfg.processed_directory / SOURCE_MARKER
+    assert marker.read_bytes() == os.fsencode(cfg.source_directory.resolve())
+    save_picture(cfg.processed_directory / "a.png.jpg", seed=1)  # a copy made meanwhile
+    claim_processed_folder(cfg)  # the next start, with the same source
+    alias = tmp_path / "alias"
+    alias.symlink_to(cfg.source_directory)
+    claim_processed_folder(dataclasses.replace(cfg, source_directory=alias))  # the same folder, through a link
+    kept = processed_files(cfg)
+
+    other = tmp_path / "other-images"
+    save_picture(other / "a.png", seed=2)  # a file of the same path: its copy would take a.png.jpg's place
+    with pytest.raises(ConfigError) as refused:
+        claim_processed_folder(dataclasses.replace(cfg, source_directory=other))
+    assert refused.value.exit_code == ExitCode.USAGE
+    message = str(refused.value)
+    assert message.startswith(f"config key 'processed-directory' ({cfg.processed_directory}) holds the processed "
+                              f"copies of source-directory {cfg.source_directory.resolve()}, not of {other.resolve()}")
+    assert f"Give 'processed-directory' a folder of its own for {other.resolve()}" in message
+    assert processed_files(cfg) == kept  # nothing written, the marker as it was
+
+
+def test_an_earlier_versions_processed_folder_adopts_the_configured_source(cfg: Config, tmp_path: Path) -> None:
+    """Installed before processed folders recorded their source: copies there, no marker. The start goes on
+    with the configured source, which the folder records from then on; another is refused after that."""
+    save_picture(cfg.processed_directory / "album" / "c.png.jpg", seed=3)
+    copies = processed_files(cfg)
+    claim_processed_folder(cfg)
+    marker = cfg.processed_directory / SOURCE_MARKER
+    assert marker.read_bytes() == os.fsencode(cfg.source_directory.resolve())
+    assert {p: b for p, b in processed_files(cfg).items() if p != marker} == copies
+    with pytest.raises(ConfigError, match="holds the processed copies of source-directory"):
+        claim_processed_folder(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"))
+
+
+def test_an_entry_of_the_users_on_the_markers_name_is_a_config_error(cfg: Config) -> None:
+    (cfg.processed_directory / SOURCE_MARKER).mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"{cfg.processed_directory / SOURCE_MARKER}, which records")):
+        claim_processed_folder(cfg)
+
+
+def test_a_start_with_another_source_is_refused_before_the_database(cfg: Config, tmp_path: Path) -> None:
+    """``open_runtime``, every command's start: refused before any database starts (this unit tier would
+    fail the test if one did) and before anything is written into the processed folder."""
+    claim_processed_folder(cfg)
+    kept = processed_files(cfg)
+    with pytest.raises(ConfigError, match="holds the processed copies of source-directory"):
+        with open_runtime(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"), cleanup=False):
+            pass
+    assert processed_files(cfg) == kept
