@@ -9,6 +9,7 @@ their waits; each wait is generous and still a fraction of that lease. Nothing a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support.fleet import ChildMember, HostInANamespace, SharedServer
 from tests.support.files import find_bundle, inbox_files, save_picture
@@ -242,3 +244,23 @@ def test_a_member_whose_host_is_lost_without_a_word_is_dead_once_tcp_keepalives_
             child.close()
         observer.close()
         host.cleanup()
+
+
+def test_several_members_without_shared_index_are_warned_of_only_on_a_database_of_their_own(
+        tmp_path: Path, shared: SharedServer) -> None:
+    """On a PostgreSQL of its own ("postgres-host") a second member means another host: say "shared-index".
+    On the embedded server the others are this machine's own processes (a command run beside the service),
+    and "shared-index" would be refused there: no warning."""
+    cfg = load_config(shared.config(tmp_path, shared_index=False))  # undeclared
+    database = Database(cfg)
+    first = FleetMember.join(cfg, database)
+    try:
+        for embedded, warned in ((False, True), (True, False)):
+            joining = dataclasses.replace(cfg, postgres_host="") if embedded else cfg  # the rule reads the config
+            with capture_logs() as logs:
+                second = FleetMember.join(joining, database)
+            second.leave(empty_table=False)
+            assert [e["event"] for e in logs if e["event"] == "fleet_not_declared"] == (
+                ["fleet_not_declared"] if warned else [])
+    finally:
+        first.leave(empty_table=False)

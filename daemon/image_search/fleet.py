@@ -64,7 +64,9 @@ class FleetMember:
         member = cls(registry, joined.member, lease_s=cfg.member_lease_seconds, live_members=joined.live_members)
         log.info("fleet_joined", members=joined.live_members, member_id=joined.member.id,
                  shared_index=cfg.shared_index, lease_s=cfg.member_lease_seconds)
-        if joined.live_members > 1 and not cfg.shared_index:
+        # On the embedded server the others are this machine's own processes (the service and a command
+        # run beside it), which share the work by themselves: "shared-index" is for several hosts only.
+        if joined.live_members > 1 and not cfg.shared_index and not cfg.embedded_database:
             log.warning("fleet_not_declared", members=joined.live_members,
                         reason="other services use this database; they share the work, but say so with "
                                "\"shared-index\": true")

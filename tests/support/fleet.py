@@ -43,8 +43,8 @@ class SharedServer:
         self.host, self.port = str(info.socket_dir), info.port or 5432
 
     def config(self, root: Path, model_dir: Path | None = None, **overrides: object) -> Path:
-        return write_config(root, model_dir, postgres_host=self.host, postgres_port=self.port, shared_index=True,
-                            **overrides)
+        return write_config(root, model_dir, **{"postgres_host": self.host, "postgres_port": self.port,
+                                                "shared_index": True, **overrides})
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         return fetch_all(psycopg2.connect(host=self.host, port=self.port, user="postgres", dbname="postgres",

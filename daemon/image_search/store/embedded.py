@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -37,8 +38,30 @@ class EmbeddedPostgres:
                  duration_ms=round((time.monotonic() - started) * 1000))
 
     def stop(self) -> None:
-        self._server.cleanup()
-        log.info("embedded_postgres_stopped")
+        """Give up this process's handle: the server stops with its last one (pgserver counts them by pid),
+        so a command run beside the service leaves it running for the service, and says so."""
+        import psutil
+
+        from pgserver.postgres_server import PostgresServer
+
+        # pgserver's own count of the processes holding the server, which decides whether this stop stops it
+        try:
+            with PostgresServer._lock:  # the lock pgserver itself takes around the list (a file written whole)
+                others = [pid for pid in self._server.global_process_id_list.get() if pid != os.getpid()]
+        except (OSError, ValueError):
+            others = []  # unreadable: pgserver decides all the same, only this line cannot say which way
+        try:
+            self._server.cleanup()
+        except psutil.Error:
+            # The postmaster died (kill -9, a crash) while pgserver stopped it: pg_ctl found it still there,
+            # and it was gone before pgserver could kill it. Gone is what stopping wanted.
+            log.info("embedded_postgres_stopped", note="it had exited already")
+            return
+        if others:
+            log.info("embedded_postgres_left_running", reason="other processes still use it (e.g. the service "
+                     "beside this command): it stops with the last of them")
+        else:
+            log.info("embedded_postgres_stopped")
 
 
 def forget_dead_handles(data_directory: Path) -> None:

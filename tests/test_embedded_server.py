@@ -1,0 +1,75 @@
+"""The embedded PostgreSQL's handles: the server stops with the last process that uses it, and each
+process says what its own stop did. A command run beside the service (its own process, the point of
+this test) leaves the server running for the service and says so, rather than "stopped"."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import psycopg2
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.store.embedded import EmbeddedPostgres
+from tests.support.env import child_env
+from tests.support.failures import crash_embedded_database
+
+# The service's side: holds a handle until its stdin closes, then stops as the service does.
+SERVICE_SIDE = """
+import sys
+from pathlib import Path
+from image_search.store.embedded import EmbeddedPostgres
+server = EmbeddedPostgres(Path(sys.argv[1]))
+print(server.uri, flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+@pytest.mark.e2e
+def test_a_command_beside_the_service_leaves_the_server_running_and_says_so(tmp_path) -> None:
+    pgdata = tmp_path / "state" / "pgdata"
+    service = subprocess.Popen([sys.executable, "-c", SERVICE_SIDE, str(pgdata)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+    try:
+        uri = next(line for line in service.stdout if line.startswith("postgresql://")).strip()  # after its log line
+        with capture_logs() as logs:
+            command = EmbeddedPostgres(pgdata)  # `image-search search` run beside the service
+            command.stop()
+        assert [e["event"] for e in logs] == ["embedded_postgres_started", "embedded_postgres_left_running"]
+        psycopg2.connect(uri).close()  # still serving the service
+        service.stdin.close()  # the service stops: the last handle
+        output = service.stdout.read()
+        service.wait(timeout=60)
+        assert "embedded_postgres_stopped" in output and "left_running" not in output, output
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(uri, connect_timeout=5)
+    finally:
+        service.kill()
+        service.wait()
+        if (pgdata / "postmaster.pid").exists():  # a failed run leaves no server behind
+            crash_embedded_database(tmp_path / "state")
+
+
+class _ServerKilledMeanwhile:
+    """pgserver's handle when the postmaster died (kill -9) as it stopped it: psutil finds no process."""
+
+    class global_process_id_list:  # noqa: N801  # pgserver's name
+        @staticmethod
+        def get() -> list[int]:
+            return [os.getpid()]
+
+    def cleanup(self) -> None:
+        raise psutil.NoSuchProcess(12345, "postgres")
+
+
+@pytest.mark.unit
+def test_a_server_that_died_while_being_stopped_is_stopped_not_a_crash() -> None:
+    server = EmbeddedPostgres.__new__(EmbeddedPostgres)
+    server._server = _ServerKilledMeanwhile()
+    with capture_logs() as logs:
+        server.stop()
+    assert [(e["event"], e["note"]) for e in logs] == [("embedded_postgres_stopped", "it had exited already")]
