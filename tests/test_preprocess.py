@@ -405,6 +405,19 @@ def test_float_tiff_in_8_bit_range(tmp_path):
     _assert_gradient(prep(path, box=(1024, 1024)), 256)
 
 
+def test_float_tiff_on_a_scale_of_its_own_keeps_its_range(tmp_path):
+    """0-1000 (a measurement, a scientific camera): scaled by its peak, not clipped to white above 255."""
+    path = tmp_path / "float1000.tiff"
+    ramp = np.tile(np.linspace(0.0, 1000.0, 512, dtype=np.float32), (4, 1))
+    ramp[0, 0] = np.nan  # and a pixel with no value is black, not garbage
+    Image.fromarray(ramp, mode="F").save(path)
+    prepared = prep(path, box=(1024, 1024))
+    _assert_gradient(prepared, 512)
+    grey = np.asarray(prepared.image)[1, :, 0]
+    assert grey[-1] >= 250 and 120 <= grey[256] <= 136  # 1000 -> white, 500 -> mid-grey
+    assert np.asarray(prepared.image)[0, 0, 0] == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # EXIF orientation
 # --------------------------------------------------------------------------------------------------

@@ -399,10 +399,15 @@ def test_an_empty_range_of_dates_is_refused(tree: Tree, after: str, before: str)
     assert "give 'taken-after' earlier than 'taken-before' ('taken-after' is inclusive, 'taken-before' exclusive)" in reason
 
 
-@pytest.mark.parametrize("top_k", [0, 1001, -5, True, 10.5, 10.0])
+@pytest.mark.parametrize("top_k", [0, 1001, -5, True, 10.5, 1001.0])
 def test_top_k_out_of_range_or_not_a_whole_number(tree: Tree, top_k: object) -> None:
     assert tree.refused({"text": "x", "top-k": top_k}) == \
         f"'top-k' must be a whole number from 1 to 1000, got {json.dumps(top_k)}"
+
+
+def test_top_k_written_as_a_whole_float_is_that_number(tree: Tree) -> None:
+    """JSON has one kind of number: writers that print 10 as 10.0 mean 10."""
+    assert tree.parse(b'{"text": "x", "top-k": 10.0}').top_k == 10
 
 
 @pytest.mark.parametrize("floor", [1.5, -1.01, True, False])

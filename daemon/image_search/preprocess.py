@@ -189,8 +189,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
             arr = arr / 257.0
-        elif mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
+        elif mode == "F":
+            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold them
+            peak = arr.max(initial=0)
+            if peak <= 1.0:
+                arr = arr * 255.0
+            elif peak > 255.0:  # on a scale of its own (0-1000, say): its range, not a clip to white
+                arr = arr * (255.0 / peak)
         grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
         return grey.convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)

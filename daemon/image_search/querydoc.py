@@ -437,6 +437,8 @@ def _format(name: str, value: object) -> str:
 
 
 def _top_k(name: str, value: object) -> int:
+    if isinstance(value, float) and value.is_integer() and 1 <= value <= MAX_TOP_K:
+        value = int(value)  # JSON has one kind of number: a writer that prints 10 as 10.0 means 10
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
         raise _Invalid(f"{name} must be a whole number from 1 to {MAX_TOP_K}, got {_shown(value)}")
     return value
