@@ -14,15 +14,21 @@ from .connection import StoreError
 log = structlog.get_logger("image_search.store")
 
 
+def _pgserver():  # noqa: ANN202  # the module
+    """pgserver, imported where it is used (the CLI starts without it)."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers); its fallback is fine.
+        warnings.simplefilter("ignore")
+        import pgserver
+        import pgserver.postgres_server
+    return pgserver
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL 18 + pgvector server under ``state-directory``, stopped by ``stop``."""
 
     def __init__(self, data_directory: Path) -> None:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers); its fallback is fine.
-            warnings.simplefilter("ignore")
-            import pgserver
-
+        pgserver = _pgserver()
         data_directory.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         forget_dead_handles(data_directory)
@@ -42,7 +48,7 @@ class EmbeddedPostgres:
         so a command run beside the service leaves it running for the service, and says so."""
         import psutil
 
-        from pgserver.postgres_server import PostgresServer
+        PostgresServer = _pgserver().postgres_server.PostgresServer  # noqa: N806  # pgserver's class
 
         # pgserver's own count of the processes holding the server, which decides whether this stop stops it
         try:
