@@ -116,6 +116,9 @@ BAD_DOCUMENTS = {
     "dates.json": ({"text": "cat", "taken-after": "2024-01-01", "taken-before": "2023-01-01"}, "taken-after"),
     "escape.json": ({"image": "../../config.json"}, "leaves the folders a document may name"),
     "failed.json": ({"text": "cat"}, "may not be named failed.json"),  # inbox/failed/ is no document's folder
+    # A typo in a folder's name would otherwise read as "no picture passes the filters".
+    "typo.json": ({"text": "cat", "folder": [".", "2032"]}, "'folder' entry 2 \"2032\" names no folder of "
+                                                                "source-directory"),
 }
 
 

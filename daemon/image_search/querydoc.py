@@ -227,20 +227,10 @@ def _duplicates_request(doc: dict[str, object], source_directory: Path) -> Dupli
     if doc["duplicates"] is not True:
         raise _Invalid(f"'duplicates' must be true (to ask for the duplicates report), got {_shown(doc['duplicates'])}"
                        "; leave the key out for a search")
-    folder = _maybe(doc, "folder", lambda name, value: duplicates_folder(name, _named(value), source_directory))
+    folder = _maybe(doc, "folder", lambda name, value: _folder(name, _named(value), source_directory))
     kinds = _unique(_kind(name, part) for name, value in _entries(doc, "kind")
                     for part in (value.split(",") if isinstance(value, str) else [value]))
     return DuplicatesRequest(folder, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
-
-
-def duplicates_folder(name: str, value: object, source_directory: Path) -> str:
-    """A folder to report on: as a search's folder filter, and it must be a folder of source-directory
-    (a report over a name that holds nothing would look like "no duplicates")."""
-    folder = _folder(name, value, source_directory)
-    if not (source_directory / folder).is_dir():
-        raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
-                       "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
-    return folder
 
 
 def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Path) -> DuplicatesRequest:
@@ -248,7 +238,7 @@ def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Pa
     document's rules; ``QueryFlagError`` naming the flag."""
     try:
         return DuplicatesRequest(
-            None if folder is None else duplicates_folder("--folder", folder, source_directory),
+            None if folder is None else _folder("--folder", folder, source_directory),
             tuple(k for k in DUPLICATE_KINDS if k in {_kind("--kind", part) for part in kind.split(",")}))
     except _Invalid as exc:
         raise QueryFlagError(str(exc)) from None
@@ -368,8 +358,10 @@ def _path_value(name: str, value: str) -> str:
 
 
 def _folder(name: str, value: object, source_directory: Path) -> str:
-    """A folder relative to source-directory, normalised ('2023/./june/' is '2023/june'); an absolute
-    path inside source-directory is made relative; '..' that leaves it, or a path elsewhere, is refused."""
+    """A folder of source-directory that is there (for a search's filter and the duplicates report alike:
+    a typo in its name would otherwise answer "no picture passes the filters", or "no duplicates"),
+    relative to it and normalised ('2023/./june/' is '2023/june'); an absolute path inside source-directory
+    is made relative; '..' that leaves it, or a path elsewhere, is refused."""
     form = 'a folder of source-directory, relative to it, e.g. "2023/june"'
     if not isinstance(value, str):
         raise _Invalid(f"{name} must be {form} (a string, or a list of them), got {_shown(value)}")
@@ -377,14 +369,18 @@ def _folder(name: str, value: object, source_directory: Path) -> str:
         raise _Invalid(f"{name} is {'empty' if not value.strip() else 'not a path (NUL)'}: give {form}, or leave "
                        "it out to search every folder")
     if Path(value).is_absolute():
-        relative = _inside(Path(value), source_directory)
-        if relative is None:
+        inside = _inside(Path(value), source_directory)
+        if inside is None:
             raise _Invalid(f"{name} {_shown(value)} is outside source-directory ({escape(source_directory)}): "
                            f"give {form}")
-        return relative.as_posix()
-    relative = os.path.normpath(value)
-    if relative == ".." or relative.startswith("../"):
-        raise _Invalid(f"{name} {_shown(value)} leaves source-directory: give {form}")
+        relative = inside.as_posix()
+    else:
+        relative = os.path.normpath(value)
+        if relative == ".." or relative.startswith("../"):
+            raise _Invalid(f"{name} {_shown(value)} leaves source-directory: give {form}")
+    if not (source_directory / relative).is_dir():
+        raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
+                       "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
     return relative
 
 
