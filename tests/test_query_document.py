@@ -497,7 +497,9 @@ def config(tree: Tree, follow: str = "inside") -> Config:
 
 def test_reading_a_document_dropped_into_the_inbox(tree: Tree) -> None:
     tree.document.write_text(json.dumps({"image": "cat.jpg", "folder": "2023"}))
-    spec = read_query_document(tree.document, config(tree), config(tree).inbox_links)
+    document = read_query_document(tree.document, config(tree), config(tree).inbox_links)
+    assert document.given == {"image": "cat.jpg", "folder": "2023"}  # as written: a result records it so
+    spec = document.asks
     assert spec.terms[0].path == (tree.images / "cat.jpg").resolve() and spec.filters.folders == ("2023",)
     assert is_query_document(tree.document) and is_query_document(Path("Q.JSON"))
     assert not is_query_document(Path("q.txt")) and not is_query_document(Path("q.json.part"))
@@ -522,13 +524,13 @@ def test_reading_refuses_what_a_text_query_refuses(tree: Tree) -> None:
             read_query_document(tree.inbox / name, cfg, cfg.inbox_links)
         assert type(caught.value) is kind and expected in caught.value.reason, (name, caught.value.reason)
     # A document named on the command line (no link policy) may be a link; its pictures still may not.
-    assert read_query_document(tree.inbox / "link.json", cfg).terms[0].value == "x"
+    assert read_query_document(tree.inbox / "link.json", cfg).asks.terms[0].value == "x"
 
 
 def test_the_config_follow_symlinks_applies_to_pictures(tree: Tree) -> None:
     (tree.images / "favourite.jpg").symlink_to("cat.jpg")
     tree.document.write_text('{"image": "favourite.jpg"}')
-    assert read_query_document(tree.document, config(tree)).terms[0].path == (tree.images / "cat.jpg").resolve()
+    assert read_query_document(tree.document, config(tree)).asks.terms[0].path == (tree.images / "cat.jpg").resolve()
     with pytest.raises(QueryDocumentError, match="'follow-symlinks' is 'none'"):
         read_query_document(tree.document, config(tree, "none"))
 

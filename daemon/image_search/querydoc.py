@@ -108,14 +108,25 @@ def pictures_folder(path: Path) -> Path | None:
     return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
-def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QuerySpec | DuplicatesRequest:
-    """The query the document at ``path`` holds, its pictures found (``parse_query_document``); the file
-    is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a document
-    named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
+@dataclass(frozen=True)
+class QueryDocument:
+    """A query document as read: ``data``, its bytes as written (a result that does not move the file in
+    holds a copy of them); ``given``, its keys as given (a result's ``<stem>.json`` records them as
+    ``query``); ``asks``, the query, or the duplicates report, it asks for."""
+
+    data: bytes
+    given: dict[str, object]
+    asks: QuerySpec | DuplicatesRequest
+
+
+def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QueryDocument:
+    """The document at ``path``, its query understood and its pictures found (``parse_query_document``);
+    the file is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a
+    document named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
     path = Path(path)
     data = read_limited(path, links, MAX_QUERY_DOCUMENT_BYTES, QueryDocumentError, "a query document (JSON)")
-    return parse_query_document(data, path, source_directory=cfg.source_directory,
-                                follow=FollowLinks(cfg.follow_symlinks))
+    given, asks = _parse(data, path, source_directory=cfg.source_directory, follow=FollowLinks(cfg.follow_symlinks))
+    return QueryDocument(data, given, asks)
 
 
 def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
@@ -124,7 +135,12 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
     looked for in ``document_folder(path)``, then in ``source_directory``); each picture term's ``path``
     is the file it resolved to, which must lie inside the folder it was found in whatever ``follow`` says;
     with ``follow`` ``none`` no link on its way is followed at all."""
-    path = Path(path)
+    return _parse(data, Path(path), source_directory=source_directory, follow=follow)[1]
+
+
+def _parse(data: bytes, path: Path, *, source_directory: Path,
+           follow: FollowLinks) -> tuple[dict[str, object], QuerySpec | DuplicatesRequest]:
+    """``parse_query_document``, with the document's keys as given."""
     try:
         if not data:
             raise _Incomplete(f"empty file (0 bytes): write the query in it, e.g. {_EXAMPLE}")
@@ -133,8 +149,9 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
                            f"{MAX_QUERY_DOCUMENT_BYTES:,} bytes (64 KiB); a query is a few terms and filters")
         doc = _load_json(data)
         if isinstance(doc, dict) and "duplicates" in doc:
-            return _duplicates_request(doc, source_directory)
+            return doc, _duplicates_request(doc, source_directory)
         spec = _spec_from_document(doc, source_directory)
+        assert isinstance(doc, dict)  # _spec_from_document refuses anything else
         folders = (_Folder.of_document(path), _Folder.of_source(source_directory))
         terms = tuple(_found(term, folders, follow) if term.kind is TermKind.IMAGE else term for term in spec.terms)
     except _Missing as exc:
@@ -143,7 +160,7 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
         raise IncompleteQueryDocument(path, str(exc)) from None
     except _Invalid as exc:
         raise QueryDocumentError(path, str(exc)) from None
-    return replace(spec, terms=terms)
+    return doc, replace(spec, terms=terms)
 
 
 def spec_from_flags(*, texts: Sequence[str] = (), files: Sequence[Path] = (), unlike: Sequence[str] = (),

@@ -168,15 +168,15 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
 
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
-    None searches the file alone. A ``{"duplicates": true}`` document is answered by the duplicates
+    None searches the file alone. A document's own keys are its ``given``. A ``{"duplicates": true}`` document is answered by the duplicates
     report (``duplicates.write_report``): its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
-        asked = read_query_document(path, cfg, links)
-        if isinstance(asked, DuplicatesRequest):  # its answer is the duplicates report
-            return _report_duplicates(asked, path, cfg=cfg, store=store, move_query=move_query)
-        spec = asked
-        query = DocumentQuery(path, pictures_folder(path))
+        document = read_query_document(path, cfg, links)
+        if isinstance(document.asks, DuplicatesRequest):  # its answer is the duplicates report
+            return _report_duplicates(document.asks, path, cfg=cfg, store=store, move_query=move_query)
+        spec, given = document.asks, document.given  # a document takes no flags (``cli`` refuses them)
+        query = DocumentQuery(path, pictures_folder(path), document.data)
     elif is_text_query(path):
         text = spec.terms[0].value if spec is not None else read_text_query(path, links)
         spec = spec or single_term(TermKind.TEXT, text)
