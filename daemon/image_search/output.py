@@ -40,6 +40,7 @@ from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .hits import Hit
 from .query import QueryRecord
+from .wording import counted
 
 log = structlog.get_logger(__name__)
 
@@ -196,6 +197,8 @@ def _sheet_heading(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryR
     found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
     if asked is not None and not asked.completeness.complete:
         found += " (incomplete)"
+    if asked is not None and asked.not_yet_indexed:
+        found += f" ({counted(asked.not_yet_indexed, 'picture')} not indexed yet)"
     model = cfg.model_name
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         model = Path(model).name  # a local model directory: its name says enough on a picture
