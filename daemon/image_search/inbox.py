@@ -45,7 +45,7 @@ class QueryInbox:
 
     def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float,
                  stopping: Callable[[], bool] = lambda: False,
-                 not_yet_indexed: Callable[[], int] = lambda: 0) -> None:
+                 not_yet_indexed: Callable[[], int]) -> None:
         self.rt = rt
         self.folder = rt.cfg.inbox_directory
         self._stopping = stopping  # a look at the whole folder ends at the next entry once a stop is asked for
