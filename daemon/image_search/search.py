@@ -172,8 +172,9 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
     None searches the file alone. A document's own keys are its ``given``. ``not_yet_indexed``: the
-    pictures the service has noticed and not indexed yet (``QueryRecord``; None from a command). A ``{"duplicates": true}`` document is answered by the duplicates
-    report (``duplicates.write_report``): its folder is the result's ``bundle``."""
+    pictures the service has noticed and not indexed yet (``QueryRecord``; None from a command). A
+    ``{"duplicates": true}`` document is answered by the duplicates report (``duplicates.write_report``):
+    its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
         document = read_query_document(path, cfg, links)
