@@ -84,3 +84,11 @@ def test_only_the_weights_ratios_matter_however_large() -> None:
     a, b = unit(1, 0, 0), unit(0, 1, 0)
     assert np.allclose(combine([1e20, 1e20], np.stack([a, b])), combine([1, 1], np.stack([a, b])))
     assert np.allclose(combine([1e39, 1e38], np.stack([a, b])), combine([10, 1], np.stack([a, b])), atol=1e-6)
+
+
+def test_the_service_says_how_many_pictures_were_not_indexed_yet_when_it_answered():
+    spec = single_term(TermKind.TEXT, "cat")
+    during_a_burst = QueryRecord(spec, Completeness(True), 10, not_yet_indexed=3000).record()
+    assert during_a_burst["complete"] is True and during_a_burst["not-yet-indexed"] == 3000
+    assert QueryRecord(spec, Completeness(True), 10, not_yet_indexed=0).record()["not-yet-indexed"] == 0
+    assert "not-yet-indexed" not in QueryRecord(spec, Completeness(True), 10).record()  # a command indexes first

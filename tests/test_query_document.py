@@ -126,6 +126,8 @@ def test_lists_weighted_entries_and_unlike_terms(tree: Tree) -> None:
 
 
 def test_every_filter_top_k_and_floor_and_how_the_result_records_them(tree: Tree) -> None:
+    for folder in ("2023/june", "2024"):
+        (tree.images / folder).mkdir()
     spec = tree.parse({
         "image": "cat.jpg",
         "folder": ["2023/./june/", "/".join([str(tree.images), "2024"]), "2023/june"],
@@ -222,6 +224,7 @@ def test_a_name_with_a_real_backslash_is_written_with_two_and_one_alone_still_wo
 
 def test_a_folder_filter_takes_the_printed_name_too(tree: Tree) -> None:
     odd = os.fsdecode(b"caf\xe9")
+    (tree.images / odd / "2024").mkdir(parents=True)
     spec = tree.parse({"text": "x", "folder": "caf\\xe9/2024"})
     assert spec.filters.folders == (f"{odd}/2024",)
     assert spec.record()["folder"] == ["caf\\xe9/2024"]
@@ -384,6 +387,26 @@ def test_a_folder_that_leaves_source_directory(tree: Tree) -> None:
     assert f"'folder' \"/home\" is outside source-directory ({tree.images}): give a folder" in reason
 
 
+def test_a_folder_that_is_not_there_is_refused_as_the_duplicates_report_refuses_it(tree: Tree) -> None:
+    """A typo in a folder's name would otherwise answer "no picture passes the filters"."""
+    assert tree.refused({"text": "x", "folder": ["2023", "2032"]}) == (
+        f"'folder' entry 2 \"2032\" names no folder of source-directory ({tree.images}): give a folder that is "
+        "there, relative to source-directory, e.g. \"2023/june\"")
+    assert "names no folder" in tree.refused({"text": "x", "folder": "cat.jpg"})  # a file is no folder
+    assert tree.parse({"text": "x", "folder": ["2023/", "."]}).filters.folders == ("2023", ".")
+
+
+def test_search_refuses_a_folder_that_is_not_there_with_exit_code_2_before_indexing(
+        tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tree.root / "config.json"
+    config.write_text(json.dumps({"source-directory": str(tree.images), "inbox-directory": str(tree.inbox),
+                                  "output-directory": str(tree.root / "output"),
+                                  "processed-directory": str(tree.root / "processed"),
+                                  "state-directory": str(tree.root / "state")}))
+    assert main(["search", "--config", str(config), "--text", "x", "--folder", "2032"]) == ExitCode.USAGE
+    assert '--folder \"2032\" names no folder of source-directory' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["2023/05/06", "yesterday", "2023-13-01", "06.05.2023", ""])
 def test_a_date_that_is_not_iso_8601(tree: Tree, value: str) -> None:
     reason = tree.refused({"text": "x", "taken-before": value})
@@ -479,7 +502,9 @@ def config(tree: Tree, follow: str = "inside") -> Config:
 
 def test_reading_a_document_dropped_into_the_inbox(tree: Tree) -> None:
     tree.document.write_text(json.dumps({"image": "cat.jpg", "folder": "2023"}))
-    spec = read_query_document(tree.document, config(tree), config(tree).inbox_links)
+    document = read_query_document(tree.document, config(tree), config(tree).inbox_links)
+    assert document.given == {"image": "cat.jpg", "folder": "2023"}  # as written: a result records it so
+    spec = document.asks
     assert spec.terms[0].path == (tree.images / "cat.jpg").resolve() and spec.filters.folders == ("2023",)
     assert is_query_document(tree.document) and is_query_document(Path("Q.JSON"))
     assert not is_query_document(Path("q.txt")) and not is_query_document(Path("q.json.part"))
@@ -504,13 +529,13 @@ def test_reading_refuses_what_a_text_query_refuses(tree: Tree) -> None:
             read_query_document(tree.inbox / name, cfg, cfg.inbox_links)
         assert type(caught.value) is kind and expected in caught.value.reason, (name, caught.value.reason)
     # A document named on the command line (no link policy) may be a link; its pictures still may not.
-    assert read_query_document(tree.inbox / "link.json", cfg).terms[0].value == "x"
+    assert read_query_document(tree.inbox / "link.json", cfg).asks.terms[0].value == "x"
 
 
 def test_the_config_follow_symlinks_applies_to_pictures(tree: Tree) -> None:
     (tree.images / "favourite.jpg").symlink_to("cat.jpg")
     tree.document.write_text('{"image": "favourite.jpg"}')
-    assert read_query_document(tree.document, config(tree)).terms[0].path == (tree.images / "cat.jpg").resolve()
+    assert read_query_document(tree.document, config(tree)).asks.terms[0].path == (tree.images / "cat.jpg").resolve()
     with pytest.raises(QueryDocumentError, match="'follow-symlinks' is 'none'"):
         read_query_document(tree.document, config(tree, "none"))
 
@@ -523,6 +548,7 @@ def flags(*argv: str):  # noqa: ANN201
 
 
 def test_the_flags_make_the_same_query_a_document_would(tree: Tree, berlin: None) -> None:
+    (tree.images / "2024").mkdir()
     args = flags("cat.jpg", "--text", "a red bicycle", "--unlike", "a car", "--folder", "2023/", "--folder",
                  str(tree.images / "2024"), "--after", "2023-01-15", "--before", "2024-01-01T00:00Z",
                  "--camera", "canon", "--format", "JPG,png", "--format", "heif", "--top-k", "20",
@@ -565,6 +591,7 @@ def test_no_query_flags_is_no_filter(tree: Tree) -> None:
     (["--min-similarity", "2"], "--min-similarity must be a number from -1 to 1 (the cosine similarity a hit needs "
                                 "at least, e.g. 0.2), got 2.0"),
     (["--folder", "../x"], "--folder \"../x\" leaves source-directory"),
+    (["--folder", "2023", "--folder", "2032"], "--folder \"2032\" names no folder of source-directory"),
     (["--format", "png,raw"], "--format \"raw\" is not a format the index records"),
     (["--format", "png,"], "--format \"\" is not a format the index records"),
     (["--camera", ""], "--camera is empty"),

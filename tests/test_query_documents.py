@@ -53,6 +53,7 @@ def test_a_document_with_a_picture_from_its_folder_and_a_folder_filter(story_fac
     bundle, hits, record = answer(story, "trip.json")
     assert {Path(h["file_path"]).relative_to(story.images).as_posix() for h in hits} == {"2023/a.png", "2023/june/b.png"}
     assert record["complete"] is True and record["understood"]["folder"] == ["2023"]
+    assert record["query"] == {"image": "holiday.png", "folder": "2023", "top-k": 5}  # as given
     assert record["understood"]["terms"] == [{"kind": "image", "value": "holiday.png", "weight": 1.0, "unlike": False}]
     assert (bundle / "trip.query" / "holiday.png").read_bytes() == query_picture.read_bytes()
     assert json.loads((bundle / "trip.query.json").read_text())["folder"] == "2023"
@@ -116,6 +117,9 @@ BAD_DOCUMENTS = {
     "dates.json": ({"text": "cat", "taken-after": "2024-01-01", "taken-before": "2023-01-01"}, "taken-after"),
     "escape.json": ({"image": "../../config.json"}, "leaves the folders a document may name"),
     "failed.json": ({"text": "cat"}, "may not be named failed.json"),  # inbox/failed/ is no document's folder
+    # A typo in a folder's name would otherwise read as "no picture passes the filters".
+    "typo.json": ({"text": "cat", "folder": [".", "2032"]}, "'folder' entry 2 \"2032\" names no folder of "
+                                                            "source-directory"),
 }
 
 
@@ -195,3 +199,28 @@ def test_a_duplicates_document_gets_the_report_and_moves_into_it(story_factory, 
     assert json.loads((report / "summary.json").read_text())["kinds"] == ["copy", "near-copy"]
     assert (story.images / "trip" / "a-copy.png").is_file()  # nothing is deleted
     assert "names no folder of source-directory" in failure(story, "nowhere.json")
+
+
+def test_a_document_named_on_the_command_line_is_recorded_and_copied_into_its_result(story_factory, tmp_path,
+                                                                                   capsys) -> None:
+    """``search --query doc.json`` (``cli.run_searches``, over the story's runtime): the result folder
+    holds the document as written and its keys as given; the document stays where it is."""
+    from image_search.cli import run_searches
+
+    story = story_factory({"2023/a.png": 1, "b.png": 2})
+    document = tmp_path / "ask.json"
+    written = '{"text": "a photo",\n "folder": "2023", "top-k": 5}\n'
+    document.write_text(written, encoding="utf-8")
+    assert run_searches(story.service.rt, files=[document]) == 0
+    bundle = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((bundle / "ask.json").read_text())
+    assert record["query"] == {"text": "a photo", "folder": "2023", "top-k": 5}
+    assert "not-yet-indexed" not in record  # the command indexes first: nothing is left waiting
+    assert (bundle / "ask.query.json").read_text(encoding="utf-8") == written
+    assert document.read_text(encoding="utf-8") == written
+    # A folder named in bytes that are not UTF-8, given as JSON's own escape of its name: recorded as given.
+    (story.images / os.fsdecode(b"caf\xe9")).mkdir()
+    document.write_text(json.dumps({"text": "a photo", "folder": os.fsdecode(b"caf\xe9")}), encoding="utf-8")
+    assert run_searches(story.service.rt, files=[document]) == 0
+    bundle = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((bundle / "ask.json").read_text())["query"] == {"text": "a photo", "folder": "caf\udce9"}

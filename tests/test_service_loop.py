@@ -665,9 +665,28 @@ def test_a_query_jumps_the_ingest_queue(story_factory) -> None:
     story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "urgent.png")
     assert not story.service.step()  # noticed now, complete once the clock has moved on
     story.clock.advance(SETTLE + 0.01)
-    assert story.service.step()  # one pass: the query, not a batch of images
+    with capture_logs() as logs:
+        assert story.service.step()  # one pass: the query, not a batch of images
     assert story.bundle("urgent.png").is_dir()
     assert story.service.indexed == 1  # only the start-up's image so far
+    # The answer says that six pictures were still waiting: a picture among them may be missing from it.
+    assert answered_record(story, "urgent.png")["not-yet-indexed"] == 6
+    assert [e["not_yet_indexed"] for e in logs if e["event"] == "search_answered"] == [6]
+    shutil.copyfile(story.images / "a.png", story.inbox / "while-reading.png")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "while-reading.png")
+    assert story.service.step()  # noticed; the first batch of two is being read: not indexed yet either
+    assert len(story.service.images) == 4
+    story.clock.advance(SETTLE + 0.01)
+    assert story.service.step()
+    assert answered_record(story, "while-reading.png")["not-yet-indexed"] == 6
+    story.run_until_idle()
+    assert story.ask("later.png", story.images / "n5.png")[0] == str(story.images / "n5.png")
+    assert answered_record(story, "later.png")["not-yet-indexed"] == 0
+
+
+def answered_record(story, query_name: str) -> dict:
+    """The ``<stem>.json`` of the result folder that answered ``query_name``."""
+    return json.loads((story.bundle(query_name) / f"{Path(query_name).stem}.json").read_text())
 
 
 # --- the database and the watch -------------------------------------------------------------------

@@ -44,10 +44,13 @@ class QueryInbox:
     """The queries of one inbox folder, from noticed to answered or failed."""
 
     def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 not_yet_indexed: Callable[[], int]) -> None:
         self.rt = rt
         self.folder = rt.cfg.inbox_directory
         self._stopping = stopping  # a look at the whole folder ends at the next entry once a stop is asked for
+        # The pictures noticed and not indexed yet: each answer says how many (it is answered ahead of them).
+        self._not_yet_indexed = not_yet_indexed
         self.pending = ReadinessTracker(rt.cfg.settle_seconds, clock=clock)
         self.incomplete_grace = incomplete_grace
         self.answered = 0
@@ -169,7 +172,7 @@ class QueryInbox:
             return
         try:
             search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
-                        links=self.rt.cfg.inbox_links)
+                        links=self.rt.cfg.inbox_links, not_yet_indexed=self._not_yet_indexed())
         except NoTextTower as exc:
             self.fail(path, str(exc))
             return

@@ -62,6 +62,11 @@ class ImageIngest:
         self._bulk_considered_at = max(startup_backlog, 1)
         self._next_repair_look = images.clock() + REPAIR_LOOK_EVERY_S  # the loop's clock; the start looked
 
+    @property
+    def not_yet_indexed(self) -> int:
+        """The pictures noticed and not indexed yet: pending, or in a batch whose rows are not committed."""
+        return len(self.images) + sum(len(batch.paths) for batch in (*self._in_flight, *self._writing))
+
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
         self._consider_bulk_load()

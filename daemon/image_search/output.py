@@ -8,7 +8,8 @@
 - ``q.jpg``: the best match's processed image (absent when the index is empty);
 - ``q.sheet.jpg``: the contact sheet (the query, then the hits with rank, similarity and name);
 - the query itself: ``q.query.<ext>`` for a query file moved in from the inbox; a text query always
-  has ``q.query.txt`` (moved in, or written from the words when they came from the command line); a
+  has ``q.query.txt`` (moved in, or written from the words when they came from the command line), a
+  query document ``q.query.json`` (moved in, or a copy of the one named on the command line); a
   query document's folder of pictures (``inbox/q/``) moves in with it as ``q.query/``.
 
 The stem of an image query or a text query file is its file name's stem. A text query typed on the
@@ -39,6 +40,7 @@ from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .hits import Hit
 from .query import QueryRecord
+from .wording import counted
 
 log = structlog.get_logger(__name__)
 
@@ -137,10 +139,12 @@ class TextQuery:
 @dataclass(frozen=True)
 class DocumentQuery:
     """A query document (``querydoc``): the ``.json`` file, and ``folder``, its ``inbox/<stem>/`` of
-    pictures when there is one (it moves into the bundle with the document)."""
+    pictures when there is one (it moves into the bundle with the document); ``data``, the document's
+    bytes as read, which the bundle holds when the file itself stays where it is (``search --query``)."""
 
     path: Path
     folder: Path | None = None
+    data: bytes = b""
 
 
 Query = ImageQuery | TextQuery | DocumentQuery
@@ -193,6 +197,8 @@ def _sheet_heading(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryR
     found = f"{len(hits)} best match{'es' if len(hits) != 1 else ''}" if hits else "no matches"
     if asked is not None and not asked.completeness.complete:
         found += " (incomplete)"
+    if asked is not None and asked.not_yet_indexed:
+        found += f" ({counted(asked.not_yet_indexed, 'picture')} not indexed yet)"
     model = cfg.model_name
     if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         model = Path(model).name  # a local model directory: its name says enough on a picture
@@ -277,7 +283,9 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
             effective["query-text"] = text
         if asked is not None:
             effective.update(asked.record())
-        with open(tmp / f"{stem}.json", "w", encoding="utf-8") as fh:
+        # backslashreplace: a lone surrogate in the query as given (a document's "\udcff", a flag's bytes
+        # that are not UTF-8) is written as JSON's own \uXXXX escape, which reads back as given.
+        with open(tmp / f"{stem}.json", "w", encoding="utf-8", errors="backslashreplace") as fh:
             json.dump(effective, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
         with open(tmp / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
@@ -299,6 +307,8 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                 shutil.move(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
+        elif isinstance(query, DocumentQuery):  # a document left where it is: the bundle holds what it said
+            (tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}").write_bytes(query.data)
         return publish(tmp, output_dir, now)
     except BaseException:
         if moved_folder is not None and moved_folder.exists():

@@ -142,18 +142,23 @@ class QueryRecord:
     """What a result's ``<stem>.json`` says about its query: ``given``, the query as the user wrote it
     (the document, or the command line's flags; None for a plain picture or text), the query as
     understood (``spec``: terms with their weights, filters, top-k, floor) and whether the ranking is
-    complete."""
+    complete. ``not_yet_indexed``: how many pictures the service had noticed and not indexed yet when it
+    answered (queries are answered ahead of an ingest backlog, so one of them may be missing from the
+    hits, which ``complete`` cannot see); None where the answer came from a command, which indexes first."""
 
     spec: QuerySpec
     completeness: Completeness
     top_k: int
     given: dict[str, object] | None = None
+    not_yet_indexed: int | None = None
 
     def record(self) -> dict[str, object]:
-        """``query`` (as given), ``understood`` (terms, filters, top-k, floor) and ``complete``."""
+        """``query`` (as given), ``understood`` (terms, filters, top-k, floor), ``complete`` and
+        ``not-yet-indexed``."""
         understood = {**self.spec.record(), "top-k": self.top_k}  # the effective top-k, given or the config's
         given = {"query": self.given} if self.given is not None else {}
-        return {**given, "understood": understood, **self.completeness.record()}
+        waiting = {"not-yet-indexed": self.not_yet_indexed} if self.not_yet_indexed is not None else {}
+        return {**given, "understood": understood, **self.completeness.record(), **waiting}
 
 
 @dataclass(frozen=True)

@@ -108,14 +108,25 @@ def pictures_folder(path: Path) -> Path | None:
     return folder if folder.is_dir() and not folder.is_symlink() else None
 
 
-def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QuerySpec | DuplicatesRequest:
-    """The query the document at ``path`` holds, its pictures found (``parse_query_document``); the file
-    is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a document
-    named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
+@dataclass(frozen=True)
+class QueryDocument:
+    """A query document as read: ``data``, its bytes as written (a result that does not move the file in
+    holds a copy of them); ``given``, its keys as given (a result's ``<stem>.json`` records them as
+    ``query``); ``asks``, the query, or the duplicates report, it asks for."""
+
+    data: bytes
+    given: dict[str, object]
+    asks: QuerySpec | DuplicatesRequest
+
+
+def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None) -> QueryDocument:
+    """The document at ``path``, its query understood and its pictures found (``parse_query_document``);
+    the file is read as a ``.txt`` query is (``links``: see ``entries``; None follows any link, for a
+    document named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
     path = Path(path)
     data = read_limited(path, links, MAX_QUERY_DOCUMENT_BYTES, QueryDocumentError, "a query document (JSON)")
-    return parse_query_document(data, path, source_directory=cfg.source_directory,
-                                follow=FollowLinks(cfg.follow_symlinks))
+    given, asks = _parse(data, path, source_directory=cfg.source_directory, follow=FollowLinks(cfg.follow_symlinks))
+    return QueryDocument(data, given, asks)
 
 
 def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
@@ -124,7 +135,12 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
     looked for in ``document_folder(path)``, then in ``source_directory``); each picture term's ``path``
     is the file it resolved to, which must lie inside the folder it was found in whatever ``follow`` says;
     with ``follow`` ``none`` no link on its way is followed at all."""
-    path = Path(path)
+    return _parse(data, Path(path), source_directory=source_directory, follow=follow)[1]
+
+
+def _parse(data: bytes, path: Path, *, source_directory: Path,
+           follow: FollowLinks) -> tuple[dict[str, object], QuerySpec | DuplicatesRequest]:
+    """``parse_query_document``, with the document's keys as given."""
     try:
         if not data:
             raise _Incomplete(f"empty file (0 bytes): write the query in it, e.g. {_EXAMPLE}")
@@ -133,8 +149,9 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
                            f"{MAX_QUERY_DOCUMENT_BYTES:,} bytes (64 KiB); a query is a few terms and filters")
         doc = _load_json(data)
         if isinstance(doc, dict) and "duplicates" in doc:
-            return _duplicates_request(doc, source_directory)
+            return doc, _duplicates_request(doc, source_directory)
         spec = _spec_from_document(doc, source_directory)
+        assert isinstance(doc, dict)  # _spec_from_document refuses anything else
         folders = (_Folder.of_document(path), _Folder.of_source(source_directory))
         terms = tuple(_found(term, folders, follow) if term.kind is TermKind.IMAGE else term for term in spec.terms)
     except _Missing as exc:
@@ -143,7 +160,7 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
         raise IncompleteQueryDocument(path, str(exc)) from None
     except _Invalid as exc:
         raise QueryDocumentError(path, str(exc)) from None
-    return replace(spec, terms=terms)
+    return doc, replace(spec, terms=terms)
 
 
 def spec_from_flags(*, texts: Sequence[str] = (), files: Sequence[Path] = (), unlike: Sequence[str] = (),
@@ -227,20 +244,10 @@ def _duplicates_request(doc: dict[str, object], source_directory: Path) -> Dupli
     if doc["duplicates"] is not True:
         raise _Invalid(f"'duplicates' must be true (to ask for the duplicates report), got {_shown(doc['duplicates'])}"
                        "; leave the key out for a search")
-    folder = _maybe(doc, "folder", lambda name, value: duplicates_folder(name, _named(value), source_directory))
+    folder = _maybe(doc, "folder", lambda name, value: _folder(name, _named(value), source_directory))
     kinds = _unique(_kind(name, part) for name, value in _entries(doc, "kind")
                     for part in (value.split(",") if isinstance(value, str) else [value]))
     return DuplicatesRequest(folder, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
-
-
-def duplicates_folder(name: str, value: object, source_directory: Path) -> str:
-    """A folder to report on: as a search's folder filter, and it must be a folder of source-directory
-    (a report over a name that holds nothing would look like "no duplicates")."""
-    folder = _folder(name, value, source_directory)
-    if not (source_directory / folder).is_dir():
-        raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
-                       "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
-    return folder
 
 
 def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Path) -> DuplicatesRequest:
@@ -248,7 +255,7 @@ def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Pa
     document's rules; ``QueryFlagError`` naming the flag."""
     try:
         return DuplicatesRequest(
-            None if folder is None else duplicates_folder("--folder", folder, source_directory),
+            None if folder is None else _folder("--folder", folder, source_directory),
             tuple(k for k in DUPLICATE_KINDS if k in {_kind("--kind", part) for part in kind.split(",")}))
     except _Invalid as exc:
         raise QueryFlagError(str(exc)) from None
@@ -368,8 +375,10 @@ def _path_value(name: str, value: str) -> str:
 
 
 def _folder(name: str, value: object, source_directory: Path) -> str:
-    """A folder relative to source-directory, normalised ('2023/./june/' is '2023/june'); an absolute
-    path inside source-directory is made relative; '..' that leaves it, or a path elsewhere, is refused."""
+    """A folder of source-directory that is there (for a search's filter and the duplicates report alike:
+    a typo in its name would otherwise answer "no picture passes the filters", or "no duplicates"),
+    relative to it and normalised ('2023/./june/' is '2023/june'); an absolute path inside source-directory
+    is made relative; '..' that leaves it, or a path elsewhere, is refused."""
     form = 'a folder of source-directory, relative to it, e.g. "2023/june"'
     if not isinstance(value, str):
         raise _Invalid(f"{name} must be {form} (a string, or a list of them), got {_shown(value)}")
@@ -377,14 +386,18 @@ def _folder(name: str, value: object, source_directory: Path) -> str:
         raise _Invalid(f"{name} is {'empty' if not value.strip() else 'not a path (NUL)'}: give {form}, or leave "
                        "it out to search every folder")
     if Path(value).is_absolute():
-        relative = _inside(Path(value), source_directory)
-        if relative is None:
+        inside = _inside(Path(value), source_directory)
+        if inside is None:
             raise _Invalid(f"{name} {_shown(value)} is outside source-directory ({escape(source_directory)}): "
                            f"give {form}")
-        return relative.as_posix()
-    relative = os.path.normpath(value)
-    if relative == ".." or relative.startswith("../"):
-        raise _Invalid(f"{name} {_shown(value)} leaves source-directory: give {form}")
+        relative = inside.as_posix()
+    else:
+        relative = os.path.normpath(value)
+        if relative == ".." or relative.startswith("../"):
+            raise _Invalid(f"{name} {_shown(value)} leaves source-directory: give {form}")
+    if not (source_directory / relative).is_dir():
+        raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
+                       "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
     return relative
 
 

@@ -105,9 +105,10 @@ def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: Lin
 
 def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
                  given: dict[str, object] | None = None, now: datetime | None = None, move_query: bool = False,
-                 links: LinkPolicy | None = None) -> SearchResult:
+                 links: LinkPolicy | None = None, not_yet_indexed: int | None = None) -> SearchResult:
     """Search with one query and write its result bundle: ``spec`` is what is searched, ``query`` how
-    the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags)."""
+    the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags);
+    ``not_yet_indexed``: the pictures the service has noticed and not indexed yet (``QueryRecord``)."""
     started = time.monotonic()
     named = query.path if query.path is not None else Path("typed text")
     vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named)
@@ -115,7 +116,7 @@ def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedd
     ranking = store.ranking(vector, top_k, filters=spec.filters, min_similarity=spec.min_similarity)
     if isinstance(query, ImageQuery) and query.picture is None:
         query = ImageQuery(query.path, picture)
-    asked = QueryRecord(spec, ranking.completeness, top_k, given)
+    asked = QueryRecord(spec, ranking.completeness, top_k, given, not_yet_indexed)
     bundle = write_result_bundle(cfg.output_directory, query, ranking.hits, cfg, now=now, move_query=move_query,
                                  asked=asked)
     text = query.text if isinstance(query, TextQuery) else None
@@ -128,6 +129,8 @@ def _log_answer(hits: list[Hit], bundle: Path, started: float, asked: QueryRecor
     fields = {**query, "result": bundle, "hits": len(hits), "duration_ms": round((time.monotonic() - started) * 1000)}
     if not asked.completeness.complete:
         fields["incomplete"] = asked.completeness.reason
+    if asked.not_yet_indexed is not None:
+        fields["not_yet_indexed"] = asked.not_yet_indexed
     spec = asked.spec
     if hits:
         log.info("search_answered", best=Path(hits[0].file_path), similarity=round(hits[0].similarity, 4), **fields)
@@ -160,7 +163,7 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
 
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, move_query: bool = False,
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
-                given: dict[str, object] | None = None) -> SearchResult:
+                given: dict[str, object] | None = None, not_yet_indexed: int | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
     is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
@@ -168,15 +171,17 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
 
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
-    None searches the file alone. A ``{"duplicates": true}`` document is answered by the duplicates
-    report (``duplicates.write_report``): its folder is the result's ``bundle``."""
+    None searches the file alone. A document's own keys are its ``given``. ``not_yet_indexed``: the
+    pictures the service has noticed and not indexed yet (``QueryRecord``; None from a command). A
+    ``{"duplicates": true}`` document is answered by the duplicates report (``duplicates.write_report``):
+    its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
-        asked = read_query_document(path, cfg, links)
-        if isinstance(asked, DuplicatesRequest):  # its answer is the duplicates report
-            return _report_duplicates(asked, path, cfg=cfg, store=store, move_query=move_query)
-        spec = asked
-        query = DocumentQuery(path, pictures_folder(path))
+        document = read_query_document(path, cfg, links)
+        if isinstance(document.asks, DuplicatesRequest):  # its answer is the duplicates report
+            return _report_duplicates(document.asks, path, cfg=cfg, store=store, move_query=move_query)
+        spec, given = document.asks, document.given  # a document takes no flags (``cli`` refuses them)
+        query = DocumentQuery(path, pictures_folder(path), document.data)
     elif is_text_query(path):
         text = spec.terms[0].value if spec is not None else read_text_query(path, links)
         spec = spec or single_term(TermKind.TEXT, text)
@@ -185,7 +190,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         spec = spec or single_term(TermKind.IMAGE, str(path), path)
         query = ImageQuery(path)
     return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
-                        links=links)
+                        links=links, not_yet_indexed=not_yet_indexed)
 
 
 def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, store: EmbeddingStore,

@@ -98,7 +98,8 @@ class Service:
         # The walks of the folders (the rescans, the queries waiting at start) end at the next entry once a
         # stop is asked for: one of a large library on a slow share takes longer than systemd waits.
         self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set)
-        self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set)
+        self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
+                                not_yet_indexed=lambda: self._ingest.not_yet_indexed)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
         # The database away, or the disk of processed/ or output/ full or refusing writes: the work waits,
