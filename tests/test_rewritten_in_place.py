@@ -84,7 +84,8 @@ def test_another_picture_renamed_over_it_with_size_and_mtime_kept_is_indexed_aga
     assert story.ask("q.png", other)[0] == str(a)  # it answers as the new picture
 
 
-def test_the_same_bytes_written_again_are_read_with_no_model_work_and_a_chmod_is_not_read(story_factory, embedder, monkeypatch) -> None:
+def test_the_same_bytes_written_again_are_read_with_no_model_work_and_a_chmod_is_not_read(story_factory, embedder,
+                                                                                         monkeypatch) -> None:
     story = story_factory({"a.png": 1})
     a = story.images / "a.png"
     before = story.rows()
@@ -105,3 +106,23 @@ def test_the_same_bytes_written_again_are_read_with_no_model_work_and_a_chmod_is
     with capture_logs() as logs:
         story.run_until_idle()
     assert not [e for e in logs if e["event"] in ("image_reread", "images_indexed")]
+
+
+def test_a_picture_rewritten_then_renamed_before_it_was_read_is_read_at_its_new_name(story_factory) -> None:
+    """Its row no longer describes it: the path must not follow the file with the old content's row."""
+    story = story_factory({"a.png": 1, "album/c.png": 3})
+    a, c = story.images / "a.png", story.images / "album" / "c.png"
+    other = save_picture(story.cfg.source_directory.parent / "other.png", seed=9, size=(60, 40)).read_bytes()
+    for path in (a, c):
+        rewrite_keeping_size_and_mtime(path, same_length(other, path.stat().st_size))
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+    story.service.step()  # noticed, not read yet
+    os.rename(a, story.images / "b.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, a, dest=story.images / "b.png")
+    os.rename(story.images / "album", story.images / "trip")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "album", dest=story.images / "trip", is_directory=True)
+    story.run_until_idle()
+    rows = story.rows()
+    for moved in (story.images / "b.png", story.images / "trip" / "c.png"):
+        assert rows[str(moved)]["file_hash"] == hashlib.md5(moved.read_bytes()).hexdigest()
+    assert set(rows) == {str(story.images / "b.png"), str(story.images / "trip" / "c.png")}

@@ -41,7 +41,7 @@ from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import compare_folder, is_current, stat_or_none
+from .sync import compare_folder, is_current, remove_processed, stat_or_none
 from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -140,6 +140,13 @@ def _gone_paths(to_embed: Sequence[_Read], stored: dict[str, StoredContent]) -> 
     """Paths of content being embedded again (another model's) that are no longer files: they leave it."""
     return [p for r in to_embed if (content := stored.get(r.image.file_hash)) is not None
             for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file()]
+
+
+def _remove_copies_of(gone: Sequence[str], cfg: Config) -> None:
+    """The processed copies and thumbnails of ``gone``, paths whose file is no longer there and whose rows
+    were just dropped: ``processed/`` holds one copy per stored path, not one per path a file ever had."""
+    for path in gone:
+        remove_processed(cfg, Path(path))
 
 
 def _batch_keys(prepared: Sequence[tuple[_Candidate, PreparedImage]]) -> set[str]:
@@ -412,6 +419,7 @@ class Indexer:
         copy = path not in content.paths and bool(kept)
         if not self._record(read, metadata=None if copy else read.image.metadata, replaces=gone):
             return False
+        _remove_copies_of(gone, self.cfg)  # a file moved where its move went unseen: its copies are made anew
         if copy:
             _copy_found(read, Path(kept[0]), summary)
         else:
@@ -438,6 +446,7 @@ class Indexer:
         def then(store: EmbeddingStore) -> None:
             if gone:
                 store.delete_paths(gone)
+                _remove_copies_of(gone, self.cfg)
             for read in later:
                 self._record(read, store=store)
 

@@ -610,15 +610,19 @@ class FolderSync:
                 log.info("rows_removed", path=path, count=1, reason=reason)
 
     def _file_moved(self, src: Path, dest: Path) -> None:
-        """A rename inside the folder: the embedding follows the file, no model work."""
+        """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
+        copy and thumbnail, also when ``dest`` is queued already (the walk of a folder made just before
+        found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind."""
+        changed = src in self.pending  # noticed since its row was written: the row may not be its content
         self.pending.forget(src)
-        if dest in self.pending:
-            return  # still settling; it will be indexed (or relinked by hash) when ready
         file_hash = self.store.hash_for_path(str(src))
-        if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
-            # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and
-            # mtime may be the old picture's), or its processed copy is missing.
+        if changed or file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
+            # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime
+            # may be the old picture's), changed, or its processed copy is missing: read at ``dest``, its
+            # content found stored or not, and ``src``'s path (a file no longer) leaves with its copies.
             self._noticed(dest, closed=True, written=True)
+        else:
+            self.pending.forget(dest)  # whatever was queued there is gone: the file there is as its row says
         if file_hash is not None:
             self._forget_dead_copies({file_hash})  # links to the old name lead nowhere now
 
@@ -626,12 +630,15 @@ class FolderSync:
         if dest is None:
             self._source_gone(src, True)
             return
-        self.pending.forget_under(src)
         moved = {p: r for p, r in self.store.sources().items() if Path(p).is_relative_to(src)}
+        changed = {p for p in moved if Path(p) in self.pending}  # noticed since their rows were written
+        self.pending.forget_under(src)
         for old, record in moved.items():
             new = dest / Path(old).relative_to(src)
-            if new.is_file() and not relink(self.cfg, self.store, Path(old), new, record.file_hash):
+            if new.is_file() and (old in changed or not relink(self.cfg, self.store, Path(old), new, record.file_hash)):
                 self.pending.note(new)
+        # The changed ones are read at their new paths; their old paths lead nowhere now.
+        self._forget_dead_copies({moved[p].file_hash for p in changed})
         for path in self._scan(dest):
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)
