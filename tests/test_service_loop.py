@@ -166,11 +166,11 @@ def test_held_startup_query_is_answered_once_the_backlogs_rows_are_committed(sto
     shutil.copyfile(story.images / "p5.png", story.inbox / "held.png")
     submit, finish, submitted = Indexer.submit, Indexer.finish, []
 
-    def flaky_submit(self, paths):
+    def flaky_submit(self, paths, **how):
         submitted.append(paths)
         if len(submitted) in range(2, 2 + outages):
             raise DatabaseUnavailable("database error: the test's outage")
-        return submit(self, paths)
+        return submit(self, paths, **how)
 
     def slow_finish(self, batch):
         story.clock.advance(SETTLE + 0.01)

@@ -170,6 +170,27 @@ def test_forget_and_forget_under(tmp_path: Path, clock: FakeClock) -> None:
     assert len(tracker) == 0
 
 
+def test_a_path_seen_written_keeps_its_mark_until_it_is_taken_or_forgotten(tmp_path: Path, clock: FakeClock) -> None:
+    """A rewrite keeping size and mtime leaves no trace a stat can see: the mark is what says "read it"."""
+    tracker = ReadinessTracker(1.0, clock=clock)
+    (tmp_path / "sub").mkdir()
+    a, b, c = (_file(tmp_path / name) for name in ("a.png", "b.png", "sub/c.png"))
+    tracker.note(a, closed=True, reread=True)
+    tracker.note(a)  # then its mtime set back (an attribute change): still to be read again
+    tracker.note(b)  # noticed, never seen written
+    tracker.note(c, reread=True)
+    clock.advance(1.01)
+    ready = tracker.pop_ready(limit=10)
+    assert set(ready) == {a, b, c}
+    assert tracker.take_reread([a, b]) == {a}
+    assert tracker.take_reread([a, b]) == frozenset()  # taken once: a later write marks it again
+    tracker.forget_under(tmp_path / "sub")
+    assert tracker.take_reread([c]) == frozenset()
+    tracker.note(a, reread=True)
+    tracker.forget(a)
+    assert tracker.take_reread([a]) == frozenset()
+
+
 def test_pop_ready_honours_limit_in_due_order(tmp_path: Path, clock: FakeClock) -> None:
     tracker = ReadinessTracker(1.0, clock=clock)
     paths = []
@@ -284,6 +305,24 @@ def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
         marker.write_bytes(b"m")
         got = _collect(changes, lambda s: any(c.path == marker and c.kind is ChangeKind.CLOSED for c in s))
         assert not [c for c in got if c.path == a], got  # opening and reading a changes nothing
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
+def test_folder_handler_reports_an_attribute_change_apart_from_a_write(tmp_path: Path) -> None:
+    """chmod and touch change no content: a stat tells whether to read the file again; a write always does."""
+    watched = tmp_path / "images"
+    watched.mkdir()
+    a = _file(watched / "a.png")
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({Folder.IMAGES: WatchedFolder(watched, True)}, changes, poll=False)
+    try:
+        armed = _file(watched / "armed.png")
+        assert _collect(changes, lambda s: any(c.path == armed and c.kind is ChangeKind.CLOSED for c in s))
+        os.chmod(a, 0o600)
+        got = _collect(changes, lambda s: any(c.path == a for c in s))
+        assert [c.kind for c in got if c.path == a] == [ChangeKind.ATTRIBUTES]
     finally:
         observer.stop()
         observer.join(timeout=5)

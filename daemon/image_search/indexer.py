@@ -19,9 +19,10 @@ device after it (one device, one queue of work); the other files still take the 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from functools import partial
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import compare_folder, is_current, stat_or_none
+from .sync import compare_folder, is_current, remove_processed, stat_or_none
 from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -141,6 +142,13 @@ def _gone_paths(to_embed: Sequence[_Read], stored: dict[str, StoredContent]) -> 
             for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file()]
 
 
+def _remove_copies_of(gone: Sequence[str], cfg: Config) -> None:
+    """The processed copies and thumbnails of ``gone``, paths whose file is no longer there and whose rows
+    were just dropped: ``processed/`` holds one copy per stored path, not one per path a file ever had."""
+    for path in gone:
+        remove_processed(cfg, Path(path))
+
+
 def _batch_keys(prepared: Sequence[tuple[_Candidate, PreparedImage]]) -> set[str]:
     """The hashes and paths a batch reads and writes (what a queued write must not change under it)."""
     return {image.file_hash for _, image in prepared} | {str(c.path) for c, _ in prepared}
@@ -152,15 +160,16 @@ def _copy_found(read: _Read, same_as: Path, summary: IndexSummary) -> None:
 
 
 def _changed_batches(paths: Iterable[Path], known: dict[str, SourceRecord], summary: IndexSummary,
-                     progress: Callable[[int], None] | None, *, size: int,
-                     model_name: str) -> Iterator[list[_Candidate]]:
+                     progress: Callable[[int], None] | None, *, size: int, model_name: str,
+                     reread: Collection[Path] = frozenset()) -> Iterator[list[_Candidate]]:
     """Batches of the files that need reading; unchanged ones whose processed copies are there
-    (``sync.is_current``) and vanished ones are counted in ``summary`` and never opened."""
+    (``sync.is_current``) and vanished ones are counted in ``summary`` and never opened. ``reread``: files
+    the watcher saw written, read whatever their stat says (their content hashed: no model work if stored)."""
     batch: list[_Candidate] = []
     for path in paths:
         summary.seen += 1
         st = stat_or_none(path)
-        if st is not None and not is_current(known.get(str(path)), st, model_name):
+        if st is not None and _to_read(path, st, known.get(str(path)), model_name, reread):
             batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
             if len(batch) >= size:
                 yield batch
@@ -175,6 +184,19 @@ def _changed_batches(paths: Iterable[Path], known: dict[str, SourceRecord], summ
             progress(1)
     if batch:
         yield batch
+
+
+def _to_read(path: Path, st: os.stat_result, record: SourceRecord | None, model_name: str,
+             reread: Collection[Path]) -> bool:
+    """The file at ``path`` is to be read: it differs from its row (``sync.is_current``), or the watcher saw
+    it written (``reread``), which a rewrite keeping its size and mtime leaves no other trace of."""
+    if not is_current(record, st, model_name):
+        return True
+    if path not in reread:
+        return False
+    log.info("image_reread", path=path, reason="written while watched, its size and mtime as stored: read again "
+             "to compare its content")
+    return True
 
 
 def _jpeg_device(embedder: Embedder, cfg: Config, requested: str | None) -> str | None:
@@ -221,6 +243,7 @@ class BatchInFlight:
     summary: IndexSummary
     candidates: list[_Candidate]
     preparing: PreparingBatch | None
+    reread: frozenset[Path] = frozenset()  # seen written: read again whatever their stat, if it goes back to pending
     write: Ticket | None = None
 
     @property
@@ -303,17 +326,18 @@ class Indexer:
         self.flush()
         return summary
 
-    def submit(self, paths: Sequence[Path]) -> BatchInFlight:
+    def submit(self, paths: Sequence[Path], *, reread: frozenset[Path] = frozenset()) -> BatchInFlight:
         """Start one batch (``paths``, at most ``read_batch_size``): the look at each file's stat now, the
         reading and decoding in the background; ``finish`` embeds and writes it. The service keeps two in
-        flight, so the next batch is read while this one is embedded, as ``index_paths`` does."""
+        flight, so the next batch is read while this one is embedded, as ``index_paths`` does. ``reread``:
+        the paths the watcher saw written, read whatever their stat says."""
         summary = IndexSummary()
         known = self.store.sources(str(p) for p in paths)
         batches = _changed_batches(paths, known, summary, None, size=self.read_batch_size,
-                                   model_name=self.cfg.model_name)
+                                   model_name=self.cfg.model_name, reread=reread)
         candidates = [c for batch in batches for c in batch]
         preparing = (self._gpu or self._pool).submit([c.path for c in candidates]) if candidates else None
-        return BatchInFlight(tuple(paths), summary, candidates, preparing)
+        return BatchInFlight(tuple(paths), summary, candidates, preparing, reread=reread)
 
     def finish(self, batch: BatchInFlight) -> IndexSummary:
         """Wait for a submitted batch's files, embed what is new and hand its rows to the writer
@@ -395,6 +419,7 @@ class Indexer:
         copy = path not in content.paths and bool(kept)
         if not self._record(read, metadata=None if copy else read.image.metadata, replaces=gone):
             return False
+        _remove_copies_of(gone, self.cfg)  # a file moved where its move went unseen: its copies are made anew
         if copy:
             _copy_found(read, Path(kept[0]), summary)
         else:
@@ -421,6 +446,7 @@ class Indexer:
         def then(store: EmbeddingStore) -> None:
             if gone:
                 store.delete_paths(gone)
+                _remove_copies_of(gone, self.cfg)
             for read in later:
                 self._record(read, store=store)
 

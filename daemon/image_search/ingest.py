@@ -130,23 +130,26 @@ class ImageIngest:
     def _submit_ready(self) -> bool:
         if len(self._in_flight) >= PIPELINE_DEPTH:
             return False
-        ready = self.images.pop_ready(limit=self.indexer.read_batch_size)
+        popped = self.images.pop_ready(limit=self.indexer.read_batch_size)
         # Another service sharing the database may hold some: those come back after a lease.
-        ready = self.rt.claims.take(ClaimKind.IMAGE, ready, self.images) if ready else []
+        ready = self.rt.claims.take(ClaimKind.IMAGE, popped, self.images) if popped else []
+        # Seen written: read whatever their stat says. A path another service holds loses its mark too: that
+        # service reads it, and its row costs nothing once it is there.
+        reread = self.images.take_reread(popped)
         if not ready:
             return False
         try:
-            self._in_flight.append(self.indexer.submit(ready))
+            self._in_flight.append(self.indexer.submit(ready, reread=reread))
         except DatabaseUnavailable:
-            self._requeue(ready)
+            self._requeue(ready, reread)
             raise
         return True
 
-    def _requeue(self, paths: Sequence[Path]) -> None:
+    def _requeue(self, paths: Sequence[Path], reread: frozenset[Path]) -> None:
         """Paths whose batch could not be written (the database went away, processed/ refused a copy):
-        pending again, not lost."""
+        pending again, not lost; those seen written are still to be read whatever their stat says."""
         for path in paths:
-            self.images.note(path)
+            self.images.note(path, reread=path in reread)
         self.rt.claims.release(ClaimKind.IMAGE, paths)
 
     def _finish_oldest(self) -> None:
@@ -154,7 +157,7 @@ class ImageIngest:
         try:
             self.indexer.finish(batch)
         except (DatabaseUnavailable, OutputUnwritable):  # the service waits, then reads them again
-            self._requeue(batch.paths)
+            self._requeue(batch.paths, batch.reread)
             raise
         self._writing.append(batch)
         self._confirm_written()
@@ -182,7 +185,7 @@ class ImageIngest:
         while self._writing and self._writing[0].settled:
             batch = self._writing.popleft()
             if batch.write is not None and batch.write.error is not None:
-                self._requeue(batch.paths)
+                self._requeue(batch.paths, batch.reread)
                 failure = failure or batch.write.error
             else:
                 self._indexed(batch)
@@ -194,7 +197,7 @@ class ImageIngest:
         self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
         self.startup_backlog -= len(batch.paths) - len(summary.deferred)  # deferred: pending again
         for path in summary.deferred:
-            self.images.note(path)  # still being written: wait for it again
+            self.images.note(path, reread=path in batch.reread)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked + summary.copies
         self.skipped += len(summary.skipped)
         self.sync.reported_elsewhere(summary.skipped)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,10 @@ class ReadinessTracker:
     entry moves to the end of its queue), so ``pop_ready`` only looks at the fronts and costs nothing
     while files are still arriving. One queue would not do: a closed file noted after a settling one
     is due first and must not wait behind it.
+
+    A path noted ``reread`` (the watcher saw it written) keeps that mark, whatever notes follow, until
+    whoever reads it takes the mark (``take_reread``) or the path is forgotten: a picture rewritten with
+    its size and mtime kept (``exiftool -P``) looks unchanged to a stat, and must be read all the same.
     """
 
     def __init__(self, settle: float, *, clock: Callable[[], float], closed_grace: float = 0.05) -> None:
@@ -50,6 +54,7 @@ class ReadinessTracker:
         self._closed: dict[Path, _Pending] = {}
         self._retrying: dict[Path, _Pending] = {}
         self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
+        self._reread: set[Path] = set()  # seen written since they were last taken: read whatever their stat
         self._newest = float("-inf")  # when the last path that was not waiting already was noticed
 
     def _queues(self) -> tuple[dict[Path, _Pending], ...]:
@@ -65,14 +70,18 @@ class ReadinessTracker:
         for queue_ in self._queues():
             queue_.pop(path, None)
 
-    def note(self, path: Path, *, closed: bool = False, retry_after: float | None = None) -> None:
-        """A path was created, written or closed: (re)start its wait. ``retry_after``: look at it again
-        only after that many seconds (always the same length, e.g. the fleet's lease)."""
+    def note(self, path: Path, *, closed: bool = False, reread: bool = False,
+             retry_after: float | None = None) -> None:
+        """A path was created, written or closed: (re)start its wait. ``reread``: it was seen written, to be
+        read whatever its stat says (``take_reread``). ``retry_after``: look at it again only after that
+        many seconds (always the same length, e.g. the fleet's lease)."""
         since = self._first_noticed(path)
         self._drop(path)
         st = _look(path)
         if st is None:
             return
+        if reread:
+            self._reread.add(path)
         if retry_after is not None:
             if self._retry_wait not in (None, retry_after):
                 raise ValueError("one retry length per tracker: the retry queue must stay in due order")
@@ -100,6 +109,14 @@ class ReadinessTracker:
 
     def forget(self, path: Path) -> None:
         self._drop(path)
+        self._reread.discard(path)
+
+    def take_reread(self, paths: Iterable[Path]) -> frozenset[Path]:
+        """The ``paths`` seen written since they were last taken (to be read whatever their stat says); their
+        marks go: a write after this one marks them again."""
+        marked = self._reread.intersection(paths)
+        self._reread -= marked
+        return frozenset(marked)
 
     def retry_now(self) -> None:
         """The paths waiting on another service's claim are due at once: a member has gone, and what it
@@ -113,6 +130,7 @@ class ReadinessTracker:
         for queue_ in self._queues():
             for path in [p for p in queue_ if p.is_relative_to(folder)]:
                 del queue_[path]
+        self._reread = {p for p in self._reread if not p.is_relative_to(folder)}
 
     def _front(self) -> tuple[Path, _Pending] | None:
         """The entry due first: the earliest of the three queue fronts."""
@@ -135,6 +153,7 @@ class ReadinessTracker:
             self._drop(path)
             st = _look(path)
             if st is None:
+                self._reread.discard(path)
                 continue
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)

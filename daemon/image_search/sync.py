@@ -548,17 +548,23 @@ class FolderSync:
             else:
                 self._source_gone(change.path, False)
         elif change.is_directory:
-            if change.kind is ChangeKind.TOUCHED and change.path.is_dir() and change.path != root:
-                # A folder moved or copied in: its files may have produced no events of their own.
+            if change.kind in (ChangeKind.TOUCHED, ChangeKind.ATTRIBUTES) and change.path.is_dir() \
+                    and change.path != root:
+                # A folder moved or copied in (or made readable): its files may have produced no events of
+                # their own. Each is read if its stat differs from its row's.
                 for path in self._scan(change.path):
                     self.pending.note(path)
+        elif change.kind is ChangeKind.ATTRIBUTES:  # chmod, touch: read if its stat differs from its row's
+            self._noticed(change.path, closed=False, written=False)
         else:
-            self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED)
+            self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED, written=True)
 
-    def _noticed(self, path: Path, *, closed: bool) -> None:
-        """A file the watcher saw appear or change waits to be read. A link is decided as the folder's
-        scan decides it (a link is never a directory event, whatever it leads to): a broken one, a loop,
-        a link to a folder is logged now, once, not at the next start."""
+    def _noticed(self, path: Path, *, closed: bool, written: bool) -> None:
+        """A file the watcher saw appear or change waits to be read; one it saw ``written`` is read whatever
+        its stat says (rewritten in place with its size and mtime kept, ``exiftool -P``, a stat would call
+        it unchanged). A link is decided as the folder's scan decides it (a link is never a directory
+        event, whatever it leads to): a broken one, a loop, a link to a folder is logged now, once, not at
+        the next start."""
         if os.path.islink(path):
             scan = scan_entry(path, self.cfg.source_links)
             self._report(scan.skipped)
@@ -566,7 +572,7 @@ class FolderSync:
         else:
             found = [path] if self._is_image(path) else []
         for picture in found:
-            self.pending.note(picture, closed=closed)
+            self.pending.note(picture, closed=closed, reread=written)
 
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         if is_directory:
@@ -604,14 +610,19 @@ class FolderSync:
                 log.info("rows_removed", path=path, count=1, reason=reason)
 
     def _file_moved(self, src: Path, dest: Path) -> None:
-        """A rename inside the folder: the embedding follows the file, no model work."""
+        """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
+        copy and thumbnail, also when ``dest`` is queued already (the walk of a folder made just before
+        found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind."""
+        changed = src in self.pending  # noticed since its row was written: the row may not be its content
         self.pending.forget(src)
-        if dest in self.pending:
-            return  # still settling; it will be indexed (or relinked by hash) when ready
         file_hash = self.store.hash_for_path(str(src))
-        if file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
-            # Not indexed yet (a temp name renamed into place), or its processed copy is missing.
-            self._noticed(dest, closed=True)
+        if changed or file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
+            # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime
+            # may be the old picture's), changed, or its processed copy is missing: read at ``dest``, its
+            # content found stored or not, and ``src``'s path (a file no longer) leaves with its copies.
+            self._noticed(dest, closed=True, written=True)
+        else:
+            self.pending.forget(dest)  # whatever was queued there is gone: the file there is as its row says
         if file_hash is not None:
             self._forget_dead_copies({file_hash})  # links to the old name lead nowhere now
 
@@ -619,12 +630,15 @@ class FolderSync:
         if dest is None:
             self._source_gone(src, True)
             return
-        self.pending.forget_under(src)
         moved = {p: r for p, r in self.store.sources().items() if Path(p).is_relative_to(src)}
+        changed = {p for p in moved if Path(p) in self.pending}  # noticed since their rows were written
+        self.pending.forget_under(src)
         for old, record in moved.items():
             new = dest / Path(old).relative_to(src)
-            if new.is_file() and not relink(self.cfg, self.store, Path(old), new, record.file_hash):
+            if new.is_file() and (old in changed or not relink(self.cfg, self.store, Path(old), new, record.file_hash)):
                 self.pending.note(new)
+        # The changed ones are read at their new paths; their old paths lead nowhere now.
+        self._forget_dead_copies({moved[p].file_hash for p in changed})
         for path in self._scan(dest):
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)

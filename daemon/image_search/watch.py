@@ -25,9 +25,11 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import (
+    DirAttribEvent,
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    FileAttribEvent,
     FileClosedEvent,
     FileClosedNoWriteEvent,
     FileDeletedEvent,
@@ -54,11 +56,14 @@ class Folder(IntEnum):
 
 
 class ChangeKind(IntEnum):
-    TOUCHED = 1  # created or modified
+    TOUCHED = 1  # created or modified: its content may be new, whatever its size and mtime say
     CLOSED = 2  # closed after writing: the writer is probably done
     DELETED = 3
     MOVED = 4  # ``dest`` holds the new path
     LOST = 5  # events were dropped (inbox overflow, failed re-watch): only a rescan can tell what happened
+    # permissions, owner, times or link count changed (chmod -R, touch): the content is as it was, unless
+    # its size or mtime says otherwise (a write reports TOUCHED and CLOSED besides)
+    ATTRIBUTES = 6
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,8 @@ class FolderHandler(FileSystemEventHandler):
                 self.changes.put(Change(self.folder, ChangeKind.DELETED, path, event.is_directory))
             elif isinstance(event, FileClosedEvent):
                 self.changes.put(Change(self.folder, ChangeKind.CLOSED, path))
+            elif isinstance(event, (FileAttribEvent, DirAttribEvent)):
+                self.changes.put(Change(self.folder, ChangeKind.ATTRIBUTES, path, event.is_directory))
             else:
                 self.changes.put(Change(self.folder, ChangeKind.TOUCHED, path, event.is_directory))
         except Exception:  # pragma: no cover - last line of defence for the observer thread
