@@ -167,12 +167,13 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
     file, NoTextTower for words a model cannot read, TermsCancelOut.
 
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
-    named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
-    None searches the file alone. A ``{"duplicates": true}`` document is answered by the duplicates
-    report (``duplicates.write_report``): its folder is the result's ``bundle``."""
+    named). ``spec``: the query the command line's flags made of this file (``given``: those flags), or
+    the one a query document holds, already read (the inbox's); None searches the file alone. A
+    ``{"duplicates": true}`` document is answered by the duplicates report (``duplicates.write_report``):
+    its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
-        asked = read_query_document(path, cfg, links)
+        asked = spec or read_query_document(path, cfg, links)
         if isinstance(asked, DuplicatesRequest):  # its answer is the duplicates report
             return _report_duplicates(asked, path, cfg=cfg, store=store, move_query=move_query)
         spec = asked
