@@ -125,3 +125,47 @@ def test_the_report_reads_each_picture_with_its_embedding_and_metadata(library):
     assert (png.width, png.height, png.format, png.bytes) == (*SIZE, "png", (cfg.source_directory / "trip" /
                                                                             "hill-png.png").stat().st_size)
     assert png.processed_path.startswith(str(cfg.processed_directory)) and png.phash is not None
+
+
+class Stopped(Exception):
+    """What a stop raises at a checkpoint (the service's is ``ShutdownRequested``)."""
+
+
+def test_a_report_stopped_at_any_checkpoint_leaves_no_folder_and_the_document_where_it_was(library):
+    """The service stops a report at its next checkpoint: wherever that is, from the hash fill to the last
+    step before the document moves in, no report appears (whole or half) and the document stays put."""
+    cfg, database, store = library
+    def forget_hashes() -> None:  # the trip's rows as an earlier version wrote them: a fill to do
+        raw(database, "UPDATE image_embeddings SET phash = NULL WHERE file_path LIKE '%%trip%%'")
+
+    forget_hashes()
+    document = cfg.inbox_directory / "dupes.json"
+    document.write_text('{"duplicates": true}', encoding="utf-8")
+    checkpoints = 0
+
+    def count() -> None:
+        nonlocal checkpoints
+        checkpoints += 1
+
+    def stop_at(n: int):
+        seen = 0
+
+        def checkpoint() -> None:
+            nonlocal seen
+            seen += 1
+            if seen == n:
+                raise Stopped(n)
+        return checkpoint
+
+    write_report(cfg, store, checkpoint=count)  # counts them: the fill's pictures, rounds of rows, searches, pages
+    assert checkpoints >= 10
+    before = sorted(cfg.output_directory.iterdir())
+    for n in range(1, checkpoints + 1):
+        forget_hashes()
+        with pytest.raises(Stopped):
+            write_report(cfg, store, document=document, checkpoint=stop_at(n))
+        assert sorted(cfg.output_directory.iterdir()) == before, f"stopped at checkpoint {n}"
+        assert document.read_text(encoding="utf-8") == '{"duplicates": true}'
+    forget_hashes()
+    report = write_report(cfg, store, document=document, checkpoint=stop_at(checkpoints + 1))
+    assert (report / "dupes.query.json").is_file() and not document.exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from image_search import phash
-from image_search.groups import complete_linkage, near_copy_pairs, similar_pairs
+from image_search.groups import CHECK_EVERY, complete_linkage, near_copy_pairs, similar_pairs
 
 
 def test_a_chain_is_not_a_group():
@@ -99,3 +99,34 @@ def test_many_equal_hashes_in_several_buckets_are_every_pair():
     assert {tuple(p) for p in pairs.tolist()} == expected and not dist.any()
     groups = complete_linkage(pairs, -dist)
     assert groups == [tuple(range(8)), tuple(range(8, 16)), (16, 17, 18)]
+
+
+def test_a_checkpoint_is_called_all_along_a_long_grouping_and_what_it_raises_ends_it():
+    """The service stops a duplicates report at the grouping's next checkpoint: on a library whose pictures
+    are all alike (every pair a candidate), it comes every ``CHECK_EVERY`` pairs, and what it raises
+    (the stop) ends the grouping there."""
+    n = 700  # 244,650 pairs: nearly four rounds of CHECK_EVERY
+    vectors = np.ones((n, 4), dtype=np.float32) / 2
+    calls = 0
+
+    def count() -> None:
+        nonlocal calls
+        calls += 1
+
+    pairs, sims = similar_pairs(vectors, np.full(n, np.nan), 0.9, 30.0, count)
+    assert len(pairs) == n * (n - 1) // 2 and calls >= 1
+    calls = 0
+    assert complete_linkage(pairs, sims, count) == [tuple(range(n))]
+    assert calls >= 2 * (len(pairs) // CHECK_EVERY)
+
+    class Stopped(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stopped
+
+    for search in (lambda: similar_pairs(vectors, np.full(n, np.nan), 0.9, 30.0, stop),
+                   lambda: complete_linkage(pairs, sims, stop),
+                   lambda: near_copy_pairs(np.zeros((n, 4), dtype=np.uint64), 4, stop)):
+        with pytest.raises(Stopped):
+            search()

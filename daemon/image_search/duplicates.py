@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,11 +45,12 @@ from PIL import Image
 from .config import Config
 from .errors import writing_into
 from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
-from .groups import complete_linkage, near_copy_pairs, similar_pairs
+from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
 from .names import escape, fit_name, name_bytes
 from .output import make_output_folder, move_out, publish
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
+from .runtime import ShutdownRequested
 from .sheet import MAX_COLUMNS, Tile, render_tiles, save_contact_sheet
 from .store.duplicates import StoredPicture, fill_hashes, missing_hashes, read_pictures
 from .store.metadata import taken_at_text
@@ -65,6 +67,7 @@ SHEET_NAME = "duplicates-{:04d}.jpg"
 ROWS_PER_PAGE = 10  # sheet rows (of MAX_COLUMNS pictures) a page holds
 ROWS_PER_GROUP = 2  # a group shows at most this many rows; the last tile then says how many more
 SIMILARITY_DECIMALS = 6
+CHECK_EVERY_GROUPS = 1000  # lines of duplicates.jsonl written between two checkpoints
 
 
 class Kind(str, Enum):
@@ -161,37 +164,39 @@ def copy_groups(pictures: Sequence[StoredPicture]) -> list[Group]:
             for p in pictures if len(p.paths) > 1]
 
 
-def near_copy_groups(pictures: Sequence[StoredPicture], max_distance: int) -> list[Group]:
+def near_copy_groups(pictures: Sequence[StoredPicture], max_distance: int,
+                     checkpoint: Checkpoint = go_on) -> list[Group]:
     """Complete-linkage groups of contents whose perceptual hashes are within ``max_distance`` bits
     (contents without a hash yet take no part)."""
     hashed = [i for i, p in enumerate(pictures) if p.phash is not None]
     words = as_words([pictures[i].phash for i in hashed])  # type: ignore[misc]
-    pairs, dist = near_copy_pairs(words, max_distance)
+    pairs, dist = near_copy_pairs(words, max_distance, checkpoint)
 
     def similarity(keep: Member, m: Member) -> float:
         return 1.0 - distance(keep.picture.phash, m.picture.phash) / HASH_BITS  # type: ignore[arg-type]
 
     return [_group(Kind.NEAR_COPY, [Member(pictures[hashed[i]], pictures[hashed[i]].paths[0], 0.0) for i in group],
-                   similarity) for group in complete_linkage(pairs, -dist.astype(np.float64))]
+                   similarity) for group in complete_linkage(pairs, -dist.astype(np.float64), checkpoint)]
 
 
 def similar_groups(pictures: Sequence[StoredPicture], embeddings: np.ndarray, min_similarity: float,
-                   burst_seconds: float) -> list[Group]:
+                   burst_seconds: float, checkpoint: Checkpoint = go_on) -> list[Group]:
     """Complete-linkage groups of contents whose embeddings are alike, taken close in time where dated."""
     taken = np.array([p.taken_at.timestamp() if p.taken_at is not None else np.nan for p in pictures])
-    pairs, sims = similar_pairs(embeddings, taken, min_similarity, burst_seconds)
+    pairs, sims = similar_pairs(embeddings, taken, min_similarity, burst_seconds, checkpoint)
     index = {p.file_hash: i for i, p in enumerate(pictures)}
 
     def similarity(keep: Member, m: Member) -> float:
         return float(embeddings[index[keep.picture.file_hash]] @ embeddings[index[m.picture.file_hash]])
 
     return [_group(Kind.SIMILAR, [Member(pictures[i], pictures[i].paths[0], 0.0) for i in group], similarity)
-            for group in complete_linkage(pairs, sims)]
+            for group in complete_linkage(pairs, sims, checkpoint)]
 
 
 def find_groups(pictures: Sequence[StoredPicture], embeddings: np.ndarray | None, kinds: Sequence[Kind],
-                thresholds: Thresholds) -> list[Group]:
-    """Every group of ``kinds``, kind by kind in ``ALL_KINDS`` order, each kind's groups by the kept path."""
+                thresholds: Thresholds, checkpoint: Checkpoint = go_on) -> list[Group]:
+    """Every group of ``kinds``, kind by kind in ``ALL_KINDS`` order, each kind's groups by the kept path.
+    ``checkpoint``: see ``groups.Checkpoint``."""
     found: list[Group] = []
     for kind in ALL_KINDS:
         if kind not in kinds:
@@ -199,10 +204,11 @@ def find_groups(pictures: Sequence[StoredPicture], embeddings: np.ndarray | None
         if kind is Kind.COPY:
             groups = copy_groups(pictures)
         elif kind is Kind.NEAR_COPY:
-            groups = near_copy_groups(pictures, thresholds.near_copy_max_distance)
+            groups = near_copy_groups(pictures, thresholds.near_copy_max_distance, checkpoint)
         else:
             assert embeddings is not None, "the similar kind needs the embeddings"
-            groups = similar_groups(pictures, embeddings, thresholds.similar_min_similarity, thresholds.burst_seconds)
+            groups = similar_groups(pictures, embeddings, thresholds.similar_min_similarity, thresholds.burst_seconds,
+                                    checkpoint)
         found.extend(sorted(groups, key=lambda g: (g.keep.file_path, g.keep.picture.file_hash)))
     return found
 
@@ -224,15 +230,21 @@ def _stored_picture_hash(processed: Path) -> int | None:
     return None
 
 
-def fill_missing_hashes(store: EmbeddingStore) -> int:
+def fill_missing_hashes(store: EmbeddingStore, checkpoint: Checkpoint = go_on) -> int:
     """Give every row without a perceptual hash (written by an earlier version, or by the GPU decoder) its
     hash from its processed copy: no model work, and the user's files are not read. Returns the rows
-    filled; a row whose processed copy is gone stays without (it takes no part in near-copies)."""
+    filled; a row whose processed copy is gone stays without (it takes no part in near-copies).
+    ``checkpoint`` is called before each picture: what it raises ends the fill, nothing written."""
     todo = missing_hashes(store)
     if not todo:
         return 0
+
+    def hashed(processed: Path) -> int | None:
+        checkpoint()  # the pictures not begun yet end at once too: the pool's threads are waited for at exit
+        return _stored_picture_hash(processed)
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="phash") as pool:
-        found = list(pool.map(_stored_picture_hash, [Path(processed) for _, processed in todo]))
+        found = list(pool.map(hashed, [Path(processed) for _, processed in todo]))
     filled = fill_hashes(store, {h: value for (h, _), value in zip(todo, found) if value is not None})
     log.info("perceptual_hashes_filled", rows=len(todo), filled=filled,
              detail="near-copy detection needs them; computed from the processed copies (no model work)")
@@ -294,12 +306,18 @@ def _write_page(folder: Path, number: int, pages: int, rows: list[list[Tile]]) -
                        folder / SHEET_NAME.format(number))
 
 
-def _write_sheets(folder: Path, groups: Sequence[Group]) -> int:
+def _write_sheets(folder: Path, groups: Sequence[Group], checkpoint: Checkpoint = go_on) -> int:
     """Draw and save the sheet pages, on a thread per core (Pillow decodes, draws and encodes much of a
-    page without the GIL: threads beat processes here, measured); the number written."""
+    page without the GIL: threads beat processes here, measured); the number written. ``checkpoint`` is
+    called before each page."""
     pages = sheet_pages(groups)
+
+    def write_page(number: int, rows: list[list[Tile]]) -> None:
+        checkpoint()
+        _write_page(folder, number, len(pages), rows)
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="duplicates-sheet") as pool:
-        list(pool.map(_write_page, [folder] * len(pages), range(1, len(pages) + 1), [len(pages)] * len(pages), pages))
+        list(pool.map(write_page, range(1, len(pages) + 1), pages))
     return len(pages)
 
 
@@ -321,22 +339,25 @@ def summary(groups: Sequence[Group], *, pictures: int, kinds: Sequence[Kind], th
 
 
 def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = ALL_KINDS, folder: str | None = None,
-                 now: datetime | None = None, document: Path | None = None) -> Path:
+                 now: datetime | None = None, document: Path | None = None, checkpoint: Checkpoint = go_on) -> Path:
     """Find the groups of ``kinds`` among the index's pictures (``folder``: relative to source-directory,
     it and everything under it; None: all) and write the report folder ``output-directory/<stamp>/``
     (built under a hidden name, then renamed: it appears complete or not at all). Rows without a
     perceptual hash get it first (``fill_missing_hashes``). Returns the folder. An empty index (or
     folder) gives an empty report whose summary says so. A full or read-only output folder is
     ``OutputUnwritable``. ``document``: the inbox's ``{"duplicates": true}`` document that asked, moved
-    into the report as ``<stem>.query.json``."""
+    into the report as ``<stem>.query.json``. ``checkpoint`` is called between the steps and within each
+    (``groups.Checkpoint``): what it raises ends the report with no folder left behind and ``document``
+    where it was; once the document is moved, the report is only renamed into place, and nothing stops it."""
     kinds = tuple(kind for kind in ALL_KINDS if kind in kinds)
     thresholds = Thresholds.of(cfg)
     if Kind.NEAR_COPY in kinds:
-        fill_missing_hashes(store)
-    pictures, embeddings = read_pictures(store, folder=folder, embeddings=Kind.SIMILAR in kinds)
-    groups = find_groups(pictures, embeddings, kinds, thresholds)
+        fill_missing_hashes(store, checkpoint)
+    pictures, embeddings = read_pictures(store, folder=folder, embeddings=Kind.SIMILAR in kinds, checkpoint=checkpoint)
+    groups = find_groups(pictures, embeddings, kinds, thresholds, checkpoint=checkpoint)
     with writing_into(cfg.output_directory, "a duplicates report"):
-        final = _publish(cfg.output_directory, groups, now=now, document=document, details=lambda sheets: summary(
+        final = _publish(cfg.output_directory, groups, now=now, document=document, checkpoint=checkpoint,
+                         details=lambda sheets: summary(
             groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folder=folder,
             model_name=cfg.model_name, without_hash=sum(1 for p in pictures if p.phash is None), sheets=sheets))
     log.info("duplicates_report_written", folder=final, pictures=len(pictures),
@@ -348,7 +369,7 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
 
 
 def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
-             details: Callable[[int], dict[str, object]], document: Path | None) -> Path:
+             details: Callable[[int], dict[str, object]], document: Path | None, checkpoint: Checkpoint) -> Path:
     """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
     back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
     make_output_folder(output_dir)
@@ -357,11 +378,14 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
     try:
         with open(tmp / REPORT, "w", encoding="utf-8") as fh:
             for number, group in enumerate(groups, start=1):
+                if number % CHECK_EVERY_GROUPS == 0:
+                    checkpoint()
                 fh.write(json.dumps(group_record(number, group), ensure_ascii=False) + "\n")
-        sheets = _write_sheets(tmp, groups)
+        sheets = _write_sheets(tmp, groups, checkpoint)
         with open(tmp / SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(details(sheets), fh, indent=2, ensure_ascii=False)
             fh.write("\n")
+        checkpoint()  # the last: from here on the report is whole, and the document moves into it
         if document is not None:
             stem = fit_name(document.stem, reserve=len(".query") + name_bytes(document.suffix))
             moved = tmp / f"{stem}.query{document.suffix}"
@@ -373,3 +397,58 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
             shutil.move(moved, document)  # never lose what the user dropped
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class ReportThread:
+    """One duplicates report written on a thread of its own, over a connection of its own
+    (``EmbeddingStore.sibling``): on a large library it takes minutes, which the service loop spends
+    pinging systemd's watchdog, answering queries and indexing, looking now and then whether the report
+    is ``done``. ``stop`` ends it at its next checkpoint (about a second at most): no report folder, and
+    the document still where it was. The thread is a daemon: a step that overran its checkpoint cannot
+    hold the process's exit."""
+
+    def __init__(self, cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind], folder: str | None,
+                 document: Path) -> None:
+        self.document = document
+        self._stopping = threading.Event()
+        self._outcome: Path | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(cfg, store, kinds, folder), name="duplicates-report",
+                                        daemon=True)
+        self._thread.start()
+
+    def _checkpoint(self) -> None:
+        if self._stopping.is_set():
+            raise ShutdownRequested(0)
+
+    def _run(self, cfg: Config, store: EmbeddingStore, kinds: Sequence[Kind], folder: str | None) -> None:
+        try:
+            own = store.sibling()
+            try:
+                self._outcome = write_report(cfg, own, kinds=kinds, folder=folder, document=self.document,
+                                             checkpoint=self._checkpoint)
+            finally:
+                own.close()
+        except BaseException as exc:  # the loop's to judge (``result``), as if it had run the report itself
+            self._outcome = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Path:
+        """The report's folder, once ``done``; raises what the report raised."""
+        assert self.done, "the report is still being written"
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
+
+    def wait(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds at most for the report to end; True if it did."""
+        self._thread.join(timeout)
+        return self.done
+
+    def stop(self, timeout: float) -> bool:
+        """End the report at its next checkpoint, waiting ``timeout`` seconds at most; True if it ended."""
+        self._stopping.set()
+        return self.wait(timeout)

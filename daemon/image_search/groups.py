@@ -16,7 +16,7 @@ groups a contested item joins thus follows its strongest link.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,8 +31,19 @@ BLOCK_FLOATS = 1 << 25
 # its pigeonhole search cuts the hash into max-distance + 1 chunks, and chunks shorter than about 14 bits
 # would make every bucket crowded.
 
+# Called every so often by the searches below (between blocks, every CHECK_EVERY pairs): a report that
+# must end (the service is stopping) raises there. Well under a second of work lies between two calls,
+# but for the one sort of all the pairs: seconds when nearly every pair is one (10 million, measured here).
+Checkpoint = Callable[[], None]
+CHECK_EVERY = 1 << 16
 
-def complete_linkage(pairs: np.ndarray, strength: np.ndarray) -> list[tuple[int, ...]]:
+
+def go_on() -> None:
+    """The checkpoint of a search nothing stops."""
+
+
+def complete_linkage(pairs: np.ndarray, strength: np.ndarray,
+                     checkpoint: Checkpoint = go_on) -> list[tuple[int, ...]]:
     """Complete-linkage groups from ``pairs`` ((m, 2) item numbers: every pair that meets the threshold)
     and their ``strength`` ((m,), higher is closer: a similarity, or minus a distance). Groups of two or
     more, each as its items in ascending order, the groups ordered by their first item."""
@@ -42,12 +53,17 @@ def complete_linkage(pairs: np.ndarray, strength: np.ndarray) -> list[tuple[int,
     keep = low != high
     low, high, strength = low[keep], high[keep], strength[keep]
     neighbours: dict[int, set[int]] = {}
-    for a, b in zip(low.tolist(), high.tolist()):
+    for n, (a, b) in enumerate(zip(low.tolist(), high.tolist())):
+        if n % CHECK_EVERY == 0:
+            checkpoint()
         neighbours.setdefault(a, set()).add(b)
         neighbours.setdefault(b, set()).add(a)
     label: dict[int, int] = {}  # item -> its group's label (the group's first item); absent: alone
     members: dict[int, list[int]] = {}
-    for k in np.lexsort((high, low, -strength)).tolist():
+    checkpoint()
+    for n, k in enumerate(np.lexsort((high, low, -strength)).tolist()):
+        if n % CHECK_EVERY == 0:
+            checkpoint()
         a, b = int(low[k]), int(high[k])
         group_a, group_b = label.get(a, a), label.get(b, b)
         if group_a == group_b:
@@ -91,7 +107,8 @@ def _chunk_keys(words: np.ndarray, chunks: int) -> list[np.ndarray]:
     return keys
 
 
-def near_copy_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+def near_copy_pairs(words: np.ndarray, max_distance: int,
+                    checkpoint: Checkpoint = go_on) -> tuple[np.ndarray, np.ndarray]:
     """Every pair of hashes ((n, 4) uint64, ``phash.as_words``) within ``max_distance`` bits, and their
     distances. Multi-index hashing: cut into max_distance + 1 chunks, two hashes that close agree
     exactly on one chunk at least (pigeonhole), so only items sharing a chunk are compared."""
@@ -101,7 +118,10 @@ def near_copy_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, n
     if len(words) < 2:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
     # More chunks than max_distance + 1 keep the guarantee; five at least keep each key within 62 bits.
-    found = [_pairs_in_buckets(keys) for keys in _chunk_keys(words, max(max_distance + 1, 5))]
+    found: list[np.ndarray] = []
+    for keys in _chunk_keys(words, max(max_distance + 1, 5)):
+        checkpoint()
+        found.append(_pairs_in_buckets(keys))
     candidates = np.unique(np.concatenate(found), axis=0)
     if not len(candidates):
         return candidates, np.zeros(0, dtype=np.int64)
@@ -111,7 +131,7 @@ def near_copy_pairs(words: np.ndarray, max_distance: int) -> tuple[np.ndarray, n
 
 
 def similar_pairs(embeddings: np.ndarray, taken: np.ndarray, min_similarity: float,
-                  burst_seconds: float) -> tuple[np.ndarray, np.ndarray]:
+                  burst_seconds: float, checkpoint: Checkpoint = go_on) -> tuple[np.ndarray, np.ndarray]:
     """Every pair of unit ``embeddings`` ((n, d)) whose cosine similarity is at least ``min_similarity``
     and, where both have a date taken (``taken``: (n,) seconds, NaN where unknown), taken within
     ``burst_seconds`` of each other; and their similarities. Exact: dated items are compared with those
@@ -124,6 +144,7 @@ def similar_pairs(embeddings: np.ndarray, taken: np.ndarray, min_similarity: flo
     found: list[tuple[np.ndarray, np.ndarray]] = []
     times = taken[dated]
     for start in range(0, len(dated), BLOCK):
+        checkpoint()
         stop = min(start + BLOCK, len(dated))
         end = int(np.searchsorted(times, times[stop - 1] + burst_seconds, side="right"))
         sims = vectors[dated[start:stop]] @ vectors[dated[start:end]].T
@@ -135,6 +156,7 @@ def similar_pairs(embeddings: np.ndarray, taken: np.ndarray, min_similarity: flo
         found.append((np.stack([dated[start + rows], dated[start + cols]], axis=1), sims[rows, cols]))
     rows_at_once = max(1, min(BLOCK, BLOCK_FLOATS // max(1, len(vectors))))
     for start in range(0, len(undated), rows_at_once):
+        checkpoint()
         these = undated[start:start + rows_at_once]
         sims = vectors[these] @ vectors.T
         rows, cols = np.nonzero(sims >= min_similarity)

@@ -6,6 +6,9 @@ and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.
 A query document ``<stem>.json`` (``querydoc``) may bring its pictures in a folder ``inbox/<stem>/``:
 the files there are never queries of their own; the document waits until they too are settled, and
 the folder moves (into the result, or into ``failed/``) with it.
+A ``{"duplicates": true}`` document is answered by a report that can take minutes: it is written on a
+thread of its own (``duplicates.ReportThread``) while the loop goes on, one report at a time (another
+such document waits for it), and a stop ends it with its document left in the inbox for the next start.
 Queries already waiting at start-up are held until the start-up backlog is indexed, so their answers
 see the whole folder; queries dropped later jump the ingest queue. Nothing dropped here is deleted.
 """
@@ -17,6 +20,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,19 +29,26 @@ from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFil
 from .fleet import ClaimKind
 from .names import escape, fit_name
 from .preprocess import write_atomically
+from .query import DuplicatesRequest
 from .runtime import Runtime
 from .search import search_file
 from .store import DatabaseUnavailable
-from .querydoc import is_query_document, pictures_folder
+from .querydoc import is_query_document, pictures_folder, read_query_document
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
+
+if TYPE_CHECKING:  # the grouping code is imported once a report is asked for
+    from .duplicates import ReportThread
 
 log = structlog.get_logger(__name__)
 
 FAILED_FOLDER = "failed"
 ERROR_SUFFIX = ".error.txt"
 ANSWERS_PER_PASS = 4  # then the loop looks at its other work again
+# A stop waits this long for the duplicates report to reach its next checkpoint (well under a second of
+# work apart, seconds for the one sort of millions of pairs), well within systemd's TimeoutStopSec.
+REPORT_STOP_WAIT_S = 10.0
 
 
 class QueryInbox:
@@ -61,6 +72,8 @@ class QueryInbox:
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
         self._left_in_place: dict[Path, tuple[int, int, int] | None] = {}
         self._lone_folders: set[Path] = set()  # folders without their document, each named once
+        self.report: ReportThread | None = None  # the duplicates report being written
+        self._after_report: list[Path] = []  # duplicates documents waiting for it, answered next
 
     def _is_query_candidate(self, path: Path) -> bool:
         # failed/ is the service's own folder; a file of that name is the user's, and fails as any other.
@@ -72,7 +85,10 @@ class QueryInbox:
         folder, so that a pipe or a link the rules refuse fails into failed/ with its reason, unopened."""
         return [p for p in self._entries()
                 if not p.is_dir() and self._is_query_candidate(p) and p not in self.pending
-                and not self._left_as_it_was(p)]
+                and not self._left_as_it_was(p) and not self._reporting_on(p)]
+
+    def _reporting_on(self, path: Path) -> bool:
+        return self.report is not None and self.report.document == path
 
     def _entries(self) -> Iterator[Path]:
         """The folder's entries in name order, one stat or so each for the caller: none more once a stop
@@ -133,7 +149,9 @@ class QueryInbox:
         self._left_in_place.clear()
 
     def answer_ready(self) -> bool:
-        """Answer the queries that are complete now (a few per call). True if there were any."""
+        """Answer the queries that are complete now (a few per call), or the duplicates report once it is
+        written. True if there were any."""
+        reported = self._finish_report()
         ready = self.pending.pop_ready(limit=ANSWERS_PER_PASS)
         # Each query is answered by one service: one that another service holds comes back after a lease.
         mine = self.rt.claims.take(ClaimKind.QUERY, ready, self.pending)
@@ -146,8 +164,9 @@ class QueryInbox:
                         self.pending.note(later)
                     raise
         finally:
-            self.rt.claims.release(ClaimKind.QUERY, mine)
-        return bool(ready)
+            # A report being written keeps its document's claim until it is done (``_finish_report``).
+            self.rt.claims.release(ClaimKind.QUERY, [p for p in mine if not self._reporting_on(p)])
+        return reported or bool(ready)
 
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
@@ -170,9 +189,66 @@ class QueryInbox:
         if is_query_document(path) and self._folder_settling(path):
             self.pending.note(path)
             return
+        self._settle(path, lambda: self._search(path))
+
+    def _search(self, path: Path) -> bool:
+        """Answer the query at ``path`` (True), or begin the duplicates report it asks for (False: it is
+        answered once the report is written, ``_finish_report``)."""
+        cfg = self.rt.cfg
+        document = read_query_document(path, cfg, cfg.inbox_links) if is_query_document(path) else None
+        if document is not None and isinstance(document.asks, DuplicatesRequest):
+            self._begin_report(path, document.asks)
+            return False
+        search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
+                    links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed())
+        return True
+
+    def _begin_report(self, path: Path, request: DuplicatesRequest) -> None:
+        if self.report is not None:  # one at a time: each takes the CPU and memory it can get
+            if path not in self._after_report:
+                self._after_report.append(path)
+            return
+        from .duplicates import Kind, ReportThread
+
+        self.report = ReportThread(self.rt.cfg, self.rt.store, kinds=[Kind(k) for k in request.kinds],
+                                   folder=request.folder, document=path)
+        log.info("duplicates_report_begun", query=path, detail="written beside the loop: queries are answered and "
+                 "pictures indexed meanwhile")
+
+    def _finish_report(self) -> bool:
+        """The report being written, once it is done: answered (or failed) as any query. True if it was."""
+        report = self.report
+        if report is None or not report.done:
+            return False
+        self.report = None
         try:
-            search_file(path, cfg=self.rt.cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
-                        links=self.rt.cfg.inbox_links, not_yet_indexed=self._not_yet_indexed())
+            self._settle(report.document, lambda: bool(report.result()))
+        finally:
+            self.rt.claims.release(ClaimKind.QUERY, [report.document])
+            for path in self._after_report:
+                self.pending.note(path)
+            self._after_report = []
+        return True
+
+    def close(self) -> None:
+        """A stop: the report being written ends at its next checkpoint, its document left in the inbox,
+        which the next start answers."""
+        if self.report is None:
+            return
+        if self.report.stop(REPORT_STOP_WAIT_S):
+            log.info("duplicates_report_stopped", query=self.report.document,
+                     detail="the document stays in the inbox; the next start writes the report")
+        else:
+            log.warning("duplicates_report_abandoned", query=self.report.document, waited_s=REPORT_STOP_WAIT_S,
+                        detail="a step of the report overran its checkpoint; the service stops without it")
+        self.report = None
+
+    def _settle(self, path: Path, answer: Callable[[], bool]) -> None:
+        """Run ``answer`` for the query at ``path`` and settle the query by what it raised: a bad query fails
+        with its reason, one still arriving waits, the machine's trouble is the loop's. Counted as answered
+        when ``answer`` says it was."""
+        try:
+            answered = answer()
         except NoTextTower as exc:
             self.fail(path, str(exc))
             return
@@ -195,7 +271,8 @@ class QueryInbox:
             log.error("query_crashed", path=path, error=describe(exc))
             self.fail(path, f"unexpected error: {describe(exc)}")
             return
-        self.answered += 1
+        if answered:
+            self.answered += 1
 
     def _lone_folder(self, folder: Path) -> None:
         """A folder in the inbox holds a query document's pictures, read when its document

@@ -31,7 +31,7 @@ from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
 from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, TermKind, single_term
-from .querydoc import is_query_document, pictures_folder, read_query_document
+from .querydoc import QueryDocument, is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
 
@@ -163,7 +163,8 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
 
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, move_query: bool = False,
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
-                given: dict[str, object] | None = None, not_yet_indexed: int | None = None) -> SearchResult:
+                given: dict[str, object] | None = None, document: QueryDocument | None = None,
+                not_yet_indexed: int | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
     is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
@@ -171,13 +172,14 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
 
     ``links``: the symbolic links that may be followed to it (the inbox's; None for a file the user
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
-    None searches the file alone. A document's own keys are its ``given``. ``not_yet_indexed``: the
-    pictures the service has noticed and not indexed yet (``QueryRecord``; None from a command). A
+    None searches the file alone. ``document``: the query document at ``path``, already read (the
+    inbox's); its own keys are its ``given``. ``not_yet_indexed``: the pictures the service has noticed
+    and not indexed yet (``QueryRecord``; None from a command). A
     ``{"duplicates": true}`` document is answered by the duplicates report (``duplicates.write_report``):
     its folder is the result's ``bundle``."""
     query: Query
     if is_query_document(path):
-        document = read_query_document(path, cfg, links)
+        document = document or read_query_document(path, cfg, links)
         if isinstance(document.asks, DuplicatesRequest):  # its answer is the duplicates report
             return _report_duplicates(document.asks, path, cfg=cfg, store=store, move_query=move_query)
         spec, given = document.asks, document.given  # a document takes no flags (``cli`` refuses them)

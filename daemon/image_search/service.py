@@ -3,8 +3,10 @@
 Watchdog threads put ``Change`` records on a queue; each pass of the loop hands them to their folder
 (``FolderSync`` for images/, ``QueryInbox`` for inbox/), answers the queries that are complete first
 (a query dropped during a large ingest jumps the backlog), then moves the ingest on by one batch (two
-are in flight: the next one read while the oldest is embedded) before looking again. Everything that decides something lives in those units; this module only
-schedules them, keeps systemd informed and rides out database outages.
+are in flight: the next one read while the oldest is embedded) before looking again. No step holds the loop long: a duplicates report, which can take minutes, is
+written on a thread of its own (``QueryInbox``), so the watchdog is pinged, queries answered and
+pictures indexed meanwhile, and a stop ends it. Everything that decides something lives in those
+units; this module only schedules them, keeps systemd informed and rides out database outages.
 """
 
 from __future__ import annotations
@@ -251,6 +253,7 @@ class Service:
         return self.ingest.skipped if self.ingest is not None else 0
 
     def close(self) -> None:
+        self.inbox.close()  # a duplicates report being written ends, its document left for the next start
         if self.ingest is not None:
             self.ingest.close()
 
@@ -316,6 +319,7 @@ class Service:
                 f"{counted(self.inbox.answered, 'search', 'searches')} answered, "
                 f"{counted(self.inbox.failed, 'failed query', 'failed queries')}, "
                 f"{counted(self.skipped, 'skipped file')}{fleet}"
+                f"{', writing a duplicates report' if self.inbox.report is not None else ''}"
                 f"{', waiting: ' + self._output_problem if self._output_problem else ''}")
 
     # --- noticing ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from tests.support.model import TINY_DIMENSION
 
 TOP_K = 3
 SETTLE = 0.3
+REPORT_WAIT_S = 60.0
 
 
 class RecordingNotifier(Notifier):
@@ -75,6 +76,10 @@ class Story:
             worked = False
             while self.service.step():
                 worked = True
+            report = self.service.inbox.report  # written on a thread of its own: done when it is
+            if report is not None:
+                assert report.wait(timeout=REPORT_WAIT_S), "the duplicates report was not written in time"
+                continue
             if not worked and not len(self.service.images) and not len(self.service.inbox.pending):
                 return
         raise AssertionError("the service loop did not become idle")

@@ -3,6 +3,7 @@ it fills in (migration 0009: NULL in rows of earlier versions and rows the GPU d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -56,11 +57,12 @@ class StoredPicture:
     taken_at_offset_minutes: int | None
 
 
-def read_pictures(store: EmbeddingStore, *, folder: str | None = None,
-                  embeddings: bool = True) -> tuple[list[StoredPicture], np.ndarray | None]:
+def read_pictures(store: EmbeddingStore, *, folder: str | None = None, embeddings: bool = True,
+                  checkpoint: Callable[[], None] = lambda: None) -> tuple[list[StoredPicture], np.ndarray | None]:
     """The index's pictures (in ``folder``, relative to source-directory, and below it; None: all), by
     file_hash, and their embeddings as an (n, dimension) float32 array in the same order (None when not
-    asked for: only the ``similar`` kind needs them)."""
+    asked for: only the ``similar`` kind needs them). ``checkpoint`` is called before each round of rows:
+    what it raises ends the read (a stop)."""
     if not store.has_table:
         return [], (np.zeros((0, store.dimension), dtype=np.float32) if embeddings else None)
     condition = filter_sql(Filters(folders=(folder,) if folder is not None else ()))
@@ -73,8 +75,10 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None,
         try:
             named.itersize = FETCH_ROWS
             named.execute(PICTURES.format(where=condition.where), params)
-            for (file_hash, paths, path, processed, phash, width, height, size, fmt, taken_seconds, offset,
-                 vector) in named:
+            for n, (file_hash, paths, path, processed, phash, width, height, size, fmt, taken_seconds, offset,
+                    vector) in enumerate(named):
+                if n % FETCH_ROWS == 0:
+                    checkpoint()
                 # A row an older program wrote without its path is its own one path.
                 held = tuple(unescape(p) for p in paths) or (unescape(path),)
                 pictures.append(StoredPicture(file_hash, held, unescape(processed),

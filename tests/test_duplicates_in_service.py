@@ -1,0 +1,145 @@
+"""A ``{"duplicates": true}`` document answered by the running service (``story_factory``: the real loop,
+the embedded PostgreSQL, the tiny model). The report can take minutes on a large library: the service
+must stay alive for systemd all along (WATCHDOG=1), go on answering queries and indexing, and stop at
+once on SIGTERM, leaving the document in the inbox for the next start and no half-written result.
+
+The report's long step (the grouping) is slowed down by hand here: it waits until the story lets it go,
+looking at the report's checkpoint meanwhile as the real grouping does."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import image_search.duplicates
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import save_picture
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 20.0  # real seconds a story waits for the loop (running on its own thread) to get somewhere
+HELD_S = 10.0  # the longest the grouping is held: what the loop does meanwhile must be done by then
+
+
+class SlowGrouping:
+    """``duplicates.find_groups``, held until ``let_go`` (or ``held_for_s`` at most), calling the report's
+    checkpoint meanwhile; ``stopped`` once the checkpoint ended it."""
+
+    def __init__(self, held_for_s: float) -> None:
+        self.held_for_s = held_for_s
+        self.started = threading.Event()
+        self.released = threading.Event()
+        self.stopped = threading.Event()
+        self.finished = threading.Event()
+        self._find_groups = image_search.duplicates.find_groups
+
+    def __call__(self, *args, **kwargs):
+        checkpoint = kwargs.get("checkpoint", lambda: None)
+        self.started.set()
+        deadline = time.monotonic() + self.held_for_s
+        while not self.released.is_set() and time.monotonic() < deadline:
+            try:
+                checkpoint()
+            except BaseException:
+                self.stopped.set()
+                raise
+            time.sleep(0.01)
+        self.finished.set()
+        return self._find_groups(*args, **kwargs)
+
+    def let_go(self) -> None:
+        self.released.set()
+
+
+class LoopThread:
+    """``Service._loop`` (what ``run`` does once ready) on a thread of its own, the fake clock ticking a
+    second every 20 ms of real time, so that the loop's pings, settle periods and idle waits go by."""
+
+    def __init__(self, story) -> None:
+        self.story = story
+        self.thread = threading.Thread(target=story.service._loop, name="service-loop", daemon=True)
+        self._ticking = True
+        self._ticker = threading.Thread(target=self._tick, name="clock", daemon=True)
+
+    def _tick(self) -> None:
+        while self._ticking:
+            self.story.clock.advance(1.0)
+            time.sleep(0.02)
+
+    def __enter__(self) -> LoopThread:
+        self._ticker.start()
+        self.thread.start()
+        return self
+
+    def stop(self) -> float:
+        """A stop asked for (as SIGTERM does): the seconds until the loop ended."""
+        asked = time.monotonic()
+        self.story.service.stop.set()
+        self.thread.join(timeout=WAIT_S)
+        return time.monotonic() - asked
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive():
+            self.story.service.stop.set()
+            self.thread.join(timeout=WAIT_S)
+        self._ticking = False
+        self._ticker.join()
+
+
+def pings(story) -> int:
+    return sum(1 for fields in story.notifier.sent if "WATCHDOG=1" in fields)
+
+
+def during(grouping: SlowGrouping, condition, what: str) -> None:
+    """``condition`` comes true while the grouping is still held."""
+    while not condition():
+        assert not grouping.finished.is_set(), f"only once the report's grouping was done: {what}"
+        time.sleep(0.02)
+
+
+def drop(story, name: str, content: str) -> Path:
+    path = story.inbox / name
+    path.write_text(content, encoding="utf-8")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, path)
+    return path
+
+
+def results(story) -> list[Path]:
+    return sorted(story.cfg.output_directory.iterdir())
+
+
+def test_a_long_report_keeps_the_watchdog_fed_answers_queries_indexes_and_ends_at_a_stop(
+        story_factory, monkeypatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # systemd's watchdog: a ping due every second
+    story = story_factory({"a.png": 1, "b.png": 2})
+    grouping = SlowGrouping(held_for_s=HELD_S)
+    monkeypatch.setattr(image_search.duplicates, "find_groups", grouping)
+    document = drop(story, "dupes.json", json.dumps({"duplicates": True}))
+    with LoopThread(story) as loop:
+        assert grouping.started.wait(WAIT_S), "the report never began"
+        before = pings(story)
+        # While the report is held: a second of the fake clock goes by every 20 ms, a ping is due each.
+        during(grouping, lambda: pings(story) >= before + 3, "the watchdog pinged three times")
+        drop(story, "red.txt", "red")
+        during(grouping, lambda: any((r / "red.query.txt").is_file() for r in results(story)),
+               "a text query answered")
+        save_picture(story.images / "c.png", seed=3, size=(108, 72))
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / "c.png")
+        during(grouping, lambda: str(story.images / "c.png") in story.rows(), "a new picture indexed")
+        took = loop.stop()
+    story.service.close()
+    assert took < 2.0, f"the stop took {took:.1f} s"
+    assert grouping.stopped.is_set(), "the report went on after the stop"
+    assert document.is_file(), "the document stays in the inbox for the next start"
+    assert [r.name for r in results(story) if not any(r.glob("red.*"))] == []  # no report, whole or half
+
+    # The next start answers it.
+    grouping.let_go()
+    again = story_factory(after=story)
+    assert not document.exists()
+    (report,) = [r for r in results(again) if (r / "dupes.query.json").is_file()]
+    assert json.loads((report / "summary.json").read_text())["pictures"] == 3
