@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import queue
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -290,24 +292,30 @@ def test_folder_handler_create_temp_rename_and_delete(tmp_path: Path) -> None:
         observer.join(timeout=5)
 
 
+@contextmanager
+def armed_watch(folder: Folder, watched: Path, *, recursive: bool) -> Iterator[queue.SimpleQueue[Change]]:
+    """A watch of ``watched`` that has reported a write already: only then can an event be shown missing."""
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({folder: WatchedFolder(watched, recursive)}, changes, poll=False)
+    try:
+        armed = _file(watched / "armed.png")
+        assert _collect(changes, lambda s: any(c.path == armed and c.kind is ChangeKind.CLOSED for c in s))
+        yield changes
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
 def test_folder_handler_ignores_reads(tmp_path: Path) -> None:
     watched = tmp_path / "inbox"
     watched.mkdir()
     a = _file(watched / "a.png")
-    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    observer = start_observer({Folder.INBOX: WatchedFolder(watched, False)}, changes, poll=False)
-    try:
-        # The watch is armed once it reports a write: only then can a read be shown to report nothing.
-        armed = _file(watched / "armed.png")
-        assert _collect(changes, lambda s: any(c.path == armed and c.kind is ChangeKind.CLOSED for c in s))
+    with armed_watch(Folder.INBOX, watched, recursive=False) as changes:
         assert a.read_bytes()
         marker = watched / "marker.png"
         marker.write_bytes(b"m")
         got = _collect(changes, lambda s: any(c.path == marker and c.kind is ChangeKind.CLOSED for c in s))
         assert not [c for c in got if c.path == a], got  # opening and reading a changes nothing
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
 
 
 def test_folder_handler_reports_an_attribute_change_apart_from_a_write(tmp_path: Path) -> None:
@@ -315,17 +323,10 @@ def test_folder_handler_reports_an_attribute_change_apart_from_a_write(tmp_path:
     watched = tmp_path / "images"
     watched.mkdir()
     a = _file(watched / "a.png")
-    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
-    observer = start_observer({Folder.IMAGES: WatchedFolder(watched, True)}, changes, poll=False)
-    try:
-        armed = _file(watched / "armed.png")
-        assert _collect(changes, lambda s: any(c.path == armed and c.kind is ChangeKind.CLOSED for c in s))
+    with armed_watch(Folder.IMAGES, watched, recursive=True) as changes:
         os.chmod(a, 0o600)
         got = _collect(changes, lambda s: any(c.path == a for c in s))
         assert [c.kind for c in got if c.path == a] == [ChangeKind.ATTRIBUTES]
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
 
 
 def test_handler_never_raises_on_odd_events() -> None:
