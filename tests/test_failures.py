@@ -188,6 +188,10 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
             assert service.exit_code() is None  # waiting, not exiting into a restart that meets the same disk
         assert inbox_files(cases["output"].root / "inbox") == ["q.png", "r.png"]  # not the queries' fault: not failed
         assert not services["processed"].events("images_indexed")
+        # processed/ full holds up the ingest only: a query is answered meanwhile, and is no sign of room
+        save_picture(cases["processed"].root / "inbox" / "meanwhile.png", seed=7)
+        wait_for(lambda: not inbox_files(cases["processed"].root / "inbox"), "a query answered while processed/ is full")
+        assert not services["processed"].events("output_writable_again")
 
         for folder, service in services.items():  # room is made
             subprocess.run(["nsenter", "-t", str(service.popen.pid), "-m", "umount", str(cases[folder].root / folder)],

@@ -15,6 +15,7 @@ from stat import S_IMODE
 import numpy as np
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from image_search import output as output_module
 from image_search import sheet as sheet_module
@@ -270,6 +271,25 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
     assert moves and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
     assert list(cfg.output_directory.iterdir()) == []  # no bundle, no hidden temporary folder
+
+
+def test_a_full_disk_at_the_best_matchs_copy_is_the_result_folders_not_a_missing_picture(
+        tmp_path: Path, cfg: Config, monkeypatch) -> None:
+    """The best match's processed copy is there; the result folder cannot take its copy. Not
+    "best_match_image_missing" at every retry of a service waiting for room: the result folder is full."""
+    dropped = tmp_path / "q.txt"
+    dropped.write_text("a red bicycle", encoding="utf-8")
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    for writer in ("copyfileobj", "_fastcopy_sendfile"):  # the disk is full whichever way the bytes go
+        monkeypatch.setattr(output_module.shutil, writer, full_disk)
+    with capture_logs() as logs, pytest.raises(OutputUnwritable, match="No space"):
+        write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
+    assert not [e for e in logs if e["event"] == "best_match_image_missing"]
+    assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
 
 
 def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(tmp_path: Path, cfg: Config,

@@ -294,9 +294,14 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         if hits and hits[0].file_hash not in without_copy:
             best = Path(hits[0].processed_path)
             try:
-                shutil.copyfile(best, tmp / f"{stem}.jpg")
+                best_file = open(best, "rb")
             except OSError as exc:
                 log.warning("best_match_image_missing", path=best, reason=exc.strerror or str(exc))
+            else:
+                # Only the copy's source can be missing: a write that fails is the result folder's
+                # (a full disk: ``writing_into`` makes it OutputUnwritable), not a missing picture.
+                with best_file, open(tmp / f"{stem}.jpg", "wb") as copy:
+                    shutil.copyfileobj(best_file, copy)
         save_contact_sheet(sheet, tmp / f"{stem}{_SHEET_SUFFIX}")
         if move_query:
             assert query.path is not None

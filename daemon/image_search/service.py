@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import structlog
@@ -58,6 +59,23 @@ STATUS_EVERY_S = 2.0
 INCOMPLETE_GRACE_S = 30.0
 MAX_BACKOFF_S = 30.0
 IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock again
+
+
+class Work(Enum):
+    """The two kinds of work a full disk can hold up: each waits for its own folder."""
+
+    QUERIES = "queries"  # results into output/
+    INGEST = "ingest"  # processed copies into processed/
+
+
+@dataclass(frozen=True)
+class _Unwritable:
+    """A folder that refused a write: why, when to try again, the next backoff, and the work's count then."""
+
+    reason: str
+    retry_at: float
+    backoff: float
+    progress: int
 
 
 @dataclass
@@ -104,12 +122,12 @@ class Service:
                                 not_yet_indexed=lambda: self._ingest.not_yet_indexed)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
-        # The database away, or the disk of processed/ or output/ full or refusing writes: the work waits,
-        # and is tried again after a backoff (the same for both: either outage stops every write).
+        # The database away: all work waits, and is tried again after a backoff.
         self._retry_at = 0.0
         self._backoff = 1.0
-        self._output_problem: str | None = None  # why output/ or processed/ refuses writes, while it does
-        self._progress_at_problem = (0, 0)
+        # The disk of output/ (queries) or processed/ (the ingest) full or refusing writes: that work waits,
+        # tried again after a backoff of its own; the other goes on.
+        self._unwritable: dict[Work, _Unwritable] = {}
         self._needs_rescan = False  # a change could not be applied during an outage, or events were lost
         self._next_rescan = 0.0
         self._waiting_for_model = False
@@ -223,21 +241,37 @@ class Service:
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
             if self._ingest.startup_backlog <= 0:
                 self.inbox.release_held()
-            worked = self.inbox.answer_ready() or self._ingest.step()
-            self._output_writable_again()  # a batch is counted when its rows are in, perhaps in an idle pass
-            if worked:
+            if self._unless_unwritable(Work.QUERIES, self.inbox.answer_ready) \
+                    or self._unless_unwritable(Work.INGEST, self._ingest.step):
                 self._backoff = 1.0
                 return True
         except DatabaseUnavailable as exc:
             self._needs_rescan = True  # catch up on whatever happened meanwhile
             self._database_down(exc)
             return True
-        except OutputUnwritable as exc:
-            # Not a file's fault nor a query's: the query and the batch are pending again (nothing was
-            # lost), and a restart would only load the model again to meet the same full disk.
-            self._output_unwritable(exc)
-            return True
         return False
+
+    def _unless_unwritable(self, work: Work, do: Callable[[], bool]) -> bool:
+        """``do()``, the work of one kind, unless its folder refused a write and its retry is not due. An
+        ``OutputUnwritable`` is not a file's fault nor a query's: the query or the batch is pending again
+        (nothing lost), and a restart would only load the model again to meet the same full disk."""
+        outage = self._unwritable.get(work)
+        if outage is not None and self.clock() < outage.retry_at:
+            return False
+        try:
+            did = do()
+        except OutputUnwritable as exc:
+            self._output_unwritable(work, exc, outage)
+            return True
+        # A batch is counted once its rows are in, perhaps in an idle pass: progress, not ``did``, tells.
+        if outage is not None and self._progress(work) != outage.progress:
+            del self._unwritable[work]
+            log.info("output_writable_again", work=work.value, pending_images=len(self.images),
+                     pending_queries=len(self.inbox.pending))
+        return did
+
+    def _progress(self, work: Work) -> int:
+        return self.inbox.answered if work is Work.QUERIES else self.indexed
 
     @property
     def _ingest(self) -> ImageIngest:
@@ -294,24 +328,16 @@ class Service:
                           action="exiting so systemd restarts the service")
                 raise RestartRequested("the embedded PostgreSQL is gone", DatabaseUnavailable) from None
 
-    def _output_unwritable(self, exc: OutputUnwritable) -> None:
+    def _output_unwritable(self, work: Work, exc: OutputUnwritable, outage: _Unwritable | None) -> None:
         reason = str(exc)
+        backoff = outage.backoff if outage is not None else 1.0
         # Once per outage (and each time its reason changes): a disk full all night is one line, not 1,000.
-        (log.debug if reason == self._output_problem else log.warning)(
-            "output_unwritable", reason=reason, retry_in_s=self._backoff, pending_images=len(self.images),
-            pending_queries=len(self.inbox.pending),
+        (log.debug if outage is not None and reason == outage.reason else log.warning)(
+            "output_unwritable", reason=reason, work=work.value, retry_in_s=backoff,
+            pending_images=len(self.images), pending_queries=len(self.inbox.pending),
             action=f"waiting, and trying again every {MAX_BACKOFF_S:g} s at most; nothing is lost")
-        self._output_problem = reason
-        self._progress_at_problem = (self.indexed, self.inbox.answered)
-        self._retry_at = self.clock() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-
-    def _output_writable_again(self) -> None:
-        """After an ``output_unwritable``: once a batch or a query got through, say so."""
-        if self._output_problem is not None and (self.indexed, self.inbox.answered) != self._progress_at_problem:
-            log.info("output_writable_again", pending_images=len(self.images),
-                     pending_queries=len(self.inbox.pending))
-            self._output_problem = None
+        self._unwritable[work] = _Unwritable(reason, retry_at=self.clock() + backoff,
+                                             backoff=min(backoff * 2, MAX_BACKOFF_S), progress=self._progress(work))
 
     def status_text(self) -> str:
         fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
@@ -320,7 +346,7 @@ class Service:
                 f"{counted(self.inbox.failed, 'failed query', 'failed queries')}, "
                 f"{counted(self.skipped, 'skipped file')}{fleet}"
                 f"{', writing a duplicates report' if self.inbox.report is not None else ''}"
-                f"{', waiting: ' + self._output_problem if self._output_problem else ''}")
+                f"{''.join(f', {work.value} waiting: {outage.reason}' for work, outage in self._unwritable.items())}")
 
     # --- noticing ------------------------------------------------------------------------------
 
