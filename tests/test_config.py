@@ -706,3 +706,12 @@ def test_config_is_immutable(tmp_path, monkeypatch):
     with pytest.raises(AttributeError):
         cfg.top_k = 99  # type: ignore[misc]
     assert isinstance(cfg, Config)
+
+
+def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path) -> None:
+    """A line appended to the example ("cleanup-on-exit": false after its true) would lose to, or beat,
+    the first unseen: refused, naming the key."""
+    path = tmp_path / "config.json"
+    path.write_text('{"top-k": 10, "cleanup-on-exit": true, "cleanup-on-exit": false}')
+    with pytest.raises(ConfigError, match="key 'cleanup-on-exit' is given twice"):
+        load_config(path, environ={})

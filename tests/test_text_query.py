@@ -287,6 +287,7 @@ def test_the_offline_advice_for_jina_clip_v2_names_all_four_hub_repositories(tmp
     assert run.returncode == 0 and run.stdout.strip(), run.stdout + run.stderr[-3000:]
     message = json.loads(run.stdout.strip().splitlines()[-1])
     assert "HF_HUB_OFFLINE" in message
-    assert "huggingface-cli download " + " ".join(JINA_CLIP_V2_HUB_REPOS) in message
+    # One command per repository: `huggingface-cli download A B C` reads B and C as file names inside A.
+    assert "; ".join(f"huggingface-cli download {repo}" for repo in JINA_CLIP_V2_HUB_REPOS) in message
     assert len(JINA_CLIP_V2_HUB_REPOS) == 4 and "\n" not in message
     assert not any((tmp_path / "empty-cache").rglob("config.json"))  # nothing came from anywhere but this cache

@@ -321,6 +321,22 @@ def _validate(cfg: Config) -> None:
     _check_folders_apart(cfg)
 
 
+class _KeyTwice(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _keys_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of the config file: a key given twice (a line appended to an example) is refused, not
+    silently the last one."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _KeyTwice(key)
+        seen[key] = value
+    return seen
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the JSON file at ``path`` (optional), apply ``IMAGE_SEARCH_*`` overrides, validate.
 
@@ -333,13 +349,16 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if path is not None:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_keys_once)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        except _KeyTwice as exc:
+            raise ConfigError(f"config file {path}: key '{exc.key}' is given twice (the last would win unseen): "
+                              "keep the one you mean") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a JSON object of keys, not {type(raw).__name__}")
         for key, value in raw.items():

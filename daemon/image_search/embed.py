@@ -81,7 +81,8 @@ def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
         f"model '{model_name}' is not in the local Hugging Face cache and could not be downloaded"
         + (" (HF_HUB_OFFLINE is set)" if offline else " (no network, or the id is misspelt)")
         + ". Check the name in config key 'model-name', download it once on a machine with network access "
-        "(huggingface-cli download " + " ".join(_hub_repos_to_download(model_name)) + ") and copy the cache "
+        "(" + "; ".join(f"huggingface-cli download {repo}" for repo in _hub_repos_to_download(model_name))
+        + ": one command per repository) and copy the cache "
         "(HF_HOME), or point 'model-name' at a local directory."
     )
 
