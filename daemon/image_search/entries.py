@@ -32,6 +32,28 @@ from .wording import counted
 GROWTH_MARGIN_BYTES = 1 << 20
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a name holds, and which version of it: a file rewritten in place keeps its inode and
+    changes its size or times; one renamed over the name has another inode. (Two writes of the same size
+    within one tick of the kernel's file clock, a few ms, look alike: that much is beyond a stat.)"""
+
+    device: int
+    inode: int
+    size: int
+    modified_ns: int
+    changed_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        """The identity of the file at ``path`` (through a link, as it is read), None when it is gone."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class FollowLinks(StrEnum):
     """Config key ``follow-symlinks``: which symbolic links in a watched folder are followed."""
 

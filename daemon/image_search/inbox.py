@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
+from .entries import FileIdentity
 from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
@@ -195,12 +196,16 @@ class QueryInbox:
         """Answer the query at ``path`` (True), or begin the duplicates report it asks for (False: it is
         answered once the report is written, ``_finish_report``)."""
         cfg = self.rt.cfg
+        read_as = FileIdentity.of(path)  # before it is read: the bundle moves it in only if it is still that file
         document = read_query_document(path, cfg, cfg.inbox_links) if is_query_document(path) else None
         if document is not None and isinstance(document.asks, DuplicatesRequest):
             self._begin_report(path, document.asks)
             return False
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
-                    links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed())
+                    links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
+                    read_as=read_as)
+        if os.path.lexists(path):  # written again while it was answered: left here, answered anew
+            self.pending.note(path)
         return True
 
     def _begin_report(self, path: Path, request: DuplicatesRequest) -> None:

@@ -10,7 +10,9 @@
 - the query itself: ``q.query.<ext>`` for a query file moved in from the inbox; a text query always
   has ``q.query.txt`` (moved in, or written from the words when they came from the command line), a
   query document ``q.query.json`` (moved in, or a copy of the one named on the command line); a
-  query document's folder of pictures (``inbox/q/``) moves in with it as ``q.query/``.
+  query document's folder of pictures (``inbox/q/``) moves in with it as ``q.query/``. A query file
+  written again while it was answered stays in the inbox, to be answered again: the bundle then holds
+  what was answered (the words, the document's bytes, or the picture as processed, ``q.query.jpg``).
 
 The stem of an image query or a text query file is its file name's stem. A text query typed on the
 command line or at the prompt has no file: its stem is made from its words (``text_query_stem``).
@@ -34,6 +36,7 @@ import structlog
 from PIL import Image
 
 from .config import Config
+from .entries import FileIdentity
 from .errors import writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
@@ -207,13 +210,16 @@ def _sheet_heading(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryR
 
 def write_result_bundle(output_dir: Path, query: Path | Query, hits: Sequence[Hit], cfg: Config,
                         *, now: datetime | None = None, move_query: bool = False,
-                        asked: QueryRecord | None = None) -> Path:
+                        asked: QueryRecord | None = None, read_as: FileIdentity | None = None) -> Path:
     """Write the bundle for one query; return its folder. Built under a hidden temp name, then renamed.
 
     ``query``: an ImageQuery (a bare Path means ImageQuery(path)) or a TextQuery. With ``move_query``
     the query file itself moves into the bundle as ``<stem>.query.<ext>`` (the service's inbox empties
     itself); if the bundle cannot be completed it is moved back. A text query that is not moved in
-    gets its words written to ``<stem>.query.txt``, so every text bundle holds its query. ``asked``:
+    gets its words written to ``<stem>.query.txt``, so every text bundle holds its query. ``read_as``:
+    the query file as it was when it was read: one that is no longer that file (written again, replaced,
+    gone) is not moved in; it stays in the inbox to be answered anew, and the bundle holds what was
+    answered instead (``_keep_answered``). ``asked``:
     the query as given and understood, and whether the ranking is complete (recorded in ``<stem>.json``,
     and shown in the sheet's first cell when it has more than one term or a filter).
     A full disk (or a read-only or forbidden output folder) is ``OutputUnwritable``.
@@ -221,7 +227,23 @@ def write_result_bundle(output_dir: Path, query: Path | Query, hits: Sequence[Hi
     if isinstance(query, Path):
         query = ImageQuery(query)
     with writing_into(output_dir, "a result folder"):
-        return _write_bundle(output_dir, query, hits, cfg, now=now, move_query=move_query, asked=asked)
+        return _write_bundle(output_dir, query, hits, cfg, now=now, move_query=move_query, asked=asked,
+                             read_as=read_as)
+
+
+def _keep_answered(tmp: Path, stem: str, query: Query) -> None:
+    """The bundle's copy of a query whose file changed while it was answered (the file itself stays in the
+    inbox and is answered again): the words, the document's bytes, or the picture as it was processed."""
+    assert query.path is not None
+    if isinstance(query, TextQuery):
+        (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(query.text + "\n", encoding="utf-8")
+    elif isinstance(query, DocumentQuery):
+        (tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}").write_bytes(query.data)
+    elif query.picture is not None:  # its original bytes were never kept: the pixels that were searched
+        query.picture.convert("RGB").save(tmp / f"{stem}{_QUERY_INFIX}.jpg", format="JPEG", quality=95)
+    log.warning("query_changed_while_answered", path=query.path,
+                detail="the file was written again (or replaced, or removed) while it was answered: the result "
+                       "holds what was answered, and the file as it is now stays in the inbox to be answered anew")
 
 
 def _render_sheet(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRecord | None) -> Image.Image:
@@ -263,7 +285,8 @@ def _hits_without_processed_copy(hits: Sequence[Hit], query: Query) -> set[str]:
 
 
 def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Config, *,
-                  now: datetime | None, move_query: bool, asked: QueryRecord | None) -> Path:
+                  now: datetime | None, move_query: bool, asked: QueryRecord | None,
+                  read_as: FileIdentity | None) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
     make_output_folder(output_dir)
@@ -305,11 +328,16 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         save_contact_sheet(sheet, tmp / f"{stem}{_SHEET_SUFFIX}")
         if move_query:
             assert query.path is not None
-            moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
-            move_out(query.path, moved_query)
-            if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
-                moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
-                shutil.move(query.folder, moved_folder)
+            # Looked at last, just before the move: a query written again while it was answered is not the
+            # one answered, and is left to be answered anew.
+            if read_as is not None and FileIdentity.of(query.path) != read_as:
+                _keep_answered(tmp, stem, query)
+            else:
+                moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
+                move_out(query.path, moved_query)
+                if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
+                    moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
+                    shutil.move(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         elif isinstance(query, DocumentQuery):  # a document left where it is: the bundle holds what it said

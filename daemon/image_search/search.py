@@ -25,7 +25,7 @@ import structlog
 from PIL import Image
 
 from .config import Config
-from .entries import LinkPolicy
+from .entries import FileIdentity, LinkPolicy
 from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
@@ -105,10 +105,12 @@ def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: Lin
 
 def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
                  given: dict[str, object] | None = None, now: datetime | None = None, move_query: bool = False,
-                 links: LinkPolicy | None = None, not_yet_indexed: int | None = None) -> SearchResult:
+                 links: LinkPolicy | None = None, not_yet_indexed: int | None = None,
+                 read_as: FileIdentity | None = None) -> SearchResult:
     """Search with one query and write its result bundle: ``spec`` is what is searched, ``query`` how
     the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags);
-    ``not_yet_indexed``: the pictures the service has noticed and not indexed yet (``QueryRecord``)."""
+    ``not_yet_indexed``: the pictures the service has noticed and not indexed yet (``QueryRecord``);
+    ``read_as``: the query file as it was before it was read (``write_result_bundle``)."""
     started = time.monotonic()
     named = query.path if query.path is not None else Path("typed text")
     vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named)
@@ -118,7 +120,7 @@ def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedd
         query = ImageQuery(query.path, picture)
     asked = QueryRecord(spec, ranking.completeness, top_k, given, not_yet_indexed)
     bundle = write_result_bundle(cfg.output_directory, query, ranking.hits, cfg, now=now, move_query=move_query,
-                                 asked=asked)
+                                 asked=asked, read_as=read_as)
     text = query.text if isinstance(query, TextQuery) else None
     _log_answer(ranking.hits, bundle, started, asked, query=query.path if query.path is not None else "typed text",
                 **({"text": text if len(text) <= 200 else text[:199] + "…"} if text is not None else {}))
@@ -164,7 +166,7 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, move_query: bool = False,
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
                 given: dict[str, object] | None = None, document: QueryDocument | None = None,
-                not_yet_indexed: int | None = None) -> SearchResult:
+                not_yet_indexed: int | None = None, read_as: FileIdentity | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
     is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
@@ -174,10 +176,14 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
     named). ``spec``: the query the command line's flags made of this file (``given``: those flags);
     None searches the file alone. ``document``: the query document at ``path``, already read (the
     inbox's); its own keys are its ``given``. ``not_yet_indexed``: the pictures the service has noticed
-    and not indexed yet (``QueryRecord``; None from a command). A
+    and not indexed yet (``QueryRecord``; None from a command). ``read_as``: the file as it was before
+    ``document`` was read (else it is looked at here, before the file is read): with ``move_query``, a
+    file that is no longer that one stays where it is (``write_result_bundle``). A
     ``{"duplicates": true}`` document is answered by the duplicates report (``duplicates.write_report``):
     its folder is the result's ``bundle``."""
     query: Query
+    if move_query and read_as is None:
+        read_as = FileIdentity.of(path)  # before the read: a change after it shows at the move
     if is_query_document(path):
         document = document or read_query_document(path, cfg, links)
         if isinstance(document.asks, DuplicatesRequest):  # its answer is the duplicates report
@@ -192,7 +198,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         spec = spec or single_term(TermKind.IMAGE, str(path), path)
         query = ImageQuery(path)
     return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
-                        links=links, not_yet_indexed=not_yet_indexed)
+                        links=links, not_yet_indexed=not_yet_indexed, read_as=read_as)
 
 
 def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, store: EmbeddingStore,
