@@ -31,6 +31,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,6 +231,7 @@ class WarmParent:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        shutil.rmtree(Path(self.path).parent, ignore_errors=True)  # its socket's folder: none left in /tmp
 
 
 class SharedParent:
