@@ -262,7 +262,7 @@ class Service:
             did = do()
         except OutputUnwritable as exc:
             self._output_unwritable(work, exc, outage)
-            return True
+            return False  # no progress: the other work still gets its turn, the database's backoff stays
         # A batch is counted once its rows are in, perhaps in an idle pass: progress, not ``did``, tells.
         if outage is not None and self._progress(work) != outage.progress:
             del self._unwritable[work]
@@ -302,7 +302,12 @@ class Service:
         now = self.clock()
         if now < self._retry_at:
             return min(self._retry_at - now, IDLE_WAIT_S)
-        due = [d for d in (self.images.next_due(), self.inbox.pending.next_due()) if d is not None]
+        due = []
+        for work, waiting in ((Work.QUERIES, self.inbox.pending), (Work.INGEST, self.images)):
+            if (next_due := waiting.next_due()) is not None:
+                # Work held up by a full disk is not due before its retry: no polling all the outage long.
+                outage = self._unwritable.get(work)
+                due.append(next_due if outage is None else max(next_due, outage.retry_at))
         return min([IDLE_WAIT_S, *(max(0.0, d - now) for d in due)])
 
     def _wait(self, timeout: float) -> None:
