@@ -45,10 +45,11 @@ class FileIdentity:
     changed_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> FileIdentity | None:
-        """The identity of the file at ``path`` (through a link, as it is read), None when it is gone."""
+    def of(cls, path: Path, *, follow_links: bool = True) -> FileIdentity | None:
+        """The identity of the file at ``path`` (through a link, as it is read; ``follow_links`` False: of
+        the entry itself), None when it is gone."""
         try:
-            st = os.stat(path)
+            st = os.stat(path, follow_symlinks=follow_links)
         except OSError:
             return None
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -71,7 +71,7 @@ class QueryInbox:
         self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
         # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
-        self._left_in_place: dict[Path, tuple[int, int, int] | None] = {}
+        self._left_in_place: dict[Path, FileIdentity | None] = {}  # a query left in place waits for it to change
         self._lone_folders: set[Path] = set()  # folders without their document, each named once
         self.report: ReportThread | None = None  # the duplicates report being written
         self._after_report: list[Path] = []  # duplicates documents waiting for it, answered next
@@ -101,7 +101,7 @@ class QueryInbox:
 
     def _left_as_it_was(self, path: Path) -> bool:
         """True for a failed query left in the inbox (``fail``) that has not changed since."""
-        return path in self._left_in_place and self._left_in_place[path] == _entry_look(path)
+        return path in self._left_in_place and self._left_in_place[path] == FileIdentity.of(path, follow_links=False)
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
@@ -359,7 +359,7 @@ class QueryInbox:
         except OSError as exc:
             # An entry of the user's in the way costs this query its move, never the service its run.
             self.failed += path not in self._left_in_place  # one failed query, however often it is tried
-            self._left_in_place[path] = _entry_look(path)
+            self._left_in_place[path] = FileIdentity.of(path, follow_links=False)
             log.warning("query_failed", path=path, reason=reason, left_in_inbox=_not_moved_reason(failed, exc))
             return
         self.failed += 1
@@ -396,16 +396,6 @@ def _not_moved_reason(failed: Path, exc: OSError) -> str:
         why = f"it cannot be moved into {escape(failed)}/ ({exc.strerror or describe(exc)})"
     return (f"{why}: the query stays in the inbox, untouched, and is tried again when it changes, when "
             f"{FAILED_FOLDER} is moved away or deleted, or at the next start")
-
-
-def _entry_look(path: Path) -> tuple[int, int, int] | None:
-    """What an entry looks like now (inode, size, mtime), None when it is gone: a query left in place
-    waits for this to change."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _free_path(path: Path) -> Path:

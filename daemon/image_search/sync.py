@@ -116,14 +116,12 @@ def copies_present(processed_path: str) -> bool:
     return os.path.lexists(processed_path) and os.path.lexists(os.path.join(folder, thumbnail_name_for(name)))
 
 
-def is_current(record: SourceRecord | None, st: os.stat_result, model_name: str,
-               copies: Callable[[str], bool] = copies_present) -> bool:
+def is_current(record: SourceRecord | None, st: os.stat_result, model_name: str) -> bool:
     """Nothing to read: the file is unchanged (``is_unchanged``) and its processed copy and thumbnail are
-    there (``copies``: ``copies_present`` or a rescan's ``ProcessedListing.holds_copies``). A copy deleted
-    by hand or by a disk clean-up makes its file one to read again: the copies are made again from it, and
-    its content, stored already, costs no model work."""
-    return (record is not None and is_unchanged(record, st, model_name)
-            and copies(record.processed_path))
+    there (``copies_present``; a rescan asks its ``ProcessedListing`` instead). A copy deleted by hand or
+    by a disk clean-up makes its file one to read again: the copies are made again from it, and its
+    content, stored already, costs no model work."""
+    return record is not None and is_unchanged(record, st, model_name) and copies_present(record.processed_path)
 
 
 def remove_processed(cfg: Config, source: Path) -> None:
