@@ -80,6 +80,11 @@ def _bars(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
     _ = bottom
 
 
+def _camera_size(report: dict) -> str:
+    width = report.get("sizes", {}).get("camera_width")
+    return f"{width}x{width * 3 // 4}" if isinstance(width, int) else "of camera size"
+
+
 def draw_chart(report: dict, path: Path) -> Path:
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
@@ -88,7 +93,7 @@ def draw_chart(report: dict, path: Path) -> Path:
     base = float(report.get("ingest_baseline_images_per_s", 0) or 0)
     speed = report.get("ingest_speedup")
     _bars(draw, (30, 30, half - 20, HEIGHT - 80), "Ingest (images/s, higher is better)",
-          f"{report.get('ingest_images', '?')} camera JPEGs 4000x3000; speedup "
+          f"{report.get('ingest_images', '?')} camera JPEGs {_camera_size(report)}; speedup "
           + (f"{speed:.1f}x" if isinstance(speed, (int, float)) else "n/a"),
           [("ours", ours, f"{ours:.1f}/s", OURS), ("baseline", base, f"{base:.1f}/s", BASELINE)], log=False)
     p50 = float(report.get("search_p50_ms", 0) or 0)

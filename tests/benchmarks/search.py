@@ -155,7 +155,7 @@ SECTION = Section(
     name="search",
     run=run,
     full_sizes={"vectors": 100_000, "clusters": 1000, "queries": 200, "fullscan_queries": 2},
-    quick_sizes={"vectors": 3_000, "clusters": 100, "queries": 50, "fullscan_queries": 2},
+    quick_sizes={"vectors": 3_000, "clusters": 100, "queries": 50, "fullscan_queries": 1},
     metrics=(
         Metric("search p50", "search_p50_ms", "{:.2f} ms", "<= 10 ms", lambda v, r: v <= 10),
         Metric("search p99", "search_p99_ms", "{:.2f} ms"),
