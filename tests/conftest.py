@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if (not os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("numprocesses", None)
             and config.getoption("markexpr", "") != "unit" and os.environ.get("IMAGE_SEARCH_TESTS_COLD") != "1"):
         warm.share()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every test module is imported now, torch and transformers with them: hundreds of thousands of objects
+    that live as long as this process. Frozen (as the service freezes its own once the model is loaded,
+    runtime.py), the cyclic garbage collector stops walking them at each full collection: about 1 s of CPU
+    each here, a dozen or more in a worker's session, and five more in pytest's own collections at exit."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -273,3 +273,23 @@ def test_cuda_request_without_a_gpu_falls_back_to_cpu(tmp_path: Path, monkeypatc
         assert Embedder.load(str(model), device="cuda").device.type == "cpu"
     assert [e["log_level"] for e in logs if e["event"] == "cuda_unavailable"] == ["warning"]
 
+
+
+def test_a_loaded_model_and_its_imports_are_frozen_out_of_the_garbage_collectors_walks(tiny_model_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    """The service's model lives as long as the process: once it is loaded, the cyclic collector stops
+    walking its objects (and torch's, and transformers') at each full collection (runtime.py)."""
+    import gc
+
+    from image_search.config import load_config
+    from image_search.runtime import ModelLoading
+    from tests.support.files import write_config
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir))
+    before = gc.get_freeze_count()
+    loading = ModelLoading(cfg)
+    embedder = loading.result()
+    assert gc.get_freeze_count() > before
+    # The model's own modules are among them: a full collection walks none of its parameters.
+    assert gc.is_tracked(embedder._model)
+    assert not any(o is embedder._model for o in gc.get_objects(generation=2))

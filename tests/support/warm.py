@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import gc
 import json
 import os
 import select
@@ -156,6 +157,10 @@ def _serve(path: str) -> None:
         AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPTokenizer)
     from transformers.models.clip import modeling_clip  # noqa: F401
 
+    # What every run shares, frozen: the cyclic garbage collector of each child then skips these objects
+    # (and leaves their pages shared with this parent) until the run freezes its own (runtime.py).
+    gc.collect()
+    gc.freeze()
     # No Python thread may run here. numpy's OpenBLAS starts its own pool at import; it is made for
     # forking (pthread_atfork), as every multiprocessing 'fork' user with numpy relies on.
     if threading.active_count() != 1:
