@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     each here, a dozen or more in a worker's session, and five more in pytest's own collections at exit."""
     gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)  # for the interpreter's last collection (runtime.py says why)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

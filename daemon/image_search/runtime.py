@@ -7,6 +7,7 @@ folder is compared with the table; whoever first needs the model waits for it.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import signal
 import threading
@@ -97,8 +98,10 @@ class ModelLoading:
         # them at each full collection: measured on a 2-core host, `index` of 3,000 small pictures ran
         # one full collection after the load, a 0.74 s pause of every thread (a query dropped then waits
         # it out), and none frozen. Objects the start-up frees later are still freed (by their reference
-        # counts); only a cycle among them would stay.
+        # counts); only a cycle among them would stay. Unfrozen at exit, for the interpreter's last collection:
+        # left frozen, triton's bindings (torch imports them) report their objects leaked on stderr.
         gc.freeze()
+        atexit.register(gc.unfreeze)
 
     @property
     def loaded(self) -> bool:

@@ -161,6 +161,7 @@ def _serve(path: str) -> None:
     # (and leaves their pages shared with this parent) until the run freezes its own (runtime.py).
     gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)  # for this parent's last collection (runtime.py says why); a run ends in os._exit
     # No Python thread may run here. numpy's OpenBLAS starts its own pool at import; it is made for
     # forking (pthread_atfork), as every multiprocessing 'fork' user with numpy relies on.
     if threading.active_count() != 1:
