@@ -144,3 +144,27 @@ def test_a_signal_handlers_line_has_the_same_shape_as_the_others(tmp_path: Path)
     assert handler == {"timestamp": handler["timestamp"], "level": "info", "event": "stop_already_under_way",
                        "signal": "SIGINT", "password": "***"}
     assert set(ready) - {"pending_images"} == set(handler) - {"signal", "password"}
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_line_logged_under_a_progress_bar_gets_a_line_of_its_own_and_the_bar_is_drawn_again() -> None:
+    """`index` on a terminal: its tqdm bar is drawn on stderr, and a picture skipped meanwhile is logged there."""
+    from tqdm import tqdm
+
+    terminal = Terminal()
+    with logging_to(terminal), tqdm(total=10, desc="indexing", file=terminal, ncols=60, mininterval=0) as bar:
+        bar.update(5)
+        structlog.get_logger("test").warning("image_skipped", path="/images/a.jpg", reason="not a supported image")
+        drawn_before_the_line = terminal.getvalue()
+        bar.update(1)
+    before, line, after = drawn_before_the_line.rpartition("image_skipped")[0], "image_skipped", terminal.getvalue()
+    # What the terminal shows on the line's row: the text after its last carriage return holds no bar.
+    row = (before + line).split("\n")[-1].split("\r")[-1]
+    assert "indexing" not in row and "warning" in row, repr(row)
+    # The bar is drawn again below the line at once, not at the next update only.
+    assert "indexing:  50%" in drawn_before_the_line.rpartition(line)[2], repr(drawn_before_the_line)
+    assert "indexing:  60%" in after

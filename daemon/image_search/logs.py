@@ -90,9 +90,22 @@ class _LinePrinter(structlog.PrintLogger):
     of a foreground run is closed every write fails (EIO), and a lost log line must never cut a stop short
     (the embedded PostgreSQL is stopped after several lines)."""
 
+    def __init__(self, file: TextIO, *, beside_progress_bars: bool = False) -> None:
+        super().__init__(file)
+        self._beside_progress_bars = beside_progress_bars
+
     def msg(self, message: str) -> None:
         try:
-            super().msg(message)
+            if self._beside_progress_bars:
+                # On a terminal a line written while a tqdm bar is drawn (`index`'s, a migration's) was glued
+                # to the end of the bar's line, and the bar was not drawn again below it: tqdm clears its bars
+                # on this stream, the line is written, and the bars are drawn again.
+                from tqdm import tqdm
+
+                with tqdm.external_write_mode(file=self._file):
+                    super().msg(message)
+            else:
+                super().msg(message)
         except (OSError, ValueError):  # EIO, EPIPE; ValueError: the stream is closed
             pass
 
@@ -251,7 +264,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> str:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_level),
-        logger_factory=lambda *_: _LinePrinter(stream),
+        logger_factory=lambda *_: _LinePrinter(stream, beside_progress_bars=style == "console"),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(level)
