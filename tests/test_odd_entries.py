@@ -85,6 +85,21 @@ def test_a_name_in_bytes_that_are_not_utf8_is_indexed_found_renamed_and_deleted(
     assert not processed_path_for(renamed, story.images, story.cfg.processed_directory).exists()
 
 
+def test_a_folder_named_as_the_processed_copy_of_a_file_beside_it_is_indexed_with_the_file(story_factory) -> None:
+    """``a.png`` and the folder ``a.png.jpg/``: one of the two could not be written before (the copy of
+    ``a.png`` is ``processed/a.png.jpg``), and moving the copy away did not help."""
+    story = story_factory({"a.png": 1, "a.png.jpg/b.png": 2})
+    folder_picture = save_picture(story.images / "a.png.jpg" / "c.png", seed=3, size=(100, 75))
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, folder_picture)
+    story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(story.images / n) for n in ("a.png", "a.png.jpg/b.png", "a.png.jpg/c.png")}
+    for row in rows.values():
+        processed = Path(row["processed_path"])
+        assert processed.is_file() and thumbnail_path_for(processed).is_file(), row
+    assert story.ask("q.png", folder_picture)[0] == str(folder_picture)
+
+
 def test_a_254_byte_name_is_indexed_and_asked_about(story_factory) -> None:
     story = story_factory({"a.png": 1})
     long = save_picture(story.images / LONG, seed=3, size=(120, 90))

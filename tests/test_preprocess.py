@@ -650,6 +650,21 @@ def test_processed_path_distinguishes_names_that_differ_only_in_extension(tmp_pa
     assert all(p.suffix == ".jpg" for p in mapped)
 
 
+def test_a_folder_named_as_a_processed_copy_has_a_place_of_its_own(tmp_path):
+    """``a.png.jpg/`` beside ``a.png``: the folder and the copy would need one name."""
+    src, out = tmp_path / "images", tmp_path / "processed"
+    sources = [src / "a.png", src / "a.png.jpg" / "b.png", src / "a.png.jpg_" / "b.png", src / "a.png.jpg__" / "b.png",
+               src / "x" / "a.png.jpg" / "c.jpg.jpg" / "d.png", src / "x" / "a.png.jpg" / "c.jpg"]
+    mapped = [processed_path_for(s, src, out) for s in sources]
+    assert mapped[:2] == [out / "a.png.jpg", out / "a.png.jpg_" / "b.png.jpg"]
+    assert mapped[4] == out / "x" / "a.png.jpg_" / "c.jpg.jpg_" / "d.png.jpg"
+    assert len(set(mapped)) == len(sources)
+    # No processed folder is any copy's path, nor the start of another's.
+    folders = {folder for path in mapped for folder in path.relative_to(out).parents if folder != Path(".")}
+    assert not folders & {path.relative_to(out) for path in mapped}
+    assert processed_path_for(src / "x.jpeg" / "y.jpg", src, out) == out / "x.jpeg" / "y.jpg.jpg"  # only .jpg
+
+
 def test_processed_path_refuses_a_source_outside_the_source_root(tmp_path):
     with pytest.raises(ValueError):
         processed_path_for(tmp_path / "elsewhere" / "x.jpg", tmp_path / "images", tmp_path / "processed")

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Callable
@@ -348,8 +349,21 @@ _THUMBNAIL_PREFIX, _THUMBNAIL_SUFFIX = ".", ".thumb.jpg"
 LONG_PATHS_FOLDER = ".long-paths"
 
 
+# A folder name that ends as a processed copy's name does (``.jpg``), or as such a folder's own processed name.
+_ENDS_AS_A_COPY = re.compile(re.escape(PROCESSED_SUFFIX) + "_*$")
+
+
+def processed_folder_name(name: str) -> str:
+    """The name in processed-directory of the source folder ``name``. A folder named as the processed copy of
+    a file beside it (``a.png.jpg/`` beside ``a.png``) would need the very name the copy has, and one of the
+    two could never be written: such a folder gets a ``_`` more (``a.png.jpg_/``, ``a.png.jpg__/`` for one
+    named ``a.png.jpg_``). A processed folder name then never ends in ``.jpg``, and no two folders share one."""
+    return name + "_" if _ENDS_AS_A_COPY.search(name) else name
+
+
 def processed_path_for(source: Path, source_root: Path, processed_root: Path) -> Path:
-    """Where the processed JPEG of ``source`` lives: the same sub-folders, the full source name plus ``.jpg``.
+    """Where the processed JPEG of ``source`` lives: the same sub-folders (``processed_folder_name``), the full
+    source name plus ``.jpg``.
 
     Keeping the source's own extension in the name (``apple.png.jpg``, ``apple.webp.jpg``) is what
     lets two sources that differ only in extension both survive. A name that would pass the 255-byte
@@ -361,7 +375,7 @@ def processed_path_for(source: Path, source_root: Path, processed_root: Path) ->
     name = relative.name + PROCESSED_SUFFIX
     name = fit_name(name, keep_suffix=relative.suffix + PROCESSED_SUFFIX,
                     reserve=len(_THUMBNAIL_PREFIX) + len(_THUMBNAIL_SUFFIX))
-    path = Path(processed_root) / relative.parent / name
+    path = Path(processed_root).joinpath(*map(processed_folder_name, relative.parent.parts), name)
     if fits_path(thumbnail_path_for(path)):
         return path
     digest = md5_hex(os.fsencode(relative))
