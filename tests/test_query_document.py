@@ -59,7 +59,7 @@ class Tree:
 
     def parse(self, doc: object, follow: FollowLinks = FollowLinks.INSIDE):  # noqa: ANN201
         data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        return parse_query_document(data, self.document, source_directory=self.images, follow=follow)
+        return parse_query_document(data, self.document, source_directory=self.images, follow=follow)[1]
 
     def refused(self, doc: object, kind: type[QueryDocumentError] = QueryDocumentError,
                 follow: FollowLinks = FollowLinks.INSIDE) -> str:
@@ -628,7 +628,7 @@ def test_a_duplicates_document_asks_for_the_report(tmp_path: Path) -> None:
     source = tmp_path / "images"
     (source / "2023" / "june").mkdir(parents=True)
     parse = lambda doc: parse_query_document(json.dumps(doc).encode(), tmp_path / "inbox" / "d.json",  # noqa: E731
-                                             source_directory=source)
+                                             source_directory=source)[1]
     assert parse({"duplicates": True}) == DuplicatesRequest(None, ("copy", "near-copy", "similar"))
     assert parse({"duplicates": True, "folder": "2023/june/", "kind": "similar,copy"}) == DuplicatesRequest(
         "2023/june", ("copy", "similar"))

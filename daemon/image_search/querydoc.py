@@ -125,22 +125,17 @@ def read_query_document(path: Path, cfg: Config, links: LinkPolicy | None = None
     document named on the command line). ``QueryDocumentError`` (or a subclass) when it cannot be used."""
     path = Path(path)
     data = read_limited(path, links, MAX_QUERY_DOCUMENT_BYTES, QueryDocumentError, "a query document (JSON)")
-    given, asks = _parse(data, path, source_directory=cfg.source_directory, follow=FollowLinks(cfg.follow_symlinks))
+    given, asks = parse_query_document(data, path, source_directory=cfg.source_directory,
+                                       follow=FollowLinks(cfg.follow_symlinks))
     return QueryDocument(data, given, asks)
 
 
-def parse_query_document(data: bytes, path: Path, *, source_directory: Path,
-                         follow: FollowLinks = FollowLinks.INSIDE) -> QuerySpec | DuplicatesRequest:
-    """The query in ``data``, the bytes of the document at ``path`` (named in errors; its pictures are
-    looked for in ``document_folder(path)``, then in ``source_directory``); each picture term's ``path``
-    is the file it resolved to, which must lie inside the folder it was found in whatever ``follow`` says;
-    with ``follow`` ``none`` no link on its way is followed at all."""
-    return _parse(data, Path(path), source_directory=source_directory, follow=follow)[1]
-
-
-def _parse(data: bytes, path: Path, *, source_directory: Path,
-           follow: FollowLinks) -> tuple[dict[str, object], QuerySpec | DuplicatesRequest]:
-    """``parse_query_document``, with the document's keys as given."""
+def parse_query_document(data: bytes, path: Path, *, source_directory: Path, follow: FollowLinks = FollowLinks.INSIDE
+                         ) -> tuple[dict[str, object], QuerySpec | DuplicatesRequest]:
+    """The document's keys as given, and the query in ``data``, the bytes of the document at ``path`` (named in
+    errors; its pictures are looked for in ``document_folder(path)``, then in ``source_directory``); each
+    picture term's ``path`` is the file it resolved to, which must lie inside the folder it was found in
+    whatever ``follow`` says; with ``follow`` ``none`` no link on its way is followed at all."""
     try:
         if not data:
             raise _Incomplete(f"empty file (0 bytes): write the query in it, e.g. {_EXAMPLE}")
