@@ -93,6 +93,21 @@ def warns_as_a_decoder_does(image: Image.Image) -> np.ndarray:
     return normalised_pixels(image)
 
 
+class WarnsWhenLoaded:
+    """A model input whose loading in the worker (as it reads its settings, before any file) logs a line,
+    as a module it imports may."""
+
+    def __init__(self) -> None:
+        self.loaded_in = "the test"
+
+    def __setstate__(self, state: dict) -> None:
+        structlog.get_logger("tests.workers").warning("model_input_loaded", detail="a warning at import")
+        self.__dict__.update(state)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return normalised_pixels(image)
+
+
 def wait_for_gate(image: Image.Image, *, gate: str) -> np.ndarray:
     """Holds its worker until the file ``gate`` exists: lets a test keep batches unfinished."""
     while not os.path.exists(gate):
@@ -606,6 +621,16 @@ def test_at_debug_level_a_workers_debug_lines_are_shown_with_their_file(tmp_path
         at_debug.submit([garbled]).results()
     (line,) = [e for e in logged_events(stream.getvalue()) if e["event"] == "exif_date_malformed"]
     assert (line["level"], line["path"]) == ("debug", str(garbled)) and "garbage" in line["error"]
+
+
+def test_what_a_worker_logs_as_it_starts_is_logged_once_and_blames_no_file(tmp_path):
+    pictures = [save_picture(tmp_path / f"{n}.png", seed=n) for n in range(2)]
+    with logging_to(io.StringIO()) as stream, pool(model_input=WarnsWhenLoaded(), workers=1) as started:
+        started.wait_ready()
+        outcomes = started.submit(pictures).results()
+    assert all(isinstance(o, PreparedImage) for o in outcomes)
+    (line,) = [e for e in logged_events(stream.getvalue()) if e["event"] == "model_input_loaded"]
+    assert line["level"] == "warning" and "path" not in line, line
 
 
 def test_a_file_that_makes_a_worker_log_a_thousand_lines_costs_twenty_and_a_count(tmp_path):

@@ -202,10 +202,11 @@ _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 @dataclass(frozen=True)
 class _Logged:
-    """What a worker's code logged while it did ``path``: ``lines`` of (level, fields with ``event``), and
-    how many more it ``dropped`` past ``_LOG_LINES_PER_FILE`` (the most severe of them at ``dropped_level``)."""
+    """What a worker's code logged while it did ``path`` (None: while it started, before any file):
+    ``lines`` of (level, fields with ``event``), and how many more it ``dropped`` past
+    ``_LOG_LINES_PER_FILE`` (the most severe of them at ``dropped_level``)."""
 
-    path: Path
+    path: Path | None
     lines: tuple[tuple[str, dict[str, Any]], ...]
     dropped: int = 0
     dropped_level: str = "debug"
@@ -215,7 +216,7 @@ class _Logged:
         for level, fields in self.lines:
             fields = dict(fields)
             event = str(fields.pop("event", "worker_log"))
-            if fields.get("path") is None:
+            if fields.get("path") is None and self.path is not None:
                 fields["path"] = self.path
             try:
                 getattr(log, level if level in _LEVELS else "warning")(event, **fields)
@@ -242,8 +243,8 @@ class _FileLog:
             self._dropped += 1
             self._dropped_level = max(self._dropped_level, _LEVELS.index(level) if level in _LEVELS else 2)
 
-    def take(self, path: Path) -> _Logged | None:
-        """The lines kept since the last take, for ``path``; None when there were none."""
+    def take(self, path: Path | None) -> _Logged | None:
+        """The lines kept since the last take, for ``path`` (None: the worker's start); None when there were none."""
         if not self._lines and not self._dropped:
             return None
         logged = _Logged(path, tuple(self._lines), self._dropped, _LEVELS[self._dropped_level])
@@ -260,6 +261,11 @@ def _portable(value: object) -> object:
     if isinstance(value, (list, tuple)) and all(isinstance(item, plain) for item in value):
         return list(value)
     return repr(value)
+
+
+def _send_start_lines(conn: Connection, file_log: _FileLog) -> None:
+    if (logged := file_log.take(None)) is not None:
+        conn.send(logged)
 
 
 def _worker_main(fd: int, *, log_level: int) -> None:
@@ -279,8 +285,12 @@ def _worker_main(fd: int, *, log_level: int) -> None:
         except (EOFError, OSError):
             raise
         except Exception as exc:  # e.g. a model_input this interpreter cannot import: say so, then leave
+            _send_start_lines(conn, file_log)
             conn.send(_StartFailed(f"{type(exc).__name__}: {exc}"))
             return
+        # What reading the settings logged (a module their model input imports, warning as it loads) is the
+        # start's, not the first file's.
+        _send_start_lines(conn, file_log)
         conn.send(_Ready(os.getpid()))
     except (EOFError, OSError):  # closed while this worker was still starting
         return
