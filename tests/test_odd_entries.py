@@ -100,6 +100,23 @@ def test_a_folder_named_as_the_processed_copy_of_a_file_beside_it_is_indexed_wit
     assert story.ask("q.png", folder_picture)[0] == str(folder_picture)
 
 
+def test_a_folder_renamed_to_the_name_of_a_files_processed_copy_takes_its_copies_along(story_factory) -> None:
+    story = story_factory({"a.png": 1, "trip/b.png": 2, "trip/c.png": 3})
+    before = story.rows()
+    os.rename(story.images / "trip", story.images / "a.png.jpg")
+    with capture_logs() as logs:
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "trip", dest=story.images / "a.png.jpg",
+                     is_directory=True)
+        story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(story.images / n) for n in ("a.png", "a.png.jpg/b.png", "a.png.jpg/c.png")}
+    assert {row["file_hash"] for row in rows.values()} == {row["file_hash"] for row in before.values()}
+    assert not [e for e in logs if e["event"] in ("image_skipped", "images_indexed") and e.get("embedded")]
+    copies = {p for p in story.cfg.processed_directory.rglob("*") if p.is_file() and not p.name.startswith(".source")}
+    wanted = {Path(row["processed_path"]) for row in rows.values()}
+    assert copies == wanted | {thumbnail_path_for(p) for p in wanted}  # each moved along, none left behind
+
+
 def test_a_254_byte_name_is_indexed_and_asked_about(story_factory) -> None:
     story = story_factory({"a.png": 1})
     long = save_picture(story.images / LONG, seed=3, size=(120, 90))
