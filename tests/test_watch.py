@@ -15,10 +15,13 @@ import pytest
 from image_search.readiness import ReadinessTracker
 from tests.support.clock import FakeClock
 from image_search.watch import (
+    POLL_INTERVAL_S,
+    POLL_PACE,
     Change,
     ChangeKind,
     Folder,
     FolderHandler,
+    PacedPollingEmitter,
     WatchedFolder,
     observer_problem,
     start_observer,
@@ -435,6 +438,45 @@ def test_polling_never_follows_a_link_to_a_folder(tmp_path: Path) -> None:
     finally:
         observer.stop()
         observer.join(timeout=5)
+
+
+def test_with_poll_a_folder_slow_to_snapshot_is_polled_less_often_and_a_quick_one_every_two_seconds(tmp_path: Path) -> None:
+    """A large library (or a slow share) under --poll: a snapshot of 40,000 files took ~0.6 s here, a third of
+    a core at a fixed 2 s. Each folder's emitter waits POLL_PACE times its last snapshot when that is longer."""
+    from watchdog.observers.api import EventQueue, ObservedWatch
+
+    images, inbox = tmp_path / "images", tmp_path / "inbox"
+    inbox.mkdir()
+    for n in range(10):
+        folder = images / f"{n % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _file(folder / f"{n}.png")
+
+    def slow_under_images(path: str) -> os.stat_result:
+        if Path(path).is_relative_to(images):
+            time.sleep(0.03)  # a share's round trip
+        return os.lstat(path)
+
+    waits = {}
+    for folder in (images, inbox):
+        emitter = PacedPollingEmitter(EventQueue(), ObservedWatch(str(folder), recursive=True), timeout=POLL_INTERVAL_S,
+                                      stat=slow_under_images, listdir=os.scandir)
+        emitter.on_thread_start()  # its first snapshot
+        asked: list[float] = []
+
+        def wait(timeout: float, asked: list[float] = asked) -> bool:
+            """The emitter's wait between polls, recorded: the first poll runs, the second is not waited for."""
+            if timeout:
+                asked.append(timeout)
+            return len(asked) > 1  # True: stopped
+
+        emitter.stopped_event.wait = wait
+        emitter.queue_events(emitter.timeout)
+        emitter.queue_events(emitter.timeout)
+        waits[folder] = asked
+    assert waits[inbox] == [POLL_INTERVAL_S, POLL_INTERVAL_S]
+    assert waits[images][0] == POLL_INTERVAL_S  # before any poll was timed
+    assert waits[images][1] >= POLL_PACE * 14 * 0.03  # 14 entries (3 folders, 10 files, itself), 30 ms each
 
 
 @pytest.mark.parametrize("name", ["images", "inbox"])
