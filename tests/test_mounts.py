@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from image_search.mounts import MountTable, read_mount_table
+from image_search.mounts import MountTable, read_mount_table, remember_mounts
 
 pytestmark = pytest.mark.unit
 
@@ -61,3 +61,28 @@ def test_tables_that_cannot_be_read_expect_nothing(tmp_path) -> None:
     table = read_mount_table(tmp_path / "no-fstab", tmp_path / "no-mountinfo")
     assert table == MountTable(expected=frozenset(), mounted=frozenset())
     assert table.unmounted_under(tmp_path) == []
+
+
+def test_the_mount_points_seen_under_the_folder_are_remembered_until_their_folder_is_gone(tmp_path) -> None:
+    images, record = tmp_path / "images", tmp_path / "processed" / ".mount-points"
+    (images / "nas").mkdir(parents=True)
+    (images / "usb").mkdir()
+    (tmp_path / "processed").mkdir()
+    mounted = MountTable(expected=frozenset(), mounted=frozenset({images / "nas", images / "usb", tmp_path / "other"}))
+    assert remember_mounts(mounted, images, record).remembered == {images / "nas", images / "usb"}
+    nothing = MountTable(expected=frozenset(), mounted=frozenset())
+    later = remember_mounts(nothing, images, record)  # another process, after a reboot: read back
+    assert later.unmounted_under(images) == [images / "nas", images / "usb"]
+    (images / "usb").rmdir()  # taken away on purpose
+    assert remember_mounts(nothing, images, record).unmounted_under(images) == [images / "nas"]
+    assert remember_mounts(nothing, images, record).remembered == {images / "nas"}
+
+
+def test_a_record_that_cannot_be_read_or_written_costs_only_the_memory(tmp_path) -> None:
+    images = tmp_path / "images"
+    (images / "nas").mkdir(parents=True)
+    garbled = tmp_path / "garbled"
+    garbled.write_text("not json")
+    mounted = MountTable(expected=frozenset(), mounted=frozenset({images / "nas"}))
+    assert remember_mounts(mounted, images, garbled).remembered == {images / "nas"}
+    assert remember_mounts(mounted, images, tmp_path / "no-such-folder" / "record").remembered == {images / "nas"}

@@ -173,6 +173,27 @@ def test_a_subfolder_fstab_names_with_nothing_mounted_keeps_its_rows(story_facto
     assert warnings == ([] if mounted else [(album, 2, "warning")])
 
 
+def test_a_subfolder_mounted_by_hand_and_not_mounted_at_a_later_rescan_keeps_its_rows(story_factory, tmp_path) -> None:
+    """``images/album`` is a share mounted by hand (no fstab line). A rescan sees it mounted and notes it in
+    processed-directory; after a reboot that did not mount it again its pictures are kept; once its empty
+    folder is deleted (gone for good), they go."""
+    story = story_factory({**PICTURES, "album/d.png": 4})
+    rows, store = story.rows(), story.service.rt.store
+    album = story.images / "album"
+    share = Path(os.path.realpath(album))
+    compare_folder(story.cfg, store, mounts=MountTable(expected=frozenset(), mounted=frozenset({share})))
+    move_contents(album, tmp_path / "nas")  # not mounted: an empty folder
+    with capture_logs() as logs:
+        state = compare_folder(story.cfg, store, mounts=MountTable(expected=frozenset(), mounted=frozenset()))
+    assert state.removed == [] and set(story.rows()) == set(rows)
+    (warning,) = [e for e in logs if e["event"] == "source_subfolder_unmounted"]
+    assert (warning["path"], warning["kept"]) == (album, 2) and "earlier rescan" in warning["reason"]
+    assert warning["action"].endswith("delete the empty folder")
+    album.rmdir()
+    state = compare_folder(story.cfg, store, mounts=MountTable(expected=frozenset(), mounted=frozenset()))
+    assert set(state.removed) == {str(album / "c.png"), str(album / "d.png")}
+
+
 def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(story_factory, monkeypatch) -> None:
     """A share's I/O error, or a folder another user closed: what it holds is unknown, not deleted. (As
     root no permission stops a listing, so the listing's failure is injected.)"""

@@ -2,12 +2,16 @@
 ``source-directory`` that ``/etc/fstab`` names as a mount point but that is not mounted (a NAS share not
 up yet, a USB disk unplugged) is an empty directory, and its pictures must not read as deleted.
 
-Only the two tables are read: a mount made by hand and never written into fstab cannot be told from a
-folder emptied on purpose, and is not protected (the README says so).
+A mount made by hand (or by a systemd unit) is in neither fstab nor, once it is gone, mountinfo: so the mount
+points seen mounted under the source folder at a rescan are remembered in processed-directory
+(``MOUNT_RECORD``, ``remember_mounts``), and one of them with nothing mounted is kept as one fstab names.
+A remembered point whose folder is deleted was taken away on purpose, and is forgotten. A hand mount never
+seen mounted by a rescan cannot be told from a folder emptied on purpose (the README says so).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,19 +31,57 @@ def _unescape(field: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
+# In processed-directory (which serves one source folder): the real paths of the mount points seen mounted under
+# it, a JSON list.
+MOUNT_RECORD = ".mount-points"
+
+
 @dataclass(frozen=True)
 class MountTable:
-    """The mount points fstab names (``expected``) and those mounted now (``mounted``), as absolute paths."""
+    """The mount points fstab names (``expected``), those mounted now (``mounted``), and those seen mounted at
+    an earlier rescan (``remembered``), as absolute paths."""
 
     expected: frozenset[Path]
     mounted: frozenset[Path]
+    remembered: frozenset[Path] = frozenset()
 
     def unmounted_under(self, folder: Path) -> list[Path]:
-        """The expected mount points at or under ``folder`` that are not mounted, named under ``folder`` as
-        given (fstab names real paths: ``folder`` may be reached through a link)."""
+        """The expected or remembered mount points at or under ``folder`` that are not mounted, named under
+        ``folder`` as given (the tables name real paths: ``folder`` may be reached through a link)."""
         real = Path(os.path.realpath(folder))
         return sorted(Path(folder) / point.relative_to(real)
-                      for point in self.expected - self.mounted if point.is_relative_to(real))
+                      for point in (self.expected | self.remembered) - self.mounted if point.is_relative_to(real))
+
+    def in_fstab(self, point: Path) -> bool:
+        return Path(os.path.realpath(point)) in self.expected
+
+
+def remember_mounts(table: MountTable, folder: Path, record: Path) -> MountTable:
+    """``table`` with ``remembered``: the mount points at or under ``folder`` in ``record`` and those mounted
+    there now, less those whose folder is gone; ``record`` is rewritten when that changes (a record that
+    cannot be written costs this protection only, never the rescan)."""
+    from .preprocess import write_atomically  # its imports (numpy, Pillow) are not this module's to pay
+
+    real = Path(os.path.realpath(folder))
+    known = _recorded(record)
+    seen = {point for point in known | table.mounted if point.is_relative_to(real) and os.path.isdir(point)}
+    if seen != known:
+        try:
+            write_atomically(record, (json.dumps(sorted(map(os.fsdecode, seen))) + "\n").encode())
+        except OSError as exc:
+            log.warning("mount_points_not_recorded", path=record, error=exc.strerror)
+    return MountTable(table.expected, table.mounted, frozenset(seen))
+
+
+def _recorded(record: Path) -> set[Path]:
+    try:
+        points = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        log.warning("mount_points_record_unreadable", path=record, error=str(exc))
+        return set()
+    return {Path(p) for p in points if isinstance(p, str)} if isinstance(points, list) else set()
 
 
 def read_mount_table(fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> MountTable:

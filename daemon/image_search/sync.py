@@ -25,7 +25,7 @@ from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import SourceFolderMissing
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
-from .mounts import MountTable, read_mount_table
+from .mounts import MOUNT_RECORD, MountTable, read_mount_table, remember_mounts
 from .names import escape
 from .preprocess import (
     create_beside,
@@ -350,8 +350,9 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     source-directory on the same database) are never removed here. A folder that is missing, or holds no
     picture while paths under it are stored, is a disk or share that is not mounted, never "every picture
     deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
-    row with one warning. So does a sub-folder that ``/etc/fstab`` names as a mount point while nothing is
-    mounted there (``mounts``: the system's tables when None), or that cannot be listed.
+    row with one warning. So does a sub-folder that ``/etc/fstab`` names as a mount point, or that an earlier
+    rescan saw mounted (``mounts.remember_mounts``), while nothing is mounted there (``mounts``: the system's
+    tables when None), or that cannot be listed.
 
     ``stopping()`` is asked between entries (a stat, a hash, a header each: a slow share or a large
     library makes minutes of them, longer than systemd waits for a stop): once it says so, the comparison
@@ -369,6 +370,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     scan = scan_folder(root, cfg.source_links, stopping=stopping)
     if stopping():  # the walk may have ended part-way: the files it did not list are not gone
         return _cut_short()
+    # Every rescan notes the mount points under the folder, so that one not mounted later is known as one.
+    table = remember_mounts(mounts or read_mount_table(), root, cfg.processed_directory / MOUNT_RECORD)
     on_disk = scan.images
     present = {str(path) for path in on_disk}
     vanished = [p for p in paths_under(known, root) if p not in present]
@@ -385,12 +388,14 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
         vanished, kept = _kept_under(vanished, scan.unreadable)
         skipped = [SkippedEntry(e.path, f"{e.reason}; kept: {counted(kept[e.path], 'indexed path')} under it")
                    if kept.get(e.path) else e for e in skipped]
-        vanished, kept = _kept_under(vanished, (mounts or read_mount_table()).unmounted_under(root))
+        vanished, kept = _kept_under(vanished, table.unmounted_under(root))
         for point, count in kept.items():
+            named = ("/etc/fstab names it a mount point" if table.in_fstab(point)
+                     else "it was a mount point at an earlier rescan")
             log.warning("source_subfolder_unmounted", path=point, kept=count,
-                        reason="/etc/fstab names it a mount point and nothing is mounted there: every row and "
-                               "processed copy under it is kept",
-                        action="mount it; if its pictures are gone for good, take it out of /etc/fstab")
+                        reason=f"{named} and nothing is mounted there: every row and processed copy under it is kept",
+                        action="mount it; if its pictures are gone for good, "
+                               + ("take it out of /etc/fstab" if table.in_fstab(point) else "delete the empty folder"))
     changed, new_files, missing_copies = [], [], []
     copies = ProcessedListing()
     for path in on_disk:
