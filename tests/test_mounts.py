@@ -85,4 +85,7 @@ def test_a_record_that_cannot_be_read_or_written_costs_only_the_memory(tmp_path)
     garbled.write_text("not json")
     mounted = MountTable(expected=frozenset(), mounted=frozenset({images / "nas"}))
     assert remember_mounts(mounted, images, garbled).remembered == {images / "nas"}
+    garbled.write_text("not json")
+    assert remember_mounts(MountTable(frozenset(), frozenset()), images, garbled).remembered == set()
+    assert garbled.read_text() == "[]\n"  # written again: said once, not at every rescan
     assert remember_mounts(mounted, images, tmp_path / "no-such-folder" / "record").remembered == {images / "nas"}

@@ -64,8 +64,8 @@ def remember_mounts(table: MountTable, folder: Path, record: Path) -> MountTable
 
     real = Path(os.path.realpath(folder))
     known = _recorded(record)
-    seen = {point for point in known | table.mounted if point.is_relative_to(real) and os.path.isdir(point)}
-    if seen != known:
+    seen = {point for point in (known or set()) | table.mounted if point.is_relative_to(real) and os.path.isdir(point)}
+    if seen != known:  # None (unreadable) too: written again, so that it is said once
         try:
             write_atomically(record, (json.dumps(sorted(map(os.fsdecode, seen))) + "\n").encode())
         except OSError as exc:
@@ -73,15 +73,16 @@ def remember_mounts(table: MountTable, folder: Path, record: Path) -> MountTable
     return MountTable(table.expected, table.mounted, frozenset(seen))
 
 
-def _recorded(record: Path) -> set[Path]:
+def _recorded(record: Path) -> set[Path] | None:
+    """The points in ``record``: none when there is none, None when it cannot be read."""
     try:
         points = json.loads(record.read_bytes())
     except FileNotFoundError:
         return set()
     except (OSError, ValueError) as exc:
         log.warning("mount_points_record_unreadable", path=record, error=str(exc))
-        return set()
-    return {Path(p) for p in points if isinstance(p, str)} if isinstance(points, list) else set()
+        return None
+    return {Path(p) for p in points if isinstance(p, str)} if isinstance(points, list) else None
 
 
 def read_mount_table(fstab: Path = FSTAB, mountinfo: Path = MOUNTINFO) -> MountTable:
