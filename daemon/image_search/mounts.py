@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from .preprocess import write_atomically
+
 log = structlog.get_logger(__name__)
 
 FSTAB = Path("/etc/fstab")
@@ -60,8 +62,6 @@ def remember_mounts(table: MountTable, folder: Path, record: Path) -> MountTable
     """``table`` with ``remembered``: the mount points at or under ``folder`` in ``record`` and those mounted
     there now, less those whose folder is gone; ``record`` is rewritten when that changes (a record that
     cannot be written costs this protection only, never the rescan)."""
-    from .preprocess import write_atomically  # its imports (numpy, Pillow) are not this module's to pay
-
     real = Path(os.path.realpath(folder))
     known = _recorded(record)
     seen = {point for point in (known or set()) | table.mounted if point.is_relative_to(real) and os.path.isdir(point)}

@@ -390,12 +390,11 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                    if kept.get(e.path) else e for e in skipped]
         vanished, kept = _kept_under(vanished, table.unmounted_under(root))
         for point, count in kept.items():
-            named = ("/etc/fstab names it a mount point" if table.in_fstab(point)
-                     else "it was a mount point at an earlier rescan")
+            named, undo = (("/etc/fstab names it a mount point", "take it out of /etc/fstab") if table.in_fstab(point)
+                           else ("it was a mount point at an earlier rescan", "delete the empty folder"))
             log.warning("source_subfolder_unmounted", path=point, kept=count,
                         reason=f"{named} and nothing is mounted there: every row and processed copy under it is kept",
-                        action="mount it; if its pictures are gone for good, "
-                               + ("take it out of /etc/fstab" if table.in_fstab(point) else "delete the empty folder"))
+                        action=f"mount it; if its pictures are gone for good, {undo}")
     changed, new_files, missing_copies = [], [], []
     copies = ProcessedListing()
     for path in on_disk:
