@@ -5,6 +5,7 @@ user's folders changes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -141,23 +142,21 @@ def test_a_report_stopped_at_any_checkpoint_leaves_no_folder_and_the_document_wh
     forget_hashes()
     document = cfg.inbox_directory / "dupes.json"
     document.write_text('{"duplicates": true}', encoding="utf-8")
-    checkpoints = 0
+    calls: list[None] = []  # list.append is one step under the GIL, as next() is below
 
     def count() -> None:
-        nonlocal checkpoints
-        checkpoints += 1
+        calls.append(None)
 
     def stop_at(n: int):
-        seen = 0
+        seen = itertools.count(1)  # next() is one step under the GIL: the hash fill's threads share it
 
         def checkpoint() -> None:
-            nonlocal seen
-            seen += 1
-            if seen == n:
+            if next(seen) == n:
                 raise Stopped(n)
         return checkpoint
 
     write_report(cfg, store, checkpoint=count)  # counts them: the fill's pictures, rounds of rows, searches, pages
+    checkpoints = len(calls)
     assert checkpoints >= 10
     before = sorted(cfg.output_directory.iterdir())
     for n in range(1, checkpoints + 1):
