@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 import image_search.duplicates
 from image_search.watch import ChangeKind, Folder
@@ -143,3 +144,23 @@ def test_a_long_report_keeps_the_watchdog_fed_answers_queries_indexes_and_ends_a
     assert not document.exists()
     (report,) = [r for r in results(again) if (r / "dupes.query.json").is_file()]
     assert json.loads((report / "summary.json").read_text())["pictures"] == 3
+
+
+def test_a_report_whole_before_the_stop_reached_it_is_answered_not_said_to_be_stopped(story_factory) -> None:
+    """The report's thread moved the document into its folder; the stop came before the loop looked."""
+    story = story_factory({"a.png": 1, "b.png": 2})
+    document = drop(story, "dupes.json", json.dumps({"duplicates": True}))
+    for _ in range(50):  # the loop's passes, the clock past each settle period, until the report begins
+        if story.service.inbox.report is not None:
+            break
+        story.clock.advance(5)
+        story.service.step()
+    report = story.service.inbox.report
+    assert report.wait(WAIT_S) and report.written
+    with capture_logs() as logs:
+        story.service.close()
+    events = [e["event"] for e in logs]
+    assert "duplicates_report_stopped" not in events, events
+    assert not document.exists()
+    (folder,) = [r for r in results(story) if (r / "dupes.query.json").is_file()]
+    assert json.loads((folder / "summary.json").read_text())["pictures"] == 2

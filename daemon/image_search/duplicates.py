@@ -443,6 +443,11 @@ class ReportThread:
         assert self._outcome is not None
         return self._outcome
 
+    @property
+    def written(self) -> bool:
+        """Done, and the report is in its folder (its document moved in)."""
+        return self.done and isinstance(self._outcome, Path)
+
     def wait(self, timeout: float) -> bool:
         """Wait ``timeout`` seconds at most for the report to end; True if it did."""
         self._thread.join(timeout)

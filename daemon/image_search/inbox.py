@@ -237,10 +237,12 @@ class QueryInbox:
 
     def close(self) -> None:
         """A stop: the report being written ends at its next checkpoint, its document left in the inbox,
-        which the next start answers."""
+        which the next start answers; one that was whole before the stop reached it is answered now."""
         if self.report is None:
             return
-        if self.report.stop(REPORT_STOP_WAIT_S):
+        if self.report.stop(REPORT_STOP_WAIT_S) and self.report.written:  # whole before the stop reached it
+            self._finish_report()
+        elif self.report.done:
             log.info("duplicates_report_stopped", query=self.report.document,
                      detail="the document stays in the inbox; the next start writes the report")
         else:
