@@ -92,17 +92,19 @@ class _LinePrinter(structlog.PrintLogger):
 
     def __init__(self, file: TextIO, *, beside_progress_bars: bool = False) -> None:
         super().__init__(file)
-        self._beside_progress_bars = beside_progress_bars
+        self._bars: Any = None  # tqdm's class, on a terminal: imported once, by the first logger made there
+        if beside_progress_bars:
+            from tqdm import tqdm
+
+            self._bars = tqdm
 
     def msg(self, message: str) -> None:
         try:
-            if self._beside_progress_bars:
+            if self._bars is not None:
                 # On a terminal a line written while a tqdm bar is drawn (`index`'s, a migration's) was glued
                 # to the end of the bar's line, and the bar was not drawn again below it: tqdm clears its bars
                 # on this stream, the line is written, and the bars are drawn again.
-                from tqdm import tqdm
-
-                with tqdm.external_write_mode(file=self._file):
+                with self._bars.external_write_mode(file=self._file):
                     super().msg(message)
             else:
                 super().msg(message)
