@@ -164,3 +164,32 @@ def test_a_report_whole_before_the_stop_reached_it_is_answered_not_said_to_be_st
     assert not document.exists()
     (folder,) = [r for r in results(story) if (r / "dupes.query.json").is_file()]
     assert json.loads((folder / "summary.json").read_text())["pictures"] == 2
+
+
+def test_a_duplicates_document_written_again_while_its_report_is_made_is_answered_anew(story_factory,
+                                                                                       monkeypatch) -> None:
+    """The report keeps what asked for it; the document, now a search, stays and is answered after it (it was
+    answered at once and moved away, and the report then failed on its missing document)."""
+    story = story_factory({"a.png": 1, "b.png": 2})
+    grouping = SlowGrouping(held_for_s=HELD_S)
+    monkeypatch.setattr(image_search.duplicates, "find_groups", grouping)
+    asked = json.dumps({"duplicates": True})
+    document = drop(story, "dupes.json", asked)
+    with LoopThread(story) as loop:
+        assert grouping.started.wait(WAIT_S), "the report never began"
+        with capture_logs() as logs:
+            drop(story, "dupes.json", json.dumps({"text": "a red bicycle and more"}))  # longer: another file
+            time.sleep(0.5)  # the loop's passes meanwhile (the fake clock ticks)
+            assert document.is_file() and not any(r.glob("dupes.*") for r in results(story))
+            grouping.let_go()
+            during_loop = time.monotonic() + WAIT_S
+            while len([r for r in results(story) if any(r.glob("dupes.*"))]) < 2:
+                assert time.monotonic() < during_loop, "the report and the search were not both written"
+                time.sleep(0.05)
+        loop.stop()
+    assert "query_crashed" not in [e["event"] for e in logs]
+    (report,) = [r for r in results(story) if (r / "summary.json").is_file()]
+    assert (report / "dupes.query.json").read_text(encoding="utf-8") == asked
+    (search,) = [r for r in results(story) if (r / "dupes.jsonl").is_file()]
+    assert json.loads((search / "dupes.query.json").read_text(encoding="utf-8")) == {"text": "a red bicycle and more"}
+    assert not document.exists()

@@ -43,6 +43,7 @@ import structlog
 from PIL import Image
 
 from .config import Config
+from .entries import FileIdentity
 from .errors import writing_into
 from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
@@ -339,7 +340,8 @@ def summary(groups: Sequence[Group], *, pictures: int, kinds: Sequence[Kind], th
 
 
 def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = ALL_KINDS, folder: str | None = None,
-                 now: datetime | None = None, document: Path | None = None, checkpoint: Checkpoint = go_on) -> Path:
+                 now: datetime | None = None, document: Path | None = None, read_as: tuple[FileIdentity, bytes] | None = None,
+                 checkpoint: Checkpoint = go_on) -> Path:
     """Find the groups of ``kinds`` among the index's pictures (``folder``: relative to source-directory,
     it and everything under it; None: all) and write the report folder ``output-directory/<stamp>/``
     (built under a hidden name, then renamed: it appears complete or not at all). Rows without a
@@ -348,7 +350,9 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
     ``OutputUnwritable``. ``document``: the inbox's ``{"duplicates": true}`` document that asked, moved
     into the report as ``<stem>.query.json``. ``checkpoint`` is called between the steps and within each
     (``groups.Checkpoint``): what it raises ends the report with no folder left behind and ``document``
-    where it was; once the document is moved, the report is only renamed into place, and nothing stops it."""
+    where it was; once the document is moved, the report is only renamed into place, and nothing stops it.
+    ``read_as``: the document as it was when it was read, and its bytes: one written again since is left in the
+    inbox (to be answered anew) and the report holds the bytes that asked for it."""
     kinds = tuple(kind for kind in ALL_KINDS if kind in kinds)
     thresholds = Thresholds.of(cfg)
     if Kind.NEAR_COPY in kinds:
@@ -356,7 +360,7 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
     pictures, embeddings = read_pictures(store, folder=folder, embeddings=Kind.SIMILAR in kinds, checkpoint=checkpoint)
     groups = find_groups(pictures, embeddings, kinds, thresholds, checkpoint=checkpoint)
     with writing_into(cfg.output_directory, "a duplicates report"):
-        final = _publish(cfg.output_directory, groups, now=now, document=document, checkpoint=checkpoint,
+        final = _publish(cfg.output_directory, groups, now=now, document=document, read_as=read_as, checkpoint=checkpoint,
                          details=lambda sheets: summary(
             groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folder=folder,
             model_name=cfg.model_name, without_hash=sum(1 for p in pictures if p.phash is None), sheets=sheets))
@@ -369,7 +373,8 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
 
 
 def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
-             details: Callable[[int], dict[str, object]], document: Path | None, checkpoint: Checkpoint) -> Path:
+             details: Callable[[int], dict[str, object]], document: Path | None,
+             read_as: tuple[FileIdentity, bytes] | None, checkpoint: Checkpoint) -> Path:
     """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
     back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
     make_output_folder(output_dir)
@@ -388,8 +393,18 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
         checkpoint()  # the last: from here on the report is whole, and the document moves into it
         if document is not None:
             stem = fit_name(document.stem, reserve=len(".query") + name_bytes(document.suffix))
-            moved = tmp / f"{stem}.query{document.suffix}"
-            move_out(document, moved)
+            into = tmp / f"{stem}.query{document.suffix}"
+            # Looked at last, as a search result does (output.py): a document written again while the report
+            # was made is not the one that asked; it stays, and the report keeps the bytes that did.
+            if read_as is not None and FileIdentity.of(document) != read_as[0]:
+                into.write_bytes(read_as[1])
+                log.warning("query_changed_while_answered", path=document,
+                            detail="the document was written again (or replaced, or removed) while its report was "
+                                   "made: the report holds what asked for it, and the document as it is now stays "
+                                   "in the inbox to be answered anew")
+            else:
+                moved = into
+                move_out(document, moved)
         return publish(tmp, output_dir, now)
     except BaseException:
         if moved is not None and moved.exists():
@@ -408,8 +423,9 @@ class ReportThread:
     hold the process's exit."""
 
     def __init__(self, cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind], folder: str | None,
-                 document: Path) -> None:
+                 document: Path, read_as: tuple[FileIdentity, bytes] | None = None) -> None:
         self.document = document
+        self._read_as = read_as
         self._stopping = threading.Event()
         self._outcome: Path | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(cfg, store, kinds, folder), name="duplicates-report",
@@ -425,7 +441,7 @@ class ReportThread:
             own = store.sibling()
             try:
                 self._outcome = write_report(cfg, own, kinds=kinds, folder=folder, document=self.document,
-                                             checkpoint=self._checkpoint)
+                                             read_as=self._read_as, checkpoint=self._checkpoint)
             finally:
                 own.close()
         except BaseException as exc:  # the loop's to judge (``result``), as if it had run the report itself

@@ -172,6 +172,10 @@ class QueryInbox:
     def answer(self, path: Path) -> None:
         """A picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file is a query
         document; anything else fails. A folder is never a query (``_lone_folder``)."""
+        if self._reporting_on(path):  # written again while its report is made: answered anew once it is done
+            if path not in self._after_report:
+                self._after_report.append(path)
+            return
         if path.is_dir():
             self._lone_folder(path)
             return
@@ -199,7 +203,7 @@ class QueryInbox:
         read_as = FileIdentity.of(path)  # before it is read: the bundle moves it in only if it is still that file
         document = read_query_document(path, cfg, cfg.inbox_links) if is_query_document(path) else None
         if document is not None and isinstance(document.asks, DuplicatesRequest):
-            self._begin_report(path, document.asks)
+            self._begin_report(path, document.asks, read_as=(read_as, document.data))
             return False
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
                     links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
@@ -208,7 +212,7 @@ class QueryInbox:
             self.pending.note(path)
         return True
 
-    def _begin_report(self, path: Path, request: DuplicatesRequest) -> None:
+    def _begin_report(self, path: Path, request: DuplicatesRequest, *, read_as: tuple[FileIdentity, bytes]) -> None:
         if self.report is not None:  # one at a time: each takes the CPU and memory it can get
             if path not in self._after_report:
                 self._after_report.append(path)
@@ -216,7 +220,7 @@ class QueryInbox:
         from .duplicates import Kind, ReportThread
 
         self.report = ReportThread(self.rt.cfg, self.rt.store, kinds=[Kind(k) for k in request.kinds],
-                                   folder=request.folder, document=path)
+                                   folder=request.folder, document=path, read_as=read_as)
         log.info("duplicates_report_begun", query=path, detail="written beside the loop: queries are answered and "
                  "pictures indexed meanwhile")
 
