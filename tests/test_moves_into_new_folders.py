@@ -13,6 +13,8 @@ from structlog.testing import capture_logs
 
 from image_search.preprocess import thumbnail_path_for
 from image_search.sync import SOURCE_MARKER
+from tests.support.files import save_picture
+from tests.support.story import SETTLE
 from image_search.watch import ChangeKind, Folder
 
 pytestmark = pytest.mark.integration
@@ -69,3 +71,72 @@ def test_a_move_seen_only_at_its_new_path_leaves_no_copy_behind(story_factory) -
     story.run_until_idle()
     assert set(story.rows()) == {str(new), str(story.images / "d5/y.png"), str(story.images / "d5/z.png")}
     assert copies_in_processed(story) == copies_of_rows(story)
+
+
+def test_a_move_whose_old_path_goes_before_its_new_path_is_read_costs_no_model_work(story_factory) -> None:
+    """What inotify delivered, every time it was tried here, for ``mkdir new; mv x.png new/`` when the move
+    comes before the watch on ``new`` begins: the walk of ``new`` finds the file, then the move's first half,
+    unpaired, arrives as a deletion of the old path, both before the new path has settled. The row follows
+    the file (its size, mtime and MD5 are the gone path's): no decoding for the model, no second copy."""
+    story = story_factory(PICTURES)
+    hashes = {Path(p).name: row["file_hash"] for p, row in story.rows().items()}
+    old, new = move(story, "d5/x.png", "new5/x.png")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "new5", is_directory=True)
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, new)
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, old)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(new), str(story.images / "d5/y.png"), str(story.images / "d5/z.png")}
+    assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
+    assert copies_in_processed(story) == copies_of_rows(story)
+    assert [(str(e["path"]), str(e["previous"])) for e in logs if e["event"] == "image_renamed"] == [(str(new), str(old))]
+    assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]
+
+
+def test_a_deleted_picture_is_not_taken_for_a_waiting_file_of_its_size_and_mtime(story_factory) -> None:
+    """Only the same bytes are the moved file: a waiting file with the gone path's size and mtime but other
+    pixels (two BMPs of one size) is read as a new picture, and the gone path leaves."""
+    story = story_factory(PICTURES)
+    gone = save_picture(story.images / "d6/a.bmp", seed=7, fmt="BMP")
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, gone)
+    story.run_until_idle()
+    assert str(gone) in story.rows()
+    other = save_picture(story.images / "new6/b.bmp", seed=8, fmt="BMP")
+    st = gone.stat()
+    assert other.stat().st_size == st.st_size
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    gone.unlink()
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, other)
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, gone)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    rows = story.rows()
+    assert str(gone) not in rows and str(other) in rows
+    assert [e["embedded"] for e in logs if e["event"] == "images_indexed"] == [1]
+    assert not [e for e in logs if e["event"] == "image_renamed"]
+    assert [str(e["path"]) for e in logs if e["event"] == "rows_removed"] == [str(gone)]
+
+
+def test_a_move_whose_old_path_goes_while_its_new_path_is_being_read_costs_no_model_work(story_factory) -> None:
+    """The same, when the new path had settled first and its batch is being read as the deletion arrives
+    (the walk's files settle in ``settle-seconds``; the move's unpaired first half comes ~0.5 s after the
+    move): the batch is finished first, and reading the new path found the content stored."""
+    story = story_factory(PICTURES)
+    hashes = {Path(p).name: row["file_hash"] for p, row in story.rows().items()}
+    old, new = move(story, "d5/y.png", "new7/y.png")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "new7", is_directory=True)
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, new)
+    with capture_logs() as logs:
+        story.service.step()  # noticed
+        story.clock.advance(SETTLE + 0.01)
+        story.service.step()  # settled, taken, being read
+        assert new not in story.service.images and str(new) not in story.rows()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, old)
+        story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(new), str(story.images / "d5/x.png"), str(story.images / "d5/z.png")}
+    assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
+    assert copies_in_processed(story) == copies_of_rows(story)
+    assert [(e["embedded"], e["relinked"]) for e in logs if e["event"] == "images_indexed"] == [(0, 1)]
+    assert not [e for e in logs if e["event"] == "rows_removed"]

@@ -175,6 +175,32 @@ def test_forget_and_forget_under(tmp_path: Path, clock: FakeClock) -> None:
     assert len(tracker) == 0
 
 
+def test_waiting_paths_are_found_by_the_size_and_mtime_they_had_when_last_noted(tmp_path: Path, clock: FakeClock) -> None:
+    """Where a renamed file (size and mtime kept) waits under its new name: found while it waits, and no
+    longer once it is taken, forgotten, or noted again with another stat."""
+    tracker = ReadinessTracker(1.0, clock=clock)
+    (tmp_path / "sub").mkdir()
+    a, b, c = (_file(tmp_path / name) for name in ("a.png", "b.png", "sub/c.png"))
+    for p in (a, b, c):
+        os.utime(p, ns=(0, 1_000_000_000))
+        tracker.note(p)
+    size = a.stat().st_size
+    assert tracker.waiting_as(size, 1_000_000_000) == [a, b, c]
+    assert tracker.waiting_as(size, 2_000_000_000) == []
+    tracker.forget(a)
+    tracker.forget_under(tmp_path / "sub")
+    assert tracker.waiting_as(size, 1_000_000_000) == [b]
+    b.write_bytes(b"longer than before, and written later")  # changed while it waited: it waits again
+    clock.advance(1.01)
+    assert tracker.pop_ready(limit=10) == []
+    assert tracker.waiting_as(size, 1_000_000_000) == []
+    st = b.stat()
+    assert tracker.waiting_as(st.st_size, st.st_mtime_ns) == [b]
+    clock.advance(1.01)
+    assert tracker.pop_ready(limit=10) == [b]
+    assert tracker.waiting_as(st.st_size, st.st_mtime_ns) == []
+
+
 def test_a_path_seen_written_keeps_its_mark_until_it_is_taken_or_forgotten(tmp_path: Path, clock: FakeClock) -> None:
     """A rewrite keeping size and mtime leaves no trace a stat can see: the mark is what says "read it"."""
     tracker = ReadinessTracker(1.0, clock=clock)

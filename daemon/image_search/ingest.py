@@ -116,9 +116,7 @@ class ImageIngest:
     def finish_in_flight(self) -> None:
         """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
         try:
-            while self._in_flight:
-                self._finish_oldest()
-            self._confirm_written(wait=True)
+            self.finish_reading()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
 
@@ -161,6 +159,12 @@ class ImageIngest:
             raise
         self._writing.append(batch)
         self._confirm_written()
+
+    def finish_reading(self) -> None:
+        """Every batch being read finished, its rows committed. Raises as ``_confirm_written`` does."""
+        while self._in_flight:
+            self._finish_oldest()
+        self.wait_for_writes()
 
     def settle(self, *paths: Path) -> None:
         """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches

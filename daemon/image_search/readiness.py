@@ -55,6 +55,7 @@ class ReadinessTracker:
         self._retrying: dict[Path, _Pending] = {}
         self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
         self._reread: set[Path] = set()  # seen written since they were last taken: read whatever their stat
+        self._by_stat: dict[tuple[int, int], set[Path]] = {}  # (size, mtime_ns) as noted -> paths (``waiting_as``)
         self._newest = float("-inf")  # when the last path that was not waiting already was noticed
 
     def _queues(self) -> tuple[dict[Path, _Pending], ...]:
@@ -66,9 +67,23 @@ class ReadinessTracker:
     def __contains__(self, path: Path) -> bool:
         return any(path in q for q in self._queues())
 
+    def _put(self, target: dict[Path, _Pending], path: Path, entry: _Pending) -> None:
+        target[path] = entry
+        self._by_stat.setdefault((entry.size, entry.mtime_ns), set()).add(path)
+
     def _drop(self, path: Path) -> None:
         for queue_ in self._queues():
-            queue_.pop(path, None)
+            entry = queue_.pop(path, None)
+            if entry is not None:
+                key = (entry.size, entry.mtime_ns)
+                self._by_stat[key].discard(path)
+                if not self._by_stat[key]:
+                    del self._by_stat[key]
+
+    def waiting_as(self, size: int, mtime_ns: int) -> list[Path]:
+        """The waiting paths whose size and mtime, when last noted, were these: where a file that was
+        renamed (which keeps both) may have been noticed before its old name was seen to go."""
+        return sorted(self._by_stat.get((size, mtime_ns), ()))
 
     def note(self, path: Path, *, closed: bool = False, reread: bool = False,
              retry_after: float | None = None) -> None:
@@ -90,7 +105,7 @@ class ReadinessTracker:
         else:
             wait = self.closed_grace if closed else self.settle
             target = self._closed if closed else self._settling
-        target[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed, since)
+        self._put(target, path, _Pending(st.st_size, st.st_mtime_ns, self.clock() + wait, closed, since))
 
     def _first_noticed(self, path: Path) -> float:
         for queue_ in self._queues():
@@ -127,9 +142,8 @@ class ReadinessTracker:
             entry.due = min(entry.due, now)
 
     def forget_under(self, folder: Path) -> None:
-        for queue_ in self._queues():
-            for path in [p for p in queue_ if p.is_relative_to(folder)]:
-                del queue_[path]
+        for path in [p for queue_ in self._queues() for p in queue_ if p.is_relative_to(folder)]:
+            self._drop(path)
         self._reread = {p for p in self._reread if not p.is_relative_to(folder)}
 
     def _front(self) -> tuple[Path, _Pending] | None:
@@ -158,7 +172,7 @@ class ReadinessTracker:
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)
             else:  # still being written: wait a full settle period again
-                self._settling[path] = _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False, entry.since)
+                self._put(self._settling, path, _Pending(st.st_size, st.st_mtime_ns, now + self.settle, False, entry.since))
         return ready
 
 

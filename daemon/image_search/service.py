@@ -117,7 +117,8 @@ class Service:
         self.images = ReadinessTracker(self.cfg.settle_seconds, clock=clock)
         # The walks of the folders (the rescans, the queries waiting at start) end at the next entry once a
         # stop is asked for: one of a large library on a slow share takes longer than systemd waits.
-        self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set)
+        self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set,
+                               finish_reading=lambda: self.ingest.finish_reading() if self.ingest is not None else None)
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
                                 not_yet_indexed=lambda: self._ingest.not_yet_indexed)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)

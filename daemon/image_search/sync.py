@@ -504,11 +504,12 @@ class FolderSync:
     new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
 
     def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker, *,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, finish_reading: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.store = store
         self.pending = pending
         self.stopping = stopping  # the service's stop: a rescan under way ends at the next entry
+        self.finish_reading = finish_reading  # commits the rows of the files taken from ``pending`` and being read
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
 
@@ -582,9 +583,17 @@ class FolderSync:
             under = self.store.delete_under(str(path))
             removed, contents = list(under), set(under.values())
         else:
+            record = self.store.sources(at=[str(path)]).get(str(path))
+            if record is not None:
+                # A file being read may be this one under a new name: its row, read there, takes that name
+                # (the content is stored, its old path leads nowhere), no model work.
+                self.finish_reading()
+                record = self.store.sources(at=[str(path)]).get(str(path))
+            if record is not None and (moved_to := self._renamed_to(record)) is not None:
+                self._file_moved(path, moved_to)
+                return
             self.pending.forget(path)
-            file_hash = self.store.hash_for_path(str(path))
-            contents = {file_hash} if file_hash is not None else set()
+            contents = {record.file_hash} if record is not None else set()
             removed = [str(path)] if self.store.delete_paths([str(path)]) else []
         for source in removed:
             remove_processed(self.cfg, Path(source))
@@ -592,6 +601,22 @@ class FolderSync:
             self.removed += len(removed)
             log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
         self._forget_dead_copies(contents)
+
+    def _renamed_to(self, record: SourceRecord) -> Path | None:
+        """Where the file of a path seen to go went, if a rename's other half is waiting to be read: inotify
+        watches a folder made just before only from a moment after it was made, so ``mkdir new; mv a.jpg
+        new/`` can arrive as the walk of ``new`` finding ``a.jpg``, then ``a.jpg``'s old path deleted.
+        Removed at once, the row would be gone by the time the new path is read, and the picture embedded
+        again. A rename keeps size and mtime: a waiting file with both is hashed (no decoding), and the
+        same content is the moved file."""
+        for candidate in self.pending.waiting_as(record.source_size, record.source_mtime_ns):
+            try:
+                found = source_identity_of_file(candidate, (record.source_size, record.source_mtime_ns))
+            except (OSError, EntryRefused):
+                continue
+            if found == record.file_hash:
+                return candidate
+        return None
 
     def _forget_dead_copies(self, contents: set[str]) -> None:
         """After paths of ``contents`` left: their other paths under the folder that no longer lead to a
