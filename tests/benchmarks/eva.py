@@ -130,7 +130,7 @@ def measure(device: torch.device, *, batch: int, rounds: int) -> dict[str, float
     compiled_ok = compile_blocks(tower.blocks, forward)
     compile_s = time.perf_counter() - started
     compiled = _images_per_s(tower, pixels, rounds) if compiled_ok else 0.0
-    del tower, pixels
+    tower = pixels = None  # freed for what follows (del: forward() above would name nothing)
     torch.compiler.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -130,7 +130,7 @@ def run(bench: Bench) -> Report:
         for kind in SUBSAMPLINGS) + f"; embedding cosine min {agreement['gpu_decode_cosine_min']:.4f}")
 
     # 5. jina-clip-v2's tower: naive attention against SDPA, bf16 against fp16.
-    del pixels, on_device_batch
+    pixels = on_device_batch = None  # freed for the tower below (del: the lambdas above would name nothing)
     tower = eva.measure(embedder.device, batch=int(bench.sizes["gpu_eva_batch"]), rounds=3)
     say(f"gpu: EVA02-L/14@512 tower naive {tower['gpu_eva_naive_img_s']:.0f}, SDPA {tower['gpu_eva_sdpa_img_s']:.0f} "
         f"(bf16, {tower['gpu_eva_sdpa_tflops']:.0f} TFLOPS), SDPA fp16 {tower['gpu_eva_sdpa_fp16_img_s']:.0f}, "
