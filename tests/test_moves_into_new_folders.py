@@ -140,3 +140,26 @@ def test_a_move_whose_old_path_goes_while_its_new_path_is_being_read_costs_no_mo
     assert copies_in_processed(story) == copies_of_rows(story)
     assert [(e["embedded"], e["relinked"]) for e in logs if e["event"] == "images_indexed"] == [(0, 1)]
     assert not [e for e in logs if e["event"] == "rows_removed"]
+
+
+def test_a_folder_moved_into_a_folder_made_just_before_keeps_its_rows(story_factory) -> None:
+    """``mkdir new; mv d5 new/``: what inotify delivered every time here is the walk of ``new`` finding
+    ``new/d5`` and its files, then ``d5`` deleted (the move's first half, unpaired). Each stored path of
+    ``d5`` whose file waits under ``new/d5`` follows it; none is embedded again."""
+    story = story_factory(PICTURES)
+    hashes = {Path(p).name: row["file_hash"] for p, row in story.rows().items()}
+    (story.images / "new8").mkdir()
+    os.rename(story.images / "d5", story.images / "new8/d5")
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "new8", is_directory=True)
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "new8/d5", is_directory=True)
+    for name in ("z.png", "x.png", "y.png"):
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "new8/d5" / name)
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "d5", is_directory=True)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    rows = story.rows()
+    assert set(rows) == {str(story.images / "new8/d5" / name) for name in ("x.png", "y.png", "z.png")}
+    assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
+    assert copies_in_processed(story) == copies_of_rows(story)
+    assert len([e for e in logs if e["event"] == "image_renamed"]) == 3
+    assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]

@@ -211,10 +211,15 @@ def test_a_deletion_rolled_back_for_a_deadlock_runs_again_and_forgets_the_paths(
     assert sorted(store.sources()) == ["/img/2.png"]
 
 
-def test_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
+def test_sources_under_delete_paths_and_delete_under_escape_like_patterns(store: EmbeddingStore) -> None:
     paths = ["/img/a_b/1.png", "/img/axb/2.png", "/img/a_b2/3.png", "/img/50%/4.png", "/img/500/5.png",
              "/img/top.png", "/img/a_b/deep/6.png"]
     store.upsert([row(p, f"h{i}", unit(np.arange(DIM) + i)) for i, p in enumerate(paths)])
+    under = store.sources_under("/img/a_b")
+    assert sorted(under) == ["/img/a_b/1.png", "/img/a_b/deep/6.png"]
+    assert under["/img/a_b/deep/6.png"] == store.sources(at=["/img/a_b/deep/6.png"])["/img/a_b/deep/6.png"]
+    assert sorted(store.sources_under("/img/50%/")) == ["/img/50%/4.png"]
+    assert store.sources_under("/img/nothing") == {}
     assert store.delete_paths([]) == 0
     assert store.delete_paths(["/img/top.png", "/img/missing.png"]) == 1
 

@@ -160,11 +160,14 @@ class ImageIngest:
         self._writing.append(batch)
         self._confirm_written()
 
-    def finish_reading(self) -> None:
-        """Every batch being read finished, its rows committed. Raises as ``_confirm_written`` does."""
+    def finish_reading(self) -> bool:
+        """Every batch being read finished, its rows committed; True if there was one. Raises as
+        ``_confirm_written`` does."""
+        were_reading = bool(self._in_flight)
         while self._in_flight:
             self._finish_oldest()
         self.wait_for_writes()
+        return were_reading
 
     def settle(self, *paths: Path) -> None:
         """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches

@@ -118,7 +118,7 @@ class Service:
         # The walks of the folders (the rescans, the queries waiting at start) end at the next entry once a
         # stop is asked for: one of a large library on a slow share takes longer than systemd waits.
         self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set,
-                               finish_reading=lambda: self.ingest.finish_reading() if self.ingest is not None else None)
+                               finish_reading=lambda: self.ingest is not None and self.ingest.finish_reading())
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
                                 not_yet_indexed=lambda: self._ingest.not_yet_indexed)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)

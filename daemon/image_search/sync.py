@@ -504,12 +504,13 @@ class FolderSync:
     new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
 
     def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker, *,
-                 stopping: Callable[[], bool] = lambda: False, finish_reading: Callable[[], None] = lambda: None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, finish_reading: Callable[[], bool] = lambda: False) -> None:
         self.cfg = cfg
         self.store = store
         self.pending = pending
         self.stopping = stopping  # the service's stop: a rescan under way ends at the next entry
-        self.finish_reading = finish_reading  # commits the rows of the files taken from ``pending`` and being read
+        # Commits the rows of the files taken from ``pending`` and being read; True if there were any.
+        self.finish_reading = finish_reading
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
 
@@ -578,22 +579,32 @@ class FolderSync:
             self.pending.note(picture, closed=closed, reread=written)
 
     def _source_gone(self, path: Path, is_directory: bool) -> None:
+        """A file or a folder deleted or moved out: its paths leave (a row with its content's last), but for
+        those whose file is found at a new path.
+
+        inotify watches a folder made just before only from a moment after it was made, so ``mkdir new;
+        mv a.jpg new/`` (or ``mv 2023/ new/``) arrives as the walk of ``new`` finding the files, then the
+        old paths deleted. Removed at once, the rows would be gone by the time the new paths are read, and
+        every picture embedded again. So the files being read are finished first (read at a new path, a
+        stored content takes that path, its old one leading nowhere), and a waiting file with a gone path's
+        size and mtime (which a rename keeps) and its MD5 is that path's file, moved: its row follows it."""
+        gone = self._stored_at(path, is_directory)
+        if gone and self.finish_reading():
+            gone = self._stored_at(path, is_directory)
+        followed = False
+        for record in gone:
+            if (moved_to := self._renamed_to(record)) is not None:
+                self._file_moved(Path(record.file_path), moved_to)
+                followed = True
         if is_directory:
             self.pending.forget_under(path)
             under = self.store.delete_under(str(path))
             removed, contents = list(under), set(under.values())
+        elif followed:
+            return
         else:
-            record = self.store.sources(at=[str(path)]).get(str(path))
-            if record is not None:
-                # A file being read may be this one under a new name: its row, read there, takes that name
-                # (the content is stored, its old path leads nowhere), no model work.
-                self.finish_reading()
-                record = self.store.sources(at=[str(path)]).get(str(path))
-            if record is not None and (moved_to := self._renamed_to(record)) is not None:
-                self._file_moved(path, moved_to)
-                return
             self.pending.forget(path)
-            contents = {record.file_hash} if record is not None else set()
+            contents = {record.file_hash for record in gone}
             removed = [str(path)] if self.store.delete_paths([str(path)]) else []
         for source in removed:
             remove_processed(self.cfg, Path(source))
@@ -602,13 +613,13 @@ class FolderSync:
             log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
         self._forget_dead_copies(contents)
 
+    def _stored_at(self, path: Path, is_directory: bool) -> list[SourceRecord]:
+        """The stored path ``path``, or those inside it."""
+        records = self.store.sources_under(str(path)) if is_directory else self.store.sources(at=[str(path)])
+        return list(records.values())
+
     def _renamed_to(self, record: SourceRecord) -> Path | None:
-        """Where the file of a path seen to go went, if a rename's other half is waiting to be read: inotify
-        watches a folder made just before only from a moment after it was made, so ``mkdir new; mv a.jpg
-        new/`` can arrive as the walk of ``new`` finding ``a.jpg``, then ``a.jpg``'s old path deleted.
-        Removed at once, the row would be gone by the time the new path is read, and the picture embedded
-        again. A rename keeps size and mtime: a waiting file with both is hashed (no decoding), and the
-        same content is the moved file."""
+        """A waiting path holding the file of ``record``, whose path is gone: its size and mtime, then its MD5."""
         for candidate in self.pending.waiting_as(record.source_size, record.source_mtime_ns):
             try:
                 found = source_identity_of_file(candidate, (record.source_size, record.source_mtime_ns))
@@ -657,7 +668,7 @@ class FolderSync:
         if dest is None:
             self._source_gone(src, True)
             return
-        moved = {p: r for p, r in self.store.sources().items() if Path(p).is_relative_to(src)}
+        moved = self.store.sources_under(str(src))
         changed = {p for p in moved if Path(p) in self.pending}  # noticed since their rows were written
         self.pending.forget_under(src)
         for old, record in moved.items():

@@ -97,6 +97,12 @@ class SourceRecord:
     processed_path: str
 
 
+def _source_record(row: tuple) -> SourceRecord:
+    """A row of ``paths.SOURCES``."""
+    path, size, mtime_ns, file_hash, model, processed = row
+    return SourceRecord(unescape(path), size, mtime_ns, file_hash, model, unescape(processed))
+
+
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER = struct.pack("!h", -1)
 
@@ -315,9 +321,15 @@ class EmbeddingStore:
                 cur.execute(paths.SOURCES)
             else:
                 cur.execute(paths.SOURCES_AT, ([escape(p) for p in at],))
-            records = [SourceRecord(unescape(path), size, mtime_ns, file_hash, model, unescape(processed))
-                       for path, size, mtime_ns, file_hash, model, processed in cur.fetchall()]
-        return {record.file_path: record for record in records}
+            return {r.file_path: r for r in map(_source_record, cur.fetchall())}
+
+    def sources_under(self, folder: str) -> dict[str, SourceRecord]:
+        """The stored paths inside ``folder``, as ``sources``."""
+        if not self.has_table:
+            return {}
+        with self._cursor() as cur:
+            cur.execute(paths.SOURCES_UNDER, (like_escaped(escape(folder.rstrip("/"))) + "/%",))
+            return {r.file_path: r for r in map(_source_record, cur.fetchall())}
 
     def hash_for_path(self, file_path: str) -> str | None:
         with self._cursor() as cur:
