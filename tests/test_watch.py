@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -442,6 +443,53 @@ def test_folders_given_as_links_are_watched_and_their_changes_carry_the_configur
     finally:
         observer.stop()
         observer.join(timeout=5)
+
+
+def test_a_folder_moved_into_a_folder_made_just_before_is_reported_without_a_warning(tmp_path: Path) -> None:
+    """``mkdir new; mv d5 new/``: inotify reports the walk of ``new`` (``new/d5`` and its files), then ``d5``
+    gone (the folder sync finds the files again by their content); watchdog's own warning that it watches
+    ``new/d5`` twice stays out of the journal."""
+    (tmp_path / "d5").mkdir()
+    for i in range(3):
+        _file(tmp_path / "d5" / f"x{i}.png")
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        observer = start_observer({Folder.IMAGES: WatchedFolder(tmp_path, True)}, changes, poll=False)
+        try:
+            os.mkdir(tmp_path / "new")
+            os.rename(tmp_path / "d5", tmp_path / "new" / "d5")
+            got = _collect(changes, lambda seen: any(c.path == tmp_path / "d5" for c in seen))
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+    found = {c.path for c in got if c.kind is ChangeKind.TOUCHED and not c.is_directory}
+    assert found == {tmp_path / "new" / "d5" / f"x{i}.png" for i in range(3)} or any(
+        c.kind is ChangeKind.MOVED for c in got), got  # the move paired, where the new watch was quicker
+    assert not [w for w in caught if "already exists for watch" in str(w.message)]
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["inotify", "poll"])
+def test_a_folder_renamed_is_one_move_for_the_folder_sync(tmp_path: Path, poll: bool) -> None:
+    """``mv 2023 2023-trip``: inotify reports the folder's move, and watchdog adds a move per entry in it;
+    those are left out (the folder sync moves every row under the folder). Polling sees each file move by
+    its inode, before the folder's: those are passed on, each file's row followed at once."""
+    (tmp_path / "d5" / "sub").mkdir(parents=True)
+    files = [_file(tmp_path / "d5" / "x.png"), _file(tmp_path / "d5" / "sub" / "y.png")]
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    observer = start_observer({Folder.IMAGES: WatchedFolder(tmp_path, True)}, changes, poll=poll)
+    try:
+        time.sleep(0.1 if not poll else 2.5)  # a first snapshot taken
+        os.rename(tmp_path / "d5", tmp_path / "d6")
+        got = _collect(changes, lambda seen: any(c.path == tmp_path / "d5" for c in seen), timeout=15)
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    moves = [(c.path, c.dest) for c in got if c.kind is ChangeKind.MOVED]
+    folder = [(tmp_path / "d5", tmp_path / "d6")]
+    within = [(tmp_path / "d5" / p, tmp_path / "d6" / p) for p in ("x.png", "sub", "sub/y.png")]
+    assert sorted(moves) == (sorted(folder + within) if poll else folder), got
+    assert not [c for c in got if c.kind is not ChangeKind.MOVED and c.path in files], got
 
 
 def test_polling_never_follows_a_link_to_a_folder(tmp_path: Path) -> None:

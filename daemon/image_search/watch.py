@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -145,6 +146,11 @@ class FolderHandler(FileSystemEventHandler):
                 # carries the news. Acting on it would rescan (and restart the wait of) a whole
                 # folder once per file copied into it.
                 return
+            if event.is_synthetic and isinstance(event, (FileMovedEvent, DirMovedEvent)):
+                # watchdog's walk of a folder just moved, one event per entry in it: the folder's own move
+                # says it all (the folder sync moves every row under it). Passed on, each file's old path
+                # was unknown by then, and every picture of a renamed folder was decoded again.
+                return
             path = self._as_configured(event.src_path)
             if isinstance(event, (FileMovedEvent, DirMovedEvent)):
                 dest = self._as_configured(event.dest_path)
@@ -198,6 +204,12 @@ def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.Simpl
     """Watch each folder at its real path (the module's docstring says why); with ``poll``, by snapshots
     (network filesystems: ``PacedPollingEmitter``) that, like inotify, never follow a link."""
     observer: BaseObserver = _polling_observer() if poll else Observer()
+    # A folder moved into one made just before (``mkdir new; mv 2023/ new/``) is watched twice, through the
+    # move and through the new folder's walk, and watchdog warns that its callback replaces itself; nothing
+    # is lost. Left in, each such move wrote a python_warning line of ~400 characters to the journal.
+    # Here rather than at import: a test's warning capture would drop a filter added while it ran.
+    warnings.filterwarnings("ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning,
+                            module=r"watchdog\.")
     try:
         for name, folder in folders.items():
             real = Path(os.path.realpath(folder.path))
