@@ -215,3 +215,40 @@ def test_a_subfolder_that_cannot_be_listed_keeps_its_rows(story_factory, monkeyp
     assert all(copies[path].is_file() for path in story.rows())
     assert [(e.path, e.reason) for e in state.skipped] == [
         (album, "folder cannot be read (Input/output error); kept: 2 indexed paths under it")]
+
+
+def test_a_subfolder_made_readable_is_walked_and_another_folders_attribute_change_is_not(story_factory,
+                                                                                          monkeypatch) -> None:
+    """``chmod o+rx locked`` (a folder that could not be listed): its attribute change makes the service walk
+    it, and its pictures are indexed. ``chmod -R`` over readable folders changes every folder's attributes
+    too: walked, a tree was walked once per level; its files' own events say what changed in them."""
+    story = story_factory(PICTURES)
+    locked = story.images / "locked"
+    save_picture(locked / "e.png", seed=5)
+    listing, refused = os.scandir, {locked}
+
+    def scandir(path):
+        if Path(path) in refused:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return listing(path)
+
+    monkeypatch.setattr("image_search.discover.os.scandir", scandir)
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, locked, is_directory=True)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert [e["reason"] for e in logs if e["event"] == "image_skipped"] == ["folder cannot be read (Permission denied)"]
+    assert str(locked / "e.png") not in story.rows()
+
+    walked: list[Path] = []
+    monkeypatch.setattr("image_search.discover.os.scandir", lambda path: walked.append(Path(path)) or scandir(path))
+    story.notice(Folder.IMAGES, ChangeKind.ATTRIBUTES, story.images / "album", is_directory=True)  # chmod, readable
+    story.run_until_idle()
+    assert walked == []
+    refused.clear()  # the chmod that makes it readable
+    story.notice(Folder.IMAGES, ChangeKind.ATTRIBUTES, locked, is_directory=True)
+    story.run_until_idle()
+    assert walked == [locked]
+    assert str(locked / "e.png") in story.rows()
+    story.notice(Folder.IMAGES, ChangeKind.ATTRIBUTES, locked, is_directory=True)  # readable since: not walked again
+    story.run_until_idle()
+    assert walked == [locked]

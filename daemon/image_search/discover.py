@@ -92,7 +92,8 @@ class FolderScan:
 
     images: list[Path] = field(default_factory=list)
     skipped: list[SkippedEntry] = field(default_factory=list)
-    unreadable: list[Path] = field(default_factory=list)  # sub-folders not listed: what they hold is unknown
+    unreadable: list[Path] = field(default_factory=list)  # folders not listed (the top too): their content unknown
+    top_unreadable: SkippedEntry | None = None  # the folder walked, not listed: a skip only its caller can tell
 
 
 def scan_folder(folder: Path, links: LinkPolicy | None = None, *,
@@ -162,7 +163,7 @@ class _Walk:
 
     def __init__(self, links: LinkPolicy, *, top: Path, stopping: Callable[[], bool] = lambda: False) -> None:
         self.links = links
-        self.top = top  # the folder asked for: one it cannot list is the caller's to report, not a skip
+        self.top = top  # the folder asked for: one it cannot list is the caller's to report
         self.stopping = stopping
         self.boundary = Path(os.path.realpath(links.root))
         self.scan = FolderScan()
@@ -179,9 +180,12 @@ class _Walk:
             with os.scandir(here) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            if here != self.top:
-                self.scan.skipped.append(SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})"))
-                self.scan.unreadable.append(here)
+            self.scan.unreadable.append(here)
+            entry = SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})")
+            if here == self.top:
+                self.scan.top_unreadable = entry
+            else:
+                self.scan.skipped.append(entry)
             return
         folders = []
         for entry in entries:

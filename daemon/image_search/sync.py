@@ -60,6 +60,7 @@ class FolderState:
     # unchanged files whose processed copy or thumbnail is gone (deleted by hand, a disk clean-up): in
     # ``changed`` too, so they are read again and their copies made again (no model work, same row)
     missing_copies: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)  # sub-folders that could not be listed
     # A stop cut the comparison short: nothing was removed or listed (paths it did not reach may still
     # have their file), only the renames already followed were applied, each whole.
     cut_short: bool = False
@@ -381,7 +382,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                            "unmounted, so every row and processed copy is kept",
                     action="mount it; if you emptied it on purpose, empty the index (README \"A source folder "
                            "that is missing or empty\")")
-        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped)
+        return FolderState(files=0, changed=[], removed=[], renamed=0, skipped=scan.skipped, unreadable=scan.unreadable)
     skipped = scan.skipped
     if vanished:
         # What a folder that could not be listed (permissions, a share's I/O error) holds is unknown: kept.
@@ -428,7 +429,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
             remove_processed(cfg, Path(source))
         log.info("rows_removed", count=len(gone), reason="source file is gone")
     return FolderState(files=len(on_disk), changed=changed, removed=gone, renamed=len(followed), skipped=skipped,
-                       missing_copies=missing_copies)
+                       missing_copies=missing_copies, unreadable=scan.unreadable)
 
 
 def _kept_under(vanished: list[str], folders: list[Path]) -> tuple[list[str], dict[Path, int]]:
@@ -513,6 +514,7 @@ class FolderSync:
         self.finish_reading = finish_reading
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
+        self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -528,6 +530,7 @@ class FolderSync:
                      detail="a stop was asked for: nothing removed or queued, the next start rescans")
             return 0
         self._report(state.skipped)
+        self._unreadable = set(state.unreadable)
         self.removed += len(state.removed)
         queued = 0
         for path in state.changed:
@@ -552,10 +555,13 @@ class FolderSync:
             else:
                 self._source_gone(change.path, False)
         elif change.is_directory:
-            if change.kind in (ChangeKind.TOUCHED, ChangeKind.ATTRIBUTES) and change.path.is_dir() \
-                    and change.path != root:
-                # A folder moved or copied in (or made readable): its files may have produced no events of
-                # their own. Each is read if its stat differs from its row's.
+            # A folder moved or copied in, or made readable: its files may have produced no events of their
+            # own. Each is read if its stat differs from its row's. Another folder's attribute change is not
+            # walked: ``chmod -R`` and ``rsync -a`` change each folder's, and walked, a tree was walked once
+            # per level (its files' own events carry any change to them).
+            if change.path.is_dir() and change.path != root and (
+                    change.kind is ChangeKind.TOUCHED
+                    or change.kind is ChangeKind.ATTRIBUTES and self._holds_unreadable(change.path)):
                 for path in self._scan(change.path):
                     self.pending.note(path)
         elif change.kind is ChangeKind.ATTRIBUTES:  # chmod, touch: read if its stat differs from its row's
@@ -681,10 +687,15 @@ class FolderSync:
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)
 
+    def _holds_unreadable(self, folder: Path) -> bool:
+        """``folder`` is, or holds, a sub-folder its last walk could not list."""
+        return any(p.is_relative_to(folder) for p in self._unreadable)
+
     def _scan(self, folder: Path) -> list[Path]:
         """The pictures under ``folder`` (a sub-folder of source-directory, whose link rules apply)."""
         scan = scan_folder(folder, self.cfg.source_links)
-        self._report(scan.skipped)
+        self._report([*scan.skipped, *filter(None, [scan.top_unreadable])])
+        self._unreadable = {p for p in self._unreadable if not p.is_relative_to(folder)} | set(scan.unreadable)
         return scan.images
 
     def _report(self, skipped: list[SkippedEntry]) -> None:
