@@ -163,3 +163,21 @@ def test_a_folder_moved_into_a_folder_made_just_before_keeps_its_rows(story_fact
     assert copies_in_processed(story) == copies_of_rows(story)
     assert len([e for e in logs if e["event"] == "image_renamed"]) == 3
     assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]
+
+
+def test_a_file_renamed_after_a_chmod_follows_its_row_without_being_read(story_factory) -> None:
+    """An attribute change noted before the rename (``chmod``; ``ln`` changes the link count) says nothing
+    of the content when the size and mtime are still the row's: the rename moves the path, no reading."""
+    story = story_factory(PICTURES)
+    x = story.images / "d5/x.png"
+    os.chmod(x, 0o600)
+    story.notice(Folder.IMAGES, ChangeKind.ATTRIBUTES, x)
+    story.service.step()  # noted, not due yet
+    old, new = move(story, "d5/x.png", "d5/renamed.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, old, dest=new)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert str(new) in story.rows() and str(old) not in story.rows()
+    assert [str(e["path"]) for e in logs if e["event"] == "image_renamed"] == [str(new)]
+    assert not [e for e in logs if e["event"] in ("images_indexed", "image_reread")]
+    assert copies_in_processed(story) == copies_of_rows(story)

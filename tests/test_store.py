@@ -56,8 +56,7 @@ def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:
     assert set(sources) == {f"/img/{i}.png" for i in range(4)}
     rec = sources["/img/2.png"]
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns, rec.model_name) == ("h2", 1002, 102, MODEL)
-    assert store.hash_for_path("/img/3.png") == "h3"
-    assert store.hash_for_path("/img/nope.png") is None
+    assert store.sources(at=["/img/3.png", "/img/nope.png"]).keys() == {"/img/3.png"}
     assert store.contents(["h1", "zzz"]) == {"h1": StoredContent(MODEL, ("/img/1.png",))}
     assert store.contents([]) == {}
 
@@ -110,7 +109,7 @@ def test_update_source_relinks_without_touching_the_embedding(store: EmbeddingSt
     store.update_source("ha", file_path="/img/old.png", file_name="old.png", processed_path="/p/old.png.jpg",
                         source_size=1, source_mtime_ns=2, folder="")
     assert store.count() == 1
-    assert store.hash_for_path("/img/old.png") == "ha"
+    assert store.sources(at=["/img/old.png"])["/img/old.png"].file_hash == "ha"
 
 
 def test_copies_are_paths_of_one_row_which_goes_with_the_last(store: EmbeddingStore, database: Database) -> None:

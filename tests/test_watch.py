@@ -211,6 +211,7 @@ def test_a_path_seen_written_keeps_its_mark_until_it_is_taken_or_forgotten(tmp_p
     tracker.note(a)  # then its mtime set back (an attribute change): still to be read again
     tracker.note(b)  # noticed, never seen written
     tracker.note(c, reread=True)
+    assert (tracker.seen_written(a), tracker.seen_written(b)) == (True, False)
     clock.advance(1.01)
     ready = tracker.pop_ready(limit=10)
     assert set(ready) == {a, b, c}

@@ -126,6 +126,10 @@ class ReadinessTracker:
         self._drop(path)
         self._reread.discard(path)
 
+    def seen_written(self, path: Path) -> bool:
+        """``path`` was noted ``reread`` and its mark not taken yet."""
+        return path in self._reread
+
     def take_reread(self, paths: Iterable[Path]) -> frozenset[Path]:
         """The ``paths`` seen written since they were last taken (to be read whatever their stat says); their
         marks go: a write after this one marks them again."""

@@ -657,9 +657,14 @@ class FolderSync:
         """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
         copy and thumbnail, also when ``dest`` is queued already (the walk of a folder made just before
         found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind."""
-        changed = src in self.pending  # noticed since its row was written: the row may not be its content
+        record = self.store.sources(at=[str(src)]).get(str(src))
+        file_hash = record.file_hash if record is not None else None
+        # Seen written since its row was written, or noticed (a chmod, a touch) with a size or mtime its row
+        # does not have: the row may not be its content.
+        st = stat_or_none(dest)
+        changed = self.pending.seen_written(src) or (src in self.pending and (
+            st is None or record is None or (st.st_size, st.st_mtime_ns) != (record.source_size, record.source_mtime_ns)))
         self.pending.forget(src)
-        file_hash = self.store.hash_for_path(str(src))
         if changed or file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
             # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime
             # may be the old picture's), changed, or its processed copy is missing: read at ``dest``, its

@@ -331,12 +331,6 @@ class EmbeddingStore:
             cur.execute(paths.SOURCES_UNDER, (like_escaped(escape(folder.rstrip("/"))) + "/%",))
             return {r.file_path: r for r in map(_source_record, cur.fetchall())}
 
-    def hash_for_path(self, file_path: str) -> str | None:
-        with self._cursor() as cur:
-            cur.execute(paths.HASH_AT, (escape(file_path),))
-            row = cur.fetchone()
-            return row[0] if row else None
-
     def contents(self, hashes: Iterable[str]) -> dict[str, StoredContent]:
         """For each stored hash among ``hashes``: its model and every path that holds it."""
         hashes = list(hashes)

@@ -72,7 +72,6 @@ SOURCES = ("SELECT p.file_path, p.source_size, p.source_mtime_ns, p.file_hash, e
            "FROM image_paths AS p JOIN image_embeddings AS e USING (file_hash)")
 SOURCES_AT = SOURCES + " WHERE p.file_path = ANY(%s)"
 SOURCES_UNDER = SOURCES + " WHERE p.file_path LIKE %s ESCAPE '\\'"
-HASH_AT = "SELECT file_hash FROM image_paths WHERE file_path = %s"
 # LEFT JOIN: a row some older program wrote without its path is stored content too (a path is added to it).
 CONTENTS = """
 SELECT e.file_hash, e.model_name, array_remove(array_agg(p.file_path ORDER BY p.file_path), NULL)
