@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from image_search.preprocess import thumbnail_path_for
-from image_search.sync import SOURCE_MARKER
 from tests.support.files import save_picture
 from tests.support.story import SETTLE
 from image_search.watch import ChangeKind, Folder
@@ -20,17 +18,6 @@ from image_search.watch import ChangeKind, Folder
 pytestmark = pytest.mark.integration
 
 PICTURES = {"d5/x.png": 1, "d5/y.png": 2, "d5/z.png": 3}
-
-
-def copies_in_processed(story) -> set[Path]:
-    """Every file in processed-directory but its record of the source folder."""
-    return {p for p in story.cfg.processed_directory.rglob("*") if p.is_file() and p.name != SOURCE_MARKER}
-
-
-def copies_of_rows(story) -> set[Path]:
-    """The processed copy and thumbnail of each stored path."""
-    processed = [Path(row["processed_path"]) for row in story.rows().values()]
-    return {*processed, *(thumbnail_path_for(p) for p in processed)}
 
 
 def move(story, src: str, dest: str) -> tuple[Path, Path]:
@@ -53,7 +40,7 @@ def test_a_file_moved_into_a_new_folder_takes_its_processed_copy_along(story_fac
     rows = story.rows()
     assert set(rows) == {str(story.images / p) for p in ("new2/x.png", "new3/sub/y.png", "d5/z.png")}
     assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
-    assert copies_in_processed(story) == copies_of_rows(story)  # the old copies went with their files
+    assert story.copies_in_processed() == story.copies_of_rows()  # the old copies went with their files
     assert sorted(str(e["path"]) for e in logs if e["event"] == "image_renamed") == [
         str(story.images / "new2/x.png"), str(story.images / "new3/sub/y.png")]
     assert not [e for e in logs if e["event"] == "images_indexed"]  # nothing read again
@@ -70,7 +57,7 @@ def test_a_move_seen_only_at_its_new_path_leaves_no_copy_behind(story_factory) -
     story.notice(Folder.IMAGES, ChangeKind.DELETED, old)
     story.run_until_idle()
     assert set(story.rows()) == {str(new), str(story.images / "d5/y.png"), str(story.images / "d5/z.png")}
-    assert copies_in_processed(story) == copies_of_rows(story)
+    assert story.copies_in_processed() == story.copies_of_rows()
 
 
 def test_a_move_whose_old_path_goes_before_its_new_path_is_read_costs_no_model_work(story_factory) -> None:
@@ -89,7 +76,7 @@ def test_a_move_whose_old_path_goes_before_its_new_path_is_read_costs_no_model_w
     rows = story.rows()
     assert set(rows) == {str(new), str(story.images / "d5/y.png"), str(story.images / "d5/z.png")}
     assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
-    assert copies_in_processed(story) == copies_of_rows(story)
+    assert story.copies_in_processed() == story.copies_of_rows()
     assert [(str(e["path"]), str(e["previous"])) for e in logs if e["event"] == "image_renamed"] == [(str(new), str(old))]
     assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]
 
@@ -137,7 +124,7 @@ def test_a_move_whose_old_path_goes_while_its_new_path_is_being_read_costs_no_mo
     rows = story.rows()
     assert set(rows) == {str(new), str(story.images / "d5/x.png"), str(story.images / "d5/z.png")}
     assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
-    assert copies_in_processed(story) == copies_of_rows(story)
+    assert story.copies_in_processed() == story.copies_of_rows()
     assert [(e["embedded"], e["relinked"]) for e in logs if e["event"] == "images_indexed"] == [(0, 1)]
     assert not [e for e in logs if e["event"] == "rows_removed"]
 
@@ -160,7 +147,7 @@ def test_a_folder_moved_into_a_folder_made_just_before_keeps_its_rows(story_fact
     rows = story.rows()
     assert set(rows) == {str(story.images / "new8/d5" / name) for name in ("x.png", "y.png", "z.png")}
     assert {Path(p).name: row["file_hash"] for p, row in rows.items()} == hashes
-    assert copies_in_processed(story) == copies_of_rows(story)
+    assert story.copies_in_processed() == story.copies_of_rows()
     assert len([e for e in logs if e["event"] == "image_renamed"]) == 3
     assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]
 
@@ -180,4 +167,4 @@ def test_a_file_renamed_after_a_chmod_follows_its_row_without_being_read(story_f
     assert str(new) in story.rows() and str(old) not in story.rows()
     assert [str(e["path"]) for e in logs if e["event"] == "image_renamed"] == [str(new)]
     assert not [e for e in logs if e["event"] in ("images_indexed", "image_reread")]
-    assert copies_in_processed(story) == copies_of_rows(story)
+    assert story.copies_in_processed() == story.copies_of_rows()

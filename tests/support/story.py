@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 
 from image_search.config import Config, load_config
+from image_search.mounts import MOUNT_RECORD
 from image_search.notify import Notifier
+from image_search.preprocess import thumbnail_path_for
 from image_search.runtime import Runtime
 from image_search.service import Service, StopFlag
 from image_search.store import Database
+from image_search.sync import SOURCE_MARKER
 from image_search.watch import Change, ChangeKind, Folder
 from tests.support.clock import FakeClock
 from tests.support.db import Row, database_rows, rows_by_path
@@ -93,6 +96,16 @@ class Story:
 
     def rows(self) -> dict[str, Row]:
         return rows_by_path(database_rows(self.database))
+
+    def copies_in_processed(self) -> set[Path]:
+        """Every file in processed-directory but its record of the source folder (and of mount points)."""
+        return {p for p in self.cfg.processed_directory.rglob("*")
+                if p.is_file() and p.name not in (SOURCE_MARKER, MOUNT_RECORD)}
+
+    def copies_of_rows(self) -> set[Path]:
+        """The processed copy and thumbnail of each stored path: what ``copies_in_processed`` should be."""
+        processed = [Path(row["processed_path"]) for row in self.rows().values()]
+        return {*processed, *(thumbnail_path_for(p) for p in processed)}
 
     def bundle(self, query_name: str) -> Path:
         stem, ext = os.path.splitext(query_name)
