@@ -179,6 +179,8 @@ class _Walk:
             self.walked.add((st.st_dev, st.st_ino))
             with os.scandir(here) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
+        except FileNotFoundError:
+            return  # gone while the walk went (renamed, deleted): its own event says so, nothing is unknown
         except OSError as exc:
             self.scan.unreadable.append(here)
             entry = SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})")

@@ -92,11 +92,11 @@ class ReadinessTracker:
         many seconds (always the same length, e.g. the fleet's lease)."""
         since = self._first_noticed(path)
         self._drop(path)
+        if reread:  # kept for a path gone already (renamed on): the rename asks whether its row still holds
+            self._reread.add(path)
         st = _look(path)
         if st is None:
             return
-        if reread:
-            self._reread.add(path)
         if retry_after is not None:
             if self._retry_wait not in (None, retry_after):
                 raise ValueError("one retry length per tracker: the retry queue must stay in due order")

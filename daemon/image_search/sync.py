@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,19 +469,24 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord]
 
 
 def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str, *,
-           hashed: os.stat_result | None = None) -> bool:
+           hashed: os.stat_result | None = None, kept: tuple[int, int] | None = None) -> bool:
     """Move the path ``src`` of the content ``file_hash`` to ``dest`` (the same file under a new name; its
     other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model
-    work. False (nothing changed) when the processed copy or ``dest`` is missing, an entry is where its
-    new processed copy goes, or ``dest`` is no longer as it was when it was ``hashed``: the caller has
-    ``dest`` indexed instead."""
+    work. False (nothing changed) when the processed copy is missing, an entry is where its new processed
+    copy goes, ``dest`` is no longer as it was when it was ``hashed``, or ``dest`` is gone: the caller has
+    ``dest`` indexed instead. Given ``kept`` (the size and mtime a rename keeps), a ``dest`` already
+    renamed on or deleted (its own event comes next, and takes the path on from here) is no reason to fail."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
-    try:
-        st = dest.stat()
-        if hashed is not None and (st.st_size, st.st_mtime_ns) != (hashed.st_size, hashed.st_mtime_ns):
+    now = stat_or_none(dest)
+    if now is not None:
+        if hashed is not None and (now.st_size, now.st_mtime_ns) != (hashed.st_size, hashed.st_mtime_ns):
             return False
+        kept = (now.st_size, now.st_mtime_ns)
+    elif kept is None:
+        return False
+    try:
         new_processed.parent.mkdir(parents=True, exist_ok=True)
         os.replace(old_processed, new_processed)
     except FileNotFoundError:
@@ -493,7 +498,7 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
     except FileNotFoundError:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
     if not store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
-                               source_size=st.st_size, source_mtime_ns=st.st_mtime_ns,
+                               source_size=kept[0], source_mtime_ns=kept[1],
                                folder=relative_folder(dest, root), replaces=[str(src)]):
         return False  # another service dropped the row meanwhile: ``dest`` is new content to index
     log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
@@ -586,32 +591,42 @@ class FolderSync:
 
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         """A file or a folder deleted or moved out: its paths leave (a row with its content's last), but for
-        those whose file is found at a new path.
+        those whose file is found again.
 
-        inotify watches a folder made just before only from a moment after it was made, so ``mkdir new;
-        mv a.jpg new/`` (or ``mv 2023/ new/``) arrives as the walk of ``new`` finding the files, then the
-        old paths deleted. Removed at once, the rows would be gone by the time the new paths are read, and
-        every picture embedded again. So the files being read are finished first (read at a new path, a
-        stored content takes that path, its old one leading nowhere), and a waiting file with a gone path's
-        size and mtime (which a rename keeps) and its MD5 is that path's file, moved: its row follows it."""
-        gone = self._stored_at(path, is_directory)
-        if gone and self.finish_reading():
-            gone = self._stored_at(path, is_directory)
-        followed = False
-        for record in gone:
-            if (moved_to := self._renamed_to(record)) is not None:
-                self._file_moved(Path(record.file_path), moved_to)
-                followed = True
-        if is_directory:
+        - A path that holds a file again by the time this is applied (moved out and straight back, deleted
+          and made again) is read as a file rewritten: its content found stored, or not.
+        - inotify watches a folder made just before only from a moment after it was made, so ``mkdir new;
+          mv a.jpg new/`` (or ``mv 2023/ new/``) arrives as the walk of ``new`` finding the files, then the
+          old paths deleted. Removed at once, the rows would be gone by the time the new paths are read,
+          and every picture embedded again. So the files being read are finished first (read at a new
+          path, a stored content takes that path, its old one leading nowhere), and a waiting file with a
+          gone path's size and mtime (which a rename keeps) and its MD5 is that path's file, moved."""
+        stored = self._stored_at(path, is_directory)
+        if stored and self.finish_reading():
+            stored = self._stored_at(path, is_directory)
+        leaving: list[SourceRecord] = []
+        for record in stored:
+            old = Path(record.file_path)
+            if resolves_to_a_file(old):
+                self._noticed(old, closed=False, written=True)
+                if old not in self.pending:  # there again as a link the policy does not follow
+                    leaving.append(record)
+            elif (moved_to := self._renamed_to(record)) is not None:
+                self._file_moved(old, moved_to)
+            else:
+                leaving.append(record)
+        if is_directory and not path.is_dir():
             self.pending.forget_under(path)
             under = self.store.delete_under(str(path))
             removed, contents = list(under), set(under.values())
-        elif followed:
-            return
-        else:
+        elif is_directory or stored:
+            for record in leaving:
+                self.pending.forget(Path(record.file_path))
+            removed = [r.file_path for r in leaving] if self.store.delete_paths([r.file_path for r in leaving]) else []
+            contents = {r.file_hash for r in leaving}
+        else:  # nothing stored there: a name that never held a picture, or one another service just forgot
             self.pending.forget(path)
-            contents = {record.file_hash for record in gone}
-            removed = [str(path)] if self.store.delete_paths([str(path)]) else []
+            removed, contents = [], set()
         for source in removed:
             remove_processed(self.cfg, Path(source))
         if removed:
@@ -635,7 +650,7 @@ class FolderSync:
                 return candidate
         return None
 
-    def _forget_dead_copies(self, contents: set[str]) -> None:
+    def _forget_dead_copies(self, contents: set[str], *, sparing: Collection[str] = ()) -> None:
         """After paths of ``contents`` left: their other paths under the folder that no longer lead to a
         file go too. A link to a deleted or renamed file yields no event of its own, and would otherwise
         keep the row (a hit naming a dangling link) until the next rescan."""
@@ -643,7 +658,7 @@ class FolderSync:
             return
         root = self.cfg.source_directory
         dead = [Path(p) for content in self.store.contents(contents).values() for p in content.paths
-                if Path(p).is_relative_to(root) and not resolves_to_a_file(Path(p))]
+                if p not in sparing and Path(p).is_relative_to(root) and not resolves_to_a_file(Path(p))]
         for path in dead:
             self.pending.forget(path)
             if self.store.delete_paths([str(path)]):
@@ -653,39 +668,53 @@ class FolderSync:
                           else "source file is gone (a copy of the file just removed)")
                 log.info("rows_removed", path=path, count=1, reason=reason)
 
+    def _not_as_stored(self, src: Path, record: SourceRecord | None, now: os.stat_result | None) -> bool:
+        """The file that left ``src`` may not hold ``src``'s row's content: seen written since (a write just
+        before a rename is often applied once the old name is gone: the mark stays), or noticed (a chmod, a
+        touch) with a size or mtime its row does not have."""
+        return self.pending.seen_written(src) or (src in self.pending and (
+            now is None or record is None or (now.st_size, now.st_mtime_ns) != (record.source_size, record.source_mtime_ns)))
+
     def _file_moved(self, src: Path, dest: Path) -> None:
         """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
         copy and thumbnail, also when ``dest`` is queued already (the walk of a folder made just before
-        found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind."""
+        found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind.
+        A file renamed on before this is applied (``mv a t; mv b a; mv t b``) is followed name by name."""
         record = self.store.sources(at=[str(src)]).get(str(src))
-        file_hash = record.file_hash if record is not None else None
-        # Seen written since its row was written, or noticed (a chmod, a touch) with a size or mtime its row
-        # does not have: the row may not be its content.
-        st = stat_or_none(dest)
-        changed = self.pending.seen_written(src) or (src in self.pending and (
-            st is None or record is None or (st.st_size, st.st_mtime_ns) != (record.source_size, record.source_mtime_ns)))
+        changed = self._not_as_stored(src, record, stat_or_none(dest))
         self.pending.forget(src)
-        if changed or file_hash is None or not relink(self.cfg, self.store, src, dest, file_hash):
-            # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime
-            # may be the old picture's), changed, or its processed copy is missing: read at ``dest``, its
-            # content found stored or not, and ``src``'s path (a file no longer) leaves with its copies.
+        if record is None or changed:
+            # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime may
+            # be the old picture's), or written since its row was: read at ``dest`` as the file it now is, and
+            # ``src``'s path (a file no longer) leaves with its copies.
             self._noticed(dest, closed=True, written=True)
-        else:
+            if record is not None:
+                self._forget_dead_copies({record.file_hash})
+            return
+        if relink(self.cfg, self.store, src, dest, record.file_hash, kept=(record.source_size, record.source_mtime_ns)):
             self.pending.forget(dest)  # whatever was queued there is gone: the file there is as its row says
-        if file_hash is not None:
-            self._forget_dead_copies({file_hash})  # links to the old name lead nowhere now
+        else:
+            # Its processed copy is missing (deleted by hand) or an entry of the user's is where the new one
+            # goes: read at ``dest``, where its content is found stored and takes over ``src``'s path.
+            self._noticed(dest, closed=True, written=True)
+        self._forget_dead_copies({record.file_hash}, sparing={str(src), str(dest)})  # links to the old name
 
     def _folder_moved(self, src: Path, dest: Path | None) -> None:
         if dest is None:
             self._source_gone(src, True)
             return
         moved = self.store.sources_under(str(src))
-        changed = {p for p in moved if Path(p) in self.pending}  # noticed since their rows were written
+        new_paths = {old: dest / Path(old).relative_to(src) for old in moved}
+        changed = {old for old, record in moved.items()
+                   if self._not_as_stored(Path(old), record, stat_or_none(new_paths[old]))}
         self.pending.forget_under(src)
         for old, record in moved.items():
-            new = dest / Path(old).relative_to(src)
-            if new.is_file() and (old in changed or not relink(self.cfg, self.store, Path(old), new, record.file_hash)):
-                self.pending.note(new)
+            new = new_paths[old]
+            if old in changed:
+                self.pending.note(new, reread=True)
+            elif not relink(self.cfg, self.store, Path(old), new, record.file_hash,
+                            kept=(record.source_size, record.source_mtime_ns)):
+                self.pending.note(new, reread=True)
         # The changed ones are read at their new paths; their old paths lead nowhere now.
         self._forget_dead_copies({moved[p].file_hash for p in changed})
         for path in self._scan(dest):
