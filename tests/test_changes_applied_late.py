@@ -30,11 +30,15 @@ def md5(path: Path) -> str:
 
 
 def assert_rows_hold_their_files(story) -> None:
-    """Each stored path's row is the content of the file at that path, and processed/ holds exactly the
-    copies of the stored paths."""
-    rows = story.rows()
-    assert {path: row["file_hash"] for path, row in rows.items()} == {path: md5(Path(path)) for path in rows}
+    """Each stored path (copies too) holds the content of the file at that path, and processed/ holds
+    exactly the copies of the stored paths."""
+    paths = story.paths()
+    assert {path: file_hash for path, (file_hash, _) in paths.items()} == {path: md5(Path(path)) for path in paths}
     assert story.copies_in_processed() == story.copies_of_rows()
+
+
+def stored_hash(story, path: Path) -> str:
+    return story.paths()[str(path)][0]
 
 
 def model_work(logs: list[dict]) -> int:
@@ -54,7 +58,7 @@ def test_a_picture_rewritten_then_renamed_at_once_is_read_as_what_it_now_holds(s
     story.notice(Folder.IMAGES, ChangeKind.MOVED, a, dest=renamed)
     with capture_logs() as logs:
         story.run_until_idle()
-    assert str(a) not in story.rows() and story.rows()[str(renamed)]["file_hash"] == md5(other)
+    assert str(a) not in story.paths() and stored_hash(story, renamed) == md5(other)
     assert model_work(logs) == 1
     assert_rows_hold_their_files(story)
 
@@ -73,7 +77,7 @@ def test_a_temporary_file_renamed_over_a_picture_then_renamed_again_is_read_as_w
     story.notice(Folder.IMAGES, ChangeKind.MOVED, a, dest=dated)
     with capture_logs() as logs:
         story.run_until_idle()
-    assert str(a) not in story.rows() and str(dated) in story.rows()
+    assert str(a) not in story.paths() and str(dated) in story.paths()
     assert model_work(logs) == 1
     assert_rows_hold_their_files(story)
 
@@ -86,7 +90,7 @@ def test_a_folder_renamed_right_after_a_picture_in_it_was_rewritten(story_factor
     story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "e", dest=story.images / "e2", is_directory=True)
     with capture_logs() as logs:
         story.run_until_idle()
-    assert {p for p in story.rows() if "/e" in p} == {str(story.images / "e2/x.png"), str(story.images / "e2/y.png")}
+    assert {p for p in story.paths() if "/e" in p} == {str(story.images / "e2/x.png"), str(story.images / "e2/y.png")}
     assert model_work(logs) == 1  # x.png as it now is; y.png followed its folder
     assert_rows_hold_their_files(story)
 
@@ -105,7 +109,7 @@ def test_names_swapped_through_a_third_cost_no_model_work(story_factory) -> None
     with capture_logs() as logs:
         story.run_until_idle()
     assert not [e for e in logs if e["event"] == "images_indexed"]
-    assert str(t) not in story.rows()
+    assert str(t) not in story.paths()
     assert processed_path_for(a, story.images, story.cfg.processed_directory).read_bytes() == copies["b"]
     assert_rows_hold_their_files(story)
 
@@ -120,7 +124,7 @@ def test_folders_swapped_through_a_third_cost_no_model_work_and_log_no_skip(stor
     with capture_logs() as logs:
         story.run_until_idle()
     assert not [e for e in logs if e["event"] in ("images_indexed", "image_skipped")]
-    assert len(story.rows()) == len(PICTURES)
+    assert len(story.paths()) == len(PICTURES)
     assert_rows_hold_their_files(story)
 
 
@@ -132,7 +136,7 @@ def test_a_renamed_picture_whose_processed_copy_was_deleted_by_hand_costs_no_mod
     story.notice(Folder.IMAGES, ChangeKind.MOVED, c, dest=renamed)
     with capture_logs() as logs:
         story.run_until_idle()
-    assert str(c) not in story.rows() and str(renamed) in story.rows()
+    assert str(c) not in story.paths() and str(renamed) in story.paths()
     assert model_work(logs) == 0
     assert_rows_hold_their_files(story)  # its copy made again, at its new name
 
@@ -157,7 +161,36 @@ def test_a_folder_and_a_file_moved_out_and_straight_back_cost_no_model_work(stor
         story.notice(Folder.IMAGES, kind, path, is_directory=is_directory)
     with capture_logs() as logs:
         story.run_until_idle()
-    assert set(story.rows()) == {str(story.images / p) for p in PICTURES}
+    assert set(story.paths()) == {str(story.images / p) for p in PICTURES}
     assert model_work(logs) == 0
     assert not [e for e in logs if e["event"] == "rows_removed"]
+    assert_rows_hold_their_files(story)
+
+
+@pytest.mark.parametrize("other_name", ["hard link", "symbolic link"])
+def test_a_picture_rewritten_through_one_name_is_read_again_through_its_other_names(story_factory,
+                                                                                    other_name: str) -> None:
+    """``ln a.png h.png`` (or ``ln -s a.png h.png``), then ``a.png`` rewritten: ``h.png`` shows the new picture
+    too, and no event says so. Once ``a.png`` is read anew, the other paths of the content it left are
+    looked at again; a plain copy that still holds the old bytes is not read."""
+    story = story_factory(PICTURES)
+    a, other, copy = story.images / "d/a.png", story.images / "d/h.png", story.images / "d/copy.png"
+    if other_name == "hard link":
+        os.link(a, other)
+    else:
+        other.symlink_to("a.png")
+    shutil.copy2(a, copy)
+    for path in (other, copy):
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+    story.run_until_idle()
+    assert stored_hash(story, other) == stored_hash(story, copy) == md5(a)
+
+    with open(a, "r+b") as handle:  # in place: a hard link shares the bytes
+        handle.write(save_picture(story.images.parent / "new.png", seed=11).read_bytes())
+        handle.truncate()
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, a)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert stored_hash(story, other) == stored_hash(story, a) == md5(a) != stored_hash(story, copy)
+    assert model_work(logs) == 1
     assert_rows_hold_their_files(story)

@@ -64,6 +64,9 @@ class IndexSummary:
     missing_copies: int = 0  # unchanged files whose processed copy or thumbnail was gone: read again to make it
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     deferred: list[Path] = field(default_factory=list)  # still being written: not read, try again later
+    # Contents a path read anew no longer holds: their other paths (a hard link, a link to that path) may
+    # hold the new bytes too, with no event of their own.
+    left: set[str] = field(default_factory=set)
 
     def merge(self, other: IndexSummary) -> None:
         self.seen += other.seen
@@ -75,6 +78,7 @@ class IndexSummary:
         self.missing_copies += other.missing_copies
         self.skipped.extend(other.skipped)
         self.deferred.extend(other.deferred)
+        self.left |= other.left
 
     def as_log_fields(self) -> dict[str, int]:
         return {"seen": self.seen, "embedded": self.embedded, "unchanged": self.unchanged,
@@ -93,6 +97,7 @@ class _Candidate:
     path: Path
     size: int
     mtime_ns: int
+    stored_hash: str | None = None  # the content its row held when it was looked at
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,9 @@ def _changed_batches(paths: Iterable[Path], known: dict[str, SourceRecord], summ
     for path in paths:
         summary.seen += 1
         st = stat_or_none(path)
-        if st is not None and _to_read(path, st, known.get(str(path)), model_name, reread):
-            batch.append(_Candidate(path, st.st_size, st.st_mtime_ns))
+        record = known.get(str(path))
+        if st is not None and _to_read(path, st, record, model_name, reread):
+            batch.append(_Candidate(path, st.st_size, st.st_mtime_ns, record.file_hash if record is not None else None))
             if len(batch) >= size:
                 yield batch
                 batch = []
@@ -371,6 +377,7 @@ class Indexer:
         if self._writer.touches(_batch_keys(prepared)):  # an earlier batch's rows hold this one's content or paths
             self._writer.wait()
         stored = self.store.contents(p.file_hash for _, p in prepared)
+        summary.left = {c.stored_hash for c, image in prepared if c.stored_hash not in (None, image.file_hash)}
         to_embed: list[_Read] = []
         first: dict[str, Path] = {}  # each content's first file in this batch
         later: list[tuple[_Read, Path]] = []  # a content's further files in this batch, and its first

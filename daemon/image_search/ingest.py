@@ -160,6 +160,18 @@ class ImageIngest:
         self._writing.append(batch)
         self._confirm_written()
 
+    def _look_again_at_paths_of(self, contents: set[str]) -> None:
+        """The remaining paths of ``contents``, which a path read anew just left: each is read again if its
+        size or mtime is no longer its row's. A hard link shares the rewritten file, a link to the path
+        leads to it, and neither has an event of its own; a copy that still holds the old bytes is not read."""
+        if not contents:
+            return
+        root = self.rt.cfg.source_directory
+        for content in self.rt.store.contents(contents).values():
+            for path in map(Path, content.paths):
+                if path.is_relative_to(root) and path not in self.images:
+                    self.images.note(path)
+
     def finish_reading(self) -> bool:
         """Every batch being read finished, its rows committed; True if there was one. Raises as
         ``_confirm_written`` does."""
@@ -206,6 +218,7 @@ class ImageIngest:
         for path in summary.deferred:
             self.images.note(path, reread=path in batch.reread)  # still being written: wait for it again
         self.indexed += summary.embedded + summary.relinked + summary.copies
+        self._look_again_at_paths_of(summary.left)
         self.skipped += len(summary.skipped)
         self.sync.reported_elsewhere(summary.skipped)
         if summary.embedded or summary.relinked or summary.copies:

@@ -16,6 +16,7 @@ import pytest
 
 from image_search.config import Config, load_config
 from image_search.mounts import MOUNT_RECORD
+from image_search.names import unescape
 from image_search.notify import Notifier
 from image_search.preprocess import thumbnail_path_for
 from image_search.runtime import Runtime
@@ -24,7 +25,7 @@ from image_search.store import Database
 from image_search.sync import SOURCE_MARKER
 from image_search.watch import Change, ChangeKind, Folder
 from tests.support.clock import FakeClock
-from tests.support.db import Row, database_rows, rows_by_path
+from tests.support.db import Row, database_rows, raw, rows_by_path
 from tests.support.files import save_picture, write_config
 from tests.support.model import TINY_DIMENSION
 
@@ -102,9 +103,14 @@ class Story:
         return {p for p in self.cfg.processed_directory.rglob("*")
                 if p.is_file() and p.name not in (SOURCE_MARKER, MOUNT_RECORD)}
 
+    def paths(self) -> dict[str, tuple[str, Path]]:
+        """Every stored path (a content's copies too, which ``rows`` names once): its hash and processed copy."""
+        return {unescape(path): (file_hash, Path(unescape(processed))) for path, file_hash, processed in
+                raw(self.database, "SELECT file_path, file_hash, processed_path FROM image_paths")}
+
     def copies_of_rows(self) -> set[Path]:
         """The processed copy and thumbnail of each stored path: what ``copies_in_processed`` should be."""
-        processed = [Path(row["processed_path"]) for row in self.rows().values()]
+        processed = [p for _, p in self.paths().values()]
         return {*processed, *(thumbnail_path_for(p) for p in processed)}
 
     def bundle(self, query_name: str) -> Path:
