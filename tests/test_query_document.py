@@ -22,6 +22,7 @@ from image_search.errors import ExitCode, UnusableFile
 from image_search.query import Filters, Term, TermKind
 from image_search.querydoc import (
     MAX_QUERY_DOCUMENT_BYTES,
+    MAX_TERMS,
     IncompleteQueryDocument,
     MissingPicture,
     QueryDocumentError,
@@ -474,6 +475,31 @@ def test_not_utf8_utf16_and_nul(tree: Tree) -> None:
     assert tree.refused('{"text": "vélo"}'.encode("latin-1")).startswith("not UTF-8 text (byte 0xe9 at offset 11")
     assert "UTF-16" in tree.refused('{"text": "a"}'.encode("utf-16"))
     assert tree.parse('\ufeff{"text": "赤い自転車"}'.encode()).terms[0].value == "赤い自転車"
+
+
+@pytest.mark.parametrize("raw", [b'{"text": "x", "format": "png \\ud83d"}', b'{"text": "x", "folder": "\\ud800"}',
+                                 b'{"text": "x", "\\ude00": 1}', b'{"text": ["x", {"image": "a\\udfff.png"}]}'])
+def test_half_of_a_character_anywhere_is_refused_in_a_line_that_can_be_written(tree: Tree, raw: bytes) -> None:
+    """JSON's escapes can write a lone surrogate (half of an emoji): quoted in a reason, it could not even be
+    written to the query's error file, which stopped the service."""
+    reason = tree.refused(raw)
+    assert reason.startswith("a text in the document holds half of a character (\\u")
+    reason.encode()  # the error file takes it
+
+
+def test_nul_and_bytes_that_are_not_text_are_refused_where_no_name_is_meant(tree: Tree) -> None:
+    """NUL names nothing (PostgreSQL refused the camera filter with an unexpected error); U+DC80..U+DCFF are
+    a file name's bytes that are not UTF-8 (a folder may be named so), never words nor a camera's name."""
+    assert "holds NUL (\\u0000)" in tree.refused(b'{"text": "x", "camera": "a\\u0000b"}')
+    assert tree.refused(b'{"text": "a\\udce9"}') == "'text' holds a byte that is not UTF-8 text (\\udcXX): write the words as text"
+    assert "a byte that is not UTF-8" in tree.refused(b'{"text": "x", "camera": "caf\\udce9"}')
+
+
+def test_at_most_64_terms(tree: Tree) -> None:
+    """Each picture term is read on the service's main thread: 600 of one large picture held it for 91 s."""
+    assert len(tree.parse({"text": ["a"] * 60, "unlike-text": ["b"] * 4}).terms) == MAX_TERMS
+    reason = tree.refused({"image": ["2023/a.png"] * 600})
+    assert reason.startswith(f"600 terms: a query takes at most {MAX_TERMS} ")
 
 
 def test_nesting_and_huge_numbers_are_refused_in_a_line(tree: Tree) -> None:

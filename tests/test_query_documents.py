@@ -224,3 +224,68 @@ def test_a_document_named_on_the_command_line_is_recorded_and_copied_into_its_re
     assert run_searches(story.service.rt, files=[document]) == 0
     bundle = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads((bundle / "ask.json").read_text())["query"] == {"text": "a photo", "folder": "caf\udce9"}
+
+
+def test_a_picture_or_words_given_many_times_are_read_and_embedded_once(story_factory, monkeypatch) -> None:
+    """600 copies of one large picture in a 5 KB document held the service's loop for 91 s, its watchdog
+    unpinged: each term was read again. Now each picture is read once (the watchdog pinged after each), and
+    the query is the one the same terms with summed weights make."""
+    import numpy as np
+
+    import image_search.search
+    from image_search.querydoc import parse_query_document
+    from image_search.search import query_vector
+
+    story = story_factory({"a.png": 1, "b.png": 2})
+    document = story.inbox / "many.json"
+    read: list[Path] = []
+    preprocess_for = image_search.search.preprocess_for
+    monkeypatch.setattr(image_search.search, "preprocess_for", lambda path, *a: read.append(path) or preprocess_for(path, *a))
+
+    def vector(doc: dict, heartbeat=None) -> np.ndarray:
+        _, spec = parse_query_document(json.dumps(doc).encode(), document, source_directory=story.images)
+        return query_vector(spec, cfg=story.cfg, embedder=story.service.rt.model(), links=None, query_path=document,
+                            heartbeat=heartbeat)[0]
+
+    beats: list[None] = []
+    many = vector({"image": ["a.png"] * 40 + ["b.png"], "text": ["a cat"] * 20}, heartbeat=lambda: beats.append(None))
+    assert [p.name for p in read] == ["a.png", "b.png"] and len(beats) == 2
+    weighted = vector({"image": [{"image": "a.png", "weight": 40}, "b.png"], "text": {"text": "a cat", "weight": 20}})
+    assert np.allclose(many, weighted, atol=1e-6)
+
+
+def test_a_failed_documents_folder_that_cannot_be_moved_stays_whole_and_the_service_goes_on(story_factory,
+                                                                                           monkeypatch) -> None:
+    """Its document fails (a key no document takes) and moves to failed/ with its reason; its folder's move
+    stops part way (copied, the original not wholly deleted). The service stopped on it, the folder doubled;
+    now the folder stays whole in the inbox, one line says so, and the next query is answered."""
+    from structlog.testing import capture_logs
+
+    from tests.support.failures import a_folder_move_that_stops_part_way
+
+    story = story_factory({"b.png": 2})
+    drop(story, "bad.json", {"image": "a.png", "colour": "red"}, {"a.png": story.images / "b.png"})
+    (story.inbox / "bad" / "sub").mkdir()
+    (story.inbox / "bad" / "sub" / "c.png").write_bytes(b"c")
+    a_folder_move_that_stops_part_way(monkeypatch, story.inbox / "bad")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert 'unknown key "colour"' in failure(story, "bad.json")
+    assert sorted(str(p.relative_to(story.inbox)) for p in story.inbox.rglob("*")) == [
+        "bad", "bad/a.png", "bad/sub", "bad/sub/c.png", "failed", "failed/bad.json", "failed/bad.json.error.txt"]
+    assert [e["path"] for e in logs if e["event"] == "query_folder_not_moved"] == [story.inbox / "bad"]
+    drop(story, "next.txt", "a picture")
+    story.run_until_idle()
+    assert answer(story, "next.txt")[1]
+
+
+def test_a_document_holding_half_of_a_character_fails_with_its_reason_and_the_service_goes_on(story_factory) -> None:
+    """JSON's escapes can write half of an emoji: quoted in the refusal, it could not be written to the error
+    file, and the service stopped."""
+    story = story_factory({"b.png": 2})
+    drop(story, "emoji.json", '{"text": "x", "format": "png \\ud83d"}')
+    story.run_until_idle()
+    assert "half of a character (\\ud83d" in failure(story, "emoji.json")
+    drop(story, "next.txt", "a picture")
+    story.run_until_idle()
+    assert answer(story, "next.txt")[1]

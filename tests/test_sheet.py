@@ -26,6 +26,7 @@ from image_search.query import Completeness, Filters, QueryRecord, QuerySpec, Te
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
 from image_search.hits import Hit
+from tests.support.failures import a_folder_move_that_stops_part_way
 
 RED, GREEN, BLUE, ORANGE = (220, 30, 30), (30, 180, 60), (40, 60, 220), (250, 150, 20)
 
@@ -412,3 +413,26 @@ def test_a_long_file_name_is_shortened_in_the_middle_keeping_its_extension(name:
     caption = sheet_module._fit_line(name, sheet_module._CAPTION, width, keep_end=sheet_module._extension_length(name))
     assert sheet_module._width(caption, sheet_module._CAPTION) <= width
     assert caption == name or ("…" in caption and caption.endswith(name[-8:]) and caption[:4] == name[:4])
+
+
+def test_a_query_documents_folder_that_cannot_be_moved_stays_whole_and_so_does_the_document(
+        tmp_path: Path, cfg: Config, monkeypatch) -> None:
+    """Its pictures copied into the result and the original not deleted: the query document was left in the
+    unfinished result folder, hidden, and the folder's copy beside it; neither is lost nor doubled now."""
+    from image_search.errors import OutputUnwritable
+
+    inbox = tmp_path / "inbox"
+    (inbox / "q" / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.png", "sub/c.png"):
+        (inbox / "q" / name).write_bytes(name.encode())
+    document = inbox / "q.json"
+    document.write_text('{"image": "a.png"}')
+    a_folder_move_that_stops_part_way(monkeypatch, inbox / "q")
+    with pytest.raises(OutputUnwritable):
+        write_result_bundle(cfg.output_directory, DocumentQuery(document, inbox / "q", document.read_bytes()), [], cfg,
+                            move_query=True)
+    assert document.read_text() == '{"image": "a.png"}'
+    assert sorted(str(p.relative_to(inbox / "q")) for p in (inbox / "q").rglob("*")) == ["a.png", "b.png", "sub",
+                                                                                          "sub/c.png"]
+    assert (inbox / "q" / "a.png").read_bytes() == b"a.png"
+    assert list(cfg.output_directory.iterdir()) == []  # no unfinished result folder left

@@ -29,6 +29,7 @@ from .entries import FileIdentity
 from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
+from .output import move_folder
 from .preprocess import write_atomically
 from .query import DuplicatesRequest
 from .runtime import Runtime
@@ -57,8 +58,9 @@ class QueryInbox:
 
     def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float,
                  stopping: Callable[[], bool] = lambda: False,
-                 not_yet_indexed: Callable[[], int]) -> None:
+                 not_yet_indexed: Callable[[], int], heartbeat: Callable[[], None] | None = None) -> None:
         self.rt = rt
+        self._heartbeat = heartbeat  # the service's watchdog, while a query document's pictures are read
         self.folder = rt.cfg.inbox_directory
         self._stopping = stopping  # a look at the whole folder ends at the next entry once a stop is asked for
         # The pictures noticed and not indexed yet: each answer says how many (it is answered ahead of them).
@@ -207,7 +209,7 @@ class QueryInbox:
             return False
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
                     links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
-                    read_as=read_as)
+                    read_as=read_as, heartbeat=self._heartbeat)
         if os.path.lexists(path):  # written again while it was answered: left here, answered anew
             self.pending.note(path)
         return True
@@ -372,8 +374,13 @@ class QueryInbox:
         folder = self.pictures_folder(path)
         if folder is not None:
             # Its pictures go with it, beside it: <name>.json and <name>/ (the stem of the target).
-            shutil.move(folder, _free_path(target.with_name(target.stem)))
-        write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode())
+            try:
+                move_folder(folder, _free_path(target.with_name(target.stem)))
+            except OSError as exc:  # the folder's, not the service's: it stays, whole, in the inbox
+                log.warning("query_folder_not_moved", path=folder, reason=exc.strerror or str(exc),
+                            detail=f"its document failed and moved to {escape(target)}; the folder stays in the inbox")
+        # backslashreplace: a reason quoting what no UTF-8 holds must not cost the service its run.
+        write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode(errors="backslashreplace"))
         log.warning("query_failed", path=path, moved_to=target, reason=reason)
 
 

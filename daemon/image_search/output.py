@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +76,38 @@ def move_out(source: Path, target: Path) -> None:
         shutil.move(source, target)
         return
     os.unlink(source)
+
+
+def move_folder(source: Path, target: Path) -> None:
+    """Move the folder ``source`` to ``target`` (new), or leave it where it is: onto another filesystem a
+    move copies, then deletes the original, and a deletion that fails part way (an immutable file, a
+    mount point inside) left both, the copy alone complete. Each entry the original lost is put back
+    from the copy, the copy goes, and the error is raised: nothing of the user's is lost or doubled."""
+    try:
+        shutil.move(source, target)
+    except BaseException:
+        if os.path.isdir(source) and os.path.isdir(target):
+            _put_back(target, source)
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _put_back(copy: Path, original: Path) -> None:
+    """The entries of ``copy`` that ``original`` lacks, moved back into it (folders entry by entry)."""
+    for entry in os.scandir(copy):
+        there = original / entry.name
+        if not os.path.lexists(there):
+            shutil.move(entry.path, there)
+        elif entry.is_dir(follow_symlinks=False) and there.is_dir() and not there.is_symlink():
+            _put_back(Path(entry.path), there)
+
+
+def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> None:
+    try:
+        move(moved, home)
+    except OSError as exc:
+        log.error("query_not_put_back", path=home, kept_at=moved, reason=exc.strerror or str(exc),
+                  action="move it back by hand; the service will answer it then")
 
 
 def make_output_folder(output_dir: Path) -> None:
@@ -336,19 +368,22 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                 moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
                 move_out(query.path, moved_query)
                 if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
+                    move_folder(query.folder, tmp / f"{stem}{_QUERY_INFIX}")
                     moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
-                    shutil.move(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         elif isinstance(query, DocumentQuery):  # a document left where it is: the bundle holds what it said
             (tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}").write_bytes(query.data)
         return publish(tmp, output_dir, now)
     except BaseException:
-        if moved_folder is not None and moved_folder.exists():
-            assert isinstance(query, DocumentQuery) and query.folder is not None
-            shutil.move(moved_folder, query.folder)
+        # Never lose what the user dropped: the query first, then its folder (``move_folder`` left none
+        # half-moved). Whatever cannot go back keeps the unfinished folder, named in the log.
         if moved_query is not None and moved_query.exists():
             assert query.path is not None
-            shutil.move(moved_query, query.path)  # never lose what the user dropped
-        shutil.rmtree(tmp, ignore_errors=True)
+            _move_back(moved_query, query.path, shutil.move)
+        if moved_folder is not None and moved_folder.exists():
+            assert isinstance(query, DocumentQuery) and query.folder is not None
+            _move_back(moved_folder, query.folder, move_folder)
+        if not any(p is not None and os.path.lexists(p) for p in (moved_query, moved_folder)):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

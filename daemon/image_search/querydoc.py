@@ -32,6 +32,10 @@ from .textquery import decoded_text, is_text_query, read_limited, read_text_quer
 QUERY_DOCUMENT_EXTENSIONS: tuple[str, ...] = (".json",)
 # As for a .txt query: a query is a few terms and filters; 64 KiB keeps a misplaced file from being parsed whole.
 MAX_QUERY_DOCUMENT_BYTES = 64 * 1024
+# The terms of one query: its pictures are read and its texts embedded on the service's main thread, while
+# the other queries and the ingest wait. 600 copies of one large picture in a 5 KB document held the loop
+# for 91 s; 64 distinct pictures at the most pixels a picture may have still finish within minutes.
+MAX_TERMS = 64
 # The list keys of terms: the kind each holds, and whether it pushes away.
 TERM_KEYS: dict[str, tuple[TermKind, bool]] = {
     "text": (TermKind.TEXT, False),
@@ -143,6 +147,7 @@ def parse_query_document(data: bytes, path: Path, *, source_directory: Path, fol
             raise _Invalid(f"query document too large: {size_shown(path)} is above the limit of "
                            f"{MAX_QUERY_DOCUMENT_BYTES:,} bytes (64 KiB); a query is a few terms and filters")
         doc = _load_json(data)
+        _refuse_unusable_text(doc)
         if isinstance(doc, dict) and "duplicates" in doc:
             return doc, _duplicates_request(doc, source_directory)
         spec = _spec_from_document(doc, source_directory)
@@ -216,6 +221,34 @@ def _load_json(data: bytes) -> object:
                        "few digits") from None
 
 
+def _lone_surrogate(ch: str) -> bool:
+    """Half of a character, ``\\ud83d`` of an emoji. Not one of U+DC80..U+DCFF: those are how Python (and a
+    JSON document, escaped) writes the bytes of a file name that are not UTF-8 (``os.fsdecode``)."""
+    return "\ud800" <= ch <= "\udfff" and not "\udc80" <= ch <= "\udcff"
+
+
+def _refuse_unusable_text(doc: object) -> None:
+    """JSON's ``\\u`` escapes can write what no text holds: half of a character (a lone UTF-16 surrogate)
+    and NUL. Neither names a file, a folder or a camera, no model reads it, and either would fail far from
+    here (the error file, the database, the tokenizer): refused at once, each string looked at, keys too."""
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            bad = next((ch for ch in value if ch == "\0" or _lone_surrogate(ch)), None)
+            if bad == "\0":
+                raise _Invalid("a text in the document holds NUL (\\u0000), which no name, folder, camera or "
+                               "words hold: remove it")
+            if bad is not None:
+                raise _Invalid(f"a text in the document holds half of a character (\\u{ord(bad):04x}, a lone "
+                               "UTF-16 surrogate): write the character itself, or both halves of its \\u escape")
+
+
 def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """A JSON object; a key given twice would silently lose a value, so it is refused."""
     seen: dict[str, object] = {}
@@ -272,6 +305,9 @@ def _spec_from_document(doc: object, source_directory: Path) -> QuerySpec:
         if key not in KEYS:
             raise _Invalid(_unknown_key(key, KEYS))
     terms = tuple(term for key in TERM_KEYS for term in _terms(key, _entries(doc, key)))
+    if len(terms) > MAX_TERMS:
+        raise _Invalid(f"{len(terms)} terms: a query takes at most {MAX_TERMS} (each picture is read and each "
+                       "text embedded while other queries wait); a few well-chosen terms say as much")
     if all(term.unlike for term in terms):
         raise _Invalid(_NOTHING)
     filters = Filters(
@@ -345,6 +381,8 @@ def _weighted(name: str, entry: dict[str, object], word: str, key: str) -> tuple
 
 
 def _text_value(name: str, words: str) -> str:
+    if any("\ud800" <= ch <= "\udfff" for ch in words):  # a name's undecodable byte is no word
+        raise _Invalid(f"{name} holds a byte that is not UTF-8 text (\\udcXX): write the words as text")
     if not words.strip():
         raise _Invalid(f"{name} is empty: give the words to look for, e.g. \"a red bicycle\"")
     return words.strip()
@@ -425,6 +463,8 @@ def _camera(name: str, value: object) -> str:
                        f"{_shown(value)}")
     if not value.strip():
         raise _Invalid(f"{name} is empty: give part of the camera's make and model, e.g. \"canon\", or leave it out")
+    if any("\ud800" <= ch <= "\udfff" for ch in value):  # a camera's name is stored as text
+        raise _Invalid(f"{name} holds a byte that is not UTF-8 text (\\udcXX): write the camera's name as text")
     return value.strip()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import preprocess_for
-from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, TermKind, single_term
+from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, Term, TermKind, single_term
 from .querydoc import QueryDocument, is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
@@ -80,40 +80,50 @@ def _links_for(path: Path, cfg: Config, links: LinkPolicy | None) -> LinkPolicy 
 
 
 def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: LinkPolicy | None,
-                 query_path: Path) -> tuple[np.ndarray, Image.Image | None]:
+                 query_path: Path, heartbeat: Callable[[], None] | None = None) -> tuple[np.ndarray, Image.Image | None]:
     """The query's one vector, and the first liked picture as processed (for the contact sheet).
 
     ``links``: the rule of the folder the query came from (the inbox's; None: any, a file the user named
-    on the command line); a picture in source-directory follows that folder's rule. Raises PreprocessError for a picture
-    that cannot be used, NoTextTower for words a model cannot read, TermsCancelOut."""
+    on the command line); a picture in source-directory follows that folder's rule. A picture or words given
+    more than once are read and embedded once. ``heartbeat``: called after each picture is read (the
+    service's watchdog: a document's pictures are read one after another). Raises PreprocessError for a
+    picture that cannot be used, NoTextTower for words a model cannot read, TermsCancelOut."""
     texts = [term for term in spec.terms if term.kind is TermKind.TEXT]
     pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
-    prepared = []
-    for term in pictures:
-        path = term.path if term.path is not None else Path(term.value)
-        prepared.append(preprocess_for(path, cfg, _links_for(path, cfg, links)))
-    vectors = [embedder.embed_texts([t.value for t in texts])] if texts else []
-    if prepared:
-        vectors.append(embedder.embed_images(prepared))  # the same way in as the indexer's pictures
-    combined = combine([t.signed_weight for t in (*texts, *pictures)], np.concatenate(vectors))
+    words = list(dict.fromkeys(term.value for term in texts))
+    prepared = {}
+    for path in dict.fromkeys(map(_picture_path, pictures)):
+        prepared[path] = preprocess_for(path, cfg, _links_for(path, cfg, links))
+        if heartbeat is not None:
+            heartbeat()
+    vectors = dict(zip(words, embedder.embed_texts(words))) if words else {}
+    if prepared:  # the same way in as the indexer's pictures
+        vectors.update(zip(prepared, embedder.embed_images(list(prepared.values()))))
+    rows = [vectors[term.value] for term in texts] + [vectors[_picture_path(term)] for term in pictures]
+    combined = combine([t.signed_weight for t in (*texts, *pictures)], np.stack(rows))
     if combined is None:
         raise TermsCancelOut(query_path, "the terms cancel out: what the query likes it also unlikes as much, so "
                                          "there is no direction to rank by; change a weight or drop a term")
-    liked = next((p.image for term, p in zip(pictures, prepared) if not term.unlike), None)
+    liked = next((prepared[_picture_path(term)].image for term in pictures if not term.unlike), None)
     return combined, liked
+
+
+def _picture_path(term: Term) -> Path:
+    return term.path if term.path is not None else Path(term.value)
 
 
 def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
                  given: dict[str, object] | None = None, now: datetime | None = None, move_query: bool = False,
                  links: LinkPolicy | None = None, not_yet_indexed: int | None = None,
-                 read_as: FileIdentity | None = None) -> SearchResult:
+                 read_as: FileIdentity | None = None, heartbeat: Callable[[], None] | None = None) -> SearchResult:
     """Search with one query and write its result bundle: ``spec`` is what is searched, ``query`` how
     the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags);
     ``not_yet_indexed``: the pictures the service has noticed and not indexed yet (``QueryRecord``);
-    ``read_as``: the query file as it was before it was read (``write_result_bundle``)."""
+    ``read_as``: the query file as it was before it was read (``write_result_bundle``); ``heartbeat``: see
+    ``query_vector``."""
     started = time.monotonic()
     named = query.path if query.path is not None else Path("typed text")
-    vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named)
+    vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named, heartbeat=heartbeat)
     top_k = spec.top_k if spec.top_k is not None else cfg.top_k
     ranking = store.ranking(vector, top_k, filters=spec.filters, min_similarity=spec.min_similarity)
     if isinstance(query, ImageQuery) and query.picture is None:
@@ -166,7 +176,8 @@ def search_text(text: str, *, cfg: Config, embedder: Embedder, store: EmbeddingS
 def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: EmbeddingStore, move_query: bool = False,
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
                 given: dict[str, object] | None = None, document: QueryDocument | None = None,
-                not_yet_indexed: int | None = None, read_as: FileIdentity | None = None) -> SearchResult:
+                not_yet_indexed: int | None = None, read_as: FileIdentity | None = None,
+                heartbeat: Callable[[], None] | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
     is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
@@ -198,7 +209,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         spec = spec or single_term(TermKind.IMAGE, str(path), path)
         query = ImageQuery(path)
     return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
-                        links=links, not_yet_indexed=not_yet_indexed, read_as=read_as)
+                        links=links, not_yet_indexed=not_yet_indexed, read_as=read_as, heartbeat=heartbeat)
 
 
 def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, store: EmbeddingStore,

@@ -120,7 +120,7 @@ class Service:
         self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set,
                                finish_reading=lambda: self.ingest is not None and self.ingest.finish_reading())
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
-                                not_yet_indexed=lambda: self._ingest.not_yet_indexed)
+                                not_yet_indexed=lambda: self._ingest.not_yet_indexed, heartbeat=self._ping_watchdog)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
         # The database away: all work waits, and is tried again after a backoff.

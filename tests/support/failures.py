@@ -44,3 +44,27 @@ def crash_embedded_database(state_dir: Path) -> None:
     assert postmaster is not None, "no embedded PostgreSQL is running"
     os.kill(postmaster.pid, signal.SIGQUIT)
     wait_for(lambda: not Path(f"/proc/{postmaster.pid}").exists(), "the crashed postmaster gone")
+
+
+def a_folder_move_that_stops_part_way(monkeypatch, source: Path) -> None:
+    """In this process, a move of the folder ``source`` as onto another filesystem (``os.rename`` refused:
+    EXDEV) copies, then deletes the original; that deletion removes ``a.png``, then meets a file it may not
+    delete (an immutable file, a mount point: as root, no permission stops it)."""
+    import errno
+    import shutil
+
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+        return real_rename(src, dst, *args, **kwargs)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path) == source:
+            (source / "a.png").unlink()
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source / "sub"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
