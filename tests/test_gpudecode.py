@@ -65,6 +65,18 @@ def test_progressive_jpegs_are_left_to_the_cpu_workers(tmp_path) -> None:
     assert read_plain_jpeg(save_jpeg(tmp_path / "baseline.jpg"), max_pixels=LIMIT) is not None
 
 
+def test_a_jpeg_in_a_colour_space_other_than_srgb_is_left_to_the_cpu_path(tmp_path) -> None:
+    """nvJPEG decodes the pixels as they are; a Display P3 photo's are converted to sRGB (``colours``) by the
+    CPU path. A JPEG tagged sRGB needs no conversion and stays on the device."""
+    from PIL import ImageCms
+
+    from tests.support.files import display_p3_profile
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert read_plain_jpeg(save_jpeg(tmp_path / "p3.jpg", icc_profile=display_p3_profile()), max_pixels=LIMIT) is None
+    assert read_plain_jpeg(save_jpeg(tmp_path / "srgb.jpg", icc_profile=srgb), max_pixels=LIMIT) is not None
+
+
 def test_everything_else_is_left_to_the_cpu_path(tmp_path) -> None:
     """Whatever the CPU path would decode differently or refuse with a reason of its own."""
     good = save_jpeg(tmp_path / "good.jpg")

@@ -91,6 +91,31 @@ def test_a_formatted_warning_over_several_lines_is_one_line_without_its_source_l
                                               "source": "/x/y.py:12"}
 
 
+def test_pillows_warning_about_a_broken_exif_block_is_a_debug_line() -> None:
+    """Pillow warns as it opens a JPEG whose EXIF it cannot read; the picture is good. It was a warning line
+    at every indexing and every query with that picture; the README promises one debug line."""
+    import io
+    import struct
+    import warnings
+
+    from PIL import Image
+
+    from image_search.logs import StdlibToStructlog
+
+    plain = io.BytesIO()
+    Image.new("RGB", (40, 20)).save(plain, format="JPEG")
+    payload = b"Exif\x00\x00II*\x00\xff\xff\xff\x7f" + b"\x13" * 40
+    data = plain.getvalue()
+    broken = data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(broken)).close()
+    [warning] = caught
+    formatted = warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    method, event, fields = StdlibToStructlog._warning_fields(formatted)
+    assert (method, event) == ("debug", "exif_unreadable") and fields["error"].startswith("Corrupt EXIF data.")
+
+
 # --- secrets: masked by key; counts and other fields shown ----------------------------------------
 
 

@@ -350,6 +350,34 @@ def _assert_gradient(prepared: PreparedImage, width: int) -> None:
     assert (np.diff(row.astype(int)) >= 0).all(), "a gradient stays monotonic"
 
 
+def _png16(path: Path, pixels: np.ndarray, key: tuple[int, ...]) -> Path:
+    """A 16-bit PNG (grey: (h, w); RGB: (h, w, 3)) with a tRNS colour key, written chunk by chunk (Pillow
+    writes no 16-bit RGB)."""
+    height, width = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+                     + chunk(b"tRNS", b"".join(struct.pack(">H", v) for v in key))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+def test_colour_key_transparency_in_sixteen_bit_pngs_becomes_white(tmp_path, channels):
+    """The key is in 16-bit values: the grey one was never looked at, and the RGB one compared with Pillow's
+    8-bit pixels, so the hidden colour showed (black here) where the picture is clear."""
+    key = (1000,) * channels if channels == 1 else (1000, 2000, 3000)
+    pixels = np.full((20, 40, channels), 40000, dtype=np.uint16)
+    pixels[:, 20:] = key
+    prepared = prep(_png16(tmp_path / "key16.png", pixels.squeeze(), key))
+    assert px(prepared, 30, 10) == WHITE
+    assert_colour(px(prepared, 5, 10), (156, 156, 156), 2)
+
+
 def test_sixteen_bit_png_gradient_keeps_many_grey_levels_and_maps_65535_to_255(tmp_path):
     path = tmp_path / "depth16.png"
     width = 1024
@@ -930,6 +958,16 @@ def test_decompression_bomb_above_pillows_hard_limit_is_refused_even_with_the_de
     assert "max-image-pixels" in err.reason
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets the module's filter
+def test_a_limit_configured_above_pillows_own_is_the_one_that_holds(bomb_png, monkeypatch):
+    """'max-image-pixels' takes up to 10^9 (a 200 MP phone's photo is 16320x12240), while Pillow as it ships
+    refuses at open anything above 178,956,970 pixels: every picture in between was refused whatever the
+    config said. The configured limit is the one that decides now."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    err = refuse(bomb_png, max_pixels=300_000_000)
+    assert err.reason.startswith("image too large: 20000x20000 = 400,000,000 pixels is above the limit of 300,000,000")
+
+
 def test_image_just_above_a_configured_small_limit_is_refused_before_decoding(tmp_path):
     path = tmp_path / "medium.png"
     path.write_bytes(_bilevel_png(3000, 2000))  # 6 MP, a few KB on disk
@@ -953,3 +991,48 @@ def test_image_exactly_at_the_limit_is_accepted(tmp_path):
     prepared = prep(path, max_pixels=60_000)
     assert (prepared.width, prepared.height) == (256, 171)
     refuse(path, max_pixels=59_999)
+
+
+# --- colour profiles ---------------------------------------------------------------------------------
+
+
+def _hamming(a: int, b: int) -> int:
+    return bin((a ^ b) & (1 << 64) - 1).count("1")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_display_p3_picture_is_converted_to_srgb_as_its_srgb_export_is(tmp_path: Path, fmt: str) -> None:
+    """An iPhone's photo (Display P3) and the same photo exported to sRGB: read as they were, the P3 one's
+    colours were duller than any viewer shows them (12.7 levels off on average) and the two were up to 8
+    bits apart, a near-copy missed; converted, they are the same picture."""
+    import io
+
+    from PIL import ImageCms
+
+    from tests.support.derived import scene
+    from tests.support.files import display_p3_profile
+
+    p3 = display_p3_profile()
+    picture = scene(3)
+    picture.save(tmp_path / f"p3.{fmt.lower()}", format=fmt, icc_profile=p3, quality=95)
+    exported = ImageCms.profileToProfile(picture, ImageCms.ImageCmsProfile(io.BytesIO(p3)),
+                                         ImageCms.createProfile("sRGB"), outputMode="RGB", renderingIntent=1)
+    exported.save(tmp_path / "srgb.png")
+    converted, export = prep(tmp_path / f"p3.{fmt.lower()}", (400, 300)), prep(tmp_path / "srgb.png", (400, 300))
+    difference = np.abs(np.asarray(converted.image, np.int16) - np.asarray(export.image, np.int16))
+    assert difference.mean() < 2.5
+    assert _hamming(converted.phash, export.phash) <= 2
+
+
+def test_srgb_and_unreadable_profiles_leave_the_pixels_as_they_are(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    from tests.support.derived import scene
+
+    picture = scene(4)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, icc in (("plain.png", None), ("srgb.png", srgb), ("garbage.png", b"not a profile at all" * 10)):
+        picture.save(tmp_path / name, icc_profile=icc) if icc else picture.save(tmp_path / name)
+    plain = np.asarray(prep(tmp_path / "plain.png", (400, 300)).image)
+    for name in ("srgb.png", "garbage.png"):
+        assert np.array_equal(np.asarray(prep(tmp_path / name, (400, 300)).image), plain), name

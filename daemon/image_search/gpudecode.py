@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .colours import needs_conversion
 from .entries import EntryRefused, LinkPolicy, open_regular, read_at_most
 from .errors import describe
 from .names import escape, unescape
@@ -164,6 +165,8 @@ def read_plain_jpeg(path: Path, *, max_pixels: int, links: LinkPolicy | None = N
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
             # Pillow names a JPEG with more pictures (an MPF index) MPO: one picture, chosen by the CPU path.
             if im.format != "JPEG" or im.mode != "RGB" or im.size != (width, height):
+                return None
+            if needs_conversion(im.info.get("icc_profile")):  # a Display P3 photo: ``colours``, on the CPU
                 return None
             orientation = exif_orientation(im)  # as the CPU path reads it (``geometry``)
             metadata = picture_metadata(im, path)

@@ -181,6 +181,7 @@ class _JournalRenderer:
 _FORMATTED_WARNING = re.compile(r"^(?P<source>.*?):(?P<line>\d+): (?P<category>\w+): (?P<message>.*)$", re.S)
 # Notices addressed to whoever maintains the code, not to whoever runs the service.
 _DEVELOPER_WARNINGS = frozenset({"DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"})
+_CORRUPT_EXIF = "Corrupt EXIF data."
 _bridge_log = structlog.get_logger("image_search.logs")
 
 
@@ -219,10 +220,13 @@ class StdlibToStructlog(logging.Handler):
         lines = match["message"].rstrip("\n").split("\n")
         if len(lines) > 1 and lines[-1].startswith("  "):
             lines = lines[:-1]  # the offending source line formatwarning appends: noise in a log
-        category = match["category"]
+        category, message = match["category"], " ".join(" ".join(lines).split())
+        if category == "UserWarning" and message.startswith(_CORRUPT_EXIF):
+            # Pillow's, at open, for an EXIF block it cannot read: the picture is still good (its date and
+            # camera are not read), as metadata.py's own line says, at debug.
+            return "debug", "exif_unreadable", {"error": message}
         return ("info" if category in _DEVELOPER_WARNINGS else "warning", "python_warning",
-                {"category": category, "message": " ".join(" ".join(lines).split()),
-                 "source": f"{match['source']}:{match['line']}"})
+                {"category": category, "message": message, "source": f"{match['source']}:{match['line']}"})
 
 
 def _route_stdlib_logging(level: str) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .colours import in_srgb
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
@@ -53,8 +54,6 @@ from .names import fit_name, fits_path
 from .phash import perceptual_hash
 
 PROCESSED_SUFFIX = ".jpg"
-# Pillow refuses outright above twice its MAX_IMAGE_PIXELS, so no configured limit can exceed it.
-PILLOW_HARD_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # Register every plugin so the formats we name can be opened; only those formats are ever tried.
 Image.init()
@@ -180,6 +179,11 @@ def read_source(path: Path, links: LinkPolicy | None = None) -> bytes:
     return data
 
 
+# The modes whose pixels an RGB colour profile describes (``colours``); a CMYK or grey picture's profile is
+# of another space, and its pixels are converted as they always were.
+_PROFILED_MODES = frozenset({"RGB", "RGBA", "RGBX", "P"})
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
     mode = im.mode
@@ -198,7 +202,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             elif peak > 255.0:  # on a scale of its own (0-1000, say): its range, not a clip to white
                 arr = arr * (255.0 / peak)
         grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        key = im.info.get("transparency")
+        if isinstance(key, int) and not isinstance(key, bool):  # a 16-bit grey PNG's tRNS: that value is clear
+            clear = np.asarray(im) == key
+            grey.paste(255, mask=Image.fromarray((clear * 255).astype(np.uint8), mode="L"))
         return grey.convert("RGB")
+    key = im.info.get("transparency")
+    if mode == "RGB" and isinstance(key, tuple) and max(key) > 255:
+        # A 16-bit RGB PNG's tRNS colour, in 16-bit values, while Pillow keeps 8 bits a channel (the high
+        # byte): compared as is, no pixel ever matched and the hidden colour showed.
+        im = im.copy()
+        im.info["transparency"] = tuple(value >> 8 for value in key)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
     if has_alpha:
         # RGBA -> RGB would keep the hidden colour of transparent pixels; composite instead.
@@ -224,6 +238,7 @@ def preprocess_image(path: Path, *, max_size: tuple[int, int], max_pixels: int,
     ``links``: which symbolic links may be followed to it (None: any, for a file named by the user).
     ``model_input``: makes the model's input (``pixels``) from the normalised picture; None: no pixels."""
     path = Path(path)
+    _let_pillow_open(max_pixels)
     source = read_source(path, links)
     try:
         rgb, (src_w, src_h), metadata = _normalise(source, path, max_size=max_size, max_pixels=max_pixels)
@@ -279,7 +294,17 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
             rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
+        if im.mode in _PROFILED_MODES:  # at the fitted size: a transform's cost grows with the pixels
+            rgb = in_srgb(rgb, im.info.get("icc_profile"))
     return rgb, (src_w, src_h), metadata
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    """Pillow refuses at open a picture above twice its ``MAX_IMAGE_PIXELS`` (178,956,970 pixels as it
+    ships): raised in this process to 'max-image-pixels', so that a 200 MP phone's photo can be let in, and
+    the configured limit (checked from the header, before decoding) is the one a refusal names."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) -> PreprocessError:
@@ -296,12 +321,11 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
                                          "but its header cannot be read)")
         return PreprocessError(path, f"not a supported image (content is not {supported_formats_for_people()})")
     if isinstance(exc, Image.DecompressionBombError):
-        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS) tripped in open(), before our check ran.
+        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS, at least the limit) tripped in open().
         return PreprocessError(
             path,
             f"image too large, refused as a possible decompression bomb ({exc}); the limit is "
-            f"{min(max_pixels, PILLOW_HARD_PIXEL_LIMIT):,} pixels (config key 'max-image-pixels', "
-            f"which cannot raise it above {PILLOW_HARD_PIXEL_LIMIT:,})",
+            f"{max_pixels:,} pixels (config key 'max-image-pixels')",
         )
     text = str(exc).strip()
     # libheif (HEIC) says "Unexpected end of file" where Pillow's own decoders say "truncated".

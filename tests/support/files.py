@@ -92,3 +92,31 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def inbox_files(inbox: Path) -> list[str]:
     """The names of the files waiting in ``inbox`` (not inbox/failed/)."""
     return sorted(p.name for p in inbox.iterdir() if p.is_file())
+
+
+def display_p3_profile() -> bytes:
+    """An ICC profile of Display P3 (an iPhone's photos): P3's primaries adapted to D50, sRGB's tone curve,
+    as a matrix-shaper v2 profile; LittleCMS reads it as Apple's own."""
+    import struct
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (i / 1023 for i in range(1024))]
+    curve = b"curv" + bytes(4) + struct.pack(">I", 1024) + b"".join(struct.pack(">H", round(v * 65535)) for v in linear)
+    name = b"Display P3\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(8) + bytes(3) + bytes(67)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
+            (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)), (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body + bytes(-len(body) % 4)
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12)
+              + b"acspAPPL" + bytes(24) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"lcms" + bytes(44))
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
