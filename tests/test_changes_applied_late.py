@@ -194,3 +194,69 @@ def test_a_picture_rewritten_through_one_name_is_read_again_through_its_other_na
     assert stored_hash(story, other) == stored_hash(story, a) == md5(a) != stored_hash(story, copy)
     assert model_work(logs) == 1
     assert_rows_hold_their_files(story)
+
+
+def test_a_deletion_while_processed_is_full_waits_with_the_ingest_and_is_applied_after(story_factory,
+                                                                                       monkeypatch) -> None:
+    """A picture deleted while a batch is being read: the batch is finished first, and processed/ refuses
+    its copies (a full disk). That stopped the service; now the ingest waits out the outage as it does for
+    its own batches, and the deletion is applied by the rescan after it."""
+    from image_search.errors import OutputUnwritable
+
+    story = story_factory(PICTURES)
+    new = save_picture(story.images / "d/new.png", seed=12)
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, new)
+    story.service.step()  # noticed
+    story.clock.advance(1.0)
+    story.service.step()  # taken, being read
+    assert new not in story.service.images and str(new) not in story.paths()
+    indexer = story.service.ingest.indexer
+    finish = indexer.finish
+    monkeypatch.setattr(indexer, "finish", lambda batch: (_ for _ in ()).throw(
+        OutputUnwritable(f"cannot write a processed image into {story.cfg.processed_directory}: No space left on device")))
+    (story.images / "d/a.png").unlink()
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "d/a.png")
+    with capture_logs() as logs:
+        story.service.step()  # raised out of the loop before
+    assert [e["work"] for e in logs if e["event"] == "output_unwritable"] == ["ingest"]
+    monkeypatch.setattr(indexer, "finish", finish)  # room again
+    story.run_until_idle()
+    assert str(story.images / "d/a.png") not in story.paths() and str(new) in story.paths()
+    assert_rows_hold_their_files(story)
+
+
+def test_a_rewritten_picture_that_cannot_be_stored_is_not_read_again_and_again(story_factory) -> None:
+    """``a.png`` rewritten while an entry of the user's holds the name of its processed copy: it is skipped,
+    its row as it was. Its old content's paths (``a.png`` among them) are not queued again for that, or it
+    would be read and skipped at every settle period, for ever."""
+    story = story_factory(PICTURES)
+    a = story.images / "d/a.png"
+    os.link(a, story.images / "d/h.png")
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / "d/h.png")
+    story.run_until_idle()
+    copy = processed_path_for(a, story.images, story.cfg.processed_directory)
+    copy.unlink()
+    copy.mkdir()  # the user's folder where a.png's copy goes
+    with open(a, "r+b") as handle:
+        handle.write(save_picture(story.images.parent / "new.png", seed=11).read_bytes())
+        handle.truncate()
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, a)
+    with capture_logs() as logs:
+        story.run_until_idle()  # raised "the service loop did not become idle" before
+    assert [str(e["path"]) for e in logs if e["event"] == "image_skipped"] == [str(a)]
+
+
+def test_a_renamed_picture_whose_thumbnail_was_deleted_by_hand_gets_it_again(story_factory) -> None:
+    """The rename moves the processed copy along, and there is no thumbnail to move: the file is read at its
+    new name (content stored: no model work) and the thumbnail made again, as a rescan would."""
+    from image_search.preprocess import thumbnail_path_for
+
+    story = story_factory(PICTURES)
+    c, renamed = story.images / "d/c.png", story.images / "d/c2.png"
+    thumbnail_path_for(processed_path_for(c, story.images, story.cfg.processed_directory)).unlink()
+    os.rename(c, renamed)
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, c, dest=renamed)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert model_work(logs) == 0
+    assert_rows_hold_their_files(story)

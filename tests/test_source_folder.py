@@ -252,3 +252,25 @@ def test_a_subfolder_made_readable_is_walked_and_another_folders_attribute_chang
     story.notice(Folder.IMAGES, ChangeKind.ATTRIBUTES, locked, is_directory=True)  # readable since: not walked again
     story.run_until_idle()
     assert walked == [locked]
+
+
+def test_a_folder_renamed_while_the_rescan_walks_keeps_its_rows(story_factory, monkeypatch) -> None:
+    """``mv album album-trip`` between the rescan's listing of the top folder and its walk of ``album``: the
+    walk finds ``album`` gone and never sees ``album-trip``. What ``album`` held is unknown to that walk: its
+    rows stay (the rename's own event moves them), and no skip is logged for a folder that is not broken."""
+    story = story_factory({**PICTURES, "album/d.png": 4})
+    rows = story.rows()
+    album, renamed = story.images / "album", story.images / "album-trip"
+    listing = os.scandir
+
+    def scandir(path):
+        if Path(path) == album and album.exists():
+            os.rename(album, renamed)  # just as the walk reaches it
+        return listing(path)
+
+    monkeypatch.setattr("image_search.discover.os.scandir", scandir)
+    with capture_logs() as logs:
+        state = compare_folder(story.cfg, story.service.rt.store, mounts=MountTable(frozenset(), frozenset()))
+    assert state.removed == [] and state.skipped == []
+    assert set(story.rows()) == set(rows)
+    assert not [e for e in logs if e["event"] in ("rows_removed", "image_skipped")]

@@ -180,7 +180,10 @@ class _Walk:
             with os.scandir(here) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except FileNotFoundError:
-            return  # gone while the walk went (renamed, deleted): its own event says so, nothing is unknown
+            # Gone while the walk went (renamed, deleted): no skip to report (its own event says what became
+            # of it), but what it held is unknown to this walk, so a rescan keeps its rows.
+            self.scan.unreadable.append(here)
+            return
         except OSError as exc:
             self.scan.unreadable.append(here)
             entry = SkippedEntry(here, f"folder cannot be read ({exc.strerror or exc})")

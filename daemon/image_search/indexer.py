@@ -377,7 +377,6 @@ class Indexer:
         if self._writer.touches(_batch_keys(prepared)):  # an earlier batch's rows hold this one's content or paths
             self._writer.wait()
         stored = self.store.contents(p.file_hash for _, p in prepared)
-        summary.left = {c.stored_hash for c, image in prepared if c.stored_hash not in (None, image.file_hash)}
         to_embed: list[_Read] = []
         first: dict[str, Path] = {}  # each content's first file in this batch
         later: list[tuple[_Read, Path]] = []  # a content's further files in this batch, and its first
@@ -413,6 +412,9 @@ class Indexer:
             if write is None:
                 self._record(read)
             _copy_found(read, same_as, summary)
+        skipped = {path for path, _ in summary.skipped}  # their rows are as they were
+        summary.left = {c.stored_hash for c, image in prepared
+                        if c.stored_hash not in (None, image.file_hash) and c.path not in skipped}
         return summary, write
 
     def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> bool:

@@ -14,7 +14,7 @@ about a batch's life is decided here.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import structlog
@@ -172,14 +172,21 @@ class ImageIngest:
                 if path.is_relative_to(root) and path not in self.images:
                     self.images.note(path)
 
-    def finish_reading(self) -> bool:
-        """Every batch being read finished, its rows committed; True if there was one. Raises as
-        ``_confirm_written`` does."""
-        were_reading = bool(self._in_flight)
-        while self._in_flight:
+    @property
+    def reading(self) -> bool:
+        return bool(self._in_flight)
+
+    def finish_reading(self, stats: Collection[tuple[int, int]] | None = None) -> bool:
+        """The batches being read finished, their rows committed: every one, or (``stats``) up to the last
+        that holds a file of one of these (size, mtime). True if one was. Raises as ``_confirm_written``."""
+        wanted = len(self._in_flight) if stats is None else max(
+            (n for n, batch in enumerate(self._in_flight, 1)
+             if any((c.size, c.mtime_ns) in stats for c in batch.candidates)), default=0)
+        for _ in range(wanted):
             self._finish_oldest()
-        self.wait_for_writes()
-        return were_reading
+        if wanted or stats is None:
+            self.wait_for_writes()
+        return wanted > 0
 
     def settle(self, *paths: Path) -> None:
         """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches

@@ -102,6 +102,16 @@ def _put_back(copy: Path, original: Path) -> None:
             _put_back(Path(entry.path), there)
 
 
+def _return_folder(moved: Path, home: Path) -> None:
+    """The folder ``moved`` back at ``home``: merged into it where ``home`` is still there (a move that
+    stopped part way, ``move_folder``), else moved."""
+    if os.path.isdir(home):
+        _put_back(moved, home)
+        shutil.rmtree(moved)
+    else:
+        shutil.move(moved, home)
+
+
 def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> None:
     try:
         move(moved, home)
@@ -368,8 +378,8 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                 moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
                 move_out(query.path, moved_query)
                 if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
-                    move_folder(query.folder, tmp / f"{stem}{_QUERY_INFIX}")
-                    moved_folder = tmp / f"{stem}{_QUERY_INFIX}"
+                    moved_folder = tmp / f"{stem}{_QUERY_INFIX}"  # before: a move that fails may leave part there
+                    move_folder(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         elif isinstance(query, DocumentQuery):  # a document left where it is: the bundle holds what it said
@@ -383,7 +393,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
             _move_back(moved_query, query.path, shutil.move)
         if moved_folder is not None and moved_folder.exists():
             assert isinstance(query, DocumentQuery) and query.folder is not None
-            _move_back(moved_folder, query.folder, move_folder)
+            _move_back(moved_folder, query.folder, _return_folder)
         if not any(p is not None and os.path.lexists(p) for p in (moved_query, moved_folder)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,6 +130,12 @@ class ReadinessTracker:
         """``path`` was noted ``reread`` and its mark not taken yet."""
         return path in self._reread
 
+    def forget_marks_of_gone(self) -> None:
+        """The marks of paths that hold nothing any more and wait for nothing (a write whose rename or
+        deletion was never applied: its event was lost, or the database was away): a later file of that
+        name has not been seen written."""
+        self._reread = {p for p in self._reread if p in self or os.path.lexists(p)}
+
     def take_reread(self, paths: Iterable[Path]) -> frozenset[Path]:
         """The ``paths`` seen written since they were last taken (to be read whatever their stat says); their
         marks go: a write after this one marks them again."""

@@ -118,7 +118,9 @@ class Service:
         # The walks of the folders (the rescans, the queries waiting at start) end at the next entry once a
         # stop is asked for: one of a large library on a slow share takes longer than systemd waits.
         self.sync = FolderSync(self.cfg, rt.store, self.images, stopping=stop.is_set,
-                               finish_reading=lambda: self.ingest is not None and self.ingest.finish_reading())
+                               finish_reading=lambda stats: self.ingest is not None and self.ingest.finish_reading(stats),
+                               reading=lambda: self.ingest is not None and self.ingest.reading,
+                               heartbeat=self._ping_watchdog)
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
                                 not_yet_indexed=lambda: self._ingest.not_yet_indexed, heartbeat=self._ping_watchdog)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
@@ -230,13 +232,7 @@ class Service:
         if now < self._retry_at:
             return False
         try:
-            if self._needs_rescan:
-                self._needs_rescan = False
-                # The rescan compares the folder with every row: the batches being read are finished and
-                # their rows committed first, or a file deleted meanwhile (its event lost) would get its row
-                # after the comparison, and keep it.
-                self._ingest.settle(self.cfg.source_directory)
-                self.sync.rescan()
+            if self._needs_rescan and self._unless_unwritable(Work.INGEST, self._rescan):
                 if self.stop.is_set():
                     return True  # the rescan was cut short: the loop stops, the next start rescans
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
@@ -251,6 +247,15 @@ class Service:
             self._database_down(exc)
             return True
         return False
+
+    def _rescan(self) -> bool:
+        """The rescan compares the folder with every row: the batches being read are finished and their rows
+        committed first, or a file deleted meanwhile (its event lost) would get its row after the comparison,
+        and keep it. A full processed/ raises out of that before anything is compared: tried again later."""
+        self._ingest.settle(self.cfg.source_directory)
+        self._needs_rescan = False
+        self.sync.rescan()
+        return True
 
     def _unless_unwritable(self, work: Work, do: Callable[[], bool]) -> bool:
         """``do()``, the work of one kind, unless its folder refused a write and its retry is not due. An
@@ -379,6 +384,12 @@ class Service:
         except DatabaseUnavailable as exc:
             # The change is not lost: the next rescan (or restart) reconciles it. Say so.
             log.warning("change_deferred", path=change.path, reason=str(exc))
+            self._needs_rescan = True
+        except OutputUnwritable as exc:
+            # The batches being read, finished before the path leaves, met processed/ refusing their copies
+            # (a full disk): they are pending again, the ingest waits as for any batch of its own, and the
+            # rescan that follows the outage applies the change.
+            self._output_unwritable(Work.INGEST, exc, self._unwritable.get(Work.INGEST))
             self._needs_rescan = True
 
 

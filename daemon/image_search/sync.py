@@ -510,13 +510,18 @@ class FolderSync:
     new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
 
     def __init__(self, cfg: Config, store: EmbeddingStore, pending: ReadinessTracker, *,
-                 stopping: Callable[[], bool] = lambda: False, finish_reading: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 finish_reading: Callable[[Collection[tuple[int, int]]], bool] = lambda stats: False,
+                 reading: Callable[[], bool] = lambda: False, heartbeat: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
         self.store = store
         self.pending = pending
         self.stopping = stopping  # the service's stop: a rescan under way ends at the next entry
-        # Commits the rows of the files taken from ``pending`` and being read; True if there were any.
+        # Commits the rows of the batches being read that hold a file of one of the given (size, mtime):
+        # True if there was one. ``reading``: whether a batch is being read at all.
         self.finish_reading = finish_reading
+        self.reading = reading
+        self.heartbeat = heartbeat  # the service's watchdog, during work of thousands of files
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
         self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
@@ -536,6 +541,7 @@ class FolderSync:
             return 0
         self._report(state.skipped)
         self._unreadable = set(state.unreadable)
+        self.pending.forget_marks_of_gone()
         self.removed += len(state.removed)
         queued = 0
         for path in state.changed:
@@ -601,20 +607,32 @@ class FolderSync:
           and every picture embedded again. So the files being read are finished first (read at a new
           path, a stored content takes that path, its old one leading nowhere), and a waiting file with a
           gone path's size and mtime (which a rename keeps) and its MD5 is that path's file, moved."""
-        stored = self._stored_at(path, is_directory)
-        if stored and self.finish_reading():
+        if is_directory and not path.is_dir() and not len(self.pending) and not self.reading():
+            stored = []  # nothing waits or is being read: nothing to follow, nothing came back (rm -rf, at rest)
+        else:
+            stored = self._stored_at(path, is_directory)
+        if stored and self.finish_reading({(r.source_size, r.source_mtime_ns) for r in stored}):
             stored = self._stored_at(path, is_directory)
         leaving: list[SourceRecord] = []
+        missing: list[SourceRecord] = []
         for record in stored:
             old = Path(record.file_path)
-            if resolves_to_a_file(old):
-                self._noticed(old, closed=False, written=True)
-                if old not in self.pending:  # there again as a link the policy does not follow
-                    leaving.append(record)
-            elif (moved_to := self._renamed_to(record)) is not None:
-                self._file_moved(old, moved_to)
+            if not resolves_to_a_file(old):
+                missing.append(record)
+                continue
+            self._noticed(old, closed=False, written=True)
+            if old not in self.pending:  # there again as a link the policy does not follow
+                leaving.append(record)
+        moves = self._renamed(missing)
+        for n, record in enumerate(missing, 1):
+            if (moved_to := moves.get(record.file_path)) is not None:
+                self._file_moved(Path(record.file_path), moved_to)
             else:
                 leaving.append(record)
+            if n % 100 == 0:
+                self.heartbeat()  # a folder of thousands, moved into one made just before
+        if self.stopping():
+            return  # cut short by a stop (the hashing took what was begun): nothing removed, the next start rescans
         if is_directory and not path.is_dir():
             self.pending.forget_under(path)
             under = self.store.delete_under(str(path))
@@ -639,16 +657,22 @@ class FolderSync:
         records = self.store.sources_under(str(path)) if is_directory else self.store.sources(at=[str(path)])
         return list(records.values())
 
-    def _renamed_to(self, record: SourceRecord) -> Path | None:
-        """A waiting path holding the file of ``record``, whose path is gone: its size and mtime, then its MD5."""
-        for candidate in self.pending.waiting_as(record.source_size, record.source_mtime_ns):
-            try:
-                found = source_identity_of_file(candidate, (record.source_size, record.source_mtime_ns))
-            except (OSError, EntryRefused):
-                continue
-            if found == record.file_hash:
-                return candidate
-        return None
+    def _renamed(self, gone: list[SourceRecord]) -> dict[str, Path]:
+        """Gone path -> the waiting path holding its file (its size and mtime, then its MD5), for the gone
+        paths found so; the waiting files are hashed on every core, as a rescan's are (``_identities``)."""
+        pairs = [(record, candidate) for record in gone
+                 for candidate in self.pending.waiting_as(record.source_size, record.source_mtime_ns)]
+        if not pairs:
+            return {}
+        found = _identities([(candidate, (r.source_size, r.source_mtime_ns)) for r, candidate in pairs],
+                            stopping=self.stopping)
+        moves: dict[str, Path] = {}
+        taken: set[Path] = set()  # one file follows one gone path (copies of one content moved together)
+        for (record, candidate), file_hash in zip(pairs, found):
+            if file_hash == record.file_hash and record.file_path not in moves and candidate not in taken:
+                moves[record.file_path] = candidate
+                taken.add(candidate)
+        return moves
 
     def _forget_dead_copies(self, contents: set[str], *, sparing: Collection[str] = ()) -> None:
         """After paths of ``contents`` left: their other paths under the folder that no longer lead to a
@@ -667,6 +691,13 @@ class FolderSync:
                 reason = ("symbolic link whose target is gone" if path.is_symlink()
                           else "source file is gone (a copy of the file just removed)")
                 log.info("rows_removed", path=path, count=1, reason=reason)
+
+    def _read_if_not_current(self, path: Path, record: SourceRecord) -> None:
+        """A path just relinked whose row still wants reading: embedded by another model (the rescan after a
+        model change queued it under its old name) or its thumbnail missing (relinked without it)."""
+        if record.model_name != self.cfg.model_name or not copies_present(str(processed_path_for(
+                path, self.cfg.source_directory, self.cfg.processed_directory))):
+            self.pending.note(path)
 
     def _not_as_stored(self, src: Path, record: SourceRecord | None, now: os.stat_result | None) -> bool:
         """The file that left ``src`` may not hold ``src``'s row's content: seen written since (a write just
@@ -693,6 +724,7 @@ class FolderSync:
             return
         if relink(self.cfg, self.store, src, dest, record.file_hash, kept=(record.source_size, record.source_mtime_ns)):
             self.pending.forget(dest)  # whatever was queued there is gone: the file there is as its row says
+            self._read_if_not_current(dest, record)
         else:
             # Its processed copy is missing (deleted by hand) or an entry of the user's is where the new one
             # goes: read at ``dest``, where its content is found stored and takes over ``src``'s path.
@@ -712,8 +744,10 @@ class FolderSync:
             new = new_paths[old]
             if old in changed:
                 self.pending.note(new, reread=True)
-            elif not relink(self.cfg, self.store, Path(old), new, record.file_hash,
-                            kept=(record.source_size, record.source_mtime_ns)):
+            elif relink(self.cfg, self.store, Path(old), new, record.file_hash,
+                        kept=(record.source_size, record.source_mtime_ns)):
+                self._read_if_not_current(new, record)
+            else:
                 self.pending.note(new, reread=True)
         # The changed ones are read at their new paths; their old paths lead nowhere now.
         self._forget_dead_copies({moved[p].file_hash for p in changed})
