@@ -444,6 +444,32 @@ def test_empty_model_name_is_an_error(tmp_path):
     assert "'model-name'" in error_for(tmp_path, {"model-name": "   "})
 
 
+def test_a_source_directory_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
+    """It went on to claim processed-directory for the file, so that once corrected every start was refused."""
+    (tmp_path / "photos.json").write_text("{}")
+    reason = error_for(tmp_path, {"source-directory": "photos.json"})
+    assert reason.startswith("config key 'source-directory': ") and "is a file, not a folder" in reason
+
+
+def test_an_empty_folder_from_the_environment_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    """``IMAGE_SEARCH_SOURCE_DIRECTORY=`` (an EnvironmentFile line left empty) indexed the working directory."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="config key 'source-directory' is empty"):
+        load_config(write(tmp_path, {}), environ={"IMAGE_SEARCH_SOURCE_DIRECTORY": ""})
+
+
+@pytest.mark.parametrize(("key", "value"), [("source-directory", r"a\u0000b"), ("model-name", r"m\u0000"),
+                                            ("postgres-password", r"p\u0000w"), ("postgres-host", r"/tmp/x\ud83d")])
+def test_nul_and_half_characters_in_a_string_are_refused_naming_the_key(tmp_path, key, value):
+    """They crashed the start (embedded null byte, surrogates not allowed), some after the database began."""
+    config = tmp_path / "config.json"
+    config.write_text('{"%s": "%s"}' % (key, value))
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, environ={})
+    assert str(refused.value).startswith(f"config key '{key}' holds NUL or half of a character")
+    assert "p\x00w" not in str(refused.value)  # the password itself never shows
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.json", environ={})

@@ -13,6 +13,7 @@ torch import).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -248,6 +249,36 @@ def a_bug(args, cfg):
 cli._run = a_bug
 sys.exit(cli.main(sys.argv[1:]))
 """
+
+
+A_READER_THAT_GOES = """
+import sys
+
+from image_search import cli
+
+
+def prints(args, cfg):
+    for _ in range(100_000):
+        print("/output/20261207-010203")
+    return 0
+
+cli._run = prints
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_output_whose_reader_goes_away_ends_quietly_as_its_pipe_ended_it(tmp_path: Path) -> None:
+    """``image-search search ... | head -1``: the rest of the output has nowhere to go. That ended as
+    ``crashed`` (BrokenPipeError), exit 1; it is the shell's own 141 now, with nothing on stderr about it."""
+    config = write_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", A_READER_THAT_GOES, "index", "--config", str(config)],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(100)
+    proc.stdout.close()  # what head does once it has its line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == 128 + signal.SIGPIPE
+    assert "crashed" not in stderr and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
 def test_an_unforeseen_error_is_one_line_and_exit_1_with_the_traceback_only_in_debug(tmp_path: Path) -> None:

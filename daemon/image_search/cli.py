@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read the output went away (``search ... | head -1``): not a failure of the run. What is
+        # left to print goes nowhere, and the exit code is the shell's for a process its pipe ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except psycopg2.Error as exc:
         # A server that crashed mid-query can break a statement with a bare psycopg2 error the store did
         # not wrap as DatabaseUnavailable: still the database's kind of failure, and its exit code.

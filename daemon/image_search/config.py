@@ -172,7 +172,14 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
         return number
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' must be a string, got {shown}")
-    return Path(value).expanduser() if issubclass(want, Path) else value
+    if "\0" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise ConfigError(f"config key '{key}' holds NUL or half of a character (a \\u escape of a lone "
+                          f"surrogate), which no name, address or password holds: write it as text")
+    if issubclass(want, Path):
+        if not value.strip():  # Path("") is the working directory: an empty override read as "here"
+            raise ConfigError(f"config key '{key}' is empty: give a folder (or leave the key out for its default)")
+        return Path(value).expanduser()
+    return value
 
 
 # What a number in the environment may look like: ASCII digits as in JSON (Python's int() and float()
@@ -318,6 +325,9 @@ def _validate(cfg: Config) -> None:
         )
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
+    if cfg.source_directory.exists() and not cfg.source_directory.is_dir():
+        raise ConfigError(f"config key 'source-directory': {cfg.source_directory} is a file, not a folder: "
+                          "give the folder of the pictures")
     _check_folders_apart(cfg)
 
 
