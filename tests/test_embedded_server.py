@@ -73,3 +73,27 @@ def test_a_server_that_died_while_being_stopped_is_stopped_not_a_crash() -> None
     with capture_logs() as logs:
         server.stop()
     assert [(e["event"], e["note"]) for e in logs] == [("embedded_postgres_stopped", "it had exited already")]
+
+
+@pytest.mark.integration
+def test_a_first_start_stopped_during_initdb_is_made_again_at_the_next(tmp_path) -> None:
+    """Ctrl-C in a first start's first seconds stopped initdb after it wrote PG_VERSION, which is what
+    pgserver looks for to skip initdb: every later start failed ('database "postgres" does not exist').
+    The mark a first start leaves beside pgdata until its server is up says the pgdata is unfinished."""
+    from image_search.store.embedded import INITIALISING_SUFFIX
+
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    (pgdata / "PG_VERSION").write_text("18\n")  # as far as an interrupted initdb got, or not much further
+    (tmp_path / f"pgdata{INITIALISING_SUFFIX}").touch()
+    with capture_logs() as logs:
+        server = EmbeddedPostgres(pgdata)
+    try:
+        with psycopg2.connect(server.uri) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        server.stop()
+    assert [e["event"] for e in logs if e["event"].startswith("embedded_postgres_setup")] == [
+        "embedded_postgres_setup_unfinished"]
+    assert not (tmp_path / f"pgdata{INITIALISING_SUFFIX}").exists()

@@ -32,6 +32,12 @@ class EmbeddedPostgres:
         data_directory.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         forget_dead_handles(data_directory)
+        initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
+        if initialising.exists():
+            drop_unfinished_initdb(data_directory)
+        fresh = not (data_directory / "PG_VERSION").exists()
+        if fresh:
+            initialising.touch()
         try:
             self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
         except Exception as exc:  # pgserver raises bare subprocess errors; say what failed
@@ -39,6 +45,8 @@ class EmbeddedPostgres:
                 f"cannot start the embedded PostgreSQL in {data_directory} ({type(exc).__name__}: {exc}); "
                 f"see {data_directory / 'log'}"
             ) from None
+        if fresh:
+            initialising.unlink(missing_ok=True)
         self.uri = self._server.get_uri()
         log.info("embedded_postgres_started", data_directory=data_directory,
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -68,6 +76,23 @@ class EmbeddedPostgres:
                      "beside this command): it stops with the last of them")
         else:
             log.info("embedded_postgres_stopped")
+
+
+# Beside pgdata while a first start makes it: pgserver runs initdb in pgdata itself and skips it once
+# PG_VERSION is there, which initdb writes early, so a first start stopped during initdb (Ctrl-C in its
+# first seconds) left a pgdata every later start failed on ('database "postgres" does not exist').
+INITIALISING_SUFFIX = ".initialising"
+
+
+def drop_unfinished_initdb(data_directory: Path) -> None:
+    """Delete the pgdata a stopped first start left half made: nothing was ever stored in it (the table is
+    made once the server has started), and initdb makes it again."""
+    import shutil
+
+    log.warning("embedded_postgres_setup_unfinished", data_directory=data_directory,
+                action="deleting it: a start stopped while it made the database left it incomplete; made again now")
+    shutil.rmtree(data_directory, ignore_errors=True)
+    data_directory.with_name(data_directory.name + INITIALISING_SUFFIX).unlink(missing_ok=True)
 
 
 def forget_dead_handles(data_directory: Path) -> None:
