@@ -470,6 +470,21 @@ def test_nul_and_half_characters_in_a_string_are_refused_naming_the_key(tmp_path
     assert "p\x00w" not in str(refused.value)  # the password itself never shows
 
 
+def test_a_relative_model_directory_is_the_config_folders_like_every_path_in_it(tmp_path, monkeypatch):
+    """``"model-name": "../model"`` was resolved against the working directory: one config loaded another
+    model, or none, depending on where it was started. A hub id stays a hub id."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "conf").mkdir()
+    monkeypatch.chdir(tmp_path / "model")
+    assert load_config(write(tmp_path / "conf", {"model-name": "../model"}), environ={}).model_name == str(
+        tmp_path / "conf" / ".." / "model")
+    assert load_config(write(tmp_path / "conf", {"model-name": "jinaai/jina-clip-v2"}),
+                       environ={}).model_name == "jinaai/jina-clip-v2"
+    (tmp_path / "conf" / "local-clip").mkdir()
+    assert load_config(write(tmp_path / "conf", {"model-name": "local-clip"}), environ={}).model_name == str(
+        tmp_path / "conf" / "local-clip")
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.json", environ={})

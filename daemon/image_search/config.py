@@ -382,6 +382,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     for key, value in values.items():
         if isinstance(value, Path) and not value.is_absolute():
             values[key] = base / value
+    if "model-name" in values:
+        values["model-name"] = _model_relative_to(base, values["model-name"])
     for key in _FIELDS:
         env_name = ENV_PREFIX + key.replace("-", "_").upper()
         if env_name in environ:
@@ -393,6 +395,18 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     cfg = Config(**{_FIELDS[k].name: v for k, v in values.items()})
     _validate(cfg)
     return cfg
+
+
+def _model_relative_to(base: Path, name: str) -> str:
+    """A config file's 'model-name' that is a relative local directory, resolved against the file's folder as
+    its other paths are (it was resolved against the working directory: one config loaded another model, or
+    none, depending on where it was started). A hub id ("jinaai/jina-clip-v2") is left as it is, unless a
+    folder of that name is beside the config."""
+    if Path(name).is_absolute() or name.startswith("~"):
+        return name
+    if name.startswith(("./", "../")) or (base / name).is_dir():
+        return str(base / name)
+    return name
 
 
 def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
