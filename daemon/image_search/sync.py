@@ -640,7 +640,8 @@ class FolderSync:
         elif is_directory or stored:
             for record in leaving:
                 self.pending.forget(Path(record.file_path))
-            removed = [r.file_path for r in leaving] if self.store.delete_paths([r.file_path for r in leaving]) else []
+            gone = [r.file_path for r in leaving]
+            removed = gone if gone and self.store.delete_paths(gone) else []
             contents = {r.file_hash for r in leaving}
         else:  # nothing stored there: a name that never held a picture, or one another service just forgot
             self.pending.forget(path)
