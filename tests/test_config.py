@@ -485,6 +485,13 @@ def test_a_relative_model_directory_is_the_config_folders_like_every_path_in_it(
         tmp_path / "conf" / "local-clip")
 
 
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors begin UTF-8 with a BOM: it was refused with Python's "decode using utf-8-sig"."""
+    config = tmp_path / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"top-k": 7}).encode())
+    assert load_config(config, environ={}).top_k == 7
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.json", environ={})

@@ -359,7 +359,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if path is not None:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_keys_once)
+            # utf-8-sig: a file saved by an editor that begins UTF-8 with a byte-order mark (Notepad) reads too.
+            raw = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_keys_once)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
