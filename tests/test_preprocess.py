@@ -409,6 +409,13 @@ def test_thirty_two_bit_integer_tiff_gradient(tmp_path):
     _assert_gradient(prep(path, box=(1024, 1024)), 512)
 
 
+def test_thirty_two_bit_integer_tiff_on_its_full_range_is_scaled_not_clipped_to_white(tmp_path):
+    path = tmp_path / "int32-full.tiff"
+    ramp = np.tile(np.linspace(0, 2**31 - 1, 512).round().astype(np.int32), (4, 1))
+    Image.fromarray(ramp, mode="I").save(path)
+    _assert_gradient(prep(path, box=(1024, 1024)), 512)
+
+
 def test_thirty_two_bit_integer_tiff_with_8_bit_range_is_kept_as_is(tmp_path):
     path = tmp_path / "int32-small.tiff"
     ramp = np.tile(np.arange(256, dtype=np.int32), (4, 1))

@@ -192,7 +192,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # convert("RGB") clips these to two levels: scale the real range to 8 bits first.
         arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+        peak = arr.max(initial=0)
+        if mode == "I" and peak > 65535:  # a 32-bit integer picture on a range of its own: that range, not a clip
+            arr = arr * (255.0 / peak)
+        elif mode.startswith("I;16") or (mode == "I" and peak > 255):
             arr = arr / 257.0
         elif mode == "F":
             arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold them
