@@ -281,6 +281,32 @@ def test_output_whose_reader_goes_away_ends_quietly_as_its_pipe_ended_it(tmp_pat
     assert "crashed" not in stderr and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+A_BUG_ONCE_INDEXED = """
+import sys
+
+from image_search import indexer
+
+
+def a_bug(self, **kwargs):
+    raise ZeroDivisionError("division by zero")
+
+indexer.Indexer.index_folder = a_bug
+from image_search import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_after_the_model_loaded_keeps_the_index_whatever_cleanup_says(tmp_path: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    """README: "a crash or kill -9 never empties anything". A bug raised once the model was loaded went
+    through the exit's cleanup and emptied the table: a full re-embedding for a bug."""
+    config = write_config(tmp_path, tiny_model_dir)  # cleanup-on-exit: the default, true
+    run = subprocess.run([sys.executable, "-c", A_BUG_ONCE_INDEXED, "index", "--config", str(config)],
+                         env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == ExitCode.FAILED and "event='crashed'" in run.stderr, run.stderr[-3000:]
+    assert "model_loaded" in run.stderr and "table_emptied" not in run.stderr, run.stderr[-3000:]
+
+
 def test_an_unforeseen_error_is_one_line_and_exit_1_with_the_traceback_only_in_debug(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     run = subprocess.run([sys.executable, "-c", A_BUG, "index", "--config", str(config)], env=child_env(),

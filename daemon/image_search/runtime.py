@@ -146,8 +146,9 @@ class Runtime:
 def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Iterator[Runtime]:
     """Start or reach the database, open the store, start loading the model. At exit, close the store
     and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
-    but only after a run that had its model (a start-up error never costs the index), never when
-    the block raised ``RestartRequested`` or ``SourceFolderMissing``, and never while another service
+    but only after a run that had its model (a start-up error never costs the index) and ended or was
+    stopped (a signal): never when the block raised anything else (a crash, the machine's failure, a
+    restart asked of systemd, a source folder gone), and never while another service
     sharing the database is still live (the last member to leave empties it). ``source-directory`` is
     created here on a fresh install only (``ensure_source_folder``), and ``processed-directory`` serves
     one source folder only (``claim_processed_folder``)."""
@@ -160,7 +161,7 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         # anything else about the table is checked. Model name and dimension come from the config.
         member = FleetMember.join(cfg, database)
         loading: ModelLoading | None = None
-        restarting = False
+        keep = False  # the run ended as one that keeps the index whatever cleanup says
         try:
             # The table is created once the model has confirmed the dimension; until then it is only read.
             store = database.open_store(dimension=cfg.dimension, create_table=False)
@@ -179,12 +180,19 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
             try:
                 yield Runtime(cfg, store, loading.result, fleet=member)
             except (RestartRequested, SourceFolderMissing):  # the folder's disk may come back: keep its index
-                restarting = True
+                keep = True
+                raise
+            except (ShutdownRequested, KeyboardInterrupt):  # a stop: the cleanup, as at any exit
+                raise
+            except BaseException:
+                # A crash (a bug, a failure nobody foresaw) or the machine's failure mid-run: the index is kept
+                # for the run after, as after a kill -9 (it was emptied: a full re-embedding for a bug).
+                keep = True
                 raise
             finally:
                 store.close()
         finally:
             # A start-up that failed (no store, no model) leaves and keeps the table.
-            member.leave(empty_table=cleanup and loading is not None and loading.loaded and not restarting)
+            member.leave(empty_table=cleanup and loading is not None and loading.loaded and not keep)
     finally:
         database.close()
