@@ -600,6 +600,12 @@ def test_a_txt_file_on_the_command_line_is_its_words(tree: Tree) -> None:
         spec_from_flags(files=[tree.root / "empty.txt"], source_directory=tree.images)
 
 
+def test_top_k_written_as_a_whole_float_is_that_number_as_a_flag_too(tree: Tree) -> None:
+    """The flags follow the document's rules: its 10.0 is 10 (the flag was refused)."""
+    args = flags("--text", "x", "--top-k", "10.0")
+    assert flag_spec(args, config(tree), texts=args.text).top_k == 10
+
+
 def test_no_query_flags_is_no_filter(tree: Tree) -> None:
     args = flags("--text", "x")
     spec = flag_spec(args, config(tree), texts=args.text)

@@ -188,7 +188,7 @@ def spec_from_flags(*, texts: Sequence[str] = (), files: Sequence[Path] = (), un
         )
         _check_range(filters, "--after", "--before")
         return QuerySpec(tuple(terms), filters,
-                         top_k=None if top_k is None else _top_k("--top-k", _number(top_k, int)),
+                         top_k=None if top_k is None else _top_k("--top-k", _whole_number(top_k)),
                          min_similarity=None if min_similarity is None
                          else _min_similarity("--min-similarity", _number(min_similarity, float)))
     except _Invalid as exc:
@@ -497,6 +497,14 @@ def _min_similarity(name: str, value: object) -> float:
         return float(value)
     raise _Invalid(f"{name} must be a number from -1 to 1 (the cosine similarity a hit needs at least, e.g. "
                    f"0.2), got {_shown(value)}")
+
+
+def _whole_number(text: str) -> object:
+    """A flag's whole number: ``10``, or ``10.0`` as a document's top-k takes it; else the text, refused by name."""
+    value = _number(text, int)
+    if isinstance(value, str) and isinstance(number := _number(text, float), float) and number.is_integer():
+        return int(number)
+    return value
 
 
 def _number(text: str, kind: type[int] | type[float]) -> object:
