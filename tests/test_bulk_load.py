@@ -363,11 +363,14 @@ def test_a_stop_cancels_a_build_even_between_its_statements(store, database, mon
     monkeypatch.setattr(bulk_module, "prepare_index_build", slowly)
     # Another service's write, not committed: the CREATE INDEX CONCURRENTLY waits for it.
     with another_sessions_transaction(
-            database, "UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'") as write_ended:
+            database, "UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'") as write_ended, \
+            capture_logs() as logs:
         bulk.finish_in_background()
         time.sleep(0.3)
         bulk.abandon()
         assert bulk.ended and not write_ended.is_set(), "the stop waited for the build"
+    # The stop's own cancel is no failure (a warning quoting PostgreSQL's "canceling statement" said so).
+    assert [e["event"] for e in logs if e["event"].startswith("search_index_build")] == ["search_index_build_stopped"]
 
 
 def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_again(story_factory, monkeypatch) -> None:

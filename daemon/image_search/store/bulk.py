@@ -53,6 +53,7 @@ class BulkLoad:
         self._conn = conn
         self._dimension = dimension
         self._thread: threading.Thread | None = None
+        self._abandoning = False  # a stop or a lost database is cancelling the build: its error is no failure
 
     @classmethod
     def begin(cls, connect: Connect, dimension: int, rows_coming: int, *, repair: bool = False) -> BulkLoad | None:
@@ -130,6 +131,9 @@ class BulkLoad:
             try:
                 self.finish()
             except (psycopg2.Error, DatabaseUnavailable) as exc:
+                if self._abandoning:  # the stop's own cancel: nothing failed
+                    log.info("search_index_build_stopped", detail="cut short by the stop; the next start builds it")
+                    return
                 log.warning("search_index_build_failed", reason=" ".join(str(exc).split()),
                             action="searches stay exact; the next start builds the index")
         self._thread = threading.Thread(target=build, name="search-index-build", daemon=True)
@@ -138,6 +142,7 @@ class BulkLoad:
     def abandon(self) -> None:
         """Stop here (a stop, a lost database): a build in progress is cancelled, and the index is left for
         the next start to build."""
+        self._abandoning = True
         deadline = time.monotonic() + _CANCEL_FOR_S
         while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             # Again and again: a cancel that reaches the server between two of the build's statements is
