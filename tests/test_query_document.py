@@ -388,6 +388,18 @@ def test_a_folder_that_leaves_source_directory(tree: Tree) -> None:
     assert f"'folder' \"/home\" is outside source-directory ({tree.images}): give a folder" in reason
 
 
+def test_a_folder_reached_through_a_link_is_refused_naming_the_link(tree: Tree, tmp_path: Path) -> None:
+    """The walk never indexes a picture under a link's name (one inside is walked where it leads, one
+    outside is not followed): filtered by it, nothing passed and the answer said complete."""
+    (tree.images / "inside").symlink_to(tree.images / "2023")
+    (tmp_path / "elsewhere").mkdir()
+    (tree.images / "outside").symlink_to(tmp_path / "elsewhere")
+    for folder in ("inside", "outside", "inside/."):
+        reason = tree.refused({"text": "x", "folder": folder})
+        assert "goes through the link" in reason and "name that folder" in reason, reason
+    assert tree.parse({"text": "x", "folder": "2023"}).filters.folders == ("2023",)
+
+
 def test_a_folder_that_is_not_there_is_refused_as_the_duplicates_report_refuses_it(tree: Tree) -> None:
     """A typo in a folder's name would otherwise answer "no picture passes the filters"."""
     assert tree.refused({"text": "x", "folder": ["2023", "2032"]}) == (

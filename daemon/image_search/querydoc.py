@@ -431,7 +431,17 @@ def _folder(name: str, value: object, source_directory: Path) -> str:
     if not (source_directory / relative).is_dir():
         raise _Invalid(f"{name} {_shown(value)} names no folder of source-directory ({escape(source_directory)}): "
                        "give a folder that is there, relative to source-directory, e.g. \"2023/june\"")
+    link = next((p for p in _steps(source_directory, relative) if p.is_symlink()), None)
+    if link is not None:  # never walked under that name: nothing would pass, and the answer would say complete
+        raise _Invalid(f"{name} {_shown(value)} goes through the link {escape(link)}, whose pictures are indexed under "
+                       f"the folder it leads to (or not at all): name that folder, relative to source-directory")
     return relative
+
+
+def _steps(root: Path, relative: str) -> list[Path]:
+    """Each folder from ``root`` down to ``root / relative``, ``root`` left out."""
+    parts = [p for p in Path(relative).parts if p not in ("", ".")]
+    return [root.joinpath(*parts[:n]) for n in range(1, len(parts) + 1)]
 
 
 def _moment(name: str, value: object) -> datetime:
