@@ -75,6 +75,7 @@ class QueryInbox:
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
         self._left_in_place: dict[Path, FileIdentity | None] = {}  # a query left in place waits for it to change
         self._lone_folders: set[Path] = set()  # folders without their document, each named once
+        self._lone_since: dict[Path, float] = {}  # when each was first seen without it
         self.report: ReportThread | None = None  # the duplicates report being written
         self._after_report: list[Path] = []  # duplicates documents waiting for it, answered next
 
@@ -111,6 +112,7 @@ class QueryInbox:
         self._held = self.waiting()
         for folder in self._entries():
             if folder.is_dir() and self._is_query_candidate(folder):
+                self._lone_since[folder] = float("-inf")  # there before this start: no document is on its way
                 self.pending.note(folder)
         return len(self._held)
 
@@ -131,6 +133,7 @@ class QueryInbox:
             self._folder_looks.pop(change.path, None)
             self._left_in_place.pop(change.path, None)
             self._lone_folders.discard(change.path)
+            self._lone_since.pop(change.path, None)
             if change.path == self.folder / FAILED_FOLDER:
                 self._retry_left_in_place()  # what was in failed/'s way has gone
         if change.kind is ChangeKind.DELETED:
@@ -293,6 +296,12 @@ class QueryInbox:
         often it is seen); it stays where it is."""
         if folder in self._lone_folders or any(
                 is_query_document(p) and p.stem == folder.name for p in self.folder.iterdir()):
+            return
+        # The README has the pictures dropped first, then the document: a folder alone is named only once
+        # its document has had the time a half-written file has (it was a warning at every such query).
+        first_seen = self._lone_since.setdefault(folder, self.pending.clock())
+        if self.pending.clock() - first_seen < self.incomplete_grace:
+            self.pending.note(folder)  # looked at again once settled; its document's answer moves it away
             return
         self._lone_folders.add(folder)
         log.warning("inbox_folder_ignored", path=folder,
