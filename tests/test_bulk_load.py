@@ -433,3 +433,22 @@ def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, dat
     finally:
         conn.close()
     assert "worker processed" in said and "serially" not in said, said[-500:]
+
+
+def test_a_burst_that_arrives_file_by_file_is_bulk_loaded_once_it_is_many(story_factory, monkeypatch) -> None:
+    """A ``cp -r`` of a folder just over the least a bulk load takes: looked at 6 files in (too few), the
+    next look waited for twice that, which a burst being indexed as it came may never reach; its rows went
+    into the index one by one. Now the first look is at the least, whatever came before."""
+    import image_search.store.embeddings as store_module
+    from image_search.watch import ChangeKind, Folder
+    from tests.support.files import save_picture
+
+    monkeypatch.setattr(store_module, "BULK_LOAD_MIN_ROWS", 8)  # bursts of 8 pictures stand in
+    story = story_factory({"first.png": 1})
+    for wave, names in enumerate((range(6), range(6, 11))):
+        for i in names:
+            story.notice(Folder.IMAGES, ChangeKind.CLOSED, save_picture(story.images / "burst" / f"b{i}.png", seed=20 + i))
+        story.service.step()  # noticed; none due yet (the clock stands)
+        assert (story.service._ingest.bulk is not None) == (wave == 1), wave
+    story.run_until_idle()
+    assert len(story.rows()) == 12

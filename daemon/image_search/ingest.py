@@ -24,6 +24,7 @@ from .fleet import ClaimKind
 from .indexer import BatchInFlight, Indexer
 from .runtime import Runtime
 from .store import BulkLoad, DatabaseUnavailable
+from .store import embeddings as stored
 from .sync import FolderSync
 from .readiness import ReadinessTracker
 
@@ -101,7 +102,10 @@ class ImageIngest:
             if not self.bulk.ended:
                 return
             self.bulk = None
-        if backlog < 2 * self._bulk_considered_at:
+        # Looked at from the least backlog a bulk load takes on, then each time it doubles: a burst copied in
+        # file by file was looked at 2, 4, ... 512 files in, and one just over the least, being indexed as it
+        # came, never reached 1,024 queued: its rows went into the index one by one.
+        if backlog < max(stored.BULK_LOAD_MIN_ROWS, 2 * self._bulk_considered_at):
             return
         self._bulk_considered_at = backlog
         self.bulk = self.rt.store.begin_bulk_load(backlog)
