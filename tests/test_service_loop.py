@@ -738,19 +738,3 @@ def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:
             "print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
-def test_a_backlog_says_how_far_it_is_at_info_once_in_a_while_not_once_a_batch(story_factory) -> None:
-    """One info line per batch was 313 lines for a burst of 2,500 pictures: at info, the first batch, then at
-    most one every INDEXED_LINE_EVERY_S, and the one that empties the queue; each batch's line at debug."""
-    from image_search.ingest import INDEXED_LINE_EVERY_S
-
-    story = story_factory({f"p{i:02d}.png": i for i in range(40)}, start=False)
-    with capture_logs() as logs:
-        story.service.start()
-        story.run_until_idle()
-    lines = [e for e in logs if e["event"] == "images_indexed"]
-    assert len(lines) >= 4  # batches of 8 (the test config's batch-size)
-    assert [e["log_level"] for e in lines] == ["info", *["debug"] * (len(lines) - 2), "info"]
-    assert lines[-1]["queued"] == 0 and lines[-1]["indexed_so_far"] == 40
-    assert INDEXED_LINE_EVERY_S >= 10  # the fake clock moved less than that between the batches

@@ -33,8 +33,6 @@ log = structlog.get_logger(__name__)
 # Batches in flight: one being embedded and written while the next is read and decoded (the worker
 # pool holds two at most).
 PIPELINE_DEPTH = 2
-# A backlog being indexed says how far it is at most this often, at info (``_indexed``).
-INDEXED_LINE_EVERY_S = 10.0
 # How often a caught-up service with no bulk load under way asks whether the search index is valid, and
 # repairs it if not: a build that failed during the run (the database restarted under it) is retried.
 REPAIR_LOOK_EVERY_S = 60.0
@@ -50,7 +48,6 @@ class ImageIngest:
         self.images = images
         self.sync = sync
         self.indexed = 0
-        self._next_indexed_line = float("-inf")
         self.skipped = 0
         # Files queued by the start-up reconciliation whose rows are not committed yet: counted down as
         # batches commit (queries found at start wait for it). A batch that goes back to pending is not.
@@ -236,13 +233,5 @@ class ImageIngest:
         self.skipped += len(summary.skipped)
         self.sync.reported_elsewhere(summary.skipped)
         if summary.embedded or summary.relinked or summary.copies:
-            # At info for the batch that ends a backlog and every INDEXED_LINE_EVERY_S: a line per batch was
-            # 313 lines for a burst of 2,500 pictures (12,500 for 100,000). Each batch's line is at debug.
-            queued, now = len(self.images), self.images.clock()
-            last = not (queued or self._in_flight or self._writing)  # the batch that ends the backlog
-            quiet = not last and now < self._next_indexed_line
-            if not quiet:
-                self._next_indexed_line = now + INDEXED_LINE_EVERY_S
-            (log.debug if quiet else log.info)(
-                "images_indexed", embedded=summary.embedded, relinked=summary.relinked, copies=summary.copies,
-                skipped=len(summary.skipped), queued=queued, indexed_so_far=self.indexed)
+            log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
+                     copies=summary.copies, skipped=len(summary.skipped), queued=len(self.images))
