@@ -14,7 +14,7 @@ about a batch's life is decided here.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import structlog
@@ -183,22 +183,25 @@ class ImageIngest:
     def finish_reading(self, stats: Collection[tuple[int, int]] | None = None) -> bool:
         """The batches being read finished, their rows committed: every one, or (``stats``) up to the last
         that holds a file of one of these (size, mtime). True if one was. Raises as ``_confirm_written``."""
-        wanted = len(self._in_flight) if stats is None else max(
-            (n for n, batch in enumerate(self._in_flight, 1)
-             if any((c.size, c.mtime_ns) in stats for c in batch.candidates)), default=0)
-        for _ in range(wanted):
-            self._finish_oldest()
-        if wanted or stats is None:
+        finished = self._finish_up_to_last(
+            lambda batch: stats is None or any((c.size, c.mtime_ns) in stats for c in batch.candidates))
+        if finished or stats is None:
             self.wait_for_writes()
-        return wanted > 0
+        return finished > 0
 
     def settle(self, *paths: Path) -> None:
         """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches
         that read them are finished, and every finished batch's rows committed, so that the rows it acts on
         are in the table, not written after their files went. Raises as ``_confirm_written`` does."""
-        while any(read.is_relative_to(path) for batch in self._in_flight for read in batch.paths for path in paths):
-            self._finish_oldest()
+        self._finish_up_to_last(lambda batch: any(read.is_relative_to(path) for read in batch.paths for path in paths))
         self.wait_for_writes()
+
+    def _finish_up_to_last(self, holds: Callable[[BatchInFlight], bool]) -> int:
+        """The batches being read finished, oldest first, up to the last one ``holds``; how many."""
+        wanted = max((n for n, batch in enumerate(self._in_flight, 1) if holds(batch)), default=0)
+        for _ in range(wanted):
+            self._finish_oldest()
+        return wanted
 
     def wait_for_writes(self) -> None:
         """Until every finished batch's rows are committed (and counted): before the folder sync changes
