@@ -626,7 +626,7 @@ class FolderSync:
         moves = self._renamed(missing)
         for n, record in enumerate(missing, 1):
             if (moved_to := moves.get(record.file_path)) is not None:
-                self._file_moved(Path(record.file_path), moved_to)
+                self._file_moved(Path(record.file_path), moved_to, record)
             else:
                 leaving.append(record)
             if n % 100 == 0:
@@ -707,12 +707,14 @@ class FolderSync:
         return self.pending.seen_written(src) or (src in self.pending and (
             now is None or record is None or (now.st_size, now.st_mtime_ns) != (record.source_size, record.source_mtime_ns)))
 
-    def _file_moved(self, src: Path, dest: Path) -> None:
+    def _file_moved(self, src: Path, dest: Path, record: SourceRecord | None = None) -> None:
         """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
         copy and thumbnail, also when ``dest`` is queued already (the walk of a folder made just before
         found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind.
-        A file renamed on before this is applied (``mv a t; mv b a; mv t b``) is followed name by name."""
-        record = self.store.sources(at=[str(src)]).get(str(src))
+        A file renamed on before this is applied (``mv a t; mv b a; mv t b``) is followed name by name.
+        ``record``: ``src``'s row, when the caller has just read it (a deleted folder's files, thousands)."""
+        if record is None:
+            record = self.store.sources(at=[str(src)]).get(str(src))
         changed = self._not_as_stored(src, record, stat_or_none(dest))
         self.pending.forget(src)
         if record is None or changed:
