@@ -20,6 +20,7 @@ from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
 from .errors import ExitCode, ImageSearchError
+from .names import has_surrogate
 from .query import MAX_TOP_K
 
 # The largest near-copy distance the pair search handles (``groups.MOST_NEAR_COPY_DISTANCE``, which
@@ -172,7 +173,7 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
         return number
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' must be a string, got {shown}")
-    if "\0" in value or any("\ud800" <= ch <= "\udfff" for ch in value):
+    if "\0" in value or has_surrogate(value):
         raise ConfigError(f"config key '{key}' holds NUL or half of a character (a \\u escape of a lone "
                           f"surrogate), which no name, address or password holds: write it as text")
     if issubclass(want, Path):

@@ -46,6 +46,12 @@ def _escape_char(match: re.Match[str]) -> str:
     return f"\\x{code - 0xDC00 if code >= 0xDC80 else code:02x}"
 
 
+def has_surrogate(text: str) -> bool:
+    """``text`` holds a UTF-16 surrogate: a byte of a name that is not UTF-8 (U+DC80..U+DCFF, ``os.fsdecode``),
+    or half of a character that JSON's ``\\u`` escapes can write; neither is text a word or a setting holds."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
 def escape(name: str | PurePath) -> str:
     """The text of a name or path (see the module): valid UTF-8, one line, unambiguous."""
     return _NEEDS_ESCAPE.sub(_escape_char, os.fspath(name))

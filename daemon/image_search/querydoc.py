@@ -24,7 +24,7 @@ from typing import TypeVar
 from .config import Config
 from .entries import EntryRefused, FollowLinks, LinkPolicy, check_regular
 from .errors import ExitCode, ImageSearchError, UnusableFile
-from .names import escape, unescape
+from .names import escape, has_surrogate, unescape
 from .preprocess import unreadable_reason
 from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, DuplicatesRequest, Filters, QuerySpec, Term, TermKind
 from .textquery import decoded_text, is_text_query, read_limited, read_text_query, size_shown
@@ -381,7 +381,7 @@ def _weighted(name: str, entry: dict[str, object], word: str, key: str) -> tuple
 
 
 def _text_value(name: str, words: str) -> str:
-    if any("\ud800" <= ch <= "\udfff" for ch in words):  # a name's undecodable byte is no word
+    if has_surrogate(words):  # a name's undecodable byte is no word
         raise _Invalid(f"{name} holds a byte that is not UTF-8 text (\\udcXX): write the words as text")
     if not words.strip():
         raise _Invalid(f"{name} is empty: give the words to look for, e.g. \"a red bicycle\"")
@@ -473,7 +473,7 @@ def _camera(name: str, value: object) -> str:
                        f"{_shown(value)}")
     if not value.strip():
         raise _Invalid(f"{name} is empty: give part of the camera's make and model, e.g. \"canon\", or leave it out")
-    if any("\ud800" <= ch <= "\udfff" for ch in value):  # a camera's name is stored as text
+    if has_surrogate(value):  # a camera's name is stored as text
         raise _Invalid(f"{name} holds a byte that is not UTF-8 text (\\udcXX): write the camera's name as text")
     return value.strip()
 
