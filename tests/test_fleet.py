@@ -171,7 +171,8 @@ def test_kill_9_mid_ingest_loses_nothing_and_a_dead_members_query_is_answered(
         survivor.pause()
         try:
             drop_all(staged, root / "images")
-            victim.wait_event("images_indexed", timeout=INGEST_TIMEOUT)
+            wait_for(lambda: row_counts(shared_server)[0] > 0, "the victim's first rows", timeout=INGEST_TIMEOUT,
+                     proc=victim)
             victim.kill9()
         finally:
             survivor.resume()

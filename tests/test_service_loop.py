@@ -208,6 +208,31 @@ def test_new_file_becomes_a_row_after_it_settles_and_an_exact_copy_ranks_first(s
     assert (bundle / "q.query.png").read_bytes() == new.read_bytes()
 
 
+def test_a_burst_is_one_images_indexed_line_and_a_long_one_a_line_every_ten_seconds(story_factory) -> None:
+    """A folder of pictures copied in is one ``images_indexed`` line once they are in, not a line per batch of
+    4; while a run lasts longer than ``INDEXED_LINE_EVERY_S``, a line comes that often, and the lines add up."""
+    story = story_factory(batch_size=4)
+    first = [save_picture(story.images / "burst" / f"{i:02d}.png", seed=i) for i in range(12)]
+    with capture_logs() as logs:
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "burst", is_directory=True)
+        story.run_until_idle()
+    lines = [e for e in logs if e["event"] == "images_indexed"]
+    assert [(e["embedded"], e["queued"]) for e in lines] == [(12, 0)]
+
+    later = [save_picture(story.images / "long" / f"{i:02d}.png", seed=20 + i) for i in range(16)]
+    with capture_logs() as logs:
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "long", is_directory=True)
+        for _ in range(200):  # each pass of the loop takes 6 s, its rows written by its end: 4 batches, 18 s
+            story.clock.advance(6.0)
+            worked = story.service.step()
+            story.service.ingest.wait_for_writes()
+            if not worked and not len(story.service.images):
+                break
+    lines = [e for e in logs if e["event"] == "images_indexed"]
+    assert [(e["embedded"], e["queued"]) for e in lines] == [(12, 4), (4, 0)]  # at 12 s, then once caught up
+    assert {str(p) for p in first + later} <= set(story.rows())
+
+
 def test_deleted_file_and_deleted_folder_lose_rows_and_processed_copies(story_factory) -> None:
     story = story_factory({"gone.png": 1, "keep.png": 2, "album/x.png": 3, "album/y.png": 4})
     rows = story.rows()

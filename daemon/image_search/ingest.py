@@ -3,7 +3,7 @@
 ``ImageIngest.step`` keeps ``PIPELINE_DEPTH`` batches in flight (the next one is read and decoded by the
 worker processes while the oldest is embedded, and the one before is written beside the loop: the
 indexer's ``RowWriter``), claims each batch for this service, and finishes the oldest once no more can
-start. A batch counts as indexed (its claims let go, ``images_indexed`` logged) once its rows are
+start. A batch counts as indexed (its claims let go, counted for ``images_indexed``) once its rows are
 committed; one whose write failed goes back to pending, as a batch that met a lost database always has.
 A large backlog is bulk-loaded (``BulkLoad``), whether the start-up reconciliation found it or a burst
 of files arrived while the service runs: its rows land without per-row index insertion, and the index
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -36,6 +37,19 @@ PIPELINE_DEPTH = 2
 # How often a caught-up service with no bulk load under way asks whether the search index is valid, and
 # repairs it if not: a build that failed during the run (the database restarted under it) is retried.
 REPAIR_LOOK_EVERY_S = 60.0
+# ``images_indexed`` is one line once the pictures noticed are in, and one this often while a long run of
+# them lasts: a burst of 2,500 was 313 lines, one per batch, in a journal meant to be quiet.
+INDEXED_LINE_EVERY_S = 10.0
+
+
+@dataclass
+class _IndexedSinceLastLine:
+    """What ``images_indexed`` reports: the batches counted since the last line."""
+    since: float
+    embedded: int = 0
+    relinked: int = 0
+    copies: int = 0
+    skipped: int = 0
 
 
 class ImageIngest:
@@ -62,6 +76,7 @@ class ImageIngest:
         # steady trickle costs no count of the table per batch.
         self._bulk_considered_at = max(startup_backlog, 1)
         self._next_repair_look = images.clock() + REPAIR_LOOK_EVERY_S  # the loop's clock; the start looked
+        self._unreported: _IndexedSinceLastLine | None = None
 
     @property
     def not_yet_indexed(self) -> int:
@@ -83,6 +98,7 @@ class ImageIngest:
                 self._repair_if_due()
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
+                self._report_indexed()
             return submitted
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
@@ -123,6 +139,7 @@ class ImageIngest:
             self.finish_reading()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
+        self._report_indexed()
 
     def close(self) -> None:
         if self.bulk is not None:
@@ -235,6 +252,19 @@ class ImageIngest:
         self._look_again_at_paths_of(summary.left)
         self.skipped += len(summary.skipped)
         self.sync.reported_elsewhere(summary.skipped)
-        if summary.embedded or summary.relinked or summary.copies:
-            log.info("images_indexed", embedded=summary.embedded, relinked=summary.relinked,
-                     copies=summary.copies, skipped=len(summary.skipped), queued=len(self.images))
+        now = self.images.clock()
+        tally = self._unreported = self._unreported or _IndexedSinceLastLine(since=now)
+        tally.embedded += summary.embedded
+        tally.relinked += summary.relinked
+        tally.copies += summary.copies
+        tally.skipped += len(summary.skipped)
+        if now - tally.since >= INDEXED_LINE_EVERY_S:
+            self._report_indexed()
+
+    def _report_indexed(self) -> None:
+        """The ``images_indexed`` line for the batches counted since the last one, if one indexed anything
+        (a picture skipped has a line of its own)."""
+        tally, self._unreported = self._unreported, None
+        if tally is not None and (tally.embedded or tally.relinked or tally.copies):
+            log.info("images_indexed", embedded=tally.embedded, relinked=tally.relinked, copies=tally.copies,
+                     skipped=tally.skipped, queued=self.not_yet_indexed)
