@@ -18,7 +18,8 @@ def test_no_filter_is_no_condition() -> None:
 
 def test_a_folder_matches_itself_and_what_is_under_it_at_a_boundary() -> None:
     sql = filter_sql(Filters(folders=("2023",)))
-    assert sql.where == "(folder = %(folder_0)s OR folder LIKE %(folder_0_under)s)"
+    assert sql.where == ("(file_hash IN (SELECT held.file_hash FROM image_paths AS held "
+                         "WHERE held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s))")
     assert sql.params == {"folder_0": "2023", "folder_0_under": "2023/%"}
     assert sql.filtered
 
@@ -36,8 +37,9 @@ def test_the_whole_source_among_the_folders_is_no_condition() -> None:
 
 def test_several_folders_are_alternatives_and_twins_count_once() -> None:
     sql = filter_sql(Filters(folders=("a", "b/c", "a/")))
-    assert sql.where == ("(folder = %(folder_0)s OR folder LIKE %(folder_0_under)s OR "
-                         "folder = %(folder_1)s OR folder LIKE %(folder_1_under)s)")
+    assert sql.where == ("(file_hash IN (SELECT held.file_hash FROM image_paths AS held "
+                         "WHERE held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s OR "
+                         "held.folder = %(folder_1)s OR held.folder LIKE %(folder_1_under)s))")
     assert sql.params == {"folder_0": "a", "folder_0_under": "a/%", "folder_1": "b/c", "folder_1_under": "b/c/%"}
 
 

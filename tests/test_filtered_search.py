@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from image_search.hits import shown_similarity
 from image_search.metadata import PictureMetadata
 from image_search.query import Filters
 from image_search.store import Database, EmbeddingRow, EmbeddingStore, Ranking
@@ -106,6 +107,27 @@ def test_a_folder_holds_its_sub_folders_and_nothing_that_only_starts_like_it(lib
     assert found(search(library, folders=("",))) == NAMES and found(search(library, folders=(".",))) == NAMES
     nothing = search(library, folders=("2023/july",))
     assert found(nothing) == [] and nothing.completeness.complete and nothing.matches == 0
+
+
+def test_a_copy_in_a_folder_puts_its_picture_in_that_folder_named_by_the_copy(library: EmbeddingStore) -> None:
+    """Photos first indexed in 2024/ and 2023/june/, copied later into selects/: the row's representative
+    stays where it was first seen, but the picture is in selects/ too, and a search there names it so."""
+    for path, folder in (("2024/first.jpg", "selects"), ("2023/june/beach.png", "selects/summer")):
+        name = Path(path).name
+        assert library.update_source(f"hash:{path}", file_path=f"/images/{folder}/{name}", file_name=name,
+                                     processed_path=f"/processed/{folder}/{name}.jpg", source_size=1,
+                                     source_mtime_ns=1, folder=folder)
+    selects = search(library, folders=("selects",))
+    assert found(selects) == ["selects/summer/beach.png", "selects/first.jpg"]  # best first, as in 2023/ and 2024/
+    assert [h.copies for h in selects.hits] == [("/images/2023/june/beach.png",), ("/images/2024/first.jpg",)]
+    assert selects.hits[1].processed_path == "/processed/selects/first.jpg.jpg" and selects.completeness.complete
+    assert selects.matches == 2
+    # Elsewhere, and without a filter, each is named by its representative, the copy among its copies.
+    assert found(search(library, folders=("2024",))) == ["2024/first.jpg"]
+    everything = search(library)
+    assert found(everything) == NAMES and everything.hits[-2].copies == ("/images/selects/first.jpg",)
+    assert found(search(library, folders=("2023",), formats=("png",))) == ["2023/june/beach.png"]
+    assert found(search(library, folders=("selects/summer", "2024"))) == ["selects/summer/beach.png", "2024/first.jpg"]
 
 
 def test_dates_after_inclusive_before_exclusive_and_undated_pictures_never_pass(library: EmbeddingStore) -> None:
@@ -265,6 +287,24 @@ def test_a_floor_on_the_index_path_finds_every_picture_above_it(large, monkeypat
     rare = store.ranking(query, 10, filters=Filters(camera="eos r"), min_similarity=floor)
     assert found(rare) == best(vectors, in_rare, query, 5)
     assert rare.completeness.complete and all(h.similarity >= floor for h in rare.hits)
+
+
+def test_a_floor_copied_from_a_printed_similarity_keeps_the_hit_it_was_copied_from(
+        library: EmbeddingStore, large, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q.jsonl prints a similarity to 6 decimals; given back as ``min-similarity``, it keeps that hit, as
+    the exact search (a small table) and the index (a large one, then its exact fallback) answer it."""
+    store, vectors = large
+    rankings = [lambda floor: search(library, min_similarity=floor),
+                lambda floor: store.ranking(vectors[0], 10, min_similarity=floor)]
+    for answer in rankings:
+        hits = answer(None).hits[:8]
+        assert any(shown_similarity(h.similarity) > h.similarity for h in hits)  # one printed above its value
+        for n, hit in enumerate(hits, 1):
+            assert [h.file_path for h in answer(shown_similarity(hit.similarity)).hits] == [
+                h.file_path for h in hits[:n]], (n, hit.similarity)
+    index_finds_three(monkeypatch)
+    hit = store.ranking(vectors[0], 10).hits[5]
+    assert store.ranking(vectors[0], 10, min_similarity=shown_similarity(hit.similarity)).hits[-1] == hit
 
 
 def test_too_many_rows_to_make_sure_is_said_not_hidden(large, monkeypatch: pytest.MonkeyPatch) -> None:

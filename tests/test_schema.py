@@ -196,6 +196,8 @@ def test_a_database_of_each_earlier_version_is_migrated_once_keeping_rows(connec
         first_hash = rows(connect)[0][3]
         assert migrate_metadata(store, {first_hash: MetadataUpdate(folder="a/b", metadata=None)}) == 1
         assert sql(connect, "SELECT folder FROM image_embeddings WHERE file_hash = %s", (first_hash,)) == [("a/b",)]
+        # ... and its path's, which the folder filter reads (0008 found no folder to copy).
+        assert sql(connect, "SELECT folder FROM image_paths WHERE file_hash = %s", (first_hash,)) == [("a/b",)]
         assert not needs_metadata_migration(store)
         assert migrate_metadata(store, {first_hash: MetadataUpdate(folder="c", metadata=None)}) == 0  # once only
         assert recorded(connect) == STEPS
@@ -240,6 +242,30 @@ def test_a_database_of_the_version_before_paths_gets_each_rows_path(connect) -> 
         assert set(store.sources()) == {"/photos/a.png", "/photos/sub/b.png"}
     finally:
         store.close()
+
+
+def test_paths_that_0008_left_without_a_folder_get_their_rows_and_an_index(connect) -> None:
+    """What a database whose headers were read after 0008 left: each representative's path without the
+    folder its row has. 0011 fills it (the folder filter reads the paths' folders) and indexes the column."""
+    start(connect).close()
+    sql(connect, "DROP INDEX image_paths_folder_idx")
+    sql(connect, "DELETE FROM image_search_schema WHERE number = 11")
+    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+              "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
+    for i, (path, folder) in enumerate([("/photos/sub/a.png", "sub"), ("/photos/b.png", None)]):
+        sql(connect, insert, (path, path.rsplit("/", 1)[1], f"h{i}", f"/processed{path}.jpg", MODEL,
+                              str([float(i == j) for j in range(DIM)]), folder))
+    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                 "source_mtime_ns, folder) SELECT file_path, file_hash, file_name, processed_path, 1, 1, NULL "
+                 "FROM image_embeddings")
+    sql(connect, "INSERT INTO image_paths VALUES ('/photos/x/a.png', 'h0', 'a.png', '/processed/x/a.png.jpg', 1, 1, 'x')")
+    with capture_logs() as logs:
+        start(connect).close()
+    assert [e["step"] for e in events(logs, "schema_migrated")] == [11]
+    assert sql(connect, "SELECT file_path, folder FROM image_paths ORDER BY file_path") == [
+        ("/photos/b.png", None), ("/photos/sub/a.png", "sub"), ("/photos/x/a.png", "x")]
+    assert sql(connect, "SELECT indexdef FROM pg_indexes WHERE indexname = 'image_paths_folder_idx'") == [
+        ("CREATE INDEX image_paths_folder_idx ON public.image_paths USING btree (folder text_pattern_ops)",)]
 
 
 def test_a_second_start_applies_nothing(connect) -> None:

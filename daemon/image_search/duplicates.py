@@ -47,6 +47,7 @@ from .entries import FileIdentity
 from .errors import writing_into
 from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
+from .hits import shown_similarity
 from .names import escape, fit_name, name_bytes
 from .output import make_output_folder, move_out, publish
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
@@ -67,7 +68,6 @@ SUMMARY = "summary.json"
 SHEET_NAME = "duplicates-{:04d}.jpg"
 ROWS_PER_PAGE = 10  # sheet rows (of MAX_COLUMNS pictures) a page holds
 ROWS_PER_GROUP = 2  # a group shows at most this many rows; the last tile then says how many more
-SIMILARITY_DECIMALS = 6
 CHECK_EVERY_GROUPS = 1000  # lines of duplicates.jsonl written between two checkpoints
 
 
@@ -267,7 +267,7 @@ def group_record(number: int, group: Group) -> dict[str, object]:
             "bytes": m.picture.bytes,
             "format": m.picture.format,
             "taken_at": taken_at_text(m.picture.taken_at, m.picture.taken_at_offset_minutes),
-            "similarity": round(m.similarity, SIMILARITY_DECIMALS),
+            "similarity": shown_similarity(m.similarity),
         } for m in group.members],
     }
 

@@ -7,6 +7,14 @@ from dataclasses import dataclass
 
 from .query import Completeness
 
+# A similarity as results print it (q.jsonl, duplicates.jsonl): a floor copied from there is met by the
+# hit it was copied from.
+SIMILARITY_DECIMALS = 6
+
+
+def shown_similarity(similarity: float) -> float:
+    return round(similarity, SIMILARITY_DECIMALS)
+
 
 @dataclass(frozen=True)
 class Hit:

@@ -41,19 +41,16 @@ from .errors import writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
-from .hits import Hit
+from .hits import Hit, shown_similarity
 from .query import QueryRecord
 from .wording import counted
 
 log = structlog.get_logger(__name__)
 
-SIMILARITY_DECIMALS = 6
-
-
 def hit_record(hit: Hit) -> dict[str, object]:
     return {
         "rank": hit.rank,
-        "similarity": round(hit.similarity, SIMILARITY_DECIMALS),
+        "similarity": shown_similarity(hit.similarity),
         "file_name": escape(hit.file_name),
         "file_path": escape(hit.file_path),
         "processed_path": escape(hit.processed_path),

@@ -1,7 +1,7 @@
 """Filtered search: ``EmbeddingStore.ranking`` with a folder filter matching 50%, 10%, 1% and 0.1% of
 the rows, against the unfiltered search on the same table.
 
-100,000 x 1024 clustered vectors (``search.make_vectors``) loaded by binary COPY with a folder each, in
+100,000 x 1024 clustered vectors (``search.make_vectors``) loaded by binary COPY with a folder and a path each, in
 a nested tree as a photo library's (``2020`` holds ``2020/summer``, which holds
 ``2020/summer/beach``, which holds ``2020/summer/beach/day1``; beside them ``2020-old`` and ``2021``,
 which no filter here may match), folders drawn at random, independently of the vectors. HNSW index
@@ -52,6 +52,11 @@ def _copy_chunk(vectors: np.ndarray, folders: list[str], start: int) -> bytes:
                         for i in range(start, start + len(vectors))])
 
 
+PATHS_FILL = ("INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, "
+              "folder) SELECT file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, folder "
+              "FROM image_embeddings")
+
+
 def _load(uri: str, vectors: np.ndarray, folders: list[str], out: Report) -> None:
     """The rows by binary COPY with the index dropped, then the index built (as search.py does)."""
     import psycopg2
@@ -67,13 +72,15 @@ def _load(uri: str, vectors: np.ndarray, folders: list[str], out: Report) -> Non
             data = _copy_chunk(vectors[start:start + 10_000], folders, start)
             with conn, conn.cursor() as cur:
                 cur.copy_expert(_copy_sql(), io.BytesIO(data))
+        with conn, conn.cursor() as cur:  # each row's one path, which the folder filter reads
+            cur.execute(PATHS_FILL)
         say(f"filtered: loaded {len(vectors)} rows in {time.perf_counter() - started:.1f} s; building HNSW")
         started = time.perf_counter()
         with conn, conn.cursor() as cur:
             cur.execute("SET maintenance_work_mem = '2GB'")
             cur.execute("SET max_parallel_maintenance_workers = 1")
             cur.execute(hnsw_index_ddl(int(vectors.shape[1])))
-            cur.execute("ANALYZE image_embeddings")
+            cur.execute("ANALYZE image_embeddings, image_paths")
         out["filtered_index_build_s"] = time.perf_counter() - started
         say(f"filtered: HNSW built in {out['filtered_index_build_s']:.1f} s")
     finally:

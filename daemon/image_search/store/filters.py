@@ -4,7 +4,10 @@ parameters' generated names are written into the statement.
 
 - folders: each one matches itself and everything under it, at folder boundaries, on the stored
   (``names.escape``) text: ``folder = f OR folder LIKE 'f/%'`` ('2023' holds '2023/june', never
-  '2023-old'); several folders: any of them. '' or '.' is the whole source (no condition).
+  '2023-old'); several folders: any of them. '' or '.' is the whole source (no condition). A picture
+  is in a folder where any of its paths is (``image_paths``, through its folder index, migration 0011),
+  not only its representative: a copy in 'selects/' of a photo first indexed in '2023/' passes
+  'selects', which the representative's own folder never says.
 - dates: ``taken_at >= taken_after`` (inclusive), ``taken_at < taken_before`` (exclusive); a NULL
   ``taken_at`` fails every comparison, so a picture without a date never passes a date filter.
 - camera: a case-insensitive substring (ILIKE) of make and model joined by a space (a missing one
@@ -57,8 +60,8 @@ def _folders(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
     for i, text in enumerate(dict.fromkeys(texts)):
         params[f"folder_{i}"] = text
         params[f"folder_{i}_under"] = like_escaped(text) + "/%"
-        alternatives.append(f"folder = %(folder_{i})s OR folder LIKE %(folder_{i}_under)s")
-    return " OR ".join(alternatives)
+        alternatives.append(f"held.folder = %(folder_{i})s OR held.folder LIKE %(folder_{i}_under)s")
+    return f"file_hash IN (SELECT held.file_hash FROM image_paths AS held WHERE {' OR '.join(alternatives)})"
 
 
 def filter_sql(filters: Filters) -> FilterSql:

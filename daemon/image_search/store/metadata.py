@@ -37,7 +37,11 @@ UPSERT_SET = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS)
 TAKEN_AT_SECONDS = "extract(epoch FROM taken_at)"
 # What a hit reads, after its own columns (``hit_fields``).
 HIT_COLUMNS = f"{TAKEN_AT_SECONDS}, taken_at_offset_minutes, camera_make, camera_model, width, height, format"
-UPDATE_FOLDER = "UPDATE image_embeddings SET folder = %s WHERE file_hash = %s"
+# A representative's path takes its row's folder where it has none (written before 0006 filled the row's).
+FILL_PATH_FOLDERS = """
+UPDATE image_paths AS p SET folder = e.folder FROM image_embeddings AS e
+WHERE p.file_path = e.file_path AND p.file_hash = e.file_hash AND p.folder IS NULL AND e.folder IS NOT NULL
+"""
 UPDATE_ALL = ("UPDATE image_embeddings SET " + ", ".join(f"{c} = %s" for c in COLUMNS) + " WHERE file_hash = %s")
 FILL = """
 UPDATE image_embeddings AS e SET taken_at = v.taken_at, taken_at_offset_minutes = v.taken_at_offset_minutes,
@@ -97,6 +101,7 @@ def fill_metadata(cur, supplied: dict[str, MetadataUpdate]) -> int:
     if not values:
         return 0
     psycopg2.extras.execute_values(cur, FILL, values, template=FILL_TEMPLATE, page_size=10_000)
+    cur.execute(FILL_PATH_FOLDERS)  # the folder filter reads every path's (store.filters)
     return len(values)
 
 

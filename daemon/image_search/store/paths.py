@@ -67,7 +67,8 @@ WHERE e.file_hash = p.file_hash
         (p.file_path, p.file_name, p.processed_path, p.source_size, p.source_mtime_ns, coalesce(p.folder, e.folder))
 """
 # Every path of the contents a ranking found, by name: its hits' copies.
-PATHS_OF = "SELECT file_hash, file_path FROM image_paths WHERE file_hash = ANY(%s) ORDER BY file_path"
+PATHS_OF = ("SELECT file_hash, file_path, file_name, processed_path, folder FROM image_paths "
+            "WHERE file_hash = ANY(%s) ORDER BY file_path")
 SOURCES = ("SELECT p.file_path, p.source_size, p.source_mtime_ns, p.file_hash, e.model_name, p.processed_path "
            "FROM image_paths AS p JOIN image_embeddings AS e USING (file_hash)")
 SOURCES_AT = SOURCES + " WHERE p.file_path = ANY(%s)"
