@@ -232,6 +232,17 @@ def test_a_burst_is_one_images_indexed_line_and_a_long_one_a_line_every_ten_seco
     assert [(e["embedded"], e["queued"]) for e in lines] == [(12, 4), (4, 0)]  # at 12 s, then once caught up
     assert {str(p) for p in first + later} <= set(story.rows())
 
+    last = [save_picture(story.images / "last" / f"{i:02d}.png", seed=40 + i) for i in range(8)]
+    with capture_logs() as logs:
+        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, story.images / "last", is_directory=True)
+        for _ in range(3):  # the walk, then two batches started, the first one's rows in
+            story.clock.advance(1.0)
+            story.service.step()
+        story.service.ingest.wait_for_writes()
+        assert not [e for e in logs if e["event"] == "images_indexed"]
+        story_factory(after=story, start=False)  # stopped mid-run: what was indexed is said
+    assert [e["embedded"] for e in logs if e["event"] == "images_indexed"] == [len(set(story.rows()) & set(map(str, last)))]
+
 
 def test_deleted_file_and_deleted_folder_lose_rows_and_processed_copies(story_factory) -> None:
     story = story_factory({"gone.png": 1, "keep.png": 2, "album/x.png": 3, "album/y.png": 4})

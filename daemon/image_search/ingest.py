@@ -139,9 +139,9 @@ class ImageIngest:
             self.finish_reading()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
-        self._report_indexed()
 
     def close(self) -> None:
+        self._report_indexed()  # whatever ends the run: what was indexed is said
         if self.bulk is not None:
             self.bulk.abandon()  # a stop before the index is built: the next start builds it
         self.indexer.close()
