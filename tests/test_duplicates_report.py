@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,31 @@ def test_a_folder_report_looks_only_inside_that_folder(library):
     summary = json.loads((report / SUMMARY).read_text())
     assert summary["pictures"] == len(SAVED_AGAIN) + 1 and summary["folder"] == "trip"
     assert set(summary["groups"]) == {"near-copy", "similar"}
+
+
+def test_a_folder_report_holds_the_pictures_copied_there_named_by_their_paths_there(library):
+    """Three versions of the beach copied into selects/ after they were indexed: a report of selects/ holds
+    those three pictures, each named by its path there, its first path among its copies."""
+    cfg, _, store = library
+    selects = cfg.source_directory / "selects"
+    selects.mkdir()
+    names = expected("beach")[:3]
+    for name in names:
+        shutil.copy2(cfg.source_directory / name, selects / name)
+    indexer = Indexer(cfg, Embedder.load(cfg.model_name, device="cpu", dimension=TINY_DIMENSION), store, workers=1,
+                      jpeg_decode_device=None)
+    try:
+        assert indexer.index_folder(show_progress=False).copies == 3
+    finally:
+        indexer.close()
+    report = write_report(cfg, store, kinds=[Kind.COPY, Kind.NEAR_COPY], folder="selects")
+    assert json.loads((report / SUMMARY).read_text())["pictures"] == 3
+    lines = read_jsonl(report / REPORT)
+    (near,) = [line for line in lines if line["kind"] == "near-copy"]
+    assert sorted(m["file_path"] for m in near["members"]) == [str(selects / name) for name in names]
+    assert sorted(c for m in near["members"] for c in m["copies"]) == [str(cfg.source_directory / n) for n in names]
+    assert sorted(sorted(m["file_path"] for m in line["members"]) for line in lines if line["kind"] == "copy") == [
+        sorted([str(cfg.source_directory / name), str(selects / name)]) for name in names]
 
 
 def test_an_empty_index_gives_an_empty_report_that_says_so(library):

@@ -292,9 +292,12 @@ def test_a_floor_on_the_index_path_finds_every_picture_above_it(large, monkeypat
 def test_a_floor_copied_from_a_printed_similarity_keeps_the_hit_it_was_copied_from(
         library: EmbeddingStore, large, monkeypatch: pytest.MonkeyPatch) -> None:
     """q.jsonl prints a similarity to 6 decimals; given back as ``min-similarity``, it keeps that hit, as
-    the exact search (a small table) and the index (a large one, then its exact fallback) answer it."""
+    the exact search (a small table, filtered or not) and the index (a large one, then its exact
+    fallback) answer it."""
     store, vectors = large
+    every_format = ("jpeg", "png", "heic", "webp", "gif")  # a filter every picture passes: counted as scored
     rankings = [lambda floor: search(library, min_similarity=floor),
+                lambda floor: search(library, formats=every_format, min_similarity=floor),
                 lambda floor: store.ranking(vectors[0], 10, min_similarity=floor)]
     for answer in rankings:
         hits = answer(None).hits[:8]

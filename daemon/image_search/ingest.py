@@ -85,6 +85,7 @@ class ImageIngest:
 
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
+        self._report_indexed_if_due()
         self._consider_bulk_load()
         submitted = self._submit_ready()
         if not self._in_flight:
@@ -258,7 +259,12 @@ class ImageIngest:
         tally.relinked += summary.relinked
         tally.copies += summary.copies
         tally.skipped += len(summary.skipped)
-        if now - tally.since >= INDEXED_LINE_EVERY_S:
+        self._report_indexed_if_due()
+
+    def _report_indexed_if_due(self) -> None:
+        """The ``images_indexed`` line once its batches have waited ``INDEXED_LINE_EVERY_S`` for one: while
+        a run lasts, and while its last files wait for something else (another service's claim)."""
+        if self._unreported is not None and self.images.clock() - self._unreported.since >= INDEXED_LINE_EVERY_S:
             self._report_indexed()
 
     def _report_indexed(self) -> None:

@@ -352,7 +352,8 @@ class Service:
 
     def status_text(self) -> str:
         fleet = f", {self.rt.fleet.status_text()}" if self.rt.fleet is not None else ""
-        return (f"{self.indexed} indexed, {len(self.images)} queued, {self.sync.removed} removed, "
+        queued = self.ingest.not_yet_indexed if self.ingest is not None else len(self.images)
+        return (f"{self.indexed} indexed, {queued} queued, {self.sync.removed} removed, "
                 f"{counted(self.inbox.answered, 'search', 'searches')} answered, "
                 f"{counted(self.inbox.failed, 'failed query', 'failed queries')}, "
                 f"{counted(self.skipped, 'skipped file')}{fleet}"

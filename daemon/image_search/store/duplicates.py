@@ -14,19 +14,19 @@ import psycopg2.extras
 from ..names import unescape
 from ..phash import from_bytes, to_bytes
 from ..query import Filters
-from .filters import filter_sql
+from .filters import filter_sql, folder_match
 from .metadata import TAKEN_AT_SECONDS, taken_at_of
 
 if TYPE_CHECKING:
     from .embeddings import EmbeddingStore
 
 # Every picture (one row: one content) of the index or of a folder and everything under it (the
-# search's folder filter, ``filters.filter_sql``), by file_hash, with every path that holds it, the
-# row's own first. The embedding in pgvector's binary form (vector_send: int16 dimension, int16 unused,
+# search's folder filter, ``filters.filter_sql``: a picture with a path there), by file_hash, with every
+# path that holds it: those in the folder first, then the row's own. The embedding in pgvector's binary form (vector_send: int16 dimension, int16 unused,
 # big-endian float4s): read as bytes and viewed as floats, no text parsing of 100k x 1024 numbers.
 PICTURES = f"""
 SELECT file_hash, ARRAY(SELECT p.file_path FROM image_paths AS p WHERE p.file_hash = e.file_hash
-                        ORDER BY p.file_path <> e.file_path, p.file_path),
+                        ORDER BY {{outside}} p.file_path <> e.file_path, p.file_path),
     file_path, processed_path, phash, width, height, source_size, format, {TAKEN_AT_SECONDS},
     taken_at_offset_minutes, CASE WHEN %(embeddings)s THEN vector_send(embedding) END
 FROM image_embeddings AS e
@@ -46,7 +46,7 @@ class StoredPicture:
     """One content of the index as the duplicates report sees it."""
 
     file_hash: str
-    paths: tuple[str, ...]  # every path holding these bytes, the row's representative ``file_path`` first
+    paths: tuple[str, ...]  # every path holding these bytes: those in the folder read first, then the representative
     processed_path: str
     phash: int | None  # ``phash.perceptual_hash``; None until filled
     width: int | None  # the original's, upright
@@ -65,8 +65,11 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None, embedding
     what it raises ends the read (a stop)."""
     if not store.has_table:
         return [], (np.zeros((0, store.dimension), dtype=np.float32) if embeddings else None)
-    condition = filter_sql(Filters(folders=(folder,) if folder is not None else ()))
+    folders = (folder,) if folder is not None else ()
+    condition = filter_sql(Filters(folders=folders))
     params = {**condition.params, "embeddings": embeddings}
+    inside = folder_match("p.folder", folders, params)  # the same parameters as the condition's
+    outside = "" if inside is None else f"({inside}) IS NOT TRUE,"
     pictures: list[StoredPicture] = []
     vectors: list[np.ndarray] = []  # float32, a round of rows each (the big-endian bytes never all at once)
     pending: list[bytes] = []
@@ -74,7 +77,7 @@ def read_pictures(store: EmbeddingStore, *, folder: str | None = None, embedding
         named = cur.connection.cursor(name="duplicates_pictures")  # server-side: rows arrive in rounds
         try:
             named.itersize = FETCH_ROWS
-            named.execute(PICTURES.format(where=condition.where), params)
+            named.execute(PICTURES.format(where=condition.where, outside=outside), params)
             for n, (file_hash, paths, path, processed, phash, width, height, size, fmt, taken_seconds, offset,
                     vector) in enumerate(named):
                 if n % FETCH_ROWS == 0:

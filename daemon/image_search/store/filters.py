@@ -52,7 +52,9 @@ def folder_text(folder: str) -> str | None:
     return escape("/".join(parts)) if parts else None
 
 
-def _folders(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
+def folder_match(column: str, folders: tuple[str, ...], params: dict[str, object]) -> str | None:
+    """The condition that ``column`` (a stored folder) is one of ``folders`` or under one, its values added
+    to ``params``; None where the whole source is among them."""
     texts = [folder_text(f) for f in folders]
     if not texts or None in texts:  # the whole source is among them: every picture passes
         return None
@@ -60,8 +62,13 @@ def _folders(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
     for i, text in enumerate(dict.fromkeys(texts)):
         params[f"folder_{i}"] = text
         params[f"folder_{i}_under"] = like_escaped(text) + "/%"
-        alternatives.append(f"held.folder = %(folder_{i})s OR held.folder LIKE %(folder_{i}_under)s")
-    return f"file_hash IN (SELECT held.file_hash FROM image_paths AS held WHERE {' OR '.join(alternatives)})"
+        alternatives.append(f"{column} = %(folder_{i})s OR {column} LIKE %(folder_{i}_under)s")
+    return " OR ".join(alternatives)
+
+
+def _folders(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
+    held = folder_match("held.folder", folders, params)
+    return None if held is None else f"file_hash IN (SELECT held.file_hash FROM image_paths AS held WHERE {held})"
 
 
 def filter_sql(filters: Filters) -> FilterSql:
