@@ -4,6 +4,8 @@ sheets lay the groups out. The report written from a real index: tests/test_dupl
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import datetime, timezone
 
 import numpy as np
@@ -58,6 +60,25 @@ def test_the_same_bytes_under_two_paths_is_a_copy_group_whose_members_are_the_pa
     assert [m.file_path for m in group.members] == ["/photos/a/a.jpg", "/photos/b/a.jpg"]  # tie: the path
     assert [m.copies for m in group.members] == [["/photos/b/a.jpg"], ["/photos/a/a.jpg"]]
     assert [m.similarity for m in group.members] == [1.0, 1.0]
+
+
+def test_links_to_a_file_are_no_copies_of_it_and_never_the_one_to_keep(tmp_path):
+    """A symbolic link sorts first by name: kept, with its target suggested as the copy to delete, it would
+    lead nowhere. A hard link is the same file. Neither is a copy; a real copy beside them is."""
+    photo = tmp_path / "solo" / "holiday.png"
+    photo.parent.mkdir()
+    photo.write_bytes(b"pixels")
+    links = tmp_path / "0links"
+    links.mkdir()
+    (links / "holiday.png").symlink_to(photo)
+    os.link(photo, links / "hard.png")
+    paths = tuple(str(p) for p in (links / "holiday.png", links / "hard.png", photo))
+    assert find_groups([picture("holiday", paths=paths, bits=None)], None, [Kind.COPY], THRESHOLDS) == []
+    shutil.copyfile(photo, tmp_path / "copy.png")
+    [group] = find_groups([picture("holiday", paths=(*paths, str(tmp_path / "copy.png")), bits=None)], None,
+                          [Kind.COPY], THRESHOLDS)
+    assert [m.file_path for m in group.members] == [str(links / "hard.png"), str(tmp_path / "copy.png")]
+    assert str(links / "holiday.png") in group.keep.copies  # still named among the paths of those bytes
 
 
 def test_near_copies_group_by_hash_and_the_largest_earliest_is_kept():
@@ -127,6 +148,16 @@ def test_sheets_show_each_group_on_one_page_with_the_kept_one_marked(tmp_path):
     assert sum(tile.marked for page in pages for row in page for tile in row) == len(groups)
     sheet = render_tiles(pages[1], heading="page 2")
     assert sheet.width > 0 and sheet.height > 0
+
+
+def test_copies_made_with_cp_share_a_name_and_their_tiles_say_which_folder_each_is_in():
+    copies = picture("zz", paths=("/photos/2023/zz.png", "/photos/nc/zz.png", "/photos/a/x/y.png", "/photos/b/x/y.png"),
+                     bits=None)
+    [group] = find_groups([copies], None, [Kind.COPY], THRESHOLDS)
+    [[row]] = sheet_pages([group])
+    assert [tile.second_line for tile in row] == ["2023/zz.png", "a/x/y.png", "b/x/y.png", "nc/zz.png"]
+    near = find_groups([picture("one", bits=0), picture("two", bits=1)], None, [Kind.NEAR_COPY], THRESHOLDS)
+    assert [tile.second_line for tile in sheet_pages(near)[0][0]] == ["one.jpg", "two.jpg"]  # names alone tell them
 
 
 def test_similar_defaults_follow_the_model_family():

@@ -98,7 +98,7 @@ def test_rows_without_a_hash_get_it_from_their_processed_copies(library):
 
 def test_a_folder_report_looks_only_inside_that_folder(library):
     cfg, _, store = library
-    report = write_report(cfg, store, kinds=[Kind.NEAR_COPY, Kind.SIMILAR], folder="trip")
+    report = write_report(cfg, store, kinds=[Kind.NEAR_COPY, Kind.SIMILAR], folders=("trip",))
     assert near_copy_names(report) == [expected("hill")]
     summary = json.loads((report / SUMMARY).read_text())
     assert summary["pictures"] == len(SAVED_AGAIN) + 1 and summary["folder"] == "trip"
@@ -120,7 +120,7 @@ def test_a_folder_report_holds_the_pictures_copied_there_named_by_their_paths_th
         assert indexer.index_folder(show_progress=False).copies == 3
     finally:
         indexer.close()
-    report = write_report(cfg, store, kinds=[Kind.COPY, Kind.NEAR_COPY], folder="selects")
+    report = write_report(cfg, store, kinds=[Kind.COPY, Kind.NEAR_COPY], folders=("selects",))
     assert json.loads((report / SUMMARY).read_text())["pictures"] == 3
     lines = read_jsonl(report / REPORT)
     (near,) = [line for line in lines if line["kind"] == "near-copy"]
@@ -143,7 +143,7 @@ def test_an_empty_index_gives_an_empty_report_that_says_so(library):
 
 def test_the_report_reads_each_picture_with_its_embedding_and_metadata(library):
     cfg, database, store = library
-    pictures, embeddings = read_pictures(store, folder="trip")
+    pictures, embeddings = read_pictures(store, folders=("trip",))
     stored = {h: np.asarray(v, dtype=np.float32) for h, v in raw(
         database, "SELECT file_hash, embedding::real[] FROM image_embeddings WHERE folder = 'trip'")}
     assert [p.file_hash for p in pictures] == sorted(stored)

@@ -28,6 +28,7 @@ from image_search.querydoc import (
     QueryDocumentError,
     QueryFlagError,
     document_folder,
+    duplicates_from_flags,
     is_query_document,
     parse_query_document,
     read_query_document,
@@ -671,12 +672,27 @@ def test_a_duplicates_document_asks_for_the_report(tmp_path: Path) -> None:
 
     source = tmp_path / "images"
     (source / "2023" / "june").mkdir(parents=True)
+    (source / "sel\udcffects").mkdir()
     parse = lambda doc: parse_query_document(json.dumps(doc).encode(), tmp_path / "inbox" / "d.json",  # noqa: E731
                                              source_directory=source)[1]
-    assert parse({"duplicates": True}) == DuplicatesRequest(None, ("copy", "near-copy", "similar"))
+    assert parse({"duplicates": True}) == DuplicatesRequest((), ("copy", "near-copy", "similar"))
     assert parse({"duplicates": True, "folder": "2023/june/", "kind": "similar,copy"}) == DuplicatesRequest(
-        "2023/june", ("copy", "similar"))
+        ("2023/june",), ("copy", "similar"))
     assert parse({"duplicates": True, "kind": ["near-copy"]}).kinds == ("near-copy",)
+    assert parse({"duplicates": True, "folder": ["2023", "sel\\xffects", "2023/"]}).folders == ("2023", "sel\udcffects")
+
+
+def test_the_duplicates_flags_take_folders_as_a_document_does(tmp_path: Path) -> None:
+    """--folder repeats (any of them), and takes a name as results print it (\\xNN: a byte that is not UTF-8)."""
+    from image_search.query import DuplicatesRequest
+
+    source = tmp_path / "images"
+    (source / "2023").mkdir(parents=True)
+    (source / "sel\udcffects").mkdir()
+    asked = duplicates_from_flags(folders=["2023", "sel\\xffects"], kind="copy", source_directory=source)
+    assert asked == DuplicatesRequest(("2023", "sel\udcffects"), ("copy",))
+    spec = spec_from_flags(texts=["a cat"], folders=["sel\\xffects"], source_directory=source)
+    assert spec.filters.folders == ("sel\udcffects",)
 
 
 @pytest.mark.parametrize(("doc", "reason"), [

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     duplicates = commands.add_parser("duplicates", help="index incrementally, then write a report of copies, "
                                      "near-copies and similar pictures (nothing is deleted); print its folder")
     _common(duplicates, required_config=True)
-    duplicates.add_argument("--folder", metavar="FOLDER", help="only this folder of source-directory and below it")
+    duplicates.add_argument("--folder", action="append", default=[], metavar="FOLDER",
+                            help="only this folder of source-directory and below it (repeatable: any of them)")
     duplicates.add_argument("--kind", default=",".join(DUPLICATE_KINDS), metavar="KINDS",
                             help=f"the kinds of group, a comma list of {', '.join(DUPLICATE_KINDS)} (default: all)")
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
@@ -221,7 +222,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             raise QueryFlagError("the query flags shape the searches of a picture or .txt FILE and of --text; a "
                                  "query document carries its own filters and terms: write them in it")
         flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
-    report = (duplicates_from_flags(folder=args.folder, kind=args.kind, source_directory=cfg.source_directory)
+    report = (duplicates_from_flags(folders=args.folder, kind=args.kind, source_directory=cfg.source_directory)
               if args.command == "duplicates" else None)  # checked before the index is brought up to date
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
@@ -234,7 +235,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             if report is not None:
                 from .duplicates import Kind, write_report
 
-                print(escape(write_report(cfg, rt.store, kinds=[Kind(k) for k in report.kinds], folder=report.folder)))
+                print(escape(write_report(cfg, rt.store, kinds=[Kind(k) for k in report.kinds], folders=report.folders)))
                 return ExitCode.OK
             if args.command == "search":
                 return run_searches(rt, [*args.files, *args.query], args.text, args)

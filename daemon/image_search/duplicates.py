@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -160,9 +161,32 @@ def _group(kind: Kind, members: list[Member], similarity_to: Callable[[Member, M
 
 
 def copy_groups(pictures: Sequence[StoredPicture]) -> list[Group]:
-    """A group of each content held under two paths or more."""
-    return [_group(Kind.COPY, [Member(p, path, 1.0) for path in p.paths], lambda keep, m: 1.0)
-            for p in pictures if len(p.paths) > 1]
+    """A group of each content held in two files or more: a file's other names are no copies of it."""
+    groups = []
+    for p in pictures:
+        files = separate_files(p.paths) if len(p.paths) > 1 else []
+        if len(files) > 1:
+            groups.append(_group(Kind.COPY, [Member(p, path, 1.0) for path in files], lambda keep, m: 1.0))
+    return groups
+
+
+def separate_files(paths: Sequence[str]) -> list[str]:
+    """The paths that are files of their own, in order: not a symbolic link (suggested to keep, its target
+    deleted as the copy, it would lead nowhere) nor a second name of a file already listed (a hard link:
+    deleting either frees nothing). A path that cannot be looked at (gone since, another host's) counts."""
+    files: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            files.append(path)
+            continue
+        if stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files.append(path)
+    return files
 
 
 def near_copy_groups(pictures: Sequence[StoredPicture], max_distance: int,
@@ -279,11 +303,25 @@ def _group_rows(number: int, group: Group) -> list[list[Tile]]:
     shown = list(group.members[:room]) if len(group.members) <= room else list(group.members[:room - 1])
     tiles = [Tile(Path(m.picture.processed_path),
                   f"#{number} {group.kind.value} · keep" if m is group.keep else f"#{number} · similarity {m.similarity:.4f}",
-                  Path(m.file_path).name, marked=m is group.keep) for m in shown]
+                  caption, marked=m is group.keep) for m, caption in zip(shown, _captions([m.file_path for m in shown]))]
     if len(shown) < len(group.members):
         more = len(group.members) - len(shown)
         tiles.append(Tile(None, f"#{number} · {more} more", f"see {REPORT}", missing=f"{more} more in {REPORT}"))
     return [tiles[i:i + MAX_COLUMNS] for i in range(0, len(tiles), MAX_COLUMNS)]
+
+
+def _captions(paths: Sequence[str]) -> list[str]:
+    """Each path by its name, or by as many of its last folders as tell it from the others shown with it:
+    copies made with ``cp`` share their name, and the sheet must say which one is kept."""
+    parts = [Path(path).parts for path in paths]
+    depth = [1] * len(paths)
+    while True:
+        captions = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = {c for c in captions if captions.count(c) > 1}
+        grown = [d + 1 if c in clashing and d < len(p) else d for p, d, c in zip(parts, depth, captions)]
+        if grown == depth:
+            return captions
+        depth = grown
 
 
 def sheet_pages(groups: Sequence[Group]) -> list[list[list[Tile]]]:
@@ -302,8 +340,9 @@ def sheet_pages(groups: Sequence[Group]) -> list[list[list[Tile]]]:
 
 
 def _write_page(folder: Path, number: int, pages: int, rows: list[list[Tile]]) -> None:
-    heading = "Duplicates: the framed picture of each group is the one suggested to keep (nothing was deleted)"
-    save_contact_sheet(render_tiles(rows, heading=f"{heading} · page {number}/{pages}"),
+    # Short enough for a page of groups of two (560 px): framed is the one suggested to keep.
+    heading = f"Framed: the one to keep · nothing deleted · page {number}/{pages}"
+    save_contact_sheet(render_tiles(rows, heading=heading),
                        folder / SHEET_NAME.format(number))
 
 
@@ -323,27 +362,34 @@ def _write_sheets(folder: Path, groups: Sequence[Group], checkpoint: Checkpoint 
 
 
 def summary(groups: Sequence[Group], *, pictures: int, kinds: Sequence[Kind], thresholds: Thresholds,
-            folder: str | None, model_name: str, without_hash: int, sheets: int) -> dict[str, object]:
-    """What ``summary.json`` holds."""
+            folders: tuple[str, ...], model_name: str, without_hash: int, sheets: int) -> dict[str, object]:
+    """What ``summary.json`` holds: ``folder`` the one asked for, a list where several were (None: all)."""
     counts = {kind.value: sum(1 for g in groups if g.kind is kind) for kind in kinds}
     in_groups = {kind.value: sum(len(g.members) for g in groups if g.kind is kind) for kind in kinds}
     if not pictures:
-        message = "the index holds no pictures" + (f" in folder '{escape(folder)}'" if folder is not None else "")
+        message = "the index holds no pictures" + _in_folders(folders)
     elif not groups:
         message = f"no duplicates among {counted(pictures, 'picture')}"
     else:
         message = f"{counted(len(groups), 'group')} among {counted(pictures, 'picture')}; nothing was deleted, moved or changed"
-    return {"message": message, "pictures": pictures, "folder": None if folder is None else escape(folder),
+    shown = [escape(folder) for folder in folders]
+    return {"message": message, "pictures": pictures, "folder": (shown[0] if len(shown) == 1 else shown or None),
             "kinds": [kind.value for kind in kinds], "groups": counts, "members": in_groups,
             "pictures_without_perceptual_hash": without_hash, "model-name": model_name,
             "thresholds": thresholds.to_json(), "sheets": sheets}
 
 
-def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = ALL_KINDS, folder: str | None = None,
+def _in_folders(folders: tuple[str, ...]) -> str:
+    if not folders:
+        return ""
+    return f" in folder{'s' if len(folders) > 1 else ''} " + ", ".join(f"'{escape(folder)}'" for folder in folders)
+
+
+def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = ALL_KINDS, folders: tuple[str, ...] = (),
                  now: datetime | None = None, document: Path | None = None, read_as: tuple[FileIdentity, bytes] | None = None,
                  checkpoint: Checkpoint = go_on) -> Path:
-    """Find the groups of ``kinds`` among the index's pictures (``folder``: relative to source-directory,
-    it and everything under it; None: all) and write the report folder ``output-directory/<stamp>/``
+    """Find the groups of ``kinds`` among the index's pictures (``folders``: relative to source-directory,
+    each and everything under it, a picture with a path in any of them; none: all) and write the report folder ``output-directory/<stamp>/``
     (built under a hidden name, then renamed: it appears complete or not at all). Rows without a
     perceptual hash get it first (``fill_missing_hashes``). Returns the folder. An empty index (or
     folder) gives an empty report whose summary says so. A full or read-only output folder is
@@ -357,18 +403,18 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
     thresholds = Thresholds.of(cfg)
     if Kind.NEAR_COPY in kinds:
         fill_missing_hashes(store, checkpoint)
-    pictures, embeddings = read_pictures(store, folder=folder, embeddings=Kind.SIMILAR in kinds, checkpoint=checkpoint)
+    pictures, embeddings = read_pictures(store, folders=folders, embeddings=Kind.SIMILAR in kinds, checkpoint=checkpoint)
     groups = find_groups(pictures, embeddings, kinds, thresholds, checkpoint=checkpoint)
     with writing_into(cfg.output_directory, "a duplicates report"):
         final = _publish(cfg.output_directory, groups, now=now, document=document, read_as=read_as, checkpoint=checkpoint,
                          details=lambda sheets: summary(
-            groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folder=folder,
+            groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folders=folders,
             model_name=cfg.model_name, without_hash=sum(1 for p in pictures if p.phash is None), sheets=sheets))
     log.info("duplicates_report_written", folder=final, pictures=len(pictures),
              **{kind.value.replace("-", "_"): sum(1 for g in groups if g.kind is kind) for kind in kinds})
     if not pictures:
         log.warning("duplicates_report_empty", folder=final, detail="the index holds no pictures"
-                    + (f" in folder '{escape(folder)}'" if folder is not None else "") + ": the report is empty")
+                    + _in_folders(folders) + ": the report is empty")
     return final
 
 
@@ -422,13 +468,13 @@ class ReportThread:
     the document still where it was. The thread is a daemon: a step that overran its checkpoint cannot
     hold the process's exit."""
 
-    def __init__(self, cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind], folder: str | None,
+    def __init__(self, cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind], folders: tuple[str, ...],
                  document: Path, read_as: tuple[FileIdentity, bytes] | None = None) -> None:
         self.document = document
         self._read_as = read_as
         self._stopping = threading.Event()
         self._outcome: Path | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(cfg, store, kinds, folder), name="duplicates-report",
+        self._thread = threading.Thread(target=self._run, args=(cfg, store, kinds, folders), name="duplicates-report",
                                         daemon=True)
         self._thread.start()
 
@@ -436,11 +482,11 @@ class ReportThread:
         if self._stopping.is_set():
             raise ShutdownRequested(0)
 
-    def _run(self, cfg: Config, store: EmbeddingStore, kinds: Sequence[Kind], folder: str | None) -> None:
+    def _run(self, cfg: Config, store: EmbeddingStore, kinds: Sequence[Kind], folders: tuple[str, ...]) -> None:
         try:
             own = store.sibling()
             try:
-                self._outcome = write_report(cfg, own, kinds=kinds, folder=folder, document=self.document,
+                self._outcome = write_report(cfg, own, kinds=kinds, folders=folders, document=self.document,
                                              read_as=self._read_as, checkpoint=self._checkpoint)
             finally:
                 own.close()

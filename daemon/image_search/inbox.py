@@ -225,7 +225,7 @@ class QueryInbox:
         from .duplicates import Kind, ReportThread
 
         self.report = ReportThread(self.rt.cfg, self.rt.store, kinds=[Kind(k) for k in request.kinds],
-                                   folder=request.folder, document=path, read_as=read_as)
+                                   folders=request.folders, document=path, read_as=read_as)
         log.info("duplicates_report_begun", query=path, detail="written beside the loop: queries are answered and "
                  "pictures indexed meanwhile")
 

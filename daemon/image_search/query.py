@@ -163,9 +163,9 @@ class QueryRecord:
 
 @dataclass(frozen=True)
 class DuplicatesRequest:
-    """A query document that asks for the duplicates report (``{"duplicates": true}``): ``folder``,
-    relative to source-directory (None: the whole index), and the ``kinds`` of group, among
+    """A query document that asks for the duplicates report (``{"duplicates": true}``): ``folders``,
+    relative to source-directory (any of them; none: the whole index), and the ``kinds`` of group, among
     ``DUPLICATE_KINDS``."""
 
-    folder: str | None = None
+    folders: tuple[str, ...] = ()
     kinds: tuple[str, ...] = DUPLICATE_KINDS

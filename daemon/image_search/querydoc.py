@@ -180,7 +180,7 @@ def spec_from_flags(*, texts: Sequence[str] = (), files: Sequence[Path] = (), un
             raise _Invalid("the search has nothing to look for: give a FILE (a picture or a .txt of words) or "
                            "--text WORDS; --unlike only pushes pictures away")
         filters = Filters(
-            folders=_unique(_folder("--folder", f, source_directory) for f in folders),
+            folders=_unique(_folder("--folder", _named(f), source_directory) for f in folders),
             taken_after=None if after is None else _moment("--after", after),
             taken_before=None if before is None else _moment("--before", before),
             camera=None if camera is None else _camera("--camera", camera),
@@ -272,18 +272,18 @@ def _duplicates_request(doc: dict[str, object], source_directory: Path) -> Dupli
     if doc["duplicates"] is not True:
         raise _Invalid(f"'duplicates' must be true (to ask for the duplicates report), got {_shown(doc['duplicates'])}"
                        "; leave the key out for a search")
-    folder = _maybe(doc, "folder", lambda name, value: _folder(name, _named(value), source_directory))
+    folders = _unique(_folder(name, _named(value), source_directory) for name, value in _entries(doc, "folder"))
     kinds = _unique(_kind(name, part) for name, value in _entries(doc, "kind")
                     for part in (value.split(",") if isinstance(value, str) else [value]))
-    return DuplicatesRequest(folder, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
+    return DuplicatesRequest(folders, tuple(k for k in DUPLICATE_KINDS if k in kinds) if kinds else DUPLICATE_KINDS)
 
 
-def duplicates_from_flags(*, folder: str | None, kind: str, source_directory: Path) -> DuplicatesRequest:
-    """The report the ``duplicates`` command's ``--folder`` and ``--kind`` (a comma list) ask for, with a
-    document's rules; ``QueryFlagError`` naming the flag."""
+def duplicates_from_flags(*, folders: Sequence[str], kind: str, source_directory: Path) -> DuplicatesRequest:
+    """The report the ``duplicates`` command's ``--folder`` (repeated: any of them) and ``--kind`` (a comma
+    list) ask for, with a document's rules; ``QueryFlagError`` naming the flag."""
     try:
         return DuplicatesRequest(
-            None if folder is None else _folder("--folder", folder, source_directory),
+            _unique(_folder("--folder", _named(f), source_directory) for f in folders),
             tuple(k for k in DUPLICATE_KINDS if k in {_kind("--kind", part) for part in kind.split(",")}))
     except _Invalid as exc:
         raise QueryFlagError(str(exc)) from None

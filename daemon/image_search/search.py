@@ -216,6 +216,6 @@ def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, s
                        move_query: bool) -> SearchResult:
     from .duplicates import Kind, write_report  # the grouping code, only where a report is asked for
 
-    report = write_report(cfg, store, kinds=[Kind(k) for k in request.kinds], folder=request.folder,
+    report = write_report(cfg, store, kinds=[Kind(k) for k in request.kinds], folders=request.folders,
                           document=path if move_query else None)
     return SearchResult(path, [], report)

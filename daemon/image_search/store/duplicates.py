@@ -57,15 +57,15 @@ class StoredPicture:
     taken_at_offset_minutes: int | None
 
 
-def read_pictures(store: EmbeddingStore, *, folder: str | None = None, embeddings: bool = True,
+def read_pictures(store: EmbeddingStore, *, folders: tuple[str, ...] = (), embeddings: bool = True,
                   checkpoint: Callable[[], None] = lambda: None) -> tuple[list[StoredPicture], np.ndarray | None]:
-    """The index's pictures (in ``folder``, relative to source-directory, and below it; None: all), by
+    """The index's pictures (with a path in one of ``folders``, relative to source-directory, or below it;
+    none: all), by
     file_hash, and their embeddings as an (n, dimension) float32 array in the same order (None when not
     asked for: only the ``similar`` kind needs them). ``checkpoint`` is called before each round of rows:
     what it raises ends the read (a stop)."""
     if not store.has_table:
         return [], (np.zeros((0, store.dimension), dtype=np.float32) if embeddings else None)
-    folders = (folder,) if folder is not None else ()
     condition = filter_sql(Filters(folders=folders))
     params = {**condition.params, "embeddings": embeddings}
     inside = folder_match("p.folder", folders, params)  # the same parameters as the condition's
