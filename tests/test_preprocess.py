@@ -1031,6 +1031,26 @@ def test_a_display_p3_picture_is_converted_to_srgb_as_its_srgb_export_is(tmp_pat
     assert _hamming(converted.phash, export.phash) <= 2
 
 
+@pytest.mark.parametrize(("chunks", "level"), [
+    ({b"gAMA": 100_000}, 186),  # linear light: mid-grey is brighter on a 2.2 display, as a browser shows it
+    ({b"gAMA": 55_556}, 146),  # an old Mac's 1/1.8
+    ({b"gAMA": 45_455}, 128),  # sRGB's own 1/2.2: as it is
+    ({b"gAMA": 100_000, b"sRGB": 0}, 128),  # an sRGB chunk overrides gAMA (PNG specification 11.3.3)
+])
+def test_a_png_gamma_other_than_srgbs_is_corrected_as_a_viewer_shows_it(tmp_path: Path, chunks: dict,
+                                                                          level: int) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for name, value in chunks.items():
+        info.add(name, struct.pack(">I", value) if name == b"gAMA" else bytes([value]))
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(tmp_path / "grey.png", pnginfo=info)
+    Image.new("L", (64, 48), 128).save(tmp_path / "grey-l.png", pnginfo=info)
+    for name in ("grey.png", "grey-l.png"):
+        pixels = np.asarray(prep(tmp_path / name, (64, 48)).image, np.int16)
+        assert np.abs(pixels - level).max() <= 1, (name, pixels.mean())
+
+
 def test_srgb_and_unreadable_profiles_leave_the_pixels_as_they_are(tmp_path: Path) -> None:
     from PIL import ImageCms
 

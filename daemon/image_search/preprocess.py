@@ -297,8 +297,10 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
             rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
-        if im.mode in _PROFILED_MODES:  # at the fitted size: a transform's cost grows with the pixels
-            rgb = in_srgb(rgb, im.info.get("icc_profile"))
+        # At the fitted size: a transform's cost grows with the pixels. A PNG's gAMA counts only without
+        # a profile or an sRGB chunk, which override it (PNG specification, 11.3.3).
+        gamma = im.info.get("gamma") if not {"icc_profile", "srgb"} & set(im.info) else None
+        rgb = in_srgb(rgb, im.info.get("icc_profile") if im.mode in _PROFILED_MODES else None, gamma=gamma)
     return rgb, (src_w, src_h), metadata
 
 
