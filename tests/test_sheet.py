@@ -100,6 +100,19 @@ def test_eleven_cells_wrap_into_rows_of_five(tmp_path: Path) -> None:
             assert near(centre(saved, rank, 11), colour), rank
 
 
+def test_a_top_k_of_a_thousand_is_a_sheet_of_the_first_hits_and_how_many_more(tmp_path: Path, cfg: Config) -> None:
+    """top-k may be 1,000: a sheet of all of them was 65,980 px high, more than a JPEG holds, and the query
+    failed. The sheet shows the first 98 and a cell saying how many more the .jsonl holds, which has all."""
+    red = processed(tmp_path, "red", RED)
+    hits = [hit(rank, f"p{rank}.jpg", red, similarity=2.0) for rank in range(1, 1001)]
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("everything"), hits, cfg)
+    assert len((bundle / "everything.jsonl").read_text().splitlines()) == 1000
+    with Image.open(bundle / "everything.sheet.jpg") as sheet:
+        assert sheet.size == sheet_size(100)
+        assert near(centre(sheet.convert("RGB"), 98, 100), RED)
+        assert not near(centre(sheet.convert("RGB"), 99, 100), RED)  # the last cell: "902 more hits"
+
+
 def test_aspect_ratios_are_kept(tmp_path: Path) -> None:
     wide = processed(tmp_path, "wide", RED, size=(800, 200))
     tall = processed(tmp_path, "tall", BLUE, size=(150, 600))

@@ -40,6 +40,9 @@ CELL_HEIGHT = PADDING + THUMB + 8 + 2 * CAPTION_LINE + PADDING
 GAP = 8  # between cells
 HEADING_HEIGHT = 40
 MAX_COLUMNS = 5
+# The hits a query's sheet shows at most (20 rows, 6,900 px high). A JPEG holds at most 65,500 px a side:
+# a top-k of 960 or more, which a query may ask for, made a sheet none could be written as.
+MOST_SHEET_HITS = 99
 JPEG_QUALITY = 85  # a sheet is for looking at; 85 keeps 1,400 px under about 300 KB
 
 BACKGROUND = (236, 236, 236)
@@ -310,10 +313,15 @@ def render_contact_sheet(hits: Sequence[Hit], *, query_name: str, query_picture:
     else:
         query_cell = _Cell(_placeholder("the query picture cannot be shown"), "Query", escape(query_name), accent=True)
     cells = [query_cell]
-    pictures = list(_decoders().map(_thumbnail, [Path(hit.processed_path) for hit in hits]))
-    for hit, picture in zip(hits, pictures, strict=True):
+    shown = hits if len(hits) <= MOST_SHEET_HITS else hits[:MOST_SHEET_HITS - 1]
+    pictures = list(_decoders().map(_thumbnail, [Path(hit.processed_path) for hit in shown]))
+    for hit, picture in zip(shown, pictures, strict=True):
         cells.append(_Cell(picture if picture is not None else _placeholder("processed image missing"),
                            f"#{hit.rank} · similarity {hit.similarity:.4f}", escape(hit.file_name)))
+    if len(shown) < len(hits):
+        more = len(hits) - len(shown)
+        cells.append(_Cell(_placeholder(f"{more} more hits, each in the .jsonl beside this sheet."),
+                           f"#{shown[-1].rank + 1}-#{hits[-1].rank}", f"{more} more in the .jsonl"))
     if not hits and no_hits is not None:
         cells.append(_Cell(_placeholder(no_hits[:1].upper() + no_hits[1:] + "."), "No results", no_hits))
     elif not hits:
