@@ -720,6 +720,25 @@ def test_a_query_jumps_the_ingest_queue(story_factory) -> None:
     assert answered_record(story, "later.png")["not-yet-indexed"] == 0
 
 
+def test_a_batch_whose_rows_are_in_is_not_counted_as_waiting(story_factory, monkeypatch) -> None:
+    """Queries keep the loop from counting a committed batch (the writer commits on its own thread): their
+    answers must not say its pictures are still waiting, for they are searchable."""
+    story = story_factory({"a.png": 1})
+    slow_row_writes(monkeypatch, 0.3)
+    for i in range(3):
+        save_picture(story.images / f"n{i}.png", seed=50 + i)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
+    story.service.step()  # noticed
+    story.clock.advance(SETTLE + 0.01)
+    while story.service.ingest.reading or len(story.service.images):
+        story.service.step()  # read and embedded; its rows go to the writer
+    assert story.service.ingest.not_yet_indexed == 3  # on their way
+    batch = story.service.ingest._writing[0]
+    assert batch.write is not None and batch.write.done.wait(10)
+    assert story.service.indexed == 1  # not counted by the loop yet
+    assert story.service.ingest.not_yet_indexed == 0
+
+
 def answered_record(story, query_name: str) -> dict:
     """The ``<stem>.json`` of the result folder that answered ``query_name``."""
     return json.loads((story.bundle(query_name) / f"{Path(query_name).stem}.json").read_text())

@@ -257,6 +257,11 @@ class BatchInFlight:
         """Its write is over, committed or failed (``write.error``), or it had none."""
         return self.write is None or self.write.done.is_set()
 
+    @property
+    def committed(self) -> bool:
+        """Its rows are in (or it had none to write): searchable, whether or not the service counted it yet."""
+        return self.settled and (self.write is None or self.write.error is None)
+
 
 class Indexer:
     """Indexes source files of one config into one store with one embedder."""

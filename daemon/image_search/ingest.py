@@ -80,8 +80,10 @@ class ImageIngest:
 
     @property
     def not_yet_indexed(self) -> int:
-        """The pictures noticed and not indexed yet: pending, or in a batch whose rows are not committed."""
-        return len(self.images) + sum(len(batch.paths) for batch in (*self._in_flight, *self._writing))
+        """The pictures noticed and not indexed yet: pending, or in a batch whose rows are not committed (a
+        committed batch's files still being written go back to pending)."""
+        writing = sum(len(batch.summary.deferred) if batch.committed else len(batch.paths) for batch in self._writing)
+        return len(self.images) + sum(len(batch.paths) for batch in self._in_flight) + writing
 
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
