@@ -54,6 +54,63 @@ def test_a_command_beside_the_service_leaves_the_server_running_and_says_so(tmp_
             crash_embedded_database(tmp_path / "state")
 
 
+def _holders(pgdata, count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", SERVICE_SIDE, str(pgdata)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+            for _ in range(count)]
+
+
+def _uri_of(holder: subprocess.Popen) -> str:
+    return next(line for line in holder.stdout if line.startswith("postgresql://")).strip()  # after its log line
+
+
+@pytest.mark.e2e
+def test_two_processes_starting_at_once_on_a_new_machine_share_the_server_one_of_them_makes(tmp_path) -> None:
+    """The service and `index` started together on a new machine: the second took the first's mark of a
+    first start under way for one a stop left, deleted the pgdata being made, and both failed."""
+    pgdata = tmp_path / "state" / "pgdata"
+    holders = _holders(pgdata, 2)
+    try:
+        uris = [_uri_of(holder) for holder in holders]
+        assert uris[0] == uris[1]
+        psycopg2.connect(uris[0]).close()
+        outputs = []
+        for holder in holders:
+            holder.stdin.close()
+            outputs.append(holder.stdout.read())
+            assert holder.wait(timeout=60) == 0, outputs[-1]
+        assert not any("setup_unfinished" in output for output in outputs), outputs
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+        if (pgdata / "postmaster.pid").exists():
+            crash_embedded_database(tmp_path / "state")
+
+
+@pytest.mark.e2e
+def test_the_last_process_left_stops_the_server_though_another_was_killed(tmp_path) -> None:
+    """A process that shared the server died by kill -9, its handle never given up: the last live one's
+    stop left the server running, with no process left to stop it."""
+    pgdata = tmp_path / "state" / "pgdata"
+    [service] = _holders(pgdata, 1)
+    try:
+        uri = _uri_of(service)
+        command = EmbeddedPostgres(pgdata)
+        service.kill()
+        service.wait()
+        with capture_logs() as logs:
+            command.stop()
+        assert [e["event"] for e in logs] == ["embedded_postgres_stale_handles_dropped", "embedded_postgres_stopped"]
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(uri, connect_timeout=5)
+    finally:
+        service.kill()
+        service.wait()
+        if (pgdata / "postmaster.pid").exists():
+            crash_embedded_database(tmp_path / "state")
+
+
 class _ServerKilledMeanwhile:
     """pgserver's handle when the postmaster died (kill -9) as it stopped it: psutil finds no process."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import warnings
@@ -30,23 +31,29 @@ class EmbeddedPostgres:
     def __init__(self, data_directory: Path) -> None:
         pgserver = _pgserver()
         data_directory.parent.mkdir(parents=True, exist_ok=True)
+        self._data_directory = data_directory
         started = time.monotonic()
-        forget_dead_handles(data_directory)
-        initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
-        if initialising.exists():
-            drop_unfinished_initdb(data_directory)
-        fresh = not (data_directory / "PG_VERSION").exists()
-        if fresh:
-            initialising.touch()
-        try:
-            self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
-        except Exception as exc:  # pgserver raises bare subprocess errors; say what failed
-            raise StoreError(
-                f"cannot start the embedded PostgreSQL in {data_directory} ({type(exc).__name__}: {exc}); "
-                f"see {data_directory / 'log'}"
-            ) from None
-        if fresh:
-            initialising.unlink(missing_ok=True)
+        # One process at a time makes or starts the server: the mark of a first start another process is
+        # still making was taken for one a stop left, and its pgdata deleted under it (the service and
+        # `index` started together on a new machine both failed). The kernel lets go of a dead holder's lock.
+        with open(data_directory.with_name(data_directory.name + STARTING_SUFFIX), "a") as starting:
+            fcntl.flock(starting, fcntl.LOCK_EX)
+            forget_dead_handles(data_directory)
+            initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
+            if initialising.exists():
+                drop_unfinished_initdb(data_directory)
+            fresh = not (data_directory / "PG_VERSION").exists()
+            if fresh:
+                initialising.touch()
+            try:
+                self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
+            except Exception as exc:  # pgserver raises bare subprocess errors; say what failed
+                raise StoreError(
+                    f"cannot start the embedded PostgreSQL in {data_directory} ({type(exc).__name__}: {exc}); "
+                    f"see {data_directory / 'log'}"
+                ) from None
+            if fresh:
+                initialising.unlink(missing_ok=True)
         self.uri = self._server.get_uri()
         log.info("embedded_postgres_started", data_directory=data_directory,
                  duration_ms=round((time.monotonic() - started) * 1000))
@@ -58,6 +65,10 @@ class EmbeddedPostgres:
 
         PostgresServer = _pgserver().postgres_server.PostgresServer  # noqa: N806  # pgserver's class
 
+        # A process that shared the server and was killed (kill -9) never gave its handle up: counted, it
+        # kept the last live one from stopping the server, which ran on with no process left to stop it.
+        if getattr(self, "_data_directory", None) is not None:
+            forget_dead_handles(self._data_directory)
         # pgserver's own count of the processes holding the server, which decides whether this stop stops it
         try:
             with PostgresServer._lock:  # the lock pgserver itself takes around the list (a file written whole)
@@ -82,6 +93,8 @@ class EmbeddedPostgres:
 # PG_VERSION is there, which initdb writes early, so a first start stopped during initdb (Ctrl-C in its
 # first seconds) left a pgdata every later start failed on ('database "postgres" does not exist').
 INITIALISING_SUFFIX = ".initialising"
+# Beside pgdata: the lock a process holds while it makes or starts the server.
+STARTING_SUFFIX = ".starting"
 
 
 def drop_unfinished_initdb(data_directory: Path) -> None:
