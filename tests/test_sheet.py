@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 from stat import S_IMODE
@@ -259,6 +260,34 @@ def test_a_result_folder_gets_the_mode_mkdir_gives_under_the_umask(cfg: Config, 
     finally:
         os.umask(previous)
     assert oct(S_IMODE(bundle.stat().st_mode)) == oct(mode)
+
+
+def test_a_result_a_killed_process_was_writing_is_removed_at_the_next_start_and_no_other(cfg: Config) -> None:
+    """kill -9 while a result folder was being built left it in output/ for good. Its name says which
+    process of which host built it: one of this host whose process is gone is removed; another host's
+    (a fleet writing into the same folder), a live process's and anything of the user's stay."""
+    output = cfg.output_directory
+    output.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    dead = output / f".tmp-result-{host}-{no_such_pid}-a1b2c3d4"
+    dead_report = output / f".tmp-duplicates-{host}-{no_such_pid}-x_9y8z7w"
+    kept = [output / f".tmp-result-other-host-{no_such_pid}-a1b2c3d4", output / f".tmp-result-{host}-{os.getpid()}-q",
+            output / ".tmp-result-mine", output / "20260101-120000"]
+    for folder in (dead, dead_report, *kept):
+        folder.mkdir()
+        (folder / "q.jsonl").write_text("{}\n")
+    (output / f".tmp-result-{host}-{no_such_pid}-file").write_text("a file, not ours")
+    with capture_logs() as logs:
+        output_module.remove_abandoned(output)
+    assert not dead.exists() and not dead_report.exists()
+    assert all(folder.is_dir() for folder in kept) and (output / f".tmp-result-{host}-{no_such_pid}-file").is_file()
+    assert sorted(e["path"] for e in logs if e["event"] == "abandoned_result_removed") == sorted(
+        [str(dead), str(dead_report)])
+    building = output_module.temporary_folder(output, "result")  # what a result is built in: named so
+    assert building.name.startswith(f".tmp-result-{host}-{os.getpid()}-")
+    output_module.remove_abandoned(output)
+    assert building.is_dir()  # this process is alive
 
 
 def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:

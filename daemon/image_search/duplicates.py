@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +49,7 @@ from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
 from .hits import shown_similarity
 from .names import escape, fit_name, name_bytes
-from .output import make_output_folder, move_out, publish
+from .output import make_output_folder, move_out, publish, temporary_folder
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
 from .runtime import ShutdownRequested
@@ -424,7 +423,7 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
     """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
     back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
     make_output_folder(output_dir)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-duplicates-"))
+    tmp = temporary_folder(output_dir, "duplicates")
     moved: Path | None = None
     try:
         with open(tmp / REPORT, "w", encoding="utf-8") as fh:

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Sequence
@@ -115,6 +116,45 @@ def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> N
     except OSError as exc:
         log.error("query_not_put_back", path=home, kept_at=moved, reason=exc.strerror or str(exc),
                   action="move it back by hand; the service will answer it then")
+
+
+def temporary_folder(output_dir: Path, kind: str) -> Path:
+    """A new hidden folder in ``output_dir`` to build a ``kind`` ("result", "duplicates") in, named with
+    this host and process, so that one a killed process left behind is known as such
+    (``remove_abandoned``)."""
+    return Path(tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{kind}-{socket.gethostname()}-{os.getpid()}-"))
+
+
+_TEMPORARY = re.compile(r"^\.tmp-(?:result|duplicates)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+def remove_abandoned(output_dir: Path) -> None:
+    """Delete the folders ``temporary_folder`` made in ``output_dir`` for processes of this host that
+    are gone (kill -9 while a result was written): each held a result never published, which the query
+    still in the inbox is answered again for. Another host's, and a live process's, are left alone."""
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(output_dir))
+    except OSError:
+        return  # no output folder yet, or none readable: the first write says what is wrong
+    for entry in entries:
+        found = _TEMPORARY.match(entry.name)
+        if found is None or found["host"] != host or _alive(int(found["pid"])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("abandoned_result_removed", path=entry.path,
+                     detail="left by a process that was killed while it wrote it; never published")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid can be
+        return True
+    return True
 
 
 def make_output_folder(output_dir: Path) -> None:
@@ -334,7 +374,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
     text = query.text if isinstance(query, TextQuery) else None
     # Rendered before anything moves: the sheet may need to read the query picture from its file.
     sheet = _render_sheet(query, hits, cfg, asked)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-result-"))
+    tmp = temporary_folder(output_dir, "result")
     moved_query: Path | None = None
     moved_folder: Path | None = None
     try:

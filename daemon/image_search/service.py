@@ -28,6 +28,7 @@ from . import sheet
 from .config import Config
 from .errors import ExitCode, OutputUnwritable
 from .inbox import QueryInbox
+from .output import remove_abandoned
 from .indexer import Indexer
 from .ingest import ImageIngest
 from .notify import Notifier, watchdog_interval
@@ -145,6 +146,7 @@ class Service:
         """Reconcile the folder with the table (while the model may still be loading), hold the queries
         already waiting, wait for the model, then tell systemd we are ready. A stop asked for meanwhile cuts
         the walks short (nothing half-applied) and ends the start at the wait for the model."""
+        remove_abandoned(self.cfg.output_directory)
         backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
         indexer = Indexer(self.cfg, self._wait_for_model(), self.rt.store, defer=self._still_arriving,
