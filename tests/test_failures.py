@@ -170,6 +170,25 @@ def test_serve_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_pat
     assert_failed_as(cases["database"], ExitCode.DATABASE, "PostgreSQL", ours_only=True)
 
 
+def test_serve_idle_when_its_embedded_database_dies_exits_for_a_restart_within_seconds(tmp_path: Path,
+                                                                                    tiny_model_dir: Path) -> None:
+    """Nothing dropped, nothing to index: the service met the dead server only at its next look at the
+    index, 41-51 s later, telling systemd it was fine meanwhile. Its fleet heartbeat sees it within
+    seconds (every 2 s): the service acts on that."""
+    case = make_case(tmp_path, "idle", tiny_model_dir)
+    service = ServiceProcess(case.config, log_path=case.root / "service.log", env=case.env)
+    try:
+        service.wait_ready()
+        wait_for(lambda: service.events("images_indexed"), "the start-up's pictures indexed", proc=service)
+        crash_embedded_database(case.root / "state")
+        assert service.popen.wait(timeout=30) == ExitCode.DATABASE, service.log_text()[-3000:]
+        failed = service.events("service_failed")
+        assert len(failed) == 1 and failed[0]["reason"] == "the embedded PostgreSQL is gone", service.log_text()[-3000:]
+        assert "the fleet's heartbeat failed" in service.log_text()
+    finally:
+        service.close()
+
+
 def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The disk under output/ (a query's result) or processed/ (the pictures' copies) is full: the service
     says so once and waits, with the query still in the inbox and the pictures still queued; once there is

@@ -46,6 +46,9 @@ class FleetMember:
         self.lease_s = lease_s
         self.live_members = live_members  # refreshed by every heartbeat; read by the STATUS line
         self.departures = 0  # how many times a heartbeat saw fewer live members than the one before
+        # Why the last heartbeat failed, until one works again (None meanwhile): the service acts on it
+        # (``Service._check_database``) rather than wait for its own next statement, a minute away when idle.
+        self.heartbeat_failure: str | None = None
         self._stop = threading.Event()
         self._left = False
         self._thread = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
@@ -95,8 +98,9 @@ class FleetMember:
             # A server that crashed mid-query breaks the renew with a bare psycopg2 error, not wrapped
             # as DatabaseUnavailable: the same outage, and this thread must not end in a traceback.
             except (DatabaseUnavailable, psycopg2.Error) as exc:
+                self.heartbeat_failure = " ".join(str(exc).split())
                 if not failing:
-                    log.warning("fleet_heartbeat_failed", reason=" ".join(str(exc).split()),
+                    log.warning("fleet_heartbeat_failed", reason=self.heartbeat_failure,
                                 action="retrying; others take over this member's claims once the database has ended "
                                        f"its session, or after {self.lease_s:g} s")
                 failing = True
@@ -104,6 +108,7 @@ class FleetMember:
             if failing:
                 log.info("fleet_heartbeat_restored", members=self.live_members)
                 failing = False
+                self.heartbeat_failure = None
 
     def leave(self, *, empty_table: bool) -> LeaveResult | None:
         """Stop the heartbeat, drop this member and its claims, and empty the table if ``empty_table`` and
