@@ -77,8 +77,16 @@ def test_links_to_a_file_are_no_copies_of_it_and_never_the_one_to_keep(tmp_path)
     shutil.copyfile(photo, tmp_path / "copy.png")
     [group] = find_groups([picture("holiday", paths=(*paths, str(tmp_path / "copy.png")), bits=None)], None,
                           [Kind.COPY], THRESHOLDS)
+    # Kept: the file the link leads to (a hard link's name of it), not the copy, which the link would outlive.
     assert [m.file_path for m in group.members] == [str(links / "hard.png"), str(tmp_path / "copy.png")]
     assert str(links / "holiday.png") in group.keep.copies  # still named among the paths of those bytes
+    # A link to the copy (and none to the photo among the paths): the copy is kept, though it sorts after.
+    shutil.copyfile(photo, tmp_path / "zz-copy.png")
+    (tmp_path / "0-link.png").symlink_to(tmp_path / "zz-copy.png")
+    [group] = find_groups([picture("holiday", paths=(str(photo), str(tmp_path / "0-link.png"),
+                                                     str(tmp_path / "zz-copy.png")), bits=None)],
+                          None, [Kind.COPY], THRESHOLDS)
+    assert [m.file_path for m in group.members] == [str(tmp_path / "zz-copy.png"), str(photo)]
 
 
 def test_near_copies_group_by_hash_and_the_largest_earliest_is_kept():
@@ -156,6 +164,8 @@ def test_copies_made_with_cp_share_a_name_and_their_tiles_say_which_folder_each_
     [group] = find_groups([copies], None, [Kind.COPY], THRESHOLDS)
     [[row]] = sheet_pages([group])
     assert [tile.second_line for tile in row] == ["2023/zz.png", "a/x/y.png", "b/x/y.png", "nc/zz.png"]
+    [group] = find_groups([picture("y", paths=("/b/y.png", "/a/b/y.png"), bits=None)], None, [Kind.COPY], THRESHOLDS)
+    assert [tile.second_line for tile in sheet_pages([group])[0][0]] == ["a/b/y.png", "b/y.png"]
     near = find_groups([picture("one", bits=0), picture("two", bits=1)], None, [Kind.NEAR_COPY], THRESHOLDS)
     assert [tile.second_line for tile in sheet_pages(near)[0][0]] == ["one.jpg", "two.jpg"]  # names alone tell them
 

@@ -114,6 +114,16 @@ def test_a_top_k_of_a_thousand_is_a_sheet_of_the_first_hits_and_how_many_more(tm
         assert not near(centre(sheet.convert("RGB"), 99, 100), RED)  # the last cell: "902 more hits"
 
 
+def test_a_caption_with_folders_keeps_its_end_which_tells_copies_apart() -> None:
+    """Copies that share a name are captioned with their folders (the duplicates report); shortened in the
+    middle, 'Trip to the mountains 2023/IMG_0001.jpg' and '... 2023 copy/IMG_0001.jpg' read the same."""
+    width = CELL_WIDTH - 2 * sheet_module.PADDING
+    shown = [sheet_module._fit_end(f"Trip to the mountains 2023{suffix}/IMG_0001.jpg", sheet_module._CAPTION, width)
+             for suffix in ("", " copy")]
+    assert shown[0] != shown[1] and all(s.startswith("…") for s in shown)
+    assert shown[1].endswith("copy/IMG_0001.jpg") and shown[0].endswith("2023/IMG_0001.jpg")
+
+
 def test_aspect_ratios_are_kept(tmp_path: Path) -> None:
     wide = processed(tmp_path, "wide", RED, size=(800, 200))
     tall = processed(tmp_path, "tall", BLUE, size=(150, 600))
@@ -264,30 +274,39 @@ def test_a_result_folder_gets_the_mode_mkdir_gives_under_the_umask(cfg: Config, 
 
 def test_a_result_a_killed_process_was_writing_is_removed_at_the_next_start_and_no_other(cfg: Config) -> None:
     """kill -9 while a result folder was being built left it in output/ for good. Its name says which
-    process of which host built it: one of this host whose process is gone is removed; another host's
-    (a fleet writing into the same folder), a live process's and anything of the user's stay."""
+    process of which host and boot built it: one of this host whose process is gone (or of an earlier
+    boot, whatever its pid is now) is removed; another host's (a fleet writing into the same folder), a
+    live process's, one holding the user's query (moved in before the kill) and anything else stay."""
     output = cfg.output_directory
     output.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
+    host, boot = output_module._this_host(), output_module._this_boot()
     no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
-    dead = output / f".tmp-result-{host}-{no_such_pid}-a1b2c3d4"
-    dead_report = output / f".tmp-duplicates-{host}-{no_such_pid}-x_9y8z7w"
-    kept = [output / f".tmp-result-other-host-{no_such_pid}-a1b2c3d4", output / f".tmp-result-{host}-{os.getpid()}-q",
-            output / ".tmp-result-mine", output / "20260101-120000"]
-    for folder in (dead, dead_report, *kept):
+    gone = [output / f".tmp-result-{host}-{boot}-{no_such_pid}-a1b2c3d4",
+            output / f".tmp-duplicates-{host}-{boot}-{no_such_pid}-x_9y8z7w",
+            output / f".tmp-result-{host}-{'0' * 8 if boot != '0' * 8 else '1' * 8}-{os.getpid()}-q"]  # a boot ago
+    kept = [output / f".tmp-result-other-host-{boot}-{no_such_pid}-a1b2c3d4",
+            output / f".tmp-result-{host}-{boot}-{os.getpid()}-q", output / ".tmp-result-mine",
+            output / "20260101-120000"]
+    holding = output / f".tmp-result-{host}-{boot}-{no_such_pid}-held"
+    for folder in (*gone, *kept, holding):
         folder.mkdir()
         (folder / "q.jsonl").write_text("{}\n")
-    (output / f".tmp-result-{host}-{no_such_pid}-file").write_text("a file, not ours")
+    (holding / "holiday.query.png").write_bytes(b"the user's picture")
     with capture_logs() as logs:
         output_module.remove_abandoned(output)
-    assert not dead.exists() and not dead_report.exists()
-    assert all(folder.is_dir() for folder in kept) and (output / f".tmp-result-{host}-{no_such_pid}-file").is_file()
-    assert sorted(e["path"] for e in logs if e["event"] == "abandoned_result_removed") == sorted(
-        [str(dead), str(dead_report)])
+    assert not any(folder.exists() for folder in gone)
+    assert all(folder.is_dir() for folder in kept) and (holding / "holiday.query.png").is_file()
+    assert sorted(e["path"] for e in logs if e["event"] == "abandoned_result_removed") == sorted(map(str, gone))
+    assert [(e["path"], e["query"]) for e in logs if e["event"] == "abandoned_result_holds_a_query"] == [
+        (str(holding), ["holiday.query.png"])]
     building = output_module.temporary_folder(output, "result")  # what a result is built in: named so
-    assert building.name.startswith(f".tmp-result-{host}-{os.getpid()}-")
-    output_module.remove_abandoned(output)
-    assert building.is_dir()  # this process is alive
+    assert building.name.startswith(f".tmp-result-{host}-{boot}-{os.getpid()}-")
+
+
+def test_a_host_name_with_a_slash_still_names_a_folder(cfg: Config, monkeypatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "odd/host name")
+    cfg.output_directory.mkdir(parents=True, exist_ok=True)
+    assert output_module.temporary_folder(cfg.output_directory, "result").name.startswith(".tmp-result-odd_host_name-")
 
 
 def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:

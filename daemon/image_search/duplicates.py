@@ -160,12 +160,16 @@ def _group(kind: Kind, members: list[Member], similarity_to: Callable[[Member, M
 
 
 def copy_groups(pictures: Sequence[StoredPicture]) -> list[Group]:
-    """A group of each content held in two files or more: a file's other names are no copies of it."""
+    """A group of each content held in two files or more: a file's other names are no copies of it. The
+    one to keep is a file one of its symbolic links leads to, if any (deleted as a copy, it would leave
+    the link leading nowhere), then the first by path."""
     groups = []
     for p in pictures:
         files = separate_files(p.paths) if len(p.paths) > 1 else []
         if len(files) > 1:
-            groups.append(_group(Kind.COPY, [Member(p, path, 1.0) for path in files], lambda keep, m: 1.0))
+            targets = {os.path.realpath(path) for path in p.paths if os.path.islink(path)}
+            ordered = sorted(files, key=lambda path: (os.path.realpath(path) not in targets, path))
+            groups.append(Group(Kind.COPY, tuple(Member(p, path, 1.0) for path in ordered)))
     return groups
 
 
@@ -312,7 +316,7 @@ def _group_rows(number: int, group: Group) -> list[list[Tile]]:
 def _captions(paths: Sequence[str]) -> list[str]:
     """Each path by its name, or by as many of its last folders as tell it from the others shown with it:
     copies made with ``cp`` share their name, and the sheet must say which one is kept."""
-    parts = [Path(path).parts for path in paths]
+    parts = [tuple(part for part in Path(path).parts if part != "/") for path in paths]
     depth = [1] * len(paths)
     while True:
         captions = ["/".join(p[-d:]) for p, d in zip(parts, depth)]

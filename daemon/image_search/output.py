@@ -120,31 +120,57 @@ def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> N
 
 def temporary_folder(output_dir: Path, kind: str) -> Path:
     """A new hidden folder in ``output_dir`` to build a ``kind`` ("result", "duplicates") in, named with
-    this host and process, so that one a killed process left behind is known as such
+    this host, this boot and this process, so that one a killed process left behind is known as such
     (``remove_abandoned``)."""
-    return Path(tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{kind}-{socket.gethostname()}-{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{kind}-{_this_host()}-{_this_boot()}-{os.getpid()}-"))
 
 
-_TEMPORARY = re.compile(r"^\.tmp-(?:result|duplicates)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+_TEMPORARY = re.compile(r"^\.tmp-(?:result|duplicates)-(?P<host>.+)-(?P<boot>[0-9a-f]{8}|x)-(?P<pid>\d+)-[^-]+$")
+
+
+def _this_host() -> str:
+    """The host name as a file name can hold it (a kernel allows '/' in one)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "_"
+
+
+def _this_boot() -> str:
+    """This boot, by the start of the kernel's boot id: after a reboot the same pid is another process."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text()[:8]
+    except OSError:
+        return "x"
 
 
 def remove_abandoned(output_dir: Path) -> None:
     """Delete the folders ``temporary_folder`` made in ``output_dir`` for processes of this host that
-    are gone (kill -9 while a result was written): each held a result never published, which the query
-    still in the inbox is answered again for. Another host's, and a live process's, are left alone."""
-    host = socket.gethostname()
+    are gone (kill -9 while a result was written, a reboot): each held a result never published, which
+    the query still in the inbox is answered again for. Another host's and a live process's are left
+    alone, and so is one that holds a query moved in from the inbox (``<stem>.query...``, the user's): it
+    is named in a warning, to be moved back by hand."""
+    host, boot = _this_host(), _this_boot()
     try:
         entries = list(os.scandir(output_dir))
     except OSError:
         return  # no output folder yet, or none readable: the first write says what is wrong
     for entry in entries:
         found = _TEMPORARY.match(entry.name)
-        if found is None or found["host"] != host or _alive(int(found["pid"])):
+        if found is None or found["host"] != host or not entry.is_dir(follow_symlinks=False):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            log.info("abandoned_result_removed", path=entry.path,
-                     detail="left by a process that was killed while it wrote it; never published")
+        pid = int(found["pid"])
+        if found["boot"] == boot and _alive(pid):
+            continue
+        try:
+            held = [name for name in os.listdir(entry.path) if _QUERY_INFIX in name]
+        except OSError:
+            continue
+        if held:
+            log.warning("abandoned_result_holds_a_query", path=entry.path, query=held,
+                        action="a process was killed while it moved this query into its result: move the "
+                               "query back into the inbox to have it answered, then delete the folder")
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("abandoned_result_removed", path=entry.path,
+                 detail="left by a process that was killed while it wrote it; never published")
 
 
 def _alive(pid: int) -> bool:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import psycopg2
 import structlog
 
 from . import sheet
 from .config import Config
-from .errors import ExitCode, OutputUnwritable
+from .errors import ExitCode, OutputUnwritable, describe
 from .inbox import QueryInbox
 from .output import remove_abandoned
 from .indexer import Indexer
@@ -308,13 +309,19 @@ class Service:
             raise RestartRequested(problem, WatchError)
 
     def _check_database(self) -> None:
-        """The fleet's heartbeat found the database gone: dealt with now, as a statement of the loop's that
-        met it would be. An idle service met it only at its next look at the index, a minute later, and
-        told systemd it was fine meanwhile (a crashed embedded server: 41-51 s to exit 4)."""
+        """The fleet's heartbeat failed on the embedded server: the loop looks whether the server is gone
+        now, rather than at its next statement. An idle service met a crashed one only at its look at the
+        index a minute later, telling systemd it was fine meanwhile (41-51 s to exit 4). An external
+        server's outage is left to the loop's own statements, as before: it comes back by itself."""
         failure = self.rt.fleet.heartbeat_failure if self.rt.fleet is not None else None
-        if failure is not None and self.clock() >= self._retry_at:
-            self._needs_rescan = True  # catch up on whatever happened meanwhile
-            self._database_down(DatabaseUnavailable(f"the fleet's heartbeat failed: {failure}"))
+        if failure is None or not self.cfg.embedded_database or self.clock() < self._retry_at:
+            return
+        try:
+            self.rt.store.index_valid()  # one catalog read: is the server there?
+        except DatabaseUnavailable as exc:
+            self._database_down(exc)
+        except psycopg2.Error as exc:  # a server that died mid-session breaks the statement unwrapped
+            self._database_down(DatabaseUnavailable(f"the embedded PostgreSQL does not answer ({describe(exc)})"))
 
     def _idle_timeout(self) -> float:
         now = self.clock()

@@ -163,6 +163,20 @@ def _fit_line(text: str, style: _Style, width: float, *, keep_end: int = 0) -> s
     return text[:kept] + "…" + tail
 
 
+def _fit_end(text: str, style: _Style, width: float) -> str:
+    """``text`` on one line of at most ``width`` px: its longest end that fits, after an ellipsis."""
+    text = " ".join(text.split())
+    if _width(text, style) <= width:
+        return text
+    used, kept = _width("…", style), 0
+    for char in reversed(text):
+        used += _advance(char, style.size, style.weight)
+        if used > width:
+            break
+        kept += 1
+    return "…" + text[len(text) - kept:]
+
+
 @functools.lru_cache(maxsize=16384)
 def _advance(char: str, size: int, weight: int) -> float:
     """How far one character moves the pen, in the font that draws it."""
@@ -286,7 +300,10 @@ def _paste_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, cell: _Cell, left
     width = CELL_WIDTH - 2 * PADDING
     first_style = _Style(_RANK.size, _RANK.weight, QUERY_ACCENT if cell.accent else INK)
     _draw(draw, (left + PADDING, text_top), _fit_line(cell.first_line, first_style, width), first_style)
-    name = _fit_line(cell.second_line, _CAPTION, width, keep_end=_extension_length(cell.second_line))
+    # A caption with folders (copies that share a name, ``duplicates._captions``) is told apart by its
+    # end, the folder nearest the file: shortened at its start. A name alone keeps its start and extension.
+    name = (_fit_end(cell.second_line, _CAPTION, width) if "/" in cell.second_line
+            else _fit_line(cell.second_line, _CAPTION, width, keep_end=_extension_length(cell.second_line)))
     _draw(draw, (left + PADDING, text_top + CAPTION_LINE), name, _CAPTION)
 
 

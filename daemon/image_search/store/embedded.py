@@ -37,7 +37,7 @@ class EmbeddedPostgres:
         # still making was taken for one a stop left, and its pgdata deleted under it (the service and
         # `index` started together on a new machine both failed). The kernel lets go of a dead holder's lock.
         with open(data_directory.with_name(data_directory.name + STARTING_SUFFIX), "a") as starting:
-            fcntl.flock(starting, fcntl.LOCK_EX)
+            _lock(starting)
             forget_dead_handles(data_directory)
             initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
             if initialising.exists():
@@ -95,6 +95,21 @@ class EmbeddedPostgres:
 INITIALISING_SUFFIX = ".initialising"
 # Beside pgdata: the lock a process holds while it makes or starts the server.
 STARTING_SUFFIX = ".starting"
+
+
+def _lock(starting) -> None:  # noqa: ANN001  # an open file
+    """Hold ``starting`` exclusively, waiting (and saying so) while another process makes or starts the
+    server. A filesystem without locks (some network and FUSE mounts) goes on without, as before."""
+    try:
+        fcntl.flock(starting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        log.info("embedded_postgres_waiting", reason="another process is making or starting the server")
+    except OSError as exc:
+        log.warning("embedded_postgres_unlocked", reason=f"{starting.name} cannot be locked here ({exc.strerror})",
+                    detail="two processes starting at once on a new machine may then fail; the next start mends it")
+        return
+    fcntl.flock(starting, fcntl.LOCK_EX)
 
 
 def drop_unfinished_initdb(data_directory: Path) -> None:
