@@ -189,7 +189,7 @@ def _exact_if_few(cur: psycopg2.extensions.cursor, condition: FilterSql, params:
                   bound: int, floor: float | None) -> Ranking | None:
     """The exact ranking where fewer than ``bound`` rows pass the filters; None where more do, or where the
     planner expects far more than that to (then uncounted). Scored as counted where the planner expects
-    fewer than half of ``bound``; else counted first (``bound`` vectors read for nothing cost ~24 ms)."""
+    fewer than ``bound``; else counted first (``bound`` vectors read for nothing cost ~24 ms)."""
     cur.execute(_ESTIMATE.format(where=condition.where), params)
     expected = cur.fetchone()[0][0]["Plan"]["Plan Rows"]
     if expected > ESTIMATE_MARGIN * bound:
@@ -197,7 +197,7 @@ def _exact_if_few(cur: psycopg2.extensions.cursor, condition: FilterSql, params:
     cur.execute(_PAGES_IN_MEMORY)
     page_cost = cur.fetchone()[0]
     try:
-        if expected >= bound / 2 and _count(cur, condition, params, bound) is None:
+        if expected >= bound and _count(cur, condition, params, bound) is None:
             return None
         cur.execute(_EXACT_COUNTED.format(where=condition.where), {**params, "bound": bound})
         rows = cur.fetchall()
