@@ -13,9 +13,11 @@ torch import).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +187,36 @@ def test_serve_idle_when_its_embedded_database_dies_exits_for_a_restart_within_s
         failed = service.events("service_failed")
         assert len(failed) == 1 and failed[0]["reason"] == "the embedded PostgreSQL is gone", service.log_text()[-3000:]
         assert service.events("fleet_heartbeat_failed")  # what made the loop look
+    finally:
+        service.close()
+
+
+def _initdb_running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return any(child.name() == "initdb" for child in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def test_ctrl_c_during_a_first_starts_initdb_is_a_stop_not_a_database_failure(tmp_path: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: initdb died of it before the service's handler
+    ran, and the service said the database had failed (exit 4). It is a stop (exit 0); the next start makes
+    the half-made pgdata again."""
+    root = tmp_path / "new"
+    config = write_config(root, tiny_model_dir, fresh_pgdata=True)
+    service = ServiceProcess(config, log_path=root / "service.log", env=child_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not _initdb_running(service.popen.pid) and time.monotonic() < deadline:
+            assert service.popen.poll() is None, service.log_text()[-3000:]
+            time.sleep(0.002)  # initdb runs for a fraction of a second: look often
+        os.killpg(service.popen.pid, signal.SIGINT)  # the service runs in a session of its own: its group
+        assert service.popen.wait(timeout=60) == ExitCode.OK, service.log_text()[-3000:]
+        assert service.events("service_stopped_during_startup") and not service.events("startup_failed"), \
+            service.log_text()[-3000:]
     finally:
         service.close()
 

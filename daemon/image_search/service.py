@@ -27,7 +27,7 @@ import structlog
 
 from . import sheet
 from .config import Config
-from .errors import ExitCode, OutputUnwritable, describe
+from .errors import DatabaseFailure, ExitCode, OutputUnwritable, describe
 from .inbox import QueryInbox
 from .output import remove_abandoned
 from .indexer import Indexer
@@ -463,5 +463,13 @@ def serve(cfg: Config, *, cleanup: bool, poll: bool) -> int:
                 code = _watch_and_run(rt, poll=poll, stop=stop, notifier=notifier)
     except RestartRequested as exc:
         code = exc.kind.exit_code  # non-zero: systemd's Restart=on-failure starts us again, and we reconcile
+    except DatabaseFailure:
+        if not stop.is_set():
+            raise
+        # A terminal's Ctrl-C reaches the whole process group: the initdb of a first start dies of it before
+        # this process's handler has run, and its failure is the stop's, not the database's (the next start
+        # makes the half-made pgdata again).
+        stopped_during_startup(stop.signum, notifier)
+        code = ExitCode.OK
     log.info("service_stopped", exit_code=int(code))
     return int(code)
