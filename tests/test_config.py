@@ -144,6 +144,21 @@ def test_env_flag_is_an_alias_of_config():
     assert parser.parse_args(["index", "--env", "c.json"]).config == Path("c.json")
 
 
+@pytest.mark.parametrize("command", ["index", "search", "serve", "duplicates"])
+def test_the_common_flags_count_before_the_command_as_after_it(command: str) -> None:
+    """`image-search --no-cleanup serve --config C` emptied the table at its stop: the command's own
+    default overwrote the flag given before it. So did --log-level and --config."""
+    from image_search.cli import build_parser
+
+    parser = build_parser()
+    before = parser.parse_args(["--no-cleanup", "--log-level", "warning", "--config", "c.json", command])
+    after = parser.parse_args([command, "--no-cleanup", "--log-level", "warning", "--config", "c.json"])
+    for args in (before, after):
+        assert (args.no_cleanup, args.log_level, args.config) == (True, "warning", Path("c.json"))
+    plain = parser.parse_args([command, "--config", "c.json"])
+    assert (plain.no_cleanup, plain.log_level) == (False, "info")
+
+
 # --------------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------------

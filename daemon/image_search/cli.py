@@ -38,27 +38,32 @@ from .wording import counted
 log = structlog.get_logger("image_search")
 
 
-def _common(parser: argparse.ArgumentParser, *, required_config: bool) -> None:
-    parser.add_argument("--config", "--env", dest="config", type=Path, required=required_config, metavar="PATH",
-                        help="JSON config file (--env is the original tool's name for it)")
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The flags taken before the command and after it alike. A command's own leaves unset what it was not
+    given: its default overwrote the same flag given before the command (``image-search --no-cleanup
+    serve`` emptied the table at its stop)."""
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--config", "--env", dest="config", type=Path, metavar="PATH",
+                        help="JSON config file (--env is the original tool's name for it)", **unset)
     parser.add_argument("--no-cleanup", action="store_true",
-                        help="keep the table's rows at exit (default: emptied, unless cleanup-on-exit is false)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+                        help="keep the table's rows at exit (default: emptied, unless cleanup-on-exit is false)", **unset)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        **({"default": "info"} if top else unset))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="image-search", description="Image similarity search with a CLIP-family "
                                      "model and PostgreSQL + pgvector.")
-    _common(parser, required_config=False)
+    _common(parser, top=True)
     legacy = parser.add_mutually_exclusive_group()
     legacy.add_argument("--process-only", action="store_true", help="index the source folder, then exit")
     legacy.add_argument("--search", type=Path, metavar="FILE", help="index incrementally, search with FILE, exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     index = commands.add_parser("index", help="index the source folder once")
-    _common(index, required_config=True)
+    _common(index, top=False)
     search = commands.add_parser("search", help="index incrementally, then search with each FILE (a picture, or "
                                  "a .txt file of words), each --text and each --query")
-    _common(search, required_config=True)
+    _common(search, top=False)
     search.add_argument("files", nargs="*", type=Path, metavar="FILE")
     search.add_argument("--text", action="append", default=[], metavar="WORDS",
                         help="search for pictures matching these words (repeatable: one result folder each)")
@@ -68,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     _query_flags(search.add_argument_group("query", "what each FILE and --text search looks like and looks for"))
     duplicates = commands.add_parser("duplicates", help="index incrementally, then write a report of copies, "
                                      "near-copies and similar pictures (nothing is deleted); print its folder")
-    _common(duplicates, required_config=True)
+    _common(duplicates, top=False)
     duplicates.add_argument("--folder", action="append", default=[], metavar="FOLDER",
                             help="only this folder of source-directory and below it (repeatable: any of them)")
     duplicates.add_argument("--kind", default=",".join(DUPLICATE_KINDS), metavar="KINDS",
                             help=f"the kinds of group, a comma list of {', '.join(DUPLICATE_KINDS)} (default: all)")
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
-    _common(serve, required_config=True)
+    _common(serve, top=False)
     serve.add_argument("--poll", action="store_true",
                        help="poll the folders instead of inotify (for NFS/SMB mounts)")
     return parser
