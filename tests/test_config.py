@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -276,9 +277,7 @@ def test_numbers_from_environment_strings(tmp_path, monkeypatch, variable, text,
 @pytest.mark.parametrize(("variable", "text", "key"), [
     ("IMAGE_SEARCH_TOP_K", "ten", "top-k"),
     ("IMAGE_SEARCH_TOP_K", "1.5", "top-k"),
-    ("IMAGE_SEARCH_TOP_K", "", "top-k"),
     ("IMAGE_SEARCH_CLEANUP_ON_EXIT", "maybe", "cleanup-on-exit"),
-    ("IMAGE_SEARCH_CLEANUP_ON_EXIT", "", "cleanup-on-exit"),
     ("IMAGE_SEARCH_SETTLE_SECONDS", "soon", "settle-seconds"),
     ("IMAGE_SEARCH_POSTGRES_PORT", "postgres", "postgres-port"),
 ])
@@ -466,11 +465,41 @@ def test_a_source_directory_that_is_a_file_is_refused_before_anything_is_written
     assert reason.startswith("config key 'source-directory': ") and "is a file, not a folder" in reason
 
 
-def test_an_empty_folder_from_the_environment_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
-    """``IMAGE_SEARCH_SOURCE_DIRECTORY=`` (an EnvironmentFile line left empty) indexed the working directory."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="config key 'source-directory' is empty"):
-        load_config(write(tmp_path, {}), environ={"IMAGE_SEARCH_SOURCE_DIRECTORY": ""})
+def test_an_empty_variable_is_unset_not_the_working_directory_nor_an_empty_value(tmp_path, monkeypatch):
+    """``IMAGE_SEARCH_SOURCE_DIRECTORY=`` (an EnvironmentFile line left empty) indexed the working directory;
+    the shipped example's empty lines then stopped the start ('device' ... got ''). Empty is unset, as
+    that file says: the config file's value, or the default, stands."""
+    monkeypatch.chdir(tmp_path / "..")
+    config = write(tmp_path, {"source-directory": "photos", "device": "cpu", "postgres-host": "db.example.com"})
+    cfg = load_config(config, environ={"IMAGE_SEARCH_SOURCE_DIRECTORY": "", "IMAGE_SEARCH_DEVICE": "",
+                                       "IMAGE_SEARCH_POSTGRES_HOST": " ", "IMAGE_SEARCH_BATCH_SIZE": ""})
+    assert (cfg.source_directory, cfg.device, cfg.postgres_host) == (tmp_path / "photos", "cpu", "db.example.com")
+
+
+def test_the_shipped_environment_file_leaves_the_config_as_it_is(tmp_path):
+    """Installed as README says, its empty lines stopped the service at every start (exit 2)."""
+    example = Path(__file__).parents[1] / "systemd" / "image-search.env.example"
+    lines = [line.strip() for line in example.read_text().splitlines()]
+    environ = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert environ and all(name.startswith("IMAGE_SEARCH_") for name in environ)
+    config = write(tmp_path, {**ORIGINAL_KEYS})
+    assert load_config(config, environ=environ) == load_config(config, environ={})
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ('{"settle-seconds": 1' + "0" * 400 + "}", "must be a finite number"),
+    ('{"batch-size": ' + "1" * 5001 + "}", "holds a number too long to read"),
+    ('{"model-name": ""}', "config key 'model-name' is empty"),
+])
+def test_numbers_too_long_for_python_and_an_empty_model_are_config_errors(tmp_path, body: str, words: str) -> None:
+    """They crashed the start (exit 1, restarted for ever by systemd), or loaded the config's own folder as
+    a model after the database was made."""
+    (tmp_path / "config.json").write_text(body)
+    with pytest.raises(ConfigError, match=re.escape(words)) as refused:
+        load_config(tmp_path / "config.json", environ={})
+    assert len(str(refused.value)) < 400
+    with pytest.raises(ConfigError, match="'batch-size' must be an integer"):
+        load_config(None, environ={"IMAGE_SEARCH_BATCH_SIZE": "1" + "0" * 5000})
 
 
 @pytest.mark.parametrize(("key", "value"), [("source-directory", r"a\u0000b"), ("model-name", r"m\u0000"),
@@ -575,9 +604,9 @@ def test_empty_password_is_valid(tmp_path):
     assert cfg.to_json_dict()["postgres-password"] == ""
 
 
-def test_empty_password_from_environment_overrides_the_file(tmp_path):
+def test_an_empty_password_variable_leaves_the_files(tmp_path):
     cfg = load_config(write(tmp_path, {**ORIGINAL_KEYS}), environ={"IMAGE_SEARCH_POSTGRES_PASSWORD": ""})
-    assert cfg.postgres_password == ""
+    assert cfg.postgres_password == ORIGINAL_KEYS["postgres-password"]
 
 
 # --------------------------------------------------------------------------------------------------

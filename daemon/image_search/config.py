@@ -159,17 +159,17 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
         if isinstance(value, int):
             return value
-        if from_env and isinstance(value, str) and _ENV_INTEGER.fullmatch(value.strip()):
+        if from_env and isinstance(value, str) and _ENV_INTEGER.fullmatch(value.strip()) and len(value.strip()) < 100:
             return int(value.strip())
-        raise ConfigError(f"config key '{key}' must be an integer, got {shown}")
+        raise ConfigError(f"config key '{key}' must be an integer, got {_short(shown)}")
     if want is float:
         number = _as_float(value, from_env=from_env)
         if number is None:
-            raise ConfigError(f"config key '{key}' must be a number, got {shown}")
+            raise ConfigError(f"config key '{key}' must be a number, got {_short(shown)}")
         # JSON's NaN and Infinity (and 1e999) parse, as do "nan" and "inf" from the environment: NaN
         # compares false with every bound, so it would pass them all, and an infinite wait never ends.
         if not math.isfinite(number):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {shown}")
+            raise ConfigError(f"config key '{key}' must be a finite number, got {_short(shown)}")
         return number
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' must be a string, got {shown}")
@@ -183,6 +183,11 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
     return value
 
 
+def _short(shown: str) -> str:
+    """A refused value as an error shows it: at most 60 characters (a number of 5,000 digits is one line)."""
+    return shown if len(shown) <= 60 else f"{shown[:40]}... ({len(shown)} characters)"
+
+
 # What a number in the environment may look like: ASCII digits as in JSON (Python's int() and float()
 # would also take "1_0" and other scripts' digits, which no one means in a config), and for floats the
 # words nan and inf, so that their refusal says why.
@@ -194,7 +199,10 @@ _ENV_FLOAT = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0
 def _as_float(value: Any, *, from_env: bool) -> float | None:
     """A JSON number, or an environment string that reads as one; None for anything else."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: as infinite, refused as such
+            return math.inf
     if from_env and isinstance(value, str) and _ENV_FLOAT.fullmatch(value.strip()):
         return float(value.strip())
     return None
@@ -368,6 +376,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        except ValueError as exc:  # a number of thousands of digits, which Python will not read as an int
+            raise ConfigError(f"config file {path} holds a number too long to read ({exc}): write the value "
+                              "the key needs") from None
         except _KeyTwice as exc:
             raise ConfigError(f"config file {path}: key '{exc.key}' is given twice (the last would win unseen): "
                               "keep the one you mean") from None
@@ -388,7 +399,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         values["model-name"] = _model_relative_to(base, values["model-name"])
     for key in _FIELDS:
         env_name = ENV_PREFIX + key.replace("-", "_").upper()
-        if env_name in environ:
+        # Empty is unset, as systemd/image-search.env.example says: its lines ship empty, and read as
+        # values they stopped the start ('device' must be one of ..., got '') or replaced the file's.
+        if environ.get(env_name, "").strip():
             value = _coerce(key, environ[env_name], from_env=True)
             values[key] = value.resolve() if isinstance(value, Path) else value
     for key, field in _FIELDS.items():
@@ -403,8 +416,9 @@ def _model_relative_to(base: Path, name: str) -> str:
     """A config file's 'model-name' that is a relative local directory, resolved against the file's folder as
     its other paths are (it was resolved against the working directory: one config loaded another model, or
     none, depending on where it was started). A hub id ("jinaai/jina-clip-v2") is left as it is, unless a
-    folder of that name is beside the config."""
-    if Path(name).is_absolute() or name.startswith("~"):
+    folder of that name is beside the config. An empty one stays empty, for ``_validate`` to refuse (it
+    was the config's own folder, loaded as a model after the database was made)."""
+    if not name.strip() or Path(name).is_absolute() or name.startswith("~"):
         return name
     if name.startswith(("./", "../")) or (base / name).is_dir():
         return str(base / name)
