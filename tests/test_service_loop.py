@@ -502,8 +502,14 @@ def test_rescan_interval_finds_what_no_event_reported(story_factory) -> None:
     story.run_until_idle()
     assert str(quiet) not in story.rows()
     story.clock.advance(60)
-    story.run_until_idle()
+    with capture_logs() as logs:
+        story.run_until_idle()
     assert str(quiet) in story.rows()
+    assert [e["queued"] for e in logs if e["event"] == "rescan_complete"] == [1]
+    story.clock.advance(60)
+    with capture_logs() as logs:  # nothing to find: no info line at every interval
+        story.run_until_idle()
+    assert [e["log_level"] for e in logs if e["event"] == "rescan_complete"] == ["debug"]
 
 
 def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None:

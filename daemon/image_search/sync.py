@@ -525,6 +525,7 @@ class FolderSync:
         self.removed = 0  # paths forgotten so far (deleted or moved-out sources)
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
         self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
+        self._rescanned = False  # whether a rescan has been said yet (the start's is)
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -548,9 +549,13 @@ class FolderSync:
             if path not in self.pending:
                 self.pending.note(path)
                 queued += 1
-        log.info("rescan_complete", files=state.files, queued=queued, removed=len(state.removed),
-                 renamed=state.renamed, missing_copies=len(state.missing_copies),
-                 duration_ms=round((time.monotonic() - started) * 1000))
+        # The start's rescan is always said; a later one (rescan-interval: every 5 s, say) that found
+        # nothing to do is a debug line, not 17,000 info lines a day.
+        found = queued or state.removed or state.renamed or state.missing_copies
+        (log.info if found or not self._rescanned else log.debug)(
+            "rescan_complete", files=state.files, queued=queued, removed=len(state.removed), renamed=state.renamed,
+            missing_copies=len(state.missing_copies), duration_ms=round((time.monotonic() - started) * 1000))
+        self._rescanned = True
         return queued
 
     def apply(self, change: Change) -> None:
