@@ -68,7 +68,7 @@ def run_parallel(commands: dict[str, tuple[list[object], Path]], timeout: float 
 
 def summary_counts(stdout: str) -> dict[str, int]:
     match = SUMMARY.search(stdout)
-    assert match, f"no index summary in stdout:\n{stdout}"
+    assert match, f"no index summary in its output:\n{stdout}"
     keys = ("embedded", "relinked", "unchanged", "copies", "removed", "skipped")
     return dict(zip(keys, map(int, match.groups())))
 
@@ -271,9 +271,9 @@ def test_search_exact_copy_ranks_first_and_bundle_layout(story: Story) -> None:
     run = story.runs["search"]
     assert run.returncode == 0, run.stderr
     assert_no_traceback(run)
-    assert summary_counts(run.stdout)["embedded"] == 0
-    printed = [line for line in run.stdout.splitlines() if line and not line.startswith(("indexed:", "  skipped"))]
-    assert len(printed) == 1, run.stdout
+    assert summary_counts(run.stderr)["embedded"] == 0  # what indexing did goes with the log
+    printed = run.stdout.splitlines()
+    assert len(printed) == 1, run.stdout  # stdout holds the result folder only: `search ... | head -1`
     bundle = Path(printed[0])
     output = story.root / "output"
     assert bundle.parent == output
@@ -387,8 +387,8 @@ def test_cleanup_on_exit_false_legacy_search_and_dimension_mismatch(tmp_path: Pa
     run = run_cli("--env", config, "--search", tmp_path / "query.jpg", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert_no_traceback(run)
-    assert summary_counts(run.stdout)["embedded"] == 2
-    bundle = Path(run.stdout.strip().splitlines()[-1])
+    assert summary_counts(run.stderr)["embedded"] == 2
+    [bundle] = map(Path, run.stdout.splitlines())  # stdout: the result folder alone
     assert bundle_files(bundle) == {"query.json", "query.jpg", "query.jsonl", "query.sheet.jpg"}
     hits = read_jsonl(bundle / "query.jsonl")
     assert [h["file_name"] for h in hits][0] == "two.jpg" and hits[0]["similarity"] >= 0.999
@@ -506,8 +506,8 @@ def test_search_on_empty_index(tmp_path: Path, tiny_model_dir: Path) -> None:
     run = run_cli("search", "--config", config, query, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert_no_traceback(run)
-    assert summary_counts(run.stdout)["embedded"] == 0
-    bundle = Path(run.stdout.strip().splitlines()[-1])
+    assert summary_counts(run.stderr)["embedded"] == 0
+    [bundle] = map(Path, run.stdout.splitlines())  # stdout: the result folder alone
     assert bundle.parent == tmp_path / "output"
     assert bundle_files(bundle) == {"q.json", "q.jsonl", "q.sheet.jpg"}
     assert (bundle / "q.jsonl").read_text() == ""

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from image_search.watch import ChangeKind, Folder
 from tests.support.files import save_photo, save_picture
@@ -224,6 +225,21 @@ def test_a_document_named_on_the_command_line_is_recorded_and_copied_into_its_re
     assert run_searches(story.service.rt, files=[document]) == 0
     bundle = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads((bundle / "ask.json").read_text())["query"] == {"text": "a photo", "folder": "caf\udce9"}
+
+
+def test_words_with_a_byte_that_is_not_utf8_fail_that_query_and_the_next_is_answered(story_factory, capsys) -> None:
+    """``search --text $'caf\\xe9' --text ok`` (or those bytes typed at the prompt) reached the tokenizer,
+    whose TypeError ended the whole run (crashed, exit 1, no answer to 'ok')."""
+    from image_search.cli import run_searches
+    from image_search.errors import ExitCode
+
+    story = story_factory({"a.png": 1})
+    with capture_logs() as logs:
+        assert run_searches(story.service.rt, texts=["caf\udce9", "ok"]) == ExitCode.FAILED
+    [failed] = [e for e in logs if e["event"] == "query_failed"]
+    assert "not UTF-8" in failed["reason"]
+    answered = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(story.cfg.output_directory))]
+    assert len(answered) == 1 and Path(answered[0]).is_dir()  # 'ok' answered
 
 
 def test_a_picture_or_words_given_many_times_are_read_and_embedded_once(story_factory, monkeypatch) -> None:

@@ -28,7 +28,7 @@ from .errors import DatabaseFailure, ExitCode, ImageSearchError, NoTextTower, Un
 from .indexer import IndexSummary, Indexer
 from .logs import configure_logging
 from .names import escape, unescape
-from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, QuerySpec, TermKind, single_term
+from .query import DUPLICATE_KINDS, FILTER_FORMATS, MAX_TOP_K, QuerySpec
 from .querydoc import QueryFlagError, duplicates_from_flags, is_query_document, spec_from_flags
 from .runtime import Runtime, ShutdownRequested, install_stop_handlers, open_runtime
 from .output import TextQuery
@@ -112,12 +112,14 @@ def flag_spec(args: argparse.Namespace, cfg: Config, *, texts: Sequence[str] = (
                            min_similarity=args.min_similarity, source_directory=cfg.source_directory)
 
 
-def print_summary(summary: IndexSummary) -> None:
+def print_summary(summary: IndexSummary, *, file=None) -> None:  # noqa: ANN001  # a text stream
+    """What indexing did: ``index``'s output (stdout); before a search's or a report's folder, on stderr,
+    so that their stdout holds only the folders (``search ... | head -1``)."""
     print(f"indexed: {summary.embedded} embedded, {summary.relinked} relinked without model work, "
           f"{summary.unchanged} unchanged, {counted(summary.copies, 'copy', 'copies')}, {summary.removed} removed, "
-          f"{len(summary.skipped)} skipped")
+          f"{len(summary.skipped)} skipped", file=file)
     for path, reason in summary.skipped:
-        print(f"  skipped {escape(path)}: {reason}")
+        print(f"  skipped {escape(path)}: {reason}", file=file)
 
 
 def _query_failed(path: Path, reason: str) -> None:
@@ -165,10 +167,13 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
         try:
             if not words:
                 raise ValueError("the text query is empty: give the words to search for")
-            spec = flag_spec(args, rt.cfg, texts=[words]) if given is not None else single_term(TermKind.TEXT, words)
+            # Checked as a flag's words are (a byte that is not UTF-8, typed at the prompt or given to --text,
+            # reached the tokenizer and ended the run), whether or not query flags were given.
+            spec = (flag_spec(args, rt.cfg, texts=[words]) if given is not None
+                    else spec_from_flags(texts=[words], source_directory=rt.cfg.source_directory))
             print(escape(search_query(spec, TextQuery(words), cfg=rt.cfg, embedder=rt.model(), store=rt.store,
                                       given=given).bundle))
-        except (ValueError, NoTextTower) as exc:
+        except (ValueError, NoTextTower, QueryFlagError) as exc:
             _query_failed(Path("--text"), str(exc))
             status = ExitCode.FAILED
         except UnusableFile as exc:  # the terms cancel out
@@ -183,6 +188,13 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
           "empty line or 'quit' ends).")
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(errors="surrogateescape")  # a pasted name in bytes that are not UTF-8
+    if sys.stdin.isatty():
+        # input() without readline wrote its prompt to stderr (not seen with the log sent elsewhere) and
+        # read the arrow keys as text ('\x1b[A' searched for); with it, lines can be edited and recalled.
+        try:
+            import readline  # noqa: F401
+        except ImportError:
+            pass
     while True:
         try:
             line = input("query> ").strip()
@@ -198,7 +210,7 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
         if path is not None:
             run_searches(rt, files=[path])
         else:
-            print(f"no file named '{line}': searching for pictures matching these words")
+            print(f"no file named '{escape(line)}': searching for pictures matching these words")
             run_searches(rt, texts=[line])
 
 
@@ -234,7 +246,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         indexer = Indexer(cfg, rt.model(), rt.store)
         try:
             summary = indexer.index_folder()
-            print_summary(summary)
+            answers = args.command in ("search", "duplicates") or args.search is not None  # stdout: folders only
+            print_summary(summary, file=sys.stderr if answers else sys.stdout)
             if args.command == "index" or args.process_only:
                 return ExitCode.OK
             if report is not None:
