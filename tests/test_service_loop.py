@@ -507,9 +507,9 @@ def test_rescan_interval_finds_what_no_event_reported(story_factory) -> None:
     assert str(quiet) in story.rows()
     assert [e["queued"] for e in logs if e["event"] == "rescan_complete"] == [1]
     story.clock.advance(60)
-    with capture_logs() as logs:  # nothing to find: no info line at every interval
+    with capture_logs() as logs:  # nothing to find: no info line at every interval (a debug one, if any reaches here)
         story.run_until_idle()
-    assert [e["log_level"] for e in logs if e["event"] == "rescan_complete"] == ["debug"]
+    assert [e["log_level"] for e in logs if e["event"] == "rescan_complete" and e["log_level"] != "debug"] == []
 
 
 def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None:
