@@ -52,6 +52,12 @@ def folder_text(folder: str) -> str | None:
     return escape("/".join(parts)) if parts else None
 
 
+def holds(folder: str, stored: str) -> bool:
+    """Whether the folder filter's text ``folder`` holds the stored folder ``stored``: ``folder_match``'s
+    rule, for a row already read."""
+    return stored == folder or stored.startswith(folder + "/")
+
+
 def folder_match(column: str, folders: tuple[str, ...], params: dict[str, object]) -> str | None:
     """The condition that ``column`` (a stored folder) is one of ``folders`` or under one, its values added
     to ``params``; None where the whole source is among them."""

@@ -33,7 +33,7 @@ from ..names import unescape
 from ..query import Completeness, Filters
 from . import metadata as meta
 from . import paths, schema
-from .filters import FilterSql, filter_sql, folder_text
+from .filters import FilterSql, filter_sql, folder_text, holds
 from ..wording import counted
 
 # A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
@@ -137,8 +137,7 @@ def _shown(hit: Hit, held: list[_Path], filters: Filters) -> Hit:
     its representative is outside them (a copy in 'selects/' of a photo first indexed in '2023/')."""
     wanted = [text for text in map(folder_text, filters.folders) if text is not None]
     if wanted and len(wanted) == len(filters.folders):
-        inside = [p for p in held if p.folder is not None
-                  and any(p.folder == w or p.folder.startswith(w + "/") for w in wanted)]
+        inside = [p for p in held if p.folder is not None and any(holds(w, p.folder) for w in wanted)]
         if inside and all(unescape(p.file_path) != hit.file_path for p in inside):
             hit = replace(hit, file_path=unescape(inside[0].file_path), file_name=unescape(inside[0].file_name),
                           processed_path=unescape(inside[0].processed_path))
