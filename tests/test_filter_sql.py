@@ -16,12 +16,28 @@ def test_no_filter_is_no_condition() -> None:
     assert (sql.where, sql.params, sql.filtered) == (MATCH_ALL, {}, False)
 
 
+COPIES_IN_2023 = ("SELECT held.file_hash FROM image_paths AS held WHERE held.copy AND "
+                  "(held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s)")
+
+
 def test_a_folder_matches_itself_and_what_is_under_it_at_a_boundary() -> None:
+    """The row's own folder, or a copy's: as an array where the indexes find the rows, as a hashed set
+    (IN) where each row an index scan hands over is tested."""
     sql = filter_sql(Filters(folders=("2023",)))
-    assert sql.where == ("(file_hash IN (SELECT held.file_hash FROM image_paths AS held "
-                         "WHERE held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s))")
+    mine = "folder = %(folder_0)s OR folder LIKE %(folder_0_under)s"
+    assert sql.where == f"({mine} OR file_hash = ANY(ARRAY({COPIES_IN_2023})))"
+    assert sql.each_row == f"({mine} OR file_hash IN ({COPIES_IN_2023}))"
+    assert sql.copies == COPIES_IN_2023  # what the planner estimates the array's length from
     assert sql.params == {"folder_0": "2023", "folder_0_under": "2023/%"}
     assert sql.filtered
+
+
+def test_other_filters_are_written_once_for_both_uses() -> None:
+    sql = filter_sql(Filters(folders=("2023",), formats=("PNG",)))
+    assert sql.where.endswith(") AND (format = ANY(%(formats)s))")
+    assert sql.each_row.endswith(") AND (format = ANY(%(formats)s))") and sql.each_row != sql.where
+    dates = filter_sql(Filters(taken_after=datetime(2023, 1, 1, tzinfo=timezone.utc)))
+    assert dates.each_row == dates.where == "(taken_at >= %(taken_after)s)" and dates.copies is None
 
 
 def test_folder_spellings_mean_the_same_folder() -> None:
@@ -37,9 +53,11 @@ def test_the_whole_source_among_the_folders_is_no_condition() -> None:
 
 def test_several_folders_are_alternatives_and_twins_count_once() -> None:
     sql = filter_sql(Filters(folders=("a", "b/c", "a/")))
-    assert sql.where == ("(file_hash IN (SELECT held.file_hash FROM image_paths AS held "
-                         "WHERE held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s OR "
-                         "held.folder = %(folder_1)s OR held.folder LIKE %(folder_1_under)s))")
+    assert sql.where == ("(folder = %(folder_0)s OR folder LIKE %(folder_0_under)s OR "
+                         "folder = %(folder_1)s OR folder LIKE %(folder_1_under)s OR "
+                         "file_hash = ANY(ARRAY(SELECT held.file_hash FROM image_paths AS held WHERE held.copy AND "
+                         "(held.folder = %(folder_0)s OR held.folder LIKE %(folder_0_under)s OR "
+                         "held.folder = %(folder_1)s OR held.folder LIKE %(folder_1_under)s))))")
     assert sql.params == {"folder_0": "a", "folder_0_under": "a/%", "folder_1": "b/c", "folder_1_under": "b/c/%"}
 
 
@@ -77,7 +95,8 @@ def test_no_value_is_ever_written_into_the_statement() -> None:
     hostile = "x'); DROP TABLE image_embeddings; --"
     sql = filter_sql(Filters(folders=(hostile,), camera=hostile, formats=(hostile,),
                              taken_after=datetime(2020, 1, 1, tzinfo=timezone.utc)))
-    assert "DROP" not in sql.where and "2020" not in sql.where
-    placeholders = re.findall(r"%\((\w+)\)s", sql.where)
-    assert sorted(placeholders) == sorted(sql.params)  # each value once, by name
-    assert "%" not in re.sub(r"%\(\w+\)s", "", sql.where)  # and nothing else for the driver to read
+    for statement in (sql.where, sql.each_row):
+        assert "DROP" not in statement and "2020" not in statement
+        placeholders = re.findall(r"%\((\w+)\)s", statement)
+        assert set(placeholders) == set(sql.params)  # each value by name (a folder's twice: its row's, its copies')
+        assert "%" not in re.sub(r"%\(\w+\)s", "", statement)  # and nothing else for the driver to read

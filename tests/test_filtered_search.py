@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,14 +110,27 @@ def test_a_folder_holds_its_sub_folders_and_nothing_that_only_starts_like_it(lib
     assert found(nothing) == [] and nothing.completeness.complete and nothing.matches == 0
 
 
-def test_a_copy_in_a_folder_puts_its_picture_in_that_folder_named_by_the_copy(library: EmbeddingStore) -> None:
+def copy_into(store: EmbeddingStore, path: str, folder: str) -> None:
+    """The library's picture ``path`` copied into ``folder`` (relative to the source directory)."""
+    name = Path(path).name
+    assert store.update_source(f"hash:{path}", file_path=f"/images/{folder}/{name}", file_name=name,
+                               processed_path=f"/processed/{folder}/{name}.jpg", source_size=1,
+                               source_mtime_ns=1, folder=folder)
+
+
+def copies(database: Database) -> list[str]:
+    """The paths marked as copies, which the folder filter reads beside each row's own folder."""
+    return [path for (path,) in raw(database, "SELECT file_path FROM image_paths WHERE copy ORDER BY file_path")]
+
+
+def test_a_copy_in_a_folder_puts_its_picture_in_that_folder_named_by_the_copy(library: EmbeddingStore,
+                                                                              database: Database) -> None:
     """Photos first indexed in 2024/ and 2023/june/, copied later into selects/: the row's representative
     stays where it was first seen, but the picture is in selects/ too, and a search there names it so."""
+    assert copies(database) == []
     for path, folder in (("2024/first.jpg", "selects"), ("2023/june/beach.png", "selects/summer")):
-        name = Path(path).name
-        assert library.update_source(f"hash:{path}", file_path=f"/images/{folder}/{name}", file_name=name,
-                                     processed_path=f"/processed/{folder}/{name}.jpg", source_size=1,
-                                     source_mtime_ns=1, folder=folder)
+        copy_into(library, path, folder)
+    assert copies(database) == ["/images/selects/first.jpg", "/images/selects/summer/beach.png"]
     selects = search(library, folders=("selects",))
     assert found(selects) == ["selects/summer/beach.png", "selects/first.jpg"]  # best first, as in 2023/ and 2024/
     assert [h.copies for h in selects.hits] == [("/images/2023/june/beach.png",), ("/images/2024/first.jpg",)]
@@ -128,6 +142,33 @@ def test_a_copy_in_a_folder_puts_its_picture_in_that_folder_named_by_the_copy(li
     assert found(everything) == NAMES and everything.hits[-2].copies == ("/images/selects/first.jpg",)
     assert found(search(library, folders=("2023",), formats=("png",))) == ["2023/june/beach.png"]
     assert found(search(library, folders=("selects/summer", "2024"))) == ["selects/summer/beach.png", "2024/first.jpg"]
+
+
+def test_a_copy_that_becomes_the_representative_is_found_where_it_is(library: EmbeddingStore,
+                                                                     database: Database) -> None:
+    """The first name of a copied photo is deleted: the copy in selects/ becomes the row's representative
+    (no longer marked a copy), and the photo is in selects/ alone."""
+    copy_into(library, "2024/first.jpg", "selects")
+    assert library.delete_paths(["/images/2024/first.jpg"]) == 1
+    assert copies(database) == []
+    assert found(search(library, folders=("selects",))) == ["selects/first.jpg"]
+    assert found(search(library, folders=("2024",))) == []
+    copy_into(library, "2023/june/beach.png", "2024")  # a copy again, of another photo
+    assert copies(database) == ["/images/2024/beach.png"]
+    assert found(search(library, folders=("2024",))) == ["2024/beach.png"]
+
+
+def test_a_picture_embedded_again_under_another_name_stays_in_the_folder_of_the_first(
+        library: EmbeddingStore, database: Database) -> None:
+    """The same content written again at another path (a second service embedding a copy it found, say):
+    the new path becomes the representative, and the first one, still there, is a copy of it."""
+    library.upsert([replace(picture("redo/first.jpg", tilted(6)), file_hash="hash:2024/first.jpg")])
+    assert copies(database) == ["/images/2024/first.jpg"]
+    assert found(search(library, folders=("2024",))) == ["2024/first.jpg"]
+    assert found(search(library, folders=("redo",))) == ["redo/first.jpg"]
+    library.upsert([picture("2024/first.jpg", tilted(6))])
+    assert copies(database) == ["/images/redo/first.jpg"]  # and back: each path marked as it is now
+    assert found(search(library, folders=("redo",))) == ["redo/first.jpg"]
 
 
 def test_dates_after_inclusive_before_exclusive_and_undated_pictures_never_pass(library: EmbeddingStore) -> None:
@@ -260,6 +301,22 @@ def test_a_rare_filter_through_the_index_returns_every_match(large, monkeypatch:
         assert rare.completeness.complete
         unfiltered = store.ranking(query, 10)
         assert len(unfiltered.hits) == 10 and unfiltered.completeness.complete
+
+
+def test_copies_in_a_folder_through_the_index_are_every_match(large, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five pictures of common/ copied into picked/, which holds nothing else: a search there through the
+    index (its candidates tested one by one) finds all five, named by their copies."""
+    store, vectors = large
+    monkeypatch.setattr(ranking_module, "_exact", lambda *args: pytest.fail("the exact search ran"))
+    picked = [i for i in range(0, ROWS, 400)]
+    for i in picked:
+        assert store.update_source(f"hash:common/{i:04d}.jpg", file_path=f"/images/picked/{i:04d}.jpg",
+                                   file_name=f"{i:04d}.jpg", processed_path=f"/processed/picked/{i:04d}.jpg.jpg",
+                                   source_size=1, source_mtime_ns=1, folder="picked")
+    for query in vectors[:3]:
+        ranking = store.ranking(query, 10, filters=Filters(folders=("picked",)))
+        assert found(ranking) == [name.replace("common/", "picked/") for name in best(vectors, picked, query, 10)]
+        assert ranking.completeness.complete
 
 
 def test_an_index_that_comes_up_short_is_made_good_by_an_exact_search(large, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -248,7 +248,7 @@ def test_paths_that_0008_left_without_a_folder_get_their_rows_and_an_index(conne
     """What a database whose headers were read after 0008 left: each representative's path without the
     folder its row has. 0011 fills it (the folder filter reads the paths' folders) and indexes the column."""
     start(connect).close()
-    sql(connect, "DROP INDEX image_paths_folder_idx")
+    sql(connect, "DROP INDEX IF EXISTS image_paths_folder_idx")  # 0012 dropped it: 0011 makes it again
     sql(connect, "DELETE FROM image_search_schema WHERE number = 11")
     insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
               "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
@@ -266,6 +266,38 @@ def test_paths_that_0008_left_without_a_folder_get_their_rows_and_an_index(conne
         ("/photos/b.png", None), ("/photos/sub/a.png", "sub"), ("/photos/x/a.png", "x")]
     assert sql(connect, "SELECT indexdef FROM pg_indexes WHERE indexname = 'image_paths_folder_idx'") == [
         ("CREATE INDEX image_paths_folder_idx ON public.image_paths USING btree (folder text_pattern_ops)",)]
+
+
+def test_paths_of_the_version_before_copies_were_marked_are_marked(connect) -> None:
+    """What the version before 0012 left: paths without ``copy``, and 0011's index of every path's folder.
+    0012 marks each path that is not its row's a copy, indexes the copies' folders alone, drops the index
+    no search reads, and makes TRUE the default: a writer that does not know leaves a copy found."""
+    start(connect).close()
+    sql(connect, "DROP INDEX image_paths_copy_folder_idx")
+    sql(connect, "ALTER TABLE image_paths DROP COLUMN copy")
+    sql(connect, "CREATE INDEX image_paths_folder_idx ON image_paths (folder text_pattern_ops)")
+    sql(connect, "DELETE FROM image_search_schema WHERE number = 12")
+    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+              "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
+    for i, (path, folder) in enumerate([("/photos/a/x.png", "a"), ("/photos/b.png", "")]):
+        sql(connect, insert, (path, path.rsplit("/", 1)[1], f"h{i}", f"/processed{path}.jpg", MODEL,
+                              str([float(i == j) for j in range(DIM)]), folder))
+    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                 "source_mtime_ns, folder) SELECT file_path, file_hash, file_name, processed_path, 1, 1, folder "
+                 "FROM image_embeddings")
+    sql(connect, "INSERT INTO image_paths VALUES ('/photos/c/x.png', 'h0', 'x.png', '/processed/c/x.png.jpg', 1, 1, 'c')")
+    with capture_logs() as logs:
+        start(connect).close()
+    assert [e["step"] for e in events(logs, "schema_migrated")] == [12]
+    assert sql(connect, "SELECT file_path, copy FROM image_paths ORDER BY file_path") == [
+        ("/photos/a/x.png", False), ("/photos/b.png", False), ("/photos/c/x.png", True)]
+    assert sql(connect, "SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN "
+                            "('image_paths_copy_folder_idx', 'image_paths_folder_idx')") == [
+        ("image_paths_copy_folder_idx",
+         "CREATE INDEX image_paths_copy_folder_idx ON public.image_paths USING btree (folder text_pattern_ops) WHERE copy")]
+    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                 "source_mtime_ns) VALUES ('/photos/d/x.png', 'h0', 'x.png', '/processed/d/x.png.jpg', 1, 1)")
+    assert sql(connect, "SELECT copy FROM image_paths WHERE file_path = '/photos/d/x.png'") == [(True,)]
 
 
 def test_a_second_start_applies_nothing(connect) -> None:

@@ -52,9 +52,10 @@ def _copy_chunk(vectors: np.ndarray, folders: list[str], start: int) -> bytes:
                         for i in range(start, start + len(vectors))])
 
 
+# Each row's one path, its representative (no copies: a folder filter reads the rows' own folders).
 PATHS_FILL = ("INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, "
-              "folder) SELECT file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, folder "
-              "FROM image_embeddings")
+              "folder, copy) SELECT file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, "
+              "folder, FALSE FROM image_embeddings")
 
 
 def _load(uri: str, vectors: np.ndarray, folders: list[str], out: Report) -> None:
@@ -72,7 +73,7 @@ def _load(uri: str, vectors: np.ndarray, folders: list[str], out: Report) -> Non
             data = _copy_chunk(vectors[start:start + 10_000], folders, start)
             with conn, conn.cursor() as cur:
                 cur.copy_expert(_copy_sql(), io.BytesIO(data))
-        with conn, conn.cursor() as cur:  # each row's one path, which the folder filter reads
+        with conn, conn.cursor() as cur:
             cur.execute(PATHS_FILL)
         say(f"filtered: loaded {len(vectors)} rows in {time.perf_counter() - started:.1f} s; building HNSW")
         started = time.perf_counter()

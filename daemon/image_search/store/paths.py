@@ -1,5 +1,7 @@
 """The paths of each stored content (``image_paths``, migration 0008): every file that holds it, one row a
 path, and which of them ``image_embeddings.file_path`` names (the representative: what a hit shows first).
+Each path says whether it is a copy, not the representative (``copy``, migration 0012), which the folder
+filter reads: TRUE where not known, since a copy left FALSE would be missing from its folder's searches.
 
 A content's row lives while one path holds it. Whatever takes paths away (a delete, a rename, a path
 that now holds other bytes) ends with ``tidy`` on the contents it touched: a content left with no path
@@ -20,11 +22,21 @@ COLUMNS = "file_path, file_hash, file_name, processed_path, source_size, source_
 _ON_CONFLICT = """
 ON CONFLICT (file_path) DO UPDATE SET file_hash = EXCLUDED.file_hash, file_name = EXCLUDED.file_name,
     processed_path = EXCLUDED.processed_path, source_size = EXCLUDED.source_size,
-    source_mtime_ns = EXCLUDED.source_mtime_ns, folder = EXCLUDED.folder
+    source_mtime_ns = EXCLUDED.source_mtime_ns, folder = EXCLUDED.folder, copy = EXCLUDED.copy
 """
-WRITE = f"INSERT INTO image_paths ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) {_ON_CONFLICT}"
-# The rows of an upsert, from its staging table (``embeddings._STAGING_SCHEMA``).
-WRITE_STAGED = f"INSERT INTO image_paths ({COLUMNS}) SELECT {COLUMNS} FROM image_embeddings_incoming {_ON_CONFLICT}"
+# A copy until ``tidy``, which every writer of one path runs after it, says otherwise.
+WRITE = f"INSERT INTO image_paths ({COLUMNS}, copy) VALUES (%s, %s, %s, %s, %s, %s, %s, TRUE) {_ON_CONFLICT}"
+# The rows of an upsert, from its staging table (``embeddings._STAGING_SCHEMA``), after the upsert made each
+# its content's representative. The other paths those contents had are copies from then on (a content
+# embedded again under another name): ``MARK_STAGED_COPIES`` first, found by the staged hashes (a new
+# content has no path yet, and the lookup finds nothing).
+WRITE_STAGED = (f"INSERT INTO image_paths ({COLUMNS}, copy) SELECT {COLUMNS}, FALSE FROM image_embeddings_incoming "
+                f"{_ON_CONFLICT}")
+MARK_STAGED_COPIES = """
+UPDATE image_paths AS p SET copy = TRUE
+WHERE p.file_hash = ANY(ARRAY(SELECT file_hash FROM image_embeddings_incoming)) AND NOT p.copy
+    AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i WHERE i.file_path = p.file_path)
+"""
 # Paths about to hold other content leave the content they held. Each staged path is looked up through
 # the primary key: a join with the staging table (a TEMP table, never analysed) read all of image_paths
 # per batch, 0.08 ms a row at 16,000 rows and growing with the table.
@@ -66,6 +78,11 @@ WHERE e.file_hash = p.file_hash
     AND (e.file_path, e.file_name, e.processed_path, e.source_size, e.source_mtime_ns, e.folder) IS DISTINCT FROM
         (p.file_path, p.file_name, p.processed_path, p.source_size, p.source_mtime_ns, coalesce(p.folder, e.folder))
 """
+# After ``REPRESENT``: each path of these contents is a copy unless it is the representative.
+_MARK_COPIES = """
+UPDATE image_paths AS p SET copy = p.file_path <> e.file_path FROM image_embeddings AS e
+WHERE p.file_hash = ANY(%(hashes)s) AND e.file_hash = p.file_hash AND p.copy <> (p.file_path <> e.file_path)
+"""
 # Every path of the contents a ranking found, by name: its hits' copies.
 PATHS_OF = ("SELECT file_hash, file_path, file_name, processed_path, folder FROM image_paths "
             "WHERE file_hash = ANY(%s) ORDER BY file_path")
@@ -90,13 +107,14 @@ class StoredContent:
 
 
 def tidy(cur: psycopg2.extensions.cursor, hashes: Iterable[str]) -> None:
-    """After paths of ``hashes`` left or came: drop the contents no path holds, and give each of the others
-    a representative that is one of its paths."""
+    """After paths of ``hashes`` left or came: drop the contents no path holds, give each of the others
+    a representative that is one of its paths, and mark the rest of its paths copies."""
     touched = sorted(set(hashes))
     if touched:
         cur.execute(_LOCK_CONTENTS, {"hashes": touched})
         cur.execute(_DROP_PATHLESS, {"hashes": touched})
         cur.execute(REPRESENT, {"hashes": touched})
+        cur.execute(_MARK_COPIES, {"hashes": touched})
 
 
 def record(cur: psycopg2.extensions.cursor, entry: tuple, replaces: list[str]) -> list[str] | None:
