@@ -664,6 +664,21 @@ def test_search_with_nothing_at_all_is_refused_before_the_config_is_read(capsys:
     assert "search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH" in capsys.readouterr().err
 
 
+def test_a_search_whose_every_file_is_missing_fails_before_the_index_is_brought_up_to_date(
+        tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped name is said at once, not after an index run over the library and the model's load."""
+    import image_search.cli as cli
+
+    monkeypatch.setattr(cli, "open_runtime", lambda *args, **kwargs: pytest.fail("the index was brought up to date"))
+    (tree.root / "config.json").write_text(json.dumps({"source-directory": str(tree.images)}))
+    mistyped = tree.root / "cta.jpg"
+    code = main(["search", "--config", str(tree.root / "config.json"), str(mistyped), "--query", str(tree.images)])
+    assert code == ExitCode.FAILED
+    err = capsys.readouterr().err
+    assert err.count(f"failed {mistyped}: no such file\n") == 1
+    assert err.count(f"failed {tree.images}: is a folder, not an image file\n") == 1
+
+
 # --- a document that asks for the duplicates report ------------------------------------------------------
 
 

@@ -138,6 +138,26 @@ def given_flags(args: argparse.Namespace) -> dict[str, object] | None:
     return given or None
 
 
+def _not_a_file(query: Path) -> str | None:
+    """Why a typed path can be no query, or None. A path that does not exist is not a file that
+    "disappeared" (preprocess's wording)."""
+    if query.is_dir():
+        return "is a folder, not an image file"
+    return None if query.exists() else "no such file"
+
+
+def _existing(files: Sequence[Path]) -> list[Path]:
+    """The FILEs a search can read, each other one failed now: a mistyped name is said at once, not after
+    the index run over the library and the model's load."""
+    existing = []
+    for query in files:
+        if (reason := _not_a_file(query)) is None:
+            existing.append(query)
+        else:
+            _query_failed(query, reason)
+    return existing
+
+
 def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] = (),
                  args: argparse.Namespace | None = None) -> ExitCode:
     """Search with each file (a picture, a ``.txt`` of words or a ``.json`` query document), then each
@@ -146,9 +166,8 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
     given = given_flags(args) if args is not None else None
     status = ExitCode.OK
     for query in files:
-        # A typed path that does not exist is not a file that "disappeared" (preprocess's wording).
-        if query.is_dir() or not query.exists():
-            _query_failed(query, "is a folder, not an image file" if query.is_dir() else "no such file")
+        if (reason := _not_a_file(query)) is not None:  # gone while the index was brought up to date
+            _query_failed(query, reason)
             status = ExitCode.FAILED
             continue
         try:
@@ -241,6 +260,13 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
     report = (duplicates_from_flags(folders=args.folder, kind=args.kind, source_directory=cfg.source_directory)
               if args.command == "duplicates" else None)  # checked before the index is brought up to date
+    status = ExitCode.OK
+    if args.command == "search":
+        files = _existing([*args.files, *args.query])
+        if len(files) < len(args.files) + len(args.query):
+            status = ExitCode.FAILED
+            if not files and not args.text:
+                return status  # nothing left to search for
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
         indexer = Indexer(cfg, rt.model(), rt.store)
@@ -256,7 +282,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                 print(escape(write_report(cfg, rt.store, kinds=[Kind(k) for k in report.kinds], folders=report.folders)))
                 return ExitCode.OK
             if args.command == "search":
-                return run_searches(rt, [*args.files, *args.query], args.text, args)
+                return max(status, run_searches(rt, files, args.text, args))
             if args.search:
                 return run_searches(rt, [args.search])
             return interactive(rt, indexer)
