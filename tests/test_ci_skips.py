@@ -42,7 +42,7 @@ TESTS = textwrap.dedent('''
 
 def run_pytest(tmp_path: Path, selection: str, **env: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_story.py").write_text(TESTS)
-    environ = {k: v for k, v in os.environ.items() if k not in ("CI", "IMAGE_SEARCH_NO_SKIPS", "PYTEST_ADDOPTS")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("CI", "IMAGE_SEARCH_TESTS_NO_SKIPS", "PYTEST_ADDOPTS")}
     environ.update(env, PYTHONPATH=str(REPO))
     # -c /dev/null: not this project's settings (its testpaths); -p: the plugin tests/conftest.py loads.
     return subprocess.run([sys.executable, "-m", "pytest", "-c", os.devnull, "--rootdir", str(tmp_path), "-p",
@@ -62,7 +62,7 @@ def test_in_ci_a_skip_fails_the_run_and_is_named_with_its_reason(tmp_path: Path)
 
 
 def test_in_ci_the_gpu_tier_may_skip_for_want_of_cuda(tmp_path: Path) -> None:
-    run = run_pytest(tmp_path, "test_passes or test_on_the_gpu or test_known_bug", IMAGE_SEARCH_NO_SKIPS="1")
+    run = run_pytest(tmp_path, "test_passes or test_on_the_gpu or test_known_bug", IMAGE_SEARCH_TESTS_NO_SKIPS="1")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed, 1 skipped, 2 deselected, 1 xfailed" in run.stdout, run.stdout
 

@@ -290,8 +290,31 @@ def test_bad_environment_values_name_the_key(tmp_path, monkeypatch, variable, te
 
 def test_unrelated_environment_variables_are_ignored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, environ={"PATH": "/usr/bin", "IMAGE_SEARCHX": "1", "HOME": "/root"})
+    cfg = load_config(None, environ={"PATH": "/usr/bin", "IMAGE_SEARCHX": "1", "HOME": "/root",
+                                     "IMAGE_SEARCH_TESTS_COLD": "1", "IMAGE_SEARCH_TOPK": ""})
     assert cfg.top_k == 10
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("IMAGE_SEARCH_TOPK", "environment variable IMAGE_SEARCH_TOPK names no config key: did you mean "
+                          "IMAGE_SEARCH_TOP_K? Remove it or fix its spelling"),
+    ("IMAGE_SEARCH_POSTGRES_PASSWD", "did you mean IMAGE_SEARCH_POSTGRES_PASSWORD?"),
+    ("IMAGE_SEARCH_COLOUR", "environment variable IMAGE_SEARCH_COLOUR names no config key: Remove it"),
+])
+def test_a_misspelt_environment_variable_is_refused_as_an_unknown_key(tmp_path, monkeypatch, name, expected):
+    """It was ignored: the setting it meant was silently not made (top-k stayed 10)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={name: "5"})
+    assert expected in str(info.value) and "5" not in str(info.value)  # a password's value is never shown
+
+
+def test_a_rescan_interval_is_off_or_at_least_a_second(tmp_path):
+    assert load_config(write(tmp_path, {"rescan-interval": 0}), environ={}).rescan_interval == 0
+    assert load_config(write(tmp_path, {"rescan-interval": 1}), environ={}).rescan_interval == 1
+    assert error_for(tmp_path, {"rescan-interval": 0.5}) == (
+        "config key 'rescan-interval' must be 0 or from 1 to 31,536,000 (seconds between rescans, at most a year; "
+        "0 turns them off), got 0.5")
 
 
 def test_process_environment_is_used_when_no_mapping_is_given(tmp_path, monkeypatch):

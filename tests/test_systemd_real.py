@@ -1,7 +1,7 @@
 """Tests against a real systemd, booted isolated by tests/support/systemd_harness.py.
 
 Skipped when not root or when unshare/nsenter/systemd are missing, unless
-IMAGE_SEARCH_REQUIRE_SYSTEMD=1 is set (as .ci/run does): then that is a failure.
+IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD=1 is set (as .ci/run does): then that is a failure.
 
 Work trees live under <repo>/.pytest-systemd-tmp/ (git-ignored), not under /tmp: inside the
 namespace /tmp is a fresh, empty tmpfs, so pytest's tmp_path would be invisible to the units.
@@ -42,7 +42,7 @@ FALLBACK_TMP_ROOT = Path("/var/cache/image-search-tests")
 SYSTEMD_TMP_ROOT = (
     FALLBACK_TMP_ROOT if systemd_harness.is_hidden(REPO) else REPO / ".pytest-systemd-tmp"
 )
-REQUIRE = os.environ.get("IMAGE_SEARCH_REQUIRE_SYSTEMD") == "1"
+REQUIRE = os.environ.get("IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD") == "1"
 VENV_BIN = Path(sys.executable).parent
 # Home-like prefixes hidden by ProtectHome=.
 HOME_PREFIXES = (Path("/root"), Path("/home"), Path("/run/user"))
@@ -85,7 +85,7 @@ def _require_systemd() -> None:
         systemd_harness.check_prerequisites()
     except systemd_harness.SystemdUnavailable as exc:
         if REQUIRE:
-            pytest.fail(f"IMAGE_SEARCH_REQUIRE_SYSTEMD=1 but cannot boot systemd: {exc}")
+            pytest.fail(f"IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD=1 but cannot boot systemd: {exc}")
         pytest.skip(f"cannot boot an isolated systemd here: {exc}")
 
 

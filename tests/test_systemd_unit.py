@@ -1,6 +1,6 @@
 """Static checks of systemd/image-search.service with systemd-analyze (no systemd needs to run).
 
-Skipped when systemd-analyze is not installed, unless IMAGE_SEARCH_REQUIRE_SYSTEMD=1 (set by
+Skipped when systemd-analyze is not installed, unless IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD=1 (set by
 .ci/run): then a missing systemd-analyze is a failure.
 """
 
@@ -27,8 +27,8 @@ SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")
 def systemd_analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        if os.environ.get("IMAGE_SEARCH_REQUIRE_SYSTEMD") == "1":
-            pytest.fail("IMAGE_SEARCH_REQUIRE_SYSTEMD=1 but systemd-analyze is not installed "
+        if os.environ.get("IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD") == "1":
+            pytest.fail("IMAGE_SEARCH_TESTS_REQUIRE_SYSTEMD=1 but systemd-analyze is not installed "
                         "(apt-get install systemd)")
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     return exe

@@ -8,6 +8,7 @@ systemd can pass secrets through an EnvironmentFile.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import json
 import math
@@ -28,6 +29,8 @@ from .query import MAX_TOP_K
 MOST_NEAR_COPY_DISTANCE = 16
 
 ENV_PREFIX = "IMAGE_SEARCH_"
+# The test suite's own switches (tests/support): not config keys, and passed on to every service it starts.
+TEST_ENV_PREFIX = ENV_PREFIX + "TESTS_"
 REDACTED = "***"
 DEVICES = ("auto", "cuda", "cpu")
 _FOLLOW_CHOICES = tuple(f.value for f in FollowLinks)
@@ -216,14 +219,15 @@ class Bounds:
     most: int
     why: str
     least_excluded: bool = False  # any number above ``least``, however small
+    zero_is_off: bool = False  # 0 too, below ``least``: it turns the thing off
 
     def holds(self, value: float) -> bool:
         above = value > self.least if self.least_excluded else value >= self.least
-        return above and value <= self.most
+        return (above and value <= self.most) or (self.zero_is_off and value == 0)
 
     def describe(self) -> str:
         low = f"above {self.least:,} and at most" if self.least_excluded else f"from {self.least:,} to"
-        return f"{low} {self.most:,} ({self.why})"
+        return f"{'0 or ' if self.zero_is_off else ''}{low} {self.most:,} ({self.why})"
 
 
 # A year: a longer wait is no setting but a typo, and PostgreSQL's intervals (the fleet's lease) end
@@ -256,7 +260,10 @@ NUMBER_BOUNDS: dict[str, Bounds] = {
     "near-copy-max-distance": Bounds(0, MOST_NEAR_COPY_DISTANCE, "bits of 255 in which two near-copies' "
                                                                  "perceptual hashes may differ"),
     "settle-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year"),
-    "rescan-interval": Bounds(0, MOST_SECONDS, "seconds, at most a year; 0 turns the rescans off"),
+    # A rescan lists every watched folder and compares it with the table: 20,000 unchanged files took
+    # about half a second of CPU (README "Rescans"). A fraction of a second apart, that is a core kept busy.
+    "rescan-interval": Bounds(1, MOST_SECONDS, "seconds between rescans, at most a year; 0 turns them off",
+                              zero_is_off=True),
     "member-lease-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year", least_excluded=True),
     "similar-min-similarity": Bounds(0, 1, "a cosine similarity; 0 takes the model family's default"),
     "burst-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year"),
@@ -397,8 +404,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
             values[key] = base / value
     if "model-name" in values:
         values["model-name"] = _model_relative_to(base, values["model-name"])
+    _check_environment_names(environ)
     for key in _FIELDS:
-        env_name = ENV_PREFIX + key.replace("-", "_").upper()
+        env_name = _env_name(key)
         # Empty is unset, as systemd/image-search.env.example says: its lines ship empty, and read as
         # values they stopped the start ('device' must be one of ..., got '') or replaced the file's.
         if environ.get(env_name, "").strip():
@@ -410,6 +418,25 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     cfg = Config(**{_FIELDS[k].name: v for k, v in values.items()})
     _validate(cfg)
     return cfg
+
+
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.replace("-", "_").upper()
+
+
+def _check_environment_names(environ: Mapping[str, str]) -> None:
+    """Refuse an ``IMAGE_SEARCH_*`` variable that names no key, as the file refuses an unknown key: a
+    misspelt one (``IMAGE_SEARCH_TOPK``) was ignored, and the setting it meant silently not made."""
+    known = {_env_name(key) for key in _FIELDS}
+    suffixes = [name.removeprefix(ENV_PREFIX) for name in known]
+    for name in sorted(environ):
+        if (name.startswith(ENV_PREFIX) and name not in known and not name.startswith(TEST_ENV_PREFIX)
+                and environ[name].strip()):  # empty is unset, whatever it names
+            # Compared without the prefix every name shares, which made any name close to some key.
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}? " if close else ""
+            raise ConfigError(f"environment variable {name} names no config key: {hint}Remove it or fix its "
+                              f"spelling (IMAGE_SEARCH_ and a key in upper case, '-' as '_')")
 
 
 def _model_relative_to(base: Path, name: str) -> str:

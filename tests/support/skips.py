@@ -3,7 +3,7 @@ skipped for any reason but the one allowed, the GPU tier's "needs CUDA" on a mac
 
 A skip is a test that did not prove what it names; on a developer's machine that may be fine (no
 systemd, no root), in CI it hides a broken check behind a green run. Enforced where ``CI`` is true or
-``IMAGE_SEARCH_NO_SKIPS=1`` (``.ci/run`` sets both ways); elsewhere the skips are only listed, as pytest's
+``IMAGE_SEARCH_TESTS_NO_SKIPS=1`` (``.ci/run`` sets both ways); elsewhere the skips are only listed, as pytest's
 ``-ra`` lists them anyway.
 """
 
@@ -19,7 +19,7 @@ GPU_MARKER = "gpu"
 
 
 def enforced(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
-    return environ.get("CI", "").lower() in ("true", "1") or environ.get("IMAGE_SEARCH_NO_SKIPS") == "1"
+    return environ.get("CI", "").lower() in ("true", "1") or environ.get("IMAGE_SEARCH_TESTS_NO_SKIPS") == "1"
 
 
 def skip_reason(report: pytest.TestReport) -> str:
