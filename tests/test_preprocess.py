@@ -788,6 +788,26 @@ def test_save_processed_is_atomic_and_skips_identical_content(tmp_path):
     assert leftovers == [], f"temporary files left behind: {leftovers}"
 
 
+def test_a_copy_whose_folder_is_removed_as_it_empties_is_written_all_the_same(tmp_path, monkeypatch):
+    """The service removes a processed folder left empty (the last picture of a folder renamed away) while
+    a worker writes a new copy into it: between the worker's mkdir and its file, the folder went."""
+    import image_search.preprocess as preprocess
+
+    target = tmp_path / "processed" / "album" / "pic.png.jpg"
+    real = preprocess.create_beside
+    removed = []
+
+    def emptied_first(path: Path):  # noqa: ANN202
+        if not removed:
+            path.parent.rmdir()
+            removed.append(path.parent)
+        return real(path)
+
+    monkeypatch.setattr(preprocess, "create_beside", emptied_first)
+    write_atomically(target, b"jpeg")
+    assert removed == [target.parent] and target.read_bytes() == b"jpeg"
+
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_processed_copy_thumbnail_and_atomic_writes_get_the_mode_open_gives_under_the_umask(tmp_path, umask, mode):
     """0666 less the umask, as ``open()`` gives a result file: with the unit's UMask=0027 the service's group

@@ -397,11 +397,14 @@ def test_folder_moved_inside_keeps_rows_and_moved_out_drops_them(story_factory) 
         assert (new["id"], new["file_hash"]) == (old["id"], old["file_hash"])
         assert Path(new["processed_path"]).is_file()
     assert story.service.indexed == 2  # the start-up's two, nothing re-embedded
+    processed = story.cfg.processed_directory
+    assert sorted(p.name for p in processed.iterdir()) == ["trip"]  # as images/ is: no empty album/ left
     outside = story.cfg.source_directory.parent / "elsewhere"
     os.rename(story.images / "trip", outside)
     story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "trip", dest=outside, is_directory=True)
     story.run_until_idle()
     assert story.rows() == {}
+    assert list(processed.iterdir()) == [] and processed.is_dir()
 
 
 def test_folder_copied_in_is_walked(story_factory, tmp_path) -> None:

@@ -415,7 +415,11 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
     The file's mode is what ``open()`` gives: 0666 less the process's umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_beside(path)
+    try:
+        fd, tmp = create_beside(path)
+    except FileNotFoundError:  # removed as it emptied (sync.remove_processed) between the two: once more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -127,13 +127,25 @@ def is_current(record: SourceRecord | None, st: os.stat_result, model_name: str)
 
 def remove_processed(cfg: Config, source: Path) -> None:
     """Delete the processed copy (and its thumbnail) of a source that is gone (derived data: a leftover
-    costs only disk)."""
+    costs only disk), and the folders that held nothing else: processed-directory mirrors the source
+    folders, and a folder renamed there left its old name behind, empty, in here."""
     try:
         processed = processed_path_for(source, cfg.source_directory, cfg.processed_directory)
         processed.unlink(missing_ok=True)
         thumbnail_path_for(processed).unlink(missing_ok=True)
     except (OSError, ValueError):
-        pass
+        return
+    remove_emptied(cfg, processed.parent)
+
+
+def remove_emptied(cfg: Config, folder: Path) -> None:
+    """Remove ``folder`` of processed-directory and the folders above it, as long as each is empty."""
+    while folder != cfg.processed_directory and folder.is_relative_to(cfg.processed_directory):
+        try:
+            folder.rmdir()  # only an empty one; a copy being written into it meanwhile makes it again
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def paths_under(known: Iterable[str], folder: Path) -> list[str]:
@@ -497,6 +509,7 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
     except FileNotFoundError:
         pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
+    remove_emptied(cfg, old_processed.parent)  # the last picture of a folder renamed on the way
     if not store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
                                source_size=kept[0], source_mtime_ns=kept[1],
                                folder=relative_folder(dest, root), replaces=[str(src)]):
