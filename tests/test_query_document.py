@@ -679,6 +679,23 @@ def test_a_search_whose_every_file_is_missing_fails_before_the_index_is_brought_
     assert err.count(f"failed {tree.images}: is a folder, not an image file\n") == 1
 
 
+def test_a_file_dragged_onto_the_prompt_is_that_file_as_the_terminal_pastes_it(tmp_path: Path) -> None:
+    """Terminals paste a dropped file's path quoted, with its spaces escaped, or as a file:// address; as
+    typed, it named no file and was searched for as words."""
+    from image_search.cli import _typed_path
+
+    picture = tmp_path / "My Pictures" / "l'été.jpg"
+    picture.parent.mkdir()
+    picture.write_bytes(b"a picture")
+    quoted = str(picture).replace("'", "'\\''")
+    escaped = str(picture).replace(" ", "\\ ").replace("'", "\\'")
+    address = "file://" + str(picture).replace(" ", "%20").replace("é", "%C3%A9")
+    for pasted in (f"'{quoted}'", f'"{picture}"', escaped, address, str(picture)):
+        assert _typed_path(pasted) == picture, pasted
+    for words in ("a red bicycle", "it's red", "'a red bicycle'", "file:///nowhere/x.jpg"):
+        assert _typed_path(words) is None, words
+
+
 # --- a document that asks for the duplicates report ------------------------------------------------------
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shlex
 import signal
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -234,9 +236,20 @@ def interactive(rt: Runtime, indexer: Indexer) -> ExitCode:
 
 
 def _typed_path(line: str) -> Path | None:
-    """The file a line typed at the prompt names, if one exists: as typed, or as ``names.escape`` text
-    (how logs and results show a name whose bytes are not UTF-8)."""
-    for candidate in (line, unescape(line)):
+    """The file a line typed at the prompt names, if one exists: as typed, as ``names.escape`` text (how
+    logs and results show a name whose bytes are not UTF-8), or as a terminal pastes a file dragged onto
+    it: quoted or with its spaces escaped (``'/My Pictures/a.jpg'``, ``/My\\ Pictures/a.jpg``), or as a
+    ``file://`` address."""
+    candidates = [line, unescape(line)]
+    try:
+        words = shlex.split(line)
+    except ValueError:  # an apostrophe in words ("it's red"): no quoting, words
+        words = []
+    if len(words) == 1:
+        candidates.append(words[0])
+    if line.startswith("file://"):
+        candidates.append(urllib.parse.unquote(urllib.parse.urlsplit(line).path, errors="surrogateescape"))
+    for candidate in candidates:
         path = Path(candidate).expanduser()
         if path.exists():
             return path
