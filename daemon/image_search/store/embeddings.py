@@ -253,7 +253,6 @@ class EmbeddingStore:
             cur.execute(paths.LEAVE_STAGED)
             left = [row[0] for row in cur.fetchall()]
             cur.execute(_UPSERT)
-            cur.execute(paths.MARK_STAGED_COPIES)
             cur.execute(paths.WRITE_STAGED)
             paths.tidy(cur, left)
 

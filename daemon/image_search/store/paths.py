@@ -28,14 +28,16 @@ ON CONFLICT (file_path) DO UPDATE SET file_hash = EXCLUDED.file_hash, file_name 
 WRITE = f"INSERT INTO image_paths ({COLUMNS}, copy) VALUES (%s, %s, %s, %s, %s, %s, %s, TRUE) {_ON_CONFLICT}"
 # The rows of an upsert, from its staging table (``embeddings._STAGING_SCHEMA``), after the upsert made each
 # its content's representative. The other paths those contents had are copies from then on (a content
-# embedded again under another name): ``MARK_STAGED_COPIES`` first, found by the staged hashes (a new
-# content has no path yet, and the lookup finds nothing).
-WRITE_STAGED = (f"INSERT INTO image_paths ({COLUMNS}, copy) SELECT {COLUMNS}, FALSE FROM image_embeddings_incoming "
-                f"{_ON_CONFLICT}")
-MARK_STAGED_COPIES = """
-UPDATE image_paths AS p SET copy = TRUE
-WHERE p.file_hash = ANY(ARRAY(SELECT file_hash FROM image_embeddings_incoming)) AND NOT p.copy
-    AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i WHERE i.file_path = p.file_path)
+# embedded again under another name), found by the staged hashes: a new content has no path yet, and the
+# lookup finds nothing. One statement, not two, for a round trip less per batch; the two parts touch
+# different rows (the first never a staged path).
+WRITE_STAGED = f"""
+WITH now_copies AS (
+    UPDATE image_paths AS p SET copy = TRUE
+    WHERE p.file_hash = ANY(ARRAY(SELECT file_hash FROM image_embeddings_incoming)) AND NOT p.copy
+        AND NOT EXISTS (SELECT 1 FROM image_embeddings_incoming AS i WHERE i.file_path = p.file_path)
+)
+INSERT INTO image_paths ({COLUMNS}, copy) SELECT {COLUMNS}, FALSE FROM image_embeddings_incoming {_ON_CONFLICT}
 """
 # Paths about to hold other content leave the content they held. Each staged path is looked up through
 # the primary key: a join with the staging table (a TEMP table, never analysed) read all of image_paths
