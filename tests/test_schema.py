@@ -300,6 +300,47 @@ def test_paths_of_the_version_before_copies_were_marked_are_marked(connect) -> N
     assert sql(connect, "SELECT copy FROM image_paths WHERE file_path = '/photos/d/x.png'") == [(True,)]
 
 
+def test_a_step_waits_for_a_table_held_in_tries_saying_who_holds_it_and_others_go_on(
+        connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 12's ALTER TABLE while another session reads image_paths in a long transaction (a backup):
+    each try gives way after a few seconds and the waiting start says who holds the table, so a third
+    session's reads go on meanwhile; they queued behind the ALTER until the backup ended, and the start
+    logged nothing."""
+    start(connect).close()
+    sql(connect, "DROP INDEX image_paths_copy_folder_idx")
+    sql(connect, "ALTER TABLE image_paths DROP COLUMN copy")
+    sql(connect, "DELETE FROM image_search_schema WHERE number = 12")
+    monkeypatch.setattr(schema, "MIGRATION_RETRY_S", 0.3, raising=False)
+    backup = connect()
+    backup_cur = backup.cursor()
+    backup_cur.execute("SELECT pg_backend_pid(), count(*) FROM image_paths")  # its transaction stays open
+    backup_pid = backup_cur.fetchone()[0]
+    migrated: list[EmbeddingStore] = []
+    try:
+        with capture_logs() as logs:
+            starting = threading.Thread(target=lambda: migrated.append(start(connect)), daemon=True)
+            starting.start()
+            wait_for(lambda: events(logs, "schema_migration_waiting"), timeout=30, what="the start saying it waits")
+            reader = connect()
+            try:
+                with reader, reader.cursor() as cur:
+                    cur.execute("SET LOCAL statement_timeout = '10s'")  # behind a queued ALTER: cancelled
+                    cur.execute("SELECT count(*) FROM image_paths")
+            finally:
+                reader.close()
+            assert not migrated and starting.is_alive()
+            backup.rollback()
+            starting.join(timeout=30)
+        assert migrated, "the step was applied once the table was free"
+        migrated[0].close()
+    finally:
+        backup.close()
+    [waiting] = events(logs, "schema_migration_waiting")
+    assert any(holder.startswith(f"pid {backup_pid} ") for holder in waiting["holders"]), waiting
+    assert [e["step"] for e in events(logs, "schema_migrated")] == [12]  # said once, as applied once
+    assert 12 in recorded(connect)
+
+
 def test_a_second_start_applies_nothing(connect) -> None:
     start(connect).close()
     first = sql(connect, "SELECT number, applied_at FROM image_search_schema ORDER BY number")

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import structlog
 
@@ -202,12 +203,33 @@ def _can_run(step: migrations.Migration, dimension: int | None, table: bool, cre
     return not step.needs_dimension or (dimension is not None and (table or create))
 
 
+# A step's ALTER TABLE waits until every session on the table has ended its transaction, and every
+# statement on the table after it waits behind it: a backup's long read held a start silent for minutes
+# and, with it, the searches and writes of every service on the database. So each try waits this long
+# for a lock, then gives way for ``MIGRATION_RETRY_S`` and says who holds the table.
+_MIGRATION_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', '2s', true)"
+MIGRATION_RETRY_S = 5.0
+MIGRATION_WAIT_SAID_EVERY_S = 60.0
+# The other sessions holding a lock on one of the store's tables, oldest transaction first.
+_TABLE_LOCK_HOLDERS = r"""
+SELECT a.pid, coalesce(nullif(a.application_name, ''), a.usename), a.state,
+    round(extract(epoch FROM now() - a.xact_start)), left(regexp_replace(a.query, '\s+', ' ', 'g'), 100)
+FROM pg_stat_activity AS a
+WHERE a.pid <> pg_backend_pid() AND a.pid IN (
+    SELECT l.pid FROM pg_locks AS l JOIN pg_class AS c ON c.oid = l.relation
+    WHERE l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND c.relname LIKE 'image\_%')
+ORDER BY a.xact_start NULLS LAST LIMIT 5
+"""
+
+
 def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = None, create: bool = False,
             supplied: dict[int, object] | None = None) -> dict[int, object]:
     """Apply every step not yet applied that can run now (see the module's docstring), each recorded in
     the same transaction as its work. ``dimension``: the embeddings' (None: steps that need it wait);
     ``create``: the dimension is confirmed, so the embeddings table may be created. Returns each
-    applied step's ``result`` by number. A usual start (nothing to do) reads one table and takes no lock."""
+    applied step's ``result`` by number. A usual start (nothing to do) reads one table and takes no lock.
+    A table another session holds is waited for in tries (``_MIGRATION_LOCK_TIMEOUT``), said in the log."""
     steps = migrations.discover()
     supplied = supplied or {}
     with transaction(conn) as cur:
@@ -216,9 +238,34 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
         table = bool(cur.fetchone()[0])
     if all(s.number in done or not _can_run(s, dimension, table, create) for s in steps):
         return {}
-    results: dict[int, object] = {}
+    started, said = time.monotonic(), None
+    while True:
+        try:
+            return _apply(conn, steps, dimension, create, supplied)
+        except psycopg2.errors.LockNotAvailable:
+            now = time.monotonic()
+            if said is None or now - said >= MIGRATION_WAIT_SAID_EVERY_S:
+                said = now
+                log.warning("schema_migration_waiting", waited_s=round(now - started), holders=_lock_holders(conn),
+                            detail="a step of the schema needs the table alone; other sessions hold it in a "
+                                   f"transaction (a backup, a long query): tried again every {MIGRATION_RETRY_S:g} s")
+            time.sleep(MIGRATION_RETRY_S)
+
+
+def _lock_holders(conn: psycopg2.extensions.connection) -> list[str]:
     with transaction(conn) as cur:
-        cur.execute(XACT_LOCK, (SCHEMA_LOCK_KEY,))
+        cur.execute(_TABLE_LOCK_HOLDERS)
+        return [f"pid {pid} ({who}, {state}, transaction open {age:.0f} s): {query}"
+                for pid, who, state, age, query in cur.fetchall()]
+
+
+def _apply(conn: psycopg2.extensions.connection, steps: list, dimension: int | None, create: bool,
+           supplied: dict[int, object]) -> dict[int, object]:
+    results: dict[int, object] = {}
+    recorded = []
+    with transaction(conn) as cur:
+        cur.execute(XACT_LOCK, (SCHEMA_LOCK_KEY,))  # another service migrating: waited for, whatever it takes
+        cur.execute(_MIGRATION_LOCK_TIMEOUT)
         cur.execute(_VERSION_TABLE)
         done = applied(cur)  # again under the lock: another service may have just migrated
         for step in steps:
@@ -232,7 +279,9 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
                 results[step.number] = context.result
             cur.execute(_RECORD, (step.number, step.name))
             done.add(step.number)
-            log.info("schema_migrated", step=step.number, name=step.name)
+            recorded.append(step)
+    for step in recorded:  # once committed: a try that gave way applied nothing
+        log.info("schema_migrated", step=step.number, name=step.name)
     return results
 
 
