@@ -145,6 +145,37 @@ def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     assert store.contents([md5_of(twin)])[md5_of(twin)].paths == tuple(sorted([str(twin), str(images / "p5.png")]))
 
 
+def test_files_renamed_onto_one_anothers_names_while_nothing_watched_keep_their_rows(library) -> None:
+    """A renumbering (IMG_0001 to IMG_0002, ..., IMG_0004 to IMG_0005) and a swap (p0 and p2) made while
+    nothing watched: each content follows its file, with no model work. Followed one file at a time, each
+    content whose name the next file took was dropped, and embedded again when its file was read."""
+    cfg, database, store, indexer = library
+    images, seq = cfg.source_directory, cfg.source_directory / "seq"
+    for i in range(1, 5):
+        save_picture(seq / f"IMG_{i:04d}.png", seed=20 + i, size=(120, 90))
+    assert indexer.index_folder(show_progress=False).embedded == 4
+    before = {row["file_hash"]: row for row in rows(database).values()}
+    processed = {h: Path(row["processed_path"]).read_bytes() for h, row in before.items()}
+    for i in range(4, 0, -1):
+        (seq / f"IMG_{i:04d}.png").rename(seq / f"IMG_{i + 1:04d}.png")
+    (images / "p0.jpg").rename(images / "swap.jpg")
+    (images / "p2.jpg").rename(images / "p0.jpg")
+    (images / "swap.jpg").rename(images / "p2.jpg")
+
+    summary = indexer.index_folder(show_progress=False)
+
+    assert (summary.embedded, summary.removed, summary.copies, summary.relinked) == (0, 0, 0, 6)
+    after = rows(database)
+    on_disk = sorted(p for p in images.rglob("*") if p.is_file())
+    assert sorted(map(Path, after)) == on_disk
+    for path in on_disk:
+        row = after[str(path)]
+        was = before[md5_of(path)]
+        assert (row["file_hash"], row["id"], row["embedding"]) == (was["file_hash"], was["id"], was["embedding"]), path
+        assert Path(row["processed_path"]).read_bytes() == processed[row["file_hash"]], path
+    assert not (cfg.processed_directory / "seq" / "IMG_0001.png.jpg").exists()
+
+
 def test_a_file_renamed_or_moved_while_nothing_watched_keeps_its_row(library) -> None:
     """Found again by its identity (same size, then the MD5 of its bytes): the row, its embedding and its
     processed copy follow the file, with no decoding and no model work, where the rescan used to drop

@@ -34,7 +34,7 @@ from .preprocess import (
     thumbnail_name_for,
     thumbnail_path_for,
 )
-from .store import EmbeddingStore, SourceRecord
+from .store import EmbeddingStore, PathMove, SourceRecord
 from .store import metadata as stored_metadata
 from .store.metadata import MetadataUpdate
 from .readiness import ReadinessTracker
@@ -408,7 +408,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
             log.warning("source_subfolder_unmounted", path=point, kept=count,
                         reason=f"{named} and nothing is mounted there: every row and processed copy under it is kept",
                         action=f"mount it; if its pictures are gone for good, {undo}")
-    changed, new_files, missing_copies = [], [], []
+    changed, new_files, displaced, missing_copies = [], [], [], []
     copies = ProcessedListing()
     for path in on_disk:
         if stopping():
@@ -423,8 +423,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                              action="made again from the source file (no model work)")
             continue
         changed.append(path)  # a file that vanished meanwhile is reported by the indexer
-        if st is not None and record is None:
-            new_files.append((path, st))
+        if st is not None:
+            (new_files if record is None else displaced).append((path, st))
     if len(missing_copies) > MISSING_COPIES_NAMED:  # a processed folder deleted whole: not 20,000 lines
         log.info("processed_copies_missing", count=len(missing_copies), named=MISSING_COPIES_NAMED,
                  action="all made again from their source files (no model work)")
@@ -433,6 +433,12 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     if stopping():  # the renames not followed yet would read as deletions
         return _cut_short(renamed=len(followed))
     moved_from = set(followed.values())
+    shifted = _follow_shifts(cfg, store, [known[p] for p in vanished if p not in moved_from]
+                             + [known[str(p)] for p, _ in displaced],
+                             [*displaced, *((p, st) for p, st in new_files if p not in followed)], present, stopping)
+    if stopping():
+        return _cut_short(renamed=len(followed))
+    moved_from |= shifted
     gone = [p for p in vanished if p not in moved_from]
     changed = [p for p in changed if p not in followed] + missing_copies
     if gone:
@@ -452,6 +458,54 @@ def _kept_under(vanished: list[str], folders: list[Path]) -> tuple[list[str], di
             kept[folder] = len(under)
             vanished = [p for p in vanished if p not in under]
     return vanished, kept
+
+
+def _follow_shifts(cfg: Config, store: EmbeddingStore, sources: list[SourceRecord],
+                   targets: list[tuple[Path, os.stat_result]], present: set[str],
+                   stopping: Callable[[], bool]) -> set[str]:
+    """Files renamed onto names the index knows while nothing watched: a renumbering (``IMG_0001`` to
+    ``IMG_0002``, ``IMG_0002`` to ``IMG_0003``, ...) or a swap. ``sources``: the records of paths that
+    vanished (not in ``present``) or whose file is not as recorded; ``targets``: the files not as their
+    path's record says. A
+    target holding a source's bytes (the size and mtime a rename keeps, then the MD5) becomes a path of
+    that content, all of them in one transaction (``EmbeddingStore.move_paths``), before any content is
+    dropped for want of a path: followed one file at a time, each content whose path the next took was
+    dropped, and embedded again when its file was read. Returns the vanished source paths that followed
+    (their rows go with the move). The targets stay changed files: their processed copies are the old
+    contents' pictures, removed here, so the indexer reads them again and finds their content stored."""
+    by_stat: dict[tuple[int, int], list[SourceRecord]] = {}
+    for record in sources:
+        if record.model_name == cfg.model_name:
+            by_stat.setdefault((record.source_size, record.source_mtime_ns), []).append(record)
+    sized = [(path, st) for path, st in targets if (st.st_size, st.st_mtime_ns) in by_stat]
+    if not sized:
+        return set()
+    identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized], stopping=stopping)
+    if stopping():  # a part of the moves would drop the contents whose own move was left out
+        return set()
+    root = cfg.source_directory
+    moves: list[PathMove] = []
+    previous: list[str] = []
+    for (path, st), file_hash in zip(sized, identities):
+        same = by_stat[(st.st_size, st.st_mtime_ns)]
+        record = next((r for r in same if r.file_hash == file_hash and r.file_path != str(path)), None)
+        if record is None:
+            continue
+        same.remove(record)  # each source follows one file (copies of one content moved together)
+        moves.append(PathMove(str(path), record.file_hash, str(processed_path_for(path, root, cfg.processed_directory)),
+                              st.st_size, st.st_mtime_ns, relative_folder(path, root),
+                              leaves=None if record.file_path in present else record.file_path))
+        previous.append(record.file_path)
+    if not moves:
+        return set()
+    store.move_paths(moves)
+    for move, was in zip(moves, previous):
+        remove_processed(cfg, Path(move.file_path))  # the old content's picture: made again when read
+        if move.leaves is not None:
+            remove_processed(cfg, Path(move.leaves))
+        log.info("image_renamed", path=move.file_path, previous=was, file_hash=move.file_hash,
+                 detail="onto a name the index knew, while nothing watched")
+    return {move.leaves for move in moves if move.leaves is not None}
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],

@@ -31,7 +31,8 @@ from .connection import (
 )
 from .database import Database
 from .embedded import EmbeddedPostgres
-from .embeddings import BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, Ranking, SourceRecord, copy_binary
+from .embeddings import (BULK_LOAD_MIN_ROWS, EmbeddingRow, EmbeddingStore, Hit, PathMove, Ranking, SourceRecord,
+                         copy_binary)
 from .filters import FilterSql, filter_sql
 from .ranking import EXACT_FALLBACK_MAX_ROWS
 from .paths import StoredContent
@@ -51,6 +52,6 @@ __all__ = [
     "HNSW_INDEX", "IDENTITY", "KEEPALIVE_COUNT", "KEEPALIVE_IDLE_S", "KEEPALIVE_INTERVAL_S", "MEMBER_LOCK_SPACE",
     "NAMES", "SCHEMA_LOCK_KEY", "USER_TIMEOUT_MS", "BulkLoad", "Database", "DatabaseUnavailable", "EmbeddedPostgres",
     "EmbeddingRow", "EmbeddingStore", "FilterSql", "FleetClaims", "FleetMismatch", "FleetRegistry", "Hit",
-    "JoinResult", "LeaveResult", "MemberInfo", "Ranking", "Session", "SourceRecord", "StoreError", "StoredContent", "copy_binary",
+    "JoinResult", "LeaveResult", "MemberInfo", "PathMove", "Ranking", "Session", "SourceRecord", "StoreError", "StoredContent", "copy_binary",
     "filter_sql", "hnsw_index_ddl",
 ]

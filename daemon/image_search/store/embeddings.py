@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psycopg2.extensions
@@ -82,6 +83,19 @@ class EmbeddingRow:
     metadata: PictureMetadata | None = None  # the original's header (``image_search.metadata``)
     folder: str | None = None  # relative to source-directory ('' at its top): ``metadata.relative_folder``
     phash: int | None = None  # ``phash.perceptual_hash`` (None: filled later, ``duplicates.fill_missing_hashes``)
+
+
+@dataclass(frozen=True)
+class PathMove:
+    """A path that holds a stored content now (``EmbeddingStore.move_paths``): a file renamed onto it."""
+
+    file_path: str
+    file_hash: str
+    processed_path: str
+    source_size: int
+    source_mtime_ns: int
+    folder: str
+    leaves: str | None = None  # the content's former path, gone with the rename
 
 
 @dataclass(frozen=True)
@@ -280,6 +294,20 @@ class EmbeddingStore:
                 cur.execute(meta.UPDATE_ALL, (*meta.metadata_values(metadata, folder), file_hash))
             paths.tidy(cur, [*left, file_hash])
             return True
+
+    @retried_on_conflict
+    def move_paths(self, moves: Sequence[PathMove]) -> None:
+        """Each path of ``moves`` holds its content now, instead of the content it held and of its
+        ``leaves``, all in one transaction: a content whose path another took, and that comes to a path
+        of its own in the same moves (a renumbering, a swap), is never dropped for having none between
+        the two. One whose content is gone meanwhile (another service dropped it) is left out."""
+        with self._cursor() as cur:
+            left: list[str] = []
+            for move in moves:
+                entry = (escape(move.file_path), move.file_hash, escape(Path(move.file_path).name),
+                         escape(move.processed_path), move.source_size, move.source_mtime_ns, escape(move.folder))
+                left += paths.record(cur, entry, [] if move.leaves is None else [escape(move.leaves)]) or []
+            paths.tidy(cur, [*left, *(move.file_hash for move in moves)])
 
     @retried_on_conflict
     def delete_paths(self, sources: Iterable[str]) -> int:
