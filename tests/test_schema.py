@@ -244,21 +244,32 @@ def test_a_database_of_the_version_before_paths_gets_each_rows_path(connect) -> 
         store.close()
 
 
+def rows_and_paths(connect, pictures: list[tuple[str, str | None]], *, path_folder: str,
+                   copy: tuple[str, str]) -> None:
+    """A row for each of ``pictures`` (path, folder; hashes h0, h1, ...) with its path in image_paths, whose
+    folder is the SQL ``path_folder`` ('folder': the row's; 'NULL'), and a copy of h0 (path, folder)."""
+    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
+              "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
+    for i, (path, folder) in enumerate(pictures):
+        sql(connect, insert, (path, path.rsplit("/", 1)[1], f"h{i}", f"/processed{path}.jpg", MODEL,
+                              str([float(i == j) for j in range(DIM)]), folder))
+    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                 f"source_mtime_ns, folder) SELECT file_path, file_hash, file_name, processed_path, 1, 1, {path_folder} "
+                 "FROM image_embeddings")
+    path, folder = copy
+    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
+                 "source_mtime_ns, folder) VALUES (%s, 'h0', %s, %s, 1, 1, %s)",
+        (path, path.rsplit("/", 1)[1], f"/processed{path}.jpg", folder))
+
+
 def test_paths_that_0008_left_without_a_folder_get_their_rows_and_an_index(connect) -> None:
     """What a database whose headers were read after 0008 left: each representative's path without the
     folder its row has. 0011 fills it (the folder filter reads the paths' folders) and indexes the column."""
     start(connect).close()
     sql(connect, "DROP INDEX IF EXISTS image_paths_folder_idx")  # 0012 dropped it: 0011 makes it again
     sql(connect, "DELETE FROM image_search_schema WHERE number = 11")
-    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
-              "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
-    for i, (path, folder) in enumerate([("/photos/sub/a.png", "sub"), ("/photos/b.png", None)]):
-        sql(connect, insert, (path, path.rsplit("/", 1)[1], f"h{i}", f"/processed{path}.jpg", MODEL,
-                              str([float(i == j) for j in range(DIM)]), folder))
-    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
-                 "source_mtime_ns, folder) SELECT file_path, file_hash, file_name, processed_path, 1, 1, NULL "
-                 "FROM image_embeddings")
-    sql(connect, "INSERT INTO image_paths VALUES ('/photos/x/a.png', 'h0', 'a.png', '/processed/x/a.png.jpg', 1, 1, 'x')")
+    rows_and_paths(connect, [("/photos/sub/a.png", "sub"), ("/photos/b.png", None)], path_folder="NULL",
+                   copy=("/photos/x/a.png", "x"))
     with capture_logs() as logs:
         start(connect).close()
     assert [e["step"] for e in events(logs, "schema_migrated")] == [11]
@@ -277,15 +288,8 @@ def test_paths_of_the_version_before_copies_were_marked_are_marked(connect) -> N
     sql(connect, "ALTER TABLE image_paths DROP COLUMN copy")
     sql(connect, "CREATE INDEX image_paths_folder_idx ON image_paths (folder text_pattern_ops)")
     sql(connect, "DELETE FROM image_search_schema WHERE number = 12")
-    insert = ("INSERT INTO image_embeddings (file_path, file_name, file_hash, processed_path, source_size, "
-              "source_mtime_ns, model_name, embedding, folder) VALUES (%s, %s, %s, %s, 1, 1, %s, %s::vector, %s)")
-    for i, (path, folder) in enumerate([("/photos/a/x.png", "a"), ("/photos/b.png", "")]):
-        sql(connect, insert, (path, path.rsplit("/", 1)[1], f"h{i}", f"/processed{path}.jpg", MODEL,
-                              str([float(i == j) for j in range(DIM)]), folder))
-    sql(connect, "INSERT INTO image_paths (file_path, file_hash, file_name, processed_path, source_size, "
-                 "source_mtime_ns, folder) SELECT file_path, file_hash, file_name, processed_path, 1, 1, folder "
-                 "FROM image_embeddings")
-    sql(connect, "INSERT INTO image_paths VALUES ('/photos/c/x.png', 'h0', 'x.png', '/processed/c/x.png.jpg', 1, 1, 'c')")
+    rows_and_paths(connect, [("/photos/a/x.png", "a"), ("/photos/b.png", "")], path_folder="folder",
+                   copy=("/photos/c/x.png", "c"))
     with capture_logs() as logs:
         start(connect).close()
     assert [e["step"] for e in events(logs, "schema_migrated")] == [12]
