@@ -664,7 +664,7 @@ def test_search_with_nothing_at_all_is_refused_before_the_config_is_read(capsys:
     assert "search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH" in capsys.readouterr().err
 
 
-def test_a_search_whose_every_file_is_missing_fails_before_the_index_is_brought_up_to_date(
+def test_a_search_whose_every_file_is_missing_or_text_empty_fails_before_the_index_is_brought_up_to_date(
         tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A mistyped name is said at once, not after an index run over the library and the model's load."""
     import image_search.cli as cli
@@ -677,6 +677,8 @@ def test_a_search_whose_every_file_is_missing_fails_before_the_index_is_brought_
     err = capsys.readouterr().err
     assert err.count(f"failed {mistyped}: no such file\n") == 1
     assert err.count(f"failed {tree.images}: is a folder, not an image file\n") == 1
+    assert main(["search", "--config", str(tree.root / "config.json"), "--text", "", "--text", " "]) == ExitCode.FAILED
+    assert capsys.readouterr().err.count("failed --text: the text query is empty: give the words to search for\n") == 2
 
 
 def test_a_file_dragged_onto_the_prompt_is_that_file_as_the_terminal_pastes_it(tmp_path: Path) -> None:

@@ -140,6 +140,9 @@ def given_flags(args: argparse.Namespace) -> dict[str, object] | None:
     return given or None
 
 
+EMPTY_TEXT = "the text query is empty: give the words to search for"
+
+
 def _not_a_file(query: Path) -> str | None:
     """Why a typed path can be no query, or None. A path that does not exist is not a file that
     "disappeared" (preprocess's wording)."""
@@ -187,7 +190,7 @@ def run_searches(rt: Runtime, files: Sequence[Path] = (), texts: Sequence[str] =
         words = text.strip()
         try:
             if not words:
-                raise ValueError("the text query is empty: give the words to search for")
+                raise ValueError(EMPTY_TEXT)
             # Checked as a flag's words are (a byte that is not UTF-8, typed at the prompt or given to --text,
             # reached the tokenizer and ended the run), whether or not query flags were given.
             spec = (flag_spec(args, rt.cfg, texts=[words]) if given is not None
@@ -276,9 +279,12 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     status = ExitCode.OK
     if args.command == "search":
         files = _existing([*args.files, *args.query])
-        if len(files) < len(args.files) + len(args.query):
+        texts = [text for text in args.text if text.strip()]
+        for _ in range(len(args.text) - len(texts)):
+            _query_failed(Path("--text"), EMPTY_TEXT)
+        if len(files) + len(texts) < len(args.files) + len(args.query) + len(args.text):
             status = ExitCode.FAILED
-            if not files and not args.text:
+            if not files and not texts:
                 return status  # nothing left to search for
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
@@ -295,7 +301,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
                 print(escape(write_report(cfg, rt.store, kinds=[Kind(k) for k in report.kinds], folders=report.folders)))
                 return ExitCode.OK
             if args.command == "search":
-                return max(status, run_searches(rt, files, args.text, args))
+                return max(status, run_searches(rt, files, texts, args))
             if args.search:
                 return run_searches(rt, [args.search])
             return interactive(rt, indexer)
