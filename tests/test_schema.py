@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 
@@ -304,21 +305,27 @@ def test_paths_of_the_version_before_copies_were_marked_are_marked(connect) -> N
     assert sql(connect, "SELECT copy FROM image_paths WHERE file_path = '/photos/d/x.png'") == [(True,)]
 
 
-def test_a_step_waits_for_a_table_held_in_tries_saying_who_holds_it_and_others_go_on(
-        connect, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Step 12's ALTER TABLE while another session reads image_paths in a long transaction (a backup):
-    each try gives way after a few seconds and the waiting start says who holds the table, so a third
-    session's reads go on meanwhile; they queued behind the ALTER until the backup ended, and the start
-    logged nothing."""
+def copies_step_behind_a_backup(connect, monkeypatch: pytest.MonkeyPatch) -> tuple[psycopg2.extensions.connection, int]:
+    """A database one step behind (12, whose ALTER TABLE needs image_paths alone), and a session that
+    read image_paths in a transaction it keeps open, as a backup does: that session and its pid."""
     start(connect).close()
     sql(connect, "DROP INDEX image_paths_copy_folder_idx")
     sql(connect, "ALTER TABLE image_paths DROP COLUMN copy")
     sql(connect, "DELETE FROM image_search_schema WHERE number = 12")
     monkeypatch.setattr(schema, "MIGRATION_RETRY_S", 0.3, raising=False)
     backup = connect()
-    backup_cur = backup.cursor()
-    backup_cur.execute("SELECT pg_backend_pid(), count(*) FROM image_paths")  # its transaction stays open
-    backup_pid = backup_cur.fetchone()[0]
+    cur = backup.cursor()
+    cur.execute("SELECT pg_backend_pid(), count(*) FROM image_paths")
+    return backup, cur.fetchone()[0]
+
+
+def test_a_step_waits_for_a_table_held_in_tries_saying_who_holds_it_and_others_go_on(
+        connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 12's ALTER TABLE while another session reads image_paths in a long transaction (a backup):
+    each try gives way after a few seconds and the waiting start says who holds the table, so a third
+    session's reads go on meanwhile; they queued behind the ALTER until the backup ended, and the start
+    logged nothing."""
+    backup, backup_pid = copies_step_behind_a_backup(connect, monkeypatch)
     migrated: list[EmbeddingStore] = []
     try:
         with capture_logs() as logs:
@@ -342,6 +349,31 @@ def test_a_step_waits_for_a_table_held_in_tries_saying_who_holds_it_and_others_g
     [waiting] = events(logs, "schema_migration_waiting")
     assert any(holder.startswith(f"pid {backup_pid} ") for holder in waiting["holders"]), waiting
     assert [e["step"] for e in events(logs, "schema_migrated")] == [12]  # said once, as applied once
+    assert 12 in recorded(connect)
+
+
+def test_a_stop_while_a_step_waits_for_a_table_ends_the_wait_with_nothing_applied(connect, monkeypatch) -> None:
+    """The service's stop, asked for while step 12 waits for a backup (its checkpoint raises): the start
+    ends at once. It waited, deaf to the stop, until the backup ended."""
+    backup, _ = copies_step_behind_a_backup(connect, monkeypatch)
+
+    class Stopped(Exception):
+        pass
+
+    asked: list[float] = []
+
+    def checkpoint() -> None:
+        asked.append(time.monotonic())
+        if len(asked) == 2:
+            raise Stopped
+
+    try:
+        with pytest.raises(Stopped):
+            EmbeddingStore(connect, dimension=DIM, checkpoint=checkpoint)
+    finally:
+        backup.close()
+    assert 12 not in recorded(connect)
+    start(connect).close()  # the next start applies it
     assert 12 in recorded(connect)
 
 

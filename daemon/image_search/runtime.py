@@ -143,7 +143,8 @@ class Runtime:
 
 
 @contextmanager
-def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Iterator[Runtime]:
+def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
+                 checkpoint: Callable[[], None] = lambda: None) -> Iterator[Runtime]:
     """Start or reach the database, open the store, start loading the model. At exit, close the store
     and stop an embedded server, and empty the table if ``cleanup`` (the original tool's behaviour),
     but only after a run that had its model (a start-up error never costs the index) and ended or was
@@ -151,7 +152,8 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
     restart asked of systemd, a source folder gone), and never while another service
     sharing the database is still live (the last member to leave empties it). ``source-directory`` is
     created here on a fresh install only (``ensure_source_folder``), and ``processed-directory`` serves
-    one source folder only (``claim_processed_folder``)."""
+    one source folder only (``claim_processed_folder``). ``checkpoint`` is called while a schema step
+    waits for a table another session holds: what it raises (a stop) ends the start."""
     ensure_directories(cfg, with_inbox=with_inbox)
     claim_processed_folder(cfg)  # before the database starts: a config error costs nothing to find
     started = time.monotonic()
@@ -164,7 +166,7 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False) -> Ite
         keep = False  # the run ended as one that keeps the index whatever cleanup says
         try:
             # The table is created once the model has confirmed the dimension; until then it is only read.
-            store = database.open_store(dimension=cfg.dimension, create_table=False)
+            store = database.open_store(dimension=cfg.dimension, create_table=False, checkpoint=checkpoint)
             try:
                 ensure_source_folder(cfg, store)  # before the model loads: a retry while a disk is not mounted is cheap
             except BaseException:

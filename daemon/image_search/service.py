@@ -100,6 +100,11 @@ class StopFlag:
     def is_set(self) -> bool:
         return self.event.is_set()
 
+    def checkpoint(self) -> None:
+        """Where a start waits and may end instead: ``ShutdownRequested`` once a stop was asked for."""
+        if self.is_set():
+            raise ShutdownRequested(self.signum)
+
 
 class Service:
     """One running service over an open runtime. ``run`` returns the exit code, or raises
@@ -454,13 +459,20 @@ def serve(cfg: Config, *, cleanup: bool, poll: bool) -> int:
     install_stop_handlers(stop.set)
     notifier = Notifier()
     notifier.status("loading the model and opening the store")
+    started = False
     try:
-        with open_runtime(cfg, cleanup=cleanup, with_inbox=True) as rt:
+        with open_runtime(cfg, cleanup=cleanup, with_inbox=True, checkpoint=stop.checkpoint) as rt:
+            started = True
             if stop.is_set():  # asked for while the database started
                 stopped_during_startup(stop.signum, notifier)
                 code = ExitCode.OK
             else:
                 code = _watch_and_run(rt, poll=poll, stop=stop, notifier=notifier)
+    except ShutdownRequested:
+        if started:
+            raise
+        stopped_during_startup(stop.signum, notifier)  # while a schema step waited for a table
+        code = ExitCode.OK
     except RestartRequested as exc:
         code = exc.kind.exit_code  # non-zero: systemd's Restart=on-failure starts us again, and we reconcile
     except DatabaseFailure:

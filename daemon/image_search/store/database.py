@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg2.extensions
 
 from ..config import Config
@@ -21,12 +23,13 @@ class Database:
         """A new connection of its own (the fleet heartbeat's)."""
         return connect(self._cfg, self.embedded.uri if self.embedded else None)
 
-    def open_store(self, *, dimension: int, create_table: bool = True) -> EmbeddingStore:
+    def open_store(self, *, dimension: int, create_table: bool = True,
+                   checkpoint: Callable[[], None] = lambda: None) -> EmbeddingStore:
         """The store, its table created unless ``create_table`` is false (a start-up that reads the table
-        while the model that confirms ``dimension`` is still loading)."""
+        while the model that confirms ``dimension`` is still loading). ``checkpoint``: ``EmbeddingStore``'s."""
         uri = self.embedded.uri if self.embedded else None
         store = EmbeddingStore(lambda: connect(self._cfg, uri), dimension=dimension, ef_search=self._cfg.ef_search,
-                               exact_search_below=self._cfg.exact_search_below)
+                               exact_search_below=self._cfg.exact_search_below, checkpoint=checkpoint)
         if create_table:
             try:
                 store.create_table()

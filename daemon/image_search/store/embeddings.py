@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +147,10 @@ class EmbeddingStore:
     session: the fleet's work claims) keeps working."""
 
     def __init__(self, connect: Connect, *, dimension: int, ef_search: int = 100,
-                 exact_search_below: int = 10_000, prepared: bool = False) -> None:
+                 exact_search_below: int = 10_000, prepared: bool = False,
+                 checkpoint: Callable[[], None] = lambda: None) -> None:
         self._connect = connect
+        self._checkpoint = checkpoint  # called while a schema step waits for a table: it may raise (a stop)
         self.dimension = dimension
         self.ef_search = ef_search
         self.exact_search_below = exact_search_below
@@ -187,13 +189,13 @@ class EmbeddingStore:
                 f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found}, or point the "
                 "service at another database, or drop the table yourself (DROP TABLE image_embeddings) to re-index."
             )
-        schema.migrate(self._conn, dimension=self.dimension)
+        schema.migrate(self._conn, dimension=self.dimension, checkpoint=self._checkpoint)
         return found is not None
 
     def create_table(self) -> None:
         """Create the table and its indexes if missing (idempotent), through the migrations that wait for the
         confirmed dimension; a new table holds today's identity, an old one its own (``needs_identity_migration``)."""
-        schema.migrate(self._conn, dimension=self.dimension, create=True)
+        schema.migrate(self._conn, dimension=self.dimension, create=True, checkpoint=self._checkpoint)
         schema.ensure_index(self._conn, self.dimension, table_existed=self.has_table)
         self.has_table = True
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg2
@@ -224,12 +225,13 @@ ORDER BY a.xact_start NULLS LAST LIMIT 5
 
 
 def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = None, create: bool = False,
-            supplied: dict[int, object] | None = None) -> dict[int, object]:
+            supplied: dict[int, object] | None = None, checkpoint: Callable[[], None] = lambda: None) -> dict[int, object]:
     """Apply every step not yet applied that can run now (see the module's docstring), each recorded in
     the same transaction as its work. ``dimension``: the embeddings' (None: steps that need it wait);
     ``create``: the dimension is confirmed, so the embeddings table may be created. Returns each
     applied step's ``result`` by number. A usual start (nothing to do) reads one table and takes no lock.
-    A table another session holds is waited for in tries (``_MIGRATION_LOCK_TIMEOUT``), said in the log."""
+    A table another session holds is waited for in tries (``_MIGRATION_LOCK_TIMEOUT``), said in the log;
+    ``checkpoint`` is called between them: what it raises (a stop) ends the wait, nothing applied."""
     steps = migrations.discover()
     supplied = supplied or {}
     with transaction(conn) as cur:
@@ -249,7 +251,9 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
                 log.warning("schema_migration_waiting", waited_s=round(now - started), holders=_lock_holders(conn),
                             detail="a step of the schema needs the table alone; other sessions hold it in a "
                                    f"transaction (a backup, a long query): tried again every {MIGRATION_RETRY_S:g} s")
+            checkpoint()
             time.sleep(MIGRATION_RETRY_S)
+            checkpoint()
 
 
 def _lock_holders(conn: psycopg2.extensions.connection) -> list[str]:
