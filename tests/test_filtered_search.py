@@ -25,6 +25,7 @@ from image_search.metadata import PictureMetadata
 from image_search.query import Filters
 from image_search.store import Database, EmbeddingRow, EmbeddingStore, Ranking
 from image_search.store import ranking as ranking_module
+from image_search.store import filters as filters_module
 from image_search.store.filters import filter_sql
 from tests.support.db import empty_store, raw
 
@@ -123,10 +124,14 @@ def copies(database: Database) -> list[str]:
     return [path for (path,) in raw(database, "SELECT file_path FROM image_paths WHERE copy ORDER BY file_path")]
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["copies listed", "too many copies to list"])
 def test_a_copy_in_a_folder_puts_its_picture_in_that_folder_named_by_the_copy(library: EmbeddingStore,
-                                                                              database: Database) -> None:
+                                                                              database: Database, listed: bool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Photos first indexed in 2024/ and 2023/june/, copied later into selects/: the row's representative
-    stays where it was first seen, but the picture is in selects/ too, and a search there names it so."""
+    stays where it was first seen, but the picture is in selects/ too, and a search there names it so.
+    The copies' hashes are given as a list, or, more than ``MOST_COPIES_LISTED``, as a subquery."""
+    monkeypatch.setattr(filters_module, "MOST_COPIES_LISTED", 2 if listed else 1)
     assert copies(database) == []
     for path, folder in (("2024/first.jpg", "selects"), ("2023/june/beach.png", "selects/summer")):
         copy_into(library, path, folder)
@@ -224,7 +229,7 @@ def test_camera_and_format_filters_have_indexes(library: EmbeddingStore, databas
     try:
         with conn, conn.cursor() as cur:
             cur.execute("SET LOCAL enable_seqscan = off")  # eight rows: a scan would be cheaper otherwise
-            condition = filter_sql(Filters(camera="leica"))
+            condition = filter_sql(Filters(camera="leica"), copies=[])
             cur.execute(f"EXPLAIN SELECT 1 FROM image_embeddings WHERE {condition.where}", condition.params)
             assert "image_embeddings_camera_trgm_idx" in "\n".join(row for (row,) in cur.fetchall())
     finally:

@@ -552,13 +552,18 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         kept = (now.st_size, now.st_mtime_ns)
     elif kept is None:
         return False
-    try:
-        new_processed.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(old_processed, new_processed)
-    except FileNotFoundError:
-        return False
-    except (FileExistsError, NotADirectoryError, IsADirectoryError):
-        return False  # an entry of the user's in processed-directory is in the way: indexing ``dest`` names it
+    for attempt in (1, 2):
+        try:
+            new_processed.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old_processed, new_processed)
+            break
+        except FileNotFoundError:
+            # No copy to move; or its new folder, made just now, was removed as it emptied (``remove_emptied``,
+            # from the row writer's thread): once more.
+            if attempt == 2 or not os.path.lexists(old_processed):
+                return False
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            return False  # an entry of the user's in processed-directory is in the way: indexing ``dest`` names it
     try:
         os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
     except FileNotFoundError:

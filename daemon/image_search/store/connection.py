@@ -10,7 +10,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import psycopg2
-import psycopg2.errors
 import psycopg2.extensions
 import structlog
 
@@ -112,8 +111,6 @@ def unavailable_when_lost(conn: psycopg2.extensions.connection) -> Iterator[None
     closed connection tells."""
     try:
         yield
-    except psycopg2.errors.LockNotAvailable:  # a lock_timeout the caller set: the connection is fine
-        raise
     except psycopg2.Error as exc:
         if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) or conn.closed:
             raise DatabaseUnavailable(f"database error: {' '.join(str(exc).split())}") from exc

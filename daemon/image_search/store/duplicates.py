@@ -14,7 +14,7 @@ import psycopg2.extras
 from ..names import unescape
 from ..phash import from_bytes, to_bytes
 from ..query import Filters
-from .filters import filter_sql, folder_match
+from .filters import filter_sql_on, folder_match
 from .metadata import TAKEN_AT_SECONDS, taken_at_of
 
 if TYPE_CHECKING:
@@ -66,14 +66,14 @@ def read_pictures(store: EmbeddingStore, *, folders: tuple[str, ...] = (), embed
     what it raises ends the read (a stop)."""
     if not store.has_table:
         return [], (np.zeros((0, store.dimension), dtype=np.float32) if embeddings else None)
-    condition = filter_sql(Filters(folders=folders))
-    params = {**condition.params, "embeddings": embeddings}
-    inside = folder_match("p.folder", folders, params)  # the same parameters as the condition's
-    outside = "" if inside is None else f"({inside}) IS NOT TRUE,"
     pictures: list[StoredPicture] = []
     vectors: list[np.ndarray] = []  # float32, a round of rows each (the big-endian bytes never all at once)
     pending: list[bytes] = []
     with store.session.transaction() as cur:
+        condition = filter_sql_on(cur, Filters(folders=folders))
+        params = {**condition.params, "embeddings": embeddings}
+        inside = folder_match("p.folder", folders, params)  # the same parameters as the condition's
+        outside = "" if inside is None else f"({inside}) IS NOT TRUE,"
         named = cur.connection.cursor(name="duplicates_pictures")  # server-side: rows arrive in rounds
         try:
             named.itersize = FETCH_ROWS

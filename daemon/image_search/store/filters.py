@@ -8,10 +8,12 @@ parameters' generated names are written into the statement.
   is in a folder where any of its paths is, not only its representative: a copy in 'selects/' of a
   photo first indexed in '2023/' passes 'selects', which the row's own folder never says. So the
   condition is the row's folder (its representative's, through ``image_embeddings``' folder index), or
-  a path of it among the copies in the folder (``image_paths.copy``, through the partial index of
-  migration 0012: in a library without copies it holds nothing, and the filter costs what the row's
-  folder alone does). Reading every path's folder instead looked each of a folder's rows up twice: at
-  1% of 100,000 rows, 15.0 ms against 10.4 (``tests/benchmarks/filtered.py``).
+  its hash among those of the copies in the folder, looked up first (``copies_in``: ``image_paths.copy``,
+  through the partial index of migration 0012; none in a library without copies) and given as a list:
+  the planner knows its length, the key's index finds its rows beside the folder index's, and a row is
+  tested against it by a hash. Reading every path's folder instead looked each of a folder's rows up
+  twice (at 1% of 100,000 rows, 15.0 ms against 10.4, ``tests/benchmarks/filtered.py``); the copies as
+  a subquery's array were searched from their start for each row (30,000 copies: 5 s for a count).
 - dates: ``taken_at >= taken_after`` (inclusive), ``taken_at < taken_before`` (exclusive); a NULL
   ``taken_at`` fails every comparison, so a picture without a date never passes a date filter.
 - camera: a case-insensitive substring (ILIKE) of make and model joined by a space (a missing one
@@ -22,6 +24,8 @@ parameters' generated names are written into the statement.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import psycopg2.extensions
 
 from ..names import escape
 from ..query import Filters
@@ -34,20 +38,10 @@ CAMERA_TEXT = "(coalesce(camera_make, '') || ' ' || coalesce(camera_model, ''))"
 
 @dataclass(frozen=True)
 class FilterSql:
-    """A WHERE condition (``MATCH_ALL`` when nothing is filtered) and its named parameters, written twice.
-
-    ``where`` is for a statement that finds the passing rows itself (a count, an exact search): a
-    folder's copies are an array that ``image_embeddings``' key looks up, beside its folder index, so
-    the rows come from the indexes alone. ``each_row`` is the same condition for a statement that tests
-    rows another index hands it (the candidates of the HNSW scan): the copies are a hashed set, one probe
-    a row, where that array would be searched from its start for every row. ``copies`` is the query of
-    the copies in the folders filtered on (None: no folder filter), which the planner can estimate where
-    it cannot guess the array's length."""
+    """A WHERE condition (``MATCH_ALL`` when nothing is filtered) and its named parameters."""
 
     where: str = MATCH_ALL
     params: dict[str, object] = field(default_factory=dict)
-    each_row: str = MATCH_ALL
-    copies: str | None = None
 
     @property
     def filtered(self) -> bool:
@@ -86,23 +80,50 @@ def folder_match(column: str, folders: tuple[str, ...], params: dict[str, object
     return " OR ".join(alternatives)
 
 
-def _folders(folders: tuple[str, ...], params: dict[str, object]) -> tuple[str, str] | None:
-    """The row's own folder as a condition, and the query of the copies in the folders."""
-    row = folder_match("folder", folders, params)
-    if row is None:
-        return None
-    held = folder_match("held.folder", folders, params)  # the same parameters again
-    return row, f"SELECT held.file_hash FROM image_paths AS held WHERE held.copy AND ({held})"
+# More copies in a folder than this are not listed: the list is text in each statement, and a folder
+# that holds so many is searched through the HNSW index, whose candidates a subquery's hashed set tests
+# as well (a folder holding a copy of each of 100,000 pictures: 32 ms a search that way, 305 ms with the
+# list, most of it parsing; 1,000 copies beside 1,038 pictures: 19 ms with the list).
+MOST_COPIES_LISTED = 2_000
 
 
-def filter_sql(filters: Filters) -> FilterSql:
-    """The condition a row must meet to pass every given filter."""
+def _copies(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
+    """The query of the hashes of the contents with a copy (a path not their representative) in ``folders``
+    or under them; None for the whole source."""
+    held = folder_match("held.folder", folders, params)
+    return None if held is None else f"SELECT held.file_hash FROM image_paths AS held WHERE held.copy AND ({held})"
+
+
+def copies_in(cur: psycopg2.extensions.cursor, folders: tuple[str, ...]) -> list[str] | None:
+    """The hashes of the contents with a copy in ``folders`` or under them, or None for more than
+    ``MOST_COPIES_LISTED`` paths of copies."""
+    params: dict[str, object] = {}
+    query = _copies(folders, params)
+    if query is None:
+        return []
+    cur.execute(f"{query} LIMIT {MOST_COPIES_LISTED + 1}", params)
+    found = [file_hash for (file_hash,) in cur.fetchall()]
+    return None if len(found) > MOST_COPIES_LISTED else sorted(set(found))
+
+
+def filter_sql_on(cur: psycopg2.extensions.cursor, filters: Filters) -> FilterSql:
+    """``filter_sql`` with the copies in the folders filtered on, read on ``cur`` (its transaction)."""
+    return filter_sql(filters, copies=copies_in(cur, filters.folders) if filters.folders else [])
+
+
+def filter_sql(filters: Filters, *, copies: list[str] | None) -> FilterSql:
+    """The condition a row must meet to pass every given filter; ``copies``: ``copies_in`` the folders
+    filtered on (``filter_sql_on`` reads them), None for too many to list (the subquery, then)."""
     params: dict[str, object] = {}
     conditions = []
-    folders = _folders(filters.folders, params)
-    if folders is not None:
-        row, copies = folders
-        conditions.append(f"{row} OR file_hash = ANY(ARRAY({copies}))")
+    row = folder_match("folder", filters.folders, params)
+    if row is not None:
+        if copies is None:
+            row += f" OR file_hash IN ({_copies(filters.folders, params)})"
+        elif copies:
+            params["copies"] = copies
+            row += " OR file_hash = ANY(%(copies)s)"
+        conditions.append(row)
     if filters.taken_after is not None:
         params["taken_after"] = filters.taken_after
         conditions.append("taken_at >= %(taken_after)s")
@@ -117,8 +138,4 @@ def filter_sql(filters: Filters) -> FilterSql:
         conditions.append("format = ANY(%(formats)s)")
     if not conditions:
         return FilterSql()
-    where = " AND ".join(f"({c})" for c in conditions)
-    if folders is None:
-        return FilterSql(where, params, where)
-    each_row = " AND ".join(f"({c})" for c in (f"{row} OR file_hash IN ({copies})", *conditions[1:]))
-    return FilterSql(where, params, each_row, copies)
+    return FilterSql(" AND ".join(f"({c})" for c in conditions), params)

@@ -33,7 +33,7 @@ from ..names import unescape
 from ..query import Completeness, Filters
 from . import metadata as meta
 from . import paths, schema
-from .filters import FilterSql, filter_sql, folder_text, holds
+from .filters import FilterSql, filter_sql_on, folder_text, holds
 from ..wording import counted
 
 # A filter matching fewer rows than this is searched exactly. Reading a 1024-d vector (4 KB, TOASTed)
@@ -62,10 +62,6 @@ _FLOOR = "WHERE similarity >= %(floor)s"
 # Below the floor by less than this, a similarity may print at it (6 decimals: half a unit, and some).
 FLOOR_MARGIN = 1e-6
 _ESTIMATE = "EXPLAIN (FORMAT JSON) SELECT 1 FROM image_embeddings WHERE {where}"
-# A folder filter's copies are an array whose length the planner does not know (it guesses 10): their
-# own estimate is added, as if every copy passed the other filters too. Too high only picks a longer way
-# to the same answer; a folder of 1,000 copies estimated at 10 scored 2,000 vectors for nothing.
-_ESTIMATE_WITH_COPIES = _ESTIMATE + " UNION ALL SELECT 1 FROM ({copies}) AS copies"
 _COUNT_MATCHES = "SELECT count(*) FROM (SELECT 1 FROM image_embeddings WHERE {where} LIMIT %(bound)s) AS bounded"
 # Full precision, no index usable: the exact answer. Each row's vector is read (detoasted) once: the
 # similarity is computed in a subquery that OFFSET 0 keeps whole, and the floor and the order use it.
@@ -143,7 +139,7 @@ def _shown(hit: Hit, held: list[_Path], filters: Filters) -> Hit:
 
 def _rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.ndarray, k: int,
           filters: Filters, min_similarity: float | None) -> Ranking:
-    condition = filter_sql(filters)
+    condition = filter_sql_on(cur, filters)
     # The SQL floor lets in what prints at the floor (``hits.shown_similarity``); ``_hits`` decides.
     sql_floor = None if min_similarity is None else min_similarity - FLOOR_MARGIN
     params: dict[str, object] = {**condition.params, "q": np.asarray(query, dtype=np.float32).reshape(-1),
@@ -161,7 +157,7 @@ def _rank(cur: psycopg2.extensions.cursor, settings: SearchSettings, query: np.n
     cur.execute(_EF_SEARCH, (str(max(settings.ef_search, k)),))
     if condition.filtered:
         cur.execute(_ITERATIVE, (str(SCAN_TUPLES),))
-    cur.execute(indexed_sql(settings.dimension, condition.each_row), params)
+    cur.execute(indexed_sql(settings.dimension, condition.where), params)
     found = _hits(cur.fetchall(), min_similarity)
     if len(found) >= k:
         return Ranking(found, COMPLETE, None)
@@ -186,8 +182,7 @@ def _exact_if_few(cur: psycopg2.extensions.cursor, condition: FilterSql, params:
     """The exact ranking where fewer than ``bound`` rows pass the filters; None where more do, or where the
     planner expects far more than that to (then uncounted). Scored as counted where the planner expects
     fewer than ``bound``; else counted first (``bound`` vectors read for nothing cost ~24 ms)."""
-    estimate = _ESTIMATE if condition.copies is None else _ESTIMATE_WITH_COPIES
-    cur.execute(estimate.format(where=condition.where, copies=condition.copies), params)
+    cur.execute(_ESTIMATE.format(where=condition.where), params)
     expected = cur.fetchone()[0][0]["Plan"]["Plan Rows"]
     if expected > ESTIMATE_MARGIN * bound:
         return None

@@ -35,7 +35,8 @@ import structlog
 
 from ..workers import default_worker_count
 from . import migrations
-from .connection import BULK_LOCK_KEY, SCHEMA_LOCK_KEY, TRY_XACT_LOCK, XACT_LOCK, StoreError, transaction
+from .connection import (BULK_LOCK_KEY, SCHEMA_LOCK_KEY, TRY_XACT_LOCK, XACT_LOCK, DatabaseUnavailable, StoreError,
+                         transaction)
 
 log = structlog.get_logger("image_search.store")
 
@@ -230,8 +231,9 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
     the same transaction as its work. ``dimension``: the embeddings' (None: steps that need it wait);
     ``create``: the dimension is confirmed, so the embeddings table may be created. Returns each
     applied step's ``result`` by number. A usual start (nothing to do) reads one table and takes no lock.
-    A table another session holds is waited for in tries (``_MIGRATION_LOCK_TIMEOUT``), said in the log;
-    ``checkpoint`` is called between them: what it raises (a stop) ends the wait, nothing applied."""
+    A table another session holds is waited for in tries (``_MIGRATION_LOCK_TIMEOUT``; a call that
+    supplies a data step's input waits as long as it takes), said in the log; ``checkpoint`` is called
+    between them: what it raises (a stop) ends the wait, nothing applied."""
     steps = migrations.discover()
     supplied = supplied or {}
     with transaction(conn) as cur:
@@ -244,7 +246,9 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
     while True:
         try:
             return _apply(conn, steps, dimension, create, supplied)
-        except psycopg2.errors.LockNotAvailable:
+        except DatabaseUnavailable as exc:  # how ``transaction`` raises any OperationalError
+            if not isinstance(exc.__cause__, psycopg2.errors.LockNotAvailable):
+                raise
             now = time.monotonic()
             if said is None or now - said >= MIGRATION_WAIT_SAID_EVERY_S:
                 said = now
@@ -269,7 +273,8 @@ def _apply(conn: psycopg2.extensions.connection, steps: list, dimension: int | N
     recorded = []
     with transaction(conn) as cur:
         cur.execute(XACT_LOCK, (SCHEMA_LOCK_KEY,))  # another service migrating: waited for, whatever it takes
-        cur.execute(_MIGRATION_LOCK_TIMEOUT)
+        if not supplied:  # a data step (supplied input) waits for the rows it rewrites as long as it takes
+            cur.execute(_MIGRATION_LOCK_TIMEOUT)
         cur.execute(_VERSION_TABLE)
         done = applied(cur)  # again under the lock: another service may have just migrated
         for step in steps:
