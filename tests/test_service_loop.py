@@ -25,6 +25,7 @@ from tests.support.db import slow_row_writes
 from tests.support.files import save_picture
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
+from tests.support.waiting import wait_for
 
 import image_search.sync
 from image_search.config import Config
@@ -802,3 +803,30 @@ def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:
             "print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_fleet_member_behind_another_in_the_queue_takes_the_files_past_what_the_other_holds(story_factory) -> None:
+    """Another member holds the first four files (it popped them first: every member pops in the order the
+    files came). In the same pass this one reads the four after them; it gave up the pass instead, a batch
+    behind at every pass, and left the other nearly all the work."""
+    from image_search.fleet import ClaimKind, FleetMember, WorkClaims
+
+    story = story_factory({}, batch_size=2)
+    files = [save_picture(story.images / f"f{i}.png", seed=80 + i) for i in range(8)]
+    story.service.rt.claims = WorkClaims(story.service.rt.store, FleetMember.join(story.cfg, story.database))
+    other = WorkClaims(story.service.rt.store, FleetMember.join(story.cfg, story.database))
+    try:
+        for path in files:
+            story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
+        story.service.step()  # noticed
+        assert other.take(ClaimKind.IMAGE, files[:4], story.service.images) == files[:4]
+        story.clock.advance(SETTLE + 0.01)
+        while story.service.step():  # one pass of the loop
+            pass
+        story.service.ingest.finish_in_flight()  # what that pass began
+        wait_for(lambda: set(story.rows()) == {str(p) for p in files[4:]}, "the rows of the four files not held",
+                 timeout=10)
+    finally:
+        for claims in (story.service.rt.claims, other):
+            assert claims.member is not None
+            claims.member.leave(empty_table=False)
