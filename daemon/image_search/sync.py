@@ -466,13 +466,13 @@ def _follow_shifts(cfg: Config, store: EmbeddingStore, sources: list[SourceRecor
     """Files renamed onto names the index knows while nothing watched: a renumbering (``IMG_0001`` to
     ``IMG_0002``, ``IMG_0002`` to ``IMG_0003``, ...) or a swap. ``sources``: the records of paths that
     vanished (not in ``present``) or whose file is not as recorded; ``targets``: the files not as their
-    path's record says. A
-    target holding a source's bytes (the size and mtime a rename keeps, then the MD5) becomes a path of
-    that content, all of them in one transaction (``EmbeddingStore.move_paths``), before any content is
-    dropped for want of a path: followed one file at a time, each content whose path the next took was
-    dropped, and embedded again when its file was read. Returns the vanished source paths that followed
-    (their rows go with the move). The targets stay changed files: their processed copies are the old
-    contents' pictures, removed here, so the indexer reads them again and finds their content stored."""
+    path's record says. A target holding a source's bytes (the size and mtime a rename keeps, then the
+    MD5) becomes a path of that content, all of them in one transaction (``EmbeddingStore.move_paths``),
+    before any content is dropped for want of a path: followed one file at a time, each content whose path
+    the next took was dropped, and embedded again when its file was read. Returns the vanished source
+    paths that followed (their rows go with the move). The targets stay changed files: their processed
+    copies are the old contents' pictures, removed here, so the indexer reads them again and finds their
+    content stored."""
     by_stat: dict[tuple[int, int], list[SourceRecord]] = {}
     for record in sources:
         if record.model_name == cfg.model_name:
@@ -484,28 +484,26 @@ def _follow_shifts(cfg: Config, store: EmbeddingStore, sources: list[SourceRecor
     if stopping():  # a part of the moves would drop the contents whose own move was left out
         return set()
     root = cfg.source_directory
-    moves: list[PathMove] = []
-    previous: list[str] = []
+    moves: list[tuple[PathMove, str]] = []  # each with the path its content came from
     for (path, st), file_hash in zip(sized, identities):
         same = by_stat[(st.st_size, st.st_mtime_ns)]
         record = next((r for r in same if r.file_hash == file_hash and r.file_path != str(path)), None)
         if record is None:
             continue
         same.remove(record)  # each source follows one file (copies of one content moved together)
-        moves.append(PathMove(str(path), record.file_hash, str(processed_path_for(path, root, cfg.processed_directory)),
-                              st.st_size, st.st_mtime_ns, relative_folder(path, root),
-                              leaves=None if record.file_path in present else record.file_path))
-        previous.append(record.file_path)
+        moves.append((PathMove(str(path), record.file_hash, str(processed_path_for(path, root, cfg.processed_directory)),
+                               st.st_size, st.st_mtime_ns, relative_folder(path, root),
+                               leaves=None if record.file_path in present else record.file_path), record.file_path))
     if not moves:
         return set()
-    store.move_paths(moves)
-    for move, was in zip(moves, previous):
+    store.move_paths([move for move, _ in moves])
+    for move, was in moves:
         remove_processed(cfg, Path(move.file_path))  # the old content's picture: made again when read
         if move.leaves is not None:
             remove_processed(cfg, Path(move.leaves))
         log.info("image_renamed", path=move.file_path, previous=was, file_hash=move.file_hash,
                  detail="onto a name the index knew, while nothing watched")
-    return {move.leaves for move in moves if move.leaves is not None}
+    return {move.leaves for move, _ in moves if move.leaves is not None}
 
 
 def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord],

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 # Every picture (one row: one content) of the index or of a folder and everything under it (the
 # search's folder filter, ``filters.filter_sql``: a picture with a path there), by file_hash, with every
-# path that holds it: those in the folder first, then the row's own. The embedding in pgvector's binary form (vector_send: int16 dimension, int16 unused,
-# big-endian float4s): read as bytes and viewed as floats, no text parsing of 100k x 1024 numbers.
+# path that holds it: those in the folder first, then the row's own. The embedding in pgvector's binary
+# form (vector_send: int16 dimension, int16 unused, big-endian float4s): read as bytes and viewed as
+# floats, no text parsing of 100k x 1024 numbers.
 PICTURES = f"""
 SELECT file_hash, ARRAY(SELECT p.file_path FROM image_paths AS p WHERE p.file_hash = e.file_hash
                         ORDER BY {{outside}} p.file_path <> e.file_path, p.file_path),
@@ -60,9 +61,8 @@ class StoredPicture:
 def read_pictures(store: EmbeddingStore, *, folders: tuple[str, ...] = (), embeddings: bool = True,
                   checkpoint: Callable[[], None] = lambda: None) -> tuple[list[StoredPicture], np.ndarray | None]:
     """The index's pictures (with a path in one of ``folders``, relative to source-directory, or below it;
-    none: all), by
-    file_hash, and their embeddings as an (n, dimension) float32 array in the same order (None when not
-    asked for: only the ``similar`` kind needs them). ``checkpoint`` is called before each round of rows:
+    none: all), by file_hash, and their embeddings as an (n, dimension) float32 array in the same order
+    (None when not asked for: only the ``similar`` kind needs them). ``checkpoint`` is called before each round of rows:
     what it raises ends the read (a stop)."""
     if not store.has_table:
         return [], (np.zeros((0, store.dimension), dtype=np.float32) if embeddings else None)

@@ -85,6 +85,13 @@ class EmbeddingRow:
     phash: int | None = None  # ``phash.perceptual_hash`` (None: filled later, ``duplicates.fill_missing_hashes``)
 
 
+def _path_entry(file_path: str, file_hash: str, file_name: str, processed_path: str, source_size: int,
+                source_mtime_ns: int, folder: str | None) -> tuple:
+    """A path's values as ``paths.record`` writes them (``paths.COLUMNS``), its names escaped."""
+    return (escape(file_path), file_hash, escape(file_name), escape(processed_path), source_size, source_mtime_ns,
+            escape(folder) if folder is not None else None)
+
+
 @dataclass(frozen=True)
 class PathMove:
     """A path that holds a stored content now (``EmbeddingStore.move_paths``): a file renamed onto it."""
@@ -287,8 +294,7 @@ class EmbeddingStore:
         """``file_path`` holds the stored content ``file_hash`` (a copy, a rename, a touch; no model work),
         instead of any other content and of ``replaces`` (its former names, gone); with ``metadata`` if
         read again. False, nothing written, when the content is gone (another service dropped it)."""
-        entry = (escape(file_path), file_hash, escape(file_name), escape(processed_path), source_size,
-                 source_mtime_ns, escape(folder) if folder is not None else None)
+        entry = _path_entry(file_path, file_hash, file_name, processed_path, source_size, source_mtime_ns, folder)
         with self._cursor() as cur:
             if (left := paths.record(cur, entry, [escape(p) for p in replaces])) is None:
                 return False
@@ -306,8 +312,8 @@ class EmbeddingStore:
         with self._cursor() as cur:
             left: list[str] = []
             for move in moves:
-                entry = (escape(move.file_path), move.file_hash, escape(Path(move.file_path).name),
-                         escape(move.processed_path), move.source_size, move.source_mtime_ns, escape(move.folder))
+                entry = _path_entry(move.file_path, move.file_hash, Path(move.file_path).name, move.processed_path,
+                                    move.source_size, move.source_mtime_ns, move.folder)
                 left += paths.record(cur, entry, [] if move.leaves is None else [escape(move.leaves)]) or []
             paths.tidy(cur, [*left, *(move.file_hash for move in moves)])
 

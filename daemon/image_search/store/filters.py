@@ -95,8 +95,8 @@ def _copies(folders: tuple[str, ...], params: dict[str, object]) -> str | None:
 
 
 def copies_in(cur: psycopg2.extensions.cursor, folders: tuple[str, ...]) -> list[str] | None:
-    """The hashes of the contents with a copy in ``folders`` or under them, or None for more than
-    ``MOST_COPIES_LISTED`` paths of copies."""
+    """The hashes of the contents with a copy in ``folders`` or under them (none, and no query, for no
+    folder or the whole source), or None for more than ``MOST_COPIES_LISTED`` paths of copies."""
     params: dict[str, object] = {}
     query = _copies(folders, params)
     if query is None:
@@ -108,7 +108,7 @@ def copies_in(cur: psycopg2.extensions.cursor, folders: tuple[str, ...]) -> list
 
 def filter_sql_on(cur: psycopg2.extensions.cursor, filters: Filters) -> FilterSql:
     """``filter_sql`` with the copies in the folders filtered on, read on ``cur`` (its transaction)."""
-    return filter_sql(filters, copies=copies_in(cur, filters.folders) if filters.folders else [])
+    return filter_sql(filters, copies=copies_in(cur, filters.folders))
 
 
 def filter_sql(filters: Filters, *, copies: list[str] | None) -> FilterSql:

@@ -226,7 +226,8 @@ ORDER BY a.xact_start NULLS LAST LIMIT 5
 
 
 def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = None, create: bool = False,
-            supplied: dict[int, object] | None = None, checkpoint: Callable[[], None] = lambda: None) -> dict[int, object]:
+            supplied: dict[int, object] | None = None,
+            checkpoint: Callable[[], None] = lambda: None) -> dict[int, object]:
     """Apply every step not yet applied that can run now (see the module's docstring), each recorded in
     the same transaction as its work. ``dimension``: the embeddings' (None: steps that need it wait);
     ``create``: the dimension is confirmed, so the embeddings table may be created. Returns each
@@ -267,10 +268,11 @@ def _lock_holders(conn: psycopg2.extensions.connection) -> list[str]:
                 for pid, who, state, age, query in cur.fetchall()]
 
 
-def _apply(conn: psycopg2.extensions.connection, steps: list, dimension: int | None, create: bool,
-           supplied: dict[int, object]) -> dict[int, object]:
+def _apply(conn: psycopg2.extensions.connection, steps: list[migrations.Migration], dimension: int | None,
+           create: bool, supplied: dict[int, object]) -> dict[int, object]:
+    """One try of ``migrate``: every step that can run, in one transaction."""
     results: dict[int, object] = {}
-    recorded = []
+    recorded: list[migrations.Migration] = []
     with transaction(conn) as cur:
         cur.execute(XACT_LOCK, (SCHEMA_LOCK_KEY,))  # another service migrating: waited for, whatever it takes
         if not supplied:  # a data step (supplied input) waits for the rows it rewrites as long as it takes
