@@ -14,6 +14,7 @@ import os
 import queue
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -728,6 +729,54 @@ def test_a_query_jumps_the_ingest_queue(story_factory) -> None:
     story.run_until_idle()
     assert story.ask("later.png", story.images / "n5.png")[0] == str(story.images / "n5.png")
     assert answered_record(story, "later.png")["not-yet-indexed"] == 0
+
+
+class _HeldRead:
+    """A batch's reading, held until the test lets it go: the loop may only wait for it in slices."""
+
+    def __init__(self, reading, gate: threading.Event) -> None:
+        self.reading = reading
+        self.gate = gate
+
+    def wait(self, timeout: float) -> bool:
+        return self.gate.wait(timeout) and self.reading.wait(timeout)
+
+    def results(self):
+        assert self.gate.is_set(), "the loop waited for a batch still being read"
+        return self.reading.results()
+
+
+def test_a_query_does_not_wait_for_the_batches_being_read(story_factory, monkeypatch) -> None:
+    """Two batches of large pictures take seconds to read: a query dropped meanwhile is answered at once."""
+    story = story_factory({"a.png": 1}, batch_size=2)
+    gate = threading.Event()
+    indexer = story.service.ingest.indexer
+    submit = indexer.submit
+
+    def held_submit(paths, **kwargs):
+        batch = submit(paths, **kwargs)
+        batch.preparing = _HeldRead(batch.preparing, gate)
+        return batch
+
+    monkeypatch.setattr(indexer, "submit", held_submit)
+    for i in range(4):
+        save_picture(story.images / f"n{i}.png", seed=70 + i)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
+    story.service.step()  # noticed; complete once the clock has moved on
+    story.clock.advance(SETTLE + 0.01)
+    assert story.service.step() and story.service.step()  # both batches handed to the workers
+    assert story.service.step()  # still being read: the pass ends without them
+    shutil.copyfile(story.images / "a.png", story.inbox / "meanwhile.png")
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "meanwhile.png")
+    assert story.service.step()  # noticed
+    story.clock.advance(SETTLE + 0.01)
+    assert story.service.step()
+    assert answered_record(story, "meanwhile.png")["not-yet-indexed"] == 4
+    assert not gate.is_set() and story.service.ingest.reading
+    gate.set()
+    story.run_until_idle()
+    assert story.service.indexed == 5
+    assert story.ask("later.png", story.images / "n3.png")[0] == str(story.images / "n3.png")
 
 
 def test_a_batch_whose_rows_are_in_is_not_counted_as_waiting(story_factory, monkeypatch) -> None:

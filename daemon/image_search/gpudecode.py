@@ -34,6 +34,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -657,6 +658,10 @@ class _GpuBatch:
         self._reader = reader
         self.paths = tuple(Path(p) for p in paths)
         self._reads = reads
+
+    def wait(self, timeout: float) -> bool:
+        """Every file read (the decoding, on the device, is ``results``'s own), waiting up to ``timeout``."""
+        return not futures.wait(self._reads, timeout=timeout).not_done
 
     def results(self) -> list[Outcome]:
         plain = [read.result() for read in self._reads]

@@ -89,6 +89,10 @@ class IndexSummary:
 class PreparingBatch(Protocol):
     """A batch handed to the reader (``workers.BatchHandle``, ``gpudecode``'s batches): its outcomes."""
 
+    def wait(self, timeout: float) -> bool:
+        """True once ``results`` has its files read, waiting up to ``timeout`` seconds for that."""
+        ...
+
     def results(self) -> Sequence[PreparedImage | PreprocessError]: ...
 
 
@@ -251,6 +255,10 @@ class BatchInFlight:
     preparing: PreparingBatch | None
     reread: frozenset[Path] = frozenset()  # seen written: read again whatever their stat, if it goes back to pending
     write: Ticket | None = None
+
+    def read_within(self, timeout: float) -> bool:
+        """Its files are read (``Indexer.finish`` waits for no file), waiting up to ``timeout`` seconds."""
+        return self.preparing is None or self.preparing.wait(timeout)
 
     @property
     def settled(self) -> bool:

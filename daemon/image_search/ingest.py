@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 # Batches in flight: one being embedded and written while the next is read and decoded (the worker
 # pool holds two at most).
 PIPELINE_DEPTH = 2
+# The longest a pass waits for the oldest batch's files: a query dropped meanwhile waits for no reading
+# (sixteen 8000 x 6000 PNGs take 2 s), only for the batch being embedded when it came.
+READ_WAIT_SLICE_S = 0.05
 # How often a caught-up service with no bulk load under way asks whether the search index is valid, and
 # repairs it if not: a build that failed during the run (the database restarted under it) is retried.
 REPAIR_LOOK_EVERY_S = 60.0
@@ -105,6 +108,8 @@ class ImageIngest:
             return submitted
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
+        if not self._in_flight[0].read_within(READ_WAIT_SLICE_S):
+            return True  # the loop answers a query that came meanwhile, then waits again
         self._finish_oldest()
         return True
 

@@ -336,6 +336,10 @@ class BatchHandle:
         """True when every outcome is in (or the pool failed): ``results()`` will not block."""
         return self._finished.is_set()
 
+    def wait(self, timeout: float) -> bool:
+        """``done()``, waiting up to ``timeout`` seconds for it."""
+        return self._finished.wait(timeout)
+
     def results(self, timeout: float | None = None) -> list[Outcome]:
         """Block until the batch is done; one PreparedImage or PreprocessError per path, in input order.
 
