@@ -1,12 +1,14 @@
 """A processed copy or thumbnail deleted by hand (or by a disk clean-up) while its source is unchanged: the
 next rescan (at start, every ``rescan-interval``, ``index``) makes it again from the source file, with no
 model work and the same row, one line per file; a query meanwhile is still answered, naming the picture
-that has no copy. A real ``Service`` over the embedded PostgreSQL and the tiny model, driven in-process
-(``story_factory``)."""
+that has no copy. The other way round, copies that no row names and whose file is gone go at a rescan.
+A real ``Service`` over the embedded PostgreSQL and the tiny model, driven in-process (``story_factory``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,10 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from image_search.indexer import Indexer
+from image_search.names import escape
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import PLACEHOLDER, cell_box
-from image_search.sync import SOURCE_MARKER
+from image_search.sync import ORPHAN_MIN_AGE_S, SOURCE_MARKER
 from tests.support.story import TOP_K
 
 pytestmark = pytest.mark.integration
@@ -125,3 +128,35 @@ def test_a_processed_folder_deleted_whole_is_a_few_lines_and_a_count(story_facto
     assert copies_of(again) == copies and again.rows() == rows
     assert len([e for e in logs if e["event"] == "processed_copy_missing"]) == 2
     assert [(e["count"], e["named"]) for e in logs if e["event"] == "processed_copies_missing"] == [(4, 2)]
+
+
+def test_copies_of_files_gone_after_the_table_was_emptied_go_at_the_next_start(story_factory) -> None:
+    """cleanup-on-exit empties the table; a file renamed or deleted before the next start then left its
+    copies behind, named by no row, for good. The next start's rescan removes them; every other copy stays,
+    those of odd names too (not UTF-8; cut short for the 255-byte limit; past the path limit)."""
+    odd = {os.fsdecode(b"bad\xff\xfename.png"): 5, "x" * 250 + ".png": 6, "/".join(["d" * 200] * 12) + "/e.png": 7}
+    story = story_factory({**PICTURES, **odd})
+    story.service.rt.store.clear()  # as cleanup-on-exit leaves it
+    images = story.images
+    (images / "a.png").rename(images / "renamed.png")
+    (images / "album" / "c.png").unlink()
+    (images / "album" / "d.png").unlink()  # album/ keeps no picture: its processed folder goes with its copies
+    written_long_ago = time.time() - ORPHAN_MIN_AGE_S - 60
+    for copy in story.copies_in_processed():
+        os.utime(copy, (written_long_ago, written_long_ago))
+    with capture_logs() as logs:
+        again = story_factory(after=story)
+    assert again.copies_in_processed() == again.copies_of_rows()
+    assert set(again.rows()) == {escape(str(images / name)) for name in ("renamed.png", "b.png", *odd)}  # as stored
+    assert not (again.cfg.processed_directory / "album").exists()
+    assert [e["count"] for e in logs if e["event"] == "processed_copies_removed"] == [6]
+
+
+def test_a_copy_written_moments_ago_is_left_to_the_service_that_wrote_it(story_factory) -> None:
+    """Another service on the same folders may have written a copy for a row it has not committed yet."""
+    story = story_factory(PICTURES)
+    story.service.rt.store.clear()
+    (story.images / "a.png").unlink()
+    kept = story.copies_in_processed()
+    again = story_factory(after=story)
+    assert kept <= again.copies_in_processed()

@@ -80,3 +80,35 @@ def test_a_start_with_another_source_is_refused_before_the_database(cfg: Config,
         with open_runtime(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"), cleanup=False):
             pass
     assert processed_files(cfg) == kept
+
+
+def test_a_rescan_removes_only_what_processed_holds_for_no_source(cfg: Config) -> None:
+    """Copies (with their thumbnails) that no row names and that no file will have, and a crashed write's
+    temporary file, go; the copies named, files of yours, the folder's records and anything just written stay."""
+    from image_search.sync import ORPHAN_MIN_AGE_S, remove_orphaned_copies
+
+    processed = cfg.processed_directory
+    named = processed / "kept" / "a.png.jpg"
+    files = {
+        named: True, named.with_name(".a.png.jpg.thumb.jpg"): True,
+        processed / "gone" / "b.png.jpg": False, processed / "gone" / ".b.png.jpg.thumb.jpg": False,
+        processed / "kept" / ".c.png.jpg.thumb.jpg": False,  # a thumbnail alone
+        processed / "kept" / ".tmp-1a2b3c4d.jpg": False,
+        processed / "kept" / "notes.jpg": True,  # no thumbnail beside it: not ours to take
+        processed / "kept" / "todo.txt": True,
+        processed / SOURCE_MARKER: True, processed / ".mount-points": True,
+    }
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    fresh = processed / "new" / "d.png.jpg"  # another service's, its row not committed yet
+    fresh.parent.mkdir()
+    fresh.write_bytes(b"x")
+    fresh.with_name(".d.png.jpg.thumb.jpg").write_bytes(b"x")
+    now = os.stat(fresh).st_mtime + ORPHAN_MIN_AGE_S - 1
+    for path in files:
+        os.utime(path, (now - ORPHAN_MIN_AGE_S - 1, now - ORPHAN_MIN_AGE_S - 1))
+
+    assert remove_orphaned_copies(cfg, {str(named)}, now=lambda: now) == 4
+    assert {p for p, stays in files.items() if p.exists()} == {p for p, stays in files.items() if stays}
+    assert fresh.exists() and not (processed / "gone").exists()

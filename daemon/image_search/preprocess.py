@@ -429,13 +429,16 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+TEMPORARY_PREFIX = ".tmp-"  # a file being written (``create_beside``); one left behind was cut short by a crash
+
+
 def create_beside(path: Path) -> tuple[int, Path]:
     """A new, empty file under a hidden temporary name in ``path``'s folder, open for writing. Created as
     ``mkstemp`` does (exclusively: never a file or link already there) but with mode 0666, which the kernel
     masks with the umask: ``mkstemp``'s 0600 would hide every processed copy and every failed query's
     reason from anyone but the service's user, whatever the unit's ``UMask`` allows."""
     while True:
-        tmp = path.with_name(f".tmp-{secrets.token_hex(4)}{path.suffix}")
+        tmp = path.with_name(f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}{path.suffix}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:
@@ -452,6 +455,13 @@ def thumbnail_path_for(processed: Path) -> Path:
 def thumbnail_name_for(processed_name: str) -> str:
     """The name of the thumbnail beside the processed JPEG named ``processed_name`` (``thumbnail_path_for``)."""
     return f"{_THUMBNAIL_PREFIX}{processed_name}{_THUMBNAIL_SUFFIX}"
+
+
+def copy_name_of_thumbnail(name: str) -> str | None:
+    """The processed JPEG's name whose thumbnail is named ``name``; None if ``name`` is no thumbnail's."""
+    if name.startswith(_THUMBNAIL_PREFIX) and name.endswith(PROCESSED_SUFFIX + _THUMBNAIL_SUFFIX):
+        return name[len(_THUMBNAIL_PREFIX):-len(_THUMBNAIL_SUFFIX)]
+    return None
 
 
 def save_processed(prepared: PreparedImage, path: Path) -> None:
