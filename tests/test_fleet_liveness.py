@@ -70,7 +70,7 @@ def test_a_member_killed_with_kill_9_is_dead_at_once_its_claims_are_taken_over_a
         assert child.granted == sorted(ITEMS)
         one_row(store, cfg.dimension)
         assert live_ids(observer, LONG_LEASE_S) == [me.member.id, child.member_id]
-        assert fleet_claims.claim(me.member.id, ITEMS, LONG_LEASE_S) == set()  # a live member holds them
+        assert set(fleet_claims.claim(me.member.id, ITEMS, LONG_LEASE_S)) == set()  # a live member holds them
         wait_for(lambda: me.live_members == 2, "this member's heartbeat counting two members",
                  timeout=SEEN_DEAD_TIMEOUT_S)
 
@@ -89,7 +89,7 @@ def test_a_member_killed_with_kill_9_is_dead_at_once_its_claims_are_taken_over_a
         heartbeat_saw_s = time.monotonic() - killed_at
         print(f"killed member seen dead after {seen_dead_s:.2f} s; by the heartbeat after {heartbeat_saw_s:.2f} s")
 
-        assert fleet_claims.claim(me.member.id, ITEMS, LONG_LEASE_S) == set(ITEMS)  # taken over now, not a lease later
+        assert set(fleet_claims.claim(me.member.id, ITEMS, LONG_LEASE_S)) == set(ITEMS)  # taken over now, not a lease later
         assert dict(shared.query("SELECT item, member_id FROM image_search_claims")) == {i: me.member.id for i in ITEMS}
 
         left = me.leave(empty_table=True)
@@ -117,7 +117,7 @@ def test_a_member_that_hangs_with_its_connection_open_stays_live_until_its_lease
     try:
         child.signal(signal.SIGSTOP)  # hung: no heartbeat, its connection open
         assert live_ids(observer, lease_s) == [me.member.id, child.member_id]
-        assert fleet_claims.claim(me.member.id, ITEMS, lease_s) == set()
+        assert set(fleet_claims.claim(me.member.id, ITEMS, lease_s)) == set()
         (age,), = shared.query("SELECT extract(epoch FROM now() - heartbeat_at)::float FROM image_search_members "
                                "WHERE id = %s", (child.member_id,))
         assert age < lease_s, "this machine was too slow to look within the lease: the looks above prove nothing"
@@ -125,7 +125,7 @@ def test_a_member_that_hangs_with_its_connection_open_stays_live_until_its_lease
         wait_for(lambda: live_ids(observer, lease_s) == [me.member.id], "the hung member's lease running out",
                  timeout=lease_s * 6)
         assert shared.member_lock_holder(child.member_id) is not None  # its session is open: the lease decided
-        assert fleet_claims.claim(me.member.id, ITEMS, lease_s) == set(ITEMS)
+        assert set(fleet_claims.claim(me.member.id, ITEMS, lease_s)) == set(ITEMS)
 
         child.signal(signal.SIGCONT)  # back: its heartbeat makes it live again
         wait_for(lambda: live_ids(observer, lease_s) == [me.member.id, child.member_id], "the member live again",

@@ -18,7 +18,7 @@ from tests.support.files import write_config
 from tests.support.waiting import wait_for
 
 from image_search.config import load_config
-from image_search.fleet import ClaimKind, FleetMember, WorkClaims
+from image_search.fleet import HELD_LOOK_AGAIN_S, ClaimKind, FleetMember, WorkClaims
 from image_search.store import (
     FLEET_LOCK_KEY,
     FORGET_AFTER_LEASES,
@@ -117,14 +117,24 @@ def test_claims_one_holder_per_item_reclaim_release(database: Database, registri
     fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
-    assert fleet_claims.claim(a.id, ["image:/1", "image:/2", "image:/2"], LEASE) == {"image:/1", "image:/2"}
-    assert fleet_claims.claim(b.id, ["image:/2", "image:/3"], LEASE) == {"image:/3"}  # /2 is a's, a is live
-    assert fleet_claims.claim(a.id, ["image:/1"], LEASE) == {"image:/1"}  # holding it already: still ours
-    assert fleet_claims.claim(a.id, [], LEASE) == set()
-    fleet_claims.release(a.id, ["image:/2", "image:/3"])  # /3 is b's: not a's to release
+    assert set(fleet_claims.claim(a.id, ["image:/1", "image:/2", "image:/2"], LEASE)) == {"image:/1", "image:/2"}
+    assert set(fleet_claims.claim(b.id, ["image:/2", "image:/3"], LEASE)) == {"image:/3"}  # /2 is a's, a is live
+    assert set(fleet_claims.claim(a.id, ["image:/1"], LEASE)) == {"image:/1"}  # holding it already: still ours
+    assert set(fleet_claims.claim(a.id, [], LEASE)) == set()
+    fleet_claims.release(a.id, ["image:/2", "image:/3"], LEASE)  # /3 is b's: not a's to release
+    # /2 stays a lease as a's record of when it began the work: free, under no live member's id
     assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {"image:/1": a.id,
+                                                                                      "image:/2": -a.id,
                                                                                       "image:/3": b.id}
-    assert fleet_claims.claim(b.id, ["image:/2"], LEASE) == {"image:/2"}  # released: free for anyone
+    granted = fleet_claims.claim(b.id, ["image:/2", "image:/4"], LEASE)  # released: free for anyone
+    assert set(granted) == {"image:/2", "image:/4"}
+    assert 0 <= granted["image:/2"] < LEASE and granted["image:/4"] is None  # a began /2 that long ago
+    raw(database, "UPDATE image_search_claims SET claimed_at = now() - interval '1 hour' WHERE member_id = -%s",
+        (a.id,))
+    fleet_claims.claim(a.id, ["image:/5"], LEASE)
+    fleet_claims.release(a.id, ["image:/5"], LEASE)  # a's records older than a lease go with a release
+    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims WHERE member_id < 0")) == {
+        "image:/5": -a.id}
 
 
 def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Database, registries,
@@ -135,11 +145,12 @@ def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Da
     fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     with deadlock_once(database, "image_search_claims", "INSERT"), capture_logs() as logs:
-        assert fleet_claims.claim(a.id, iter(["image:/1", "image:/2"]), LEASE) == {"image:/1", "image:/2"}
+        assert set(fleet_claims.claim(a.id, iter(["image:/1", "image:/2"]), LEASE)) == {"image:/1", "image:/2"}
     assert [e["attempt"] for e in logs if e["event"] == "transaction_retried"] == [1]
-    with deadlock_once(database, "image_search_claims", "DELETE"):
-        fleet_claims.release(a.id, iter(["image:/1"]))
-    assert raw(database, "SELECT item FROM image_search_claims") == [("image:/2",)]
+    with deadlock_once(database, "image_search_claims", "UPDATE"):
+        fleet_claims.release(a.id, iter(["image:/1"]), LEASE)
+    assert sorted(raw(database, "SELECT item, member_id FROM image_search_claims")) == [("image:/1", -a.id),
+                                                                                       ("image:/2", a.id)]
 
 
 def test_a_join_and_a_leave_rolled_back_for_a_deadlock_run_again(database: Database, registries) -> None:
@@ -160,12 +171,12 @@ def test_a_claim_whose_holder_stopped_renewing_is_taken_over(database: Database,
     fleet_claims = FleetClaims(store.session)
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
-    assert fleet_claims.claim(a.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
-    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    assert set(fleet_claims.claim(a.id, ["query:/inbox/q.png"], LEASE)) == {"query:/inbox/q.png"}
+    assert set(fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE)) == set()
     registries[0].renew(a, LEASE)  # renewed: still a's
-    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == set()
+    assert set(fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE)) == set()
     make_stale(database, a.id, leases=1.5)  # a stopped renewing a lease and a half ago
-    assert fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE) == {"query:/inbox/q.png"}
+    assert set(fleet_claims.claim(b.id, ["query:/inbox/q.png"], LEASE)) == {"query:/inbox/q.png"}
     assert raw(database, "SELECT member_id FROM image_search_claims") == [(b.id,)]
 
 
@@ -174,7 +185,7 @@ def test_claims_of_a_member_that_no_longer_exists_are_free(database: Database, r
     fleet_claims = FleetClaims(store.session)
     b = join(database, registries, pid=2)
     raw(database, "INSERT INTO image_search_claims (item, member_id) VALUES ('image:/orphan', 999999)")
-    assert fleet_claims.claim(b.id, ["image:/orphan"], LEASE) == {"image:/orphan"}
+    assert set(fleet_claims.claim(b.id, ["image:/orphan"], LEASE)) == {"image:/orphan"}
 
 
 def test_renew_keeps_a_member_live_and_brings_back_a_forgotten_one(database: Database, registries) -> None:
@@ -243,13 +254,14 @@ def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, 
     claims = WorkClaims(store, member)
     paths[2].unlink()
     assert claims.take(ClaimKind.IMAGE, paths, tracker) == [paths[0]]
-    assert paths[1] in tracker and tracker.next_due() == 100.0 + LEASE
-    now[0] += LEASE - 1
+    assert paths[1] in tracker and tracker.next_due() == 100.0 + HELD_LOOK_AGAIN_S  # a batch, not a lease
+    now[0] += HELD_LOOK_AGAIN_S - 1
     assert tracker.pop_ready(10) == []
     now[0] += 1
     assert tracker.pop_ready(10) == [paths[1]]
     claims.release(ClaimKind.IMAGE, [paths[0]])
-    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {f"image:{paths[1]}": a.id}
+    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {
+        f"image:{paths[1]}": a.id, f"image:{paths[0]}": -b.id, f"image:{paths[2]}": -b.id}  # c: gone when granted
     # the same path as a query is another item
     assert claims.take(ClaimKind.QUERY, [paths[1]], tracker) == [paths[1]]
 

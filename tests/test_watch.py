@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from image_search.readiness import ReadinessTracker
+from image_search.readiness import READ_ELSEWHERE_MARGIN_S, ReadinessTracker
 from tests.support.clock import FakeClock
 from image_search.watch import (
     POLL_INTERVAL_S,
@@ -200,6 +200,19 @@ def test_waiting_paths_are_found_by_the_size_and_mtime_they_had_when_last_noted(
     clock.advance(1.01)
     assert tracker.pop_ready(limit=10) == [b]
     assert tracker.waiting_as(st.st_size, st.st_mtime_ns) == []
+
+
+def test_a_mark_goes_when_another_service_began_reading_after_it(tmp_path: Path, clock: FakeClock) -> None:
+    """In a fleet a member a batch behind was granted files another had read since the write both saw: it
+    read them again. A read that began before the mark was set did not see that write: the mark stays."""
+    tracker = ReadinessTracker(1.0, clock=clock)
+    early, late = _file(tmp_path / "early.png"), _file(tmp_path / "late.png")
+    tracker.note(early, closed=True, reread=True)
+    tracker.note(late, closed=True, reread=True)
+    clock.advance(5.0)
+    tracker.read_elsewhere(early, 4.0)  # began a second after the write was seen
+    tracker.read_elsewhere(late, 5.0 - READ_ELSEWHERE_MARGIN_S / 2)  # too close to tell on two clocks
+    assert tracker.take_reread([early, late]) == {late}
 
 
 def test_a_path_seen_written_keeps_its_mark_until_it_is_taken_or_forgotten(tmp_path: Path, clock: FakeClock) -> None:

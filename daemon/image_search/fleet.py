@@ -35,6 +35,10 @@ HEARTBEATS_PER_LEASE = 3  # a member is taken for dead only after missing about 
 # The heartbeat also counts the live members: it runs at least this often, so the others notice a dead
 # member (whose session the database has ended) within seconds whatever the lease.
 LOOK_EVERY_S = 2.0
+# A path another live member holds is looked at again this much later (or a lease, if that is shorter):
+# a batch takes seconds. After a lease, as it was, a burst shared by two members sat a lease behind its
+# last rows: the index built, the queries found at start answered and `queued` back at 0 30 s late.
+HELD_LOOK_AGAIN_S = 2.0
 
 
 class FleetMember:
@@ -176,10 +180,11 @@ class WorkClaims:
 
     def take(self, kind: ClaimKind, paths: Sequence[Path], pending: ReadinessTracker) -> list[Path]:
         """The paths of ``paths`` this member now holds, in order. Each path held by another live member
-        goes back into ``pending`` to be looked at again after a lease (by then the other has written its
-        row or moved its query away, or has died and lost its claim), or sooner, as soon as a member
-        leaves or dies (``someone_left``). During an outage every path goes back into ``pending`` and
-        ``DatabaseUnavailable`` is raised."""
+        goes back into ``pending`` to be looked at again ``HELD_LOOK_AGAIN_S`` later (by then the other has
+        usually written its row or moved its query away), or at once when a member leaves or dies
+        (``someone_left``). A path granted after another member read it since this one saw it written is
+        not read again (``ReadinessTracker.read_elsewhere``). During an outage every path goes back into
+        ``pending`` and ``DatabaseUnavailable`` is raised."""
         if self.member is None or not paths:
             return list(paths)
         try:
@@ -191,18 +196,22 @@ class WorkClaims:
             raise
         mine: list[Path] = []
         held = 0
+        look_again = min(HELD_LOOK_AGAIN_S, self.member.lease_s)
         for path in paths:
-            if self._item(kind, path) not in granted:
-                pending.note(path, retry_after=self.member.lease_s)
+            item = self._item(kind, path)
+            if item not in granted:
+                pending.note(path, retry_after=look_again)
                 held += 1
             elif os.path.lexists(path):  # a broken link is there too: the one who takes it fails it
+                if (ago := granted[item]) is not None:
+                    pending.read_elsewhere(path, ago)
                 mine.append(path)
             else:
                 # Its holder finished and released it between our look and our claim (a query moved
                 # into its result folder): nothing left to do, and nothing to hold.
                 self._unreleased.append(self._item(kind, path))
         if held:
-            log.debug("claims_held_elsewhere", kind=kind.value, count=held, retry_in_s=self.member.lease_s)
+            log.debug("claims_held_elsewhere", kind=kind.value, count=held, retry_in_s=look_again)
         return mine
 
     def release(self, kind: ClaimKind, paths: Sequence[Path]) -> None:
@@ -214,7 +223,7 @@ class WorkClaims:
         if not items:
             return
         try:
-            self.claims.release(self.member.member.id, items)
+            self.claims.release(self.member.member.id, items, self.member.lease_s)
             self._unreleased = []
         except DatabaseUnavailable as exc:
             self._unreleased = items

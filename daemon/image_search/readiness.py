@@ -31,6 +31,11 @@ class _Pending:
 RESTLESS_AFTER_SETTLES = 10
 
 
+# How much sooner than a mark another service's read must have begun for the mark to go (``read_elsewhere``):
+# the two durations are taken on two clocks a statement apart.
+READ_ELSEWHERE_MARGIN_S = 0.2
+
+
 class ReadinessTracker:
     """Paths waiting until they are complete: size and mtime unchanged for ``settle`` seconds, or a
     close-after-write event followed by a short ``closed_grace`` with no change.
@@ -54,7 +59,8 @@ class ReadinessTracker:
         self._closed: dict[Path, _Pending] = {}
         self._retrying: dict[Path, _Pending] = {}
         self._retry_wait: float | None = None  # one length for the whole queue keeps it in due order
-        self._reread: set[Path] = set()  # seen written since they were last taken: read whatever their stat
+        # Seen written since they were last taken (read whatever their stat), each with when it was last seen.
+        self._reread: dict[Path, float] = {}
         self._by_stat: dict[tuple[int, int], set[Path]] = {}  # (size, mtime_ns) as noted -> paths (``waiting_as``)
         self._newest = float("-inf")  # when the last path that was not waiting already was noticed
 
@@ -93,7 +99,7 @@ class ReadinessTracker:
         since = self._first_noticed(path)
         self._drop(path)
         if reread:  # kept for a path gone already (renamed on): the rename asks whether its row still holds
-            self._reread.add(path)
+            self._reread[path] = self.clock()
         st = _look(path)
         if st is None:
             return
@@ -124,7 +130,7 @@ class ReadinessTracker:
 
     def forget(self, path: Path) -> None:
         self._drop(path)
-        self._reread.discard(path)
+        self._reread.pop(path, None)
 
     def seen_written(self, path: Path) -> bool:
         """``path`` was noted ``reread`` and its mark not taken yet."""
@@ -134,14 +140,20 @@ class ReadinessTracker:
         """The marks of paths that hold nothing any more and wait for nothing (a write whose rename or
         deletion was never applied: its event was lost, or the database was away): a later file of that
         name has not been seen written."""
-        self._reread = {p for p in self._reread if p in self or os.path.lexists(p)}
+        self._reread = {p: at for p, at in self._reread.items() if p in self or os.path.lexists(p)}
 
     def take_reread(self, paths: Iterable[Path]) -> frozenset[Path]:
         """The ``paths`` seen written since they were last taken (to be read whatever their stat says); their
         marks go: a write after this one marks them again."""
-        marked = self._reread.intersection(paths)
-        self._reread -= marked
-        return frozenset(marked)
+        return frozenset(p for p in paths if self._reread.pop(p, None) is not None)
+
+    def read_elsewhere(self, path: Path, ago: float) -> None:
+        """Another service began reading ``path`` ``ago`` seconds ago: a mark set before then goes, for that
+        read saw the write it marks. Taken for it, the row that service wrote would be read a second time
+        (in a burst, a member a batch behind read again most of what the others had read)."""
+        marked = self._reread.get(path)
+        if marked is not None and self.clock() - marked > ago + READ_ELSEWHERE_MARGIN_S:
+            del self._reread[path]
 
     def retry_now(self) -> None:
         """The paths waiting on another service's claim are due at once: a member has gone, and what it
@@ -154,7 +166,7 @@ class ReadinessTracker:
     def forget_under(self, folder: Path) -> None:
         for path in [p for queue_ in self._queues() for p in queue_ if p.is_relative_to(folder)]:
             self._drop(path)
-        self._reread = {p for p in self._reread if not p.is_relative_to(folder)}
+        self._reread = {p: at for p, at in self._reread.items() if not p.is_relative_to(folder)}
 
     def _front(self) -> tuple[Path, _Pending] | None:
         """The entry due first: the earliest of the three queue fronts."""
@@ -177,7 +189,7 @@ class ReadinessTracker:
             self._drop(path)
             st = _look(path)
             if st is None:
-                self._reread.discard(path)
+                self._reread.pop(path, None)
                 continue
             if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns):
                 ready.append(path)

@@ -47,7 +47,7 @@ _FORGET_DEAD_MEMBERS = "DELETE FROM image_search_members WHERE heartbeat_at <= n
 _HOLD_MEMBER_LOCK = f"SELECT pg_try_advisory_lock({_MEMBER_LOCK_KEY})"
 _FORGET_ORPHAN_CLAIMS = """
 DELETE FROM image_search_claims c
-WHERE NOT EXISTS (SELECT 1 FROM image_search_members m WHERE m.id = c.member_id)
+WHERE NOT EXISTS (SELECT 1 FROM image_search_members m WHERE m.id = abs(c.member_id))
 """
 _JOIN = "INSERT INTO image_search_members (host, pid, model_name, dimension) VALUES (%s, %s, %s, %s) RETURNING id"
 _RENEW = "UPDATE image_search_members SET heartbeat_at = now() WHERE id = %s"
@@ -60,18 +60,33 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 # Claim many items in one statement. An item is ours if nobody holds it, if we hold it already, or if
 # its holder is no longer live (its session is gone, or its heartbeat is older than the lease). A
 # concurrent claim of the same item waits on the unique index and then sees the winner's row, so one
-# member gets each item.
+# member gets each item. Each granted item comes with how long ago another member began the work it
+# released since (``_RELEASE``), or NULL.
 _CLAIM = f"""
+WITH released AS (
+    SELECT item, extract(epoch FROM now() - claimed_at)::float8 AS ago FROM image_search_claims
+    WHERE item = ANY(%(items)s::text[]) AND member_id < 0 AND member_id <> -%(member)s
+)
 INSERT INTO image_search_claims AS c (item, member_id, claimed_at)
 SELECT item, %(member)s, now() FROM unnest(%(items)s::text[]) AS wanted(item)
 ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id, claimed_at = now()
 WHERE c.member_id = EXCLUDED.member_id OR c.member_id NOT IN (
     SELECT m.id FROM image_search_members m WHERE {_MEMBER_IS_LIVE}
 )
-RETURNING item
+RETURNING item, (SELECT ago FROM released r WHERE r.item = c.item)
 """
-_RELEASE = "DELETE FROM image_search_claims WHERE member_id = %s AND item = ANY(%s)"
-_LEAVE_CLAIMS = "DELETE FROM image_search_claims WHERE member_id = %s"
+# A released claim stays a lease as its holder's record that it began the work then (the member's id
+# negated, which no live member has: the item is free): a member granted the item later reads no file
+# again that the holder read after the write both saw (``ReadinessTracker.read_elsewhere``). Each
+# release forgets the member's own records older than a lease, through the index on member_id.
+_RELEASE = """
+WITH forgotten AS (
+    DELETE FROM image_search_claims
+    WHERE member_id = -%(member)s AND claimed_at < now() - make_interval(secs => %(lease)s)
+)
+UPDATE image_search_claims SET member_id = -member_id WHERE member_id = %(member)s AND item = ANY(%(items)s)
+"""
+_LEAVE_CLAIMS = "DELETE FROM image_search_claims WHERE member_id IN (%(member)s, -%(member)s)"
 _LEAVE = "DELETE FROM image_search_members WHERE id = %s"
 # The leave must never hang on a lock held by a stuck (paused, not dead) process while it holds the
 # fleet lock that every start-up waits for.
@@ -188,7 +203,7 @@ class FleetRegistry:
         with transaction(self._conn) as cur:
             cur.execute(XACT_LOCK, (FLEET_LOCK_KEY,))
             cur.execute(_LEAVE_LOCK_TIMEOUT, (f"{int(lock_timeout_s * 1000)}ms",))
-            cur.execute(_LEAVE_CLAIMS, (member_id,))
+            cur.execute(_LEAVE_CLAIMS, {"member": member_id})
             cur.execute(_LEAVE, (member_id,))
             cur.execute(_COUNT_LIVE_MEMBERS, {"lease": lease_s})
             remaining = int(cur.fetchone()[0])
@@ -211,20 +226,21 @@ class FleetClaims:
         self.session = session
 
     @retried_on_conflict
-    def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> set[str]:
-        """Claim ``items`` for ``member_id`` in one statement; returns those it got. Items are claimed
-        in sorted order, so two members claiming overlapping sets cannot deadlock."""
+    def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> dict[str, float | None]:
+        """Claim ``items`` for ``member_id`` in one statement; returns those it got, each with how many
+        seconds ago another member began the work it has released since (None: none did, within a lease).
+        Items are claimed in sorted order, so two members claiming overlapping sets cannot deadlock."""
         wanted = sorted({escape(item) for item in items})
         if not wanted:
-            return set()
+            return {}
         with self.session.transaction() as cur:
             cur.execute(_CLAIM, {"member": member_id, "items": wanted, "lease": lease_s})
-            return {unescape(row[0]) for row in cur.fetchall()}
+            return {unescape(item): ago for item, ago in cur.fetchall()}
 
     @retried_on_conflict
-    def release(self, member_id: int, items: Iterable[str]) -> None:
+    def release(self, member_id: int, items: Iterable[str], lease_s: float) -> None:
         items = [escape(item) for item in items]
         if not items:
             return
         with self.session.transaction() as cur:
-            cur.execute(_RELEASE, (member_id, items))
+            cur.execute(_RELEASE, {"member": member_id, "items": items, "lease": lease_s})
