@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,30 @@ def test_exact_and_hnsw_search_agree(store: EmbeddingStore, database: Database,
     for q, e in zip(queries, exact):  # the exact path against numpy
         expected = [f"h{j}" for j in np.argsort(-(vectors @ q), kind="stable")[:k]]
         assert [h.file_hash for h in e] == expected
+
+
+def test_a_statement_whose_client_went_away_is_cancelled_by_the_server(database: Database) -> None:
+    """A client killed mid-statement (an index build, a long search) left it running on the server,
+    holding the table: the last member's cleanup-on-exit then timed out behind it. The server now looks
+    for the client every 2 s while a statement runs."""
+    import socket
+
+    conn = database.connect()
+    pid = conn.get_backend_pid()
+    running = threading.Thread(target=lambda: _quietly(conn, "SELECT pg_sleep(120)"), daemon=True)
+    running.start()
+    wait_for(lambda: raw(database, "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)) == [("PgSleep",)],
+             "the statement running", timeout=10)
+    # What the server sees of a killed client: its end of the connection closed.
+    socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: not raw(database, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)),
+             "the server to end the statement of a client that went away", timeout=15)
+    running.join(timeout=10)
+
+
+def _quietly(conn, sql: str) -> None:
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    except psycopg2.Error:
+        pass  # the connection, shut under it

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import structlog
 
@@ -71,6 +72,13 @@ SELECT set_config('tcp_keepalives_idle', %s, false), set_config('tcp_keepalives_
        set_config('tcp_keepalives_count', %s, false), set_config('tcp_user_timeout', %s, false)
 """
 
+# A statement outlives its client: killed mid-way, a process leaves its index build (minutes on a large
+# library) or its search running on the server, holding the table: the last member's cleanup-on-exit
+# then waited out its lock timeout and left the table full. With this (PostgreSQL 14 and later), the
+# server looks every 2 s, while a statement runs, whether its client is still there, and cancels it if not.
+_CHECK_CLIENT = "SELECT set_config('client_connection_check_interval', '2s', false)"
+CHECK_CLIENT_SINCE = 140000
+
 
 def connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
     """A new connection to the embedded server at ``uri``, or to the configured one when ``uri`` is None."""
@@ -86,6 +94,12 @@ def connect(cfg: Config, uri: str | None) -> psycopg2.extensions.connection:
         with conn, conn.cursor() as cur:
             cur.execute(_SESSION_KEEPALIVES, (str(KEEPALIVE_IDLE_S), str(KEEPALIVE_INTERVAL_S), str(KEEPALIVE_COUNT),
                                               str(USER_TIMEOUT_MS)))
+        if conn.server_version >= CHECK_CLIENT_SINCE:
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(_CHECK_CLIENT)
+            except psycopg2.errors.InvalidParameterValue:  # a server whose system cannot tell (Windows)
+                pass
         return conn
     except psycopg2.OperationalError as exc:
         where = "the embedded PostgreSQL" if uri else (
