@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from image_search.store.embedded import EmbeddedPostgres
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database
+from tests.support.waiting import wait_for
 
 # The service's side: holds a handle until its stdin closes, then stops as the service does.
 SERVICE_SIDE = """
@@ -154,3 +155,40 @@ def test_a_first_start_stopped_during_initdb_is_made_again_at_the_next(tmp_path)
     assert [e["event"] for e in logs if e["event"].startswith("embedded_postgres_setup")] == [
         "embedded_postgres_setup_unfinished"]
     assert not (tmp_path / f"pgdata{INITIALISING_SUFFIX}").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("holder", ["a zombie", "another program", "this process"])
+def test_a_lock_left_by_a_dead_server_naming_a_live_pid_is_started_over_and_that_process_spared(
+        tmp_path, holder: str) -> None:
+    """After a kill -9 (the dead postmaster not reaped yet) or a container restart (its PID another
+    program's, or ours), postmaster.pid names a live PID: pgserver took it for the server, failed to
+    connect, and killed that process. The start now goes on, and the process lives."""
+    pgdata = tmp_path / "pgdata"
+    server = EmbeddedPostgres(pgdata)
+    lock = (pgdata / "postmaster.pid").read_text()
+    server.stop()
+    process = None
+    if holder == "this process":
+        pid = os.getpid()
+    else:
+        process = subprocess.Popen(["true"] if holder == "a zombie" else ["sleep", "60"])
+        if holder == "a zombie":  # exited, never waited for: a zombie child of this test
+            wait_for(lambda: psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE, "the zombie", timeout=10)
+        pid = process.pid
+    (pgdata / "postmaster.pid").write_text(f"{pid}\n" + lock.split("\n", 1)[1])
+    try:
+        with capture_logs() as logs:
+            server = EmbeddedPostgres(pgdata)
+        try:
+            with psycopg2.connect(server.uri) as conn, conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        finally:
+            server.stop()
+        assert [e["pid"] for e in logs if e["event"] == "embedded_postgres_stale_lock"] == [pid]
+        if holder == "another program":
+            assert process.poll() is None  # spared
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()

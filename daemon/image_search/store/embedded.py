@@ -39,6 +39,7 @@ class EmbeddedPostgres:
         with open(data_directory.with_name(data_directory.name + STARTING_SUFFIX), "a") as starting:
             _lock(starting)
             forget_dead_handles(data_directory)
+            release_stale_lock(data_directory)
             initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
             if initialising.exists():
                 drop_unfinished_initdb(data_directory)
@@ -121,6 +122,49 @@ def drop_unfinished_initdb(data_directory: Path) -> None:
                 action="deleting it: a start stopped while it made the database left it incomplete; made again now")
     shutil.rmtree(data_directory, ignore_errors=True)
     data_directory.with_name(data_directory.name + INITIALISING_SUFFIX).unlink(missing_ok=True)
+
+
+# Above the largest PID Linux can hand out (pid_max is at most 2**22): no process has it.
+NO_SUCH_PID = 2**22 + 1
+
+
+def release_stale_lock(data_directory: Path) -> None:
+    """``postmaster.pid`` names a process that is not this server's postmaster: the postmaster that wrote it
+    died (``kill -9``, a crash, a host or container restart) and its PID is a zombie not yet reaped, or
+    another program's now, or this very process's (PIDs repeat in containers). pgserver took any live PID
+    for the server: it reported it started, failed to connect, then killed that process, unrelated or
+    itself. PostgreSQL itself would refuse to start over a live PID. The PID is replaced by one no process
+    has, and the rest of the file kept: PostgreSQL still refuses if backends of the dead postmaster still
+    use its shared memory, which the file names."""
+    import psutil
+
+    lock = data_directory / "postmaster.pid"
+    try:
+        lines = lock.read_text().splitlines(keepends=True)
+        pid = int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return  # none (the usual case), or not a PostgreSQL lock: pgserver and PostgreSQL say what it is
+    if pid != os.getpid() and _may_be_a_postmaster(pid, psutil):
+        return  # running: pgserver uses it (a command run beside the service). Never rewritten under a live
+        # server: it checks its lock every minute, and shuts down once the file names another PID.
+    if not psutil.pid_exists(pid):
+        return  # stale and dead: PostgreSQL starts over it as ever
+    lines[0] = f"{NO_SUCH_PID}\n"
+    lock.write_text("".join(lines))
+    log.warning("embedded_postgres_stale_lock", pid=pid, data_directory=data_directory,
+                reason="postmaster.pid names a process that is not this server (its postmaster died; the PID is "
+                       "unreaped or another process's now)", action="starting the server anew; that process is left alone")
+
+
+def _may_be_a_postmaster(pid: int, psutil) -> bool:  # noqa: ANN001  # the module
+    """A live PostgreSQL process (of this data directory or not: a name is all a look can be sure of)."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.name() == "postgres"
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's, say: not ours to judge
+        return True
 
 
 def forget_dead_handles(data_directory: Path) -> None:
