@@ -239,8 +239,9 @@ def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_in
         raw(story.database, hnsw_index_ddl(TINY_DIMENSION))
         raw(story.database, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
     with capture_logs() as logs:
-        again = story_factory(after=story)
+        again = story_factory(after=story)  # the stop, then the start
         wait_for_the_repair(again)
+    assert [e["event"] for e in logs if e["event"].startswith("bulk_load")] == ["bulk_load_stopped"]  # said
     assert search_index_events(logs) == REPAIRED
     assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
 

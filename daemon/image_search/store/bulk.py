@@ -143,6 +143,9 @@ class BulkLoad:
         """Stop here (a stop, a lost database): a build in progress is cancelled, and the index is left for
         the next start to build."""
         self._abandoning = True
+        if self._thread is None and not self._conn.closed:  # the rows were still coming: no build begun
+            log.info("bulk_load_stopped", detail="the search index is built at the next start; searches are "
+                                                 "exact until then")
         deadline = time.monotonic() + _CANCEL_FOR_S
         while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             # Again and again: a cancel that reaches the server between two of the build's statements is
