@@ -92,6 +92,22 @@ def test_a_build_cut_short_leaves_an_invalid_index_that_the_next_start_builds_ag
     assert search_index_events(logs) == REPAIRED
 
 
+def test_index_stopped_during_its_build_says_so(store, database, monkeypatch) -> None:
+    """`image-search index` builds the index at its end: a Ctrl-C then left no line about it."""
+    from image_search.store import BulkLoad
+
+    def stopped(self) -> None:
+        self._conn.close()  # what a cut build leaves: the lock gone with the connection
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BulkLoad, "finish", stopped)
+    with capture_logs() as logs, pytest.raises(KeyboardInterrupt), store.bulk_load(2000) as bulk:
+        assert bulk
+        store.upsert(rows(0, 20, unit_vectors(20)))
+    assert [e["event"] for e in logs if e["event"].startswith(("search_index", "bulk_load"))] == [
+        "bulk_load_started", "search_index_build_stopped"]
+
+
 @contextmanager
 def another_sessions_transaction(database: Database, sql: str = "SELECT count(*) FROM image_embeddings", *,
                                  ends_after: float = 10.0) -> Iterator[threading.Event]:

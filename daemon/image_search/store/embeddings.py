@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg2.extensions
+import structlog
 from pgvector.psycopg2 import register_vector
 
 from ..hits import Hit, Ranking
@@ -34,6 +35,8 @@ from .connection import Connect, Session, StoreError, retried_on_conflict
 from .filters import like_escaped
 from .ranking import SearchSettings, indexed_sql, rank
 from .paths import StoredContent
+
+log = structlog.get_logger("image_search.store")
 
 # A bulk load pays (dropping the index, loading, building it again) once the rows coming are this many,
 # and at least a quarter of those already there: per row, HNSW insertion costs about 3 ms here and a
@@ -241,7 +244,12 @@ class EmbeddingStore:
                 bulk.abandon()
             raise
         if bulk is not None:
-            bulk.finish()
+            try:
+                bulk.finish()
+            except BaseException:  # a stop (Ctrl-C, SIGTERM) or a lost database, said by whoever catches it
+                log.info("search_index_build_stopped", detail="cut short: the next start or index builds it; "
+                                                              "searches are exact until then")
+                raise
 
     def needs_identity_migration(self) -> bool:
         """True when the table's ``file_hash`` values are not today's identity (a database written by an
