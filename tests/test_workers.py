@@ -20,6 +20,7 @@ import time
 import types
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,9 +306,12 @@ def test_the_workers_save_each_processed_copy_where_the_indexer_records_it(tmp_p
     for path, outcome in zip(paths, outcomes, strict=True):
         processed = processed_path_for(path, tmp_path, tmp_path / "processed")
         assert outcome.saved_to == processed, path
-        assert processed.read_bytes() == outcome.jpeg_bytes
-        assert thumbnail_path_for(processed).read_bytes() == outcome.thumbnail_jpeg
-        assert_same(outcome, reference(path))  # saving changed nothing else
+        expected = reference(path)
+        assert processed.read_bytes() == expected.jpeg_bytes
+        assert thumbnail_path_for(processed).read_bytes() == expected.thumbnail_jpeg
+        # Saved: the bytes stay in the files, not sent back again; nothing else changed.
+        assert outcome.jpeg_bytes == b"" and outcome.thumbnail_jpeg == b""
+        assert_same(replace(outcome, jpeg_bytes=expected.jpeg_bytes, thumbnail_jpeg=expected.thumbnail_jpeg), expected)
     assert (tmp_path / "processed" / "trip" / "day 2" / "beach.png.jpg").is_file()
 
 

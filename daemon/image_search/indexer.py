@@ -394,7 +394,9 @@ class Indexer:
         first: dict[str, Path] = {}  # each content's first file in this batch
         later: list[tuple[_Read, Path]] = []  # a content's further files in this batch, and its first
         for candidate, image in prepared:
-            processed = processed_path_for(candidate.path, self.cfg.source_directory, self.cfg.processed_directory)
+            # A worker saved it where processed_path_for says (the pool's ProcessedFolders are this config's).
+            processed = image.saved_to or processed_path_for(candidate.path, self.cfg.source_directory,
+                                                             self.cfg.processed_directory)
             if image.saved_to != processed:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
                 # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
                 # not the run's, and the entry is left as it is; a full or read-only disk stops the run.

@@ -112,7 +112,8 @@ class PreparedImage:
     # thumbnail file: ``duplicates.fill_missing_hashes``).
     phash: int | None = None
     # Where the processed JPEG and its thumbnail were saved already (by the worker process that made them,
-    # ``workers.ProcessedFolders``); None: not saved, the indexer saves them itself.
+    # ``workers.ProcessedFolders``; ``jpeg_bytes`` and ``thumbnail_jpeg`` are then empty: read the files);
+    # None: not saved, the indexer saves them itself.
     saved_to: Path | None = None
 
     def without_image(self) -> PreparedImage:
@@ -413,16 +414,25 @@ def processed_path_for(source: Path, source_root: Path, processed_root: Path) ->
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers never see half a file.
-    The file's mode is what ``open()`` gives: 0666 less the process's umask."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    The file's mode is what ``open()`` gives: 0666 less the process's umask. The folder is made only
+    when it is missing (the create says so): a mkdir per file would cost two system calls for nothing."""
+    for attempt in range(3):
+        try:
+            fd, tmp = create_beside(path)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if attempt == 2:
+                raise
+            # No folder yet: made (an entry of yours in its place is named by mkdir), and once more if it was
+            # removed as it emptied (sync.remove_processed) in between.
+            path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = create_beside(path)
-    except FileNotFoundError:  # removed as it emptied (sync.remove_processed) between the two: once more
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = create_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -437,10 +447,11 @@ def create_beside(path: Path) -> tuple[int, Path]:
     ``mkstemp`` does (exclusively: never a file or link already there) but with mode 0666, which the kernel
     masks with the umask: ``mkstemp``'s 0600 would hide every processed copy and every failed query's
     reason from anyone but the service's user, whatever the unit's ``UMask`` allows."""
+    folder, suffix = os.fspath(path.parent), path.suffix
     while True:
-        tmp = path.with_name(f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}{path.suffix}")
+        tmp = f"{folder}/{TEMPORARY_PREFIX}{secrets.token_hex(4)}{suffix}"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), Path(tmp)
         except FileExistsError:
             continue
 

@@ -128,7 +128,8 @@ class PoolError(WorkersError):
 def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
     """One worker job, also usable in-process: ``preprocess_image`` with the model's input, without the
     PIL image (picklable: plain bytes, numbers and the pixel array); its processed copy saved when the
-    settings say where (``saved_to``).
+    settings say where (``saved_to``; the JPEG and thumbnail bytes are then left out, empty: they are
+    in the files).
 
     Raises PreprocessError exactly as ``preprocess_image`` does.
     """
@@ -137,7 +138,12 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
                                 links=settings.links, model_input=settings.model_input).without_image()
     if settings.processed is None:
         return prepared
-    return replace(prepared, saved_to=_saved(prepared, path, settings.processed))
+    saved_to = _saved(prepared, path, settings.processed)
+    if saved_to is None:  # not written: the indexer writes it itself, from these bytes
+        return replace(prepared, saved_to=None)
+    # Written: the bytes are in the files now, and nobody reads them from here; sending them back to the
+    # parent would only cost a pickle, a socket copy and an unpickle per file.
+    return replace(prepared, saved_to=saved_to, jpeg_bytes=b"", thumbnail_jpeg=b"")
 
 
 def _saved(prepared: PreparedImage, path: Path, folders: ProcessedFolders) -> Path | None:
