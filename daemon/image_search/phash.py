@@ -58,11 +58,21 @@ def _luma_grid(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L").resize((GRID, GRID), Image.Resampling.BOX), dtype=np.float64)
 
 
+@functools.cache
+def _low_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The DCT matrix's LOW lowest-frequency rows, and their transpose (contiguous): only those
+    coefficients are kept, so only those are computed."""
+    low = np.ascontiguousarray(_dct_matrix(GRID)[:LOW])
+    return low, np.ascontiguousarray(low.T)
+
+
 def perceptual_hash(image: Image.Image) -> int:
     """The 255-bit hash of an upright picture (any mode; RGB as ``preprocess`` makes it), as an int."""
-    m = _dct_matrix(GRID)
-    coefficients = (m @ _luma_grid(image) @ m.T)[:LOW, :LOW].reshape(-1)[1:]  # without the constant term
-    bits = coefficients > np.median(coefficients)
+    low, low_t = _low_rows()
+    coefficients = (low @ _luma_grid(image) @ low_t).reshape(-1)[1:]  # without the constant term
+    # Their median: 255 values, an odd count, so the middle one itself (what np.median returns, without
+    # its checks for NaN and masks).
+    bits = coefficients > np.partition(coefficients, HASH_BITS // 2)[HASH_BITS // 2]
     return int.from_bytes(np.packbits(bits).tobytes(), "big") >> (HASH_BYTES * 8 - HASH_BITS)
 
 
