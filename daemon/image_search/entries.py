@@ -107,6 +107,8 @@ class LinkPolicy:
         """Why reading ``path`` would go where the policy forbids, or None when it may be read. A path
         with no link on the way from ``root`` is always fine (``root`` itself may be a link: that is the
         user's own choice of folder)."""
+        if _no_link_below(path, self.root):  # the common case, without resolving both paths from /
+            return None
         real = Path(os.path.realpath(path))
         real_root = Path(os.path.realpath(self.root))
         if not real.is_relative_to(real_root) and (own := self.own_folder_refusal(real)) is not None:
@@ -140,6 +142,29 @@ class LinkPolicy:
             return (f"symbolic link to {what}{escape(target)}, {reached}: never followed, whatever 'follow-symlinks' "
                     "says (the service's own folders are never read as pictures)")
         return None
+
+
+def _no_link_below(path: Path, root: Path) -> bool:
+    """True when ``path`` names an entry inside ``root`` (lexically, no ``..``) and no part of it below
+    ``root`` is a symbolic link: then it resolves to the same entry under ``root``'s own target, which
+    every policy lets be read. False when that cannot be told so cheaply (the caller then resolves both):
+    a link on the way, a missing part, a path outside ``root`` or spelt with ``..``. One lstat per part
+    below ``root`` (one for a file at its top), where resolving both paths costs one per part of each."""
+    try:
+        relative = Path(path).relative_to(root)
+    except ValueError:
+        return False
+    if not relative.parts or ".." in relative.parts:
+        return False
+    current = os.fspath(root)
+    for part in relative.parts:
+        current = os.path.join(current, part)
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def check_regular(path: Path, links: LinkPolicy | None = None) -> os.stat_result:
