@@ -753,12 +753,7 @@ def test_a_query_does_not_wait_for_the_batches_being_read(story_factory, monkeyp
     indexer = story.service.ingest.indexer
     submit = indexer.submit
 
-    def held_submit(paths, **kwargs):
-        batch = submit(paths, **kwargs)
-        batch.preparing = _HeldRead(batch.preparing, gate)
-        return batch
-
-    monkeypatch.setattr(indexer, "submit", held_submit)
+    monkeypatch.setattr(indexer, "submit", lambda paths, **kw: _held(submit(paths, **kw), gate))
     for i in range(4):
         save_picture(story.images / f"n{i}.png", seed=70 + i)
         story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
@@ -777,6 +772,38 @@ def test_a_query_does_not_wait_for_the_batches_being_read(story_factory, monkeyp
     story.run_until_idle()
     assert story.service.indexed == 5
     assert story.ask("later.png", story.images / "n3.png")[0] == str(story.images / "n3.png")
+
+
+def test_a_stop_leaves_the_batches_whose_read_does_not_return(story_factory, monkeypatch) -> None:
+    """A stop finishes the batches in flight, but a read that does not return (a hung share) must not hold
+    it: the batches from that one on are dropped, and the next start finds their files again."""
+    import image_search.ingest
+
+    monkeypatch.setattr(image_search.ingest, "STOP_READ_WAIT_S", 0.2)
+    story = story_factory({"a.png": 1}, batch_size=2)
+    gate = threading.Event()  # never set: the read hangs
+    indexer = story.service.ingest.indexer
+    submit = indexer.submit
+    monkeypatch.setattr(indexer, "submit", lambda paths, **kw: _held(submit(paths, **kw), gate))
+    for i in range(4):
+        save_picture(story.images / f"n{i}.png", seed=80 + i)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
+    story.service.step()
+    story.clock.advance(SETTLE + 0.01)
+    story.service.step()
+    story.service.step()
+    assert len(story.service.ingest._in_flight) == 2
+    with capture_logs() as logs:
+        story.service.ingest.finish_in_flight()
+    assert [e["files"] for e in logs if e["event"] == "batches_left_unfinished"] == [4]
+    assert story.service.indexed == 1
+    again = story_factory(after=story)
+    assert set(again.rows()) == {str(again.images / name) for name in ("a.png", "n0.png", "n1.png", "n2.png", "n3.png")}
+
+
+def _held(batch, gate: threading.Event):
+    batch.preparing = _HeldRead(batch.preparing, gate)
+    return batch
 
 
 def test_a_batch_whose_rows_are_in_is_not_counted_as_waiting(story_factory, monkeypatch) -> None:

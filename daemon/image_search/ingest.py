@@ -37,6 +37,9 @@ PIPELINE_DEPTH = 2
 # The longest a pass waits for the oldest batch's files: a query dropped meanwhile waits for no reading
 # (sixteen 8000 x 6000 PNGs take 2 s), only for the batch being embedded when it came.
 READ_WAIT_SLICE_S = 0.05
+# At a stop, the longest the batches being read are waited for: a read that does not return (a hung share)
+# must not hold the stop; a batch of large photos is read within it.
+STOP_READ_WAIT_S = 2.0
 # How often a caught-up service with no bulk load under way asks whether the search index is valid, and
 # repairs it if not: a build that failed during the run (the database restarted under it) is retried.
 REPAIR_LOOK_EVERY_S = 60.0
@@ -108,7 +111,7 @@ class ImageIngest:
             return submitted
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
-        if not self._in_flight[0].read_within(READ_WAIT_SLICE_S):
+        if not self.indexer.files_read(self._in_flight[0], within=READ_WAIT_SLICE_S):
             return True  # the loop answers a query that came meanwhile, then waits again
         self._finish_oldest()
         return True
@@ -142,11 +145,20 @@ class ImageIngest:
         self.bulk = self.rt.store.repair_index()
 
     def finish_in_flight(self) -> None:
-        """At a stop: finish the batches already being read (a lost database leaves them to the next start)."""
+        """At a stop: finish the batches already being read, each whose files are read within
+        ``STOP_READ_WAIT_S``; the rest (a read that does not return) are dropped, and so are all of them when
+        the database is lost: the next start's rescan finds their files again."""
         try:
-            self.finish_reading()
+            while self._in_flight and self.indexer.files_read(self._in_flight[0], within=STOP_READ_WAIT_S):
+                self._finish_oldest()
+            self.wait_for_writes()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
+            return
+        if self._in_flight:
+            log.info("batches_left_unfinished", files=sum(len(batch.paths) for batch in self._in_flight),
+                     reason=f"their files were still being read {STOP_READ_WAIT_S:g} s into the stop",
+                     action="the next start's rescan indexes them")
 
     def close(self) -> None:
         self._report_indexed()  # whatever ends the run: what was indexed is said
