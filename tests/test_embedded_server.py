@@ -158,7 +158,7 @@ def test_a_first_start_stopped_during_initdb_is_made_again_at_the_next(tmp_path)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("holder", ["a zombie", "another program", "this process"])
+@pytest.mark.parametrize("holder", ["a zombie", "another program", "this process", "another server"])
 def test_a_lock_left_by_a_dead_server_naming_a_live_pid_is_started_over_and_that_process_spared(
         tmp_path, holder: str) -> None:
     """After a kill -9 (the dead postmaster not reaped yet) or a container restart (its PID another
@@ -168,9 +168,12 @@ def test_a_lock_left_by_a_dead_server_naming_a_live_pid_is_started_over_and_that
     server = EmbeddedPostgres(pgdata)
     lock = (pgdata / "postmaster.pid").read_text()
     server.stop()
-    process = None
+    process = other = None
     if holder == "this process":
         pid = os.getpid()
+    elif holder == "another server":  # another service's embedded server, which took the PID after a power loss
+        other = EmbeddedPostgres(tmp_path / "other")
+        pid = int((tmp_path / "other" / "postmaster.pid").read_text().split()[0])
     else:
         process = subprocess.Popen(["true"] if holder == "a zombie" else ["sleep", "60"])
         if holder == "a zombie":  # exited, never waited for: a zombie child of this test
@@ -188,7 +191,11 @@ def test_a_lock_left_by_a_dead_server_naming_a_live_pid_is_started_over_and_that
         assert [e["pid"] for e in logs if e["event"] == "embedded_postgres_stale_lock"] == [pid]
         if holder == "another program":
             assert process.poll() is None  # spared
+        if other is not None:
+            psycopg2.connect(other.uri).close()  # spared, serving its own service
     finally:
         if process is not None:
             process.kill()
             process.wait()
+        if other is not None:
+            other.stop()

@@ -121,20 +121,21 @@ def test_claims_one_holder_per_item_reclaim_release(database: Database, registri
     assert set(fleet_claims.claim(b.id, ["image:/2", "image:/3"], LEASE)) == {"image:/3"}  # /2 is a's, a is live
     assert set(fleet_claims.claim(a.id, ["image:/1"], LEASE)) == {"image:/1"}  # holding it already: still ours
     assert set(fleet_claims.claim(a.id, [], LEASE)) == set()
-    fleet_claims.release(a.id, ["image:/2", "image:/3"], LEASE)  # /3 is b's: not a's to release
-    # /2 stays a lease as a's record of when it began the work: free, under no live member's id
+    fleet_claims.claim(a.id, ["image:/5"], LEASE)
+    fleet_claims.release(a.id, ["image:/3"], read=["image:/2"])  # /3 is b's: not a's to release
+    # /2 was read: it stays a lease as a's record of when it began reading it, free, under no live member's id
     assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {"image:/1": a.id,
                                                                                       "image:/2": -a.id,
-                                                                                      "image:/3": b.id}
-    granted = fleet_claims.claim(b.id, ["image:/2", "image:/4"], LEASE)  # released: free for anyone
-    assert set(granted) == {"image:/2", "image:/4"}
-    assert 0 <= granted["image:/2"] < LEASE and granted["image:/4"] is None  # a began /2 that long ago
-    raw(database, "UPDATE image_search_claims SET claimed_at = now() - interval '1 hour' WHERE member_id = -%s",
-        (a.id,))
-    fleet_claims.claim(a.id, ["image:/5"], LEASE)
-    fleet_claims.release(a.id, ["image:/5"], LEASE)  # a's records older than a lease go with a release
-    assert dict(raw(database, "SELECT item, member_id FROM image_search_claims WHERE member_id < 0")) == {
-        "image:/5": -a.id}
+                                                                                      "image:/3": b.id,
+                                                                                      "image:/5": a.id}
+    fleet_claims.release(a.id, ["image:/5"])  # given up (its write failed): no record
+    granted = fleet_claims.claim(b.id, ["image:/2", "image:/4", "image:/5"], LEASE)  # released: free for anyone
+    assert set(granted) == {"image:/2", "image:/4", "image:/5"}
+    assert 0 <= granted["image:/2"] < LEASE and granted["image:/4"] is None and granted["image:/5"] is None
+    fleet_claims.release(b.id, [], read=["image:/2"])
+    raw(database, "UPDATE image_search_claims SET claimed_at = now() - interval '1 hour' WHERE item = 'image:/2'")
+    fleet_claims.release(b.id, [], forget_older_than_s=LEASE)  # b's records older than a lease go
+    assert raw(database, "SELECT item FROM image_search_claims WHERE member_id < 0") == []
 
 
 def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Database, registries,
@@ -147,10 +148,9 @@ def test_a_claim_and_a_release_rolled_back_for_a_deadlock_run_again(database: Da
     with deadlock_once(database, "image_search_claims", "INSERT"), capture_logs() as logs:
         assert set(fleet_claims.claim(a.id, iter(["image:/1", "image:/2"]), LEASE)) == {"image:/1", "image:/2"}
     assert [e["attempt"] for e in logs if e["event"] == "transaction_retried"] == [1]
-    with deadlock_once(database, "image_search_claims", "UPDATE"):
-        fleet_claims.release(a.id, iter(["image:/1"]), LEASE)
-    assert sorted(raw(database, "SELECT item, member_id FROM image_search_claims")) == [("image:/1", -a.id),
-                                                                                       ("image:/2", a.id)]
+    with deadlock_once(database, "image_search_claims", "DELETE"):
+        fleet_claims.release(a.id, iter(["image:/1"]))
+    assert raw(database, "SELECT item FROM image_search_claims") == [("image:/2",)]
 
 
 def test_a_join_and_a_leave_rolled_back_for_a_deadlock_run_again(database: Database, registries) -> None:
@@ -259,9 +259,9 @@ def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, 
     assert tracker.pop_ready(10) == []
     now[0] += 1
     assert tracker.pop_ready(10) == [paths[1]]
-    claims.release(ClaimKind.IMAGE, [paths[0]])
+    claims.release(ClaimKind.IMAGE, [paths[0]], read={paths[0]})
     assert dict(raw(database, "SELECT item, member_id FROM image_search_claims")) == {
-        f"image:{paths[1]}": a.id, f"image:{paths[0]}": -b.id, f"image:{paths[2]}": -b.id}  # c: gone when granted
+        f"image:{paths[1]}": a.id, f"image:{paths[0]}": -b.id}  # c, gone when granted: let go, no record
     # the same path as a query is another item
     assert claims.take(ClaimKind.QUERY, [paths[1]], tracker) == [paths[1]]
 

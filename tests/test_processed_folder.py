@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -101,14 +102,19 @@ def test_a_rescan_removes_only_what_processed_holds_for_no_source(cfg: Config) -
     for path in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
+    time.sleep(0.05)
     fresh = processed / "new" / "d.png.jpg"  # another service's, its row not committed yet
     fresh.parent.mkdir()
     fresh.write_bytes(b"x")
     fresh.with_name(".d.png.jpg.thumb.jpg").write_bytes(b"x")
-    now = os.stat(fresh).st_mtime + ORPHAN_MIN_AGE_S - 1
-    for path in files:
-        os.utime(path, (now - ORPHAN_MIN_AGE_S - 1, now - ORPHAN_MIN_AGE_S - 1))
+    moved = processed / "new" / "e.png.jpg"  # another service's relink of a copy, as the walk passed
+    (processed / "kept" / "e.png.jpg").write_bytes(b"x")
+    (processed / "kept" / ".e.png.jpg.thumb.jpg").write_bytes(b"x")
+    os.utime(processed / "kept" / "e.png.jpg", (0, 0))  # written long ago: a rename keeps that
+    (processed / "kept" / "e.png.jpg").rename(moved)
+    (processed / "kept" / ".e.png.jpg.thumb.jpg").rename(moved.with_name(".e.png.jpg.thumb.jpg"))
+    now = os.stat(fresh).st_ctime + ORPHAN_MIN_AGE_S - 0.01  # the files above are older than that
 
     assert remove_orphaned_copies(cfg, {str(named)}, now=lambda: now) == 4
     assert {p for p, stays in files.items() if p.exists()} == {p for p, stays in files.items() if stays}
-    assert fresh.exists() and not (processed / "gone").exists()
+    assert fresh.exists() and moved.exists() and not (processed / "gone").exists()

@@ -107,6 +107,13 @@ def test_the_same_bytes_written_again_are_read_with_no_model_work_and_a_chmod_is
         story.run_until_idle()
     assert not [e for e in logs if e["event"] in ("image_reread", "images_indexed")]
 
+    # A poll's news (another fleet member's copy, seen by this one's snapshot after that member read it):
+    # its stat is as stored, nothing to read.
+    story.notice(Folder.IMAGES, ChangeKind.STAT_CHANGED, a)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert not [e for e in logs if e["event"] in ("image_reread", "images_indexed")]
+
 
 def test_a_picture_rewritten_then_renamed_before_it_was_read_is_read_at_its_new_name(story_factory) -> None:
     """Its row no longer describes it: the path must not follow the file with the old content's row."""

@@ -379,6 +379,20 @@ def test_folder_handler_reports_an_attribute_change_apart_from_a_write(tmp_path:
         assert [c.kind for c in got if c.path == a] == [ChangeKind.ATTRIBUTES]
 
 
+def test_a_polls_news_of_a_file_is_a_stat_change_not_a_write_seen() -> None:
+    """A snapshot (--poll) sees only a size or mtime that changed; taken as a write seen, its files were read
+    again by each member of a fleet whose poll came after another member had read them (724 reads for 336)."""
+    from watchdog.events import DirCreatedEvent, FileCreatedEvent, FileModifiedEvent
+
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    polled = FolderHandler(Folder.IMAGES, changes, snapshots=True)
+    for event in (FileCreatedEvent("/images/a.png"), FileModifiedEvent("/images/a.png"), DirCreatedEvent("/images/new")):
+        polled.on_any_event(event)
+    FolderHandler(Folder.IMAGES, changes).on_any_event(FileModifiedEvent("/images/a.png"))  # inotify's: a write
+    assert [changes.get_nowait().kind for _ in range(4)] == [
+        ChangeKind.STAT_CHANGED, ChangeKind.STAT_CHANGED, ChangeKind.TOUCHED, ChangeKind.TOUCHED]
+
+
 def test_handler_never_raises_on_odd_events() -> None:
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
     handler = FolderHandler(Folder.IMAGES, changes)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -165,6 +166,7 @@ class WorkClaims:
         self.member = member
         self._unreleased: list[str] = []  # releases that failed: retried with the next one
         self._departures_seen = 0
+        self._next_forget = 0.0  # when this member's old records of reads go next (once a lease)
 
     def someone_left(self) -> bool:
         """True once after the heartbeat saw the fleet shrink: a member left or died, so what it held is
@@ -214,17 +216,26 @@ class WorkClaims:
             log.debug("claims_held_elsewhere", kind=kind.value, count=held, retry_in_s=look_again)
         return mine
 
-    def release(self, kind: ClaimKind, paths: Sequence[Path]) -> None:
-        """Give the claims back once the work is written. A failure is not the work's failure: the
-        release is retried with the next one, and leaving drops every claim anyway."""
+    def release(self, kind: ClaimKind, paths: Sequence[Path], *, read: Collection[Path] = ()) -> None:
+        """Give the claims back once the work is written (or given up: the paths pending again). ``read``:
+        the paths among them whose file was read and whose row is committed, kept a lease as the record
+        of when this member began reading them (``take`` tells the others). A failure is not the work's
+        failure: the release is retried with the next one, and leaving drops every claim anyway."""
         if self.member is None:
             return
-        items = self._unreleased + [self._item(kind, p) for p in paths]
-        if not items:
+        read_items = [self._item(kind, p) for p in paths if p in read]
+        items = self._unreleased + [self._item(kind, p) for p in paths if p not in read]
+        if not items and not read_items:
             return
+        now = time.monotonic()
+        forget = now >= self._next_forget
         try:
-            self.claims.release(self.member.member.id, items, self.member.lease_s)
+            self.claims.release(self.member.member.id, items, read=read_items,
+                                forget_older_than_s=self.member.lease_s if forget else None)
             self._unreleased = []
+            if forget:
+                self._next_forget = now + self.member.lease_s
         except DatabaseUnavailable as exc:
-            self._unreleased = items
-            log.warning("claims_not_released", count=len(items), reason=str(exc), action="retried with the next release")
+            self._unreleased = items + read_items  # the record is only a hint: plainly let go with the next one
+            log.warning("claims_not_released", count=len(self._unreleased), reason=str(exc),
+                        action="retried with the next release")

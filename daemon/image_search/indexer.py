@@ -366,15 +366,6 @@ class Indexer:
             batch.summary.merge(summary)
         return batch.summary
 
-    def files_read(self, batch: BatchInFlight, within: float) -> bool:
-        """Whether ``batch``'s files are read (``finish`` would wait for none), waiting up to ``within``
-        seconds, marked ``waiting_for_files`` as ``finish``'s own wait is (a stop meanwhile unwinds at once)."""
-        self.waiting_for_files = True
-        try:
-            return batch.read_within(within)
-        finally:
-            self.waiting_for_files = False
-
     def _outcomes(self, preparing: PreparingBatch) -> Sequence[PreparedImage | PreprocessError]:
         """Wait for a batch's outcomes, marked ``waiting_for_files``, calling ``heartbeat`` meanwhile."""
         self.waiting_for_files = True

@@ -111,8 +111,10 @@ class ImageIngest:
             return submitted
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
-        if not self.indexer.files_read(self._in_flight[0], within=READ_WAIT_SLICE_S):
-            return True  # the loop answers a query that came meanwhile, then waits again
+        if not self._in_flight[0].read_within(READ_WAIT_SLICE_S):
+            # The loop answers a query that came meanwhile, then waits again. Not a wait a stop cuts short: the
+            # loop ends within a slice, and the stop finishes the batches read (``finish_in_flight``).
+            return True
         self._finish_oldest()
         return True
 
@@ -149,7 +151,7 @@ class ImageIngest:
         ``STOP_READ_WAIT_S``; the rest (a read that does not return) are dropped, and so are all of them when
         the database is lost: the next start's rescan finds their files again."""
         try:
-            while self._in_flight and self.indexer.files_read(self._in_flight[0], within=STOP_READ_WAIT_S):
+            while self._in_flight and self._in_flight[0].read_within(STOP_READ_WAIT_S):
                 self._finish_oldest()
             self.wait_for_writes()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
@@ -269,7 +271,8 @@ class ImageIngest:
 
     def _indexed(self, batch: BatchInFlight) -> None:
         summary = batch.summary
-        self.rt.claims.release(ClaimKind.IMAGE, batch.paths)
+        read = {c.path for c in batch.candidates}.difference(summary.deferred)  # read, their rows committed
+        self.rt.claims.release(ClaimKind.IMAGE, batch.paths, read=read)
         self.startup_backlog -= len(batch.paths) - len(summary.deferred)  # deferred: pending again
         for path in summary.deferred:
             self.images.note(path, reread=path in batch.reread)  # still being written: wait for it again

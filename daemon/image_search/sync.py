@@ -187,10 +187,13 @@ def remove_orphaned_copies(cfg: Config, expected: set[str], *, stopping: Callabl
 
 
 def _written_before(path: str, moment: float) -> bool:
+    """Written and renamed before ``moment``: a rename keeps the mtime but moves the ctime on (another
+    service relinking a copy to a file's new name as this walk passed must not lose it)."""
     try:
-        return os.lstat(path).st_mtime < moment
+        st = os.lstat(path)
     except OSError:
         return False
+    return max(st.st_mtime, st.st_ctime) < moment
 
 
 def remove_emptied(cfg: Config, folder: Path) -> None:
@@ -713,7 +716,9 @@ class FolderSync:
                     or change.kind is ChangeKind.ATTRIBUTES and self._holds_unreadable(change.path)):
                 for path in self._scan(change.path):
                     self.pending.note(path)
-        elif change.kind is ChangeKind.ATTRIBUTES:  # chmod, touch: read if its stat differs from its row's
+        elif change.kind in (ChangeKind.ATTRIBUTES, ChangeKind.STAT_CHANGED):  # read if its stat differs from its row's
+            # chmod, touch; or a poll's news, which is a stat's. Marked as seen written, a poll's file was
+            # read again by every member of a fleet whose poll came after another member had read it.
             self._noticed(change.path, closed=False, written=False)
         else:
             self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED, written=True)

@@ -67,6 +67,9 @@ class ChangeKind(IntEnum):
     # permissions, owner, times or link count changed (chmod -R, touch): the content is as it was, unless
     # its size or mtime says otherwise (a write reports TOUCHED and CLOSED besides)
     ATTRIBUTES = 6
+    # a file a snapshot (--poll) saw appear, or its size or mtime change: read if its stat differs from its
+    # row's (a snapshot cannot see a rewrite that keeps both: no write was seen as such)
+    STAT_CHANGED = 7
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,12 @@ class FolderHandler(FileSystemEventHandler):
     unless it is reached through a link): events name the real path, the service knows the configured one."""
 
     def __init__(self, folder: Folder, changes: queue.SimpleQueue[Change], *, configured: Path | None = None,
-                 real: Path | None = None) -> None:
+                 real: Path | None = None, snapshots: bool = False) -> None:
         self.folder = folder
         self.changes = changes
         self.configured = configured
         self.real = real
+        self.snapshots = snapshots  # events come from comparing snapshots (--poll), not from the kernel
 
     def _as_configured(self, raw: bytes | str) -> Path:
         path = Path(os.fsdecode(raw))
@@ -161,6 +165,8 @@ class FolderHandler(FileSystemEventHandler):
                 self.changes.put(Change(self.folder, ChangeKind.CLOSED, path))
             elif isinstance(event, (FileAttribEvent, DirAttribEvent)):
                 self.changes.put(Change(self.folder, ChangeKind.ATTRIBUTES, path, event.is_directory))
+            elif self.snapshots and not event.is_directory:
+                self.changes.put(Change(self.folder, ChangeKind.STAT_CHANGED, path))
             else:
                 self.changes.put(Change(self.folder, ChangeKind.TOUCHED, path, event.is_directory))
         except Exception:  # pragma: no cover - last line of defence for the observer thread
@@ -213,8 +219,8 @@ def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.Simpl
     try:
         for name, folder in folders.items():
             real = Path(os.path.realpath(folder.path))
-            observer.schedule(FolderHandler(name, changes, configured=folder.path, real=real), str(real),
-                              recursive=folder.recursive)
+            observer.schedule(FolderHandler(name, changes, configured=folder.path, real=real, snapshots=poll),
+                              str(real), recursive=folder.recursive)
         observer.start()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:

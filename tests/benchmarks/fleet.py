@@ -165,13 +165,13 @@ def bench_claims(shared: Shared, rounds: int) -> dict[str, float]:
                 items = [f"image:/bench/{n}/{i}.png" for i in range(BATCH_SIZE)]
                 t = time.perf_counter()
                 claims.claim(ours.id, items, LEASE_S)
-                claims.release(ours.id, items, LEASE_S)
+                claims.release(ours.id, items)
                 granted_ms.append((time.perf_counter() - t) * 1000)
                 claims.claim(theirs.id, items, LEASE_S)
                 t = time.perf_counter()
                 claims.claim(ours.id, items, LEASE_S)
                 refused_ms.append((time.perf_counter() - t) * 1000)
-                claims.release(theirs.id, items, LEASE_S)
+                claims.release(theirs.id, items)
         finally:
             store.close()
             for r, m in zip(registries, (ours, theirs)):

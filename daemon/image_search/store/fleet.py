@@ -75,16 +75,14 @@ WHERE c.member_id = EXCLUDED.member_id OR c.member_id NOT IN (
 )
 RETURNING item, (SELECT ago FROM released r WHERE r.item = c.item)
 """
-# A released claim stays a lease as its holder's record that it began the work then (the member's id
-# negated, which no live member has: the item is free): a member granted the item later reads no file
-# again that the holder read after the write both saw (``ReadinessTracker.read_elsewhere``). Each
-# release forgets the member's own records older than a lease, through the index on member_id.
-_RELEASE = """
-WITH forgotten AS (
-    DELETE FROM image_search_claims
-    WHERE member_id = -%(member)s AND claimed_at < now() - make_interval(secs => %(lease)s)
-)
-UPDATE image_search_claims SET member_id = -member_id WHERE member_id = %(member)s AND item = ANY(%(items)s)
+_RELEASE = "DELETE FROM image_search_claims WHERE member_id = %s AND item = ANY(%s)"
+# A claim released once its file was read and its row committed stays a lease as the holder's record that
+# it began reading then (the member's id negated, which no live member has: the item is free): a member
+# granted the item later reads no file again that the holder read after the write both saw
+# (``ReadinessTracker.read_elsewhere``). A member forgets its own records older than a lease now and then.
+_RELEASE_READ = "UPDATE image_search_claims SET member_id = -member_id WHERE member_id = %s AND item = ANY(%s)"
+_FORGET_READ = """
+DELETE FROM image_search_claims WHERE member_id = -%(member)s AND claimed_at < now() - make_interval(secs => %(lease)s)
 """
 _LEAVE_CLAIMS = "DELETE FROM image_search_claims WHERE member_id IN (%(member)s, -%(member)s)"
 _LEAVE = "DELETE FROM image_search_members WHERE id = %s"
@@ -238,9 +236,15 @@ class FleetClaims:
             return {unescape(item): ago for item, ago in cur.fetchall()}
 
     @retried_on_conflict
-    def release(self, member_id: int, items: Iterable[str], lease_s: float) -> None:
-        items = [escape(item) for item in items]
-        if not items:
-            return
+    def release(self, member_id: int, items: Iterable[str], *, read: Iterable[str] = (),
+                forget_older_than_s: float | None = None) -> None:
+        """Let ``items`` go, and ``read``: items whose file was read and its row committed, kept as a record of
+        that (``_RELEASE_READ``). ``forget_older_than_s``: the member's records older than that go too."""
+        items, read = [escape(item) for item in items], [escape(item) for item in read]
         with self.session.transaction() as cur:
-            cur.execute(_RELEASE, {"member": member_id, "items": items, "lease": lease_s})
+            if items:
+                cur.execute(_RELEASE, (member_id, items))
+            if read:
+                cur.execute(_RELEASE_READ, (member_id, read))
+            if forget_older_than_s is not None:
+                cur.execute(_FORGET_READ, {"member": member_id, "lease": forget_older_than_s})
