@@ -213,6 +213,13 @@ def test_a_mark_goes_when_another_service_began_reading_after_it(tmp_path: Path,
     tracker.read_elsewhere(early, 4.0)  # began a second after the write was seen
     tracker.read_elsewhere(late, 5.0 - READ_ELSEWHERE_MARGIN_S / 2)  # too close to tell on two clocks
     assert tracker.take_reread([early, late]) == {late}
+    # Seen by the watcher at once, applied by a loop busy for 3 s: the mark is the watcher's moment.
+    seen = clock()
+    clock.advance(3.0)
+    tracker.note(early, closed=True, reread=True, written_at=seen)
+    clock.advance(1.0)
+    tracker.read_elsewhere(early, 2.0)  # began a second after the watcher saw the write
+    assert tracker.take_reread([early]) == frozenset()
 
 
 def test_a_path_seen_written_keeps_its_mark_until_it_is_taken_or_forgotten(tmp_path: Path, clock: FakeClock) -> None:

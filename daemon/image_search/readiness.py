@@ -33,7 +33,7 @@ RESTLESS_AFTER_SETTLES = 10
 
 # How much sooner than a mark another service's read must have begun for the mark to go (``read_elsewhere``):
 # the two durations are taken on two clocks a statement apart.
-READ_ELSEWHERE_MARGIN_S = 0.2
+READ_ELSEWHERE_MARGIN_S = 0.05
 
 
 class ReadinessTracker:
@@ -91,15 +91,19 @@ class ReadinessTracker:
         renamed (which keeps both) may have been noticed before its old name was seen to go."""
         return sorted(self._by_stat.get((size, mtime_ns), ()))
 
-    def note(self, path: Path, *, closed: bool = False, reread: bool = False,
+    def note(self, path: Path, *, closed: bool = False, reread: bool = False, written_at: float | None = None,
              retry_after: float | None = None) -> None:
         """A path was created, written or closed: (re)start its wait. ``reread``: it was seen written, to be
-        read whatever its stat says (``take_reread``). ``retry_after``: look at it again only after that
-        many seconds (always the same length, e.g. the fleet's lease)."""
+        read whatever its stat says (``take_reread``), when the watcher saw it (``written_at``, on this
+        tracker's clock; now if not given). ``retry_after``: look at it again only after that many seconds
+        (always the same length, e.g. the fleet's lease)."""
         since = self._first_noticed(path)
         self._drop(path)
         if reread:  # kept for a path gone already (renamed on): the rename asks whether its row still holds
-            self._reread[path] = self.clock()
+            # The watcher's moment, not the loop's: a loop busy for a second (a bulk load beginning, a query)
+            # stamped its marks after another member began reading, and read those files again.
+            at = self.clock() if written_at is None else min(written_at, self.clock())
+            self._reread[path] = max(at, self._reread.get(path, at))
         st = _look(path)
         if st is None:
             return

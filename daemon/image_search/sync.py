@@ -721,9 +721,9 @@ class FolderSync:
             # read again by every member of a fleet whose poll came after another member had read it.
             self._noticed(change.path, closed=False, written=False)
         else:
-            self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED, written=True)
+            self._noticed(change.path, closed=change.kind is ChangeKind.CLOSED, written=True, seen_at=change.seen_at)
 
-    def _noticed(self, path: Path, *, closed: bool, written: bool) -> None:
+    def _noticed(self, path: Path, *, closed: bool, written: bool, seen_at: float | None = None) -> None:
         """A file the watcher saw appear or change waits to be read; one it saw ``written`` is read whatever
         its stat says (rewritten in place with its size and mtime kept, ``exiftool -P``, a stat would call
         it unchanged). A link is decided as the folder's scan decides it (a link is never a directory
@@ -736,7 +736,7 @@ class FolderSync:
         else:
             found = [path] if self._is_image(path) else []
         for picture in found:
-            self.pending.note(picture, closed=closed, reread=written)
+            self.pending.note(picture, closed=closed, reread=written, written_at=seen_at)
 
     def _source_gone(self, path: Path, is_directory: bool) -> None:
         """A file or a folder deleted or moved out: its paths leave (a row with its content's last), but for

@@ -21,7 +21,7 @@ import queue
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
 from pathlib import Path
@@ -82,6 +82,8 @@ class Change:
     is_directory: bool = False
     dest: Path | None = None
     detail: str = ""
+    # When the watcher saw it (time.monotonic), which may be well before the loop applies it.
+    seen_at: float | None = field(default=None, compare=False)
 
     @property
     def final_path(self) -> Path:
@@ -156,19 +158,20 @@ class FolderHandler(FileSystemEventHandler):
                 # was unknown by then, and every picture of a renamed folder was decoded again.
                 return
             path = self._as_configured(event.src_path)
+            seen = time.monotonic()
             if isinstance(event, (FileMovedEvent, DirMovedEvent)):
                 dest = self._as_configured(event.dest_path)
-                self.changes.put(Change(self.folder, ChangeKind.MOVED, path, event.is_directory, dest))
+                self.changes.put(Change(self.folder, ChangeKind.MOVED, path, event.is_directory, dest, seen_at=seen))
             elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
-                self.changes.put(Change(self.folder, ChangeKind.DELETED, path, event.is_directory))
+                self.changes.put(Change(self.folder, ChangeKind.DELETED, path, event.is_directory, seen_at=seen))
             elif isinstance(event, FileClosedEvent):
-                self.changes.put(Change(self.folder, ChangeKind.CLOSED, path))
+                self.changes.put(Change(self.folder, ChangeKind.CLOSED, path, seen_at=seen))
             elif isinstance(event, (FileAttribEvent, DirAttribEvent)):
-                self.changes.put(Change(self.folder, ChangeKind.ATTRIBUTES, path, event.is_directory))
+                self.changes.put(Change(self.folder, ChangeKind.ATTRIBUTES, path, event.is_directory, seen_at=seen))
             elif self.snapshots and not event.is_directory:
-                self.changes.put(Change(self.folder, ChangeKind.STAT_CHANGED, path))
+                self.changes.put(Change(self.folder, ChangeKind.STAT_CHANGED, path, seen_at=seen))
             else:
-                self.changes.put(Change(self.folder, ChangeKind.TOUCHED, path, event.is_directory))
+                self.changes.put(Change(self.folder, ChangeKind.TOUCHED, path, event.is_directory, seen_at=seen))
         except Exception:  # pragma: no cover - last line of defence for the observer thread
             log.exception("watch_handler_failed")
 
