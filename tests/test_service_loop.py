@@ -749,17 +749,7 @@ class _HeldRead:
 def test_a_query_does_not_wait_for_the_batches_being_read(story_factory, monkeypatch) -> None:
     """Two batches of large pictures take seconds to read: a query dropped meanwhile is answered at once."""
     story = story_factory({"a.png": 1}, batch_size=2)
-    gate = threading.Event()
-    indexer = story.service.ingest.indexer
-    submit = indexer.submit
-
-    monkeypatch.setattr(indexer, "submit", lambda paths, **kw: _held(submit(paths, **kw), gate))
-    for i in range(4):
-        save_picture(story.images / f"n{i}.png", seed=70 + i)
-        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
-    story.service.step()  # noticed; complete once the clock has moved on
-    story.clock.advance(SETTLE + 0.01)
-    assert story.service.step() and story.service.step()  # both batches handed to the workers
+    gate = two_batches_held(story, monkeypatch)
     assert story.service.step()  # still being read: the pass ends without them
     shutil.copyfile(story.images / "a.png", story.inbox / "meanwhile.png")
     story.notice(Folder.INBOX, ChangeKind.CLOSED, story.inbox / "meanwhile.png")
@@ -781,18 +771,7 @@ def test_a_stop_leaves_the_batches_whose_read_does_not_return(story_factory, mon
 
     monkeypatch.setattr(image_search.ingest, "STOP_READ_WAIT_S", 0.2)
     story = story_factory({"a.png": 1}, batch_size=2)
-    gate = threading.Event()  # never set: the read hangs
-    indexer = story.service.ingest.indexer
-    submit = indexer.submit
-    monkeypatch.setattr(indexer, "submit", lambda paths, **kw: _held(submit(paths, **kw), gate))
-    for i in range(4):
-        save_picture(story.images / f"n{i}.png", seed=80 + i)
-        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
-    story.service.step()
-    story.clock.advance(SETTLE + 0.01)
-    story.service.step()
-    story.service.step()
-    assert len(story.service.ingest._in_flight) == 2
+    two_batches_held(story, monkeypatch)  # the gate never opens: the read hangs
     with capture_logs() as logs:
         story.service.ingest.finish_in_flight()
     assert [e["files"] for e in logs if e["event"] == "batches_left_unfinished"] == [4]
@@ -801,9 +780,27 @@ def test_a_stop_leaves_the_batches_whose_read_does_not_return(story_factory, mon
     assert set(again.rows()) == {str(again.images / name) for name in ("a.png", "n0.png", "n1.png", "n2.png", "n3.png")}
 
 
-def _held(batch, gate: threading.Event):
-    batch.preparing = _HeldRead(batch.preparing, gate)
-    return batch
+def two_batches_held(story, monkeypatch) -> threading.Event:
+    """Four new pictures in two batches of two, handed to the workers, whose reading is held until the
+    returned gate opens."""
+    gate = threading.Event()
+    indexer = story.service.ingest.indexer
+    submit = indexer.submit
+
+    def held(paths, **kwargs):
+        batch = submit(paths, **kwargs)
+        batch.preparing = _HeldRead(batch.preparing, gate)
+        return batch
+
+    monkeypatch.setattr(indexer, "submit", held)
+    for i in range(4):
+        save_picture(story.images / f"n{i}.png", seed=70 + i)
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / f"n{i}.png")
+    story.service.step()  # noticed; complete once the clock has moved on
+    story.clock.advance(SETTLE + 0.01)
+    assert story.service.step() and story.service.step()
+    assert len(story.service.ingest._in_flight) == 2
+    return gate
 
 
 def test_a_batch_whose_rows_are_in_is_not_counted_as_waiting(story_factory, monkeypatch) -> None:
