@@ -266,6 +266,28 @@ def test_work_claims_send_what_others_hold_back_for_a_lease(database: Database, 
     assert claims.take(ClaimKind.QUERY, [paths[1]], tracker) == [paths[1]]
 
 
+def test_the_record_of_a_read_survives_a_member_that_took_the_file_and_read_nothing(
+        database: Database, registries, store: EmbeddingStore, tmp_path: Path) -> None:
+    """Three members saw a burst written. a read a file and let it go; b was granted it and read nothing
+    (a's read came after the write b saw). b's plain release wiped a's record, and c read the file again."""
+    a, b, c = (join(database, registries, pid=n) for n in (1, 2, 3))
+    path = tmp_path / "p0016.png"
+    path.write_bytes(b"x")
+    now = [100.0]
+    trackers = {m.id: ReadinessTracker(0.5, clock=lambda: now[0]) for m in (a, b, c)}
+    for tracker in trackers.values():
+        tracker.note(path, closed=True, reread=True)  # each saw the write at 100.0
+    now[0] += 1.0  # a's read begins a second after the write
+    claims = {m.id: WorkClaims(store, FleetMember(registries[0], m, lease_s=LEASE, live_members=3)) for m in (a, b, c)}
+    assert claims[a.id].take(ClaimKind.IMAGE, [path], trackers[a.id]) == [path]
+    claims[a.id].release(ClaimKind.IMAGE, [path], read={path})
+    for member in (b, c):
+        assert claims[member.id].take(ClaimKind.IMAGE, [path], trackers[member.id]) == [path]
+        assert not trackers[member.id].seen_written(path)  # a's read saw that write: nothing to read
+        claims[member.id].release(ClaimKind.IMAGE, [path])  # read nothing, and hands a's record on
+    assert [m for (m,) in raw(database, "SELECT member_id FROM image_search_claims")] == [-c.id]
+
+
 def test_work_claims_grant_a_broken_link_as_an_entry_that_is_there(database: Database, registries,
                                                                  store: EmbeddingStore, tmp_path: Path) -> None:
     """A link to nothing dropped into the inbox is an entry to fail with its reason, not a query that

@@ -167,6 +167,7 @@ class WorkClaims:
         self._unreleased: list[str] = []  # releases that failed: retried with the next one
         self._departures_seen = 0
         self._next_forget = 0.0  # when this member's old records of reads go next (once a lease)
+        self._records: set[str] = set()  # items held whose claim took over the record of another's read
 
     def someone_left(self) -> bool:
         """True once after the heartbeat saw the fleet shrink: a member left or died, so what it held is
@@ -207,6 +208,7 @@ class WorkClaims:
             elif os.path.lexists(path):  # a broken link is there too: the one who takes it fails it
                 if (ago := granted[item]) is not None:
                     pending.read_elsewhere(path, ago)
+                    self._records.add(item)  # handed on when let go, read or not
                 mine.append(path)
             else:
                 # Its holder finished and released it between our look and our claim (a query moved
@@ -223,8 +225,10 @@ class WorkClaims:
         failure: the release is retried with the next one, and leaving drops every claim anyway."""
         if self.member is None:
             return
-        read_items = [self._item(kind, p) for p in paths if p in read]
-        items = self._unreleased + [self._item(kind, p) for p in paths if p not in read]
+        released = [self._item(kind, p) for p in paths]
+        read_items = [item for p, item in zip(paths, released) if p in read or item in self._records]
+        items = self._unreleased + [item for p, item in zip(paths, released) if not (p in read or item in self._records)]
+        self._records.difference_update(released)
         if not items and not read_items:
             return
         now = time.monotonic()

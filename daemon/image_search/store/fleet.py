@@ -60,25 +60,29 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 # Claim many items in one statement. An item is ours if nobody holds it, if we hold it already, or if
 # its holder is no longer live (its session is gone, or its heartbeat is older than the lease). A
 # concurrent claim of the same item waits on the unique index and then sees the winner's row, so one
-# member gets each item. Each granted item comes with how long ago another member began the work it
-# released since (``_RELEASE``), or NULL.
+# member gets each item. Each granted item comes with how long ago a member began the last read of its
+# file that a released claim records (``_RELEASE_READ``), or NULL. Taking over such a record keeps its
+# moment, and the claim hands it on when let go (``FleetClaims.release``): a member granted the item and
+# reading nothing (the other's read saw the write) otherwise wiped the record, and a third member read
+# the file again.
 _CLAIM = f"""
 WITH released AS (
     SELECT item, extract(epoch FROM now() - claimed_at)::float8 AS ago FROM image_search_claims
-    WHERE item = ANY(%(items)s::text[]) AND member_id < 0 AND member_id <> -%(member)s
+    WHERE item = ANY(%(items)s::text[]) AND member_id < 0
 )
 INSERT INTO image_search_claims AS c (item, member_id, claimed_at)
 SELECT item, %(member)s, now() FROM unnest(%(items)s::text[]) AS wanted(item)
-ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id, claimed_at = now()
+ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id,
+    claimed_at = CASE WHEN c.member_id < 0 THEN c.claimed_at ELSE now() END
 WHERE c.member_id = EXCLUDED.member_id OR c.member_id NOT IN (
     SELECT m.id FROM image_search_members m WHERE {_MEMBER_IS_LIVE}
 )
 RETURNING item, (SELECT ago FROM released r WHERE r.item = c.item)
 """
 _RELEASE = "DELETE FROM image_search_claims WHERE member_id = %s AND item = ANY(%s)"
-# A claim released once its file was read and its row committed stays a lease as the holder's record that
-# it began reading then (the member's id negated, which no live member has: the item is free): a member
-# granted the item later reads no file again that the holder read after the write both saw
+# A claim released once its file was read and its row committed (or one that took over such a record)
+# stays as the record of when that read began (the member's id negated, which no live member has: the item
+# is free): a member granted the item later reads no file again that was read after the write it saw
 # (``ReadinessTracker.read_elsewhere``). A member forgets its own records older than a lease now and then.
 _RELEASE_READ = "UPDATE image_search_claims SET member_id = -member_id WHERE member_id = %s AND item = ANY(%s)"
 _FORGET_READ = """
@@ -238,8 +242,9 @@ class FleetClaims:
     @retried_on_conflict
     def release(self, member_id: int, items: Iterable[str], *, read: Iterable[str] = (),
                 forget_older_than_s: float | None = None) -> None:
-        """Let ``items`` go, and ``read``: items whose file was read and its row committed, kept as a record of
-        that (``_RELEASE_READ``). ``forget_older_than_s``: the member's records older than that go too."""
+        """Let ``items`` go, and ``read``: items whose file was read and its row committed, or whose claim took
+        over the record of such a read, kept as a record (``_RELEASE_READ``). ``forget_older_than_s``: the
+        member's records older than that go too."""
         items, read = [escape(item) for item in items], [escape(item) for item in read]
         with self.session.transaction() as cur:
             if items:
