@@ -288,6 +288,33 @@ def test_the_record_of_a_read_survives_a_member_that_took_the_file_and_read_noth
     assert [m for (m,) in raw(database, "SELECT member_id FROM image_search_claims")] == [-c.id]
 
 
+def test_a_claim_that_waited_for_another_members_release_sees_the_record_it_made(
+        database: Database, registries, store: EmbeddingStore) -> None:
+    """b claims a file as a lets it go after reading it, the two statements overlapping: b's claim waits for
+    a's release, then must learn of a's read (a look from the statement's start saw a live claim)."""
+    import threading
+
+    from image_search.store import fleet as store_fleet
+
+    a = join(database, registries, pid=1)
+    b = join(database, registries, pid=2)
+    FleetClaims(store.session).claim(a.id, ["image:/1"], LEASE)
+    releasing = database.connect()
+    try:
+        with releasing.cursor() as cur:
+            cur.execute(store_fleet._RELEASE_READ, (a.id, ["image:/1"]))  # a's release, not committed yet
+        granted: dict = {}
+        claiming = threading.Thread(target=lambda: granted.update(FleetClaims(store.session).claim(b.id, ["image:/1"], LEASE)))
+        claiming.start()
+        wait_for(lambda: raw(database, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                 "b's claim waiting for a's release", timeout=10)
+        releasing.commit()
+        claiming.join(timeout=10)
+    finally:
+        releasing.close()
+    assert set(granted) == {"image:/1"} and granted["image:/1"] is not None  # a began reading that long ago
+
+
 def test_work_claims_grant_a_broken_link_as_an_entry_that_is_there(database: Database, registries,
                                                                  store: EmbeddingStore, tmp_path: Path) -> None:
     """A link to nothing dropped into the inbox is an entry to fail with its reason, not a query that

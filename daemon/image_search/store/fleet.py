@@ -65,11 +65,10 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 # moment, and the claim hands it on when let go (``FleetClaims.release``): a member granted the item and
 # reading nothing (the other's read saw the write) otherwise wiped the record, and a third member read
 # the file again.
+#   The moment is read from the claimed row itself, as the update left it: a claim that waited for another
+#   member's release of the item (the two statements overlapping) sees the record that release made, which
+#   a look at the table from the statement's start would have missed.
 _CLAIM = f"""
-WITH released AS (
-    SELECT item, extract(epoch FROM now() - claimed_at)::float8 AS ago FROM image_search_claims
-    WHERE item = ANY(%(items)s::text[]) AND member_id < 0
-)
 INSERT INTO image_search_claims AS c (item, member_id, claimed_at)
 SELECT item, %(member)s, now() FROM unnest(%(items)s::text[]) AS wanted(item)
 ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id,
@@ -77,7 +76,7 @@ ON CONFLICT (item) DO UPDATE SET member_id = EXCLUDED.member_id,
 WHERE c.member_id = EXCLUDED.member_id OR c.member_id NOT IN (
     SELECT m.id FROM image_search_members m WHERE {_MEMBER_IS_LIVE}
 )
-RETURNING item, (SELECT ago FROM released r WHERE r.item = c.item)
+RETURNING item, CASE WHEN c.claimed_at < now() THEN extract(epoch FROM now() - c.claimed_at)::float8 END
 """
 _RELEASE = "DELETE FROM image_search_claims WHERE member_id = %s AND item = ANY(%s)"
 # A claim released once its file was read and its row committed (or one that took over such a record)
