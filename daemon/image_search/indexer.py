@@ -397,7 +397,7 @@ class Indexer:
             # A worker saved it where processed_path_for says (the pool's ProcessedFolders are this config's).
             processed = image.saved_to or processed_path_for(candidate.path, self.cfg.source_directory,
                                                              self.cfg.processed_directory)
-            if image.saved_to != processed:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
+            if image.saved_to is None:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
                 # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
                 # not the run's, and the entry is left as it is; a full or read-only disk stops the run.
                 with writing_into(self.cfg.processed_directory, "a processed image"):

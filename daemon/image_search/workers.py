@@ -140,7 +140,7 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
         return prepared
     saved_to = _saved(prepared, path, settings.processed)
     if saved_to is None:  # not written: the indexer writes it itself, from these bytes
-        return replace(prepared, saved_to=None)
+        return prepared
     # Written: the bytes are in the files now, and nobody reads them from here; sending them back to the
     # parent would only cost a pickle, a socket copy and an unpickle per file.
     return replace(prepared, saved_to=saved_to, jpeg_bytes=b"", thumbnail_jpeg=b"")

@@ -144,7 +144,7 @@ def release_stale_lock(data_directory: Path) -> None:
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return  # none (the usual case), or not a PostgreSQL lock: pgserver and PostgreSQL say what it is
-    if pid != os.getpid() and _may_be_the_postmaster(pid, data_directory, psutil):
+    if pid != os.getpid() and _may_be_the_postmaster(pid, data_directory):
         return  # running: pgserver uses it (a command run beside the service). Never rewritten under a live
         # server: it checks its lock every minute, and shuts down once the file names another PID.
     if not psutil.pid_exists(pid):
@@ -156,10 +156,12 @@ def release_stale_lock(data_directory: Path) -> None:
                        "unreaped or another process's now)", action="starting the server anew; that process is left alone")
 
 
-def _may_be_the_postmaster(pid: int, data_directory: Path, psutil) -> bool:  # noqa: ANN001  # the module
+def _may_be_the_postmaster(pid: int, data_directory: Path) -> bool:
     """A live PostgreSQL process working in ``data_directory`` (a postmaster moves into its data directory;
     the postmaster of another service's embedded server, which took the PID after a power loss, does not
     work in this one). One that cannot be looked at closely is given the benefit of the doubt."""
+    import psutil
+
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE or process.name() != "postgres":

@@ -229,7 +229,7 @@ class FleetClaims:
     @retried_on_conflict
     def claim(self, member_id: int, items: Iterable[str], lease_s: float) -> dict[str, float | None]:
         """Claim ``items`` for ``member_id`` in one statement; returns those it got, each with how many
-        seconds ago another member began the work it has released since (None: none did, within a lease).
+        seconds ago the read that a released claim of it records began (None: no record).
         Items are claimed in sorted order, so two members claiming overlapping sets cannot deadlock."""
         wanted = sorted({escape(item) for item in items})
         if not wanted:
