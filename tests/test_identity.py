@@ -116,6 +116,31 @@ def test_a_rehashed_database_relinks_a_copy_without_model_work(library) -> None:
     assert rows(database)[str(touched)]["file_hash"] == md5_of(touched)
 
 
+def test_a_file_another_process_stored_meanwhile_is_unchanged_not_relinked(library, monkeypatch) -> None:
+    """``search`` or ``index`` beside a running service: a new file the rescan found is stored by the service
+    before this process reads it. Its row already says what the file says: unchanged, not relinked."""
+    cfg, database, store, indexer = library
+    new = cfg.source_directory / "new.png"
+    save_picture(new, seed=42, size=(120, 90))
+    state = compare_folder(cfg, store)
+    assert state.changed == [new]
+    service = Indexer(cfg, indexer.embedder, store, workers=1)  # the service, storing it first
+    try:
+        assert service.index_paths([new]).embedded == 1
+    finally:
+        service.close()
+    before = rows(database)[str(new)]
+    with monkeypatch.context() as m:  # this process looked before the service wrote: no row for the file
+        m.setattr(store, "sources", lambda paths: {})
+        summary = indexer.index_paths(state.changed)
+    assert (summary.embedded, summary.relinked, summary.copies, summary.unchanged) == (0, 0, 0, 1)
+    assert rows(database)[str(new)] == before  # nothing written
+
+    os.utime(new, ns=(new.stat().st_atime_ns, new.stat().st_mtime_ns + 5 * 10**9))  # touched: relinked, as before
+    summary = indexer.index_paths([new])
+    assert (summary.embedded, summary.relinked, summary.unchanged) == (0, 1, 0)
+
+
 def test_two_old_rows_of_the_same_bytes_become_one(library) -> None:
     """An old database could hold the same bytes twice (processed with another box before): after the
     migration they would share one identity, so one row stays, and the next rescan finds the dropped

@@ -58,7 +58,7 @@ def test_upsert_count_sources_and_search(store: EmbeddingStore) -> None:
     rec = sources["/img/2.png"]
     assert (rec.file_hash, rec.source_size, rec.source_mtime_ns, rec.model_name) == ("h2", 1002, 102, MODEL)
     assert store.sources(at=["/img/3.png", "/img/nope.png"]).keys() == {"/img/3.png"}
-    assert store.contents(["h1", "zzz"]) == {"h1": StoredContent(MODEL, ("/img/1.png",))}
+    assert store.contents(["h1", "zzz"]) == {"h1": StoredContent(MODEL, ("/img/1.png",), ((1001, 101),))}
     assert store.contents([]) == {}
 
     query = unit(basis(2) + 0.5 * basis(1))
@@ -161,7 +161,7 @@ def test_a_copy_another_service_is_recording_keeps_the_row_whose_last_path_goes(
         forgetting.join(timeout=30)
     finally:
         other.close()
-    assert store.contents(["ha"]) == {"ha": StoredContent(MODEL, ("/img/b.png",))}
+    assert store.contents(["ha"]) == {"ha": StoredContent(MODEL, ("/img/b.png",), ((10, 1),))}
     assert raw(database, "SELECT file_path FROM image_embeddings") == [("/img/b.png",)]
 
 

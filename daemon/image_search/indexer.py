@@ -435,10 +435,16 @@ class Indexer:
     def _known_content(self, read: _Read, content: StoredContent, summary: IndexSummary) -> bool:
         """A file whose content is stored with this model: a new copy of it (another path holds it still),
         or the file of a path known already (touched) or of paths that are gone (renamed), relinked.
-        False when the content went meanwhile (another service dropped it): it is embedded instead."""
-        path = str(read.candidate.path)
+        False when the content went meanwhile (another service dropped it): it is embedded instead. A file
+        that had no row when looked at and whose row now says what it says was stored meanwhile by another
+        process (a service beside ``index`` or ``search``, a member of the fleet): counted unchanged."""
+        c = read.candidate
+        path = str(c.path)
         others = [p for p in content.paths if p != path]
         gone = [p for p in others if not Path(p).is_file()]
+        if c.stored_hash is None and not gone and content.records(path, c.size, c.mtime_ns):
+            summary.unchanged += 1
+            return True
         kept = [p for p in others if p not in gone]
         copy = path not in content.paths and bool(kept)
         if not self._record(read, metadata=None if copy else read.image.metadata, replaces=gone):

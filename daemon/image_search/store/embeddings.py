@@ -376,13 +376,15 @@ class EmbeddingStore:
             return {r.file_path: r for r in map(_source_record, cur.fetchall())}
 
     def contents(self, hashes: Iterable[str]) -> dict[str, StoredContent]:
-        """For each stored hash among ``hashes``: its model and every path that holds it."""
+        """For each stored hash among ``hashes``: its model and every path that holds it, with its size and mtime."""
         hashes = list(hashes)
         if not hashes:
             return {}
         with self._cursor() as cur:
             cur.execute(paths.CONTENTS, (hashes,))
-            return {h: StoredContent(m, tuple(unescape(p) for p in found)) for h, m, found in cur.fetchall()}
+            return {h: StoredContent(m, tuple(unescape(p) for p, _, _ in found),
+                                     tuple((int(size), int(mtime)) for _, size, mtime in found))
+                    for h, m, found in cur.fetchall()}
 
     def indexed_search_plan(self, query: np.ndarray, k: int) -> str:
         """PostgreSQL's plan for the indexed search (EXPLAIN): shows whether the HNSW index is used."""

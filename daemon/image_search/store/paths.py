@@ -94,7 +94,9 @@ SOURCES_AT = SOURCES + " WHERE p.file_path = ANY(%s)"
 SOURCES_UNDER = SOURCES + " WHERE p.file_path LIKE %s ESCAPE '\\'"
 # LEFT JOIN: a row some older program wrote without its path is stored content too (a path is added to it).
 CONTENTS = """
-SELECT e.file_hash, e.model_name, array_remove(array_agg(p.file_path ORDER BY p.file_path), NULL)
+SELECT e.file_hash, e.model_name,
+       coalesce(array_agg(ARRAY[p.file_path, p.source_size::text, p.source_mtime_ns::text] ORDER BY p.file_path)
+                FILTER (WHERE p.file_path IS NOT NULL), '{}')
 FROM image_embeddings AS e LEFT JOIN image_paths AS p USING (file_hash)
 WHERE e.file_hash = ANY(%s) GROUP BY e.file_hash, e.model_name
 """
@@ -102,10 +104,16 @@ WHERE e.file_hash = ANY(%s) GROUP BY e.file_hash, e.model_name
 
 @dataclass(frozen=True)
 class StoredContent:
-    """One stored content: the model that embedded it and every path known to hold it (unescaped, by name)."""
+    """One stored content: the model that embedded it and every path known to hold it (unescaped, by name),
+    with the size and mtime recorded for each (``stats``, in the order of ``paths``)."""
 
     model_name: str
     paths: tuple[str, ...]
+    stats: tuple[tuple[int, int], ...]
+
+    def records(self, path: str, size: int, mtime_ns: int) -> bool:
+        """Whether ``path`` is stored with this size and mtime: its row says what the file says."""
+        return any(p == path and s == (size, mtime_ns) for p, s in zip(self.paths, self.stats))
 
 
 def tidy(cur: psycopg2.extensions.cursor, hashes: Iterable[str]) -> None:
