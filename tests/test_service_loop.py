@@ -517,6 +517,50 @@ def test_rescan_interval_finds_what_no_event_reported(story_factory) -> None:
     assert [e["log_level"] for e in logs if e["event"] == "rescan_complete" and e["log_level"] != "debug"] == []
 
 
+def test_a_refused_file_is_read_again_at_each_rescan_but_named_once_while_it_stays_as_it_was(story_factory) -> None:
+    """An empty file, a text file named .jpg and a PNG cut short, never changed: with rescan-interval 5 s,
+    every rescan logged them again (two warnings and an info line a minute per file). Now each rescan
+    still reads them (a refusal may be passing), but says so at debug; a file changed, or made again, is
+    named again."""
+    story = story_factory({"a.png": 1}, rescan_interval=60.0)
+    bad = story.images / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.jpg").write_text("hello\n")
+    good = (story.images / "a.png").read_bytes()
+    (bad / "cut.png").write_bytes(good[: len(good) // 2])
+    long_ago = time.time() - 3600  # not a file still being written (those wait): one left so
+    for path in bad.iterdir():
+        os.utime(path, (long_ago, long_ago))
+    story.clock.advance(60)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    first = sorted(e["path"].name for e in logs if e["event"] == "image_skipped" and e["log_level"] == "warning")
+    assert first == ["cut.png", "empty.png", "notes.jpg"]
+    for _ in range(2):
+        story.clock.advance(60)
+        with capture_logs() as logs:
+            story.run_until_idle()
+        said = [(e["event"], e["log_level"]) for e in logs if e["log_level"] not in ("debug",)]
+        assert said == []  # read again (a debug line each), named once
+        assert sorted(e["path"].name for e in logs if e["event"] == "image_skipped") == first
+        assert [(e["queued"], e["refused_before"]) for e in logs if e["event"] == "rescan_complete"] == [(3, 3)]
+
+    (bad / "notes.jpg").write_text("hello again\n")  # changed: named again
+    (bad / "empty.png").unlink()  # gone, then made again: named again
+    story.service.sync.apply(Change(Folder.WATCHING, ChangeKind.DELETED, bad / "empty.png"))
+    (bad / "empty.png").write_bytes(b"")
+    os.utime(bad / "notes.jpg", (long_ago + 1, long_ago + 1))
+    os.utime(bad / "empty.png", (long_ago, long_ago))  # as the one deleted was: named again all the same
+    story.clock.advance(60)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    named = sorted(e["path"].name for e in logs if e["event"] == "image_skipped" and e["log_level"] == "warning")
+    assert named == ["empty.png", "notes.jpg"]
+    assert [e["log_level"] for e in logs if e["event"] == "rescan_complete"] == ["info"]
+    assert set(story.rows()) == {str(story.images / "a.png")}
+
+
 def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None:
     story = story_factory({"a.png": 1})
     save_picture(story.images / "unseen.png", seed=91)

@@ -41,7 +41,7 @@ from .pixels import to_model_pixels
 from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import compare_folder, is_current, remove_processed, stat_or_none
+from .sync import Refusals, compare_folder, is_current, remove_processed, stat_or_none
 from .workers import BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -113,17 +113,24 @@ class _Read:
     processed: Path
 
 
+def _refused(candidate: _Candidate, reason: str, summary: IndexSummary, refusals: Refusals) -> None:
+    """``candidate`` skipped for ``reason``: one warning, and a debug line when a rescan reads it again as
+    it was and it is refused for the same reason."""
+    summary.skipped.append((candidate.path, reason))
+    news = refusals.is_news(candidate.path, candidate.size, candidate.mtime_ns, reason)
+    (log.warning if news else log.debug)("image_skipped", path=candidate.path, reason=reason)
+
+
 def _usable(batch: Sequence[_Candidate], outcomes: Sequence[PreparedImage | PreprocessError],
-            defer: Callable[[Path, PreprocessError], bool] | None,
-            summary: IndexSummary) -> list[tuple[_Candidate, PreparedImage]]:
+            defer: Callable[[Path, PreprocessError], bool] | None, summary: IndexSummary,
+            refusals: Refusals) -> list[tuple[_Candidate, PreparedImage]]:
     """The files of a batch that were read; the others counted in ``summary`` as deferred or skipped."""
     prepared: list[tuple[_Candidate, PreparedImage]] = []
     for candidate, outcome in zip(batch, outcomes):
         if isinstance(outcome, PreprocessError) and defer is not None and defer(candidate.path, outcome):
             summary.deferred.append(candidate.path)
         elif isinstance(outcome, PreprocessError):
-            summary.skipped.append((candidate.path, outcome.reason))
-            log.warning("image_skipped", path=candidate.path, reason=outcome.reason)
+            _refused(candidate, outcome.reason, summary, refusals)
         else:
             prepared.append((candidate, outcome))
     return prepared
@@ -276,13 +283,16 @@ class Indexer:
 
     def __init__(self, cfg: Config, embedder: Embedder, store: EmbeddingStore, *, workers: int | None = None,
                  defer: Callable[[Path, PreprocessError], bool] | None = None,
-                 jpeg_decode_device: str | None = "auto", heartbeat: Callable[[], None] | None = None) -> None:
+                 jpeg_decode_device: str | None = "auto", heartbeat: Callable[[], None] | None = None,
+                 refusals: Refusals | None = None) -> None:
         """``jpeg_decode_device``: where plain JPEGs are decoded in batches. "auto": the model's CUDA
         device when config key 'gpu-jpeg-decode' allows, else nowhere (the CPU workers decode every
         file); None: nowhere; "cpu" or "cuda": there (the tests run the batched path on "cpu").
         ``heartbeat``: called about once a second while this thread waits for the CPU workers (the
-        service's watchdog ping: a wait bounded by ``workers.FILE_SECONDS_LIMIT`` per file is no hang)."""
+        service's watchdog ping: a wait bounded by ``workers.FILE_SECONDS_LIMIT`` per file is no hang).
+        ``refusals``: the files refused before (the service's ``FolderSync.refusals``), named once."""
         self.cfg = cfg
+        self.refusals = refusals or Refusals()
         # The service's test for "this file is still being written": such a file is deferred, not skipped.
         self.defer = defer
         self.embedder = embedder
@@ -384,7 +394,7 @@ class Indexer:
                       outcomes: Sequence[PreparedImage | PreprocessError]) -> tuple[IndexSummary, Ticket | None]:
         """What happened to a batch's files, and the write of its new rows (None: nothing to write)."""
         summary = IndexSummary()
-        prepared = _usable(batch, outcomes, self.defer, summary)
+        prepared = _usable(batch, outcomes, self.defer, summary, self.refusals)
         if not prepared:
             return summary, None
         if self._writer.touches(_batch_keys(prepared)):  # an earlier batch's rows hold this one's content or paths
@@ -404,9 +414,7 @@ class Indexer:
                     try:
                         save_processed(image, processed)
                     except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
-                        reason = blocked_processed_reason(processed, exc)
-                        summary.skipped.append((candidate.path, reason))
-                        log.warning("image_skipped", path=candidate.path, reason=reason)
+                        _refused(candidate, blocked_processed_reason(processed, exc), summary, self.refusals)
                         continue
             read = _Read(candidate, image, processed)
             if image.file_hash in first:
@@ -420,7 +428,7 @@ class Indexer:
         write = None
         if to_embed:
             vectors = self.embedder.embed_images([r.image for r in to_embed])
-            to_embed, vectors, later = _finite_only(to_embed, vectors, later, summary)
+            to_embed, vectors, later = _finite_only(to_embed, vectors, later, summary, self.refusals)
             if to_embed:
                 write = self._embed(to_embed, vectors, [read for read, _ in later], stored, summary)
         for read, same_as in later:  # their content is stored by the first (or by its write, once committed)
@@ -513,7 +521,7 @@ NOT_FINITE = ("the model gave no usable embedding for this picture (its vector h
 
 
 def _finite_only(to_embed: Sequence[_Read], vectors: np.ndarray, later: Sequence[tuple[_Read, Path]],
-                 summary: IndexSummary) -> tuple[list[_Read], np.ndarray, list[tuple[_Read, Path]]]:
+                 summary: IndexSummary, refusals: Refusals) -> tuple[list[_Read], np.ndarray, list[tuple[_Read, Path]]]:
     """The pictures whose embedding is a finite vector, their vectors, and the copies of them in the batch.
     The others, and their copies, are skipped with one line each: PostgreSQL refuses such a vector, and the
     write of the whole group would fail with it, again at every start."""
@@ -523,8 +531,7 @@ def _finite_only(to_embed: Sequence[_Read], vectors: np.ndarray, later: Sequence
     broken = {r.image.file_hash for r, ok in zip(to_embed, finite) if not ok}
     for read in [*(r for r in to_embed if r.image.file_hash in broken),
                  *(r for r, _ in later if r.image.file_hash in broken)]:
-        summary.skipped.append((read.candidate.path, NOT_FINITE))
-        log.warning("image_skipped", path=read.candidate.path, reason=NOT_FINITE)
+        _refused(read.candidate, NOT_FINITE, summary, refusals)
     return ([r for r, ok in zip(to_embed, finite) if ok], vectors[finite],
             [(r, first) for r, first in later if r.image.file_hash not in broken])
 

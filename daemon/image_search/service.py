@@ -156,7 +156,7 @@ class Service:
         backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
         indexer = Indexer(self.cfg, self._wait_for_model(), self.rt.store, defer=self._still_arriving,
-                          heartbeat=self._ping_watchdog)
+                          heartbeat=self._ping_watchdog, refusals=self.sync.refusals)
         try:
             self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
         except BaseException:  # e.g. the bulk load cannot begin (a lost database): no writer or workers left

@@ -641,6 +641,36 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
     return True
 
 
+class Refusals:
+    """The files refused when read (not an image, broken, too large, their processed copy's name taken),
+    with the size, mtime and reason they had then. A rescan reads them again, since a refusal may be
+    passing (a stalled network mount, an entry in processed/ moved away); while a file stays as it was
+    and is refused for the same reason, it is named once, not at every rescan."""
+
+    def __init__(self) -> None:
+        self._refused: dict[Path, tuple[int, int, str]] = {}
+
+    def is_news(self, path: Path, size: int, mtime_ns: int, reason: str) -> bool:
+        """Note ``path`` refused for ``reason`` at this size and mtime; whether that is news (to be said)."""
+        seen, self._refused[path] = self._refused.get(path), (size, mtime_ns, reason)
+        return seen != (size, mtime_ns, reason)
+
+    def unchanged(self, path: Path) -> bool:
+        """``path`` was refused and is still as it was then."""
+        seen = self._refused.get(path)
+        return seen is not None and (st := stat_or_none(path)) is not None and seen[:2] == (st.st_size,
+                                                                                          st.st_mtime_ns)
+
+    def forget_under(self, path: Path) -> None:
+        """A file or a folder gone: a file made there later is news, whatever it looks like."""
+        for refused in [p for p in self._refused if p == path or p.is_relative_to(path)]:
+            del self._refused[refused]
+
+    def keep_only(self, paths: Collection[Path]) -> None:
+        """After a rescan: the refused files it found to read again (the others are gone or now stored)."""
+        self._refused = {p: seen for p, seen in self._refused.items() if p in paths}
+
+
 class FolderSync:
     """Applies what the watcher saw in ``source-directory``: rows follow deletions and renames at once;
     new and rewritten files wait in ``pending`` until they are complete, then the indexer reads them."""
@@ -662,6 +692,7 @@ class FolderSync:
         self._reported: set[SkippedEntry] = set()  # each skipped entry is logged once, not at every rescan
         self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
         self._rescanned = False  # whether a rescan has been said yet (the start's is)
+        self.refusals = Refusals()  # the indexer's refusals: read again at each rescan, named once
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -680,17 +711,21 @@ class FolderSync:
         self._unreadable = set(state.unreadable)
         self.pending.forget_marks_of_gone()
         self.removed += len(state.removed)
-        queued = 0
+        queued = refused = 0
+        self.refusals.keep_only(set(state.changed))
         for path in state.changed:
             if path not in self.pending:
                 self.pending.note(path)
                 queued += 1
+                refused += self.refusals.unchanged(path)
         # The start's rescan is always said; a later one (rescan-interval: every 5 s, say) that found
-        # nothing to do is a debug line, not 17,000 info lines a day.
-        found = queued or state.removed or state.renamed or state.missing_copies
+        # nothing to do but read again the files refused before, as they were, is a debug line, not
+        # 17,000 info lines a day.
+        found = queued - refused or state.removed or state.renamed or state.missing_copies
         (log.info if found or not self._rescanned else log.debug)(
-            "rescan_complete", files=state.files, queued=queued, removed=len(state.removed), renamed=state.renamed,
-            missing_copies=len(state.missing_copies), duration_ms=round((time.monotonic() - started) * 1000))
+            "rescan_complete", files=state.files, queued=queued, refused_before=refused, removed=len(state.removed),
+            renamed=state.renamed, missing_copies=len(state.missing_copies),
+            duration_ms=round((time.monotonic() - started) * 1000))
         self._rescanned = True
         return queued
 
@@ -750,6 +785,7 @@ class FolderSync:
           and every picture embedded again. So the files being read are finished first (read at a new
           path, a stored content takes that path, its old one leading nowhere), and a waiting file with a
           gone path's size and mtime (which a rename keeps) and its MD5 is that path's file, moved."""
+        self.refusals.forget_under(path)
         if is_directory and not path.is_dir() and not len(self.pending) and not self.reading():
             stored = []  # nothing waits or is being read: nothing to follow, nothing came back (rm -rf, at rest)
         else:
