@@ -242,30 +242,27 @@ def test_words_with_a_byte_that_is_not_utf8_fail_that_query_and_the_next_is_answ
     assert len(answered) == 1 and Path(answered[0]).is_dir()  # 'ok' answered
 
 
-def test_a_picture_or_words_given_many_times_are_read_and_embedded_once(story_factory, monkeypatch) -> None:
+def test_a_picture_or_words_given_many_times_are_read_and_embedded_once(story_factory) -> None:
     """600 copies of one large picture in a 5 KB document held the service's loop for 91 s, its watchdog
-    unpinged: each term was read again. Now each picture is read once (the watchdog pinged after each), and
-    the query is the one the same terms with summed weights make."""
+    unpinged: each term was read again. Now each picture is read once, and the query is the one the same
+    terms with summed weights make."""
     import numpy as np
 
-    import image_search.search
+    from image_search.preprocess import preprocess_for
     from image_search.querydoc import parse_query_document
     from image_search.search import query_vector
 
     story = story_factory({"a.png": 1, "b.png": 2})
     document = story.inbox / "many.json"
     read: list[Path] = []
-    preprocess_for = image_search.search.preprocess_for
-    monkeypatch.setattr(image_search.search, "preprocess_for", lambda path, *a: read.append(path) or preprocess_for(path, *a))
 
-    def vector(doc: dict, heartbeat=None) -> np.ndarray:
+    def vector(doc: dict) -> np.ndarray:
         _, spec = parse_query_document(json.dumps(doc).encode(), document, source_directory=story.images)
         return query_vector(spec, cfg=story.cfg, embedder=story.service.rt.model(), links=None, query_path=document,
-                            heartbeat=heartbeat)[0]
+                            read_picture=lambda path, links: read.append(path) or preprocess_for(path, story.cfg, links))[0]
 
-    beats: list[None] = []
-    many = vector({"image": ["a.png"] * 40 + ["b.png"], "text": ["a cat"] * 20}, heartbeat=lambda: beats.append(None))
-    assert [p.name for p in read] == ["a.png", "b.png"] and len(beats) == 2
+    many = vector({"image": ["a.png"] * 40 + ["b.png"], "text": ["a cat"] * 20})
+    assert [p.name for p in read] == ["a.png", "b.png"]
     weighted = vector({"image": [{"image": "a.png", "weight": 40}, "b.png"], "text": {"text": "a cat", "weight": 20}})
     assert np.allclose(many, weighted, atol=1e-6)
 

@@ -561,6 +561,22 @@ def test_a_refused_file_is_read_again_at_each_rescan_but_named_once_while_it_sta
     assert set(story.rows()) == {str(story.images / "a.png")}
 
 
+def test_the_service_reads_its_queries_pictures_in_a_worker_of_their_own(story_factory, monkeypatch) -> None:
+    """Decoded in the service's own process, a query's picture could hold the loop past the watchdog, take
+    gigabytes, or crash the service with its decoder (tests/test_workers.py has those); now nothing of a
+    query picture is decoded here."""
+    import image_search.search
+
+    def here(*args: object) -> None:
+        raise AssertionError("a query's picture was decoded in the service's own process")
+
+    story = story_factory({"a.png": 1, "b.png": 2})
+    monkeypatch.setattr(image_search.search, "preprocess_for", here)
+    monkeypatch.setattr(image_search.preprocess, "preprocess_image", here)
+    assert story.ask("q.png", story.images / "b.png")[0] == str(story.images / "b.png")
+    assert (story.bundle("q.png") / "q.sheet.jpg").is_file()
+
+
 def test_lost_events_trigger_a_rescan_of_images_and_inbox(story_factory) -> None:
     story = story_factory({"a.png": 1})
     save_picture(story.images / "unseen.png", seed=91)

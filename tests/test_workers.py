@@ -656,3 +656,70 @@ def test_a_python_warning_in_a_worker_is_one_line_naming_the_file_not_raw_stderr
     (line,) = [e for e in logged_events(stream.getvalue()) if e["event"] == "python_warning"]
     assert (line["level"], line["path"], line["category"]) == ("warning", str(picture), "UserWarning")
     assert line["message"] == "Possibly corrupt EXIF data"
+
+
+# --- the service's query pictures (inbox.QueryPictures) ---------------------------------------------------
+
+@pytest.fixture
+def query_config(tmp_path: Path):
+    from image_search.config import load_config
+    from tests.support.files import write_config
+
+    return load_config(write_config(tmp_path / "tree", Path("unused-model")))
+
+
+def test_a_query_picture_that_decodes_too_long_fails_its_query_and_the_watchdog_hears_from_the_loop(
+        query_config, good_files, tmp_path, monkeypatch) -> None:
+    """A query's picture was decoded in the service's own process: a JPEG of 16,000 scans held the loop
+    101 s, the watchdog unpinged (systemd kills at 60 s, and the query, still in the inbox, again at every
+    start). Now it is read in a worker of its own: past the limit the worker is killed and the query fails
+    with the ingest's reason, the loop pinging the watchdog meanwhile; the next query is answered."""
+    from image_search import workers
+    from image_search.inbox import QueryPictures
+
+    monkeypatch.setattr(workers, "FILE_SECONDS_LIMIT", 2.0)
+    gate = tmp_path / "gate"
+    beats: list[float] = []
+    pictures = QueryPictures(query_config, functools.partial(wait_for_gate, gate=str(gate)),
+                             lambda: beats.append(time.monotonic()))
+    try:
+        started = time.monotonic()
+        with pytest.raises(PreprocessError, match="took longer than 2 s, so it was stopped"):
+            pictures(good_files[0], None)
+        assert time.monotonic() - started < 10
+        assert len(beats) >= 2  # about once a second while it waited
+        gate.touch()
+        answered = pictures(good_files[0], None)
+        expected = preprocess_image(good_files[0], max_size=(query_config.resize_width, query_config.resize_height),
+                                    max_pixels=query_config.max_image_pixels)
+        assert answered.file_hash == expected.file_hash and answered.image is not None
+        assert answered.image.size == expected.image.size  # the processed copy, for the contact sheet
+    finally:
+        pictures.close()
+
+
+def test_a_query_picture_that_crashes_its_decoder_fails_its_query_not_the_service(query_config, good_files,
+                                                                                  tmp_path) -> None:
+    from image_search.inbox import QueryPictures
+
+    pictures = QueryPictures(query_config, segfault_on_mark, lambda: None)
+    try:
+        with pytest.raises(PreprocessError, match="decoder crashed"):
+            pictures(crash_mark(tmp_path / "crash.png"), None)
+        assert pictures(good_files[0], None).image is not None
+    finally:
+        pictures.close()
+
+
+def test_a_batch_is_read_by_its_own_link_rule_where_it_has_one(good_files, tmp_path) -> None:
+    """A query's picture is read by the rule of the folder it is in (the inbox's, source-directory's),
+    not the pool's."""
+    from image_search.entries import FollowLinks, LinkPolicy
+
+    link = tmp_path / "link.png"
+    link.symlink_to(good_files[0])
+    no_links = LinkPolicy(FollowLinks.NONE, tmp_path, key="inbox-directory")
+    with pool(workers=1) as p:  # the pool's rule: any link
+        [as_pool, own] = [p.submit([link]).results()[0], p.submit([link], links=no_links).results()[0]]
+    assert isinstance(as_pool, PreparedImage)
+    assert isinstance(own, PreprocessError) and "link" in own.reason

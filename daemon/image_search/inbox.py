@@ -16,21 +16,25 @@ see the whole folder; queries dropped later jump the ingest queue. Nothing dropp
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
+from PIL import Image
 
 from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
-from .entries import FileIdentity
+from .config import Config
+from .entries import FileIdentity, LinkPolicy
 from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe
 from .fleet import ClaimKind
 from .names import escape, fit_name
 from .output import move_folder
-from .preprocess import write_atomically
+from .preprocess import ModelInput, PreparedImage, PreprocessError, write_atomically
 from .query import DuplicatesRequest
 from .runtime import Runtime
 from .search import search_file
@@ -39,6 +43,7 @@ from .querydoc import is_query_document, pictures_folder, read_query_document
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
+from .workers import PreprocessPool
 
 if TYPE_CHECKING:  # the grouping code is imported once a report is asked for
     from .duplicates import ReportThread
@@ -53,14 +58,45 @@ ANSWERS_PER_PASS = 4  # then the loop looks at its other work again
 REPORT_STOP_WAIT_S = 10.0
 
 
+# How often the loop, waiting for a query's picture, tells the watchdog it lives.
+PICTURE_WAIT_SLICE_S = 1.0
+
+
+class QueryPictures:
+    """The service's query pictures, read and decoded in a worker process of their own, as the ingest's
+    are: a picture that takes longer than ``workers.FILE_SECONDS_LIMIT`` (a network mount gone dead, a file
+    made to decode slowly: 100 s for one JPEG of 16,000 scans) or crashes its decoder fails its query, not
+    the service; the memory a decode takes is the worker's (a 16-bit PNG of 100 MP took the service from
+    0.8 to 3.3 GB). Meanwhile the loop waits, telling the watchdog that it lives (``heartbeat``): a wait
+    bounded per file is no hang. One worker: the loop answers one query at a time."""
+
+    def __init__(self, cfg: Config, model_input: ModelInput, heartbeat: Callable[[], None]) -> None:
+        self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
+                                    model_input=model_input, workers=1, max_batches_in_flight=1)
+        self._heartbeat = heartbeat
+
+    def __call__(self, path: Path, links: LinkPolicy | None) -> PreparedImage:
+        handle = self._pool.submit([path], links=links)
+        while not handle.wait(PICTURE_WAIT_SLICE_S):
+            self._heartbeat()
+        [outcome] = handle.results()
+        if isinstance(outcome, PreprocessError):
+            raise outcome
+        with Image.open(io.BytesIO(outcome.jpeg_bytes)) as copy:  # the processed copy, for the contact sheet
+            return replace(outcome, image=copy.convert("RGB"))
+
+    def close(self) -> None:
+        self._pool.close()
+
+
 class QueryInbox:
     """The queries of one inbox folder, from noticed to answered or failed."""
 
     def __init__(self, rt: Runtime, *, clock: Callable[[], float], incomplete_grace: float,
-                 stopping: Callable[[], bool] = lambda: False,
-                 not_yet_indexed: Callable[[], int], heartbeat: Callable[[], None] | None = None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, not_yet_indexed: Callable[[], int]) -> None:
         self.rt = rt
-        self._heartbeat = heartbeat  # the service's watchdog, while a query document's pictures are read
+        # Where the service reads its queries' pictures, once the model is there (None: in this process).
+        self.pictures: QueryPictures | None = None
         self.folder = rt.cfg.inbox_directory
         self._stopping = stopping  # a look at the whole folder ends at the next entry once a stop is asked for
         # The pictures noticed and not indexed yet: each answer says how many (it is answered ahead of them).
@@ -212,7 +248,7 @@ class QueryInbox:
             return False
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
                     links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
-                    read_as=read_as, heartbeat=self._heartbeat)
+                    read_as=read_as, read_picture=self.pictures)
         if os.path.lexists(path):  # written again while it was answered: left here, answered anew
             self.pending.note(path)
         return True
@@ -247,6 +283,9 @@ class QueryInbox:
     def close(self) -> None:
         """A stop: the report being written ends at its next checkpoint, its document left in the inbox,
         which the next start answers; one that was whole before the stop reached it is answered now."""
+        if self.pictures is not None:
+            self.pictures.close()
+            self.pictures = None
         if self.report is None:
             return
         if self.report.stop(REPORT_STOP_WAIT_S) and self.report.written:  # whole before the stop reached it

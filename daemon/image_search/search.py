@@ -29,7 +29,7 @@ from .entries import FileIdentity, LinkPolicy
 from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
-from .preprocess import preprocess_for
+from .preprocess import PreparedImage, preprocess_for
 from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, Term, TermKind, single_term
 from .querydoc import QueryDocument, is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
@@ -79,23 +79,31 @@ def _links_for(path: Path, cfg: Config, links: LinkPolicy | None) -> LinkPolicy 
     return cfg.source_links if inside_source else links
 
 
+# How a query's picture is read: its path and the link rule it is read by, to the picture as processed
+# (with ``image``: the contact sheet shows it). In this process for a command (``read_here``); the
+# service's in a worker of its own (``inbox.QueryPictures``).
+PictureReader = Callable[[Path, LinkPolicy | None], PreparedImage]
+
+
+def read_here(cfg: Config) -> PictureReader:
+    """Query pictures read and decoded in this process, as a command does."""
+    return lambda path, links: preprocess_for(path, cfg, links)
+
+
 def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: LinkPolicy | None,
-                 query_path: Path, heartbeat: Callable[[], None] | None = None) -> tuple[np.ndarray, Image.Image | None]:
+                 query_path: Path, read_picture: PictureReader | None = None) -> tuple[np.ndarray, Image.Image | None]:
     """The query's one vector, and the first liked picture as processed (for the contact sheet).
 
     ``links``: the rule of the folder the query came from (the inbox's; None: any, a file the user named
     on the command line); a picture in source-directory follows that folder's rule. A picture or words given
-    more than once are read and embedded once. ``heartbeat``: called after each picture is read (the
-    service's watchdog: a document's pictures are read one after another). Raises PreprocessError for a
-    picture that cannot be used, NoTextTower for words a model cannot read, TermsCancelOut."""
+    more than once are read and embedded once. ``read_picture``: how (default: ``read_here``). Raises
+    PreprocessError for a picture that cannot be used, NoTextTower for words a model cannot read,
+    TermsCancelOut."""
     texts = [term for term in spec.terms if term.kind is TermKind.TEXT]
     pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
     words = list(dict.fromkeys(term.value for term in texts))
-    prepared = {}
-    for path in dict.fromkeys(map(_picture_path, pictures)):
-        prepared[path] = preprocess_for(path, cfg, _links_for(path, cfg, links))
-        if heartbeat is not None:
-            heartbeat()
+    read = read_picture or read_here(cfg)
+    prepared = {path: read(path, _links_for(path, cfg, links)) for path in dict.fromkeys(map(_picture_path, pictures))}
     vectors = dict(zip(words, embedder.embed_texts(words))) if words else {}
     if prepared:  # the same way in as the indexer's pictures
         vectors.update(zip(prepared, embedder.embed_images(list(prepared.values()))))
@@ -115,15 +123,16 @@ def _picture_path(term: Term) -> Path:
 def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
                  given: dict[str, object] | None = None, now: datetime | None = None, move_query: bool = False,
                  links: LinkPolicy | None = None, not_yet_indexed: int | None = None,
-                 read_as: FileIdentity | None = None, heartbeat: Callable[[], None] | None = None) -> SearchResult:
+                 read_as: FileIdentity | None = None, read_picture: PictureReader | None = None) -> SearchResult:
     """Search with one query and write its result bundle: ``spec`` is what is searched, ``query`` how
     the bundle names and holds it, ``given`` the query as the user wrote it (a document, the flags);
     ``not_yet_indexed``: the pictures the service has noticed and not indexed yet (``QueryRecord``);
-    ``read_as``: the query file as it was before it was read (``write_result_bundle``); ``heartbeat``: see
-    ``query_vector``."""
+    ``read_as``: the query file as it was before it was read (``write_result_bundle``); ``read_picture``:
+    see ``query_vector``."""
     started = time.monotonic()
     named = query.path if query.path is not None else Path("typed text")
-    vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named, heartbeat=heartbeat)
+    vector, picture = query_vector(spec, cfg=cfg, embedder=embedder, links=links, query_path=named,
+                                   read_picture=read_picture)
     top_k = spec.top_k if spec.top_k is not None else cfg.top_k
     ranking = store.ranking(vector, top_k, filters=spec.filters, min_similarity=spec.min_similarity)
     if isinstance(query, ImageQuery) and query.picture is None:
@@ -177,7 +186,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
                 links: LinkPolicy | None = None, spec: QuerySpec | None = None,
                 given: dict[str, object] | None = None, document: QueryDocument | None = None,
                 not_yet_indexed: int | None = None, read_as: FileIdentity | None = None,
-                heartbeat: Callable[[], None] | None = None) -> SearchResult:
+                read_picture: PictureReader | None = None) -> SearchResult:
     """A query file: a picture is searched by its looks, a ``.txt`` file by its words, a ``.json`` file
     is a query document (``querydoc``: its pictures may wait in ``querydoc.pictures_folder(path)``, which moves
     into the bundle with it). Raises PreprocessError, TextQueryError or QueryDocumentError for a bad
@@ -209,7 +218,7 @@ def search_file(path: Path, *, cfg: Config, embedder: Embedder, store: Embedding
         spec = spec or single_term(TermKind.IMAGE, str(path), path)
         query = ImageQuery(path)
     return search_query(spec, query, cfg=cfg, embedder=embedder, store=store, given=given, move_query=move_query,
-                        links=links, not_yet_indexed=not_yet_indexed, read_as=read_as, heartbeat=heartbeat)
+                        links=links, not_yet_indexed=not_yet_indexed, read_as=read_as, read_picture=read_picture)
 
 
 def _report_duplicates(request: DuplicatesRequest, path: Path, *, cfg: Config, store: EmbeddingStore,

@@ -28,9 +28,9 @@ import structlog
 from . import sheet
 from .config import Config
 from .errors import DatabaseFailure, ExitCode, OutputUnwritable, describe
-from .inbox import QueryInbox
+from .inbox import QueryInbox, QueryPictures
 from .output import remove_abandoned
-from .indexer import Indexer
+from .indexer import Indexer, model_input_for
 from .ingest import ImageIngest
 from .notify import Notifier, watchdog_interval
 from .runtime import RestartRequested, Runtime, ShutdownRequested, install_stop_handlers, open_runtime
@@ -129,7 +129,7 @@ class Service:
                                reading=lambda: self.ingest is not None and self.ingest.reading,
                                heartbeat=self._ping_watchdog)
         self.inbox = QueryInbox(rt, clock=clock, incomplete_grace=grace, stopping=stop.is_set,
-                                not_yet_indexed=lambda: self._ingest.not_yet_indexed, heartbeat=self._ping_watchdog)
+                                not_yet_indexed=lambda: self._ingest.not_yet_indexed)
         self._still_arriving = lambda path, error: still_being_written(path, error, grace)
         self.ingest: ImageIngest | None = None  # built once the model is there
         # The database away: all work waits, and is tried again after a backoff.
@@ -155,13 +155,15 @@ class Service:
         remove_abandoned(self.cfg.output_directory)
         backlog = self.sync.rescan()
         held = self.inbox.hold_waiting()
-        indexer = Indexer(self.cfg, self._wait_for_model(), self.rt.store, defer=self._still_arriving,
+        embedder = self._wait_for_model()
+        indexer = Indexer(self.cfg, embedder, self.rt.store, defer=self._still_arriving,
                           heartbeat=self._ping_watchdog, refusals=self.sync.refusals)
         try:
             self.ingest = ImageIngest(self.rt, indexer, self.images, self.sync, startup_backlog=backlog)
         except BaseException:  # e.g. the bulk load cannot begin (a lost database): no writer or workers left
             indexer.close()
             raise
+        self.inbox.pictures = QueryPictures(self.cfg, model_input_for(embedder), heartbeat=self._ping_watchdog)
         sheet.warm_up()  # the contact sheet's fonts, so the first query does not pay for loading them
         if self.stop.is_set():  # asked for while the workers started: a service on its way out is never ready
             raise ShutdownRequested(self.stop.signum)

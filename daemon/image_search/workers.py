@@ -49,7 +49,7 @@ from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -307,9 +307,13 @@ def _worker_main(fd: int, *, log_level: int) -> None:
             return
         if path is None:
             return
+        own = settings
+        if isinstance(path, tuple):  # a batch with a link rule of its own (a query's picture)
+            path, links = path
+            own = replace(settings, links=links)
         outcome: PreparedImage | _Rejected
         try:
-            outcome = preprocess_file(path, settings)
+            outcome = preprocess_file(path, own)
         except PreprocessError as exc:
             outcome = _Rejected(exc.reason, incomplete=isinstance(exc, IncompleteFile))
         except Exception as exc:  # a decoder bug on one odd file costs that file (as in the thread path)
@@ -326,11 +330,16 @@ def _worker_main(fd: int, *, log_level: int) -> None:
 # The parent's side.
 
 
+# A batch read with the pool's link rule (``PreprocessSettings.links``), not one of its own.
+POOL_LINKS: Final = object()
+
+
 class BatchHandle:
     """One submitted batch: its outcomes, in the order of its paths, once every file is done."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], links: LinkPolicy | None | object = POOL_LINKS) -> None:
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
+        self.links = links  # the rule its files are read by: the pool's (``POOL_LINKS``), or its own
         self._outcomes: list[Outcome | None] = [None] * len(self.paths)
         self._remaining = len(self.paths)
         self._error: PoolError | None = None
@@ -424,7 +433,7 @@ class _Worker:
             if task.handle.done():  # its batch was failed (pool closing): drop
                 continue
             try:
-                self.conn.send(task.path)
+                self.conn.send(task.path if task.handle.links is POOL_LINKS else (task.path, task.handle.links))
             except OSError:  # it died idle: this file never reached it, so it is not to blame
                 queue.appendleft(task)
                 return  # its EOF comes through wait(), and a replacement is started there
@@ -565,18 +574,20 @@ class PreprocessPool:
 
     # -- public ---------------------------------------------------------------------------------------
 
-    def submit(self, paths: Sequence[Path]) -> BatchHandle:
-        """Queue ``paths`` for preprocessing; return its handle at once.
+    def submit(self, paths: Sequence[Path], *, links: LinkPolicy | None | object = POOL_LINKS) -> BatchHandle:
+        """Queue ``paths`` for preprocessing; return its handle at once. ``links``: the rule they are read
+        by, where it is not the pool's (a query's picture: the inbox's, or source-directory's).
 
         Blocks while ``max_batches_in_flight`` earlier batches are still being processed (never on the
         caller collecting results, so a single-threaded pipeline cannot deadlock itself).
         """
-        handle = BatchHandle(paths)
+        handle = BatchHandle(paths, links)
         if self.worker_count == 0:
             if self._closed:
                 raise PoolError("the preprocessing pool is closed")
+            settings = self.settings if links is POOL_LINKS else replace(self.settings, links=links)
             for index, path in enumerate(handle.paths):
-                handle._deliver(index, _outcome_here(path, self.settings))
+                handle._deliver(index, _outcome_here(path, settings))
             return handle
         with self._changed:
             while not self._closed and self._error is None and len(self._unfinished) >= self.max_batches_in_flight:
