@@ -556,9 +556,11 @@ def test_duplicates_reports_copies_and_refuses_a_folder_that_names_nothing(tmp_p
         refused = run_cli("duplicates", "--config", config, *flags, cwd=tmp_path)
         assert refused.returncode == 2 and reason in refused.stderr, refused.stderr
         assert_no_traceback(refused)
-    run = run_cli("duplicates", "--config", config, "--folder", "2023", "--kind", "copy", cwd=tmp_path)
+    run = run_cli("duplicates", "--config", config, "--folder", "2023", "--kind", "copy", "--kind", "near-copy",
+                  cwd=tmp_path)  # repeated, as --folder is: both kinds asked (the last alone was kept)
     assert run.returncode == 0, run.stderr
     report = Path(run.stdout.strip().splitlines()[-1])
+    assert json.loads((report / "summary.json").read_text())["kinds"] == ["copy", "near-copy"]
     (group,) = read_jsonl(report / "duplicates.jsonl")
     assert group["kind"] == "copy"
     paths = {group["keep"]} | {p for m in group["members"] for p in (m["file_path"], *m["copies"])}

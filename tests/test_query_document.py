@@ -664,6 +664,17 @@ def test_search_with_nothing_at_all_is_refused_before_the_config_is_read(capsys:
     assert "search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--process-only", "search", "--text", "bike"], ["--search", "q.png", "index"]])
+def test_the_original_flags_with_a_command_are_refused_not_dropped(argv: list[str],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--process-only search --text bike`` searched nothing and exited 0; ``--search q.png index`` only
+    indexed. Each is refused, saying which flag is not for a command."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--config", "does-not-exist.json", *argv])
+    assert caught.value.code == 2
+    assert f"{argv[0]} is the original interface" in capsys.readouterr().err
+
+
 def test_a_search_whose_every_file_is_missing_or_text_empty_fails_before_the_index_is_brought_up_to_date(
         tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A mistyped name is said at once, not after an index run over the library and the model's load."""

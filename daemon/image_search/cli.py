@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(duplicates, top=False)
     duplicates.add_argument("--folder", action="append", default=[], metavar="FOLDER",
                             help="only this folder of source-directory and below it (repeatable: any of them)")
-    duplicates.add_argument("--kind", default=",".join(DUPLICATE_KINDS), metavar="KINDS",
-                            help=f"the kinds of group, a comma list of {', '.join(DUPLICATE_KINDS)} (default: all)")
+    duplicates.add_argument("--kind", action="append", default=[], metavar="KINDS",
+                            help=f"the kinds of group, a comma list of {', '.join(DUPLICATE_KINDS)} (repeatable; "
+                                 "default: all)")
     serve = commands.add_parser("serve", help="run the service: watch the source folder and the inbox")
     _common(serve, top=False)
     serve.add_argument("--poll", action="store_true",
@@ -274,7 +275,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             raise QueryFlagError("the query flags shape the searches of a picture or .txt FILE and of --text; a "
                                  "query document carries its own filters and terms: write them in it")
         flag_spec(args, cfg, texts=["(checked before the index is brought up to date)"])
-    report = (duplicates_from_flags(folders=args.folder, kind=args.kind, source_directory=cfg.source_directory)
+    report = (duplicates_from_flags(folders=args.folder, kind=",".join(args.kind or DUPLICATE_KINDS), source_directory=cfg.source_directory)
               if args.command == "duplicates" else None)  # checked before the index is brought up to date
     status = ExitCode.OK
     if args.command == "search":
@@ -314,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None:
         parser.error("--config PATH (or --env PATH) is required")
+    if args.command is not None and (args.process_only or args.search is not None):
+        legacy = "--process-only" if args.process_only else "--search"
+        parser.error(f"{legacy} is the original interface, a command of its own: give it without "
+                     f"'{args.command}' (or use 'index' / 'search FILE')")
     if args.command == "search" and not args.files and not args.text and not args.query:
         parser.error("search needs a FILE (a picture or a .txt file of words), --text WORDS or --query PATH")
     configure_logging(args.log_level)
