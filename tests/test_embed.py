@@ -258,6 +258,24 @@ def test_a_model_that_cannot_be_found_is_one_clear_error(tmp_path: Path) -> None
         Embedder.load(str(broken), device="cpu")
 
 
+def test_a_model_file_the_user_may_not_read_is_named_as_such_not_as_missing() -> None:
+    """Weights left readable by root alone, the service running as another user: the library said
+    "FileNotFoundError: No such file or directory: .../model.safetensors" of a file that is there."""
+    from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
+
+    with reachable_dir() as root:
+        model_dir = save_tiny_clip(root / "model")
+        Embedder.load(str(model_dir), device="cpu")  # what loading imports, imported (nobody cannot read root's Python)
+        give_to_unprivileged(model_dir)
+        for path in model_dir.iterdir():
+            give_to_unprivileged(path)
+        weights = next(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+        weights.chmod(0o200)  # its owner may write it, nobody may read it
+        with unprivileged():
+            with pytest.raises(ModelLoadError, match=f"may not read {weights.name}\\. Give the service's user read"):
+                Embedder.load(str(model_dir), device="cpu")
+
+
 def test_a_model_without_its_preprocessor_config_is_one_clear_error(tmp_path: Path) -> None:
     model_dir = save_tiny_clip(tmp_path / "no-processor")
     (model_dir / "preprocessor_config.json").unlink()
