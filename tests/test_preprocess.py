@@ -658,6 +658,95 @@ def test_large_jpeg_draft_is_actually_used(large_jpeg):
     assert growth_mib < 20, f"peak memory grew by {growth_mib:.1f} MiB: the full frame was decoded"
 
 
+_CONVERSION_PEAK_PROBE = """
+import sys
+from pathlib import Path
+from image_search.preprocess import preprocess_image
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+before = peak_kib()
+preprocess_image(Path(sys.argv[1]), max_size=(333, 333), max_pixels=178_956_970)
+print(peak_kib() - before)
+"""
+
+
+def _sixteen_bit_grey_gradient(size: int) -> Image.Image:
+    return Image.fromarray(np.tile(np.linspace(0, 65535, size).round().astype(np.uint16), (size, 1)))
+
+
+def _palette_with_a_clear_index(size: int) -> Image.Image:
+    picture = Image.new("P", (size, size), 1)
+    picture.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    picture.info["transparency"] = 0
+    return picture
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("name", "make", "decoded_mib"), [
+    ("grey16.png", _sixteen_bit_grey_gradient, 32),  # 2 bytes a pixel
+    ("rgba.png", lambda size: Image.new("RGBA", (size, size), (200, 100, 50, 128)), 64),
+    ("palette-trns.png", _palette_with_a_clear_index, 16),
+])
+def test_a_big_deep_grey_or_transparent_png_costs_about_what_an_rgb_one_does(tmp_path, name, make, decoded_mib):
+    """A 16 MP picture of a few hundred KB: converted whole, its working copies (float64 levels, an RGBA
+    copy and a white layer) took 260-400 MiB; a strip at a time, the decoded picture, its 64 MiB RGB output
+    (L for deep grey) and a few strips' worth."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc to read the peak memory")
+    path = tmp_path / name
+    make(4000).save(path, **({"transparency": 0} if name.startswith("palette") else {}))
+    assert path.stat().st_size < 1_000_000
+    result = subprocess.run([sys.executable, "-c", _CONVERSION_PEAK_PROBE, str(path)], capture_output=True,
+                            text=True, check=True, timeout=120)
+    growth_mib = int(result.stdout.strip()) / 1024
+    assert growth_mib < decoded_mib + 64 + 32, f"peak memory grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["grey16-trns.png", "rgb16-trns.png", "rgba.png", "la.png", "palette-alpha.png",
+                                  "float.tiff", "int32.tiff"])
+def test_a_picture_converted_a_strip_of_rows_at_a_time_has_the_pixels_of_one_converted_whole(
+        tmp_path, monkeypatch, name):
+    """Deep grey and transparency are converted in strips of rows (a big picture's working copies are a
+    strip's): every seam between strips, here every 3 rows, leaves the pixels as they were."""
+    import image_search.preprocess as preprocess
+
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 65536, (61, 50)).astype(np.uint16)
+    alpha = rng.integers(0, 256, (61, 50), dtype=np.uint8)
+    colours = rng.integers(0, 256, (61, 50, 3), dtype=np.uint8)
+    path = tmp_path / name
+    if name == "grey16-trns.png":
+        _png16(path, levels, (int(levels[5, 5]),))
+    elif name == "rgb16-trns.png":
+        _png16(path, np.dstack([levels, levels[::-1], levels[:, ::-1]]), (1000, 2000, 3000))
+    elif name == "rgba.png":
+        Image.fromarray(np.dstack([colours, alpha])).save(path)
+    elif name == "la.png":
+        Image.fromarray(np.dstack([colours[..., 0], alpha]), "LA").save(path)
+    elif name == "palette-alpha.png":
+        Image.fromarray(colours).quantize(32).save(path, transparency=bytes(range(0, 256, 8)))
+    elif name == "float.tiff":
+        scaled = levels.astype(np.float32) / 60.0
+        scaled[0, :4] = np.nan
+        Image.fromarray(scaled, "F").save(path)
+    else:
+        Image.fromarray(levels.astype(np.int32) * 9000, "I").save(path)
+    whole = prep(path, box=(1024, 1024))
+    monkeypatch.setattr(preprocess, "_STRIP_PIXELS", 150)  # 3 rows of 50
+    pieces: list[int] = []
+    real_crop = Image.Image.crop
+    monkeypatch.setattr(Image.Image, "crop", lambda im, box=None: pieces.append(box[3] - box[1]) or real_crop(im, box))
+    in_strips = prep(path, box=(1024, 1024))
+    # Every row converted, 3 at a time (a 32-bit or float picture is gone through twice: its peak first).
+    assert pieces and max(pieces) == 3 and sum(pieces) % 61 == 0
+    assert in_strips.image.tobytes() == whole.image.tobytes()
+    assert in_strips.jpeg_bytes == whole.jpeg_bytes
+
+
 def test_large_jpeg_hash_is_deterministic(large_jpeg):
     assert prep(large_jpeg, box=(512, 512)).file_hash == prep(large_jpeg, box=(512, 512)).file_hash
     # ...because it is the MD5 of the file's bytes, whatever the draft decode and the box made of them.

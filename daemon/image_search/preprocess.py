@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -185,45 +185,94 @@ def read_source(path: Path, links: LinkPolicy | None = None) -> bytes:
 _PROFILED_MODES = frozenset({"RGB", "RGBA", "RGBX", "P"})
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB, transparency composited onto white."""
+# The modes of grey on more than 8 bits: convert("RGB") clips these to two levels, so their real range is scaled.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+# The pixels of one strip of rows converted at a time (``_in_strips``): a conversion's working copies (float64
+# levels of 16-bit grey, an RGBA copy and a white layer to composite on) are of a strip, not of the picture
+# (converted whole, a 374 KB 16-bit grey PNG of 177 MP took 4.5 GB).
+_STRIP_PIXELS = 1 << 20
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, transparency composited onto white; a grey picture of more than 8 bits
+    to 8-bit grey (L), made RGB by the caller once it is resized: the same pixels (a resize treats each band
+    alike) for a third of the memory."""
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:  # an RGB PNG may carry a tRNS colour key
         return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # convert("RGB") clips these to two levels: scale the real range to 8 bits first.
-        arr = np.asarray(im, dtype=np.float64)
-        peak = arr.max(initial=0)
-        if mode == "I" and peak > 65535:  # a 32-bit integer picture on a range of its own: that range, not a clip
-            arr = arr * (255.0 / peak)
-        elif mode.startswith("I;16") or (mode == "I" and peak > 255):
-            arr = arr / 257.0
-        elif mode == "F":
-            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold them
-            peak = arr.max(initial=0)
-            if peak <= 1.0:
-                arr = arr * 255.0
-            elif peak > 255.0:  # on a scale of its own (0-1000, say): its range, not a clip to white
-                arr = arr * (255.0 / peak)
-        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-        key = im.info.get("transparency")
-        if isinstance(key, int) and not isinstance(key, bool):  # a 16-bit grey PNG's tRNS: that value is clear
-            clear = np.asarray(im) == key
-            grey.paste(255, mask=Image.fromarray((clear * 255).astype(np.uint8), mode="L"))
-        return grey.convert("RGB")
+    if mode in _WIDE_GREY_MODES:
+        peak = max((_peak(strip) for strip in _strips(im)), default=0.0) if mode in ("I", "F") else 0.0
+        return _in_strips(im, "L", lambda strip: _wide_grey_to_l(strip, peak))
     key = im.info.get("transparency")
     if mode == "RGB" and isinstance(key, tuple) and max(key) > 255:
         # A 16-bit RGB PNG's tRNS colour, in 16-bit values, while Pillow keeps 8 bits a channel (the high
         # byte): compared as is, no pixel ever matched and the hidden colour showed.
-        im = im.copy()
-        im.info["transparency"] = tuple(value >> 8 for value in key)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
+        key = tuple(value >> 8 for value in key)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB", "1") and key is not None)
     if has_alpha:
-        # RGBA -> RGB would keep the hidden colour of transparent pixels; composite instead.
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return _in_strips(im, "RGB", lambda strip: _onto_white(strip, key))
     return im.convert("RGB")
+
+
+def _strips(im: Image.Image) -> Iterator[Image.Image]:
+    """``im`` as strips of whole rows of about ``_STRIP_PIXELS`` pixels, top to bottom (each a copy: its
+    own ``info``)."""
+    width, height = im.size
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield im.crop((0, top, width, min(height, top + rows)))
+
+
+def _in_strips(im: Image.Image, mode: str, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """``convert`` of ``im`` a strip of rows at a time (``_strips``), pasted into one picture of ``mode``: the
+    same pixels as ``convert(im)``, since each of its output pixels depends on that input pixel alone."""
+    out = Image.new(mode, im.size)
+    top = 0
+    for strip in _strips(im):
+        out.paste(convert(strip), (0, top))
+        top += strip.height
+    return out
+
+
+def _peak(strip: Image.Image) -> float:
+    """The brightest level of a strip of an "I" or "F" picture (a float's NaN and infinities count as 0)."""
+    arr = np.asarray(strip, dtype=np.float64)
+    if strip.mode == "F":
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    return float(arr.max(initial=0))
+
+
+def _wide_grey_to_l(strip: Image.Image, peak: float) -> Image.Image:
+    """A strip of a grey picture of more than 8 bits in 8-bit grey; ``peak``: the whole picture's
+    (``_peak``; only "I" and "F" need it), so that every strip is scaled alike."""
+    mode = strip.mode
+    arr = np.asarray(strip, dtype=np.float64)
+    if mode == "I" and peak > 65535:  # a 32-bit integer picture on a range of its own: that range, not a clip
+        arr = arr * (255.0 / peak)
+    elif mode.startswith("I;16") or (mode == "I" and peak > 255):
+        arr = arr / 257.0
+    elif mode == "F":
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold them
+        if peak <= 1.0:
+            arr = arr * 255.0
+        elif peak > 255.0:  # on a scale of its own (0-1000, say): its range, not a clip to white
+            arr = arr * (255.0 / peak)
+    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    key = strip.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):  # a 16-bit grey PNG's tRNS: that value is clear
+        clear = np.asarray(strip) == key
+        grey.paste(255, mask=Image.fromarray((clear * 255).astype(np.uint8), mode="L"))
+    return grey
+
+
+def _onto_white(strip: Image.Image, key: object) -> Image.Image:
+    """A strip of a picture with transparency (an alpha band or the colour key ``key``) composited onto
+    white: RGBA -> RGB would keep the hidden colour of transparent pixels."""
+    if key is not None:
+        strip.info["transparency"] = key  # the strip's own info (``_strips``), never the decoded picture's
+    rgba = strip.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 # ISO base media file brands of HEIF-family still images (HEVC: heic..., AV1: avif, avis; generic: mif1).
@@ -292,12 +341,13 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
             im.draft("RGB", fit_inside((src_w, src_h), decode_box(orientation, max_size)))
         im.load()
         turn = upright_transpose(orientation)  # what exif_transpose does, read from the same EXIF tag
-        rgb = _to_rgb(im.transpose(turn) if turn is not None else im)
+        rgb = _to_8bit(im.transpose(turn) if turn is not None else im)
         target = processed_size(rgb.size, max_size)
         if target != rgb.size:
             rgb = rgb.resize(target, FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
         elif rgb is im:
             rgb = rgb.copy()  # detach from the file being closed
+        rgb = rgb.convert("RGB") if rgb.mode == "L" else rgb  # deep grey, kept 8-bit grey through the resize
         # At the fitted size: a transform's cost grows with the pixels. A PNG's gAMA counts only without
         # a profile or an sRGB chunk, which override it (PNG specification, 11.3.3).
         gamma = im.info.get("gamma") if not {"icc_profile", "srgb"} & set(im.info) else None
