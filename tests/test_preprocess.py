@@ -1074,6 +1074,16 @@ def test_decompression_bomb_above_pillows_hard_limit_is_refused_even_with_the_de
     assert "max-image-pixels" in err.reason
 
 
+def test_a_bomb_above_pillows_own_guard_is_refused_in_the_words_of_a_smaller_one(bomb_png, monkeypatch):
+    """Pillow refuses at open a picture above twice its limit, before the header's size is ours to check: a
+    15000x15000 PNG was refused naming 'max-image-pixels', this one with Pillow's own 'exceeds limit of
+    357913940 pixels, could be decompression bomb DOS attack'."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BIG_LIMIT)  # as Pillow ships it (another test may raise it)
+    assert refuse(bomb_png, max_pixels=BIG_LIMIT).reason == (
+        "image too large: 400,000,000 pixels is above the limit of 178,956,970 (config key 'max-image-pixels'; "
+        "refused as a possible decompression bomb)")
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets the module's filter
 def test_a_limit_configured_above_pillows_own_is_the_one_that_holds(bomb_png, monkeypatch):
     """'max-image-pixels' takes up to 10^9 (a 200 MP phone's photo is 16320x12240), while Pillow as it ships

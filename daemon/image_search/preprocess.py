@@ -323,11 +323,7 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
     with Image.open(io.BytesIO(source), formats=SUPPORTED_FORMATS) as im:
         src_w, src_h = im.size
         if src_w * src_h > max_pixels:
-            raise PreprocessError(
-                path,
-                f"image too large: {src_w}x{src_h} = {src_w * src_h:,} pixels is above the "
-                f"limit of {max_pixels:,} (config key 'max-image-pixels'; refused as a possible decompression bomb)",
-            )
+            raise _too_large(path, f"{src_w}x{src_h} = {src_w * src_h:,} pixels", max_pixels)
         if im.format not in ("JPEG", "MPO"):
             # A PNG's EXIF may follow its pixels, so reading the header below decodes the whole file; an
             # error there would be taken for "no EXIF" and leave Pillow counting the picture as loaded
@@ -355,6 +351,12 @@ def _normalise(source: bytes, path: Path, *, max_size: tuple[int, int],
     return rgb, (src_w, src_h), metadata
 
 
+def _too_large(path: Path, size: str, max_pixels: int) -> PreprocessError:
+    """A picture above 'max-image-pixels' (``size``: its pixels, as known), refused before decoding."""
+    return PreprocessError(path, f"image too large: {size} is above the limit of {max_pixels:,} "
+                                 "(config key 'max-image-pixels'; refused as a possible decompression bomb)")
+
+
 def _let_pillow_open(max_pixels: int) -> None:
     """Pillow refuses at open a picture above twice its ``MAX_IMAGE_PIXELS`` (178,956,970 pixels as it
     ships): raised in this process to 'max-image-pixels', so that a 200 MP phone's photo can be let in, and
@@ -377,12 +379,11 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
                                          "but its header cannot be read)")
         return PreprocessError(path, f"not a supported image (content is not {supported_formats_for_people()})")
     if isinstance(exc, Image.DecompressionBombError):
-        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS, at least the limit) tripped in open().
-        return PreprocessError(
-            path,
-            f"image too large, refused as a possible decompression bomb ({exc}); the limit is "
-            f"{max_pixels:,} pixels (config key 'max-image-pixels')",
-        )
+        # Pillow's own hard guard (twice its MAX_IMAGE_PIXELS, at least the limit) tripped in open(), before
+        # the header's size was ours to check: the configured limit is the one named, with the pixels
+        # Pillow counted ("Image size (3600000000 pixels) exceeds limit of ...").
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        return _too_large(path, f"{int(counted[1]):,} pixels" if counted else "its size", max_pixels)
     text = str(exc).strip()
     # libheif (HEIC) says "Unexpected end of file" where Pillow's own decoders say "truncated".
     if ("truncated" in text or isinstance(exc, EOFError) or "broken data stream" in text
