@@ -17,7 +17,7 @@ from stat import S_IMODE
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, features
+from PIL import Image, ImageDraw, PngImagePlugin, features
 
 from image_search.preprocess import (
     PreparedImage,
@@ -1072,6 +1072,32 @@ def test_decompression_bomb_is_refused_naming_the_limit_and_the_config_key(bomb_
 def test_decompression_bomb_above_pillows_hard_limit_is_refused_even_with_the_default_limit(bomb_png):
     err = refuse(bomb_png, max_pixels=BIG_LIMIT)
     assert "max-image-pixels" in err.reason
+
+
+def _png_with_xmp(path: Path, ancestors: int) -> Path:
+    """A red PNG whose XMP (a compressed iTXt, as Photoshop writes it) lists ``ancestors`` DocumentAncestors:
+    57 bytes each unpacked, a few in the file."""
+    bag = "".join(f"<rdf:li>xmp.did:{i:032x}</rdf:li>" for i in range(ancestors))
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", f"<x:xmpmeta><photoshop:DocumentAncestors><rdf:Bag>{bag}"
+                  "</rdf:Bag></photoshop:DocumentAncestors></x:xmpmeta>", zip=True)
+    two_colour().save(path, pnginfo=info)
+    return path
+
+
+def test_a_photoshop_png_whose_xmp_unpacks_to_megabytes_is_indexed(tmp_path):
+    """Pillow refuses a text chunk that unpacks to more than 1 MiB: such a PNG, valid, was refused as
+    'corrupt image (ValueError: Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK)'."""
+    path = _png_with_xmp(tmp_path / "layered.png", 40_000)  # 2.3 MB of XMP, ~110 KB in the file
+    assert path.stat().st_size < 200_000
+    check_two_colour(prep(path))
+
+
+def test_a_png_text_chunk_that_unpacks_to_more_than_16_mib_is_refused_in_plain_words(tmp_path):
+    path = _png_with_xmp(tmp_path / "hostile.png", 400_000)  # 23 MB of XMP, ~1 MB in the file
+    reason = refuse(path).reason
+    assert reason == ("a text metadata chunk (PNG zTXt or iTXt, such as XMP) unpacks to more than 16 MiB; "
+                      "refused as a possible decompression bomb")
 
 
 def test_a_bomb_above_pillows_own_guard_is_refused_in_the_words_of_a_smaller_one(bomb_png, monkeypatch):
