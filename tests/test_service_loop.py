@@ -23,6 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.support.db import slow_row_writes
+from tests.support.failures import remount, small_disk
 from tests.support.files import save_picture
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
@@ -693,6 +694,77 @@ def test_a_link_named_failed_in_the_inbox_is_never_written_through(story_factory
     (failure,) = [e for e in logs if e["event"] == "query_failed"]
     assert "is not a folder of the service's" in failure["left_in_inbox"]
     assert list(elsewhere.iterdir()) == [] and broken.read_text() == "not a png\n"
+
+
+def test_a_failed_query_on_a_full_disk_waits_in_the_inbox_and_moves_with_its_reason_once_there_is_room(
+        story_factory) -> None:
+    """The inbox's disk is full and failed/ is there: ``mv bad.png inbox/`` (words, not a picture). The
+    query was moved into failed/, its reason could not be written, and the service crashed with no path
+    (and again at each start, at the next bad query). Now its reason is written first: the query stays in
+    the inbox, the outage is one line, and once there is room it moves into failed/ with its reason."""
+    story = story_factory({"a.png": 1})
+    with small_disk(story.inbox, size="8k"):
+        failed = story.inbox / "failed"
+        failed.mkdir()
+        other_files = story.inbox / ".other-files"  # hidden, no query: what fills the disk with the query
+        other_files.write_bytes(b"\0" * 4096)
+        bad = story.inbox / "bad.png"
+        bad.write_text("not a png\n")
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, bad)
+        with capture_logs() as logs:
+            story.let_settle_periods_pass(10)  # raised OSError out of the loop before
+        # One line for the whole wait (the retries say it again at debug).
+        (outage,) = [e for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"]
+        assert outage["work"] == "queries"
+        assert f"into {failed} (No space left on device): the disk is full" in outage["reason"]
+        assert bad.read_text() == "not a png\n" and list(failed.iterdir()) == []  # never in failed/ without why
+        assert [e for e in logs if e["event"] == "query_failed"] == [] and story.service.inbox.failed == 0
+
+        other_files.unlink()  # room again
+        with capture_logs() as logs:
+            story.run_until_idle()
+        assert (failed / "bad.png").read_text() == "not a png\n"
+        assert "not a supported image" in (failed / "bad.png.error.txt").read_text()
+        assert sorted(p.name for p in story.inbox.iterdir()) == ["failed"]
+        assert [e["event"] for e in logs if e["event"] in ("query_failed", "output_writable_again")] == [
+            "query_failed", "output_writable_again"]
+        assert story.service.inbox.failed == 1
+
+
+@pytest.mark.parametrize("outage", ["full", "read-only"])
+def test_a_failed_query_that_cannot_make_failed_on_a_full_or_read_only_disk_moves_once_it_can(
+        story_factory, outage: str) -> None:
+    """No failed/ yet, and the inbox's disk takes no new entry (every inode used, or mounted read-only):
+    the failed query was left in the inbox as if an entry of the user's held failed/'s name, "tried again
+    when it changes", and stayed there after the disk had room again. A disk's outage is waited out and
+    the query failed again once it is over, as an answer is."""
+    story = story_factory({"a.png": 1})
+    # The folder, the query and two other files: every entry the disk has (no room for failed/).
+    with small_disk(story.inbox, inodes=4 if outage == "full" else None):
+        bad = story.inbox / "bad.png"
+        bad.write_text("not a png\n")
+        other_files = [story.inbox / ".other-1", story.inbox / ".other-2"]
+        for path in other_files:
+            path.write_text("kept\n")
+        if outage == "read-only":
+            remount(story.inbox, read_only=True)
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, bad)
+        with capture_logs() as logs:
+            story.let_settle_periods_pass(10)
+        (waiting,) = [e for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"]
+        strerror = "No space left on device" if outage == "full" else "Read-only file system"
+        assert f"into {story.inbox / 'failed'} ({strerror})" in waiting["reason"]
+        assert [e for e in logs if e["event"] == "query_failed"] == []  # not "left in the inbox until it changes"
+        assert sorted(p.name for p in story.inbox.iterdir()) == [".other-1", ".other-2", "bad.png"]
+
+        if outage == "full":
+            for path in other_files:
+                path.unlink()
+        else:
+            remount(story.inbox, read_only=False)
+        story.run_until_idle()  # nothing changed in the inbox: only the outage's retry finds it
+        assert (story.inbox / "failed" / "bad.png").read_text() == "not a png\n"
+        assert "not a supported image" in (story.inbox / "failed" / "bad.png.error.txt").read_text()
 
 
 def test_a_text_file_is_a_query_by_its_words(story_factory) -> None:

@@ -137,6 +137,10 @@ class SourceFolderMissing(ImageSearchError):
         self.rows = rows
 
 
+# The errnos that say the disk under a folder takes no write now, whoever's the folder: an outage that
+# passes (space is freed, the disk is mounted read-write again), not an entry or a permission to fix.
+DISK_OUTAGES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
 # The errnos that say "this folder cannot take a write", and the fix for each.
 _UNWRITABLE_FIXES = {
     errno.ENOSPC: "the disk is full: free space there, then run again",
@@ -149,15 +153,30 @@ _UNWRITABLE_FIXES = {
 }
 
 
+def is_disk_outage(exc: OSError) -> bool:
+    """True when ``exc`` says the disk takes no write now (full, quota, read-only): ``DISK_OUTAGES``."""
+    return exc.errno in DISK_OUTAGES
+
+
+def unwritable(folder: Path, what: str, exc: OSError) -> OutputUnwritable | None:
+    """``OutputUnwritable`` naming ``folder``, ``what`` was written and the fix, when ``exc`` says the folder
+    cannot take a write (disk full, quota, read-only, permission); None for any other OSError."""
+    fix = _UNWRITABLE_FIXES.get(exc.errno) if exc.errno is not None else None
+    if fix is None:
+        return None
+    return OutputUnwritable(f"cannot write {what} into {folder} ({exc.strerror or exc}): {fix}")
+
+
 @contextmanager
-def writing_into(folder: Path, what: str) -> Iterator[None]:
+def writing_into(folder: Path, what: str, *, disk_only: bool = False) -> Iterator[None]:
     """An OSError in the block that says ``folder`` cannot take a write (disk full, quota, read-only,
-    permission) becomes ``OutputUnwritable`` naming the folder, ``what`` was written and the fix;
-    any other OSError passes unchanged."""
+    permission) becomes ``OutputUnwritable`` (``unwritable``); with ``disk_only``, only the disk's own
+    (``DISK_OUTAGES``): a folder of the user's that refuses it is the caller's. Any other OSError passes
+    unchanged."""
     try:
         yield
     except OSError as exc:
-        fix = _UNWRITABLE_FIXES.get(exc.errno) if exc.errno is not None else None
-        if fix is None:
+        refused = unwritable(folder, what, exc) if not disk_only or is_disk_outage(exc) else None
+        if refused is None:
             raise
-        raise OutputUnwritable(f"cannot write {what} into {folder} ({exc.strerror or exc}): {fix}") from exc
+        raise refused from exc

@@ -2,7 +2,8 @@
 
 A query waits until it is complete (``ReadinessTracker``), is answered (the result bundle is written
 and the query moves into it), or fails into ``inbox/failed/`` beside a ``<name>.error.txt`` saying why
-(an entry of the user's named ``failed`` that is no folder is left alone: the query then stays where it is).
+(an entry of the user's named ``failed`` that is no folder is left alone: the query then stays where it is;
+a disk that takes no write, full or read-only, is an outage the service waits out, the query pending).
 A query document ``<stem>.json`` (``querydoc``) may bring its pictures in a folder ``inbox/<stem>/``:
 the files there are never queries of their own; the document waits until they too are settled, and
 the folder moves (into the result, or into ``failed/``) with it.
@@ -15,6 +16,7 @@ see the whole folder; queries dropped later jump the ingest queue. Nothing dropp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -30,7 +32,7 @@ from PIL import Image
 from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
 from .config import Config
 from .entries import FileIdentity, LinkPolicy
-from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe
+from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe, writing_into
 from .fleet import ClaimKind
 from .names import escape, fit_name
 from .output import move_folder
@@ -105,6 +107,9 @@ class QueryInbox:
         self.incomplete_grace = incomplete_grace
         self.answered = 0
         self.failed = 0
+        # Failures written into failed/ with their reason: with ``answered``, the queries' progress that
+        # ends an outage of the disk (``Service``); a query left in place for a user's entry is none.
+        self.failures_recorded = 0
         self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
         self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
         # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
@@ -405,10 +410,18 @@ class QueryInbox:
     def fail(self, path: Path, reason: str) -> None:
         """Move a query that cannot be answered to inbox/failed/ with a <name>.error.txt saying why. When
         failed/ cannot take it (an entry of the user's holds that name), the query stays where it is,
-        untouched, until it changes or failed/ is free again."""
+        untouched, until it changes or failed/ is free again. When the disk takes no write (full,
+        read-only), the query stays too, pending: ``OutputUnwritable``, and the service waits the outage
+        out as it does for an answer, then fails it again."""
         failed = self.folder / FAILED_FOLDER
+        # backslashreplace: a reason quoting what no UTF-8 holds must not cost the service its run.
+        why = f"{escape(path.name)}: {reason}\n".encode(errors="backslashreplace")
         try:
-            target = _move_into(failed, path)
+            with writing_into(failed, "a failed query and its reason", disk_only=True):
+                target = _move_into(failed, path, why)
+        except OutputUnwritable:
+            self.pending.note(path)  # the disk's, not the query's: tried again once the outage's retry is due
+            raise
         except FileNotFoundError:
             log.warning("query_vanished", path=path)
             return
@@ -419,6 +432,7 @@ class QueryInbox:
             log.warning("query_failed", path=path, reason=reason, left_in_inbox=_not_moved_reason(failed, exc))
             return
         self.failed += 1
+        self.failures_recorded += 1
         folder = self.pictures_folder(path)
         if folder is not None:
             # Its pictures go with it, beside it: <name>.json and <name>/ (the stem of the target).
@@ -427,14 +441,14 @@ class QueryInbox:
             except OSError as exc:  # the folder's, not the service's: it stays, whole, in the inbox
                 log.warning("query_folder_not_moved", path=folder, reason=exc.strerror or str(exc),
                             detail=f"its document failed and moved to {escape(target)}; the folder stays in the inbox")
-        # backslashreplace: a reason quoting what no UTF-8 holds must not cost the service its run.
-        write_atomically(_error_file(target), f"{escape(path.name)}: {reason}\n".encode(errors="backslashreplace"))
         log.warning("query_failed", path=path, moved_to=target, reason=reason)
 
 
-def _move_into(failed: Path, query: Path) -> Path:
+def _move_into(failed: Path, query: Path, why: bytes) -> Path:
     """Move ``query`` into the folder ``failed`` (made if missing) under its own name, else name-2,
-    name-3...: never onto an entry there, and within 255 bytes with ".error.txt" added. Returns where."""
+    name-3...: never onto an entry there, and within 255 bytes with ".error.txt" added. Its error file,
+    holding ``why``, is written first: a full disk leaves the query where it was, never in failed/
+    without its reason. Returns where it went."""
     failed.mkdir(exist_ok=True)
     if failed.is_symlink():  # mkdir's exist_ok takes a link to a folder: the link is the user's, not failed/
         raise FileExistsError(errno.EEXIST, "a symbolic link, not the service's folder", str(failed))
@@ -445,7 +459,14 @@ def _move_into(failed: Path, query: Path) -> Path:
         if not (os.path.lexists(target) or os.path.lexists(_error_file(target))):
             break
         n += 1
-    shutil.move(query, target)  # a rename: a pipe or a link moves as what it is, unopened
+    error_file = _error_file(target)
+    write_atomically(error_file, why)
+    try:
+        shutil.move(query, target)  # a rename: a pipe or a link moves as what it is, unopened
+    except BaseException:
+        with contextlib.suppress(OSError):  # the service's own file: no reason without its query
+            error_file.unlink(missing_ok=True)
+        raise
     return target
 
 

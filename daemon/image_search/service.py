@@ -66,7 +66,7 @@ IDLE_WAIT_S = 0.5  # the longest the loop sleeps before looking at the clock aga
 class Work(Enum):
     """The two kinds of work a full disk can hold up: each waits for its own folder."""
 
-    QUERIES = "queries"  # results into output/
+    QUERIES = "queries"  # results into output/, failed queries into inbox/failed/
     INGEST = "ingest"  # processed copies into processed/
 
 
@@ -288,7 +288,11 @@ class Service:
         return did
 
     def _progress(self, work: Work) -> int:
-        return self.inbox.answered if work is Work.QUERIES else self.indexed
+        """What a write that went through counts: a query answered or failed into inbox/failed/ with its
+        reason (a full disk refuses either), a picture indexed."""
+        if work is Work.QUERIES:
+            return self.inbox.answered + self.inbox.failures_recorded
+        return self.indexed
 
     @property
     def _ingest(self) -> ImageIngest:

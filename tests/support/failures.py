@@ -2,14 +2,20 @@
 
 ``fault_env`` is the environment of a child with ``tests/support/faults`` on PYTHONPATH: that folder's
 ``sitecustomize.py`` reads the ``FAULT_*`` variables given and makes one thing fail (see its
-docstring). ``error_lines`` are the log lines at level error that a run wrote.
+docstring). ``error_lines`` are the log lines at level error that a run wrote. ``small_disk`` and
+``remount`` give a folder of this process a disk a test can fill or make read-only (as root: mount needs it).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from tests.support.db import Postmaster, service_pgdata
 from tests.support.env import child_env
@@ -68,3 +74,23 @@ def a_folder_move_that_stops_part_way(monkeypatch, source: Path) -> None:
 
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+@contextmanager
+def small_disk(folder: Path, *, size: str = "64k", inodes: int | None = None) -> Iterator[Path]:
+    """``folder`` on a fresh tmpfs of ``size`` bytes (and ``inodes`` entries, the folder itself one of
+    them) for the block: a disk a test fills with a file or two, as a real one fills (ENOSPC). Whatever
+    ``folder`` held is hidden meanwhile, and what the block wrote there goes with the tmpfs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a disk")
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes is not None else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def remount(folder: Path, *, read_only: bool) -> None:
+    """The disk mounted at ``folder`` (``small_disk``) read-only (EROFS for every write) or read-write again."""
+    subprocess.run(["mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(folder)], check=True)
