@@ -716,6 +716,22 @@ def test_ensure_directories_error_for_a_read_only_folder_names_the_key():
         assert not (locked / "output").exists()
 
 
+def test_a_folder_this_user_may_not_write_stays_a_config_error_not_a_disk_outage():
+    """output/ is there, but not this user's to write (root writes anywhere: as root this runs as nobody):
+    the owner or mode is the fix, and exit 2, which no restart mends. A read-only disk is not this
+    (tests/test_failures.py: exit 7, restarted)."""
+    with reachable_dir() as base:
+        output = base / "output"
+        output.mkdir(mode=0o555)
+        conf = write(base / "conf", {"output-directory": str(output)})
+        give_to_unprivileged(conf.parent)
+        cfg = load_config(conf, environ={})
+        with unprivileged():
+            with pytest.raises(ConfigError) as info:
+                ensure_directories(cfg)
+        assert str(info.value) == f"config key 'output-directory': {output} is not writable by this user"
+
+
 # --------------------------------------------------------------------------------------------------
 # Folders that overlap
 # --------------------------------------------------------------------------------------------------

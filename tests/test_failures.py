@@ -13,6 +13,7 @@ torch import).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from image_search.errors import ExitCode, OutputUnwritable, writing_into
 from tests.support import warm
 from tests.support.env import child_env
-from tests.support.failures import crash_embedded_database, error_lines, fault_env
+from tests.support.failures import crash_embedded_database, error_lines, fault_env, remount, small_disk
 from tests.support.files import inbox_files, save_picture, write_config
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
@@ -170,6 +171,42 @@ def test_serve_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_pat
     assert_failed_as(cases["model"], ExitCode.MODEL, str(tmp_path / "no-such-model"))
     # pgserver logs its own failed stop of the server that is gone (see tests/support/failures.py).
     assert_failed_as(cases["database"], ExitCode.DATABASE, "PostgreSQL", ours_only=True)
+
+
+def test_serve_started_on_a_read_only_or_full_disk_exits_7_for_a_restart_not_2(tmp_path: Path,
+                                                                               tiny_model_dir: Path) -> None:
+    """``mount -o remount,ro output`` then ``serve``: it ended with exit 2, config_error "... is not
+    writable by this user", a permission problem it is not, and the one exit code systemd never restarts
+    (RestartPreventExitStatus=2), so the service stayed down once the disk was back. A read-only output/ or
+    processed/, or a processed/ whose disk is full at its first start (its record of the source folder
+    cannot be written), is the disk's outage: exit 7, restarted; once the disk takes writes, serve starts."""
+    cases = {name: make_case(tmp_path, name, tiny_model_dir)
+             for name in ("read-only-output", "read-only-processed", "full-processed")}
+    disks = {name: cases[name].root / name.split("-")[-1] for name in cases}
+    with contextlib.ExitStack() as mounted:
+        for name, folder in disks.items():
+            mounted.enter_context(small_disk(folder, size="4k"))
+            if name.startswith("read-only"):
+                remount(folder, read_only=True)
+            else:
+                (folder / ".other-files").write_bytes(b"\0" * 4096)  # the disk's one page
+        run_all(cases, "serve")
+
+        for name in ("read-only-output", "read-only-processed"):
+            assert_failed_as(cases[name], ExitCode.OUTPUT, str(disks[name]), "(Read-only file system)",
+                             "mount it read-write", "ReadWritePaths=")
+        assert_failed_as(cases["full-processed"], ExitCode.OUTPUT, str(disks["full-processed"]),
+                         "(No space left on device)", "free space")
+        assert not any("config_error" in case.output for case in cases.values())
+
+        remount(disks["read-only-output"], read_only=False)  # the disk is back: systemd's restart starts
+        service = ServiceProcess(cases["read-only-output"].config, log_path=tmp_path / "restarted.log",
+                                 env=cases["read-only-output"].env)
+        try:
+            service.wait_ready()
+            assert service.stop() == ExitCode.OK
+        finally:
+            service.close()
 
 
 def test_serve_idle_when_its_embedded_database_dies_exits_for_a_restart_within_seconds(tmp_path: Path,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
-from .errors import ExitCode, ImageSearchError
+from .errors import ExitCode, ImageSearchError, read_only
 from .names import has_surrogate
 from .query import MAX_TOP_K
 
@@ -453,16 +453,22 @@ def _model_relative_to(base: Path, name: str) -> str:
 
 
 def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
-    """Create the folders the run writes to; a folder that cannot be created is a ConfigError.
-    ``source-directory`` is not one of them: whether it may be created depends on the index
-    (``sync.ensure_source_folder``)."""
+    """Create the folders the run writes to; a folder that cannot be created, or that this user may not
+    write, is a ConfigError. One on a read-only file system is the disk's state, not the config's:
+    ``OutputUnwritable`` (exit 7, which systemd restarts until the disk is read-write again; exit 2 it
+    never restarts). ``source-directory`` is not one of them: whether it may be created depends on the
+    index (``sync.ensure_source_folder``)."""
     keys = ["processed-directory", "output-directory", "state-directory"]
     if with_inbox:
         keys.append("inbox-directory")
     for key in keys:
         folder: Path = getattr(cfg, _FIELDS[key].name)
         create_folder(key, folder)
-        if not os.access(folder, os.W_OK | os.X_OK):
+        # access() says no for a read-only file system too: asked first, it is told apart.
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise read_only(folder, f"config key '{key}'")
+        # The effective user's: every write is checked against its rights, not the real user's.
+        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
             raise ConfigError(f"config key '{key}': {folder} is not writable by this user")
 
 

@@ -167,6 +167,15 @@ def unwritable(folder: Path, what: str, exc: OSError) -> OutputUnwritable | None
     return OutputUnwritable(f"cannot write {what} into {folder} ({exc.strerror or exc}): {fix}")
 
 
+def read_only(folder: Path, what: str) -> OutputUnwritable:
+    """``OutputUnwritable`` for ``folder`` found on a read-only file system before anything was written
+    (``what`` the folder is): the words and fix a write's EROFS gets. Under systemd, a folder outside the
+    unit's ReadWritePaths= is one too (ProtectSystem=strict)."""
+    return OutputUnwritable(f"{what}: cannot write into {folder} ({os.strerror(errno.EROFS)}): "
+                            f"{_UNWRITABLE_FIXES[errno.EROFS]}; under systemd, a folder outside the unit's "
+                            "ReadWritePaths= is read-only too")
+
+
 @contextmanager
 def writing_into(folder: Path, what: str, *, disk_only: bool = False) -> Iterator[None]:
     """An OSError in the block that says ``folder`` cannot take a write (disk full, quota, read-only,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
-from .errors import SourceFolderMissing
+from .errors import SourceFolderMissing, writing_into
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .mounts import MOUNT_RECORD, MountTable, read_mount_table, remember_mounts
 from .names import escape
@@ -241,7 +241,8 @@ def claim_processed_folder(cfg: Config) -> None:
         try:
             recorded = marker.read_bytes()
         except FileNotFoundError:
-            recorded = _record_source(marker, source)
+            with writing_into(cfg.processed_directory, "its record of the source folder", disk_only=True):
+                recorded = _record_source(marker, source)  # a full disk is an outage: exit 7, restarted
     except OSError as exc:
         raise ConfigError(f"config key 'processed-directory': {escape(marker)}, which records the source folder "
                           f"its processed copies belong to, cannot be read or written ({exc.strerror or exc}): "
