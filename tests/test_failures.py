@@ -28,7 +28,7 @@ from image_search.errors import ExitCode, OutputUnwritable, writing_into
 from tests.support import warm
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database, error_lines, fault_env, remount, small_disk
-from tests.support.files import inbox_files, save_picture, write_config
+from tests.support.files import find_bundle, inbox_files, read_jsonl, save_picture, write_config
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
 
@@ -302,6 +302,61 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
         for service in services.values():
             service.close()
 
+
+
+def test_serve_follows_renames_while_a_processed_folder_is_read_only_and_starts_so(tmp_path: Path,
+                                                                                   tiny_model_dir: Path) -> None:
+    """processed/burst read-only (a disk mounted there that the kernel remounted read-only after errors; a
+    folder this user may not write into is the same): a picture renamed in images/burst crashed the service
+    (the rename of its processed copy refused: EROFS), and every restart crashed again in its start-up
+    comparison, queries down too. Now each path follows its file at once, search results name the new
+    paths, the ingest waits out the disk with one line, and once it takes writes the copies are made again
+    from the files, with no model work. (processed/ itself read-only at start is a config error, exit 2.)"""
+    root = tmp_path / "tree"
+    config = write_config(root, tiny_model_dir, cleanup_on_exit=False)  # rows kept for the next start
+    images, processed = root / "images", root / "processed"
+    for name, seed in (("burst/p001.png", 1), ("burst/p002.png", 2), ("base/x.png", 3)):
+        save_picture(images / name, seed=seed)
+    first = ServiceProcess(config, log_path=root / "first.log")
+    try:
+        first.wait_ready()
+        wait_for(lambda: sum(e.get("embedded", 0) for e in first.events("images_indexed")) == 3, "the three indexed")
+        assert first.stop() == ExitCode.OK
+    finally:
+        first.close()
+    os.rename(images / "burst/p001.png", images / "burst/p001-renamed.png")  # while nothing runs
+
+    service = ServiceProcess(config, log_path=root / "service.log",
+                             env=fault_env(FAULT_READ_ONLY=str(processed / "burst")))
+    try:
+        service.wait_ready()  # its start-up comparison crashed before, at every restart
+        os.rename(images / "burst/p002.png", images / "burst/p002-renamed.png")
+        renamed = [images / "burst/p001-renamed.png", images / "burst/p002-renamed.png"]
+        wait_for(lambda: {str(p) for p in renamed} <= {str(e["path"]) for e in service.events("image_renamed")},
+                 "both paths followed their files")
+        full = service.wait_event("output_unwritable")  # the renamed pictures' copies, made again
+        assert "Read-only file system" in full["reason"] and str(processed) in full["reason"]
+        save_picture(root / "inbox" / "q.png", seed=2)  # p002's picture: answered meanwhile
+        wait_for(lambda: not inbox_files(root / "inbox"), "the query answered")
+        bundle = find_bundle(root / "output", "q.png")
+        assert bundle is not None
+        hits = [hit["file_path"] for hit in read_jsonl(bundle / "q.jsonl")]
+        assert hits[0] == str(renamed[1]) and sorted(hits) == sorted(map(str, [*renamed, images / "base/x.png"]))
+        assert service.exit_code() is None
+
+        subprocess.run(["nsenter", "-t", str(service.popen.pid), "-m", "mount", "-o", "remount,rw,bind",
+                        str(processed / "burst")], check=True)
+        service.wait_event("output_writable_again")
+        copies = [processed / f"{p.relative_to(images)}.jpg" for p in renamed]
+        wait_for(lambda: all(c.is_file() and (c.parent / f".{c.name}.thumb.jpg").is_file() for c in copies),
+                 "the renamed pictures' copies and thumbnails")
+        assert not sum(e.get("embedded", 0) for e in service.events("images_indexed"))  # no model work
+        assert service.stop() == ExitCode.OK
+        log = service.log_text()
+        assert log.count("output_unwritable") == 1, log[-3000:]  # one line however long the wait
+        assert "Traceback" not in log and "crashed" not in log and not error_lines(log), log[-3000:]
+    finally:
+        service.close()
 
 # --- the mapping and the last resort, in process ----------------------------------------------------------
 

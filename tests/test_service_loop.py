@@ -617,6 +617,52 @@ def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factor
     assert (processed / "c.png.jpg").is_dir()
 
 
+
+def test_processed_replaced_by_a_file_holds_up_the_ingest_once_and_renames_meanwhile_follow_their_files(
+        story_factory) -> None:
+    """processed/ itself moved away and a file put in its place while the service runs: no file is to blame,
+    so it is the ingest's outage, said once and waited out (each picture was skipped with "an entry in
+    processed-directory holds a name it needs"), and a picture or a folder renamed meanwhile takes its rows
+    along (the old, gone paths stayed in search results until a restart); their copies are made once
+    processed/ is back, with no model work."""
+    story = story_factory({"burst/p001.png": 1, "burst/p002.png": 4, "b.png": 2})
+    processed, images = story.cfg.processed_directory, story.images
+    before = story.rows()
+    aside = processed.with_name("processed-aside")
+    processed.rename(aside)
+    processed.write_text("not a folder\n")
+    save_picture(images / "new.png", seed=3)
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, images / "new.png")
+    os.rename(images / "burst/p001.png", images / "burst/p001-renamed.png")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, images / "burst/p001.png", dest=images / "burst/p001-renamed.png")
+    with capture_logs() as logs:
+        story.let_settle_periods_pass(10)
+        os.rename(images / "burst", images / "shots")
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, images / "burst", dest=images / "shots", is_directory=True)
+        story.let_settle_periods_pass(10)  # 6 s in all: the ingest tried again at 1, 2 and 4 s
+    outage = [e for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"]
+    assert [e["work"] for e in outage] == ["ingest"]  # once, however often it was tried (then at debug)
+    assert str(processed) in outage[0]["reason"] and "not a folder" in outage[0]["reason"]
+    assert not [e for e in logs if e["event"] in ("image_skipped", "images_indexed")]
+    rows = story.rows()  # the rows followed, no restart
+    assert set(rows) == {str(images / "shots/p001-renamed.png"), str(images / "shots/p002.png"), str(images / "b.png")}
+    assert rows[str(images / "shots/p001-renamed.png")]["id"] == before[str(images / "burst/p001.png")]["id"]
+    assert processed.read_text() == "not a folder\n"  # the user's file, left as it is
+
+    processed.unlink()
+    aside.rename(processed)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert [e["event"] for e in logs if e["event"] == "output_writable_again"] == ["output_writable_again"]
+    assert sum(e["embedded"] for e in logs if e["event"] == "images_indexed") == 1  # new.png; the renames cost none
+    assert len(story.rows()) == 4 and str(images / "new.png") in story.rows()
+    for name in ("p001-renamed.png", "p002.png"):
+        copy = Path(story.rows()[str(images / "shots" / name)]["processed_path"])
+        assert copy == processed / "shots" / f"{name}.jpg" and copy.is_file() and thumbnail_path_for(copy).is_file()
+    # The old copies could not be moved: left to the next start's rescan, as any copy no row names.
+    old = [processed / "burst/p001.png.jpg", processed / "burst/p002.png.jpg"]
+    assert story.copies_in_processed() - story.copies_of_rows() == {*old, *map(thumbnail_path_for, old)}
+
 # --- inbox/ -----------------------------------------------------------------------------------------
 
 

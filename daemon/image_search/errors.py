@@ -153,6 +153,12 @@ _UNWRITABLE_FIXES = {
 }
 
 
+def holds_no_folder(folder: Path) -> bool:
+    """An entry that is not a folder (a file, a link to one or to nothing) holds ``folder``'s own name:
+    every write into it fails, as on a read-only disk, whatever file is written."""
+    return os.path.lexists(folder) and not os.path.isdir(folder)
+
+
 def is_disk_outage(exc: OSError) -> bool:
     """True when ``exc`` says the disk takes no write now (full, quota, read-only): ``DISK_OUTAGES``."""
     return exc.errno in DISK_OUTAGES
@@ -161,7 +167,8 @@ def is_disk_outage(exc: OSError) -> bool:
 def unwritable(folder: Path, what: str, exc: OSError) -> OutputUnwritable | None:
     """``OutputUnwritable`` naming ``folder``, ``what`` was written and the fix, when ``exc`` says the folder
     cannot take a write (disk full, quota, read-only, permission); None for any other OSError."""
-    fix = _UNWRITABLE_FIXES.get(exc.errno) if exc.errno is not None else None
+    code = errno.ENOTDIR if exc.errno == errno.EEXIST and holds_no_folder(folder) else exc.errno  # mkdir of it
+    fix = _UNWRITABLE_FIXES.get(code) if code is not None else None
     if fix is None:
         return None
     return OutputUnwritable(f"cannot write {what} into {folder} ({exc.strerror or exc}): {fix}")
@@ -179,9 +186,9 @@ def read_only(folder: Path, what: str) -> OutputUnwritable:
 @contextmanager
 def writing_into(folder: Path, what: str, *, disk_only: bool = False) -> Iterator[None]:
     """An OSError in the block that says ``folder`` cannot take a write (disk full, quota, read-only,
-    permission) becomes ``OutputUnwritable`` (``unwritable``); with ``disk_only``, only the disk's own
-    (``DISK_OUTAGES``): a folder of the user's that refuses it is the caller's. Any other OSError passes
-    unchanged."""
+    permission, ``folder`` itself not a folder) becomes ``OutputUnwritable`` (``unwritable``); with
+    ``disk_only``, only the disk's own (``DISK_OUTAGES``): a folder of the user's that refuses it is the
+    caller's. Any other OSError passes unchanged."""
     try:
         yield
     except OSError as exc:

@@ -34,7 +34,7 @@ import structlog
 from tqdm import tqdm
 
 from .config import Config
-from .errors import writing_into
+from .errors import holds_no_folder, writing_into
 from .metadata import PictureMetadata, relative_folder
 from .names import escape
 from .pixels import to_model_pixels
@@ -409,11 +409,14 @@ class Indexer:
                                                              self.cfg.processed_directory)
             if image.saved_to is None:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
                 # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
-                # not the run's, and the entry is left as it is; a full or read-only disk stops the run.
+                # not the run's, and the entry is left as it is; a full or read-only disk stops the run, and so
+                # does processed-directory itself not a folder (every file would be skipped, one by one).
                 with writing_into(self.cfg.processed_directory, "a processed image"):
                     try:
                         save_processed(image, processed)
                     except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                        if holds_no_folder(self.cfg.processed_directory):
+                            raise
                         _refused(candidate, blocked_processed_reason(processed, exc), summary, self.refusals)
                         continue
             read = _Read(candidate, image, processed)

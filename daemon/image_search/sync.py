@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
-from .errors import SourceFolderMissing, writing_into
+from .errors import SourceFolderMissing, holds_no_folder, writing_into
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .mounts import MOUNT_RECORD, MountTable, read_mount_table, remember_mounts
 from .names import escape
@@ -495,6 +495,9 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     followed = _follow_renames(cfg, store, [known[p] for p in vanished], new_files, stopping)
     if stopping():  # the renames not followed yet would read as deletions
         return _cut_short(renamed=len(followed))
+    # A rename followed while processed-directory refused its copies' move (read-only, full): made again.
+    missing_copies += [path for path in followed
+                       if not copies_present(str(processed_path_for(path, root, cfg.processed_directory)))]
     moved_from = set(followed.values())
     shifted = _follow_shifts(cfg, store, [known[p] for p in vanished if p not in moved_from]
                              + [known[str(p)] for p, _ in displaced],
@@ -606,7 +609,11 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
     work. False (nothing changed) when the processed copy is missing, an entry is where its new processed
     copy goes, ``dest`` is no longer as it was when it was ``hashed``, or ``dest`` is gone: the caller has
     ``dest`` indexed instead. Given ``kept`` (the size and mtime a rename keeps), a ``dest`` already
-    renamed on or deleted (its own event comes next, and takes the path on from here) is no reason to fail."""
+    renamed on or deleted (its own event comes next, and takes the path on from here) is no reason to fail.
+    processed-directory refusing the move (read-only, full, no permission, itself not a folder) is no
+    reason either: the path follows its file, its copies do not (``copies_present`` says so, and the caller
+    has them made again from ``dest`` once the folder takes writes); the old ones stay until a start's
+    rescan removes them (``remove_orphaned_copies``)."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
@@ -617,28 +624,49 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
         kept = (now.st_size, now.st_mtime_ns)
     elif kept is None:
         return False
-    for attempt in (1, 2):
-        try:
-            new_processed.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(old_processed, new_processed)
-            break
-        except FileNotFoundError:
-            # No copy to move; or its new folder, made just now, was removed as it emptied (``remove_emptied``,
-            # from the row writer's thread): once more.
-            if attempt == 2 or not os.path.lexists(old_processed):
-                return False
-        except (FileExistsError, NotADirectoryError, IsADirectoryError):
-            return False  # an entry of the user's in processed-directory is in the way: indexing ``dest`` names it
     try:
-        os.replace(thumbnail_path_for(old_processed), thumbnail_path_for(new_processed))
-    except FileNotFoundError:
-        pass  # made before thumbnails existed: the sheet reads the processed JPEG instead
-    remove_emptied(cfg, old_processed.parent)  # the last picture of a folder renamed on the way
+        if not _move_copies(old_processed, new_processed, processed_root):
+            return False
+        refused = None
+    except OSError as exc:
+        refused = exc
+    if refused is None:
+        remove_emptied(cfg, old_processed.parent)  # the last picture of a folder renamed on the way
     if not store.update_source(file_hash, file_path=str(dest), file_name=dest.name, processed_path=str(new_processed),
                                source_size=kept[0], source_mtime_ns=kept[1],
                                folder=relative_folder(dest, root), replaces=[str(src)]):
         return False  # another service dropped the row meanwhile: ``dest`` is new content to index
-    log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
+    if refused is None:
+        log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
+    else:
+        log.info("image_renamed", path=dest, previous=src, file_hash=file_hash,
+                 processed=f"not moved: {refused.strerror or refused} ({escape(refused.filename or new_processed)}); "
+                           "made again from the source once processed-directory takes writes (no model work)")
+    return True
+
+
+def _move_copies(old: Path, new: Path, processed_root: Path) -> bool:
+    """Rename the processed copy ``old`` and its thumbnail to ``new``. False when there is no copy to move or
+    an entry of the user's is where the new one goes (indexing the file names it); an OSError when
+    ``processed_root`` refuses the write."""
+    for attempt in (1, 2):
+        try:
+            new.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old, new)
+            break
+        except FileNotFoundError:
+            # No copy to move; or its new folder, made just now, was removed as it emptied (``remove_emptied``,
+            # from the row writer's thread): once more.
+            if attempt == 2 or not os.path.lexists(old):
+                return False
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            if holds_no_folder(processed_root):
+                raise  # processed-directory itself is not a folder: its outage, not an entry in the way
+            return False  # an entry of the user's in processed-directory is in the way: indexing ``dest`` names it
+    try:
+        os.replace(thumbnail_path_for(old), thumbnail_path_for(new))
+    except OSError:
+        pass  # none (made before thumbnails existed), or refused: made again from the file (``copies_present``)
     return True
 
 

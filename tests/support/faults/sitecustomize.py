@@ -6,6 +6,10 @@ this folder on PYTHONPATH, each variable set makes one thing fail as it does on 
 - ``FAULT_NO_FONTS=1``: the font package cannot be imported, as when justmytype-intl-cjk is missing.
 - ``FAULT_FULL_DISK=DIR``: DIR becomes a fresh 4 KiB tmpfs that only this process and its children
   see (a mount namespace of its own): a write of more than a few KB there finds the disk full.
+- ``FAULT_READ_ONLY=DIR``: DIR, as it is, becomes read-only for this process and its children (a
+  read-only bind mount of it onto itself in a mount namespace of their own), as a disk the kernel
+  remounted read-only after errors is; ``nsenter -t PID -m mount -o remount,rw,bind DIR`` makes it
+  writable again.
 - ``FAULT_KILL_DATABASE=PGDATA``: the first time the run asks for the model (the database is up, the
   run under way), the embedded PostgreSQL on PGDATA is stopped as a crash does (SIGQUIT: an
   immediate shutdown), and this waits until its postmaster is gone.
@@ -25,15 +29,31 @@ if os.environ.get("FAULT_WORKERS_DIE") and "_worker_main" in " ".join(sys.orig_a
 if os.environ.get("FAULT_NO_FONTS"):
     sys.modules["justmytype_intl_cjk"] = None  # type: ignore[assignment]  # import raises ModuleNotFoundError
 
-if os.environ.get("FAULT_FULL_DISK"):
+
+def _mount_namespace_of_our_own() -> None:
+    """Mounts made from here on are seen by this process and its children only."""
     import ctypes
     import subprocess
 
-    _folder = os.environ.pop("FAULT_FULL_DISK")  # the children (workers, PostgreSQL) are in it already
     if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed: the test needs root")
     subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+
+
+if os.environ.get("FAULT_FULL_DISK"):
+    import subprocess
+
+    _folder = os.environ.pop("FAULT_FULL_DISK")  # the children (workers, PostgreSQL) are in it already
+    _mount_namespace_of_our_own()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", _folder], check=True)
+
+if os.environ.get("FAULT_READ_ONLY"):
+    import subprocess
+
+    _folder = os.environ.pop("FAULT_READ_ONLY")  # the children are in it already
+    _mount_namespace_of_our_own()
+    subprocess.run(["mount", "--bind", _folder, _folder], check=True)
+    subprocess.run(["mount", "-o", "remount,ro,bind", _folder], check=True)
 
 if os.environ.get("FAULT_KILL_DATABASE"):
     import signal
