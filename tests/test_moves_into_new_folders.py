@@ -168,3 +168,37 @@ def test_a_file_renamed_after_a_chmod_follows_its_row_without_being_read(story_f
     assert [str(e["path"]) for e in logs if e["event"] == "image_renamed"] == [str(new)]
     assert not [e for e in logs if e["event"] in ("images_indexed", "image_reread")]
     assert story.copies_in_processed() == story.copies_of_rows()
+
+
+def test_a_folder_renamed_or_deleted_whole_is_one_line_not_one_per_picture(story_factory) -> None:
+    """``mv 2023 2023-old`` of a folder of 10,000 pictures logged 10,000 ``image_renamed`` lines, and
+    ``rm -rf`` of one (an event per file, then the folder's) 10,000 ``rows_removed count=1``. Now each is one
+    line with the count (each file's own at debug); three or fewer are still named one by one."""
+    story = story_factory({**{f"trip/p{i}.png": 10 + i for i in range(8)}, **{f"junk/q{i}.png": 30 + i for i in range(6)},
+                           "single.png": 50})
+    os.rename(story.images / "trip", story.images / "trip-2023")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "trip", dest=story.images / "trip-2023",
+                 is_directory=True)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    said = [e for e in logs if e["log_level"] != "debug" and e["event"] in ("image_renamed", "images_renamed")]
+    assert [(e["event"], e["count"], e["path"], e["previous"]) for e in said] == [
+        ("images_renamed", 8, story.images / "trip-2023", story.images / "trip")]
+    assert len([e for e in logs if e["event"] == "image_renamed"]) == 8  # each at debug
+
+    for i in range(6):  # rm -rf junk: inotify's order, each file's deletion, then the folder's
+        (story.images / "junk" / f"q{i}.png").unlink()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "junk" / f"q{i}.png")
+    (story.images / "junk").rmdir()
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "junk", is_directory=True)
+    with capture_logs() as logs:
+        story.run_until_idle()
+    said = [(e["path"], e["count"]) for e in logs if e["event"] == "rows_removed" and e["log_level"] == "info"]
+    assert said == [(story.images / "junk", 6)]
+
+    (story.images / "single.png").unlink()  # one file: named, as ever
+    story.notice(Folder.IMAGES, ChangeKind.DELETED, story.images / "single.png")
+    with capture_logs() as logs:
+        story.run_until_idle()
+    assert [(e["path"], e["count"]) for e in logs if e["event"] == "rows_removed"] == [(story.images / "single.png", 1)]
+    assert {Path(p).parent.name for p in story.rows()} == {"trip-2023"}

@@ -393,12 +393,15 @@ class Service:
     # --- noticing ------------------------------------------------------------------------------
 
     def _drain_changes(self) -> None:
-        while True:
-            try:
-                change = self.changes.get_nowait()
-            except queue.Empty:
-                return
-            self._apply(change)
+        try:
+            while True:
+                try:
+                    change = self.changes.get_nowait()
+                except queue.Empty:
+                    return
+                self._apply(change)
+        finally:
+            self.sync.say_what_changed()  # a folder's files removed one event each: one line
 
     def _apply(self, change: Change) -> None:
         try:

@@ -592,18 +592,22 @@ def _follow_renames(cfg: Config, store: EmbeddingStore, gone: list[SourceRecord]
         return {}
     identities = _identities([(path, (st.st_size, st.st_mtime_ns)) for path, st in sized], stopping=stopping)
     followed: dict[Path, str] = {}
+    said: list[dict[str, object]] = []
     for (path, st), file_hash in zip(sized, identities):
         if stopping():
             break
         records = by_hash.get(file_hash or "")
         record = records.pop() if records else None  # each gone path follows one file
-        if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st):
+        if record is not None and relink(cfg, store, Path(record.file_path), path, record.file_hash, hashed=st,
+                                         said=said):
             followed[path] = record.file_path
+    say_renamed(said, detail="renamed while nothing watched")
     return followed
 
 
 def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash: str, *,
-           hashed: os.stat_result | None = None, kept: tuple[int, int] | None = None) -> bool:
+           hashed: os.stat_result | None = None, kept: tuple[int, int] | None = None,
+           said: list[dict[str, object]] | None = None) -> bool:
     """Move the path ``src`` of the content ``file_hash`` to ``dest`` (the same file under a new name; its
     other copies keep theirs), moving its processed copy and thumbnail along: no decoding, no model
     work. False (nothing changed) when the processed copy is missing, an entry is where its new processed
@@ -613,7 +617,8 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
     processed-directory refusing the move (read-only, full, no permission, itself not a folder) is no
     reason either: the path follows its file, its copies do not (``copies_present`` says so, and the caller
     has them made again from ``dest`` once the folder takes writes); the old ones stay until a start's
-    rescan removes them (``remove_orphaned_copies``)."""
+    rescan removes them (``remove_orphaned_copies``). ``said``: where its ``image_renamed`` line's fields go
+    (``say_renamed``: a folder's renames are one line), instead of the log."""
     root, processed_root = cfg.source_directory, cfg.processed_directory
     old_processed = processed_path_for(src, root, processed_root)
     new_processed = processed_path_for(dest, root, processed_root)
@@ -636,13 +641,54 @@ def relink(cfg: Config, store: EmbeddingStore, src: Path, dest: Path, file_hash:
                                source_size=kept[0], source_mtime_ns=kept[1],
                                folder=relative_folder(dest, root), replaces=[str(src)]):
         return False  # another service dropped the row meanwhile: ``dest`` is new content to index
-    if refused is None:
-        log.info("image_renamed", path=dest, previous=src, file_hash=file_hash)
+    line: dict[str, object] = {"path": dest, "previous": src, "file_hash": file_hash}
+    if refused is not None:
+        line["processed"] = (f"not moved: {refused.strerror or refused} ({escape(refused.filename or new_processed)}); "
+                             "made again from the source once processed-directory takes writes (no model work)")
+    if said is None:
+        log.info("image_renamed", **line)
     else:
-        log.info("image_renamed", path=dest, previous=src, file_hash=file_hash,
-                 processed=f"not moved: {refused.strerror or refused} ({escape(refused.filename or new_processed)}); "
-                           "made again from the source once processed-directory takes writes (no model work)")
+        said.append(line)
     return True
+
+
+# Files a line may name one by one; past that many in one go (a folder renamed, deleted or moved out, a
+# rescan's renames), one line counts them and each file's own is at debug: a folder of 10,000 pictures
+# renamed was 10,000 lines.
+NAMED_AT_ONCE = 3
+
+
+def _common_folder(paths: Iterable[object]) -> Path:
+    return Path(os.path.commonpath([str(p) for p in paths]))
+
+
+def say_renamed(lines: list[dict[str, object]], **summary: object) -> None:
+    """The ``image_renamed`` lines of one go: each, up to ``NAMED_AT_ONCE``; else one ``images_renamed``
+    (``count``, the folder they went to and came from, ``summary``), each file's own at debug."""
+    if len(lines) <= NAMED_AT_ONCE:
+        for line in lines:
+            log.info("image_renamed", **line, **summary)
+        return
+    for line in lines:
+        log.debug("image_renamed", **line)
+    copies_left = sum("processed" in line for line in lines)
+    log.info("images_renamed", count=len(lines), path=_common_folder(line["path"] for line in lines),
+             previous=_common_folder(line["previous"] for line in lines),
+             **({"processed_not_moved": copies_left} if copies_left else {}), **summary)
+
+
+def say_removed(lines: list[tuple[Path, int, str]]) -> None:
+    """The ``rows_removed`` lines of one go (path, rows, reason): each, up to ``NAMED_AT_ONCE``; else one,
+    with their folder and the rows in all, each path's own at debug."""
+    if len(lines) <= NAMED_AT_ONCE:
+        for path, count, reason in lines:
+            log.info("rows_removed", path=path, count=count, reason=reason)
+        return
+    for path, count, reason in lines:
+        log.debug("rows_removed", path=path, count=count, reason=reason)
+    reasons = {reason for _, _, reason in lines}
+    log.info("rows_removed", path=_common_folder(path for path, _, _ in lines), count=sum(c for _, c, _ in lines),
+             paths=len(lines), reason=reasons.pop() if len(reasons) == 1 else "sources deleted or moved out")
 
 
 def _move_copies(old: Path, new: Path, processed_root: Path) -> bool:
@@ -722,6 +768,7 @@ class FolderSync:
         self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
         self._rescanned = False  # whether a rescan has been said yet (the start's is)
         self.refusals = Refusals()  # the indexer's refusals: read again at each rescan, named once
+        self._removed_lines: list[tuple[Path, int, str]] = []  # said together (``say_what_changed``)
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -858,7 +905,7 @@ class FolderSync:
             remove_processed(self.cfg, Path(source))
         if removed:
             self.removed += len(removed)
-            log.info("rows_removed", path=path, count=len(removed), reason="source deleted or moved out")
+            self._removed_lines.append((path, len(removed), "source deleted or moved out"))
         self._forget_dead_copies(contents)
 
     def _stored_at(self, path: Path, is_directory: bool) -> list[SourceRecord]:
@@ -899,7 +946,7 @@ class FolderSync:
                 self.removed += 1
                 reason = ("symbolic link whose target is gone" if path.is_symlink()
                           else "source file is gone (a copy of the file just removed)")
-                log.info("rows_removed", path=path, count=1, reason=reason)
+                self._removed_lines.append((path, 1, reason))
 
     def _read_if_not_current(self, path: Path, record: SourceRecord) -> None:
         """A path just relinked whose row still wants reading: embedded by another model (the rescan after a
@@ -951,20 +998,29 @@ class FolderSync:
         changed = {old for old, record in moved.items()
                    if self._not_as_stored(Path(old), record, stat_or_none(new_paths[old]))}
         self.pending.forget_under(src)
+        said: list[dict[str, object]] = []
         for old, record in moved.items():
             new = new_paths[old]
             if old in changed:
                 self.pending.note(new, reread=True)
             elif relink(self.cfg, self.store, Path(old), new, record.file_hash,
-                        kept=(record.source_size, record.source_mtime_ns)):
+                        kept=(record.source_size, record.source_mtime_ns), said=said):
                 self._read_if_not_current(new, record)
             else:
                 self.pending.note(new, reread=True)
+        say_renamed(said)
         # The changed ones are read at their new paths; their old paths lead nowhere now.
         self._forget_dead_copies({moved[p].file_hash for p in changed})
         for path in self._scan(dest):
             if str(src / path.relative_to(dest)) not in moved:
                 self.pending.note(path)
+
+    def say_what_changed(self) -> None:
+        """The rows the changes applied since the last call removed, said together (``say_removed``): the
+        service calls this once it has applied the changes waiting (``rm -rf`` of a folder is an event per
+        file, then the folder's)."""
+        lines, self._removed_lines = self._removed_lines, []
+        say_removed(lines)
 
     def _holds_unreadable(self, folder: Path) -> bool:
         """``folder`` is, or holds, a sub-folder its last walk could not list."""
