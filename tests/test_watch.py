@@ -606,6 +606,29 @@ def test_with_poll_a_folder_slow_to_snapshot_is_polled_less_often_and_a_quick_on
     assert waits[images][1] >= POLL_PACE * 14 * 0.03  # 14 entries (3 folders, 10 files, itself), 30 ms each
 
 
+def test_observer_problem_names_a_watched_link_pointed_elsewhere(tmp_path: Path) -> None:
+    """``ln -sfn imagesB images`` while the service watches images/ (a link to imagesA): the reason spoke of
+    a disk mounted over it."""
+    from image_search.config import Config
+    from image_search.service import watched_folders
+
+    for folder in ("images-a", "images-b", "inbox"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "images").symlink_to("images-a")
+    cfg = Config(source_directory=tmp_path / "images", inbox_directory=tmp_path / "inbox")
+    folders = watched_folders(cfg)
+    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
+    try:
+        (tmp_path / "images.new").symlink_to("images-b")
+        (tmp_path / "images.new").rename(tmp_path / "images")  # ln -sfn
+        assert observer_problem(observer, folders) == (
+            f"the watched images folder {tmp_path / 'images'} is another folder now (the symbolic link it is "
+            "points elsewhere now): its watch sees nothing there")
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+
+
 @pytest.mark.parametrize("name", ["images", "inbox"])
 def test_observer_problem_names_a_watched_folder_that_is_another_folder_now(tmp_path: Path, name: str) -> None:
     """A disk mounted over a watched folder (late at boot) or unmounted from it leaves the watch on the
@@ -627,7 +650,7 @@ def test_observer_problem_names_a_watched_folder_that_is_another_folder_now(tmp_
         replaced.mkdir()  # what the watch sees of a mount: another folder under the same path
         assert observer_problem(observer, folders) == (
             f"the watched {name} folder {replaced} is another folder now (a disk mounted over it or "
-            "unmounted from it): its watch sees nothing there")
+            "unmounted from it, or the folder moved away and made again): its watch sees nothing there")
     finally:
         observer.stop()
         observer.join(timeout=5)

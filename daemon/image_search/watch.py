@@ -265,8 +265,10 @@ def observer_problem(observer: BaseObserver, folders: Mapping[Folder, WatchedFol
         if not folder.path.is_dir():
             return f"the watched {name.name.lower()} folder {folder.path} is gone"
         if folder.identity is not None and folder_identity(folder.path) != folder.identity:
-            return (f"the watched {name.name.lower()} folder {folder.path} is another folder now (a disk mounted "
-                    "over it or unmounted from it): its watch sees nothing there")
+            how = ("the symbolic link it is points elsewhere now" if folder.path.is_symlink()
+                   else "a disk mounted over it or unmounted from it, or the folder moved away and made again")
+            return (f"the watched {name.name.lower()} folder {folder.path} is another folder now ({how}): its "
+                    "watch sees nothing there")
     if not observer.is_alive():
         return "the watch observer thread died"
     emitters = list(observer.emitters)
