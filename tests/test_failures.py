@@ -181,8 +181,11 @@ def test_serve_started_on_a_read_only_or_full_disk_exits_7_for_a_restart_not_2(t
     processed/, or a processed/ whose disk is full at its first start (its record of the source folder
     cannot be written), is the disk's outage: exit 7, restarted; once the disk takes writes, serve starts."""
     cases = {name: make_case(tmp_path, name, tiny_model_dir)
-             for name in ("read-only-output", "read-only-processed", "full-processed")}
-    disks = {name: cases[name].root / name.split("-")[-1] for name in cases}
+             for name in ("read-only-output", "read-only-processed", "full-processed", "read-only-new-output")}
+    disks = {name: cases[name].root / ("output" if name.endswith("output") else "processed") for name in cases}
+    # A folder to make on the read-only disk: its mkdir's EROFS was a config error (exit 2) too.
+    new_output = cases["read-only-new-output"]
+    new_output.env["IMAGE_SEARCH_OUTPUT_DIRECTORY"] = str(disks["read-only-new-output"] / "results")
     with contextlib.ExitStack() as mounted:
         for name, folder in disks.items():
             mounted.enter_context(small_disk(folder, size="4k"))
@@ -195,6 +198,8 @@ def test_serve_started_on_a_read_only_or_full_disk_exits_7_for_a_restart_not_2(t
         for name in ("read-only-output", "read-only-processed"):
             assert_failed_as(cases[name], ExitCode.OUTPUT, str(disks[name]), "(Read-only file system)",
                              "mount it read-write", "ReadWritePaths=")
+        assert_failed_as(new_output, ExitCode.OUTPUT, str(disks["read-only-new-output"] / "results"),
+                         "(Read-only file system)", "mount it read-write")
         assert_failed_as(cases["full-processed"], ExitCode.OUTPUT, str(disks["full-processed"]),
                          "(No space left on device)", "free space")
         assert not any("config_error" in case.output for case in cases.values())
@@ -311,7 +316,7 @@ def test_serve_follows_renames_while_a_processed_folder_is_read_only_and_starts_
     (the rename of its processed copy refused: EROFS), and every restart crashed again in its start-up
     comparison, queries down too. Now each path follows its file at once, search results name the new
     paths, the ingest waits out the disk with one line, and once it takes writes the copies are made again
-    from the files, with no model work. (processed/ itself read-only at start is a config error, exit 2.)"""
+    from the files, with no model work. (processed/ itself read-only at start is exit 7, restarted: the test above.)"""
     root = tmp_path / "tree"
     config = write_config(root, tiny_model_dir, cleanup_on_exit=False)  # rows kept for the next start
     images, processed = root / "images", root / "processed"

@@ -747,6 +747,23 @@ def test_a_picture_converted_a_strip_of_rows_at_a_time_has_the_pixels_of_one_con
     assert in_strips.jpeg_bytes == whole.jpeg_bytes
 
 
+def test_deep_grey_resized_as_grey_has_the_pixels_it_had_resized_as_rgb(tmp_path) -> None:
+    """16-bit grey is kept one band through the resize (a third of the memory): the same pixels as the
+    whole picture made RGB first and then resized, as it was."""
+    from image_search.geometry import FIT_REDUCING_GAP, FIT_RESAMPLE
+    from image_search.preprocess import processed_size
+
+    levels = np.random.default_rng(4).integers(0, 65536, (301, 157)).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)  # mode I;16
+    box = (40, 40)
+    rgb = Image.fromarray(np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    expected = rgb.resize(processed_size(rgb.size, box), FIT_RESAMPLE, reducing_gap=FIT_REDUCING_GAP)
+    got = prep(path, box=box).image
+    assert got.mode == "RGB" and got.size == expected.size
+    assert got.tobytes() == expected.tobytes()
+
+
 def test_large_jpeg_hash_is_deterministic(large_jpeg):
     assert prep(large_jpeg, box=(512, 512)).file_hash == prep(large_jpeg, box=(512, 512)).file_hash
     # ...because it is the MD5 of the file's bytes, whatever the draft decode and the box made of them.

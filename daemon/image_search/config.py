@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
-from .errors import ExitCode, ImageSearchError, read_only
+from .errors import ExitCode, ImageSearchError, is_disk_outage, read_only, unwritable
 from .names import has_surrogate
 from .query import MAX_TOP_K
 
@@ -473,10 +473,13 @@ def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
 
 
 def create_folder(key: str, folder: Path) -> None:
-    """``folder`` (config key ``key``) and its parents; a ConfigError naming the key when it cannot be."""
+    """``folder`` (config key ``key``) and its parents; a ConfigError naming the key when it cannot be,
+    ``OutputUnwritable`` when the disk takes no write now (full, read-only: its state, not the config's)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if (outage := unwritable(folder, f"config key '{key}': the folder", exc)) is not None and is_disk_outage(exc):
+            raise outage from None
         raise ConfigError(
             f"config key '{key}': cannot create {folder} ({exc.strerror}). "
             "Point it at a writable folder or create it with the right owner."

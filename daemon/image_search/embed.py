@@ -68,14 +68,15 @@ def _unreadable_in(directory: Path) -> list[str]:
     missing: FileNotFoundError)."""
     effective = os.access in os.supports_effective_ids  # the user a service runs as, not who started it
     try:
-        return sorted(p.name for p in directory.iterdir()
-                      if not os.access(p, os.R_OK, effective_ids=effective))
+        return sorted(p.name for p in directory.iterdir()  # a broken link is missing, not unreadable
+                      if p.exists() and not os.access(p, os.R_OK, effective_ids=effective))
     except OSError:  # the directory itself cannot be listed: the library's error says as much
         return []
 
 
 def _load_error(model_name: str, exc: BaseException) -> ModelLoadError:
-    if _is_local(model_name) and (unreadable := _unreadable_in(Path(model_name).expanduser())):
+    if (isinstance(exc, (FileNotFoundError, PermissionError)) and _is_local(model_name)
+            and (unreadable := _unreadable_in(Path(model_name).expanduser()))):
         return ModelLoadError(
             f"model directory '{model_name}' cannot be loaded: this user (uid {os.geteuid()}) may not read "
             + ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")

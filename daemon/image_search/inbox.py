@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from PIL import Image
 
 from .discover import IMAGE_EXTENSIONS, broken_link, is_ignored_name, supported_formats_for_people
 from .config import Config
@@ -84,8 +81,7 @@ class QueryPictures:
         [outcome] = handle.results()
         if isinstance(outcome, PreprocessError):
             raise outcome
-        with Image.open(io.BytesIO(outcome.jpeg_bytes)) as copy:  # the processed copy, for the contact sheet
-            return replace(outcome, image=copy.convert("RGB"))
+        return outcome
 
     def close(self) -> None:
         self._pool.close()

@@ -12,6 +12,7 @@ notion of negation: "unlike people" is one more direction subtracted, not a logi
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -112,8 +113,17 @@ def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: Lin
     if combined is None:
         raise TermsCancelOut(query_path, "the terms cancel out: what the query likes it also unlikes as much, so "
                                          "there is no direction to rank by; change a weight or drop a term")
-    liked = next((prepared[_picture_path(term)].image for term in pictures if not term.unlike), None)
+    liked = next((_as_processed(prepared[_picture_path(term)]) for term in pictures if not term.unlike), None)
     return combined, liked
+
+
+def _as_processed(prepared: PreparedImage) -> Image.Image:
+    """The picture as processed, for the contact sheet: decoded here, or from its processed JPEG when a
+    worker decoded it (embedded from the worker's pixels, as the index's pictures are)."""
+    if prepared.image is not None:
+        return prepared.image
+    with Image.open(io.BytesIO(prepared.jpeg_bytes)) as copy:
+        return copy.convert("RGB")
 
 
 def _picture_path(term: Term) -> Path:

@@ -308,9 +308,14 @@ class Service:
         return self.ingest.skipped if self.ingest is not None else 0
 
     def close(self) -> None:
-        self.inbox.close()  # a duplicates report being written ends, its document left for the next start
-        if self.ingest is not None:
-            self.ingest.close()
+        self.sync.say_what_changed()  # changes applied while the loop waited, just before the stop
+        try:
+            self.inbox.close()  # a duplicates report being written ends, its document left for the next start
+        except OutputUnwritable as exc:  # its query failing on a full disk: left in the inbox for the next start
+            log.warning("output_unwritable", reason=str(exc), detail="stopping: the query waits for the next start")
+        finally:
+            if self.ingest is not None:
+                self.ingest.close()
 
     def _check_watch(self) -> None:
         problem = self.watch_problem()

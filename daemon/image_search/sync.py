@@ -736,10 +736,13 @@ class Refusals:
         return seen is not None and (st := stat_or_none(path)) is not None and seen[:2] == (st.st_size,
                                                                                           st.st_mtime_ns)
 
-    def forget_under(self, path: Path) -> None:
-        """A file or a folder gone: a file made there later is news, whatever it looks like."""
-        for refused in [p for p in self._refused if p == path or p.is_relative_to(path)]:
-            del self._refused[refused]
+    def forget(self, path: Path, *, folder: bool = False) -> None:
+        """A file, or with ``folder`` a folder, gone or renamed: a file made there later is news, whatever it
+        looks like. A file's is one lookup (``rm -rf`` of 10,000 refused files is an event each)."""
+        self._refused.pop(path, None)
+        if folder and self._refused:
+            for refused in [p for p in self._refused if p.is_relative_to(path)]:
+                del self._refused[refused]
 
     def keep_only(self, paths: Collection[Path]) -> None:
         """After a rescan: the refused files it found to read again (the others are gone or now stored)."""
@@ -768,7 +771,9 @@ class FolderSync:
         self._unreadable: set[Path] = set()  # sub-folders the last walk of their place could not list
         self._rescanned = False  # whether a rescan has been said yet (the start's is)
         self.refusals = Refusals()  # the indexer's refusals: read again at each rescan, named once
-        self._removed_lines: list[tuple[Path, int, str]] = []  # said together (``say_what_changed``)
+        # What the changes applied remove and rename, said together (``say_what_changed``).
+        self._removed_lines: list[tuple[Path, int, str]] = []
+        self._renamed_lines: list[dict[str, object]] = []
 
     def _is_image(self, path: Path) -> bool:
         return is_image_candidate(path, self.cfg.source_directory)
@@ -861,7 +866,7 @@ class FolderSync:
           and every picture embedded again. So the files being read are finished first (read at a new
           path, a stored content takes that path, its old one leading nowhere), and a waiting file with a
           gone path's size and mtime (which a rename keeps) and its MD5 is that path's file, moved."""
-        self.refusals.forget_under(path)
+        self.refusals.forget(path, folder=is_directory)
         if is_directory and not path.is_dir() and not len(self.pending) and not self.reading():
             stored = []  # nothing waits or is being read: nothing to follow, nothing came back (rm -rf, at rest)
         else:
@@ -972,6 +977,7 @@ class FolderSync:
             record = self.store.sources(at=[str(src)]).get(str(src))
         changed = self._not_as_stored(src, record, stat_or_none(dest))
         self.pending.forget(src)
+        self.refusals.forget(src)
         if record is None or changed:
             # Not indexed yet (a temp name renamed into place, over a picture perhaps: its size and mtime may
             # be the old picture's), or written since its row was: read at ``dest`` as the file it now is, and
@@ -980,7 +986,8 @@ class FolderSync:
             if record is not None:
                 self._forget_dead_copies({record.file_hash})
             return
-        if relink(self.cfg, self.store, src, dest, record.file_hash, kept=(record.source_size, record.source_mtime_ns)):
+        if relink(self.cfg, self.store, src, dest, record.file_hash, kept=(record.source_size, record.source_mtime_ns),
+                  said=self._renamed_lines):
             self.pending.forget(dest)  # whatever was queued there is gone: the file there is as its row says
             self._read_if_not_current(dest, record)
         else:
@@ -998,17 +1005,16 @@ class FolderSync:
         changed = {old for old, record in moved.items()
                    if self._not_as_stored(Path(old), record, stat_or_none(new_paths[old]))}
         self.pending.forget_under(src)
-        said: list[dict[str, object]] = []
+        self.refusals.forget(src, folder=True)
         for old, record in moved.items():
             new = new_paths[old]
             if old in changed:
                 self.pending.note(new, reread=True)
             elif relink(self.cfg, self.store, Path(old), new, record.file_hash,
-                        kept=(record.source_size, record.source_mtime_ns), said=said):
+                        kept=(record.source_size, record.source_mtime_ns), said=self._renamed_lines):
                 self._read_if_not_current(new, record)
             else:
                 self.pending.note(new, reread=True)
-        say_renamed(said)
         # The changed ones are read at their new paths; their old paths lead nowhere now.
         self._forget_dead_copies({moved[p].file_hash for p in changed})
         for path in self._scan(dest):
@@ -1016,11 +1022,14 @@ class FolderSync:
                 self.pending.note(path)
 
     def say_what_changed(self) -> None:
-        """The rows the changes applied since the last call removed, said together (``say_removed``): the
-        service calls this once it has applied the changes waiting (``rm -rf`` of a folder is an event per
-        file, then the folder's)."""
-        lines, self._removed_lines = self._removed_lines, []
-        say_removed(lines)
+        """The rows the changes applied since the last call removed and renamed, said together
+        (``say_removed``, ``say_renamed``): the service calls this once it has applied the changes waiting
+        (``rm -rf`` of a folder is an event per file, then the folder's; ``mkdir new; mv 2023/ new/`` a walk
+        of ``new``, then each old path's deletion)."""
+        removed, self._removed_lines = self._removed_lines, []
+        renamed, self._renamed_lines = self._renamed_lines, []
+        say_renamed(renamed)
+        say_removed(removed)
 
     def _holds_unreadable(self, folder: Path) -> bool:
         """``folder`` is, or holds, a sub-folder its last walk could not list."""
