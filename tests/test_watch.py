@@ -7,7 +7,7 @@ import os
 import queue
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -606,27 +606,33 @@ def test_with_poll_a_folder_slow_to_snapshot_is_polled_less_often_and_a_quick_on
     assert waits[images][1] >= POLL_PACE * 14 * 0.03  # 14 entries (3 folders, 10 files, itself), 30 ms each
 
 
-def test_observer_problem_names_a_watched_link_pointed_elsewhere(tmp_path: Path) -> None:
-    """``ln -sfn imagesB images`` while the service watches images/ (a link to imagesA): the reason spoke of
-    a disk mounted over it."""
+@contextmanager
+def watching_images_and_inbox(images: Path, inbox: Path) -> Iterator[Callable[[], str | None]]:
+    """The service's watch of ``images`` and ``inbox``; yields what ``observer_problem`` says of it now."""
     from image_search.config import Config
     from image_search.service import watched_folders
 
-    for folder in ("images-a", "images-b", "inbox"):
-        (tmp_path / folder).mkdir()
-    (tmp_path / "images").symlink_to("images-a")
-    cfg = Config(source_directory=tmp_path / "images", inbox_directory=tmp_path / "inbox")
-    folders = watched_folders(cfg)
+    folders = watched_folders(Config(source_directory=images, inbox_directory=inbox))
     observer = start_observer(folders, queue.SimpleQueue(), poll=False)
     try:
-        (tmp_path / "images.new").symlink_to("images-b")
-        (tmp_path / "images.new").rename(tmp_path / "images")  # ln -sfn
-        assert observer_problem(observer, folders) == (
-            f"the watched images folder {tmp_path / 'images'} is another folder now (the symbolic link it is "
-            "points elsewhere now): its watch sees nothing there")
+        yield lambda: observer_problem(observer, folders)
     finally:
         observer.stop()
         observer.join(timeout=5)
+
+
+def test_observer_problem_names_a_watched_link_pointed_elsewhere(tmp_path: Path) -> None:
+    """``ln -sfn imagesB images`` while the service watches images/ (a link to imagesA): the reason spoke of
+    a disk mounted over it."""
+    for folder in ("images-a", "images-b", "inbox"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "images").symlink_to("images-a")
+    with watching_images_and_inbox(tmp_path / "images", tmp_path / "inbox") as problem:
+        (tmp_path / "images.new").symlink_to("images-b")
+        (tmp_path / "images.new").rename(tmp_path / "images")  # ln -sfn
+        assert problem() == (
+            f"the watched images folder {tmp_path / 'images'} is another folder now (the symbolic link it is "
+            "points elsewhere now): its watch sees nothing there")
 
 
 @pytest.mark.parametrize("name", ["images", "inbox"])
@@ -635,22 +641,13 @@ def test_observer_problem_names_a_watched_folder_that_is_another_folder_now(tmp_
     folder it began on, which sees nothing of what is there now; so does a folder moved away and made
     again (the inbox went deaf to queries). Only a restart watches (and rescans) the folder the path
     names now."""
-    from image_search.config import Config
-    from image_search.service import watched_folders
-
-    cfg = Config(source_directory=tmp_path / "images", inbox_directory=tmp_path / "inbox")
-    for folder in (cfg.source_directory, cfg.inbox_directory):
-        folder.mkdir()
-    folders = watched_folders(cfg)
-    observer = start_observer(folders, queue.SimpleQueue(), poll=False)
-    try:
-        assert observer_problem(observer, folders) is None
+    for folder in ("images", "inbox"):
+        (tmp_path / folder).mkdir()
+    with watching_images_and_inbox(tmp_path / "images", tmp_path / "inbox") as problem:
+        assert problem() is None
         replaced = tmp_path / name
         replaced.rename(tmp_path / f"{name}-before")
         replaced.mkdir()  # what the watch sees of a mount: another folder under the same path
-        assert observer_problem(observer, folders) == (
+        assert problem() == (
             f"the watched {name} folder {replaced} is another folder now (a disk mounted over it or "
             "unmounted from it, or the folder moved away and made again): its watch sees nothing there")
-    finally:
-        observer.stop()
-        observer.join(timeout=5)
