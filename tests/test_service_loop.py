@@ -787,6 +787,48 @@ def test_a_failed_query_on_a_full_disk_waits_in_the_inbox_and_moves_with_its_rea
         assert story.service.inbox.failed == 1
 
 
+@pytest.mark.parametrize("kind", ["picture", "document"])
+def test_a_query_whose_move_into_a_full_output_on_another_disk_fails_is_left_whole(story_factory, kind: str) -> None:
+    """output/ on another disk than the inbox, nearly full: the query's move into its result is a copy,
+    cut short by ENOSPC. A picture's clean-up moved that part back over the user's whole picture (0 bytes
+    left of a 270 KB photo); a document's pictures folder failed the query as an "unexpected error"
+    (the copy's ENOSPC lost in a shutil.Error). Now each is left as it was, the disk's outage waited out,
+    and answered once there is room."""
+    import numpy as np
+    from PIL import Image
+
+    story = story_factory({"a.png": 1})
+    photo = story.images.parent / "photo.png"  # noise: a PNG of about 270 KB
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(photo)
+    original = photo.read_bytes()
+    with small_disk(story.cfg.output_directory, size="640k"):
+        filler = story.cfg.output_directory / ".filler"
+        filler.write_bytes(b"\0" * (640 - 160) * 1024)  # room for the result's own files, not the photo
+        if kind == "picture":
+            query, kept = story.inbox / "photo.png", story.inbox / "photo.png"
+            shutil.copyfile(photo, query)
+        else:
+            kept = story.inbox / "doc" / "photo.png"
+            kept.parent.mkdir()
+            shutil.copyfile(photo, kept)
+            query = story.inbox / "doc.json"
+            query.write_text(json.dumps({"image": "photo.png"}))
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+        with capture_logs() as logs:
+            story.let_settle_periods_pass(6)
+        assert [e["work"] for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"] == [
+            "queries"]
+        assert not [e for e in logs if e["event"] in ("query_failed", "query_crashed")]
+        assert query.is_file() and kept.read_bytes() == original  # whole, where the user dropped it
+        assert not [p for p in story.cfg.output_directory.iterdir() if p.name != ".filler"]
+        filler.unlink()
+        story.clock.advance(30)  # the outage's retry is due
+        story.run_until_idle()
+        bundle = story.bundle(query.name)
+        moved = bundle / ("photo.query.png" if kind == "picture" else "doc.query/photo.png")
+        assert moved.read_bytes() == original
+
+
 @pytest.mark.parametrize("outage", ["full", "read-only"])
 def test_a_failed_query_that_cannot_make_failed_on_a_full_or_read_only_disk_moves_once_it_can(
         story_factory, outage: str) -> None:

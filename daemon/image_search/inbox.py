@@ -73,11 +73,18 @@ class QueryPictures:
         self._pool = PreprocessPool(max_size=(cfg.resize_width, cfg.resize_height), max_pixels=cfg.max_image_pixels,
                                     model_input=model_input, workers=1, max_batches_in_flight=1)
         self._heartbeat = heartbeat
+        # True while the loop only waits for a picture: a stop may cut that wait short (``StopFlag``), the
+        # query left in the inbox for the next start, rather than wait out the limit (60 s per picture).
+        self.waiting = False
 
     def __call__(self, path: Path, links: LinkPolicy | None) -> PreparedImage:
         handle = self._pool.submit([path], links=links)
-        while not handle.wait(PICTURE_WAIT_SLICE_S):
-            self._heartbeat()
+        self.waiting = True
+        try:
+            while not handle.wait(PICTURE_WAIT_SLICE_S):
+                self._heartbeat()
+        finally:
+            self.waiting = False
         [outcome] = handle.results()
         if isinstance(outcome, PreprocessError):
             raise outcome

@@ -20,6 +20,7 @@ command line or at the prompt has no file: its stem is made from its words (``te
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -66,27 +67,57 @@ def hit_record(hit: Hit) -> dict[str, object]:
 
 
 def move_out(source: Path, target: Path) -> None:
-    """Move a file, by hard link and unlink where possible: a rename out of a watched folder makes
-    watchdog hold back every later event of that folder for half a second, waiting for a pair."""
+    """Move a file to ``target`` (new), by hard link and unlink where possible: a rename out of a watched
+    folder makes watchdog hold back every later event of that folder for half a second, waiting for a
+    pair. All or nothing: onto another filesystem a move copies, and a copy cut short (a full disk) left
+    part of the file at ``target``, which the clean-up then moved back over the user's whole file. Never
+    onto an entry at ``target`` (moved back, a query of that name dropped meanwhile is the user's)."""
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     try:
         os.link(source, target)
     except OSError:  # another filesystem, or no hard links there
-        shutil.move(source, target)
+        try:
+            shutil.move(source, target)
+        except BaseException:
+            if os.path.lexists(source):  # not moved: what the copy left at ``target`` is ours, and goes
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+            raise
         return
     os.unlink(source)
+
+
+class _CopyFailed(Exception):
+    """A file's copy that failed, carried past ``shutil.copytree``: it turns every OSError into a line of
+    text in one ``shutil.Error``, and a full disk (ENOSPC) was then an unexpected error, not an outage."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _copy_or_say_why(source: str, target: str) -> object:
+    try:
+        return shutil.copy2(source, target)
+    except OSError as exc:
+        raise _CopyFailed(exc) from exc
 
 
 def move_folder(source: Path, target: Path) -> None:
     """Move the folder ``source`` to ``target`` (new), or leave it where it is: onto another filesystem a
     move copies, then deletes the original, and a deletion that fails part way (an immutable file, a
     mount point inside) left both, the copy alone complete. Each entry the original lost is put back
-    from the copy, the copy goes, and the error is raised: nothing of the user's is lost or doubled."""
+    from the copy, the copy goes, and the error is raised: nothing of the user's is lost or doubled. A
+    copy that fails (a full disk) is raised as its OSError, with its errno."""
     try:
-        shutil.move(source, target)
-    except BaseException:
+        shutil.move(source, target, copy_function=_copy_or_say_why)
+    except BaseException as exc:
         if os.path.isdir(source) and os.path.isdir(target):
             _put_back(target, source)
             shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, _CopyFailed):
+            raise exc.error from None
         raise
 
 
@@ -113,7 +144,7 @@ def _return_folder(moved: Path, home: Path) -> None:
 def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> None:
     try:
         move(moved, home)
-    except OSError as exc:
+    except (OSError, shutil.Error) as exc:
         log.error("query_not_put_back", path=home, kept_at=moved, reason=exc.strerror or str(exc),
                   action="move it back by hand; the service will answer it then")
 
@@ -453,7 +484,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         # half-moved). Whatever cannot go back keeps the unfinished folder, named in the log.
         if moved_query is not None and moved_query.exists():
             assert query.path is not None
-            _move_back(moved_query, query.path, shutil.move)
+            _move_back(moved_query, query.path, move_out)  # never over a file of that name dropped meanwhile
         if moved_folder is not None and moved_folder.exists():
             assert isinstance(query, DocumentQuery) and query.folder is not None
             _move_back(moved_folder, query.folder, _return_folder)

@@ -84,7 +84,7 @@ class _Unwritable:
 class StopFlag:
     """Set by the first SIGTERM/SIGINT/SIGHUP (a later one only says that the stop is under way). The loop
     finishes what it is doing and stops, unless ``interruptible`` says it only waits (for the model, for
-    files being read): then the signal unwinds at once (``ShutdownRequested``), so that a model that takes
+    files being read, for a query's picture): then the signal unwinds at once (``ShutdownRequested``), so that a model that takes
     minutes to load, or a read that never returns, cannot hold the stop."""
 
     event: threading.Event = field(default_factory=threading.Event)
@@ -142,7 +142,8 @@ class Service:
         self._next_rescan = 0.0
         self._waiting_for_model = False
         stop.interruptible = lambda: self._waiting_for_model or (
-            self.ingest is not None and self.ingest.indexer.waiting_for_files)
+            self.ingest is not None and self.ingest.indexer.waiting_for_files) or (
+            self.inbox.pictures is not None and self.inbox.pictures.waiting)
         self._ping_every = watchdog_interval()
         self._next_ping = 0.0
 
