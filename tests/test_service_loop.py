@@ -156,6 +156,26 @@ def test_held_startup_query_waits_for_the_whole_backlog(story_factory) -> None:
     assert ranking[0] == str(story.images / "p4.png")
 
 
+def test_a_held_startup_query_does_not_wait_for_a_disk_that_refuses_the_ingest(story_factory) -> None:
+    """New pictures waiting at start while processed/ refuses their copies: the queries found at start were
+    held until the backlog was in, so for as long as the disk's outage lasted (a query dropped later was
+    answered in 2 s). Now they are answered once the ingest waits, saying how many are not indexed yet."""
+    first = story_factory({"a.png": 1, "b.png": 2}, cleanup_on_exit=False)
+    save_picture(first.images / "new.png", seed=3)
+    shutil.copyfile(first.images / "b.png", first.inbox / "held.png")
+    processed = first.cfg.processed_directory
+    processed.rename(processed.with_name("processed-aside"))
+    processed.write_text("not a folder\n")
+    story = story_factory(after=first, start=False)
+    story.service.start()
+    with capture_logs() as logs:
+        story.let_settle_periods_pass(10)
+    assert [e["work"] for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"] == ["ingest"]
+    (answered,) = [e for e in logs if e["event"] == "search_answered"]
+    # new.png, and the two whose copies the rescan found missing (processed/ is a file now): read again
+    assert answered["best"] == story.images / "b.png" and answered["not_yet_indexed"] == 3
+
+
 @pytest.mark.parametrize("outages", [0, 2])
 def test_held_startup_query_is_answered_once_the_backlogs_rows_are_committed(story_factory, monkeypatch,
                                                                              outages: int) -> None:

@@ -248,7 +248,9 @@ class Service:
                 if self.stop.is_set():
                     return True  # the rescan was cut short: the loop stops, the next start rescans
                 self.inbox.queue_waiting()  # lost events may have hidden queries too
-            if self._ingest.startup_backlog <= 0:
+            # Held until the start-up backlog is in, so they can rank it; but not behind a disk that refuses
+            # the ingest's copies, which may last hours: then answered now, saying what is not indexed yet.
+            if self._ingest.startup_backlog <= 0 or Work.INGEST in self._unwritable:
                 self.inbox.release_held()
             if self._unless_unwritable(Work.QUERIES, self.inbox.answer_ready) \
                     or self._unless_unwritable(Work.INGEST, self._ingest.step):
