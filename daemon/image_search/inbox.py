@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,12 +37,13 @@ from .output import move_folder
 from .preprocess import ModelInput, PreparedImage, PreprocessError, write_atomically
 from .query import DuplicatesRequest
 from .runtime import Runtime
-from .search import search_file
+from .search import PictureReader, search_file
 from .store import DatabaseUnavailable
 from .querydoc import is_query_document, pictures_folder, read_query_document
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
+from . import workers
 from .workers import PreprocessPool
 
 if TYPE_CHECKING:  # the grouping code is imported once a report is asked for
@@ -89,6 +91,21 @@ class QueryPictures:
         if isinstance(outcome, PreprocessError):
             raise outcome
         return outcome
+
+    def for_one_query(self) -> PictureReader:
+        """This reader, within one limit for all of one query's pictures (``workers.FILE_SECONDS_LIMIT``,
+        as for one): the loop waits for them, and a document may name 64, each taking up to the limit
+        (64 minutes of the ingest and the other queries held up). Past it, the picture not read yet fails
+        the query; the one being read may still take its own limit."""
+        limit = workers.FILE_SECONDS_LIMIT
+        deadline = time.monotonic() + limit
+
+        def read(path: Path, links: LinkPolicy | None) -> PreparedImage:
+            if time.monotonic() > deadline:
+                raise PreprocessError(path, f"not read: the query's pictures took longer than {limit:g} s to read "
+                                            "in all (the service waits for them, and the rest of its work with it)")
+            return self(path, links)
+        return read
 
     def close(self) -> None:
         self._pool.close()
@@ -256,7 +273,7 @@ class QueryInbox:
             return False
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
                     links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
-                    read_as=read_as, read_picture=self.pictures)
+                    read_as=read_as, read_picture=self.pictures.for_one_query() if self.pictures else None)
         if os.path.lexists(path):  # written again while it was answered: left here, answered anew
             self.pending.note(path)
         return True

@@ -63,7 +63,7 @@ Image.init()
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 # Truncation is how an unfinished write shows: never decode a partial file as if it were whole.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# A PNG's compressed text chunk (zTXt, iTXt) may unpack to this much; Pillow's own 1 MiB refused a valid PNG
+# A PNG's compressed text chunk (zTXt, iTXt) or colour profile (iCCP) may unpack to this much; Pillow's own 1 MiB refused a valid PNG
 # whose XMP Photoshop made 2.2 MB with a long DocumentAncestors list. Still a bound: a chunk of a few KB can
 # unpack to gigabytes. All text chunks together stay at Pillow's 64 MiB (MAX_TEXT_MEMORY).
 TEXT_CHUNK_LIMIT = 16 * 1024 * 1024
@@ -391,8 +391,10 @@ def _decode_error(path: Path, exc: Exception, source: bytes, max_pixels: int) ->
         return _too_large(path, f"{int(counted[1]):,} pixels" if counted else "its size", max_pixels)
     text = str(exc).strip()
     if isinstance(exc, ValueError) and "MAX_TEXT_CHUNK" in text:  # PngImagePlugin's name for the bound above
-        return PreprocessError(path, f"a text metadata chunk (PNG zTXt or iTXt, such as XMP) unpacks to more than "
-                                     f"{TEXT_CHUNK_LIMIT // 2**20} MiB; refused as a possible decompression bomb")
+        # Pillow bounds a compressed colour profile (iCCP) by the same name.
+        return PreprocessError(path, f"a compressed metadata chunk (PNG zTXt or iTXt, such as XMP, or an iCCP "
+                                     f"colour profile) unpacks to more than {TEXT_CHUNK_LIMIT // 2**20} MiB; refused as "
+                                     "a possible decompression bomb")
     if isinstance(exc, ValueError) and "MAX_TEXT_MEMORY" in text:
         return PreprocessError(path, f"its text metadata chunks (PNG tEXt, zTXt, iTXt) come to more than "
                                      f"{PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB in all; refused as a possible "
