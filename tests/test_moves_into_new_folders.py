@@ -219,3 +219,18 @@ def test_a_folder_moved_into_a_new_one_is_one_line_whatever_order_its_events_com
             if e["event"] in ("image_renamed", "images_renamed") and e["log_level"] == "info"]
     assert said == [("images_renamed", 5, story.images / "new9/d6")]
     assert not [e for e in logs if e["event"] in ("images_indexed", "rows_removed")]
+
+
+def test_files_renamed_here_and_there_while_stopped_are_one_line_naming_where_and_one_of_them(story_factory) -> None:
+    """A start that follows renames made while nothing watched, of files in several folders: the one line
+    said ``path=images previous=images``. It names the folder that holds them and one of them."""
+    first = story_factory({f"f{i % 2}/p{i}.png": 70 + i for i in range(5)}, cleanup_on_exit=False)
+    images = first.images
+    for i in range(5):
+        os.rename(images / f"f{i % 2}/p{i}.png", images / f"f{i % 2}/renamed-{i}.png")
+    with capture_logs() as logs:
+        again = story_factory(after=first)
+    said = [e for e in logs if e["event"] in ("image_renamed", "images_renamed") and e["log_level"] == "info"]
+    assert [(e["event"], e["count"], e["folder"]) for e in said] == [("images_renamed", 5, images)]
+    assert said[0]["first"].name.startswith("renamed-") and said[0]["first_previous"].name.startswith("p")
+    assert {Path(p).name for p in again.rows()} == {f"renamed-{i}.png" for i in range(5)}

@@ -672,8 +672,12 @@ def say_renamed(lines: list[dict[str, object]], **summary: object) -> None:
     for line in lines:
         log.debug("image_renamed", **line)
     copies_left = sum("processed" in line for line in lines)
-    log.info("images_renamed", count=len(lines), path=_common_folder(line["path"] for line in lines),
-             previous=_common_folder(line["previous"] for line in lines),
+    path, previous = (_common_folder(line[key] for line in lines) for key in ("path", "previous"))
+    # A folder renamed: its new and old names. Renames all over (a start's, of files here and there): the
+    # folder that holds them, and one of them.
+    where = ({"path": path, "previous": previous} if path != previous else
+             {"folder": path, "first": lines[0]["path"], "first_previous": lines[0]["previous"]})
+    log.info("images_renamed", count=len(lines), **where,
              **({"processed_not_moved": copies_left} if copies_left else {}), **summary)
 
 
