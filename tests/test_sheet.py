@@ -323,16 +323,44 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
     real_move = output_module.move_out
     moves: list[Path] = []
 
-    def move_then_fail(source: Path, target: Path) -> None:  # the move succeeds, the next step fails
+    def move_then_fail(source: Path, target: Path) -> None:  # the move in succeeds, the next step fails
         real_move(source, target)
         moves.append(target)
-        raise OSError(28, "No space left on device")
+        if len(moves) == 1:  # the move back goes through
+            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(output_module, "move_out", move_then_fail)
     with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
-    assert moves and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
+    assert len(moves) == 2 and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
     assert list(cfg.output_directory.iterdir()) == []  # no bundle, no hidden temporary folder
+
+
+def test_a_query_move_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
+    """``move_out`` links, then unlinks the query: an unlink refused (a sticky inbox, an immutable file) left
+    the link in the result folder beside the query, which the clean-up then could not put back (its name
+    taken) and named as lost. Nor does a move ever take the place of an entry already there."""
+    from image_search.output import move_out
+
+    query, target = tmp_path / "q.png", tmp_path / "out" / "q.query.png"
+    target.parent.mkdir()
+    query.write_bytes(b"the user's picture")
+    real_unlink = os.unlink
+
+    def refused(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if Path(path) == query:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(output_module.os, "unlink", refused)
+        with pytest.raises(PermissionError):
+            move_out(query, target)
+    assert query.read_bytes() == b"the user's picture" and not target.exists()
+    target.write_bytes(b"another")
+    with pytest.raises(FileExistsError):
+        move_out(query, target)
+    assert query.read_bytes() == b"the user's picture" and target.read_bytes() == b"another"
 
 
 def test_a_full_disk_at_the_best_matchs_copy_is_the_result_folders_not_a_missing_picture(

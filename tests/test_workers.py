@@ -116,12 +116,6 @@ def wait_for_gate(image: Image.Image, *, gate: str) -> np.ndarray:
     return normalised_pixels(image)
 
 
-def slowly(image: Image.Image, *, seconds: float) -> np.ndarray:
-    """A picture that takes ``seconds`` to prepare (a large one, a slow share)."""
-    time.sleep(seconds)
-    return normalised_pixels(image)
-
-
 def loaded_modules(image: Image.Image) -> np.ndarray:
     """What the worker has imported, as an array (the only thing a model_input may return)."""
     return np.array(sorted(name for name in ("torch", "transformers", "image_search.embed") if name in sys.modules))
@@ -733,18 +727,22 @@ def test_a_batch_is_read_by_its_own_link_rule_where_it_has_one(good_files, tmp_p
 
 def test_one_querys_pictures_share_one_limit(query_config, good_files, monkeypatch) -> None:
     """A query document may name 64 pictures, each read within the per-file limit: 64 minutes of the loop.
-    The pictures of one query share that limit: past it, the next one fails the query unread."""
-    from image_search import workers
-    from image_search.inbox import QueryPictures
+    Once the query's own limit has gone, the next picture fails the query unread."""
+    import types
 
-    monkeypatch.setattr(workers, "FILE_SECONDS_LIMIT", 1.5)
-    pictures = QueryPictures(query_config, functools.partial(slowly, seconds=0.8), lambda: None)
+    from image_search import inbox
+    from image_search.inbox import QUERY_PICTURES_LIMIT_S, QueryPictures
+
+    now = [1000.0]
+    monkeypatch.setattr(inbox, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    pictures = QueryPictures(query_config, normalised_pixels, lambda: None)
     try:
-        pictures(good_files[0], None)  # the worker started: the timing below is the pictures'
         read = pictures.for_one_query()
         read(good_files[0], None)
+        now[0] += QUERY_PICTURES_LIMIT_S - 1
         read(good_files[1], None)  # begun within the limit: read in full
-        with pytest.raises(PreprocessError, match="took longer than 1.5 s to read in all"):
+        now[0] += 2
+        with pytest.raises(PreprocessError, match=f"took longer than {QUERY_PICTURES_LIMIT_S:g} s to read in all"):
             read(good_files[2], None)
         assert pictures.for_one_query()(good_files[2], None).jpeg_bytes  # the next query: a limit of its own
     finally:

@@ -49,7 +49,7 @@ from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
 from .hits import shown_similarity
 from .names import escape, fit_name, name_bytes
-from .output import make_output_folder, move_out, publish, temporary_folder
+from .output import make_output_folder, move_back, move_out, publish, temporary_folder
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
 from .runtime import ShutdownRequested
@@ -458,8 +458,9 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
     except BaseException:
         if moved is not None and moved.exists():
             assert document is not None
-            shutil.move(moved, document)  # never lose what the user dropped
-        shutil.rmtree(tmp, ignore_errors=True)
+            move_back(moved, document)  # never lose what the user dropped, nor take the place of a new one
+        if moved is None or not os.path.lexists(moved):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

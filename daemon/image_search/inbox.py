@@ -43,7 +43,6 @@ from .querydoc import is_query_document, pictures_folder, read_query_document
 from .textquery import is_text_query
 from .readiness import ReadinessTracker, still_being_written
 from .watch import Change, ChangeKind
-from . import workers
 from .workers import PreprocessPool
 
 if TYPE_CHECKING:  # the grouping code is imported once a report is asked for
@@ -61,6 +60,10 @@ REPORT_STOP_WAIT_S = 10.0
 
 # How often the loop, waiting for a query's picture, tells the watchdog it lives.
 PICTURE_WAIT_SLICE_S = 1.0
+# How long all the pictures of one query may take to be read, after which the next fails the query unread:
+# the loop waits for them, and a document may name 64, each taking up to ``workers.FILE_SECONDS_LIMIT``
+# (64 minutes of the ingest and the other queries held up). A 12 MP camera JPEG takes about 70 ms here.
+QUERY_PICTURES_LIMIT_S = 300.0
 
 
 class QueryPictures:
@@ -93,17 +96,15 @@ class QueryPictures:
         return outcome
 
     def for_one_query(self) -> PictureReader:
-        """This reader, within one limit for all of one query's pictures (``workers.FILE_SECONDS_LIMIT``,
-        as for one): the loop waits for them, and a document may name 64, each taking up to the limit
-        (64 minutes of the ingest and the other queries held up). Past it, the picture not read yet fails
-        the query; the one being read may still take its own limit."""
-        limit = workers.FILE_SECONDS_LIMIT
-        deadline = time.monotonic() + limit
+        """This reader, for the pictures of one query: once ``QUERY_PICTURES_LIMIT_S`` have gone, the next
+        fails the query unread (the one being read may still take its own limit)."""
+        deadline = time.monotonic() + QUERY_PICTURES_LIMIT_S
 
         def read(path: Path, links: LinkPolicy | None) -> PreparedImage:
             if time.monotonic() > deadline:
-                raise PreprocessError(path, f"not read: the query's pictures took longer than {limit:g} s to read "
-                                            "in all (the service waits for them, and the rest of its work with it)")
+                raise PreprocessError(path, f"not read: the query's pictures took longer than "
+                                            f"{QUERY_PICTURES_LIMIT_S:g} s to read in all (the service waits for "
+                                            "them, and its other work with it); ask with fewer or smaller pictures")
             return self(path, links)
         return read
 

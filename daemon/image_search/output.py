@@ -39,7 +39,7 @@ from PIL import Image
 
 from .config import Config
 from .entries import FileIdentity
-from .errors import writing_into
+from .errors import is_disk_outage, writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
@@ -76,6 +76,8 @@ def move_out(source: Path, target: Path) -> None:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     try:
         os.link(source, target)
+    except FileExistsError:  # made meanwhile: a move would take its place
+        raise
     except OSError:  # another filesystem, or no hard links there
         try:
             shutil.move(source, target)
@@ -85,12 +87,18 @@ def move_out(source: Path, target: Path) -> None:
                     os.unlink(target)
             raise
         return
-    os.unlink(source)
+    try:
+        os.unlink(source)
+    except BaseException:  # the source stays (a sticky inbox, an immutable file): so does nothing else
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
 
 
 class _CopyFailed(Exception):
-    """A file's copy that failed, carried past ``shutil.copytree``: it turns every OSError into a line of
-    text in one ``shutil.Error``, and a full disk (ENOSPC) was then an unexpected error, not an outage."""
+    """A file's copy that met a disk's outage (``errors.DISK_OUTAGES``), carried past ``shutil.copytree``: it
+    turns every OSError into a line of text in one ``shutil.Error``, and a full disk (ENOSPC) was then an
+    unexpected error, not an outage."""
 
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
@@ -101,7 +109,9 @@ def _copy_or_say_why(source: str, target: str) -> object:
     try:
         return shutil.copy2(source, target)
     except OSError as exc:
-        raise _CopyFailed(exc) from exc
+        if is_disk_outage(exc):  # the target's disk: waited out; a file that cannot be read fails the query
+            raise _CopyFailed(exc) from exc
+        raise
 
 
 def move_folder(source: Path, target: Path) -> None:
@@ -109,7 +119,7 @@ def move_folder(source: Path, target: Path) -> None:
     move copies, then deletes the original, and a deletion that fails part way (an immutable file, a
     mount point inside) left both, the copy alone complete. Each entry the original lost is put back
     from the copy, the copy goes, and the error is raised: nothing of the user's is lost or doubled. A
-    copy that fails (a full disk) is raised as its OSError, with its errno."""
+    copy that meets a full or read-only disk is raised as its OSError, with its errno."""
     try:
         shutil.move(source, target, copy_function=_copy_or_say_why)
     except BaseException as exc:
@@ -141,9 +151,11 @@ def _return_folder(moved: Path, home: Path) -> None:
         shutil.move(moved, home)
 
 
-def _move_back(moved: Path, home: Path, move: Callable[[Path, Path], None]) -> None:
+def move_back(moved: Path, home: Path, move: Callable[[Path, Path], None] | None = None) -> None:
+    """A query moved out, put back at ``home`` (by ``move``; a file's by ``move_out``: all or nothing, never
+    over an entry made there meanwhile); one that cannot go back is named, where it is kept."""
     try:
-        move(moved, home)
+        (move or move_out)(moved, home)
     except (OSError, shutil.Error) as exc:
         log.error("query_not_put_back", path=home, kept_at=moved, reason=exc.strerror or str(exc),
                   action="move it back by hand; the service will answer it then")
@@ -484,10 +496,10 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
         # half-moved). Whatever cannot go back keeps the unfinished folder, named in the log.
         if moved_query is not None and moved_query.exists():
             assert query.path is not None
-            _move_back(moved_query, query.path, move_out)  # never over a file of that name dropped meanwhile
+            move_back(moved_query, query.path)
         if moved_folder is not None and moved_folder.exists():
             assert isinstance(query, DocumentQuery) and query.folder is not None
-            _move_back(moved_folder, query.folder, _return_folder)
+            move_back(moved_folder, query.folder, _return_folder)
         if not any(p is not None and os.path.lexists(p) for p in (moved_query, moved_folder)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
