@@ -193,3 +193,31 @@ def test_a_duplicates_document_written_again_while_its_report_is_made_is_answere
     (search,) = [r for r in results(story) if (r / "dupes.jsonl").is_file()]
     assert json.loads((search / "dupes.query.json").read_text(encoding="utf-8")) == {"text": "a red bicycle and more"}
     assert not document.exists()
+
+
+def test_a_report_a_full_disk_holds_up_is_begun_once_in_the_log_and_written_once_there_is_room(story_factory) -> None:
+    """output/ full: the report is begun again at each retry of the outage, and each said
+    ``duplicates_report_begun`` at info (six lines in 35 s, two a minute after that, all night long)."""
+    from tests.support.failures import small_disk
+
+    story = story_factory({"a.png": 1, "b.png": 2})
+    with small_disk(story.cfg.output_directory, size="64k"):
+        filler = story.cfg.output_directory / ".filler"
+        filler.write_bytes(b"\0" * 64 * 1024)
+        document = drop(story, "dupes.json", json.dumps({"duplicates": True}))
+        with capture_logs() as logs:
+            for _ in range(4):  # the outage's retries: 1, 2, 4 and 8 s of the fake clock apart
+                story.let_settle_periods_pass(2)
+                if story.service.inbox.report is not None:  # written on its thread: failed when it is done
+                    assert story.service.inbox.report.wait(timeout=WAIT_S)
+                story.let_settle_periods_pass(2)
+                story.clock.advance(10)
+            begun = [e["log_level"] for e in logs if e["event"] == "duplicates_report_begun"]
+            assert len([e for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"]) == 1
+            filler.unlink()
+            story.clock.advance(30)
+            story.run_until_idle()
+        assert begun.count("info") == 1 and len(begun) >= 3  # begun again at each retry, said once
+        assert not document.exists()
+        (report,) = [r for r in results(story) if (r / "dupes.query.json").is_file()]
+        assert json.loads((report / "summary.json").read_text())["pictures"] == 2

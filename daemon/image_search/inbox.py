@@ -132,6 +132,7 @@ class QueryInbox:
         # ends an outage of the disk (``Service``); a query left in place for a user's entry is none.
         self.failures_recorded = 0
         self._held: list[Path] = []  # found at start-up: answered once the start-up backlog is indexed
+        self._reports_begun: set[Path] = set()  # duplicates documents whose report was begun, not answered yet
         self._folder_looks: dict[Path, list[tuple[str, int, int]]] = {}  # documents' folders, as last seen
         # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
@@ -288,8 +289,11 @@ class QueryInbox:
 
         self.report = ReportThread(self.rt.cfg, self.rt.store, kinds=[Kind(k) for k in request.kinds],
                                    folders=request.folders, document=path, read_as=read_as)
-        log.info("duplicates_report_begun", query=path, detail="written beside the loop: queries are answered and "
-                 "pictures indexed meanwhile")
+        # Begun again after a full disk refused it: said once for the whole wait, as the outage is.
+        (log.debug if path in self._reports_begun else log.info)(
+            "duplicates_report_begun", query=path,
+            detail="written beside the loop: queries are answered and pictures indexed meanwhile")
+        self._reports_begun.add(path)
 
     def _finish_report(self) -> bool:
         """The report being written, once it is done: answered (or failed) as any query. True if it was."""
@@ -300,6 +304,8 @@ class QueryInbox:
         try:
             self._settle(report.document, lambda: bool(report.result()))
         finally:
+            if not os.path.lexists(report.document):  # answered or failed: a document of that name is news
+                self._reports_begun.discard(report.document)
             self.rt.claims.release(ClaimKind.QUERY, [report.document])
             for path in self._after_report:
                 self.pending.note(path)
