@@ -302,3 +302,26 @@ def test_a_document_holding_half_of_a_character_fails_with_its_reason_and_the_se
     drop(story, "next.txt", "a picture")
     story.run_until_idle()
     assert answer(story, "next.txt")[1]
+
+
+def test_a_document_of_one_picture_or_one_text_shows_it_on_the_sheet_as_a_file_query_does(story_factory) -> None:
+    """A plain document (one term, no filter, no floor) had a grey "cannot be shown" placeholder in its
+    sheet's first cell: the picture was read and found, but only a picture file's query had its picture
+    given to the sheet."""
+    from PIL import Image, ImageStat
+
+    from image_search.sheet import PLACEHOLDER, cell_box
+
+    story = story_factory({"a.png": 1, "b.png": 2})
+    drop(story, "look.json", {"image": "p.png"}, {"p.png": story.images / "b.png"})
+    drop(story, "words.json", {"text": "a red bicycle"})
+    story.run_until_idle()
+    cells = 1 + len(answer(story, "look.json")[1])
+    with Image.open(story.bundle("look.json") / "look.sheet.jpg") as sheet:
+        query, best = (ImageStat.Stat(sheet.convert("RGB").crop(cell_box(i, cells))).mean for i in (0, 1))
+    assert answer(story, "look.json")[1][0]["file_path"] == str(story.images / "b.png")
+    assert all(abs(q - b) <= 8 for q, b in zip(query, best))  # the query's cell is the picture, as its best hit's
+    with Image.open(story.bundle("words.json") / "words.sheet.jpg") as sheet:
+        left, top, _, _ = cell_box(0, 1 + len(answer(story, "words.json")[1]))
+        corner = sheet.convert("RGB").getpixel((left + 3, top + 3))
+    assert not all(abs(c - p) <= 6 for c, p in zip(corner, PLACEHOLDER))  # words, not the placeholder

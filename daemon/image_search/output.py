@@ -44,7 +44,7 @@ from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
 from .hits import Hit, shown_similarity
-from .query import QueryRecord
+from .query import QueryRecord, TermKind
 from .wording import counted
 
 log = structlog.get_logger(__name__)
@@ -296,6 +296,7 @@ class DocumentQuery:
     path: Path
     folder: Path | None = None
     data: bytes = b""
+    picture: Image.Image | None = None  # its one picture as processed, for the sheet (a plain document)
 
 
 Query = ImageQuery | TextQuery | DocumentQuery
@@ -398,8 +399,15 @@ def _render_sheet(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRe
     """The contact sheet; its first cell shows the query: its picture, its words, or (a query of several
     terms or with filters) the terms and the filters."""
     spec = asked.spec if asked is not None else None
-    plain = spec is None or (len(spec.terms) == 1 and spec.filters.empty and spec.min_similarity is None)
+    plain = spec is None or (len(spec.terms) == 1 and not spec.terms[0].unlike and spec.filters.empty
+                             and spec.min_similarity is None)
     text = query.text if isinstance(query, TextQuery) else None
+    picture = None
+    if plain and isinstance(query, ImageQuery):
+        picture = _sheet_query_picture(query, cfg)
+    elif plain and isinstance(query, DocumentQuery) and spec is not None:  # one term: shown as a file's is
+        picture = query.picture
+        text = spec.terms[0].value if spec.terms[0].kind is TermKind.TEXT else None
     if not plain:
         assert spec is not None
         text = "\n".join(spec.describe())
@@ -409,7 +417,7 @@ def _render_sheet(query: Query, hits: Sequence[Hit], cfg: Config, asked: QueryRe
     return render_contact_sheet(
         hits,
         query_name=query.path.name if query.path is not None else "typed text query",
-        query_picture=_sheet_query_picture(query, cfg) if isinstance(query, ImageQuery) and plain else None,
+        query_picture=picture,
         query_text=text,
         query_label="Text query" if plain else "Query",
         heading=_sheet_heading(query, hits, cfg, asked),

@@ -12,6 +12,7 @@ notion of negation: "unlike people" is one more direction subtracted, not a logi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import time
@@ -145,8 +146,8 @@ def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedd
                                    read_picture=read_picture)
     top_k = spec.top_k if spec.top_k is not None else cfg.top_k
     ranking = store.ranking(vector, top_k, filters=spec.filters, min_similarity=spec.min_similarity)
-    if isinstance(query, ImageQuery) and query.picture is None:
-        query = ImageQuery(query.path, picture)
+    if isinstance(query, (ImageQuery, DocumentQuery)) and query.picture is None:
+        query = dataclasses.replace(query, picture=picture)
     asked = QueryRecord(spec, ranking.completeness, top_k, given, not_yet_indexed)
     bundle = write_result_bundle(cfg.output_directory, query, ranking.hits, cfg, now=now, move_query=move_query,
                                  asked=asked, read_as=read_as)
