@@ -316,6 +316,21 @@ def test_an_empty_index_still_gets_a_sheet(cfg: Config) -> None:
         assert sheet.size == sheet_size(2)
 
 
+def test_a_query_that_is_a_relative_link_still_leads_to_its_picture_from_the_result(tmp_path: Path, cfg: Config) -> None:
+    """``inbox/q.png -> sub/t.png`` (a link the inbox follows): the query moved into its result as the link
+    itself, which from there led nowhere."""
+    picture = tmp_path / "inbox" / "sub" / "t.png"
+    picture.parent.mkdir(parents=True)
+    Image.new("RGB", (50, 40), RED).save(picture)
+    query = tmp_path / "inbox" / "q.png"
+    query.symlink_to("sub/t.png")
+    hits = [hit(1, "red.jpg", processed(tmp_path, "red", RED))]
+    bundle = write_result_bundle(cfg.output_directory, ImageQuery(query), hits, cfg, move_query=True)
+    moved = bundle / "q.query.png"
+    assert moved.is_symlink() and moved.read_bytes() == picture.read_bytes()
+    assert not os.path.lexists(query) and picture.is_file()  # the link moved; the picture it leads to stays
+
+
 def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path, cfg: Config, monkeypatch) -> None:
     dropped = tmp_path / "q.txt"
     dropped.write_text("a red bicycle", encoding="utf-8")

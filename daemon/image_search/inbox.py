@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from .entries import FileIdentity, LinkPolicy
 from .errors import ImageSearchError, NoTextTower, OutputUnwritable, UnusableFile, describe, writing_into
 from .fleet import ClaimKind
 from .names import escape, fit_name
-from .output import move_folder
+from .output import move_folder, move_out
 from .preprocess import ModelInput, PreparedImage, PreprocessError, write_atomically
 from .query import DuplicatesRequest
 from .runtime import Runtime
@@ -489,7 +488,7 @@ def _move_into(failed: Path, query: Path, why: bytes) -> Path:
     error_file = _error_file(target)
     write_atomically(error_file, why)
     try:
-        shutil.move(query, target)  # a rename: a pipe or a link moves as what it is, unopened
+        move_out(query, target)  # a pipe or a link moves as what it is, unopened (``move_out``)
     except BaseException:
         with contextlib.suppress(OSError):  # the service's own file: no reason without its query
             error_file.unlink(missing_ok=True)

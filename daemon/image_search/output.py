@@ -74,6 +74,17 @@ def move_out(source: Path, target: Path) -> None:
     onto an entry at ``target`` (moved back, a query of that name dropped meanwhile is the user's)."""
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    if os.path.islink(source) and not os.path.isabs(led_to := os.readlink(source)):
+        # A link moves as the link, and a relative one would lead nowhere from the result folder: it goes
+        # as a link to the same place, named from the root.
+        os.symlink(os.path.join(os.path.dirname(os.path.abspath(source)), led_to), target)
+        try:
+            os.unlink(source)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+        return
     try:
         os.link(source, target)
     except FileExistsError:  # made meanwhile: a move would take its place
