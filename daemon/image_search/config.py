@@ -478,7 +478,7 @@ def create_folder(key: str, folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if (outage := unwritable(folder, f"config key '{key}': the folder", exc)) is not None and is_disk_outage(exc):
+        if is_disk_outage(exc) and (outage := unwritable(folder, f"config key '{key}': the folder", exc)):
             raise outage from None
         raise ConfigError(
             f"config key '{key}': cannot create {folder} ({exc.strerror}). "

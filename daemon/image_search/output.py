@@ -78,12 +78,7 @@ def move_out(source: Path, target: Path) -> None:
         # A link moves as the link, and a relative one would lead nowhere from the result folder: it goes
         # as a link to the same place, named from the root.
         os.symlink(os.path.join(os.path.dirname(os.path.abspath(source)), led_to), target)
-        try:
-            os.unlink(source)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-            raise
+        _unlink_or_undo(source, target)
         return
     try:
         os.link(source, target)
@@ -98,9 +93,15 @@ def move_out(source: Path, target: Path) -> None:
                     os.unlink(target)
             raise
         return
+    _unlink_or_undo(source, target)
+
+
+def _unlink_or_undo(source: Path, target: Path) -> None:
+    """The second half of a move by link: ``source`` unlinked, or, where it stays (a sticky inbox, an
+    immutable file), ``target`` too, so that the file is in one place only."""
     try:
         os.unlink(source)
-    except BaseException:  # the source stays (a sticky inbox, an immutable file): so does nothing else
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(target)
         raise
