@@ -141,7 +141,10 @@ def bench_services(work: Path, shared: Shared, model_dir: Path, staged: list[Pat
     say(f"{members} member(s): {len(staged)} images in {ingest_s:.2f} s ({len(staged) / ingest_s:.1f}/s), "
         f"embedded {embedded} in all, drop-to-result p50 {statistics.median(latencies):.0f} ms, exit codes {codes}")
     if embedded != len(staged):
-        raise RuntimeError(f"{embedded} embeddings for {len(staged)} images: the work was not shared cleanly")
+        # A member that outlived its stop was aborted: its log ends with every thread's stack.
+        tails = "".join(f"\n--- service-{i}.log, exit code {code}, its end:\n{s.log_text()[-6000:]}"
+                        for i, (s, code) in enumerate(zip(services, codes)) if code != 0)
+        raise RuntimeError(f"{embedded} embeddings for {len(staged)} images: the work was not shared cleanly{tails}")
     return {"ingest_s": ingest_s, "images_per_s": len(staged) / ingest_s,
             "drop_to_result_p50_ms": statistics.median(latencies)}
 

@@ -31,6 +31,7 @@ SERVICE_CLI = Path(sys.executable).with_name("image-search")
 START_TIMEOUT_S = 90.0
 _FOLLOW_S = 0.02  # how stale an event's seen_at may be: well under what the benchmark measures
 _MEMORY_EVERY_S = 0.2
+_ABORT_WAIT_S = 15.0  # for the stacks of a service that outlived its stop to be written
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,20 @@ class ServiceProcess:
         self.popen.wait(timeout=10)
 
     def stop(self, timeout: float = 120) -> int:
-        """SIGTERM and wait (SIGKILL past ``timeout``), then close; the exit code."""
+        """SIGTERM and wait, then close; the exit code. Past ``timeout``, SIGABRT, as systemd's watchdog
+        sends: the service's faulthandler writes every thread's stack into its log (what held the stop is
+        there to read), then SIGKILL if it still runs."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:
             code = self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            code = self.popen.wait()
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                code = self.popen.wait(timeout=_ABORT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                code = self.popen.wait()
         self.close()
         return code
 
