@@ -22,11 +22,11 @@ from tests.support.env import child_env
 from tests.support.files import save_picture, write_config
 from tests.support.odd_entries import fs_name
 from tests.support.service import SERVICE_CLI, ServiceProcess
+from tests.support.held_reads import held_reads_env, hold_reads
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
-STUCK_READ = Path(__file__).parent / "support" / "stuck_read"
 BAD = fs_name(b"bad\xff\xfename.png")
 LONG = "L" * 250 + ".png"
 # The unit's TimeoutStopSec is 60: a stop must end well inside it, on a loaded 2-core machine too.
@@ -36,11 +36,6 @@ STOP_WITHIN_S = 30
 def cli(*args: object, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return warm.run([str(SERVICE_CLI), *map(str, args)], cwd=cwd, env=env or child_env(), capture_output=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def stuck_env(mark: Path) -> dict[str, str]:
-    return child_env(PYTHONPATH=os.pathsep.join([str(STUCK_READ), os.environ.get("PYTHONPATH", "")]),
-                     STUCK_READ_MARK=str(mark))
 
 
 def no_temporary_files(*folders: Path) -> list[str]:
@@ -122,7 +117,7 @@ def test_sigterm_while_index_waits_on_a_read_that_never_returns(tmp_path, tiny_m
     save_picture(tmp_path / "images" / "stuck.png", seed=20)
     mark = tmp_path / "stuck-now"
     proc = warm.popen([str(SERVICE_CLI), "index", "--config", str(config)], cwd=tmp_path,
-                            env=stuck_env(mark), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=held_reads_env(mark), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_for(mark.exists, timeout=120, what="a worker stuck in its read")
@@ -152,7 +147,7 @@ def test_sigterm_while_serve_waits_on_a_read_that_never_returns(tmp_path, tiny_m
     if where == "images":
         save_picture(tmp_path / "images" / "stuck.png", seed=31)
     mark = tmp_path / "stuck-now"
-    service = ServiceProcess(config, log_path=tmp_path / "serve.log", env=stuck_env(mark))
+    service = ServiceProcess(config, log_path=tmp_path / "serve.log", env=held_reads_env(mark))
     try:
         if where == "inbox":
             service.wait_ready()
@@ -181,8 +176,7 @@ def test_a_file_whose_read_never_returns_costs_that_file_not_the_pool(tmp_path, 
     import image_search.workers as workers
 
     monkeypatch.setattr(workers, "FILE_SECONDS_LIMIT", 2.0)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(STUCK_READ), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("STUCK_READ_MARK", str(tmp_path / "stuck-now"))
+    hold_reads(monkeypatch, tmp_path / "stuck-now")
     paths = [save_picture(tmp_path / name, seed=40 + i) for i, name in enumerate(("a.png", "stuck.png", "b.png"))]
     with PreprocessPool(max_size=(64, 64), max_pixels=10**8, workers=1) as pool:
         outcomes = pool.submit(paths).results(timeout=60)

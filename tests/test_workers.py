@@ -29,6 +29,8 @@ import structlog
 from PIL import ExifTags, Image
 
 from tests.support.files import save_picture
+from tests.support.held_reads import hold_reads
+from tests.support.waiting import wait_for
 from tests.support.logs import logged_events, logging_to
 from image_search.preprocess import (
     IncompleteFile,
@@ -580,6 +582,75 @@ def test_a_pipelined_caller_that_collects_late_never_blocks(good_files):
         outcomes = [handle.results()[0] for handle in handles]
     for path, outcome in zip(good_files, outcomes, strict=True):
         assert_same(outcome, reference(path))
+
+
+# --- slow files -------------------------------------------------------------------------------------------
+
+SLOW_S = 6.0  # how long a ``slow*`` file holds its worker: far longer than the waits below
+
+
+@pytest.fixture
+def slow_reads(tmp_path, monkeypatch) -> Path:
+    """``slow*`` files held SLOW_S in their worker; a file is slow after 0.3 s. The mark: one was begun."""
+    import image_search.workers as workers
+
+    monkeypatch.setattr(workers, "SLOW_FILE_S", 0.3)
+    hold_reads(monkeypatch, tmp_path / "slow-begun", slow_s=SLOW_S)
+    return tmp_path / "slow-begun"
+
+
+def test_a_file_sent_behind_a_slow_one_is_read_by_the_worker_that_is_free(tmp_path, good_files, slow_reads):
+    """Two workers each hold two files: the one after the slow file waited behind it for the whole read.
+    Now the idle worker reads it too, and the batch that holds it is done long before the slow file."""
+    slow = save_picture(tmp_path / "slow.png", 60)
+    with pool(workers=2) as workers:
+        workers.wait_ready(timeout=60)
+        started = time.monotonic()
+        first = workers.submit([slow])
+        second = workers.submit(good_files[:2])  # one goes behind the slow file, one to the other worker
+        outcomes = second.results(timeout=SLOW_S - 2)
+        assert time.monotonic() - started < SLOW_S and not first.done()
+        [slow_outcome] = first.results(timeout=60)
+        # The slow worker still reads its own copy of the lent file afterwards: that answer is not taken twice.
+        again = workers.submit(good_files[2:4]).results(timeout=60)
+    for path, outcome in zip([*good_files[:2], slow, *good_files[2:4]], [*outcomes, slow_outcome, *again], strict=True):
+        assert_same(outcome, reference(path))
+
+
+def test_a_slow_file_set_aside_leaves_its_batch_done_without_it(tmp_path, good_files, slow_reads):
+    slow = save_picture(tmp_path / "slow.png", 61)
+    paths = [good_files[0], slow, *good_files[1:4]]
+    with pool(workers=2) as workers:
+        workers.wait_ready(timeout=60)
+        handle = workers.submit(paths)
+        assert workers.set_aside_slow(handle) is None  # nothing has been read for long yet
+        wait_for(lambda: slow_reads.exists(), what="the slow file to be begun")
+        time.sleep(0.5)
+        split = workers.set_aside_slow(handle)
+        assert split is not None
+        aside, indices = split
+        assert indices == [1] and aside.paths == (slow,) and handle.paths == (good_files[0], *good_files[1:4])
+        outcomes = handle.results(timeout=SLOW_S - 2)  # the rest, in their order, without waiting for it
+        assert not aside.done()
+        [slow_outcome] = aside.results(timeout=60)
+        # Set aside, it no longer counts as a batch in flight: two more may be submitted meanwhile.
+    for path, outcome in zip([*handle.paths, slow], [*outcomes, slow_outcome], strict=True):
+        assert_same(outcome, reference(path))
+
+
+def test_a_set_aside_slow_file_is_failed_like_the_rest_when_the_pool_closes(tmp_path, slow_reads):
+    slow = save_picture(tmp_path / "slow.png", 62)
+    workers = pool(workers=1)
+    try:
+        handle = workers.submit([slow])
+        wait_for(lambda: slow_reads.exists(), what="the slow file to be begun")
+        time.sleep(0.5)
+        aside, _ = workers.set_aside_slow(handle)
+        assert handle.done() and handle.results() == []
+    finally:
+        workers.close()
+    with pytest.raises(PoolError, match="closed"):
+        aside.results(timeout=5)
 
 
 # --- the benchmark module stays runnable ---------------------------------------------------------------

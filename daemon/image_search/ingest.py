@@ -5,10 +5,12 @@ worker processes while the oldest is embedded, and the one before is written bes
 indexer's ``RowWriter``), claims each batch for this service, and finishes the oldest once no more can
 start. A batch counts as indexed (its claims let go, counted for ``images_indexed``) once its rows are
 committed; one whose write failed goes back to pending, as a batch that met a lost database always has.
-A large backlog is bulk-loaded (``BulkLoad``), whether the start-up reconciliation found it or a burst
-of files arrived while the service runs: its rows land without per-row index insertion, and the index
-is built again beside the loop once it is in. The service loop decides when to call it; everything
-about a batch's life is decided here.
+A file that a worker has been reading for ``workers.SLOW_FILE_S`` is set aside in a batch of its own
+(``Indexer.set_aside_slow``), finished once it is read: the rest of its batch, and the batches after it,
+do not wait up to the per-file limit for it. A large backlog is bulk-loaded (``BulkLoad``), whether the
+start-up reconciliation found it or a burst of files arrived while the service runs: its rows land
+without per-row index insertion, and the index is built again beside the loop once it is in. The
+service loop decides when to call it; everything about a batch's life is decided here.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class ImageIngest:
         # batches commit (queries found at start wait for it). A batch that goes back to pending is not.
         self.startup_backlog = startup_backlog
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
+        self._set_aside: list[BatchInFlight] = []  # slow files split off a batch in flight, not finished yet
         self._writing: deque[BatchInFlight] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
         # the index is built again in the background once it is in (searches are exact meanwhile). So is
@@ -89,13 +92,21 @@ class ImageIngest:
         """The pictures noticed and not indexed yet: pending, or in a batch whose rows are not committed (a
         committed batch's files still being written go back to pending)."""
         writing = sum(len(batch.summary.deferred) if batch.committed else len(batch.paths) for batch in self._writing)
-        return len(self.images) + sum(len(batch.paths) for batch in self._in_flight) + writing
+        return len(self.images) + sum(len(batch.paths) for batch in (*self._in_flight, *self._set_aside)) + writing
 
     def step(self) -> bool:
         """Start a batch if one can start; finish the oldest once no more can. True if it did some work."""
         self._report_indexed_if_due()
         self._consider_bulk_load()
+        finished_aside = self._finish_set_aside_read()
         submitted = self._submit_ready()
+        if not self._in_flight and self._set_aside:
+            # Only slow files left being read: what was written meanwhile is counted; the loop answers a
+            # query, then waits a slice for them again.
+            self._confirm_written()
+            if not submitted and not finished_aside:
+                self._set_aside[0].read_within(READ_WAIT_SLICE_S)
+            return True
         if not self._in_flight:
             # Caught up: nothing left to read but files that are not ready and have kept changing for a
             # while (or none at all): a file rewritten faster than it settles must not keep the index from
@@ -108,15 +119,39 @@ class ImageIngest:
                 if self.bulk is not None:
                     self.bulk.finish_in_background()
                 self._report_indexed()
-            return submitted
+            return submitted or finished_aside
         if submitted and len(self._in_flight) < PIPELINE_DEPTH:
             return True  # the next pass starts another batch before this one is finished
         if not self._in_flight[0].read_within(READ_WAIT_SLICE_S):
             # The loop answers a query that came meanwhile, then waits again. Not a wait a stop cuts short: the
             # loop ends within a slice, and the stop finishes the batches read (``finish_in_flight``).
+            self._set_aside_slow(self._in_flight[0])
             return True
         self._finish_oldest()
         return True
+
+    def _set_aside_slow(self, batch: BatchInFlight) -> None:
+        """The files of ``batch`` that have been read for long go into a batch of their own, finished once
+        read (``_finish_set_aside_read``). A later batch that holds one of them again reads it anew: what
+        the older read finds of it is not written (``supersede``)."""
+        aside = self.indexer.set_aside_slow(batch)
+        if aside is None:
+            return
+        log.debug("slow_files_set_aside", paths=[str(p) for p in aside.paths],
+                  detail="still being read: the pictures after them go on meanwhile")
+        for later in self._in_flight:
+            if later is not batch:
+                aside.supersede(later.paths)
+        if aside.paths:  # else every file of it is read again by a later batch: nothing of it is wanted
+            self._set_aside.append(aside)
+
+    def _finish_set_aside_read(self) -> bool:
+        """The set-aside batches whose files are read, finished (their rows to the writer); True if one was."""
+        read = [batch for batch in self._set_aside if batch.read_within(0)]
+        for batch in read:
+            self._set_aside.remove(batch)
+            self._finish(batch)
+        return bool(read)
 
     def _consider_bulk_load(self) -> None:
         """A burst (a folder of thousands copied in while the service runs) is bulk-loaded as a start-up
@@ -153,12 +188,14 @@ class ImageIngest:
         try:
             while self._in_flight and self._in_flight[0].read_within(STOP_READ_WAIT_S):
                 self._finish_oldest()
+            self._finish_set_aside_read()  # slow files: only those read by now
             self.wait_for_writes()
         except (DatabaseUnavailable, OutputUnwritable) as exc:
             log.warning("batches_left_unfinished", reason=str(exc), action="the next start's rescan indexes them")
             return
-        if self._in_flight:
-            log.info("batches_left_unfinished", files=sum(len(batch.paths) for batch in self._in_flight),
+        if self._in_flight or self._set_aside:
+            log.info("batches_left_unfinished",
+                     files=sum(len(batch.paths) for batch in (*self._in_flight, *self._set_aside)),
                      reason=f"their files were still being read {STOP_READ_WAIT_S:g} s into the stop",
                      action="the next start's rescan indexes them")
 
@@ -179,6 +216,9 @@ class ImageIngest:
         # every pass and left it nearly all the work (of 300 files, 268-289 to one of three members).
         while not ready and (popped := self.images.pop_ready(limit=self.indexer.read_batch_size)):
             ready = self.rt.claims.take(ClaimKind.IMAGE, popped, self.images)
+            for aside in self._set_aside:
+                aside.supersede(ready)
+            self._set_aside = [aside for aside in self._set_aside if aside.paths]  # the rest are read anew
             # Seen written: read whatever their stat says. A path another service holds loses its mark too:
             # that service reads it, and its row costs nothing once it is there.
             reread = self.images.take_reread(popped)
@@ -199,7 +239,9 @@ class ImageIngest:
         self.rt.claims.release(ClaimKind.IMAGE, paths)
 
     def _finish_oldest(self) -> None:
-        batch = self._in_flight.popleft()
+        self._finish(self._in_flight.popleft())
+
+    def _finish(self, batch: BatchInFlight) -> None:
         try:
             self.indexer.finish(batch)
         except (DatabaseUnavailable, OutputUnwritable):  # the service waits, then reads them again
@@ -222,7 +264,12 @@ class ImageIngest:
 
     @property
     def reading(self) -> bool:
-        return bool(self._in_flight)
+        return bool(self._in_flight or self._set_aside)
+
+    @property
+    def slow_files(self) -> tuple[Path, ...]:
+        """The files set aside as slow, still being read."""
+        return tuple(path for batch in self._set_aside for path in batch.paths)
 
     def finish_reading(self, stats: Collection[tuple[int, int]] | None = None) -> bool:
         """The batches being read finished, their rows committed: every one, or (``stats``) up to the last
@@ -241,11 +288,16 @@ class ImageIngest:
         self.wait_for_writes()
 
     def _finish_up_to_last(self, holds: Callable[[BatchInFlight], bool]) -> int:
-        """The batches being read finished, oldest first, up to the last one ``holds``; how many."""
+        """The batches being read finished, oldest first, up to the last one ``holds``, and each set-aside
+        batch that ``holds`` (waiting for its slow files); how many."""
+        aside = [batch for batch in self._set_aside if holds(batch)]
+        for batch in aside:
+            self._set_aside.remove(batch)
+            self._finish(batch)
         wanted = max((n for n, batch in enumerate(self._in_flight, 1) if holds(batch)), default=0)
         for _ in range(wanted):
             self._finish_oldest()
-        return wanted
+        return len(aside) + wanted
 
     def wait_for_writes(self) -> None:
         """Until every finished batch's rows are committed (and counted): before the folder sync changes

@@ -21,6 +21,11 @@ dies (segfault in a codec, ``os._exit``, the kernel's OOM killer) the file it di
 exactly: that file, and only that one, comes back as ``PreprocessError(path, "decoder crashed (...)")``,
 its queued successor is handed to another worker and a fresh worker takes the dead one's place.
 
+A file that holds its worker past ``SLOW_FILE_S`` (a panorama, a slow share) holds back nothing else
+it need not: the file sent to that worker behind it is sent to an idle worker too (the first outcome
+counts; the slow worker still does its copy later, one file of work at most), and the service sets the
+slow file aside (``set_aside_slow``), so that its batch, and the pictures dropped after it, go on.
+
 What a worker's code logs (metadata.py's lines about a picture's EXIF, a Python warning from a decoder)
 is sent to the parent beside the file's outcome, at most ``_LOG_LINES_PER_FILE`` lines a file (then how
 many more there were), and logged there with the file's path, at its level. A worker is started with the
@@ -75,6 +80,9 @@ _CLOSE_GRACE_SECONDS = 2.0
 # a read that never returns (a network mount whose server is gone) costs that file, not the pool. The
 # largest picture allowed (max-image-pixels) decodes in a few seconds here.
 FILE_SECONDS_LIMIT = 60.0
+# A file read and decoded for longer than this is slow: what waits behind it goes on without it (above).
+# A 12 MP camera JPEG takes about 70 ms here, the largest picture allowed a few seconds.
+SLOW_FILE_S = 3.0
 # How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
 # the kernel may take its time; the pool must not hang with it).
 _KILL_WAIT_SECONDS = 5.0
@@ -368,6 +376,10 @@ class BatchHandle:
         return list(self._outcomes)  # type: ignore[arg-type]  # all filled once finished without error
 
     # Called by the pool, under its lock.
+    def _delivered(self, index: int) -> bool:
+        """Its outcome is in: a copy of the file sent to another worker answered first (or the batch failed)."""
+        return self._finished.is_set() or self._outcomes[index] is not None
+
     def _deliver(self, index: int, outcome: Outcome) -> bool:
         self._outcomes[index] = outcome
         self._remaining -= 1
@@ -379,6 +391,14 @@ class BatchHandle:
     def _fail(self, error: PoolError) -> None:
         if not self._finished.is_set():
             self._error = error
+            self._finished.set()
+
+    def _keep_only(self, kept: Sequence[int]) -> None:
+        """Its files cut down to ``kept`` (indices, in order): the rest went to a batch of their own."""
+        self.paths = tuple(self.paths[i] for i in kept)
+        self._outcomes = [self._outcomes[i] for i in kept]
+        self._remaining = sum(outcome is None for outcome in self._outcomes)
+        if self._remaining == 0:
             self._finished.set()
 
 
@@ -402,6 +422,7 @@ class _Worker:
     tasks: deque[_Task] = field(default_factory=deque)  # sent, not answered; the worker does them in order
     busy_since: float | None = None  # when it started on its first unanswered file
     overdue: bool = False  # killed for taking longer than the limit on one file
+    lent: bool = False  # the files behind its current one were sent to another worker too
 
     @classmethod
     def start(cls, settings_message: bytes, sys_path_json: str, log_level: int) -> _Worker:
@@ -430,7 +451,9 @@ class _Worker:
         """Send files from the front of ``queue`` until this worker holds ``_TASKS_PER_WORKER``."""
         while self.ready and queue and len(self.tasks) < _TASKS_PER_WORKER:
             task = queue.popleft()
-            if task.handle.done():  # its batch was failed (pool closing): drop
+            if task.handle._delivered(task.index):  # its batch failed (pool closing), or another worker answered
+                continue
+            if task in self.tasks:  # lent by this worker while slow, and it is free again: it does its own
                 continue
             try:
                 self.conn.send(task.path if task.handle.links is POOL_LINKS else (task.path, task.handle.links))
@@ -445,7 +468,23 @@ class _Worker:
         """The file whose outcome just arrived (the first unanswered one)."""
         task = self.tasks.popleft()
         self.busy_since = time.monotonic() if self.tasks else None
+        self.lent = False
         return task
+
+    def is_slow(self, now: float) -> bool:
+        """It has been on its current file for ``SLOW_FILE_S`` or more (and was not killed for it yet)."""
+        return self.busy_since is not None and not self.overdue and now - self.busy_since >= SLOW_FILE_S
+
+    def seconds_until_slow(self, now: float) -> float | None:
+        """Seconds before its current file is slow, while files wait behind it (None: none do, or it is)."""
+        if self.busy_since is None or self.overdue or self.lent or len(self.tasks) < 2:
+            return None
+        left = self.busy_since + SLOW_FILE_S - now
+        return left if left > 0 else None
+
+    def may_lend(self, now: float) -> bool:
+        """Its current file is slow and the files behind it were not sent to another worker yet."""
+        return not self.lent and len(self.tasks) > 1 and self.is_slow(now)
 
     def seconds_left(self, now: float) -> float | None:
         """Seconds before its current file passes ``FILE_SECONDS_LIMIT``; it is killed (its EOF then blames
@@ -546,6 +585,9 @@ class PreprocessPool:
         self._changed = threading.Condition(self._lock)  # a batch finished, or the pool closed/failed
         self._queue: deque[_Task] = deque()
         self._unfinished: list[BatchHandle] = []
+        # Slow files split off a batch (``set_aside_slow``): not counted against max_batches_in_flight (they
+        # are the files some workers are on, two a worker at most), failed with the rest at close.
+        self._set_aside: list[BatchHandle] = []
         self._workers: list[_Worker] = []
         self._closed = False
         self._error: PoolError | None = None
@@ -602,6 +644,38 @@ class PreprocessPool:
             self._queue.extend(_Task(handle, i) for i in range(len(handle.paths)))
             self._wake_locked()  # under the lock: close() closes the wake pipe under it too
         return handle
+
+    def set_aside_slow(self, handle: BatchHandle) -> tuple[BatchHandle, list[int]] | None:
+        """Split ``handle``'s slow files (each one a worker has been on for ``SLOW_FILE_S`` or more) into a
+        batch of their own, so that ``handle`` is done once its other files are: that batch, and the indices
+        its files had in ``handle``, which now holds the rest, in order. None when it has no slow file."""
+        with self._changed:
+            if handle.done() or handle not in self._unfinished:
+                return None
+            now = time.monotonic()
+            slow = sorted({w.tasks[0].index for w in self._workers if w.is_slow(now)
+                           and w.tasks[0].handle is handle and not handle._delivered(w.tasks[0].index)})
+            if not slow:
+                return None
+            kept = [i for i in range(len(handle.paths)) if i not in slow]
+            aside = BatchHandle([handle.paths[i] for i in slow], handle.links)
+            moved = {old: _Task(aside, new) for new, old in enumerate(slow)}
+            moved.update({old: _Task(handle, new) for new, old in enumerate(kept)})
+
+            def renumbered(tasks: deque[_Task]) -> deque[_Task]:
+                return deque(moved[t.index] if t.handle is handle else t for t in tasks)
+
+            self._queue = renumbered(self._queue)
+            for worker in self._workers:
+                worker.tasks = renumbered(worker.tasks)
+            handle._keep_only(kept)
+            self._set_aside.append(aside)
+            if handle.done():
+                self._unfinished.remove(handle)
+            self._lend_locked(now)
+            self._changed.notify_all()
+            self._wake_locked()
+        return aside, slow
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every worker has started (imports done, settings read); for a fail-fast start-up
@@ -660,10 +734,13 @@ class PreprocessPool:
                     if self._closed or self._error is not None:
                         return
                     now = time.monotonic()
-                    for worker in self._workers:
+                    self._lend_locked(now)
+                    # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
+                    for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
                         worker.take_from(self._queue)
                     readable = {w.conn: w for w in self._workers}
-                    timeout = min((left for w in self._workers if (left := w.seconds_left(now)) is not None),
+                    timeout = min((left for w in self._workers
+                                   for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),
                                   default=None)
                 ready = wait([*readable, self._wake_reader], timeout)
                 for item in ready:
@@ -720,11 +797,20 @@ class PreprocessPool:
         with self._lock:
             self._workers.append(replacement)
 
+    def _lend_locked(self, now: float) -> None:
+        """While a worker is idle, the files waiting behind a slow one go to it too (at the queue's front)."""
+        if not any(w.ready and not w.tasks for w in self._workers):
+            return
+        for worker in self._workers:
+            if worker.may_lend(now):
+                worker.lent = True
+                self._queue.extendleft(reversed(list(worker.tasks)[1:]))
+
     def _deliver_locked(self, task: _Task, outcome: Outcome) -> None:
-        if task.handle.done():  # failed meanwhile (pool closed): the outcome has no taker
+        if task.handle._delivered(task.index):  # failed meanwhile (pool closed), or a copy answered first
             return
         if task.handle._deliver(task.index, outcome):
-            self._unfinished.remove(task.handle)
+            (self._unfinished if task.handle in self._unfinished else self._set_aside).remove(task.handle)
             self._changed.notify_all()
 
     def _break_locked(self, error: PoolError) -> None:
@@ -734,8 +820,9 @@ class PreprocessPool:
         self._fail_unfinished_locked(error)
 
     def _fail_unfinished_locked(self, error: PoolError) -> None:
-        for handle in self._unfinished:
+        for handle in (*self._unfinished, *self._set_aside):
             handle._fail(error)
         self._unfinished.clear()
+        self._set_aside.clear()
         self._queue.clear()
         self._changed.notify_all()
