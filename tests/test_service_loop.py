@@ -14,8 +14,10 @@ import os
 import queue
 import shutil
 import signal
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -646,6 +648,43 @@ def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factor
     assert (processed / "2023").read_text() == "mine\n" and (processed / "2024").read_text() == "mine too\n"
     assert (processed / "c.png.jpg").is_dir()
 
+
+
+@contextmanager
+def immutable(folder: Path):
+    """``folder`` refuses every write, root's too (``chattr +i``: EPERM), as a folder another user made
+    refuses this one's (EACCES); as it was after."""
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_sub_folder_of_processed_that_refuses_writes_costs_its_files_only(story_factory) -> None:
+    """processed/2023 made by another user (or made immutable): its pictures' copies cannot be written.
+    That held up the whole ingest as an outage of processed/, every folder waiting on the one. Now each of
+    its pictures is skipped with the folder and the fix, the others are indexed, and once the folder takes
+    writes the next rescan indexes them."""
+    story = story_factory({"2023/a.png": 1, "b.png": 2}, rescan_interval=60.0)
+    denied = story.cfg.processed_directory / "2023"
+    with immutable(denied):
+        for name, seed in (("2023/new.png", 3), ("2023/06/deeper.png", 4), ("c.png", 5)):
+            save_picture(story.images / name, seed=seed)
+            story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / name)
+        with capture_logs() as logs:
+            story.run_until_idle()
+    reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
+    assert sorted(reasons) == ["deeper.png", "new.png"]
+    for reason in reasons.values():
+        assert f"into {denied} (Operation not permitted)" in reason and "fix its owner, permissions" in reason
+    assert not [e for e in logs if e["event"] == "output_unwritable"]
+    assert set(story.rows()) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png")}
+    story.clock.advance(60)  # the folder takes writes again: the next rescan
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png", "2023/new.png",
+                                                                 "2023/06/deeper.png")}
+    assert (denied / "06" / "deeper.png.jpg").is_file()
 
 
 def test_processed_replaced_by_a_file_holds_up_the_ingest_once_and_renames_meanwhile_follow_their_files(

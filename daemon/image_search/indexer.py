@@ -144,6 +144,22 @@ def blocked_processed_reason(processed: Path, exc: OSError) -> str:
             "it is left as it is: move it away and the file is indexed at the next rescan or start")
 
 
+def refusing_sub_folder(exc: PermissionError, processed_directory: Path) -> Path | None:
+    """The folder under processed-directory that refused a write with ``exc`` (EACCES, EPERM): the folder of
+    the path it names. None when that is processed-directory itself, or not under it: the ingest's outage."""
+    if exc.filename is None:
+        return None
+    folder = Path(os.fsdecode(exc.filename)).parent
+    return folder if folder != processed_directory and folder.is_relative_to(processed_directory) else None
+
+
+def denied_processed_reason(folder: Path, exc: PermissionError) -> str:
+    """Why a file's processed copy cannot be written into a sub-folder of processed-directory that refuses it."""
+    return (f"its processed copy cannot be written into {escape(folder)} ({exc.strerror}): this user may not "
+            "write into that folder: fix its owner, permissions or attributes, and the file is indexed at the "
+            "next rescan or start; the other folders go on")
+
+
 def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
     c = read.candidate
     return EmbeddingRow(file_path=str(c.path), file_name=c.path.name, file_hash=read.image.file_hash,
@@ -442,8 +458,9 @@ class Indexer:
                                                              self.cfg.processed_directory)
             if image.saved_to is None:  # not saved by a worker (the GPU decoder's, or a worker's write failed)
                 # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
-                # not the run's, and the entry is left as it is; a full or read-only disk stops the run, and so
-                # does processed-directory itself not a folder (every file would be skipped, one by one).
+                # not the run's, and the entry is left as it is; so is a sub-folder this user may not write
+                # into (one made by another user). A full or read-only disk stops the run, and so does
+                # processed-directory itself not a folder, or not writable (every file would be skipped).
                 with writing_into(self.cfg.processed_directory, "a processed image"):
                     try:
                         save_processed(image, processed)
@@ -451,6 +468,11 @@ class Indexer:
                         if holds_no_folder(self.cfg.processed_directory):
                             raise
                         _refused(candidate, blocked_processed_reason(processed, exc), summary, self.refusals)
+                        continue
+                    except PermissionError as exc:
+                        if (denied := refusing_sub_folder(exc, self.cfg.processed_directory)) is None:
+                            raise
+                        _refused(candidate, denied_processed_reason(denied, exc), summary, self.refusals)
                         continue
             read = _Read(candidate, image, processed)
             if image.file_hash in first:
