@@ -447,8 +447,8 @@ def _hits_without_processed_copy(hits: Sequence[Hit], query: Query) -> set[str]:
             missing.add(hit.file_hash)
             log.warning("processed_copy_missing", path=hit.file_path, processed=hit.processed_path, rank=hit.rank,
                         query=query.path if query.path is not None else "typed text query",
-                        action="the next rescan (rescan-interval, or the next start) makes it again from the "
-                               "source file")
+                        action="made again from the source file by the next rescan (rescan-interval, or the next "
+                               "start), or once processed-directory takes writes if it refuses them now")
     return missing
 
 
