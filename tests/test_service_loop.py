@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from tests.support.db import slow_row_writes
 from tests.support.failures import remount, small_disk
 from tests.support.files import save_picture
+from tests.support.held_reads import hold_reads
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
 from tests.support.waiting import wait_for
@@ -1067,6 +1068,42 @@ def test_a_stop_leaves_the_batches_whose_read_does_not_return(story_factory, mon
     assert story.service.indexed == 1
     again = story_factory(after=story)
     assert set(again.rows()) == {str(again.images / name) for name in ("a.png", "n0.png", "n1.png", "n2.png", "n3.png")}
+
+
+def test_a_stop_while_a_querys_picture_is_read_still_finishes_the_batches_read(story_factory, tmp_path,
+                                                                               monkeypatch) -> None:
+    """A stop that cut short the wait for a query's picture (a read that does not return) unwound past the
+    stop's finishing of the ingest's batches: pictures read by then were dropped, to be read again by the
+    next start. Now they are finished as at any stop; the query stays in the inbox for the next start."""
+    hold_reads(monkeypatch, tmp_path / "stuck-begun")  # a ``stuck*`` picture is never read
+    story = story_factory({"a.png": 1})
+    news = [save_picture(story.images / f"n{i}.png", seed=10 + i) for i in range(3)]
+    for path in news:
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)  # ready once closed a moment
+    shutil.copyfile(story.images / "a.png", story.inbox / "stuck.png")
+    story.notice(Folder.INBOX, ChangeKind.TOUCHED, story.inbox / "stuck.png")  # ready a settle period on
+    story.service.step()  # noticed
+    story.clock.advance(0.1)
+    assert story.service.step() and story.service.ingest.reading  # the pictures handed to the workers
+    story.clock.advance(SETTLE)  # the query's turn: the loop's next pass waits for its picture
+
+    def stop_once_the_picture_is_waited_for() -> None:
+        wait_for((tmp_path / "stuck-begun").exists, "the query's picture to be begun")
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a handler runs on the main thread, as SIGTERM's does
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: story.service.stop.set(signal.SIGTERM))
+    stopper = threading.Thread(target=stop_once_the_picture_is_waited_for)
+    stopper.start()
+    try:
+        started = time.monotonic()
+        assert story.service.serve() == ExitCode.OK
+        assert time.monotonic() - started < 20
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert {str(p) for p in news} <= set(story.rows())
+    assert (story.inbox / "stuck.png").is_file()
 
 
 def two_batches_held(story, monkeypatch) -> threading.Event:

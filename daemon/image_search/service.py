@@ -198,11 +198,19 @@ class Service:
         except BaseException:
             self.close()
             raise
+        return self.serve()
+
+    def serve(self) -> ExitCode:
+        """After ``start``: the loop until a stop, then the stop (the batches read finished, the service
+        closed)."""
         try:
-            self._loop()
+            try:
+                self._loop()
+            except ShutdownRequested:
+                pass  # a stop that cut a wait short: for files being read, for a query's picture
+            # The batches whose files are read by now are finished, whichever wait the stop cut: a read that
+            # does not return (the wait cut short for it) costs STOP_READ_WAIT_S, and the rescan finds it.
             self._ingest.finish_in_flight()
-        except ShutdownRequested:
-            pass  # a stop that cut a wait for files short: what was read is dropped, the rescan finds it
         finally:
             self.close()
         log.info("service_stopping", signal=signal.Signals(self.stop.signum).name if self.stop.signum else None)
