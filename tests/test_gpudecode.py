@@ -35,6 +35,7 @@ from image_search.workers import PreprocessPool
 from tests.support.db import database_rows
 from tests.support.files import write_config
 from tests.support.gpu_crash import crash_then_restart
+from tests.support.held_reads import hold_reads
 from tests.support.jpegs import BOX, CLIP_224, JINA_512, LIMIT, decode_one, photo, pixels_of, save_jpeg
 from tests.support.model import TINY_DIMENSION
 
@@ -289,6 +290,33 @@ def test_batched_decoding_indexes_what_the_cpu_path_indexes_with_the_same_identi
         with Image.open(cpu_cfg.processed_directory / f"{name}.jpg") as a, \
                 Image.open(gpu_cfg.processed_directory / f"{name}.jpg") as b:
             assert a.size == b.size, name
+
+
+def test_a_batch_waiting_for_a_slow_file_on_the_cpu_workers_says_it_lives(tmp_path, tiny_model_dir,
+                                                                         monkeypatch) -> None:
+    """On the device path, the files the device does not take go to the CPU workers, and the batch waited
+    for them with no heartbeat: a file read for 50 s (the limit is 60) left systemd's watchdog (60 s)
+    unpinged, and it would kill the service, and again at every restart. Now the wait pings as the CPU
+    path's does."""
+    hold_reads(monkeypatch, tmp_path / "slow-begun", slow_s=3.0)  # ``slow*`` held 3 s in its worker
+    cfg = load_config(write_config(tmp_path / "tree", tiny_model_dir, batch_size=4))
+    save_jpeg(cfg.source_directory / "plain.jpg", size=(640, 480), seed=1)
+    photo((300, 200), 2).save(cfg.source_directory / "slow.png")
+    embedder = Embedder.load(str(tiny_model_dir), device="cpu", dimension=TINY_DIMENSION)
+    beats: list[float] = []
+    database = Database(cfg)
+    try:
+        store = database.open_store(dimension=TINY_DIMENSION)
+        indexer = Indexer(cfg, embedder, store, workers=1, jpeg_decode_device="cpu", heartbeat=lambda: beats.append(1))
+        try:
+            summary = indexer.index_folder(show_progress=False)
+            assert (summary.embedded, indexer.decoded_on_device) == (2, 1)
+        finally:
+            indexer.close()
+            store.close()
+    finally:
+        database.close()
+    assert len(beats) >= 2  # about once a second of the three
 
 
 # --- a file that crashes the decoder -------------------------------------------------------------------

@@ -33,7 +33,7 @@ import io
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -64,7 +64,7 @@ from .geometry import (
 from .pixels import PixelSpec
 from .metadata import PictureMetadata, picture_metadata
 from .preprocess import PreparedImage, source_identity
-from .workers import Outcome, PreprocessPool
+from .workers import HEARTBEAT_EVERY_S, BatchHandle, Outcome, PreprocessPool
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, once per call; they are
 # what this module is written and tested against (torchvision is a direct dependency: pyproject.toml).
@@ -677,10 +677,10 @@ class _GpuBatch:
                 refused.append(i)
             outcomes[i] = result
         if refused:
-            for i, outcome in zip(refused, self._reader.pool.submit([self.paths[i] for i in refused]).results()):
+            for i, outcome in zip(refused, self._reader.cpu_results(self._reader.pool.submit([self.paths[i] for i in refused]))):
                 outcomes[i] = outcome
         if cpu_batch is not None:
-            for i, outcome in zip(on_cpu, cpu_batch.results()):
+            for i, outcome in zip(on_cpu, self._reader.cpu_results(cpu_batch)):
                 outcomes[i] = outcome
         self._reader.decoded_on_device += len(on_device) - len(refused)
         return outcomes  # type: ignore[return-value]  # every index was filled
@@ -695,7 +695,17 @@ class GpuJpegReader:
         self.pool = pool
         self.decoder = decoder
         self.decoded_on_device = 0
+        # Called about once a second while a batch waits for the CPU workers' files (the service's watchdog
+        # ping, as ``Indexer.heartbeat``): one file may take them up to ``FILE_SECONDS_LIMIT``.
+        self.heartbeat: Callable[[], None] | None = None
         self._threads = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="jpeg-read")
+
+    def cpu_results(self, handle: BatchHandle) -> list[Outcome]:
+        """The outcomes of a batch handed to the CPU workers, ``heartbeat`` called while they take."""
+        if self.heartbeat is not None:
+            while not handle.wait(HEARTBEAT_EVERY_S):
+                self.heartbeat()
+        return handle.results()
 
     def _read(self, path: Path) -> PlainJpeg | None:
         settings = self.pool.settings

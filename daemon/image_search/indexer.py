@@ -42,15 +42,13 @@ from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_p
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
 from .sync import Refusals, compare_folder, is_current, remove_processed, stat_or_none
-from .workers import BatchHandle, PreprocessPool, ProcessedFolders
+from .workers import HEARTBEAT_EVERY_S, BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
     from .embed import Embedder
     from .gpudecode import GpuJpegReader
 
 log = structlog.get_logger(__name__)
-
-_HEARTBEAT_EVERY_S = 1.0
 
 
 @dataclass
@@ -334,6 +332,8 @@ class Indexer:
         self.waiting_for_files = False
         self.heartbeat = heartbeat
         self._writer, self._pool, self._gpu = _start_parts(cfg, embedder, store, workers, jpeg_decode_device)
+        if self._gpu is not None:
+            self._gpu.heartbeat = heartbeat  # its batches wait for the CPU workers' files too
 
     @property
     def decoded_on_device(self) -> int:
@@ -432,7 +432,7 @@ class Indexer:
             if self.heartbeat is not None and isinstance(preparing, BatchHandle):
                 while True:
                     try:
-                        return preparing.results(timeout=_HEARTBEAT_EVERY_S)
+                        return preparing.results(timeout=HEARTBEAT_EVERY_S)
                     except TimeoutError:
                         self.heartbeat()
             return preparing.results()

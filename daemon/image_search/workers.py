@@ -83,6 +83,8 @@ FILE_SECONDS_LIMIT = 60.0
 # A file read and decoded for longer than this is slow: what waits behind it goes on without it (above).
 # A 12 MP camera JPEG takes about 70 ms here, the largest picture allowed a few seconds.
 SLOW_FILE_S = 3.0
+# How often a caller that waits for the workers' files says it lives (the service's watchdog ping).
+HEARTBEAT_EVERY_S = 1.0
 # How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
 # the kernel may take its time; the pool must not hang with it).
 _KILL_WAIT_SECONDS = 5.0
