@@ -677,7 +677,8 @@ class _GpuBatch:
                 refused.append(i)
             outcomes[i] = result
         if refused:
-            for i, outcome in zip(refused, self._reader.cpu_results(self._reader.pool.submit([self.paths[i] for i in refused]))):
+            again = self._reader.pool.submit([self.paths[i] for i in refused])
+            for i, outcome in zip(refused, self._reader.cpu_results(again)):
                 outcomes[i] = outcome
         if cpu_batch is not None:
             for i, outcome in zip(on_cpu, self._reader.cpu_results(cpu_batch)):
