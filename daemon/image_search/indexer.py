@@ -276,21 +276,10 @@ class BatchInFlight:
     preparing: PreparingBatch | None
     reread: frozenset[Path] = frozenset()  # seen written: read again whatever their stat, if it goes back to pending
     write: Ticket | None = None
-    # Paths a later batch reads again (a file set aside as slow, rewritten meanwhile): what this one read of
-    # them is not written, nor counted, so that an older read never lands over a newer one.
-    superseded: set[Path] = field(default_factory=set)
 
     def read_within(self, timeout: float) -> bool:
         """Its files are read (``Indexer.finish`` waits for no file), waiting up to ``timeout`` seconds."""
         return self.preparing is None or self.preparing.wait(timeout)
-
-    def supersede(self, paths: Collection[Path]) -> None:
-        """``paths``, where this batch holds them, are read again by a later batch: theirs is not this one's."""
-        again = set(self.paths).intersection(paths)
-        if again:
-            self.superseded |= again
-            self.paths = tuple(p for p in self.paths if p not in again)
-            self.reread = self.reread - again
 
     @property
     def settled(self) -> bool:
@@ -395,13 +384,14 @@ class Indexer:
         preparing = (self._gpu or self._pool).submit([c.path for c in candidates]) if candidates else None
         return BatchInFlight(tuple(paths), summary, candidates, preparing, reread=reread)
 
-    def set_aside_slow(self, batch: BatchInFlight) -> BatchInFlight | None:
-        """Its files that a worker has been reading for ``workers.SLOW_FILE_S`` or more, as a batch of their
-        own (``batch`` keeps the rest and may be finished without them); None if it has none. Only the CPU
-        workers' batches: a device batch is read whole."""
+    def set_aside_slow(self, batch: BatchInFlight, *, keep: Collection[Path] = ()) -> BatchInFlight | None:
+        """Its files that a worker has been reading for ``workers.SLOW_FILE_S`` or more, but those in ``keep``,
+        as a batch of their own (``batch`` keeps the rest and may be finished without them); None if it has
+        none. Only the CPU workers' batches: a device batch is read whole."""
         if not isinstance(batch.preparing, BatchHandle):
             return None
-        split = self._pool.set_aside_slow(batch.preparing)
+        split = self._pool.set_aside_slow(batch.preparing,
+                                          keep=[i for i, c in enumerate(batch.candidates) if c.path in keep])
         if split is None:
             return None
         handle, indices = split
@@ -415,13 +405,9 @@ class Indexer:
 
     def finish(self, batch: BatchInFlight) -> IndexSummary:
         """Wait for a submitted batch's files, embed what is new and hand its rows to the writer
-        (``batch.settled`` says when that is over, ``batch.write`` how it went); what happened. Its
-        ``superseded`` files are left out."""
+        (``batch.settled`` says when that is over, ``batch.write`` how it went); what happened."""
         if batch.preparing is not None:
-            outcomes = self._outcomes(batch.preparing)
-            kept = [(c, o) for c, o in zip(batch.candidates, outcomes) if c.path not in batch.superseded]
-            batch.candidates = [c for c, _ in kept]
-            summary, batch.write = self._finish_batch(batch.candidates, [o for _, o in kept])
+            summary, batch.write = self._finish_batch(batch.candidates, self._outcomes(batch.preparing))
             batch.summary.merge(summary)
         return batch.summary
 

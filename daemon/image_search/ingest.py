@@ -132,18 +132,26 @@ class ImageIngest:
 
     def _set_aside_slow(self, batch: BatchInFlight) -> None:
         """The files of ``batch`` that have been read for long go into a batch of their own, finished once
-        read (``_finish_set_aside_read``). A later batch that holds one of them again reads it anew: what
-        the older read finds of it is not written (``supersede``)."""
-        aside = self.indexer.set_aside_slow(batch)
+        read (``_finish_set_aside_read``). Not one that a later batch reads again (rewritten meanwhile): the
+        older read, its row and its processed copy, must land first, so it keeps its place."""
+        again = {path for later in self._in_flight if later is not batch for path in later.paths}
+        aside = self.indexer.set_aside_slow(batch, keep=again)
         if aside is None:
             return
         log.debug("slow_files_set_aside", paths=[str(p) for p in aside.paths],
                   detail="still being read: the pictures after them go on meanwhile")
-        for later in self._in_flight:
-            if later is not batch:
-                aside.supersede(later.paths)
-        if aside.paths:  # else every file of it is read again by a later batch: nothing of it is wanted
-            self._set_aside.append(aside)
+        self._set_aside.append(aside)
+
+    def _after_slow_reads(self, paths: list[Path]) -> list[Path]:
+        """``paths`` but those a set-aside batch is still reading (rewritten meanwhile): pending again, read
+        once that read is over, so that the older read's row and processed copy never land over the newer."""
+        reading = {path for batch in self._set_aside for path in batch.paths}
+        later = [path for path in paths if path in reading]
+        if later:
+            marked = self.images.take_reread(later)
+            for path in later:
+                self.images.note(path, reread=path in marked)
+        return [path for path in paths if path not in reading]
 
     def _finish_set_aside_read(self) -> bool:
         """The set-aside batches whose files are read, finished (their rows to the writer); True if one was."""
@@ -215,10 +223,8 @@ class ImageIngest:
         # look further along at once. Waiting for the next pass instead, this one stayed a batch behind at
         # every pass and left it nearly all the work (of 300 files, 268-289 to one of three members).
         while not ready and (popped := self.images.pop_ready(limit=self.indexer.read_batch_size)):
+            popped = self._after_slow_reads(popped)
             ready = self.rt.claims.take(ClaimKind.IMAGE, popped, self.images)
-            for aside in self._set_aside:
-                aside.supersede(ready)
-            self._set_aside = [aside for aside in self._set_aside if aside.paths]  # the rest are read anew
             # Seen written: read whatever their stat says. A path another service holds loses its mark too:
             # that service reads it, and its row costs nothing once it is there.
             reread = self.images.take_reread(popped)

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing.connection import Connection, Pipe, wait
@@ -647,16 +647,18 @@ class PreprocessPool:
             self._wake_locked()  # under the lock: close() closes the wake pipe under it too
         return handle
 
-    def set_aside_slow(self, handle: BatchHandle) -> tuple[BatchHandle, list[int]] | None:
-        """Split ``handle``'s slow files (each one a worker has been on for ``SLOW_FILE_S`` or more) into a
-        batch of their own, so that ``handle`` is done once its other files are: that batch, and the indices
-        its files had in ``handle``, which now holds the rest, in order. None when it has no slow file."""
+    def set_aside_slow(self, handle: BatchHandle, *,
+                       keep: Collection[int] = ()) -> tuple[BatchHandle, list[int]] | None:
+        """Split ``handle``'s slow files (each one a worker has been on for ``SLOW_FILE_S`` or more), but those
+        at the indices ``keep``, into a batch of their own, so that ``handle`` is done once its other files
+        are: that batch, and the indices its files had in ``handle``, which now holds the rest, in order.
+        None when it has no such file."""
         with self._changed:
             if handle.done() or handle not in self._unfinished:
                 return None
             now = time.monotonic()
-            slow = sorted({w.tasks[0].index for w in self._workers if w.is_slow(now)
-                           and w.tasks[0].handle is handle and not handle._delivered(w.tasks[0].index)})
+            slow = sorted({w.tasks[0].index for w in self._workers if w.is_slow(now) and w.tasks[0].handle is handle
+                           and w.tasks[0].index not in keep and not handle._delivered(w.tasks[0].index)})
             if not slow:
                 return None
             kept = [i for i in range(len(handle.paths)) if i not in slow]
