@@ -13,9 +13,10 @@ import psycopg2
 import pytest
 from structlog.testing import capture_logs
 
-from image_search.store.embedded import EmbeddedPostgres
+from image_search.store.embedded import EmbeddedPostgres, another_users_server
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database
+from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
 from tests.support.waiting import wait_for
 
 # The service's side: holds a handle until its stdin closes, then stops as the service does.
@@ -199,3 +200,41 @@ def test_a_lock_left_by_a_dead_server_naming_a_live_pid_is_started_over_and_that
             process.wait()
         if other is not None:
             other.stop()
+
+
+# --- another user's server ---------------------------------------------------------------------------
+
+
+def test_a_command_run_as_root_on_the_services_database_refuses_and_changes_nothing(tmp_path) -> None:
+    """`sudo image-search index` beside a service that runs as its own user: pgserver, run as root, handed
+    pgdata to its own user and opened up the folders above it, and the service could no longer open its
+    database, at every start after. Now the command refuses at once, naming the user to run it as."""
+    from image_search.config import ConfigError
+
+    if os.geteuid() != 0:
+        pytest.skip("a command run as root: this story needs root (CI runs as root)")
+    state = tmp_path / "state"
+    pgdata = state / "pgdata"
+    pgdata.mkdir(parents=True)
+    state.chmod(0o700)
+    give_to_unprivileged(state)
+    give_to_unprivileged(pgdata)
+    before = [(p, p.stat().st_uid, p.stat().st_mode) for p in (tmp_path, state, pgdata)]
+    with pytest.raises(ConfigError, match=r"belongs to the user 'nobody' \(the service's\): run this command as "
+                                          r"that user \(sudo -u nobody image-search \.\.\.\).*locking the service out"):
+        EmbeddedPostgres(pgdata)
+    assert [(p, p.stat().st_uid, p.stat().st_mode) for p in (tmp_path, state, pgdata)] == before
+    assert sorted(os.listdir(state)) == ["pgdata"]  # not even its start-up lock was made
+
+
+def test_another_users_server_is_refused_in_its_words_and_ones_own_is_not(tmp_path) -> None:
+    pgdata = tmp_path / "pgdata"
+    assert another_users_server(pgdata) is None  # a first start makes it
+    pgdata.mkdir()
+    assert another_users_server(pgdata) is None  # this user's
+    with reachable_dir() as reachable:
+        (reachable / "pgdata").mkdir()
+        os.chown(reachable / "pgdata", 0, 0)
+        with unprivileged():  # ``nobody`` on root's
+            refusal = another_users_server(reachable / "pgdata")
+    assert refusal is not None and "belongs to the user 'root'" in refusal and "locking" not in refusal

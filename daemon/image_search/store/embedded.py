@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from ..config import ConfigError
 from .connection import StoreError
 
 log = structlog.get_logger("image_search.store")
@@ -29,6 +30,9 @@ class EmbeddedPostgres:
     """A private PostgreSQL 18 + pgvector server under ``state-directory``, stopped by ``stop``."""
 
     def __init__(self, data_directory: Path) -> None:
+        refusal = another_users_server(data_directory)
+        if refusal is not None:
+            raise ConfigError(refusal)
         pgserver = _pgserver()
         data_directory.parent.mkdir(parents=True, exist_ok=True)
         self._data_directory = data_directory
@@ -88,6 +92,43 @@ class EmbeddedPostgres:
                      "beside this command): it stops with the last of them")
         else:
             log.info("embedded_postgres_stopped")
+
+
+# The system user pgserver runs PostgreSQL as when it is started by root (PostgreSQL refuses to run as root).
+PGSERVER_ROOT_USER = "pgserver"
+
+
+def another_users_server(data_directory: Path) -> str | None:
+    """Why this process may not run the embedded server in ``data_directory``: another user's (the service's,
+    when a command is run with sudo beside it). Run as root, pgserver would hand pgdata to its own user and
+    open up the folders above it, and the service, as its own user, could no longer open its database; run
+    as a third user, it fails on a permission deep in PostgreSQL. None when it is this process's to run."""
+    import pwd
+
+    try:
+        owner = data_directory.stat().st_uid
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return (f"the embedded PostgreSQL in {data_directory} cannot be looked at ({exc.strerror}): run this "
+                "command as the user the service runs as (the owner of state-directory)")
+    me = os.geteuid()
+    if me == 0:
+        try:
+            runs_as = {0, pwd.getpwnam(PGSERVER_ROOT_USER).pw_uid}
+        except KeyError:  # pgserver makes its user at its first start as root
+            runs_as = {0}
+    else:
+        runs_as = {me}
+    if owner in runs_as:
+        return None
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    return (f"the embedded PostgreSQL in {data_directory} belongs to the user '{name}' (the service's): run this "
+            f"command as that user (sudo -u {name} image-search ...); as another user it cannot open it"
+            + (", and as root it would hand it to another user, locking the service out" if me == 0 else ""))
 
 
 # Beside pgdata while a first start makes it: pgserver runs initdb in pgdata itself and skips it once
@@ -182,9 +223,9 @@ def forget_dead_handles(data_directory: Path) -> None:
     from pgserver.utils import DiskList
 
     handles = DiskList(data_directory / ".handle_pids.json")
-    if not handles.path.exists():
-        return
     try:
+        if not handles.path.exists():
+            return
         with PostgresServer._lock:  # the lock pgserver itself takes around this list
             pids = handles.get()
             alive = [pid for pid in pids if psutil.pid_exists(pid)]
