@@ -9,6 +9,7 @@ real socket, kill -9, inotify overflow) stay in test_service.py and test_recover
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -652,40 +653,45 @@ def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factor
 
 
 @contextmanager
-def immutable(folder: Path):
-    """``folder`` refuses every write, root's too (``chattr +i``: EPERM), as a folder another user made
-    refuses this one's (EACCES); as it was after."""
-    subprocess.run(["chattr", "+i", str(folder)], check=True)
+def immutable(*entries: Path):
+    """``entries`` (folders, files) refuse every write, root's too (``chattr +i``: EPERM), as a folder another
+    user made refuses this one's (EACCES); as they were after."""
+    subprocess.run(["chattr", "+i", *map(str, entries)], check=True)
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
+        subprocess.run(["chattr", "-i", *map(str, entries)], check=True)
 
 
-def test_a_sub_folder_of_processed_that_refuses_writes_costs_its_files_only(story_factory) -> None:
-    """processed/2023 made by another user (or made immutable): its pictures' copies cannot be written.
-    That held up the whole ingest as an outage of processed/, every folder waiting on the one. Now each of
-    its pictures is skipped with the folder and the fix, the others are indexed, and once the folder takes
-    writes the next rescan indexes them."""
+def test_a_sub_folder_or_a_copy_in_processed_that_refuses_writes_costs_its_files_only(story_factory) -> None:
+    """processed/2023 made by another user (or made immutable): its pictures' copies cannot be written; and
+    processed/b.png.jpg immutable: b.png rewritten cannot have its copy replaced. That held up the whole
+    ingest as an outage of processed/, every folder waiting on the one. Now each of those pictures is
+    skipped naming the folder or the file and the fix, the others are indexed, and once they take writes
+    the next rescan indexes them."""
     story = story_factory({"2023/a.png": 1, "b.png": 2}, rescan_interval=60.0)
-    denied = story.cfg.processed_directory / "2023"
-    with immutable(denied):
-        for name, seed in (("2023/new.png", 3), ("2023/06/deeper.png", 4), ("c.png", 5)):
+    denied, copy = story.cfg.processed_directory / "2023", story.cfg.processed_directory / "b.png.jpg"
+    with immutable(denied, copy):
+        for name, seed in (("2023/new.png", 3), ("2023/06/deeper.png", 4), ("c.png", 5), ("b.png", 6)):
             save_picture(story.images / name, seed=seed)
             story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / name)
         with capture_logs() as logs:
             story.run_until_idle()
     reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
-    assert sorted(reasons) == ["deeper.png", "new.png"]
-    for reason in reasons.values():
-        assert f"into {denied} (Operation not permitted)" in reason and "fix its owner, permissions" in reason
+    assert sorted(reasons) == ["b.png", "deeper.png", "new.png"]
+    for name in ("deeper.png", "new.png"):
+        assert f"into {denied} (Operation not permitted)" in reasons[name] and "into that folder" in reasons[name]
+    assert f"{copy} cannot be replaced (Operation not permitted)" in reasons["b.png"] and "that file" in reasons["b.png"]
+    assert all("fix its owner, permissions or attributes" in reason for reason in reasons.values())
     assert not [e for e in logs if e["event"] == "output_unwritable"]
     assert set(story.rows()) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png")}
-    story.clock.advance(60)  # the folder takes writes again: the next rescan
+    story.clock.advance(60)  # they take writes again: the next rescan
     story.run_until_idle()
-    assert set(story.rows()) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png", "2023/new.png",
-                                                                 "2023/06/deeper.png")}
+    rows = story.rows()
+    assert set(rows) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png", "2023/new.png",
+                                                         "2023/06/deeper.png")}
     assert (denied / "06" / "deeper.png.jpg").is_file()
+    assert rows[str(story.images / "b.png")]["file_hash"] == hashlib.md5((story.images / "b.png").read_bytes()).hexdigest()
 
 
 def test_processed_replaced_by_a_file_holds_up_the_ingest_once_and_renames_meanwhile_follow_their_files(

@@ -142,20 +142,29 @@ def blocked_processed_reason(processed: Path, exc: OSError) -> str:
             "it is left as it is: move it away and the file is indexed at the next rescan or start")
 
 
-def refusing_sub_folder(exc: PermissionError, processed_directory: Path) -> Path | None:
-    """The folder under processed-directory that refused a write with ``exc`` (EACCES, EPERM): the folder of
-    the path it names. None when that is processed-directory itself, or not under it: the ingest's outage."""
-    if exc.filename is None:
+def refusing_entry(exc: PermissionError, processed_directory: Path) -> Path | None:
+    """What under processed-directory refused a write with ``exc`` (EACCES, EPERM): the copy or thumbnail
+    it would replace (an immutable file) where its folder takes writes, else that folder. None when it is
+    processed-directory itself, or nothing under it: the ingest's outage."""
+    name = exc.filename2 or exc.filename  # a rename's target, else the file or folder being made
+    if name is None:
         return None
-    folder = Path(os.fsdecode(exc.filename)).parent
-    return folder if folder != processed_directory and folder.is_relative_to(processed_directory) else None
+    target = Path(os.fsdecode(name))
+    if not target.is_relative_to(processed_directory) or target == processed_directory:
+        return None
+    if os.access(target.parent, os.W_OK) and os.path.lexists(target):
+        return target
+    folder = target.parent
+    return folder if folder != processed_directory else None
 
 
-def denied_processed_reason(folder: Path, exc: PermissionError) -> str:
-    """Why a file's processed copy cannot be written into a sub-folder of processed-directory that refuses it."""
-    return (f"its processed copy cannot be written into {escape(folder)} ({exc.strerror}): this user may not "
-            "write into that folder: fix its owner, permissions or attributes, and the file is indexed at the "
-            "next rescan or start; the other folders go on")
+def denied_processed_reason(entry: Path, exc: PermissionError) -> str:
+    """Why a file's processed copy cannot be written where an entry under processed-directory refuses it."""
+    where = (f"written into {escape(entry)}" if entry.is_dir() else f"written: {escape(entry)} cannot be replaced")
+    return (f"its processed copy cannot be {where} ({exc.strerror}): this user may not write "
+            f"{'into that folder' if entry.is_dir() else 'that file'} (another user's, or immutable): fix its "
+            "owner, permissions or attributes, and the file is read again at the next rescan or start; the "
+            "others go on")
 
 
 def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
@@ -456,7 +465,7 @@ class Indexer:
                         _refused(candidate, blocked_processed_reason(processed, exc), summary, self.refusals)
                         continue
                     except PermissionError as exc:
-                        if (denied := refusing_sub_folder(exc, self.cfg.processed_directory)) is None:
+                        if (denied := refusing_entry(exc, self.cfg.processed_directory)) is None:
                             raise
                         _refused(candidate, denied_processed_reason(denied, exc), summary, self.refusals)
                         continue
