@@ -694,6 +694,28 @@ def test_a_sub_folder_or_a_copy_in_processed_that_refuses_writes_costs_its_files
     assert rows[str(story.images / "b.png")]["file_hash"] == hashlib.md5((story.images / "b.png").read_bytes()).hexdigest()
 
 
+def test_a_copy_a_refusing_folder_keeps_from_being_made_again_is_named_once_not_at_every_rescan(story_factory) -> None:
+    """A picture's processed copy deleted in a folder that then refuses writes: each rescan found it missing
+    and said so at info ("made again", which it was not), one line a file every rescan-interval. Now the
+    first rescan names it and why it cannot be made, the next ones stay quiet while nothing changed, and
+    once the folder takes writes the copy is made."""
+    story = story_factory({"2023/a.png": 1, "b.png": 2}, rescan_interval=60.0)
+    denied = story.cfg.processed_directory / "2023"
+    (denied / "a.png.jpg").unlink()
+    said = []
+    with immutable(denied):
+        for _ in range(3):
+            story.clock.advance(60)
+            with capture_logs() as logs:
+                story.run_until_idle()
+            said.append(sorted(e["event"] for e in logs if e["event"] in ("processed_copy_missing", "image_skipped")
+                               and e["log_level"] != "debug"))
+    assert said == [["image_skipped", "processed_copy_missing"], [], []]
+    story.clock.advance(60)
+    story.run_until_idle()
+    assert (denied / "a.png.jpg").is_file()
+
+
 def test_processed_replaced_by_a_file_holds_up_the_ingest_once_and_renames_meanwhile_follow_their_files(
         story_factory) -> None:
     """processed/ itself moved away and a file put in its place while the service runs: no file is to blame,

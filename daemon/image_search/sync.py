@@ -409,7 +409,8 @@ def migrate_metadata(store: EmbeddingStore, root: Path, *, stopping: Callable[[]
 
 
 def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[], bool] = lambda: False,
-                   mounts: MountTable | None = None, remove_orphans: bool = True) -> FolderState:
+                   mounts: MountTable | None = None, remove_orphans: bool = True,
+                   said_before: Callable[[Path], bool] = lambda path: False) -> FolderState:
     """Bring the table in line with the folder as far as stat data allows: forget the paths (and processed
     copies) of sources that are gone (a row goes with its last path), and list the files whose size,
     mtime or model differ from their path's record, that no path names, or whose processed copy or
@@ -432,7 +433,10 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
 
     ``remove_orphans``: processed copies that no row names and no file will have go too
     (``remove_orphaned_copies``). Only a change made while nothing ran leaves those, so a start's rescan
-    and ``index`` look (a walk of processed-directory: 0.1 s for 20,000 files' copies), not the later ones."""
+    and ``index`` look (a walk of processed-directory: 0.1 s for 20,000 files' copies), not the later ones.
+
+    ``said_before(path)``: the file was refused as it is (``Refusals.unchanged``), its reason said then: its
+    missing copy is said again at debug only."""
     root = cfg.source_directory
     if not root.is_dir():  # gone since the start's check: never made here, a watch would see it as new
         _refuse_missing_with_rows(root, store)
@@ -482,8 +486,10 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
             if not copies.holds_copies(record.processed_path):
                 missing_copies.append(path)
                 if len(missing_copies) <= MISSING_COPIES_NAMED:
-                    log.info("processed_copy_missing", path=path, processed=record.processed_path,
-                             action="made again from the source file (no model work)")
+                    # A copy the last try could not write (its folder refuses writes) was named with why then.
+                    (log.debug if said_before(path) else log.info)(
+                        "processed_copy_missing", path=path, processed=record.processed_path,
+                        action="made again from the source file (no model work)")
             continue
         changed.append(path)  # a file that vanished meanwhile is reported by the indexer
         if st is not None:
@@ -787,7 +793,8 @@ class FolderSync:
         none when a stop cut it short (the caller, who stops, finds that in ``stopping()``; the next start
         rescans)."""
         started = time.monotonic()
-        state = compare_folder(self.cfg, self.store, stopping=self.stopping, remove_orphans=not self._rescanned)
+        state = compare_folder(self.cfg, self.store, stopping=self.stopping, remove_orphans=not self._rescanned,
+                               said_before=self.refusals.unchanged)
         if state.cut_short:
             log.info("rescan_stopped", renamed=state.renamed, duration_ms=round((time.monotonic() - started) * 1000),
                      detail="a stop was asked for: nothing removed or queued, the next start rescans")
