@@ -111,6 +111,26 @@ def test_an_empty_source_folder_with_indexed_pictures_looks_unmounted_and_keeps_
     assert [e["path"] for e in logs if e["event"] == "rows_removed"] == [story.images / "a.png"]
 
 
+def test_a_start_names_the_pictures_deleted_while_it_was_stopped_as_a_running_service_does(story_factory) -> None:
+    """The start's rescan said ``rows_removed count=1`` with no path: which picture left, the journal did not
+    say. Now it names up to three, as the running service does, and their folder for more."""
+    story = story_factory({"a.png": 1, "b.png": 2, "album/x.png": 3, "album/y.png": 4, "album/z.png": 5,
+                           "album/w.png": 6})
+    images = story.images
+
+    def started_after(deleted: list[str]):
+        nonlocal story
+        for name in deleted:  # unseen: the story's watcher is told nothing, as a stopped service sees nothing
+            (images / name).unlink()
+        with capture_logs() as logs:
+            story = story_factory(after=story)
+        return [(e["path"], e["count"]) for e in logs if e["event"] == "rows_removed" and e["log_level"] == "info"]
+
+    assert started_after(["album/x.png", "album/y.png", "album/z.png", "album/w.png"]) == [(images / "album", 4)]
+    assert started_after(["a.png"]) == [(images / "a.png", 1)]
+    assert set(story.rows()) == {str(images / "b.png")}
+
+
 def test_a_rescan_of_another_source_directory_leaves_this_ones_rows(story_factory, tmp_path) -> None:
     """``image-search index`` with another source-directory on the same database: it answers for its own
     folder only."""

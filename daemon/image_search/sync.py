@@ -517,7 +517,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
         store.delete_paths(gone)
         for source in gone:
             remove_processed(cfg, Path(source))
-        log.info("rows_removed", count=len(gone), reason="source file is gone")
+        say_removed([(Path(source), 1, "source file is gone") for source in gone])  # the paths, or their folder
     if remove_orphans and not scan.unreadable and not table.unmounted_under(root):  # what those hold is unknown
         expected = {record.processed_path for record in known.values()}
         expected.update(str(processed_path_for(path, root, cfg.processed_directory)) for path, _ in new_files)
