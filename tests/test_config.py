@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pwd
 import re
 from pathlib import Path
 
@@ -729,7 +731,9 @@ def test_a_folder_this_user_may_not_write_stays_a_config_error_not_a_disk_outage
         with unprivileged():
             with pytest.raises(ConfigError) as info:
                 ensure_directories(cfg)
-        assert str(info.value) == f"config key 'output-directory': {output} is not writable by this user"
+        assert str(info.value) == (f"config key 'output-directory': {output} is not writable by this user ("
+                                   f"{'nobody' if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name}): give it "
+                                   "to this user (chown), or run as its owner, or configure another folder")
 
 
 # --------------------------------------------------------------------------------------------------

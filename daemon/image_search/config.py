@@ -469,7 +469,18 @@ def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
             raise read_only(folder, f"config key '{key}'")
         # The effective user's: every write is checked against its rights, not the real user's.
         if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
-            raise ConfigError(f"config key '{key}': {folder} is not writable by this user")
+            raise ConfigError(f"config key '{key}': {folder} is not writable by this user ({_user_name()}): "
+                              "give it to this user (chown), or run as its owner, or configure another folder")
+
+
+def _user_name() -> str:
+    """The effective user's name (its number where it has none)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def create_folder(key: str, folder: Path) -> None:
