@@ -118,3 +118,28 @@ def test_a_rescan_removes_only_what_processed_holds_for_no_source(cfg: Config) -
     assert remove_orphaned_copies(cfg, {str(named)}, now=lambda: now) == 4
     assert {p for p, stays in files.items() if p.exists()} == {p for p, stays in files.items() if stays}
     assert fresh.exists() and moved.exists() and not (processed / "gone").exists()
+
+
+@pytest.mark.integration  # chattr: a subprocess
+def test_copies_for_no_source_that_a_folder_keeps_are_named_once_with_the_fix(cfg: Config) -> None:
+    """A folder under processed/ that refuses the removal (another user's, immutable) kept its copies for
+    files long gone without a word, at every start."""
+    import subprocess
+
+    from structlog.testing import capture_logs
+
+    from image_search.sync import ORPHAN_MIN_AGE_S, remove_orphaned_copies
+
+    locked = cfg.processed_directory / "2023"
+    for name in ("a.png.jpg", ".a.png.jpg.thumb.jpg", "b.png.jpg", ".b.png.jpg.thumb.jpg"):
+        save_picture(locked / name, seed=1)
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        with capture_logs() as logs:
+            removed = remove_orphaned_copies(cfg, set(), now=lambda: time.time() + ORPHAN_MIN_AGE_S + 1)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert removed == 0 and len(list(locked.iterdir())) == 4
+    [kept] = [e for e in logs if e["event"] == "processed_copies_kept"]
+    assert (kept["path"], kept["count"], kept["log_level"]) == (str(locked), 4, "warning")
+    assert "(Operation not permitted)" in kept["reason"] and "owner, permissions or attributes" in kept["action"]

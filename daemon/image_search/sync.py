@@ -156,6 +156,7 @@ def remove_orphaned_copies(cfg: Config, expected: set[str], *, stopping: Callabl
     root = cfg.processed_directory
     older_than = now() - ORPHAN_MIN_AGE_S
     removed = 0
+    kept: dict[str, tuple[int, str]] = {}  # folder -> the orphans it would not let go, and why
     for folder, _, names in os.walk(root, topdown=False):  # a folder's sub-folders first: it may empty
         if stopping():
             break
@@ -174,7 +175,10 @@ def remove_orphaned_copies(cfg: Config, expected: set[str], *, stopping: Callabl
             if orphan and _written_before(path, older_than):
                 try:
                     os.unlink(path)
-                except OSError:
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # a folder of another user's, an immutable file: said once below
+                    kept[folder] = (kept.get(folder, (0, ""))[0] + 1, exc.strerror or str(exc))
                     continue
                 removed_here += 1
         if removed_here:
@@ -183,7 +187,16 @@ def remove_orphaned_copies(cfg: Config, expected: set[str], *, stopping: Callabl
     if removed:
         log.info("processed_copies_removed", count=removed, folder=root,
                  reason="processed copies of files that are gone, which no row names")
+    for folder, (count, why) in sorted(kept.items())[:_KEPT_FOLDERS_NAMED]:
+        log.warning("processed_copies_kept", path=folder, count=count,
+                    reason=f"copies of files that are gone, which no row names, cannot be removed ({why})",
+                    action="fix the folder's owner, permissions or attributes, or delete them yourself; the "
+                           "next start removes them")
     return removed
+
+
+# Folders named by ``processed_copies_kept`` at most, per walk.
+_KEPT_FOLDERS_NAMED = 10
 
 
 def _written_before(path: str, moment: float) -> bool:
