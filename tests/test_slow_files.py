@@ -22,7 +22,7 @@ from tests.support.story import SETTLE, Story
 
 pytestmark = pytest.mark.integration
 
-SLOW_S = 8.0  # how long the slow picture holds its worker: far longer than anything else here takes
+SLOW_S = 10.0  # how long the slow picture holds its worker: far longer than anything else here takes
 
 
 @pytest.fixture
