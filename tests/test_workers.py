@@ -638,6 +638,24 @@ def test_a_slow_file_set_aside_leaves_its_batch_done_without_it(tmp_path, good_f
         assert_same(outcome, reference(path))
 
 
+def test_a_file_read_again_while_its_first_read_goes_on_is_read_after_it(tmp_path, slow_reads):
+    """A picture rewritten while a worker still decodes its old bytes, and submitted again: read at once by
+    the idle worker, the new copy was saved first and the old read's copy over it when that ended (the row
+    said the new picture, the copy showed the old). The second read waits for the first."""
+    source, processed = tmp_path / "source", tmp_path / "processed"
+    slow = save_picture(source / "slow.png", 63, size=(120, 90))
+    with pool(workers=2, processed=ProcessedFolders(source, processed)) as workers:
+        workers.wait_ready(timeout=60)
+        first = workers.submit([slow])
+        wait_for(lambda: slow_reads.exists(), what="the first read to be begun")
+        save_picture(slow, 64, size=(100, 80))
+        second = workers.submit([slow])
+        [old], [new] = first.results(timeout=60), second.results(timeout=60)
+    assert (old.width, new.width) == (120, 100)
+    with Image.open(processed_path_for(slow, source, processed)) as copy:
+        assert copy.size == (100, 80)
+
+
 def test_a_set_aside_slow_file_is_failed_like_the_rest_when_the_pool_closes(tmp_path, slow_reads):
     slow = save_picture(tmp_path / "slow.png", 62)
     workers = pool(workers=1)

@@ -449,22 +449,31 @@ class _Worker:
             pass  # it died before reading them: the pool reads that death (EOF) as a failed start, as any other
         return cls(process=process, conn=parent_end)
 
-    def take_from(self, queue: deque[_Task]) -> None:
-        """Send files from the front of ``queue`` until this worker holds ``_TASKS_PER_WORKER``."""
+    def take_from(self, queue: deque[_Task], reading: dict[Path, set[_Task]]) -> None:
+        """Send files from the front of ``queue`` until this worker holds ``_TASKS_PER_WORKER``; a file that
+        another batch's read of the same path holds (``reading``: every worker's files) waits in the queue."""
+        waiting: list[_Task] = []
         while self.ready and queue and len(self.tasks) < _TASKS_PER_WORKER:
             task = queue.popleft()
             if task.handle._delivered(task.index):  # its batch failed (pool closing), or another worker answered
                 continue
             if task in self.tasks:  # lent by this worker while slow, and it is free again: it does its own
                 continue
+            if reading.get(task.path, {task}) != {task}:
+                # Read again (rewritten) while an earlier read of it is under way: after it, so that its
+                # processed copy, saved as the read ends, is the newer one.
+                waiting.append(task)
+                continue
             try:
                 self.conn.send(task.path if task.handle.links is POOL_LINKS else (task.path, task.handle.links))
             except OSError:  # it died idle: this file never reached it, so it is not to blame
                 queue.appendleft(task)
-                return  # its EOF comes through wait(), and a replacement is started there
+                break  # its EOF comes through wait(), and a replacement is started there
             if not self.tasks:
                 self.busy_since = time.monotonic()
             self.tasks.append(task)
+            reading.setdefault(task.path, set()).add(task)
+        queue.extendleft(reversed(waiting))
 
     def answered(self) -> _Task:
         """The file whose outcome just arrived (the first unanswered one)."""
@@ -739,9 +748,13 @@ class PreprocessPool:
                         return
                     now = time.monotonic()
                     self._lend_locked(now)
+                    reading: dict[Path, set[_Task]] = {}
+                    for worker in self._workers:
+                        for task in worker.tasks:
+                            reading.setdefault(task.path, set()).add(task)
                     # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
                     for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
-                        worker.take_from(self._queue)
+                        worker.take_from(self._queue, reading)
                     readable = {w.conn: w for w in self._workers}
                     timeout = min((left for w in self._workers
                                    for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),
