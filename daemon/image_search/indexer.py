@@ -285,6 +285,15 @@ class BatchInFlight:
     preparing: PreparingBatch | None
     reread: frozenset[Path] = frozenset()  # seen written: read again whatever their stat, if it goes back to pending
     write: Ticket | None = None
+    # Files deleted or moved away while being read (a slow file set aside): what their read finds is not written.
+    dropped: set[Path] = field(default_factory=set)
+
+    def drop(self, paths: Collection[Path]) -> None:
+        """``paths``, where it holds them, are no longer its: their outcome, once read, is not written."""
+        gone = set(self.paths).intersection(paths)
+        self.dropped |= gone
+        self.paths = tuple(p for p in self.paths if p not in gone)
+        self.reread = self.reread - gone
 
     def read_within(self, timeout: float) -> bool:
         """Its files are read (``Indexer.finish`` waits for no file), waiting up to ``timeout`` seconds."""
@@ -414,9 +423,13 @@ class Indexer:
 
     def finish(self, batch: BatchInFlight) -> IndexSummary:
         """Wait for a submitted batch's files, embed what is new and hand its rows to the writer
-        (``batch.settled`` says when that is over, ``batch.write`` how it went); what happened."""
+        (``batch.settled`` says when that is over, ``batch.write`` how it went); what happened. Its
+        ``dropped`` files are left out."""
         if batch.preparing is not None:
-            summary, batch.write = self._finish_batch(batch.candidates, self._outcomes(batch.preparing))
+            outcomes = self._outcomes(batch.preparing)
+            kept = [(c, o) for c, o in zip(batch.candidates, outcomes) if c.path not in batch.dropped]
+            batch.candidates = [c for c, _ in kept]
+            summary, batch.write = self._finish_batch(batch.candidates, [o for _, o in kept])
             batch.summary.merge(summary)
         return batch.summary
 

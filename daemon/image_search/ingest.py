@@ -28,7 +28,7 @@ from .indexer import BatchInFlight, Indexer
 from .runtime import Runtime
 from .store import BulkLoad, DatabaseUnavailable
 from .store import embeddings as stored
-from .sync import FolderSync
+from .sync import FolderSync, remove_processed
 from .readiness import ReadinessTracker
 
 log = structlog.get_logger(__name__)
@@ -76,6 +76,8 @@ class ImageIngest:
         self.startup_backlog = startup_backlog
         self._in_flight: deque[BatchInFlight] = deque()  # submitted to the indexer, not finished yet
         self._set_aside: list[BatchInFlight] = []  # slow files split off a batch in flight, not finished yet
+        # Slow files deleted or moved away while being read: the copies their reads save are removed then.
+        self._dropped_reads: list[BatchInFlight] = []
         self._writing: deque[BatchInFlight] = deque()  # finished, rows not committed yet
         # A large start-up backlog (a first start on a library) lands without per-row index insertion;
         # the index is built again in the background once it is in (searches are exact meanwhile). So is
@@ -99,6 +101,7 @@ class ImageIngest:
         self._report_indexed_if_due()
         self._consider_bulk_load()
         finished_aside = self._finish_set_aside_read()
+        self._clean_up_after_dropped_reads()
         submitted = self._submit_ready()
         if not self._in_flight and self._set_aside:
             # Only slow files left being read: what was written meanwhile is counted; the loop answers a
@@ -289,9 +292,48 @@ class ImageIngest:
     def settle(self, *paths: Path) -> None:
         """Before the folder sync forgets or moves ``paths`` (files, or folders and all in them): the batches
         that read them are finished, and every finished batch's rows committed, so that the rows it acts on
-        are in the table, not written after their files went. Raises as ``_confirm_written`` does."""
-        self._finish_up_to_last(lambda batch: any(read.is_relative_to(path) for read in batch.paths for path in paths))
+        are in the table, not written after their files went. A slow file set aside among them is not
+        waited for (up to the 60 s limit, the loop with it): its read is dropped, and the processed copy it
+        saves as it ends is removed then; a file at its new path is read anew. Raises as
+        ``_confirm_written`` does."""
+        def under(read: Path) -> bool:
+            return any(read.is_relative_to(path) for path in paths)
+
+        for batch in [batch for batch in self._set_aside if not batch.read_within(0)]:
+            gone = [read for read in batch.paths if under(read)]
+            if not gone:
+                continue
+            batch.drop(gone)
+            self.rt.claims.release(ClaimKind.IMAGE, gone)
+            self.startup_backlog -= len(gone)
+            if not batch.paths:
+                self._set_aside.remove(batch)
+                self._dropped_reads.append(batch)
+        self._finish_up_to_last(lambda batch: any(under(read) for read in batch.paths))
         self.wait_for_writes()
+
+    def settle_all_but_slow(self) -> None:
+        """Before a rescan compares the folder with the rows: every batch being read finished but the slow
+        files set aside (their rows land once read; the rescan's news of them waits for that:
+        ``_after_slow_reads``), and every finished batch's rows committed. Raises as ``_confirm_written``."""
+        self._finish_set_aside_read()
+        self._finish_up_to_last(lambda batch: not any(batch is aside for aside in self._set_aside))
+        self.wait_for_writes()
+
+    def _clean_up_after_dropped_reads(self) -> None:
+        """The dropped reads that have ended: the processed copy each saved, where nothing else has its path
+        now (a file made there since is read after it, and saves its own)."""
+        for batch in [batch for batch in self._dropped_reads if batch.read_within(0)]:
+            self._dropped_reads.remove(batch)
+            for path in batch.dropped:
+                if not self._holds(path):
+                    remove_processed(self.rt.cfg, path)
+
+    def _holds(self, path: Path) -> bool:
+        """``path`` waits, is being read or written, or has a row."""
+        return (path in self.images
+                or any(path in batch.paths for batch in (*self._in_flight, *self._set_aside, *self._writing))
+                or bool(self.rt.store.sources([str(path)])))
 
     def _finish_up_to_last(self, holds: Callable[[BatchInFlight], bool]) -> int:
         """The batches being read finished, oldest first, up to the last one ``holds``, and each set-aside

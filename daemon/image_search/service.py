@@ -273,8 +273,10 @@ class Service:
     def _rescan(self) -> bool:
         """The rescan compares the folder with every row: the batches being read are finished and their rows
         committed first, or a file deleted meanwhile (its event lost) would get its row after the comparison,
-        and keep it. A full processed/ raises out of that before anything is compared: tried again later."""
-        self._ingest.settle(self.cfg.source_directory)
+        and keep it (until the next rescan). Not the slow files set aside: waited for, they held the loop up
+        to the per-file limit at every rescan. A full processed/ raises out of that before anything is
+        compared: tried again later."""
+        self._ingest.settle_all_but_slow()
         self._needs_rescan = False
         self.sync.rescan()
         return True
