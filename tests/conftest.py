@@ -20,6 +20,7 @@ from tests.support.db import embedded_database  # noqa: E402
 from tests.support.model import save_tiny_clip  # noqa: E402
 from image_search.store import Database  # noqa: E402
 from tests.support.story import embedder, story_factory  # noqa: E402, F401  (fixtures: the service in-process)
+from tests.support.held_reads import slow_begun  # noqa: E402, F401  (a fixture: a slow read in a worker)
 
 use_offline_hub()
 

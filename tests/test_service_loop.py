@@ -9,7 +9,6 @@ real socket, kill -9, inotify overflow) stay in test_service.py and test_recover
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -28,7 +26,6 @@ from structlog.testing import capture_logs
 from tests.support.db import slow_row_writes
 from tests.support.failures import remount, small_disk
 from tests.support.files import save_picture
-from tests.support.held_reads import hold_reads
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
 from tests.support.waiting import wait_for
@@ -652,70 +649,6 @@ def test_entries_in_processed_where_a_copy_goes_cost_that_file_only(story_factor
 
 
 
-@contextmanager
-def immutable(*entries: Path):
-    """``entries`` (folders, files) refuse every write, root's too (``chattr +i``: EPERM), as a folder another
-    user made refuses this one's (EACCES); as they were after."""
-    subprocess.run(["chattr", "+i", *map(str, entries)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", *map(str, entries)], check=True)
-
-
-def test_a_sub_folder_or_a_copy_in_processed_that_refuses_writes_costs_its_files_only(story_factory) -> None:
-    """processed/2023 made by another user (or made immutable): its pictures' copies cannot be written; and
-    processed/b.png.jpg immutable: b.png rewritten cannot have its copy replaced. That held up the whole
-    ingest as an outage of processed/, every folder waiting on the one. Now each of those pictures is
-    skipped naming the folder or the file and the fix, the others are indexed, and once they take writes
-    the next rescan indexes them."""
-    story = story_factory({"2023/a.png": 1, "b.png": 2}, rescan_interval=60.0)
-    denied, copy = story.cfg.processed_directory / "2023", story.cfg.processed_directory / "b.png.jpg"
-    with immutable(denied, copy):
-        for name, seed in (("2023/new.png", 3), ("2023/06/deeper.png", 4), ("c.png", 5), ("b.png", 6)):
-            save_picture(story.images / name, seed=seed)
-            story.notice(Folder.IMAGES, ChangeKind.CLOSED, story.images / name)
-        with capture_logs() as logs:
-            story.run_until_idle()
-    reasons = {e["path"].name: e["reason"] for e in logs if e["event"] == "image_skipped"}
-    assert sorted(reasons) == ["b.png", "deeper.png", "new.png"]
-    for name in ("deeper.png", "new.png"):
-        assert f"into {denied} (Operation not permitted)" in reasons[name] and "into that folder" in reasons[name]
-    assert f"{copy} cannot be replaced (Operation not permitted)" in reasons["b.png"] and "that file" in reasons["b.png"]
-    assert all("fix its owner, permissions or attributes" in reason for reason in reasons.values())
-    assert not [e for e in logs if e["event"] == "output_unwritable"]
-    assert set(story.rows()) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png")}
-    story.clock.advance(60)  # they take writes again: the next rescan
-    story.run_until_idle()
-    rows = story.rows()
-    assert set(rows) == {str(story.images / n) for n in ("2023/a.png", "b.png", "c.png", "2023/new.png",
-                                                         "2023/06/deeper.png")}
-    assert (denied / "06" / "deeper.png.jpg").is_file()
-    assert rows[str(story.images / "b.png")]["file_hash"] == hashlib.md5((story.images / "b.png").read_bytes()).hexdigest()
-
-
-def test_a_copy_a_refusing_folder_keeps_from_being_made_again_is_named_once_not_at_every_rescan(story_factory) -> None:
-    """A picture's processed copy deleted in a folder that then refuses writes: each rescan found it missing
-    and said so at info ("made again", which it was not), one line a file every rescan-interval. Now the
-    first rescan names it and why it cannot be made, the next ones stay quiet while nothing changed, and
-    once the folder takes writes the copy is made."""
-    story = story_factory({"2023/a.png": 1, "b.png": 2}, rescan_interval=60.0)
-    denied = story.cfg.processed_directory / "2023"
-    (denied / "a.png.jpg").unlink()
-    said = []
-    with immutable(denied):
-        for _ in range(3):
-            story.clock.advance(60)
-            with capture_logs() as logs:
-                story.run_until_idle()
-            said.append(sorted(e["event"] for e in logs if e["event"] in ("processed_copy_missing", "image_skipped")
-                               and e["log_level"] != "debug"))
-    assert said == [["image_skipped", "processed_copy_missing"], [], []]
-    story.clock.advance(60)
-    story.run_until_idle()
-    assert (denied / "a.png.jpg").is_file()
-
-
 def test_processed_replaced_by_a_file_holds_up_the_ingest_once_and_renames_meanwhile_follow_their_files(
         story_factory) -> None:
     """processed/ itself moved away and a file put in its place while the service runs: no file is to blame,
@@ -1098,42 +1031,6 @@ def test_a_stop_leaves_the_batches_whose_read_does_not_return(story_factory, mon
     assert set(again.rows()) == {str(again.images / name) for name in ("a.png", "n0.png", "n1.png", "n2.png", "n3.png")}
 
 
-def test_a_stop_while_a_querys_picture_is_read_still_finishes_the_batches_read(story_factory, tmp_path,
-                                                                               monkeypatch) -> None:
-    """A stop that cut short the wait for a query's picture (a read that does not return) unwound past the
-    stop's finishing of the ingest's batches: pictures read by then were dropped, to be read again by the
-    next start. Now they are finished as at any stop; the query stays in the inbox for the next start."""
-    hold_reads(monkeypatch, tmp_path / "stuck-begun")  # a ``stuck*`` picture is never read
-    story = story_factory({"a.png": 1})
-    news = [save_picture(story.images / f"n{i}.png", seed=10 + i) for i in range(3)]
-    for path in news:
-        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)  # ready once closed a moment
-    shutil.copyfile(story.images / "a.png", story.inbox / "stuck.png")
-    story.notice(Folder.INBOX, ChangeKind.TOUCHED, story.inbox / "stuck.png")  # ready a settle period on
-    story.service.step()  # noticed
-    story.clock.advance(0.1)
-    assert story.service.step() and story.service.ingest.reading  # the pictures handed to the workers
-    story.clock.advance(SETTLE)  # the query's turn: the loop's next pass waits for its picture
-
-    def stop_once_the_picture_is_waited_for() -> None:
-        wait_for((tmp_path / "stuck-begun").exists, "the query's picture to be begun")
-        time.sleep(0.3)
-        os.kill(os.getpid(), signal.SIGUSR1)  # a handler runs on the main thread, as SIGTERM's does
-
-    previous = signal.signal(signal.SIGUSR1, lambda *_: story.service.stop.set(signal.SIGTERM))
-    stopper = threading.Thread(target=stop_once_the_picture_is_waited_for)
-    stopper.start()
-    try:
-        started = time.monotonic()
-        assert story.service.serve() == ExitCode.OK
-        assert time.monotonic() - started < 20
-    finally:
-        stopper.join()
-        signal.signal(signal.SIGUSR1, previous)
-    assert {str(p) for p in news} <= set(story.rows())
-    assert (story.inbox / "stuck.png").is_file()
-
-
 def two_batches_held(story, monkeypatch) -> threading.Event:
     """Four new pictures in two batches of two, handed to the workers, whose reading is held until the
     returned gate opens."""
@@ -1223,7 +1120,6 @@ def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
 def test_starting_the_service_imports_no_torch_until_the_model_loads() -> None:
     """Torch and transformers take seconds to import: only the model-loading thread may import them, so
     the database start and the rescan never wait for them."""
-    import subprocess
     import sys
 
     code = ("import sys, image_search.cli, image_search.service, image_search.inbox, image_search.runtime; "

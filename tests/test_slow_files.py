@@ -6,47 +6,24 @@ once it is. The service runs in-process (``story_factory``); the slow read is a 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-import image_search.workers as workers
+from image_search.errors import ExitCode
 from image_search.watch import ChangeKind, Folder
 from tests.support.files import save_picture
-from tests.support.held_reads import hold_reads
-from tests.support.story import SETTLE, Story
+from tests.support.held_reads import SLOW_S, drop, hold_reads, step_until
+from tests.support.story import SETTLE
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-SLOW_S = 10.0  # how long the slow picture holds its worker: far longer than anything else here takes
-
-
-@pytest.fixture
-def slow_begun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Set before the service starts its workers. The mark: the slow read was begun."""
-    monkeypatch.setattr(workers, "SLOW_FILE_S", 0.3)
-    mark = tmp_path / "slow-begun"
-    hold_reads(monkeypatch, mark, slow_s=SLOW_S)
-    return mark
-
-
-def step_until(story: Story, condition: Callable[[], object], what: str, timeout: float) -> None:
-    """The loop's passes, the clock past each settle period, until ``condition`` holds (``timeout``: real s)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
-        story.clock.advance(SETTLE + 0.01)
-        story.service.step()
-
-
-def drop(story: Story, name: str, seed: int) -> Path:
-    path = save_picture(story.images / name, seed=seed, size=(120, 90))
-    story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)
-    return path
 
 
 def test_pictures_dropped_with_and_after_a_slow_one_are_searchable_while_it_is_read(story_factory, slow_begun):
@@ -98,44 +75,37 @@ def test_a_stop_while_a_slow_picture_is_read_leaves_it_to_the_next_start(story_f
     assert str(slow) in again.rows() and str(beside) in again.rows()
 
 
-@pytest.mark.parametrize("how", ["deleted", "renamed"])
-def test_a_slow_picture_deleted_or_renamed_while_it_is_read_holds_back_nothing(story_factory, slow_begun, how):
-    """The deletion or rename of a file being read waited for its read (the rows it acts on must be in):
-    the loop, queries and the pictures after it with it, up to the per-file limit. Now its read is dropped:
-    a renamed one is read anew at its new path, and the copy the dropped read saves as it ends is removed."""
+def test_a_stop_while_a_querys_picture_is_read_still_finishes_the_batches_read(story_factory, tmp_path,
+                                                                               monkeypatch) -> None:
+    """A stop that cut short the wait for a query's picture (a read that does not return) unwound past the
+    stop's finishing of the ingest's batches: pictures read by then were dropped, to be read again by the
+    next start. Now they are finished as at any stop; the query stays in the inbox for the next start."""
+    hold_reads(monkeypatch, tmp_path / "stuck-begun")  # a ``stuck*`` picture is never read
     story = story_factory({"a.png": 1})
-    slow = drop(story, "slow.png", 2)
-    step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
-    started = time.monotonic()
-    if how == "deleted":
-        slow.unlink()
-        story.notice(Folder.IMAGES, ChangeKind.DELETED, slow)
-    else:
-        slow.rename(story.images / "renamed.png")
-        story.notice(Folder.IMAGES, ChangeKind.MOVED, slow, dest=story.images / "renamed.png")
-    after = drop(story, "after.png", 3)
-    step_until(story, lambda: str(after) in story.rows(), "the picture dropped after it", SLOW_S - 3)
-    assert time.monotonic() - started < SLOW_S - 3
-    time.sleep(max(0.0, started + SLOW_S + 1 - time.monotonic()))  # the dropped read has ended, saving its copy
-    story.run_until_idle()
-    expected = {"a.png", "after.png"} | ({"renamed.png"} if how == "renamed" else set())
-    assert set(story.rows()) == {str(story.images / name) for name in expected}
-    assert story.copies_in_processed() == story.copies_of_rows()  # the dropped read's copy is gone
+    news = [save_picture(story.images / f"n{i}.png", seed=10 + i) for i in range(3)]
+    for path in news:
+        story.notice(Folder.IMAGES, ChangeKind.CLOSED, path)  # ready once closed a moment
+    shutil.copyfile(story.images / "a.png", story.inbox / "stuck.png")
+    story.notice(Folder.INBOX, ChangeKind.TOUCHED, story.inbox / "stuck.png")  # ready a settle period on
+    story.service.step()  # noticed
+    story.clock.advance(0.1)
+    assert story.service.step() and story.service.ingest.reading  # the pictures handed to the workers
+    story.clock.advance(SETTLE)  # the query's turn: the loop's next pass waits for its picture
 
+    def stop_once_the_picture_is_waited_for() -> None:
+        wait_for((tmp_path / "stuck-begun").exists, "the query's picture to be begun")
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a handler runs on the main thread, as SIGTERM's does
 
-def test_a_rescan_while_a_slow_picture_is_read_holds_back_nothing(story_factory, slow_begun):
-    """A rescan finished every batch being read before it compared the folder with the rows: with a slow
-    file set aside, it waited for it, and the loop with it (at every rescan-interval while it lasted)."""
-    story = story_factory({"a.png": 1}, rescan_interval=60.0)
-    slow = drop(story, "slow.png", 2)
-    step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
-    started = time.monotonic()
-    with capture_logs() as logs:
-        story.clock.advance(60)  # the rescan is due: it finds slow.png with no row yet
-        after = drop(story, "after.png", 3)
-        step_until(story, lambda: str(after) in story.rows(), "the picture dropped after the rescan", SLOW_S - 3)
-        assert time.monotonic() - started < SLOW_S - 3
-        story.run_until_idle()
-    assert [e["event"] for e in logs if e["event"] == "rescan_complete"] == ["rescan_complete"]
-    assert set(story.rows()) == {str(story.images / n) for n in ("a.png", "slow.png", "after.png")}
-    assert sum(e.get("embedded", 0) for e in logs if e["event"] == "images_indexed") == 2  # each once
+    previous = signal.signal(signal.SIGUSR1, lambda *_: story.service.stop.set(signal.SIGTERM))
+    stopper = threading.Thread(target=stop_once_the_picture_is_waited_for)
+    stopper.start()
+    try:
+        started = time.monotonic()
+        assert story.service.serve() == ExitCode.OK
+        assert time.monotonic() - started < 20
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert {str(p) for p in news} <= set(story.rows())
+    assert (story.inbox / "stuck.png").is_file()

@@ -459,7 +459,7 @@ class _Worker:
                 continue
             if task in self.tasks:  # lent by this worker while slow, and it is free again: it does its own
                 continue
-            if reading.get(task.path, {task}) != {task}:
+            if (held := reading.get(task.path)) and (len(held) > 1 or task not in held):
                 # Read again (rewritten) while an earlier read of it is under way: after it, so that its
                 # processed copy, saved as the read ends, is the newer one.
                 waiting.append(task)
@@ -748,13 +748,14 @@ class PreprocessPool:
                         return
                     now = time.monotonic()
                     self._lend_locked(now)
-                    reading: dict[Path, set[_Task]] = {}
-                    for worker in self._workers:
-                        for task in worker.tasks:
-                            reading.setdefault(task.path, set()).add(task)
-                    # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
-                    for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
-                        worker.take_from(self._queue, reading)
+                    if self._queue:
+                        reading: dict[Path, set[_Task]] = {}
+                        for worker in self._workers:
+                            for task in worker.tasks:
+                                reading.setdefault(task.path, set()).add(task)
+                        # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
+                        for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
+                            worker.take_from(self._queue, reading)
                     readable = {w.conn: w for w in self._workers}
                     timeout = min((left for w in self._workers
                                    for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),

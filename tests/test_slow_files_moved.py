@@ -1,0 +1,58 @@
+"""A slow picture deleted, renamed or looked at by a rescan while it is read holds back nothing: its read
+is dropped (a renamed one read anew), or left to land once read. The slow read is held in a worker by
+``tests/support/held_reads.py``; test_slow_files.py tells the rest of the story."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.watch import ChangeKind, Folder
+from tests.support.held_reads import SLOW_S, drop, step_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_a_slow_picture_deleted_or_renamed_while_it_is_read_holds_back_nothing(story_factory, slow_begun, how):
+    """The deletion or rename of a file being read waited for its read (the rows it acts on must be in):
+    the loop, queries and the pictures after it with it, up to the per-file limit. Now its read is dropped:
+    a renamed one is read anew at its new path, and the copy the dropped read saves as it ends is removed."""
+    story = story_factory({"a.png": 1})
+    slow = drop(story, "slow.png", 2)
+    step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
+    started = time.monotonic()
+    if how == "deleted":
+        slow.unlink()
+        story.notice(Folder.IMAGES, ChangeKind.DELETED, slow)
+    else:
+        slow.rename(story.images / "renamed.png")
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, slow, dest=story.images / "renamed.png")
+    after = drop(story, "after.png", 3)
+    step_until(story, lambda: str(after) in story.rows(), "the picture dropped after it", SLOW_S - 3)
+    assert time.monotonic() - started < SLOW_S - 3
+    time.sleep(max(0.0, started + SLOW_S + 1 - time.monotonic()))  # the dropped read has ended, saving its copy
+    story.run_until_idle()
+    expected = {"a.png", "after.png"} | ({"renamed.png"} if how == "renamed" else set())
+    assert set(story.rows()) == {str(story.images / name) for name in expected}
+    assert story.copies_in_processed() == story.copies_of_rows()  # the dropped read's copy is gone
+
+
+def test_a_rescan_while_a_slow_picture_is_read_holds_back_nothing(story_factory, slow_begun):
+    """A rescan finished every batch being read before it compared the folder with the rows: with a slow
+    file set aside, it waited for it, and the loop with it (at every rescan-interval while it lasted)."""
+    story = story_factory({"a.png": 1}, rescan_interval=60.0)
+    slow = drop(story, "slow.png", 2)
+    step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        story.clock.advance(60)  # the rescan is due: it finds slow.png with no row yet
+        after = drop(story, "after.png", 3)
+        step_until(story, lambda: str(after) in story.rows(), "the picture dropped after the rescan", SLOW_S - 3)
+        assert time.monotonic() - started < SLOW_S - 3
+        story.run_until_idle()
+    assert [e["event"] for e in logs if e["event"] == "rescan_complete"] == ["rescan_complete"]
+    assert set(story.rows()) == {str(story.images / n) for n in ("a.png", "slow.png", "after.png")}
+    assert sum(e.get("embedded", 0) for e in logs if e["event"] == "images_indexed") == 2  # each once
