@@ -293,7 +293,8 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
         for service in services.values():
             service.wait_event("output_writable_again")
         wait_for(lambda: not inbox_files(cases["output"].root / "inbox"), "the queries answered")
-        assert len([p for p in (cases["output"].root / "output").iterdir() if p.is_dir()]) == 2
+        wait_for(lambda: len([p for p in (cases["output"].root / "output").iterdir()  # published: not hidden
+                              if p.is_dir() and not p.name.startswith(".")]) == 2, "both result folders")
         wait_for(lambda: sum(e.get("embedded", 0) for e in services["processed"].events("images_indexed")) == 2,
                  "both pictures indexed")
         assert sorted(p.name for p in (cases["processed"].root / "processed").iterdir()) == [
