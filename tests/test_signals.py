@@ -102,7 +102,8 @@ def test_sigterm_during_the_startup_rescan_ends_the_start_at_once(tmp_path: Path
         assert "rescan_stopped" in names and "rescan_complete" not in names and "service_ready" not in names, names
         (stopped,) = proc.events("service_stopped_during_startup")
         assert stopped["signal"] == "SIGTERM"
-        assert names[-2:] == ["embedded_postgres_stopped", "service_stopped"], names
+        # The model loads on a thread of its own, beside the start: on a loaded machine its line may come last.
+        assert [n for n in names if n != "model_loaded"][-2:] == ["embedded_postgres_stopped", "service_stopped"], names
         assert [e["exit_code"] for e in proc.events("service_stopped")] == [0]
         assert not postgres_running(tmp_path / "state"), "the embedded PostgreSQL was left running"
         assert took < 20, f"the stop took {took:.1f} s"  # the rescan alone would have taken a minute

@@ -9,7 +9,6 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from image_search.watch import ChangeKind, Folder
 from tests.support.held_reads import SLOW_S, drop, step_until
 
 pytestmark = pytest.mark.integration
@@ -24,12 +23,7 @@ def test_a_slow_picture_deleted_or_renamed_while_it_is_read_holds_back_nothing(s
     slow = drop(story, "slow.png", 2)
     step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
     started = time.monotonic()
-    if how == "deleted":
-        slow.unlink()
-        story.notice(Folder.IMAGES, ChangeKind.DELETED, slow)
-    else:
-        slow.rename(story.images / "renamed.png")
-        story.notice(Folder.IMAGES, ChangeKind.MOVED, slow, dest=story.images / "renamed.png")
+    story.delete_or_rename(slow, how, to="renamed.png")
     after = drop(story, "after.png", 3)
     step_until(story, lambda: str(after) in story.rows(), "the picture dropped after it", SLOW_S - 3)
     assert time.monotonic() - started < SLOW_S - 3

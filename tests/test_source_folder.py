@@ -155,12 +155,7 @@ def test_a_link_whose_target_goes_loses_its_path(story_factory, what_happens: st
     story.run_until_idle()
     store = story.service.rt.store
     assert {str(target), str(link)} <= set(store.sources())  # one picture, two paths
-    if what_happens == "deleted":
-        target.unlink()
-        story.notice(Folder.IMAGES, ChangeKind.DELETED, target)
-    else:
-        target.rename(story.images / "renamed.png")
-        story.notice(Folder.IMAGES, ChangeKind.MOVED, target, dest=story.images / "renamed.png")
+    story.delete_or_rename(target, what_happens, to="renamed.png")
     with capture_logs() as logs:
         story.run_until_idle()
     assert str(link) not in store.sources()

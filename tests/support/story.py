@@ -73,6 +73,15 @@ class Story:
                is_directory: bool = False) -> None:
         self.changes.put(Change(folder, kind, path, is_directory, dest))
 
+    def delete_or_rename(self, path: Path, how: str, *, to: str) -> None:
+        """``how``: "deleted" (``path`` unlinked) or "renamed" (to the name ``to`` beside it); noticed."""
+        if how == "deleted":
+            path.unlink()
+            self.notice(Folder.IMAGES, ChangeKind.DELETED, path)
+        else:
+            path.rename(path.with_name(to))
+            self.notice(Folder.IMAGES, ChangeKind.MOVED, path, dest=path.with_name(to))
+
     def run_until_idle(self, passes: int = 50) -> None:
         """Step the loop, moving the clock past every settle period, until a pass finds nothing to do."""
         for _ in range(passes):
