@@ -256,6 +256,7 @@ class ImageIngest:
         except (DatabaseUnavailable, OutputUnwritable):  # the service waits, then reads them again
             self._requeue(batch.paths, batch.reread)
             raise
+        self._remove_copies_of_dropped(batch)  # read now: its files' copies are saved
         self._writing.append(batch)
         self._confirm_written()
 
@@ -317,17 +318,22 @@ class ImageIngest:
         files set aside (their rows land once read; the rescan's news of them waits for that:
         ``_after_slow_reads``), and every finished batch's rows committed. Raises as ``_confirm_written``."""
         self._finish_set_aside_read()
-        self._finish_up_to_last(lambda batch: not any(batch is aside for aside in self._set_aside))
+        while self._in_flight:
+            self._finish_oldest()
         self.wait_for_writes()
 
     def _clean_up_after_dropped_reads(self) -> None:
-        """The dropped reads that have ended: the processed copy each saved, where nothing else has its path
-        now (a file made there since is read after it, and saves its own)."""
+        """The set-aside batches whose every file was dropped, once their reads have ended."""
         for batch in [batch for batch in self._dropped_reads if batch.read_within(0)]:
             self._dropped_reads.remove(batch)
-            for path in batch.dropped:
-                if not self._holds(path):
-                    remove_processed(self.rt.cfg, path)
+            self._remove_copies_of_dropped(batch)
+
+    def _remove_copies_of_dropped(self, batch: BatchInFlight) -> None:
+        """Once ``batch`` is read: the processed copy each of its dropped reads saved, where nothing else has
+        its path now (a file made there since is read after it, and saves its own)."""
+        for path in batch.dropped:
+            if not self._holds(path):
+                remove_processed(self.rt.cfg, path)
 
     def _holds(self, path: Path) -> bool:
         """``path`` waits, is being read or written, or has a row."""
