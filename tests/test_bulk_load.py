@@ -366,18 +366,18 @@ def test_a_stop_cancels_a_build_even_between_its_statements(store, database, mon
     service's open write."""
     import time
 
-    from image_search.store import bulk as bulk_module
+    from image_search.store import schema
 
     store.upsert(rows(0, 50, unit_vectors(50)))
     bulk = store.begin_bulk_load(BULK_LOAD_MIN_ROWS)
     assert bulk is not None
-    between = bulk_module.prepare_index_build
+    create_index = schema._create_index
 
-    def slowly(cur, *, local: bool) -> None:  # the first cancel lands here, between two statements
-        between(cur, local=local)
-        time.sleep(1.0)
+    def slowly(cur, dimension: int, *, concurrently: bool) -> None:  # the first cancel lands here, between
+        time.sleep(1.0)                                               # the build's settings and its DDL
+        create_index(cur, dimension, concurrently=concurrently)
 
-    monkeypatch.setattr(bulk_module, "prepare_index_build", slowly)
+    monkeypatch.setattr(schema, "_create_index", slowly)
     # Another service's write, not committed: the CREATE INDEX CONCURRENTLY waits for it.
     with another_sessions_transaction(
             database, "UPDATE image_embeddings SET source_size = 11 WHERE file_hash = 'h00000001'") as write_ended, \
@@ -432,9 +432,9 @@ def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_a
 def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, database, monkeypatch) -> None:
     """Issue 16: PostgreSQL sizes a parallel build by the table's heap, and a big vector lives out of line
     (TOAST), so a build over 16,000 1024-d rows ran serially whatever max_parallel_maintenance_workers
-    said. ``prepare_index_build`` lets the worker setting decide: here a build over a heap far below
+    said. ``build_index`` lets the worker setting decide: here a build over a heap far below
     min_parallel_table_scan_size (8 MB) reports a worker's share."""
-    from image_search.store import hnsw_index_ddl, schema
+    from image_search.store import schema
 
     monkeypatch.setattr(schema, "default_worker_count", lambda: 3)  # whatever cores this machine has
     store.upsert(rows(0, 300, unit_vectors(300)))
@@ -444,8 +444,7 @@ def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, dat
         with conn.cursor() as cur:
             cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
             cur.execute("SET client_min_messages = debug1")  # the build says who processed what
-            schema.prepare_index_build(cur, local=False)
-            cur.execute(hnsw_index_ddl(DIM))
+            schema.build_index(cur, DIM, concurrently=True)
         said = " ".join(conn.notices)
     finally:
         conn.close()

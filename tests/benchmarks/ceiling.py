@@ -314,14 +314,14 @@ def work_the_ingest_cannot_skip(database, embedder, pgdata: Path, dimension: int
     the best ratio to preprocessing alone this CPU allows, were every core busy all the time."""
     import numpy as np
 
-    from image_search.store.schema import HNSW_INDEX, hnsw_index_ddl, prepare_index_build
+    from image_search.store.schema import HNSW_INDEX, build_memory_mb, hnsw_index_ddl
 
     conn = database.connect()
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f"DROP INDEX {HNSW_INDEX}")
-            prepare_index_build(cur, local=False)
+            cur.execute(f"SET maintenance_work_mem = '{build_memory_mb(n, dimension, workers=0)}MB'")
             cur.execute("SET max_parallel_maintenance_workers = 0")
             before = _postgres_cpu_s(pgdata)
             cur.execute(hnsw_index_ddl(dimension))  # the index is back, valid, for the runs after this

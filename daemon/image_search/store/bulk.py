@@ -11,7 +11,7 @@ import psycopg2.extensions
 import structlog
 
 from .connection import BULK_LOCK_KEY, TRY_LOCK, Connect, DatabaseUnavailable, unavailable_when_lost
-from .schema import HNSW_INDEX, INDEX_VALID, hnsw_index_ddl, prepare_index_build
+from .schema import HNSW_INDEX, INDEX_VALID, build_index
 
 log = structlog.get_logger("image_search.store")
 
@@ -109,12 +109,11 @@ class BulkLoad:
         started = time.monotonic()
         try:
             with unavailable_when_lost(self._conn), self._conn.cursor() as cur:
-                prepare_index_build(cur, local=False)
-                cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
+                build_index(cur, self._dimension, concurrently=True)
                 cur.execute(INDEX_VALID)
                 if not cur.fetchone()[0]:  # IF NOT EXISTS kept an invalid one (the drop at begin cut short)
                     cur.execute(_DROP_INDEX_CONCURRENTLY)
-                    cur.execute(hnsw_index_ddl(self._dimension, concurrently=True))
+                    build_index(cur, self._dimension, concurrently=True)
                 cur.execute(_COUNT)
                 rows = cur.fetchone()[0]
             log.info("search_index_built", rows=rows, duration_ms=round((time.monotonic() - started) * 1000))

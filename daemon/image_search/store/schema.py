@@ -112,7 +112,7 @@ def hnsw_index_ddl(dimension: int, *, concurrently: bool = False) -> str:
             f"USING hnsw ((embedding::halfvec({int(dimension)})) halfvec_ip_ops)")
 
 
-# An index build's settings: enough memory for the graph, and parallel maintenance workers. PostgreSQL
+# An index build's settings: the memory its graph needs, and parallel maintenance workers. PostgreSQL
 # sizes a parallel build by the table's heap, and a 1024-d row keeps its vector out of line (TOAST), so
 # 16,000 rows are a 5 MB heap, under min_parallel_table_scan_size (8 MB): every build ran serially, whatever
 # max_parallel_maintenance_workers said. With that threshold at 0 the worker setting decides (16,000 rows
@@ -120,23 +120,77 @@ def hnsw_index_ddl(dimension: int, *, concurrently: bool = False) -> str:
 _BUILD_SETTINGS = ("SELECT set_config('maintenance_work_mem', %(memory)s, %(local)s), "
                    "set_config('max_parallel_maintenance_workers', %(workers)s, %(local)s), "
                    "set_config('min_parallel_table_scan_size', '0', %(local)s)")
+_SERIAL_BUILD = "SELECT set_config('max_parallel_maintenance_workers', '0', %(local)s)"
+_ROWS = "SELECT count(*) FROM image_embeddings"
+
+# A parallel build keeps its graph in one shared memory segment of maintenance_work_mem (pgvector), which
+# PostgreSQL reserves whole before the first row (posix_fallocate under /dev/shm). An eighth of the
+# machine's memory, as it was, cost 0.3-0.4 s per build on an empty table (2 GB reserved), and cannot
+# work at all in a container with Docker's default 64 MB /dev/shm ("could not resize shared memory
+# segment"). So the memory is what the graph of the rows there needs, twice over: measured, 10,000 1024-d
+# rows fit in 32 MB and not in 24 (the halfvec copy, 2 bytes a dimension, and about 1 KB of neighbour
+# lists); too little memory is the slow path (14-37 s instead of 5), too much only costs its reservation.
+GRAPH_BYTES_PER_ROW_BEYOND_VECTOR = 1024
+# PostgreSQL gives a build no more workers than leave each participant (the leader too) 32 MB.
+MEMORY_PER_PARTICIPANT_MB = 32
+# SQLSTATE class 53, insufficient resources: what a parallel build's shared memory segment meets when
+# /dev/shm is too small (disk full for the segment's file, or out of memory).
+INSUFFICIENT_RESOURCES = "53"
 
 
-def build_memory() -> str:
-    """maintenance_work_mem for an index build: an eighth of this machine's memory, 64 MB to 2 GB (a
-    build whose graph does not fit is several times slower)."""
+def memory_ceiling_mb() -> int:
+    """The most an index build asks for: an eighth of this machine's memory, 64 MB to 2 GB."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 1 << 30
-    return f"{max(64, min(2048, total // 8 >> 20))}MB"
+    return max(64, min(2048, total // 8 >> 20))
 
 
-def prepare_index_build(cur: psycopg2.extensions.cursor, *, local: bool) -> None:
-    """Give the next index build on ``cur``'s session its memory and a worker per core but one (the leader
-    works too); ``local``: for this transaction only."""
-    cur.execute(_BUILD_SETTINGS, {"memory": build_memory(), "workers": str(max(0, default_worker_count() - 1)),
-                                  "local": local})
+def build_memory_mb(rows: int, dimension: int, workers: int) -> int:
+    """maintenance_work_mem for a build over ``rows`` rows with ``workers`` parallel workers: twice what
+    their graph needs, no less than the workers need to be used, no more than ``memory_ceiling_mb``."""
+    graph_mb = -(-2 * rows * (2 * dimension + GRAPH_BYTES_PER_ROW_BEYOND_VECTOR) // (1 << 20))
+    return min(memory_ceiling_mb(), max(graph_mb, MEMORY_PER_PARTICIPANT_MB * (workers + 1)))
+
+
+def build_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently: bool) -> None:
+    """Build the HNSW index (unless there is one), its memory sized to the rows there and with a parallel
+    worker per core but one (the leader works too). ``concurrently``: on an autocommit session, while others
+    write (its settings stay for the session); else within ``cur``'s transaction (for it alone).
+
+    A server whose shared memory cannot hold a parallel build's segment (a container's small /dev/shm)
+    gets the same build serially, with a warning saying how to give it room: slower, never a failure."""
+    local = not concurrently
+    workers = max(0, default_worker_count() - 1)
+    cur.execute(_ROWS)
+    memory = build_memory_mb(cur.fetchone()[0], dimension, workers)
+    cur.execute(_BUILD_SETTINGS, {"memory": f"{memory}MB", "workers": str(workers), "local": local})
+    if not local:
+        _create_index(cur, dimension, concurrently=True)
+        return
+    cur.execute("SAVEPOINT index_build")
+    _create_index(cur, dimension, concurrently=False)
+    cur.execute("RELEASE SAVEPOINT index_build")
+
+
+def _create_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently: bool) -> None:
+    try:
+        cur.execute(hnsw_index_ddl(dimension, concurrently=concurrently))
+        return
+    except psycopg2.Error as exc:
+        if not (exc.pgcode or "").startswith(INSUFFICIENT_RESOURCES):
+            raise
+        reason = " ".join(str(exc).split())
+    log.warning("search_index_built_serially", reason=f"the server could not give a parallel build its shared "
+                f"memory ({reason})", action="building it on one core; if PostgreSQL runs in a container, give "
+                "it more shared memory (docker-compose.yml: shm_size)")
+    if concurrently:  # the failed build left an invalid index behind
+        cur.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {HNSW_INDEX}")
+    else:
+        cur.execute("ROLLBACK TO SAVEPOINT index_build")
+    cur.execute(_SERIAL_BUILD, {"local": not concurrently})
+    cur.execute(hnsw_index_ddl(dimension, concurrently=concurrently))
 
 
 def prepare(conn: psycopg2.extensions.connection) -> None:
@@ -320,8 +374,7 @@ def ensure_index(conn: psycopg2.extensions.connection, dimension: int, *, table_
         if present:
             cur.execute(_DROP_INDEX)
         started = time.monotonic()
-        prepare_index_build(cur, local=True)
-        cur.execute(hnsw_index_ddl(dimension))
+        build_index(cur, dimension, concurrently=False)
         if table_existed:
             log.info("search_index_rebuilt", reason="invalid: a build was cut short" if present else
                      "missing: a bulk load was cut short", duration_ms=round((time.monotonic() - started) * 1000))
