@@ -140,12 +140,12 @@ def search_index_events(logs: list[dict]) -> list[str]:
     return [e["event"] for e in logs if e["event"].startswith("search_index")]
 
 
-def wait_for_the_repair(story) -> None:
-    """The index build that the service's repair runs beside its loop, awaited: the index is valid after."""
-    repair = story.service._ingest.bulk  # noqa: SLF001 - the moment these stories are about
-    assert repair is not None
-    repair._thread.join(timeout=120)
-    assert index_state(story.database) == "valid"
+def wait_for_builds(logs: list[dict], count: int = 1) -> None:
+    """The index builds the service runs beside its loop, awaited by their lines (a build over a few rows
+    may be over, and its bulk load let go, before the loop's passes have ended)."""
+    def ended() -> int:
+        return sum(e["event"] in ("search_index_built", "search_index_build_failed") for e in logs) >= count
+    wait_for(ended, timeout=120, what=f"{count} index build(s) ended")
 
 
 def start_again(database: Database) -> None:
@@ -225,9 +225,7 @@ def test_the_service_bulk_loads_a_large_start_up_backlog_and_builds_the_index_in
         story.service.start()
         assert index_state(story.database) == "missing"
         story.run_until_idle()
-        bulk = story.service._ingest.bulk
-        assert bulk is not None
-        bulk._thread.join(timeout=120)  # the build runs beside the loop
+        wait_for_builds(logs)  # the build runs beside the loop
     assert index_state(story.database) == "valid"
     assert len(database_rows(story.database) or []) == 14
     events = [e["event"] for e in logs if e["event"] in ("bulk_load_started", "search_index_built")]
@@ -256,9 +254,9 @@ def test_a_service_started_after_a_stop_that_cut_a_bulk_load_short_builds_the_in
         raw(story.database, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(%s)", (HNSW_INDEX,))
     with capture_logs() as logs:
         again = story_factory(after=story)  # the stop, then the start
-        wait_for_the_repair(again)
+        wait_for_builds(logs)
     assert [e["event"] for e in logs if e["event"].startswith("bulk_load")] == ["bulk_load_stopped"]  # said
-    assert search_index_events(logs) == REPAIRED
+    assert search_index_events(logs) == REPAIRED and index_state(story.database) == "valid"
     assert again.ask("q.png", again.images / "p03.png")[0] == str(again.images / "p03.png")
 
 
@@ -275,8 +273,8 @@ def test_a_running_service_builds_again_an_index_that_a_failed_build_left_invali
     with capture_logs() as logs:
         story.clock.advance(REPAIR_LOOK_EVERY_S)
         story.run_until_idle()
-        wait_for_the_repair(story)
-    assert search_index_events(logs) == REPAIRED
+        wait_for_builds(logs)
+    assert search_index_events(logs) == REPAIRED and index_state(story.database) == "valid"
 
 
 def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_found_at_start_waiting(
@@ -296,17 +294,16 @@ def test_a_file_that_never_settles_keeps_neither_the_index_build_nor_a_query_fou
     story = story_factory({f"p{i:02d}.png": 100 + i for i in range(14)}, start=False)
     shutil.copyfile(story.images / "p03.png", story.inbox / "held.png")
     webcam = story.images / "webcam.png"
-    story.service.start()
-    for i in range(3 * RESTLESS_AFTER_SETTLES):
-        save_picture(webcam, seed=500 + i, size=(100 + i, 80))
-        story.notice(Folder.IMAGES, ChangeKind.TOUCHED, webcam)
-        story.clock.advance(SETTLE / 2)
-        while story.service.step():
-            pass
-    assert story.service.indexed == 14
-    bulk = story.service._ingest.bulk
-    assert bulk is not None and bulk._thread is not None, "the index build never began"
-    bulk._thread.join(timeout=120)
+    with capture_logs() as logs:
+        story.service.start()
+        for i in range(3 * RESTLESS_AFTER_SETTLES):
+            save_picture(webcam, seed=500 + i, size=(100 + i, 80))
+            story.notice(Folder.IMAGES, ChangeKind.TOUCHED, webcam)
+            story.clock.advance(SETTLE / 2)
+            while story.service.step():
+                pass
+        assert story.service.indexed == 14
+        wait_for_builds(logs)  # the index built while the webcam's snapshot keeps changing
     assert index_state(story.database) == "valid"
     answer = [json.loads(line)["file_path"] for line in (story.bundle("held.png") / "held.jsonl").read_text().splitlines()]
     assert answer[0] == str(story.images / "p03.png") and len(answer) == min(14, story.cfg.top_k)
@@ -412,15 +409,11 @@ def test_a_burst_dropped_while_the_service_runs_is_bulk_loaded_and_a_later_one_a
         story.run_until_idle()
         burst("a", 10, 100)
         story.run_until_idle()
-        first = story.service._ingest.bulk
-        assert first is not None
-        first._thread.join(timeout=120)
+        wait_for_builds(logs)
         assert index_state(story.database) == "valid"
         burst("b", 12, 200)
         story.run_until_idle()
-        second = story.service._ingest.bulk
-        assert second is not None and second is not first
-        second._thread.join(timeout=120)
+        wait_for_builds(logs, 2)
     assert index_state(story.database) == "valid"
     assert len(database_rows(story.database) or []) == 1 + 1 + 10 + 12
     started = [e["rows"] for e in logs if e["event"] == "bulk_load_started"]
