@@ -71,7 +71,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: a worker per core and one more, at most four. Many tests mostly wait (on an
+    """``-n auto``: a worker per core and two more, at most four. Many tests mostly wait (on an
     ``image-search`` process, a lease, a timer); measured on 2 cores, 3 workers ran the suite in 6:19
-    against 6:57 for 2, at 180% CPU against 165% (later runs of 3: 7:23-7:31, the machine is shared)."""
-    return min(4, len(os.sched_getaffinity(0)) + 1)
+    against 6:57 for 2, at 180% CPU against 165% (later runs of 3: 7:23-7:31, the machine is shared);
+    later still, the same tree in 6:19 with 3 workers and 5:35 with 4 (pytest's own times, one after
+    the other)."""
+    return min(4, len(os.sched_getaffinity(0)) + 2)
