@@ -42,6 +42,23 @@ def test_pictures_dropped_with_and_after_a_slow_one_are_searchable_while_it_is_r
     assert story.service.skipped == 0
 
 
+def test_as_many_slow_pictures_as_workers_hold_back_nothing_either(story_factory, slow_begun, monkeypatch):
+    """Two workers each on a slow picture: every picture dropped after them waited for one of them to
+    end. Now one more worker reads them meanwhile."""
+    import image_search.workers as workers
+
+    monkeypatch.setattr(workers, "default_worker_count", lambda: 2)  # whatever cores this machine has
+    story = story_factory({"a.png": 1})
+    started = time.monotonic()
+    slow = [drop(story, "slow1.png", 2), drop(story, "slow2.png", 3)]
+    step_until(story, lambda: len(story.service.ingest.slow_files) == 2, "both slow pictures set aside", SLOW_S - 3)
+    after = drop(story, "after.png", 4)
+    step_until(story, lambda: str(after) in story.rows(), "the picture dropped after them", SLOW_S - 3)
+    assert not {str(p) for p in slow} & set(story.rows()) and time.monotonic() - started < SLOW_S
+    story.run_until_idle()
+    assert set(story.rows()) == {str(story.images / n) for n in ("a.png", "slow1.png", "slow2.png", "after.png")}
+
+
 def test_a_slow_picture_rewritten_while_it_is_read_ends_with_its_new_content_and_copy(story_factory, slow_begun):
     """Its first read (of the old bytes) saves its processed copy when it ends: a second read of the new
     bytes, begun meanwhile and ended first, was overwritten by it (the row said the new content, the copy

@@ -617,6 +617,51 @@ def test_a_file_sent_behind_a_slow_one_is_read_by_the_worker_that_is_free(tmp_pa
         assert_same(outcome, reference(path))
 
 
+def test_while_every_worker_is_on_a_slow_file_one_more_reads_the_files_waiting(tmp_path, good_files, slow_reads):
+    """As many slow files as workers held back every file sent after them, for as long as they were read
+    (up to FILE_SECONDS_LIMIT). Now the pool starts one more worker for the files waiting, and goes back
+    to its size once no worker is slow."""
+    from structlog.testing import capture_logs
+
+    slow = save_picture(tmp_path / "slow.png", 65)
+    with pool(workers=1) as workers, capture_logs() as logs:
+        workers.wait_ready(timeout=60)
+        started = time.monotonic()
+        first = workers.submit([slow])
+        second = workers.submit(good_files[:3])
+        outcomes = second.results(timeout=SLOW_S - 1)
+        assert time.monotonic() - started < SLOW_S and not first.done()
+        assert len(workers.worker_pids()) == 2
+        [slow_outcome] = first.results(timeout=60)
+        wait_for(lambda: len(workers.worker_pids()) == 1, what="the pool back to its one worker")
+        again = workers.submit(good_files[3:5]).results(timeout=60)
+    for path, outcome in zip([*good_files[:3], slow, *good_files[3:5]], [*outcomes, slow_outcome, *again],
+                             strict=True):
+        assert_same(outcome, reference(path))
+    [added] = [e for e in logs if e["event"] == "preprocess_worker_added"]
+    assert added["slow_files"] == [str(slow)] and added["workers"] == 2
+
+
+def test_a_spare_worker_that_cannot_be_started_costs_only_the_wait(tmp_path, good_files, slow_reads):
+    from structlog.testing import capture_logs
+
+    slow = save_picture(tmp_path / "slow.png", 66)
+    with pool(workers=1) as workers, capture_logs() as logs:
+        workers.wait_ready(timeout=60)
+
+        def no_process() -> None:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        workers._start_worker = no_process  # fork refused: a process limit reached
+        first, second = workers.submit([slow]), workers.submit(good_files[:2])
+        outcomes = second.results(timeout=60)  # after the slow file, as before spares
+        assert first.done() and len(workers.worker_pids()) == 1
+    for path, outcome in zip(good_files[:2], outcomes, strict=True):
+        assert_same(outcome, reference(path))
+    [refused] = [e for e in logs if e["event"] == "preprocess_worker_not_added"]
+    assert "Resource temporarily unavailable" in refused["reason"] and refused["log_level"] == "warning"
+
+
 def test_a_slow_file_set_aside_leaves_its_batch_done_without_it(tmp_path, good_files, slow_reads):
     slow = save_picture(tmp_path / "slow.png", 61)
     paths = [good_files[0], slow, *good_files[1:4]]

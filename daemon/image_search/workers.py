@@ -25,6 +25,8 @@ A file that holds its worker past ``SLOW_FILE_S`` (a panorama, a slow share) hol
 it need not: the file sent to that worker behind it is sent to an idle worker too (the first outcome
 counts; the slow worker still does its copy later, one file of work at most), and the service sets the
 slow file aside (``set_aside_slow``), so that its batch, and the pictures dropped after it, go on.
+While every worker is on a slow file and files wait, the pool starts one more worker for them (up to
+twice its size), and lets the extra ones go once they are idle and no worker is slow.
 
 What a worker's code logs (metadata.py's lines about a picture's EXIF, a Python warning from a decoder)
 is sent to the parent beside the file's outcome, at most ``_LOG_LINES_PER_FILE`` lines a file (then how
@@ -83,6 +85,8 @@ FILE_SECONDS_LIMIT = 60.0
 # A file read and decoded for longer than this is slow: what waits behind it goes on without it (above).
 # A 12 MP camera JPEG takes about 70 ms here, the largest picture allowed a few seconds.
 SLOW_FILE_S = 3.0
+# After a spare worker (every worker slow, files waiting) could not be started, how long before another try.
+SPARE_RETRY_S = 60.0
 # How often a caller that waits for the workers' files says it lives (the service's watchdog ping).
 HEARTBEAT_EVERY_S = 1.0
 # How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
@@ -600,6 +604,7 @@ class PreprocessPool:
         # are the files some workers are on, two a worker at most), failed with the rest at close.
         self._set_aside: list[BatchHandle] = []
         self._workers: list[_Worker] = []
+        self._no_spare_before = 0.0  # after a spare worker could not be started
         self._closed = False
         self._error: PoolError | None = None
         self._dispatcher: threading.Thread | None = None
@@ -696,7 +701,7 @@ class PreprocessPool:
         with self._changed:
             if not self._changed.wait_for(
                 lambda: self._closed or self._error is not None
-                or (len(self._workers) == self.worker_count and all(w.ready for w in self._workers)), timeout
+                or (len(self._workers) >= self.worker_count and all(w.ready for w in self._workers)), timeout
             ):
                 raise TimeoutError(f"preprocessing workers not ready after {timeout} s")
             if self._error is not None:
@@ -748,6 +753,8 @@ class PreprocessPool:
                         return
                     now = time.monotonic()
                     self._lend_locked(now)
+                    grow = self._all_slow_while_files_wait_locked(now)
+                    retired = self._retire_spares_locked(now)
                     if self._queue:
                         reading: dict[Path, set[_Task]] = {}
                         for worker in self._workers:
@@ -760,6 +767,11 @@ class PreprocessPool:
                     timeout = min((left for w in self._workers
                                    for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),
                                   default=None)
+                if retired:
+                    _stop_all(retired)
+                if grow:
+                    self._add_spare()
+                    continue
                 ready = wait([*readable, self._wake_reader], timeout)
                 for item in ready:
                     if item == self._wake_reader:
@@ -809,11 +821,45 @@ class PreprocessPool:
                 self._deliver_locked(*worker.blame(description))
                 self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
                 worker.tasks.clear()
-            if self._closed or self._error is not None:
-                return
+            if self._closed or self._error is not None or len(self._workers) >= self.worker_count:
+                return  # a spare started while every worker was slow takes its place
         replacement = self._start_worker()
         with self._lock:
             self._workers.append(replacement)
+
+    def _all_slow_while_files_wait_locked(self, now: float) -> bool:
+        """Every worker is on a slow file while files wait (queued, or behind a slow one), and the pool may
+        grow: one more worker is wanted. Not while one is still starting (it is not slow)."""
+        waiting = bool(self._queue) or any(w.may_lend(now) for w in self._workers)
+        return (waiting and len(self._workers) < 2 * self.worker_count and now >= self._no_spare_before
+                and all(w.ready and w.is_slow(now) for w in self._workers))
+
+    def _add_spare(self) -> None:
+        try:
+            spare = self._start_worker()  # outside the lock: submit() and the callers' waits go on meanwhile
+        except OSError as exc:  # no process to be had (a limit, memory): the pool goes on at its size
+            self._no_spare_before = time.monotonic() + SPARE_RETRY_S
+            log.warning("preprocess_worker_not_added", reason=f"{type(exc).__name__}: {exc}",
+                        consequence=f"files wait for the slow ones; tried again in {SPARE_RETRY_S:g} s")
+            return
+        with self._lock:
+            self._workers.append(spare)
+            count = len(self._workers)
+            slow = [str(w.tasks[0].path) for w in self._workers if w.tasks and w.is_slow(time.monotonic())]
+        log.info("preprocess_worker_added", workers=count, slow_files=slow,
+                 reason="every worker is on a slow file while other files wait",
+                 detail="it is let go once no worker is slow")
+
+    def _retire_spares_locked(self, now: float) -> list[_Worker]:
+        """The idle workers beyond the pool's size once no more workers are slow than there are spares
+        (nothing queued): taken out of the pool, for the caller to stop."""
+        if self._queue:
+            return []
+        excess = len(self._workers) - self.worker_count - sum(w.is_slow(now) for w in self._workers)
+        retired = [w for w in self._workers if w.ready and not w.tasks][:max(0, excess)]
+        for worker in retired:
+            self._workers.remove(worker)
+        return retired
 
     def _lend_locked(self, now: float) -> None:
         """While a worker is idle, the files waiting behind a slow one go to it too (at the queue's front)."""

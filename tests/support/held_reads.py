@@ -1,5 +1,5 @@
 """Reads held in the preprocessing workers (``stuck_read/sitecustomize.py``): a file named ``stuck*`` is
-never read; the first one named ``slow*`` is read, then held ``slow_s`` seconds (later ones are not).
+never read; one named ``slow*`` is read, then held ``slow_s`` seconds (its later reads are not).
 ``mark`` is made when a worker begins on either. And what the slow-file stories share: the ``slow_begun``
 fixture (``SLOW_S`` seconds; a file is slow after 0.3 s), ``step_until`` and ``drop``."""
 

@@ -2,9 +2,9 @@
 files: with this folder on PYTHONPATH and STUCK_READ_MARK set, a preprocessing worker that is given a file
 whose name starts with ``stuck`` creates the file STUCK_READ_MARK names, then blocks as a read from a
 network mount whose server is gone would. One whose name starts with ``slow`` is read and decoded at
-once, and the first such read (the one that makes STUCK_READ_MARK) is then held for STUCK_READ_SLOW_S
-seconds before its processed copy is saved, as a slow decode of the bytes read is: a panorama, read again
-quickly once rewritten. Every other file is read as usual."""
+once, and the first read of each such name (each makes STUCK_READ_MARK, and a mark of its own beside it)
+is then held for STUCK_READ_SLOW_S seconds before its processed copy is saved, as a slow decode of the
+bytes read is: a panorama, read again quickly once rewritten. Every other file is read as usual."""
 
 import os
 
@@ -26,8 +26,9 @@ if os.environ.get("STUCK_READ_MARK"):
     def _preprocess_image(path, **kwargs):  # type: ignore[no-untyped-def]
         if not path.name.startswith("slow"):
             return _real_image(path, **kwargs)
+        os.close(os.open(os.environ["STUCK_READ_MARK"], os.O_CREAT | os.O_WRONLY))
         try:
-            os.close(os.open(os.environ["STUCK_READ_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(f"{os.environ['STUCK_READ_MARK']}.{path.name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             first = True
         except FileExistsError:
             first = False
