@@ -430,7 +430,8 @@ def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, dat
     from image_search.store import schema
 
     monkeypatch.setattr(schema, "default_worker_count", lambda: 3)  # whatever cores this machine has
-    store.upsert(rows(0, 300, unit_vectors(300)))
+    n = schema.PARALLEL_BUILD_MIN_ROWS  # fewer are built serially
+    store.upsert(rows(0, n, unit_vectors(n)))
     conn = database.connect()
     try:
         conn.autocommit = True

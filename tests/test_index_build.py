@@ -95,8 +95,9 @@ def test_a_server_without_shared_memory_for_a_parallel_build_builds_the_index_se
         assert store.search(rows[7].embedding, 1)[0].file_hash == rows[7].file_hash
     finally:
         store.close()
+    # The first start's build over the empty table is serial anyway: it reserves no shared memory.
     serial = [e for e in logs if e["event"] == "search_index_built_serially"]
-    assert len(serial) == 2, logs
+    assert len(serial) == 1, logs
     assert "could not resize shared memory segment" in serial[0]["reason"], serial[0]
     assert "shm_size" in serial[0]["action"]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")

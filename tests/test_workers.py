@@ -642,24 +642,70 @@ def test_while_every_worker_is_on_a_slow_file_one_more_reads_the_files_waiting(t
     assert added["slow_files"] == [str(slow)] and added["workers"] == 2
 
 
-def test_a_spare_worker_that_cannot_be_started_costs_only_the_wait(tmp_path, good_files, slow_reads):
+@pytest.mark.parametrize("how", ["refused", "killed as it starts"])
+def test_a_spare_worker_that_cannot_be_started_costs_only_the_wait(tmp_path, good_files, slow_reads, how):
+    """Fork refused (a process limit), or the spare killed while it imports (the OOM killer): the pool goes
+    on at its size, the files waiting wait for the slow one as before spares, and it says so once. A
+    spare that died as it started counted as a failed start: three in a row broke the whole pool."""
     from structlog.testing import capture_logs
 
     slow = save_picture(tmp_path / "slow.png", 66)
     with pool(workers=1) as workers, capture_logs() as logs:
         workers.wait_ready(timeout=60)
+        start = workers._start_worker
 
-        def no_process() -> None:
-            raise OSError(11, "Resource temporarily unavailable")
+        def no_spare():
+            if how == "refused":
+                raise OSError(11, "Resource temporarily unavailable")
+            spare = start()
+            spare.process.kill()
+            return spare
 
-        workers._start_worker = no_process  # fork refused: a process limit reached
+        workers._start_worker = no_spare
         first, second = workers.submit([slow]), workers.submit(good_files[:2])
         outcomes = second.results(timeout=60)  # after the slow file, as before spares
         assert first.done() and len(workers.worker_pids()) == 1
-    for path, outcome in zip(good_files[:2], outcomes, strict=True):
+        again = workers.submit(good_files[2:4]).results(timeout=60)  # the pool works on
+    for path, outcome in zip(good_files[:4], [*outcomes, *again], strict=True):
         assert_same(outcome, reference(path))
-    [refused] = [e for e in logs if e["event"] == "preprocess_worker_not_added"]
-    assert "Resource temporarily unavailable" in refused["reason"] and refused["log_level"] == "warning"
+    [lost] = [e for e in logs if e["event"] == "preprocess_worker_not_added"]
+    assert lost["log_level"] == "warning"
+    assert ("Resource temporarily unavailable" if how == "refused" else "SIGKILL") in lost["reason"]
+
+
+def test_a_worker_killed_for_its_file_that_lingers_is_no_longer_one_of_the_pool(tmp_path, good_files,
+                                                                                 monkeypatch) -> None:
+    """A read that never returns is killed at FILE_SECONDS_LIMIT, but a process stuck in the kernel may take
+    its time to go: it counted as a worker all the same, so the spare reading in its place was let go, and
+    files were even sent to it. Now the spare stays, and the files go to it."""
+    import signal
+    import subprocess
+
+    import image_search.workers as workers_module
+
+    monkeypatch.setattr(workers_module, "SLOW_FILE_S", 0.3)
+    monkeypatch.setattr(workers_module, "FILE_SECONDS_LIMIT", 2.0)
+    hold_reads(monkeypatch, tmp_path / "stuck-begun")
+    stuck = save_picture(tmp_path / "stuck.png", 67)
+    with pool(workers=1) as workers:
+        workers.wait_ready(timeout=60)
+        [lingering] = workers.worker_pids()
+        kill = subprocess.Popen.kill
+        monkeypatch.setattr(subprocess.Popen, "kill", lambda self: os.kill(self.pid, signal.SIGSTOP)
+                            if self.pid == lingering else kill(self))  # killed, but not gone yet
+        try:
+            workers.submit([stuck])
+            first = workers.submit(good_files[:2]).results(timeout=30)  # a spare reads them
+            time.sleep(3)  # past the limit: the stuck worker is killed, and lingers
+            later = workers.submit(good_files[2:4]).results(timeout=30)
+            time.sleep(1)  # the spare, idle now, is the pool's one worker
+            last = workers.submit(good_files[4:6]).results(timeout=30)
+        finally:
+            os.kill(lingering, signal.SIGKILL)
+        wait_for(lambda: workers.worker_pids() and lingering not in workers.worker_pids(), what="the stuck one gone")
+        assert len(workers.worker_pids()) == 1  # and no replacement beside the spare
+    for path, outcome in zip(good_files[:6], [*first, *later, *last], strict=True):
+        assert_same(outcome, reference(path))
 
 
 def test_a_slow_file_set_aside_leaves_its_batch_done_without_it(tmp_path, good_files, slow_reads):

@@ -87,6 +87,10 @@ FILE_SECONDS_LIMIT = 60.0
 SLOW_FILE_S = 3.0
 # After a spare worker (every worker slow, files waiting) could not be started, how long before another try.
 SPARE_RETRY_S = 60.0
+# A spare is started only while the machine has this much memory available per pixel of max-image-pixels:
+# one more worker's largest picture, decoded whole (measured peaks of one worker: up to 8.3 bytes a pixel,
+# a uniform RGBA PNG of 144 MP at 1.20 GB; README).
+SPARE_BYTES_PER_PIXEL = 9
 # How often a caller that waits for the workers' files says it lives (the service's watchdog ping).
 HEARTBEAT_EVERY_S = 1.0
 # How long to wait for a killed worker to be gone before leaving it to the system (a process stuck in
@@ -180,6 +184,18 @@ def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
         return exc
     except Exception as exc:  # same wording as a worker's
         return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+
+
+def available_memory() -> int:
+    """The bytes this machine can still give (MemAvailable); 0 where it cannot say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def default_worker_count() -> int:
@@ -498,8 +514,9 @@ class _Worker:
         return left if left > 0 else None
 
     def may_lend(self, now: float) -> bool:
-        """Its current file is slow and the files behind it were not sent to another worker yet."""
-        return not self.lent and len(self.tasks) > 1 and self.is_slow(now)
+        """Its current file is slow (or it was killed for it and lingers) and the files behind it were not
+        sent to another worker yet."""
+        return not self.lent and len(self.tasks) > 1 and (self.overdue or self.is_slow(now))
 
     def seconds_left(self, now: float) -> float | None:
         """Seconds before its current file passes ``FILE_SECONDS_LIMIT``; it is killed (its EOF then blames
@@ -761,14 +778,15 @@ class PreprocessPool:
                             for task in worker.tasks:
                                 reading.setdefault(task.path, set()).add(task)
                         # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
-                        for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
+                        # None to a worker killed for its file that lingers (stuck in the kernel): it will not read.
+                        for worker in sorted((w for w in self._workers if not w.overdue), key=lambda w: len(w.tasks)):
                             worker.take_from(self._queue, reading)
                     readable = {w.conn: w for w in self._workers}
                     timeout = min((left for w in self._workers
                                    for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),
                                   default=None)
-                if retired:
-                    _stop_all(retired)
+                if retired:  # on a thread of its own: the dispatcher goes on while they leave
+                    threading.Thread(target=_stop_all, args=(retired,), name="preprocess-retire", daemon=True).start()
                 if grow:
                     self._add_spare()
                     continue
@@ -784,6 +802,7 @@ class PreprocessPool:
             raise
 
     def _receive(self, worker: _Worker) -> None:
+        spare_failed = None
         try:
             message = worker.conn.recv()
         except (EOFError, OSError):
@@ -798,17 +817,27 @@ class PreprocessPool:
                 self._failed_starts_in_a_row = 0
                 self._changed.notify_all()
             elif isinstance(message, _StartFailed):
-                self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
+                if not self._at_size_without_locked(worker):
+                    self._break_locked(PoolError(f"a preprocessing worker could not start: {message.error}"))
+                    return
+                self._workers.remove(worker)
+                spare_failed = message.error
             else:
                 task = worker.answered()
                 outcome: Outcome = message.error(task.path) if isinstance(message, _Rejected) else message
                 self._deliver_locked(task, outcome)
+        if spare_failed is not None:
+            _stop_all([worker])
+            self._spare_lost(spare_failed)
 
     def _replace_dead(self, worker: _Worker) -> None:
+        spare_lost = at_size = False
         description = worker.reap()
         with self._changed:
             self._workers.remove(worker)
-            if not worker.ready:
+            if not worker.ready and self._at_size_without_locked(worker):
+                spare_lost = True  # a spare: the pool is at its size without it, and goes on so
+            elif not worker.ready:
                 # It died before it could take a file: no file is to blame. Once is a stray signal or a
                 # transient failure; every time means a broken environment, which the caller must hear of.
                 self._failed_starts_in_a_row += 1
@@ -821,26 +850,41 @@ class PreprocessPool:
                 self._deliver_locked(*worker.blame(description))
                 self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
                 worker.tasks.clear()
-            if self._closed or self._error is not None or len(self._workers) >= self.worker_count:
-                return  # a spare started while every worker was slow takes its place
+            if self._closed or self._error is not None or self._at_size_without_locked(worker):
+                at_size = True  # a spare started while every worker was slow takes its place
+        if spare_lost:
+            self._spare_lost(description)
+        if at_size:
+            return
         replacement = self._start_worker()
         with self._lock:
             self._workers.append(replacement)
 
+    def _at_size_without_locked(self, worker: _Worker) -> bool:
+        """The pool has its size without ``worker``, counting no worker killed for a file and lingering."""
+        return sum(1 for w in self._workers if w is not worker and not w.overdue) >= self.worker_count
+
+    def _spare_lost(self, reason: str) -> None:
+        self._no_spare_before = time.monotonic() + SPARE_RETRY_S
+        log.warning("preprocess_worker_not_added", reason=reason,
+                    consequence=f"files wait for the slow ones; tried again in {SPARE_RETRY_S:g} s")
+
     def _all_slow_while_files_wait_locked(self, now: float) -> bool:
-        """Every worker is on a slow file while files wait (queued, or behind a slow one), and the pool may
-        grow: one more worker is wanted. Not while one is still starting (it is not slow)."""
+        """Every worker is on a slow file (or was killed for one and lingers) while files wait (queued, or
+        behind a slow one), and the pool may grow: one more worker is wanted. Not while one is still
+        starting (it is not slow), nor unless the machine has the memory for one more worker's largest
+        picture (a folder of panoramas makes every spare slow too: twice the workers, each on one)."""
+        members = [w for w in self._workers if not w.overdue]
         waiting = bool(self._queue) or any(w.may_lend(now) for w in self._workers)
-        return (waiting and len(self._workers) < 2 * self.worker_count and now >= self._no_spare_before
-                and all(w.ready and w.is_slow(now) for w in self._workers))
+        return (waiting and len(members) < 2 * self.worker_count and now >= self._no_spare_before
+                and all(w.ready and w.is_slow(now) for w in members)
+                and available_memory() >= SPARE_BYTES_PER_PIXEL * self.settings.max_pixels)
 
     def _add_spare(self) -> None:
         try:
             spare = self._start_worker()  # outside the lock: submit() and the callers' waits go on meanwhile
         except OSError as exc:  # no process to be had (a limit, memory): the pool goes on at its size
-            self._no_spare_before = time.monotonic() + SPARE_RETRY_S
-            log.warning("preprocess_worker_not_added", reason=f"{type(exc).__name__}: {exc}",
-                        consequence=f"files wait for the slow ones; tried again in {SPARE_RETRY_S:g} s")
+            self._spare_lost(f"{type(exc).__name__}: {exc}")
             return
         with self._lock:
             self._workers.append(spare)
@@ -855,8 +899,9 @@ class PreprocessPool:
         (nothing queued): taken out of the pool, for the caller to stop."""
         if self._queue:
             return []
-        excess = len(self._workers) - self.worker_count - sum(w.is_slow(now) for w in self._workers)
-        retired = [w for w in self._workers if w.ready and not w.tasks][:max(0, excess)]
+        members = [w for w in self._workers if not w.overdue]
+        excess = len(members) - self.worker_count - sum(w.is_slow(now) for w in members)
+        retired = [w for w in members if w.ready and not w.tasks][:max(0, excess)]
         for worker in retired:
             self._workers.remove(worker)
         return retired

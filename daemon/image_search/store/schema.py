@@ -133,9 +133,12 @@ _ROWS = "SELECT count(*) FROM image_embeddings"
 GRAPH_BYTES_PER_ROW_BEYOND_VECTOR = 1024
 # PostgreSQL gives a build no more workers than leave each participant (the leader too) 32 MB.
 MEMORY_PER_PARTICIPANT_MB = 32
-# SQLSTATE class 53, insufficient resources: what a parallel build's shared memory segment meets when
-# /dev/shm is too small (disk full for the segment's file, or out of memory).
-INSUFFICIENT_RESOURCES = "53"
+# Below this many rows a build is serial: it takes a fraction of a second either way, and reserves no
+# shared memory (32 MB a core of it on a many-core machine, for an empty table at the first start).
+PARALLEL_BUILD_MIN_ROWS = 1_000
+# What PostgreSQL says when /dev/shm cannot hold a parallel build's segment (SQLSTATE class 53, as a full
+# disk or memory is: only this one is worth a serial try).
+_NO_SHARED_MEMORY = ("could not resize shared memory segment", "dynamic shared memory")
 
 
 def memory_ceiling_mb() -> int:
@@ -156,32 +159,36 @@ def build_memory_mb(rows: int, dimension: int, workers: int) -> int:
 
 def build_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently: bool) -> None:
     """Build the HNSW index (unless there is one), its memory sized to the rows there and with a parallel
-    worker per core but one (the leader works too). ``concurrently``: on an autocommit session, while others
+    worker per core but one (the leader works too; none below ``PARALLEL_BUILD_MIN_ROWS``). ``concurrently``: on an autocommit session, while others
     write (its settings stay for the session); else within ``cur``'s transaction (for it alone).
 
     A server whose shared memory cannot hold a parallel build's segment (a container's small /dev/shm)
     gets the same build serially, with a warning saying how to give it room: slower, never a failure."""
     local = not concurrently
-    workers = max(0, default_worker_count() - 1)
     cur.execute(_ROWS)
-    memory = build_memory_mb(cur.fetchone()[0], dimension, workers)
+    rows = cur.fetchone()[0]
+    workers = max(0, default_worker_count() - 1) if rows >= PARALLEL_BUILD_MIN_ROWS else 0
+    memory = build_memory_mb(rows, dimension, workers)
     cur.execute(_BUILD_SETTINGS, {"memory": f"{memory}MB", "workers": str(workers), "local": local})
-    if not local:
+    if not workers:
+        cur.execute(hnsw_index_ddl(dimension, concurrently=concurrently))
+    elif not local:
         _create_index(cur, dimension, concurrently=True)
-        return
-    cur.execute("SAVEPOINT index_build")
-    _create_index(cur, dimension, concurrently=False)
-    cur.execute("RELEASE SAVEPOINT index_build")
+    else:
+        cur.execute("SAVEPOINT index_build")
+        _create_index(cur, dimension, concurrently=False)
+        cur.execute("RELEASE SAVEPOINT index_build")
 
 
 def _create_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently: bool) -> None:
+    """A parallel build, or a serial one where the server has no shared memory for it."""
     try:
         cur.execute(hnsw_index_ddl(dimension, concurrently=concurrently))
         return
     except psycopg2.Error as exc:
-        if not (exc.pgcode or "").startswith(INSUFFICIENT_RESOURCES):
-            raise
         reason = " ".join(str(exc).split())
+        if not (exc.pgcode or "").startswith("53") or not any(said in reason for said in _NO_SHARED_MEMORY):
+            raise
     log.warning("search_index_built_serially", reason=f"the server could not give a parallel build its shared "
                 f"memory ({reason})", action="building it on one core; if PostgreSQL runs in a container, give "
                 "it more shared memory (docker-compose.yml: shm_size)")
