@@ -642,6 +642,27 @@ def test_while_every_worker_is_on_a_slow_file_one_more_reads_the_files_waiting(t
     assert added["slow_files"] == [str(slow)] and added["workers"] == 2
 
 
+def test_a_worker_computing_on_a_slow_file_gets_no_spare(tmp_path, good_files, monkeypatch):
+    """A big decode computes all along: a spare beside it takes its core. Four 30 s decodes on two cores,
+    each with a worker of its own, took 60 s each and were stopped at the per-file limit. So the files
+    waiting wait for it, as before spares."""
+    import image_search.workers as workers_module
+
+    monkeypatch.setattr(workers_module, "SLOW_FILE_S", 0.3)
+    hold_reads(monkeypatch, tmp_path / "slow-begun", slow_s=3.0, spin=True)
+    slow = save_picture(tmp_path / "slow.png", 68)
+    with pool(workers=1) as workers:
+        workers.wait_ready(timeout=60)
+        first, second = workers.submit([slow]), workers.submit(good_files[:2])
+        wait_for(lambda: (tmp_path / "slow-begun").exists(), what="the slow file begun")
+        time.sleep(1.0)  # slow for 0.7 s: a sleeping worker would have had its spare by now
+        assert len(workers.worker_pids()) == 1 and not second.done()
+        outcomes = second.results(timeout=60)
+        assert first.done()
+    for path, outcome in zip(good_files[:2], outcomes, strict=True):
+        assert_same(outcome, reference(path))
+
+
 @pytest.mark.parametrize("how", ["refused", "killed as it starts"])
 def test_a_spare_worker_that_cannot_be_started_costs_only_the_wait(tmp_path, good_files, slow_reads, how):
     """Fork refused (a process limit), or the spare killed while it imports (the OOM killer): the pool goes

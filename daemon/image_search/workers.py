@@ -25,8 +25,9 @@ A file that holds its worker past ``SLOW_FILE_S`` (a panorama, a slow share) hol
 it need not: the file sent to that worker behind it is sent to an idle worker too (the first outcome
 counts; the slow worker still does its copy later, one file of work at most), and the service sets the
 slow file aside (``set_aside_slow``), so that its batch, and the pictures dropped after it, go on.
-While every worker is on a slow file and files wait, the pool starts one more worker for them (up to
-twice its size), and lets the extra ones go once they are idle and no worker is slow.
+While every worker is on a slow file and files wait, the pool starts one more worker for each that waits
+on its read rather than computing (up to twice its size), and lets the extra ones go once they are idle
+and no worker is slow.
 
 What a worker's code logs (metadata.py's lines about a picture's EXIF, a Python warning from a decoder)
 is sent to the parent beside the file's outcome, at most ``_LOG_LINES_PER_FILE`` lines a file (then how
@@ -184,6 +185,16 @@ def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
         return exc
     except Exception as exc:  # same wording as a worker's
         return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of process ``pid`` (R running, S asleep, D in uninterruptible I/O...);
+    None where it cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def available_memory() -> int:
@@ -512,6 +523,11 @@ class _Worker:
             return None
         left = self.busy_since + SLOW_FILE_S - now
         return left if left > 0 else None
+
+    def is_blocked(self, now: float) -> bool:
+        """Slow, and waiting rather than computing (its process asleep: a read from a share that answers
+        slowly, or not at all), so that another worker would not take its core."""
+        return self.is_slow(now) and process_state(self.process.pid) in ("S", "D")
 
     def may_lend(self, now: float) -> bool:
         """Its current file is slow (or it was killed for it and lingers) and the files behind it were not
@@ -871,13 +887,18 @@ class PreprocessPool:
 
     def _all_slow_while_files_wait_locked(self, now: float) -> bool:
         """Every worker is on a slow file (or was killed for one and lingers) while files wait (queued, or
-        behind a slow one), and the pool may grow: one more worker is wanted. Not while one is still
-        starting (it is not slow), nor unless the machine has the memory for one more worker's largest
-        picture (a folder of panoramas makes every spare slow too: twice the workers, each on one)."""
+        behind a slow one), and more of them wait on their reads than there are spares already: one more
+        worker is wanted. Not for workers that compute (a big decode: a spare would take their cores, and
+        four 30 s decodes on two cores each took 60 s and were stopped at the per-file limit), nor while
+        one is still starting (it is not slow), nor unless the machine has the memory for one more
+        worker's largest picture."""
         members = [w for w in self._workers if not w.overdue]
         waiting = bool(self._queue) or any(w.may_lend(now) for w in self._workers)
-        return (waiting and len(members) < 2 * self.worker_count and now >= self._no_spare_before
-                and all(w.ready and w.is_slow(now) for w in members)
+        if not (waiting and len(members) < 2 * self.worker_count and now >= self._no_spare_before
+                and all(w.ready and w.is_slow(now) for w in members)):
+            return False
+        blocked = sum(w.is_blocked(now) for w in members)
+        return (blocked > len(members) - self.worker_count
                 and available_memory() >= SPARE_BYTES_PER_PIXEL * self.settings.max_pixels)
 
     def _add_spare(self) -> None:

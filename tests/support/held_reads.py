@@ -20,14 +20,14 @@ from tests.support.story import SETTLE, Story
 STUCK_READ = Path(__file__).parent / "stuck_read"
 
 
-def _held(mark: Path, slow_s: float) -> dict[str, str]:
+def _held(mark: Path, slow_s: float, spin: bool = False) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(STUCK_READ), os.environ.get("PYTHONPATH", "")]),
-            "STUCK_READ_MARK": str(mark), "STUCK_READ_SLOW_S": str(slow_s)}
+            "STUCK_READ_MARK": str(mark), "STUCK_READ_SLOW_S": str(slow_s), **({"STUCK_READ_SPIN": "1"} if spin else {})}
 
 
-def hold_reads(monkeypatch: pytest.MonkeyPatch, mark: Path, *, slow_s: float = 0.0) -> None:
-    """Workers started by this process from now on hold reads as above."""
-    for name, value in _held(mark, slow_s).items():
+def hold_reads(monkeypatch: pytest.MonkeyPatch, mark: Path, *, slow_s: float = 0.0, spin: bool = False) -> None:
+    """Workers started by this process from now on hold reads as above (``spin``: computing, not asleep)."""
+    for name, value in _held(mark, slow_s, spin).items():
         monkeypatch.setenv(name, value)
 
 

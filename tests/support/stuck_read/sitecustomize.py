@@ -4,7 +4,8 @@ whose name starts with ``stuck`` creates the file STUCK_READ_MARK names, then bl
 network mount whose server is gone would. One whose name starts with ``slow`` is read and decoded at
 once, and the first read of each such name (each makes STUCK_READ_MARK, and a mark of its own beside it)
 is then held for STUCK_READ_SLOW_S seconds before its processed copy is saved, as a slow decode of the
-bytes read is: a panorama, read again quickly once rewritten. Every other file is read as usual."""
+bytes read is: a panorama, read again quickly once rewritten; asleep (a slow share), or with
+STUCK_READ_SPIN set computing all along (a big decode). Every other file is read as usual."""
 
 import os
 
@@ -33,7 +34,11 @@ if os.environ.get("STUCK_READ_MARK"):
         except FileExistsError:
             first = False
         prepared = _real_image(path, **kwargs)
-        if first:
+        if first and os.environ.get("STUCK_READ_SPIN"):  # computing all along, as a big decode does
+            deadline = time.monotonic() + float(os.environ["STUCK_READ_SLOW_S"])
+            while time.monotonic() < deadline:
+                pass
+        elif first:
             time.sleep(float(os.environ["STUCK_READ_SLOW_S"]))
         return prepared
 
