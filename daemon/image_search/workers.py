@@ -912,7 +912,7 @@ class PreprocessPool:
             count = len(self._workers)
             slow = [str(w.tasks[0].path) for w in self._workers if w.tasks and w.is_slow(time.monotonic())]
         log.info("preprocess_worker_added", workers=count, slow_files=slow,
-                 reason="every worker is on a slow file while other files wait",
+                 reason="every worker is on a slow file, and some wait on their reads, while other files wait",
                  detail="it is let go once no worker is slow")
 
     def _retire_spares_locked(self, now: float) -> list[_Worker]:
