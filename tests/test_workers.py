@@ -642,6 +642,20 @@ def test_while_every_worker_is_on_a_slow_file_one_more_reads_the_files_waiting(t
     assert added["slow_files"] == [str(slow)] and added["workers"] == 2
 
 
+def test_two_slow_files_go_to_two_workers_and_each_is_read_once(tmp_path, slow_reads):
+    """Filled to two files at once, the first worker took both slow files while the second idled; lent to
+    it 0.3 s later, the second slow file was read twice (the first worker still read its own copy)."""
+    slow = [save_picture(tmp_path / "slow1.png", 69), save_picture(tmp_path / "slow2.png", 70)]
+    with pool(workers=2) as workers:
+        workers.wait_ready(timeout=60)
+        outcomes = workers.submit(slow).results(timeout=60)
+        time.sleep(1.0)  # a second read of either, had one begun, is over by now
+    for path, outcome in zip(slow, outcomes, strict=True):
+        assert_same(outcome, reference(path))
+    reads = Path(f"{slow_reads}.reads").read_text().split()
+    assert sorted(reads) == ["slow1.png", "slow2.png"], reads
+
+
 def test_a_worker_computing_on_a_slow_file_gets_no_spare(tmp_path, good_files, monkeypatch):
     """A big decode computes all along: a spare beside it takes its core. Four 30 s decodes on two cores,
     each with a worker of its own, took 60 s each and were stopped at the per-file limit. So the files
@@ -661,6 +675,41 @@ def test_a_worker_computing_on_a_slow_file_gets_no_spare(tmp_path, good_files, m
         assert first.done()
     for path, outcome in zip(good_files[:2], outcomes, strict=True):
         assert_same(outcome, reference(path))
+
+
+def test_workers_stuck_in_reads_that_do_not_return_are_killed_together_and_waited_for_once(monkeypatch):
+    """A worker in a read from a share that no longer answers cannot die before the read returns: a stop
+    killed each in turn and waited 5 s for each (27.6 s for four, spares included). Now it kills them all,
+    then waits once."""
+    import image_search.workers as workers_module
+
+    monkeypatch.setattr(workers_module, "_CLOSE_GRACE_SECONDS", 0.05)
+    monkeypatch.setattr(workers_module, "_KILL_WAIT_SECONDS", 0.2)
+    waited: list[float] = []
+
+    class InAReadThatDoesNotReturn:
+        killed = False
+
+        def kill(self) -> None:
+            self.killed = True
+
+        def wait(self, timeout: float) -> int:
+            if self.killed:
+                waited.append(timeout)
+            time.sleep(timeout)
+            raise subprocess.TimeoutExpired("worker", timeout)
+
+    class Conn:
+        def send(self, message) -> None:
+            raise BrokenPipeError
+
+        def close(self) -> None:
+            pass
+
+    stuck = [types.SimpleNamespace(conn=Conn(), process=InAReadThatDoesNotReturn()) for _ in range(4)]
+    workers_module._stop_all(stuck)
+    assert all(w.process.killed for w in stuck)
+    assert sum(waited) <= 0.2 + 0.01, waited  # one wait for them all, not one each
 
 
 @pytest.mark.parametrize("how", ["refused", "killed as it starts"])

@@ -480,11 +480,11 @@ class _Worker:
             pass  # it died before reading them: the pool reads that death (EOF) as a failed start, as any other
         return cls(process=process, conn=parent_end)
 
-    def take_from(self, queue: deque[_Task], reading: dict[Path, set[_Task]]) -> None:
-        """Send files from the front of ``queue`` until this worker holds ``_TASKS_PER_WORKER``; a file that
-        another batch's read of the same path holds (``reading``: every worker's files) waits in the queue."""
+    def take_from(self, queue: deque[_Task], reading: dict[Path, set[_Task]], *, up_to: int) -> None:
+        """Send files from the front of ``queue`` until this worker holds ``up_to``; a file that another
+        batch's read of the same path holds (``reading``: every worker's files) waits in the queue."""
         waiting: list[_Task] = []
-        while self.ready and queue and len(self.tasks) < _TASKS_PER_WORKER:
+        while self.ready and queue and len(self.tasks) < up_to:
             task = queue.popleft()
             if task.handle._delivered(task.index):  # its batch failed (pool closing), or another worker answered
                 continue
@@ -573,11 +573,21 @@ def _stop_all(workers: list[_Worker]) -> None:
             pass
         worker.conn.close()  # a worker busy on a file sees its send fail and leaves
     deadline = time.monotonic() + _CLOSE_GRACE_SECONDS
+    lingering = []
     for worker in workers:
         try:
             worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_and_reap(worker.process)
+            worker.process.kill()
+            lingering.append(worker.process)
+    # Killed together and waited for together: a worker in a read from a share that does not answer cannot
+    # die before the read returns, and each waited for in turn held a stop 5 s a worker (27.6 s for four).
+    deadline = time.monotonic() + _KILL_WAIT_SECONDS
+    for process in lingering:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # left to the system: it dies once its read returns
 
 
 def _kill_and_reap(process: subprocess.Popen[bytes]) -> int | None:
@@ -793,10 +803,13 @@ class PreprocessPool:
                         for worker in self._workers:
                             for task in worker.tasks:
                                 reading.setdefault(task.path, set()).add(task)
-                        # The idle first: no file goes behind another worker's (maybe slow) file while one is free.
-                        # None to a worker killed for its file that lingers (stuck in the kernel): it will not read.
-                        for worker in sorted((w for w in self._workers if not w.overdue), key=lambda w: len(w.tasks)):
-                            worker.take_from(self._queue, reading)
+                        # A file each first, the idle first: no file goes behind another worker's (maybe slow)
+                        # file while one is free (filled to two at once, a worker took both of two slow files
+                        # while another idled, and the second was read twice once lent). None to a worker
+                        # killed for its file that lingers (stuck in the kernel): it will not read.
+                        for up_to in range(1, _TASKS_PER_WORKER + 1):
+                            for worker in sorted((w for w in self._workers if not w.overdue), key=lambda w: len(w.tasks)):
+                                worker.take_from(self._queue, reading, up_to=up_to)
                     readable = {w.conn: w for w in self._workers}
                     timeout = min((left for w in self._workers
                                    for left in (w.seconds_left(now), w.seconds_until_slow(now)) if left is not None),

@@ -28,6 +28,8 @@ if os.environ.get("STUCK_READ_MARK"):
         if not path.name.startswith("slow"):
             return _real_image(path, **kwargs)
         os.close(os.open(os.environ["STUCK_READ_MARK"], os.O_CREAT | os.O_WRONLY))
+        with open(f"{os.environ['STUCK_READ_MARK']}.reads", "a") as reads:  # one line a read, for counting
+            reads.write(path.name + "\n")
         try:
             os.close(os.open(f"{os.environ['STUCK_READ_MARK']}.{path.name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             first = True
