@@ -159,8 +159,9 @@ def build_memory_mb(rows: int, dimension: int, workers: int) -> int:
 
 def build_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently: bool) -> None:
     """Build the HNSW index (unless there is one), its memory sized to the rows there and with a parallel
-    worker per core but one (the leader works too; none below ``PARALLEL_BUILD_MIN_ROWS``). ``concurrently``: on an autocommit session, while others
-    write (its settings stay for the session); else within ``cur``'s transaction (for it alone).
+    worker per core but one (the leader works too; none below ``PARALLEL_BUILD_MIN_ROWS``). ``concurrently``:
+    on an autocommit session, while others write (its settings stay for the session); else within ``cur``'s
+    transaction (for it alone).
 
     A server whose shared memory cannot hold a parallel build's segment (a container's small /dev/shm)
     gets the same build serially, with a warning saying how to give it room: slower, never a failure."""
