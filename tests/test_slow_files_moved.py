@@ -34,6 +34,34 @@ def test_a_slow_picture_deleted_or_renamed_while_it_is_read_holds_back_nothing(s
     assert story.copies_in_processed() == story.copies_of_rows()  # the dropped read's copy is gone
 
 
+def test_a_slow_picture_replaced_by_a_rename_while_it_is_read_holds_back_nothing(story_factory, slow_begun):
+    """An editor's save (a new file renamed over the old) while the old is read: its read is dropped, and
+    the new picture's read waited in the pool for it to end, holding back the batch it was in with the
+    pictures dropped after it (helper x: 11-13 s). Now the new read is not submitted until then."""
+    import hashlib
+    import os
+
+    from image_search.watch import ChangeKind, Folder
+    from tests.support.files import save_picture
+
+    story = story_factory({"a.png": 1})
+    slow = drop(story, "slow.png", 2)
+    step_until(story, lambda: story.service.ingest.slow_files == (slow,), "the slow picture set aside", SLOW_S - 3)
+    started = time.monotonic()
+    saved = save_picture(story.images / ".slow.png.tmp", seed=9, size=(100, 80), fmt="PNG")
+    os.rename(saved, slow)
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, saved, dest=slow)
+    after = drop(story, "after.png", 3)
+    step_until(story, lambda: str(after) in story.rows(), "the picture dropped after it", SLOW_S - 3)
+    assert time.monotonic() - started < SLOW_S - 3
+    time.sleep(max(0.0, started + SLOW_S + 1 - time.monotonic()))  # the dropped read has ended
+    step_until(story, lambda: str(slow) in story.rows(), "the new picture", 30)
+    story.run_until_idle()
+    assert story.rows()[str(slow)]["file_hash"] == hashlib.md5(slow.read_bytes()).hexdigest()
+    assert set(story.rows()) == {str(story.images / n) for n in ("a.png", "slow.png", "after.png")}
+    assert story.copies_in_processed() == story.copies_of_rows()
+
+
 def test_a_rescan_while_a_slow_picture_is_read_holds_back_nothing(story_factory, slow_begun):
     """A rescan finished every batch being read before it compared the folder with the rows: with a slow
     file set aside, it waited for it, and the loop with it (at every rescan-interval while it lasted)."""

@@ -146,9 +146,12 @@ class ImageIngest:
         self._set_aside.append(aside)
 
     def _after_slow_reads(self, paths: list[Path]) -> list[Path]:
-        """``paths`` but those a set-aside batch is still reading (rewritten meanwhile): pending again, read
-        once that read is over, so that the older read's row and processed copy never land over the newer."""
-        reading = {path for batch in self._set_aside for path in batch.paths}
+        """``paths`` but those a set-aside batch is still reading (rewritten meanwhile), or reads though they
+        were dropped (replaced by a rename): pending again, read once that read is over, so that the older
+        read's row and processed copy never land over the newer. Submitted at once, such a read waited in
+        the pool for the older one, and held back the pictures of its batch with it."""
+        reading = {path for batch in self._set_aside for path in (*batch.paths, *batch.dropped)}
+        reading |= {path for batch in self._dropped_reads if not batch.read_within(0) for path in batch.dropped}
         later = [path for path in paths if path in reading]
         if later:
             marked = self.images.take_reread(later)
