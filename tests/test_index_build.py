@@ -6,7 +6,6 @@ serially, with a warning that says how to give the server room."""
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -51,16 +50,17 @@ def server_with_small_shared_memory(tmp_path: Path) -> Iterator[EmbeddedPostgres
         pytest.skip("needs root: the server's small /dev/shm is a tmpfs mounted in a mount namespace")
     pgdata.seed(tmp_path)
     data = tmp_path / "pgdata"
-    pg_ctl = Path(__import__("pgserver").__file__).parent / "pginstall" / "bin" / "pg_ctl"
-    start = (f"mount -t tmpfs -o size=4m tmpfs /dev/shm && exec runuser -u {PGSERVER_ROOT_USER} -- "
-             f"{pg_ctl} -D {data} -w -l {data}/log -o '-h \"\" -k {data}' start")
-    pwd.getpwnam(PGSERVER_ROOT_USER)  # made by the session's first start as root (the template's)
+    from pgserver._commands import POSTGRES_BIN_PATH
     from pgserver.utils import ensure_prefix_permissions
 
+    pg_ctl = POSTGRES_BIN_PATH / "pg_ctl"
+    start = (f"mount -t tmpfs -o size=4m tmpfs /dev/shm && exec runuser -u {PGSERVER_ROOT_USER} -- "
+             f"{pg_ctl} -D {data} -w -l {data}/log -o '-h \"\" -k {data}' start")
     ensure_prefix_permissions(data)  # as pgserver does: its user may go through the folders above pgdata
     started = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", start],
                              capture_output=True, text=True, timeout=60)
-    assert started.returncode == 0, started.stdout + started.stderr + (data / "log").read_text()
+    log = data / "log"
+    assert started.returncode == 0, started.stdout + started.stderr + (log.read_text() if log.exists() else "")
     server = EmbeddedPostgres(data)
     try:
         yield server

@@ -806,9 +806,9 @@ class PreprocessPool:
                         # A file each first, the idle first: no file goes behind another worker's (maybe slow)
                         # file while one is free (filled to two at once, a worker took both of two slow files
                         # while another idled, and the second was read twice once lent). None to a worker
-                        # killed for its file that lingers (stuck in the kernel): it will not read.
+                        # killed for its file that lingers.
                         for up_to in range(1, _TASKS_PER_WORKER + 1):
-                            for worker in sorted((w for w in self._workers if not w.overdue), key=lambda w: len(w.tasks)):
+                            for worker in sorted(self._members_locked(), key=lambda w: len(w.tasks)):
                                 worker.take_from(self._queue, reading, up_to=up_to)
                     readable = {w.conn: w for w in self._workers}
                     timeout = min((left for w in self._workers
@@ -860,13 +860,13 @@ class PreprocessPool:
             self._spare_lost(spare_failed)
 
     def _replace_dead(self, worker: _Worker) -> None:
-        spare_lost = at_size = False
         description = worker.reap()
         with self._changed:
             self._workers.remove(worker)
-            if not worker.ready and self._at_size_without_locked(worker):
-                spare_lost = True  # a spare: the pool is at its size without it, and goes on so
-            elif not worker.ready:
+            # A spare started while every worker was slow takes its place; a spare that died starting leaves
+            # the pool at its size, and is no failed start.
+            at_size = self._at_size_without_locked(worker)
+            if not worker.ready and not at_size:
                 # It died before it could take a file: no file is to blame. Once is a stray signal or a
                 # transient failure; every time means a broken environment, which the caller must hear of.
                 self._failed_starts_in_a_row += 1
@@ -879,19 +879,23 @@ class PreprocessPool:
                 self._deliver_locked(*worker.blame(description))
                 self._queue.extendleft(reversed(worker.tasks))  # innocent: first in line for another worker
                 worker.tasks.clear()
-            if self._closed or self._error is not None or self._at_size_without_locked(worker):
-                at_size = True  # a spare started while every worker was slow takes its place
-        if spare_lost:
+            stopped = self._closed or self._error is not None
+        if not worker.ready and at_size:
             self._spare_lost(description)
-        if at_size:
+        if stopped or at_size:
             return
         replacement = self._start_worker()
         with self._lock:
             self._workers.append(replacement)
 
+    def _members_locked(self) -> list[_Worker]:
+        """The pool's workers but those killed for their file that linger (stuck in the kernel): they will
+        read nothing more, and count for nothing."""
+        return [w for w in self._workers if not w.overdue]
+
     def _at_size_without_locked(self, worker: _Worker) -> bool:
-        """The pool has its size without ``worker``, counting no worker killed for a file and lingering."""
-        return sum(1 for w in self._workers if w is not worker and not w.overdue) >= self.worker_count
+        """The pool has its size without ``worker``."""
+        return sum(1 for w in self._members_locked() if w is not worker) >= self.worker_count
 
     def _spare_lost(self, reason: str) -> None:
         self._no_spare_before = time.monotonic() + SPARE_RETRY_S
@@ -905,7 +909,7 @@ class PreprocessPool:
         four 30 s decodes on two cores each took 60 s and were stopped at the per-file limit), nor while
         one is still starting (it is not slow), nor unless the machine has the memory for one more
         worker's largest picture."""
-        members = [w for w in self._workers if not w.overdue]
+        members = self._members_locked()
         waiting = bool(self._queue) or any(w.may_lend(now) for w in self._workers)
         if not (waiting and len(members) < 2 * self.worker_count and now >= self._no_spare_before
                 and all(w.ready and w.is_slow(now) for w in members)):
@@ -933,7 +937,7 @@ class PreprocessPool:
         (nothing queued): taken out of the pool, for the caller to stop."""
         if self._queue:
             return []
-        members = [w for w in self._workers if not w.overdue]
+        members = self._members_locked()
         excess = len(members) - self.worker_count - sum(w.is_slow(now) for w in members)
         retired = [w for w in members if w.ready and not w.tasks][:max(0, excess)]
         for worker in retired:
