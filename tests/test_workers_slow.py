@@ -198,9 +198,9 @@ def test_a_worker_killed_for_its_file_that_lingers_is_no_longer_one_of_the_pool(
     its time to go: it counted as a worker all the same, so the spare reading in its place was let go, and
     files were even sent to it. Now the spare stays, and the files go to it."""
     import signal
-    import subprocess
 
     import image_search.workers as workers_module
+    from image_search.launcher import ForkedProcess
 
     monkeypatch.setattr(workers_module, "SLOW_FILE_S", 0.3)
     monkeypatch.setattr(workers_module, "FILE_SECONDS_LIMIT", 2.0)
@@ -209,8 +209,8 @@ def test_a_worker_killed_for_its_file_that_lingers_is_no_longer_one_of_the_pool(
     with pool(workers=1) as workers:
         workers.wait_ready(timeout=60)
         [lingering] = workers.worker_pids()
-        kill = subprocess.Popen.kill
-        monkeypatch.setattr(subprocess.Popen, "kill", lambda self: os.kill(self.pid, signal.SIGSTOP)
+        kill = ForkedProcess.kill
+        monkeypatch.setattr(ForkedProcess, "kill", lambda self: os.kill(self.pid, signal.SIGSTOP)
                             if self.pid == lingering else kill(self))  # killed, but not gone yet
         try:
             workers.submit([stuck])

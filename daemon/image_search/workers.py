@@ -5,16 +5,16 @@ Why processes: Pillow releases the GIL in much of its C work, but not all of it,
 it holds it; decode threads contend (issue 8: ``preprocess_image`` tops out near 80 images/s on 16
 threads). Processes share nothing, so they scale with cores.
 
-Why plain ``python -c`` children rather than a ``multiprocessing`` context: both 'spawn' and
-'forkserver' re-import the parent's ``__main__`` in every worker, whatever it is: the console script
-(``image_search.cli``, which pulls in psycopg2, the store and the service's modules; torch only once a
-model is loaded, but a test runner's or a benchmark's ``__main__`` may import it at the top), for a
-process that only needs Pillow and numpy. When that ``__main__`` did import torch it was measured here at
-3 s to start each worker and about 600 MB more resident memory. A worker here starts from a bare
-interpreter with the parent's ``sys.path``, imports this module (preprocess, discover, numpy, Pillow:
-never torch, never the parent's ``__main__``) and talks to the parent over one ``multiprocessing``
-connection (a socket pair carrying pickles; the JPEG bytes and the pixel array travel as flat buffers,
-a copy or two of at most a few MB per file).
+Why not a ``multiprocessing`` context: both 'spawn' and 'forkserver' re-import the parent's ``__main__``
+in every worker, whatever it is: the console script (``image_search.cli``, which pulls in psycopg2, the
+store and the service's modules; torch only once a model is loaded, but a test runner's or a benchmark's
+``__main__`` may import it at the top), for a process that only needs Pillow and numpy. When that
+``__main__`` did import torch it was measured here at 3 s to start each worker and about 600 MB more
+resident memory. A worker here is forked from a template (launcher.py): a bare interpreter started with
+the parent's ``sys.path`` that imported this module once (preprocess, discover, numpy, Pillow: never
+torch, never the parent's ``__main__``). It talks to the parent over one ``multiprocessing`` connection
+(a socket pair carrying pickles; the JPEG bytes and the pixel array travel as flat buffers, a copy or two
+of at most a few MB per file).
 
 Each worker holds at most ``_TASKS_PER_WORKER`` files at a time and does them in order, so when one
 dies (segfault in a codec, ``os._exit``, the kernel's OOM killer) the file it died on is known
@@ -63,6 +63,7 @@ import structlog
 
 from .entries import LinkPolicy
 from .errors import WorkersError
+from .launcher import LAUNCHER, ForkedProcess
 from .logs import collect_into, configured_level
 from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
                          processed_path_for, save_processed)
@@ -102,18 +103,6 @@ _KILL_WAIT_SECONDS = 5.0
 _LOG_LINES_PER_FILE = 20
 # Each worker is one core: libraries that spawn a thread per core would oversubscribe N workers.
 _ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-# Signals are ignored before anything else, so that a Ctrl-C while a worker is still importing costs nothing.
-_WORKER_BOOTSTRAP = (
-    "import signal\n"
-    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "import json, sys\n"
-    "sys.path[:] = json.loads(sys.argv[2])\n"
-    "from image_search.workers import _worker_main\n"
-    "_worker_main(int(sys.argv[1]), log_level=int(sys.argv[3]))\n"
-)
-
 
 @dataclass(frozen=True)
 class ProcessedFolders:
@@ -318,7 +307,7 @@ def _send_start_lines(conn: Connection, file_log: _FileLog) -> None:
 def _worker_main(fd: int, *, log_level: int) -> None:
     """A worker's whole life: settings, then one path at a time until told to stop or the parent is gone.
 
-    Started by ``_WORKER_BOOTSTRAP``, which has already set SIGINT and SIGTERM to be ignored. What its code
+    Forked by the template (launcher.py), which ignores SIGINT and SIGTERM from its start. What its code
     logs at ``log_level`` or above goes to the parent with each file's outcome (``_Logged``).
     """
     file_log = _FileLog()
@@ -449,7 +438,7 @@ class _Task:
 class _Worker:
     """One worker process, as its parent sees it: the files sent to it, in the order it does them."""
 
-    process: subprocess.Popen[bytes]
+    process: ForkedProcess
     conn: Connection
     ready: bool = False
     tasks: deque[_Task] = field(default_factory=deque)  # sent, not answered; the worker does them in order
@@ -461,13 +450,8 @@ class _Worker:
     def start(cls, settings_message: bytes, sys_path_json: str, log_level: int) -> _Worker:
         parent_end, child_end = Pipe(duplex=True)
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_end.fileno()), sys_path_json, str(log_level)],
-                pass_fds=(child_end.fileno(),),  # close_fds (the default) keeps every other worker's socket out
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # never mix into a CLI's stdout; stderr stays for real tracebacks
-                env={**os.environ, **_ONE_THREAD_ENV},
-            )
+            process = LAUNCHER.start(child_end.fileno(), sys_path_json=sys_path_json,
+                                     env={**os.environ, **_ONE_THREAD_ENV}, log_level=log_level)
         except BaseException:
             parent_end.close()
             raise
@@ -590,7 +574,7 @@ def _stop_all(workers: list[_Worker]) -> None:
             pass  # left to the system: it dies once its read returns
 
 
-def _kill_and_reap(process: subprocess.Popen[bytes]) -> int | None:
+def _kill_and_reap(process: ForkedProcess) -> int | None:
     """Kill a worker and wait a little for it; its exit status, or None if it is not gone yet."""
     process.kill()
     try:
@@ -665,10 +649,12 @@ class PreprocessPool:
         try:
             for _ in range(self.worker_count):
                 self._workers.append(self._start_worker())
-        except BaseException:
+        except BaseException as exc:
             _stop_all(list(self._workers))
             os.close(self._wake_reader)
             os.close(self._wake_writer)
+            if isinstance(exc, OSError):  # no process to be had, or the template died as it started
+                raise PoolError(f"preprocessing workers could not start ({exc})") from exc
             raise
         self._dispatcher = threading.Thread(target=self._dispatch_forever, name="preprocess-pool", daemon=True)
         self._dispatcher.start()

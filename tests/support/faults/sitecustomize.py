@@ -1,8 +1,8 @@
 """Failures of the machine, induced in an ``image-search`` process for ``tests/test_failures.py``: with
 this folder on PYTHONPATH, each variable set makes one thing fail as it does on a real machine.
 
-- ``FAULT_WORKERS_DIE=1``: every preprocessing worker exits as it starts, as one whose interpreter
-  cannot start does (a broken install, no memory for another process).
+- ``FAULT_WORKERS_DIE=1``: the template the preprocessing workers are forked from (launcher.py) exits as
+  it starts, as an interpreter that cannot start does (a broken install, no memory for another process).
 - ``FAULT_NO_FONTS=1``: the font package cannot be imported, as when justmytype-intl-cjk is missing.
 - ``FAULT_FULL_DISK=DIR``: DIR becomes a fresh 4 KiB tmpfs that only this process and its children
   see (a mount namespace of its own): a write of more than a few KB there finds the disk full.
@@ -23,7 +23,7 @@ this folder on PYTHONPATH, each variable set makes one thing fail as it does on 
 import os
 import sys
 
-if os.environ.get("FAULT_WORKERS_DIE") and "_worker_main" in " ".join(sys.orig_argv):
+if os.environ.get("FAULT_WORKERS_DIE") and "_template_main" in " ".join(sys.orig_argv):
     os._exit(1)
 
 if os.environ.get("FAULT_NO_FONTS"):

@@ -1,0 +1,116 @@
+"""Preprocessing workers forked from a template (launcher.py): each is what a fresh interpreter started by
+its pool at that moment would be (environment, sys.path, working directory, umask), how each ended is
+known, and a template that is killed is replaced. The pool's own stories are in test_workers.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from multiprocessing.connection import Connection, Pipe
+from pathlib import Path
+
+import pytest
+
+from image_search.launcher import ForkedProcess, Launcher
+from image_search.workers import PreprocessSettings
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+SYS_PATH = json.dumps([os.getcwd() if entry == "" else entry for entry in sys.path])
+
+
+@pytest.fixture()
+def launcher():
+    launcher = Launcher()
+    yield launcher
+    launcher.close()
+
+
+def start(launcher: Launcher, **env: str) -> tuple[ForkedProcess, Connection]:
+    """A worker, started and ready (it has read its settings and said so)."""
+    parent, child = Pipe(duplex=True)
+    try:
+        process = launcher.start(child.fileno(), sys_path_json=SYS_PATH, env={**os.environ, **env},
+                                 log_level=logging.WARNING)
+    finally:
+        child.close()
+    parent.send(PreprocessSettings(max_size=(64, 64), max_pixels=10**6))
+    assert parent.poll(60), "the worker did not say it was ready"
+    assert parent.recv().pid == process.pid
+    return process, parent
+
+
+def proc_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split()[1]
+    raise AssertionError(f"no {name} for {pid}")
+
+
+def environment(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` started with (a forked worker's: its template's)."""
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)
+
+
+def stop(process: ForkedProcess, conn: Connection) -> int | None:
+    conn.send(None)
+    conn.close()
+    return process.wait(timeout=10)
+
+
+def test_each_worker_has_the_environment_cwd_and_umask_its_pool_had_when_it_started(launcher, tmp_path, monkeypatch):
+    first, first_conn = start(launcher, IMAGE_SEARCH_TEST_MARK="one")
+    monkeypatch.chdir(tmp_path)
+    previous = os.umask(0o077)
+    try:
+        second, second_conn = start(launcher, IMAGE_SEARCH_TEST_MARK="two")
+        third, third_conn = start(launcher, IMAGE_SEARCH_TEST_MARK="two", PYTEST_CURRENT_TEST="another test")
+    finally:
+        os.umask(previous)
+    # Another environment, another template; the same one but for pytest's bookkeeping, the same template.
+    templates = {int(proc_field(p.pid, "PPid")) for p in (first, second, third)}
+    assert len(templates) == 2 and int(proc_field(second.pid, "PPid")) == int(proc_field(third.pid, "PPid"))
+    assert environment(first.pid)["IMAGE_SEARCH_TEST_MARK"] == "one"
+    assert environment(second.pid)["IMAGE_SEARCH_TEST_MARK"] == "two"
+    assert Path(f"/proc/{first.pid}/cwd").resolve() != tmp_path.resolve()
+    assert Path(f"/proc/{second.pid}/cwd").resolve() == tmp_path.resolve()
+    assert int(proc_field(second.pid, "Umask"), 8) == 0o077
+    assert int(proc_field(first.pid, "Umask"), 8) == previous
+    # The first template, replaced, ends once its last worker has; the second stays for the next worker.
+    old_template = int(proc_field(first.pid, "PPid"))
+    assert stop(first, first_conn) == 0
+    wait_for(lambda: not Path(f"/proc/{old_template}").exists() or proc_field(old_template, "State")[0] == "Z",
+             what="the replaced template gone")
+    assert stop(second, second_conn) == 0 and stop(third, third_conn) == 0
+
+
+def test_how_each_worker_ended_is_known(launcher):
+    told, told_conn = start(launcher)
+    killed, killed_conn = start(launcher)
+    with pytest.raises(subprocess.TimeoutExpired):
+        killed.wait(timeout=0.2)  # still there
+    killed.kill()
+    assert killed.wait(timeout=10) == -signal.SIGKILL
+    killed.kill()  # once it is known to be gone, nothing is signalled
+    assert stop(told, told_conn) == 0
+    assert told.wait(timeout=0) == 0  # asked again: the same answer
+
+
+def test_a_template_that_is_killed_is_replaced_and_its_worker_still_ends(launcher):
+    orphan, orphan_conn = start(launcher)
+    template = int(proc_field(orphan.pid, "PPid"))
+    os.kill(template, signal.SIGKILL)
+    wait_for(lambda: int(proc_field(orphan.pid, "PPid")) != template, what="the worker's template gone")
+    with pytest.raises(subprocess.TimeoutExpired):
+        orphan.wait(timeout=0.2)  # nobody is left to say how it ends, but it has not
+    after, after_conn = start(launcher)  # a new template
+    assert int(proc_field(after.pid, "PPid")) not in (template, os.getpid())
+    # Its connection closed, the orphan leaves as any worker does; how, only its new parent knows.
+    assert stop(orphan, orphan_conn) is None
+    assert stop(after, after_conn) == 0
