@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from image_search import launcher as launcher_module
 from image_search.launcher import ForkedProcess, Launcher
 from image_search.workers import PreprocessSettings
 from tests.support.waiting import wait_for
@@ -114,3 +115,14 @@ def test_a_template_that_is_killed_is_replaced_and_its_worker_still_ends(launche
     # Its connection closed, the orphan leaves as any worker does; how, only its new parent knows.
     assert stop(orphan, orphan_conn) is None
     assert stop(after, after_conn) == 0
+
+
+def test_a_template_that_does_not_answer_is_killed_and_replaced(launcher, monkeypatch):
+    monkeypatch.setattr(launcher_module, "ANSWER_TIMEOUT_S", 1.0)
+    before, before_conn = start(launcher)
+    template = int(proc_field(before.pid, "PPid"))
+    os.kill(template, signal.SIGSTOP)  # alive, but answers nothing
+    after, after_conn = start(launcher)  # a second's wait, then a new template
+    assert int(proc_field(after.pid, "PPid")) not in (template, os.getpid())
+    wait_for(lambda: int(proc_field(before.pid, "PPid")) != template, what="the stuck template killed")
+    assert stop(before, before_conn) is None and stop(after, after_conn) == 0

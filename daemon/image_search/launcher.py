@@ -42,6 +42,9 @@ _PID = struct.Struct("!q")
 # A worker's exit status, as subprocess gives it (-N: killed by signal N).
 _STATUS = struct.Struct("!i")
 _MAX_REQUEST = 1 << 16
+# How long a request may wait for the template's answer: its first includes its imports (0.3 s idle, a few
+# seconds on a loaded machine); past this it is taken for stuck, killed and replaced once.
+ANSWER_TIMEOUT_S = 60.0
 
 _TEMPLATE_BOOTSTRAP = (
     "import signal\n"
@@ -121,6 +124,7 @@ class _Template:
 
     def __init__(self, sys_path_json: str, env: dict[str, str]) -> None:
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(ANSWER_TIMEOUT_S)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _TEMPLATE_BOOTSTRAP, str(child.fileno()), sys_path_json],
@@ -145,6 +149,11 @@ class _Template:
         except (BrokenPipeError, ConnectionResetError) as exc:
             os.close(status_read)
             raise TemplateGone(f"the workers' template process {self._ending()}") from exc
+        except TimeoutError as exc:  # alive but stuck (stopped, or its import hangs): of no use any more
+            os.close(status_read)
+            self.process.kill()
+            raise TemplateGone(f"the workers' template process did not answer within {ANSWER_TIMEOUT_S:g} s, "
+                               "so it was killed") from exc
         except BaseException:
             os.close(status_read)
             raise

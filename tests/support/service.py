@@ -142,9 +142,15 @@ class ServiceProcess:
         return rss, hwm
 
     def signal(self, signum: int, timeout: float = 60) -> int:
-        """Send ``signum``; the exit code once it has exited."""
+        """Send ``signum``; the exit code once it has exited. Past ``timeout``, SIGABRT as in ``stop``, and
+        the failure shows the log's end: where every thread was."""
         self.popen.send_signal(signum)
-        return self.popen.wait(timeout=timeout)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(timeout=0)
+            raise AssertionError(f"still running {timeout:g} s after {signal.Signals(signum).name}; the end of its "
+                                 f"log (every thread's stack):\n{self.log_text()[-12000:]}") from None
 
     def pause(self) -> None:
         """SIGSTOP to its whole session (the service and its workers): it keeps what it holds (its database
