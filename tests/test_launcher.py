@@ -126,3 +126,43 @@ def test_a_template_that_does_not_answer_is_killed_and_replaced(launcher, monkey
     assert int(proc_field(after.pid, "PPid")) not in (template, os.getpid())
     wait_for(lambda: int(proc_field(before.pid, "PPid")) != template, what="the stuck template killed")
     assert stop(before, before_conn) is None and stop(after, after_conn) == 0
+
+
+def test_a_start_cut_short_between_request_and_answer_leaves_no_answer_for_the_next(launcher, monkeypatch):
+    """A stop's exception in the starting thread, after the request went out: its answer, still on its
+    way, was read as the next start's, whose worker then had another's pid (killed in its place)."""
+    real = launcher_module._receive_exactly
+
+    def cut_short(sock, size):
+        monkeypatch.setattr(launcher_module, "_receive_exactly", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher_module, "_receive_exactly", cut_short)
+    parent, child = Pipe(duplex=True)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.start(child.fileno(), sys_path_json=SYS_PATH, env=dict(os.environ), log_level=logging.WARNING)
+    child.close()
+    parent.close()  # the worker it may have forked leaves
+    for _ in range(2):
+        process, conn = start(launcher)  # each answered with its own worker's pid
+        assert stop(process, conn) == 0
+
+
+def test_a_fork_of_the_process_starts_templates_of_its_own(launcher):
+    """Forked while another thread held the launcher (a pool starting a worker), the child could not
+    start one; and it held the parent's template open past the parent's stop."""
+    first, first_conn = start(launcher)
+    template = int(proc_field(first.pid, "PPid"))
+    with launcher._lock:
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child's outcome is its exit code)
+            code = 1
+            try:
+                signal.alarm(30)
+                process, conn = start(launcher)
+                code = 0 if int(proc_field(process.pid, "PPid")) != template and stop(process, conn) == 0 else 2
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert stop(first, first_conn) == 0

@@ -44,7 +44,7 @@ _STATUS = struct.Struct("!i")
 _MAX_REQUEST = 1 << 16
 # How long a request may wait for the template's answer: its first includes its imports (0.3 s idle, a few
 # seconds on a loaded machine); past this it is taken for stuck, killed and replaced once.
-ANSWER_TIMEOUT_S = 60.0
+ANSWER_TIMEOUT_S = 20.0
 
 _TEMPLATE_BOOTSTRAP = (
     "import signal\n"
@@ -74,8 +74,9 @@ class ForkedProcess:
         """Its exit status once it has ended; raises ``subprocess.TimeoutExpired`` if it has not within
         ``timeout``. None when it ended without one: the template that could have said is gone."""
         if not self._ended:
-            ready, _, _ = select.select([self._status_fd], [], [], timeout)
-            if not ready:
+            poller = select.poll()  # not select(): a descriptor may be numbered above 1023
+            poller.register(self._status_fd, select.POLLIN)
+            if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
                 raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
             data = os.read(self._status_fd, _STATUS.size)
             if len(data) < _STATUS.size:  # the template ended first: the worker went with its connection
@@ -120,7 +121,7 @@ def _running(pid: int) -> bool:
 
 
 class _Template:
-    """One template process, and the lock that keeps one request at a time on its socket."""
+    """One template process (one request at a time: ``Launcher``'s lock)."""
 
     def __init__(self, sys_path_json: str, env: dict[str, str]) -> None:
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -135,27 +136,32 @@ class _Template:
             raise
         finally:
             child.close()
-        self._lock = threading.Lock()
+        # False once a request was cut short between its send and its answer: an answer still on its way
+        # would be read as the next request's (another worker's pid).
+        self.usable = True
 
     def fork(self, conn_fd: int, log_level: int) -> ForkedProcess:
         """A worker on ``conn_fd`` (its end of the pool's connection, kept open here: the caller closes it)."""
         request = json.dumps({"log_level": log_level, "umask": _umask()}).encode()
         status_read, status_write = os.pipe()
-        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with self._lock:
-                socket.send_fds(self._sock, [request], [conn_fd, status_write, cwd])
-                answer = _receive_exactly(self._sock, _PID.size)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            os.close(status_read)
-            raise TemplateGone(f"the workers' template process {self._ending()}") from exc
-        except TimeoutError as exc:  # alive but stuck (stopped, or its import hangs): of no use any more
-            os.close(status_read)
-            self.process.kill()
-            raise TemplateGone(f"the workers' template process did not answer within {ANSWER_TIMEOUT_S:g} s, "
-                               "so it was killed") from exc
+            cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)  # a folder the user may enter but not list will do
         except BaseException:
             os.close(status_read)
+            os.close(status_write)
+            raise
+        try:
+            socket.send_fds(self._sock, [request], [conn_fd, status_write, cwd])
+            answer = _receive_exactly(self._sock, _PID.size)
+        except BaseException as exc:  # a stop's exception in the caller's thread too
+            os.close(status_read)
+            self.usable = False
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                raise TemplateGone(f"the workers' template process {self._ending()}") from exc
+            if isinstance(exc, TimeoutError):  # alive but stuck (stopped, or its import hangs): of no use
+                self.process.kill()
+                raise TemplateGone(f"the workers' template process did not answer within {ANSWER_TIMEOUT_S:g} "
+                                   "s, so it was killed") from exc
             raise
         finally:
             os.close(status_write)
@@ -181,6 +187,7 @@ class _Template:
     def retire(self) -> None:
         """No more workers from it: it ends once those it has forked have."""
         self._sock.close()
+        self.usable = False
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -214,16 +221,14 @@ class Launcher:
         self._lock = threading.Lock()
         self._template: _Template | None = None
         self._key: tuple[Any, ...] | None = None
-        self._pid = os.getpid()
         self._retired: list[subprocess.Popen[bytes]] = []
+        os.register_at_fork(after_in_child=self._forget_in_a_fork)
 
     def start(self, conn_fd: int, *, sys_path_json: str, env: dict[str, str], log_level: int) -> ForkedProcess:
         """A worker process running ``workers._worker_main`` on ``conn_fd``, with ``env`` and ``sys.path`` as a
         fresh interpreter started with them would have. Raises OSError where none can be started."""
         key = (sys.executable, sys_path_json, tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE)))
         with self._lock:
-            if self._pid != os.getpid():  # a fork of the process that started them: they are not this one's
-                self._template, self._key, self._retired, self._pid = None, None, [], os.getpid()
             self._retired = [p for p in self._retired if p.poll() is None]
             try:
                 return self._current(key, sys_path_json, env).fork(conn_fd, log_level)
@@ -232,7 +237,8 @@ class Launcher:
                 return self._current(key, sys_path_json, env).fork(conn_fd, log_level)
 
     def _current(self, key: tuple[Any, ...], sys_path_json: str, env: dict[str, str]) -> _Template:
-        if self._template is None or self._key != key or self._template.process.poll() is not None:
+        if (self._template is None or not self._template.usable or self._key != key
+                or self._template.process.poll() is not None):
             self._replace(_Template(sys_path_json, env), key)
         assert self._template is not None
         return self._template
@@ -246,8 +252,6 @@ class Launcher:
     def close(self) -> None:
         """At exit: no more workers; give the templates a moment to end (their workers are gone by now)."""
         with self._lock:
-            if self._pid != os.getpid():
-                return
             self._replace(None, None)
             for process in self._retired:
                 try:
@@ -255,6 +259,15 @@ class Launcher:
                 except subprocess.TimeoutExpired:
                     pass  # a worker stuck in a read keeps it: it ends after that worker
             self._retired = []
+
+    def _forget_in_a_fork(self) -> None:
+        """In the child of a fork of this process: its templates are the parent's. The child's copy of a
+        template's socket is closed (the parent's stays open) and its lock is new: another thread may
+        have held it as the process forked."""
+        self._lock = threading.Lock()
+        if self._template is not None:
+            self._template._sock.close()
+        self._template, self._key, self._retired = None, None, []
 
 
 # The process's one launcher, as multiprocessing keeps one forkserver: every pool of the process forks from
