@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +21,27 @@ REPO = Path(__file__).resolve().parents[2]
 MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
 
 
+def _ending(code: int) -> str:
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
 def run_quick_benchmark(tmp_path: Path, sections: tuple[str, ...], *, chart: Path | None = None) -> dict:
     """The report of a quick run of ``sections``, checked complete; nothing it put aside is left behind."""
     report_path = tmp_path / "report.json"
     chart_flags = ["--chart", str(chart)] if chart is not None else []
     only = [flag for name in sections for flag in ("--only", name)]
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.run", "--quick", "--json", str(report_path), *chart_flags,
+        # faulthandler: a crash (one run in CI died silently between two sections) writes its stacks to stderr.
+        [sys.executable, "-X", "faulthandler", "-m", "tests.benchmarks.run", "--quick", "--json", str(report_path), *chart_flags,
          *only, "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, warm.WARM_VARIABLE: "1"},
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, f"exit {_ending(proc.returncode)}\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
     report = json.loads(report_path.read_text())
     assert report["quick"] is True
     for key in (key for section in SECTIONS if section.name in sections for key in section.report_keys):
