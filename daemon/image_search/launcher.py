@@ -12,7 +12,8 @@ The template is that process's, shared by all its pools, as multiprocessing's fo
 environment it was started in (a worker must see the variables, ``sys.path`` and interpreter a fresh one
 would have); where those differ when a worker is asked for, a new template is started and the old one
 left to end once its workers have. What a fresh worker would take from its parent at its own start and
-not from the template's, the working directory (as a descriptor: it may have been deleted) and the umask,
+not from the template's, the working directory (as an O_PATH descriptor: it may have been deleted, or be one that may be
+entered but not listed) and the umask,
 is sent with each request.
 
 The template reaps its workers and writes each one's exit status into a pipe of that worker's
@@ -46,6 +47,8 @@ _MAX_REQUEST = 1 << 16
 # seconds on a loaded machine); past this it is taken for stuck, killed and replaced once.
 ANSWER_TIMEOUT_S = 20.0
 
+# Signals are ignored before anything else, so that a Ctrl-C while the template is still importing costs
+# nothing; its workers inherit that.
 _TEMPLATE_BOOTSTRAP = (
     "import signal\n"
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -111,13 +114,29 @@ class ForkedProcess:
                 pass
 
 
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of process ``pid`` (R running, S asleep, D in uninterruptible I/O...);
+    None where it cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def how_it_ended(code: int) -> str:
+    """A process's exit status in words, as ``subprocess`` gives it (-N: killed by signal N)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 def _running(pid: int) -> bool:
     """Process ``pid`` exists and has not ended (a zombie its new parent did not reap yet has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return process_state(pid) not in (None, "Z")
 
 
 class _Template:
@@ -177,12 +196,7 @@ class _Template:
             code = self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             return "closed its connection"
-        if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
-        return f"exited with status {code}"
+        return how_it_ended(code)
 
     def retire(self) -> None:
         """No more workers from it: it ends once those it has forked have."""

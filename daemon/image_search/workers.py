@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -63,7 +62,7 @@ import structlog
 
 from .entries import LinkPolicy
 from .errors import WorkersError
-from .launcher import LAUNCHER, ForkedProcess
+from .launcher import LAUNCHER, ForkedProcess, how_it_ended, process_state
 from .logs import collect_into, configured_level
 from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
                          processed_path_for, save_processed)
@@ -174,16 +173,6 @@ def _outcome_here(path: Path, settings: PreprocessSettings) -> Outcome:
         return exc
     except Exception as exc:  # same wording as a worker's
         return PreprocessError(path, f"unexpected decoder error ({type(exc).__name__}: {exc})")
-
-
-def process_state(pid: int) -> str | None:
-    """The kernel's one-letter state of process ``pid`` (R running, S asleep, D in uninterruptible I/O...);
-    None where it cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0].decode("ascii")
-    except (OSError, IndexError, UnicodeDecodeError):
-        return None
 
 
 def available_memory() -> int:
@@ -586,12 +575,7 @@ def _kill_and_reap(process: ForkedProcess) -> int | None:
 def _exit_description(returncode: int | None) -> str:
     if returncode is None:
         return "worker process stopped answering"
-    if returncode < 0:
-        try:
-            return f"worker process killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"worker process killed by signal {-returncode}"
-    return f"worker process exited with status {returncode}"
+    return f"worker process {how_it_ended(returncode)}"
 
 
 class PreprocessPool:

@@ -8,26 +8,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from image_search.launcher import how_it_ended
 from tests.benchmarks.common import TRASH_MARK
 from tests.benchmarks.run import SECTIONS
 from tests.support import warm
 
 REPO = Path(__file__).resolve().parents[2]
 MAY_BE_ZERO_OR_NEGATIVE = {"rss_growth_mb"}
-
-
-def _ending(code: int) -> str:
-    if code < 0:
-        try:
-            return f"{code} ({signal.Signals(-code).name})"
-        except ValueError:
-            pass
-    return str(code)
 
 
 def run_quick_benchmark(tmp_path: Path, sections: tuple[str, ...], *, chart: Path | None = None) -> dict:
@@ -41,7 +32,7 @@ def run_quick_benchmark(tmp_path: Path, sections: tuple[str, ...], *, chart: Pat
          *only, "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, warm.WARM_VARIABLE: "1"},
     )
-    assert proc.returncode == 0, f"exit {_ending(proc.returncode)}\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
+    assert proc.returncode == 0, f"the benchmark {how_it_ended(proc.returncode)}\n{proc.stdout[-4000:]}{proc.stderr[-8000:]}"
     report = json.loads(report_path.read_text())
     assert report["quick"] is True
     for key in (key for section in SECTIONS if section.name in sections for key in section.report_keys):
