@@ -12,9 +12,8 @@ The template is that process's, shared by all its pools, as multiprocessing's fo
 environment it was started in (a worker must see the variables, ``sys.path`` and interpreter a fresh one
 would have); where those differ when a worker is asked for, a new template is started and the old one
 left to end once its workers have. What a fresh worker would take from its parent at its own start and
-not from the template's, the working directory (as an O_PATH descriptor: it may have been deleted, or be one that may be
-entered but not listed) and the umask,
-is sent with each request.
+not from the template's is sent with each request: the umask, and the working directory as an O_PATH
+descriptor (it may have been deleted, or be one that may be entered but not listed).
 
 The template reaps its workers and writes each one's exit status into a pipe of that worker's
 (``ForkedProcess.wait``). It ignores SIGINT and SIGTERM as the workers do, and ends once the process
