@@ -103,6 +103,23 @@ def test_how_each_worker_ended_is_known(launcher):
     assert told.wait(timeout=0) == 0  # asked again: the same answer
 
 
+def test_kill_signals_the_worker_and_not_whatever_process_has_its_number_now(launcher):
+    """The template reaps a worker a moment before it says so; in that moment the worker's pid may already
+    name another process. Here the number names another process of ours (the reuse, simulated): the
+    worker is killed, the other is left alone."""
+    worker, worker_conn = start(launcher)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        worker.pid = bystander.pid
+        worker.kill()
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None, "the process that has the worker's number now was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        worker_conn.close()
+
+
 def test_a_template_that_is_killed_is_replaced_and_its_worker_still_ends(launcher):
     orphan, orphan_conn = start(launcher)
     template = int(proc_field(orphan.pid, "PPid"))
@@ -131,13 +148,13 @@ def test_a_template_that_does_not_answer_is_killed_and_replaced(launcher, monkey
 def test_a_start_cut_short_between_request_and_answer_leaves_no_answer_for_the_next(launcher, monkeypatch):
     """A stop's exception in the starting thread, after the request went out: its answer, still on its
     way, was read as the next start's, whose worker then had another's pid (killed in its place)."""
-    real = launcher_module._receive_exactly
+    real = launcher_module._receive_answer
 
-    def cut_short(sock, size):
-        monkeypatch.setattr(launcher_module, "_receive_exactly", real)
+    def cut_short(sock):
+        monkeypatch.setattr(launcher_module, "_receive_answer", real)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(launcher_module, "_receive_exactly", cut_short)
+    monkeypatch.setattr(launcher_module, "_receive_answer", cut_short)
     parent, child = Pipe(duplex=True)
     with pytest.raises(KeyboardInterrupt):
         launcher.start(child.fileno(), sys_path_json=SYS_PATH, env=dict(os.environ), log_level=logging.WARNING)

@@ -16,7 +16,8 @@ not from the template's is sent with each request: the umask, and the working di
 descriptor (it may have been deleted, or be one that may be entered but not listed).
 
 The template reaps its workers and writes each one's exit status into a pipe of that worker's
-(``ForkedProcess.wait``). It ignores SIGINT and SIGTERM as the workers do, and ends once the process
+(``ForkedProcess.wait``). With each worker's pid it sends a pidfd of it, opened before it could be reaped:
+``ForkedProcess.kill`` signals that process and no other, even once its number names another one. It ignores SIGINT and SIGTERM as the workers do, and ends once the process
 that started it closes its end (exits, dies or starts another template) and its last worker has ended.
 """
 
@@ -37,7 +38,8 @@ from typing import Any
 
 # The environment variable pytest rewrites before each test: no difference a worker could see.
 _VOLATILE = ("PYTEST_CURRENT_TEST",)
-# A request's answer: the worker's pid, or minus the errno of a fork the system refused.
+# A request's answer: the worker's pid (with a pidfd of it where the kernel has them, Linux 5.3 and later), or
+# minus the errno of a fork the system refused.
 _PID = struct.Struct("!q")
 # A worker's exit status, as subprocess gives it (-N: killed by signal N).
 _STATUS = struct.Struct("!i")
@@ -66,10 +68,11 @@ class TemplateGone(OSError):
 class ForkedProcess:
     """A worker forked by a template, as its pool sees it: what it uses of ``subprocess.Popen``."""
 
-    def __init__(self, pid: int, status_fd: int) -> None:
+    def __init__(self, pid: int, status_fd: int, pidfd: int | None = None) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._status_fd = status_fd  # the template writes the exit status here once it has reaped the worker
+        self._pidfd = pidfd  # this process's, whatever its pid names later; None on kernels without pidfds
         self._ended = False
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -86,10 +89,16 @@ class ForkedProcess:
             else:
                 (self.returncode,) = _STATUS.unpack(data)
             self._ended = True
-            os.close(self._status_fd)
+            self._close()
         return self.returncode
 
     def _wait_gone(self, timeout: float | None) -> None:
+        if self._pidfd is not None:  # readable once the process has ended, whoever its parent is now
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+                raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         while _running(self.pid):
             if deadline is not None and time.monotonic() >= deadline:
@@ -98,19 +107,27 @@ class ForkedProcess:
 
     def kill(self) -> None:
         try:
-            self.wait(timeout=0)  # reaped already: its pid may be another process's by now
+            self.wait(timeout=0)  # ended already: nothing to signal
         except subprocess.TimeoutExpired:
             try:
-                os.kill(self.pid, signal.SIGKILL)
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:  # by number: the template may have reaped it since the check above, and its pid be reused
+                    os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
+    def _close(self) -> None:
+        for fd in (self._status_fd, self._pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
     def __del__(self) -> None:
         if not self._ended:
-            try:
-                os.close(self._status_fd)
-            except OSError:
-                pass
+            self._close()
 
 
 def process_state(pid: int) -> str | None:
@@ -170,7 +187,7 @@ class _Template:
             raise
         try:
             socket.send_fds(self._sock, [request], [conn_fd, status_write, cwd])
-            answer = _receive_exactly(self._sock, _PID.size)
+            pid, pidfd = _receive_answer(self._sock)
         except BaseException as exc:  # a stop's exception in the caller's thread too
             os.close(status_read)
             self.usable = False
@@ -184,11 +201,10 @@ class _Template:
         finally:
             os.close(status_write)
             os.close(cwd)
-        (pid,) = _PID.unpack(answer)
         if pid < 0:
             os.close(status_read)
             raise OSError(-pid, f"could not start a preprocessing worker: {os.strerror(-pid)}")
-        return ForkedProcess(pid, status_read)
+        return ForkedProcess(pid, status_read, pidfd)
 
     def _ending(self) -> str:
         try:
@@ -203,14 +219,24 @@ class _Template:
         self.usable = False
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise BrokenPipeError("the template closed its connection")
-        data += chunk
-    return data
+def _receive_answer(sock: socket.socket) -> tuple[int, int | None]:
+    """The template's answer to a request: the worker's pid (negative: minus an errno) and its pidfd, if sent."""
+    data, fds = b"", []
+    try:
+        while len(data) < _PID.size:
+            chunk, chunk_fds, _, _ = socket.recv_fds(sock, _PID.size - len(data), 1)
+            fds += chunk_fds
+            if not chunk:
+                raise BrokenPipeError("the template closed its connection")
+            data += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for extra in fds[1:]:
+        os.close(extra)
+    (pid,) = _PID.unpack(data)
+    return pid, fds[0] if fds else None
 
 
 def _umask() -> int:
@@ -334,7 +360,25 @@ def _template_main(fd: int) -> None:
                 status_fds[pid] = status_write
             else:
                 os.close(status_write)
-            control.sendall(_PID.pack(pid))
+            _answer(control, pid)
+
+
+def _answer(control: socket.socket, pid: int) -> None:
+    """The worker's pid, with a pidfd of it: opened here before the worker can be reaped (only this loop
+    reaps), it names that process for as long as it is open, whatever its number names later."""
+    try:
+        pidfd = os.pidfd_open(pid) if pid > 0 else None
+    except OSError:  # a kernel before 5.3, or a sandbox that forbids it: the pid alone
+        pidfd = None
+    if pidfd is None:
+        control.sendall(_PID.pack(pid))
+        return
+    try:
+        answer = _PID.pack(pid)
+        sent = socket.send_fds(control, [answer], [pidfd])
+        control.sendall(answer[sent:])
+    finally:
+        os.close(pidfd)
 
 
 def _reap(status_fds: dict[int, int]) -> None:
