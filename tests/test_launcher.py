@@ -91,6 +91,24 @@ def test_each_worker_has_the_environment_cwd_and_umask_its_pool_had_when_it_star
     assert stop(second, second_conn) == 0 and stop(third, third_conn) == 0
 
 
+def test_a_worker_writes_its_errors_where_its_pool_writes_them_when_it_starts(launcher, tmp_path):
+    """pytest gives each test a standard error of its own (the template's is the first test's), as a
+    service's may be a new journal stream after a restart of journald."""
+    first, first_conn = start(launcher)
+    saved = os.dup(2)
+    try:
+        with open(tmp_path / "stderr.txt", "wb") as redirected:
+            os.dup2(redirected.fileno(), 2)
+        second, second_conn = start(launcher)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert os.readlink(f"/proc/{second.pid}/fd/2") == str(tmp_path / "stderr.txt")
+    assert os.readlink(f"/proc/{first.pid}/fd/2") == os.readlink("/proc/self/fd/2")
+    assert int(proc_field(first.pid, "PPid")) == int(proc_field(second.pid, "PPid"))  # one template
+    assert stop(first, first_conn) == 0 and stop(second, second_conn) == 0
+
+
 def test_how_each_worker_ended_is_known(launcher):
     told, told_conn = start(launcher)
     killed, killed_conn = start(launcher)

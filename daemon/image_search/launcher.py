@@ -12,8 +12,9 @@ The template is that process's, shared by all its pools, as multiprocessing's fo
 environment it was started in (a worker must see the variables, ``sys.path`` and interpreter a fresh one
 would have); where those differ when a worker is asked for, a new template is started and the old one
 left to end once its workers have. What a fresh worker would take from its parent at its own start and
-not from the template's is sent with each request: the umask, and the working directory as an O_PATH
-descriptor (it may have been deleted, or be one that may be entered but not listed).
+not from the template's is sent with each request: the umask, its standard error (pytest gives each test
+its own), and the working directory as an O_PATH descriptor (it may have been deleted, or be one that may
+be entered but not listed).
 
 The template reaps its workers and writes each one's exit status into a pipe of that worker's
 (``ForkedProcess.wait``). With each worker's pid it sends a pidfd of it, opened before it could be reaped:
@@ -165,6 +166,7 @@ class _Template:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _TEMPLATE_BOOTSTRAP, str(child.fileno()), sys_path_json],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                stderr=None if _stderr() else subprocess.DEVNULL,  # 0-2 open: no descriptor it is sent lands on 2
             )
         except BaseException:
             self._sock.close()
@@ -186,7 +188,7 @@ class _Template:
             os.close(status_write)
             raise
         try:
-            socket.send_fds(self._sock, [request], [conn_fd, status_write, cwd])
+            socket.send_fds(self._sock, [request], [conn_fd, status_write, cwd, *_stderr()])
             pid, pidfd = _receive_answer(self._sock)
         except BaseException as exc:  # a stop's exception in the caller's thread too
             os.close(status_read)
@@ -237,6 +239,16 @@ def _receive_answer(sock: socket.socket) -> tuple[int, int | None]:
         os.close(extra)
     (pid,) = _PID.unpack(data)
     return pid, fds[0] if fds else None
+
+
+def _stderr() -> list[int]:
+    """This process's standard error, for the worker's (none where it is closed: the worker keeps the
+    template's)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return []
+    return [2]
 
 
 def _umask() -> int:
@@ -341,21 +353,21 @@ def _template_main(fd: int) -> None:
                     break
         _reap(status_fds)
         if control is not None and control in ready:
-            message, fds, _, _ = socket.recv_fds(control, _MAX_REQUEST, 3)
+            message, fds, _, _ = socket.recv_fds(control, _MAX_REQUEST, 4)
             if not message:
                 control.close()
                 control = None
                 continue
-            conn_fd, status_write, cwd = fds
+            conn_fd, status_write, cwd, *stderr = fds
             request = json.loads(message)
             try:
                 pid = os.fork()
             except OSError as exc:
                 pid = -(exc.errno or 11)
             if pid == 0:
-                _become_worker(workers, conn_fd, cwd, request)
-            os.close(conn_fd)
-            os.close(cwd)
+                _become_worker(workers, conn_fd, cwd, stderr[0] if stderr else None, request)
+            for fd in (conn_fd, cwd, *stderr):
+                os.close(fd)
             if pid > 0:
                 status_fds[pid] = status_write
             else:
@@ -397,7 +409,7 @@ def _reap(status_fds: dict[int, int]) -> None:
             os.close(status_write)
 
 
-def _become_worker(workers: Any, conn_fd: int, cwd: int, request: dict[str, Any]) -> None:
+def _become_worker(workers: Any, conn_fd: int, cwd: int, stderr: int | None, request: dict[str, Any]) -> None:
     """In the forked child: a worker as a fresh interpreter would be, then its exit."""
     code = 1
     try:
@@ -405,6 +417,9 @@ def _become_worker(workers: Any, conn_fd: int, cwd: int, request: dict[str, Any]
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.fchdir(cwd)
         os.umask(request["umask"])
+        if stderr is not None:
+            sys.stderr.flush()
+            os.dup2(stderr, 2)
         # Only stdin, stdout, stderr and its connection: no other worker's connection, no status pipe.
         os.closerange(3, conn_fd)
         os.closerange(conn_fd + 1, 65536)
