@@ -18,8 +18,9 @@ be entered but not listed).
 
 The template reaps its workers and writes each one's exit status into a pipe of that worker's
 (``ForkedProcess.wait``). With each worker's pid it sends a pidfd of it, opened before it could be reaped:
-``ForkedProcess.kill`` signals that process and no other, even once its number names another one. It ignores SIGINT and SIGTERM as the workers do, and ends once the process
-that started it closes its end (exits, dies or starts another template) and its last worker has ended.
+``ForkedProcess.kill`` signals that process and no other, even once its number names another one. It
+ignores SIGINT and SIGTERM as the workers do, and ends once the process that started it closes its end
+(exits, dies or starts another template) and its last worker has ended.
 """
 
 from __future__ import annotations
