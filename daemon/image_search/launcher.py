@@ -81,10 +81,7 @@ class ForkedProcess:
         """Its exit status once it has ended; raises ``subprocess.TimeoutExpired`` if it has not within
         ``timeout``. None when it ended without one: the template that could have said is gone."""
         if not self._ended:
-            poller = select.poll()  # not select(): a descriptor may be numbered above 1023
-            poller.register(self._status_fd, select.POLLIN)
-            if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
-                raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
+            self._wait_readable(self._status_fd, timeout)
             data = os.read(self._status_fd, _STATUS.size)
             if len(data) < _STATUS.size:  # the template ended first: the worker went with its connection
                 self._wait_gone(timeout)
@@ -96,16 +93,19 @@ class ForkedProcess:
 
     def _wait_gone(self, timeout: float | None) -> None:
         if self._pidfd is not None:  # readable once the process has ended, whoever its parent is now
-            poller = select.poll()
-            poller.register(self._pidfd, select.POLLIN)
-            if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
-                raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
+            self._wait_readable(self._pidfd, timeout)
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         while _running(self.pid):
             if deadline is not None and time.monotonic() >= deadline:
                 raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
             time.sleep(0.05)
+
+    def _wait_readable(self, fd: int, timeout: float | None) -> None:
+        poller = select.poll()  # not select(): a descriptor may be numbered above 1023
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            raise subprocess.TimeoutExpired(f"preprocessing worker {self.pid}", timeout or 0.0)
 
     def kill(self) -> None:
         try:
