@@ -92,8 +92,8 @@ def test_each_worker_has_the_environment_cwd_and_umask_its_pool_had_when_it_star
 
 
 def test_a_worker_writes_its_errors_where_its_pool_writes_them_when_it_starts(launcher, tmp_path):
-    """pytest gives each test a standard error of its own (the template's is the first test's), as a
-    service's may be a new journal stream after a restart of journald."""
+    """pytest gives each test a standard error of its own: the template's is that of the test that started
+    it, where a worker's traceback would have gone unseen."""
     first, first_conn = start(launcher)
     saved = os.dup(2)
     try:
