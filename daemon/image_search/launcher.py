@@ -198,8 +198,8 @@ class _Template:
                 raise TemplateGone(f"the workers' template process {self._ending()}") from exc
             if isinstance(exc, TimeoutError):  # alive but stuck (stopped, or its import hangs): of no use
                 self.process.kill()
-                raise TemplateGone(f"the workers' template process did not answer within {ANSWER_TIMEOUT_S:g} "
-                                   "s, so it was killed") from exc
+                raise TemplateGone(f"the workers' template process did not answer within "
+                                   f"{self._sock.gettimeout():g} s, so it was killed") from exc
             raise
         finally:
             os.close(status_write)
