@@ -448,10 +448,11 @@ def test_startup_errors_are_one_clear_line(tmp_path: Path, tiny_model_dir: Path)
     assert table_rows(configs["dimension"]) is None
 
 
-def test_serve_over_a_missing_source_folder_fails_its_start_and_keeps_the_index(tmp_path: Path,
-                                                                               tiny_model_dir: Path) -> None:
+def test_serve_over_an_unmounted_source_or_processed_folder_fails_its_start_and_keeps_the_index(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
     """The restart after ``watch_lost`` (a disk unmounted, a share gone): one line naming the folder, exit
-    code 8 for systemd to try again, no folder created, every row and processed copy kept."""
+    code 8 for systemd to try again, no folder created, every row and processed copy kept. Then the
+    processed folder's disk unmounted: the empty mount point gets no copy."""
     config = write_config(tmp_path, tiny_model_dir, cleanup_on_exit=False)
     for name, seed in (("a.png", 1), ("sub/b.png", 2)):
         save_picture(tmp_path / "images" / name, seed=seed)
@@ -467,6 +468,17 @@ def test_serve_over_a_missing_source_folder_fails_its_start_and_keeps_the_index(
     assert not (tmp_path / "images").exists()
     assert table_rows(config) == rows
     assert sorted(p for p in (tmp_path / "processed").rglob("*") if p.is_file()) == processed
+
+    (tmp_path / "images-aside").rename(tmp_path / "images")
+    (tmp_path / "processed").rename(tmp_path / "processed-disk")
+    (tmp_path / "processed").mkdir()  # its mount point, empty
+    run = run_cli("serve", "--config", config, cwd=tmp_path, timeout=60)
+    assert run.returncode == 8, run.stderr
+    assert_no_traceback(run)
+    errors = [line for line in run.stderr.splitlines() if "level='error'" in line]
+    assert len(errors) == 1 and "processed_missing" in errors[0] and "2 indexed paths" in errors[0], run.stderr
+    assert list((tmp_path / "processed").iterdir()) == []
+    assert table_rows(config) == rows
 
 
 def test_another_source_folder_over_the_same_processed_folder_is_refused(tmp_path: Path,

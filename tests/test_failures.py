@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from image_search.errors import ExitCode, OutputUnwritable, writing_into
+from image_search.preprocess import SOURCE_MARKER
 from tests.support import warm
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database, error_lines, fault_env, remount, small_disk
@@ -269,6 +270,11 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
     room (the 4 KiB tmpfs unmounted, in the service's own mount namespace) both go through, no restart."""
     cases = {folder: make_case(tmp_path, folder, tiny_model_dir, FAULT_FULL_DISK=f"ROOT/{folder}")
              for folder in ("output", "processed")}
+    # The folder under the tmpfs is the disk with room: it holds the processed folder's record as the tmpfs
+    # will, or unmounting the tmpfs would read as the processed folder's disk unmounted (and waited out).
+    under = cases["processed"].root / "processed"
+    under.mkdir(exist_ok=True)
+    (under / SOURCE_MARKER).write_bytes(os.fsencode((cases["processed"].root / "images").resolve()))
     services = {folder: ServiceProcess(case.config, log_path=case.root / "service.log", env=case.env)
                 for folder, case in cases.items()}
     try:
@@ -298,7 +304,8 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
         wait_for(lambda: sum(e.get("embedded", 0) for e in services["processed"].events("images_indexed")) == 2,
                  "both pictures indexed")
         assert sorted(p.name for p in (cases["processed"].root / "processed").iterdir()) == [
-            ".p0.png.jpg.thumb.jpg", ".p1.png.jpg.thumb.jpg", "p0.png.jpg", "p1.png.jpg"]  # copies and thumbnails
+            ".p0.png.jpg.thumb.jpg", ".p1.png.jpg.thumb.jpg", SOURCE_MARKER, "p0.png.jpg",
+            "p1.png.jpg"]  # copies and thumbnails
         for folder, service in services.items():
             assert service.stop() == ExitCode.OK
             log = service.log_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from image_search.config import Config, ConfigError, load_config
-from image_search.errors import ExitCode
+from image_search.errors import ExitCode, ProcessedFolderMissing
 from image_search.runtime import open_runtime
 from image_search.sync import SOURCE_MARKER, claim_processed_folder
 from tests.support.files import save_picture, write_config
@@ -26,25 +26,29 @@ def cfg(tmp_path: Path) -> Config:
     return load_config(write_config(tmp_path))
 
 
+def nothing_indexed() -> list[str]:  # the index of a first start
+    return []
+
+
 def processed_files(cfg: Config) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in cfg.processed_directory.rglob("*") if p.is_file()}
 
 
 def test_a_processed_folder_records_its_source_and_refuses_another(cfg: Config, tmp_path: Path) -> None:
-    claim_processed_folder(cfg)  # the first start
+    claim_processed_folder(cfg, nothing_indexed)  # the first start
     marker = cfg.processed_directory / SOURCE_MARKER
     assert marker.read_bytes() == os.fsencode(cfg.source_directory.resolve())
     save_picture(cfg.processed_directory / "a.png.jpg", seed=1)  # a copy made meanwhile
-    claim_processed_folder(cfg)  # the next start, with the same source
+    claim_processed_folder(cfg, nothing_indexed)  # the next start, with the same source
     alias = tmp_path / "alias"
     alias.symlink_to(cfg.source_directory)
-    claim_processed_folder(dataclasses.replace(cfg, source_directory=alias))  # the same folder, through a link
+    claim_processed_folder(dataclasses.replace(cfg, source_directory=alias), nothing_indexed)  # the same folder, through a link
     kept = processed_files(cfg)
 
     other = tmp_path / "other-images"
     save_picture(other / "a.png", seed=2)  # a file of the same path: its copy would take a.png.jpg's place
     with pytest.raises(ConfigError) as refused:
-        claim_processed_folder(dataclasses.replace(cfg, source_directory=other))
+        claim_processed_folder(dataclasses.replace(cfg, source_directory=other), nothing_indexed)
     assert refused.value.exit_code == ExitCode.USAGE
     message = str(refused.value)
     assert message.startswith(f"config key 'processed-directory' ({cfg.processed_directory}) holds the processed "
@@ -58,24 +62,55 @@ def test_an_earlier_versions_processed_folder_adopts_the_configured_source(cfg: 
     with the configured source, which the folder records from then on; another is refused after that."""
     save_picture(cfg.processed_directory / "album" / "c.png.jpg", seed=3)
     copies = processed_files(cfg)
-    claim_processed_folder(cfg)
+    claim_processed_folder(cfg, lambda: [str(cfg.source_directory / "album" / "c.png")])
     marker = cfg.processed_directory / SOURCE_MARKER
     assert marker.read_bytes() == os.fsencode(cfg.source_directory.resolve())
     assert {p: b for p, b in processed_files(cfg).items() if p != marker} == copies
     with pytest.raises(ConfigError, match="holds the processed copies of source-directory"):
-        claim_processed_folder(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"))
+        claim_processed_folder(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"), nothing_indexed)
+
+
+@pytest.mark.parametrize("unmounted", ["an empty mount point", "no folder", "a mount point a rescan wrote into"])
+def test_a_processed_folder_without_the_copies_the_index_holds_is_not_started_on(cfg: Config, unmounted: str) -> None:
+    """Its disk unmounted (a USB disk unplugged, a share not up yet, mounted by hand: in no fstab), the processed
+    folder is the empty mount point on the disk under it, or not there at all. Claimed afresh, every copy would
+    be made again onto that disk, filling it. Refused as a missing source folder is (exit 8: systemd tries
+    again), nothing written; until the user says it was emptied on purpose with an empty record."""
+    processed = cfg.processed_directory
+    indexed = [str(cfg.source_directory / "a.png"), str(cfg.source_directory / "album" / "b.png"), "/elsewhere/c.png"]
+    if unmounted == "no folder":
+        processed.rmdir()
+    elif unmounted == "a mount point a rescan wrote into":
+        (processed / ".mount-points").write_text("[]")
+    kept = processed_files(cfg)
+    with pytest.raises(ProcessedFolderMissing) as refused:
+        claim_processed_folder(cfg, lambda: indexed)
+    assert refused.value.exit_code == ExitCode.SOURCE_MISSING
+    state = "does not exist" if unmounted == "no folder" else "is empty"
+    assert str(refused.value).startswith(f"processed-directory {processed} {state}, but the processed copies of 2 "
+                                         "indexed paths were made there: not starting")
+    assert str(refused.value).endswith(f"(touch {processed / SOURCE_MARKER}): the copies are then made again from "
+                                       "the source files (no model work)")
+    assert processed_files(cfg) == kept and processed.exists() == (unmounted != "no folder")
+
+    processed.mkdir(exist_ok=True)  # as every start makes it
+    claim_processed_folder(cfg, lambda: indexed[2:])  # the index holds none of this source's: a first use
+    (processed / SOURCE_MARKER).unlink()
+    (processed / SOURCE_MARKER).touch()  # the user's word: emptied on purpose
+    claim_processed_folder(cfg, lambda: indexed)
+    assert (processed / SOURCE_MARKER).read_bytes() == os.fsencode(cfg.source_directory.resolve())
 
 
 def test_an_entry_of_the_users_on_the_markers_name_is_a_config_error(cfg: Config) -> None:
     (cfg.processed_directory / SOURCE_MARKER).mkdir()
     with pytest.raises(ConfigError, match=re.escape(f"{cfg.processed_directory / SOURCE_MARKER}, which records")):
-        claim_processed_folder(cfg)
+        claim_processed_folder(cfg, nothing_indexed)
 
 
 def test_a_start_with_another_source_is_refused_before_the_database(cfg: Config, tmp_path: Path) -> None:
     """``open_runtime``, every command's start: refused before any database starts (this unit tier would
     fail the test if one did) and before anything is written into the processed folder."""
-    claim_processed_folder(cfg)
+    claim_processed_folder(cfg, nothing_indexed)
     kept = processed_files(cfg)
     with pytest.raises(ConfigError, match="holds the processed copies of source-directory"):
         with open_runtime(dataclasses.replace(cfg, source_directory=tmp_path / "other-images"), cleanup=False):

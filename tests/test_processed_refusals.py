@@ -7,28 +7,14 @@ this one's (EACCES)."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from image_search.watch import ChangeKind, Folder
-from tests.support.files import save_picture
+from tests.support.files import immutable, save_picture
 
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def immutable(*entries: Path):
-    """``entries`` (folders, files) refuse every write, root's too (``chattr +i``: EPERM), as a folder another
-    user made refuses this one's (EACCES); as they were after."""
-    subprocess.run(["chattr", "+i", *map(str, entries)], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", *map(str, entries)], check=True)
 
 
 def test_a_sub_folder_or_a_copy_in_processed_that_refuses_writes_costs_its_files_only(story_factory) -> None:

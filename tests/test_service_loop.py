@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from tests.support.db import slow_row_writes
 from tests.support.failures import remount, small_disk
-from tests.support.files import save_picture
+from tests.support.files import immutable, save_picture
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
 from tests.support.waiting import wait_for
@@ -33,7 +33,7 @@ from tests.support.waiting import wait_for
 import image_search.sync
 from image_search.config import Config
 from image_search.errors import ExitCode
-from image_search.preprocess import preprocess_for, processed_path_for, thumbnail_path_for
+from image_search.preprocess import SOURCE_MARKER, preprocess_for, processed_path_for, thumbnail_path_for
 from image_search.runtime import RestartRequested
 from image_search.service import watched_folders
 from image_search.watch import Change, ChangeKind, Folder, observer_problem, start_observer
@@ -164,17 +164,14 @@ def test_a_held_startup_query_does_not_wait_for_a_disk_that_refuses_the_ingest(s
     first = story_factory({"a.png": 1, "b.png": 2}, cleanup_on_exit=False)
     save_picture(first.images / "new.png", seed=3)
     shutil.copyfile(first.images / "b.png", first.inbox / "held.png")
-    processed = first.cfg.processed_directory
-    processed.rename(processed.with_name("processed-aside"))
-    processed.write_text("not a folder\n")
     story = story_factory(after=first, start=False)
-    story.service.start()
-    with capture_logs() as logs:
-        story.let_settle_periods_pass(10)
+    with immutable(first.cfg.processed_directory):  # as another user's folder refuses this one's writes
+        story.service.start()
+        with capture_logs() as logs:
+            story.let_settle_periods_pass(10)
     assert [e["work"] for e in logs if e["event"] == "output_unwritable" and e["log_level"] == "warning"] == ["ingest"]
     (answered,) = [e for e in logs if e["event"] == "search_answered"]
-    # new.png, and the two whose copies the rescan found missing (processed/ is a file now): read again
-    assert answered["best"] == story.images / "b.png" and answered["not_yet_indexed"] == 3
+    assert answered["best"] == story.images / "b.png" and answered["not_yet_indexed"] == 1  # new.png
 
 
 @pytest.mark.parametrize("outages", [0, 2])
@@ -422,13 +419,13 @@ def test_folder_moved_inside_keeps_rows_and_moved_out_drops_them(story_factory) 
         assert Path(new["processed_path"]).is_file()
     assert story.service.indexed == 2  # the start-up's two, nothing re-embedded
     processed = story.cfg.processed_directory
-    assert sorted(p.name for p in processed.iterdir()) == ["trip"]  # as images/ is: no empty album/ left
+    assert sorted(p.name for p in processed.iterdir()) == [SOURCE_MARKER, "trip"]  # as images/ is: no empty album/
     outside = story.cfg.source_directory.parent / "elsewhere"
     os.rename(story.images / "trip", outside)
     story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "trip", dest=outside, is_directory=True)
     story.run_until_idle()
     assert story.rows() == {}
-    assert list(processed.iterdir()) == [] and processed.is_dir()
+    assert [p.name for p in processed.iterdir()] == [SOURCE_MARKER]  # the folder and its record stay
 
 
 def test_folder_copied_in_is_walked(story_factory, tmp_path) -> None:

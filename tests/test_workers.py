@@ -28,7 +28,7 @@ import pytest
 import structlog
 from PIL import ExifTags, Image
 
-from tests.support.files import save_picture
+from tests.support.files import claimed_folders, save_picture
 from tests.support.logs import logged_events, logging_to
 from image_search.preprocess import (
     IncompleteFile,
@@ -311,7 +311,7 @@ def test_the_workers_save_each_processed_copy_where_the_indexer_records_it(tmp_p
         monkeypatch.setattr(module, "save_processed", lambda prepared, path: here.append(path))
     nested = save_picture(tmp_path / "trip" / "day 2" / "beach.png", 6, size=(180, 120))
     paths = [*good_files, nested]
-    folders = ProcessedFolders(source=tmp_path, processed=tmp_path / "processed")
+    folders = claimed_folders(tmp_path, tmp_path / "processed")
     with pool(processed=folders) as workers:
         outcomes = workers.submit(paths).results()
 
@@ -331,14 +331,32 @@ def test_the_workers_save_each_processed_copy_where_the_indexer_records_it(tmp_p
 def test_a_copy_a_worker_cannot_write_is_left_to_the_indexer(tmp_path, good_files):
     """A failed write is not the file's fault: the picture comes back unsaved (``saved_to`` None), and the
     indexer's own write then says what is wrong with the folder (tests/test_failures.py: a full disk)."""
-    blocked = tmp_path / "processed"
-    blocked.write_text("a file where the processed folder should be\n")
-    with pool(processed=ProcessedFolders(source=tmp_path, processed=blocked)) as workers:
+    folders = claimed_folders(tmp_path, tmp_path / "processed")
+    blocked = [processed_path_for(path, tmp_path, folders.processed) for path in good_files[:2]]
+    for copy in blocked:
+        (copy / "notes.txt").parent.mkdir(parents=True)  # a folder of the user's where the copy goes
+        (copy / "notes.txt").write_text("mine\n")
+    with pool(processed=folders) as workers:
         outcomes = workers.submit(good_files[:2]).results()
     for path, outcome in zip(good_files[:2], outcomes, strict=True):
         assert isinstance(outcome, PreparedImage) and outcome.saved_to is None
         assert_same(outcome, reference(path))
-    assert blocked.read_text() == "a file where the processed folder should be\n"
+    assert all((copy / "notes.txt").read_text() == "mine\n" for copy in blocked)
+
+
+def test_the_workers_write_no_copy_into_a_processed_folder_without_its_record(tmp_path, good_files):
+    """The processed folder's disk unmounted: in its place the empty mount point on the disk under it (or no
+    folder at all). Copies written there would fill the wrong disk; the pictures come back unsaved, and the
+    indexer's own write names the outage (test_unmounted_processed_folder.py)."""
+    mount_point, gone = tmp_path / "processed", tmp_path / "disk" / "processed"
+    mount_point.mkdir()
+    for processed in (mount_point, gone):
+        with pool(processed=ProcessedFolders(source=tmp_path, processed=processed)) as workers:
+            outcomes = workers.submit(good_files[:2]).results()
+        for path, outcome in zip(good_files[:2], outcomes, strict=True):
+            assert isinstance(outcome, PreparedImage) and outcome.saved_to is None
+            assert_same(outcome, reference(path))
+    assert list(mount_point.iterdir()) == [] and not (tmp_path / "disk").exists()
 
 
 def test_without_processed_folders_the_workers_save_nothing(tmp_path, good_files):

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from image_search.preprocess import processed_path_for
-from image_search.workers import PoolError, ProcessedFolders
-from tests.support.files import save_picture
+from image_search.workers import PoolError
+from tests.support.files import claimed_folders, save_picture
 from tests.support.held_reads import hold_reads
 from tests.support.waiting import wait_for
 from tests.test_workers import assert_same, good_pictures, pool, reference
@@ -254,7 +254,7 @@ def test_a_file_read_again_while_its_first_read_goes_on_is_read_after_it(tmp_pat
     said the new picture, the copy showed the old). The second read waits for the first."""
     source, processed = tmp_path / "source", tmp_path / "processed"
     slow = save_picture(source / "slow.png", 63, size=(120, 90))
-    with pool(workers=2, processed=ProcessedFolders(source, processed)) as workers:
+    with pool(workers=2, processed=claimed_folders(source, processed)) as workers:
         workers.wait_ready(timeout=60)
         first = workers.submit([slow])
         wait_for(lambda: slow_reads.exists(), what="the first read to be begun")

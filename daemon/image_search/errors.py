@@ -35,8 +35,8 @@ class ExitCode(IntEnum):
     WORKERS = 5  # the preprocessing worker processes cannot start
     FONTS = 6  # the contact sheet's fonts cannot be loaded
     OUTPUT = 7  # a result or a processed image cannot be written: disk full, read-only, no permission
-    # source-directory is missing while the index holds its pictures (a disk or share not mounted yet):
-    # systemd's Restart=on-failure tries again until it is there.
+    # source-directory is missing, or processed-directory has lost its copies, while the index holds its
+    # pictures (a disk or share not mounted yet): systemd's Restart=on-failure tries again until it is there.
     SOURCE_MISSING = 8
 
 
@@ -133,6 +133,26 @@ class SourceFolderMissing(ImageSearchError):
             "so that a disk or share that is not mounted (yet) costs no row and no processed copy. Mount it or "
             "put the folder back; if it is gone for good, create it empty and empty the index (README "
             "\"A source folder that is missing or empty\")")
+        self.folder = folder
+        self.rows = rows
+
+
+class ProcessedFolderMissing(ImageSearchError):
+    """``processed-directory`` holds neither the record of its source folder nor any copy, but the index holds
+    pictures whose copies were made there: a disk or share that is not mounted (yet), or a folder emptied or
+    moved. Not a reason to make every copy again, onto the disk under the mount point: nothing is written,
+    and the run ends (the service is restarted until the folder is back), as for ``SourceFolderMissing``."""
+
+    exit_code = ExitCode.SOURCE_MISSING
+    event = "processed_missing"
+
+    def __init__(self, folder: Path, marker: Path, rows: int) -> None:
+        super().__init__(
+            f"processed-directory {folder} {_not_a_folder_now(folder) if not os.path.isdir(folder) else 'is empty'}, "
+            f"but the processed copies of {counted(rows, 'indexed path')} were made there: not starting, so that "
+            "a disk or share that is not mounted (yet) gets no copy written onto the disk under it. Mount it or "
+            "put the folder back; if you emptied it on purpose, create its record of the source folder as an "
+            f"empty file (touch {marker}): the copies are then made again from the source files (no model work)")
         self.folder = folder
         self.rows = rows
 

@@ -38,10 +38,11 @@ from .errors import holds_no_folder, writing_into
 from .metadata import PictureMetadata, relative_folder
 from .names import escape
 from .pixels import to_model_pixels
-from .preprocess import ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_path_for, save_processed
+from .preprocess import (ModelInput, PreparedImage, PreprocessError, normalised_pixels, processed_folder_gone,
+                         processed_folder_present, processed_path_for, save_processed)
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import Refusals, compare_folder, is_current, remove_processed, stat_or_none
+from .sync import Refusals, claim_processed_folder, compare_folder, is_current, remove_processed, stat_or_none
 from .workers import HEARTBEAT_EVERY_S, BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -322,7 +323,10 @@ class Indexer:
         file); None: nowhere; "cpu" or "cuda": there (the tests run the batched path on "cpu").
         ``heartbeat``: called about once a second while this thread waits for the CPU workers (the
         service's watchdog ping: a wait bounded by ``workers.FILE_SECONDS_LIMIT`` per file is no hang).
-        ``refusals``: the files refused before (the service's ``FolderSync.refusals``), named once."""
+        ``refusals``: the files refused before (the service's ``FolderSync.refusals``), named once.
+        Writes the processed folder's record of its source first, where a start did not
+        (``sync.claim_processed_folder``): without it no copy is written there (``processed_folder_present``)."""
+        claim_processed_folder(cfg, store.sources)
         self.cfg = cfg
         self.refusals = refusals or Refusals()
         # The service's test for "this file is still being written": such a file is deferred, not skipped.
@@ -468,7 +472,11 @@ class Indexer:
                 # Inside writing_into: an entry of the user's in the way (ENOTDIR too) is this file's loss,
                 # not the run's, and the entry is left as it is; so is a sub-folder this user may not write
                 # into (one made by another user). A full or read-only disk stops the run, and so does
-                # processed-directory itself not a folder, or not writable (every file would be skipped).
+                # processed-directory itself not a folder, or not writable (every file would be skipped), or
+                # not the folder the copies were made in (its disk unmounted: the copies would land under it).
+                if not (processed_folder_present(self.cfg.processed_directory)
+                        or holds_no_folder(self.cfg.processed_directory)):  # that one's words: below
+                    raise processed_folder_gone(self.cfg.processed_directory)
                 with writing_into(self.cfg.processed_directory, "a processed image"):
                     try:
                         save_processed(image, processed)

@@ -33,7 +33,7 @@ from .colours import in_srgb
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
 from .entries import EntryRefused, LinkPolicy, open_regular, read_regular
-from .errors import UnusableFile
+from .errors import OutputUnwritable, UnusableFile
 from .geometry import (
     FIT_REDUCING_GAP,
     FIT_RESAMPLE,
@@ -50,7 +50,7 @@ from .geometry import (
     upright_transpose,
 )
 from .metadata import PictureMetadata, picture_metadata
-from .names import fit_name, fits_path
+from .names import escape, fit_name, fits_path
 from .phash import perceptual_hash
 
 PROCESSED_SUFFIX = ".jpg"
@@ -442,6 +442,29 @@ def preprocess_for(path: Path, cfg: Config, links: LinkPolicy | None = None) -> 
 _THUMBNAIL_PREFIX, _THUMBNAIL_SUFFIX = ".", ".thumb.jpg"
 # Processed copies too deep for the system's path limit live here, under a hash of their source's path.
 LONG_PATHS_FOLDER = ".long-paths"
+# In processed-directory: the real path of the source-directory whose copies it holds, written at its first use
+# (``sync.claim_processed_folder``). An empty one (a file made by hand) adopts the configured source.
+SOURCE_MARKER = ".source-directory"
+
+
+def processed_folder_present(processed_root: Path) -> bool:
+    """True while ``processed_root`` is the folder the copies were made in: its ``SOURCE_MARKER`` is there.
+    Without it, another folder holds the name: the disk the copies are on was unmounted (the empty mount
+    point on the disk under it, or no folder at all), or the folder was emptied, moved or replaced. A copy
+    written there would land on the wrong disk, and a rescan would make every copy again there."""
+    return os.path.lexists(os.path.join(processed_root, SOURCE_MARKER))
+
+
+def processed_folder_gone(processed_root: Path) -> OutputUnwritable:
+    """The outage of a processed folder that is not ``processed_folder_present``: nothing is written there
+    until it is (the service waits it out; ``index`` ends with exit 7)."""
+    marker = escape(Path(processed_root) / SOURCE_MARKER)
+    return OutputUnwritable(
+        f"cannot write processed images into {escape(processed_root)}: its record of the source folder ({marker}) "
+        "is gone, so it is not the folder the copies were made in: its disk is not mounted (the copies would "
+        "land on the disk under it), or it was emptied, moved or replaced: mount it or put it back; if you "
+        f"emptied it on purpose, create the record again as an empty file (touch {marker}) and the copies are "
+        "made again from the source files")
 
 
 # A folder name that ends as a processed copy's name does (``.jpg``), or as such a folder's own processed name.

@@ -24,7 +24,7 @@ from .errors import ImageSearchError, SourceFolderMissing
 from .fleet import FleetMember, WorkClaims
 from .logs import log_from_signal_handler
 from .store import Database, EmbeddingStore
-from .sync import claim_processed_folder, ensure_source_folder
+from .sync import check_processed_folder, claim_processed_folder, ensure_source_folder
 
 if TYPE_CHECKING:  # torch is imported by the loading thread, not by whoever imports this module
     from .embed import Embedder
@@ -152,10 +152,11 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
     restart asked of systemd, a source folder gone), and never while another service
     sharing the database is still live (the last member to leave empties it). ``source-directory`` is
     created here on a fresh install only (``ensure_source_folder``), and ``processed-directory`` serves
-    one source folder only (``claim_processed_folder``). ``checkpoint`` is called while a schema step
+    one source folder only, and is refused when it has lost the copies the index holds (an unmounted disk:
+    ``claim_processed_folder``). ``checkpoint`` is called while a schema step
     waits for a table another session holds: what it raises (a stop) ends the start."""
     ensure_directories(cfg, with_inbox=with_inbox)
-    claim_processed_folder(cfg)  # before the database starts: a config error costs nothing to find
+    check_processed_folder(cfg)  # before the database starts: a config error costs nothing to find
     started = time.monotonic()
     database = Database(cfg)
     try:
@@ -169,6 +170,7 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
             store = database.open_store(dimension=cfg.dimension, create_table=False, checkpoint=checkpoint)
             try:
                 ensure_source_folder(cfg, store)  # before the model loads: a retry while a disk is not mounted is cheap
+                claim_processed_folder(cfg, store.sources)
             except BaseException:
                 store.close()
                 raise

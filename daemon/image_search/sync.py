@@ -8,6 +8,7 @@ indexer does the reading and the model work.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -23,14 +24,17 @@ from tqdm import tqdm
 from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
-from .errors import SourceFolderMissing, holds_no_folder, writing_into
+from .errors import ProcessedFolderMissing, SourceFolderMissing, holds_no_folder, writing_into
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
 from .mounts import MOUNT_RECORD, MountTable, read_mount_table, remember_mounts
 from .names import escape
 from .preprocess import (
+    SOURCE_MARKER,
     TEMPORARY_PREFIX as _TEMPORARY_PREFIX,
     copy_name_of_thumbnail,
     create_beside,
+    processed_folder_gone,
+    processed_folder_present,
     processed_path_for,
     source_identity_of_file,
     thumbnail_name_for,
@@ -237,30 +241,23 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
     create_folder("source-directory", root)
 
 
-# The hidden file in processed-directory that records the source-directory it mirrors.
-SOURCE_MARKER = ".source-directory"
-
-
-def claim_processed_folder(cfg: Config) -> None:
-    """At start, before anything is written into ``processed-directory``: its copies are named by their
-    source's path inside ``source-directory``, so a second source folder's files with the same paths would
-    overwrite the first's copies, and the first's rows would show the second's pictures. The folder
-    records the (real) source folder it serves in ``SOURCE_MARKER``, written at its first use (an earlier
-    version's folder adopts the configured source); a start with another source is a ``ConfigError``
-    that names both and the fix. One folder reached through a link is the same source."""
+def check_processed_folder(cfg: Config) -> bool:
+    """At start, before the database starts (a config error costs nothing to find): ``processed-directory``'s
+    copies are named by their source's path inside ``source-directory``, so a second source folder's files
+    with the same paths would overwrite the first's copies, and the first's rows would show the second's
+    pictures. The folder records the (real) source folder it serves in ``SOURCE_MARKER``
+    (``claim_processed_folder``); another source is a ``ConfigError`` that names both and the fix. One folder
+    reached through a link is the same source. True when the folder records this source; False when it
+    records none yet (no record, or an empty one made by hand)."""
     marker = cfg.processed_directory / SOURCE_MARKER
     source = os.fsencode(cfg.source_directory.resolve())
     try:
-        try:
-            recorded = marker.read_bytes()
-        except FileNotFoundError:
-            with writing_into(cfg.processed_directory, "its record of the source folder", disk_only=True):
-                recorded = _record_source(marker, source)  # a full disk is an outage: exit 7, restarted
+        recorded = marker.read_bytes()
+    except FileNotFoundError:
+        return False
     except OSError as exc:
-        raise ConfigError(f"config key 'processed-directory': {escape(marker)}, which records the source folder "
-                          f"its processed copies belong to, cannot be read or written ({exc.strerror or exc}): "
-                          "fix its permissions, or move away what holds its name") from None
-    if recorded != source:
+        raise _unreadable_marker(marker, exc) from None
+    if recorded not in (source, b""):
         folder, was, now = escape(cfg.processed_directory), escape(os.fsdecode(recorded)), escape(os.fsdecode(source))
         raise ConfigError(
             f"config key 'processed-directory' ({folder}) holds the processed copies of source-directory {was}, "
@@ -269,27 +266,73 @@ def claim_processed_folder(cfg: Config) -> None:
             f"wrong pictures. Give 'processed-directory' a folder of its own for {now}; or, if the pictures of "
             f"{was} have moved to {now} or are gone for good, move {folder} away first (the copies are made "
             "again from the source folder; pictures the index holds cost no model work)")
+    return recorded == source
 
 
-def _record_source(marker: Path, source: bytes) -> bytes:
-    """Record ``source`` in ``marker`` unless another start did first; returns what the marker records.
-    Written whole under a temporary name, then linked to its own, which fails when one is there: never
-    seen half-written, never written over by a second first start."""
+def claim_processed_folder(cfg: Config, indexed: Callable[[], Iterable[str]]) -> None:
+    """At start, once the store is open and before anything is written into ``processed-directory``: the
+    folder records its source (``check_processed_folder``) from its first use on, and an earlier version's
+    folder (copies, no record) adopts the configured source. But a folder with neither record nor copies
+    while the index holds pictures of this source (``indexed``: the sources the index holds, asked only
+    then) is not the folder their copies were made in: its disk is not mounted (yet), or it was emptied or
+    moved. ``ProcessedFolderMissing``, nothing written: every copy made again would land on the disk under
+    the mount point. An empty record, made by hand, says "emptied on purpose": the copies are made again."""
+    if check_processed_folder(cfg):
+        return
+    marker = cfg.processed_directory / SOURCE_MARKER
+    if not os.path.lexists(marker) and not _holds_copies(cfg.processed_directory):
+        if held := paths_under(indexed(), cfg.source_directory):
+            raise ProcessedFolderMissing(cfg.processed_directory, marker, len(held))
+        create_folder("processed-directory", cfg.processed_directory)  # a first use (every start has made it)
+    try:
+        with writing_into(cfg.processed_directory, "its record of the source folder", disk_only=True):
+            _record_source(marker, os.fsencode(cfg.source_directory.resolve()))  # a full disk: exit 7, restarted
+    except OSError as exc:
+        raise _unreadable_marker(marker, exc) from None
+    check_processed_folder(cfg)  # another first start may have recorded its source first
+
+
+def _unreadable_marker(marker: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"config key 'processed-directory': {escape(marker)}, which records the source folder "
+                       f"its processed copies belong to, cannot be read or written ({exc.strerror or exc}): "
+                       "fix its permissions, or move away what holds its name")
+
+
+def _holds_copies(folder: Path) -> bool:
+    """``folder`` holds an entry besides the records this program keeps there: copies, or sub-folders of them.
+    An unmounted disk's mount point holds none (or only what a rescan recorded there meanwhile). One that
+    cannot be listed is not taken for empty: the write of its record then says what is wrong with it."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.name not in (SOURCE_MARKER, MOUNT_RECORD) for entry in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+
+
+def _record_source(marker: Path, source: bytes) -> None:
+    """Record ``source`` in ``marker`` unless another start did first (then ``check_processed_folder`` reads
+    what it recorded). Written whole under a temporary name, then linked to its own, which fails when one is
+    there: never seen half-written, never written over by a second first start. An empty record (made by
+    hand) is replaced."""
     fd, tmp = create_beside(marker)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(source)
-        try:
-            os.link(tmp, marker)
-        except FileExistsError:
-            return marker.read_bytes()
-        except OSError:  # a filesystem without hard links (some SMB mounts): renamed, unguarded against a race
+        if os.path.lexists(marker) and marker.read_bytes() == b"":
             os.replace(tmp, marker)
+        else:
+            try:
+                os.link(tmp, marker)
+            except FileExistsError:
+                return
+            except OSError:  # a filesystem without hard links (some SMB mounts): renamed, unguarded against a race
+                os.replace(tmp, marker)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("processed_folder_claimed", path=marker.parent, source=os.fsdecode(source),
              detail="processed-directory serves this source-directory only (README \"Preprocessing\")")
-    return source
 
 
 def _refuse_missing_with_rows(root: Path, store: EmbeddingStore) -> None:
@@ -490,13 +533,19 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                         action=f"mount it; if its pictures are gone for good, {undo}")
     changed, new_files, displaced, missing_copies = [], [], [], []
     copies = ProcessedListing()
+    # processed-directory not the folder the copies were made in (its disk unmounted): they are not missing,
+    # only away, and none is made there (the indexer's write says so, as an outage, if a file needs one).
+    copies_here = processed_folder_present(cfg.processed_directory)
+    if not copies_here:
+        log.warning("processed_folder_gone", path=cfg.processed_directory,
+                    reason=str(processed_folder_gone(cfg.processed_directory)))
     for path in on_disk:
         if stopping():
             return _cut_short()
         st = stat_or_none(path)
         record = known.get(str(path))
         if st is not None and record is not None and is_unchanged(record, st, cfg.model_name):
-            if not copies.holds_copies(record.processed_path):
+            if copies_here and not copies.holds_copies(record.processed_path):
                 missing_copies.append(path)
                 if len(missing_copies) <= MISSING_COPIES_NAMED:
                     # A copy the last try could not write (its folder refuses writes) was named with why then.
@@ -515,8 +564,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     if stopping():  # the renames not followed yet would read as deletions
         return _cut_short(renamed=len(followed))
     # A rename followed while processed-directory refused its copies' move (read-only, full): made again.
-    missing_copies += [path for path in followed
-                       if not copies_present(str(processed_path_for(path, root, cfg.processed_directory)))]
+    missing_copies += [path for path in followed if copies_here
+                       and not copies_present(str(processed_path_for(path, root, cfg.processed_directory)))]
     moved_from = set(followed.values())
     shifted = _follow_shifts(cfg, store, [known[p] for p in vanished if p not in moved_from]
                              + [known[str(p)] for p, _ in displaced],
@@ -531,7 +580,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
         for source in gone:
             remove_processed(cfg, Path(source))
         say_removed([(Path(source), 1, "source file is gone") for source in gone])  # the paths, or their folder
-    if remove_orphans and not scan.unreadable and not table.unmounted_under(root):  # what those hold is unknown
+    # What a folder not listed or not mounted holds is unknown; and copies away are no orphans.
+    if remove_orphans and copies_here and not scan.unreadable and not table.unmounted_under(root):
         expected = {record.processed_path for record in known.values()}
         expected.update(str(processed_path_for(path, root, cfg.processed_directory)) for path, _ in new_files)
         remove_orphaned_copies(cfg, expected, stopping=stopping)
@@ -717,7 +767,12 @@ def say_removed(lines: list[tuple[Path, int, str]]) -> None:
 def _move_copies(old: Path, new: Path, processed_root: Path) -> bool:
     """Rename the processed copy ``old`` and its thumbnail to ``new``. False when there is no copy to move or
     an entry of the user's is where the new one goes (indexing the file names it); an OSError when
-    ``processed_root`` refuses the write."""
+    ``processed_root`` refuses the write, or is not the folder the copies are in (its disk unmounted:
+    ``processed_folder_present``; no folder is made there)."""
+    if not (processed_folder_present(processed_root) or holds_no_folder(processed_root)):
+        raise FileNotFoundError(errno.ENOENT, "processed-directory's record of its source folder is gone (its disk is "
+                                              "not mounted, or it was emptied or replaced)",
+                                os.fspath(processed_root / SOURCE_MARKER))
     for attempt in (1, 2):
         try:
             new.parent.mkdir(parents=True, exist_ok=True)

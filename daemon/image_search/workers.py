@@ -65,7 +65,7 @@ from .errors import WorkersError
 from .launcher import LAUNCHER, ForkedProcess, how_it_ended, process_state
 from .logs import collect_into, configured_level
 from .preprocess import (IncompleteFile, ModelInput, PreparedImage, PreprocessError, preprocess_image,
-                         processed_path_for, save_processed)
+                         processed_folder_present, processed_path_for, save_processed)
 from .wording import counted
 
 # Files handed to one worker before it has answered: two, so the next file is already waiting when a
@@ -156,7 +156,11 @@ def preprocess_file(path: Path, settings: PreprocessSettings) -> PreparedImage:
 def _saved(prepared: PreparedImage, path: Path, folders: ProcessedFolders) -> Path | None:
     """Save the processed copy of ``path`` where the indexer records it; where, or None when it could not be
     written. Why None rather than an error: the indexer then writes it itself, and a full or read-only disk
-    ends as it always has, as ``OutputUnwritable`` naming the processed folder (a file is not to blame)."""
+    ends as it always has, as ``OutputUnwritable`` naming the processed folder (a file is not to blame).
+    Nothing is written while the processed folder is not the one the copies were made in (an unmounted disk:
+    ``processed_folder_present``): the indexer's own write names that outage."""
+    if not processed_folder_present(folders.processed):
+        return None
     try:
         processed = processed_path_for(path, folders.source, folders.processed)
         save_processed(prepared, processed)

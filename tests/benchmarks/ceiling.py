@@ -44,7 +44,7 @@ from typing import Any
 
 from tests.benchmarks.common import Bench, Metric, Report, Section, file_create_ms, fresh_dir, link_or_copy, say, \
     warm_page_cache
-from tests.support.files import save_picture, write_config
+from tests.support.files import claimed_folders, save_picture, write_config
 from tests.support.model import TINY_DIMENSION
 
 DIMENSION = 1024
@@ -244,7 +244,6 @@ def run_index(cfg, embedder, store, sources: list[Path], *, pgdata: Path, profil
     ``preprocess_and_save`` too, fills that from a twin that saves the processed copies into a scratch
     folder (the workers' whole job in ``index``; a diagnosis)."""
     from image_search.indexer import Indexer
-    from image_search.workers import ProcessedFolders
 
     _reset(cfg, store)
     warm_page_cache(sources)
@@ -259,7 +258,7 @@ def run_index(cfg, embedder, store, sources: list[Path], *, pgdata: Path, profil
                 preprocess_only.update(run_preprocess_only(alone, sources, pgdata=pgdata))
         if preprocess_and_save is not None:
             scratch = fresh_dir(cfg.state_directory.parent / "processed-scratch")
-            with _twin(pool, ProcessedFolders(cfg.source_directory, scratch)) as saving:
+            with _twin(pool, claimed_folders(cfg.source_directory, scratch)) as saving:
                 saving.wait_ready()
                 preprocess_and_save.update(run_preprocess_only(saving, sources, pgdata=pgdata))
         if profile:
@@ -364,6 +363,7 @@ def run_service(cfg, embedder, database, store, files: list[Path], *, pgdata: Pa
     from image_search.runtime import Runtime
     from image_search.service import Service, StopFlag
     from image_search.store import BULK_LOAD_MIN_ROWS
+    from image_search.sync import claim_processed_folder
     from image_search.watch import Change, ChangeKind, Folder
 
     _reset(cfg, store)
@@ -372,6 +372,7 @@ def run_service(cfg, embedder, database, store, files: list[Path], *, pgdata: Pa
     warm_page_cache(files)
     changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
     member = FleetMember.join(cfg, database)
+    claim_processed_folder(cfg, store.sources)  # as every start does (runtime.open_runtime)
     service = Service(Runtime(cfg, store, lambda: embedder, fleet=member), changes=changes, stop=StopFlag(),
                       notifier=Notifier(environ={}))
     n = len(files)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,29 @@ def save_photo(path: Path, seed: int, *, taken: str | None = None, offset: str |
         im.load()
     im.save(path, format="JPEG", quality=95, exif=exif.tobytes())
     return path
+
+
+@contextmanager
+def immutable(*entries: Path) -> Iterator[None]:
+    """``entries`` (folders, files) refuse every write, root's too (``chattr +i``: EPERM), as a folder another
+    user made refuses this one's (EACCES); as they were after."""
+    subprocess.run(["chattr", "+i", *map(str, entries)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, entries)], check=True)
+
+
+def claimed_folders(source: Path, processed: Path):
+    """The workers' ``ProcessedFolders`` for ``source`` and ``processed``, the latter made and holding its record
+    of the source folder (an empty one, as a user makes by hand), as every start leaves it: without the record
+    the workers write no copy there (an unmounted disk's mount point)."""
+    from image_search.preprocess import SOURCE_MARKER
+    from image_search.workers import ProcessedFolders
+
+    processed.mkdir(parents=True, exist_ok=True)
+    (processed / SOURCE_MARKER).touch()
+    return ProcessedFolders(source, processed)
 
 
 def write_config(root: Path, model_dir: Path | None = None, *, fresh_pgdata: bool = False, **overrides: object) -> Path:

@@ -22,7 +22,7 @@ from image_search.preprocess import thumbnail_path_for
 from image_search.runtime import Runtime
 from image_search.service import Service, StopFlag
 from image_search.store import Database
-from image_search.sync import SOURCE_MARKER
+from image_search.sync import SOURCE_MARKER, claim_processed_folder
 from image_search.watch import Change, ChangeKind, Folder
 from tests.support.clock import FakeClock
 from tests.support.db import Row, database_rows, raw, rows_by_path
@@ -163,6 +163,7 @@ def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[An
         for name, seed in (files or {}).items():
             save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
         store = database.open_store(dimension=cfg.dimension, create_table=False)
+        claim_processed_folder(cfg, store.sources)  # as every start does (runtime.open_runtime)
         rt = Runtime(cfg, store, lambda: model or embedder)
         changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
         clock = FakeClock()

@@ -1,0 +1,70 @@
+"""processed/ on a disk of its own (a USB disk, a NAS share mounted by hand or by udisks: in no fstab) that is
+unmounted while the service runs. In its place is the empty mount point on the disk under it. Nothing told the
+service: new pictures' copies went onto that disk, and the next rescan found every copy missing and made them
+all again there, filling the root disk. The processed folder's record of its source folder is on the disk
+with the copies; while it is not there, no copy is written. A new picture waits as on a full disk, said once;
+the rescan takes the copies as away, not missing. Once the disk is back, the waiting picture is indexed and
+every copy is where it was. A real ``Service`` over the embedded PostgreSQL and the tiny model, in-process
+(``story_factory``); the start that refuses such a folder is in test_processed_folder.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.preprocess import SOURCE_MARKER
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import save_picture
+
+pytestmark = pytest.mark.integration
+
+PICTURES = {"a.png": 1, "album/b.png": 2, "album/c.png": 3}
+
+
+def files_under(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_no_copy_lands_on_the_disk_under_an_unmounted_processed_folder(story_factory) -> None:
+    story = story_factory(PICTURES, rescan_interval=60.0)
+    processed = story.cfg.processed_directory
+    disk = processed.with_name("usb-disk")  # the copies' disk, "unmounted": away from the mount point
+    on_disk = files_under(processed)
+    assert Path(SOURCE_MARKER) in on_disk and len(on_disk) > 2 * len(PICTURES)
+    processed.rename(disk)
+    processed.mkdir()  # the mount point, empty, on the disk under it
+
+    new = save_picture(story.images / "album" / "d.png", seed=4)
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, new)
+    a_id = story.rows()[str(story.images / "a.png")]["id"]
+    with capture_logs() as logs:
+        story.delete_or_rename(story.images / "a.png", "renamed", to="a2.png")  # its copy cannot follow: made later
+        story.let_settle_periods_pass(5)
+        story.clock.advance(61)  # the rescan is due, and the picture's next try
+        story.let_settle_periods_pass(5)
+    assert list(processed.iterdir()) == []
+    assert str(new) not in story.rows()
+    assert story.rows()[str(story.images / "a2.png")]["id"] == a_id  # the rename followed all the same
+    (renamed,) = [e for e in logs if e["event"] == "image_renamed"]
+    assert renamed["processed"].startswith("not moved: processed-directory's record of its source folder is gone")
+    waits = [e for e in logs if e["event"] == "output_unwritable"]
+    assert len(waits) > 1 and [e["log_level"] for e in waits[1:]] == ["debug"] * (len(waits) - 1)  # said once
+    assert f"its record of the source folder ({processed / SOURCE_MARKER}) is gone" in waits[0]["reason"]
+    assert "its disk is not mounted" in waits[0]["reason"]
+    assert [e["path"] for e in logs if e["event"] == "processed_folder_gone"] == [processed]  # the rescan's word
+    assert [e["missing_copies"] for e in logs if e["event"] == "rescan_complete"] == [0]
+    assert not [e for e in logs if e["event"] in ("processed_copy_missing", "processed_copies_missing",
+                                                  "processed_copies_removed", "image_removed")]
+
+    processed.rmdir()
+    disk.rename(processed)  # mounted again
+    story.clock.advance(61)
+    story.run_until_idle()
+    assert str(new) in story.rows()
+    assert {p: b for p, b in files_under(processed).items() if p in on_disk} == on_disk  # every copy as it was
+    assert story.copies_of_rows() <= story.copies_in_processed()  # a2.png's and d.png's made there
+    # a.png's, named by no row now, until the next start's rescan removes them (as for any rename unseen)
+    assert story.copies_in_processed() - story.copies_of_rows() == {processed / "a.png.jpg",
+                                                                    processed / ".a.png.jpg.thumb.jpg"}
