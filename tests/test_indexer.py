@@ -15,7 +15,7 @@ from image_search.indexer import Indexer
 from image_search.preprocess import preprocess_image, processed_path_for, save_processed
 from image_search.store import Database, EmbeddingRow
 from tests.support.db import database_rows, slow_row_writes
-from tests.support.files import write_config
+from tests.support.files import emptied_on_purpose, write_config
 from tests.support.model import TINY_DIMENSION
 
 pytestmark = pytest.mark.integration
@@ -99,6 +99,7 @@ def test_the_processed_copies_are_written_by_the_workers_not_this_thread(tree, m
     here: list[Path] = []
     monkeypatch.setattr(image_search.indexer, "save_processed", lambda prepared, path: here.append(path))
     shutil.rmtree(cfg.processed_directory, ignore_errors=True)
+    emptied_on_purpose(cfg.processed_directory)
     store = database.open_store(dimension=TINY_DIMENSION)
     try:
         store.clear()

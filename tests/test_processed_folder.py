@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from image_search.config import Config, ConfigError, load_config
 from image_search.errors import ExitCode, ProcessedFolderMissing
 from image_search.runtime import open_runtime
-from image_search.sync import SOURCE_MARKER, claim_processed_folder
+from image_search.sync import SOURCE_MARKER, check_processed_folder, claim_processed_folder
 from tests.support.files import save_picture, write_config
 
 
@@ -89,8 +90,8 @@ def test_a_processed_folder_without_the_copies_the_index_holds_is_not_started_on
     state = "does not exist" if unmounted == "no folder" else "is empty"
     assert str(refused.value).startswith(f"processed-directory {processed} {state}, but the processed copies of 2 "
                                          "indexed paths were made there: not starting")
-    assert str(refused.value).endswith(f"(touch {processed / SOURCE_MARKER}): the copies are then made again from "
-                                       "the source files (no model work)")
+    assert str(refused.value).endswith(f"(mkdir -p {processed} && touch {processed / SOURCE_MARKER}): the copies "
+                                       "are then made again from the source files")
     assert processed_files(cfg) == kept and processed.exists() == (unmounted != "no folder")
 
     processed.mkdir(exist_ok=True)  # as every start makes it
@@ -99,6 +100,45 @@ def test_a_processed_folder_without_the_copies_the_index_holds_is_not_started_on
     (processed / SOURCE_MARKER).touch()  # the user's word: emptied on purpose
     claim_processed_folder(cfg, lambda: indexed)
     assert (processed / SOURCE_MARKER).read_bytes() == os.fsencode(cfg.source_directory.resolve())
+
+
+def test_a_processed_folder_claimed_before_is_refused_without_its_record_whatever_the_index_holds(
+        cfg: Config, tmp_path: Path) -> None:
+    """cleanup-on-exit, the default, empties the index at every exit: the index cannot tell that copies were
+    made. The installation's own record of its claims, in state-directory, can. The start is refused before
+    any folder is made (mkdir -p would make the disk's folders on the disk under it) or the database starts
+    (this unit tier would fail the test if one did)."""
+    usb = tmp_path / "media" / "usb"
+    cfg = dataclasses.replace(cfg, processed_directory=usb / "processed")
+    claim_processed_folder(cfg, nothing_indexed)  # the first start, the disk mounted
+    save_picture(cfg.processed_directory / "a.png.jpg", seed=1)
+    usb.rename(tmp_path / "usb-away")  # unplugged: not even the folder is there
+    for state in ("does not exist", "is empty"):
+        with pytest.raises(ProcessedFolderMissing) as refused:
+            with open_runtime(cfg, cleanup=False):
+                pass
+        assert refused.value.exit_code == ExitCode.SOURCE_MISSING
+        assert str(refused.value).startswith(
+            f"processed-directory {cfg.processed_directory} {state}, but this installation made its processed copies "
+            f"there (recorded in {cfg.state_directory / 'processed-folders'}): not starting")
+        if state == "does not exist":
+            assert not usb.exists()  # nothing made on the disk under it
+            cfg.processed_directory.mkdir(parents=True)  # then the empty mount point
+    assert list(cfg.processed_directory.iterdir()) == []
+    shutil.rmtree(usb)
+    (tmp_path / "usb-away").rename(usb)  # mounted again
+    assert check_processed_folder(cfg)
+    elsewhere = dataclasses.replace(cfg, processed_directory=tmp_path / "elsewhere")
+    assert not check_processed_folder(elsewhere)  # never claimed: a first use
+
+    # The README's way to give the folder a new source: the old folder moved away, for a first use by the new.
+    moved = dataclasses.replace(cfg, source_directory=tmp_path / "new-images")
+    with pytest.raises(ConfigError, match="holds the processed copies of source-directory"):
+        check_processed_folder(moved)
+    usb.rename(tmp_path / "old-processed-disk")
+    assert not check_processed_folder(moved)
+    claim_processed_folder(moved, nothing_indexed)
+    assert (cfg.processed_directory / SOURCE_MARKER).read_bytes() == os.fsencode(moved.source_directory.resolve())
 
 
 def test_an_entry_of_the_users_on_the_markers_name_is_a_config_error(cfg: Config) -> None:

@@ -3,18 +3,22 @@ unmounted while the service runs. In its place is the empty mount point on the d
 service: new pictures' copies went onto that disk, and the next rescan found every copy missing and made them
 all again there, filling the root disk. The processed folder's record of its source folder is on the disk
 with the copies; while it is not there, no copy is written. A new picture waits as on a full disk, said once;
-the rescan takes the copies as away, not missing. Once the disk is back, the waiting picture is indexed and
-every copy is where it was. A real ``Service`` over the embedded PostgreSQL and the tiny model, in-process
-(``story_factory``); the start that refuses such a folder is in test_processed_folder.py."""
+the rescan takes the copies as away, not missing, and removes no row. Once the disk is back, the waiting
+picture is indexed and every copy is where it was. A real ``Service`` over the embedded PostgreSQL and the
+tiny model, in-process (``story_factory``); the start that refuses such a folder is in
+test_processed_folder.py and test_cli.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from image_search.mounts import MountTable
 from image_search.preprocess import SOURCE_MARKER
+from image_search.sync import compare_folder
 from image_search.watch import ChangeKind, Folder
 from tests.support.files import save_picture
 
@@ -41,6 +45,7 @@ def test_no_copy_lands_on_the_disk_under_an_unmounted_processed_folder(story_fac
     a_id = story.rows()[str(story.images / "a.png")]["id"]
     with capture_logs() as logs:
         story.delete_or_rename(story.images / "a.png", "renamed", to="a2.png")  # its copy cannot follow: made later
+        (story.images / "album" / "c.png").unlink()  # its event lost: the rescan's to find
         story.let_settle_periods_pass(5)
         story.clock.advance(61)  # the rescan is due, and the picture's next try
         story.let_settle_periods_pass(5)
@@ -53,7 +58,9 @@ def test_no_copy_lands_on_the_disk_under_an_unmounted_processed_folder(story_fac
     assert len(waits) > 1 and [e["log_level"] for e in waits[1:]] == ["debug"] * (len(waits) - 1)  # said once
     assert f"its record of the source folder ({processed / SOURCE_MARKER}) is gone" in waits[0]["reason"]
     assert "its disk is not mounted" in waits[0]["reason"]
-    assert [e["path"] for e in logs if e["event"] == "processed_folder_gone"] == [processed]  # the rescan's word
+    # The rescan's word. Nor does it remove a row: which mount points under images/ it remembers is away too.
+    assert [(e["path"], e["kept"]) for e in logs if e["event"] == "processed_folder_away"] == [(processed, 1)]
+    assert str(story.images / "album" / "c.png") in story.rows()
     assert [e["missing_copies"] for e in logs if e["event"] == "rescan_complete"] == [0]
     assert not [e for e in logs if e["event"] in ("processed_copy_missing", "processed_copies_missing",
                                                   "processed_copies_removed", "image_removed")]
@@ -62,9 +69,44 @@ def test_no_copy_lands_on_the_disk_under_an_unmounted_processed_folder(story_fac
     disk.rename(processed)  # mounted again
     story.clock.advance(61)
     story.run_until_idle()
-    assert str(new) in story.rows()
-    assert {p: b for p, b in files_under(processed).items() if p in on_disk} == on_disk  # every copy as it was
+    assert str(new) in story.rows() and str(story.images / "album" / "c.png") not in story.rows()
+    c_copies = {Path("album/c.png.jpg"), Path("album/.c.png.jpg.thumb.jpg")}  # gone with c.png's row
+    assert {p: b for p, b in files_under(processed).items() if p in on_disk} == {
+        p: b for p, b in on_disk.items() if p not in c_copies}  # every other copy as it was
     assert story.copies_of_rows() <= story.copies_in_processed()  # a2.png's and d.png's made there
     # a.png's, named by no row now, until the next start's rescan removes them (as for any rename unseen)
     assert story.copies_in_processed() - story.copies_of_rows() == {processed / "a.png.jpg",
                                                                     processed / ".a.png.jpg.thumb.jpg"}
+
+
+def test_a_share_under_images_stays_remembered_while_the_processed_folder_is_away(story_factory, tmp_path) -> None:
+    """``images/album``, a share mounted by hand, is remembered as a mount point in processed/ (no fstab line
+    names it). A reboot mounts neither it nor processed/'s disk. A rescan then could not read what it
+    remembered, took album's pictures for deleted, and wrote its record of the mount points onto the disk under
+    processed/. Now it removes no row and writes nothing there; once processed/ is back, album's rows are kept
+    by what it remembers."""
+    story = story_factory(PICTURES)
+    cfg, store = story.cfg, story.service.rt.store
+    album, other = story.images / "album", story.images / "other"
+    other.mkdir()  # another share, mounted now: news for the record
+    share, other_share = Path(os.path.realpath(album)), Path(os.path.realpath(other))
+    compare_folder(cfg, store, mounts=MountTable(expected=frozenset(), mounted=frozenset({share})))
+    rows = story.rows()
+    processed = cfg.processed_directory
+    processed.rename(processed.with_name("usb-disk"))
+    processed.mkdir()
+    album.rename(tmp_path / "nas")
+    album.mkdir()  # its mount point, empty
+    now = MountTable(expected=frozenset(), mounted=frozenset({other_share}))
+    with capture_logs() as logs:
+        state = compare_folder(cfg, store, mounts=now)
+    assert state.removed == [] and story.rows() == rows
+    assert [(e["path"], e["kept"]) for e in logs if e["event"] == "processed_folder_away"] == [(processed, 2)]
+    assert list(processed.iterdir()) == []
+
+    processed.rmdir()
+    processed.with_name("usb-disk").rename(processed)
+    with capture_logs() as logs:
+        state = compare_folder(cfg, store, mounts=now)
+    assert state.removed == [] and story.rows() == rows
+    assert [(e["path"], e["kept"]) for e in logs if e["event"] == "source_subfolder_unmounted"] == [(album, 2)]

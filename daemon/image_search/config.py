@@ -457,12 +457,15 @@ def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
     write, is a ConfigError. One on a read-only file system is the disk's state, not the config's:
     ``OutputUnwritable`` (exit 7, which systemd restarts until the disk is read-write again; exit 2 it
     never restarts). ``source-directory`` is not one of them: whether it may be created depends on the
-    index (``sync.ensure_source_folder``)."""
+    index (``sync.ensure_source_folder``); nor is a missing ``processed-directory``, made at its first use
+    only (``sync.claim_processed_folder``): missing, it may be on a disk that is not mounted."""
     keys = ["processed-directory", "output-directory", "state-directory"]
     if with_inbox:
         keys.append("inbox-directory")
     for key in keys:
         folder: Path = getattr(cfg, _FIELDS[key].name)
+        if key == "processed-directory" and not os.path.lexists(folder):
+            continue
         create_folder(key, folder)
         # access() says no for a read-only file system too: asked first, it is told apart.
         if os.statvfs(folder).f_flag & os.ST_RDONLY:

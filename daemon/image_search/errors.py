@@ -138,21 +138,24 @@ class SourceFolderMissing(ImageSearchError):
 
 
 class ProcessedFolderMissing(ImageSearchError):
-    """``processed-directory`` holds neither the record of its source folder nor any copy, but the index holds
-    pictures whose copies were made there: a disk or share that is not mounted (yet), or a folder emptied or
-    moved. Not a reason to make every copy again, onto the disk under the mount point: nothing is written,
-    and the run ends (the service is restarted until the folder is back), as for ``SourceFolderMissing``."""
+    """``processed-directory`` holds neither the record of its source folder nor any copy, but copies were
+    made there (the index holds their pictures, or this installation's record of its claims names the
+    folder): a disk or share that is not mounted (yet), or a folder emptied or moved. Not a reason to make
+    every copy again, onto the disk under the mount point: nothing is written or made, and the run ends (the
+    service is restarted until the folder is back), as for ``SourceFolderMissing``."""
 
     exit_code = ExitCode.SOURCE_MISSING
     event = "processed_missing"
 
-    def __init__(self, folder: Path, marker: Path, rows: int) -> None:
+    def __init__(self, folder: Path, marker: Path, *, rows: int | None = None, claims: Path | None = None) -> None:
+        made = (f"the processed copies of {counted(rows, 'indexed path')} were made there" if rows is not None
+                else f"this installation made its processed copies there (recorded in {claims})")
         super().__init__(
             f"processed-directory {folder} {_not_a_folder_now(folder) if not os.path.isdir(folder) else 'is empty'}, "
-            f"but the processed copies of {counted(rows, 'indexed path')} were made there: not starting, so that "
-            "a disk or share that is not mounted (yet) gets no copy written onto the disk under it. Mount it or "
-            "put the folder back; if you emptied it on purpose, create its record of the source folder as an "
-            f"empty file (touch {marker}): the copies are then made again from the source files (no model work)")
+            f"but {made}: not starting, so that a disk or share that is not mounted (yet) gets no copy written "
+            "onto the disk under it. Mount it or put the folder back; if you emptied or removed it on purpose, "
+            f"give it an empty record of its source folder (mkdir -p {folder} && touch {marker}): the copies are "
+            "then made again from the source files")
         self.folder = folder
         self.rows = rows
 

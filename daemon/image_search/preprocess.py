@@ -451,8 +451,16 @@ def processed_folder_present(processed_root: Path) -> bool:
     """True while ``processed_root`` is the folder the copies were made in: its ``SOURCE_MARKER`` is there.
     Without it, another folder holds the name: the disk the copies are on was unmounted (the empty mount
     point on the disk under it, or no folder at all), or the folder was emptied, moved or replaced. A copy
-    written there would land on the wrong disk, and a rescan would make every copy again there."""
-    return os.path.lexists(os.path.join(processed_root, SOURCE_MARKER))
+    written there would land on the wrong disk, and a rescan would make every copy again there. A record
+    that cannot be looked at (no permission, a stale network handle, an I/O error) is not taken for gone:
+    the write that follows then names what is wrong."""
+    try:
+        os.lstat(os.path.join(processed_root, SOURCE_MARKER))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def processed_folder_gone(processed_root: Path) -> OutputUnwritable:
@@ -463,8 +471,8 @@ def processed_folder_gone(processed_root: Path) -> OutputUnwritable:
         f"cannot write processed images into {escape(processed_root)}: its record of the source folder ({marker}) "
         "is gone, so it is not the folder the copies were made in: its disk is not mounted (the copies would "
         "land on the disk under it), or it was emptied, moved or replaced: mount it or put it back; if you "
-        f"emptied it on purpose, create the record again as an empty file (touch {marker}) and the copies are "
-        "made again from the source files")
+        f"emptied or removed it on purpose, give it an empty record (mkdir -p {escape(processed_root)} && touch "
+        f"{marker}) and the copies are made again from the source files")
 
 
 # A folder name that ends as a processed copy's name does (``.jpg``), or as such a folder's own processed name.

@@ -155,8 +155,10 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
     one source folder only, and is refused when it has lost the copies the index holds (an unmounted disk:
     ``claim_processed_folder``). ``checkpoint`` is called while a schema step
     waits for a table another session holds: what it raises (a stop) ends the start."""
+    # Before any folder is made (a processed folder whose disk is away: not one made on the disk under it) and
+    # before the database starts (a config error costs nothing to find).
+    check_processed_folder(cfg)
     ensure_directories(cfg, with_inbox=with_inbox)
-    check_processed_folder(cfg)  # before the database starts: a config error costs nothing to find
     started = time.monotonic()
     database = Database(cfg)
     try:

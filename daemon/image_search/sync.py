@@ -9,6 +9,7 @@ indexer does the reading and the model work.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import sys
@@ -39,6 +40,7 @@ from .preprocess import (
     source_identity_of_file,
     thumbnail_name_for,
     thumbnail_path_for,
+    write_atomically,
 )
 from .store import EmbeddingStore, PathMove, SourceRecord
 from .store import metadata as stored_metadata
@@ -114,6 +116,21 @@ def _entry_names(folder: str) -> frozenset[str]:
             return frozenset(entry.name for entry in entries)
     except OSError:
         return frozenset()
+
+
+def copies_away(processed_root: Path) -> str | None:
+    """Why a rescan cannot see processed-directory's copies now, or None when it can: the folder is not the
+    one they were made in (``processed_folder_present``), or cannot be listed (no permission, a stale network
+    handle, an I/O error: every copy would read as missing)."""
+    if not processed_folder_present(processed_root):
+        return str(processed_folder_gone(processed_root))
+    try:
+        with os.scandir(processed_root) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return (f"{escape(processed_root)} cannot be read ({exc.strerror or exc}): its copies are taken as there, "
+                "and none is made again until it can")
+    return None
 
 
 def copies_present(processed_path: str) -> bool:
@@ -242,19 +259,25 @@ def ensure_source_folder(cfg: Config, store: EmbeddingStore) -> None:
 
 
 def check_processed_folder(cfg: Config) -> bool:
-    """At start, before the database starts (a config error costs nothing to find): ``processed-directory``'s
-    copies are named by their source's path inside ``source-directory``, so a second source folder's files
-    with the same paths would overwrite the first's copies, and the first's rows would show the second's
-    pictures. The folder records the (real) source folder it serves in ``SOURCE_MARKER``
-    (``claim_processed_folder``); another source is a ``ConfigError`` that names both and the fix. One folder
-    reached through a link is the same source. True when the folder records this source; False when it
-    records none yet (no record, or an empty one made by hand)."""
+    """At start, before any folder is made or the database starts (a config error costs nothing to find):
+    ``processed-directory``'s copies are named by their source's path inside ``source-directory``, so a second
+    source folder's files with the same paths would overwrite the first's copies, and the first's rows
+    would show the second's pictures. The folder records the (real) source folder it serves in
+    ``SOURCE_MARKER`` (``claim_processed_folder``); another source is a ``ConfigError`` that names both and
+    the fix. One folder reached through a link is the same source. A folder this installation claimed before
+    (``CLAIMS_RECORD``) that now holds neither record nor copy is ``ProcessedFolderMissing``: its disk is
+    not mounted. True when the folder records this source; False when it records none yet (no record, or
+    an empty one made by hand)."""
     marker = cfg.processed_directory / SOURCE_MARKER
     source = os.fsencode(cfg.source_directory.resolve())
     try:
         recorded = marker.read_bytes()
     except FileNotFoundError:
-        return False
+        if _holds_copies(cfg.processed_directory) or not _claimed_before(cfg):
+            return False
+        raise ProcessedFolderMissing(cfg.processed_directory, marker, claims=cfg.state_directory / CLAIMS_RECORD)
+    except NotADirectoryError:
+        return False  # not a folder: ensure_directories names it
     except OSError as exc:
         raise _unreadable_marker(marker, exc) from None
     if recorded not in (source, b""):
@@ -276,20 +299,65 @@ def claim_processed_folder(cfg: Config, indexed: Callable[[], Iterable[str]]) ->
     while the index holds pictures of this source (``indexed``: the sources the index holds, asked only
     then) is not the folder their copies were made in: its disk is not mounted (yet), or it was emptied or
     moved. ``ProcessedFolderMissing``, nothing written: every copy made again would land on the disk under
-    the mount point. An empty record, made by hand, says "emptied on purpose": the copies are made again."""
-    if check_processed_folder(cfg):
-        return
-    marker = cfg.processed_directory / SOURCE_MARKER
-    if not os.path.lexists(marker) and not _holds_copies(cfg.processed_directory):
-        if held := paths_under(indexed(), cfg.source_directory):
-            raise ProcessedFolderMissing(cfg.processed_directory, marker, len(held))
-        create_folder("processed-directory", cfg.processed_directory)  # a first use (every start has made it)
+    the mount point. An empty record, made by hand, says "emptied on purpose": the copies are made again.
+    The claim is remembered in state-directory (``CLAIMS_RECORD``), which ``check_processed_folder`` reads
+    at the next start, whatever the index then holds (``cleanup-on-exit`` empties it)."""
+    if not check_processed_folder(cfg):
+        marker = cfg.processed_directory / SOURCE_MARKER
+        if not os.path.lexists(marker) and not _holds_copies(cfg.processed_directory):
+            if held := paths_under(indexed(), cfg.source_directory):
+                raise ProcessedFolderMissing(cfg.processed_directory, marker, rows=len(held))
+            create_folder("processed-directory", cfg.processed_directory)  # a first use
+        try:
+            with writing_into(cfg.processed_directory, "its record of the source folder", disk_only=True):
+                _record_source(marker, os.fsencode(cfg.source_directory.resolve()))  # a full disk: exit 7, restarted
+        except OSError as exc:
+            raise _unreadable_marker(marker, exc) from None
+        check_processed_folder(cfg)  # another first start may have recorded its source first
+    _remember_claim(cfg)
+
+
+# In state-directory: the processed folders this installation has claimed, each with the source folder it
+# served (a JSON list of [processed-directory as configured, the source's real path]). Kept off the processed
+# folder's disk, so that a start can tell that disk is away even when the index holds nothing
+# (``cleanup-on-exit``, the default, empties it at every exit). A processed folder moved away because the
+# source folder changed (README) is a first use for the new source.
+CLAIMS_RECORD = "processed-folders"
+
+
+def _claim_of(cfg: Config) -> list[str]:
+    return [os.fsdecode(cfg.processed_directory), os.fsdecode(cfg.source_directory.resolve())]
+
+
+def _claims(cfg: Config) -> list[list[str]] | None:
+    """The claims recorded; None when the record cannot be read (said, and left as it is)."""
+    record = cfg.state_directory / CLAIMS_RECORD
     try:
-        with writing_into(cfg.processed_directory, "its record of the source folder", disk_only=True):
-            _record_source(marker, os.fsencode(cfg.source_directory.resolve()))  # a full disk: exit 7, restarted
+        claims = json.loads(record.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("processed_claims_unreadable", path=record, error=str(exc),
+                    detail="a processed folder whose disk is not mounted is told by the index alone")
+        return None
+    return [c for c in claims if isinstance(c, list)] if isinstance(claims, list) else None
+
+
+def _claimed_before(cfg: Config) -> bool:
+    return _claim_of(cfg) in (_claims(cfg) or [])
+
+
+def _remember_claim(cfg: Config) -> None:
+    """Add this claim to ``CLAIMS_RECORD``; a record that cannot be read or written costs this protection
+    only, never the run."""
+    claims = _claims(cfg)
+    if claims is None or _claim_of(cfg) in claims:
+        return
+    record = cfg.state_directory / CLAIMS_RECORD
+    try:
+        write_atomically(record, (json.dumps([*claims, _claim_of(cfg)]) + "\n").encode())
     except OSError as exc:
-        raise _unreadable_marker(marker, exc) from None
-    check_processed_folder(cfg)  # another first start may have recorded its source first
+        log.warning("processed_claim_not_recorded", path=record, error=exc.strerror)
 
 
 def _unreadable_marker(marker: Path, exc: OSError) -> ConfigError:
@@ -481,7 +549,8 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     deleted": missing raises ``SourceFolderMissing`` (when paths under it are stored), empty keeps every
     row with one warning. So does a sub-folder that ``/etc/fstab`` names as a mount point, or that an earlier
     rescan saw mounted (``mounts.remember_mounts``), while nothing is mounted there (``mounts``: the system's
-    tables when None), or that cannot be listed.
+    tables when None), or that cannot be listed. While processed-directory is away (its disk unmounted:
+    ``processed_folder_present``), no copy counts as missing and no row is removed.
 
     ``stopping()`` is asked between entries (a stat, a hash, a header each: a slow share or a large
     library makes minutes of them, longer than systemd waits for a stop): once it says so, the comparison
@@ -506,8 +575,15 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
     scan = scan_folder(root, cfg.source_links, stopping=stopping)
     if stopping():  # the walk may have ended part-way: the files it did not list are not gone
         return _cut_short()
-    # Every rescan notes the mount points under the folder, so that one not mounted later is known as one.
-    table = remember_mounts(mounts or read_mount_table(), root, cfg.processed_directory / MOUNT_RECORD)
+    # processed-directory not the folder the copies were made in (its disk unmounted), or not readable now (a
+    # stale network handle): the copies are not missing, only away; none is made again, no row is removed.
+    away = copies_away(cfg.processed_directory)
+    copies_here = away is None
+    # Every rescan notes the mount points under the folder, so that one not mounted later is known as one:
+    # in processed-directory, so not while it is away (what it remembers is away with it).
+    table = mounts or read_mount_table()
+    if copies_here:
+        table = remember_mounts(table, root, cfg.processed_directory / MOUNT_RECORD)
     on_disk = scan.images
     present = {str(path) for path in on_disk}
     vanished = [p for p in paths_under(known, root) if p not in present]
@@ -533,12 +609,6 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
                         action=f"mount it; if its pictures are gone for good, {undo}")
     changed, new_files, displaced, missing_copies = [], [], [], []
     copies = ProcessedListing()
-    # processed-directory not the folder the copies were made in (its disk unmounted): they are not missing,
-    # only away, and none is made there (the indexer's write says so, as an outage, if a file needs one).
-    copies_here = processed_folder_present(cfg.processed_directory)
-    if not copies_here:
-        log.warning("processed_folder_gone", path=cfg.processed_directory,
-                    reason=str(processed_folder_gone(cfg.processed_directory)))
     for path in on_disk:
         if stopping():
             return _cut_short()
@@ -556,7 +626,7 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
         changed.append(path)  # a file that vanished meanwhile is reported by the indexer
         if st is not None:
             (new_files if record is None else displaced).append((path, st))
-    if len(missing_copies) > MISSING_COPIES_NAMED:  # a processed folder deleted whole: not 20,000 lines
+    if len(missing_copies) > MISSING_COPIES_NAMED:  # a processed folder emptied (its record kept): not 20,000 lines
         log.info("processed_copies_missing", count=len(missing_copies), named=MISSING_COPIES_NAMED,
                  action="all made again from their source files (no model work)")
     # vanished: deleted, moved (perhaps within the folder), or now a pipe or a link the policy does not follow
@@ -574,6 +644,9 @@ def compare_folder(cfg: Config, store: EmbeddingStore, *, stopping: Callable[[],
         return _cut_short(renamed=len(followed))
     moved_from |= shifted
     gone = [p for p in vanished if p not in moved_from]
+    if away is not None:  # nor is a row removed: which mount points under the folder it remembers is away too
+        log.warning("processed_folder_away", path=cfg.processed_directory, kept=len(gone), reason=away)
+        gone = []
     changed = [p for p in changed if p not in followed] + missing_copies
     if gone:
         store.delete_paths(gone)

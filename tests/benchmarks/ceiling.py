@@ -44,7 +44,7 @@ from typing import Any
 
 from tests.benchmarks.common import Bench, Metric, Report, Section, file_create_ms, fresh_dir, link_or_copy, say, \
     warm_page_cache
-from tests.support.files import claimed_folders, save_picture, write_config
+from tests.support.files import claimed_folders, emptied_on_purpose, save_picture, write_config
 from tests.support.model import TINY_DIMENSION
 
 DIMENSION = 1024
@@ -177,7 +177,7 @@ def torch_threads(count: int) -> Iterator[None]:
 
 def _reset(cfg, store) -> None:
     store.clear()
-    fresh_dir(cfg.processed_directory)
+    emptied_on_purpose(fresh_dir(cfg.processed_directory))
 
 
 class StageTimer:

@@ -20,7 +20,7 @@ from image_search.preprocess import fit_inside
 from tests.benchmarks.common import Bench, Metric, Report, Section, fresh_dir, link_or_copy, say, warm_page_cache
 from tests.benchmarks.photos import ensure_jpegs
 from tests.support.db import make_legacy_identity
-from tests.support.files import write_config
+from tests.support.files import emptied_on_purpose, write_config
 from tests.support.model import TINY_DIMENSION
 
 CAMERA_ASPECT = (4, 3)
@@ -94,7 +94,7 @@ def measure_ingest(work: Path, model_dir: Path, camera: list[Path]) -> Report:
             raise RuntimeError(f"baseline inserted {inserted} rows for {len(sources)} images")
 
         store.clear()
-        fresh_dir(cfg.processed_directory)
+        emptied_on_purpose(fresh_dir(cfg.processed_directory))
         say("ingest: ours (Indexer.index_folder)")
         warm_page_cache(sources)
         indexer = Indexer(cfg, embedder, store)

@@ -61,16 +61,22 @@ def immutable(*entries: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", *map(str, entries)], check=True)
 
 
-def claimed_folders(source: Path, processed: Path):
-    """The workers' ``ProcessedFolders`` for ``source`` and ``processed``, the latter made and holding its record
-    of the source folder (an empty one, as a user makes by hand), as every start leaves it: without the record
-    the workers write no copy there (an unmounted disk's mount point)."""
+def emptied_on_purpose(processed: Path) -> Path:
+    """``processed`` (made if missing) holding an empty record of its source folder, as a user leaves a processed
+    folder emptied to have every copy made again (README): otherwise a folder claimed before, found without its
+    record, is taken for its disk unmounted, and no copy is written there."""
     from image_search.preprocess import SOURCE_MARKER
-    from image_search.workers import ProcessedFolders
 
     processed.mkdir(parents=True, exist_ok=True)
     (processed / SOURCE_MARKER).touch()
-    return ProcessedFolders(source, processed)
+    return processed
+
+
+def claimed_folders(source: Path, processed: Path):
+    """The workers' ``ProcessedFolders`` for ``source`` and ``processed``, the latter ``emptied_on_purpose``."""
+    from image_search.workers import ProcessedFolders
+
+    return ProcessedFolders(source, emptied_on_purpose(processed))
 
 
 def write_config(root: Path, model_dir: Path | None = None, *, fresh_pgdata: bool = False, **overrides: object) -> Path:
