@@ -7,6 +7,7 @@ Files only: the start refuses before any database or model (the CLI's exit code 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import shutil
@@ -139,6 +140,29 @@ def test_a_processed_folder_claimed_before_is_refused_without_its_record_whateve
     assert not check_processed_folder(moved)
     claim_processed_folder(moved, nothing_indexed)
     assert (cfg.processed_directory / SOURCE_MARKER).read_bytes() == os.fsencode(moved.source_directory.resolve())
+
+
+def test_a_processed_folder_on_a_stale_share_is_away_not_a_config_error(cfg: Config, monkeypatch) -> None:
+    """An NFS share whose server restarted answers ESTALE for the folder and all in it: away, as an unmounted
+    disk is (exit 8, which systemd tries again), not a permission to fix (exit 2, never restarted)."""
+    claim_processed_folder(cfg, nothing_indexed)
+    processed, read_bytes, isdir = cfg.processed_directory, Path.read_bytes, os.path.isdir
+
+    def stale(path: Path) -> bytes:
+        if path.parent == processed:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", stale)
+    monkeypatch.setattr(os.path, "isdir", lambda path: False if Path(path) == processed else isdir(path))
+    with pytest.raises(ProcessedFolderMissing) as refused:
+        check_processed_folder(cfg)
+    assert refused.value.exit_code == ExitCode.SOURCE_MISSING
+    assert str(refused.value).startswith(f"processed-directory {processed} cannot be looked at "
+                                         f"({os.strerror(errno.ESTALE)}), but this installation made its processed")
+    monkeypatch.setattr(os.path, "isdir", isdir)  # the folder answers, only its record does not: say what it is
+    with pytest.raises(ConfigError, match=re.escape(f"cannot be read or written ({os.strerror(errno.ESTALE)})")):
+        check_processed_folder(cfg)
 
 
 def test_an_entry_of_the_users_on_the_markers_name_is_a_config_error(cfg: Config) -> None:

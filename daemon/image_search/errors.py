@@ -147,11 +147,14 @@ class ProcessedFolderMissing(ImageSearchError):
     exit_code = ExitCode.SOURCE_MISSING
     event = "processed_missing"
 
-    def __init__(self, folder: Path, marker: Path, *, rows: int | None = None, claims: Path | None = None) -> None:
+    def __init__(self, folder: Path, marker: Path, *, rows: int | None = None, claims: Path | None = None,
+                 state: str | None = None) -> None:
+        """``state``: what the folder is now, where not the plain "does not exist" or "is empty"."""
         made = (f"the processed copies of {counted(rows, 'indexed path')} were made there" if rows is not None
                 else f"this installation made its processed copies there (recorded in {claims})")
+        state = state or (_not_a_folder_now(folder) if not os.path.isdir(folder) else "is empty")
         super().__init__(
-            f"processed-directory {folder} {_not_a_folder_now(folder) if not os.path.isdir(folder) else 'is empty'}, "
+            f"processed-directory {folder} {state}, "
             f"but {made}: not starting, so that a disk or share that is not mounted (yet) gets no copy written "
             "onto the disk under it. Mount it or put the folder back; if you emptied or removed it on purpose, "
             f"give it an empty record of its source folder (mkdir -p {folder} && touch {marker}): the copies are "

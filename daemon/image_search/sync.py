@@ -279,6 +279,11 @@ def check_processed_folder(cfg: Config) -> bool:
     except NotADirectoryError:
         return False  # not a folder: ensure_directories names it
     except OSError as exc:
+        # A share gone stale (ESTALE), a disk's I/O error: where even the folder cannot be looked at, it is
+        # away as an unmounted one is (exit 8, tried again), not a permission to fix (exit 2, never restarted).
+        if not os.path.isdir(cfg.processed_directory) and _claimed_before(cfg):
+            raise ProcessedFolderMissing(cfg.processed_directory, marker, claims=cfg.state_directory / CLAIMS_RECORD,
+                                         state=f"cannot be looked at ({exc.strerror or exc})") from None
         raise _unreadable_marker(marker, exc) from None
     if recorded not in (source, b""):
         folder, was, now = escape(cfg.processed_directory), escape(os.fsdecode(recorded)), escape(os.fsdecode(source))
