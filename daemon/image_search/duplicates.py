@@ -49,7 +49,7 @@ from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
 from .hits import shown_similarity
 from .names import escape, fit_name, name_bytes
-from .output import make_output_folder, move_back, move_out, publish, temporary_folder
+from .output import make_output_folder, move_answered_query, move_back, publish, temporary_folder
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
 from .runtime import ShutdownRequested
@@ -453,7 +453,8 @@ def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
                                    "in the inbox to be answered anew")
             else:
                 moved = into
-                move_out(document, moved)
+                if not move_answered_query(document, moved):
+                    moved = None  # a copy: the document itself stays in the inbox
         return publish(tmp, output_dir, now)
     except BaseException:
         if moved is not None and moved.exists():
@@ -476,6 +477,7 @@ class ReportThread:
                  document: Path, read_as: tuple[FileIdentity, bytes] | None = None) -> None:
         self.document = document
         self._read_as = read_as
+        self.read_as = read_as[0] if read_as is not None else None  # the document as it was read
         self._stopping = threading.Event()
         self._outcome: Path | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(cfg, store, kinds, folders), name="duplicates-report",

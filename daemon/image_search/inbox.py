@@ -111,6 +111,10 @@ class QueryPictures:
         self._pool.close()
 
 
+# ``_left_as_it_was``: a query the inbox has not left in place.
+_NOT_LEFT = object()
+
+
 class QueryInbox:
     """The queries of one inbox folder, from noticed to answered or failed."""
 
@@ -136,6 +140,9 @@ class QueryInbox:
         # Failed queries that could not move into failed/ (``fail``), as they looked then: not tried again
         # until they change or failed/ is free, so one such query is one log line, not one per rescan.
         self._left_in_place: dict[Path, FileIdentity | None] = {}  # a query left in place waits for it to change
+        # Queries answered that this user may not remove from the inbox (``output.move_answered_query``), as they
+        # looked then: answered anew only once they change, not at every look at the folder.
+        self._answered_in_place: dict[Path, FileIdentity | None] = {}
         self._lone_folders: set[Path] = set()  # folders without their document, each named once
         self._lone_since: dict[Path, float] = {}  # when each was first seen without it
         self.report: ReportThread | None = None  # the duplicates report being written
@@ -165,8 +172,10 @@ class QueryInbox:
             yield path
 
     def _left_as_it_was(self, path: Path) -> bool:
-        """True for a failed query left in the inbox (``fail``) that has not changed since."""
-        return path in self._left_in_place and self._left_in_place[path] == FileIdentity.of(path, follow_links=False)
+        """True for a failed query left in the inbox (``fail``), or an answered one it may not leave
+        (``_after_answer``), that has not changed since."""
+        left = self._left_in_place.get(path, self._answered_in_place.get(path, _NOT_LEFT))
+        return left is not _NOT_LEFT and left == FileIdentity.of(path, follow_links=False)
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders
@@ -194,6 +203,7 @@ class QueryInbox:
             self.pending.forget(change.path)
             self._folder_looks.pop(change.path, None)
             self._left_in_place.pop(change.path, None)
+            self._answered_in_place.pop(change.path, None)
             self._lone_folders.discard(change.path)
             self._lone_since.pop(change.path, None)
             if change.path == self.folder / FAILED_FOLDER:
@@ -204,6 +214,7 @@ class QueryInbox:
         if self._left_as_it_was(path):
             return
         self._left_in_place.pop(path, None)
+        self._answered_in_place.pop(path, None)
         if self._is_query_candidate(path):
             # A folder waits like a file (its mtime changes while entries are added), then ``answer`` says
             # whether it holds a document's pictures. A rename into place is how careful writers finish a
@@ -275,9 +286,19 @@ class QueryInbox:
         search_file(path, cfg=cfg, embedder=self.rt.model(), store=self.rt.store, move_query=True,
                     links=cfg.inbox_links, document=document, not_yet_indexed=self._not_yet_indexed(),
                     read_as=read_as, read_picture=self.pictures.for_one_query() if self.pictures else None)
-        if os.path.lexists(path):  # written again while it was answered: left here, answered anew
-            self.pending.note(path)
+        self._after_answer(path, read_as)
         return True
+
+    def _after_answer(self, path: Path, read_as: FileIdentity | None) -> None:
+        """A query answered and still in the inbox: written again while it was answered, it is answered anew;
+        the very file answered, which this user may not remove (``output.move_answered_query``), waits until
+        it changes."""
+        if not os.path.lexists(path):
+            return
+        if read_as is not None and FileIdentity.of(path) == read_as:
+            self._answered_in_place[path] = FileIdentity.of(path, follow_links=False)
+        else:
+            self.pending.note(path)
 
     def _begin_report(self, path: Path, request: DuplicatesRequest, *, read_as: tuple[FileIdentity, bytes]) -> None:
         if self.report is not None:  # one at a time: each takes the CPU and memory it can get
@@ -300,8 +321,13 @@ class QueryInbox:
         if report is None or not report.done:
             return False
         self.report = None
+        def answered() -> bool:
+            done = bool(report.result())
+            self._after_answer(report.document, report.read_as)
+            return done
+
         try:
-            self._settle(report.document, lambda: bool(report.result()))
+            self._settle(report.document, answered)
         finally:
             if not os.path.lexists(report.document):  # answered or failed: a document of that name is news
                 self._reports_begun.discard(report.document)

@@ -96,6 +96,26 @@ def move_out(source: Path, target: Path) -> None:
     _unlink_or_undo(source, target)
 
 
+def move_answered_query(query: Path, target: Path) -> bool:
+    """Move the answered ``query`` into its bundle at ``target`` (``move_out``). Where it may not leave the
+    inbox (an inbox of another owner's with the sticky bit, a shared drop folder; an immutable file: its
+    removal is refused), ``target`` gets a copy of its bytes, the query stays where it is, untouched, said
+    once (``query_left_in_inbox``), and False is returned: the inbox answers it anew only once it changes.
+    Such a query met an outage of output/ before and held up every query after it."""
+    try:
+        move_out(query, target)
+    except PermissionError as exc:
+        if not os.path.lexists(query) or os.path.lexists(target):
+            raise
+        shutil.copyfile(query, target)  # a refusal to write here is output/'s, as any other (``writing_into``)
+        log.warning("query_left_in_inbox", path=query, reason=exc.strerror or str(exc), copy=target.name,
+                    detail="answered, but this user may not remove it from the inbox (its folder has the sticky "
+                           "bit and is not the service's, or the file is immutable): the result holds a copy; "
+                           "move or delete it yourself, and it is answered anew if it changes")
+        return False
+    return True
+
+
 def _unlink_or_undo(source: Path, target: Path) -> None:
     """The second half of a move by link: ``source`` unlinked, or, where it stays (a sticky inbox, an
     immutable file), ``target`` too, so that the file is in one place only."""
@@ -502,8 +522,9 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                 _keep_answered(tmp, stem, query)
             else:
                 moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
-                move_out(query.path, moved_query)
-                if isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
+                if not move_answered_query(query.path, moved_query):
+                    moved_query = None  # a copy: the query itself stays in the inbox, and its folder with it
+                elif isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
                     moved_folder = tmp / f"{stem}{_QUERY_INFIX}"  # before: a move that fails may leave part there
                     move_folder(query.folder, moved_folder)
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words

@@ -1,0 +1,72 @@
+"""A query the service may not remove from the inbox: a shared drop folder with the sticky bit (mode 1777,
+owned by someone else) lets only a file's owner remove it, and an immutable file cannot be removed at all.
+The answer's last step, moving the query into its result, was refused; that was taken for an outage of
+output/ ("this user may not write there: fix the folder's owner"), the query came first again at every
+retry, and no later query was ever answered. Now the result holds a copy, the query stays where it is,
+said once, and is answered anew only if it changes. (``chattr +i`` stands in for the sticky folder: both
+refuse the unlink with EPERM.)
+
+A real ``Service`` over the embedded PostgreSQL and the tiny model, driven in-process (``story_factory``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_search.watch import ChangeKind, Folder
+from tests.support.files import immutable
+
+pytestmark = pytest.mark.integration
+
+
+def results(story) -> list[Path]:
+    return sorted(p for p in story.cfg.output_directory.iterdir() if not p.name.startswith("."))
+
+
+def test_a_query_that_may_not_leave_the_inbox_is_answered_once_and_holds_up_no_other(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2})
+    kept, other = story.inbox / "kept.png", story.inbox / "other.png"
+    shutil.copyfile(story.images / "a.png", kept)
+    shutil.copyfile(story.images / "b.png", other)
+    with immutable(kept):
+        for query in (kept, other):
+            story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+        with capture_logs() as logs:
+            story.run_until_idle()
+            story.service.inbox.queue_waiting()  # events lost: the folder is looked at whole
+            story.run_until_idle()
+        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        bundles = {next(b.glob("*.query.png")).name: b for b in results(story)}
+        assert sorted(bundles) == ["kept.query.png", "other.query.png"]  # each answered once
+        assert (bundles["kept.query.png"] / "kept.query.png").read_bytes() == kept.read_bytes()  # a copy
+        assert sorted(p.name for p in story.inbox.iterdir()) == ["kept.png"]  # the other one moved, as always
+        (left,) = [e for e in logs if e["event"] == "query_left_in_inbox"]
+        assert left["path"] == kept and left["reason"] == "Operation not permitted"
+        best = json.loads((bundles["kept.query.png"] / "kept.jsonl").read_text().splitlines()[0])["file_path"]
+        assert best == str(story.images / "a.png")
+
+    shutil.copyfile(story.images / "b.png", kept)  # written again, and removable now: answered anew
+    story.notice(Folder.INBOX, ChangeKind.CLOSED, kept)
+    story.run_until_idle()
+    assert len(results(story)) == 3 and list(story.inbox.iterdir()) == []
+
+
+def test_a_duplicates_document_that_may_not_leave_the_inbox_is_reported_once(story_factory) -> None:
+    story = story_factory({"a.png": 1, "b.png": 2, "c.png": 1})  # c.png: a copy of a.png
+    document = story.inbox / "dups.json"
+    document.write_text('{"duplicates": true}\n', encoding="utf-8")
+    with immutable(document):
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, document)
+        with capture_logs() as logs:
+            story.run_until_idle()
+            story.service.inbox.queue_waiting()
+            story.run_until_idle()
+        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        (report,) = results(story)
+        assert (report / "dups.query.json").read_bytes() == document.read_bytes()
+        assert [e["path"] for e in logs if e["event"] == "query_left_in_inbox"] == [document]
+        assert [p.name for p in story.inbox.iterdir()] == ["dups.json"]
