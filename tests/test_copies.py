@@ -5,6 +5,8 @@ touches that copy's path alone, and the row goes with its last path. None of it 
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import time
 from pathlib import Path
@@ -248,3 +250,33 @@ def test_copies_an_earlier_version_dropped_are_found_by_the_next_rescan_without_
     assert lib.embedded_pictures == 0
     assert lib.copies_of(copies[0]) == {escape(lib.beach), escape(copies[0])}
     assert compare_folder(lib.cfg, lib.store).changed == []  # found once; unchanged from then on
+
+
+def test_a_copy_that_cannot_be_looked_at_now_keeps_its_path_when_another_copy_goes(library: Library,
+                                                                                    monkeypatch) -> None:
+    """The beach picture is on a share (``nas/``) and in ``trips/``. The share answers I/O errors for a
+    moment (a stale handle; a folder closed to the service's user) as ``trips/beach.png`` is deleted: the
+    copy on the share was taken for gone too, its path and processed copy removed with the row (its last
+    path), and ``path.is_symlink()`` then raised out of the service. A new copy read meanwhile crashed the
+    indexer the same way. Only a path known to hold no file goes."""
+    lib = library
+    on_share = lib.copy(lib.beach, "nas/beach.png")
+    lib.indexer.index_folder(show_progress=False)
+    file_hash = lib.hash_of(lib.beach)
+    stat = Path.stat
+
+    def share_errors(path: Path, *args, **kwargs):
+        if Path(path).is_relative_to(lib.images / "nas"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return stat(path, *args, **kwargs)
+
+    newer = lib.copy(on_share, "newer/beach.png")
+    monkeypatch.setattr(Path, "stat", share_errors)
+    lib.beach.unlink()
+    lib.event(ChangeKind.DELETED, lib.beach)
+    summary = lib.indexer.index_paths([newer])  # read by a worker, which the share's errors do not reach
+    monkeypatch.undo()
+    assert summary.skipped == [] and lib.embedded_pictures == 0
+    assert lib.copies_of(on_share) == {escape(on_share), escape(newer)}  # the share's path kept, with its row
+    assert processed_path_for(on_share, lib.images, lib.cfg.processed_directory).is_file()
+    assert lib.hash_of(on_share) == file_hash

@@ -42,7 +42,8 @@ from .preprocess import (ModelInput, PreparedImage, PreprocessError, normalised_
                          processed_folder_present, processed_path_for, save_processed)
 from .store import EmbeddingRow, EmbeddingStore, SourceRecord, StoredContent
 from .store.writer import RowWriter, Ticket
-from .sync import Refusals, claim_processed_folder, compare_folder, is_current, remove_processed, stat_or_none
+from .sync import (Refusals, claim_processed_folder, compare_folder, holds_no_file, is_current, remove_processed,
+                   stat_or_none)
 from .workers import HEARTBEAT_EVERY_S, BatchHandle, PreprocessPool, ProcessedFolders
 
 if TYPE_CHECKING:  # torch is imported only where a model is loaded
@@ -179,7 +180,7 @@ def _row(read: _Read, vector: np.ndarray, cfg: Config) -> EmbeddingRow:
 def _gone_paths(to_embed: Sequence[_Read], stored: dict[str, StoredContent]) -> list[str]:
     """Paths of content being embedded again (another model's) that are no longer files: they leave it."""
     return [p for r in to_embed if (content := stored.get(r.image.file_hash)) is not None
-            for p in content.paths if p != str(r.candidate.path) and not Path(p).is_file()]
+            for p in content.paths if p != str(r.candidate.path) and holds_no_file(Path(p))]
 
 
 def _remove_copies_of(gone: Sequence[str], cfg: Config) -> None:
@@ -523,7 +524,7 @@ class Indexer:
         c = read.candidate
         path = str(c.path)
         others = [p for p in content.paths if p != path]
-        gone = [p for p in others if not Path(p).is_file()]
+        gone = [p for p in others if holds_no_file(Path(p))]  # one that cannot be looked at now stays
         if c.stored_hash is None and not gone and content.records(path, c.size, c.mtime_ns):
             summary.unchanged += 1
             return True

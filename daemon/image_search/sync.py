@@ -414,6 +414,20 @@ def _refuse_missing_with_rows(root: Path, store: EmbeddingStore) -> None:
         raise SourceFolderMissing(root, len(held))
 
 
+def holds_no_file(path: Path) -> bool:
+    """``path`` is known to hold no file now: it is not there (or a link's target is not: ENOENT, ENOTDIR),
+    or it is no regular file. One that cannot be looked at now (a folder closed to this user, a share's
+    stale handle or I/O error) is not known to be gone: its row stays, as a rescan keeps what a folder it
+    cannot list holds."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return not stat.S_ISREG(st.st_mode)
+
+
 def resolves_to_a_file(path: Path) -> bool:
     """``path`` leads (through any links) to a regular file: a path of stored content that does not, a
     link whose target went or a copy deleted unseen, holds nothing any more."""
@@ -1100,13 +1114,13 @@ class FolderSync:
             return
         root = self.cfg.source_directory
         dead = [Path(p) for content in self.store.contents(contents).values() for p in content.paths
-                if p not in sparing and Path(p).is_relative_to(root) and not resolves_to_a_file(Path(p))]
+                if p not in sparing and Path(p).is_relative_to(root) and holds_no_file(Path(p))]
         for path in dead:
             self.pending.forget(path)
             if self.store.delete_paths([str(path)]):
                 remove_processed(self.cfg, path)
                 self.removed += 1
-                reason = ("symbolic link whose target is gone" if path.is_symlink()
+                reason = ("symbolic link whose target is gone" if os.path.islink(path)
                           else "source file is gone (a copy of the file just removed)")
                 self._removed_lines.append((path, 1, reason))
 
