@@ -271,8 +271,9 @@ def test_a_subfolder_made_readable_is_walked_and_another_folders_attribute_chang
 
 def test_a_folder_renamed_while_the_rescan_walks_keeps_its_rows(story_factory, monkeypatch) -> None:
     """``mv album album-trip`` between the rescan's listing of the top folder and its walk of ``album``: the
-    walk finds ``album`` gone and never sees ``album-trip``. What ``album`` held is unknown to that walk: its
-    rows stay (the rename's own event moves them), and no skip is logged for a folder that is not broken."""
+    walk finds ``album`` gone, and ``album-trip`` is not in the listing it walks. The top folder, written
+    into since it was listed, is listed again: ``album-trip`` is walked and its pictures take their rows
+    along. No row is removed, and no skip is logged for a folder that is not broken."""
     story = story_factory({**PICTURES, "album/d.png": 4})
     rows = story.rows()
     album, renamed = story.images / "album", story.images / "album-trip"
@@ -286,6 +287,29 @@ def test_a_folder_renamed_while_the_rescan_walks_keeps_its_rows(story_factory, m
     monkeypatch.setattr("image_search.discover.os.scandir", scandir)
     with capture_logs() as logs:
         state = compare_folder(story.cfg, story.service.rt.store, mounts=MountTable(frozenset(), frozenset()))
-    assert state.removed == [] and state.skipped == []
-    assert set(story.rows()) == set(rows)
+    assert state.removed == [] and state.skipped == [] and state.renamed == 2
+    assert {path.replace(f"{album}/", f"{renamed}/"): row["id"] for path, row in rows.items()} == {
+        path: row["id"] for path, row in story.rows().items()}
     assert not [e for e in logs if e["event"] in ("rows_removed", "image_skipped")]
+
+
+def test_a_picture_moved_into_a_folder_the_walk_had_passed_keeps_its_row(story_factory, monkeypatch) -> None:
+    """``mv later/x.png 2023/`` after the rescan's walk listed ``2023/`` and before it reached ``later/`` (a
+    walk of a share takes minutes): the walk found the picture in neither, removed its row and processed copy
+    as deleted, and the move's event then read it as new, its embedding done again. A folder written into
+    since it was listed is listed again: the picture takes its row along."""
+    story = story_factory({"2023/a.png": 5, "later/x.png": 6, "later/y.png": 7})
+    rows = story.rows()
+    moved_from, moved_to = story.images / "later" / "x.png", story.images / "2023" / "x.png"
+    listing = os.scandir
+
+    def scandir(path):
+        if Path(path) == moved_from.parent and moved_from.exists():
+            os.rename(moved_from, moved_to)  # just as the walk reaches later/, having passed 2023/
+        return listing(path)
+
+    monkeypatch.setattr("image_search.discover.os.scandir", scandir)
+    state = compare_folder(story.cfg, story.service.rt.store, mounts=MountTable(frozenset(), frozenset()))
+    assert state.removed == [] and state.renamed == 1
+    assert story.rows()[str(moved_to)]["id"] == rows[str(moved_from)]["id"]
+    assert Path(story.rows()[str(moved_to)]["processed_path"]).is_file()

@@ -116,6 +116,7 @@ def scan_folder(folder: Path, links: LinkPolicy | None = None, *,
     folder = Path(folder)
     walk = _Walk(links if links is not None else LinkPolicy(FollowLinks.ALL, folder), top=folder, stopping=stopping)
     walk.folder(folder)
+    walk.again_where_written()
     return walk.scan
 
 
@@ -168,6 +169,32 @@ class _Walk:
         self.boundary = Path(os.path.realpath(links.root))
         self.scan = FolderScan()
         self.walked: set[tuple[int, int]] = set()
+        # Each folder listed, its identity, and its mtime just before it was listed (``again_where_written``).
+        self.listed: list[tuple[Path, tuple[int, int], int]] = []
+
+    def again_where_written(self) -> None:
+        """List again the folders written into since they were listed, and walk what came into them. A
+        picture or a folder moved into one the walk had passed, out of one it had not reached yet, was found
+        in neither: its rows were removed as deleted and it was embedded again as new. Once: what moves
+        during this second look is its own event's to tell (a walk of a share takes minutes; this, seconds)."""
+        for here, key, mtime_ns in list(self.listed):
+            if self.stopping():
+                return
+            try:
+                written = os.stat(here).st_mtime_ns != mtime_ns
+            except OSError:
+                continue  # gone since: its own event says what became of it
+            if written:  # its pictures are what its new listing says (one moved out is not there), and a
+                # sub-folder that went while the walk went is gone from it, not unknown: walked where it went
+                # (a rename keeps its identity), its rows follow it
+                self.scan.images = [p for p in self.scan.images if p.parent != here]
+                went = {u for u in self.scan.unreadable if u.parent == here and not os.path.lexists(u)}
+                self.scan.unreadable = [u for u in self.scan.unreadable if u not in went]
+                self.walked -= {k for path, k, _ in self.listed if path in went} | {key}
+                self.folder(here)
+        seen: set[Path] = set()
+        self.scan.skipped = [e for e in self.scan.skipped if not (e.path in seen or seen.add(e.path))]
+        self.scan.unreadable = list(dict.fromkeys(self.scan.unreadable))
 
     def folder(self, here: Path) -> None:
         if self.stopping():
@@ -177,6 +204,7 @@ class _Walk:
             if (st.st_dev, st.st_ino) in self.walked:
                 return
             self.walked.add((st.st_dev, st.st_ino))
+            self.listed.append((here, (st.st_dev, st.st_ino), st.st_mtime_ns))
             with os.scandir(here) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except FileNotFoundError:
