@@ -321,6 +321,7 @@ class QueryInbox:
         if report is None or not report.done:
             return False
         self.report = None
+
         def answered() -> bool:
             done = bool(report.result())
             self._after_answer(report.document, report.read_as)
