@@ -372,6 +372,20 @@ def test_a_floor_copied_from_a_printed_similarity_keeps_the_hit_it_was_copied_fr
     assert store.ranking(vectors[0], 10, min_similarity=shown_similarity(hit.similarity)).hits[-1] == hit
 
 
+def test_a_floor_written_with_more_decimals_than_printed_keeps_every_hit_above_it(
+        library: EmbeddingStore, large) -> None:
+    """A floor of 0.20000045 dropped a hit of 0.20000047: that prints as 0.200000, and only what prints was
+    compared with the floor. A hit at or above the floor passes, as one printed at or above it does."""
+    store, vectors = large
+    for answer in (lambda floor: search(library, min_similarity=floor),
+                   lambda floor: store.ranking(vectors[0], 10, min_similarity=floor)):
+        below = [h for h in answer(None).hits if shown_similarity(h.similarity) < h.similarity]
+        assert below  # printed below its value: about every other hit
+        hit = below[0]
+        floor = (hit.similarity + shown_similarity(hit.similarity)) / 2  # above what prints, below the value
+        assert hit.file_path in [h.file_path for h in answer(floor).hits]
+
+
 def test_too_many_rows_to_make_sure_is_said_not_hidden(large, monkeypatch: pytest.MonkeyPatch) -> None:
     store, vectors = large
     index_finds_three(monkeypatch)

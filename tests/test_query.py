@@ -4,11 +4,12 @@ sheet, and what ``<stem>.json`` records about it (unit tier: no model, no databa
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from image_search.query import Completeness, Filters, QueryRecord, QuerySpec, Term, TermKind, single_term
+from image_search.query import Completeness, Filters, QueryRecord, QuerySpec, Term, TermKind, likes_nothing, single_term
 from image_search.search import combine
 
 
@@ -42,6 +43,18 @@ def test_terms_that_cancel_out_give_no_vector():
     a = unit(1, 2, 3)
     assert combine([1, -1], np.stack([a, a])) is None
     assert combine([0.5, 0.5], np.stack([a, -a])) is None
+
+
+def test_a_query_that_only_pushes_away_once_its_repeated_terms_are_added_up_likes_nothing():
+    cat, dog = Term(TermKind.TEXT, "cat"), Term(TermKind.TEXT, "dog")
+    assert likes_nothing([cat, Term(TermKind.TEXT, "cat", weight=2, unlike=True)])  # ranked by unlikeness
+    assert likes_nothing([cat, Term(TermKind.TEXT, "cat", unlike=True)])  # nothing at all
+    assert not likes_nothing([cat, Term(TermKind.TEXT, "cat", weight=0.5, unlike=True)])
+    assert not likes_nothing([dog, Term(TermKind.TEXT, "cat", weight=2, unlike=True)])  # another term liked
+    beach = Path("/srv/images/trips/beach.jpg")
+    assert likes_nothing([Term(TermKind.IMAGE, "trips/beach.jpg", path=beach),  # one picture, named two ways
+                          Term(TermKind.IMAGE, "./trips/beach.jpg", weight=3, unlike=True, path=beach)])
+    assert not likes_nothing([Term(TermKind.IMAGE, "beach.jpg"), Term(TermKind.TEXT, "beach.jpg", unlike=True)])
 
 
 def test_the_description_lists_terms_weights_unlike_and_filters():

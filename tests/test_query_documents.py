@@ -115,6 +115,8 @@ BAD_DOCUMENTS = {
     "unknown-key.json": ({"text": "cat", "colour": "red"}, 'unknown key "colour"'),
     "top-k.json": ({"text": "cat", "top-k": 5000}, "top-k"),
     "only-unlike.json": ({"unlike-text": "cat"}, "nothing to look for"),
+    # The same words unliked twice as much as liked: only pushing away, as "unlike-text" alone would.
+    "pushes-only.json": ({"text": "cat", "unlike-text": {"text": "cat", "weight": 2}}, "nothing left to look for"),
     "dates.json": ({"text": "cat", "taken-after": "2024-01-01", "taken-before": "2023-01-01"}, "taken-after"),
     "escape.json": ({"image": "../../config.json"}, "leaves the folders a document may name"),
     "failed.json": ({"text": "cat"}, "may not be named failed.json"),  # inbox/failed/ is no document's folder

@@ -8,6 +8,8 @@ Pure data: no database, no model, no file is read here.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
@@ -49,6 +51,18 @@ class Term:
     @property
     def signed_weight(self) -> float:
         return -self.weight if self.unlike else self.weight
+
+
+def likes_nothing(terms: Sequence[Term]) -> bool:
+    """True when no term is left liked once the weights of the same words, or of the same picture, given more
+    than once are added up (``"text": "cat"`` with ``"unlike-text": {"text": "cat", "weight": 2}``): the
+    query would only push pictures away, and rank by unlikeness, as an unlike term alone would."""
+    net: dict[tuple[TermKind, str], float] = {}
+    for term in terms:
+        same = term.value if term.kind is TermKind.TEXT else os.fspath(term.path or Path(term.value))
+        key = (term.kind, same)
+        net[key] = net.get(key, 0.0) + term.signed_weight
+    return not any(weight > 0 for weight in net.values())
 
 
 @dataclass(frozen=True)

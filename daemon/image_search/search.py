@@ -32,7 +32,7 @@ from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import PreparedImage, preprocess_for
-from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, Term, TermKind, single_term
+from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, Term, TermKind, likes_nothing, single_term
 from .querydoc import QueryDocument, is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
@@ -101,6 +101,11 @@ def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: Lin
     more than once are read and embedded once. ``read_picture``: how (default: ``read_here``). Raises
     PreprocessError for a picture that cannot be used, NoTextTower for words a model cannot read,
     TermsCancelOut."""
+    if likes_nothing(spec.terms):  # before any picture is read
+        raise TermsCancelOut(query_path, "the query has nothing left to look for: each picture or words it likes "
+                                         "it also unlikes as much or more (a term given twice counts once, its "
+                                         "weights added), so it would only push pictures away; change a weight "
+                                         "or drop a term")
     texts = [term for term in spec.terms if term.kind is TermKind.TEXT]
     pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
     words = list(dict.fromkeys(term.value for term in texts))

@@ -208,8 +208,11 @@ def _exact(cur: psycopg2.extensions.cursor, condition: FilterSql, params: dict[s
 
 
 def _hits(rows: list[tuple], floor: float | None) -> list[Hit]:
-    """Hits from result rows (best first), those that print below ``floor`` left out."""
-    kept = [row for row in rows if floor is None or shown_similarity(float(row[4])) >= floor]
+    """Hits from result rows (best first), those below ``floor`` left out: a hit passes at or above it, or
+    printed at or above it (a floor copied from a result keeps the hit it was copied from; one written with
+    more decimals than are printed keeps every hit above it)."""
+    kept = [row for row in rows
+            if floor is None or float(row[4]) >= floor or shown_similarity(float(row[4])) >= floor]
     return [
         Hit(rank=i, similarity=float(sim), file_name=unescape(name), file_path=unescape(path),
             processed_path=unescape(processed), file_hash=file_hash, **meta.hit_fields(tuple(extra), path))
