@@ -168,6 +168,11 @@ def test_copies_made_with_cp_share_a_name_and_their_tiles_say_which_folder_each_
     assert [tile.second_line for tile in sheet_pages([group])[0][0]] == ["a/b/y.png", "b/y.png"]
     near = find_groups([picture("one", bits=0), picture("two", bits=1)], None, [Kind.NEAR_COPY], THRESHOLDS)
     assert [tile.second_line for tile in sheet_pages(near)[0][0]] == ["one.jpg", "two.jpg"]  # names alone tell them
+    # Names that are not UTF-8 are shown escaped, as a search's sheet shows them: two copies named in bytes
+    # that no font draws (both were the same missing-glyph box) are told apart.
+    odd = picture("odd", paths=(os.fsdecode(b"/p/caf\xe9.jpg"), os.fsdecode(b"/p/caf\xe8.jpg")), bits=None)
+    [group] = find_groups([odd], None, [Kind.COPY], THRESHOLDS)
+    assert sorted(tile.second_line for tile in sheet_pages([group])[0][0]) == ["caf\\xe8.jpg", "caf\\xe9.jpg"]
 
 
 def test_similar_defaults_follow_the_model_family():

@@ -306,7 +306,7 @@ def _group_rows(number: int, group: Group) -> list[list[Tile]]:
     shown = list(group.members[:room]) if len(group.members) <= room else list(group.members[:room - 1])
     tiles = [Tile(Path(m.picture.processed_path),
                   f"#{number} {group.kind.value} · keep" if m is group.keep else f"#{number} · similarity {m.similarity:.4f}",
-                  caption, marked=m is group.keep) for m, caption in zip(shown, _captions([m.file_path for m in shown]))]
+                  caption, marked=m is group.keep) for m, caption in zip(shown, _captions([escape(m.file_path) for m in shown]))]
     if len(shown) < len(group.members):
         more = len(group.members) - len(shown)
         tiles.append(Tile(None, f"#{number} · {more} more", f"see {REPORT}", missing=f"{more} more in {REPORT}"))

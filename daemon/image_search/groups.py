@@ -60,6 +60,10 @@ def complete_linkage(pairs: np.ndarray, strength: np.ndarray,
         neighbours.setdefault(b, set()).add(a)
     label: dict[int, int] = {}  # item -> its group's label (the group's first item); absent: alone
     members: dict[int, list[int]] = {}
+    # Pairs of groups (by label) that cannot merge. Groups only grow, so that stays true, and in a large
+    # tight cluster the same two groups are tried again for each of their many pairs (2,000 pictures with
+    # a few pairs missing took minutes); a label once merged away never names a group again.
+    apart: set[tuple[int, int]] = set()
     checkpoint()
     for n, k in enumerate(np.lexsort((high, low, -strength)).tolist()):
         if n % CHECK_EVERY == 0:
@@ -68,11 +72,14 @@ def complete_linkage(pairs: np.ndarray, strength: np.ndarray,
         group_a, group_b = label.get(a, a), label.get(b, b)
         if group_a == group_b:
             continue
-        these, those = members.get(group_a, [a]), members.get(group_b, [b])
-        if any(not neighbours[x].issuperset(those) for x in these):
-            continue  # some cross pair fails the threshold: merging would chain
         keep_label, gone = min(group_a, group_b), max(group_a, group_b)
-        merged = sorted(these + those)
+        if (keep_label, gone) in apart:
+            continue
+        these, those = members.get(group_a, [a]), set(members.get(group_b, [b]))
+        if any(not neighbours[x].issuperset(those) for x in these):
+            apart.add((keep_label, gone))
+            continue  # some cross pair fails the threshold: merging would chain
+        merged = sorted([*these, *those])
         members.pop(gone, None)
         members[keep_label] = merged
         for item in merged:
