@@ -57,14 +57,14 @@ def test_no_copy_lands_on_the_disk_under_an_unmounted_processed_folder(story_fac
     assert story.rows()[str(story.images / "a2.png")]["id"] == a_id  # the rename followed all the same
     (renamed,) = [e for e in logs if e["event"] == "image_renamed"]
     assert renamed["processed"].startswith("not moved: processed-directory's record of its source folder is gone")
+    # Said once (its repeats are debug lines, which a test run that configured logging before drops).
     waits = [e for e in logs if e["event"] == "output_unwritable"]
-    assert [e["log_level"] for e in waits] == ["warning"] + ["debug"] * (len(waits) - 1)  # said once
+    assert [e["log_level"] for e in waits] == ["warning"] + ["debug"] * (len(waits) - 1)
     assert f"its record of the source folder ({processed / SOURCE_MARKER}) is gone" in waits[0]["reason"]
     assert "its disk is not mounted" in waits[0]["reason"]
     # The rescan's word. Nor does it remove a row: which mount points under images/ it remembers is away too.
     assert [(e["path"], e["kept"]) for e in logs if e["event"] == "processed_folder_away"] == [(processed, 1)]
     assert str(story.images / "album" / "c.png") in story.rows()
-    assert [e["missing_copies"] for e in logs if e["event"] == "rescan_complete"] == [0]
     assert not [e for e in logs if e["event"] in ("processed_copy_missing", "processed_copies_missing",
                                                   "processed_copies_removed", "image_removed")]
 
