@@ -111,10 +111,6 @@ class QueryPictures:
         self._pool.close()
 
 
-# ``_left_as_it_was``: a query the inbox has not left in place.
-_NOT_LEFT = object()
-
-
 class QueryInbox:
     """The queries of one inbox folder, from noticed to answered or failed."""
 
@@ -174,8 +170,8 @@ class QueryInbox:
     def _left_as_it_was(self, path: Path) -> bool:
         """True for a failed query left in the inbox (``fail``), or an answered one it may not leave
         (``_after_answer``), that has not changed since."""
-        left = self._left_in_place.get(path, self._answered_in_place.get(path, _NOT_LEFT))
-        return left is not _NOT_LEFT and left == FileIdentity.of(path, follow_links=False)
+        left = self._left_in_place if path in self._left_in_place else self._answered_in_place
+        return path in left and left[path] == FileIdentity.of(path, follow_links=False)
 
     def hold_waiting(self) -> int:
         """Start-up: hold the queries already there until ``release_held``. Returns how many. The folders

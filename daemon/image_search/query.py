@@ -52,6 +52,11 @@ class Term:
     def signed_weight(self) -> float:
         return -self.weight if self.unlike else self.weight
 
+    @property
+    def picture_path(self) -> Path:
+        """A picture term's file: the path it resolved to, else its value as given."""
+        return self.path if self.path is not None else Path(self.value)
+
 
 def likes_nothing(terms: Sequence[Term]) -> bool:
     """True when no term is left liked once the weights of the same words, or of the same picture, given more
@@ -59,8 +64,7 @@ def likes_nothing(terms: Sequence[Term]) -> bool:
     query would only push pictures away, and rank by unlikeness, as an unlike term alone would."""
     net: dict[tuple[TermKind, str], float] = {}
     for term in terms:
-        same = term.value if term.kind is TermKind.TEXT else os.fspath(term.path or Path(term.value))
-        key = (term.kind, same)
+        key = (term.kind, term.value if term.kind is TermKind.TEXT else os.fspath(term.picture_path))
         net[key] = net.get(key, 0.0) + term.signed_weight
     return not any(weight > 0 for weight in net.values())
 

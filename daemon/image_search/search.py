@@ -32,7 +32,7 @@ from .errors import UnusableFile
 from .hits import Hit
 from .output import DocumentQuery, ImageQuery, Query, TextQuery, write_result_bundle
 from .preprocess import PreparedImage, preprocess_for
-from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, Term, TermKind, likes_nothing, single_term
+from .query import Completeness, DuplicatesRequest, QueryRecord, QuerySpec, TermKind, likes_nothing, single_term
 from .querydoc import QueryDocument, is_query_document, pictures_folder, read_query_document
 from .store import EmbeddingStore
 from .textquery import is_text_query, read_text_query
@@ -110,16 +110,16 @@ def query_vector(spec: QuerySpec, *, cfg: Config, embedder: Embedder, links: Lin
     pictures = [term for term in spec.terms if term.kind is TermKind.IMAGE]
     words = list(dict.fromkeys(term.value for term in texts))
     read = read_picture or read_here(cfg)
-    prepared = {path: read(path, _links_for(path, cfg, links)) for path in dict.fromkeys(map(_picture_path, pictures))}
+    prepared = {path: read(path, _links_for(path, cfg, links)) for path in dict.fromkeys(term.picture_path for term in pictures)}
     vectors = dict(zip(words, embedder.embed_texts(words))) if words else {}
     if prepared:  # the same way in as the indexer's pictures
         vectors.update(zip(prepared, embedder.embed_images(list(prepared.values()))))
-    rows = [vectors[term.value] for term in texts] + [vectors[_picture_path(term)] for term in pictures]
+    rows = [vectors[term.value] for term in texts] + [vectors[term.picture_path] for term in pictures]
     combined = combine([t.signed_weight for t in (*texts, *pictures)], np.stack(rows))
     if combined is None:
         raise TermsCancelOut(query_path, "the terms cancel out: what the query likes it also unlikes as much, so "
                                          "there is no direction to rank by; change a weight or drop a term")
-    liked = next((_as_processed(prepared[_picture_path(term)]) for term in pictures if not term.unlike), None)
+    liked = next((_as_processed(prepared[term.picture_path]) for term in pictures if not term.unlike), None)
     return combined, liked
 
 
@@ -130,10 +130,6 @@ def _as_processed(prepared: PreparedImage) -> Image.Image:
         return prepared.image
     with Image.open(io.BytesIO(prepared.jpeg_bytes)) as copy:
         return copy.convert("RGB")
-
-
-def _picture_path(term: Term) -> Path:
-    return term.path if term.path is not None else Path(term.value)
 
 
 def search_query(spec: QuerySpec, query: Query, *, cfg: Config, embedder: Embedder, store: EmbeddingStore,
