@@ -29,7 +29,7 @@ from image_search.hits import Hit
 from tests.support import warm
 from tests.support.db import stopped_server_rows
 from tests.support.env import child_env
-from tests.support.files import read_jsonl, save_picture, write_config
+from tests.support.files import read_jsonl, save_picture, write_config, written_into
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 
 pytestmark = pytest.mark.e2e
@@ -185,7 +185,7 @@ def story(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Sto
     s.rows["search"] = table_rows(config)
     s.runs["bad_query"] = run_cli("search", "--config", config, "--no-cleanup", queries / "broken.png",
                                   queries / "missing.png", queries, cwd=root)
-    s.notes["bundles_after_bad_query"] = sorted(p.name for p in (root / "output").iterdir())
+    s.notes["bundles_after_bad_query"] = [p.name for p in written_into(root / "output")]
     s.runs["text"] = run_cli("search", "--config", config, "--no-cleanup", "--text", "a red bicycle",
                              "--text", "赤い自転車", "--text", "   ", cwd=root)
 
@@ -306,7 +306,7 @@ def test_search_exact_copy_ranks_first_and_bundle_layout(story: Story) -> None:
     assert effective["source-directory"] == str(images)
     assert effective["model-name"] == str(load_config(story.config).model_name)
     # no half-built folder left behind
-    assert not [p for p in output.iterdir() if p.name.startswith(".")]
+    assert not [p for p in written_into(output) if p.name.startswith(".")]
 
 
 def test_password_appears_in_no_output_and_no_log(story: Story) -> None:
@@ -593,7 +593,7 @@ def test_same_second_bundles_get_distinct_folders(tmp_path: Path) -> None:
     query = tmp_path / "query.png"
     folders = [write_result_bundle(cfg.output_directory, query, hits, cfg, now=now) for _ in range(3)]
     assert [f.name for f in folders] == ["20240102-030405", "20240102-030405-2", "20240102-030405-3"]
-    assert sorted(p.name for p in cfg.output_directory.iterdir()) == [f.name for f in folders]  # no temp left
+    assert [p.name for p in written_into(cfg.output_directory)] == [f.name for f in folders]  # no temp left
     for folder in folders:
         assert bundle_files(folder) == {"query.json", "query.jpg", "query.jsonl", "query.sheet.jpg"}
         assert (folder / "query.jpg").read_bytes() == processed.read_bytes()

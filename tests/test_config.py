@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from image_search.config import Config, ConfigError, ensure_directories, load_config
+from image_search.config import Config, ConfigError, load_config
+from image_search.runtime import prepare_folders
 from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
 
 ORIGINAL_KEYS = {
@@ -658,28 +659,28 @@ def test_empty_postgres_host_means_the_embedded_database(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# ensure_directories
+# prepare_folders: the folders a run writes to
 # --------------------------------------------------------------------------------------------------
 
 
-def test_ensure_directories_creates_the_folders_a_run_writes_to(tmp_path):
+def test_prepare_folders_creates_the_folders_a_run_writes_to(tmp_path):
     base = tmp_path / "tree"
     cfg = load_config(write(tmp_path, {"source-directory": "tree/src", "processed-directory": "tree/a/b/processed",
                                        "output-directory": "tree/out", "state-directory": "tree/state",
                                        "inbox-directory": "tree/inbox"}), environ={})
-    ensure_directories(cfg)
+    prepare_folders(cfg)
     for sub in ("out", "state"):
         assert (base / sub).is_dir()
     # Only the start-up, which knows the index, may create these: missing, they may be on a disk not mounted.
     assert not (base / "src").exists() and not (base / "a").exists()
     assert not (base / "inbox").exists()
-    ensure_directories(cfg, with_inbox=True)
+    prepare_folders(cfg, with_inbox=True)
     assert (base / "inbox").is_dir()
-    ensure_directories(cfg, with_inbox=True)  # idempotent
+    prepare_folders(cfg, with_inbox=True)  # idempotent
 
 
 @pytest.mark.parametrize("key", ["output-directory", "state-directory", "inbox-directory"])
-def test_ensure_directories_error_for_an_uncreatable_folder_names_the_key(tmp_path, key):
+def test_prepare_folders_error_for_an_uncreatable_folder_names_the_key(tmp_path, key):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     data = {"source-directory": "src", "processed-directory": "processed", "output-directory": "out",
@@ -687,21 +688,21 @@ def test_ensure_directories_error_for_an_uncreatable_folder_names_the_key(tmp_pa
     data[key] = str(blocker / "sub")
     cfg = load_config(write(tmp_path, data), environ={})
     with pytest.raises(ConfigError) as info:
-        ensure_directories(cfg, with_inbox=True)
+        prepare_folders(cfg, with_inbox=True)
     message = str(info.value)
     assert f"'{key}'" in message
     assert str(blocker / "sub") in message
 
 
-def test_ensure_directories_error_when_the_path_is_a_file(tmp_path):
+def test_prepare_folders_error_when_the_path_is_a_file(tmp_path):
     blocker = tmp_path / "output-is-a-file"
     blocker.write_text("x")
     cfg = load_config(write(tmp_path, {"output-directory": str(blocker)}), environ={})
     with pytest.raises(ConfigError, match="'output-directory'"):
-        ensure_directories(cfg)
+        prepare_folders(cfg)
 
 
-def test_ensure_directories_error_for_a_read_only_folder_names_the_key():
+def test_prepare_folders_error_for_a_read_only_folder_names_the_key():
     """Run as a user who cannot write the folder (root writes anywhere: as root this runs as nobody)."""
     with reachable_dir() as base:
         locked = base / "locked"
@@ -713,7 +714,7 @@ def test_ensure_directories_error_for_a_read_only_folder_names_the_key():
         cfg = load_config(conf, environ={})
         with unprivileged():
             with pytest.raises(ConfigError, match="'output-directory'") as info:
-                ensure_directories(cfg)
+                prepare_folders(cfg)
         assert str(locked / "output") in str(info.value) and "Permission denied" in str(info.value)
         assert not (locked / "output").exists()
 
@@ -730,7 +731,7 @@ def test_a_folder_this_user_may_not_write_stays_a_config_error_not_a_disk_outage
         cfg = load_config(conf, environ={})
         with unprivileged():
             with pytest.raises(ConfigError) as info:
-                ensure_directories(cfg)
+                prepare_folders(cfg)
         assert str(info.value) == (f"config key 'output-directory': {output} is not writable by this user ("
                                    f"{'nobody' if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name}): give it "
                                    "to this user (chown), or run as its owner, or configure another folder")
@@ -781,7 +782,7 @@ def test_two_keys_naming_the_same_folder_are_refused(tmp_path, one, other):
 def test_nestings_that_harm_nothing_are_accepted(tmp_path, layout):
     conf = tmp_path / "conf"
     cfg = load_config(write(conf, {**APART, **layout}), environ={})
-    ensure_directories(cfg, with_inbox=True)
+    prepare_folders(cfg, with_inbox=True)
     assert cfg.state_directory.is_dir()
 
 

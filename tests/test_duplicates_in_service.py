@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 import image_search.duplicates
 from image_search.watch import ChangeKind, Folder
-from tests.support.files import save_picture
+from tests.support.files import save_picture, written_into
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ def drop(story, name: str, content: str) -> Path:
 
 
 def results(story) -> list[Path]:
-    return sorted(story.cfg.output_directory.iterdir())
+    return written_into(story.cfg.output_directory)
 
 
 def test_a_long_report_keeps_the_watchdog_fed_answers_queries_indexes_and_ends_at_a_stop(

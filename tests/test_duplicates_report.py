@@ -21,7 +21,7 @@ from image_search.store import Database
 from image_search.store.duplicates import read_pictures
 from tests.support.db import empty_store, raw
 from tests.support.derived import save_derived, scene
-from tests.support.files import read_jsonl, write_config
+from tests.support.files import read_jsonl, write_config, written_into
 from tests.support.model import TINY_DIMENSION
 
 pytestmark = pytest.mark.integration
@@ -184,12 +184,12 @@ def test_a_report_stopped_at_any_checkpoint_leaves_no_folder_and_the_document_wh
     write_report(cfg, store, checkpoint=count)  # counts them: the fill's pictures, rounds of rows, searches, pages
     checkpoints = len(calls)
     assert checkpoints >= 10
-    before = sorted(cfg.output_directory.iterdir())
+    before = written_into(cfg.output_directory)
     for n in range(1, checkpoints + 1):
         forget_hashes()
         with pytest.raises(Stopped):
             write_report(cfg, store, document=document, checkpoint=stop_at(n))
-        assert sorted(cfg.output_directory.iterdir()) == before, f"stopped at checkpoint {n}"
+        assert written_into(cfg.output_directory) == before, f"stopped at checkpoint {n}"
         assert document.read_text(encoding="utf-8") == '{"duplicates": true}'
     forget_hashes()
     report = write_report(cfg, store, document=document, checkpoint=stop_at(checkpoints + 1))

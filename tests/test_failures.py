@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 
 from image_search.errors import ExitCode, OutputUnwritable, writing_into
+from image_search.output import OUTPUT_MARKER
 from image_search.preprocess import SOURCE_MARKER
 from tests.support import warm
 from tests.support.env import child_env
 from tests.support.failures import crash_embedded_database, error_lines, fault_env, remount, small_disk
-from tests.support.files import find_bundle, inbox_files, read_jsonl, save_picture, write_config
+from tests.support.files import find_bundle, inbox_files, read_jsonl, save_picture, write_config, written_into
 from tests.support.service import ServiceProcess
 from tests.support.waiting import wait_for
 
@@ -129,7 +130,7 @@ def test_search_ends_each_machine_failure_with_one_line_and_its_exit_code(tmp_pa
     disk = cases["disk"]
     assert_failed_as(disk, ExitCode.OUTPUT, "No space left on device", str(disk.root / "output"), "free space")
     assert (disk.root / "query.png").is_file()  # the query is the user's: never lost to a failed write
-    assert list((disk.root / "output").iterdir()) == []  # the full tmpfs was only ever seen by the run
+    assert written_into(disk.root / "output") == []  # the full tmpfs was only ever seen by the run
 
 
 # --- serve ---------------------------------------------------------------------------------------------
@@ -270,11 +271,14 @@ def test_serve_waits_out_a_full_disk_and_goes_on_once_there_is_room(tmp_path: Pa
     room (the 4 KiB tmpfs unmounted, in the service's own mount namespace) both go through, no restart."""
     cases = {folder: make_case(tmp_path, folder, tiny_model_dir, FAULT_FULL_DISK=f"ROOT/{folder}")
              for folder in ("output", "processed")}
-    # The folder under the tmpfs is the disk with room: it holds the processed folder's record as the tmpfs
-    # will, or unmounting the tmpfs would read as the processed folder's disk unmounted (and waited out).
+    # The folder under the tmpfs is the disk with room: it holds the folder's record as the tmpfs will, or
+    # unmounting the tmpfs would read as the folder's disk unmounted (and waited out).
     under = cases["processed"].root / "processed"
     under.mkdir(exist_ok=True)
     (under / SOURCE_MARKER).write_bytes(os.fsencode((cases["processed"].root / "images").resolve()))
+    under = cases["output"].root / "output"
+    under.mkdir(exist_ok=True)
+    (under / OUTPUT_MARKER).touch()
     services = {folder: ServiceProcess(case.config, log_path=case.root / "service.log", env=case.env)
                 for folder, case in cases.items()}
     try:

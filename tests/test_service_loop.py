@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from tests.support.db import slow_row_writes
 from tests.support.failures import remount, small_disk
-from tests.support.files import immutable, save_picture
+from tests.support.files import immutable, save_picture, written_into
 from tests.support.model import TINY_DIMENSION, save_tiny_clip
 from tests.support.story import SETTLE
 from tests.support.waiting import wait_for
@@ -838,7 +838,7 @@ def test_a_query_whose_move_into_a_full_output_on_another_disk_fails_is_left_who
             "queries"]
         assert not [e for e in logs if e["event"] in ("query_failed", "query_crashed")]
         assert query.is_file() and kept.read_bytes() == original  # whole, where the user dropped it
-        assert not [p for p in story.cfg.output_directory.iterdir() if p.name != ".filler"]
+        assert not [p for p in written_into(story.cfg.output_directory) if p.name != ".filler"]
         filler.unlink()
         story.clock.advance(30)  # the outage's retry is due
         story.run_until_idle()

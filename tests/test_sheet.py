@@ -28,6 +28,7 @@ from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
 from image_search.hits import Hit
 from tests.support.failures import a_folder_move_that_stops_part_way
+from tests.support.files import written_into
 
 RED, GREEN, BLUE, ORANGE = (220, 30, 30), (30, 180, 60), (40, 60, 220), (250, 150, 20)
 
@@ -197,11 +198,13 @@ def test_wrapping_breaks_at_spaces_and_inside_words_without_any_and_every_line_f
 
 @pytest.fixture()
 def cfg(tmp_path: Path) -> Config:
-    return Config(output_directory=tmp_path / "output", model_name="tiny/test-model", top_k=3)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return Config(output_directory=tmp_path / "output", state_directory=tmp_path / "state", model_name="tiny/test-model",
+                  top_k=3)
 
 
 def only_bundle(cfg: Config) -> Path:
-    (bundle,) = [p for p in cfg.output_directory.iterdir()]
+    (bundle,) = written_into(cfg.output_directory)
     return bundle
 
 
@@ -348,7 +351,7 @@ def test_a_failed_bundle_moves_the_query_back_and_leaves_nothing(tmp_path: Path,
     with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
     assert len(moves) == 2 and dropped.read_text(encoding="utf-8") == "a red bicycle"  # moved in, then back
-    assert list(cfg.output_directory.iterdir()) == []  # no bundle, no hidden temporary folder
+    assert written_into(cfg.output_directory) == []  # no bundle, no hidden temporary folder
 
 
 def test_a_query_move_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -394,7 +397,7 @@ def test_a_full_disk_at_the_best_matchs_copy_is_the_result_folders_not_a_missing
     with capture_logs() as logs, pytest.raises(OutputUnwritable, match="No space"):
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), hits, cfg, move_query=True)
     assert not [e for e in logs if e["event"] == "best_match_image_missing"]
-    assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
+    assert dropped.exists() and written_into(cfg.output_directory) == []
 
 
 def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(tmp_path: Path, cfg: Config,
@@ -408,7 +411,7 @@ def test_a_sheet_that_cannot_be_written_fails_the_bundle_before_the_query_moves(
     monkeypatch.setattr(output_module, "save_contact_sheet", full_disk)
     with pytest.raises(OutputUnwritable, match="No space"):  # the folder named, with the fix
         write_result_bundle(cfg.output_directory, TextQuery("a red bicycle", dropped), [], cfg, move_query=True)
-    assert dropped.exists() and list(cfg.output_directory.iterdir()) == []
+    assert dropped.exists() and written_into(cfg.output_directory) == []
 
 
 @pytest.mark.parametrize("holder", ["file", "dangling link"])
@@ -471,7 +474,7 @@ def test_a_failed_document_bundle_puts_the_document_and_its_folder_back(tmp_path
     with pytest.raises(OutputUnwritable):
         write_result_bundle(cfg.output_directory, DocumentQuery(document, folder), [], cfg, move_query=True, asked=asked)
     assert document.is_file() and (folder / "beach.jpg").is_file()
-    assert list(cfg.output_directory.iterdir()) == []
+    assert written_into(cfg.output_directory) == []
 
 
 def test_no_hits_under_filters_says_so_rather_than_calling_the_index_empty(tmp_path: Path, cfg: Config) -> None:
@@ -539,4 +542,4 @@ def test_a_query_documents_folder_that_cannot_be_moved_stays_whole_and_so_does_t
     assert sorted(str(p.relative_to(inbox / "q")) for p in (inbox / "q").rglob("*")) == ["a.png", "b.png", "sub",
                                                                                           "sub/c.png"]
     assert (inbox / "q" / "a.png").read_bytes() == b"a.png"
-    assert list(cfg.output_directory.iterdir()) == []  # no unfinished result folder left
+    assert written_into(cfg.output_directory) == []  # no unfinished result folder left

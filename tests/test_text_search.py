@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from tests.support import warm
 from tests.support.env import child_env
-from tests.support.files import write_config
+from tests.support.files import write_config, written_into
 from tests.support.model import TINY_DIMENSION
 from image_search.config import Config, load_config
 from image_search.embed import Embedder
@@ -70,7 +70,7 @@ def test_heic_and_avif_are_indexed_and_answer_as_queries(tmp_path: Path, tiny_mo
                    capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
-    bundles = sorted((tmp_path / "output").iterdir())
+    bundles = written_into(tmp_path / "output")
     assert len(bundles) == 2
     for query, expected in zip(queries, ["green.heic", "blue.avif"], strict=True):
         (bundle,) = [b for b in bundles if (b / f"{query.stem}.jsonl").exists()]

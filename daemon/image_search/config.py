@@ -454,12 +454,12 @@ def _model_relative_to(base: Path, name: str) -> str:
 
 def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
     """Create the folders the run writes to; a folder that cannot be created, or that this user may not
-    write, is a ConfigError. One on a read-only file system is the disk's state, not the config's:
-    ``OutputUnwritable`` (exit 7, which systemd restarts until the disk is read-write again; exit 2 it
-    never restarts). ``source-directory`` is not one of them: whether it may be created depends on the
-    index (``sync.ensure_source_folder``); nor is a missing ``processed-directory``, made at its first use
-    only (``sync.claim_processed_folder``): missing, it may be on a disk that is not mounted."""
-    keys = ["processed-directory", "output-directory", "state-directory"]
+    write, is a ConfigError (``create_folder``, ``check_writable_folder``). ``source-directory`` is not one
+    of them: whether it may be created depends on the index (``sync.ensure_source_folder``); nor is a
+    missing ``processed-directory``, made at its first use only (``sync.claim_processed_folder``), nor
+    ``output-directory`` (``output.prepare_output_folder``): missing or empty, either may be on a disk that
+    is not mounted."""
+    keys = ["processed-directory", "state-directory"]
     if with_inbox:
         keys.append("inbox-directory")
     for key in keys:
@@ -467,13 +467,20 @@ def ensure_directories(cfg: Config, *, with_inbox: bool = False) -> None:
         if key == "processed-directory" and not os.path.lexists(folder):
             continue
         create_folder(key, folder)
-        # access() says no for a read-only file system too: asked first, it is told apart.
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            raise read_only(folder, f"config key '{key}'")
-        # The effective user's: every write is checked against its rights, not the real user's.
-        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
-            raise ConfigError(f"config key '{key}': {folder} is not writable by this user ({_user_name()}): "
-                              "give it to this user (chown), or run as its owner, or configure another folder")
+        check_writable_folder(key, folder)
+
+
+def check_writable_folder(key: str, folder: Path) -> None:
+    """A ConfigError when this user may not write into ``folder`` (config key ``key``). One on a read-only
+    file system is the disk's state, not the config's: ``OutputUnwritable`` (exit 7, which systemd restarts
+    until the disk is read-write again; exit 2 it never restarts)."""
+    # access() says no for a read-only file system too: asked first, it is told apart.
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise read_only(folder, f"config key '{key}'")
+    # The effective user's: every write is checked against its rights, not the real user's.
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
+        raise ConfigError(f"config key '{key}': {folder} is not writable by this user ({_user_name()}): "
+                          "give it to this user (chown), or run as its owner, or configure another folder")
 
 
 def _user_name() -> str:

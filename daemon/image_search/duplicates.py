@@ -409,7 +409,7 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
     pictures, embeddings = read_pictures(store, folders=folders, embeddings=Kind.SIMILAR in kinds, checkpoint=checkpoint)
     groups = find_groups(pictures, embeddings, kinds, thresholds, checkpoint=checkpoint)
     with writing_into(cfg.output_directory, "a duplicates report"):
-        final = _publish(cfg.output_directory, groups, now=now, document=document, read_as=read_as, checkpoint=checkpoint,
+        final = _publish(cfg.output_directory, cfg.state_directory, groups, now=now, document=document, read_as=read_as, checkpoint=checkpoint,
                          details=lambda sheets: summary(
             groups, pictures=len(pictures), kinds=kinds, thresholds=thresholds, folders=folders,
             model_name=cfg.model_name, without_hash=sum(1 for p in pictures if p.phash is None), sheets=sheets))
@@ -421,12 +421,12 @@ def write_report(cfg: Config, store: EmbeddingStore, *, kinds: Sequence[Kind] = 
     return final
 
 
-def _publish(output_dir: Path, groups: Sequence[Group], *, now: datetime | None,
+def _publish(output_dir: Path, state_dir: Path, groups: Sequence[Group], *, now: datetime | None,
              details: Callable[[int], dict[str, object]], document: Path | None,
              read_as: tuple[FileIdentity, bytes] | None, checkpoint: Checkpoint) -> Path:
     """Write the report under a hidden temporary folder, ``document`` moved in (``<stem>.query.json``;
     back where it was if the report fails), then rename it to a free ``<stamp>[-N]`` name."""
-    make_output_folder(output_dir)
+    make_output_folder(output_dir, state_dir)
     tmp = temporary_folder(output_dir, "duplicates")
     moved: Path | None = None
     try:

@@ -37,9 +37,10 @@ from pathlib import Path
 import structlog
 from PIL import Image
 
-from .config import Config
+from .claimed import claimed_before, holds_marker, remember_claim
+from .config import Config, check_writable_folder, create_folder
 from .entries import FileIdentity
-from .errors import is_disk_outage, writing_into
+from .errors import OutputUnwritable, is_disk_outage, writing_into
 from .names import escape, fit_name, name_bytes
 from .preprocess import PreprocessError, preprocess_image
 from .sheet import THUMB, render_contact_sheet, save_contact_sheet
@@ -258,13 +259,99 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def make_output_folder(output_dir: Path) -> None:
-    """``output_dir``, made if missing. A file or a link to nothing of the user's under its name is
-    ENOTDIR (``writing_into`` makes it ``OutputUnwritable``), never an unexpected error that fails the query."""
+# In output-directory: says it is the folder results were written into (``make_output_folder``), on its disk.
+OUTPUT_MARKER = ".output-directory"
+_OUTPUT_MARKER_TEXT = (b"image-search writes its results into this folder. Keep this file: without it, a folder\n"
+                       b"that was written into before is taken for the empty mount point of a disk that is not\n"
+                       b"mounted, and queries wait in the inbox until it is back.\n")
+# In state-directory: the output folders this installation has written into (``claimed``), as configured.
+OUTPUT_CLAIMS_RECORD = "output-folders"
+
+
+def make_output_folder(output_dir: Path, state_dir: Path) -> None:
+    """``output_dir``, ready for a result: the folder written into before (its ``OUTPUT_MARKER`` is there),
+    or a first use, made if missing and marked. A folder written into before (``OUTPUT_CLAIMS_RECORD``) that
+    now looks as an unmounted disk's does is ``OutputUnwritable``: results, and the queries moved into
+    them, would land on the disk under the mount point, and be hidden once it is back. Nothing is written
+    then, and the query waits in the inbox. A file or a link to nothing of the user's under the folder's
+    name is ENOTDIR (``writing_into`` makes it ``OutputUnwritable``), never an unexpected error that fails
+    the query. An earlier version's folder, results and no marker, is adopted."""
+    if holds_marker(output_dir, OUTPUT_MARKER):
+        return
+    if _away(output_dir, state_dir):
+        raise _away_error(output_dir, state_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # exist_ok passes a folder only: a file or a dangling link holds the name
         raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(output_dir)) from None
+    _mark(output_dir, state_dir)
+
+
+def _mark(output_dir: Path, state_dir: Path) -> None:
+    """Write ``output_dir``'s marker, and remember the folder as written into."""
+    try:
+        fd = os.open(output_dir / OUTPUT_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        pass  # another process marked it first
+    else:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_OUTPUT_MARKER_TEXT)
+    remember_claim(state_dir / OUTPUT_CLAIMS_RECORD, [os.fsdecode(output_dir)])
+
+
+def prepare_output_folder(cfg: Config) -> None:
+    """At start, after ``ensure_directories``: ``output-directory`` is made if missing and checked as the
+    others are (a ConfigError names the key). But one written into before that looks as an unmounted disk's
+    does is left as it is (nothing made on the disk under it) and said once: the run goes on, and its
+    queries wait in the inbox until the folder is back (``make_output_folder``)."""
+    folder = cfg.output_directory
+    if not holds_marker(folder, OUTPUT_MARKER) and _away(folder, cfg.state_directory):
+        log.warning("output_folder_away", path=folder, detail=str(_away_error(folder, cfg.state_directory)))
+        return
+    missing = not os.path.lexists(folder)
+    create_folder("output-directory", folder)
+    check_writable_folder("output-directory", folder)
+    if missing:  # made again (removed by hand from beside other files): marked, or it would read as away, empty
+        with contextlib.suppress(OSError):  # a full disk: said by the first result's write, as any outage is
+            _mark(folder, cfg.state_directory)
+
+
+def _away(output_dir: Path, state_dir: Path) -> bool:
+    """``output_dir``, whose marker is not there, looks as an unmounted disk's folder does, and was written
+    into before."""
+    return _looks_unmounted(output_dir) and claimed_before(state_dir / OUTPUT_CLAIMS_RECORD,
+                                                            [os.fsdecode(output_dir)])
+
+
+def _looks_unmounted(folder: Path) -> bool:
+    """What a folder on a disk that is not mounted looks like: the empty mount point, or no folder at all
+    under a parent that is empty or missing too (a desktop removes its mount point with the disk). A folder
+    removed by hand, from beside the user's other files, is not: it is made again."""
+    try:
+        with os.scandir(folder) as entries:
+            return not any(entries)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False  # not a folder, or one that cannot be listed: the write that follows names what is wrong
+    try:
+        with os.scandir(folder.parent) as entries:
+            return not any(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+
+
+def _away_error(output_dir: Path, state_dir: Path) -> OutputUnwritable:
+    folder, marker, record = escape(output_dir), escape(output_dir / OUTPUT_MARKER), state_dir / OUTPUT_CLAIMS_RECORD
+    state = "is empty" if os.path.isdir(output_dir) else "is not there"
+    return OutputUnwritable(
+        f"cannot write results into {folder}: it {state}, but this installation wrote its results there before "
+        f"(recorded in {escape(record)}), and its record of them ({marker}) is gone: its disk is not mounted "
+        "(results, and the queries moved into them, would land on the disk under it, hidden once it is back), "
+        "or it was emptied or removed: mount it or put it back; the queries wait in the inbox meanwhile. If you "
+        f"emptied or removed it on purpose: mkdir -p {folder} && touch {marker}")
 
 
 def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
@@ -477,7 +564,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
                   read_as: FileIdentity | None) -> Path:
     if move_query and query.path is None:
         raise ValueError("move_query needs a query file; this text query was typed, not read from a file")
-    make_output_folder(output_dir)
+    make_output_folder(output_dir, cfg.state_directory)
     without_copy = _hits_without_processed_copy(hits, query)
     stem = _query_stem(query)
     text = query.text if isinstance(query, TextQuery) else None

@@ -29,6 +29,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
+from .claimed import holds_marker
 from .colours import in_srgb
 from .config import Config
 from .discover import SUPPORTED_FORMATS, supported_formats_for_people
@@ -451,16 +452,8 @@ def processed_folder_present(processed_root: Path) -> bool:
     """True while ``processed_root`` is the folder the copies were made in: its ``SOURCE_MARKER`` is there.
     Without it, another folder holds the name: the disk the copies are on was unmounted (the empty mount
     point on the disk under it, or no folder at all), or the folder was emptied, moved or replaced. A copy
-    written there would land on the wrong disk, and a rescan would make every copy again there. A record
-    that cannot be looked at (no permission, a stale network handle, an I/O error) is not taken for gone:
-    the write that follows then names what is wrong."""
-    try:
-        os.lstat(os.path.join(processed_root, SOURCE_MARKER))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError:
-        pass
-    return True
+    written there would land on the wrong disk, and a rescan would make every copy again there."""
+    return holds_marker(processed_root, SOURCE_MARKER)
 
 
 def processed_folder_gone(processed_root: Path) -> OutputUnwritable:

@@ -23,6 +23,7 @@ from .config import Config, ensure_directories
 from .errors import ImageSearchError, SourceFolderMissing
 from .fleet import FleetMember, WorkClaims
 from .logs import log_from_signal_handler
+from .output import prepare_output_folder
 from .store import Database, EmbeddingStore
 from .sync import check_processed_folder, claim_processed_folder, ensure_source_folder
 
@@ -142,6 +143,15 @@ class Runtime:
         return embedder
 
 
+def prepare_folders(cfg: Config, *, with_inbox: bool = False) -> None:
+    """The folders a run writes to, made where missing and checked, before the database starts (a config
+    error costs nothing to find); none made on the disk under a processed or output folder whose own disk is
+    away (``check_processed_folder`` first, before any folder is made; ``prepare_output_folder``)."""
+    check_processed_folder(cfg)
+    ensure_directories(cfg, with_inbox=with_inbox)
+    prepare_output_folder(cfg)
+
+
 @contextmanager
 def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
                  checkpoint: Callable[[], None] = lambda: None) -> Iterator[Runtime]:
@@ -155,10 +165,7 @@ def open_runtime(cfg: Config, *, cleanup: bool, with_inbox: bool = False,
     one source folder only, and is refused when it has lost the copies the index holds (an unmounted disk:
     ``claim_processed_folder``). ``checkpoint`` is called while a schema step
     waits for a table another session holds: what it raises (a stop) ends the start."""
-    # Before any folder is made (a processed folder whose disk is away: not one made on the disk under it) and
-    # before the database starts (a config error costs nothing to find).
-    check_processed_folder(cfg)
-    ensure_directories(cfg, with_inbox=with_inbox)
+    prepare_folders(cfg, with_inbox=with_inbox)
     started = time.monotonic()
     database = Database(cfg)
     try:

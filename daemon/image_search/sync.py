@@ -9,7 +9,6 @@ indexer does the reading and the model work.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import structlog
 from tqdm import tqdm
 
+from .claimed import Claim, claimed_before, remember_claim
 from .config import Config, ConfigError, create_folder
 from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
@@ -40,7 +40,6 @@ from .preprocess import (
     source_identity_of_file,
     thumbnail_name_for,
     thumbnail_path_for,
-    write_atomically,
 )
 from .store import EmbeddingStore, PathMove, SourceRecord
 from .store import metadata as stored_metadata
@@ -330,39 +329,16 @@ def claim_processed_folder(cfg: Config, indexed: Callable[[], Iterable[str]]) ->
 CLAIMS_RECORD = "processed-folders"
 
 
-def _claim_of(cfg: Config) -> list[str]:
+def _claim_of(cfg: Config) -> Claim:
     return [os.fsdecode(cfg.processed_directory), os.fsdecode(cfg.source_directory.resolve())]
 
 
-def _claims(cfg: Config) -> list[list[str]] | None:
-    """The claims recorded; None when the record cannot be read (said, and left as it is)."""
-    record = cfg.state_directory / CLAIMS_RECORD
-    try:
-        claims = json.loads(record.read_bytes())
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        log.warning("processed_claims_unreadable", path=record, error=str(exc),
-                    detail="a processed folder whose disk is not mounted is told by the index alone")
-        return None
-    return [c for c in claims if isinstance(c, list)] if isinstance(claims, list) else None
-
-
 def _claimed_before(cfg: Config) -> bool:
-    return _claim_of(cfg) in (_claims(cfg) or [])
+    return claimed_before(cfg.state_directory / CLAIMS_RECORD, _claim_of(cfg))
 
 
 def _remember_claim(cfg: Config) -> None:
-    """Add this claim to ``CLAIMS_RECORD``; a record that cannot be read or written costs this protection
-    only, never the run."""
-    claims = _claims(cfg)
-    if claims is None or _claim_of(cfg) in claims:
-        return
-    record = cfg.state_directory / CLAIMS_RECORD
-    try:
-        write_atomically(record, (json.dumps([*claims, _claim_of(cfg)]) + "\n").encode())
-    except OSError as exc:
-        log.warning("processed_claim_not_recorded", path=record, error=exc.strerror)
+    remember_claim(cfg.state_directory / CLAIMS_RECORD, _claim_of(cfg))
 
 
 def _unreadable_marker(marker: Path, exc: OSError) -> ConfigError:

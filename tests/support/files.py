@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from image_search.output import OUTPUT_MARKER
 from tests.support import pgdata
 from tests.support.model import TINY_DIMENSION
 
@@ -106,6 +107,12 @@ def write_config(root: Path, model_dir: Path | None = None, *, fresh_pgdata: boo
     path = root / "config.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def written_into(output: Path) -> list[Path]:
+    """What runs wrote into ``output``, sorted: result and report folders, and whatever a failed one left
+    behind; not the folder's own marker (``OUTPUT_MARKER``, written with its first result)."""
+    return sorted(p for p in output.iterdir() if p.name != OUTPUT_MARKER) if output.is_dir() else []
 
 
 def find_bundle(output: Path, query_name: str) -> Path | None:

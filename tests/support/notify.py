@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.support.files import written_into
+
 
 class NotifyListener:
     """A bound unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
@@ -34,7 +36,7 @@ class NotifyListener:
             text = data.decode()
             if "READY=1" in text.splitlines() and self.bundles_at_ready is None:
                 # what the service had produced when it said it was ready
-                self.bundles_at_ready = [p.name for p in self.output.iterdir() if not p.name.startswith(".")]
+                self.bundles_at_ready = [p.name for p in written_into(self.output) if not p.name.startswith(".")]
             self.messages.append((time.monotonic(), text))
 
     def with_field(self, line: str) -> list[tuple[float, str]]:

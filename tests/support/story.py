@@ -19,14 +19,14 @@ from image_search.mounts import MOUNT_RECORD
 from image_search.names import unescape
 from image_search.notify import Notifier
 from image_search.preprocess import thumbnail_path_for
-from image_search.runtime import Runtime
+from image_search.runtime import Runtime, prepare_folders
 from image_search.service import Service, StopFlag
 from image_search.store import Database
 from image_search.sync import SOURCE_MARKER, claim_processed_folder
 from image_search.watch import Change, ChangeKind, Folder
 from tests.support.clock import FakeClock
 from tests.support.db import Row, database_rows, raw, rows_by_path
-from tests.support.files import save_picture, write_config
+from tests.support.files import save_picture, write_config, written_into
 from tests.support.model import TINY_DIMENSION
 
 TOP_K = 3
@@ -45,7 +45,7 @@ class RecordingNotifier(Notifier):
 
     def send(self, *fields: str) -> bool:
         if "READY=1" in fields:
-            self.bundles_at_ready = sorted(p.name for p in self.output.iterdir() if not p.name.startswith("."))
+            self.bundles_at_ready = [p.name for p in written_into(self.output) if not p.name.startswith(".")]
         self.sent.append(fields)
         return True
 
@@ -162,8 +162,9 @@ def story_factory(tmp_path: Path, tiny_model_dir: Path, embedder) -> Iterator[An
             database = Database(cfg)
         for name, seed in (files or {}).items():
             save_picture(cfg.source_directory / name, seed=seed, size=(96 + 4 * seed, 72))
+        prepare_folders(cfg, with_inbox=True)  # as every start does (runtime.open_runtime), and then:
         store = database.open_store(dimension=cfg.dimension, create_table=False)
-        claim_processed_folder(cfg, store.sources)  # as every start does (runtime.open_runtime)
+        claim_processed_folder(cfg, store.sources)
         rt = Runtime(cfg, store, lambda: model or embedder)
         changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
         clock = FakeClock()
