@@ -70,3 +70,34 @@ def test_a_duplicates_document_that_may_not_leave_the_inbox_is_reported_once(sto
         assert (report / "dups.query.json").read_bytes() == document.read_bytes()
         assert [e["path"] for e in logs if e["event"] == "query_left_in_inbox"] == [document]
         assert [p.name for p in story.inbox.iterdir()] == ["dups.json"]
+
+
+def test_a_query_document_whose_folder_may_not_leave_is_answered_once_and_holds_up_no_other(story_factory) -> None:
+    """Its folder of pictures dropped by another user (``sudo cp -r``: the service's user may not move it), or
+    copied from read-only media. The document moved into its result, the folder's move failed, the document
+    went back, and the failure was taken for an outage of output/: the query was tried again for ever, ahead
+    of every other. Now both stay, the result holds a copy of the document, and the next query is answered."""
+    story = story_factory({"a.png": 1, "b.png": 2})
+    folder = story.inbox / "album"
+    folder.mkdir()
+    shutil.copyfile(story.images / "b.png", folder / "x.png")
+    document = story.inbox / "album.json"
+    document.write_text('{"image": "x.png"}', encoding="utf-8")
+    other = story.inbox / "other.png"
+    shutil.copyfile(story.images / "a.png", other)
+    with immutable(folder):
+        for query in (document, other):
+            story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+        with capture_logs() as logs:
+            story.run_until_idle()
+            story.service.inbox.queue_waiting()  # events lost: the folder is looked at whole
+            story.run_until_idle()
+        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        assert sorted(p.name for p in story.inbox.iterdir()) == ["album", "album.json"]
+        assert [p.name for p in folder.iterdir()] == ["x.png"]
+        bundles = {next(b.glob("*.query.*")).name: b for b in results(story)}
+        assert sorted(bundles) == ["album.query.json", "other.query.png"]  # each answered once
+        assert (bundles["album.query.json"] / "album.query.json").read_bytes() == document.read_bytes()
+        best = json.loads((bundles["album.query.json"] / "album.jsonl").read_text().splitlines()[0])["file_path"]
+        assert best == str(story.images / "b.png")
+        assert [e["folder"] for e in logs if e["event"] == "query_left_in_inbox"] == [folder]

@@ -27,7 +27,8 @@ from image_search.query import Completeness, Filters, QueryRecord, QuerySpec, Te
 from image_search.preprocess import thumbnail_path_for
 from image_search.sheet import CELL_HEIGHT, CELL_WIDTH, GAP, HEADING_HEIGHT, THUMB, cell_box, render_contact_sheet
 from image_search.hits import Hit
-from tests.support.failures import a_folder_move_that_stops_part_way
+from tests.support.failures import a_folder_move_that_stops_part_way, moves_as_onto_another_filesystem
+from tests.support.privileges import give_to_unprivileged, reachable_dir, unprivileged
 from tests.support.files import written_into
 
 RED, GREEN, BLUE, ORANGE = (220, 30, 30), (30, 180, 60), (40, 60, 220), (250, 150, 20)
@@ -522,24 +523,80 @@ def test_a_long_file_name_is_shortened_in_the_middle_keeping_its_extension(name:
     assert caption == name or ("…" in caption and caption.endswith(name[-8:]) and caption[:4] == name[:4])
 
 
-def test_a_query_documents_folder_that_cannot_be_moved_stays_whole_and_so_does_the_document(
-        tmp_path: Path, cfg: Config, monkeypatch) -> None:
-    """Its pictures copied into the result and the original not deleted: the query document was left in the
-    unfinished result folder, hidden, and the folder's copy beside it; neither is lost nor doubled now."""
-    from image_search.errors import OutputUnwritable
-
-    inbox = tmp_path / "inbox"
+def a_document_with_its_folder(inbox: Path) -> DocumentQuery:
+    """``inbox/q.json`` asking for ``inbox/q/a.png``, beside ``q/b.png`` and ``q/sub/c.png``."""
     (inbox / "q" / "sub").mkdir(parents=True)
     for name in ("a.png", "b.png", "sub/c.png"):
         (inbox / "q" / name).write_bytes(name.encode())
     document = inbox / "q.json"
     document.write_text('{"image": "a.png"}')
-    a_folder_move_that_stops_part_way(monkeypatch, inbox / "q")
-    with pytest.raises(OutputUnwritable):
-        write_result_bundle(cfg.output_directory, DocumentQuery(document, inbox / "q", document.read_bytes()), [], cfg,
-                            move_query=True)
-    assert document.read_text() == '{"image": "a.png"}'
-    assert sorted(str(p.relative_to(inbox / "q")) for p in (inbox / "q").rglob("*")) == ["a.png", "b.png", "sub",
-                                                                                          "sub/c.png"]
-    assert (inbox / "q" / "a.png").read_bytes() == b"a.png"
-    assert written_into(cfg.output_directory) == []  # no unfinished result folder left
+    return DocumentQuery(document, inbox / "q", document.read_bytes())
+
+
+def left_whole(inbox: Path) -> bool:
+    return ((inbox / "q.json").read_text() == '{"image": "a.png"}' and
+            {str(p.relative_to(inbox / "q")): p.read_bytes() for p in (inbox / "q").rglob("*") if p.is_file()} == {
+                "a.png": b"a.png", "b.png": b"b.png", "sub/c.png": b"sub/c.png"})
+
+
+def test_a_query_documents_folder_that_cannot_be_deleted_once_copied_stays_whole_with_its_document(
+        tmp_path: Path, cfg: Config, monkeypatch) -> None:
+    """Onto another filesystem, its pictures copied into the result and the original not deleted: the
+    document was left in the unfinished result folder, hidden, and the folder's copy beside it. Then each
+    try was taken for an outage of output/, and the query held up the inbox for ever. Now both stay, whole,
+    and the result holds a copy of the document."""
+    query = a_document_with_its_folder(tmp_path / "inbox")
+    a_folder_move_that_stops_part_way(monkeypatch, tmp_path / "inbox" / "q")
+    with capture_logs() as logs:
+        bundle = write_result_bundle(cfg.output_directory, query, [], cfg, move_query=True)
+    assert left_whole(tmp_path / "inbox")
+    assert sorted(p.name for p in bundle.iterdir()) == ["q.json", "q.jsonl", "q.query.json", "q.sheet.jpg"]
+    assert (bundle / "q.query.json").read_bytes() == query.data
+    assert [(e["path"], e["folder"]) for e in logs if e["event"] == "query_left_in_inbox"] == [(query.path, query.folder)]
+    assert written_into(cfg.output_directory) == [bundle]  # no unfinished result folder left
+
+
+@pytest.mark.parametrize("where", ["same filesystem", "another filesystem"])
+def test_a_query_documents_folder_this_user_may_not_move_stays_with_its_document(monkeypatch, where: str) -> None:
+    """Dropped with ``sudo cp -r`` into the service's inbox (root's folder: the service's user may not rename
+    it, which needs a write into it), or copied from read-only media (0555: its copy is 0555 too, and was left
+    behind, undeletable, at every try). Run as ``nobody`` where this is root."""
+    with reachable_dir() as base:
+        inbox, output, state = base / "inbox", base / "output", base / "state"
+        for folder in (inbox, output, state):
+            folder.mkdir()
+            give_to_unprivileged(folder)
+        query = a_document_with_its_folder(inbox)
+        give_to_unprivileged(query.path)
+        if where == "another filesystem":  # the service's own, read-only: its copy is made, and read-only too
+            for path in (query.folder, *query.folder.rglob("*")):
+                give_to_unprivileged(path)
+            moves_as_onto_another_filesystem(monkeypatch, query.folder)
+        for folder in (query.folder, query.folder / "sub"):
+            folder.chmod(0o555)
+        cfg = Config(output_directory=output, state_directory=state, model_name="tiny/test-model", top_k=3)
+        with unprivileged(), capture_logs() as logs:
+            bundle = write_result_bundle(output, query, [], cfg, move_query=True)
+        assert left_whole(inbox)
+        assert (bundle / "q.query.json").read_bytes() == query.data and not (bundle / "q.query").exists()
+        assert [e["path"] for e in logs if e["event"] == "query_left_in_inbox"] == [query.path]
+        assert written_into(output) == [bundle]  # no copy of the folder left behind
+        for folder in (query.folder, query.folder / "sub"):
+            folder.chmod(0o755)
+
+
+def test_a_folder_put_back_keeps_what_was_made_in_its_place_meanwhile(tmp_path: Path) -> None:
+    """A result that failed after its document's folder moved in puts the folder back. Where an entry of that
+    name was made in the inbox meanwhile, the merge skipped it, then deleted the folder it was moving back:
+    the user's original picture with it."""
+    home, moved = tmp_path / "inbox" / "q", tmp_path / "output" / ".tmp-result" / "q.query"
+    moved.mkdir(parents=True)
+    (moved / "a.png").write_bytes(b"the original")
+    (moved / "b.png").write_bytes(b"b")
+    home.mkdir(parents=True)
+    (home / "a.png").write_bytes(b"dropped meanwhile")
+    with capture_logs() as logs:
+        output_module.move_back(moved, home, output_module._return_folder)
+    assert {p.name: p.read_bytes() for p in home.iterdir()} == {"a.png": b"dropped meanwhile", "b.png": b"b"}
+    assert [p.read_bytes() for p in moved.iterdir()] == [b"the original"]  # kept, where the log says
+    assert [e["kept_at"] for e in logs if e["event"] == "query_not_put_back"] == [moved]

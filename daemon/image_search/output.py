@@ -148,40 +148,84 @@ def _copy_or_say_why(source: str, target: str) -> object:
 
 
 def move_folder(source: Path, target: Path) -> None:
-    """Move the folder ``source`` to ``target`` (new), or leave it where it is: onto another filesystem a
-    move copies, then deletes the original, and a deletion that fails part way (an immutable file, a
-    mount point inside) left both, the copy alone complete. Each entry the original lost is put back
-    from the copy, the copy goes, and the error is raised: nothing of the user's is lost or doubled. A
-    copy that meets a full or read-only disk is raised as its OSError, with its errno."""
+    """Move the folder ``source`` to ``target`` (new), or leave it where it is. A rename where it can be:
+    one that is refused (a folder this user may not change: its ``..`` entry, on another owner's folder
+    without write permission; a sticky inbox; an immutable folder) is raised as it is, never tried again as a
+    copy that could not delete the original. Onto another filesystem a move copies, then deletes the
+    original, and a deletion that fails part way (an immutable file, a mount point inside) left both, the
+    copy alone complete. Each entry the original lost is put back from the copy, the copy goes, and the
+    error is raised: nothing of the user's is lost or doubled. A copy that meets a full or read-only disk
+    is raised as its OSError, with its errno."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
     try:
         shutil.move(source, target, copy_function=_copy_or_say_why)
     except BaseException as exc:
         if os.path.isdir(source) and os.path.isdir(target):
             _put_back(target, source)
-            shutil.rmtree(target, ignore_errors=True)
+            _remove_copy(target)
         if isinstance(exc, _CopyFailed):
             raise exc.error from None
         raise
 
 
+def move_answered_folder(source: Path, target: Path) -> bool:
+    """Move an answered query document's folder of pictures into its bundle at ``target`` (``move_folder``);
+    False, nothing moved, where this user may not move it (its document then stays beside it: the
+    folder is copied from read-only media, 0555, or dropped by another user with ``sudo cp -r``). It held
+    up the inbox for ever before, retried as if output/ were the one refusing the write."""
+    try:
+        move_folder(source, target)
+    except PermissionError:
+        if os.path.lexists(target) or not os.path.isdir(source):
+            raise
+        return False
+    return True
+
+
+def _remove_copy(copy: Path) -> None:
+    """This process's copy of a user's folder, removed. ``copytree`` copied the modes too: a folder copied
+    from read-only media (0555) can be emptied only once it is writable again (it is this user's)."""
+    for folder, _, _ in os.walk(copy):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+    shutil.rmtree(copy, ignore_errors=True)
+    if os.path.lexists(copy):
+        log.error("folder_copy_not_removed", path=copy, action="delete it by hand: the original is whole")
+
+
 def _put_back(copy: Path, original: Path) -> None:
-    """The entries of ``copy`` that ``original`` lacks, moved back into it (folders entry by entry)."""
+    """The entries of ``copy`` that ``original`` lacks, moved back into it (folders entry by entry). A file
+    goes back by ``move_out``: never onto one made there meanwhile."""
     for entry in os.scandir(copy):
         there = original / entry.name
         if not os.path.lexists(there):
-            shutil.move(entry.path, there)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.move(entry.path, there)
+            else:
+                with contextlib.suppress(FileExistsError):  # made meanwhile: it stays in ``copy``
+                    move_out(Path(entry.path), there)
         elif entry.is_dir(follow_symlinks=False) and there.is_dir() and not there.is_symlink():
             _put_back(Path(entry.path), there)
 
 
 def _return_folder(moved: Path, home: Path) -> None:
     """The folder ``moved`` back at ``home``: merged into it where ``home`` is still there (a move that
-    stopped part way, ``move_folder``), else moved."""
-    if os.path.isdir(home):
-        _put_back(moved, home)
-        shutil.rmtree(moved)
-    else:
+    stopped part way, ``move_folder``), else moved. What a merge cannot put back (an entry of that name
+    made at ``home`` meanwhile) stays in ``moved``, raised as such: never deleted."""
+    if not os.path.isdir(home):
         shutil.move(moved, home)
+        return
+    _put_back(moved, home)
+    for folder, _, _ in os.walk(moved, topdown=False):  # what is left: folders emptied by the merge
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    if os.path.lexists(moved):
+        raise FileExistsError(errno.EEXIST, "entries of these names were made in the folder meanwhile", str(moved))
 
 
 def move_back(moved: Path, home: Path, move: Callable[[Path, Path], None] | None = None) -> None:
@@ -559,6 +603,16 @@ def _hits_without_processed_copy(hits: Sequence[Hit], query: Query) -> set[str]:
     return missing
 
 
+def _left_with_its_folder(document: Path, folder: Path, target: Path) -> None:
+    """A query document whose folder of pictures may not leave the inbox (``move_answered_folder``) stays
+    with it; ``target`` gets a copy of the document."""
+    shutil.copyfile(document, target)  # a refusal to write here is output/'s, as any other (``writing_into``)
+    log.warning("query_left_in_inbox", path=document, folder=folder, copy=target.name,
+                detail="answered, but this user may not move its folder of pictures out of the inbox (another "
+                       "user's, or not writable: copied from read-only media): the result holds a copy of the "
+                       "document; both stay, and the document is answered anew if it changes")
+
+
 def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Config, *,
                   now: datetime | None, move_query: bool, asked: QueryRecord | None,
                   read_as: FileIdentity | None) -> Path:
@@ -608,12 +662,23 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
             if read_as is not None and FileIdentity.of(query.path) != read_as:
                 _keep_answered(tmp, stem, query)
             else:
-                moved_query = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
-                if not move_answered_query(query.path, moved_query):
-                    moved_query = None  # a copy: the query itself stays in the inbox, and its folder with it
-                elif isinstance(query, DocumentQuery) and query.folder is not None and query.folder.is_dir():
+                # The folder of a document's pictures first: one that may not leave keeps its document beside it.
+                target = tmp / f"{stem}{_QUERY_INFIX}{query.path.suffix}"
+                folder = query.folder if isinstance(query, DocumentQuery) else None
+                stays = False
+                if folder is not None and folder.is_dir():
                     moved_folder = tmp / f"{stem}{_QUERY_INFIX}"  # before: a move that fails may leave part there
-                    move_folder(query.folder, moved_folder)
+                    if not move_answered_folder(folder, moved_folder):
+                        moved_folder, stays = None, True
+                        _left_with_its_folder(query.path, folder, target)
+                if not stays:
+                    moved_query = target
+                    if not move_answered_query(query.path, moved_query):
+                        moved_query = None  # a copy: the query itself stays in the inbox, and its folder with it
+                        if moved_folder is not None:
+                            assert folder is not None
+                            move_back(moved_folder, folder, _return_folder)
+                            moved_folder = moved_folder if os.path.lexists(moved_folder) else None
         elif text is not None:  # typed, or a file left where it is: the bundle still records the words
             (tmp / f"{stem}{_QUERY_INFIX}.txt").write_text(text + "\n", encoding="utf-8")
         elif isinstance(query, DocumentQuery):  # a document left where it is: the bundle holds what it said

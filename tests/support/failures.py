@@ -52,19 +52,29 @@ def crash_embedded_database(state_dir: Path) -> None:
     wait_for(lambda: not Path(f"/proc/{postmaster.pid}").exists(), "the crashed postmaster gone")
 
 
-def a_folder_move_that_stops_part_way(monkeypatch, source: Path) -> None:
-    """In this process, a move of the folder ``source`` as onto another filesystem (``os.rename`` refused:
-    EXDEV) copies, then deletes the original; that deletion removes ``a.png``, then meets a file it may not
-    delete (an immutable file, a mount point: as root, no permission stops it)."""
+def moves_as_onto_another_filesystem(monkeypatch, source: Path) -> None:
+    """In this process, a rename of the folder ``source`` is refused as onto another filesystem (EXDEV): a
+    move copies it, then deletes the original."""
     import errno
-    import shutil
 
-    real_rename, real_rmtree = os.rename, shutil.rmtree
+    real_rename = os.rename
 
     def rename(src, dst, *args, **kwargs):
         if Path(src) == source:
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
         return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def a_folder_move_that_stops_part_way(monkeypatch, source: Path) -> None:
+    """In this process, a move of the folder ``source`` as onto another filesystem copies, then deletes the
+    original; that deletion removes ``a.png``, then meets a file it may not delete (an immutable file, a
+    mount point: as root, no permission stops it)."""
+    import errno
+    import shutil
+
+    real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):
         if Path(path) == source:
@@ -72,7 +82,7 @@ def a_folder_move_that_stops_part_way(monkeypatch, source: Path) -> None:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(source / "sub"))
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "rename", rename)
+    moves_as_onto_another_filesystem(monkeypatch, source)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
 
 
