@@ -91,6 +91,17 @@ def test_each_worker_has_the_environment_cwd_and_umask_its_pool_had_when_it_star
     assert stop(second, second_conn) == 0 and stop(third, third_conn) == 0
 
 
+def test_a_json_py_in_the_working_directory_is_not_imported_by_the_template(launcher, tmp_path, monkeypatch):
+    """``python -c`` puts the working directory first on sys.path: ``image-search index`` run in a project
+    folder holding a json.py ran that file in the template, and no worker started (exit 5)."""
+    for name in ("json.py", "signal.py"):
+        (tmp_path / name).write_text(f"open({str(tmp_path / 'imported')!r}, 'a').write({name!r})\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    worker, conn = start(launcher, IMAGE_SEARCH_TEST_MARK="in a project folder")
+    assert not (tmp_path / "imported").exists()
+    assert stop(worker, conn) == 0
+
+
 def test_a_worker_writes_its_errors_where_its_pool_writes_them_when_it_starts(launcher, tmp_path):
     """pytest gives each test a standard error of its own: the template's is that of the test that started
     it, where a worker's traceback would have gone unseen."""

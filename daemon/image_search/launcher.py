@@ -51,7 +51,8 @@ _MAX_REQUEST = 1 << 16
 ANSWER_TIMEOUT_S = 20.0
 
 # Signals are ignored before anything else, so that a Ctrl-C while the template is still importing costs
-# nothing; its workers inherit that.
+# nothing; its workers inherit that. Run with -P: ``python -c`` would put the working directory first on
+# sys.path, and a json.py or signal.py there (a project folder the command was run in) would be imported.
 _TEMPLATE_BOOTSTRAP = (
     "import signal\n"
     "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -165,7 +166,7 @@ class _Template:
         self._sock.settimeout(ANSWER_TIMEOUT_S)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _TEMPLATE_BOOTSTRAP, str(child.fileno()), sys_path_json],
+                [sys.executable, "-P", "-c", _TEMPLATE_BOOTSTRAP, str(child.fileno()), sys_path_json],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                 stderr=None if _stderr() else subprocess.DEVNULL,  # 0-2 open: no descriptor it is sent lands on 2
             )
