@@ -214,7 +214,7 @@ def test_leave_drops_member_and_claims_and_empties_only_when_last(database: Data
     a = join(database, registries, pid=1)
     b = join(database, registries, pid=2)
     dead = join(database, registries, pid=3)
-    make_stale(database, dead.id)  # a killed member does not keep the table
+    registries[2].close()  # killed: its session ended with it, and it does not keep the table
     fleet_claims.claim(a.id, ["image:/a"], LEASE)
     fleet_claims.claim(b.id, ["image:/b"], LEASE)
 
@@ -228,6 +228,23 @@ def test_leave_drops_member_and_claims_and_empties_only_when_last(database: Data
     assert store.count() == 0
     assert raw(database, "SELECT item FROM image_search_claims") == []
     assert [r[0] for r in raw(database, "SELECT id FROM image_search_members")] == [dead.id]
+
+
+def test_the_last_live_member_keeps_the_table_while_another_members_session_is_open(
+        database: Database, registries, store: EmbeddingStore) -> None:
+    """Each member judges heartbeats by its own lease. One started with a shorter lease than the others (or
+    any, while another stalls for longer than its lease) took a live service for dead, and its leave emptied
+    the table under it. A session still open keeps the table; the index is the safe side."""
+    _one_row(store)
+    a = join(database, registries, pid=1)
+    stalled = join(database, registries, pid=2)
+    make_stale(database, stalled.id)
+    assert registries[0].leave(a.id, LEASE, empty_table=True) == LeaveResult(live_members=0, emptied=False)
+    assert store.count() == 1
+    registries[1].close()  # its session ends: gone for good
+    last = join(database, registries, pid=3)
+    assert registries[2].leave(last.id, LEASE, empty_table=True) == LeaveResult(live_members=0, emptied=True)
+    assert store.count() == 0
 
 
 def test_leave_without_cleanup_keeps_the_table(database: Database, registries, store: EmbeddingStore) -> None:

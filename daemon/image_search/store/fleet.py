@@ -28,16 +28,21 @@ log = structlog.get_logger("image_search.store")
 # locks are per database, hence the database column. The space ("imgm") is shared with no other lock here.
 _MEMBER_LOCK_KEY = f"(({MEMBER_LOCK_SPACE}::bigint << 32) | (%(member)s::bigint & 4294967295))"
 # One uncorrelated subquery (hashed once per statement), so a claim of many items reads pg_locks once.
-_MEMBER_IS_LIVE = f"""(m.heartbeat_at > now() - make_interval(secs => %(lease)s)
-    AND (m.id & 4294967295)::oid IN (
+_MEMBER_SESSION_OPEN = f"""(m.id & 4294967295)::oid IN (
         SELECT l.objid FROM pg_locks l
         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {MEMBER_LOCK_SPACE}::oid AND l.objsubid = 1
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())))"""
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
+_MEMBER_IS_LIVE = f"(m.heartbeat_at > now() - make_interval(secs => %(lease)s) AND {_MEMBER_SESSION_OPEN})"
 _LIVE_MEMBERS = f"""
 SELECT id, host, pid, model_name, dimension FROM image_search_members m
 WHERE {_MEMBER_IS_LIVE} ORDER BY id
 """
 _COUNT_LIVE_MEMBERS = f"SELECT count(*) FROM image_search_members m WHERE {_MEMBER_IS_LIVE}"
+# Before the last member to leave empties the table: any member whose session is still open, whatever its
+# heartbeat's age. Each member judges heartbeats by its own lease, and one started with a shorter lease
+# than the others (or any member, while the others stall for longer than its lease) took live services for
+# dead and emptied the table under them. A member hung with its session open keeps the index: the safe side.
+_COUNT_OPEN_MEMBERS = f"SELECT count(*) FROM image_search_members m WHERE {_MEMBER_SESSION_OPEN}"
 # Housekeeping, not liveness: a dead member's row is inert (never counted, its claims free), so rows
 # are dropped only once their heartbeat is long gone, as a paused process may still come back.
 _FORGET_DEAD_MEMBERS = "DELETE FROM image_search_members WHERE heartbeat_at <= now() - make_interval(secs => %s)"
@@ -209,6 +214,9 @@ class FleetRegistry:
             cur.execute(_COUNT_LIVE_MEMBERS, {"lease": lease_s})
             remaining = int(cur.fetchone()[0])
             emptied = False
+            if empty_table and remaining == 0:
+                cur.execute(_COUNT_OPEN_MEMBERS)
+                empty_table = int(cur.fetchone()[0]) == 0
             if empty_table and remaining == 0:
                 cur.execute(schema.TABLE_EXISTS)
                 if cur.fetchone()[0]:
