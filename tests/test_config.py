@@ -851,3 +851,52 @@ def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path) -> None:
     path.write_text('{"top-k": 10, "cleanup-on-exit": true, "cleanup-on-exit": false}')
     with pytest.raises(ConfigError, match="key 'cleanup-on-exit' is given twice"):
         load_config(path, environ={})
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths that cannot be followed: a config error naming the key, never a crash (exit 1, restarted for ever)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_tilde_of_no_user_names_the_key(tmp_path, from_env):
+    data, environ = (({}, {"IMAGE_SEARCH_OUTPUT_DIRECTORY": "~ghost-of-no-user/out"}) if from_env
+                     else ({"output-directory": "~ghost-of-no-user/out"}, {}))
+    message = error_for(tmp_path / "conf", data, environ)
+    assert message.startswith("config key 'output-directory': ") and "give the whole path" in message
+
+
+def test_a_loop_of_links_given_in_the_environment_names_the_key(tmp_path):
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    message = error_for(tmp_path / "conf", {}, {"IMAGE_SEARCH_SOURCE_DIRECTORY": str(tmp_path / "a" / "images")})
+    assert message.startswith(f"config key 'source-directory': {tmp_path / 'a' / 'images'} cannot be resolved")
+
+
+@pytest.mark.parametrize("key", ["source-directory", "output-directory", "inbox-directory"])
+def test_a_folder_behind_one_this_user_may_not_enter_names_the_key(key):
+    """A home folder of mode 0700 (or /home under the unit's ProtectHome=yes): the first stat of the folder was
+    a PermissionError, a crash. Run as ``nobody`` where this is root."""
+    with reachable_dir() as base:
+        home = base / "home"
+        (home / "pictures").mkdir(parents=True)
+        home.chmod(0o700)  # root's
+        conf = write(base / "conf", {key: str(home / "pictures")})
+        give_to_unprivileged(conf.parent)
+        with unprivileged(), pytest.raises(ConfigError) as info:
+            load_config(conf, environ={})
+        assert str(info.value).startswith(f"config key '{key}': this user (")
+        assert f"may not reach {home / 'pictures'} (Permission denied)" in str(info.value)
+
+
+def test_a_link_to_a_folder_on_a_disk_not_mounted_is_waited_for_not_refused(tmp_path):
+    """A folder that is a link onto a disk not mounted yet: "File exists", exit 2, which systemd never restarts.
+    Now the disk's state, exit 7, restarted until it is mounted."""
+    from image_search.errors import OutputUnwritable
+
+    (tmp_path / "inbox-link").symlink_to(tmp_path / "mnt" / "nas" / "inbox")
+    cfg = load_config(write(tmp_path / "conf", {**APART, "inbox-directory": str(tmp_path / "inbox-link")}), environ={})
+    with pytest.raises(OutputUnwritable, match=f"{tmp_path / 'inbox-link'} is a link to {tmp_path / 'mnt'}"):
+        prepare_folders(cfg, with_inbox=True)
+    (tmp_path / "mnt" / "nas" / "inbox").mkdir(parents=True)  # mounted
+    prepare_folders(cfg, with_inbox=True)

@@ -276,6 +276,21 @@ def test_a_model_file_the_user_may_not_read_is_named_as_such_not_as_missing() ->
                 Embedder.load(str(model_dir), device="cpu")
 
 
+def test_a_model_folder_behind_one_the_user_may_not_enter_is_a_model_error_not_a_crash() -> None:
+    """A model in a home folder of mode 0700 (or under /home, which the unit's ProtectHome=yes hides): the
+    look at whether it is a folder raised PermissionError, a crash (exit 1, which systemd restarts for ever)."""
+    from tests.support.privileges import reachable_dir, unprivileged
+
+    with reachable_dir() as root:
+        home = root / "home"
+        model_dir = save_tiny_clip(home / "model")
+        Embedder.load(str(model_dir), device="cpu")  # what loading imports, imported (nobody cannot read root's Python)
+        home.chmod(0o700)  # root's
+        with unprivileged():
+            with pytest.raises(ModelLoadError, match=f"model '{model_dir}': this user may not reach it"):
+                Embedder.load(str(model_dir), device="cpu")
+
+
 def test_a_model_without_its_preprocessor_config_is_one_clear_error(tmp_path: Path) -> None:
     model_dir = save_tiny_clip(tmp_path / "no-processor")
     (model_dir / "preprocessor_config.json").unlink()

@@ -690,6 +690,9 @@ def test_a_search_whose_every_file_is_missing_or_text_empty_fails_before_the_ind
     assert err.count(f"failed {tree.images}: is a folder, not an image file\n") == 1
     assert main(["search", "--config", str(tree.root / "config.json"), "--text", "", "--text", " "]) == ExitCode.FAILED
     assert capsys.readouterr().err.count("failed --text: the text query is empty: give the words to search for\n") == 2
+    # The original interface's --search FILE too: it indexed the whole library first, then emptied the table.
+    assert main(["--env", str(tree.root / "config.json"), "--search", str(mistyped)]) == ExitCode.FAILED
+    assert capsys.readouterr().err.count(f"failed {mistyped}: no such file\n") == 1
 
 
 def test_a_file_dragged_onto_the_prompt_is_that_file_as_the_terminal_pastes_it(tmp_path: Path) -> None:
@@ -705,7 +708,9 @@ def test_a_file_dragged_onto_the_prompt_is_that_file_as_the_terminal_pastes_it(t
     address = "file://" + str(picture).replace(" ", "%20").replace("é", "%C3%A9")
     for pasted in (f"'{quoted}'", f'"{picture}"', escaped, address, str(picture)):
         assert _typed_path(pasted) == picture, pasted
-    for words in ("a red bicycle", "it's red", "'a red bicycle'", "file:///nowhere/x.jpg"):
+    for words in ("a red bicycle", "it's red", "'a red bicycle'", "file:///nowhere/x.jpg",
+                  "~sunset over the sea",  # a ~ of no user: was a RuntimeError that ended the session
+                  "a long description of the photo " * 10):  # above a name's 255 bytes: was ENAMETOOLONG
         assert _typed_path(words) is None, words
 
 

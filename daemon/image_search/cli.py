@@ -254,9 +254,12 @@ def _typed_path(line: str) -> Path | None:
     if line.startswith("file://"):
         candidates.append(urllib.parse.unquote(urllib.parse.urlsplit(line).path, errors="surrogateescape"))
     for candidate in candidates:
-        path = Path(candidate).expanduser()
-        if path.exists():
-            return path
+        try:
+            path = Path(candidate).expanduser()
+            if path.exists():
+                return path
+        except (RuntimeError, OSError):  # "~sunset ..." (no such user), words longer than a name may be: words
+            continue
     return None
 
 
@@ -287,6 +290,8 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
             status = ExitCode.FAILED
             if not files and not texts:
                 return status  # nothing left to search for
+    if args.search is not None and not _existing([args.search]):
+        return ExitCode.FAILED  # the original interface's --search FILE: said as at once
     install_stop_handlers(_raise_shutdown)  # unwinds through open_runtime's cleanup
     with open_runtime(cfg, cleanup=cleanup) as rt:
         indexer = Indexer(cfg, rt.model(), rt.store)

@@ -8,6 +8,7 @@ systemd can pass secrets through an EnvironmentFile.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import difflib
 import itertools
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .entries import FollowLinks, LinkPolicy
-from .errors import ExitCode, ImageSearchError, is_disk_outage, read_only, unwritable
+from .errors import ExitCode, ImageSearchError, OutputUnwritable, is_disk_outage, read_only, unwritable
 from .names import has_surrogate
 from .query import MAX_TOP_K
 
@@ -182,7 +183,11 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
     if issubclass(want, Path):
         if not value.strip():  # Path("") is the working directory: an empty override read as "here"
             raise ConfigError(f"config key '{key}' is empty: give a folder (or leave the key out for its default)")
-        return Path(value).expanduser()
+        try:
+            return Path(value).expanduser()
+        except RuntimeError:  # ~name of no user, or ~ where this user has no home
+            raise ConfigError(f"config key '{key}': {_short(shown)} starts with a ~ whose home folder this user "
+                              "cannot tell (no such user, or no home): give the whole path") from None
     return value
 
 
@@ -264,7 +269,8 @@ NUMBER_BOUNDS: dict[str, Bounds] = {
     # about half a second of CPU (README "Rescans"). A fraction of a second apart, that is a core kept busy.
     "rescan-interval": Bounds(1, MOST_SECONDS, "seconds between rescans, at most a year; 0 turns them off",
                               zero_is_off=True),
-    "member-lease-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year", least_excluded=True),
+    # At least 5: heartbeats come every 2 s, and a member judges the others' by its own lease.
+    "member-lease-seconds": Bounds(5, MOST_SECONDS, "seconds: a heartbeat comes every 2 s; at most a year"),
     "similar-min-similarity": Bounds(0, 1, "a cosine similarity; 0 takes the model family's default"),
     "burst-seconds": Bounds(0, MOST_SECONDS, "seconds, at most a year"),
 }
@@ -296,6 +302,27 @@ def _real_folder(key: str, folder: Path) -> Path:
         return folder.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links, before Python 3.13
         raise ConfigError(f"config key '{key}': {folder} cannot be resolved ({exc})") from None
+
+
+def _check_reachable(key: str, folder: Path) -> None:
+    """A folder behind one this user may not enter (a home folder of mode 0700 or 0750; /home, which the
+    unit's ProtectHome=yes hides) is a ConfigError naming the key, not an error at its first use: that
+    ended as a crash (exit 1), which systemd restarts for ever."""
+    try:
+        os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except PermissionError as exc:
+        raise ConfigError(
+            f"config key '{key}': this user ({_user_name()}) may not reach {folder} ({exc.strerror}): it needs "
+            "search (x) permission on every folder above it (chmod o+x, or a group), or configure a folder "
+            "outside it; under systemd, the unit's ProtectHome=yes hides /home, and ProtectSystem=strict makes "
+            "all but ReadWritePaths read-only") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"config key '{key}': {folder} cannot be resolved ({exc.strerror}: a loop of "
+                              "links)") from None
+        # Any other error (a stale share, an I/O error) is the folder's state now, which its first use says.
 
 
 def _shown_folder(key: str, folder: Path, real: Path) -> str:
@@ -341,6 +368,8 @@ def _validate(cfg: Config) -> None:
         )
     if not cfg.model_name.strip():
         raise ConfigError("config key 'model-name' is empty: give a Hugging Face model id or a local model directory")
+    for key in FOLDER_KEYS:
+        _check_reachable(key, getattr(cfg, _FIELDS[key].name))
     if cfg.source_directory.exists() and not cfg.source_directory.is_dir():
         raise ConfigError(f"config key 'source-directory': {cfg.source_directory} is a file, not a folder: "
                           "give the folder of the pictures")
@@ -411,7 +440,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         # values they stopped the start ('device' must be one of ..., got '') or replaced the file's.
         if environ.get(env_name, "").strip():
             value = _coerce(key, environ[env_name], from_env=True)
-            values[key] = value.resolve() if isinstance(value, Path) else value
+            values[key] = _real_folder(key, value) if isinstance(value, Path) else value
     for key, field in _FIELDS.items():
         if key not in values and issubclass(_field_type(field.name), Path):  # PosixPath, not Path itself
             values[key] = (base / getattr(_DEFAULTS, field.name))
@@ -498,6 +527,15 @@ def create_folder(key: str, folder: Path) -> None:
     ``OutputUnwritable`` when the disk takes no write now (full, read-only: its state, not the config's)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        link = next((p for p in (folder, *folder.parents) if os.path.islink(p) and not os.path.exists(p)), None)
+        if link is None:
+            raise ConfigError(f"config key '{key}': cannot create {folder}: a file holds its name or a name on its "
+                              "way: configure another folder, or move the file away") from None
+        # A link to a folder on a disk not mounted yet: its state, which passes (exit 7, restarted), not the
+        # config's (exit 2, never restarted).
+        raise OutputUnwritable(f"config key '{key}': {link} is a link to {os.readlink(link)}, which is not "
+                               "there: is its disk not mounted (yet)? Mount it, or make the folder it leads to") from None
     except OSError as exc:
         if is_disk_outage(exc) and (outage := unwritable(folder, f"config key '{key}': the folder", exc)):
             raise outage from None

@@ -56,7 +56,16 @@ def choose_device(requested: str) -> torch.device:
 
 
 def _is_local(model_name: str) -> bool:
-    return Path(model_name).expanduser().is_dir()
+    """``model_name`` names a folder here. One behind a folder this user may not enter is a
+    ``ModelLoadError`` (exit 3), not a crash (exit 1, which systemd restarts for ever)."""
+    try:
+        return Path(model_name).expanduser().is_dir()
+    except RuntimeError:  # ~name of no user: no folder here
+        return False
+    except PermissionError as exc:
+        raise ModelLoadError(f"model '{model_name}': this user may not reach it ({exc.strerror}): it needs search (x) "
+                             "permission on every folder above it; under systemd, the unit's ProtectHome=yes "
+                             "hides /home") from None
 
 
 def _looks_like_path(model_name: str) -> bool:

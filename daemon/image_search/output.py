@@ -375,7 +375,8 @@ def _looks_unmounted(folder: Path) -> bool:
         with os.scandir(folder) as entries:
             return not any(entries)
     except FileNotFoundError:
-        pass
+        if os.path.islink(folder):
+            return True  # a link to a folder that is not there: on the disk not mounted
     except OSError:
         return False  # not a folder, or one that cannot be listed: the write that follows names what is wrong
     try:
