@@ -307,6 +307,53 @@ def test_a_result_a_killed_process_was_writing_is_removed_at_the_next_start_and_
     assert building.name.startswith(f".tmp-result-{host}-{boot}-{os.getpid()}-")
 
 
+def test_a_result_folder_whose_process_number_was_taken_by_a_later_process_is_the_dead_ones(cfg: Config) -> None:
+    """A container restarted after a kill keeps its host name and boot, and its main process gets the dead
+    one's number again: the folder was passed over as a live process's, without a line, and the query it
+    held stayed hidden. A process started after the folder's last write is not its writer."""
+    output = cfg.output_directory
+    output.mkdir(parents=True, exist_ok=True)
+    prefix = f".tmp-result-{output_module._this_host()}-{output_module._this_boot()}-{os.getpid()}"
+    before_this_process = [output / f"{prefix}-old", output / f"{prefix}-held"]
+    for folder in before_this_process:
+        folder.mkdir()
+        (folder / "q.jsonl").write_text("{}\n")
+    (output / f"{prefix}-held" / "q.query.png").write_bytes(b"the user's picture")
+    for folder in before_this_process:
+        os.utime(folder, (1_000_000_000, 1_000_000_000))  # 2001: before this process started
+    with capture_logs() as logs:
+        output_module.remove_abandoned(output)
+    assert not (output / f"{prefix}-old").exists() and (output / f"{prefix}-held" / "q.query.png").is_file()
+    assert [e["query"] for e in logs if e["event"] == "abandoned_result_holds_a_query"] == [["q.query.png"]]
+
+
+def test_an_abandoned_result_holds_a_query_by_what_was_moved_in_not_by_its_names(cfg: Config) -> None:
+    """A query named ``my.query.notes.png``: every file of its result has ".query" in its name, and a folder
+    killed before the query moved in was kept for ever, its advice naming the settings file as the query."""
+    output = cfg.output_directory
+    query = output.parent / "inbox" / "my.query.notes.png"
+    query.parent.mkdir(parents=True)
+    query.write_bytes(b"the user's picture")
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    prefix = f".tmp-result-{output_module._this_host()}-{output_module._this_boot()}-{no_such_pid}"
+    output.mkdir(parents=True, exist_ok=True)
+    before, after = output / f"{prefix}-before", output / f"{prefix}-after"
+    for folder in (before, after):
+        folder.mkdir()
+        for suffix in (".json", ".jsonl", ".sheet.jpg"):
+            (folder / f"my.query.notes{suffix}").write_text("{}\n")
+    (before / ".moved-in").write_bytes(b"")  # the record a result folder gets: nothing moved in yet
+    assert output_module.move_answered_query(query, after / "my.query.notes.query.png")  # then killed
+    with capture_logs() as logs:
+        output_module.remove_abandoned(output)
+    assert not before.exists()
+    assert [e["query"] for e in logs if e["event"] == "abandoned_result_holds_a_query"] == [
+        ["my.query.notes.query.png"]]
+    bundle = output_module.publish(after, output)  # a result once whole: the record goes, as it is published
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "my.query.notes.json", "my.query.notes.jsonl", "my.query.notes.query.png", "my.query.notes.sheet.jpg"]
+
+
 def test_a_host_name_with_a_slash_still_names_a_folder(cfg: Config, monkeypatch) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "odd/host name")
     cfg.output_directory.mkdir(parents=True, exist_ok=True)

@@ -97,12 +97,35 @@ def move_out(source: Path, target: Path) -> None:
     _unlink_or_undo(source, target)
 
 
+# In a result's temporary folder: the names of what is moved into it from the inbox, each written before its
+# move, a NUL after each (a name holds any other byte). A folder a killed process left behind is kept, and
+# named, only where it holds one of them (``remove_abandoned``); ``publish`` removes the record.
+_MOVED_IN = ".moved-in"
+
+
+def _record_moving_in(target: Path) -> None:
+    with open(target.parent / _MOVED_IN, "ab") as record:
+        record.write(os.fsencode(target.name) + b"\0")
+
+
+def _moved_in(folder: str) -> list[str] | None:
+    """The entries of the temporary ``folder`` moved in from the inbox, by its record; None where it has
+    none (an earlier version's folder, or one killed before any move)."""
+    try:
+        with open(os.path.join(folder, _MOVED_IN), "rb") as record:
+            names = [os.fsdecode(name) for name in record.read().split(b"\0") if name]
+    except FileNotFoundError:
+        return None
+    return [name for name in names if os.path.lexists(os.path.join(folder, name))]
+
+
 def move_answered_query(query: Path, target: Path) -> bool:
     """Move the answered ``query`` into its bundle at ``target`` (``move_out``). Where it may not leave the
     inbox (an inbox of another owner's with the sticky bit, a shared drop folder; an immutable file: its
     removal is refused), ``target`` gets a copy of its bytes, the query stays where it is, untouched, said
     once (``query_left_in_inbox``), and False is returned: the inbox answers it anew only once it changes.
     Such a query met an outage of output/ before and held up every query after it."""
+    _record_moving_in(target)
     try:
         move_out(query, target)
     except PermissionError as exc:
@@ -178,6 +201,7 @@ def move_answered_folder(source: Path, target: Path) -> bool:
     False, nothing moved, where this user may not move it (its document then stays beside it: the
     folder is copied from read-only media, 0555, or dropped by another user with ``sudo cp -r``). It held
     up the inbox for ever before, retried as if output/ were the one refusing the write."""
+    _record_moving_in(target)
     try:
         move_folder(source, target)
     except PermissionError:
@@ -277,10 +301,12 @@ def remove_abandoned(output_dir: Path) -> None:
         if found is None or found["host"] != host or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(found["pid"])
-        if found["boot"] == boot and _alive(pid):
-            continue
         try:
-            held = [name for name in os.listdir(entry.path) if _QUERY_INFIX in name]
+            if found["boot"] == boot and _alive(pid, since=entry.stat(follow_symlinks=False).st_mtime):
+                continue
+            held = _moved_in(entry.path)
+            if held is None:  # no record: by the names the moves give
+                held = [name for name in os.listdir(entry.path) if _QUERY_INFIX in name]
         except OSError:
             continue
         if held:
@@ -293,14 +319,31 @@ def remove_abandoned(output_dir: Path) -> None:
                  detail="left by a process that was killed while it wrote it; never published")
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, since: float) -> bool:
+    """Process ``pid`` is alive and is the one that wrote last at ``since`` (epoch seconds): a process of
+    that number started later is another, which took the number of the dead writer (a container
+    restarted after a kill keeps its host name and boot, and its main process its pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):  # another user's process; a number no pid can be
+    except OverflowError:  # a number no pid can be
         return True
-    return True
+    except PermissionError:  # another user's process: alive, and its start is looked at all the same
+        pass
+    started = _started_at(pid)
+    return started is None or started <= since + 1.0  # a second's slack: the clock's ticks, the file system's
+
+
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started, in epoch seconds (from /proc: its start in ticks after boot)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_bytes().splitlines()
+                    if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
 
 
 # In output-directory: says it is the folder results were written into (``make_output_folder``), on its disk.
@@ -403,6 +446,8 @@ def publish(tmp: Path, output_dir: Path, now: datetime | None = None) -> Path:
     """Make the finished result folder ``tmp`` (made by ``mkdtemp`` in ``output_dir``) readable and give
     it its name, ``yyyymmdd-hhmmss`` or the first free ``-2``, ``-3``...: it appears complete or not at all."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp / _MOVED_IN)  # complete: no longer a folder a kill could leave holding the user's entries
     while True:
         final = _free_folder_name(output_dir, stamp)
         try:
