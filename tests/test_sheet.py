@@ -647,3 +647,13 @@ def test_a_folder_put_back_keeps_what_was_made_in_its_place_meanwhile(tmp_path: 
     assert {p.name: p.read_bytes() for p in home.iterdir()} == {"a.png": b"dropped meanwhile", "b.png": b"b"}
     assert [p.read_bytes() for p in moved.iterdir()] == [b"the original"]  # kept, where the log says
     assert [e["kept_at"] for e in logs if e["event"] == "query_not_put_back"] == [moved]
+
+
+def test_a_name_holding_a_character_some_readers_end_a_line_at_stays_on_its_line(tmp_path: Path, cfg: Config) -> None:
+    """U+2028, U+2029 and U+0085 are text a valid UTF-8 name may hold, which JSON writes as it is; Python's
+    splitlines (and JavaScript before ES2019) end a line there, and the .jsonl read as broken records."""
+    name = "a\u2028b\x85c\u2029d.jpg"
+    bundle = write_result_bundle(cfg.output_directory, TextQuery("a cat"),
+                                 [hit(1, name, processed(tmp_path, "x", RED))], cfg)
+    (line,) = (bundle / "a-cat.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["file_name"] == name

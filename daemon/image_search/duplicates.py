@@ -49,7 +49,7 @@ from .geometry import THUMBNAIL_REDUCING_GAP, THUMBNAIL_RESAMPLE, thumbnail_size
 from .groups import Checkpoint, complete_linkage, go_on, near_copy_pairs, similar_pairs
 from .hits import shown_similarity
 from .names import escape, fit_name, name_bytes
-from .output import make_output_folder, move_answered_query, move_back, publish, temporary_folder
+from .output import json_line, make_output_folder, move_answered_query, move_back, publish, temporary_folder
 from .phash import HASH_BITS, as_words, distance, perceptual_hash
 from .preprocess import thumbnail_path_for
 from .runtime import ShutdownRequested
@@ -434,7 +434,7 @@ def _publish(output_dir: Path, state_dir: Path, groups: Sequence[Group], *, now:
             for number, group in enumerate(groups, start=1):
                 if number % CHECK_EVERY_GROUPS == 0:
                     checkpoint()
-                fh.write(json.dumps(group_record(number, group), ensure_ascii=False) + "\n")
+                fh.write(json_line(group_record(number, group)))
         sheets = _write_sheets(tmp, groups, checkpoint)
         with open(tmp / SUMMARY, "w", encoding="utf-8") as fh:
             json.dump(details(sheets), fh, indent=2, ensure_ascii=False)

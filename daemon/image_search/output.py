@@ -50,6 +50,17 @@ from .wording import counted
 
 log = structlog.get_logger(__name__)
 
+# Characters that end a line for some readers (Python's splitlines, JavaScript before ES2019) though JSON lets
+# a string hold them: a name of valid UTF-8 may (escape() leaves every character of it as it is).
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(value: object) -> str:
+    """``value`` as one line of JSON Lines, its newline included: the text as written, but for the
+    characters some readers take for a line's end, written as JSON's ``\\u`` escapes (read back the same)."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_ENDS) + "\n"
+
+
 def hit_record(hit: Hit) -> dict[str, object]:
     return {
         "rank": hit.rank,
@@ -688,7 +699,7 @@ def _write_bundle(output_dir: Path, query: Query, hits: Sequence[Hit], cfg: Conf
             fh.write("\n")
         with open(tmp / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
             for hit in hits:
-                fh.write(json.dumps(hit_record(hit), ensure_ascii=False) + "\n")
+                fh.write(json_line(hit_record(hit)))
         if hits and hits[0].file_hash not in without_copy:
             best = Path(hits[0].processed_path)
             try:
