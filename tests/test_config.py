@@ -900,3 +900,14 @@ def test_a_link_to_a_folder_on_a_disk_not_mounted_is_waited_for_not_refused(tmp_
         prepare_folders(cfg, with_inbox=True)
     (tmp_path / "mnt" / "nas" / "inbox").mkdir(parents=True)  # mounted
     prepare_folders(cfg, with_inbox=True)
+
+
+def test_a_folder_named_in_bytes_that_are_not_utf8_can_be_given_in_the_environment(tmp_path):
+    """A folder named in Latin-1 (``Fotos-été`` as E9 bytes): the environment holds its bytes, which were
+    refused as "half of a character". The name as it is on disk is the folder."""
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/Fotos-\xe9t\xe9"))
+    folder.mkdir()
+    cfg = load_config(write(tmp_path / "conf", {}), environ={"IMAGE_SEARCH_SOURCE_DIRECTORY": str(folder)})
+    assert os.fsencode(cfg.source_directory) == os.fsencode(tmp_path) + b"/Fotos-\xe9t\xe9"
+    message = error_for(tmp_path / "conf", {}, {"IMAGE_SEARCH_POSTGRES_USER": "caf\udce9"})  # not a name: refused
+    assert message.startswith("config key 'postgres-user' holds NUL or half of a character")

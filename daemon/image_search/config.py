@@ -177,7 +177,9 @@ def _coerce(key: str, value: Any, *, from_env: bool) -> Any:
         return number
     if not isinstance(value, str):
         raise ConfigError(f"config key '{key}' must be a string, got {shown}")
-    if "\0" in value or has_surrogate(value):
+    # A folder's name from the environment is the bytes given, which Python holds as surrogates where they
+    # are not UTF-8 (a folder named in Latin-1): the name as it is on disk, not half of a character.
+    if "\0" in value or (has_surrogate(value) and not (from_env and issubclass(want, Path))):
         raise ConfigError(f"config key '{key}' holds NUL or half of a character (a \\u escape of a lone "
                           f"surrogate), which no name, address or password holds: write it as text")
     if issubclass(want, Path):
