@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from image_search import phash
+from image_search import groups as groups_module
 from image_search.groups import CHECK_EVERY, complete_linkage, near_copy_pairs, similar_pairs
 
 
@@ -71,7 +72,13 @@ def test_near_copy_pairs_are_every_pair_within_the_distance():
         near_copy_pairs(phash.as_words(hashes), 40)
 
 
-def test_similar_pairs_are_every_pair_above_the_similarity_within_the_time_window():
+@pytest.mark.parametrize("blocks", ["as shipped", "small"])
+def test_similar_pairs_are_every_pair_above_the_similarity_within_the_time_window(monkeypatch, blocks):
+    """``small``: blocks of 4 rows, 8 similarities at once, so that each time window's columns, and the undated
+    items' rows, are taken a block at a time (with a burst-seconds of a year, one window held 1.2 GB)."""
+    if blocks == "small":
+        monkeypatch.setattr(groups_module, "BLOCK", 4)
+        monkeypatch.setattr(groups_module, "BLOCK_FLOATS", 8)
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((30, 64))
     vectors = np.concatenate([centres, centres + rng.standard_normal((30, 64)) * 0.2,
