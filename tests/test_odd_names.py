@@ -194,6 +194,21 @@ def test_a_file_that_keeps_growing_is_still_being_written_not_read_forever(tmp_p
         preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
 
 
+@pytest.mark.parametrize(("modified", "waited_for"), [(-10, True), (-40, False), (+3, True), (+9 * 3600, False)])
+def test_a_truncated_file_is_waited_for_only_while_a_writer_may_be_at_it(tmp_path, modified, waited_for) -> None:
+    """Half a picture modified 10 s ago may still be arriving (waited for, up to 30 s); 40 s ago it is
+    truncated. Nine hours ahead of now (a card's local time read as UTC, kept by ``cp -p`` east of Greenwich)
+    no writer stamped it: it was waited for, read again at every settle period, for hours."""
+    from image_search.readiness import still_being_written
+
+    path = save_picture(tmp_path / "half.png", seed=2)
+    path.write_bytes(path.read_bytes()[:200])
+    os.utime(path, (1_700_000_000 + modified, 1_700_000_000 + modified))
+    with pytest.raises(IncompleteFile) as incomplete:
+        preprocess_image(path, max_size=BOX, max_pixels=LIMIT)
+    assert still_being_written(path, incomplete.value, 30.0, wall_clock=lambda: 1_700_000_000) is waited_for
+
+
 # --- links, by policy ---------------------------------------------------------------------------------
 
 

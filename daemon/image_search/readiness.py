@@ -215,6 +215,11 @@ def _look(path: Path) -> os.stat_result | None:
             return None
 
 
+# How far ahead of the clock a file's mtime may be and still be a writer's now (a coarse file system clock, a
+# writer on another host of a share).
+FUTURE_MTIME_SLACK_S = 5.0
+
+
 def still_being_written(path: Path, error: UnusableFile, grace_s: float, *,
                         wall_clock: Callable[[], float] = time.time) -> bool:
     """True for an empty or truncated file modified less than ``grace_s`` ago: a slow writer that is not
@@ -227,7 +232,10 @@ def still_being_written(path: Path, error: UnusableFile, grace_s: float, *,
         age = wall_clock() - path.stat().st_mtime
     except OSError:
         return False
-    if age >= grace_s:
+    # A time well ahead of now is no writer's (one writing stamps the file now): a card's local time read
+    # as UTC, kept by cp -p or rsync -t east of Greenwich. Waited for, such a file was read again at every
+    # settle period for hours, and a start-up backlog holding it was never caught up.
+    if age >= grace_s or age < -FUTURE_MTIME_SLACK_S:
         return False
     log.debug("file_incomplete", path=path, reason=error.reason, modified_s_ago=round(age, 3))
     return True
