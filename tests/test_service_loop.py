@@ -1095,6 +1095,28 @@ def test_external_database_outage_keeps_work_pending_then_catches_up(story_facto
     assert str(story.images / "during.png") in story.rows()
 
 
+def test_work_goes_on_at_once_when_the_database_is_reached_again(story_factory) -> None:
+    """The loop reconnected at its next try after an outage, then waited out its backoff (doubled at each
+    failed try, up to 30 s) before it did any work. Here the backoff stands at 16 s (five tries failed), the
+    next try reconnects, and the picture is indexed within the next few settle periods."""
+    story = story_factory({"a.png": 1})
+    with psycopg2.connect(story.database.embedded.uri) as admin, admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    admin.close()
+    during = save_picture(story.images / "during.png", seed=5)
+    story.notice(Folder.IMAGES, ChangeKind.CLOSED, during)
+    with capture_logs() as logs:
+        story.service.step()  # noticed
+        story.service._backoff = 16.0  # as five failed tries left it
+        started = story.clock()
+        wait_for(lambda: story.let_settle_periods_pass(1) or str(during) in story.rows(), "the picture indexed")
+    assert story.clock() - started < 5.0
+    # Each of the service's connections (the loop's, the writer's) finds its end in turn: the first waited 16 s.
+    assert [e["retry_in_s"] for e in logs if e["event"] == "database_unavailable"][0] == 16.0
+    assert any(e["event"] == "database_reconnected" for e in logs)
+
+
 def test_a_lost_watch_asks_for_a_restart(story_factory) -> None:
     """The real check (``observer_problem``) on a real watch of the story's folders: the watched images
     folder is deleted (a disk unmounted, a folder moved away), and the loop asks for a restart."""

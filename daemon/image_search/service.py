@@ -135,6 +135,7 @@ class Service:
         # The database away: all work waits, and is tried again after a backoff.
         self._retry_at = 0.0
         self._backoff = 1.0
+        self._retry_after_reconnect = False  # the retry at once after a reconnect is taken (``_database_down``)
         # The disk of output/ (queries) or processed/ (the ingest) full or refusing writes: that work waits,
         # tried again after a backoff of its own; the other goes on.
         self._unwritable: dict[Work, _Unwritable] = {}
@@ -260,15 +261,15 @@ class Service:
             # the ingest's copies, which may last hours: then answered now, saying what is not indexed yet.
             if self._ingest.startup_backlog <= 0 or Work.INGEST in self._unwritable:
                 self.inbox.release_held()
-            if self._unless_unwritable(Work.QUERIES, self.inbox.answer_ready) \
-                    or self._unless_unwritable(Work.INGEST, self._ingest.step):
-                self._backoff = 1.0
-                return True
+            did_work = (self._unless_unwritable(Work.QUERIES, self.inbox.answer_ready)
+                        or self._unless_unwritable(Work.INGEST, self._ingest.step))
         except DatabaseUnavailable as exc:
             self._needs_rescan = True  # catch up on whatever happened meanwhile
             self._database_down(exc)
             return True
-        return False
+        # A pass without an outage: the next one starts its backoff afresh (an idle service kept 30 s).
+        self._backoff, self._retry_after_reconnect = 1.0, False
+        return did_work
 
     def _rescan(self) -> bool:
         """The rescan compares the folder with every row: the batches being read are finished and their rows
@@ -380,6 +381,10 @@ class Service:
         try:
             self.rt.store.reconnect()
             log.info("database_reconnected")
+            # Back: the work goes on now, not a backoff of up to 30 s later; once, until a pass goes through (a
+            # server that takes connections and fails every statement is waited for as before, not spun on).
+            if not self._retry_after_reconnect:
+                self._retry_at, self._retry_after_reconnect = self.clock(), True
         except DatabaseUnavailable:
             if self.cfg.embedded_database:
                 # Our own server died: only a restart brings it back (systemd does that, we reconcile).
