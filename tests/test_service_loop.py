@@ -9,6 +9,7 @@ real socket, kill -9, inotify overflow) stay in test_service.py and test_recover
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -404,6 +405,37 @@ def test_rename_moves_the_row_and_processed_copy_without_model_work(story_factor
     assert not thumbnail_path_for(Path(before["processed_path"])).exists()
     assert str(story.images / "old-name.png") not in story.rows()
     assert [e["event"] for e in logs if e["event"] in ("image_renamed", "images_indexed")] == ["image_renamed"]
+
+
+def test_a_file_renamed_then_rewritten_before_the_rename_is_applied_is_read_as_it_is_now(story_factory) -> None:
+    """A poll (``--poll``, NFS and SMB shares) sees a rename and a write in place in one look: one move, and the
+    write's own event is the rename's. The row followed the file with the old picture's embedding, and its new
+    size and mtime, so no rescan ever read it again."""
+    story = story_factory({"draft.png": 7})
+    os.rename(story.images / "draft.png", story.images / "final.png")
+    final = save_picture(story.images / "final.png", seed=9, size=(140, 90))  # metadata written in place
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "draft.png", dest=final)
+    story.run_until_idle()
+    assert list(story.rows()) == [str(final)]
+    assert story.rows()[str(final)]["file_hash"] == hashlib.md5(final.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("trash", ["#recycle", ".Trash-1000", "@eaDir"])
+def test_a_folder_moved_into_a_folder_a_walk_passes_over_leaves_the_index(story_factory, trash: str) -> None:
+    """Deleted on a Synology share (into ``#recycle/``) or by a file manager (``.Trash-1000/``): the folder
+    was moved in the index too, and stayed searchable from the trash; a NAS's thumbnail folder made beside a
+    picture was walked and its thumbnails embedded."""
+    story = story_factory({"album/x.png": 4, "album/y.png": 5})
+    (story.images / trash).mkdir()
+    os.rename(story.images / "album", story.images / trash / "album")
+    story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "album", dest=story.images / trash / "album",
+                 is_directory=True)
+    story.run_until_idle()
+    assert story.rows() == {}
+    thumbs = save_picture(story.images / "trip" / trash / "a.jpg" / "SYNOFILE_THUMB_M.png", seed=6).parent
+    story.notice(Folder.IMAGES, ChangeKind.TOUCHED, thumbs, is_directory=True)
+    story.run_until_idle()
+    assert story.rows() == {}
 
 
 def test_folder_moved_inside_keeps_rows_and_moved_out_drops_them(story_factory) -> None:

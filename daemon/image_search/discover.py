@@ -73,6 +73,16 @@ def is_ignored_path(path: Path, root: Path) -> bool:
     return is_ignored_name(parts[-1])
 
 
+def is_ignored_folder_path(folder: Path, root: Path) -> bool:
+    """True when the folder ``folder``, or one between ``root`` and it, is one a walk passes over (hidden, a
+    NAS's recycle bin or thumbnails, a trash): what is moved or made there is not the library's."""
+    try:
+        parts = folder.relative_to(root).parts
+    except ValueError:
+        return True
+    return any(_is_ignored_folder(part) for part in parts)
+
+
 def is_image_candidate(path: Path, root: Path) -> bool:
     """A file we should try to index: a supported extension (any case) and not an ignored name."""
     return _is_candidate_name(path.name) and not is_ignored_path(path, root)

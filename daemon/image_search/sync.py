@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .claimed import Claim, claimed_before, remember_claim
 from .config import Config, ConfigError, create_folder
-from .discover import SkippedEntry, is_image_candidate, scan_entry, scan_folder
+from .discover import SkippedEntry, is_ignored_folder_path, is_image_candidate, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import ProcessedFolderMissing, SourceFolderMissing, holds_no_folder, writing_into
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
@@ -964,7 +964,10 @@ class FolderSync:
         elif change.kind is ChangeKind.MOVED and change.dest is not None:
             dest_inside = change.dest.is_relative_to(root)
             if change.is_directory:
-                self._folder_moved(change.path, change.dest if dest_inside else None)
+                # Into a folder a walk passes over (a NAS's #recycle, a trash): gone from the library, as a walk
+                # would find; it stayed searchable from the trash.
+                kept = dest_inside and not is_ignored_folder_path(change.dest, root)
+                self._folder_moved(change.path, change.dest if kept else None)
             elif dest_inside and self._is_image(change.dest):
                 self._file_moved(change.path, change.dest)
             else:
@@ -974,7 +977,7 @@ class FolderSync:
             # own. Each is read if its stat differs from its row's. Another folder's attribute change is not
             # walked: ``chmod -R`` and ``rsync -a`` change each folder's, and walked, a tree was walked once
             # per level (its files' own events carry any change to them).
-            if change.path.is_dir() and change.path != root and (
+            if change.path.is_dir() and change.path != root and not is_ignored_folder_path(change.path, root) and (
                     change.kind is ChangeKind.TOUCHED
                     or change.kind is ChangeKind.ATTRIBUTES and self._holds_unreadable(change.path)):
                 for path in self._scan(change.path):
@@ -1111,8 +1114,12 @@ class FolderSync:
         """The file that left ``src`` may not hold ``src``'s row's content: seen written since (a write just
         before a rename is often applied once the old name is gone: the mark stays), or noticed (a chmod, a
         touch) with a size or mtime its row does not have."""
-        return self.pending.seen_written(src) or (src in self.pending and (
-            now is None or record is None or (now.st_size, now.st_mtime_ns) != (record.source_size, record.source_mtime_ns)))
+        differs = now is not None and record is not None and (
+            (now.st_size, now.st_mtime_ns) != (record.source_size, record.source_mtime_ns))
+        # A rename keeps size and mtime: a file found at its new name without its row's was written there
+        # since (a poll sees a rename and a write in place in one look, and the write's own event is the
+        # rename's; the old picture's embedding was kept for the new content, for good).
+        return self.pending.seen_written(src) or differs or (src in self.pending and (now is None or record is None))
 
     def _file_moved(self, src: Path, dest: Path, record: SourceRecord | None = None) -> None:
         """A rename inside the folder: the embedding follows the file, no model work, and so do its processed
