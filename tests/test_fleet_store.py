@@ -230,6 +230,20 @@ def test_leave_drops_member_and_claims_and_empties_only_when_last(database: Data
     assert [r[0] for r in raw(database, "SELECT id FROM image_search_members")] == [dead.id]
 
 
+def test_a_member_joining_after_a_server_crash_never_gets_a_live_members_id(database: Database, registries) -> None:
+    """A crash empties the unlogged members table, and its own sequence counted from the start again: the
+    member that lived through it came back under its id, and the next to join got that id too (its start
+    failed on the key, or two processes shared one member). Ids come from a logged sequence now."""
+    a = join(database, registries, pid=1)
+    # What crash recovery does to an unlogged table and its sequence: emptied, counting from the start again.
+    raw(database, "TRUNCATE image_search_members")
+    raw(database, f"ALTER SEQUENCE image_search_members_id_seq RESTART WITH {a.id}")
+    assert registries[0].renew(a, LEASE) == 1  # back under its own id
+    b = join(database, registries, pid=2)
+    assert b.id > a.id
+    assert [m.id for m in registries[0].live_members(LEASE)] == [a.id, b.id]
+
+
 def test_the_last_live_member_keeps_the_table_while_another_members_session_is_open(
         database: Database, registries, store: EmbeddingStore) -> None:
     """Each member judges heartbeats by its own lease. One started with a shorter lease than the others (or
