@@ -407,3 +407,32 @@ def test_names_an_earlier_version_stored_raw_are_escaped_once_and_found_again(st
     (story.images / "new\nline.png").unlink()
     story.service.sync.rescan()
     assert set(story.rows()) == {escape(story.images / n) for n in ("back\\slash.png", "plain.png")}
+
+
+def test_a_path_longer_than_the_index_takes_is_skipped_with_its_reason_and_the_rest_goes_on(story_factory) -> None:
+    """14 folders of 80 CJK characters: a legal path (3,400 bytes, each name 240), but longer than a B-tree
+    entry of PostgreSQL holds. Its batch's write failed as if the database were away, and was tried again for
+    ever, with the pictures batched beside it. Now it is skipped with its reason, whether found at the start
+    or moved deep by a folder's rename, and every other picture is indexed."""
+    from image_search.discover import MAX_PATH_BYTES
+
+    # Characters that do not repeat: PostgreSQL compresses an index entry, and a path that compresses well fits.
+    deep = "/".join("".join(chr(0x4E00 + 80 * level + i) for i in range(80)) for level in range(14))
+    with capture_logs() as logs:
+        story = story_factory({f"{deep}/far.png": 1, "near.png": 2, "album/x.png": 3})
+    far = story.images / deep / "far.png"
+    assert len(str(far).encode()) > MAX_PATH_BYTES
+    assert sorted(story.rows()) == [str(story.images / "album" / "x.png"), str(story.images / "near.png")]
+    (skipped,) = [e for e in logs if e["event"] == "image_skipped"]
+    assert skipped["path"] == far and skipped["reason"].startswith(f"its path is {len(str(far).encode()):,} bytes")
+
+    deeper = story.images / "/".join("".join(chr(0x5E00 + 80 * level + i) for i in range(80)) for level in range(11))
+    deeper = deeper / "album"
+    deeper.parent.mkdir(parents=True)
+    os.rename(story.images / "album", deeper)
+    with capture_logs() as logs:
+        story.notice(Folder.IMAGES, ChangeKind.MOVED, story.images / "album", dest=deeper, is_directory=True)
+        story.run_until_idle()
+    assert [e["path"] for e in logs if e["event"] == "image_skipped"] == [deeper / "x.png"]
+    assert not [e for e in logs if e["event"] in ("database_unavailable", "service_failed")]
+    assert sorted(story.rows()) == [str(story.images / "near.png")]

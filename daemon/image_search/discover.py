@@ -169,6 +169,22 @@ def broken_link(path: Path) -> str | None:
         return f"broken symbolic link: its target {escape(target)} {what}"
 
 
+# The longest path (bytes of its text, ``names.escape``) the store's indexes take. A B-tree entry holds at most
+# 2,704 bytes on PostgreSQL's 8 kB pages; a longer path (14 folders of 80 CJK characters: 3,600 bytes) failed
+# its batch's write as if the database were away, and the batch was tried again for ever. Room is left for
+# the fleet's "image:" before a path in its claims, and for the entries' headers.
+MAX_PATH_BYTES = 2600
+
+
+def path_too_long(path: Path) -> str | None:
+    """Why ``path`` cannot be indexed, when it is longer than ``MAX_PATH_BYTES``; None when it can."""
+    length = len(escape(path).encode())
+    if length <= MAX_PATH_BYTES:
+        return None
+    return (f"its path is {length:,} bytes, longer than the index takes ({MAX_PATH_BYTES:,}): move it into a "
+            "folder nearer the top, or give its folders shorter names")
+
+
 class _Walk:
     """One walk of ``scan_folder`` (or ``scan_entry``): what it found so far, and the folders it walked."""
 
@@ -252,7 +268,10 @@ class _Walk:
             return not _is_ignored_folder(path.name)
         if _is_candidate_name(path.name):
             if is_file:
-                self.scan.images.append(path)
+                if (too_long := path_too_long(path)) is not None:
+                    self.scan.skipped.append(SkippedEntry(path, too_long))
+                else:
+                    self.scan.images.append(path)
             else:
                 kind = kind_of(mode())
                 self.scan.skipped.append(SkippedEntry(path, f"is {kind}, not a regular file: skipped without opening it"))
@@ -292,6 +311,8 @@ def _through_link(path: Path, links: LinkPolicy, boundary: Path, scan: FolderSca
     kind = kind_of(st.st_mode)
     if refused is None and kind is not None:
         refused = f"symbolic link to {escape(target)}, which is {kind}, not a regular file: not opened"
+    if refused is None:
+        refused = path_too_long(path)
     if refused is not None:
         scan.skipped.append(SkippedEntry(path, refused))
     else:

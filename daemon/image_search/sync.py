@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .claimed import Claim, claimed_before, remember_claim
 from .config import Config, ConfigError, create_folder
-from .discover import SkippedEntry, is_ignored_folder_path, is_image_candidate, scan_entry, scan_folder
+from .discover import SkippedEntry, is_ignored_folder_path, is_image_candidate, path_too_long, scan_entry, scan_folder
 from .entries import EntryRefused
 from .errors import ProcessedFolderMissing, SourceFolderMissing, holds_no_folder, writing_into
 from .metadata import PictureMetadata, metadata_of_file, relative_folder
@@ -1001,6 +1001,9 @@ class FolderSync:
             found = scan.images
         else:
             found = [path] if self._is_image(path) else []
+            if found and (too_long := path_too_long(path)) is not None:
+                self._report([SkippedEntry(path, too_long)])
+                found = []
         for picture in found:
             self.pending.note(picture, closed=closed, reread=written, written_at=seen_at)
 
@@ -1127,6 +1130,10 @@ class FolderSync:
         found it there): read at ``dest`` instead, it would get new copies and leave the old ones behind.
         A file renamed on before this is applied (``mv a t; mv b a; mv t b``) is followed name by name.
         ``record``: ``src``'s row, when the caller has just read it (a deleted folder's files, thousands)."""
+        if (too_long := path_too_long(dest)) is not None:  # no row may hold it: the file leaves the index
+            self._report([SkippedEntry(dest, too_long)])
+            self._source_gone(src, False)
+            return
         if record is None:
             record = self.store.sources(at=[str(src)]).get(str(src))
         changed = self._not_as_stored(src, record, stat_or_none(dest))
@@ -1156,6 +1163,8 @@ class FolderSync:
             return
         moved = self.store.sources_under(str(src))
         new_paths = {old: dest / Path(old).relative_to(src) for old in moved}
+        for old in [old for old, new in new_paths.items() if path_too_long(new) is not None]:
+            self._file_moved(Path(old), new_paths.pop(old), moved.pop(old))  # leaves the index, said
         changed = {old for old, record in moved.items()
                    if self._not_as_stored(Path(old), record, stat_or_none(new_paths[old]))}
         self.pending.forget_under(src)
