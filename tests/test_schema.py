@@ -158,6 +158,30 @@ def test_a_fresh_database_gets_every_step_and_the_version(connect) -> None:
         store.close()
 
 
+def test_tables_dropped_by_hand_to_index_again_are_made_again_with_the_new_dimension(connect) -> None:
+    """The error of a changed 'dimension' says to drop the tables to index again. The steps that made them
+    stayed recorded: the next start found nothing to apply, and failed on the missing table at every
+    restart. They are applied again now, with the table of the new dimension."""
+    start(connect).close()
+    sql(connect, "DROP TABLE image_paths, image_embeddings")
+    with capture_logs() as logs:
+        registry = FleetRegistry(connect)
+        registry.join(host="h", pid=1, model_name=MODEL, dimension=2 * DIM, lease_s=30.0)
+        registry.close()
+        store = EmbeddingStore(connect, dimension=2 * DIM)
+        try:
+            assert not store.has_table
+            store.create_table()
+            assert store.count() == 0
+        finally:
+            store.close()
+    (dropped,) = events(logs, "schema_table_dropped")
+    assert dropped["steps"] == sorted(STEPS.keys() - WITHOUT_DIMENSION.keys())
+    assert recorded(connect) == STEPS
+    assert sql(connect, "SELECT to_regclass('image_paths') IS NOT NULL") == [(True,)]
+    assert schema.table_dimension(connect()) == 2 * DIM
+
+
 def test_steps_that_need_the_dimension_wait_for_the_table(connect) -> None:
     """A start whose model has not confirmed the dimension yet creates no table of vectors."""
     store = EmbeddingStore(connect, dimension=DIM)

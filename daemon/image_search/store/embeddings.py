@@ -197,7 +197,8 @@ class EmbeddingStore:
             raise StoreError(
                 f"table image_embeddings holds {found}-dimensional embeddings but config key 'dimension' is "
                 f"{self.dimension}. Nothing was dropped. Set 'dimension' back to {found}, or point the "
-                "service at another database, or drop the table yourself (DROP TABLE image_embeddings) to re-index."
+                "service at another database, or drop the tables yourself to index again with the new model "
+                "(DROP TABLE image_paths, image_embeddings)."
             )
         schema.migrate(self._conn, dimension=self.dimension, checkpoint=self._checkpoint)
         return found is not None

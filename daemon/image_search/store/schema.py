@@ -303,6 +303,8 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
         done = applied(cur)
         cur.execute(TABLE_EXISTS)
         table = bool(cur.fetchone()[0])
+    if not table and any(s.needs_dimension and s.number in done for s in steps):
+        done = _forget_dropped_table(conn, steps)
     if all(s.number in done or not _can_run(s, dimension, table, create) for s in steps):
         return {}
     started, said = time.monotonic(), None
@@ -321,6 +323,30 @@ def migrate(conn: psycopg2.extensions.connection, *, dimension: int | None = Non
             checkpoint()
             time.sleep(MIGRATION_RETRY_S)
             checkpoint()
+
+
+# What a re-index by hand leaves (``DROP TABLE image_paths, image_embeddings``, as the error of a changed
+# 'dimension' says): no table, but the steps that made it and its companions recorded. The next start found
+# nothing to apply, and failed on the missing table at every restart.
+_DROP_PATHS = "DROP TABLE IF EXISTS image_paths"  # the paths of rows that are gone
+_FORGET_STEPS = "DELETE FROM image_search_schema WHERE number = ANY(%s)"
+
+
+def _forget_dropped_table(conn: psycopg2.extensions.connection, steps: list[migrations.Migration]) -> set[int]:
+    """With ``image_embeddings`` dropped by hand, the steps that need it are applied again, with the new table;
+    returns the steps recorded now."""
+    with transaction(conn) as cur:
+        cur.execute(XACT_LOCK, (SCHEMA_LOCK_KEY,))
+        cur.execute(TABLE_EXISTS)
+        if cur.fetchone()[0]:  # another start made it again meanwhile
+            return applied(cur)
+        again = sorted(s.number for s in steps if s.needs_dimension and s.number in applied(cur))
+        cur.execute(_DROP_PATHS)
+        cur.execute(_FORGET_STEPS, (again,))
+        done = applied(cur)
+    log.warning("schema_table_dropped", steps=again,
+                detail="image_embeddings was dropped (to index again): the steps that make it run again with the table")
+    return done
 
 
 def _lock_holders(conn: psycopg2.extensions.connection) -> list[str]:
