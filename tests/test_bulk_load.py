@@ -445,6 +445,29 @@ def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, dat
     assert "worker processed" in said and "serially" not in said, said[-500:]
 
 
+@pytest.mark.parametrize("concurrently", [True, False])
+def test_a_statement_timeout_the_server_gives_does_not_cancel_the_index_build(store, database, concurrently) -> None:
+    """A role's or database's statement_timeout (a DBA's guard against runaway queries) cancelled every build of
+    a large table, and each start's repair after it: searches stayed exact, and slow, for good."""
+    from image_search.store import schema
+
+    n = schema.PARALLEL_BUILD_MIN_ROWS
+    store.upsert(rows(0, n, unit_vectors(n)))
+    conn = database.connect()
+    try:
+        conn.autocommit = concurrently
+        with conn.cursor() as cur:
+            cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+            cur.execute("SET statement_timeout = '1ms'")  # as the server would set it for the session
+            schema.build_index(cur, DIM, concurrently=concurrently)
+            cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (HNSW_INDEX,))
+            assert cur.fetchone() == (True,)
+        if not concurrently:
+            conn.commit()
+    finally:
+        conn.close()
+
+
 def test_a_burst_that_arrives_file_by_file_is_bulk_loaded_once_it_is_many(story_factory, monkeypatch) -> None:
     """A ``cp -r`` of a folder just over the least a bulk load takes: looked at 6 files in (too few), the
     next look waited for twice that, which a burst being indexed as it came may never reach; its rows went

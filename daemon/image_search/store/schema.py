@@ -120,6 +120,10 @@ def hnsw_index_ddl(dimension: int, *, concurrently: bool = False) -> str:
 _BUILD_SETTINGS = ("SELECT set_config('maintenance_work_mem', %(memory)s, %(local)s), "
                    "set_config('max_parallel_maintenance_workers', %(workers)s, %(local)s), "
                    "set_config('min_parallel_table_scan_size', '0', %(local)s)")
+# A build has no time limit: a statement_timeout the server gives the role or the database (a DBA's guard
+# against runaway queries) cancelled every build of a large table, and each start's repair after it: searches
+# stayed exact, and slow, for good.
+_NO_TIME_LIMIT = "SELECT set_config('statement_timeout', '0', %(local)s)"
 _SERIAL_BUILD = "SELECT set_config('max_parallel_maintenance_workers', '0', %(local)s)"
 _ROWS = "SELECT count(*) FROM image_embeddings"
 
@@ -166,6 +170,7 @@ def build_index(cur: psycopg2.extensions.cursor, dimension: int, *, concurrently
     A server whose shared memory cannot hold a parallel build's segment (a container's small /dev/shm)
     gets the same build serially, with a warning saying how to give it room: slower, never a failure."""
     local = not concurrently
+    cur.execute(_NO_TIME_LIMIT, {"local": local})
     cur.execute(_ROWS)
     rows = cur.fetchone()[0]
     workers = max(0, default_worker_count() - 1) if rows >= PARALLEL_BUILD_MIN_ROWS else 0
