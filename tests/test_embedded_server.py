@@ -238,3 +238,23 @@ def test_another_users_server_is_refused_in_its_words_and_ones_own_is_not(tmp_pa
         with unprivileged():  # ``nobody`` on root's
             refusal = another_users_server(reachable / "pgdata")
     assert refusal is not None and "belongs to the user 'root'" in refusal and "locking" not in refusal
+
+
+@pytest.mark.e2e
+def test_handles_a_power_loss_left_do_not_keep_the_server_running(tmp_path) -> None:
+    """After a power loss, the last boot's handles name pids that other processes have now (here: init's).
+    Taken for live, they kept every later stop from stopping the server."""
+    pgdata = tmp_path / "state" / "pgdata"
+    EmbeddedPostgres(pgdata).stop()  # made, and stopped
+    (pgdata / ".handle_pids.json").write_text("[1]")  # the last boot's process, init's pid now
+    server = EmbeddedPostgres(pgdata)
+    uri = server.uri
+    try:
+        with capture_logs() as logs:
+            server.stop()
+        assert [e["event"] for e in logs] == ["embedded_postgres_stopped"]
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(uri, connect_timeout=5)
+    finally:
+        if (pgdata / "postmaster.pid").exists():
+            crash_embedded_database(tmp_path / "state")

@@ -42,7 +42,7 @@ class EmbeddedPostgres:
         # `index` started together on a new machine both failed). The kernel lets go of a dead holder's lock.
         with open(data_directory.with_name(data_directory.name + STARTING_SUFFIX), "a") as starting:
             _lock(starting)
-            forget_dead_handles(data_directory)
+            forget_dead_handles(data_directory, server_gone=not _server_running(data_directory))
             release_stale_lock(data_directory)
             initialising = data_directory.with_name(data_directory.name + INITIALISING_SUFFIX)
             if initialising.exists():
@@ -214,10 +214,23 @@ def _may_be_the_postmaster(pid: int, data_directory: Path) -> bool:
         return True
 
 
-def forget_dead_handles(data_directory: Path) -> None:
+def _server_running(data_directory: Path) -> bool:
+    """This data directory's postmaster is running (``postmaster.pid`` names it, alive)."""
+    try:
+        pid = int((data_directory / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return _may_be_the_postmaster(pid, data_directory)
+
+
+def forget_dead_handles(data_directory: Path, *, server_gone: bool = False) -> None:
     """pgserver stops the server when its last handle closes, counting handles by pid in
     ``.handle_pids.json``. A process killed with SIGKILL never takes its pid out, so after one
-    ``kill -9`` every later run would leave the server running at exit: drop pids no longer alive."""
+    ``kill -9`` every later run would leave the server running at exit: drop pids no longer alive.
+    ``server_gone`` (no postmaster runs): every handle is of a server that is gone, whatever process has its
+    pid now. After a power loss the last boot's pids are other processes', and counted, they kept every later
+    stop from stopping the server (systemd then killed it with the unit, and each start began with a crash
+    recovery)."""
     import psutil
     from pgserver.postgres_server import PostgresServer
     from pgserver.utils import DiskList
@@ -228,7 +241,7 @@ def forget_dead_handles(data_directory: Path) -> None:
             return
         with PostgresServer._lock:  # the lock pgserver itself takes around this list
             pids = handles.get()
-            alive = [pid for pid in pids if psutil.pid_exists(pid)]
+            alive = [] if server_gone else [pid for pid in pids if psutil.pid_exists(pid)]
             if alive != pids:
                 handles.put(alive)
                 log.info("embedded_postgres_stale_handles_dropped", pids=[p for p in pids if p not in alive])
