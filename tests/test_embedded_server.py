@@ -258,3 +258,30 @@ def test_handles_a_power_loss_left_do_not_keep_the_server_running(tmp_path) -> N
     finally:
         if (pgdata / "postmaster.pid").exists():
             crash_embedded_database(tmp_path / "state")
+
+
+@pytest.mark.unit
+def test_a_start_waits_while_the_server_recovers(tmp_path, monkeypatch) -> None:
+    """A postmaster that runs but says "starting" in its postmaster.pid (a crash recovery over a large WAL):
+    pgserver's start asserted "ready" and failed the run, and each restart met the same. It is waited for."""
+    import threading
+
+    from image_search.store import embedded
+
+    monkeypatch.setattr(embedded, "_may_be_the_postmaster", lambda pid, data_directory: True)
+    lock = tmp_path / "postmaster.pid"
+
+    def postmaster_pid(status: str) -> None:  # as PostgreSQL writes it: never seen half written
+        (tmp_path / "new").write_text(f"4242\n{tmp_path}\n1700000000\n5432\n{tmp_path}\n\n  1234  5678\n{status:<9}\n")
+        (tmp_path / "new").replace(lock)
+
+    assert not embedded.wait_while_starting(tmp_path)  # no server at all
+    postmaster_pid("ready")
+    assert not embedded.wait_while_starting(tmp_path)  # ready: nothing waited for
+    postmaster_pid("starting")
+    threading.Timer(1.0, postmaster_pid, ("ready",)).start()
+    with capture_logs() as logs:
+        assert embedded.wait_while_starting(tmp_path, limit_s=30)
+    assert [e["event"] for e in logs] == ["embedded_postgres_recovering"]
+    postmaster_pid("starting")
+    assert not embedded.wait_while_starting(tmp_path, limit_s=0.6)  # not ready in time: the start says so

@@ -51,7 +51,16 @@ class EmbeddedPostgres:
             if fresh:
                 initialising.touch()
             try:
-                self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
+                wait_while_starting(data_directory)
+                try:
+                    self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
+                except Exception:
+                    # pg_ctl gave up after its 10 s while the server recovers (a crash, a power loss: a large
+                    # WAL): waited for, not left to be killed with this process and begun again at each restart.
+                    if not wait_while_starting(data_directory):
+                        raise
+                    pgserver.postgres_server.PostgresServer._instances.pop(data_directory.resolve(), None)
+                    self._server = pgserver.get_server(data_directory, cleanup_mode="stop")
             except Exception as exc:  # pgserver raises bare subprocess errors; say what failed
                 raise StoreError(
                     f"cannot start the embedded PostgreSQL in {data_directory} ({type(exc).__name__}: {exc}); "
@@ -212,6 +221,38 @@ def _may_be_the_postmaster(pid: int, data_directory: Path) -> bool:
         return False
     except psutil.Error:  # another user's: its cwd is not ours to read
         return True
+
+
+# How long a start waits for the server's own start (its recovery after a crash or a power loss) to end.
+RECOVERY_WAIT_S = 600.0
+
+
+def wait_while_starting(data_directory: Path, *, limit_s: float = RECOVERY_WAIT_S) -> bool:
+    """Wait while this data directory's postmaster runs and is not ready yet (``postmaster.pid`` says
+    "starting": a crash recovery, minutes over a large WAL on a slow disk); True if it was starting and is
+    ready now. pgserver took such a server for a failure: its start asserted "ready" and ended the run, and
+    the next start met the same, until systemd's kills began the recovery over and over."""
+    deadline, said = time.monotonic() + limit_s, False
+    while True:
+        try:
+            lines = (data_directory / "postmaster.pid").read_text().splitlines()
+            pid, status = int(lines[0]), lines[7].strip()
+        except OSError:
+            return False
+        except (ValueError, IndexError):  # not a server's, or read while being written: looked at again
+            if not said or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+            continue
+        if status == "ready" or not _may_be_the_postmaster(pid, data_directory):
+            return said and status == "ready"
+        if not said:
+            log.warning("embedded_postgres_recovering", pid=pid, status=status, data_directory=data_directory,
+                        detail=f"the server is not ready yet (a recovery after a crash): waiting, {limit_s:.0f} s at most")
+            said = True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _server_running(data_directory: Path) -> bool:
