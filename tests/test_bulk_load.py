@@ -430,19 +430,29 @@ def test_the_index_build_gets_parallel_workers_even_over_a_small_heap(store, dat
     from image_search.store import schema
 
     monkeypatch.setattr(schema, "default_worker_count", lambda: 3)  # whatever cores this machine has
-    n = schema.PARALLEL_BUILD_MIN_ROWS  # fewer are built serially
+    with a_table_without_its_index(store, database, autocommit=True) as (conn, cur):
+        cur.execute("SET client_min_messages = debug1")  # the build says who processed what
+        schema.build_index(cur, DIM, concurrently=True)
+        said = " ".join(conn.notices)
+    assert "worker processed" in said and "serially" not in said, said[-500:]
+
+
+@contextmanager
+def a_table_without_its_index(store, database, *, autocommit: bool):
+    """``PARALLEL_BUILD_MIN_ROWS`` rows (fewer are built serially) and no HNSW index; a connection of its own
+    (``autocommit``: as a concurrent build has it), and its cursor."""
+    from image_search.store import schema
+
+    n = schema.PARALLEL_BUILD_MIN_ROWS
     store.upsert(rows(0, n, unit_vectors(n)))
     conn = database.connect()
     try:
-        conn.autocommit = True
+        conn.autocommit = autocommit
         with conn.cursor() as cur:
             cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
-            cur.execute("SET client_min_messages = debug1")  # the build says who processed what
-            schema.build_index(cur, DIM, concurrently=True)
-        said = " ".join(conn.notices)
+            yield conn, cur
     finally:
         conn.close()
-    assert "worker processed" in said and "serially" not in said, said[-500:]
 
 
 @pytest.mark.parametrize("concurrently", [True, False])
@@ -451,21 +461,12 @@ def test_a_statement_timeout_the_server_gives_does_not_cancel_the_index_build(st
     a large table, and each start's repair after it: searches stayed exact, and slow, for good."""
     from image_search.store import schema
 
-    n = schema.PARALLEL_BUILD_MIN_ROWS
-    store.upsert(rows(0, n, unit_vectors(n)))
-    conn = database.connect()
-    try:
-        conn.autocommit = concurrently
-        with conn.cursor() as cur:
-            cur.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
-            cur.execute("SET statement_timeout = '1ms'")  # as the server would set it for the session
-            schema.build_index(cur, DIM, concurrently=concurrently)
-            cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (HNSW_INDEX,))
-            assert cur.fetchone() == (True,)
-        if not concurrently:
-            conn.commit()
-    finally:
-        conn.close()
+    with a_table_without_its_index(store, database, autocommit=concurrently) as (conn, cur):
+        cur.execute("SET statement_timeout = '1ms'")  # as the server would set it for the session
+        schema.build_index(cur, DIM, concurrently=concurrently)
+        cur.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (HNSW_INDEX,))
+        assert cur.fetchone() == (True,)
+        conn.commit()
 
 
 def test_a_burst_that_arrives_file_by_file_is_bulk_loaded_once_it_is_many(story_factory, monkeypatch) -> None:

@@ -27,19 +27,26 @@ def results(story) -> list[Path]:
     return sorted(p for p in story.cfg.output_directory.iterdir() if not p.name.startswith("."))
 
 
+def answered_and_looked_at_again(story, *queries: Path) -> list[dict]:
+    """The ``queries`` noticed and answered, then the inbox looked at whole (events lost), with no outage,
+    failure or crash said; what was logged meanwhile."""
+    for query in queries:
+        story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
+    with capture_logs() as logs:
+        story.run_until_idle()
+        story.service.inbox.queue_waiting()  # events lost: the folder is looked at whole
+        story.run_until_idle()
+    assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+    return logs
+
+
 def test_a_query_that_may_not_leave_the_inbox_is_answered_once_and_holds_up_no_other(story_factory) -> None:
     story = story_factory({"a.png": 1, "b.png": 2})
     kept, other = story.inbox / "kept.png", story.inbox / "other.png"
     shutil.copyfile(story.images / "a.png", kept)
     shutil.copyfile(story.images / "b.png", other)
     with immutable(kept):
-        for query in (kept, other):
-            story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
-        with capture_logs() as logs:
-            story.run_until_idle()
-            story.service.inbox.queue_waiting()  # events lost: the folder is looked at whole
-            story.run_until_idle()
-        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        logs = answered_and_looked_at_again(story, kept, other)
         bundles = {next(b.glob("*.query.png")).name: b for b in results(story)}
         assert sorted(bundles) == ["kept.query.png", "other.query.png"]  # each answered once
         assert (bundles["kept.query.png"] / "kept.query.png").read_bytes() == kept.read_bytes()  # a copy
@@ -60,12 +67,7 @@ def test_a_duplicates_document_that_may_not_leave_the_inbox_is_reported_once(sto
     document = story.inbox / "dups.json"
     document.write_text('{"duplicates": true}\n', encoding="utf-8")
     with immutable(document):
-        story.notice(Folder.INBOX, ChangeKind.CLOSED, document)
-        with capture_logs() as logs:
-            story.run_until_idle()
-            story.service.inbox.queue_waiting()
-            story.run_until_idle()
-        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        logs = answered_and_looked_at_again(story, document)
         (report,) = results(story)
         assert (report / "dups.query.json").read_bytes() == document.read_bytes()
         assert [e["path"] for e in logs if e["event"] == "query_left_in_inbox"] == [document]
@@ -86,13 +88,7 @@ def test_a_query_document_whose_folder_may_not_leave_is_answered_once_and_holds_
     other = story.inbox / "other.png"
     shutil.copyfile(story.images / "a.png", other)
     with immutable(folder):
-        for query in (document, other):
-            story.notice(Folder.INBOX, ChangeKind.CLOSED, query)
-        with capture_logs() as logs:
-            story.run_until_idle()
-            story.service.inbox.queue_waiting()  # events lost: the folder is looked at whole
-            story.run_until_idle()
-        assert not [e for e in logs if e["event"] in ("output_unwritable", "query_failed", "query_crashed")]
+        logs = answered_and_looked_at_again(story, document, other)
         assert sorted(p.name for p in story.inbox.iterdir()) == ["album", "album.json"]
         assert [p.name for p in folder.iterdir()] == ["x.png"]
         bundles = {next(b.glob("*.query.*")).name: b for b in results(story)}
