@@ -651,3 +651,41 @@ def test_observer_problem_names_a_watched_folder_that_is_another_folder_now(tmp_
         assert problem() == (
             f"the watched {name} folder {replaced} is another folder now (a disk mounted over it or "
             "unmounted from it, or the folder moved away and made again): its watch sees nothing there")
+
+
+def test_a_folder_past_the_inotify_watch_limit_is_said_once_not_passed_over_in_silence(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """watchdog swallows the watch limit (ENOSPC) for every folder but the top one: new albums past the
+    limit went unwatched without a word, their pictures never indexed until a restart. Here the kernel's
+    refusal is made for two folders (one there at the start, one made later): one error line says it, the
+    watch of the rest goes on."""
+    import ctypes
+    import errno
+
+    from structlog.testing import capture_logs
+    from watchdog.observers import inotify_c
+
+    real_add_watch = inotify_c.inotify_add_watch
+
+    def limited(fd, path, mask):
+        if b"beyond" in path:
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real_add_watch(fd, path, mask)
+
+    monkeypatch.setattr(inotify_c, "inotify_add_watch", limited)
+    (tmp_path / "beyond-1").mkdir()
+    (tmp_path / "album").mkdir()
+    changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+    with capture_logs() as logs:
+        observer = start_observer({Folder.IMAGES: WatchedFolder(tmp_path, True)}, changes, poll=False)
+        try:
+            (tmp_path / "beyond-2").mkdir()
+            picture = _file(tmp_path / "album" / "a.png")
+            got = _collect(changes, lambda seen: any(c.path == picture for c in seen))
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+    assert any(c.path == picture for c in got)  # the rest is watched
+    (said,) = [e for e in logs if e["event"] == "watch_limit_reached"]
+    assert said["path"] == str(tmp_path / "beyond-1") and "max_user_watches" in said["action"]

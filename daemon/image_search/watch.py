@@ -208,11 +208,45 @@ def _polling_observer() -> BaseObserver:
     return BaseObserver(partial(PacedPollingEmitter, stat=os.lstat, listdir=os.scandir), timeout=POLL_INTERVAL_S)
 
 
+# The message of the inotify watch limit, and its fix.
+WATCH_LIMIT_FIX = ("raise it, e.g. `sysctl fs.inotify.max_user_watches=524288` (persist it in /etc/sysctl.d/), "
+                   "or run with --poll")
+
+
+def _saying_the_watch_limit(add_watch):
+    """watchdog's ``InotifyFD._get_or_create_watch``, saying once per inotify instance that the watch limit is
+    reached. watchdog swallows that error for every folder but the top one: a new folder past the limit
+    went unwatched without a word, and the pictures copied into it were never indexed until a restart.
+    (Not ``add_callback``, its caller: a frame more there moves the warning it gives to another module.)"""
+    def add_watch_saying_the_limit(self, path, *args, **kwargs):
+        try:
+            return add_watch(self, path, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not getattr(self, "_watch_limit_said", False):
+                self._watch_limit_said = True
+                log.error("watch_limit_reached", path=os.fsdecode(path),
+                          reason="the inotify watch limit is reached (ENOSPC): this folder and the folders made "
+                                 "after it are not watched, and what comes into them is found by a rescan only",
+                          action=WATCH_LIMIT_FIX)
+            raise
+    add_watch_saying_the_limit.says_the_limit = True
+    return add_watch_saying_the_limit
+
+
+def _say_the_watch_limit() -> None:
+    from watchdog.observers import inotify_c
+
+    if not getattr(inotify_c.InotifyFD._get_or_create_watch, "says_the_limit", False):
+        inotify_c.InotifyFD._get_or_create_watch = _saying_the_watch_limit(inotify_c.InotifyFD._get_or_create_watch)
+
+
 def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.SimpleQueue[Change], *,
                    poll: bool) -> BaseObserver:
     """Watch each folder at its real path (the module's docstring says why); with ``poll``, by snapshots
     (network filesystems: ``PacedPollingEmitter``) that, like inotify, never follow a link."""
     observer: BaseObserver = _polling_observer() if poll else Observer()
+    if not poll:
+        _say_the_watch_limit()
     # A folder moved into one made just before (``mkdir new; mv 2023/ new/``) is watched twice, through the
     # move and through the new folder's walk, and watchdog warns that its callback replaces itself; nothing
     # is lost. Left in, each such move wrote a python_warning line of ~400 characters to the journal.
@@ -227,10 +261,7 @@ def start_observer(folders: Mapping[Folder, WatchedFolder], changes: queue.Simpl
         observer.start()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise WatchError(
-                "the inotify watch limit is reached (ENOSPC). Raise it, e.g. "
-                "`sysctl fs.inotify.max_user_watches=524288` (persist it in /etc/sysctl.d/), or run with --poll"
-            ) from None
+            raise WatchError(f"the inotify watch limit is reached (ENOSPC): {WATCH_LIMIT_FIX}") from None
         if exc.errno == errno.EMFILE:
             raise WatchError("too many inotify instances (EMFILE): raise fs.inotify.max_user_instances") from None
         raise WatchError(f"cannot watch the folders: {exc}") from None
