@@ -178,7 +178,10 @@ MAX_PATH_BYTES = 2600
 
 def path_too_long(path: Path) -> str | None:
     """Why ``path`` cannot be indexed, when it is longer than ``MAX_PATH_BYTES``; None when it can."""
-    length = len(escape(path).encode())
+    text = os.fspath(path)
+    if len(text) * 4 <= MAX_PATH_BYTES:  # its text is at most 4 bytes a character (``\xNN``, UTF-8): at once
+        return None
+    length = len(escape(text).encode())
     if length <= MAX_PATH_BYTES:
         return None
     return (f"its path is {length:,} bytes, longer than the index takes ({MAX_PATH_BYTES:,}): move it into a "
