@@ -8,7 +8,6 @@ systemd can pass secrets through an EnvironmentFile.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import difflib
 import itertools
 import json
@@ -320,11 +319,8 @@ def _check_reachable(key: str, folder: Path) -> None:
             "search (x) permission on every folder above it (chmod o+x, or a group), or configure a folder "
             "outside it; under systemd, the unit's ProtectHome=yes hides /home, and ProtectSystem=strict makes "
             "all but ReadWritePaths read-only") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(f"config key '{key}': {folder} cannot be resolved ({exc.strerror}: a loop of "
-                              "links)") from None
-        # Any other error (a stale share, an I/O error) is the folder's state now, which its first use says.
+    except OSError:
+        pass  # a loop of links is named by ``_check_folders_apart``; a stale share or an I/O error by its first use
 
 
 def _shown_folder(key: str, folder: Path, real: Path) -> str:

@@ -376,7 +376,7 @@ def make_output_folder(output_dir: Path, state_dir: Path) -> None:
     the query. An earlier version's folder, results and no marker, is adopted."""
     if holds_marker(output_dir, OUTPUT_MARKER):
         return
-    if _away(output_dir, state_dir):
+    if _away(output_dir, state_dir):  # looks at the marker again: a lstat, on the rare way only
         raise _away_error(output_dir, state_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +403,7 @@ def prepare_output_folder(cfg: Config) -> None:
     does is left as it is (nothing made on the disk under it) and said once: the run goes on, and its
     queries wait in the inbox until the folder is back (``make_output_folder``)."""
     folder = cfg.output_directory
-    if not holds_marker(folder, OUTPUT_MARKER) and _away(folder, cfg.state_directory):
+    if _away(folder, cfg.state_directory):
         log.warning("output_folder_away", path=folder, detail=str(_away_error(folder, cfg.state_directory)))
         return
     missing = not os.path.lexists(folder)
@@ -415,10 +415,9 @@ def prepare_output_folder(cfg: Config) -> None:
 
 
 def _away(output_dir: Path, state_dir: Path) -> bool:
-    """``output_dir``, whose marker is not there, looks as an unmounted disk's folder does, and was written
-    into before."""
-    return _looks_unmounted(output_dir) and claimed_before(state_dir / OUTPUT_CLAIMS_RECORD,
-                                                            [os.fsdecode(output_dir)])
+    """``output_dir`` holds no marker, looks as an unmounted disk's folder does, and was written into before."""
+    return (not holds_marker(output_dir, OUTPUT_MARKER) and _looks_unmounted(output_dir)
+            and claimed_before(state_dir / OUTPUT_CLAIMS_RECORD, [os.fsdecode(output_dir)]))
 
 
 def _looks_unmounted(folder: Path) -> bool:

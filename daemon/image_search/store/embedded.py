@@ -233,17 +233,8 @@ def wait_while_starting(data_directory: Path, *, limit_s: float = RECOVERY_WAIT_
     ready now. pgserver took such a server for a failure: its start asserted "ready" and ended the run, and
     the next start met the same, until systemd's kills began the recovery over and over."""
     deadline, said = time.monotonic() + limit_s, False
-    while True:
-        try:
-            lines = (data_directory / "postmaster.pid").read_text().splitlines()
-            pid, status = int(lines[0]), lines[7].strip()
-        except OSError:
-            return False
-        except (ValueError, IndexError):  # not a server's, or read while being written: looked at again
-            if not said or time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
-            continue
+    while (found := _postmaster(data_directory)) is not None:
+        pid, status = found
         if status == "ready" or not _may_be_the_postmaster(pid, data_directory):
             return said and status == "ready"
         if not said:
@@ -253,15 +244,23 @@ def wait_while_starting(data_directory: Path, *, limit_s: float = RECOVERY_WAIT_
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.5)
+    return False
+
+
+def _postmaster(data_directory: Path) -> tuple[int, str] | None:
+    """The PID and status ``postmaster.pid`` gives ("starting" until the server has written its status line),
+    or None where there is none."""
+    try:
+        lines = (data_directory / "postmaster.pid").read_text().splitlines()
+        return int(lines[0]), (lines[7].strip() if len(lines) > 7 else "starting")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _server_running(data_directory: Path) -> bool:
     """This data directory's postmaster is running (``postmaster.pid`` names it, alive)."""
-    try:
-        pid = int((data_directory / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    return _may_be_the_postmaster(pid, data_directory)
+    found = _postmaster(data_directory)
+    return found is not None and _may_be_the_postmaster(found[0], data_directory)
 
 
 def forget_dead_handles(data_directory: Path, *, server_gone: bool = False) -> None:

@@ -214,15 +214,18 @@ class FleetRegistry:
             cur.execute(_COUNT_LIVE_MEMBERS, {"lease": lease_s})
             remaining = int(cur.fetchone()[0])
             emptied = False
-            if empty_table and remaining == 0:
-                cur.execute(_COUNT_OPEN_MEMBERS)
-                empty_table = int(cur.fetchone()[0]) == 0
-            if empty_table and remaining == 0:
+            if empty_table and remaining == 0 and self._no_open_members(cur):
                 cur.execute(schema.TABLE_EXISTS)
                 if cur.fetchone()[0]:
                     cur.execute(CLEAR)
                     emptied = True
         return LeaveResult(remaining, emptied)
+
+
+    @staticmethod
+    def _no_open_members(cur: psycopg2.extensions.cursor) -> bool:
+        cur.execute(_COUNT_OPEN_MEMBERS)
+        return int(cur.fetchone()[0]) == 0
 
 
 class FleetClaims:
